@@ -1,0 +1,1 @@
+"""The `segbook` command: a thin layer that parses arguments and calls the Python API."""

@@ -1,0 +1,17 @@
+"""STU-Net: scalable and transferable 3D segmentation networks, and their TotalSegmentator checkpoints.
+
+    from stunet import create_stunet
+    net = create_stunet("large", input_channels=2, num_classes=4, pretrained="large_ep4k.model")
+"""
+
+from stunet.checkpoints import CATALOGUE, PretrainedCfg, WeightCache, WeightsError, get_cfg
+from stunet.flops import count_forward_macs, count_parameters, preset_summary
+from stunet.loading import CheckpointError, load_pretrained, read_state_dict
+from stunet.model import STUNet
+from stunet.presets import PRESETS, PRETRAINING_STRIDES, create_stunet, get_preset, strides_from_plans
+
+__all__ = [
+    "CATALOGUE", "CheckpointError", "PRESETS", "PRETRAINING_STRIDES", "PretrainedCfg", "STUNet", "WeightCache",
+    "WeightsError", "count_forward_macs", "count_parameters", "create_stunet", "get_cfg", "get_preset",
+    "load_pretrained", "preset_summary", "read_state_dict", "strides_from_plans",
+]

@@ -1,0 +1,144 @@
+"""Reading any STU-Net checkpoint safely and adapting it to the network being fine-tuned.
+
+Formats: nnU-Net v1 `.model` files (the official release: a dict with `state_dict`), nnU-Net v2 `.pth` files
+(`network_weights`) and plain state_dicts. Nothing in a file is ever executed: files are read with
+`torch.load(weights_only=True)` and only the plain numpy types that v1 checkpoints contain are allowed in addition.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+#: The layers adapted or dropped on fine-tuning (timm calls these `first_conv` and `classifier`).
+FIRST_CONV_KEYS = ("conv_blocks_context.0.0.conv1.weight", "conv_blocks_context.0.0.conv3.weight")
+HEAD_PREFIX = "seg_outputs."
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+# nnU-Net v1 checkpoints carry training curves as numpy scalars, pickled under numpy 1's module path.
+_NUMPY_SAFE_GLOBALS = [
+    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+    np._core.multiarray.scalar,
+    np.dtype,
+    *(getattr(np.dtypes, name) for name in ("Float64DType", "Float32DType", "Int64DType", "BoolDType")),
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or does not fit the network it is loaded into."""
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The network weights in `path`, on the CPU, with DDP/compile prefixes removed."""
+    try:
+        with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError or others for bad files
+        raise CheckpointError(
+            f"{path} was refused: it is not a checkpoint that can be read safely (weights only). "
+            f"segbook never executes code from a checkpoint. Reason: {str(error).splitlines()[0][:300]}") from None
+    return _strip_prefixes(_extract_weights(content, path))
+
+
+def _extract_weights(content: object, path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    if isinstance(content, Mapping):
+        for key in ("state_dict", "network_weights", "model"):
+            if isinstance(content.get(key), Mapping):
+                return content[key]
+        if content and all(isinstance(v, torch.Tensor) for v in content.values()):
+            return content
+    raise CheckpointError(f"{path} holds no network weights: expected an nnU-Net v1 checkpoint ('state_dict'), "
+                          f"an nnU-Net v2 checkpoint ('network_weights') or a plain state_dict")
+
+
+def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    stripped = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        stripped[key] = value
+    return stripped
+
+
+def describe_stunet(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A human description of the STU-Net a state_dict belongs to, for error messages."""
+    from stunet.presets import PRESETS
+
+    stem = state_dict.get(FIRST_CONV_KEYS[0])
+    if stem is None:
+        return "a network that is not an STU-Net (no conv_blocks_context.0.0.conv1)"
+    width = int(stem.shape[0])
+    blocks = sum(1 for k in state_dict if k.startswith("conv_blocks_context.0.") and k.endswith(".conv1.weight"))
+    deepest = int(state_dict["conv_blocks_context.5.0.conv1.weight"].shape[0]) \
+        if "conv_blocks_context.5.0.conv1.weight" in state_dict else None
+    name = next((p.name for p in PRESETS.values() if p.base_width == width and p.blocks_per_stage == blocks), None)
+    label = f"STU-Net {name}" if name else "an STU-Net of non-standard size"
+    return f"{label} (widths {width}..{deepest}, {blocks} block(s) per stage, {int(stem.shape[1])} input channel(s))"
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    skipped_heads: list[str] = field(default_factory=list)
+    tiled: list[str] = field(default_factory=list)
+
+
+def load_pretrained(network: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint",
+                    drop_heads: bool = True) -> LoadReport:
+    """Copy pretrained weights into `network` for fine-tuning.
+
+    The segmentation heads are left as initialised (`drop_heads`), the first block's input-side convolutions are
+    tiled across input channels when the checkpoint has one and the network more, and every other key must match
+    by name and shape; anything else is a `CheckpointError` naming the checkpoint and both architectures.
+    """
+    target = network.state_dict()
+    report = LoadReport()
+    adapted: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    for key, value in state_dict.items():
+        if drop_heads and key.startswith(HEAD_PREFIX):
+            report.skipped_heads.append(key)
+            continue
+        if key not in target:
+            problems.append(f"unexpected key {key}")
+            continue
+        if key in FIRST_CONV_KEYS and _differs_only_in_input_channels(value.shape, target[key].shape):
+            value = _tile_input_channels(value, target[key].shape, key, source)
+            report.tiled.append(key)
+        if value.shape != target[key].shape:
+            problems.append(f"{key}: checkpoint {tuple(value.shape)} vs network {tuple(target[key].shape)}")
+            continue
+        adapted[key] = value
+    missing = [k for k in target if k not in adapted and not (drop_heads and k.startswith(HEAD_PREFIX))]
+    problems += [f"missing key {k}" for k in missing]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointError(f"{source} holds {describe_stunet(state_dict)}, but the network is "
+                              f"{describe_stunet(target)}: {shown}")
+    network.load_state_dict({**target, **adapted}, strict=True)
+    report.loaded = list(adapted)
+    return report
+
+
+def _differs_only_in_input_channels(source: torch.Size, target: torch.Size) -> bool:
+    return source[1] != target[1] and source[0] == target[0] and source[2:] == target[2:]
+
+
+def _tile_input_channels(weight: torch.Tensor, shape: torch.Size, key: str, source: str) -> torch.Tensor:
+    """Repeat single-channel input weights over n channels, scaled by 1/n so agreeing channels give the same output."""
+    channels = shape[1]
+    if weight.shape[1] != 1:
+        raise CheckpointError(f"{source}: cannot adapt {key} from {weight.shape[1]} to {channels} input channels; "
+                              f"only single-channel checkpoints are tiled across input channels")
+    return weight.repeat(1, channels, 1, 1, 1) / channels

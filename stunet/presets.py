@@ -1,0 +1,74 @@
+"""The four STU-Net sizes, one entry point to build them, and the bridge from nnU-Net plans to STU-Net strides."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from stunet.loading import load_pretrained, read_state_dict
+from stunet.model import STUNet
+
+#: Strides of the TotalSegmentator pretraining plans (1.5 mm isotropic, 128^3 patch).
+PRETRAINING_STRIDES: list[list[int]] = [[2, 2, 2]] * 4 + [[1, 1, 2]]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    base_width: int
+    blocks_per_stage: int
+
+    @property
+    def dims(self) -> list[int]:
+        return [self.base_width * m for m in (1, 2, 4, 8, 16, 16)]
+
+    @property
+    def depth(self) -> list[int]:
+        return [self.blocks_per_stage] * 6
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p for p in (Preset("small", 16, 1), Preset("base", 32, 1), Preset("large", 64, 2), Preset("huge", 96, 3))
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown STU-Net preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def create_stunet(preset: str, input_channels: int = 1, num_classes: int = 105,
+                  strides: Sequence[Sequence[int]] = PRETRAINING_STRIDES, enable_deep_supervision: bool = True,
+                  device: str | torch.device | None = None,
+                  pretrained: str | os.PathLike | None = None) -> STUNet:
+    """Build a preset, optionally initialised for fine-tuning from a checkpoint file.
+
+    `device="meta"` builds it without allocating memory (for counting and schema checks). With `pretrained`, every
+    weight but the segmentation heads comes from the checkpoint (its first block tiled across input channels).
+    """
+    spec = get_preset(preset)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        network = STUNet(input_channels, num_classes, spec.dims, spec.depth, strides, enable_deep_supervision)
+    if pretrained is not None:
+        load_pretrained(network, read_state_dict(pretrained), source=str(pretrained))
+    return network
+
+
+def strides_from_plans(pool_op_kernel_sizes: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Turn the strides of an nnU-Net plan into STU-Net's five.
+
+    nnU-Net v2 plans list one stride per stage, the first being [1, 1, 1] (the stem does not downsample); v1 plans
+    omit it. STU-Net always has five downsamplings: extra ones are dropped, missing ones become [1, 1, 1].
+    """
+    strides = [list(map(int, s)) for s in pool_op_kernel_sizes]
+    if strides and all(v == 1 for v in strides[0]):
+        strides = strides[1:]
+    strides = strides[:5]
+    dim = len(strides[0]) if strides else 3
+    return strides + [[1] * dim for _ in range(5 - len(strides))]
