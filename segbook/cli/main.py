@@ -18,6 +18,8 @@ from segbook.errors import SegbookError
 COMMAND_MODULES = [
     "models",
     "weights",
+    "tasks",
+    "finetune",
 ]
 
 
