@@ -1,0 +1,142 @@
+"""`run.json`: the record of a run, and the training settings it carries.
+
+The manifest is written before training starts, so every process that trains the run (the `segbook finetune`
+process, nnU-Net's DDP workers, a requeued SLURM job, `nnUNetv2_train -tr ...`) reads the same settings from the run
+folder. It is rewritten atomically after each epoch, so it always says how far the run got.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+import traceback
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from segbook.io import atomic_write_json
+
+MANIFEST = "run.json"
+SCHEMA_VERSION = 1
+
+#: SegBook's learning rates: STU-Net's fine-tuning rate for pretrained bodies, nnU-Net's for scratch.
+PRETRAINED_LR = 1e-3
+SCRATCH_LR = 1e-2
+
+
+@dataclass
+class TrainingSettings:
+    """Hyperparameters of one run; the defaults are SegBook's (nnU-Net's schedule, STU-Net's fine-tuning rates)."""
+
+    epochs: int = 1000
+    iterations_per_epoch: int = 250
+    val_iterations_per_epoch: int = 50
+    lr: float | None = None  # None: 1e-3 for pretrained bodies, 1e-2 from scratch
+    head_lr_multiplier: float = 10.0
+    weight_decay: float = 3e-5
+    momentum: float = 0.99
+    poly_exponent: float = 0.9
+    checkpoint_every: int = 50
+    seed: int = 12345
+    mixed_precision: str = "auto"  # auto (bf16 where supported, else fp16 on CUDA), bf16, fp16, off
+    channels_last: bool = False
+    weights: str | None = None  # pretrained checkpoint file (pretrained runs)
+    weights_sha256: str | None = None
+
+    def resolved_lr(self, init: str) -> float:
+        if self.lr is not None:
+            return self.lr
+        return PRETRAINED_LR if init == "pretrained" else SCRATCH_LR
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainingSettings":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class RunManifest:
+    """A run folder's `run.json`: read, change, save atomically."""
+
+    def __init__(self, folder: str | os.PathLike, data: dict[str, Any]):
+        self.folder = Path(folder)
+        self.data = data
+
+    @property
+    def path(self) -> Path:
+        return self.folder / MANIFEST
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "RunManifest | None":
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            return None
+        return cls(folder, json.loads(path.read_text()))
+
+    @classmethod
+    def create(cls, folder: str | os.PathLike, run: dict[str, Any], settings: TrainingSettings,
+               request: dict[str, Any]) -> "RunManifest":
+        return cls(folder, {"schema": SCHEMA_VERSION, "run": run, "request": request,
+                            "settings": asdict(settings), "environment": environment(), "status": "created",
+                            "error": None, "created_at": now(), "epochs": [], "events": []})
+
+    @property
+    def settings(self) -> TrainingSettings:
+        return TrainingSettings.from_dict(self.data.get("settings", {}))
+
+    @property
+    def status(self) -> str:
+        return self.data.get("status", "unknown")
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+    def event(self, name: str, **details: Any) -> None:
+        self.data.setdefault("events", []).append({"time": now(), "event": name, **details})
+
+    def set_status(self, status: str, error: BaseException | None = None) -> None:
+        self.data["status"] = status
+        self.data["error"] = None if error is None else {
+            "type": type(error).__name__, "message": str(error),
+            "traceback": "".join(traceback.format_exception(error))[-4000:]}
+        self.event(status, **({"error": f"{type(error).__name__}: {error}"} if error else {}))
+
+    def record_epoch(self, record: dict[str, Any]) -> None:
+        epochs = [e for e in self.data.setdefault("epochs", []) if e["epoch"] < record["epoch"]]
+        self.data["epochs"] = epochs + [record]
+
+    def truncate_epochs(self, resume_epoch: int) -> None:
+        """Forget epochs after the checkpoint a resumed run restarts from: their work is redone."""
+        self.data["epochs"] = [e for e in self.data.get("epochs", []) if e["epoch"] < resume_epoch]
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    import segbook
+
+    try:
+        from importlib.metadata import version
+        nnunet_version = version("nnunetv2")
+    except Exception:  # noqa: BLE001 - an uninstalled metadata entry must not stop a run
+        nnunet_version = "unknown"
+    return {"segbook": segbook.__version__, "torch": torch.__version__, "nnunetv2": nnunet_version,
+            "cuda": torch.version.cuda, "python": platform.python_version(), "hostname": socket.gethostname(),
+            "git_commit": _git_commit()}
+
+
+def _git_commit() -> str | None:
+    source = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

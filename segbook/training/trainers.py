@@ -1,0 +1,283 @@
+"""nnU-Net trainers for SegBook runs: subclasses that override nnU-Net's hooks, never its training loop.
+
+`SegbookTrainer` adds what every run needs (settings and a manifest from the run folder, per-group poly LR, atomic
+checkpoints, bf16 and channels-last on GPU); `STUNetTrainer` builds STU-Net from the dataset's own plans and, for
+fine-tuning, loads the pretrained body with fresh heads at 10x the body's rate. The concrete classes are generated,
+one per (model, initialisation): `SegbookTrainer_large_pretrained`, `SegbookTrainer_nnunet_scratch`, ...
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch import nn
+from torch._dynamo import OptimizedModule
+
+from segbook.training.manifest import RunManifest, TrainingSettings, now
+from segbook.training.runs import STUNET_MODELS, trainer_name, valid_combinations
+from segbook.training.schedule import PerGroupPolyLR
+from stunet import create_stunet, strides_from_plans
+from stunet.loading import HEAD_PREFIX, load_pretrained, read_state_dict
+
+CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+PLOT_EVERY_EPOCHS = 10  # nnU-Net redraws a large progress.png every epoch: seconds wasted on short epochs
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The plain module inside DDP and torch.compile wrappers."""
+    if isinstance(network, torch.nn.parallel.DistributedDataParallel):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
+
+
+class SegbookTrainer(nnUNetTrainer):
+    """nnU-Net's trainer with SegBook's settings, run records and per-group learning rates."""
+
+    model: ClassVar[str] = "nnunet"
+    init: ClassVar[str] = "scratch"
+
+    def __init__(self, plans: dict, configuration: str, fold: int | str, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        self.resume_requested = bool(plans.get("continue_training", False))
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.manifest = RunManifest.load(self.output_folder) or self._new_manifest()
+        self.settings = self.manifest.settings
+        self._apply_settings()
+        self._epoch_started_at = 0.0
+
+    # --- settings -----------------------------------------------------------------------------------------------
+    def _new_manifest(self) -> RunManifest:
+        """A run started by nnU-Net's own tools (`nnUNetv2_train -tr ...`) gets SegBook's default settings."""
+        run = {"dataset": self.plans_manager.dataset_name, "model": self.model, "init": self.init,
+               "fold": str(self.fold), "trainer": type(self).__name__, "plans": self.plans_manager.plans_name,
+               "configuration": self.configuration_name}
+        manifest = RunManifest.create(self.output_folder, run, TrainingSettings(), {"via": "nnU-Net"})
+        if self.local_rank == 0:
+            manifest.save()
+        return manifest
+
+    def _apply_settings(self) -> None:
+        settings = self.settings
+        self.num_epochs = settings.epochs
+        self.num_iterations_per_epoch = settings.iterations_per_epoch
+        self.num_val_iterations_per_epoch = settings.val_iterations_per_epoch
+        self.initial_lr = settings.resolved_lr(self.init)
+        self.weight_decay = settings.weight_decay
+        self.save_every = settings.checkpoint_every
+        random.seed(settings.seed)
+        np.random.seed(settings.seed)
+        torch.manual_seed(settings.seed)
+        if self.device.type == "cuda" and self._use_bf16():
+            # nnU-Net autocasts with the device's default dtype; bf16 needs no loss scaling.
+            torch.set_autocast_dtype("cuda", torch.bfloat16)
+            self.grad_scaler = None
+
+    def _use_bf16(self) -> bool:
+        precision = self.settings.mixed_precision
+        return precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+
+    # --- optimiser ----------------------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"name": "all", "params": list(unwrap(self.network).parameters()), "lr": self.initial_lr}]
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.param_groups(), self.initial_lr, weight_decay=self.weight_decay,
+                                    momentum=self.settings.momentum, nesterov=True)
+        return optimizer, PerGroupPolyLR(optimizer, self.num_epochs, self.settings.poly_exponent)
+
+    def learning_rates(self) -> dict[str, float]:
+        return {group["name"]: group["lr"] for group in self.optimizer.param_groups}
+
+    # --- hooks --------------------------------------------------------------------------------------------------
+    def initialize(self):
+        super().initialize()
+        if self.settings.channels_last and self.device.type == "cuda":
+            self.network.to(memory_format=torch.channels_last_3d)
+
+    def on_train_start(self):
+        super().on_train_start()
+        self._throttle_progress_plot()
+        if self.local_rank == 0:
+            self.manifest.data.setdefault("started_at", now())
+            self.manifest.data["device"] = str(self.device)
+            self.manifest.data.update(self._plans_summary())
+            self.manifest.set_status("running")
+            self.manifest.save()
+
+    def on_epoch_start(self):
+        self._epoch_started_at = time.time()
+        super().on_epoch_start()
+
+    def on_epoch_end(self):
+        epoch = self.current_epoch
+        rates = self.learning_rates()
+        super().on_epoch_end()
+        if self.local_rank == 0:
+            log = self.logger
+            self.manifest.record_epoch({
+                "epoch": epoch, "train_loss": float(log.get_value("train_losses", epoch)),
+                "val_loss": float(log.get_value("val_losses", epoch)),
+                "pseudo_dice": [float(v) for v in log.get_value("dice_per_class_or_region", epoch)],
+                "ema_pseudo_dice": float(log.get_value("ema_fg_dice", epoch)),
+                "learning_rates": rates, "seconds": round(time.time() - self._epoch_started_at, 3)})
+            self.manifest.save()
+            self._print_progress(epoch, rates)
+
+    def _print_progress(self, epoch: int, rates: dict[str, float]) -> None:
+        seconds = [e["seconds"] for e in self.manifest.data["epochs"][-10:]]
+        remaining = (self.num_epochs - epoch - 1) * sum(seconds) / len(seconds)
+        lr_text = " ".join(f"{name}={rate:.2e}" for name, rate in rates.items())
+        self.print_to_log_file(f"[segbook] epoch {epoch + 1}/{self.num_epochs} | lr {lr_text} | "
+                               f"ETA {remaining / 3600:.1f} h", add_timestamp=False)
+
+    def train_step(self, batch: dict) -> dict:
+        if self.settings.channels_last and self.device.type == "cuda":
+            batch = {**batch, "data": batch["data"].to(memory_format=torch.channels_last_3d)}
+        return super().train_step(batch)
+
+    def on_train_end(self):
+        super().on_train_end()
+        if self.local_rank == 0:
+            self.manifest.data["finished_at"] = now()
+            self.manifest.set_status("finished")
+            self.manifest.save()
+
+    def run_training(self):
+        try:
+            super().run_training()
+        except BaseException as error:
+            if self.local_rank == 0:
+                interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+                self.manifest.set_status("interrupted" if interrupted else "failed", error)
+                self.manifest.save()
+            raise
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if self.fold == "all":
+            # With fold 'all' nnU-Net would "validate" on the training cases; SegBook evaluates on the held-out
+            # test split instead (`segbook evaluate`).
+            self.print_to_log_file("fold 'all': skipping validation on the training cases; "
+                                   "run `segbook evaluate` for the held-out test split")
+            return
+        super().perform_actual_validation(save_probabilities)
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written to a temporary file and renamed: a kill never leaves a truncated one."""
+        partial = f"{filename}.partial"
+        super().save_checkpoint(partial)
+        if os.path.isfile(partial):
+            os.replace(partial, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint):
+        resuming = self.dataloader_train is None  # before training: a resume, not a reload of the best weights
+        super().load_checkpoint(filename_or_checkpoint)
+        if resuming and self.local_rank == 0:
+            self.manifest.truncate_epochs(self.current_epoch)
+            self.manifest.event("resumed", from_epoch=self.current_epoch)
+            self.manifest.save()
+
+    # --- helpers ------------------------------------------------------------------------------------------------
+    def has_checkpoint(self) -> bool:
+        return any((Path(self.output_folder) / name).is_file() for name in CHECKPOINT_NAMES)
+
+    def _plans_summary(self) -> dict[str, Any]:
+        config = self.configuration_manager
+        return {"plans_summary": {"patch_size": list(config.patch_size), "batch_size": self.batch_size,
+                                  "spacing": list(config.spacing), "normalization": list(config.normalization_schemes),
+                                  "plans_strides": [list(s) for s in config.pool_op_kernel_sizes]}}
+
+    def _throttle_progress_plot(self) -> None:
+        draw = self.logger.plot_progress_png
+
+        def occasionally(output_folder: str) -> None:
+            if self.current_epoch % PLOT_EVERY_EPOCHS == 0 or self.current_epoch >= self.num_epochs - 1:
+                draw(output_folder)
+
+        self.logger.plot_progress_png = occasionally
+
+
+class STUNetTrainer(SegbookTrainer):
+    """STU-Net on the dataset's own plans: patch, spacing, batch size and normalisation from nnU-Net, five strides."""
+
+    model: ClassVar[str] = "base"
+
+    @staticmethod
+    def stunet_strides(configuration_manager) -> list[list[int]]:
+        return strides_from_plans(configuration_manager.pool_op_kernel_sizes)
+
+    def _get_deep_supervision_scales(self):
+        if not self.enable_deep_supervision:
+            return None
+        strides = self.stunet_strides(self.configuration_manager)
+        cumulative = np.cumprod(np.vstack([[1] * len(strides[0])] + strides), axis=0)
+        return [list(1 / s) for s in cumulative[:-1]]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        if self.init != "pretrained":
+            return super().param_groups()
+        named = list(unwrap(self.network).named_parameters())
+        head = [p for name, p in named if name.startswith(HEAD_PREFIX)]
+        body = [p for name, p in named if not name.startswith(HEAD_PREFIX)]
+        return [{"name": "body", "params": body, "lr": self.initial_lr},
+                {"name": "head", "params": head, "lr": self.initial_lr * self.settings.head_lr_multiplier}]
+
+    def initialize(self):
+        super().initialize()
+        if self.init == "pretrained" and not (self.resume_requested and self.has_checkpoint()):
+            self._load_pretrained_body()
+
+    def _load_pretrained_body(self) -> None:
+        path = self.settings.weights or str(self._cached_weights())
+        report = load_pretrained(unwrap(self.network), read_state_dict(path), source=path)
+        self.print_to_log_file(f"loaded {len(report.loaded)} pretrained tensors from {path}; "
+                               f"fresh heads: {len(report.skipped_heads)} tensors; tiled: {report.tiled or 'none'}")
+        if self.local_rank == 0:
+            self.manifest.event("pretrained_weights_loaded", path=path, tiled=report.tiled)
+            self.manifest.save()
+
+    def _cached_weights(self) -> Path:
+        from segbook.paths import Paths
+        from stunet import WeightCache, get_cfg
+
+        return WeightCache(Paths.from_env().weights).resolve(get_cfg(self.model))
+
+
+def _stunet_builder(preset: str):
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        return create_stunet(preset, num_input_channels, num_output_channels,
+                             STUNetTrainer.stunet_strides(configuration_manager), enable_deep_supervision)
+
+    return build_network_architecture
+
+
+def _make_trainer(model: str, init: str) -> type[SegbookTrainer]:
+    name = trainer_name(model, init)
+    attributes: dict[str, Any] = {"model": model, "init": init, "__module__": __name__, "__qualname__": name}
+    if model in STUNET_MODELS:
+        attributes["build_network_architecture"] = staticmethod(_stunet_builder(model))
+        return type(name, (STUNetTrainer,), attributes)
+    return type(name, (SegbookTrainer,), attributes)
+
+
+TRAINERS: dict[str, type[SegbookTrainer]] = {trainer_name(m, i): _make_trainer(m, i) for m, i in valid_combinations()}
+globals().update(TRAINERS)  # importable (and picklable) as segbook.training.trainers.SegbookTrainer_large_pretrained
+
+#: The folder nnU-Net searches for our trainers when `nnUNet_extTrainer` points at it.
+EXTERNAL_TRAINER_FOLDER = Path(__file__).resolve().parent / "nnunet_trainers"
+
+
+def register_with_nnunet() -> None:
+    """Let nnU-Net's own lookup (training, prediction, `nnUNetv2_*` tools) find the segbook trainers."""
+    folders = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    if str(EXTERNAL_TRAINER_FOLDER) not in folders:
+        os.environ["nnUNet_extTrainer"] = os.pathsep.join([*folders, str(EXTERNAL_TRAINER_FOLDER)])
