@@ -22,5 +22,7 @@ def segbook_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "segbook_home"
     monkeypatch.setenv("SEGBOOK_HOME", str(home))
     for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "SEGBOOK_REGISTRY"):
-        monkeypatch.delenv(variable, raising=False)
+        # Set then delete, so monkeypatch restores the variable even when segbook's code exports it meanwhile.
+        monkeypatch.setenv(variable, "unset")
+        monkeypatch.delenv(variable)
     return home

@@ -1,0 +1,166 @@
+"""`segbook data`: import a downloaded dataset (validated, split), show every task's status, make synthetic data."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from segbook.cli.common import add_format_option, add_registry_option, add_task_option, registry_from_args
+from segbook.errors import SegbookError
+
+LAYOUT_CHOICES = ("auto", "v1", "v2", "msd")
+
+
+def _default_processes() -> int:
+    return max(1, int(os.environ.get("nnUNet_def_n_proc") or 1))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "data", help="import and validate datasets, show their status, write synthetic ones",
+        description="Turn downloaded datasets into nnU-Net v2 raw datasets that match the registry, with SegBook's "
+                    "fixed train/test split. See docs/data.md.")
+    actions = parser.add_subparsers(dest="data_action", metavar="ACTION")
+    actions.required = True
+    _register_import(actions)
+    _register_status(actions)
+    _register_synth(actions)
+
+
+def _register_import(actions: argparse._SubParsersAction) -> None:
+    parser = actions.add_parser(
+        "import", help="validate a downloaded dataset and write it to nnUNet_raw with the test split",
+        description="Validate every case (nothing is written if anything is wrong), then write "
+                    "nnUNet_raw/DatasetNNN_Name: training cases in imagesTr/labelsTr, the held-out test split in "
+                    "imagesTs/labelsTs, dataset.json from the registry. Accepts nnU-Net v1 task folders, Medical "
+                    "Segmentation Decathlon folders, nnU-Net v2 dataset folders (--from), and plain folders "
+                    "(--images/--labels).")
+    add_task_option(parser)
+    add_registry_option(parser)
+    parser.add_argument("--from", dest="source", type=Path, metavar="PATH", help="the task folder to import")
+    parser.add_argument("--layout", choices=LAYOUT_CHOICES, default="auto",
+                        help="layout of --from (default: detected from names and dataset.json)")
+    plain = parser.add_argument_group("plain folders (instead of --from)")
+    plain.add_argument("--images", type=Path, metavar="DIR", help="folder with the image files")
+    plain.add_argument("--labels", type=Path, metavar="DIR", help="folder with the label files (may equal --images)")
+    plain.add_argument("--image-pattern", metavar="PATTERN",
+                       help="image file names, relative to --images, with {case}, {channel} and {ext}, e.g. "
+                            "'{case}_{channel}.nii.gz' or '{case}/{case}_{channel}.nii.gz' (default: "
+                            "{case}_{channel}{ext} with channels 0000, 0001, ..., or {case}{ext} for one channel)")
+    plain.add_argument("--label-pattern", default="{case}{ext}", metavar="PATTERN",
+                       help="label file names relative to --labels (default: {case}{ext})")
+    plain.add_argument("--channel-tokens", nargs="+", metavar="TOKEN",
+                       help="what {channel} stands for, one per registry channel in its order (e.g. t1 t2)")
+    parser.add_argument("--num-processes", "-np", type=int, default=_default_processes(), metavar="N",
+                        help="processes for validation and writing (default: nnUNet_def_n_proc, else 1)")
+    parser.add_argument("--seed", type=int, help="seed of the test split (default: the stored split's, else 0)")
+    parser.add_argument("--resplit", action="store_true",
+                        help="draw a new test split even if one is stored (needed when the cases changed)")
+    parser.add_argument("--force", action="store_true", help="import again even if the source is unchanged")
+    parser.add_argument("--check-only", action="store_true", help="validate and report; write nothing")
+    parser.add_argument("--tolerance", type=float, default=None, metavar="T",
+                        help="geometry tolerance: relative for spacing, in voxels for origin, absolute for "
+                             "direction cosines (default: 1e-3)")
+    parser.set_defaults(handler=run_import)
+
+
+def _register_status(actions: argparse._SubParsersAction) -> None:
+    parser = actions.add_parser("status", help="one row per registered task: raw, validated, split, planned, "
+                                               "preprocessed",
+                                description="How far each task has come. Reads only metadata, so it is fast.")
+    add_registry_option(parser)
+    parser.add_argument("--present", action="store_true", help="only tasks whose raw data is present")
+    add_format_option(parser, ("table", "md", "csv", "json"))
+    parser.set_defaults(handler=run_status)
+
+
+def _register_synth(actions: argparse._SubParsersAction) -> None:
+    parser = actions.add_parser(
+        "synth", help="write a synthetic dataset (and its registry entry) for demos and tests",
+        description="A synthetic dataset in any layout `data import` accepts, plus OUT/registry.yaml with its "
+                    "registry entry, so `segbook data import --registry OUT/registry.yaml --task ID --from ...` "
+                    "works at once.")
+    parser.add_argument("--out", type=Path, required=True, metavar="PATH", help="folder to write into")
+    parser.add_argument("--layout", choices=("v1", "v2", "msd", "plain"), default="v2",
+                        help="source layout (default: v2)")
+    parser.add_argument("--name", default="Synthetic", help="dataset name (default: Synthetic)")
+    parser.add_argument("--id", type=int, default=990, dest="dataset_id", help="dataset id (default: 990)")
+    parser.add_argument("--cases", type=int, default=8, help="labelled cases (default: 8)")
+    parser.add_argument("--size", type=int, nargs=3, default=[48, 48, 32], metavar=("X", "Y", "Z"),
+                        help="voxels (default: 48 48 32)")
+    parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 2.5], metavar=("X", "Y", "Z"),
+                        help="mm (default: 1.5 1.5 2.5)")
+    parser.add_argument("--modality", choices=("CT", "MRI"), default="CT", help="intensity model (default: CT)")
+    parser.add_argument("--channels", nargs="+", help="channel names (default: CT, or T2 for MRI)")
+    parser.add_argument("--structures", type=int, default=2, help="blob-like structures (default: 2)")
+    parser.add_argument("--lesions", type=int, default=0, help="small lesion labels, inside the first structure "
+                                                                "(default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.set_defaults(handler=run_synth)
+
+
+def _source(args: argparse.Namespace):
+    from segbook.data.layouts import PlainSource
+
+    if args.images or args.labels:
+        if not (args.images and args.labels) or args.source:
+            raise SegbookError("plain folders need both --images and --labels, and no --from")
+        tokens = tuple(args.channel_tokens) if args.channel_tokens else None
+        return PlainSource(args.images, args.labels, args.image_pattern, args.label_pattern, tokens)
+    if args.source is None:
+        raise SegbookError("say what to import: --from PATH (a task folder) or --images DIR --labels DIR")
+    return args.source
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from segbook.data.importer import import_dataset
+    from segbook.data.validate import DEFAULT_TOLERANCE
+
+    entry = registry_from_args(args).get(args.task)
+    report = import_dataset(entry, _source(args), layout=args.layout, num_processes=args.num_processes,
+                            seed=args.seed, resplit=args.resplit, force=args.force, check_only=args.check_only,
+                            tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
+    if report.validation.problems:
+        print(report.validation.format())
+    print(report.summary())
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from segbook.cli.output import emit
+    from segbook.data.status import dataset_status
+
+    rows = dataset_status(registry_from_args(args), present_only=args.present)
+    if not rows:
+        print("no task has raw data yet; import one with `segbook data import --task TASK --from PATH`")
+        return 0
+    emit(rows, args.format)
+    return 0
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from segbook.data.synth import SynthSpec, TargetSpec, registry_entry, write_registry_file, write_synthetic_dataset
+
+    targets = [TargetSpec(f"structure_{i + 1}", prototype=i) for i in range(args.structures)]
+    within = targets[0].name if targets else None
+    targets += [TargetSpec(f"lesion_{i + 1}", kind="lesion", within=within) for i in range(args.lesions)]
+    try:
+        spec = SynthSpec(name=args.name, cases=args.cases, size=tuple(args.size), spacing=tuple(args.spacing),
+                         modality=args.modality, channels=tuple(args.channels or ()), targets=tuple(targets),
+                         seed=args.seed)
+    except ValueError as error:
+        raise SegbookError(str(error)) from None
+    written = write_synthetic_dataset(spec, args.out, layout=args.layout, dataset_id=args.dataset_id)
+    entry = registry_entry(spec, args.dataset_id)
+    registry = write_registry_file(args.out / "registry.yaml", entry)
+    if written.images is not None:
+        source = f"--images {written.images} --labels {written.labels}"
+        if written.channel_tokens:
+            source += " --image-pattern '{case}_{channel}.nii.gz' --channel-tokens " + " ".join(written.channel_tokens)
+    else:
+        source = f"--from {written.path}"
+    print(f"{len(written.case_ids)} cases written to {written.path} ({args.layout} layout)\n"
+          f"registry entry {entry['key']} written to {registry}\n"
+          f"import with: segbook data import --registry {registry} --task {entry['key']} {source}")
+    return 0

@@ -1,0 +1,235 @@
+"""`import_dataset`: turn a downloaded dataset into a clean nnU-Net v2 raw dataset that matches its registry entry.
+
+Order of work: list the source (layouts.py), validate every case (validate.py), and only if nothing is wrong draw or
+reuse the test split and build `nnUNet_raw/Dataset{id}_{Name}` in a temporary sibling folder that is renamed into
+place at the end. Training cases go to imagesTr/labelsTr, the held-out test cases to imagesTs/labelsTs (nnU-Net
+plans and trains on imagesTr only, so they cannot leak). Files already in the target format with a consistent
+header are copied byte for byte; the rest (other formats, MSD 4-D files, float labels, headers that differ within
+the tolerance) are rewritten with the first channel's geometry, which nnU-Net requires to match exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from segbook import __version__
+from segbook.data.layouts import ImageRef, PlainSource, SourceCase, SourceDataset, read_source, split_ending
+from segbook.data.problems import DatasetValidationError, ValidationReport, error, warning
+from segbook.data.split import Split, held_out_count, read_split, resolve_split, write_split
+from segbook.data.validate import DEFAULT_TOLERANCE, Header, parallel_map, read_header, same_geometry, validate_cases
+from segbook.errors import SegbookError
+from segbook.io import atomic_directory, atomic_write_json
+from segbook.paths import Paths
+
+if TYPE_CHECKING:
+    from segbook.registry import DatasetEntry
+
+IMPORT_RECORD = "segbook_import.json"
+#: Bump when the importer writes different files for the same source, so old imports are redone.
+IMPORT_FORMAT = 1
+
+
+@dataclass
+class ImportReport:
+    """What an import did (or, with `skipped`, found already done)."""
+
+    task: str
+    dataset: str
+    destination: Path
+    layout: str
+    source: str
+    validation: ValidationReport
+    split: Split | None = None
+    skipped: bool = False
+    written: dict[str, int] = field(default_factory=lambda: {"copied": 0, "converted": 0})
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"{self.dataset}: unchanged since the last import ({self.destination}); nothing to do"
+        if self.split is None:
+            return f"{self.dataset}: {len(self.validation.cases)} cases checked, no errors (nothing written)"
+        return (f"{self.dataset}: imported {len(self.split.train) + len(self.split.test)} cases "
+                f"({len(self.split.train)} train, {len(self.split.test)} test) from {self.source} ({self.layout} "
+                f"layout) into {self.destination} in {self.seconds:.1f} s ({self.written['copied']} files copied, "
+                f"{self.written['converted']} converted; {len(self.validation.warnings)} warning(s))")
+
+
+def read_import_record(folder: Path) -> dict | None:
+    try:
+        return json.loads((Path(folder) / IMPORT_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def check_dataset_id(entry: DatasetEntry, paths: Paths) -> None:
+    """nnU-Net finds datasets by id: a second folder with this id under another name would make that ambiguous."""
+    for root in (paths.raw, paths.preprocessed, paths.results):
+        for other in sorted(root.glob(f"Dataset{entry.dataset_id:03d}_*")) if root.is_dir() else []:
+            if other.name != entry.nnunet_name and other.is_dir():
+                raise SegbookError(f"{other} has dataset id {entry.dataset_id}, which {entry.key} uses as "
+                                   f"{entry.nnunet_name}; nnU-Net finds datasets by id, so move that folder away or "
+                                   "register the dataset under another id")
+
+
+def _content_id(entry: DatasetEntry, source: SourceDataset, seed: int | None, tolerance: float) -> str:
+    """Identifies an import's inputs: the registry entry, options, and every source file's path, size and mtime."""
+    digest = hashlib.sha256()
+    settings = {"format": IMPORT_FORMAT, "entry": entry.model_dump(mode="json"), "layout": source.layout,
+                "location": source.location, "settings": source.settings, "seed": seed, "tolerance": tolerance}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for path in sorted(set(source.files)):
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _labels(entry: DatasetEntry) -> dict[int, str]:
+    return {label.index: label.name for label in entry.labels}
+
+
+def validate_source(entry: DatasetEntry, source: Path | PlainSource, layout: str = "auto", num_processes: int = 1,
+                    tolerance: float = DEFAULT_TOLERANCE,
+                    progress: bool = True) -> tuple[SourceDataset, ValidationReport]:
+    """Read and check a source against its registry entry; writes nothing and does not raise on problems."""
+    found = read_source(source, len(entry.channels), layout)
+    return found, _validate(entry, found, num_processes, tolerance, progress)
+
+
+def _validate(entry: DatasetEntry, found: SourceDataset, num_processes: int, tolerance: float,
+              progress: bool) -> ValidationReport:
+    problems = list(found.problems)
+    expected = entry.train_cases + entry.test_cases
+    if not found.cases and not any(p.severity == "error" for p in problems):
+        problems.append(error("no-cases", f"no labelled cases found in {found.location}"))
+    elif found.cases and len(found.cases) != expected:
+        problems.append(warning("case-count", f"found {len(found.cases)} labelled cases; the registry lists "
+                                              f"{entry.train_cases} train + {entry.test_cases} test = {expected}"))
+    return validate_cases(found.cases, entry.channels, _labels(entry), num_processes, tolerance, progress, problems)
+
+
+def import_dataset(entry: DatasetEntry, source: Path | PlainSource, paths: Paths | None = None, *,
+                   layout: str = "auto", num_processes: int = 1, seed: int | None = None, resplit: bool = False,
+                   force: bool = False, check_only: bool = False, tolerance: float = DEFAULT_TOLERANCE,
+                   progress: bool = True) -> ImportReport:
+    """Validate `source` and write it as `nnUNet_raw/{entry.nnunet_name}` with SegBook's train/test split.
+
+    Raises DatasetValidationError (nothing written) when any case has an error, SplitChangedError when the cases
+    differ from those of the stored split (unless `resplit`). An unchanged source is not imported again unless
+    `force`. `check_only` validates and stops. `seed` picks the split's seed (default: the stored one, else 0).
+    """
+    started = time.perf_counter()
+    paths = paths or Paths.from_env()
+    destination = paths.raw / entry.nnunet_name
+    check_dataset_id(entry, paths)
+    found = read_source(source, len(entry.channels), layout)
+    content_id = _content_id(entry, found, seed, tolerance)
+    record = read_import_record(destination)
+    if (record and record.get("content_id") == content_id and (destination / "dataset.json").is_file()
+            and not (force or resplit or check_only)):
+        return ImportReport(entry.key, entry.nnunet_name, destination, found.layout, found.location,
+                            ValidationReport(), read_split(destination), skipped=True)
+    report = _validate(entry, found, num_processes, tolerance, progress)
+    if report.errors:
+        raise DatasetValidationError(report, entry.key)
+    result = ImportReport(entry.key, entry.nnunet_name, destination, found.layout, found.location, report)
+    if check_only:
+        return result
+    n_test = held_out_count(len(found.cases), entry.train_cases, entry.test_cases)
+    stored = read_split(destination) if destination.is_dir() else None
+    result.split = resolve_split([c.case_id for c in found.cases], n_test, stored, seed, resplit)
+    with atomic_directory(destination, replace=True) as building:
+        result.written = _write_cases(entry, found.cases, result.split, building, num_processes, progress)
+        _write_metadata(entry, found, result, building, content_id, tolerance)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _write_cases(entry: DatasetEntry, cases: list[SourceCase], split: Split, folder: Path, num_processes: int,
+                 progress: bool) -> dict[str, int]:
+    test = set(split.test)
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (folder / sub).mkdir()
+    jobs = [(case, "Ts" if case.case_id in test else "Tr") for case in cases]
+    write = functools.partial(_write_case, folder=folder, file_ending=entry.file_ending)
+    counts = {"copied": 0, "converted": 0}
+    for outcome in parallel_map(write, jobs, num_processes, "importing", progress):
+        for key, value in outcome.items():
+            counts[key] += value
+    return counts
+
+
+def _write_case(job: tuple[SourceCase, str], folder: Path, file_ending: str) -> dict[str, int]:
+    case, subset = job
+    reference = read_header(case.images[0].path)
+    loaded: dict[Path, Any] = {}  # an MSD file holds every channel: read it once
+    outcomes = [_place(ref, folder / f"images{subset}" / f"{case.case_id}_{channel:04d}{file_ending}",
+                       reference, False, loaded)
+                for channel, ref in enumerate(case.images)]
+    outcomes.append(_place(ImageRef(case.label), folder / f"labels{subset}" / f"{case.case_id}{file_ending}",
+                           reference, True, loaded))
+    return {"copied": outcomes.count("copied"), "converted": outcomes.count("converted")}
+
+
+def _place(ref: ImageRef, target: Path, reference: Header, is_label: bool, loaded: dict[Path, Any]) -> str:
+    """Copy the file when it is already what nnU-Net needs, otherwise rewrite it on the reference grid."""
+    import SimpleITK as sitk
+
+    header = read_header(ref.path)
+    ending = split_ending(ref.path.name)[1].lower()
+    copyable = (ref.volume is None and target.name.lower().endswith(ending) and same_geometry(reference, header)
+                and (not is_label or "integer" in header.pixel_type))
+    if copyable:
+        shutil.copyfile(ref.path, target)
+        return "copied"
+    if ref.path not in loaded:
+        loaded[ref.path] = sitk.ReadImage(str(ref.path))
+    image = loaded[ref.path]
+    if ref.volume is not None:
+        size = list(image.GetSize())
+        image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, ref.volume])
+    if is_label and "integer" not in header.pixel_type:
+        maximum = float(sitk.GetArrayViewFromImage(image).max())
+        image = sitk.Cast(sitk.Round(image), sitk.sitkUInt8 if maximum < 256 else sitk.sitkUInt16)
+    image.SetSpacing(reference.spacing)
+    image.SetOrigin(reference.origin)
+    image.SetDirection(reference.direction)
+    sitk.WriteImage(image, str(target), useCompression=True)
+    return "converted"
+
+
+def dataset_json(entry: DatasetEntry, n_train: int, n_test: int) -> dict:
+    """nnU-Net v2's dataset.json, built from the registry (never from the source's own metadata)."""
+    return {
+        "name": entry.name,
+        "description": f"{entry.key}, imported by segbook {__version__}",
+        "reference": entry.citation,
+        "licence": entry.licence,
+        "channel_names": entry.channel_names_json,
+        "labels": entry.labels_json,
+        "numTraining": n_train,
+        "file_ending": entry.file_ending,
+        "segbook": {"task": entry.key, "paper_task": entry.paper_task, "modality": entry.modality,
+                    "target": entry.target, "numTest": n_test},
+    }
+
+
+def _write_metadata(entry: DatasetEntry, found: SourceDataset, result: ImportReport, folder: Path,
+                    content_id: str, tolerance: float) -> None:
+    split = result.split
+    atomic_write_json(folder / "dataset.json", dataset_json(entry, len(split.train), len(split.test)))
+    write_split(folder, split, entry.train_cases, entry.test_cases)
+    atomic_write_json(folder / IMPORT_RECORD, {
+        "format": IMPORT_FORMAT, "segbook_version": __version__, "task": entry.key, "dataset": entry.nnunet_name,
+        "content_id": content_id, "layout": found.layout, "source": found.location, "settings": found.settings,
+        "tolerance": tolerance, "validated": True, "cases": len(split.train) + len(split.test),
+        "train": len(split.train), "test": len(split.test), "files": result.written,
+        "warnings": [p.__dict__ for p in result.validation.warnings],
+    })

@@ -1,0 +1,277 @@
+"""nnU-Net v2 fingerprint, planning and preprocessing of an imported task, redone only when its raw data changed.
+
+`plan_task` runs nnU-Net's own classes (DatasetFingerprintExtractor, an ExperimentPlanner, the configuration's
+preprocessor) for the 3d_fullres configuration. STU-Net trains on the same plans as nnU-Net's network (patch size,
+spacing, batch size, normalisation), as SegBook did; only its five strides are derived from the plan's
+(`stunet.strides_from_plans`).
+
+Re-running is cheap: `segbook_plan.json` in the preprocessed folder records the *raw stamp* (a digest of the raw
+dataset's dataset.json, split, import record and file listing) that each plans file was made from. When the stamp
+still matches, nothing runs; when the raw data changed, the whole preprocessed folder is stale (fingerprint, plans,
+preprocessed cases, cross-validation splits) and is rebuilt from scratch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from segbook.errors import SegbookError
+from segbook.io import atomic_write_json
+from segbook.paths import Paths
+
+if TYPE_CHECKING:
+    from segbook.registry import DatasetEntry
+
+CONFIGURATION = "3d_fullres"
+PLAN_RECORD = "segbook_plan.json"
+PLAN_LOG = "segbook_plan.log"
+
+_PLANNER_MODULES = {
+    "default": "nnunetv2.experiment_planning.experiment_planners.default_experiment_planner",
+    "resenc": "nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners",
+}
+#: Our planner names -> (module key, nnU-Net planner class, plans identifier).
+PLANNERS: dict[str, tuple[str, str, str]] = {
+    "default": ("default", "ExperimentPlanner", "nnUNetPlans"),
+    "resenc-m": ("resenc", "nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans"),
+    "resenc-l": ("resenc", "nnUNetPlannerResEncL", "nnUNetResEncUNetLPlans"),
+    "resenc-xl": ("resenc", "nnUNetPlannerResEncXL", "nnUNetResEncUNetXLPlans"),
+}
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """The 3d_fullres plan of a task, where its preprocessed data is, and STU-Net's strides for it."""
+
+    task: str
+    dataset: str
+    planner: str
+    plans_identifier: str
+    plans_file: Path
+    data_folder: Path
+    patch_size: list[int]
+    spacing: list[float]
+    batch_size: int
+    normalization: list[str]
+    nnunet_strides: list[list[int]]
+    stunet_strides: list[list[int]]
+    training_cases: int
+    raw_stamp: str
+    skipped: bool = False
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    def summary(self) -> str:
+        state = "up to date, nothing to do" if self.skipped else f"planned and preprocessed in {self.seconds:.1f} s"
+        return "\n".join([
+            f"{self.dataset} ({self.planner} planner, {CONFIGURATION}): {state}",
+            f"  plans          {self.plans_file}",
+            f"  data           {self.data_folder} ({self.training_cases} training cases)",
+            f"  patch size     {self.patch_size}   spacing {[round(s, 4) for s in self.spacing]}   "
+            f"batch size {self.batch_size}",
+            f"  normalisation  {', '.join(self.normalization)}",
+            f"  STU-Net strides {self.stunet_strides}",
+        ])
+
+
+def _planner(name: str) -> tuple[str, str, str]:
+    try:
+        return PLANNERS[name]
+    except KeyError:
+        raise SegbookError(f"unknown planner {name!r}; choose one of {', '.join(PLANNERS)}") from None
+
+
+def plans_identifier(planner: str = "default") -> str:
+    return _planner(planner)[2]
+
+
+def raw_stamp(entry: DatasetEntry, paths: Paths) -> str:
+    """A digest of what planning reads from the raw dataset (metadata and file listing; no image is opened)."""
+    folder = paths.raw / entry.nnunet_name
+    digest = hashlib.sha256()
+    for name in ("dataset.json", "segbook_split.json", "segbook_import.json"):
+        path = folder / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"-") + b"\n")
+    for sub in ("imagesTr", "labelsTr"):
+        entries = sorted(os.scandir(folder / sub), key=lambda e: e.name) if (folder / sub).is_dir() else []
+        for item in entries:
+            digest.update(f"{sub}/{item.name}\0{item.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_record(folder: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((folder / PLAN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _plans_path(folder: Path, identifier: str) -> Path:
+    return folder / f"{identifier}.json"
+
+
+def _is_complete(folder: Path, record: dict[str, Any], identifier: str) -> bool:
+    done = record.get("plans", {}).get(identifier, {})
+    return bool(done.get("complete")) and _plans_path(folder, identifier).is_file() and \
+        (folder / done.get("data_identifier", "")).is_dir()
+
+
+def plan_states(entry: DatasetEntry, paths: Paths | None = None) -> dict[str, str]:
+    """For each planner that has run on this task: "preprocessed", or "stale" when the raw data changed since."""
+    paths = paths or Paths.from_env()
+    folder = paths.preprocessed / entry.nnunet_name
+    record = _read_record(folder)
+    if not record:
+        return {}
+    current = record.get("raw_stamp") == raw_stamp(entry, paths)
+    states = {}
+    for name, (_, _, identifier) in PLANNERS.items():
+        if identifier in record.get("plans", {}):
+            states[name] = "preprocessed" if current and _is_complete(folder, record, identifier) else "stale"
+    return states
+
+
+def _default_processes() -> int:
+    return max(1, int(os.environ.get("nnUNet_def_n_proc") or min(8, os.cpu_count() or 1)))
+
+
+@contextlib.contextmanager
+def _nnunet_output(log_file: Path) -> Iterator[None]:
+    """nnU-Net prints its plans and notes to stdout; keep them in a log next to the plans, progress bars on stderr."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+        yield
+
+
+def _load_result(entry: DatasetEntry, paths: Paths, planner: str, stamp: str, skipped: bool,
+                 seconds: float) -> PlanResult:
+    from stunet.presets import strides_from_plans
+
+    identifier = plans_identifier(planner)
+    folder = paths.preprocessed / entry.nnunet_name
+    plans_file = _plans_path(folder, identifier)
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
+    if CONFIGURATION not in plans.get("configurations", {}):
+        raise SegbookError(f"{plans_file} has no {CONFIGURATION} configuration (nnU-Net plans 3-D configurations "
+                           "only for 3-D data); SegBook trains 3d_fullres")
+    config = plans["configurations"][CONFIGURATION]
+    strides = config["architecture"]["arch_kwargs"]["strides"]
+    dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    return PlanResult(
+        task=entry.key, dataset=entry.nnunet_name, planner=planner, plans_identifier=identifier,
+        plans_file=plans_file, data_folder=folder / config["data_identifier"],
+        patch_size=[int(v) for v in config["patch_size"]], spacing=[float(v) for v in config["spacing"]],
+        batch_size=int(config["batch_size"]), normalization=list(config["normalization_schemes"]),
+        nnunet_strides=[[int(v) for v in s] for s in strides], stunet_strides=strides_from_plans(strides),
+        training_cases=int(dataset["numTraining"]), raw_stamp=stamp, skipped=skipped, seconds=seconds)
+
+
+def load_plan(entry: DatasetEntry, paths: Paths | None = None, planner: str = "default") -> PlanResult:
+    """The existing plan of a task, without running anything; SegbookError when it is missing or stale."""
+    paths = paths or Paths.from_env()
+    state = plan_states(entry, paths).get(planner)
+    if state != "preprocessed":
+        why = "its raw data changed since" if state == "stale" else "it has not been planned"
+        raise SegbookError(f"{entry.key}: {why}; run `segbook plan --task {entry.key}`"
+                           + (f" --planner {planner}" if planner != "default" else ""))
+    return _load_result(entry, paths, planner, raw_stamp(entry, paths), skipped=True, seconds=0.0)
+
+
+def plan_task(entry: DatasetEntry, paths: Paths | None = None, num_processes: int | None = None,
+              planner: str = "default", force: bool = False, progress: bool = True,
+              log: Callable[[str], None] | None = None, fingerprint_samples: int | None = None) -> PlanResult:
+    """Fingerprint, plan and preprocess an imported task (3d_fullres); a no-op when it is up to date.
+
+    `num_processes` defaults to nnUNet_def_n_proc (else the cores, at most 8). `force` redoes everything for this
+    planner. `log` receives one line per stage (default: stderr when `progress`). `fingerprint_samples` overrides
+    how many foreground intensities nnU-Net samples for the fingerprint (1e8 over the dataset, which dominates the
+    time on tiny datasets); it applies only to a fingerprint computed by this call.
+    """
+    started = time.perf_counter()
+    say = log or ((lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None))
+    paths = paths or Paths.from_env()
+    paths.export()
+    _, _, identifier = _planner(planner)
+    raw = paths.raw / entry.nnunet_name
+    if not (raw / "dataset.json").is_file():
+        raise SegbookError(f"{entry.key} is not imported ({raw} has no dataset.json); run `segbook data import "
+                           f"--task {entry.key} --from PATH` first")
+    from segbook.data.importer import check_dataset_id
+
+    check_dataset_id(entry, paths)
+    folder = paths.preprocessed / entry.nnunet_name
+    stamp = raw_stamp(entry, paths)
+    record = _read_record(folder)
+    if record.get("raw_stamp") != stamp:
+        if folder.exists():
+            say(f"{entry.nnunet_name}: raw data changed (or no segbook record); rebuilding {folder}")
+            shutil.rmtree(folder)
+        record = {"raw_stamp": stamp, "plans": {}}
+    elif _is_complete(folder, record, identifier) and not force:
+        return _load_result(entry, paths, planner, stamp, skipped=True, seconds=time.perf_counter() - started)
+    record["plans"].pop(identifier, None)
+    processes = num_processes or _default_processes()
+    data_identifier = _run_nnunet(entry, planner, folder, processes, force, progress, say, fingerprint_samples)
+    _copy_ground_truth(entry, raw, folder)
+    record["plans"][identifier] = {"planner": planner, "configuration": CONFIGURATION,
+                                   "data_identifier": data_identifier, "complete": True}
+    record["nnunet_version"] = _nnunet_version()
+    atomic_write_json(folder / PLAN_RECORD, record)
+    return _load_result(entry, paths, planner, stamp, skipped=False, seconds=time.perf_counter() - started)
+
+
+def _run_nnunet(entry: DatasetEntry, planner: str, folder: Path, processes: int, force: bool, progress: bool,
+                say: Callable[[str], None], fingerprint_samples: int | None) -> str:
+    """nnU-Net's three stages through its Python classes; returns the preprocessed data folder's name."""
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    module_key, class_name, identifier = _planner(planner)
+    planner_class = getattr(importlib.import_module(_PLANNER_MODULES[module_key]), class_name)
+    name = entry.nnunet_name
+    with _nnunet_output(folder / PLAN_LOG):
+        if force or not (folder / "dataset_fingerprint.json").is_file():
+            say(f"{name} [1/3] extracting the dataset fingerprint ({processes} process(es))")
+            extractor = DatasetFingerprintExtractor(name, processes, verbose=False)
+            extractor.show_progress_bar = progress
+            if fingerprint_samples:
+                extractor.num_foreground_voxels_for_intensitystats = fingerprint_samples
+            extractor.run(overwrite_existing=True)
+        say(f"{name} [2/3] planning with {class_name} ({identifier})")
+        planner_class(name).plan_experiment()
+        manager = PlansManager(str(_plans_path(folder, identifier)))
+        if CONFIGURATION not in manager.available_configurations:
+            raise SegbookError(f"nnU-Net made no {CONFIGURATION} configuration for {name} (is the data 2-D?)")
+        configuration = manager.get_configuration(CONFIGURATION)
+        say(f"{name} [3/3] preprocessing {CONFIGURATION} ({processes} process(es))")
+        preprocessor = configuration.preprocessor_class(verbose=False)
+        preprocessor.show_progress_bar = progress
+        preprocessor.run(name, CONFIGURATION, identifier, num_processes=processes)
+    return configuration.data_identifier
+
+
+def _copy_ground_truth(entry: DatasetEntry, raw: Path, folder: Path) -> None:
+    """nnU-Net validates against `gt_segmentations`; copy the training labels as its `preprocess` command does."""
+    target = folder / "gt_segmentations"
+    target.mkdir(parents=True, exist_ok=True)
+    for label in sorted((raw / "labelsTr").glob(f"*{entry.file_ending}")):
+        shutil.copyfile(label, target / label.name)
+
+
+def _nnunet_version() -> str:
+    from importlib.metadata import version
+
+    return version("nnunetv2")
