@@ -251,7 +251,8 @@ def _run_nnunet(entry: DatasetEntry, planner: str, folder: Path, processes: int,
                 extractor.num_foreground_voxels_for_intensitystats = fingerprint_samples
             extractor.run(overwrite_existing=True)
         say(f"{name} [2/3] planning with {class_name} ({identifier})")
-        planner_class(name).plan_experiment()
+        with _augmentation_workers_at_least_one():
+            planner_class(name).plan_experiment()
         manager = PlansManager(str(_plans_path(folder, identifier)))
         if CONFIGURATION not in manager.available_configurations:
             raise SegbookError(f"nnU-Net made no {CONFIGURATION} configuration for {name} (is the data 2-D?)")
@@ -261,6 +262,21 @@ def _run_nnunet(entry: DatasetEntry, planner: str, folder: Path, processes: int,
         preprocessor.show_progress_bar = progress
         preprocessor.run(name, CONFIGURATION, identifier, num_processes=processes)
     return configuration.data_identifier
+
+
+@contextlib.contextmanager
+def _augmentation_workers_at_least_one():
+    """nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0 (single-threaded
+    augmentation, a valid training setting): plan with 1 and restore the user's value afterwards."""
+    value = os.environ.get("nnUNet_n_proc_DA")
+    if value != "0":
+        yield
+        return
+    os.environ["nnUNet_n_proc_DA"] = "1"
+    try:
+        yield
+    finally:
+        os.environ["nnUNet_n_proc_DA"] = value
 
 
 def _copy_ground_truth(entry: DatasetEntry, raw: Path, folder: Path) -> None:

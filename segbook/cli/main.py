@@ -19,7 +19,12 @@ COMMAND_MODULES = [
     "models",
     "weights",
     "tasks",
+    "data",
+    "plan",
     "finetune",
+    "evaluate",
+    "results",
+    "report",
 ]
 
 
@@ -55,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("segbook: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

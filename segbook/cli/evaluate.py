@@ -1,0 +1,82 @@
+"""`segbook evaluate`: score a trained run on its dataset's held-out test split."""
+
+from __future__ import annotations
+
+import argparse
+
+from segbook.cli.common import add_registry_option, registry_from_args
+from segbook.training.runs import MODELS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="predict the held-out test split of a trained run and compute Dice, NSD and HD95",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Sliding-window prediction of the test split (imagesTs) with nnU-Net's predictor and the run's "
+                    "final checkpoint, then per-case, per-label Dice (nnU-Net's convention), normalised surface "
+                    "Dice and HD95 (spacing-aware). Writes evaluation/metrics.csv and evaluation/summary.json in "
+                    "the run folder. A run already evaluated with the same settings and checkpoint is skipped.",
+        epilog="examples: segbook evaluate --task 613 --model large --pretrained\n"
+               "          segbook evaluate --run $nnUNet_results/Dataset613_COVID-19-20/"
+               "SegbookTrainer_large_pretrained__nnUNetPlans__3d_fullres/fold_all")
+    which = parser.add_argument_group("which run (a task and configuration, or a run folder)")
+    which.add_argument("--task", help="paper number, key, nnU-Net id or name")
+    which.add_argument("--model", choices=MODELS)
+    init = which.add_mutually_exclusive_group()
+    init.add_argument("--pretrained", action="store_true")
+    init.add_argument("--scratch", action="store_true")
+    which.add_argument("--fold", default="all", choices=["all", "0", "1", "2", "3", "4"])
+    which.add_argument("--run", metavar="DIR", help="a run folder (…/fold_X) instead of --task/--model")
+    add_registry_option(parser)
+    options = parser.add_argument_group("prediction and metrics")
+    options.add_argument("--step-size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    options.add_argument("--no-gaussian", dest="gaussian", action="store_false", help="uniform window weighting")
+    options.add_argument("--no-mirroring", dest="mirroring", action="store_false", help="no test-time mirroring")
+    options.add_argument("--nsd-tolerance", type=float, default=None,
+                         help="NSD tolerance in mm (default: the registry's value for the dataset, usually 2)")
+    options.add_argument("--empty-dice", choices=["nan", "one"], default="nan",
+                         help="Dice when reference and prediction are both empty: NaN (nnU-Net, left out of "
+                              "means) or 1")
+    options.add_argument("--keep-predictions", action="store_true", help="keep the predicted segmentations")
+    options.add_argument("--device", choices=["cuda", "cpu", "mps"], default=None,
+                         help="default: cuda if available, else cpu")
+    options.add_argument("--num-processes", type=int, default=1, help="processes for preprocessing and metrics")
+    options.add_argument("--force", action="store_true", help="evaluate again even if up to date")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from segbook.errors import SegbookError
+    from segbook.evaluation.evaluate import EvaluationSettings, evaluate_run, spec_from_folder
+    from segbook.training.finetune import run_spec
+
+    registry = registry_from_args(args)
+    if args.run:
+        spec = spec_from_folder(args.run)
+        entry = registry.get(spec.task)
+    elif args.task and args.model:
+        entry = registry.get(args.task)
+        spec = run_spec(entry, args.model, args.pretrained, args.fold)
+    else:
+        raise SegbookError("name the run: --task and --model (with --pretrained or --scratch), or --run DIR")
+    settings = EvaluationSettings(step_size=args.step_size, gaussian=args.gaussian, mirroring=args.mirroring,
+                                  nsd_tolerance_mm=args.nsd_tolerance, empty_dice=args.empty_dice)
+    result = evaluate_run(entry, spec, settings=settings, device=args.device, num_processes=args.num_processes,
+                          keep_predictions=args.keep_predictions, force=args.force)
+    summary = result.summary
+    state = "up to date" if result.skipped else "evaluated"
+    print(f"{state}: {result.folder} ({summary['num_cases']} test cases)")
+    for label, values in summary["labels"].items():
+        print(f"  {label:>3} {values['name']:<30} Dice {_pct(values['dice'])}  NSD {_pct(values['nsd'])}  "
+              f"HD95 {_mm(values['hd95'])}")
+    mean = summary["foreground_mean"]
+    print(f"  mean over labels: Dice {_pct(mean['dice'])}  NSD {_pct(mean['nsd'])}  HD95 {_mm(mean['hd95'])}")
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "   n/a" if value is None or value != value else f"{100 * value:6.2f}"
+
+
+def _mm(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.2f} mm"

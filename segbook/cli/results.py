@@ -1,0 +1,124 @@
+"""`segbook results`: the benchmark's tables from every evaluated run (and imported numbers), or an import."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import TYPE_CHECKING, TextIO
+
+from segbook.cli.common import add_format_option, add_registry_option, registry_from_args
+from segbook.cli.output import FORMATS
+from segbook.training.runs import DEFAULT_PLANS, INITS, MODELS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from segbook.results import ResultTable
+
+#: segbook.results.tables.TABLES, spelled out so that building the parser does not import pandas.
+TABLE_CHOICES = ("scale", "modality-target", "region", "datasets")
+
+
+def add_collection_options(parser: argparse.ArgumentParser) -> None:
+    """What to collect and which configurations to show: shared by `results` and `report`."""
+    parser.add_argument("--results-dir", metavar="DIR",
+                        help="collect runs from DIR instead of nnU-Net's results folder ($nnUNet_results)")
+    parser.add_argument("--plans", default=DEFAULT_PLANS, help=f"nnU-Net plans of the runs (default: {DEFAULT_PLANS})")
+    parser.add_argument("--metric", choices=("dice", "nsd"), default="dice", help="score to tabulate (default: dice)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, metavar="MODEL",
+                        help="show these models (nnunet small base large huge), marking datasets they lack; "
+                             "default: every configuration present")
+    parser.add_argument("--init", nargs="+", choices=INITS, metavar="INIT",
+                        help="show these initialisations (pretrained, scratch); default: both")
+    parser.add_argument("--group-datasets", action="store_true",
+                        help="modality x target: group whole datasets by their target (structure&lesion is its "
+                             "own group) instead of splitting structure&lesion datasets by label")
+    parser.add_argument("--no-imported", action="store_true", help="leave imported results out")
+    add_registry_option(parser)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "results", help="tables by scale, modality x target, region or dataset; statistics; import CSVs",
+        description="Collect every evaluated run (evaluation/summary.json) and imported result, join the registry "
+                    "and print a table. Cells are percentages with the number of datasets they average (n); "
+                    "datasets lacking a configuration are listed, never averaged in (definitions: "
+                    "docs/results.md).")
+    add_collection_options(parser)
+    parser.add_argument("--table", choices=TABLE_CHOICES, default="scale",
+                        help="scale (the paper's main table, default), modality-target, region or datasets")
+    parser.add_argument("--stats", action="store_true",
+                        help="print pretrained vs scratch statistics for the table's groups instead: wins/ties/"
+                             "losses, Wilcoxon p-value, bootstrap 95%% CI of the mean difference")
+    parser.add_argument("--import", dest="import_file", metavar="FILE.csv",
+                        help="store dataset-level results from elsewhere (columns task, model, init, dice and "
+                             "optionally nsd; scores as fractions in [0, 1]) and exit")
+    add_format_option(parser, FORMATS)
+    parser.set_defaults(handler=run)
+
+
+def collect_from_args(args: argparse.Namespace) -> pd.DataFrame:
+    """Collect with the shared options; skipped folders are reported on stderr, not fatal."""
+    from segbook.paths import Paths
+    from segbook.results import ResultsWarning, collect_results
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResultsWarning)
+        df = collect_results(Paths.from_env(), registry_from_args(args), args.results_dir, args.plans,
+                             imported=not args.no_imported)
+    for warning in caught:
+        if issubclass(warning.category, ResultsWarning):
+            print(f"segbook: warning: {warning.message}", file=sys.stderr)
+    if df.empty:
+        where = args.results_dir or Paths.from_env().results
+        print(f"segbook: no runs under {where} and no imported results", file=sys.stderr)
+    return df
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.import_file:
+        return run_import(args)
+    from segbook.results import build_table, compare_pretrained, stats_table
+
+    df = collect_from_args(args)
+    if args.stats:
+        group_by = "all" if args.table == "datasets" else args.table
+        comparison = compare_pretrained(df, args.metric, group_by, args.group_datasets, args.models)
+        table = stats_table(comparison, args.metric, "over all datasets" if group_by == "all" else f"by {group_by}")
+    else:
+        table = build_table(df, args.table, args.metric, args.group_datasets, args.models, args.init)
+    print_table(table, args.format)
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from segbook.results import import_results, read_import_csv
+
+    registry = registry_from_args(args)
+    stored = import_results(args.import_file, registry)
+    count = len(read_import_csv(stored, registry))
+    print(f"imported {count} result(s) from {args.import_file} into {stored}; `segbook results` shows them from now "
+          f"on as source imported:{stored.stem} (delete that file to forget them)")
+    return 0
+
+
+def print_table(table: ResultTable, fmt: str, stream: TextIO | None = None) -> None:
+    """The table in `fmt`; notes follow it in text formats and go to stderr with csv and json (kept parseable)."""
+    from segbook.cli.output import emit
+
+    stream = stream or sys.stdout
+    machine = fmt in ("csv", "json")
+    if not machine:
+        stream.write({"md": f"### {table.title}\n\n", "latex": f"% {table.title}\n"}.get(fmt, f"{table.title}\n"))
+    if table.rows or fmt == "json":
+        emit(table.records(fmt), fmt, stream, numparse=False)
+    elif not machine:
+        stream.write("no datasets\n")
+    notes_stream = sys.stderr if machine else stream
+    prefix = {"md": "", "latex": "% "}.get(fmt, "")
+    lines = [f"{prefix}{note}" for note in table.notes]
+    if fmt == "md":
+        lines = [f"{'  ' if note.startswith('  ') else ''}- {note.strip()}" for note in table.notes]
+    if lines:
+        notes_stream.write(("\n" if not machine else "") + "\n".join(lines) + "\n")

@@ -1,0 +1,230 @@
+"""Evaluate a trained run on its dataset's held-out test split: nnU-Net's sliding-window prediction, then metrics.
+
+Writes `evaluation/metrics.csv` (one row per case and label) and `evaluation/summary.json` (per-label means and the
+run's score) into the run folder, atomically; `summary.json` is written last, so its presence means "evaluated".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from segbook.errors import SegbookError
+from segbook.evaluation.metrics import case_metrics, mean_ignoring_nan
+from segbook.io import atomic_directory, atomic_path, atomic_write_json
+from segbook.paths import Paths
+from segbook.training.manifest import RunManifest, now
+from segbook.training.runs import CONFIGURATION, RunSpec
+
+if TYPE_CHECKING:
+    from segbook.registry import DatasetEntry
+
+EVALUATION = "evaluation"
+METRIC_COLUMNS = ("dice", "nsd", "hd95")
+
+
+class EvaluationError(SegbookError):
+    """A run that cannot be evaluated: not trained, or test data missing."""
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    step_size: float = 0.5
+    gaussian: bool = True
+    mirroring: bool = True
+    nsd_tolerance_mm: float | None = None  # None: the registry's per-dataset value (default 2 mm)
+    empty_dice: str = "nan"
+    checkpoint: str = "checkpoint_final.pth"
+
+
+@dataclass(frozen=True)
+class TestCase:
+    case: str
+    images: list[Path]
+    label: Path
+
+
+@dataclass
+class EvaluationResult:
+    folder: Path
+    summary: dict[str, Any]
+    skipped: bool = False
+
+    @property
+    def score(self) -> float:
+        return self.summary["foreground_mean"]["dice"]
+
+
+def evaluation_folder(run_folder: Path) -> Path:
+    return Path(run_folder) / EVALUATION
+
+
+def is_evaluated(run_folder: Path) -> bool:
+    return (evaluation_folder(run_folder) / "summary.json").is_file()
+
+
+def test_cases(entry: "DatasetEntry", paths: Paths) -> list[TestCase]:
+    """The held-out cases of the imported dataset: `labelsTs` with their `imagesTs` channels."""
+    raw = paths.raw / entry.nnunet_name
+    labels = sorted((raw / "labelsTs").glob(f"*{entry.file_ending}"))
+    if not labels:
+        raise EvaluationError(f"no test cases in {raw / 'labelsTs'}: import the dataset with "
+                              f"`segbook data import --task {entry.key} --from PATH` first")
+    cases = []
+    for label in labels:
+        case = label.name[: -len(entry.file_ending)]
+        images = [raw / "imagesTs" / f"{case}_{c:04d}{entry.file_ending}" for c in range(len(entry.channels))]
+        missing = [str(p) for p in images if not p.is_file()]
+        if missing:
+            raise EvaluationError(f"test case {case}: image file(s) missing: {', '.join(missing)}")
+        cases.append(TestCase(case, images, label))
+    return cases
+
+
+def evaluate_run(entry: "DatasetEntry", spec: RunSpec, paths: Paths | None = None,
+                 settings: EvaluationSettings = EvaluationSettings(), *, device: str | None = None,
+                 num_processes: int = 1, keep_predictions: bool = False, force: bool = False) -> EvaluationResult:
+    """Predict the test split with the run's final checkpoint and score every case and label."""
+    paths = paths or Paths.from_env()
+    paths.export()
+    run_folder = spec.folder(paths.results)
+    checkpoint = run_folder / settings.checkpoint
+    if not checkpoint.is_file():
+        manifest = RunManifest.load(run_folder)
+        state = f"its status is {manifest.status}" if manifest else "it has not been trained"
+        raise EvaluationError(f"cannot evaluate {run_folder}: {settings.checkpoint} is missing ({state}); "
+                              f"train it with `segbook finetune` first")
+    tolerance = settings.nsd_tolerance_mm or entry.nsd_tolerance_mm
+    resolved = asdict(settings) | {"nsd_tolerance_mm": tolerance}
+    out = evaluation_folder(run_folder)
+    if not force and _up_to_date(out, resolved, checkpoint):
+        return EvaluationResult(out, json.loads((out / "summary.json").read_text()), skipped=True)
+
+    cases = test_cases(entry, paths)
+    predictions = _predict(spec, paths, cases, settings, device, num_processes, run_folder)
+    try:
+        rows = _score(cases, predictions, entry, tolerance, settings.empty_dice, num_processes)
+        summary = _summarise(rows, entry, spec, resolved, checkpoint, len(cases))
+        _write(out, rows, summary)
+        if keep_predictions:
+            with atomic_directory(out / "predictions", replace=True) as kept:
+                for case in cases:
+                    shutil.copy2(predictions / f"{case.case}{entry.file_ending}", kept)
+    finally:
+        shutil.rmtree(predictions, ignore_errors=True)
+    return EvaluationResult(out, summary)
+
+
+def spec_from_folder(run_folder: Path) -> RunSpec:
+    """The run a folder holds, from its `run.json` (so `segbook evaluate --run DIR` needs nothing else)."""
+    manifest = RunManifest.load(run_folder)
+    if manifest is None or "task" not in manifest.data.get("run", {}):
+        raise EvaluationError(f"{run_folder} is not a segbook run folder (no run.json with a task)")
+    run = manifest.data["run"]
+    return RunSpec(run["task"], run["dataset"], run["model"], run["init"], str(run["fold"]),
+                   run.get("plans", "nnUNetPlans"))
+
+
+def _up_to_date(out: Path, settings: dict[str, Any], checkpoint: Path) -> bool:
+    summary_file = out / "summary.json"
+    if not summary_file.is_file():
+        return False
+    summary = json.loads(summary_file.read_text())
+    recorded = summary.get("settings", {})
+    return ({k: recorded.get(k) for k in settings} == settings
+            and recorded.get("checkpoint_mtime") == checkpoint.stat().st_mtime)
+
+
+def _predict(spec: RunSpec, paths: Paths, cases: list[TestCase], settings: EvaluationSettings, device: str | None,
+             num_processes: int, run_folder: Path) -> Path:
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from segbook.training.trainers import register_with_nnunet
+
+    register_with_nnunet()
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    predictor = nnUNetPredictor(tile_step_size=settings.step_size, use_gaussian=settings.gaussian,
+                                use_mirroring=settings.mirroring, device=torch_device,
+                                perform_everything_on_device=torch_device.type == "cuda", allow_tqdm=True)
+    predictor.initialize_from_trained_model_folder(str(spec.trainer_folder(paths.results)), use_folds=(spec.fold,),
+                                                   checkpoint_name=settings.checkpoint)
+    folder = evaluation_folder(run_folder) / ".predictions.partial"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    inputs = [[str(p) for p in case.images] for case in cases]
+    outputs = [str(folder / case.case) for case in cases]
+    if num_processes > 1:
+        predictor.predict_from_files(inputs, outputs, num_processes_preprocessing=num_processes,
+                                     num_processes_segmentation_export=num_processes)
+    else:
+        predictor.predict_from_files_sequential(inputs, outputs)
+    return folder
+
+
+def _score(cases: list[TestCase], predictions: Path, entry: "DatasetEntry", tolerance: float, empty_dice: str,
+           num_processes: int) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    labels = [label.index for label in entry.foreground_labels]
+    jobs = [(case.case, str(case.label), str(predictions / case.label.name), labels, tolerance, empty_dice)
+            for case in cases]
+    names = {label.index: label.name for label in entry.labels}
+    if num_processes > 1:
+        with ProcessPoolExecutor(num_processes, mp_context=get_context("spawn")) as pool:
+            results = list(tqdm(pool.map(_score_case, jobs), total=len(jobs), desc="metrics", unit="case"))
+    else:
+        results = [_score_case(job) for job in tqdm(jobs, desc="metrics", unit="case")]
+    return [{"case": case, **row, "label_name": names[row["label"]]} for case, rows in results for row in rows]
+
+
+def _score_case(job: tuple) -> tuple[str, list[dict[str, Any]]]:
+    import SimpleITK as sitk
+
+    case, label_file, prediction_file, labels, tolerance, empty_dice = job
+    reference = sitk.ReadImage(label_file)
+    prediction = sitk.ReadImage(prediction_file)
+    spacing = reference.GetSpacing()[::-1]  # SimpleITK is (x, y, z); arrays are (z, y, x)
+    rows = case_metrics(sitk.GetArrayFromImage(reference), sitk.GetArrayFromImage(prediction), labels, spacing,
+                        tolerance, empty_dice)
+    return case, rows
+
+
+def _summarise(rows: list[dict[str, Any]], entry: "DatasetEntry", spec: RunSpec, settings: dict[str, Any],
+               checkpoint: Path, num_cases: int) -> dict[str, Any]:
+    per_label = {}
+    for label in entry.foreground_labels:
+        mine = [r for r in rows if r["label"] == label.index]
+        per_label[str(label.index)] = {"name": label.name,
+                                 **{m: mean_ignoring_nan(r[m] for r in mine) for m in METRIC_COLUMNS},
+                                 "valid_cases": sum(1 for r in mine if not math.isnan(r["dice"]))}
+    foreground = {m: mean_ignoring_nan(v[m] for v in per_label.values()) for m in METRIC_COLUMNS}
+    run = {"task": spec.task, "dataset": spec.dataset, "model": spec.model, "init": spec.init, "fold": spec.fold,
+           "trainer": spec.trainer, "plans": spec.plans, "configuration": CONFIGURATION}
+    return {"run": run, "settings": {**settings, "checkpoint_mtime": checkpoint.stat().st_mtime},
+            "num_cases": num_cases, "labels": per_label, "foreground_mean": foreground, "created_at": now()}
+
+
+def _write(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    import pandas as pd
+
+    columns = ["case", "label", "label_name", "dice", "nsd", "hd95", "tp", "fp", "fn", "tn", "reference_voxels",
+               "prediction_voxels", "reference_volume_mm3", "prediction_volume_mm3"]
+    with atomic_path(out / "metrics.csv") as tmp:
+        pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False)
+    atomic_write_json(out / "summary.json", _json_safe(summary))
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN is not JSON: write null, which readers turn back into NaN."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and value != value:
+        return None
+    return value

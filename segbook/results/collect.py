@@ -1,0 +1,317 @@
+"""Collecting results: every run under nnU-Net's results folder, plus dataset-level numbers imported from CSV.
+
+Only each run's `evaluation/summary.json` (per-label means) is read, never the per-case `metrics.csv`, so thousands
+of runs collect in about a second; `run.json` is read only for runs without a summary, to say why they are missing.
+The result is one flat DataFrame, a row per run, joined with the registry facts every table groups by.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from segbook.errors import SegbookError
+from segbook.io import atomic_write_text
+from segbook.paths import Paths
+from segbook.registry import DatasetEntry, Registry, TaskLookupError, load_registry
+from segbook.training.manifest import MANIFEST
+from segbook.training.runs import CONFIGURATION, DEFAULT_PLANS, INITS, MODELS, TRAINER_PREFIX, parse_trainer_name
+
+RUN_PATTERN = f"Dataset*/{TRAINER_PREFIX}_*__*__{CONFIGURATION}/fold_*"
+METRICS = ("dice", "nsd")
+#: How labels split for the modality x target table: seen structures, unseen structures, lesions.
+PARTS = ("seen", "unseen", "lesion")
+LOCAL = "local"
+IMPORTED_PREFIX = "imported:"
+EVALUATED = "evaluated"
+REGISTRY_COLUMNS = ("dataset_id", "name", "modality", "target", "scale", "region", "bone", "vessel", "parts")
+RUN_COLUMNS = ("task", "model", "init", "fold", "plans", "source", "status", "evaluated", *METRICS,
+               *(f"{m}_{p}" for m in METRICS for p in PARTS), "path")
+IMPORT_REQUIRED = ("task", "model", "init", "dice")
+IMPORT_COLUMNS = (*IMPORT_REQUIRED, "nsd")
+MAX_LISTED_ERRORS = 30
+
+
+class ResultsError(SegbookError):
+    """A results store or imported file that cannot be used as it is."""
+
+
+class ResultsWarning(UserWarning):
+    """Something in the results folder was skipped; the tables are still right for everything else."""
+
+
+def label_part(entry: DatasetEntry, index: int) -> str | None:
+    """`seen`, `unseen` or `lesion` for a foreground label; None for an index the registry does not know."""
+    if not 0 < index < len(entry.labels):
+        return None
+    label = entry.labels[index]
+    if label.kind == "lesion":
+        return "lesion"
+    return "seen" if label.seen else "unseen"
+
+
+def dataset_parts(entry: DatasetEntry) -> str:
+    """The parts a dataset's labels fall into, in PARTS order, joined by `+` (e.g. `seen+lesion`)."""
+    present = {label_part(entry, label.index) for label in entry.foreground_labels}
+    return "+".join(part for part in PARTS if part in present)
+
+
+def imported_dir(paths: Paths | None = None) -> Path:
+    return (paths or Paths.from_env()).home / "results" / "imported"
+
+
+def collect_results(paths: Paths | None = None, registry: Registry | None = None,
+                    results_dir: str | os.PathLike | None = None, plans: str = DEFAULT_PLANS,
+                    imported: bool = True) -> pd.DataFrame:
+    """One row per run found (evaluated or not) and per imported result, with the registry facts joined.
+
+    Runs come from `results_dir` (default: nnU-Net's results folder); imported results from
+    `$SEGBOOK_HOME/results/imported/`. Scores are fractions in [0, 1]. Folders of datasets the registry does not know,
+    and runs of other plans, are skipped with a `ResultsWarning`.
+    """
+    paths = paths or Paths.from_env()
+    registry = registry or load_registry()
+    root = Path(results_dir) if results_dir is not None else paths.results
+    rows = _local_rows(root, registry, plans)
+    if imported:
+        rows += [row for file in stored_imports(paths) for row in _imported_rows(file, registry)]
+    return _frame(rows, registry)
+
+
+def _local_rows(root: Path, registry: Registry, plans: str) -> list[dict[str, Any]]:
+    by_id = {entry.dataset_id: entry for entry in registry}
+    skipped: dict[str, str] = {}
+    other_plans: dict[str, int] = {}
+    rows = []
+    for folder in sorted(root.glob(RUN_PATTERN)):
+        trainer, run_plans, _ = folder.parent.name.split("__", 2)
+        identity = parse_trainer_name(trainer)
+        entry = _entry_for(folder.parent.parent.name, by_id)
+        if entry is None:
+            skipped[str(folder.parent.parent)] = ("its dataset id is not in the registry (add the dataset with "
+                                                  "--registry FILE)")
+        elif identity is None:
+            skipped[str(folder.parent)] = f"{trainer} is not SegbookTrainer_{{model}}_{{init}}"
+        elif run_plans != plans:
+            other_plans[run_plans] = other_plans.get(run_plans, 0) + 1
+        else:
+            rows.append(_run_row(folder, entry, *identity, run_plans))
+    for name, why in sorted(skipped.items()):
+        warnings.warn(f"skipped {name}: {why}", ResultsWarning, stacklevel=3)
+    for name, count in sorted(other_plans.items()):
+        warnings.warn(f"ignored {count} run(s) trained with plans {name!r} (pass --plans {name} to tabulate them)",
+                      ResultsWarning, stacklevel=3)
+    return rows
+
+
+def _entry_for(dataset_folder: str, by_id: dict[int, DatasetEntry]) -> DatasetEntry | None:
+    """nnU-Net identifies datasets by their id; the rest of the folder name is decoration."""
+    match = re.match(r"Dataset(\d+)_", dataset_folder)
+    return by_id.get(int(match[1])) if match else None
+
+
+def _run_row(folder: Path, entry: DatasetEntry, model: str, init: str, plans: str) -> dict[str, Any]:
+    row = {"task": entry.key, "model": model, "init": init, "fold": folder.name.removeprefix("fold_"),
+           "plans": plans, "source": LOCAL, "path": str(folder)}
+    summary_file = folder / "evaluation" / "summary.json"
+    try:
+        summary = json.loads(summary_file.read_bytes())
+        return {**row, **_scores(summary["labels"], entry), "status": EVALUATED, "evaluated": True}
+    except FileNotFoundError:
+        return {**row, "status": _run_status(folder), "evaluated": False}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        warnings.warn(f"unreadable {summary_file}: {error!r}; the run counts as missing", ResultsWarning,
+                      stacklevel=4)
+        return {**row, "status": "unreadable summary.json", "evaluated": False}
+
+
+def _scores(labels: dict[str, dict[str, Any]], entry: DatasetEntry) -> dict[str, float]:
+    """A run's score per metric: the mean over labels of the per-label means, overall and per part."""
+    values: dict[str, list[float]] = {}
+    for index, metrics in labels.items():
+        part = label_part(entry, int(index))
+        for metric in METRICS:
+            value = metrics.get(metric)
+            if value is not None and not math.isnan(value):
+                values.setdefault(metric, []).append(value)
+                if part is not None:
+                    values.setdefault(f"{metric}_{part}", []).append(value)
+    return {column: sum(v) / len(v) for column, v in values.items()}
+
+
+def _run_status(folder: Path) -> str:
+    """Why a run has no scores yet, from its manifest (read only here: it grows with every epoch)."""
+    try:
+        status = json.loads((folder / MANIFEST).read_bytes()).get("status", "unknown")
+    except FileNotFoundError:
+        return "no run.json"
+    except (OSError, ValueError, AttributeError):
+        return "unreadable run.json"
+    return "not evaluated" if status == "finished" else str(status)
+
+
+def _frame(rows: list[dict[str, Any]], registry: Registry) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
+    frame["evaluated"] = frame["evaluated"].astype(bool)
+    facts = pd.DataFrame([_facts(registry.get(key)) for key in frame["task"].unique()],
+                         columns=["task", *REGISTRY_COLUMNS])
+    return frame.merge(facts, on="task", how="left")
+
+
+def _facts(entry: DatasetEntry) -> tuple:
+    return (entry.key, entry.dataset_id, entry.name, entry.modality, entry.target, entry.scale, entry.region,
+            entry.bone, entry.vessel, dataset_parts(entry))
+
+
+# --- imported results ------------------------------------------------------------------------------------------
+
+
+def stored_imports(paths: Paths | None = None) -> list[Path]:
+    folder = imported_dir(paths)
+    return sorted(folder.glob("*.csv")) if folder.is_dir() else []
+
+
+def read_import_csv(file: str | os.PathLike, registry: Registry) -> list[dict[str, Any]]:
+    """Validate every row of an external results CSV; raise one error listing every bad row.
+
+    Columns: task, model, init, dice and optionally nsd (case-insensitive). Scores are fractions in [0, 1], like
+    `summary.json`; percentages are refused. Row numbers are spreadsheet rows: the header is row 1.
+    """
+    file = Path(file)
+    try:
+        with file.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = _check_header(file, reader.fieldnames)
+            records = [(reader.line_num, {c.strip().lower(): (v or "").strip() for c, v in raw.items() if c})
+                       for raw in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ResultsError(f"cannot read {file}: {error}") from None
+    if not records:
+        raise ResultsError(f"{file}: no rows after the header")
+    rows, problems = [], []
+    for line, record in records:
+        row, errors = _import_row(record, registry, columns)
+        rows.append({**row, "_line": line})
+        problems += [f"{file}, row {line}: {error}" for error in errors]
+    problems += _duplicates(file, rows)
+    if problems:
+        raise ResultsError(_listing(f"{file}: {len(problems)} problem(s); nothing was imported", problems))
+    return [{key: value for key, value in row.items() if key != "_line"} for row in rows]
+
+
+def _check_header(file: Path, fieldnames: Iterable[str] | None) -> list[str]:
+    columns = [name.strip().lower() for name in fieldnames or [] if name is not None]
+    missing = [name for name in IMPORT_REQUIRED if name not in columns]
+    unknown = [name for name in columns if name not in IMPORT_COLUMNS]
+    if missing or unknown or len(set(columns)) != len(columns):
+        raise ResultsError(f"{file}: the header must name the columns {', '.join(IMPORT_REQUIRED)} and optionally "
+                           f"nsd, each once (got: {', '.join(columns) or 'nothing'})")
+    return columns
+
+
+def _import_row(record: dict[str, str], registry: Registry, columns: list[str]) -> tuple[dict[str, Any], list[str]]:
+    errors, row = [], {}
+    try:
+        row["task"] = registry.get(record["task"]).key
+    except TaskLookupError as error:
+        errors.append(f"field 'task': {error}")
+    model, init = record["model"].lower(), record["init"].lower()
+    if model not in MODELS:
+        errors.append(f"field 'model': {record['model']!r} is not one of {', '.join(MODELS)}")
+    if init not in INITS:
+        errors.append(f"field 'init': {record['init']!r} is not one of {', '.join(INITS)}")
+    elif model == "nnunet" and init != "scratch":
+        errors.append("field 'init': nnU-Net's default network has no pretrained weights; its init is scratch")
+    row.update(model=model, init=init)
+    for metric in METRICS:
+        value, error = _score(record.get(metric, ""), metric, required=metric == "dice")
+        row[metric] = value
+        if error:
+            errors.append(error)
+    return row, errors
+
+
+def _score(text: str, metric: str, required: bool) -> tuple[float, str | None]:
+    if not text:
+        return math.nan, f"field '{metric}': empty (a number in [0, 1] is required)" if required else None
+    try:
+        value = float(text)
+    except ValueError:
+        return math.nan, f"field '{metric}': {text!r} is not a number"
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        hint = " (scores are fractions: write 0.8312, not 83.12)" if 1.0 < value <= 100.0 else ""
+        return math.nan, f"field '{metric}': {text} is outside [0, 1]{hint}"
+    return value, None
+
+
+def _duplicates(file: Path, rows: list[dict[str, Any]]) -> list[str]:
+    first: dict[tuple, int] = {}
+    problems = []
+    for row in rows:
+        key = (row.get("task"), row["model"], row["init"])
+        if key[0] is None:
+            continue
+        if key in first:
+            problems.append(f"{file}, row {row['_line']}: {key[0]} {key[1]} {key[2]} is already given in row "
+                            f"{first[key]}")
+        else:
+            first[key] = row["_line"]
+    return problems
+
+
+def _listing(headline: str, problems: list[str]) -> str:
+    shown = problems[:MAX_LISTED_ERRORS]
+    more = [f"... and {len(problems) - len(shown)} more"] if len(problems) > len(shown) else []
+    return "\n  ".join([headline, *shown, *more])
+
+
+def import_results(file: str | os.PathLike, registry: Registry | None = None,
+                   paths: Paths | None = None) -> Path:
+    """Validate an external CSV and store it (atomically, normalised) under `$SEGBOOK_HOME/results/imported/`.
+
+    The stored file is named after the source file, so importing a corrected file again replaces it. A result that
+    another stored import already gives is an error: one number per (task, model, init) and source.
+    """
+    registry = registry or load_registry()
+    file = Path(file)
+    rows = read_import_csv(file, registry)
+    target = imported_dir(paths) / f"{_safe_stem(file)}.csv"
+    clashes = _clashes(rows, target, registry, paths)
+    if clashes:
+        raise ResultsError(_listing(f"{file}: results already imported from another file; nothing was imported",
+                                    clashes))
+    lines = [",".join(IMPORT_COLUMNS)]
+    lines += [",".join([row["task"], row["model"], row["init"], repr(row["dice"]),
+                        "" if math.isnan(row["nsd"]) else repr(row["nsd"])]) for row in rows]
+    atomic_write_text(target, "\n".join(lines) + "\n")
+    return target
+
+
+def _safe_stem(file: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", file.stem).strip("._") or "imported"
+
+
+def _clashes(rows: list[dict[str, Any]], target: Path, registry: Registry, paths: Paths | None) -> list[str]:
+    mine = {(row["task"], row["model"], row["init"]) for row in rows}
+    clashes = []
+    for other in stored_imports(paths):
+        if other.name == target.name:
+            continue
+        for row in read_import_csv(other, registry):
+            if (row["task"], row["model"], row["init"]) in mine:
+                clashes.append(f"{row['task']} {row['model']} {row['init']} is in {other}")
+    return clashes
+
+
+def _imported_rows(file: Path, registry: Registry) -> list[dict[str, Any]]:
+    source = f"{IMPORTED_PREFIX}{file.stem}"
+    return [{**row, "fold": "", "plans": "", "source": source, "status": EVALUATED, "evaluated": True,
+             "path": str(file)} for row in read_import_csv(file, registry)]

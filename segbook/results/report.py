@@ -1,0 +1,333 @@
+"""`segbook report`: one self-contained HTML file with every table, the statistics and the figures.
+
+Everything is inline (CSS, figures as base64 PNG drawn by matplotlib's Agg backend), so the file can be mailed,
+attached to a ticket or opened offline as it is. The figures can also be written as PNG or PDF files for papers.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import pandas as pd
+
+from segbook.errors import SegbookError
+from segbook.io import atomic_path, atomic_write_text
+from segbook.results.collect import LOCAL
+from segbook.results.stats import compare_pretrained, stats_table
+from segbook.results.tables import (
+    DELTA,
+    METRIC_NAMES,
+    MODEL_NAMES,
+    Cell,
+    ResultTable,
+    configurations,
+    dataset_facts,
+    dataset_scores,
+    dataset_table,
+    group_table,
+    grouping,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+FIGURE_FORMATS = ("png", "pdf")
+PAGE_DPI, FILE_DPI = 110, 200
+GROUPINGS = ("scale", "modality-target", "region")
+MODEL_COLOURS = {"nnunet": "#7f7f7f", "small": "#8172b3", "base": "#4c72b0", "large": "#dd8452",
+                 "huge": "#55a868"}
+
+
+@dataclass
+class Drawn:
+    """A figure for the page: the file stem it is saved under, its caption and the matplotlib figure."""
+
+    name: str
+    caption: str
+    figure: Figure
+
+
+def write_report(df: pd.DataFrame, out: str | os.PathLike, metric: str = "dice",
+                 figures: str | os.PathLike | None = None, figure_format: str = "png", group_datasets: bool = False,
+                 models: Sequence[str] | None = None, inits: Sequence[str] | None = None,
+                 title: str = "SegBook results", description: str = "") -> Path:
+    """Write the HTML report to `out` (atomically); with `figures`, also each figure as `DIR/NAME.png|pdf`."""
+    if figure_format not in FIGURE_FORMATS:
+        raise SegbookError(f"unknown figure format {figure_format!r}; choose {' or '.join(FIGURE_FORMATS)}")
+    out = Path(out)
+    sections = _sections(df, metric, group_datasets, models, inits, figures, figure_format)
+    atomic_write_text(out, _page(title, _subtitle(df, metric, description), sections))
+    return out
+
+
+def _sections(df: pd.DataFrame, metric: str, group_datasets: bool, models: Sequence[str] | None,
+              inits: Sequence[str] | None, figures: str | os.PathLike | None, figure_format: str) -> list[str]:
+    configs = configurations(df, models, inits)
+    if not configs or dataset_facts(df, configs).empty:
+        return ["<p class='empty'>no datasets: the results store has no runs of the requested configurations.</p>"]
+    parts = [_headline(df, metric, models)]
+    for number, name in enumerate(GROUPINGS, start=1):
+        by = grouping(name, group_datasets)
+        table = group_table(df, by, metric, models, inits)
+        comparison = compare_pretrained(df, metric, name, group_datasets, models)
+        parts.append(f"<section><h2>{number}. {html.escape(table.title)}</h2>" + _table_html(table)
+                     + _notes_html(table.notes))
+        if name == "scale":
+            parts.append(_figure_html(_violin(df, metric, configs), figures, figure_format))
+        if not comparison.empty:
+            drawn = _delta_bars(comparison, metric, by.title, f"delta_{name.replace('-', '_')}")
+            parts.append(_figure_html(drawn, figures, figure_format))
+        stats = stats_table(comparison, metric, by.title)
+        parts.append(f"<h3>Pretrained vs scratch {html.escape(by.title)}</h3>" + _table_html(stats)
+                     + _notes_html(stats.notes) + "</section>")
+    datasets = dataset_table(df, metric, models, inits)
+    parts.append(f"<section><h2>{len(GROUPINGS) + 1}. {html.escape(datasets.title)}</h2>" + _table_html(datasets)
+                 + _notes_html(datasets.notes) + "</section>")
+    parts.append(_definitions_html())
+    return parts
+
+
+# --- text ------------------------------------------------------------------------------------------------------
+
+
+def _subtitle(df: pd.DataFrame, metric: str, description: str) -> str:
+    evaluated = df[df["evaluated"]]
+    local = int((evaluated["source"] == LOCAL).sum())
+    imported = len(evaluated) - local
+    facts = [f"metric: {METRIC_NAMES[metric]} (%)", f"{df['task'].nunique()} datasets",
+             f"{local} evaluated runs" + (f" + {imported} imported results" if imported else ""),
+             f"generated {time.strftime('%Y-%m-%d %H:%M')}"]
+    return " &middot; ".join(html.escape(fact) for fact in [description, *facts] if fact)
+
+
+def _headline(df: pd.DataFrame, metric: str, models: Sequence[str] | None) -> str:
+    """One sentence per STU-Net size: the average effect of pretraining over all datasets."""
+    overall = compare_pretrained(df, metric, "all", models=models)
+    if overall.empty:
+        return "<p class='lead'>No STU-Net size has both pretrained and scratch results on a dataset yet.</p>"
+    items = []
+    for row in overall.itertuples():
+        p_value = "n/a" if pd.isna(row.p_value) else f"{row.p_value:.3g}"
+        items.append(f"<li><b>{MODEL_NAMES[row.model]}</b>: {_signed_span(row.delta)} points (95% CI "
+                     f"{row.ci_low:+.2f} to {row.ci_high:+.2f}) over {row.n} datasets; wins / ties / losses "
+                     f"{row.wins} / {row.ties} / {row.losses}; Wilcoxon p = {p_value}</li>")
+    return (f"<section class='lead'><h2>Pretraining at a glance</h2><p>{METRIC_NAMES[metric]} of the pretrained "
+            "network minus the same network trained from scratch, over every dataset with both:</p>"
+            f"<ul>{''.join(items)}</ul></section>")
+
+
+def _signed_span(value: float) -> str:
+    kind = "pos" if value > 0 else "neg" if value < 0 else ""
+    return f"<span class='{kind}'>{value:+.2f}</span>"
+
+
+def _definitions_html() -> str:
+    return """<section><h2>Definitions</h2><ul>
+<li>A run's score is the mean over labels of the per-label mean over test cases (cases where a metric is undefined,
+e.g. Dice with empty reference and prediction, are left out of that label's mean).</li>
+<li>A dataset's score for a configuration is the mean over its evaluated folds (SegBook's protocol trains fold
+"all"). Imported results are dataset-level numbers; local runs take precedence over them.</li>
+<li>A group's score is the mean over its datasets that have the configuration; n says how many. A dataset without
+the configuration is listed as missing and marks the cell with *; it is never averaged in.</li>
+<li>By modality and target, Structure&amp;Lesion datasets give their seen structures, unseen structures and lesions
+to the three groups (their score there is the mean of those labels), unless grouped whole.</li>
+<li>&Delta;(PT) is the mean over datasets with both initialisations of pretrained minus scratch, in points; its
+95% interval is a seeded percentile bootstrap over datasets; p is the two-sided Wilcoxon signed-rank test.</li>
+</ul></section>"""
+
+
+def _notes_html(notes: Sequence[str]) -> str:
+    if not notes:
+        return ""
+    items = "".join(f"<li class='{'sub' if note.startswith('  ') else ''}'>{html.escape(note.strip())}</li>"
+                    for note in notes)
+    return f"<ul class='notes'>{items}</ul>"
+
+
+# --- tables ----------------------------------------------------------------------------------------------------
+
+
+HEADERS = {"ci_low": "95% CI low", "ci_high": "95% CI high", "p_value": "Wilcoxon p", "delta": "&Delta;(PT)",
+           "params (M)": "params (M)", "TMACs": "TMACs", "TFLOPs": "TFLOPs"}
+
+
+def _table_html(table: ResultTable) -> str:
+    if not table.rows:
+        return "<p class='empty'>no datasets</p>"
+    head = "".join(f"<th>{_header(column)}</th>" for column in table.columns)
+    body = "".join(_row_html(table, row) for row in table.rows)
+    return (f"<div class='scroll'><table class='{table.name}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
+            "</table></div>")
+
+
+def _header(column: str) -> str:
+    """`base pretrained` -> `STU-Net-B<br>pretrained`, `large delta` -> `STU-Net-L<br>Δ(PT)`."""
+    if column in HEADERS:
+        return HEADERS[column]
+    model, _, rest = column.partition(" ")
+    if model in MODEL_NAMES and rest:
+        return f"{MODEL_NAMES[model]}<br>{'&Delta;(PT)' if rest == 'delta' else html.escape(rest)}"
+    return html.escape(column)
+
+
+def _row_html(table: ResultTable, row: list[Any]) -> str:
+    is_delta = len(row) > 1 and row[1] == DELTA
+    cells = []
+    for column, value in zip(table.columns, row):
+        if isinstance(value, Cell):
+            cells.append(_cell_html(value, table.show_count))
+        elif column == "model":
+            cells.append(f"<td class='label'>{html.escape(MODEL_NAMES.get(value, value))}</td>")
+        elif value == DELTA:
+            cells.append("<td class='label'>&Delta;(PT)</td>")
+        else:
+            cells.append(_plain_html(column, value))
+    return f"<tr class='{'delta' if is_delta else ''}'>{''.join(cells)}</tr>"
+
+
+def _plain_html(column: str, value: Any) -> str:
+    if value is None:
+        return "<td class='num missing'>&ndash;</td>"
+    if isinstance(value, float):
+        if column == "delta":
+            return f"<td class='num'>{_signed_span(value)}</td>"
+        text = (f"{value:.3g}" if column == "p_value" else f"{value:+.2f}" if column.startswith("ci_")
+                else f"{value:.1f}" if column == "params (M)" else f"{value:.2f}")
+        return f"<td class='num'>{text}</td>"
+    if isinstance(value, int):
+        return f"<td class='num'>{value}</td>"
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def _cell_html(cell: Cell, show_count: bool) -> str:
+    if cell.value is None:
+        return (f"<td class='num missing' title='{html.escape(cell.detail(), quote=True)}'>"
+                f"{html.escape(cell.status or 'missing')}</td>")
+    number = _signed_span(cell.value) if cell.signed else f"{cell.value:.2f}"
+    count = f"<span class='n'>n={cell.count}</span>" if show_count else ""
+    marker = f"<sup>{html.escape(cell.marker)}</sup>" if cell.marker else ""
+    detail = f"missing: {cell.detail()}" if cell.missing else cell.status
+    title = f" title='{html.escape(detail, quote=True)}'" if detail else ""
+    return f"<td class='num'{title}>{number}{marker}{count}</td>"
+
+
+# --- figures ---------------------------------------------------------------------------------------------------
+
+
+def _figure_html(drawn: Drawn, folder: str | os.PathLike | None, figure_format: str) -> str:
+    """The figure embedded as a base64 PNG; with `folder`, also saved there as a file for papers."""
+    buffer = io.BytesIO()
+    drawn.figure.savefig(buffer, format="png", dpi=PAGE_DPI, bbox_inches="tight")
+    if folder is not None:
+        with atomic_path(Path(folder) / f"{drawn.name}.{figure_format}") as path:
+            drawn.figure.savefig(path, format=figure_format, dpi=FILE_DPI, bbox_inches="tight")
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    caption = html.escape(drawn.caption)
+    return (f"<figure id='{drawn.name}'><img alt='{caption}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _violin(df: pd.DataFrame, metric: str, configs: Sequence[tuple[str, str]]) -> Drawn:
+    """Per-dataset scores of each configuration: distribution (violin) and every dataset (dots)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    scores = dataset_scores(df, metric)
+    data = [100 * scores.loc[(scores["model"] == m) & (scores["init"] == i), "score"].to_numpy() for m, i in configs]
+    figure = Figure(figsize=(max(6.0, 1.15 * len(configs) + 2), 4.2))
+    axes = figure.subplots()
+    rng = np.random.default_rng(0)
+    for position, ((model, init), values) in enumerate(zip(configs, data), start=1):
+        colour = MODEL_COLOURS[model]
+        if len(np.unique(values)) > 1:
+            body = axes.violinplot(values, [position], widths=0.8, showextrema=False)["bodies"][0]
+            body.set(facecolor=colour, edgecolor=colour, alpha=0.25 if init == "scratch" else 0.55)
+        axes.scatter(position + rng.uniform(-0.12, 0.12, len(values)), values, s=9, color=colour, alpha=0.8,
+                     edgecolors="none", zorder=3)
+        if len(values):
+            axes.hlines(np.median(values), position - 0.3, position + 0.3, color="black", linewidth=1.4, zorder=4)
+    axes.set_xticks(range(1, len(configs) + 1),
+                    [f"{MODEL_NAMES[m]}\n{i} (n={len(v)})" for (m, i), v in zip(configs, data)], fontsize=8)
+    axes.set_ylabel(f"{METRIC_NAMES[metric]} (%) per dataset")
+    axes.set_title(f"Per-dataset {METRIC_NAMES[metric]} by configuration (black line: median)", fontsize=11)
+    axes.grid(axis="y", alpha=0.3)
+    axes.spines[["top", "right"]].set_visible(False)
+    caption = (f"Figure: per-dataset {METRIC_NAMES[metric]} (%) of each configuration, mean over folds; each dot is "
+               "a dataset.")
+    return Drawn("violin_per_dataset", caption, figure)
+
+
+def _delta_bars(comparison: pd.DataFrame, metric: str, title: str, name: str) -> Drawn:
+    """Mean Delta(PT) per group and STU-Net size, with the bootstrap 95% interval."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    groups = list(dict.fromkeys(comparison["group"]))
+    models = list(dict.fromkeys(comparison["model"]))
+    width = 0.8 / len(models)
+    figure = Figure(figsize=(max(6.0, 0.45 * len(groups) * len(models) + 3), 3.8))
+    axes = figure.subplots()
+    for offset, model in enumerate(models):
+        rows = comparison[comparison["model"] == model].set_index("group").reindex(groups)
+        x = np.arange(len(groups)) + (offset - (len(models) - 1) / 2) * width
+        errors = np.vstack([rows["delta"] - rows["ci_low"], rows["ci_high"] - rows["delta"]])
+        axes.bar(x, rows["delta"], width, yerr=errors, capsize=2, color=MODEL_COLOURS[model],
+                 label=MODEL_NAMES[model], error_kw={"linewidth": 0.8})
+    axes.axhline(0, color="black", linewidth=0.8)
+    axes.set_xticks(range(len(groups)), [g.replace(" ", "\n", 1) for g in groups], fontsize=8)
+    axes.set_ylabel(f"\u0394(PT) {METRIC_NAMES[metric]} (points)")
+    axes.set_title(f"Pretrained minus scratch {title}\n(bars: mean over datasets; whiskers: 95% bootstrap CI)",
+                   fontsize=10)
+    axes.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes.grid(axis="y", alpha=0.3)
+    axes.spines[["top", "right"]].set_visible(False)
+    caption = f"Figure: \u0394(PT) of {METRIC_NAMES[metric]} {title}, per STU-Net size, over datasets with both."
+    return Drawn(name, caption, figure)
+
+
+# --- page ------------------------------------------------------------------------------------------------------
+
+
+CSS = """
+body{font-family:-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:#1d232a;margin:0;
+background:#f6f7f9;line-height:1.45}
+main{max-width:1320px;margin:0 auto;padding:28px 32px 60px;background:#fff;box-shadow:0 0 12px rgba(0,0,0,.06)}
+h1{margin:0 0 4px;font-size:26px}h2{font-size:19px;margin:34px 0 10px;border-bottom:2px solid #e4e7eb;
+padding-bottom:4px}h3{font-size:15px;margin:22px 0 8px;color:#39424e}
+.subtitle{color:#5b6672;font-size:13.5px;margin-bottom:8px}
+.lead{background:#f1f6fd;border-left:4px solid #4c72b0;padding:2px 16px 6px;margin-top:18px}
+.lead h2{border:none;margin-top:12px}
+.scroll{overflow-x:auto}
+table{border-collapse:collapse;font-size:13px;margin:6px 0;font-variant-numeric:tabular-nums}
+th{background:#eef1f5;font-weight:600;padding:6px 9px;text-align:center;border-bottom:2px solid #cfd5dc;
+vertical-align:bottom}
+td{padding:4px 9px;border-bottom:1px solid #e6e9ed;white-space:nowrap}
+tbody tr:nth-child(even){background:#fafbfc}
+td.num{text-align:right}td.label{font-weight:600}
+tr.delta td{background:#fbf7ec;font-style:italic}
+.n{display:block;font-size:10.5px;color:#7a8591;font-style:normal}
+.missing{color:#9aa3ad;font-style:italic}
+.pos{color:#1a7f37}.neg{color:#c2362b}
+sup{color:#c2362b;font-weight:700}
+ul.notes{font-size:12px;color:#5b6672;margin:4px 0 10px;padding-left:18px}
+ul.notes li.sub{list-style:none;margin-left:10px}
+figure{margin:16px 0}figure img{max-width:100%;height:auto;border:1px solid #e6e9ed}
+figcaption{font-size:12px;color:#5b6672}
+.empty{color:#7a8591;font-style:italic}
+table.datasets{font-size:12px}table.datasets td{padding:3px 6px}
+table.datasets td:first-child{white-space:normal;overflow-wrap:anywhere;min-width:150px;max-width:230px}
+"""
+
+
+def _page(title: str, subtitle: str, sections: list[str]) -> str:
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{CSS}</style></head>"
+            f"<body><main><h1>{html.escape(title)}</h1><div class='subtitle'>{subtitle}</div>"
+            f"{''.join(sections)}</main></body></html>\n")

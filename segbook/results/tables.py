@@ -1,0 +1,446 @@
+"""The benchmark's tables: scores by dataset scale, by modality x target, by region, and per dataset.
+
+Definitions (docs/results.md): a run's score is the mean over labels of the per-label mean over test cases; a
+dataset's score for a configuration is the mean over its evaluated folds; a group's score is the mean over its
+datasets that have the configuration, shown with how many that is. Datasets without the configuration are listed
+as missing and mark the cell, never averaged in. Delta(PT) is the paired mean of pretrained minus scratch over the
+datasets of the group that have both.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import pandas as pd
+
+from segbook.errors import SegbookError
+from segbook.registry import REGIONS, SCALES
+from segbook.results.collect import IMPORTED_PREFIX, LOCAL, METRICS
+from segbook.training.runs import INITS, MODELS, STUNET_MODELS
+
+#: The paper's configurations in its order: nnU-Net's default network, then each STU-Net size scratch / pretrained.
+CONFIGURATIONS: tuple[tuple[str, str], ...] = (("nnunet", "scratch"),
+                                               *((m, i) for m in STUNET_MODELS for i in ("scratch", "pretrained")))
+MODEL_NAMES = {"nnunet": "nnU-Net", "small": "STU-Net-S", "base": "STU-Net-B", "large": "STU-Net-L",
+               "huge": "STU-Net-H"}
+#: Parameters and forward multiply-accumulates of one 128^3 patch (1 input channel, 105 classes), from
+#: `stunet.preset_summary`; spelled out so tables need no torch, and a test keeps them equal.
+MODEL_COST = {"small": (14_596_941, 130_069_168_128), "base": (58_262_669, 509_011_558_400),
+              "large": (440_302_605, 3_825_455_333_376), "huge": (1_457_326_221, 12_667_240_316_928)}
+DELTA = "Delta(PT)"
+MISSING_MARK = "*"  # a group cell that some datasets of the group lack
+PARTIAL_MARK = "\u2020"  # a dataset cell averaging only some of the folds that were started (a dagger)
+AVERAGE = "average"
+METRIC_NAMES = {"dice": "Dice", "nsd": "NSD"}
+MODALITY_ORDER = ("CT", "MRI", "Ultrasound", "CT&PET")
+#: The paper's modality x target groups; other combinations (a user's ultrasound structures) show when present.
+PAPER_MODALITY_TARGETS = {("CT", "seen structure"), ("CT", "unseen structure"), ("CT", "lesion"),
+                          ("MRI", "seen structure"), ("MRI", "unseen structure"), ("MRI", "lesion"),
+                          ("Ultrasound", "lesion"), ("CT&PET", "lesion"), ("CT", "structure&lesion"),
+                          ("MRI", "structure&lesion")}
+TARGET_GROUPS = {"Seen Structure": "seen structure", "Unseen Structure": "unseen structure", "Lesion": "lesion",
+                 "Structure&Lesion": "structure&lesion"}
+PART_GROUPS = {"seen": "seen structure", "unseen": "unseen structure", "lesion": "lesion"}
+REGION_ORDER = ("Head and Neck", "Pelvic", "Limb", "Thoracic", "Abdominal", "Other", "unknown")
+TABLES = ("scale", "modality-target", "region", "datasets")
+Config = tuple[str, str]
+Member = tuple[str, str | None]  # (task, part): part None scores the whole dataset
+ScoreLookup = dict[str | None, dict[tuple[str, str, str], float]]
+LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                 PARTIAL_MARK: r"$^\dagger$"}
+
+
+class TableError(SegbookError):
+    """A table request that cannot be met (unknown metric, model or grouping)."""
+
+
+# --- cells and tables ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One score (percent) with how many datasets (or folds) it averages and what is missing from it."""
+
+    value: float | None
+    count: int = 0
+    missing: tuple[str, ...] = ()
+    status: str = ""
+    marker: str = ""
+    signed: bool = False
+    source: str = ""
+
+    def number(self) -> float | None:
+        return None if self.value is None else round(self.value, 4)
+
+    def text(self, show_count: bool = True) -> str:
+        if self.value is None:
+            return (self.status or "missing") + self.marker
+        number = f"{self.value:+.2f}" if self.signed else f"{self.value:.2f}"
+        return number + (f" (n={self.count})" if show_count else "") + self.marker
+
+    def detail(self) -> str:
+        return "; ".join(self.missing) if self.missing else self.status
+
+
+@dataclass
+class ResultTable:
+    """A table ready for any output format: plain values and `Cell`s, with footnotes."""
+
+    name: str
+    title: str
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    count_label: str = "n"
+    detail_label: str = "missing"
+    show_count: bool = True
+    #: Per column, how codes read in text formats (e.g. `base` -> `STU-Net-B`); csv and json keep the codes.
+    display: dict[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def records(self, fmt: str) -> list[dict[str, Any]]:
+        """Rows for `segbook.cli.output.emit`: formatted cells in text formats, numbers plus counts in csv/json."""
+        machine = fmt in ("csv", "json")
+        records = [dict(self._record(row, machine)) for row in self.rows]
+        return [{_latex(k): _latex(v) for k, v in r.items()} for r in records] if fmt == "latex" else records
+
+    def _record(self, row: list[Any], machine: bool) -> Iterable[tuple[str, Any]]:
+        for column, value in zip(self.columns, row):
+            if isinstance(value, Cell) and machine:
+                yield column, value.number()
+                yield f"{column} {self.count_label}", value.count
+                yield f"{column} {self.detail_label}", value.detail()
+            elif isinstance(value, Cell):
+                yield column, value.text(self.show_count)
+            elif machine:
+                yield column, value
+            else:
+                yield column, "-" if value is None else self.display.get(column, {}).get(value, value)
+
+
+def _latex(value: Any) -> Any:
+    """pandas' `to_latex` writes text as it is; `CT&PET` or `Task001_X` would break the document."""
+    if not isinstance(value, str):
+        return value
+    return re.sub("|".join(map(re.escape, LATEX_ESCAPES)), lambda match: LATEX_ESCAPES[match[0]], value)
+
+
+# --- dataset-level scores --------------------------------------------------------------------------------------
+
+
+def score_column(metric: str, part: str | None = None) -> str:
+    if metric not in METRICS:
+        raise TableError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    return metric if part is None else f"{metric}_{part}"
+
+
+def dataset_scores(df: pd.DataFrame, metric: str = "dice", part: str | None = None) -> pd.DataFrame:
+    """Per (task, model, init): the mean over evaluated folds (fraction), the number of folds and the source.
+
+    Local runs take precedence over imported numbers for the same configuration of a dataset.
+    """
+    column = score_column(metric, part)
+    scored = df.loc[df["evaluated"] & df[column].notna(), ["task", "model", "init", "source", column]]
+    keys = ["task", "model", "init"]
+    local = scored[scored["source"] == LOCAL]
+    imported = scored[scored["source"] != LOCAL]
+    imported = imported[~imported.set_index(keys).index.isin(local.set_index(keys).index)]
+    _check_single_import(imported)
+    grouped = pd.concat([local, imported]).groupby(keys, sort=False)
+    return grouped.agg(score=(column, "mean"), folds=(column, "size"), source=("source", "first")).reset_index()
+
+
+def _check_single_import(imported: pd.DataFrame) -> None:
+    counts = imported.groupby(["task", "model", "init"])["source"].nunique()
+    clashes = counts[counts > 1]
+    if len(clashes):
+        task, model, init = clashes.index[0]
+        raise TableError(f"{task} {model} {init} is given by more than one imported file; remove one from "
+                         "$SEGBOOK_HOME/results/imported/")
+
+
+def score_lookup(df: pd.DataFrame, metric: str, parts: Iterable[str | None]) -> ScoreLookup:
+    """For each part (None: whole dataset), (task, model, init) -> dataset score (fraction)."""
+    lookup: ScoreLookup = {}
+    for part in set(parts):
+        scores = dataset_scores(df, metric, part)
+        lookup[part] = dict(zip(zip(scores["task"], scores["model"], scores["init"]), scores["score"]))
+    return lookup
+
+
+# --- configurations, datasets and groups -----------------------------------------------------------------------
+
+
+def configurations(df: pd.DataFrame, models: Sequence[str] | None = None,
+                   inits: Sequence[str] | None = None) -> list[Config]:
+    """The paper's configurations present in `df`, or those requested, present or not.
+
+    `models` alone asks for both initialisations of each; `inits` alone, that initialisation of the models present.
+    """
+    for value, allowed, what in ((models, MODELS, "model"), (inits, INITS, "init")):
+        unknown = sorted(set(value or ()) - set(allowed))
+        if unknown:
+            raise TableError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    present = set(zip(df["model"], df["init"]))
+    if not models and not inits:
+        return [config for config in CONFIGURATIONS if config in present]
+    models = models or {model for model, _ in present}
+    return [(m, i) for m, i in CONFIGURATIONS if m in models and i in (inits or INITS)]
+
+
+def dataset_facts(df: pd.DataFrame, configs: Sequence[Config]) -> pd.DataFrame:
+    """One row of registry facts per dataset with any run (evaluated or not) of the shown configurations."""
+    shown = df[pd.MultiIndex.from_arrays([df["model"], df["init"]]).isin(list(configs))]
+    return shown.drop_duplicates("task").sort_values("dataset_id").set_index("task")
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """A way of grouping datasets: every possible group in display order, and the groups of one dataset."""
+
+    name: str
+    title: str
+    groups: tuple[str, ...]
+    members_of: Callable[[Any], list[tuple[str, str | None]]]
+    #: Groups shown in their place when they have datasets, but not reported as empty (not in the paper).
+    quiet: frozenset[str] = frozenset()
+
+
+def grouping(name: str, group_datasets: bool = False) -> Grouping:
+    """`scale`, `modality-target` (label-level unless `group_datasets`), `region` or `all`."""
+    if name == "scale":
+        return Grouping(name, "by dataset scale", (*SCALES, AVERAGE), lambda t: [(t.scale, None), (AVERAGE, None)])
+    if name == "modality-target":
+        targets = [*PART_GROUPS.values(), *(["structure&lesion"] if group_datasets else [])]
+        pairs = [(m, t) for m in MODALITY_ORDER for t in targets]
+        quiet = frozenset(f"{m} {t}" for m, t in pairs if (m, t) not in PAPER_MODALITY_TARGETS)
+        how = "whole datasets by target" if group_datasets else "structure&lesion datasets split by label"
+        return Grouping(name, f"by modality and target ({how})", tuple(f"{m} {t}" for m, t in pairs),
+                        lambda t: _modality_target_members(t, group_datasets), quiet)
+    if name == "region":
+        regions = (*REGION_ORDER, *(r for r in REGIONS if r not in REGION_ORDER))
+        return Grouping(name, "by region, with bone and vessel", (*regions, "Bone", "Vessel"), _region_members,
+                        frozenset({"unknown"}))
+    if name == "all":
+        return Grouping(name, "over all datasets", ("all",), lambda t: [("all", None)])
+    raise TableError(f"unknown grouping {name!r}; choose scale, modality-target, region or all")
+
+
+def _modality_target_members(facts: Any, group_datasets: bool) -> list[tuple[str, str | None]]:
+    """Structure&Lesion datasets give each part of their labels to that part's group, unless grouped whole."""
+    if facts.target != "Structure&Lesion" or group_datasets:
+        return [(f"{facts.modality} {TARGET_GROUPS[facts.target]}", None)]
+    return [(f"{facts.modality} {PART_GROUPS[part]}", part) for part in facts.parts.split("+") if part]
+
+
+def _region_members(facts: Any) -> list[tuple[str, str | None]]:
+    return [(facts.region, None), *([("Bone", None)] if facts.bone else []),
+            *([("Vessel", None)] if facts.vessel else [])]
+
+
+def group_members(facts: pd.DataFrame, by: Grouping) -> dict[str, list[Member]]:
+    """Group -> its (task, part) members among `facts`, for the non-empty groups, in display order."""
+    members: dict[str, list[Member]] = {group: [] for group in by.groups}
+    for task, row in zip(facts.index, facts.itertuples()):
+        for group, part in by.members_of(row):
+            members.setdefault(group, []).append((task, part))
+    return {group: tasks for group, tasks in members.items() if tasks}
+
+
+# --- group tables ----------------------------------------------------------------------------------------------
+
+
+def group_cell(lookup: ScoreLookup, members: list[Member], config: Config) -> Cell:
+    values, missing = [], []
+    for task, part in members:
+        value = lookup[part].get((task, *config))
+        if value is None:
+            missing.append(task)
+        else:
+            values.append(value)
+    mean = 100.0 * sum(values) / len(values) if values else None
+    return Cell(mean, len(values), tuple(missing), marker=MISSING_MARK if missing and values else "")
+
+
+def delta_cell(lookup: ScoreLookup, members: list[Member], model: str) -> Cell:
+    diffs, missing = [], []
+    for task, part in members:
+        pretrained, scratch = (lookup[part].get((task, model, init)) for init in ("pretrained", "scratch"))
+        if pretrained is None or scratch is None:
+            missing.append(task)
+        else:
+            diffs.append(pretrained - scratch)
+    mean = 100.0 * sum(diffs) / len(diffs) if diffs else None
+    return Cell(mean, len(diffs), tuple(missing), marker=MISSING_MARK if missing and diffs else "", signed=True)
+
+
+def paired_models(configs: Sequence[Config]) -> list[str]:
+    """STU-Net sizes shown both pretrained and from scratch: the ones with a Delta(PT)."""
+    return [m for m in STUNET_MODELS if (m, "pretrained") in configs and (m, "scratch") in configs]
+
+
+def group_table(df: pd.DataFrame, by: Grouping, metric: str = "dice", models: Sequence[str] | None = None,
+                inits: Sequence[str] | None = None) -> ResultTable:
+    """Rows per configuration (and a Delta(PT) row per STU-Net size), a column per non-empty group."""
+    configs = configurations(df, models, inits)
+    facts = dataset_facts(df, configs)
+    members = group_members(facts, by)
+    lookup = score_lookup(df, metric, {part for tasks in members.values() for _, part in tasks})
+    cost = by.name == "scale"
+    table = ResultTable(by.name, f"{METRIC_NAMES[metric]} (%) {by.title}",
+                        ["model", "init", *(["params (M)", "TMACs", "TFLOPs"] if cost else []), *members],
+                        display={"model": MODEL_NAMES})
+    for model, init in configs:
+        table.rows.append([model, init, *(_cost(model) if cost else []),
+                           *(group_cell(lookup, tasks, (model, init)) for tasks in members.values())])
+        if init == "pretrained" and model in paired_models(configs):
+            table.rows.append([model, DELTA, *([None] * 3 if cost else []),
+                               *(delta_cell(lookup, tasks, model) for tasks in members.values())])
+    table.notes = _group_notes(table, members, by, metric) + _missing_notes(table, lookup, list(facts.index))
+    return table
+
+
+def _cost(model: str) -> list[float | None]:
+    if model not in MODEL_COST:
+        return [None, None, None]
+    parameters, macs = MODEL_COST[model]
+    return [round(parameters / 1e6, 1), round(macs / 1e12, 2), round(2 * macs / 1e12, 2)]
+
+
+def _group_notes(table: ResultTable, members: dict[str, list[Member]], by: Grouping, metric: str) -> list[str]:
+    if not members:
+        return ["no datasets: no runs of the shown configurations"]
+    notes = [f"cell: mean {METRIC_NAMES[metric]} (%) over the n datasets of the group that have the configuration"]
+    if by.name == "scale":
+        notes.append("params, TMACs (forward multiply-accumulates; the STU-Net paper's 'TFLOPs') and TFLOPs "
+                     "(= 2 x TMACs) for one 128^3 patch; nnU-Net's network depends on each dataset's plans")
+    if any(row[1] == DELTA for row in table.rows):
+        notes.append(f"{DELTA}: mean of (pretrained - scratch) over the datasets that have both, in points")
+    empty = [group for group in by.groups if group not in members and group not in by.quiet]
+    if empty:
+        notes.append(f"no datasets: {', '.join(empty)}")
+    return notes
+
+
+def _missing_notes(table: ResultTable, lookup: ScoreLookup, order: list[str]) -> list[str]:
+    """Per configuration, the datasets (in registry order) that some of its cells lack; a dataset lacks a part
+    score when its result was imported without per-label scores."""
+    lines = []
+    for row in table.rows:
+        if row[1] == DELTA:
+            continue
+        absent = sorted({task for cell in row if isinstance(cell, Cell) for task in cell.missing}, key=order.index)
+        named = [task if lookup[None].get((task, row[0], row[1])) is None else f"{task} (no per-label scores)"
+                 for task in absent]
+        if named:
+            lines.append(f"  {row[0]} {row[1]}: {_names(named)}")
+    if not lines:
+        return []
+    return [f"{MISSING_MARK} not every dataset of the group has this configuration: the cell averages those that "
+            "do. Missing:", *lines]
+
+
+def _names(tasks: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(tasks[:limit])
+    return f"{shown} and {len(tasks) - limit} more ({len(tasks)} datasets)" if len(tasks) > limit else shown
+
+
+def scale_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | None = None,
+                inits: Sequence[str] | None = None) -> ResultTable:
+    """The paper's main table: small / medium / large / average, with parameters and forward cost."""
+    return group_table(df, grouping("scale"), metric, models, inits)
+
+
+def modality_target_table(df: pd.DataFrame, metric: str = "dice", group_datasets: bool = False,
+                          models: Sequence[str] | None = None, inits: Sequence[str] | None = None) -> ResultTable:
+    return group_table(df, grouping("modality-target", group_datasets), metric, models, inits)
+
+
+def region_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | None = None,
+                 inits: Sequence[str] | None = None) -> ResultTable:
+    return group_table(df, grouping("region"), metric, models, inits)
+
+
+# --- per dataset -----------------------------------------------------------------------------------------------
+
+
+def config_label(config: Config) -> str:
+    return " ".join(config)
+
+
+def dataset_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | None = None,
+                  inits: Sequence[str] | None = None) -> ResultTable:
+    """A row per dataset, every configuration side by side, a Delta(PT) per STU-Net size, and the sources used."""
+    configs = configurations(df, models, inits)
+    facts = dataset_facts(df, configs)
+    scores = dataset_scores(df, metric)
+    scores = dict(zip(zip(scores["task"], scores["model"], scores["init"]),
+                      zip(scores["score"], scores["folds"], scores["source"])))
+    pending = _pending(df, metric)
+    paired = paired_models(configs)
+    table = ResultTable("datasets", f"{METRIC_NAMES[metric]} (%) per dataset",
+                        ["task", "modality", "target", "scale", *map(config_label, configs),
+                         *(f"{model} delta" for model in paired), "source"],
+                        count_label="folds", detail_label="status", show_count=False)
+    for task, modality, target, scale in zip(facts.index, facts["modality"], facts["target"], facts["scale"]):
+        cells = {config: _dataset_cell(scores, pending, (task, *config)) for config in configs}
+        sources = sorted({cell.source for cell in cells.values() if cell.source}, key=lambda s: (s != LOCAL, s))
+        table.rows.append([task, modality, target, scale, *cells.values(),
+                           *(_dataset_delta(cells, model) for model in paired), ", ".join(sources) or "-"])
+    table.notes = _dataset_notes(table, metric)
+    return table
+
+
+def _pending(df: pd.DataFrame, metric: str) -> dict[tuple[str, str, str], list[tuple[str, str]]]:
+    """(task, model, init) -> (which run, why) for each run or imported result without a score for `metric`."""
+    pending: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
+    waiting = df[~df["evaluated"] | df[metric].isna()]
+    for row in waiting.itertuples():
+        which = f"fold {row.fold}" if row.source == LOCAL else row.source
+        why = f"no {METRIC_NAMES[metric]}" if row.evaluated else row.status
+        pending.setdefault((row.task, row.model, row.init), []).append((which, why))
+    return pending
+
+
+def _dataset_cell(scores: dict, pending: dict, key: tuple[str, str, str]) -> Cell:
+    waiting = pending.get(key, [])
+    folds = "; ".join(f"{which}: {why}" for which, why in waiting)
+    if key not in scores:
+        statuses = {status for _, status in waiting}
+        return Cell(None, 0, status=statuses.pop() if len(statuses) == 1 else folds or "missing")
+    score, count, source = scores[key]
+    return Cell(100.0 * score, int(count), status=folds, marker=PARTIAL_MARK if waiting else "", source=source)
+
+
+def _dataset_delta(cells: dict[Config, Cell], model: str) -> Cell:
+    pretrained, scratch = cells[(model, "pretrained")], cells[(model, "scratch")]
+    if pretrained.value is None or scratch.value is None:
+        return Cell(None, 0, status="-")
+    return Cell(pretrained.value - scratch.value, 1, signed=True)
+
+
+def _dataset_notes(table: ResultTable, metric: str) -> list[str]:
+    if not table.rows:
+        return ["no datasets: no runs of the shown configurations"]
+    notes = [f"cell: mean {METRIC_NAMES[metric]} (%) over the dataset's evaluated folds; 'missing': no run; "
+             "otherwise the status of its runs"]
+    partial = [f"  {row[0]} {column}: {cell.status}" for row in table.rows
+               for column, cell in zip(table.columns, row) if isinstance(cell, Cell) and cell.marker]
+    if partial:
+        notes += [f"{PARTIAL_MARK} averages the evaluated folds only; not evaluated yet:", *partial]
+    if any(IMPORTED_PREFIX in str(row[-1]) for row in table.rows):
+        notes.append("source imported:NAME: numbers imported from $SEGBOOK_HOME/results/imported/NAME.csv "
+                     "(local runs take precedence)")
+    return notes
+
+
+def build_table(df: pd.DataFrame, name: str, metric: str = "dice", group_datasets: bool = False,
+                models: Sequence[str] | None = None, inits: Sequence[str] | None = None) -> ResultTable:
+    """Any of TABLES by name: what `segbook results --table NAME` prints."""
+    if name == "datasets":
+        return dataset_table(df, metric, models, inits)
+    if name not in TABLES:
+        raise TableError(f"unknown table {name!r}; choose one of {', '.join(TABLES)}")
+    return group_table(df, grouping(name, group_datasets), metric, models, inits)

@@ -1,0 +1,84 @@
+"""The HTML report: self-contained, and rendered by a real browser (headless Chromium) with its tables and figures."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_results import build_store, write_registry
+
+from segbook.cli.main import main
+from segbook.paths import Paths
+from segbook.registry import load_registry
+from segbook.results import collect_results, write_report
+
+CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))),
+                None)
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+FIGURES = ("violin_per_dataset", "delta_scale", "delta_modality_target", "delta_region")
+
+
+@pytest.fixture
+def df(segbook_home: Path, tmp_path: Path):
+    """The hand-built store of test_results, collected."""
+    return collect_results(*build_store(write_registry(tmp_path / "registry.yaml")))
+
+
+@pytest.fixture
+def report(df, tmp_path: Path) -> Path:
+    return write_report(df, tmp_path / "report.html", figures=tmp_path / "figures", description="test store")
+
+
+def test_report_is_self_contained_with_tables_and_figures(report: Path, tmp_path: Path) -> None:
+    page = report.read_text()
+    assert page.count("<img ") == len(FIGURES) and page.count("src='data:image/png;base64,") == len(FIGURES)
+    assert not re.search(r"<(script|link)\b|src=['\"]https?:", page)
+    for heading in ("Pretraining at a glance", "Dice (%) by dataset scale", "Dice (%) by modality and target",
+                    "Dice (%) by region, with bone and vessel", "Dice (%) per dataset", "Definitions"):
+        assert heading in page
+    assert page.count("<table") == 7  # three group tables, their three statistics tables, the datasets table
+    assert "90.00<sup>*</sup>" in page  # large pretrained lacks a small dataset
+    for name in FIGURES:
+        assert (tmp_path / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_figures_as_pdf(df, tmp_path: Path) -> None:
+    write_report(df, tmp_path / "report.html", figures=tmp_path / "pdf", figure_format="pdf")
+    assert sorted(p.name for p in (tmp_path / "pdf").iterdir()) == sorted(f"{name}.pdf" for name in FIGURES)
+    assert (tmp_path / "pdf" / "delta_scale.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_report_of_an_empty_store(segbook_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = write_report(collect_results(Paths.from_env(), load_registry()), tmp_path / "empty.html")
+    assert "no datasets" in out.read_text()
+    assert main(["report", "--out", str(tmp_path / "cli.html")]) == 0
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "cli.html").is_file()
+
+
+def run_chromium(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / "chromium-profile"
+    return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *arguments],
+                          capture_output=True, text=True, timeout=120, check=True)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)")
+def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    screenshot = tmp_path / "report.png"
+    run_chromium(tmp_path, f"--screenshot={screenshot}", "--window-size=1280,2000", report.as_uri())
+    pixels = np.asarray(Image.open(screenshot).convert("RGB"), dtype=int)
+    assert pixels.shape[:2] == (2000, 1280)
+    not_white = (pixels.min(axis=2) < 235).mean()
+    colourful = ((pixels.max(axis=2) - pixels.min(axis=2)) > 80).mean()  # the figures' bars and violins
+    assert not_white > 0.05, f"the page looks blank ({not_white:.1%} non-white pixels)"
+    assert colourful > 0.01, f"no figure seems drawn ({colourful:.2%} saturated pixels)"
+
+    dom = run_chromium(tmp_path, "--dump-dom", report.as_uri()).stdout
+    assert dom.count("<table") == 7 and dom.count("<img") == len(FIGURES)
+    assert "Dice (%) by dataset scale" in dom and "STU-Net-B" in dom

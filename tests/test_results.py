@@ -1,0 +1,473 @@
+"""Results tables on a hand-built store with known answers: grouping rules, missing runs, folds, statistics, import."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy.stats import wilcoxon
+
+from segbook.cli.main import main
+from segbook.cli.results import TABLE_CHOICES
+from segbook.paths import Paths
+from segbook.registry import Registry, load_registry
+from segbook.results import (
+    ResultsError,
+    ResultsWarning,
+    collect_results,
+    compare_pretrained,
+    dataset_table,
+    import_results,
+    modality_target_table,
+    paired_comparison,
+    region_table,
+    scale_table,
+)
+from segbook.results.stats import bootstrap_ci
+from segbook.results.tables import MODEL_COST, TABLES, Cell, ResultTable
+from segbook.training.runs import RunSpec
+
+
+def label(index: int, name: str, kind: str, seen: bool | None = None, classes: tuple[str, ...] = ()) -> dict:
+    entry = {"index": index, "name": name, "kind": kind}
+    return entry if seen is None else {**entry, "seen": seen, "totalseg_classes": list(classes)}
+
+
+def dataset(key: str, number: int, modality: str, target: str, cases: int, region: str, labels: list[dict],
+            bone: bool = False, vessel: bool = False) -> dict:
+    return {"key": key, "name": key.split("_", 1)[1], "dataset_id": number, "modality": modality,
+            "channels": ["CT"] if modality == "CT" else ["T1"], "target": target, "cases": cases,
+            "train_cases": cases - 10, "test_cases": 10, "region": region, "bone": bone, "vessel": vessel,
+            "labels": [label(0, "background", "background"), *labels]}
+
+
+#: Four datasets chosen to exercise every rule: scale small/medium/large, a Structure&Lesion dataset with seen,
+#: unseen and lesion labels, the regions and the bone / vessel flags.
+TEST_DATASETS = [
+    dataset("Task901_SeenCT", 901, "CT", "Seen Structure", 50, "Abdominal",
+            [label(1, "Liver", "structure", True, ("liver",)), label(2, "Aorta", "structure", True, ("aorta",))],
+            vessel=True),
+    dataset("Task902_MixedCT", 902, "CT", "Structure&Lesion", 150, "Abdominal",
+            [label(1, "Spleen", "structure", True, ("spleen",)), label(2, "Tumour", "lesion"),
+             label(3, "Duct", "structure", False)]),
+    dataset("Task903_LesionMR", 903, "MRI", "Lesion", 500, "Head and Neck", [label(1, "Tumour", "lesion")]),
+    dataset("Task904_BoneCT", 904, "CT", "Unseen Structure", 80, "Other", [label(1, "Ossicle", "structure", False)],
+            bone=True),
+]
+A, B, C, D = (entry["key"] for entry in TEST_DATASETS)
+
+#: (task, model, init, fold) -> per-label Dice (NSD = Dice + 0.05); None: a run without summary (status given).
+RUNS: dict[tuple[str, str, str, str], tuple[float, ...] | str] = {
+    (A, "nnunet", "scratch", "all"): (0.80, 0.90),
+    (A, "base", "scratch", "all"): (0.70, 0.80),
+    (A, "base", "pretrained", "0"): (0.80, 0.90),
+    (A, "base", "pretrained", "1"): (0.90, 0.90),
+    (A, "base", "pretrained", "2"): "failed",
+    (A, "large", "pretrained", "all"): (0.95, 0.85),
+    (B, "nnunet", "scratch", "all"): (0.90, 0.50, 0.70),
+    (B, "base", "scratch", "all"): (0.80, 0.40, 0.60),
+    (B, "base", "pretrained", "all"): (0.90, 0.60, 0.60),
+    (B, "large", "pretrained", "all"): "running",
+    (C, "nnunet", "scratch", "all"): (0.60,),
+    (C, "base", "scratch", "all"): (0.50,),
+    (C, "base", "pretrained", "all"): (0.65,),
+    (C, "large", "pretrained", "all"): (0.70,),
+    (D, "nnunet", "scratch", "all"): (0.80,),
+    (D, "base", "scratch", "all"): (0.81,),
+    (D, "base", "pretrained", "all"): (0.8105,),
+}
+
+
+def write_run(results: Path, registry: Registry, task: str, model: str, init: str, fold: str,
+              dice: tuple[float, ...] | str) -> Path:
+    """A run folder as segbook writes it: run.json, and evaluation/summary.json once evaluated."""
+    entry = registry.get(task)
+    spec = RunSpec(entry.key, entry.nnunet_name, model, init, fold)
+    folder = spec.folder(results)
+    folder.mkdir(parents=True)
+    status = dice if isinstance(dice, str) else "finished"
+    run = {"task": spec.task, "dataset": spec.dataset, "model": model, "init": init, "fold": fold,
+           "trainer": spec.trainer, "plans": spec.plans}
+    (folder / "run.json").write_text(json.dumps({"schema": 1, "run": run, "status": status, "epochs": []}))
+    if not isinstance(dice, str):
+        labels = {str(i): {"name": f"label {i}", "dice": d, "nsd": d + 0.05, "hd95": 1.0, "valid_cases": 10}
+                  for i, d in enumerate(dice, start=1)}
+        summary = {"run": run, "settings": {}, "num_cases": 10, "labels": labels,
+                   "foreground_mean": {"dice": sum(dice) / len(dice)}, "created_at": "2024-01-01T00:00:00"}
+        (folder / "evaluation").mkdir()
+        (folder / "evaluation" / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def write_registry(path: Path) -> Path:
+    path.write_text(yaml.safe_dump({"datasets": TEST_DATASETS}, sort_keys=False))
+    return path
+
+
+def build_store(registry_file: Path) -> tuple[Paths, Registry]:
+    """The hand-built store in the (isolated) nnU-Net results folder, and the registry that knows its datasets."""
+    registry = load_registry([registry_file])
+    paths = Paths.from_env()
+    for (task, model, init, fold), dice in RUNS.items():
+        write_run(paths.results, registry, task, model, init, fold, dice)
+    return paths, registry
+
+
+@pytest.fixture
+def registry_file(tmp_path: Path) -> Path:
+    return write_registry(tmp_path / "test_registry.yaml")
+
+
+@pytest.fixture
+def store(segbook_home: Path, registry_file: Path) -> tuple[Paths, Registry]:
+    return build_store(registry_file)
+
+
+@pytest.fixture
+def df(store: tuple[Paths, Registry]):
+    return collect_results(*store)
+
+
+def cells(table: ResultTable, model: str, init: str) -> dict[str, Cell]:
+    row = next(row for row in table.rows if row[0] == model and row[1] == init)
+    return {column: value for column, value in zip(table.columns, row) if isinstance(value, Cell)}
+
+
+def values(table: ResultTable, model: str, init: str) -> dict[str, tuple[float | None, int]]:
+    return {group: (cell.value, cell.count) for group, cell in cells(table, model, init).items()}
+
+
+# --- collection ------------------------------------------------------------------------------------------------
+
+
+def test_collection_reads_every_run_with_its_status(df) -> None:
+    assert len(df) == len(RUNS)
+    assert df["evaluated"].sum() == sum(not isinstance(v, str) for v in RUNS.values())
+    statuses = dict(zip(zip(df["task"], df["model"], df["fold"]), df["status"]))
+    assert statuses[(A, "base", "2")] == "failed" and statuses[(B, "large", "all")] == "running"
+    run = df[(df["task"] == B) & (df["model"] == "nnunet")].iloc[0]
+    assert (run["dice"], run["dice_seen"], run["dice_lesion"], run["dice_unseen"]) == pytest.approx(
+        (0.70, 0.90, 0.50, 0.70))
+    assert (run["nsd"], run["scale"], run["region"], run["parts"]) == (pytest.approx(0.75), "medium", "Abdominal",
+                                                                        "seen+unseen+lesion")
+
+
+def test_undefined_labels_are_left_out_of_the_run_score(store) -> None:
+    paths, registry = store
+    folder = write_run(paths.results, registry, D, "large", "scratch", "all", (0.5,))
+    summary = json.loads((folder / "evaluation" / "summary.json").read_text())
+    summary["labels"]["1"]["dice"] = None  # undefined on every case: written as null
+    (folder / "evaluation" / "summary.json").write_text(json.dumps(summary))
+    df = collect_results(paths, registry)
+    assert math.isnan(df[(df["task"] == D) & (df["model"] == "large")]["dice"].iloc[0])
+    table = dataset_table(df)
+    assert table.rows[-1][table.columns.index("large scratch")].text() == "no Dice"
+
+
+def test_unknown_datasets_other_plans_and_broken_summaries_are_reported(store) -> None:
+    paths, registry = store
+    (paths.results / "Dataset555_Unknown" / "SegbookTrainer_base_scratch__nnUNetPlans__3d_fullres" / "fold_all"
+     ).mkdir(parents=True)
+    other = RunSpec(C, registry.get(C).nnunet_name, "huge", "scratch", plans="nnUNetResEncUNetMPlans")
+    other.folder(paths.results).mkdir(parents=True)
+    broken = write_run(paths.results, registry, D, "huge", "pretrained", "all", (0.9,))
+    (broken / "evaluation" / "summary.json").write_text("{not json")
+    with pytest.warns(ResultsWarning) as caught:
+        df = collect_results(paths, registry)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "Dataset555_Unknown" in messages and "not in the registry" in messages
+    assert "plans 'nnUNetResEncUNetMPlans'" in messages and "--plans nnUNetResEncUNetMPlans" in messages
+    assert "summary.json" in messages
+    assert df[(df["task"] == D) & (df["model"] == "huge")]["status"].iloc[0] == "unreadable summary.json"
+    assert "huge" not in set(df.loc[df["task"] == C, "model"])
+
+
+# --- tables ----------------------------------------------------------------------------------------------------
+
+
+def test_scale_table_known_values_counts_and_delta(df) -> None:
+    table = scale_table(df)
+    assert table.columns[-4:] == ["small", "medium", "large", "average"]
+    assert values(table, "nnunet", "scratch") == {
+        "small": (pytest.approx(82.5), 2), "medium": (pytest.approx(70.0), 1), "large": (pytest.approx(60.0), 1),
+        "average": (pytest.approx(73.75), 4)}
+    assert values(table, "base", "scratch") == {
+        "small": (pytest.approx(78.0), 2), "medium": (pytest.approx(60.0), 1), "large": (pytest.approx(50.0), 1),
+        "average": (pytest.approx(66.5), 4)}
+    # A's base pretrained averages its folds 0 and 1: (0.85 + 0.90) / 2.
+    assert values(table, "base", "pretrained")["small"] == (pytest.approx(100 * (0.875 + 0.8105) / 2), 2)
+    assert values(table, "base", "Delta(PT)") == {
+        "small": (pytest.approx(100 * (0.125 + 0.0005) / 2), 2), "medium": (pytest.approx(10.0), 1),
+        "large": (pytest.approx(15.0), 1), "average": (pytest.approx(100 * 0.375500 / 4), 4)}
+    base = next(row for row in table.rows if row[:2] == ["base", "scratch"])
+    assert base[2:5] == [58.3, 0.51, 1.02]
+
+
+def test_missing_configuration_is_marked_and_listed_never_averaged(df) -> None:
+    table = scale_table(df)
+    large = cells(table, "large", "pretrained")
+    assert (large["small"].value, large["small"].count, large["small"].missing) == (pytest.approx(90.0), 1, (D,))
+    assert large["small"].text() == "90.00 (n=1)*"
+    assert large["medium"].value is None and large["medium"].missing == (B,)
+    assert large["medium"].text() == "missing"
+    assert (large["average"].value, large["average"].count) == (pytest.approx(80.0), 2)
+    assert not any(row[1] == "Delta(PT)" and row[0] == "large" for row in table.rows)  # no large scratch
+    notes = "\n".join(table.notes)
+    assert f"large pretrained: {B}, {D}" in notes and "Missing" in notes
+    assert "base scratch:" not in notes
+
+
+def test_requested_configurations_are_shown_even_when_absent(df) -> None:
+    table = scale_table(df, models=["huge", "base"], inits=["pretrained"])
+    assert [row[:2] for row in table.rows] == [["base", "pretrained"], ["huge", "pretrained"]]
+    assert all(cell.value is None for cell in cells(table, "huge", "pretrained").values())
+    assert f"huge pretrained: {A}, {B}, {C}, {D}" in "\n".join(table.notes)
+    assert [row[:2] for row in scale_table(df, inits=["pretrained"]).rows] == [["base", "pretrained"],
+                                                                                ["large", "pretrained"]]
+
+
+def test_modality_target_splits_structure_and_lesion_labels(df) -> None:
+    table = modality_target_table(df)
+    assert table.columns[2:] == ["CT seen structure", "CT unseen structure", "CT lesion", "MRI lesion"]
+    assert values(table, "nnunet", "scratch") == {
+        "CT seen structure": (pytest.approx(87.5), 2),  # A (0.85) and B's seen label (0.90)
+        "CT unseen structure": (pytest.approx(75.0), 2),  # B's unseen label (0.70) and D (0.80)
+        "CT lesion": (pytest.approx(50.0), 1), "MRI lesion": (pytest.approx(60.0), 1)}
+    assert values(table, "base", "Delta(PT)")["CT seen structure"] == (pytest.approx(100 * (0.125 + 0.10) / 2), 2)
+    assert values(table, "base", "Delta(PT)")["CT unseen structure"] == (pytest.approx(100 * 0.0005 / 2), 2)
+    assert "no datasets: MRI seen structure, MRI unseen structure, Ultrasound lesion, CT&PET lesion" in table.notes
+
+
+def test_group_datasets_assigns_whole_datasets_by_target(df) -> None:
+    table = modality_target_table(df, group_datasets=True)
+    assert table.columns[2:] == ["CT seen structure", "CT unseen structure", "CT structure&lesion", "MRI lesion"]
+    assert values(table, "base", "scratch") == {
+        "CT seen structure": (pytest.approx(75.0), 1), "CT unseen structure": (pytest.approx(81.0), 1),
+        "CT structure&lesion": (pytest.approx(60.0), 1), "MRI lesion": (pytest.approx(50.0), 1)}
+
+
+def test_region_table_with_bone_and_vessel(df) -> None:
+    table = region_table(df)
+    assert table.columns[2:] == ["Head and Neck", "Abdominal", "Other", "Bone", "Vessel"]
+    assert values(table, "nnunet", "scratch") == {
+        "Head and Neck": (pytest.approx(60.0), 1), "Abdominal": (pytest.approx(77.5), 2),
+        "Other": (pytest.approx(80.0), 1), "Bone": (pytest.approx(80.0), 1), "Vessel": (pytest.approx(85.0), 1)}
+    assert "no datasets: Pelvic, Limb, Thoracic" in table.notes
+
+
+def test_dataset_table_folds_statuses_and_sources(df) -> None:
+    table = dataset_table(df)
+    assert table.columns[4:] == ["nnunet scratch", "base scratch", "base pretrained", "large pretrained",
+                                 "base delta", "source"]
+    rows = {row[0]: dict(zip(table.columns, row)) for row in table.rows}
+    assert list(rows) == [A, B, C, D]
+    cell = rows[A]["base pretrained"]
+    assert (cell.value, cell.count, cell.status, cell.text(show_count=False)) == (
+        pytest.approx(87.5), 2, "fold 2: failed", "87.50\u2020")
+    assert rows[B]["large pretrained"].text() == "running"
+    assert rows[D]["large pretrained"].text() == "missing"
+    assert rows[A]["base delta"].text(show_count=False) == "+12.50"
+    assert rows[A]["source"] == "local"
+    assert any("fold 2: failed" in note for note in table.notes)
+
+
+def test_machine_formats_have_separate_counts_and_missing_lists(df) -> None:
+    records = scale_table(df).records("json")
+    large = next(r for r in records if r["model"] == "large" and r["init"] == "pretrained")
+    assert (large["small"], large["small n"], large["small missing"]) == (90.0, 1, D)
+    assert (large["medium"], large["medium n"], large["medium missing"]) == (None, 0, B)
+    text = scale_table(df).records("table")
+    assert text[0]["model"] == "nnU-Net" and records[0]["model"] == "nnunet"
+    latex = modality_target_table(df, group_datasets=True).records("latex")
+    assert r"CT structure\&lesion" in latex[0]
+
+
+def test_table_names_agree_with_the_cli() -> None:
+    assert TABLE_CHOICES == TABLES
+
+
+def test_model_cost_matches_the_networks() -> None:
+    stunet = pytest.importorskip("stunet")
+    for model, (parameters, macs) in MODEL_COST.items():
+        summary = stunet.preset_summary(model)
+        assert (summary["parameters"], summary["forward_macs"]) == (parameters, macs)
+
+
+def test_small_store_with_empty_groups(segbook_home: Path, registry_file: Path) -> None:
+    registry = load_registry([registry_file])
+    paths = Paths.from_env()
+    write_run(paths.results, registry, C, "base", "pretrained", "all", (0.7,))
+    df = collect_results(paths, registry)
+    table = scale_table(df)
+    assert table.columns[2:] == ["params (M)", "TMACs", "TFLOPs", "large", "average"]
+    assert "no datasets: small, medium" in table.notes
+    empty = collect_results(paths, registry, results_dir=segbook_home / "nowhere")
+    assert scale_table(empty).rows == [] and dataset_table(empty).rows == []
+    assert compare_pretrained(empty).empty
+
+
+# --- statistics ------------------------------------------------------------------------------------------------
+
+
+def test_paired_comparison_counts_ties_within_tolerance() -> None:
+    result = paired_comparison([0.80, 0.70, 0.6005, 0.50], [0.70, 0.75, 0.60, 0.50])
+    assert (result.n, result.wins, result.ties, result.losses) == (4, 1, 2, 1)
+    assert result.delta == pytest.approx(100 * (0.10 - 0.05 + 0.0005) / 4)
+    assert result.p_value == pytest.approx(wilcoxon([0.10, -0.05, 0.0005, 0.0]).pvalue)
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean() -> None:
+    differences = np.array([0.05, -0.02, 0.10, 0.01, 0.03, 0.07])
+    low, high = bootstrap_ci(differences)
+    assert (low, high) == bootstrap_ci(differences)
+    assert differences.min() <= low < differences.mean() < high <= differences.max()
+    assert bootstrap_ci(np.full(5, 0.02)) == pytest.approx((0.02, 0.02))
+    assert all(math.isnan(v) for v in bootstrap_ci(np.array([])))
+    assert math.isnan(paired_comparison([0.5, 0.6], [0.5, 0.6]).p_value)  # nothing to rank
+
+
+def test_compare_pretrained_per_group(df) -> None:
+    overall = compare_pretrained(df, "dice", "all")
+    row = overall.iloc[0]
+    assert (row["model"], row["group"], row["n"], row["wins"], row["ties"], row["losses"]) == (
+        "base", "all", 4, 3, 1, 0)
+    assert row["delta"] == pytest.approx(100 * (0.125 + 0.10 + 0.15 + 0.0005) / 4)
+    assert row["p_value"] == pytest.approx(wilcoxon([0.125, 0.10, 0.15, 0.0005]).pvalue) == pytest.approx(0.125)
+    assert row["ci_low"] <= row["delta"] <= row["ci_high"]
+    by_target = compare_pretrained(df, "dice", "modality-target").set_index("group")
+    assert by_target.loc["CT seen structure", "n"] == 2
+    assert by_target.loc["CT seen structure", "delta"] == pytest.approx(
+        values(modality_target_table(df), "base", "Delta(PT)")["CT seen structure"][0])
+    nsd = compare_pretrained(df, "nsd", "scale").set_index("group")
+    assert nsd.loc["large", "delta"] == pytest.approx(15.0)
+
+
+# --- import ----------------------------------------------------------------------------------------------------
+
+
+def write_csv(path: Path, rows: list[list[str]], header: tuple[str, ...] = ("task", "model", "init", "dice", "nsd")
+              ) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_import_rejects_bad_rows_naming_each_and_stores_nothing(store, tmp_path: Path) -> None:
+    paths, registry = store
+    bad = write_csv(tmp_path / "published.csv", [
+        ["Task009_Spleen", "large", "pretrained", "0.95", ""],  # row 2: fine
+        ["NoSuchTask", "large", "pretrained", "0.9", ""],  # row 3
+        ["Task009", "xl", "scratch", "0.9", ""],  # row 4
+        ["Spleen", "nnunet", "pretrained", "0.9", ""],  # row 5
+        ["Task009", "huge", "scratch", "83.1", ""],  # row 6: a percentage
+        ["Task009", "base", "scratch", "n/a", "1.5"],  # row 7
+        ["Task009_Spleen", "large", "pretrained", "0.91", ""],  # row 8: duplicate of row 2
+        ["044", "base", "scratch", "0.9", ""],  # row 9: two datasets have paper number 044
+    ])
+    with pytest.raises(ResultsError) as error:
+        import_results(bad, registry, paths)
+    message = str(error.value)
+    assert "nothing was imported" in message
+    for expected in (f"{bad}, row 3: field 'task': no dataset matches 'NoSuchTask'",
+                     f"{bad}, row 4: field 'model': 'xl' is not one of", f"{bad}, row 5: field 'init'",
+                     f"{bad}, row 6: field 'dice': 83.1 is outside [0, 1] (scores are fractions",
+                     f"{bad}, row 7: field 'dice': 'n/a' is not a number", f"{bad}, row 7: field 'nsd': 1.5",
+                     f"{bad}, row 8: Task009_Spleen large pretrained is already given in row 2",
+                     f"{bad}, row 9: field 'task': task '044' is ambiguous"):
+        assert expected in message
+    assert "row 2" not in message.replace("given in row 2", "")
+    assert not (paths.home / "results" / "imported").exists()
+
+
+def test_import_header_must_name_the_columns(store, tmp_path: Path) -> None:
+    paths, registry = store
+    bad = write_csv(tmp_path / "x.csv", [["Task009", "base", "0.9"]], header=("task", "model", "dice"))
+    with pytest.raises(ResultsError, match="header must name the columns task, model, init, dice"):
+        import_results(bad, registry, paths)
+
+
+def test_imported_results_appear_beside_local_runs(store, tmp_path: Path) -> None:
+    paths, registry = store
+    good = write_csv(tmp_path / "Published numbers.csv", [
+        ["task009", "LARGE", "pretrained", "0.95", "0.97"],
+        ["Spleen", "large", "scratch", "0.93", ""],
+        [A, "base", "scratch", "0.10", ""],  # local runs take precedence
+        [B, "large", "scratch", "0.55", ""],  # a Structure&Lesion dataset: no per-label scores
+    ], header=("Task", "Model", "Init", "Dice", "NSD"))
+    stored = import_results(good, registry, paths)
+    assert stored == paths.home / "results" / "imported" / "Published_numbers.csv"
+    df = collect_results(paths, registry)
+    rows = {row[0]: dict(zip(dataset_table(df).columns, row)) for row in dataset_table(df).rows}
+    spleen = rows["Task009_Spleen"]
+    assert spleen["large pretrained"].value == pytest.approx(95.0)
+    assert spleen["large delta"].value == pytest.approx(2.0)
+    assert spleen["source"] == "imported:Published_numbers"
+    assert rows[A]["base scratch"].value == pytest.approx(75.0) and rows[A]["source"] == "local"
+    nsd = {row[0]: dict(zip(dataset_table(df, "nsd").columns, row)) for row in dataset_table(df, "nsd").rows}
+    assert nsd[B]["large scratch"].text() == "no NSD"  # imported without NSD
+    split = modality_target_table(df)
+    assert cells(split, "large", "scratch")["CT seen structure"].missing == (A, B)
+    assert f"{B} (no per-label scores)" in "\n".join(split.notes)
+    whole = modality_target_table(df, group_datasets=True)
+    assert cells(whole, "large", "scratch")["CT structure&lesion"].value == pytest.approx(55.0)
+    assert collect_results(paths, registry, imported=False)["source"].eq("local").all()
+
+
+def test_one_number_per_configuration_across_imported_files(store, tmp_path: Path) -> None:
+    paths, registry = store
+    import_results(write_csv(tmp_path / "first.csv", [["Task009", "base", "scratch", "0.9", ""]]), registry, paths)
+    import_results(write_csv(tmp_path / "first.csv", [["Task009", "base", "scratch", "0.8", ""]]), registry, paths)
+    with pytest.raises(ResultsError, match="Task009_Spleen base scratch is in .*first.csv"):
+        import_results(write_csv(tmp_path / "second.csv", [["Task009", "base", "scratch", "0.7", ""]]), registry,
+                       paths)
+
+
+# --- CLI -------------------------------------------------------------------------------------------------------
+
+
+def test_cli_tables_formats_and_stats(store, registry_file: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["results", "--registry", str(registry_file)]) == 0
+    out = capsys.readouterr().out
+    assert "Dice (%) by dataset scale" in out and "82.50 (n=2)" in out and "90.00 (n=1)*" in out
+    assert "Delta(PT)" in out and f"large pretrained: {B}, {D}" in out
+
+    assert main(["results", "--registry", str(registry_file), "--table", "region", "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    records = json.loads(captured.out)
+    assert records[0]["Vessel"] == 85.0 and records[0]["Vessel n"] == 1
+    assert "Missing" in captured.err  # notes go to stderr, keeping stdout parseable
+
+    assert main(["results", "--registry", str(registry_file), "--table", "datasets", "--format", "csv",
+                 "--metric", "nsd"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("task,modality,target,scale,nnunet scratch,nnunet scratch folds")
+    assert len(lines) == 5
+
+    assert main(["results", "--registry", str(registry_file), "--stats", "--table", "modality-target"]) == 0
+    out = capsys.readouterr().out
+    assert "pretrained vs scratch" in out and "CT seen structure" in out and "Wilcoxon" in out
+
+
+def test_cli_import_then_table(store, registry_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    good = write_csv(tmp_path / "paper.csv", [["Task009", "huge", "pretrained", "0.96", ""]])
+    assert main(["results", "--registry", str(registry_file), "--import", str(good)]) == 0
+    assert "imported 1 result(s)" in capsys.readouterr().out
+    assert main(["results", "--registry", str(registry_file), "--table", "datasets"]) == 0
+    assert "imported:paper" in capsys.readouterr().out
+    bad = write_csv(tmp_path / "bad.csv", [["Task009", "huge", "pretrained", "96", ""]])
+    assert main(["results", "--registry", str(registry_file), "--import", str(bad)]) == 2
+    assert f"{bad}, row 2: field 'dice': 96 is outside [0, 1]" in capsys.readouterr().err
+
+
+def test_cli_on_an_empty_store(segbook_home: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["results", "--table", "modality-target"]) == 0
+    assert "no datasets" in capsys.readouterr().out
+    assert main(["results", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []

@@ -1,0 +1,209 @@
+"""Fine-tuning and scratch training on a real (tiny, synthetic) nnU-Net task, end to end on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from helpers import prepare_synthetic_task, tiny_spec
+
+from segbook.errors import SegbookError
+from segbook.evaluation.evaluate import evaluate_run
+from segbook.registry import load_registry
+from segbook.training.finetune import RunExistsError, finetune, run_spec
+from segbook.training.manifest import RunManifest, TrainingSettings
+from segbook.training.trainers import TRAINERS, register_with_nnunet
+from stunet import create_stunet, read_state_dict
+
+TINY_BUDGET = dict(iterations_per_epoch=2, val_iterations_per_epoch=1, checkpoint_every=1)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """One two-channel (MRI-like T1 + T2) synthetic task, imported and planned, shared by this module's tests."""
+    root = tmp_path_factory.mktemp("training")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEGBOOK_HOME", str(root / "home"))
+        for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "SEGBOOK_REGISTRY"):
+            patch.setenv(variable, "unset")
+            patch.delenv(variable)
+        patch.setenv("nnUNet_n_proc_DA", "0")  # single-threaded augmentation: deterministic and light on 2 cores
+        patch.setenv("nnUNet_def_n_proc", "1")
+        registry_file, entry = prepare_synthetic_task(root, tiny_spec(modality="MRI", channels=("T1", "T2")))
+        checkpoint = root / "small_ep4k.model"
+        torch.manual_seed(7)
+        official = create_stunet("small", input_channels=1, num_classes=105)
+        torch.save({"epoch": 4000, "state_dict": official.state_dict(), "plot_stuff": ([], [], [], [])}, checkpoint)
+        yield SimpleNamespace(root=root, registry_file=registry_file, entry=entry, checkpoint=checkpoint,
+                              home=root / "home", patch=patch)
+
+
+def _manifest(task, model: str, init: str, fold: str = "all") -> RunManifest:
+    from segbook.paths import Paths
+
+    spec = run_spec(task.entry, model, init == "pretrained", fold)
+    return RunManifest.load(spec.folder(Paths.from_env().results))
+
+
+def test_pretrained_run_trains_records_and_evaluates(task):
+    settings = TrainingSettings(epochs=3, **TINY_BUDGET)
+    result = finetune(task.entry, "small", pretrained=True, settings=settings, weights=task.checkpoint,
+                      device="cpu")
+    manifest = result.manifest
+    assert manifest.status == "finished"
+    assert (result.folder / "checkpoint_final.pth").is_file()
+    assert [e["epoch"] for e in manifest.data["epochs"]] == [0, 1, 2]
+    for epoch in manifest.data["epochs"]:
+        rates = epoch["learning_rates"]
+        assert rates["head"] / rates["body"] == pytest.approx(10.0, rel=1e-12)
+        assert np.isfinite(epoch["train_loss"]) and len(epoch["pseudo_dice"]) == 3
+    first, last = manifest.data["epochs"][0]["learning_rates"], manifest.data["epochs"][-1]["learning_rates"]
+    assert first["body"] == pytest.approx(1e-3) and first["head"] == pytest.approx(1e-2)
+    assert last["body"] == pytest.approx(1e-3 * (1 - 2 / 3) ** 0.9)  # poly decay applied per group
+    assert manifest.settings.weights_sha256 and manifest.data["environment"]["nnunetv2"].startswith("2.8")
+    assert manifest.data["plans_summary"]["normalization"] == ["ZScoreNormalization"] * 2
+
+    evaluation = evaluate_run(task.entry, result.spec, device="cpu")
+    summary = evaluation.summary
+    assert summary["num_cases"] == task.entry.test_cases
+    assert set(summary["labels"]) == {"1", "2", "3"}
+    metrics = (evaluation.folder / "metrics.csv").read_text().splitlines()
+    assert len(metrics) == 1 + task.entry.test_cases * 3
+    again = evaluate_run(task.entry, result.spec, device="cpu")
+    assert again.skipped and again.summary == json.loads((evaluation.folder / "summary.json").read_text())
+
+
+def test_scratch_and_nnunet_baseline_runs_live_apart(task):
+    settings = TrainingSettings(epochs=1, **TINY_BUDGET)
+    scratch = finetune(task.entry, "small", pretrained=False, settings=settings, device="cpu")
+    baseline = finetune(task.entry, "nnunet", pretrained=False, settings=settings, device="cpu")
+    assert scratch.folder != baseline.folder
+    assert scratch.folder.parent.name == "SegbookTrainer_small_scratch__nnUNetPlans__3d_fullres"
+    assert baseline.folder.parent.name == "SegbookTrainer_nnunet_scratch__nnUNetPlans__3d_fullres"
+    for result in (scratch, baseline):
+        assert result.status == "finished"
+        assert result.manifest.data["epochs"][0]["learning_rates"] == {"all": pytest.approx(1e-2)}
+        assert result.manifest.settings.weights is None
+    with pytest.raises(SegbookError, match="no pretrained weights"):
+        run_spec(task.entry, "nnunet", True)
+
+
+def test_existing_run_needs_continue_or_overwrite(task):
+    settings = TrainingSettings(epochs=1, **TINY_BUDGET)
+    spec = run_spec(task.entry, "base", False)
+    from segbook.paths import Paths
+
+    folder = spec.folder(Paths.from_env().results)
+    folder.mkdir(parents=True)
+    RunManifest.create(folder, {"task": task.entry.key}, settings, {}).save()
+    with pytest.raises(RunExistsError, match="--continue.*--overwrite"):
+        finetune(task.entry, "base", pretrained=False, settings=settings, device="cpu")
+
+
+def _trainer(task, name: str):
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    from segbook.paths import Paths
+
+    Paths.from_env().export()
+    register_with_nnunet()
+    return get_trainer_from_args(str(task.entry.dataset_id), "3d_fullres", 0, name, device=torch.device("cpu"))
+
+
+def test_pretrained_body_loaded_heads_fresh_tiled_and_all_parameters_learn(task):
+    trainer = _trainer(task, "SegbookTrainer_small_pretrained")
+    trainer.settings.weights = str(task.checkpoint)
+    trainer.initialize()
+    official = read_state_dict(task.checkpoint)
+    state = trainer.network.state_dict()
+    for key, value in official.items():
+        if key.startswith("seg_outputs"):
+            assert state[key].shape[0] == 4  # fresh heads for this task's 4 classes, not the checkpoint's 105
+        elif key in ("conv_blocks_context.0.0.conv1.weight", "conv_blocks_context.0.0.conv3.weight"):
+            torch.testing.assert_close(state[key], value.repeat(1, 2, 1, 1, 1) / 2)  # tiled over T1 and T2
+        else:
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert groups["head"]["lr"] == pytest.approx(10 * groups["body"]["lr"])
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(trainer.network.parameters()))
+
+    loader, _ = trainer.get_dataloaders()
+    trainer.network.train()
+    trainer.train_step(next(loader))
+    without_gradient = {n for n, p in trainer.network.named_parameters() if p.grad is None or not p.grad.any()}
+    # nnU-Net gives the lowest-resolution deep-supervision output zero loss weight: only its 1x1 head is idle.
+    assert without_gradient == {"seg_outputs.0.weight", "seg_outputs.0.bias"}
+    assert trainer.loss.weight_factors[-1] == 0
+
+
+@pytest.mark.parametrize("poolings", [3, 5, 6])
+def test_deep_supervision_targets_match_stunet_outputs(poolings):
+    """Plans with fewer or more than five poolings: targets are downsampled to STU-Net's five output sizes."""
+    from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+
+    trainer_class = TRAINERS["SegbookTrainer_small_scratch"]
+    strides = [[1, 1, 1]] + [[2, 2, 2]] * (poolings - 1) + [[1, 2, 2]]
+    patch = [int(np.prod([s[0] for s in strides])) * 2] + [int(np.prod([s[1] for s in strides])) * 2] * 2
+    config = SimpleNamespace(pool_op_kernel_sizes=strides, patch_size=patch)
+    scales = trainer_class._get_deep_supervision_scales(
+        SimpleNamespace(enable_deep_supervision=True, configuration_manager=config,
+                        stunet_strides=trainer_class.stunet_strides))
+    network = trainer_class.build_network_architecture(None, config, 1, 3, True)
+    with torch.no_grad():
+        outputs = network(torch.randn(1, 1, *patch))
+    targets = DownsampleSegForDSTransform(ds_scales=scales)(segmentation=torch.zeros(1, *patch))["segmentation"]
+    assert len(scales) == len(outputs) == 5
+    assert [tuple(t.shape[1:]) for t in targets] == [tuple(o.shape[2:]) for o in outputs]
+
+
+def test_nnunet_finds_segbook_trainers():
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    register_with_nnunet()
+    found = recursive_find_trainer_class_by_name("SegbookTrainer_large_pretrained")
+    assert found.__name__ == "SegbookTrainer_large_pretrained" and found.model == "large"
+
+
+def test_killed_run_continues_from_its_checkpoint(task):
+    """Kill the training process mid-run, continue it, and it finishes without re-applying pretrained weights."""
+    command = [sys.executable, "-m", "segbook.cli.main", "finetune", "--registry", str(task.registry_file),
+               "--task", task.entry.key, "--model", "small", "--pretrained", "--weights", str(task.checkpoint),
+               "--device", "cpu", "--epochs", "4", "--iters-per-epoch", "2", "--val-iters-per-epoch", "1",
+               "--checkpoint-every", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    folder = run_spec(task.entry, "small", True).folder(Path(os.environ["SEGBOOK_HOME"]) / "nnUNet_results")
+    if folder.exists():
+        import shutil
+        shutil.rmtree(folder)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        manifest = RunManifest.load(folder)
+        if manifest and len(manifest.data["epochs"]) >= 2 and (folder / "checkpoint_latest.pth").is_file():
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "training ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = RunManifest.load(folder)
+    assert killed.status == "running" and len(killed.data["epochs"]) >= 2
+
+    finished = subprocess.run(command + ["--continue"], env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    manifest = RunManifest.load(folder)
+    assert manifest.status == "finished"
+    assert [e["epoch"] for e in manifest.data["epochs"]] == [0, 1, 2, 3]
+    events = [e["event"] for e in manifest.data["events"]]
+    assert events.count("pretrained_weights_loaded") == 1
+    resumed = [e for e in manifest.data["events"] if e["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["from_epoch"] >= 1
