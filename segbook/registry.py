@@ -151,6 +151,9 @@ class DatasetEntry(_Model):
     #: The SegBook authors' nnU-Net v1 plans (3d_fullres), for comparison with ours.
     reference_patch_size: list[int] | None = Field(default=None, min_length=3, max_length=3)
     reference_spacing: list[float] | None = Field(default=None, min_length=3, max_length=3)
+    #: Case counts from which a dataset is medium and large: the paper's 100 and 400. Demo registries of toy-sized
+    #: synthetic tasks scale them down so every grouping still has members.
+    scale_thresholds: tuple[int, int] = (MEDIUM_FROM, LARGE_FROM)
     notes: list[str] = Field(default_factory=list)
 
     @field_validator("channels")
@@ -192,11 +195,19 @@ class DatasetEntry(_Model):
             seen[folded] = label.name
         return labels
 
+    @field_validator("scale_thresholds")
+    @classmethod
+    def _thresholds_increase(cls, thresholds: tuple[int, int]) -> tuple[int, int]:
+        if not 0 < thresholds[0] < thresholds[1]:
+            raise ValueError(f"scale thresholds must be positive and increasing, got {list(thresholds)}")
+        return thresholds
+
     @property
     def scale(self) -> Scale:
-        if self.cases < MEDIUM_FROM:
+        medium_from, large_from = self.scale_thresholds
+        if self.cases < medium_from:
             return "small"
-        return "medium" if self.cases < LARGE_FROM else "large"
+        return "medium" if self.cases < large_from else "large"
 
     @property
     def safe_name(self) -> str:

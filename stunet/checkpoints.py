@@ -96,13 +96,15 @@ class WeightCache:
         sidecar = self._sidecar(cfg)
         return sidecar.read_text().split()[0] if sidecar.is_file() else None
 
-    def resolve(self, cfg: PretrainedCfg, local_file: str | os.PathLike | None = None) -> Path:
-        """The checkpoint to use: `local_file` if given, else the cached copy; a clear error if neither exists."""
+    def resolve(self, cfg: PretrainedCfg | None, local_file: str | os.PathLike | None = None) -> Path:
+        """The checkpoint to use: `local_file` if given, else the cached copy of `cfg`; a clear error if missing."""
         if local_file is not None:
             path = Path(local_file).expanduser()
             if not path.is_file():
                 raise WeightsError(f"weights file not found: {path}")
             return path
+        if cfg is None:
+            raise WeightsError("no weights file given, and the model has no official checkpoint to fall back on")
         path = self.path(cfg)
         if not path.is_file():
             raise WeightsError(

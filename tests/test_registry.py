@@ -362,3 +362,22 @@ def test_cli_registry_option_before_or_after_the_action(capsys: pytest.CaptureFi
     assert main(["tasks", "--registry", mine, "show", "MyLiver"]) == 0
     assert main(["tasks", "show", "950", "--registry", mine]) == 0
     assert capsys.readouterr().out.count("nnU-Net dataset  Dataset950_MyLiver") == 2
+
+
+def test_scale_thresholds_are_per_entry_and_validated(tmp_path):
+    import yaml
+
+    entry = {"key": "Task950_Toy", "name": "Toy", "dataset_id": 950, "modality": "CT", "channels": ["CT"],
+             "target": "Seen Structure", "cases": 12, "train_cases": 10, "test_cases": 2, "region": "Other",
+             "bone": False, "vessel": False,
+             "labels": [{"index": 0, "name": "background", "kind": "background"},
+                        {"index": 1, "name": "liver", "kind": "structure", "seen": True,
+                         "totalseg_classes": ["liver"]}]}
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump({"datasets": [entry]}))
+    assert load_registry([path]).get("Task950_Toy").scale == "small"
+    path.write_text(yaml.safe_dump({"datasets": [{**entry, "scale_thresholds": [10, 20]}]}))
+    assert load_registry([path]).get("Task950_Toy").scale == "medium"
+    path.write_text(yaml.safe_dump({"datasets": [{**entry, "scale_thresholds": [20, 10]}]}))
+    with pytest.raises(RegistryError, match="scale_thresholds"):
+        load_registry([path])

@@ -41,7 +41,10 @@ def test_reproduces_official_output_without_deep_supervision(golden):
     torch.testing.assert_close(output, golden["output"], rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+PAPER_PRESETS = ("small", "base", "large", "huge")
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
 def test_presets_match_official_state_dict_schema(shared, preset):
     schema = json.loads((shared / "reference" / "stunet_state_dict_schema.json").read_text())[preset]
     network = create_stunet(preset, input_channels=1, num_classes=105, device="meta")
@@ -52,7 +55,11 @@ def test_presets_match_official_state_dict_schema(shared, preset):
 
 def test_parameter_counts_of_the_paper():
     expected = {"small": 14_596_941, "base": 58_262_669, "large": 440_302_605, "huge": 1_457_326_221}
-    assert {name: preset_summary(name, (32, 32, 32))["parameters"] for name in PRESETS} == expected
+    assert {name: preset_summary(name, (32, 32, 32))["parameters"] for name in PAPER_PRESETS} == expected
+
+
+def test_tiny_preset_is_a_narrower_small():
+    assert PRESETS["tiny"].dims == [8, 16, 32, 64, 128, 128] and PRESETS["tiny"].depth == [1] * 6
 
 
 def test_forward_macs_match_the_official_figures_at_128():

@@ -25,6 +25,7 @@ LAYOUTS: tuple[str, ...] = ("v1", "v2", "msd", "plain")
 
 _PROTOTYPE_SALT = 0x5E6B00C  # separates prototype draws from case draws
 _BODY_HALF_EXTENT = (0.45, 0.40, 0.5)  # body ellipsoid half-axes as fractions of the volume (x, y, z)
+_SHARED_CT_HU, _SHARED_MRI_LEVEL = 130.0, 650.0  # the one intensity of every structure with `same_intensity`
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ class SynthSpec:
     seed: int = 0
     origin: tuple[float, float, float] | None = None
     direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    noise: float = 1.0  # image noise relative to the default (12 HU in CT, 15 in MRI): >1 makes tasks harder
+    #: All structures share one intensity, so only shape and position tell them apart: the anatomical prior that
+    #: pretraining on a source task with the same structures can pass on.
+    same_intensity: bool = False
 
     def __post_init__(self) -> None:
         if self.cases < 1:
@@ -217,9 +222,10 @@ def _ct_image(spec: SynthSpec, rng: np.random.Generator, coords: np.ndarray, lab
     image[radius < 0.9] = 40.0  # soft tissue
     for index in range(len(spec.targets)):
         look = _appearance(spec.prototype_of(index))
-        level = look.ct_hu - 70.0 if spec.targets[index].kind == "lesion" else look.ct_hu
+        tissue = _SHARED_CT_HU if spec.same_intensity else look.ct_hu
+        level = tissue - 70.0 if spec.targets[index].kind == "lesion" else tissue
         image[labels == index + 1] = level
-    image += rng.normal(0, 12.0, image.shape)
+    image += rng.normal(0, 12.0 * spec.noise, image.shape)
     return np.clip(image, -1024, 3071).astype(np.int16)
 
 
@@ -229,10 +235,14 @@ def _mri_image(spec: SynthSpec, rng: np.random.Generator, coords: np.ndarray, la
     image = np.where(radius < 0.95, 300.0 + 60.0 * channel, 5.0)
     for index in range(len(spec.targets)):
         look = _appearance(spec.prototype_of(index))
-        image[labels == index + 1] = look.mri_levels[channel % len(look.mri_levels)]
+        if spec.same_intensity:  # lesions stay visible as darker spots
+            level = _SHARED_MRI_LEVEL * (0.6 if spec.targets[index].kind == "lesion" else 1.0)
+        else:
+            level = look.mri_levels[channel % len(look.mri_levels)]
+        image[labels == index + 1] = level
     gradient = rng.uniform(-0.15, 0.15, 3)
     bias = 1.0 + np.einsum("i,i...->...", gradient, coords) * 0.5
-    image = image * bias + rng.normal(0, 15.0, image.shape)
+    image = image * bias + rng.normal(0, 15.0 * spec.noise, image.shape)
     return np.abs(image).astype(np.float32)
 
 

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 FIGURE_FORMATS = ("png", "pdf")
 PAGE_DPI, FILE_DPI = 110, 200
 GROUPINGS = ("scale", "modality-target", "region")
-MODEL_COLOURS = {"nnunet": "#7f7f7f", "small": "#8172b3", "base": "#4c72b0", "large": "#dd8452",
+MODEL_COLOURS = {"nnunet": "#7f7f7f", "tiny": "#937860", "small": "#8172b3", "base": "#4c72b0", "large": "#dd8452",
                  "huge": "#55a868"}
 
 

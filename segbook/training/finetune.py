@@ -111,8 +111,9 @@ def _with_weights(settings: TrainingSettings, model: str, weights: str | Path | 
     from stunet import WeightCache, WeightsError, get_cfg
     from stunet.checkpoints import file_sha256
 
-    try:
-        path = WeightCache(paths.weights).resolve(get_cfg(model), weights or settings.weights)
+    local = weights or settings.weights
+    try:  # a given file needs no catalogue entry: it may hold a size the authors released no checkpoint of
+        path = WeightCache(paths.weights).resolve(None if local else get_cfg(model), local)
     except WeightsError as error:
         raise SegbookError(str(error)) from None
     return replace(settings, weights=str(path.resolve()), weights_sha256=file_sha256(path))

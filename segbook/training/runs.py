@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-STUNET_MODELS = ("small", "base", "large", "huge")
+STUNET_MODELS = ("tiny", "small", "base", "large", "huge")
 MODELS = (*STUNET_MODELS, "nnunet")
 INITS = ("pretrained", "scratch")
 FOLDS = ("all", "0", "1", "2", "3", "4")
