@@ -23,32 +23,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from segbook.batch.estimate import build_network
+
 DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "V100": 125.0}
-
-
-def build_network(model: str, patch: list[int], channels: int, classes: int) -> torch.nn.Module:
-    from stunet import create_stunet, strides_from_plans
-
-    strides = _nnunet_strides(patch)
-    if model != "nnunet":
-        return create_stunet(model, channels, classes, strides_from_plans(strides))
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
-    stages = len(strides)
-    return PlainConvUNet(channels, stages, [min(32 * 2 ** i, 320) for i in range(stages)], torch.nn.Conv3d, 3,
-                         strides, [2] * stages, classes, [2] * (stages - 1), conv_bias=True,
-                         norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
-                         nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=True)
-
-
-def _nnunet_strides(patch: list[int]) -> list[list[int]]:
-    """nnU-Net's rule for an isotropic patch: halve each axis while it stays >= 8 voxels, at most 5 times."""
-    strides, size = [[1, 1, 1]], list(patch)
-    while len(strides) < 6 and any(s >= 16 for s in size):
-        step = [2 if s >= 16 else 1 for s in size]
-        size = [s // k for s, k in zip(size, step)]
-        strides.append(step)
-    return strides
 
 
 def ds_scales(network: torch.nn.Module, patch: list[int], channels: int, device: torch.device) -> list[list[int]]:

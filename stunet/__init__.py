@@ -4,7 +4,8 @@
     net = create_stunet("large", input_channels=2, num_classes=4, pretrained="large_ep4k.model")
 """
 
-from stunet.checkpoints import CATALOGUE, PretrainedCfg, WeightCache, WeightsError, get_cfg
+from stunet.checkpoints import (CATALOGUE, PretrainedCfg, WeightCache, WeightsError, get_cfg,
+                                write_official_checkpoint)
 from stunet.flops import count_forward_macs, count_parameters, preset_summary
 from stunet.loading import CheckpointError, load_pretrained, read_state_dict
 from stunet.model import STUNet
@@ -14,4 +15,5 @@ __all__ = [
     "CATALOGUE", "CheckpointError", "PRESETS", "PRETRAINING_STRIDES", "PretrainedCfg", "STUNet", "WeightCache",
     "WeightsError", "count_forward_macs", "count_parameters", "create_stunet", "get_cfg", "get_preset",
     "load_pretrained", "preset_summary", "read_state_dict", "strides_from_plans",
+    "write_official_checkpoint",
 ]

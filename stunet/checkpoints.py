@@ -186,6 +186,20 @@ def _fetch_resumable(requests, url: str, partial: Path, progress: Callable[[int,
             raise OSError(f"connection closed after {done} of {total} bytes")
 
 
+def write_official_checkpoint(state_dict: dict, path: str | os.PathLike, epoch: int = 0) -> Path:
+    """Save weights in the layout of the released checkpoints (an nnU-Net v1 `.model` dict), atomically."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save({"epoch": epoch, "state_dict": dict(state_dict), "optimizer_state_dict": None,
+                "lr_scheduler_state_dict": None, "plot_stuff": ([], [], [], []), "best_stuff": None,
+                "amp_grad_scaler": None}, partial)
+    os.replace(partial, path)
+    return path
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

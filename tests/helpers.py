@@ -11,17 +11,26 @@ Use them with the `segbook_home` fixture active (an isolated SEGBOOK_HOME, nnU-N
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator
 
 import numpy as np
+import pytest
+import torch
 
 from segbook.data.importer import import_dataset
 from segbook.data.layouts import PlainSource
 from segbook.data.synth import (SynthDataset, SynthSpec, TargetSpec, registry_entry, write_registry_file,
                                 write_synthetic_dataset)
+from segbook.paths import Paths
 from segbook.registry import DatasetEntry, load_registry
+from stunet import create_stunet, write_official_checkpoint
 
 #: Cheap fingerprints: nnU-Net samples 1e8 foreground intensities per dataset, which dominates on tiny data.
 FINGERPRINT_SAMPLES = 100_000
@@ -75,6 +84,49 @@ def prepare_synthetic_task(tmp_path: Path, spec: SynthSpec | None = None, datase
     if plan:
         plan_task(entry, num_processes=num_processes, progress=False, fingerprint_samples=FINGERPRINT_SAMPLES)
     return registry_file, entry
+
+
+@contextlib.contextmanager
+def planned_tiny_task(root: Path, spec: SynthSpec | None = None, dataset_id: int = 990,
+                      seed: int = 0) -> Iterator[SimpleNamespace]:
+    """For a module-scoped fixture: a tiny synthetic task imported and planned in its own SEGBOOK_HOME under
+    `root`, and a tiny STU-Net "pretrained" on 105 classes, saved like the official checkpoints.
+
+    Inside the block nnU-Net's folder variables are unset (nothing touches the user's folders) and its processes
+    are few: augmentation in the training process (deterministic, light on 2 cores), one planning process.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEGBOOK_HOME", str(root / "home"))
+        for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "SEGBOOK_REGISTRY"):
+            patch.setenv(variable, "unset")  # set then delete: restored even when segbook exports it meanwhile
+            patch.delenv(variable)
+        patch.setenv("nnUNet_n_proc_DA", "0")
+        patch.setenv("nnUNet_def_n_proc", "1")
+        registry_file, entry = prepare_synthetic_task(root, spec, dataset_id=dataset_id)
+        torch.manual_seed(seed)
+        weights = write_official_checkpoint(create_stunet("tiny", 1, 105).state_dict(),
+                                            root / "tiny_pretrained.model", epoch=4000)
+        paths = Paths.from_env()
+        yield SimpleNamespace(root=root, home=root / "home", registry_file=registry_file, entry=entry,
+                              weights=weights, raw=paths.raw, preprocessed=paths.preprocessed, patch=patch)
+
+
+def use_planned_task(task: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Paths:
+    """For a per-test fixture: the module's planned task, with this test's own results and batch state."""
+    monkeypatch.setenv("nnUNet_raw", str(task.raw))
+    monkeypatch.setenv("nnUNet_preprocessed", str(task.preprocessed))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("SEGBOOK_HOME", str(tmp_path / "home"))
+    return Paths.from_env()
+
+
+def run_segbook(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`segbook ARGS` in a fresh process, as a user types it; with `check`, a failure shows its output."""
+    result = subprocess.run([sys.executable, "-m", "segbook.cli.main", *args], capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 def real_ct_cases(shared: Path, out: Path, pieces: tuple[int, int] = (2, 3)) -> tuple[Path, Path]:

@@ -14,15 +14,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import prepare_synthetic_task, tiny_spec
+from helpers import planned_tiny_task, tiny_spec
 
 from segbook.errors import SegbookError
 from segbook.evaluation.evaluate import evaluate_run
-from segbook.registry import load_registry
 from segbook.training.finetune import RunExistsError, finetune, run_spec
 from segbook.training.manifest import RunManifest, TrainingSettings
 from segbook.training.trainers import TRAINERS, register_with_nnunet
-from stunet import create_stunet, read_state_dict
+from stunet import read_state_dict
 
 TINY_BUDGET = dict(iterations_per_epoch=2, val_iterations_per_epoch=1, checkpoint_every=1)
 
@@ -30,21 +29,9 @@ TINY_BUDGET = dict(iterations_per_epoch=2, val_iterations_per_epoch=1, checkpoin
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     """One two-channel (MRI-like T1 + T2) synthetic task, imported and planned, shared by this module's tests."""
-    root = tmp_path_factory.mktemp("training")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SEGBOOK_HOME", str(root / "home"))
-        for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "SEGBOOK_REGISTRY"):
-            patch.setenv(variable, "unset")
-            patch.delenv(variable)
-        patch.setenv("nnUNet_n_proc_DA", "0")  # single-threaded augmentation: deterministic and light on 2 cores
-        patch.setenv("nnUNet_def_n_proc", "1")
-        registry_file, entry = prepare_synthetic_task(root, tiny_spec(modality="MRI", channels=("T1", "T2")))
-        checkpoint = root / "small_ep4k.model"
-        torch.manual_seed(7)
-        official = create_stunet("small", input_channels=1, num_classes=105)
-        torch.save({"epoch": 4000, "state_dict": official.state_dict(), "plot_stuff": ([], [], [], [])}, checkpoint)
-        yield SimpleNamespace(root=root, registry_file=registry_file, entry=entry, checkpoint=checkpoint,
-                              home=root / "home", patch=patch)
+    spec = tiny_spec(modality="MRI", channels=("T1", "T2"))
+    with planned_tiny_task(tmp_path_factory.mktemp("training"), spec, seed=7) as task:
+        yield task
 
 
 def _manifest(task, model: str, init: str, fold: str = "all") -> RunManifest:
@@ -56,7 +43,7 @@ def _manifest(task, model: str, init: str, fold: str = "all") -> RunManifest:
 
 def test_pretrained_run_trains_records_and_evaluates(task):
     settings = TrainingSettings(epochs=3, **TINY_BUDGET)
-    result = finetune(task.entry, "small", pretrained=True, settings=settings, weights=task.checkpoint,
+    result = finetune(task.entry, "tiny", pretrained=True, settings=settings, weights=task.weights,
                       device="cpu")
     manifest = result.manifest
     assert manifest.status == "finished"
@@ -84,10 +71,10 @@ def test_pretrained_run_trains_records_and_evaluates(task):
 
 def test_scratch_and_nnunet_baseline_runs_live_apart(task):
     settings = TrainingSettings(epochs=1, **TINY_BUDGET)
-    scratch = finetune(task.entry, "small", pretrained=False, settings=settings, device="cpu")
+    scratch = finetune(task.entry, "tiny", pretrained=False, settings=settings, device="cpu")
     baseline = finetune(task.entry, "nnunet", pretrained=False, settings=settings, device="cpu")
     assert scratch.folder != baseline.folder
-    assert scratch.folder.parent.name == "SegbookTrainer_small_scratch__nnUNetPlans__3d_fullres"
+    assert scratch.folder.parent.name == "SegbookTrainer_tiny_scratch__nnUNetPlans__3d_fullres"
     assert baseline.folder.parent.name == "SegbookTrainer_nnunet_scratch__nnUNetPlans__3d_fullres"
     for result in (scratch, baseline):
         assert result.status == "finished"
@@ -120,10 +107,10 @@ def _trainer(task, name: str):
 
 
 def test_pretrained_body_loaded_heads_fresh_tiled_and_all_parameters_learn(task):
-    trainer = _trainer(task, "SegbookTrainer_small_pretrained")
-    trainer.settings.weights = str(task.checkpoint)
+    trainer = _trainer(task, "SegbookTrainer_tiny_pretrained")
+    trainer.settings.weights = str(task.weights)
     trainer.initialize()
-    official = read_state_dict(task.checkpoint)
+    official = read_state_dict(task.weights)
     state = trainer.network.state_dict()
     for key, value in official.items():
         if key.startswith("seg_outputs"):
@@ -176,11 +163,11 @@ def test_nnunet_finds_segbook_trainers():
 def test_killed_run_continues_from_its_checkpoint(task):
     """Kill the training process mid-run, continue it, and it finishes without re-applying pretrained weights."""
     command = [sys.executable, "-m", "segbook.cli.main", "finetune", "--registry", str(task.registry_file),
-               "--task", task.entry.key, "--model", "small", "--pretrained", "--weights", str(task.checkpoint),
+               "--task", task.entry.key, "--model", "tiny", "--pretrained", "--weights", str(task.weights),
                "--device", "cpu", "--epochs", "4", "--iters-per-epoch", "2", "--val-iters-per-epoch", "1",
                "--checkpoint-every", "1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    folder = run_spec(task.entry, "small", True).folder(Path(os.environ["SEGBOOK_HOME"]) / "nnUNet_results")
+    folder = run_spec(task.entry, "tiny", True).folder(Path(os.environ["SEGBOOK_HOME"]) / "nnUNet_results")
     if folder.exists():
         import shutil
         shutil.rmtree(folder)

@@ -1,4 +1,4 @@
-"""Options every command that works on datasets shares: the registry files, the task and the output format.
+"""Options commands share: the registry files, the task, the output format and the training options.
 
 The registry is imported lazily so that building the parser (`segbook --help`) stays instant.
 """
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     from segbook.registry import Registry
+    from segbook.training.manifest import TrainingSettings
 
 TASK_HELP = ("the dataset: paper number (613, Task613), key (Task613_COVID-19-20), nnU-Net id (Dataset613) or name "
              "(COVID-19-20, any case)")
@@ -35,3 +36,46 @@ def add_task_option(parser: argparse.ArgumentParser, required: bool = True) -> N
 def add_format_option(parser: argparse.ArgumentParser, choices: Sequence[str]) -> None:
     parser.add_argument("--format", choices=list(choices), default=choices[0],
                         help=f"output format (default: {choices[0]})")
+
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """The weights, device, budget, optimiser and GPU-speed options of every command that trains runs."""
+    add_weights_and_device_options(parser)
+    add_budget_options(parser)
+
+
+def add_weights_and_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", metavar="PATH", help="checkpoint file to fine-tune from (default: the cached "
+                                                          "official one, see `segbook weights`)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu", "mps"])
+
+
+def add_budget_options(parser: argparse.ArgumentParser) -> None:
+    """The training budget, optimiser and GPU-speed groups; `training_settings_from_args` reads them."""
+    hyper = parser.add_argument_group("training budget and optimiser (SegBook's values by default)")
+    hyper.add_argument("--epochs", type=int, default=1000)
+    hyper.add_argument("--iters-per-epoch", type=int, default=250)
+    hyper.add_argument("--val-iters-per-epoch", type=int, default=50)
+    hyper.add_argument("--lr", type=float, default=None,
+                       help="initial learning rate of the body (default: 1e-3 pretrained, 1e-2 scratch)")
+    hyper.add_argument("--head-lr-multiplier", type=float, default=10.0,
+                       help="heads' rate / body's rate when fine-tuning")
+    hyper.add_argument("--weight-decay", type=float, default=3e-5)
+    hyper.add_argument("--checkpoint-every", type=int, default=50, help="epochs between resumable checkpoints")
+    hyper.add_argument("--seed", type=int, default=12345)
+    gpu = parser.add_argument_group("GPU speed")
+    gpu.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16"],
+                     help="mixed precision on CUDA: auto uses bf16 where the GPU supports it")
+    gpu.add_argument("--channels-last", action="store_true", help="channels-last 3D memory format")
+    gpu.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                     help="torch.compile the network (nnU-Net's default on CUDA: on)")
+
+
+def training_settings_from_args(args: argparse.Namespace) -> "TrainingSettings":
+    from segbook.training.manifest import TrainingSettings
+
+    return TrainingSettings(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
+                            val_iterations_per_epoch=args.val_iters_per_epoch, lr=args.lr,
+                            head_lr_multiplier=args.head_lr_multiplier, weight_decay=args.weight_decay,
+                            checkpoint_every=args.checkpoint_every, seed=args.seed,
+                            mixed_precision=args.precision, channels_last=args.channels_last)

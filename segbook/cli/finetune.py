@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from segbook.cli.common import add_registry_option, add_task_option, registry_from_args
+from segbook.cli.common import (add_budget_options, add_registry_option, add_task_option,
+                                add_weights_and_device_options, registry_from_args, training_settings_from_args)
 from segbook.training.runs import MODELS
 
 
@@ -29,30 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fold", default="all", choices=["all", "0", "1", "2", "3", "4"],
                         help="'all' trains on the whole train split (SegBook's protocol); 0-4 are nnU-Net's "
                              "cross-validation folds inside it")
-    parser.add_argument("--weights", metavar="PATH", help="checkpoint file to fine-tune from (default: the cached "
-                                                          "official one, see `segbook weights`)")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu", "mps"])
+    add_weights_and_device_options(parser)
     parser.add_argument("--num-gpus", type=int, default=1, help="GPUs on this node (nnU-Net DDP when > 1)")
     parser.add_argument("--continue", dest="resume", action="store_true",
                         help="resume the run from its latest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run of this configuration first")
-    hyper = parser.add_argument_group("training budget and optimiser (SegBook's values by default)")
-    hyper.add_argument("--epochs", type=int, default=1000)
-    hyper.add_argument("--iters-per-epoch", type=int, default=250)
-    hyper.add_argument("--val-iters-per-epoch", type=int, default=50)
-    hyper.add_argument("--lr", type=float, default=None,
-                       help="initial learning rate of the body (default: 1e-3 pretrained, 1e-2 scratch)")
-    hyper.add_argument("--head-lr-multiplier", type=float, default=10.0,
-                       help="heads' rate / body's rate when fine-tuning")
-    hyper.add_argument("--weight-decay", type=float, default=3e-5)
-    hyper.add_argument("--checkpoint-every", type=int, default=50, help="epochs between resumable checkpoints")
-    hyper.add_argument("--seed", type=int, default=12345)
-    gpu = parser.add_argument_group("GPU speed")
-    gpu.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16"],
-                     help="mixed precision on CUDA: auto uses bf16 where the GPU supports it")
-    gpu.add_argument("--channels-last", action="store_true", help="channels-last 3D memory format")
-    gpu.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
-                     help="torch.compile the network (nnU-Net's default on CUDA: on)")
+    add_budget_options(parser)
     parser.add_argument("--plan-processes", type=int, default=None,
                         help="processes for planning and preprocessing if the task is not planned yet")
     parser.set_defaults(handler=run)
@@ -67,14 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from segbook.training.finetune import finetune
-    from segbook.training.manifest import TrainingSettings
 
     entry = registry_from_args(args).get(args.task)
-    settings = TrainingSettings(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
-                                val_iterations_per_epoch=args.val_iters_per_epoch, lr=args.lr,
-                                head_lr_multiplier=args.head_lr_multiplier, weight_decay=args.weight_decay,
-                                checkpoint_every=args.checkpoint_every, seed=args.seed,
-                                mixed_precision=args.precision, channels_last=args.channels_last)
+    settings = training_settings_from_args(args)
     request = {k: v for k, v in vars(args).items() if k not in ("handler", "registry")}
     result = finetune(entry, args.model, args.pretrained, args.fold, settings=settings, weights=args.weights,
                       device=args.device, num_gpus=args.num_gpus, resume=args.resume, overwrite=args.overwrite,

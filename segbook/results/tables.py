@@ -23,12 +23,13 @@ from segbook.training.runs import INITS, MODELS, STUNET_MODELS
 #: The paper's configurations in its order: nnU-Net's default network, then each STU-Net size scratch / pretrained.
 CONFIGURATIONS: tuple[tuple[str, str], ...] = (("nnunet", "scratch"),
                                                *((m, i) for m in STUNET_MODELS for i in ("scratch", "pretrained")))
-MODEL_NAMES = {"nnunet": "nnU-Net", "tiny": "STU-Net-T", "small": "STU-Net-S", "base": "STU-Net-B", "large": "STU-Net-L",
-               "huge": "STU-Net-H"}
+MODEL_NAMES = {"nnunet": "nnU-Net", "tiny": "STU-Net-T", "small": "STU-Net-S", "base": "STU-Net-B",
+               "large": "STU-Net-L", "huge": "STU-Net-H"}
 #: Parameters and forward multiply-accumulates of one 128^3 patch (1 input channel, 105 classes), from
 #: `stunet.preset_summary`; spelled out so tables need no torch, and a test keeps them equal.
-MODEL_COST = {"tiny": (3_665_069, 33_925_431_296), "small": (14_596_941, 130_069_168_128), "base": (58_262_669, 509_011_558_400),
-              "large": (440_302_605, 3_825_455_333_376), "huge": (1_457_326_221, 12_667_240_316_928)}
+MODEL_COST = {"tiny": (3_665_069, 33_925_431_296), "small": (14_596_941, 130_069_168_128),
+              "base": (58_262_669, 509_011_558_400), "large": (440_302_605, 3_825_455_333_376),
+              "huge": (1_457_326_221, 12_667_240_316_928)}
 DELTA = "Delta(PT)"
 MISSING_MARK = "*"  # a group cell that some datasets of the group lack
 PARTIAL_MARK = "\u2020"  # a dataset cell averaging only some of the folds that were started (a dagger)

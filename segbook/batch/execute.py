@@ -1,0 +1,239 @@
+"""`run_job`: one job from start to results, the same code on a local GPU and in a SLURM array task.
+
+claim -> plan (if needed) -> train -> evaluate -> release. Training resumes a run from its latest checkpoint
+(`finetune(resume=True)`, which never re-applies pretrained weights over one); a run that has no checkpoint yet has
+nothing to resume and starts again with the current options (its new manifest keeps the old one's status, error
+and events under `request.previous_attempt`). Each step is idempotent, so running a job again after any
+interruption continues where it stopped, and running a done job does nothing. A failure is recorded in the run's
+manifest (planning and training: `status: failed` and `error`; evaluation: `evaluation_error`, training stays
+finished) and ends this job only; `retry_failed` clears it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from segbook.batch.claims import Claim, try_claim
+from segbook.batch.matrix import Job, failure, has_checkpoint
+from segbook.batch.squeue import own_slurm_job
+from segbook.errors import SegbookError
+from segbook.evaluation.evaluate import is_evaluated
+from segbook.paths import Paths
+from segbook.training.manifest import RunManifest, TrainingSettings
+from segbook.training.runs import CONFIGURATION
+
+PLAN_WAIT_S = 5.0
+
+
+class JobFailed(SegbookError):
+    """A stage of a job failed; its error is recorded in the run's manifest."""
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """How every job of a batch runs; the same for all of them, sent as JSON to each worker and SLURM task.
+
+    `pretrained_settings` (default: `settings`) lets fine-tuning use other hyperparameters than scratch training.
+    `registry_files` are absolute paths: the workers load the same registry wherever they start.
+    """
+
+    settings: TrainingSettings = field(default_factory=TrainingSettings)
+    pretrained_settings: TrainingSettings | None = None
+    weights: str | None = None
+    device: str = "cuda"
+    num_gpus: int = 1
+    compile: bool | None = None
+    processes: int | None = None  # planning, preprocessing and evaluation (default: nnUNet_def_n_proc)
+    data_workers: int | None = None  # nnUNet_n_proc_DA of each job (default: inherited)
+    registry_files: tuple[str, ...] = ()
+
+    @classmethod
+    def create(cls, *, registry_files: Iterable[str | os.PathLike] = (), weights: str | os.PathLike | None = None,
+               **values: Any) -> "ExecutionOptions":
+        """Options with file paths made absolute (workers may start in another directory, on another node)."""
+        files = tuple(str(Path(f).expanduser().resolve()) for f in registry_files)
+        weights = str(Path(weights).expanduser().resolve()) if weights else None
+        return cls(registry_files=files, weights=weights, **values)
+
+    def settings_for(self, job: Job) -> TrainingSettings:
+        settings = self.pretrained_settings if job.spec.init == "pretrained" else None
+        return settings or self.settings
+
+    @property
+    def pretrained_weights(self) -> str | None:
+        """The checkpoint pretrained jobs start from; None: the cached official one of each model."""
+        return self.weights or (self.pretrained_settings or self.settings).weights
+
+    def weights_for(self, job: Job) -> str | None:
+        return self.pretrained_weights if job.spec.init == "pretrained" else None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ExecutionOptions":
+        data = json.loads(text)
+        data["settings"] = TrainingSettings.from_dict(data["settings"])
+        if data.get("pretrained_settings"):
+            data["pretrained_settings"] = TrainingSettings.from_dict(data["pretrained_settings"])
+        data["registry_files"] = tuple(data.get("registry_files", ()))
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    job: str
+    result: str  # done (trained and evaluated), failed (error recorded), busy (another process holds the claim)
+    message: str = ""
+    seconds: float = 0.0
+
+
+def run_job(job: Job, options: ExecutionOptions, paths: Paths | None = None, *,
+            backend: str = "local") -> JobOutcome:
+    """Claim the job and take it as far as it goes; a failure is recorded and returned, never raised.
+
+    Interruptions (Ctrl-C, SIGTERM turned into KeyboardInterrupt, SLURM's requeue exit) propagate after the
+    manifest says "interrupted" and the claim is released: running the job again resumes it.
+    """
+    paths = paths or Paths.from_env()
+    paths.export()
+    if options.data_workers is not None:
+        os.environ["nnUNet_n_proc_DA"] = str(options.data_workers)
+    started = time.time()
+    claim = try_claim(paths.batch / "claims", job.id)
+    if not isinstance(claim, Claim):
+        return JobOutcome(job.id, "busy", claim.describe())
+    with claim.held():
+        try:
+            message = _work(job, options, paths, backend)
+        except JobFailed as failed:
+            claim.outcome = "failed"
+            return JobOutcome(job.id, "failed", str(failed), time.time() - started)
+    return JobOutcome(job.id, "done", message, time.time() - started)
+
+
+def _work(job: Job, options: ExecutionOptions, paths: Paths, backend: str) -> str:
+    from segbook.evaluation.evaluate import evaluate_run
+    from segbook.training.finetune import finetune
+
+    folder = job.folder(paths)
+    manifest = RunManifest.load(folder)
+    if manifest is not None and failure(manifest):
+        raise JobFailed(f"{job.id} failed earlier ({failure(manifest)}); `segbook batch retry --failed` runs it "
+                        "again")
+    if manifest is not None and manifest.status == "finished" and is_evaluated(folder):
+        return "already done"
+    processes = options.processes or int(os.environ.get("nnUNet_def_n_proc") or 1)
+    if manifest is None or manifest.status != "finished":
+        with _stage(job, options, folder, "plan", backend):
+            _plan(job, paths, processes)
+        resume = has_checkpoint(folder)
+        request = _request(job, backend)
+        if manifest is not None and not resume:  # nothing to resume: start again, with today's options
+            request["previous_attempt"] = {k: manifest.data.get(k) for k in ("status", "error", "events")}
+        with _stage(job, options, folder, "train", backend):
+            result = finetune(job.entry, job.spec.model, job.spec.init == "pretrained", job.spec.fold,
+                              settings=options.settings_for(job), weights=options.weights_for(job),
+                              device=options.device, num_gpus=options.num_gpus, resume=resume,
+                              overwrite=manifest is not None and not resume, compile=options.compile, paths=paths,
+                              plan_processes=processes, request=request)
+            if result.status != "finished":
+                raise SegbookError(f"training of {job.id} ended with status {result.status}")
+    with _stage(job, options, folder, "evaluate", backend):
+        evaluate_run(job.entry, job.spec, paths, device=options.device, num_processes=processes)
+    return "trained and evaluated"
+
+
+def _plan(job: Job, paths: Paths, processes: int) -> None:
+    """Plan the task under its own claim: jobs of one task that start together must not preprocess the same
+    folder at once. The others wait, then find the plans up to date."""
+    from segbook.plan import plan_task
+
+    name = f"plan__{job.entry.key}"
+    if not isinstance(claim := try_claim(paths.batch / "claims", name), Claim):
+        print(f"{job.id}: waiting for {job.entry.key} to be planned ({claim.describe()})", flush=True)
+    while not isinstance(claim, Claim):
+        time.sleep(PLAN_WAIT_S)
+        claim = try_claim(paths.batch / "claims", name)
+    with claim.held():
+        plan_task(job.entry, paths, num_processes=processes)
+
+
+def _request(job: Job, backend: str) -> dict[str, Any]:
+    slurm_job, restart = own_slurm_job()
+    return {"via": "segbook batch", "job": job.id, "backend": backend, "host": socket.gethostname(),
+            "slurm_job": slurm_job, "slurm_restart": restart}
+
+
+@contextlib.contextmanager
+def _stage(job: Job, options: ExecutionOptions, folder: Path, stage: str, backend: str) -> Iterator[None]:
+    """Record an exception of this stage in the manifest and turn it into `JobFailed`."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - any failure of one job is recorded and must not stop the others
+        _record_failure(job, options, folder, stage, backend, error)
+        raise JobFailed(f"{job.id}: {stage} failed: {type(error).__name__}: {error}") from error
+
+
+def _error_record(error: BaseException, stage: str) -> dict[str, Any]:
+    return {"type": type(error).__name__, "message": str(error), "stage": stage,
+            "traceback": "".join(traceback.format_exception(error))[-4000:]}
+
+
+def _record_failure(job: Job, options: ExecutionOptions, folder: Path, stage: str, backend: str,
+                    error: Exception) -> None:
+    """Training failures are recorded by the trainer or `finetune` already; add the stage, and record the
+    failures they cannot: planning (possibly before the run exists) and evaluation (after it finished)."""
+    manifest = RunManifest.load(folder)
+    if stage == "evaluate":
+        manifest.data["evaluation_error"] = _error_record(error, stage)
+        manifest.event("evaluation_failed", error=f"{type(error).__name__}: {error}")
+    else:
+        manifest = manifest or _new_manifest(job, options, folder, backend)
+        if manifest.status != "failed" or not manifest.data.get("error"):
+            manifest.set_status("failed", error)
+        manifest.data["error"]["stage"] = stage
+    manifest.save()
+
+
+def _new_manifest(job: Job, options: ExecutionOptions, folder: Path, backend: str) -> RunManifest:
+    """The record of a run that failed before `finetune` created it (it has no checkpoint, so the next attempt
+    starts afresh and keeps this record under `request.previous_attempt`)."""
+    spec = job.spec
+    run = {**asdict(spec), "trainer": spec.trainer, "configuration": CONFIGURATION}
+    settings = replace(options.settings_for(job), weights=options.weights_for(job))
+    folder.mkdir(parents=True, exist_ok=True)
+    return RunManifest.create(folder, run, settings, _request(job, backend))
+
+
+def retry_failed(job: Job, paths: Paths | None = None) -> str | None:
+    """Make a failed job pending again; returns the error it had (None when it had none, or is held).
+
+    The manifest keeps the error in a "retry" event; a failed training resumes from its latest checkpoint (or, with
+    none, starts again), a failed evaluation is redone without training again.
+    """
+    paths = paths or Paths.from_env()
+    claim = try_claim(paths.batch / "claims", job.id)
+    if not isinstance(claim, Claim):
+        return None
+    with claim.held():
+        claim.outcome = "reset for retry"
+        manifest = RunManifest.load(job.folder(paths))
+        error = failure(manifest) if manifest is not None else None
+        if error is None:
+            return None
+        if manifest.status == "failed":
+            manifest.data.update(status="created", error=None)
+        else:
+            del manifest.data["evaluation_error"]
+        manifest.event("retry", previous_error=error)
+        manifest.save()
+    return error

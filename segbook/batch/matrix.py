@@ -1,0 +1,250 @@
+"""The job matrix (tasks x models x initialisations x folds) and the state of each job, read from the files.
+
+A job is one run (`RunSpec`) of one registered task. Its state is never stored: it is derived each time from what
+the run folder, the claims and SLURM say, so it cannot drift from the truth:
+
+- done: the run finished training and is evaluated;
+- running: a live process holds the job's claim (or its SLURM task runs and is about to claim it);
+- failed: the run's manifest records an error (training, planning or evaluation); `segbook batch retry --failed`;
+- blocked: cannot start: the task's data is not imported, or a pretrained run has no weights to start from;
+- pending: everything else; it is new, resumes from its latest checkpoint, or (finished, not evaluated) only
+  needs evaluating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+
+from segbook.batch import claims
+from segbook.batch.squeue import LIVE_STATES, RUNNING_STATES
+from segbook.errors import SegbookError
+from segbook.paths import Paths
+from segbook.training.manifest import RunManifest
+from segbook.training.runs import FOLDS, INITS, MODELS, RunSpec, valid_combinations
+
+if TYPE_CHECKING:
+    from segbook.batch.slurm import SubmittedTask
+    from segbook.registry import DatasetEntry, Registry
+
+STATES = ("done", "running", "failed", "pending", "blocked")
+#: The SegBook study: three STU-Net sizes, each pretrained and from scratch, and nnU-Net's network from scratch.
+DEFAULT_MODELS = ("base", "large", "huge", "nnunet")
+#: nnU-Net's checkpoints a run resumes from (checkpoint_best is never resumed from).
+RESUMABLE_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth")
+
+
+class MatrixError(SegbookError):
+    """A selection that names no valid job, or a job id that does not parse."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of the matrix: what to train (the spec) on which registered task (the entry)."""
+
+    spec: RunSpec
+    entry: "DatasetEntry"
+
+    @property
+    def id(self) -> str:
+        return self.spec.job_id
+
+    def folder(self, paths: Paths) -> Path:
+        return self.spec.folder(paths.results)
+
+
+def parse_choices(text: str | Sequence[str], choices: Sequence[str], what: str) -> list[str]:
+    """"a,b" (or a list) -> ["a", "b"], checked against `choices`; "all" means every choice."""
+    values = [v.strip() for v in (text.split(",") if isinstance(text, str) else text) if v.strip()]
+    if values == ["all"] and "all" not in choices:
+        return list(choices)
+    unknown = [v for v in values if v not in choices]
+    if unknown or not values:
+        raise MatrixError(f"unknown {what} {', '.join(unknown) or '(none given)'}; choose from: "
+                          f"{', '.join(choices)}")
+    return list(dict.fromkeys(values))
+
+
+def build_matrix(registry: "Registry", tasks: str | Sequence[str] = "all", *, scale: str | None = None,
+                 modality: str | None = None, target: str | None = None, region: str | None = None,
+                 models: str | Sequence[str] = DEFAULT_MODELS, inits: str | Sequence[str] = INITS,
+                 folds: str | Sequence[str] = ("all",)) -> list[Job]:
+    """Every valid (task, model, init, fold) of the selection, in registry order.
+
+    `tasks` is "all" or task names (anything `Registry.get` resolves: 613, Task613, a key, a name); the filters
+    narrow it further. nnU-Net's network is only trained from scratch, so it has no pretrained job. Folds: "all" is
+    nnU-Net's fold 'all' (the whole train split, SegBook's protocol), 0-4 its cross-validation folds.
+    """
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",") if t.strip()]
+    chosen = list(registry) if list(tasks) in ([], ["all"]) else [registry.get(t.strip()) for t in tasks]
+    selected = {e.key for e in registry.select(modality=modality, target=target, scale=scale, region=region)}
+    entries = list({e.key: e for e in chosen if e.key in selected}.values())
+    models = parse_choices(models, MODELS, "model")
+    inits = parse_choices(inits, INITS, "initialisation")
+    folds = parse_choices(folds, FOLDS, "fold")
+    valid = set(valid_combinations())
+    return [Job(RunSpec(e.key, e.nnunet_name, m, i, f), e) for e in entries for m in models for i in inits
+            for f in folds if (m, i) in valid]
+
+
+def job_from_id(registry: "Registry", job_id: str) -> Job:
+    """The job a `RunSpec.job_id` names ("{task}__{model}__{init}__fold_{fold}")."""
+    parts = job_id.split("__")
+    if len(parts) < 4 or not parts[-1].startswith("fold_"):
+        raise MatrixError(f"not a job id: {job_id!r} (expected TASK__MODEL__INIT__fold_FOLD)")
+    entry = registry.get("__".join(parts[:-3]))
+    try:
+        spec = RunSpec(entry.key, entry.nnunet_name, parts[-3], parts[-2], parts[-1].removeprefix("fold_"))
+    except ValueError as error:
+        raise MatrixError(f"job {job_id}: {error}") from None
+    return Job(spec, entry)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A job's state with what explains it, for tables and for deciding what to run."""
+
+    job: Job
+    state: str
+    detail: str = ""
+    epochs_done: int = 0
+    epochs_total: int | None = None
+    slurm_id: str | None = None  # the job's latest SLURM task
+    slurm_state: str | None = None  # squeue's state of it ("ended" once squeue no longer lists it)
+    slurm_live: bool = False  # that task is still to run or running (and has written no result)
+    log: str | None = None
+
+    def row(self) -> dict[str, object]:
+        spec = self.job.spec
+        return {"task": spec.task, "model": spec.model, "init": spec.init, "fold": spec.fold, "state": self.state,
+                "epochs": f"{self.epochs_done}/{self.epochs_total}" if self.epochs_total else "",
+                "slurm": self.slurm_state or "", "detail": self.detail}
+
+    def record(self) -> dict[str, object]:
+        """Every field, with the job id: for JSON output and scripts."""
+        return {"job": self.job.id, **self.row(), "epochs_done": self.epochs_done,
+                "epochs_total": self.epochs_total, "slurm_id": self.slurm_id, "log": self.log}
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in RESUMABLE_CHECKPOINTS)
+
+
+def failure(manifest: RunManifest) -> str | None:
+    """The recorded error that makes a run failed: a failed training (or planning) run, or a failed evaluation."""
+    if manifest.status == "failed":
+        error = manifest.data.get("error") or {}
+        return f"{error.get('type', 'Error')}: {error.get('message', 'no message recorded')}"
+    evaluation = manifest.data.get("evaluation_error")
+    if manifest.status == "finished" and evaluation:
+        return f"evaluation: {evaluation['type']}: {evaluation['message']}"
+    return None
+
+
+def weights_problem(job: Job, paths: Paths, weights: str | Path | None) -> str | None:
+    """Why a pretrained job has no checkpoint to start from (None when it has one, or does not need one)."""
+    from stunet import WeightCache, WeightsError, get_cfg
+
+    if job.spec.init != "pretrained":
+        return None
+    if weights is not None:
+        return None if Path(weights).expanduser().is_file() else f"weights missing: {weights} not found"
+    try:
+        cfg = get_cfg(job.spec.model)
+    except WeightsError:
+        return f"weights missing: STU-Net {job.spec.model} has no official checkpoint; pass --weights FILE"
+    if WeightCache(paths.weights).is_cached(cfg):
+        return None
+    return f"weights missing: run `segbook weights download {job.spec.model}` or pass --weights FILE"
+
+
+def _pending_detail(manifest: RunManifest | None, folder: Path) -> str:
+    if manifest is None:
+        return "new"
+    if manifest.status == "finished":
+        return "evaluate only"
+    if has_checkpoint(folder):
+        return f"resumes after epoch {len(manifest.data.get('epochs', []))}"
+    return "restarts (no checkpoint yet)"
+
+
+def _slurm_fields(task: "SubmittedTask | None", queue: Mapping[str, str] | None) -> dict[str, object]:
+    """What SLURM says of the job's latest task: squeue's state, and whether it is live. A result file means the
+    task is over even while squeue still shows it RUNNING or COMPLETING for a moment."""
+    if task is None:
+        return {}
+    state = None if queue is None else queue.get(task.slurm_id, "ended")
+    return {"slurm_id": task.slurm_id, "slurm_state": state, "log": str(task.stdout),
+            "slurm_live": state in LIVE_STATES and not task.finished()}
+
+
+def job_status(job: Job, paths: Paths, *, weights: str | Path | None = None,
+               queue: Mapping[str, str] | None = None, submitted: "SubmittedTask | None" = None,
+               ask_slurm: bool = True) -> JobStatus:
+    """The state of one job (see the module docstring); `queue` and `submitted` come from `survey`."""
+    from segbook.evaluation.evaluate import is_evaluated
+
+    folder = job.folder(paths)
+    manifest = RunManifest.load(folder)
+    epochs = {} if manifest is None else {"epochs_done": len(manifest.data.get("epochs", [])),
+                                          "epochs_total": manifest.settings.epochs}
+    fields = {**epochs, **_slurm_fields(submitted, queue)}
+    if manifest is not None and manifest.status == "finished" and is_evaluated(folder):
+        return JobStatus(job, "done", "evaluated", **fields)
+    current = claims.holder(paths.batch / "claims" / job.id, queue, ask_slurm=ask_slurm)
+    if current is not None:
+        return JobStatus(job, "running", current.describe(), **fields)
+    error = failure(manifest) if manifest is not None else None
+    if error:
+        return JobStatus(job, "failed", error, **fields)
+    if fields.get("slurm_live") and fields["slurm_state"] in RUNNING_STATES:
+        return JobStatus(job, "running", f"SLURM task {submitted.slurm_id} is {fields['slurm_state']}", **fields)
+    blocked = _blocked(job, paths, manifest, folder, weights)
+    if blocked:
+        return JobStatus(job, "blocked", blocked, **fields)
+    detail = _pending_detail(manifest, folder)
+    if fields.get("slurm_live"):
+        detail += f"; queued in SLURM as {submitted.slurm_id}"
+    return JobStatus(job, "pending", detail, **fields)
+
+
+def _blocked(job: Job, paths: Paths, manifest: RunManifest | None, folder: Path,
+             weights: str | Path | None) -> str | None:
+    if not (paths.raw / job.entry.nnunet_name / "dataset.json").is_file():
+        return f"data missing: run `segbook data import --task {job.entry.key} --from PATH`"
+    if manifest is None or not has_checkpoint(folder):
+        return weights_problem(job, paths, weights)
+    return None
+
+
+def survey(jobs: Iterable[Job], paths: Paths | None = None, *, weights: str | Path | None = None,
+           slurm: bool = True) -> list[JobStatus]:
+    """The state of every job, asking squeue once for all of them (when `slurm` and SLURM is installed)."""
+    from segbook.batch.slurm import latest_tasks
+    from segbook.batch.squeue import array_of, slurm_available, squeue_states
+
+    paths = paths or Paths.from_env()
+    jobs = list(jobs)
+    submitted = latest_tasks(paths) if slurm else {}
+    queue = None
+    if slurm and slurm_available():
+        holders = [claims.latest(paths.batch / "claims" / job.id)[1] for job in jobs]
+        ids = {array_of(t.slurm_id) for t in submitted.values()}
+        ids |= {array_of(r.slurm_job) for r in holders if r is not None and r.slurm_job and not r.released}
+        queue = squeue_states(ids)
+    return [job_status(job, paths, weights=weights, queue=queue, submitted=submitted.get(job.id),
+                       ask_slurm=False) for job in jobs]
+
+
+def counts(statuses: Iterable[JobStatus]) -> dict[str, int]:
+    tally = {state: 0 for state in STATES}
+    for status in statuses:
+        tally[status.state] += 1
+    return tally
+
+
+def summary_line(statuses: Sequence[JobStatus]) -> str:
+    tally = counts(statuses)
+    return f"{len(statuses)} jobs: " + ", ".join(f"{n} {state}" for state, n in tally.items() if n)

@@ -1,0 +1,355 @@
+"""`segbook batch`: the benchmark matrix as resumable jobs: plan it, run it on local GPUs, submit it to SLURM,
+follow it, retry what failed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING, Any
+
+from segbook.cli.common import add_registry_option, add_training_options, training_settings_from_args
+
+if TYPE_CHECKING:
+    from segbook.batch.execute import ExecutionOptions
+    from segbook.batch.matrix import Job, JobStatus
+    from segbook.paths import Paths
+
+TABLE_FORMATS = ("table", "md", "csv", "json")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "batch", help="the benchmark matrix as resumable jobs: plan, run locally, submit to SLURM, status, retry",
+        description="Jobs are (task, model, initialisation, fold) runs. A job plans its task if needed, trains "
+                    "(resuming from its latest checkpoint) and evaluates; a done job is skipped, a claim per job "
+                    "keeps two launchers (or a requeued SLURM task and its predecessor) from running it twice. "
+                    "See docs/batch.md.")
+    commands = parser.add_subparsers(dest="batch_command", metavar="SUBCOMMAND")
+    commands.required = True
+    _register_plan(commands)
+    _register_run(commands)
+    _register_submit(commands)
+    _register_status(commands)
+    _register_retry(commands)
+    _register_worker(commands)
+
+
+def _subparser(commands: argparse._SubParsersAction, name: str, help: str, description: str,
+               example: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=help, description=description, epilog=f"example: {example}",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def _add_selection(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("which jobs (the matrix)")
+    group.add_argument("--tasks", default="all", help="'all' or comma-separated tasks (613,004,Task009_Spleen)")
+    group.add_argument("--scale", help="small, medium or large datasets only")
+    group.add_argument("--modality", help="CT, MRI, CT&PET or Ultrasound only")
+    group.add_argument("--target", help="seen, unseen, lesion or structure+lesion only")
+    group.add_argument("--region", help="one body region only (e.g. abdomen, thorax)")
+    group.add_argument("--models", default="base,large,huge,nnunet",
+                       help="comma-separated: tiny, small, base, large, huge, nnunet")
+    group.add_argument("--init", default="pretrained,scratch", help="pretrained, scratch or both")
+    group.add_argument("--folds", default="all",
+                       help="'all' is nnU-Net's fold all (the whole train split, SegBook's protocol); 0-4 are "
+                            "cross-validation folds; comma-separated")
+    add_registry_option(group)
+
+
+def _add_execution(parser: argparse.ArgumentParser) -> None:
+    add_training_options(parser)
+    group = parser.add_argument_group("each job")
+    group.add_argument("--gpus-per-job", type=int, default=1, help="GPUs per job (nnU-Net DDP when > 1)")
+    group.add_argument("--processes", type=int, default=None,
+                       help="processes for planning and evaluation (default: nnUNet_def_n_proc)")
+    group.add_argument("--data-workers", type=int, default=None,
+                       help="nnU-Net's augmentation workers per job (nnUNet_n_proc_DA; default: the environment's, "
+                            "capped by the CPUs of a SLURM job)")
+
+
+def _add_local(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("this machine")
+    group.add_argument("--gpus", help="comma-separated GPU ids to use (default: all visible)")
+    group.add_argument("--workers", type=int, default=None,
+                       help="jobs at once (default: 1 on cpu or mps; on cuda, one per --gpus-per-job GPUs)")
+
+
+def _add_slurm(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SLURM (one job array through submitit)")
+    group.add_argument("--partition", help="partition (default: the cluster's)")
+    group.add_argument("--time", default="48:00:00", help="time limit per job; a job that reaches it is requeued "
+                                                          "and resumes from its latest checkpoint")
+    group.add_argument("--cpus-per-job", type=int, default=None, help="default: 8 per GPU, 1 without GPU")
+    group.add_argument("--mem", help="memory per job, as sbatch --mem (e.g. 64G; default: the cluster's)")
+    group.add_argument("--account", help="account to charge")
+    group.add_argument("--array-parallelism", type=int, default=None, help="most tasks of the array running at once")
+    group.add_argument("--extra-sbatch", action="append", default=[], metavar="OPTION",
+                       help="another sbatch option, as --extra-sbatch=--qos=high or --extra-sbatch constraint=a100 "
+                            "(repeatable)")
+    group.add_argument("--max-timeouts", type=int, default=10,
+                       help="requeues of a job after reaching its time limit (preemptions do not count)")
+    group.add_argument("--dry-run", action="store_true", help="print the sbatch script and the jobs; submit nothing")
+
+
+def _register_plan(commands: argparse._SubParsersAction) -> None:
+    parser = _subparser(commands, "plan", "the job matrix with each job's state and its GPU-hours",
+                        "Lists the jobs of the selection with their state (done, running, failed, pending, blocked) "
+                        "and an estimate of GPU-hours from the network's FLOPs, the task's plans (or its reference "
+                        "patch before planning) and the training budget, with totals.",
+                        "segbook batch plan --tasks all --models base,large,huge,nnunet")
+    _add_selection(parser)
+    add_training_options(parser)
+    parser.add_argument("--assumed-tflops", type=float, default=None,
+                        help="sustained training throughput of one GPU in TFLOP/s (default: 40, an A100's; measure "
+                             "yours with scripts/bench_train.py; see docs/batch.md)")
+    parser.add_argument("--state", help="only jobs in these states (comma-separated)")
+    parser.add_argument("--format", choices=TABLE_FORMATS, default="table")
+    parser.set_defaults(handler=run_plan)
+
+
+def _register_run(commands: argparse._SubParsersAction) -> None:
+    parser = _subparser(commands, "run", "run the pending jobs on this machine, one per GPU, as a queue",
+                        "Runs every pending job of the selection, each in its own process on its GPU(s) (or on CPU "
+                        "workers). Ctrl-C stops cleanly (the running jobs are interrupted and resume next time); "
+                        "running it again continues where it stopped.",
+                        "segbook batch run --tasks 613,004 --gpus 0,1,2,3")
+    _add_selection(parser)
+    _add_execution(parser)
+    _add_local(parser)
+    parser.set_defaults(handler=run_run)
+
+
+def _register_submit(commands: argparse._SubParsersAction) -> None:
+    parser = _subparser(commands, "submit", "submit the pending jobs as one SLURM job array",
+                        "Submits the pending jobs that no SLURM task is queued or running for, as one job array "
+                        "through submitit. Each task plans, trains and evaluates its run; on timeout or preemption "
+                        "it requeues and resumes from its latest checkpoint. Submitting again submits only what is "
+                        "left. Logs: $SEGBOOK_HOME/batch/slurm/<submission>/<array>_<index>/.",
+                        "segbook batch submit --partition gpu --gpus-per-job 1 --time 48:00:00")
+    parser.add_argument("--backend", choices=["slurm"], default="slurm", help="the scheduler")
+    _add_selection(parser)
+    _add_execution(parser)
+    _add_slurm(parser)
+    parser.set_defaults(handler=run_submit)
+
+
+def _register_status(commands: argparse._SubParsersAction) -> None:
+    parser = _subparser(commands, "status", "each job's state, with live SLURM states and the run manifests",
+                        "The matrix with each job's state from its run manifest, evaluation and claim, its progress "
+                        "in epochs and the squeue state of its latest SLURM task, then the counts per state.",
+                        "segbook batch status --state failed,running")
+    _add_selection(parser)
+    parser.add_argument("--weights", metavar="PATH", help="the checkpoint pretrained jobs would start from (for "
+                                                          "the blocked state)")
+    parser.add_argument("--state", help="only jobs in these states (comma-separated)")
+    parser.add_argument("--format", choices=TABLE_FORMATS, default="table")
+    parser.set_defaults(handler=run_status)
+
+
+def _register_retry(commands: argparse._SubParsersAction) -> None:
+    parser = _subparser(commands, "retry", "make failed jobs pending again and run or submit them",
+                        "Clears the recorded error of every failed job of the selection (the manifest keeps it in a "
+                        "'retry' event), then runs them here (--backend local) or submits them (--backend slurm) "
+                        "with the options of `batch run` / `batch submit`. A failed training resumes from its latest "
+                        "checkpoint; a failed evaluation is redone without training.",
+                        "segbook batch retry --failed --backend slurm --partition gpu")
+    parser.add_argument("--failed", action="store_true", required=True, help="retry the failed jobs")
+    parser.add_argument("--backend", choices=["local", "slurm"], default="local")
+    _add_selection(parser)
+    _add_execution(parser)
+    _add_local(parser)
+    _add_slurm(parser)
+    parser.set_defaults(handler=run_retry)
+
+
+def _register_worker(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "worker", help="run one job in this process (what `batch run` starts for each job)",
+        description="Claims, plans, trains and evaluates one job with the execution options (JSON) a launcher "
+                    "passes. Exit status: 0 done, 1 failed (recorded in the manifest), 75 held by another process, "
+                    "130 interrupted.")
+    parser.add_argument("--job", required=True, help="the job id (TASK__MODEL__INIT__fold_FOLD)")
+    parser.add_argument("--options", required=True, help="the execution options as JSON")
+    parser.set_defaults(handler=run_worker)
+
+
+# --- handlers -----------------------------------------------------------------------------------------------------
+
+def _registry_files(args: argparse.Namespace) -> list[str]:
+    return list(getattr(args, "registry", None) or [])
+
+
+def _matrix(args: argparse.Namespace) -> list["Job"]:
+    from segbook.batch.matrix import MatrixError, build_matrix
+    from segbook.cli.common import registry_from_args
+
+    jobs = build_matrix(registry_from_args(args), args.tasks, scale=args.scale, modality=args.modality,
+                        target=args.target, region=args.region, models=args.models, inits=args.init,
+                        folds=args.folds)
+    if not jobs:
+        raise MatrixError("the selection matches no job (nnU-Net's network has no pretrained job; check the "
+                          "filters with `segbook tasks`)")
+    return jobs
+
+
+def _options(args: argparse.Namespace) -> "ExecutionOptions":
+    from segbook.batch.execute import ExecutionOptions
+
+    return ExecutionOptions.create(
+        registry_files=_registry_files(args), weights=args.weights, settings=training_settings_from_args(args),
+        device=args.device, num_gpus=args.gpus_per_job if args.device == "cuda" else 1, compile=args.compile,
+        processes=args.processes, data_workers=args.data_workers)
+
+
+def _only(statuses: list["JobStatus"], states: str | None) -> list["JobStatus"]:
+    from segbook.batch.matrix import STATES, parse_choices
+
+    if not states:
+        return statuses
+    wanted = set(parse_choices(states, STATES, "state"))
+    return [s for s in statuses if s.state in wanted]
+
+
+def _print(rows: list[dict[str, Any]], totals: list[dict[str, Any]], fmt: str) -> None:
+    """The jobs, then the totals; JSON holds both in one object, CSV only the jobs (one table per stream)."""
+    from segbook.cli.output import emit
+
+    if fmt == "json":
+        print(json.dumps({"jobs": rows, "totals": totals}, indent=2, default=str))
+        return
+    if fmt == "csv":
+        emit(rows, fmt)
+        return
+    if rows:
+        emit(rows, fmt)
+        print()
+    emit(totals, fmt)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from segbook.batch.matrix import counts, survey
+
+    statuses = survey(_matrix(args), weights=args.weights)
+    shown = _only(statuses, args.state)
+    rows = [s.record() if args.format == "json" else s.row() for s in shown]
+    totals = [{"state": state, "jobs": n} for state, n in counts(statuses).items()]
+    _print(rows, totals + [{"state": "total", "jobs": len(statuses)}], args.format)
+    return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from segbook.batch.estimate import DEFAULT_ASSUMED_TFLOPS, estimate_jobs
+    from segbook.batch.execute import ExecutionOptions
+    from segbook.batch.matrix import STATES, survey
+    from segbook.paths import Paths
+
+    paths = Paths.from_env()
+    jobs = _matrix(args)
+    options = ExecutionOptions.create(weights=args.weights, settings=training_settings_from_args(args))
+    statuses = survey(jobs, paths, weights=options.pretrained_weights)
+    estimates = estimate_jobs(jobs, lambda job: _budget(job, options, paths), paths,
+                              args.assumed_tflops or DEFAULT_ASSUMED_TFLOPS)
+    rows = [_plan_row(s, estimates[s.job.id], args.format == "json") for s in statuses]
+    totals = []
+    for state in (*STATES, "total"):
+        members = [r for r in rows if state in (r["state"], "total")]
+        totals.append({"state": state, "jobs": len(members), "gpu_hours": _sum(members, "gpu_hours"),
+                       "left_gpu_hours": _sum(members, "left_gpu_hours")})
+    shown = {s.job.id for s in _only(statuses, args.state)}
+    _print([r for r, s in zip(rows, statuses) if s.job.id in shown], totals, args.format)
+    return 0
+
+
+def _budget(job: "Job", options: "ExecutionOptions", paths: "Paths"):
+    """A started run keeps the settings it was created with; a new one gets the options'."""
+    from segbook.training.manifest import RunManifest
+
+    manifest = RunManifest.load(job.folder(paths))
+    return manifest.settings if manifest is not None else options.settings_for(job)
+
+
+def _plan_row(status: "JobStatus", estimate, full: bool) -> dict[str, Any]:
+    row = status.record() if full else status.row()
+    if estimate is None:
+        return {**row, "patch": "", "batch": "", "gpu_hours": None, "left_gpu_hours": None}
+    geometry = estimate.geometry
+    left = 0.0 if status.state == "done" else estimate.remaining_gpu_hours(status.epochs_done)
+    patch = "x".join(map(str, geometry.patch)) + ("" if geometry.source == "plans" else " (ref)")
+    return {**row, "patch": patch, "batch": geometry.batch_size, "gpu_hours": round(estimate.gpu_hours, 2),
+            "left_gpu_hours": round(left, 2)}
+
+
+def _sum(rows: list[dict[str, Any]], key: str) -> float:
+    return round(sum(r[key] or 0.0 for r in rows), 2)
+
+
+def _gpus(args: argparse.Namespace) -> list[str] | None:
+    return [g for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+
+
+def _run_local(jobs: list["Job"], args: argparse.Namespace) -> int:
+    from segbook.batch.local import run_local
+
+    options = _options(args)
+    report = run_local(jobs, registry_files=options.registry_files, device=args.device, gpus=_gpus(args),
+                       gpus_per_job=args.gpus_per_job, workers=args.workers, settings=options.settings,
+                       weights=options.weights, compile=args.compile, processes=args.processes,
+                       data_workers=args.data_workers)
+    return 1 if report.failed else 0
+
+
+def _submit(jobs: list["Job"], args: argparse.Namespace) -> int:
+    from segbook.batch.slurm import SlurmOptions, submit_slurm
+
+    slurm = SlurmOptions(partition=args.partition, time=args.time, gpus_per_job=args.gpus_per_job,
+                         cpus_per_job=args.cpus_per_job, mem=args.mem, account=args.account,
+                         array_parallelism=args.array_parallelism, extra_sbatch=tuple(args.extra_sbatch),
+                         max_timeouts=args.max_timeouts)
+    submit_slurm(jobs, _options(args), slurm, dry_run=args.dry_run)
+    return 0
+
+
+def run_run(args: argparse.Namespace) -> int:
+    return _run_local(_matrix(args), args)
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    return _submit(_matrix(args), args)
+
+
+def run_retry(args: argparse.Namespace) -> int:
+    from segbook.batch.execute import retry_failed
+    from segbook.batch.matrix import survey
+
+    failed = [s for s in survey(_matrix(args)) if s.state == "failed"]
+    if not failed:
+        print("no failed jobs in the selection")
+        return 0
+    if args.backend == "slurm" and args.dry_run:
+        print("dry run: would retry\n" + "\n".join(f"  {s.job.id}: {s.detail}" for s in failed))
+        return 0
+    jobs = []
+    for status in failed:
+        error = retry_failed(status.job)
+        if error is not None:
+            print(f"retry {status.job.id} (was: {error})")
+            jobs.append(status.job)
+    if not jobs:
+        return 0
+    return _run_local(jobs, args) if args.backend == "local" else _submit(jobs, args)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    import signal
+
+    from segbook.batch.execute import ExecutionOptions, run_job
+    from segbook.batch.local import EXIT_BUSY, EXIT_FAILED
+    from segbook.batch.matrix import job_from_id
+    from segbook.registry import load_registry
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: recorded, claim released
+    options = ExecutionOptions.from_json(args.options)
+    job = job_from_id(load_registry(options.registry_files), args.job)
+    outcome = run_job(job, options)
+    print(f"segbook batch worker: {job.id}: {outcome.result} {outcome.message}".rstrip(), flush=True)
+    return {"done": 0, "failed": EXIT_FAILED, "busy": EXIT_BUSY}[outcome.result]

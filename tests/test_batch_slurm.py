@@ -1,0 +1,197 @@
+"""`segbook batch submit` against the real one-node SLURM test cluster (scripts/slurm_cluster.sh), on the CPU.
+
+States are checked against squeue, never sacct (which needs slurmdbd, absent here; docs/slurm_testing.md).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import planned_tiny_task, run_segbook, tiny_spec, use_planned_task
+from slurm_support import FINAL_STATES, ensure_slurm_cluster, queue_states, wait_for
+
+from segbook.batch.claims import claim_records
+from segbook.batch.matrix import build_matrix
+from segbook.paths import Paths
+from segbook.registry import load_registry
+from segbook.training.manifest import RunManifest
+
+pytestmark = pytest.mark.slurm
+
+SLURM = ["--device", "cpu", "--gpus-per-job", "0", "--cpus-per-job", "1", "--array-parallelism", "2", "--time", "15"]
+TINY = ["--iters-per-epoch", "2", "--val-iters-per-epoch", "1", "--checkpoint-every", "1"]
+WAIT_S = 300
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """The cluster (or a skip), and a tiny synthetic task, planned, with a tiny "pretrained" checkpoint; the jobs
+    inherit this environment (sbatch --export=ALL)."""
+    cluster = ensure_slurm_cluster()
+    with planned_tiny_task(tmp_path_factory.mktemp("batch_slurm"), tiny_spec(name="TinySlurm"), dataset_id=991,
+                           seed=5) as task:
+        task.cluster = cluster
+        yield task
+
+
+@pytest.fixture
+def fresh(task, tmp_path, monkeypatch):
+    return use_planned_task(task, tmp_path, monkeypatch)
+
+
+def _segbook(*args: str) -> str:
+    return run_segbook("batch", *args, timeout=300).stdout
+
+
+def _selection(task, init: str = "pretrained,scratch") -> list[str]:
+    return ["--registry", str(task.registry_file), "--tasks", task.entry.key, "--models", "tiny", "--init", init,
+            "--weights", str(task.weights)]
+
+
+def _status(task, init: str = "pretrained,scratch") -> dict[str, dict]:
+    jobs = json.loads(_segbook("status", *_selection(task, init), "--format", "json"))["jobs"]
+    return {job["init"]: job for job in jobs}
+
+
+def _submissions(paths: Paths) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((paths.batch / "slurm").glob("*/submission.json"))]
+
+
+def _wait_until_done(task, paths: Paths, init: str, timeout_s: float = WAIT_S) -> dict[str, dict]:
+    """Poll `batch status` until every job is done; fail with the log when a job's task ended without that."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = _status(task, init)
+        if all(job["state"] == "done" for job in status.values()):
+            return status
+        for job in status.values():
+            ended = job["slurm"] in FINAL_STATES and job["state"] != "done"
+            if ended or time.monotonic() > deadline:
+                log = Path(job["log"]) if job["log"] else None
+                text = log.read_text()[-3000:] + log.with_suffix(".err").read_text()[-3000:] if log else ""
+                pytest.fail(f"{job['job']} is {job['state']} (SLURM {job['slurm']}) after "
+                            f"{timeout_s - deadline + time.monotonic():.0f} s:\n{text}")
+        time.sleep(1)
+
+
+def _run_folder(task, paths: Paths, init: str) -> Path:
+    (job,) = build_matrix(load_registry([task.registry_file]), task.entry.key, models="tiny", inits=init)
+    return job.folder(paths)
+
+
+def _epochs(manifest: RunManifest) -> list[int]:
+    """The recorded epochs. A run killed just after nnU-Net saved a checkpoint, before the trainer recorded that
+    epoch in run.json, resumes after it: the record then lacks that one epoch."""
+    return [e["epoch"] for e in manifest.data["epochs"]]
+
+
+def _wait_for_checkpoint(folder: Path) -> None:
+    def trained_an_epoch() -> bool:
+        manifest = RunManifest.load(folder)
+        return bool(manifest and manifest.data["epochs"]) and (folder / "checkpoint_latest.pth").is_file()
+
+    wait_for(trained_an_epoch, WAIT_S, f"an epoch and a checkpoint in {folder}")
+
+
+def test_array_runs_every_job_and_resubmitting_submits_nothing(task, fresh):
+    args = [*_selection(task), *SLURM, "--epochs", "2", *TINY]
+    assert "2 to submit" in _segbook("submit", *args)
+    (record,) = _submissions(fresh)
+    array = record["array_job_id"]
+    assert sorted(j["slurm_id"] for j in record["jobs"]) == [f"{array}_0", f"{array}_1"]
+
+    status = _wait_until_done(task, fresh, "pretrained,scratch")
+    completed = {f"{array}_0": "COMPLETED", f"{array}_1": "COMPLETED"}
+    wait_for(lambda: queue_states(array) == completed, 60, f"squeue to show array {array} completed")
+    for init, job in _status(task).items():
+        assert (job["state"], job["slurm"], job["epochs"]) == ("done", "COMPLETED", "2/2")
+        assert queue_states(job["slurm_id"])[job["slurm_id"]] == job["slurm"]
+        assert "done trained and evaluated" in Path(job["log"]).read_text()
+        summary = _run_folder(task, fresh, init) / "evaluation" / "summary.json"
+        assert json.loads(summary.read_text())["num_cases"] == task.entry.test_cases
+    assert {j["init"]: j["slurm_id"] for j in status.values()} == {
+        "pretrained": f"{array}_0", "scratch": f"{array}_1"}
+
+    assert "0 to submit" in _segbook("submit", *args)
+    assert len(_submissions(fresh)) == 1
+
+
+def test_cancelled_job_resumes_from_its_checkpoint_when_resubmitted(task, fresh):
+    args = [*_selection(task, "scratch"), *SLURM, "--epochs", "12", *TINY]
+    _segbook("submit", *args)
+    folder = _run_folder(task, fresh, "scratch")
+    _wait_for_checkpoint(folder)
+    job = _status(task, "scratch")["scratch"]
+    slurm_id = job["slurm_id"]
+    assert job["state"] == "running" and job["slurm"] == queue_states(slurm_id)[slurm_id] == "RUNNING"
+
+    subprocess.run(["scancel", slurm_id], check=True)
+    wait_for(lambda: queue_states(slurm_id).get(slurm_id) == "CANCELLED", 60, f"{slurm_id} to be cancelled")
+    wait_for(lambda: _status(task, "scratch")["scratch"]["state"] != "running", 60, "the job to stop running")
+    job = _status(task, "scratch")["scratch"]
+    assert job["state"] == "pending" and job["detail"].startswith("resumes after epoch")
+    assert job["slurm"] == queue_states(slurm_id)[slurm_id] == "CANCELLED"
+    trained = len(RunManifest.load(folder).data["epochs"])
+    assert 1 <= trained < 12
+
+    assert "1 to submit" in _segbook("submit", *args)
+    job = _wait_until_done(task, fresh, "scratch")["scratch"]
+    assert job["slurm_id"] != slurm_id
+    manifest = RunManifest.load(folder)
+    (resumed,) = [e for e in manifest.data["events"] if e["event"] == "resumed"]
+    assert manifest.status == "finished" and resumed["from_epoch"] >= 1
+    assert _epochs(manifest)[-1] == 11 and set(range(resumed["from_epoch"], 12)) <= set(_epochs(manifest))
+    wait_for(lambda: queue_states(job["slurm_id"]).get(job["slurm_id"]) == "COMPLETED", 60, "squeue COMPLETED")
+    assert _status(task, "scratch")["scratch"]["slurm"] == "COMPLETED"
+
+
+def test_status_follows_squeue_while_held_and_cancelled_and_dry_run_submits_nothing(task, fresh):
+    args = [*_selection(task), *SLURM, "--epochs", "2", *TINY]
+    dry = _segbook("submit", *args, "--dry-run")
+    assert "#SBATCH --array=0-1%2" in dry and "#SBATCH --cpus-per-task=1" in dry
+    assert f"{task.entry.key}__tiny__scratch__fold_all" in dry and not _submissions(fresh)
+
+    held = [*args, "--extra-sbatch=--hold"]  # pending in SLURM until released: nothing runs
+    _segbook("submit", *held)
+    (record,) = _submissions(fresh)
+    array = record["array_job_id"]
+    try:
+        wait_for(lambda: set(queue_states(array).values()) == {"PENDING"}, 30, f"array {array} to be pending")
+        for job in _status(task).values():
+            assert job["state"] == "pending" and "queued in SLURM" in job["detail"]
+            assert job["slurm"] == queue_states(array)[job["slurm_id"]] == "PENDING"
+        assert "0 to submit" in _segbook("submit", *held) and len(_submissions(fresh)) == 1
+    finally:
+        subprocess.run(["scancel", array], check=True)
+    wait_for(lambda: set(queue_states(array).values()) == {"CANCELLED"}, 30, f"array {array} to be cancelled")
+    for job in _status(task).values():
+        assert (job["state"], job["slurm"]) == ("pending", "CANCELLED") and "queued" not in job["detail"]
+
+    assert "2 to submit" in _segbook("submit", *held)  # cancelled, not done: submitted again
+    newest = _submissions(fresh)[-1]["array_job_id"]
+    subprocess.run(["scancel", newest], check=True)
+    assert newest != array
+
+
+def test_preempted_job_requeues_and_resumes_without_reapplying_weights(task, fresh):
+    args = [*_selection(task, "pretrained"), *SLURM, "--epochs", "12", *TINY]
+    _segbook("submit", *args)
+    folder = _run_folder(task, fresh, "pretrained")
+    _wait_for_checkpoint(folder)
+    slurm_id = _status(task, "pretrained")["pretrained"]["slurm_id"]
+    # A preemption as submitit handles it: USR2 -> checkpoint() pickles the task again, requeue, exit.
+    subprocess.run(["scancel", "--signal=USR2", slurm_id], check=True)
+    job = _wait_until_done(task, fresh, "pretrained")["pretrained"]
+    assert job["slurm_id"] == slurm_id  # the same SLURM job, requeued
+    manifest = RunManifest.load(folder)
+    events = [e["event"] for e in manifest.data["events"]]
+    assert events.count("pretrained_weights_loaded") == 1
+    assert events.index("interrupted") < events.index("resumed")
+    assert _epochs(manifest)[-1] == 11
+    assert "Requeued" in Path(job["log"]).read_text()
+    first, second = claim_records(fresh.batch / "claims", job["job"])
+    assert first["outcome"] == "SystemExit" and second["outcome"] == "done"  # released on the way out, taken again
