@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "results",
     "report",
     "batch",
+    "demo",
 ]
 
 

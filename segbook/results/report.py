@@ -61,8 +61,12 @@ def write_report(df: pd.DataFrame, out: str | os.PathLike, metric: str = "dice",
     """Write the HTML report to `out` (atomically); with `figures`, also each figure as `DIR/NAME.png|pdf`."""
     if figure_format not in FIGURE_FORMATS:
         raise SegbookError(f"unknown figure format {figure_format!r}; choose {' or '.join(FIGURE_FORMATS)}")
+    import matplotlib.style
+
     out = Path(out)
-    sections = _sections(df, metric, group_datasets, models, inits, figures, figure_format)
+    # Matplotlib's defaults, whatever else ran in this process (nnU-Net's progress plots set seaborn's font scale 2.5).
+    with matplotlib.style.context("default"):
+        sections = _sections(df, metric, group_datasets, models, inits, figures, figure_format)
     atomic_write_text(out, _page(title, _subtitle(df, metric, description), sections))
     return out
 

@@ -133,11 +133,12 @@ class SegbookTrainer(nnUNetTrainer):
             self._print_progress(epoch, rates)
 
     def _print_progress(self, epoch: int, rates: dict[str, float]) -> None:
-        seconds = [e["seconds"] for e in self.manifest.data["epochs"][-10:]]
-        remaining = (self.num_epochs - epoch - 1) * sum(seconds) / len(seconds)
+        recent = self.manifest.data["epochs"][-10:]
+        remaining = (self.num_epochs - epoch - 1) * sum(e["seconds"] for e in recent) / len(recent)
         lr_text = " ".join(f"{name}={rate:.2e}" for name, rate in rates.items())
-        self.print_to_log_file(f"[segbook] epoch {epoch + 1}/{self.num_epochs} | lr {lr_text} | "
-                               f"ETA {remaining / 3600:.1f} h", add_timestamp=False)
+        self.print_to_log_file(f"[segbook] epoch {epoch + 1}/{self.num_epochs} | train loss "
+                               f"{recent[-1]['train_loss']:.3f} | EMA pseudo-Dice {recent[-1]['ema_pseudo_dice']:.3f} "
+                               f"| lr {lr_text} | ETA {_duration(remaining)}", add_timestamp=False)
 
     def train_step(self, batch: dict) -> dict:
         if self.settings.channels_last and self.device.type == "cuda":
@@ -281,3 +282,7 @@ def register_with_nnunet() -> None:
     folders = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
     if str(EXTERNAL_TRAINER_FOLDER) not in folders:
         os.environ["nnUNet_extTrainer"] = os.pathsep.join([*folders, str(EXTERNAL_TRAINER_FOLDER)])
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"

@@ -1,0 +1,86 @@
+"""`segbook demo --quick` end to end, as a user runs it: every stage, the tables, the report, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_segbook
+
+from segbook.demo import QUICK, demo_specs
+from segbook.registry import load_registry
+from segbook.training.manifest import RunManifest
+from stunet import create_stunet, read_state_dict
+
+DEMO_TIMEOUT_S = 1200
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The quick demo run twice with the same seed, into two fresh folders."""
+    runs = []
+    for name in ("first", "second"):
+        out = tmp_path_factory.mktemp("demo") / name
+        runs.append((out, run_segbook("demo", "--quick", "--out", str(out), timeout=DEMO_TIMEOUT_S).stdout))
+    return runs
+
+
+def _tables(out: Path, table: str) -> list[dict]:
+    """The demo's results table as `segbook results` prints it for the demo's folders (the closing note's
+    command)."""
+    printed = run_segbook("results", "--results-dir", str(out / "home" / "nnUNet_results"), "--registry",
+                          str(out / "demo_registry.yaml"), "--table", table, "--format", "json").stdout
+    return json.loads(printed)
+
+
+def test_every_stage_runs_and_every_target_is_trained_both_ways_and_evaluated(demo):
+    out, printed = demo[0]
+    for stage in ("[1/5] generating", "[2/5] importing", "[3/5] pretraining", "[4/5] fine-tuning", "[5/5]"):
+        assert stage in printed
+    assert "6 jobs:" in printed and "batch run: 6 done" in printed  # through `segbook batch`'s local runner
+    assert "synthetic, toy-scale numbers" in printed and "segbook results --results-dir" in printed
+
+    registry = load_registry([out / "demo_registry.yaml"])
+    targets = [registry.get(f"Dataset{i}") for i in demo_specs(QUICK) if i != 970]
+    assert [t.scale for t in targets] == ["small", "medium", "large"]
+    assert {(t.modality, t.target) for t in targets} == {("CT", "Seen Structure"), ("MRI", "Unseen Structure"),
+                                                        ("CT", "Structure&Lesion")}
+    checkpoint = out / "weights" / "tiny_demo_source.model"
+    source_classes = len(registry.get("Dataset970").labels)
+    official_layout = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert set(official_layout) >= {"epoch", "state_dict"}
+    create_stunet("tiny", 1, source_classes).load_state_dict(read_state_dict(checkpoint), strict=True)
+    runs = sorted((out / "home" / "nnUNet_results").glob("Dataset97*/SegbookTrainer_tiny_*/fold_all"))
+    assert len(runs) == 6
+    for folder in runs:
+        manifest = RunManifest.load(folder)
+        assert manifest.status == "finished" and len(manifest.data["epochs"]) == QUICK.target_epochs
+        summary = json.loads((folder / "evaluation" / "summary.json").read_text())
+        entry = registry.get(folder.parents[1].name)
+        assert summary["num_cases"] == entry.test_cases
+        events = [e["event"] for e in manifest.data["events"]]
+        assert ("pretrained_weights_loaded" in events) == ("pretrained" in folder.parent.name)
+        if "pretrained" in folder.parent.name:
+            assert manifest.settings.weights == str(checkpoint)
+
+
+def test_tables_are_printed_the_report_is_written_and_the_same_seed_gives_the_same_tables(demo):
+    (out, printed), (again, printed_again) = demo
+    assert "Dice (%) by dataset scale" in printed and "Dice (%) by modality and target" in printed
+    for name in ("STU-Net-T", "Delta(PT)", "small", "medium", "large", "CT seen structure", "MRI unseen structure"):
+        assert name in printed
+
+    by_scale = _tables(out, "scale")
+    assert [row["init"] for row in by_scale] == ["scratch", "pretrained", "Delta(PT)"]
+    for row in by_scale[:2]:
+        assert all(0.0 <= row[scale] <= 100.0 and row[f"{scale} n"] == 1 for scale in ("small", "medium", "large"))
+    assert by_scale == _tables(again, "scale")
+    assert _tables(out, "modality-target") == _tables(again, "modality-target")
+    tables = lambda text: text.split("[5/5]")[1].split("\n", 1)[1].split("Done in")[0]  # noqa: E731
+    assert tables(printed) == tables(printed_again)
+
+    report = (out / "report.html").read_text()
+    assert "segbook demo (synthetic data, toy scale)" in report and "Dice (%) by dataset scale" in report
+    assert "<img" in report or "<svg" in report
