@@ -15,7 +15,7 @@ import string
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from segbook.data.problems import Problem, error, warning
 from segbook.errors import SegbookError
@@ -227,8 +227,10 @@ def _unlabelled(folder: Path, count: int) -> Problem:
                                  f"{folder.name.replace('images', 'labels')} folder", file=folder)
 
 
-def _read_nnunet(root: Path, n_channels: int, layout: str) -> SourceDataset:
-    """nnU-Net v1 and v2: `{case}_{XXXX}{ext}` images, `{case}{ext}` labels; labelled imagesTs cases count too."""
+def _read_task_folder(root: Path, n_channels: int, layout: str,
+                      add_image: Callable[["_Collector", Path, str], None]) -> SourceDataset:
+    """The folder walk nnU-Net and MSD share: image/label folder pairs, labels named `{case}{ext}`; `add_image`
+    records one image file whose name without ending is given, by the layout's own naming rule."""
     collect = _Collector(n_channels)
     for image_dir, label_dir in _pair_folders(root):
         image_files = _visible_files(image_dir)
@@ -236,46 +238,39 @@ def _read_nnunet(root: Path, n_channels: int, layout: str) -> SourceDataset:
             if image_files:
                 collect.problems.append(_unlabelled(image_dir, len(image_files)))
             continue
-        for path in image_files:
-            parts = split_ending(path.name)
-            match = _CHANNEL_SUFFIX.match(parts[0]) if parts else None
-            if not match:
-                collect.unmatched(path, "not named {case}_{XXXX}" + (parts[1] if parts else "{ext}"))
-                continue
+        for folder, add in ((image_files, add_image), (_visible_files(label_dir), _add_label)):
+            for path in folder:
+                parts = split_ending(path.name)
+                if parts:
+                    add(collect, path, *parts)
+                else:
+                    collect.unmatched(path, "not an image file")
+    return SourceDataset(layout, str(root), collect.cases(), collect.problems, collect.files)
+
+
+def _add_label(collect: "_Collector", path: Path, stem: str, ending: str) -> None:
+    collect.label(stem, path)
+
+
+def _read_nnunet(root: Path, n_channels: int, layout: str) -> SourceDataset:
+    """nnU-Net v1 and v2: `{case}_{XXXX}{ext}` images, `{case}{ext}` labels; labelled imagesTs cases count too."""
+    def add_image(collect: _Collector, path: Path, stem: str, ending: str) -> None:
+        match = _CHANNEL_SUFFIX.match(stem)
+        if match:
             collect.image(match["case"], int(match["channel"]), ImageRef(path))
-        for path in _visible_files(label_dir):
-            parts = split_ending(path.name)
-            if not parts:
-                collect.unmatched(path, "not an image file")
-                continue
-            collect.label(parts[0], path)
-    cases = collect.cases()
-    return SourceDataset(layout, str(root), cases, collect.problems, collect.files)
+        else:
+            collect.unmatched(path, "not named {case}_{XXXX}" + ending)
+
+    return _read_task_folder(root, n_channels, layout, add_image)
 
 
 def _read_msd(root: Path, n_channels: int) -> SourceDataset:
     """MSD: `{case}{ext}` for images and labels; a multi-channel case is one 4-D file."""
-    collect = _Collector(n_channels)
-    for image_dir, label_dir in _pair_folders(root):
-        image_files = _visible_files(image_dir)
-        if label_dir is None:
-            if image_files:
-                collect.problems.append(_unlabelled(image_dir, len(image_files)))
-            continue
-        for path in image_files:
-            parts = split_ending(path.name)
-            if not parts:
-                collect.unmatched(path, "not an image file")
-                continue
-            refs = [ImageRef(path)] if n_channels == 1 else [ImageRef(path, c) for c in range(n_channels)]
-            collect.image_file(parts[0], refs)
-        for path in _visible_files(label_dir):
-            parts = split_ending(path.name)
-            if parts:
-                collect.label(parts[0], path)
-            else:
-                collect.unmatched(path, "not an image file")
-    return SourceDataset("msd", str(root), collect.cases(), collect.problems, collect.files)
+    def add_image(collect: _Collector, path: Path, stem: str, ending: str) -> None:
+        refs = [ImageRef(path)] if n_channels == 1 else [ImageRef(path, c) for c in range(n_channels)]
+        collect.image_file(stem, refs)
+
+    return _read_task_folder(root, n_channels, "msd", add_image)
 
 
 def compile_pattern(pattern: str, tokens: Sequence[str] = ()) -> re.Pattern:
