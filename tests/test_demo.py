@@ -19,11 +19,19 @@ DEMO_TIMEOUT_S = 1200
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The quick demo run twice with the same seed, into two fresh folders."""
+    """The quick demo run twice with the same seed, into two fresh folders, by a user whose own nnU-Net and
+    segbook folders are set (and must stay untouched)."""
+    users = tmp_path_factory.mktemp("user_folders")
+    variables = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "SEGBOOK_HOME")
     runs = []
-    for name in ("first", "second"):
-        out = tmp_path_factory.mktemp("demo") / name
-        runs.append((out, run_segbook("demo", "--quick", "--out", str(out), timeout=DEMO_TIMEOUT_S).stdout))
+    with pytest.MonkeyPatch.context() as patch:
+        for variable in variables:
+            (users / variable).mkdir()
+            patch.setenv(variable, str(users / variable))
+        for name in ("first", "second"):
+            out = tmp_path_factory.mktemp("demo") / name
+            runs.append((out, run_segbook("demo", "--quick", "--out", str(out), timeout=DEMO_TIMEOUT_S).stdout))
+    assert [path for variable in variables for path in (users / variable).iterdir()] == []
     return runs
 
 
