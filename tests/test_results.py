@@ -433,6 +433,7 @@ def test_one_number_per_configuration_across_imported_files(store, tmp_path: Pat
 
 
 def test_cli_tables_formats_and_stats(store, registry_file: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["results", "--registry", str(registry_file), "--format", "json"]
     assert main(["results", "--registry", str(registry_file)]) == 0
     out = capsys.readouterr().out
     assert "Dice (%) by dataset scale" in out and "82.50 (n=2)" in out and "90.00 (n=1)*" in out
@@ -453,6 +454,16 @@ def test_cli_tables_formats_and_stats(store, registry_file: Path, capsys: pytest
     assert main(["results", "--registry", str(registry_file), "--stats", "--table", "modality-target"]) == 0
     out = capsys.readouterr().out
     assert "pretrained vs scratch" in out and "CT seen structure" in out and "Wilcoxon" in out
+
+    assert main([*base, "--models", "large", "nnunet", "--init", "scratch"]) == 0
+    spaced = json.loads(capsys.readouterr().out)
+    assert main([*base, "--models", "large,nnunet", "--init", "scratch"]) == 0
+    commas = json.loads(capsys.readouterr().out)
+    assert spaced == commas and [(r["model"], r["init"]) for r in spaced] == [("nnunet", "scratch"),
+                                                                              ("large", "scratch")]
+    with pytest.raises(SystemExit):
+        main([*base, "--models", "large,gigantic"])
+    assert "unknown gigantic" in capsys.readouterr().err
 
 
 def test_cli_import_then_table(store, registry_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

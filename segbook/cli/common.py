@@ -79,3 +79,20 @@ def training_settings_from_args(args: argparse.Namespace) -> "TrainingSettings":
                             head_lr_multiplier=args.head_lr_multiplier, weight_decay=args.weight_decay,
                             checkpoint_every=args.checkpoint_every, seed=args.seed,
                             mixed_precision=args.precision, channels_last=args.channels_last)
+
+
+class ChoiceList(argparse.Action):
+    """A list option written either way users type it: `--models base large` or `--models base,large`."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, choices: Sequence[str], **kwargs):
+        super().__init__(option_strings, dest, nargs="+", **kwargs)
+        self.allowed = tuple(choices)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Sequence[str],
+                 option_string: str | None = None) -> None:
+        items = [item.strip() for value in values for item in value.split(",") if item.strip()]
+        unknown = [item for item in items if item not in self.allowed]
+        if unknown or not items:
+            parser.error(f"{option_string}: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(self.allowed)}")
+        setattr(namespace, self.dest, list(dict.fromkeys(items)))

@@ -7,7 +7,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, TextIO
 
-from segbook.cli.common import add_format_option, add_registry_option, registry_from_args
+from segbook.cli.common import ChoiceList, add_format_option, add_registry_option, registry_from_args
 from segbook.cli.output import FORMATS
 from segbook.training.runs import DEFAULT_PLANS, INITS, MODELS
 
@@ -26,10 +26,10 @@ def add_collection_options(parser: argparse.ArgumentParser) -> None:
                         help="collect runs from DIR instead of nnU-Net's results folder ($nnUNet_results)")
     parser.add_argument("--plans", default=DEFAULT_PLANS, help=f"nnU-Net plans of the runs (default: {DEFAULT_PLANS})")
     parser.add_argument("--metric", choices=("dice", "nsd"), default="dice", help="score to tabulate (default: dice)")
-    parser.add_argument("--models", nargs="+", choices=MODELS, metavar="MODEL",
-                        help="show these models (nnunet small base large huge), marking datasets they lack; "
-                             "default: every configuration present")
-    parser.add_argument("--init", nargs="+", choices=INITS, metavar="INIT",
+    parser.add_argument("--models", action=ChoiceList, choices=MODELS, metavar="MODEL",
+                        help="show these models (nnunet, tiny, small, base, large, huge; spaces or commas), marking "
+                             "datasets they lack; default: every configuration present")
+    parser.add_argument("--init", action=ChoiceList, choices=INITS, metavar="INIT",
                         help="show these initialisations (pretrained, scratch); default: both")
     parser.add_argument("--group-datasets", action="store_true",
                         help="modality x target: group whole datasets by their target (structure&lesion is its "
