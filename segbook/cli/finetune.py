@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "the STU-Net body comes from the TotalSegmentator checkpoint and the freshly initialised "
                     "segmentation heads learn at --head-lr-multiplier x the body's rate (poly decay per group); "
                     "without it the same network trains from scratch. The task is planned first if needed. The "
-                    "run lives in $nnUNet_results/DatasetXXX_Name/SegbookTrainer_{model}_{init}__nnUNetPlans__"
+                    "run lives in $nnUNet_results/Dataset{id}_{Name}/SegbookTrainer_{model}_{init}__nnUNetPlans__"
                     "3d_fullres/fold_{fold} with its run.json record.",
         epilog="example: segbook finetune --task 613 --model large --pretrained")
     add_task_option(parser)

@@ -253,13 +253,14 @@ def _add_label(collect: "_Collector", path: Path, stem: str, ending: str) -> Non
 
 
 def _read_nnunet(root: Path, n_channels: int, layout: str) -> SourceDataset:
-    """nnU-Net v1 and v2: `{case}_{XXXX}{ext}` images, `{case}{ext}` labels; labelled imagesTs cases count too."""
+    """nnU-Net v1 and v2: `{case}_{channel:04d}{ext}` images (case_0000.nii.gz), `{case}{ext}` labels; labelled
+    imagesTs cases count too."""
     def add_image(collect: _Collector, path: Path, stem: str, ending: str) -> None:
         match = _CHANNEL_SUFFIX.match(stem)
         if match:
             collect.image(match["case"], int(match["channel"]), ImageRef(path))
         else:
-            collect.unmatched(path, "not named {case}_{XXXX}" + ending)
+            collect.unmatched(path, "not named {case}_{channel:04d}" + ending)
 
     return _read_task_folder(root, n_channels, layout, add_image)
 
