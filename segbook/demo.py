@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from segbook.data.synth import SynthSpec, TargetSpec, registry_entry, write_registry_file, write_synthetic_dataset
-from segbook.errors import SegbookError
 from segbook.paths import Paths
 
+#: Intra-op threads of every demo process. The order of float sums depends on the number of threads, so a fixed
+#: number makes the tables the same on any machine of one CPU architecture, whatever its core count.
+DEMO_THREADS = 2
 #: Demo datasets count as medium from 10 cases and large from 20 (the paper: 100 and 400).
 DEMO_SCALE_THRESHOLDS = (10, 20)
 SOURCE_ORGANS = ("liver", "spleen", "kidney_left", "stomach", "pancreas")
@@ -94,7 +96,8 @@ class DemoResult:
                 "These are synthetic, toy-scale numbers: they show that every stage of the benchmark runs, not how "
                 "much pretraining helps on real data.\n"
                 f"The tables again, in any format: segbook results --results-dir {results} "
-                f"--registry {self.out / 'demo_registry.yaml'} [--table modality-target] [--stats] [--format md]\n"
+                f"--registry {self.out / 'demo_registry.yaml'} --no-imported [--table modality-target] [--stats] "
+                "[--format md]\n"
                 "The real study: download the checkpoints (`segbook weights download large`), import a dataset "
                 "(`segbook data import --task 613 --from PATH`), run the matrix (`segbook batch run` or "
                 "`segbook batch submit --backend slurm ...`), then `segbook results` and `segbook report` (see the "
@@ -104,52 +107,54 @@ class DemoResult:
 def run_demo(out: str | os.PathLike | None = None, *, quick: bool = False, device: str = "cpu",
              seed: int = 0, say: Callable[[str], None] = print) -> DemoResult:
     """Run every stage of the benchmark on synthetic data; returns where the report is and the printed tables."""
+    from segbook.devices import resolve_device
+
     started = time.time()
-    _check_device(device)
+    resolve_device(device)
     settings = replace(QUICK if quick else (GPU if device == "cuda" else DEFAULT), seed=seed)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="segbook-demo-"))
     with _isolated(out) as paths:
-        say = _timed(say, started)
-        say(f"segbook demo: synthetic data, {'quick ' if quick else ''}toy-scale budgets, on {device}; output in {out}")
-
-        say("[1/5] generating the synthetic source and target tasks")
-        registry_file, entries = _write_tasks(out, settings)
-        say("[2/5] importing, validating, splitting and planning every task")
-        _import_and_plan(out, settings, entries, paths)
-        say(f"[3/5] pretraining STU-Net {settings.model} on the source task ({settings.pretrain_epochs} epochs x "
-            f"{settings.iterations_per_epoch} iterations)")
-        checkpoint = _pretrain(out, settings, entries[970], paths, device)
-        say(f"[4/5] fine-tuning from {checkpoint.name} and training from scratch on "
-            f"{len(entries) - 1} targets ({settings.target_epochs} epochs x {settings.iterations_per_epoch} iterations "
-            f"each), then evaluating on the held-out cases")
-        _run_targets(settings, [entries[i] for i in sorted(entries) if i != 970], registry_file, checkpoint, device)
-        say("[5/5] collecting the results and writing the report")
-        tables, report = _results(out, paths, registry_file)
+        say(f"segbook demo: synthetic data, {'quick ' if quick else ''}toy-scale budgets, on {device} "
+            f"({DEMO_THREADS} CPU threads per process); output in {out}")
+        with _stage(say, "[1/5] generating the synthetic source and target tasks"):
+            registry_file, entries = _write_tasks(out, settings)
+        with _stage(say, "[2/5] importing, validating, splitting and planning every task"):
+            _import_and_plan(out, settings, entries, paths)
+        with _stage(say, f"[3/5] pretraining STU-Net {settings.model} on the source task ({settings.pretrain_epochs} "
+                         f"epochs x {settings.iterations_per_epoch} iterations)"):
+            checkpoint = _pretrain(out, settings, entries[970], paths, device)
+        targets = [entries[i] for i in sorted(entries) if i != 970]
+        with _stage(say, f"[4/5] fine-tuning from {checkpoint.name} and training from scratch on {len(targets)} "
+                         f"targets ({settings.target_epochs} epochs x {settings.iterations_per_epoch} iterations "
+                         "each), then evaluating on the held-out cases"):
+            _run_targets(settings, targets, registry_file, checkpoint, device)
+        with _stage(say, "[5/5] collecting the results and writing the report"):
+            tables, report = _results(out, paths, registry_file)
     return DemoResult(out, report, tables, time.time() - started)
 
 
-def _check_device(device: str) -> None:
-    import torch
-
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(device, False):
-        raise SegbookError(f"--device {device}: not available on this machine (PyTorch {torch.__version__}); "
-                           "run the demo on the CPU with --device cpu")
-
-
-def _timed(say: Callable[[str], None], started: float) -> Callable[[str], None]:
-    return lambda line: say(f"{line}  [{time.time() - started:.0f} s]" if line.startswith("[") else line)
+@contextlib.contextmanager
+def _stage(say: Callable[[str], None], title: str) -> Iterator[None]:
+    """Announce a stage, and when it ends, how long it took."""
+    say(title)
+    started = time.time()
+    yield
+    say(f"      done in {time.time() - started:.0f} s")
 
 
 @contextlib.contextmanager
 def _isolated(out: Path) -> Iterator[Paths]:
     """Point segbook and nnU-Net at folders inside the demo's output, whatever the user has configured; the
     environment is restored afterwards."""
-    saved = dict(os.environ)
+    import torch
+
+    saved, threads = dict(os.environ), torch.get_num_threads()
+    torch.set_num_threads(DEMO_THREADS)  # this process pretrains; the batch workers read OMP_NUM_THREADS
     os.environ["SEGBOOK_HOME"] = str(out / "home")
     for variable in ("SEGBOOK_REGISTRY", "nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.environ.pop(variable, None)
     os.environ["nnUNet_n_proc_DA"] = "0"  # augmentation in the training process: deterministic, light on 2 cores
+    os.environ["OMP_NUM_THREADS"] = str(DEMO_THREADS)  # the same float sums on every machine (see DEMO_THREADS)
     paths = Paths.from_env()
     paths.export()
     try:
@@ -157,6 +162,7 @@ def _isolated(out: Path) -> Iterator[Paths]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        torch.set_num_threads(threads)
 
 
 def _write_tasks(out: Path, settings: DemoSettings) -> tuple[Path, dict]:
@@ -187,10 +193,9 @@ def _import_and_plan(out: Path, settings: DemoSettings, entries: dict, paths: Pa
 
 def _pretrain(out: Path, settings: DemoSettings, source, paths: Paths, device: str) -> Path:
     """Train the source task from scratch in its own results folder, then export it like the released weights."""
-    import torch
-
+    from segbook.training.checkpoints import read_run_checkpoint
     from segbook.training.finetune import finetune
-    from segbook.training.manifest import TrainingSettings
+    from segbook.training.settings import TrainingSettings
     from stunet.checkpoints import write_official_checkpoint
 
     pretraining = replace(paths, results=out / "pretraining")
@@ -203,7 +208,7 @@ def _pretrain(out: Path, settings: DemoSettings, source, paths: Paths, device: s
         run = finetune(source, settings.model, pretrained=False, settings=budget, device=device,
                        paths=pretraining, resume=True)
     paths.export()  # back to the demo's results folder
-    weights = torch.load(run.folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    weights = read_run_checkpoint(run.folder / "checkpoint_final.pth")  # the output folder is untrusted too
     return write_official_checkpoint(weights["network_weights"],
                                      out / "weights" / f"{settings.model}_demo_source.model",
                                      epoch=settings.pretrain_epochs)
@@ -233,7 +238,7 @@ def _run_targets(settings: DemoSettings, targets: list, registry_file: Path, che
     from segbook.batch.local import run_local
     from segbook.batch.matrix import build_matrix
     from segbook.registry import load_registry
-    from segbook.training.manifest import TrainingSettings
+    from segbook.training.settings import TrainingSettings
 
     registry = load_registry([registry_file])
     jobs = build_matrix(registry, tasks=[t.key for t in targets], models=[settings.model],

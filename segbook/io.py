@@ -7,8 +7,14 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def now() -> str:
+    """The local time with its offset, as every record segbook writes spells it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -81,3 +87,37 @@ def atomic_directory(path: str | os.PathLike, replace: bool = False) -> Iterator
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
+
+
+def leftovers(path: str | os.PathLike) -> list[Path]:
+    """The `.partial` and `.old` folders an interrupted `atomic_directory` of `path` left next to it."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    try:
+        names = os.listdir(path.parent)
+    except FileNotFoundError:
+        return []
+    return sorted(path.parent / n for n in names if n.startswith(prefix) and n.endswith((".partial", ".old")))
+
+
+def sweep_leftovers(path: str | os.PathLike) -> list[str]:
+    """Repair what an `atomic_directory` killed mid-way left next to `path`; returns what it did, for the log.
+
+    A half-built `.partial` folder is deleted. An `.old` folder is the previous content moved aside just before the
+    new one was renamed into place: if `path` is missing, the kill came between the two renames and the old content
+    is put back; otherwise it is deleted. Call it only while holding the claim on `path` (no live writer).
+    """
+    path = Path(path)
+    found = leftovers(path)
+    done = []
+    for partial in (p for p in found if p.name.endswith(".partial")):
+        shutil.rmtree(partial, ignore_errors=True)
+        done.append(f"deleted the unfinished {partial.name}")
+    old = sorted((p for p in found if p.name.endswith(".old")), key=lambda p: p.stat().st_mtime)
+    if old and not path.exists():
+        os.replace(old.pop(), path)
+        done.append(f"restored {path.name} from the copy a killed process had moved aside")
+    for stale in old:
+        shutil.rmtree(stale, ignore_errors=True)
+        done.append(f"deleted the replaced {stale.name}")
+    return done

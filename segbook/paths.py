@@ -48,6 +48,11 @@ class Paths:
     def batch(self) -> Path:
         return self.home / "batch"
 
+    @property
+    def claims(self) -> Path:
+        """Claims on runs and datasets (`segbook.claims`), shared by every command and launcher."""
+        return self.batch / "claims"
+
     def export(self) -> None:
         """Point nnU-Net (read lazily from the environment in nnunetv2 >= 2.8) at these folders."""
         os.environ["nnUNet_raw"] = str(self.raw)

@@ -9,6 +9,13 @@ Re-running is cheap: `segbook_plan.json` in the preprocessed folder records the 
 dataset's dataset.json, split, import record and file listing) that each plans file was made from. When the stamp
 still matches, nothing runs; when the raw data changed, the whole preprocessed folder is stale (fingerprint, plans,
 preprocessed cases, cross-validation splits) and is rebuilt from scratch.
+
+Planning never touches the folder training reads until it is done: nnU-Net (which empties its output folder before
+refilling it) works in a hidden sibling, `.Dataset{id}_{Name}.{token}.partial/`, and the finished folder, its cases
+checked against the train split, replaces the old one by two renames under the dataset's claim. A kill at any point
+leaves the previous version in place (or, between the renames, restores it on the next run). Training checks that
+the preprocessed cases are exactly the train split's (`verify_preprocessed`) and records their count and a hash of
+their ids.
 """
 
 from __future__ import annotations
@@ -21,12 +28,14 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from segbook.data.folders import dataset_claim, is_imported, preprocessed_folder, raw_folder, repair_if_free
 from segbook.errors import SegbookError
-from segbook.io import atomic_write_json
+from segbook.io import atomic_write_json, now
 from segbook.paths import Paths
 
 if TYPE_CHECKING:
@@ -192,45 +201,187 @@ def load_plan(entry: DatasetEntry, paths: Paths | None = None, planner: str = "d
 
 def plan_task(entry: DatasetEntry, paths: Paths | None = None, num_processes: int | None = None,
               planner: str = "default", force: bool = False, progress: bool = True,
-              log: Callable[[str], None] | None = None, fingerprint_samples: int | None = None) -> PlanResult:
+              log: Callable[[str], None] | None = None, fingerprint_samples: int | None = None,
+              wait: bool = True) -> PlanResult:
     """Fingerprint, plan and preprocess an imported task (3d_fullres); a no-op when it is up to date.
 
     `num_processes` defaults to nnUNet_def_n_proc (else the cores, at most 8). `force` redoes everything for this
     planner. `log` receives one line per stage (default: stderr when `progress`). `fingerprint_samples` overrides
     how many foreground intensities nnU-Net samples for the fingerprint (1e8 over the dataset, which dominates the
-    time on tiny datasets); it applies only to a fingerprint computed by this call.
+    time on tiny datasets); it applies only to a fingerprint computed by this call. While another process imports
+    or plans the task, `wait` waits for it (else `ClaimBusy` names it).
     """
     started = time.perf_counter()
     say = log or ((lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None))
     paths = paths or Paths.from_env()
     paths.export()
     _, _, identifier = _planner(planner)
-    raw = paths.raw / entry.nnunet_name
-    if not (raw / "dataset.json").is_file():
-        raise SegbookError(f"{entry.key} is not imported ({raw} has no dataset.json); run `segbook data import "
-                           f"--task {entry.key} --from PATH` first")
+    if not is_imported(entry, paths):
+        raise SegbookError(f"{entry.key} is not imported ({raw_folder(entry, paths)} has no dataset.json); run "
+                           f"`segbook data import --task {entry.key} --from PATH` first")
     from segbook.data.importer import check_dataset_id
 
     check_dataset_id(entry, paths)
-    folder = paths.preprocessed / entry.nnunet_name
-    stamp = raw_stamp(entry, paths)
-    record = _read_record(folder)
-    if record.get("raw_stamp") != stamp:
+    if not force and plan_states(entry, paths).get(planner) == "preprocessed":
+        for line in repair_if_free(entry, paths):  # a killed planning's hidden copy can be gigabytes
+            say(f"{entry.nnunet_name}: {line}")
+        return _load_result(entry, paths, planner, raw_stamp(entry, paths), True, time.perf_counter() - started)
+    with dataset_claim(entry, paths, wait=wait, say=say) as repaired:
+        for line in repaired:
+            say(f"{entry.nnunet_name}: {line}")
+        stamp = raw_stamp(entry, paths)
+        record = _read_record(preprocessed_folder(entry, paths))
+        if not force and record.get("raw_stamp") == stamp and \
+                _is_complete(preprocessed_folder(entry, paths), record, identifier):
+            return _load_result(entry, paths, planner, stamp, True, time.perf_counter() - started)
+        _build(entry, paths, planner, stamp, record, num_processes or _default_processes(), force, progress, say,
+               fingerprint_samples)
+    return _load_result(entry, paths, planner, stamp, skipped=False, seconds=time.perf_counter() - started)
+
+
+def _build(entry: DatasetEntry, paths: Paths, planner: str, stamp: str, record: dict[str, Any], processes: int,
+           force: bool, progress: bool, say: Callable[[str], None], fingerprint_samples: int | None) -> None:
+    """Preprocess into a hidden sibling folder, check it, then swap it in for the current one."""
+    _, _, identifier = _planner(planner)
+    folder = preprocessed_folder(entry, paths)
+    token = uuid.uuid4().hex[:12]
+    staging = folder.with_name(f".{folder.name}.{token}.partial")
+    staged = staging / folder.name
+    same_raw = record.get("raw_stamp") == stamp and folder.is_dir()
+    if same_raw:  # other planners' data and the fingerprint stay valid: carry them over
+        record = {**record, "plans": {k: v for k, v in record.get("plans", {}).items() if k != identifier}}
+        _carry_over(folder, staged, record.get("plans", {}))
+    else:
         if folder.exists():
             say(f"{entry.nnunet_name}: raw data changed (or no segbook record); rebuilding {folder}")
-            shutil.rmtree(folder)
+        staged.mkdir(parents=True)
         record = {"raw_stamp": stamp, "plans": {}}
-    elif _is_complete(folder, record, identifier) and not force:
-        return _load_result(entry, paths, planner, stamp, skipped=True, seconds=time.perf_counter() - started)
-    record["plans"].pop(identifier, None)
-    processes = num_processes or _default_processes()
-    data_identifier = _run_nnunet(entry, planner, folder, processes, force, progress, say, fingerprint_samples)
-    _copy_ground_truth(entry, raw, folder)
-    record["plans"][identifier] = {"planner": planner, "configuration": CONFIGURATION,
-                                   "data_identifier": data_identifier, "complete": True}
-    record["nnunet_version"] = _nnunet_version()
-    atomic_write_json(folder / PLAN_RECORD, record)
-    return _load_result(entry, paths, planner, stamp, skipped=False, seconds=time.perf_counter() - started)
+    try:
+        with _nnunet_preprocessed_at(staging):
+            data_identifier = _run_nnunet(entry, planner, staged, processes, force, progress, say,
+                                          fingerprint_samples)
+        _copy_ground_truth(entry, raw_folder(entry, paths), staged)
+        cases = _check_cases(entry.key, raw_folder(entry, paths), staged / data_identifier, "nnU-Net preprocessed")
+        record["plans"][identifier] = {"planner": planner, "configuration": CONFIGURATION,
+                                       "data_identifier": data_identifier, "complete": True, "version": token,
+                                       "cases": cases.count, "case_ids_sha256": cases.ids_sha256,
+                                       "finished_at": now()}
+        record["nnunet_version"] = _nnunet_version()
+        atomic_write_json(staged / PLAN_RECORD, record)
+        _swap(staged, folder, token)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _carry_over(folder: Path, staged: Path, kept_plans: dict[str, Any]) -> None:
+    """Copy the current folder into the staging one: small files copied, other planners' case folders hard-linked
+    (nnU-Net never writes into those, and a link costs nothing); the rebuilt planner's own data is left out."""
+    kept_data = {plan.get("data_identifier") for plan in kept_plans.values()}
+    staged.mkdir(parents=True)
+    for item in folder.iterdir():
+        if item.is_file():
+            shutil.copy2(item, staged / item.name)
+        elif item.is_dir() and item.name in kept_data:
+            shutil.copytree(item, staged / item.name, copy_function=_link_or_copy)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, target)
+
+
+def _swap(staged: Path, folder: Path, token: str) -> None:
+    """Put the finished folder in place of the current one. Between the two renames the folder is missing; a kill
+    there is repaired by `segbook.io.sweep_leftovers` (the `.old` copy is put back)."""
+    old = folder.with_name(f".{folder.name}.{token}.old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staged, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _nnunet_preprocessed_at(root: Path) -> Iterator[None]:
+    """Point nnU-Net's preprocessed folder (read from the environment at each use) at the staging root."""
+    saved = os.environ.get("nnUNet_preprocessed")
+    os.environ["nnUNet_preprocessed"] = str(root)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("nnUNet_preprocessed", None)
+        else:
+            os.environ["nnUNet_preprocessed"] = saved
+
+
+@dataclass(frozen=True)
+class PreprocessedCases:
+    """What a run trains on: the preprocessed cases (count, hash of the sorted ids) and the version of the folder."""
+
+    count: int
+    ids_sha256: str
+    version: str | None = None
+    data_folder: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train_case_ids(raw: Path) -> list[str]:
+    """The train split's case ids: from segbook's split file, else (a dataset not imported by segbook) from
+    nnU-Net's labelsTr."""
+    from segbook.data.split import read_split
+
+    split = read_split(raw)
+    if split is not None:
+        return sorted(split.train)
+    dataset = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
+    ending = dataset.get("file_ending", ".nii.gz")
+    return sorted(p.name[: -len(ending)] for p in (raw / "labelsTr").glob(f"*{ending}"))
+
+
+def _check_cases(task: str, raw: Path, data_folder: Path, what: str) -> PreprocessedCases:
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    expected = train_case_ids(raw)
+    found = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder))) \
+        if data_folder.is_dir() else []
+    if found != expected:
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        detail = "; ".join(part for part in (
+            f"missing {len(missing)}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}" if missing else "",
+            f"not in the split {len(extra)}: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}" if extra
+            else "") if part)
+        raise SegbookError(f"{what} {len(found)} case(s) in {data_folder}, but the train split has {len(expected)} "
+                           f"({detail}); run `segbook plan --task {task} --force` to preprocess it again")
+    digest = hashlib.sha256("\n".join(found).encode()).hexdigest()
+    return PreprocessedCases(len(found), digest, data_folder=str(data_folder))
+
+
+def verify_preprocessed(dataset: str, paths: Paths, identifier: str = "nnUNetPlans",
+                        task: str | None = None) -> PreprocessedCases:
+    """Check, before training, that the preprocessed cases are exactly the train split's; SegbookError naming the
+    command that repairs it otherwise. `dataset` is the nnU-Net folder name, `identifier` the plans' (`task`
+    names the dataset in the advice)."""
+    folder = paths.preprocessed / dataset
+    plan = _read_record(folder).get("plans", {}).get(identifier, {})
+    task = task or dataset
+    if not plan.get("complete"):
+        raise SegbookError(f"{dataset} is not preprocessed for {identifier} (no complete segbook plan record in "
+                           f"{folder}); run `segbook plan --task {task}`")
+    cases = _check_cases(task, paths.raw / dataset, folder / plan["data_identifier"],
+                         f"{dataset}: the preprocessed data holds")
+    if plan.get("cases") not in (None, cases.count) or plan.get("case_ids_sha256") not in (None, cases.ids_sha256):
+        raise SegbookError(f"{dataset}: the preprocessed cases differ from those its plan record lists; run "
+                           f"`segbook plan --task {task} --force`")
+    return PreprocessedCases(cases.count, cases.ids_sha256, plan.get("version"), cases.data_folder)
+
+
+def preprocessed_version(dataset: str, paths: Paths, identifier: str = "nnUNetPlans") -> str | None:
+    """The version token of the current preprocessed folder: it changes when planning replaces the folder."""
+    return _read_record(paths.preprocessed / dataset).get("plans", {}).get(identifier, {}).get("version")
 
 
 def _run_nnunet(entry: DatasetEntry, planner: str, folder: Path, processes: int, force: bool, progress: bool,

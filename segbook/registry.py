@@ -19,10 +19,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from segbook.errors import SegbookError
+from segbook.yamlfile import YamlFileError, read_yaml
 
 REGISTRY_ENV = "SEGBOOK_REGISTRY"
 BUILTIN_FILENAME = "dataset_registry.yaml"
@@ -413,11 +413,11 @@ def read_registry_file(path: str | os.PathLike) -> list[DatasetEntry]:
 def _read_validated(path: Path, mtime_ns: int, size: int) -> tuple[DatasetEntry, ...]:
     """Cached on the file's identity and modification, since every command loads the built-in file again."""
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        data = read_yaml(path)
     except OSError as error:
         raise RegistryError(f"cannot read registry file {path}: {error.strerror or error}") from None
-    except yaml.YAMLError as error:
-        raise RegistryError(f"{path}: not valid YAML: {error}") from None
+    except YamlFileError as error:
+        raise RegistryError(str(error)) from None
     if not isinstance(data, dict) or set(data) != {"datasets"} or not isinstance(data["datasets"], list):
         raise RegistryError(f"{path}: a registry file is a mapping with one key, 'datasets', holding a list of "
                             "entries (see docs/registry.md)")

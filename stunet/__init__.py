@@ -7,13 +7,13 @@
 from stunet.checkpoints import (CATALOGUE, PretrainedCfg, WeightCache, WeightsError, get_cfg,
                                 write_official_checkpoint)
 from stunet.flops import count_forward_macs, count_parameters, preset_summary
-from stunet.loading import CheckpointError, load_pretrained, read_state_dict
+from stunet.loading import CheckpointError, adapt_state_dict, load_pretrained, read_state_dict, safe_load
 from stunet.model import STUNet
-from stunet.presets import PRESETS, PRETRAINING_STRIDES, create_stunet, get_preset, strides_from_plans
+from stunet.presets import PRESETS, PRETRAINING_STRIDES, create_stunet, describe_network, get_preset, strides_from_plans
 
 __all__ = [
     "CATALOGUE", "CheckpointError", "PRESETS", "PRETRAINING_STRIDES", "PretrainedCfg", "STUNet", "WeightCache",
-    "WeightsError", "count_forward_macs", "count_parameters", "create_stunet", "get_cfg", "get_preset",
-    "load_pretrained", "preset_summary", "read_state_dict", "strides_from_plans",
-    "write_official_checkpoint",
+    "WeightsError", "adapt_state_dict", "count_forward_macs", "count_parameters", "create_stunet",
+    "describe_network", "get_cfg", "get_preset", "load_pretrained", "preset_summary", "read_state_dict",
+    "safe_load", "strides_from_plans", "write_official_checkpoint",
 ]

@@ -8,6 +8,7 @@ Formats: nnU-Net v1 `.model` files (the official release: a dict with `state_dic
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -33,18 +34,40 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or does not fit the network it is loaded into."""
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The network weights in `path`, on the CPU, with DDP/compile prefixes removed."""
+def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:
+    """The content of a checkpoint file, read without running any code it holds.
+
+    `torch.load(weights_only=True)` with the numpy scalar types nnU-Net's checkpoints contain allowed in addition.
+    Anything else (a pickled function, class or module) is refused with a `CheckpointError` that says why; the file
+    is never read the unsafe way.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint; was it cut off while being written?")
     try:
         with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
-            content = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError or others for bad files
-        raise CheckpointError(
-            f"{path} was refused: it is not a checkpoint that can be read safely (weights only). "
-            f"segbook never executes code from a checkpoint. Reason: {str(error).splitlines()[0][:300]}") from None
-    return _strip_prefixes(_extract_weights(content, path))
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, IndexError... for bad files
+        raise CheckpointError(f"{path} was refused: {_refusal_reason(error)}") from None
+
+
+def _refusal_reason(error: Exception) -> str:
+    """Why torch's safe reader refused a file, without torch's advice to read it the unsafe way."""
+    code = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if code:
+        return (f"reading it would import and run `{code[1]}`, and segbook never runs code from a checkpoint. Only "
+                "plain weights are read (tensors, numbers, strings, lists, dicts). If you made this file, save the "
+                "network's weights alone: torch.save(network.state_dict(), path)")
+    detail = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return (f"it is not a PyTorch checkpoint, or it is damaged or truncated ({type(error).__name__}"
+            f"{': ' + detail[:300] if detail else ''})")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The network weights in `path`, on the CPU, with DDP/compile prefixes removed."""
+    return _strip_prefixes(_extract_weights(safe_load(path), path))
 
 
 def _extract_weights(content: object, path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
@@ -96,13 +119,23 @@ class LoadReport:
 
 def load_pretrained(network: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint",
                     drop_heads: bool = True) -> LoadReport:
-    """Copy pretrained weights into `network` for fine-tuning.
+    """Copy pretrained weights into `network` for fine-tuning (see `adapt_state_dict` for what must match)."""
+    target = network.state_dict()
+    adapted, report = adapt_state_dict(target, state_dict, source=source, drop_heads=drop_heads)
+    network.load_state_dict({**target, **adapted}, strict=True)
+    return report
+
+
+def adapt_state_dict(target: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], *,
+                     source: str = "checkpoint", drop_heads: bool = True) -> tuple[dict[str, torch.Tensor],
+                                                                                     LoadReport]:
+    """The checkpoint's weights as the network with state_dict `target` takes them, and what was done to them.
 
     The segmentation heads are left as initialised (`drop_heads`), the first block's input-side convolutions are
     tiled across input channels when the checkpoint has one and the network more, and every other key must match
-    by name and shape; anything else is a `CheckpointError` naming the checkpoint and both architectures.
+    by name and shape; anything else is a `CheckpointError` naming the checkpoint and both architectures. `target`
+    may live on the meta device: this checks that a checkpoint fits a network before anything is built or written.
     """
-    target = network.state_dict()
     report = LoadReport()
     adapted: dict[str, torch.Tensor] = {}
     problems: list[str] = []
@@ -126,9 +159,8 @@ def load_pretrained(network: nn.Module, state_dict: Mapping[str, torch.Tensor], 
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise CheckpointError(f"{source} holds {describe_stunet(state_dict)}, but the network is "
                               f"{describe_stunet(target)}: {shown}")
-    network.load_state_dict({**target, **adapted}, strict=True)
     report.loaded = list(adapted)
-    return report
+    return adapted, report
 
 
 def _differs_only_in_input_channels(source: torch.Size, target: torch.Size) -> bool:

@@ -63,6 +63,14 @@ def create_stunet(preset: str, input_channels: int = 1, num_classes: int = 105,
     return network
 
 
+def describe_network(preset: str, network: STUNet) -> str:
+    """One line that says which STU-Net this is: for logs that would otherwise show nnU-Net's planned network."""
+    spec = get_preset(preset)
+    parameters = sum(p.numel() for p in network.parameters())
+    return (f"STU-Net {preset} (widths {spec.dims[0]}..{spec.dims[-1]}, {spec.blocks_per_stage} block(s) per stage, "
+            f"strides {[list(s) for s in network.strides]}, {parameters / 1e6:.2f}M parameters)")
+
+
 def strides_from_plans(pool_op_kernel_sizes: Sequence[Sequence[int]]) -> list[list[int]]:
     """Turn the strides of an nnU-Net plan into STU-Net's five.
 

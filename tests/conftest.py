@@ -1,4 +1,8 @@
-"""Shared fixtures: the read-only reference material in ../shared and an isolated SEGBOOK_HOME per test."""
+"""Shared fixtures: the read-only reference material in ../shared and an isolated SEGBOOK_HOME per test.
+
+No test reads or writes the user's own folders: for the whole session SEGBOOK_HOME points at a temporary folder
+and nnU-Net's folder variables are unset (fixtures and tests narrow this further).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,16 @@ from pathlib import Path
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _never_the_users_folders(tmp_path_factory: pytest.TempPathFactory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEGBOOK_HOME", str(tmp_path_factory.mktemp("session_home")))
+        for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "SEGBOOK_REGISTRY"):
+            patch.setenv(variable, "unset")
+            patch.delenv(variable)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -166,3 +166,25 @@ def real_ct_entry(shared: Path, cases: int, dataset_id: int = 980) -> dict:
             "modality": "CT", "channels": ["CT"], "target": "Seen Structure", "cases": cases,
             "train_cases": cases - test, "test_cases": test, "region": "Abdominal", "bone": True, "vessel": True,
             "labels": labels}
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a crafted checkpoint on a shared file system could hold."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def write_payload_checkpoint(path: Path, marker: Path) -> Path:
+    """An nnU-Net-shaped checkpoint at `path` whose unpickling creates `marker` (so a test sees whether it ran)."""
+    import shlex
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"network_weights": {}, "optimizer_state": {}, "logging": {}, "current_epoch": 1,
+                "init_args": {}, "trainer_name": "x", "grad_scaler_state": None, "_best_ema": None,
+                "inference_allowed_mirroring_axes": None, "payload": _Payload(f"touch {shlex.quote(str(marker))}")},
+               path)
+    return path

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import planned_tiny_task, run_segbook, tiny_spec, use_planned_task
 
-from segbook.batch import claims
+from segbook import claims
 from segbook.batch.estimate import ForwardFlops, estimate_job, estimate_jobs, task_geometry
 from segbook.batch.execute import ExecutionOptions
 from segbook.batch.local import slots_for
@@ -25,7 +25,8 @@ from segbook.batch.slurm import SlurmOptions, time_minutes
 from segbook.errors import SegbookError
 from segbook.paths import Paths
 from segbook.registry import load_registry
-from segbook.training.manifest import RunManifest, TrainingSettings
+from segbook.training.manifest import RunManifest
+from segbook.training.settings import TrainingSettings
 
 BUDGET = ["--epochs", "2", "--iters-per-epoch", "2", "--val-iters-per-epoch", "1", "--checkpoint-every", "1"]
 
@@ -96,7 +97,7 @@ def test_job_states_from_run_folders_claims_and_weights(segbook_home):
 
     folder = _manifest(scratch, paths, "running", epochs=1)
     assert state(scratch).detail == "restarts (no checkpoint yet)"  # its process is gone: no claim
-    claim = claims.try_claim(paths.batch / "claims", scratch.id)
+    claim = claims.try_claim(paths.claims, scratch.id)
     assert state(scratch).state == "running" and f"pid {os.getpid()}" in state(scratch).detail
     claim.release("done")
     assert state(scratch).state == "pending"
@@ -217,7 +218,7 @@ def test_concurrent_threads_exactly_one_wins(tmp_path):
 CLAIMER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from segbook.batch import claims
+    from segbook import claims
     root, start, finish = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     print("ready", flush=True)
     while not start.exists():
@@ -244,7 +245,7 @@ def test_concurrent_processes_exactly_one_wins(tmp_path):
 
 def test_gone_holders_are_taken_over_live_ones_never(tmp_path, monkeypatch):
     dead = subprocess.run([sys.executable, "-c", "import sys, os; from pathlib import Path; "
-                           "from segbook.batch import claims; claims.try_claim(Path(sys.argv[1]), 'job'); "
+                           "from segbook import claims; claims.try_claim(Path(sys.argv[1]), 'job'); "
                            "os._exit(0)", str(tmp_path)], check=True)  # exits without releasing
     assert dead.returncode == 0
     (record,) = claims.claim_records(tmp_path, "job")
@@ -377,7 +378,7 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(task, fresh):
     assert "stopping" in output and "1 stopped" in output
     manifest = RunManifest.load(folder)
     assert manifest.status == "interrupted" and 1 <= len(manifest.data["epochs"]) < 12
-    (record, *_) = claims.claim_records(fresh.batch / "claims", job.id)
+    (record, *_) = claims.claim_records(fresh.claims, job.id)
     assert record["released"] and record["outcome"] == "KeyboardInterrupt"
     assert job_status(job, fresh).state == "pending"
 

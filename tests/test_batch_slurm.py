@@ -14,7 +14,7 @@ import pytest
 from helpers import planned_tiny_task, run_segbook, tiny_spec, use_planned_task
 from slurm_support import FINAL_STATES, ensure_slurm_cluster, queue_states, wait_for
 
-from segbook.batch.claims import claim_records
+from segbook.claims import claim_records
 from segbook.batch.matrix import build_matrix
 from segbook.paths import Paths
 from segbook.registry import load_registry
@@ -193,5 +193,5 @@ def test_preempted_job_requeues_and_resumes_without_reapplying_weights(task, fre
     assert events.index("interrupted") < events.index("resumed")
     assert _epochs(manifest)[-1] == 11
     assert "Requeued" in Path(job["log"]).read_text()
-    first, second = claim_records(fresh.batch / "claims", job["job"])
+    first, second = claim_records(fresh.claims, job["job"])
     assert first["outcome"] == "SystemExit" and second["outcome"] == "done"  # released on the way out, taken again

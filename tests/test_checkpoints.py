@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import http.server
+import re
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -63,12 +64,25 @@ def test_a_checkpoint_that_would_run_a_command_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.model"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _RunsACommand(marker)}, path)
-    with pytest.raises(CheckpointError, match="refused.*never executes code"):
+    with pytest.raises(CheckpointError, match="refused: reading it would import and run `posix.system`, and "
+                                              "segbook never runs code from a checkpoint") as refused:
         read_state_dict(path)
     assert not marker.exists()
+    assert "weights_only" not in str(refused.value)  # never torch's advice to read it the unsafe way
     # The payload is live: an unsafe load of the same file does run the command.
     torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("content,reason", [(b"", "is empty (0 bytes)"),
+                                            (b"PK\x03\x04 not really a zip", "not a PyTorch checkpoint, or it is "
+                                                                             "damaged or truncated"),
+                                            (bytes(range(256)) * 8, "not a PyTorch checkpoint, or it is damaged")])
+def test_a_file_that_is_no_checkpoint_gets_a_reason(tmp_path, content, reason):
+    path = tmp_path / "weights.model"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=re.escape(reason)):
+        read_state_dict(path)
 
 
 def test_fine_tuning_load_keeps_body_and_fresh_heads(tmp_path):

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -194,15 +199,26 @@ def _with(change):
     return apply
 
 
-def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+def _truncate(path: Path, size: int | None = None) -> None:
+    path.write_bytes(path.read_bytes()[: size or path.stat().st_size // 2])
+
+
+def _four_d(path: Path) -> None:
+    """Replace a 3-D image by a 4-D one holding it twice (an MSD-style file where one volume belongs)."""
+    image = sitk.ReadImage(str(path))
+    sitk.WriteImage(sitk.JoinSeries([image, image]), str(path), useCompression=True)
 
 
 IMG, IMG1, LAB = "imagesTr/bad_001_0000.nii.gz", "imagesTr/bad_001_0001.nii.gz", "labelsTr/bad_001.nii.gz"
 
 BAD_INPUTS = {
     "truncated": (lambda s: _truncate(s / IMG), "unreadable", IMG, "truncated or corrupt"),
-    "not an image": (lambda s: (s / LAB).write_bytes(b"not an image"), "unreadable", LAB, "cannot read the header"),
+    "not an image": (lambda s: (s / LAB).write_bytes(b"not an image"), "unreadable", LAB,
+                     'cannot read the header: Unable to determine ImageIO reader for "bad_001.nii.gz" (the file is '
+                     "text, not an image; it begins 'not an image')"),
+    "header cut short": (lambda s: _truncate(s / LAB, 60), "unreadable", LAB,
+                         'cannot read the header: Unable to determine ImageIO reader for "bad_001.nii.gz" (its gzip '
+                         "data breaks off or is damaged: the file is truncated or corrupt)"),
     "label spacing": (lambda s: _edit(s / LAB, _with(lambda i: i.SetSpacing((1.5, 1.5, 3.0)))),
                       "geometry", LAB, "label differs from channel 0 (bad_001_0000.nii.gz): spacing (1.5, 1.5, 3)"),
     "label origin": (lambda s: _edit(s / LAB, _with(lambda i: i.SetOrigin((0.0, 0.0, 0.0)))),
@@ -217,6 +233,7 @@ BAD_INPUTS = {
     "extra channel": (lambda s: shutil.copy(s / IMG, s / "imagesTr/bad_001_0002.nii.gz"), "channels", IMG,
                       "unexpected channel(s) 2"),
     "2-D image": (lambda s: _edit(s / IMG, lambda i: i[:, :, 3]), "dimension", IMG, "2-D image"),
+    "4-D image": (lambda s: _four_d(s / IMG), "dimension", IMG, "a 4-D image of size (20, 20, 12, 2); expected a 3-D"),
     "undeclared label": (lambda s: _set_voxels(s / LAB, 9), "label-values", LAB,
                          "values [9] are not declared (registry: 0=background, 1=organ, 2=vessel, 3=tumour)"),
     "non-integer label": (lambda s: _set_voxels(s / LAB, 0.5, np.float32), "non-integer-labels", LAB,
@@ -255,6 +272,57 @@ def test_bad_input_is_reported_by_case_and_file_and_nothing_is_written(tmp_path:
         assert all(p.case == "bad_001" for p in mine)
     message = str(caught.value)
     assert "nothing was imported" in message and "fix:" in message
+    assert raw_is_empty(Paths.from_env())
+
+
+def _link(path: Path, target: str | Path) -> None:
+    path.unlink(missing_ok=True)
+    os.symlink(target, path)
+
+
+BROKEN_LINKS = {
+    # a case file that is a symbolic link leading to no file: (make it, the file, what the message says)
+    "label links to itself": (lambda s: _link(s / LAB, "bad_001.nii.gz"), LAB, "symbolic link loop"),
+    "image links in a loop of two": (lambda s: [_link(s / IMG, s / "partner"), _link(s / "partner", s / IMG)], IMG,
+                                     "symbolic link loop"),
+    "label links to a missing file": (lambda s: _link(s / LAB, "gone.nii.gz"), LAB,
+                                      "symbolic link to gone.nii.gz, which cannot be followed: No such file"),
+}
+
+
+@pytest.mark.parametrize("problem", list(BROKEN_LINKS))
+def test_a_broken_symbolic_link_is_reported_as_one(tmp_path: Path, segbook_home: Path, bad_source: Path,
+                                                  problem: str) -> None:
+    """Not as the case missing its label or image: the file is there by name, but leads nowhere."""
+    make, file, text = BROKEN_LINKS[problem]
+    make(bad_source)
+    _, entry = register_spec(tmp_path, BAD_SPEC, BAD_ID)
+    with pytest.raises(DatasetValidationError) as caught:
+        import_dataset(entry, bad_source, progress=False)
+    [found] = caught.value.report.errors
+    assert (found.kind, found.case, found.file) == ("broken-link", "bad_001", str(bad_source / file))
+    assert found.message.startswith(text), found.message
+    assert raw_is_empty(Paths.from_env())
+
+
+@pytest.mark.parametrize("layout", ["v2", "plain"])
+def test_a_channel_the_registry_lacks_is_an_error_in_every_layout(tmp_path: Path, segbook_home: Path,
+                                                                  layout: str) -> None:
+    """Two channels (`_0000`, `_0001`) for a one-channel registry entry: refused, never imported with one dropped."""
+    spec = tiny_spec("OneChannel", size=(16, 16, 8), cases=3)
+    written = write_synthetic_dataset(spec, tmp_path / "src", layout, dataset_id=975)
+    images = written.images if layout == "plain" else written.path / "imagesTr"
+    for case_id in spec.case_ids:
+        if layout == "plain":
+            (images / f"{case_id}.nii.gz").rename(images / f"{case_id}_0000.nii.gz")
+        shutil.copy(images / f"{case_id}_0000.nii.gz", images / f"{case_id}_0001.nii.gz")
+    _, entry = register_spec(tmp_path, spec, 975)
+    with pytest.raises(DatasetValidationError) as caught:
+        import_dataset(entry, source_of(written), progress=False)
+    report = caught.value.report
+    assert [(p.kind, p.case, p.message) for p in report.errors] == [
+        ("channels", case_id, "unexpected channel(s) 1; the registry declares 1") for case_id in spec.case_ids]
+    assert not report.warnings
     assert raw_is_empty(Paths.from_env())
 
 
@@ -350,6 +418,61 @@ def test_failed_or_interrupted_import_keeps_the_previous_dataset(tmp_path: Path,
         import_dataset(entry, bad_source, force=True, progress=False)
     assert tree_digest(paths.raw / entry.nnunet_name) == before
     assert sorted(p.name for p in paths.raw.iterdir()) == [entry.nnunet_name]
+
+
+HOLD_CLAIM = """
+import sys, time
+from segbook.data.folders import dataset_claim
+from segbook.paths import Paths
+from segbook.registry import load_registry
+entry = load_registry([sys.argv[1]]).get(sys.argv[2])
+paths = Paths.from_env()
+with dataset_claim(entry, paths):
+    (paths.raw / f".{entry.nnunet_name}.live.partial").mkdir()  # what a running import is writing
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_killed_import_s_leftovers_are_repaired_by_the_next_status_never_under_a_live_one(
+        tmp_path: Path, segbook_home: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = tiny_spec("KilledImport", cases=40)
+    registry_file, entry = register_spec(tmp_path, spec, 968)
+    source = write_synthetic_dataset(spec, tmp_path / "source", layout="v2", dataset_id=968).path
+    paths = Paths.from_env()
+    import_dataset(entry, source, progress=False)
+    before = tree_digest(paths.raw / entry.nnunet_name)
+
+    command = [sys.executable, "-m", "segbook.cli.main", "data", "import", "--registry", str(registry_file),
+               "--task", entry.key, "--from", str(source), "--force", "-np", "1"]
+    importing = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+    partial = lambda: list(paths.raw.glob(f".{entry.nnunet_name}.*.partial/imagesTr/*"))  # noqa: E731
+    deadline = time.time() + 120
+    while time.time() < deadline and importing.poll() is None and not partial():
+        time.sleep(0.01)
+    assert importing.poll() is None, "the import finished before it could be killed"
+    os.killpg(importing.pid, signal.SIGKILL)
+    importing.wait()
+    assert partial() and tree_digest(paths.raw / entry.nnunet_name) == before
+    capsys.readouterr()
+    assert main(["data", "status", "--registry", str(registry_file)]) == 0
+    assert f"repaired {entry.nnunet_name}" in capsys.readouterr().err
+    assert sorted(p.name for p in paths.raw.iterdir()) == [entry.nnunet_name]
+    assert tree_digest(paths.raw / entry.nnunet_name) == before
+
+    live = paths.raw / f".{entry.nnunet_name}.live.partial"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_CLAIM, str(registry_file), entry.key],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["data", "status", "--registry", str(registry_file)]) == 0
+        assert live.is_dir(), "status removed what a live process is writing"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["data", "status", "--registry", str(registry_file)]) == 0
+    assert not live.exists() and tree_digest(paths.raw / entry.nnunet_name) == before
 
 
 def test_changed_cases_keep_the_split_until_resplit(tmp_path: Path, segbook_home: Path, bad_source: Path) -> None:

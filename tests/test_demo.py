@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_segbook
+from helpers import run_segbook, write_payload_checkpoint
 
 from segbook.demo import QUICK, demo_specs
 from segbook.registry import load_registry
@@ -17,29 +18,37 @@ from stunet import create_stunet, read_state_dict
 DEMO_TIMEOUT_S = 1200
 
 
+USER_IMPORT = "task,model,init,dice\n004,large,pretrained,0.9\n"
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The quick demo run twice with the same seed, into two fresh folders, by a user whose own nnU-Net and
-    segbook folders are set (and must stay untouched)."""
+    segbook folders are set (and must stay untouched), with published numbers imported into their segbook home."""
     users = tmp_path_factory.mktemp("user_folders")
     variables = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "SEGBOOK_HOME")
-    runs = []
+    imported = users / "SEGBOOK_HOME" / "results" / "imported" / "published.csv"
     with pytest.MonkeyPatch.context() as patch:
         for variable in variables:
             (users / variable).mkdir()
             patch.setenv(variable, str(users / variable))
+        imported.parent.mkdir(parents=True)
+        imported.write_text(USER_IMPORT)
+        runs = []
         for name in ("first", "second"):
             out = tmp_path_factory.mktemp("demo") / name
             runs.append((out, run_segbook("demo", "--quick", "--out", str(out), timeout=DEMO_TIMEOUT_S).stdout))
-    assert [path for variable in variables for path in (users / variable).iterdir()] == []
-    return runs
+        yield runs
+        assert [path for variable in variables for path in (users / variable).iterdir()
+                if path != imported.parents[1]] == []
+        assert imported.read_text() == USER_IMPORT
 
 
 def _tables(out: Path, table: str) -> list[dict]:
-    """The demo's results table as `segbook results` prints it for the demo's folders (the closing note's
-    command)."""
+    """The demo's results table as the command its closing note prints shows it (with the user's folders set)."""
     printed = run_segbook("results", "--results-dir", str(out / "home" / "nnUNet_results"), "--registry",
-                          str(out / "demo_registry.yaml"), "--table", table, "--format", "json").stdout
+                          str(out / "demo_registry.yaml"), "--no-imported", "--table", table, "--format",
+                          "json").stdout
     return json.loads(printed)
 
 
@@ -49,6 +58,9 @@ def test_every_stage_runs_and_every_target_is_trained_both_ways_and_evaluated(de
         assert stage in printed
     assert "6 jobs:" in printed and "batch run: 6 done" in printed  # through `segbook batch`'s local runner
     assert "synthetic, toy-scale numbers" in printed and "segbook results --results-dir" in printed
+    assert "--no-imported" in printed.split("segbook results --results-dir")[1].splitlines()[0]
+    durations = [line for line in printed.splitlines() if line.strip().startswith("done in ")]
+    assert len(durations) == 5  # each stage's own time, printed when it ends
 
     registry = load_registry([out / "demo_registry.yaml"])
     targets = [registry.get(f"Dataset{i}") for i in demo_specs(QUICK) if i != 970]
@@ -81,14 +93,31 @@ def test_tables_are_printed_the_report_is_written_and_the_same_seed_gives_the_sa
         assert name in printed
 
     by_scale = _tables(out, "scale")
-    assert [row["init"] for row in by_scale] == ["scratch", "pretrained", "Delta(PT)"]
+    assert [(row["model"], row["init"]) for row in by_scale] == [("tiny", "scratch"), ("tiny", "pretrained"),
+                                                                  ("tiny", "Delta(PT)")]  # no imported rows
     for row in by_scale[:2]:
         assert all(0.0 <= row[scale] <= 100.0 and row[f"{scale} n"] == 1 for scale in ("small", "medium", "large"))
     assert by_scale == _tables(again, "scale")
     assert _tables(out, "modality-target") == _tables(again, "modality-target")
-    tables = lambda text: text.split("[5/5]")[1].split("\n", 1)[1].split("Done in")[0]  # noqa: E731
+    tables = lambda text: text.split("Dice (%) by dataset scale")[1].split("Done in")[0]  # noqa: E731
     assert tables(printed) == tables(printed_again)
 
     report = (out / "report.html").read_text()
     assert "segbook demo (synthetic data, toy scale)" in report and "Dice (%) by dataset scale" in report
     assert "<img" in report or "<svg" in report
+
+
+def test_a_crafted_checkpoint_in_the_output_folder_is_refused_and_never_runs(demo, tmp_path):
+    """`segbook demo --out DIR` again over a folder whose pretraining checkpoint was replaced by a payload."""
+    out = tmp_path / "crafted"
+    shutil.copytree(demo[0][0], out, symlinks=True)
+    (out / "weights" / "tiny_demo_source.model").unlink()  # the demo must export it again from the checkpoint
+    final = next((out / "pretraining").glob("Dataset970_*/SegbookTrainer_tiny_scratch_*/fold_all/checkpoint_final.pth"))
+    marker = tmp_path / "payload_ran"
+    write_payload_checkpoint(final, marker)
+
+    result = run_segbook("demo", "--quick", "--out", str(out), check=False, timeout=DEMO_TIMEOUT_S)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"segbook: error: {final} was refused" in result.stderr and "Traceback" not in result.stderr
+    assert "weights_only=False" not in result.stderr and "weights_only` set to `False`" not in result.stderr
+    assert not marker.exists()

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +22,7 @@ from segbook.data.status import task_status
 from segbook.data.synth import write_registry_file
 from segbook.errors import SegbookError
 from segbook.paths import Paths
-from segbook.plan import PlanResult, load_plan, plan_states, plan_task
+from segbook.plan import PlanResult, load_plan, plan_states, plan_task, verify_preprocessed
 from segbook.registry import load_registry
 
 LAYOUT_SPECS = {
@@ -150,3 +155,64 @@ def test_real_ct_with_a_shifted_label_is_refused(tmp_path: Path, segbook_home: P
         import_dataset(entry, PlainSource(images, labels), progress=False)
     assert not Paths.from_env().raw.exists()
 
+
+
+def _staged_cases(preprocessed: Path, name: str) -> list[Path]:
+    return list(preprocessed.glob(f".{name}.*.partial/{name}/nnUNetPlans_3d_fullres/*.b2nd"))
+
+
+def test_a_replan_killed_during_preprocessing_keeps_the_previous_data(tmp_path: Path, segbook_home: Path) -> None:
+    registry_file, entry = prepare_synthetic_task(tmp_path, tiny_spec("Killed", cases=24), dataset_id=964)
+    paths = Paths.from_env()
+    before = verify_preprocessed(entry.nnunet_name, paths, task=entry.key)
+    assert before.count == 19 and before.version
+
+    command = [sys.executable, "-m", "segbook.cli.main", "plan", "--registry", str(registry_file), "--task",
+               entry.key, "--force", "-np", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None and not _staged_cases(paths.preprocessed,
+                                                                                  entry.nnunet_name):
+        time.sleep(0.01)
+    assert process.poll() is None, "planning finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 0 < len(_staged_cases(paths.preprocessed, entry.nnunet_name)) < 19  # killed half-way through
+
+    assert plan_states(entry) == {"default": "preprocessed"}
+    assert verify_preprocessed(entry.nnunet_name, paths, task=entry.key) == before  # training sees the old data
+    assert task_status(entry, paths)["preprocessed"] == "yes"
+    assert not _staged_cases(paths.preprocessed, entry.nnunet_name)  # status repaired what the kill left
+    again = plan_task(entry, num_processes=1, progress=False, force=True)
+    after = verify_preprocessed(entry.nnunet_name, paths, task=entry.key)
+    assert not again.skipped and after.count == 19 and after.ids_sha256 == before.ids_sha256
+    assert after.version != before.version
+    assert [p.name for p in paths.preprocessed.iterdir()] == [entry.nnunet_name]
+
+
+def test_a_kill_between_the_swap_s_two_renames_is_repaired(tmp_path: Path, segbook_home: Path) -> None:
+    _, entry = prepare_synthetic_task(tmp_path, tiny_spec("Swap"), dataset_id=965)
+    paths = Paths.from_env()
+    folder = paths.preprocessed / entry.nnunet_name
+    before = verify_preprocessed(entry.nnunet_name, paths)
+    os.replace(folder, folder.with_name(f".{folder.name}.0123456789ab.old"))  # the old version, moved aside
+    (folder.with_name(f".{folder.name}.ba9876543210.partial") / folder.name).mkdir(parents=True)
+    assert plan_states(entry) == {}
+    lines: list[str] = []
+    result = plan_task(entry, num_processes=1, progress=False, log=lines.append)
+    assert result.skipped and verify_preprocessed(entry.nnunet_name, paths) == before
+    assert any("restored" in line for line in lines) and any("deleted the unfinished" in line for line in lines)
+    assert [p.name for p in paths.preprocessed.iterdir()] == [entry.nnunet_name]
+
+
+def test_two_plans_of_one_dataset_at_once_take_turns(tmp_path: Path, segbook_home: Path) -> None:
+    registry_file, entry = prepare_synthetic_task(tmp_path, tiny_spec("Turns"), dataset_id=967, plan=False)
+    command = [sys.executable, "-m", "segbook.cli.main", "plan", "--registry", str(registry_file), "--task",
+               entry.key, "--force", "-np", "1"]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    assert any("waiting for dataset" in err for _, err in outputs)
+    cases = verify_preprocessed(entry.nnunet_name, Paths.from_env())
+    assert cases.count == entry.train_cases and plan_states(entry) == {"default": "preprocessed"}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -316,6 +318,55 @@ def test_unreadable_files_are_registry_errors(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- key: x\n")
     with pytest.raises(RegistryError, match="one key, 'datasets'"):
         load_registry([tmp_path / "list.yaml"])
+
+
+def pasted_registry(tmp_path: Path) -> tuple[Path, int]:
+    """Two registry files pasted into one: `datasets:` twice; returns the file and the second key's line."""
+    first = write_registry(tmp_path / "first.yaml", MY_DATASET).read_text()
+    other = dict(MY_DATASET, key="Task951_Other", name="Other", dataset_id=951)
+    second = write_registry(tmp_path / "second.yaml", other).read_text()
+    pasted = tmp_path / "pasted.yaml"
+    pasted.write_text(first + second)
+    return pasted, len(first.splitlines()) + 1
+
+
+def test_a_repeated_top_level_key_is_an_error_naming_both_lines(tmp_path: Path, segbook_home: Path) -> None:
+    pasted, second_line = pasted_registry(tmp_path)
+    with pytest.raises(RegistryError) as caught:
+        load_registry([pasted])
+    assert str(caught.value).startswith(f"{pasted}: key 'datasets' appears twice (lines 1 and {second_line})")
+
+
+def test_a_repeated_key_inside_an_entry_is_an_error(tmp_path: Path, segbook_home: Path) -> None:
+    lines = yaml.safe_dump({"datasets": [MY_DATASET]}, sort_keys=False).splitlines()
+    name_line, labels_line = lines.index("  name: MyLiver") + 1, lines.index("  labels:") + 1
+    lines.insert(labels_line - 1, "  name: MyOtherLiver")  # the entry would silently be named MyOtherLiver
+    path = tmp_path / "nested.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RegistryError, match=re.escape(f"key 'name' appears twice (lines {name_line} and "
+                                                      f"{labels_line})")):
+        load_registry([path])
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path: Path, segbook_home: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("datasets:\n  - key: Task950_MyLiver\n    name: MyLiver\n\tcases: 60\n")
+    with pytest.raises(RegistryError, match=re.escape(f"{path}: not valid YAML: line 4, column 1: ")) as caught:
+        load_registry([path])
+    assert "tab" in str(caught.value)
+    path.write_bytes(b"datasets:\n  - key: Task950_My\xe9Liver\n")  # Latin-1, not UTF-8
+    with pytest.raises(RegistryError, match=re.escape(f"{path}: not UTF-8 text")):
+        load_registry([path])
+
+
+def test_cli_reports_a_repeated_key_without_a_traceback(tmp_path: Path, segbook_home: Path) -> None:
+    pasted, second_line = pasted_registry(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "segbook.cli.main", "tasks", "--registry", str(pasted)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"segbook: error: {pasted}: key 'datasets' appears twice (lines 1 and "
+                                    f"{second_line})")
+    assert "Traceback" not in result.stderr and not result.stdout
 
 
 # --- the `tasks` command --------------------------------------------------------------------------------------------

@@ -83,6 +83,10 @@ RUNS: dict[tuple[str, str, str, str], tuple[float, ...] | str] = {
 }
 
 
+#: What evaluation records of a run that trained its whole budget.
+COMPLETE = {"status": "finished", "epochs_completed": 1000, "epochs_planned": 1000, "complete": True}
+
+
 def write_run(results: Path, registry: Registry, task: str, model: str, init: str, fold: str,
               dice: tuple[float, ...] | str) -> Path:
     """A run folder as segbook writes it: run.json, and evaluation/summary.json once evaluated."""
@@ -98,7 +102,8 @@ def write_run(results: Path, registry: Registry, task: str, model: str, init: st
         labels = {str(i): {"name": f"label {i}", "dice": d, "nsd": d + 0.05, "hd95": 1.0, "valid_cases": 10}
                   for i, d in enumerate(dice, start=1)}
         summary = {"run": run, "settings": {}, "num_cases": 10, "labels": labels,
-                   "foreground_mean": {"dice": sum(dice) / len(dice)}, "created_at": "2024-01-01T00:00:00"}
+                   "foreground_mean": {"dice": sum(dice) / len(dice)}, "created_at": "2024-01-01T00:00:00",
+                   "training": COMPLETE}
         (folder / "evaluation").mkdir()
         (folder / "evaluation" / "summary.json").write_text(json.dumps(summary))
     return folder
@@ -185,6 +190,38 @@ def test_unknown_datasets_other_plans_and_broken_summaries_are_reported(store) -
     assert "summary.json" in messages
     assert df[(df["task"] == D) & (df["model"] == "huge")]["status"].iloc[0] == "unreadable summary.json"
     assert "huge" not in set(df.loc[df["task"] == C, "model"])
+
+
+def test_runs_that_did_not_train_their_budget_are_left_out_unless_asked(store, registry_file: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    paths, registry = store
+    short = write_run(paths.results, registry, D, "large", "scratch", "all", (0.99,))
+    summary = json.loads((short / "evaluation" / "summary.json").read_text())
+    summary["training"] = {"status": "finished", "epochs_completed": 3, "epochs_planned": 1000, "complete": False}
+    (short / "evaluation" / "summary.json").write_text(json.dumps(summary))
+    older = write_run(paths.results, registry, D, "large", "pretrained", "all", (0.98,))  # before the field existed
+    summary = json.loads((older / "evaluation" / "summary.json").read_text())
+    del summary["training"]
+    (older / "evaluation" / "summary.json").write_text(json.dumps(summary))
+    manifest = json.loads((older / "run.json").read_text())
+    manifest.update(settings={"epochs": 5}, epochs=[{"epoch": 0}])
+    (older / "run.json").write_text(json.dumps(manifest))
+
+    with pytest.warns(ResultsWarning, match=r"2 evaluated run\(s\) did not train their whole budget, left out "
+                                            r"\(pass --include-incomplete"):
+        df = collect_results(paths, registry)
+    large = df[(df["task"] == D) & (df["model"] == "large")].set_index("init")
+    assert not large["evaluated"].any()
+    assert large.loc["scratch", "status"] == "trained 3/1000 epochs (finished)"
+    assert large.loc["pretrained", "status"] == "trained 1/5 epochs (finished)"
+
+    assert main(["results", "--registry", str(registry_file), "--table", "datasets", "--format", "csv",
+                 "--include-incomplete"]) == 0
+    printed = capsys.readouterr()
+    assert "did not train their whole budget, counted" in printed.err and ",99.0,1,,98.0,1," in printed.out
+    assert main(["results", "--registry", str(registry_file), "--table", "datasets", "--format", "csv"]) == 0
+    printed = capsys.readouterr().out
+    assert ",99.0," not in printed and "trained 3/1000 epochs (finished)" in printed
 
 
 # --- tables ----------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from helpers import planned_tiny_task, tiny_spec
 from segbook.errors import SegbookError
 from segbook.evaluation.evaluate import evaluate_run
 from segbook.training.finetune import RunExistsError, finetune, run_spec
-from segbook.training.manifest import RunManifest, TrainingSettings
+from segbook.training.manifest import RunManifest
+from segbook.training.settings import TrainingSettings
 from segbook.training.trainers import TRAINERS, register_with_nnunet
 from stunet import read_state_dict
 
@@ -84,7 +85,7 @@ def test_scratch_and_nnunet_baseline_runs_live_apart(task):
         run_spec(task.entry, "nnunet", True)
 
 
-def test_existing_run_needs_continue_or_overwrite(task):
+def test_existing_run_with_a_checkpoint_needs_continue_or_overwrite(task):
     settings = TrainingSettings(epochs=1, **TINY_BUDGET)
     spec = run_spec(task.entry, "base", False)
     from segbook.paths import Paths
@@ -92,6 +93,7 @@ def test_existing_run_needs_continue_or_overwrite(task):
     folder = spec.folder(Paths.from_env().results)
     folder.mkdir(parents=True)
     RunManifest.create(folder, {"task": task.entry.key}, settings, {}).save()
+    (folder / "checkpoint_latest.pth").write_bytes(b"")  # something to resume from: never read here
     with pytest.raises(RunExistsError, match="--continue.*--overwrite"):
         finetune(task.entry, "base", pretrained=False, settings=settings, device="cpu")
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Sequence
 from segbook.batch.matrix import Job
 from segbook.io import atomic_write_json
 from segbook.paths import Paths
-from segbook.training.manifest import TrainingSettings
+from segbook.training.settings import TrainingSettings
 
 if TYPE_CHECKING:
     import torch

@@ -21,16 +21,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from segbook.batch.claims import Claim, try_claim
-from segbook.batch.matrix import Job, failure, has_checkpoint
-from segbook.batch.squeue import own_slurm_job
+from segbook.batch.matrix import Job, failure
+from segbook.claims import Claim, try_claim
 from segbook.errors import SegbookError
 from segbook.evaluation.evaluate import is_evaluated
+from segbook.options import Bound, check_all
 from segbook.paths import Paths
-from segbook.training.manifest import RunManifest, TrainingSettings
+from segbook.squeue import own_slurm_job
+from segbook.training.manifest import RunManifest
 from segbook.training.runs import CONFIGURATION
+from segbook.training.settings import TrainingSettings
 
-PLAN_WAIT_S = 5.0
+
+BOUNDS = {"num_gpus": Bound("--gpus-per-job", int, low=1), "processes": Bound("--processes", int, low=1),
+          "data_workers": Bound("--data-workers", int, low=0)}
 
 
 class JobFailed(SegbookError):
@@ -62,6 +66,15 @@ class ExecutionOptions:
         files = tuple(str(Path(f).expanduser().resolve()) for f in registry_files)
         weights = str(Path(weights).expanduser().resolve()) if weights else None
         return cls(registry_files=files, weights=weights, **values)
+
+    def validate(self) -> "ExecutionOptions":
+        """`OptionError` for any value out of range, before a single job is started or submitted."""
+        for settings in (self.settings, self.pretrained_settings):
+            if settings is not None:
+                settings.validate()
+        check_all({"num_gpus": self.num_gpus, "processes": self.processes, "data_workers": self.data_workers},
+                  BOUNDS)
+        return self
 
     def settings_for(self, job: Job) -> TrainingSettings:
         settings = self.pretrained_settings if job.spec.init == "pretrained" else None
@@ -108,7 +121,7 @@ def run_job(job: Job, options: ExecutionOptions, paths: Paths | None = None, *,
     if options.data_workers is not None:
         os.environ["nnUNet_n_proc_DA"] = str(options.data_workers)
     started = time.time()
-    claim = try_claim(paths.batch / "claims", job.id)
+    claim = try_claim(paths.claims, job.id)
     if not isinstance(claim, Claim):
         return JobOutcome(job.id, "busy", claim.describe())
     with claim.held():
@@ -122,6 +135,7 @@ def run_job(job: Job, options: ExecutionOptions, paths: Paths | None = None, *,
 
 def _work(job: Job, options: ExecutionOptions, paths: Paths, backend: str) -> str:
     from segbook.evaluation.evaluate import evaluate_run
+    from segbook.plan import plan_task
     from segbook.training.finetune import finetune
 
     folder = job.folder(paths)
@@ -134,37 +148,20 @@ def _work(job: Job, options: ExecutionOptions, paths: Paths, backend: str) -> st
     processes = options.processes or int(os.environ.get("nnUNet_def_n_proc") or 1)
     if manifest is None or manifest.status != "finished":
         with _stage(job, options, folder, "plan", backend):
-            _plan(job, paths, processes)
-        resume = has_checkpoint(folder)
-        request = _request(job, backend)
-        if manifest is not None and not resume:  # nothing to resume: start again, with today's options
-            request["previous_attempt"] = {k: manifest.data.get(k) for k in ("status", "error", "events")}
+            # Jobs of one task that start together wait for the first to plan it, then find it up to date.
+            plan_task(job.entry, paths, num_processes=processes, wait=True)
         with _stage(job, options, folder, "train", backend):
+            # Resumes from the latest checkpoint; a run without one starts again with today's options.
             result = finetune(job.entry, job.spec.model, job.spec.init == "pretrained", job.spec.fold,
                               settings=options.settings_for(job), weights=options.weights_for(job),
-                              device=options.device, num_gpus=options.num_gpus, resume=resume,
-                              overwrite=manifest is not None and not resume, compile=options.compile, paths=paths,
-                              plan_processes=processes, request=request)
+                              device=options.device, num_gpus=options.num_gpus, resume=True,
+                              compile=options.compile, paths=paths, plan_processes=processes,
+                              request=_request(job, backend))
             if result.status != "finished":
                 raise SegbookError(f"training of {job.id} ended with status {result.status}")
     with _stage(job, options, folder, "evaluate", backend):
         evaluate_run(job.entry, job.spec, paths, device=options.device, num_processes=processes)
     return "trained and evaluated"
-
-
-def _plan(job: Job, paths: Paths, processes: int) -> None:
-    """Plan the task under its own claim: jobs of one task that start together must not preprocess the same
-    folder at once. The others wait, then find the plans up to date."""
-    from segbook.plan import plan_task
-
-    name = f"plan__{job.entry.key}"
-    if not isinstance(claim := try_claim(paths.batch / "claims", name), Claim):
-        print(f"{job.id}: waiting for {job.entry.key} to be planned ({claim.describe()})", flush=True)
-    while not isinstance(claim, Claim):
-        time.sleep(PLAN_WAIT_S)
-        claim = try_claim(paths.batch / "claims", name)
-    with claim.held():
-        plan_task(job.entry, paths, num_processes=processes)
 
 
 def _request(job: Job, backend: str) -> dict[str, Any]:
@@ -221,7 +218,7 @@ def retry_failed(job: Job, paths: Paths | None = None) -> str | None:
     none, starts again), a failed evaluation is redone without training again.
     """
     paths = paths or Paths.from_env()
-    claim = try_claim(paths.batch / "claims", job.id)
+    claim = try_claim(paths.claims, job.id)
     if not isinstance(claim, Claim):
         return None
     with claim.held():

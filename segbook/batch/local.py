@@ -26,7 +26,9 @@ from segbook.batch.execute import ExecutionOptions
 from segbook.batch.matrix import Job, failure, summary_line, survey
 from segbook.errors import SegbookError
 from segbook.paths import Paths
-from segbook.training.manifest import RunManifest, TrainingSettings, now
+from segbook.io import now
+from segbook.training.manifest import RunManifest
+from segbook.training.settings import TrainingSettings
 
 #: Exit statuses of `segbook batch worker`: done is 0; an interrupted worker exits 130 like every command.
 EXIT_FAILED = 1
@@ -102,7 +104,7 @@ def run_local(jobs: Iterable[Job], *, registry_files: Sequence[str | os.PathLike
     options = ExecutionOptions.create(
         registry_files=registry_files, weights=weights, settings=settings or TrainingSettings(),
         pretrained_settings=pretrained_settings, device=device, num_gpus=gpus_per_job if device == "cuda" else 1,
-        compile=compile, processes=processes, data_workers=data_workers)
+        compile=compile, processes=processes, data_workers=data_workers).validate()
     statuses = survey(jobs, paths, weights=options.pretrained_weights)
     queue = deque(s.job for s in statuses if s.state == "pending" and not s.slurm_live)
     queued = sum(s.state == "pending" and s.slurm_live for s in statuses)

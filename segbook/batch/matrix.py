@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
-from segbook.batch import claims
-from segbook.batch.squeue import LIVE_STATES, RUNNING_STATES
+from segbook import claims
+from segbook.squeue import LIVE_STATES, RUNNING_STATES
 from segbook.errors import SegbookError
 from segbook.paths import Paths
+from segbook.training.checkpoints import has_resumable_checkpoint
 from segbook.training.manifest import RunManifest
 from segbook.training.runs import FOLDS, INITS, MODELS, RunSpec, valid_combinations
 
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
 STATES = ("done", "running", "failed", "pending", "blocked")
 #: The SegBook study: three STU-Net sizes, each pretrained and from scratch, and nnU-Net's network from scratch.
 DEFAULT_MODELS = ("base", "large", "huge", "nnunet")
-#: nnU-Net's checkpoints a run resumes from (checkpoint_best is never resumed from).
-RESUMABLE_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth")
 
 
 class MatrixError(SegbookError):
@@ -128,10 +127,6 @@ class JobStatus:
                 "epochs_total": self.epochs_total, "slurm_id": self.slurm_id, "log": self.log}
 
 
-def has_checkpoint(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in RESUMABLE_CHECKPOINTS)
-
-
 def failure(manifest: RunManifest) -> str | None:
     """The recorded error that makes a run failed: a failed training (or planning) run, or a failed evaluation."""
     if manifest.status == "failed":
@@ -165,7 +160,7 @@ def _pending_detail(manifest: RunManifest | None, folder: Path) -> str:
         return "new"
     if manifest.status == "finished":
         return "evaluate only"
-    if has_checkpoint(folder):
+    if has_resumable_checkpoint(folder):
         return f"resumes after epoch {len(manifest.data.get('epochs', []))}"
     return "restarts (no checkpoint yet)"
 
@@ -193,7 +188,7 @@ def job_status(job: Job, paths: Paths, *, weights: str | Path | None = None,
     fields = {**epochs, **_slurm_fields(submitted, queue)}
     if manifest is not None and manifest.status == "finished" and is_evaluated(folder):
         return JobStatus(job, "done", "evaluated", **fields)
-    current = claims.holder(paths.batch / "claims" / job.id, queue, ask_slurm=ask_slurm)
+    current = claims.holder(paths.claims / job.id, queue, ask_slurm=ask_slurm)
     if current is not None:
         return JobStatus(job, "running", current.describe(), **fields)
     error = failure(manifest) if manifest is not None else None
@@ -214,7 +209,7 @@ def _blocked(job: Job, paths: Paths, manifest: RunManifest | None, folder: Path,
              weights: str | Path | None) -> str | None:
     if not (paths.raw / job.entry.nnunet_name / "dataset.json").is_file():
         return f"data missing: run `segbook data import --task {job.entry.key} --from PATH`"
-    if manifest is None or not has_checkpoint(folder):
+    if manifest is None or not has_resumable_checkpoint(folder):
         return weights_problem(job, paths, weights)
     return None
 
@@ -223,14 +218,14 @@ def survey(jobs: Iterable[Job], paths: Paths | None = None, *, weights: str | Pa
            slurm: bool = True) -> list[JobStatus]:
     """The state of every job, asking squeue once for all of them (when `slurm` and SLURM is installed)."""
     from segbook.batch.slurm import latest_tasks
-    from segbook.batch.squeue import array_of, slurm_available, squeue_states
+    from segbook.squeue import array_of, slurm_available, squeue_states
 
     paths = paths or Paths.from_env()
     jobs = list(jobs)
     submitted = latest_tasks(paths) if slurm else {}
     queue = None
     if slurm and slurm_available():
-        holders = [claims.latest(paths.batch / "claims" / job.id)[1] for job in jobs]
+        holders = [claims.latest(paths.claims / job.id)[1] for job in jobs]
         ids = {array_of(t.slurm_id) for t in submitted.values()}
         ids |= {array_of(r.slurm_job) for r in holders if r is not None and r.slurm_job and not r.released}
         queue = squeue_states(ids)

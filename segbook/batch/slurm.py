@@ -31,7 +31,7 @@ from segbook.batch.matrix import Job, job_from_id, summary_line, survey
 from segbook.errors import SegbookError
 from segbook.io import atomic_write_json
 from segbook.paths import Paths
-from segbook.training.manifest import now
+from segbook.io import now
 
 SUBMISSION_RECORD = "submission.json"
 #: nnU-Net's augmentation wants about this many CPU cores per GPU.
@@ -165,6 +165,7 @@ def submit_slurm(jobs: Iterable[Job], options: ExecutionOptions, slurm: SlurmOpt
     submitted tasks (none on a dry run, which prints the sbatch script and the jobs instead).
     """
     paths = paths or Paths.from_env()
+    options.validate()
     if options.device == "cuda" and slurm.gpus_per_job < 1:
         raise SegbookError("--device cuda needs --gpus-per-job 1 or more (or use --device cpu)")
     statuses = survey(jobs, paths, weights=options.pretrained_weights)

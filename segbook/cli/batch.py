@@ -7,7 +7,8 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from segbook.cli.common import add_registry_option, add_training_options, training_settings_from_args
+from segbook.cli.common import (POSITIVE_NUMBER, HelpFormatter, add_registry_option, add_training_options, at_least,
+                                training_settings_from_args)
 
 if TYPE_CHECKING:
     from segbook.batch.execute import ExecutionOptions
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _subparser(commands: argparse._SubParsersAction, name: str, help: str, description: str,
                example: str) -> argparse.ArgumentParser:
     return commands.add_parser(name, help=help, description=description, epilog=f"example: {example}",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=HelpFormatter)
 
 
 def _add_selection(parser: argparse.ArgumentParser) -> None:
@@ -59,10 +60,11 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
 def _add_execution(parser: argparse.ArgumentParser) -> None:
     add_training_options(parser)
     group = parser.add_argument_group("each job")
-    group.add_argument("--gpus-per-job", type=int, default=1, help="GPUs per job (nnU-Net DDP when > 1)")
-    group.add_argument("--processes", type=int, default=None,
+    group.add_argument("--gpus-per-job", type=at_least(0), default=1,
+                       help="GPUs per job (nnU-Net DDP when > 1; 0 for CPU jobs on SLURM)")
+    group.add_argument("--processes", type=at_least(1), default=None,
                        help="processes for planning and evaluation (default: nnUNet_def_n_proc)")
-    group.add_argument("--data-workers", type=int, default=None,
+    group.add_argument("--data-workers", type=at_least(0), default=None,
                        help="nnU-Net's augmentation workers per job (nnUNet_n_proc_DA; default: the environment's, "
                             "capped by the CPUs of a SLURM job)")
 
@@ -70,7 +72,7 @@ def _add_execution(parser: argparse.ArgumentParser) -> None:
 def _add_local(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("this machine")
     group.add_argument("--gpus", help="comma-separated GPU ids to use (default: all visible)")
-    group.add_argument("--workers", type=int, default=None,
+    group.add_argument("--workers", type=at_least(1), default=None,
                        help="jobs at once (default: 1 on cpu or mps; on cuda, one per --gpus-per-job GPUs)")
 
 
@@ -79,14 +81,14 @@ def _add_slurm(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--partition", help="partition (default: the cluster's)")
     group.add_argument("--time", default="48:00:00", help="time limit per job; a job that reaches it is requeued "
                                                           "and resumes from its latest checkpoint")
-    group.add_argument("--cpus-per-job", type=int, default=None, help="default: 8 per GPU, 1 without GPU")
+    group.add_argument("--cpus-per-job", type=at_least(1), default=None, help="default: 8 per GPU, 1 without GPU")
     group.add_argument("--mem", help="memory per job, as sbatch --mem (e.g. 64G; default: the cluster's)")
     group.add_argument("--account", help="account to charge")
-    group.add_argument("--array-parallelism", type=int, default=None, help="most tasks of the array running at once")
+    group.add_argument("--array-parallelism", type=at_least(1), default=None, help="most tasks of the array running at once")
     group.add_argument("--extra-sbatch", action="append", default=[], metavar="OPTION",
                        help="another sbatch option, as --extra-sbatch=--qos=high or --extra-sbatch constraint=a100 "
                             "(repeatable)")
-    group.add_argument("--max-timeouts", type=int, default=10,
+    group.add_argument("--max-timeouts", type=at_least(0), default=10,
                        help="requeues of a job after reaching its time limit (preemptions do not count)")
     group.add_argument("--dry-run", action="store_true", help="print the sbatch script and the jobs; submit nothing")
 
@@ -99,7 +101,7 @@ def _register_plan(commands: argparse._SubParsersAction) -> None:
                         "segbook batch plan --tasks all --models base,large,huge,nnunet")
     _add_selection(parser)
     add_training_options(parser)
-    parser.add_argument("--assumed-tflops", type=float, default=None,
+    parser.add_argument("--assumed-tflops", type=POSITIVE_NUMBER, default=None,
                         help="sustained training throughput of one GPU in TFLOP/s (default: 40, an A100's; measure "
                              "yours with scripts/bench_train.py; see docs/batch.md)")
     parser.add_argument("--state", help="only jobs in these states (comma-separated)")
@@ -192,12 +194,16 @@ def _matrix(args: argparse.Namespace) -> list["Job"]:
     return jobs
 
 
-def _options(args: argparse.Namespace) -> "ExecutionOptions":
+def _options(args: argparse.Namespace, backend: str) -> "ExecutionOptions":
     from segbook.batch.execute import ExecutionOptions
+    from segbook.devices import resolve_device
 
+    # The jobs run here: this machine's best device (or the one asked for, if it has it). On SLURM they run on the
+    # cluster's GPU nodes, which the submitting node cannot see.
+    device = resolve_device(args.device, print) if backend == "local" else (args.device or "cuda")
     return ExecutionOptions.create(
         registry_files=_registry_files(args), weights=args.weights, settings=training_settings_from_args(args),
-        device=args.device, num_gpus=args.gpus_per_job if args.device == "cuda" else 1, compile=args.compile,
+        device=device, num_gpus=args.gpus_per_job if device == "cuda" else 1, compile=args.compile,
         processes=args.processes, data_workers=args.data_workers)
 
 
@@ -290,8 +296,8 @@ def _gpus(args: argparse.Namespace) -> list[str] | None:
 def _run_local(jobs: list["Job"], args: argparse.Namespace) -> int:
     from segbook.batch.local import run_local
 
-    options = _options(args)
-    report = run_local(jobs, registry_files=options.registry_files, device=args.device, gpus=_gpus(args),
+    options = _options(args, "local")
+    report = run_local(jobs, registry_files=options.registry_files, device=options.device, gpus=_gpus(args),
                        gpus_per_job=args.gpus_per_job, workers=args.workers, settings=options.settings,
                        weights=options.weights, compile=args.compile, processes=args.processes,
                        data_workers=args.data_workers)
@@ -305,7 +311,7 @@ def _submit(jobs: list["Job"], args: argparse.Namespace) -> int:
                          cpus_per_job=args.cpus_per_job, mem=args.mem, account=args.account,
                          array_parallelism=args.array_parallelism, extra_sbatch=tuple(args.extra_sbatch),
                          max_timeouts=args.max_timeouts)
-    submit_slurm(jobs, _options(args), slurm, dry_run=args.dry_run)
+    submit_slurm(jobs, _options(args, "slurm"), slurm, dry_run=args.dry_run)
     return 0
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Sequence
 
+from segbook.options import Bound, OptionError
+
 if TYPE_CHECKING:
     from segbook.registry import Registry
-    from segbook.training.manifest import TrainingSettings
+    from segbook.training.settings import TrainingSettings
 
 TASK_HELP = ("the dataset: paper number (613, Task613), key (Task613_COVID-19-20), nnU-Net id (Dataset613) or name "
              "(COVID-19-20, any case)")
@@ -38,47 +40,93 @@ def add_format_option(parser: argparse.ArgumentParser, choices: Sequence[str]) -
                         help=f"output format (default: {choices[0]})")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows the default of every option that takes a value; not of flags ("--no-gaussian (default: True)" would
+    say the opposite of what the flag does), not when there is none, and not twice."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.nargs == 0 or action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def bounded(bound: Bound):
+    """An argparse `type` that refuses values outside `bound` at parse time, naming the allowed range."""
+
+    def parse(text: str) -> int | float:
+        try:
+            return bound.parse(text)
+        except OptionError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{bound.option} ")) from None
+
+    parse.__name__ = "integer" if bound.kind is int else "number"
+    return parse
+
+
+def at_least(low: int):
+    """An argparse `type` for counts: an integer >= `low`."""
+    return bounded(Bound("value", int, low=low))
+
+
+#: An argparse `type` for rates, sizes in mm and the like: a finite number > 0.
+POSITIVE_NUMBER = bounded(Bound("value", float, low=0, low_inclusive=False))
+
+
 def add_training_options(parser: argparse.ArgumentParser) -> None:
     """The weights, device, budget, optimiser and GPU-speed options of every command that trains runs."""
     add_weights_and_device_options(parser)
     add_budget_options(parser)
 
 
+DEVICE_HELP = "cuda, mps or cpu (default: the first available of these, said when the run starts)"
+
+
 def add_weights_and_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", metavar="PATH", help="checkpoint file to fine-tune from (default: the cached "
                                                           "official one, see `segbook weights`)")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu", "mps"])
+    parser.add_argument("--device", default=None, choices=["cuda", "cpu", "mps"], help=DEVICE_HELP)
 
 
 def add_budget_options(parser: argparse.ArgumentParser) -> None:
     """The training budget, optimiser and GPU-speed groups; `training_settings_from_args` reads them."""
+    from segbook.training.settings import BOUNDS, PRECISIONS, TrainingSettings
+
+    defaults = TrainingSettings()
     hyper = parser.add_argument_group("training budget and optimiser (SegBook's values by default)")
-    hyper.add_argument("--epochs", type=int, default=1000)
-    hyper.add_argument("--iters-per-epoch", type=int, default=250)
-    hyper.add_argument("--val-iters-per-epoch", type=int, default=50)
-    hyper.add_argument("--lr", type=float, default=None,
+    hyper.add_argument("--epochs", type=bounded(BOUNDS["epochs"]), default=defaults.epochs,
+                       help="epochs of training")
+    hyper.add_argument("--iters-per-epoch", type=bounded(BOUNDS["iterations_per_epoch"]),
+                       default=defaults.iterations_per_epoch, help="training iterations per epoch")
+    hyper.add_argument("--val-iters-per-epoch", type=bounded(BOUNDS["val_iterations_per_epoch"]),
+                       default=defaults.val_iterations_per_epoch,
+                       help="validation iterations per epoch (the pseudo-Dice in the log)")
+    hyper.add_argument("--lr", type=bounded(BOUNDS["lr"]), default=None,
                        help="initial learning rate of the body (default: 1e-3 pretrained, 1e-2 scratch)")
-    hyper.add_argument("--head-lr-multiplier", type=float, default=10.0,
-                       help="heads' rate / body's rate when fine-tuning")
-    hyper.add_argument("--weight-decay", type=float, default=3e-5)
-    hyper.add_argument("--checkpoint-every", type=int, default=50, help="epochs between resumable checkpoints")
-    hyper.add_argument("--seed", type=int, default=12345)
+    hyper.add_argument("--head-lr-multiplier", type=bounded(BOUNDS["head_lr_multiplier"]),
+                       default=defaults.head_lr_multiplier, help="heads' rate / body's rate when fine-tuning")
+    hyper.add_argument("--weight-decay", type=bounded(BOUNDS["weight_decay"]), default=defaults.weight_decay,
+                       help="SGD weight decay")
+    hyper.add_argument("--checkpoint-every", type=bounded(BOUNDS["checkpoint_every"]),
+                       default=defaults.checkpoint_every, help="epochs between resumable checkpoints")
+    hyper.add_argument("--seed", type=bounded(BOUNDS["seed"]), default=defaults.seed,
+                       help="seed of the weights' initialisation, sampling and augmentation")
     gpu = parser.add_argument_group("GPU speed")
-    gpu.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16"],
-                     help="mixed precision on CUDA: auto uses bf16 where the GPU supports it")
+    gpu.add_argument("--precision", default=defaults.mixed_precision, choices=PRECISIONS,
+                     help="mixed precision on CUDA: auto uses bf16 where the GPU supports it, else fp16")
     gpu.add_argument("--channels-last", action="store_true", help="channels-last 3D memory format")
     gpu.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
-                     help="torch.compile the network (nnU-Net's default on CUDA: on)")
+                     help="torch.compile the network (default: nnU-Net's choice, on for CUDA)")
 
 
 def training_settings_from_args(args: argparse.Namespace) -> "TrainingSettings":
-    from segbook.training.manifest import TrainingSettings
+    from segbook.training.settings import TrainingSettings
 
     return TrainingSettings(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
                             val_iterations_per_epoch=args.val_iters_per_epoch, lr=args.lr,
                             head_lr_multiplier=args.head_lr_multiplier, weight_decay=args.weight_decay,
                             checkpoint_every=args.checkpoint_every, seed=args.seed,
-                            mixed_precision=args.precision, channels_last=args.channels_last)
+                            mixed_precision=args.precision, channels_last=args.channels_last).validate()
 
 
 class ChoiceList(argparse.Action):

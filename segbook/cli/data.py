@@ -6,7 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from segbook.cli.common import add_format_option, add_registry_option, add_task_option, registry_from_args
+from segbook.cli.common import (POSITIVE_NUMBER, add_format_option, add_registry_option, add_task_option, at_least,
+                                registry_from_args)
 from segbook.errors import SegbookError
 
 LAYOUT_CHOICES = ("auto", "v1", "v2", "msd")
@@ -52,14 +53,14 @@ def _register_import(actions: argparse._SubParsersAction) -> None:
                        help="label file names relative to --labels (default: {case}{ext})")
     plain.add_argument("--channel-tokens", nargs="+", metavar="TOKEN",
                        help="what {channel} stands for, one per registry channel in its order (e.g. t1 t2)")
-    parser.add_argument("--num-processes", "-np", type=int, default=_default_processes(), metavar="N",
+    parser.add_argument("--num-processes", "-np", type=at_least(1), default=_default_processes(), metavar="N",
                         help="processes for validation and writing (default: nnUNet_def_n_proc, else 1)")
-    parser.add_argument("--seed", type=int, help="seed of the test split (default: the stored split's, else 0)")
+    parser.add_argument("--seed", type=at_least(0), help="seed of the test split (default: the stored split's, else 0)")
     parser.add_argument("--resplit", action="store_true",
                         help="draw a new test split even if one is stored (needed when the cases changed)")
     parser.add_argument("--force", action="store_true", help="import again even if the source is unchanged")
     parser.add_argument("--check-only", action="store_true", help="validate and report; write nothing")
-    parser.add_argument("--tolerance", type=float, default=None, metavar="T",
+    parser.add_argument("--tolerance", type=POSITIVE_NUMBER, default=None, metavar="T",
                         help="geometry tolerance: relative for spacing, in voxels for origin, absolute for "
                              "direction cosines (default: 1e-3)")
     parser.set_defaults(handler=run_import)
@@ -85,18 +86,18 @@ def _register_synth(actions: argparse._SubParsersAction) -> None:
     parser.add_argument("--layout", choices=("v1", "v2", "msd", "plain"), default="v2",
                         help="source layout (default: v2)")
     parser.add_argument("--name", default="Synthetic", help="dataset name (default: Synthetic)")
-    parser.add_argument("--id", type=int, default=990, dest="dataset_id", help="dataset id (default: 990)")
-    parser.add_argument("--cases", type=int, default=8, help="labelled cases (default: 8)")
-    parser.add_argument("--size", type=int, nargs=3, default=[48, 48, 32], metavar=("X", "Y", "Z"),
+    parser.add_argument("--id", type=at_least(1), default=990, dest="dataset_id", help="dataset id (default: 990)")
+    parser.add_argument("--cases", type=at_least(2), default=8, help="labelled cases (default: 8)")
+    parser.add_argument("--size", type=at_least(8), nargs=3, default=[48, 48, 32], metavar=("X", "Y", "Z"),
                         help="voxels (default: 48 48 32)")
-    parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 2.5], metavar=("X", "Y", "Z"),
+    parser.add_argument("--spacing", type=POSITIVE_NUMBER, nargs=3, default=[1.5, 1.5, 2.5], metavar=("X", "Y", "Z"),
                         help="mm (default: 1.5 1.5 2.5)")
     parser.add_argument("--modality", choices=("CT", "MRI"), default="CT", help="intensity model (default: CT)")
     parser.add_argument("--channels", nargs="+", help="channel names (default: CT, or T2 for MRI)")
-    parser.add_argument("--structures", type=int, default=2, help="blob-like structures (default: 2)")
-    parser.add_argument("--lesions", type=int, default=0, help="small lesion labels, inside the first structure "
+    parser.add_argument("--structures", type=at_least(1), default=2, help="blob-like structures (default: 2)")
+    parser.add_argument("--lesions", type=at_least(0), default=0, help="small lesion labels, inside the first structure "
                                                                 "(default: 0)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="random seed (default: 0)")
     parser.set_defaults(handler=run_synth)
 
 

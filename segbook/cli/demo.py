@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from segbook.cli.common import HelpFormatter, at_least
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="run the whole benchmark in miniature on synthetic data (minutes on a laptop CPU)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Generates a synthetic source task and three target tasks (CT and MRI; seen and unseen "
                     "structures and lesions; small, medium and large), pretrains an STU-Net on the source, "
                     "fine-tunes it and trains from scratch on every target through `segbook batch`, evaluates on "
@@ -19,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test of every stage")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"],
                         help="cuda runs a bigger demo (STU-Net small, larger volumes, longer training)")
-    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same tables")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="the same seed gives the same tables")
     parser.set_defaults(handler=run)
 
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from segbook.cli.common import add_registry_option, registry_from_args
+from segbook.cli.common import (DEVICE_HELP, POSITIVE_NUMBER, HelpFormatter, add_registry_option, at_least, bounded,
+                                registry_from_args)
+from segbook.evaluation.settings import STEP_SIZE
 from segbook.training.runs import MODELS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="predict the held-out test split of a trained run and compute Dice, NSD and HD95",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Sliding-window prediction of the test split (imagesTs) with nnU-Net's predictor and the run's "
                     "final checkpoint, then per-case, per-label Dice (nnU-Net's convention), normalised surface "
                     "Dice and HD95 (spacing-aware). Writes evaluation/metrics.csv and evaluation/summary.json in "
@@ -29,30 +31,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     which.add_argument("--run", metavar="DIR", help="a run folder (…/fold_X) instead of --task/--model")
     add_registry_option(parser)
     options = parser.add_argument_group("prediction and metrics")
-    options.add_argument("--step-size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    options.add_argument("--step-size", type=bounded(STEP_SIZE), default=0.5, help="sliding-window step as a fraction of the patch")
     options.add_argument("--no-gaussian", dest="gaussian", action="store_false", help="uniform window weighting")
     options.add_argument("--no-mirroring", dest="mirroring", action="store_false", help="no test-time mirroring")
-    options.add_argument("--nsd-tolerance", type=float, default=None,
+    options.add_argument("--nsd-tolerance", type=POSITIVE_NUMBER, default=None,
                          help="NSD tolerance in mm (default: the registry's value for the dataset, usually 2)")
     options.add_argument("--empty-dice", choices=["nan", "one"], default="nan",
                          help="Dice when reference and prediction are both empty: NaN (nnU-Net, left out of "
                               "means) or 1")
     options.add_argument("--keep-predictions", action="store_true", help="keep the predicted segmentations")
-    options.add_argument("--device", choices=["cuda", "cpu", "mps"], default=None,
-                         help="default: cuda if available, else cpu")
-    options.add_argument("--num-processes", type=int, default=1, help="processes for preprocessing and metrics")
+    options.add_argument("--device", choices=["cuda", "cpu", "mps"], default=None, help=DEVICE_HELP)
+    options.add_argument("--num-processes", type=at_least(1), default=1, help="processes for preprocessing and metrics")
     options.add_argument("--force", action="store_true", help="evaluate again even if up to date")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from segbook.errors import SegbookError
-    from segbook.evaluation.evaluate import EvaluationSettings, evaluate_run, spec_from_folder
+    from segbook.evaluation.evaluate import evaluate_run, spec_from_folder
+    from segbook.evaluation.settings import EvaluationSettings
     from segbook.training.finetune import run_spec
 
     registry = registry_from_args(args)
+    folder = None
     if args.run:
-        spec = spec_from_folder(args.run)
+        folder = Path(args.run).expanduser()
+        spec = spec_from_folder(folder)
         entry = registry.get(spec.task)
     elif args.task and args.model:
         entry = registry.get(args.task)
@@ -62,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     settings = EvaluationSettings(step_size=args.step_size, gaussian=args.gaussian, mirroring=args.mirroring,
                                   nsd_tolerance_mm=args.nsd_tolerance, empty_dice=args.empty_dice)
     result = evaluate_run(entry, spec, settings=settings, device=args.device, num_processes=args.num_processes,
-                          keep_predictions=args.keep_predictions, force=args.force)
+                          keep_predictions=args.keep_predictions, force=args.force, run_folder=folder)
     summary = result.summary
     state = "up to date" if result.skipped else "evaluated"
     print(f"{state}: {result.folder} ({summary['num_cases']} test cases)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from segbook.cli.common import (add_budget_options, add_registry_option, add_task_option,
+from segbook.cli.common import (HelpFormatter, add_budget_options, add_registry_option, add_task_option, at_least,
                                 add_weights_and_device_options, registry_from_args, training_settings_from_args)
 from segbook.training.runs import MODELS
 
@@ -12,7 +12,7 @@ from segbook.training.runs import MODELS
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "finetune", help="train one STU-Net (pretrained or scratch) or nnU-Net run on a task",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Train one run with nnU-Net v2's training loop, augmentation and validation. With --pretrained "
                     "the STU-Net body comes from the TotalSegmentator checkpoint and the freshly initialised "
                     "segmentation heads learn at --head-lr-multiplier x the body's rate (poly decay per group); "
@@ -31,12 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="'all' trains on the whole train split (SegBook's protocol); 0-4 are nnU-Net's "
                              "cross-validation folds inside it")
     add_weights_and_device_options(parser)
-    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs on this node (nnU-Net DDP when > 1)")
+    parser.add_argument("--num-gpus", type=at_least(1), default=1, help="GPUs on this node (nnU-Net DDP when > 1)")
     parser.add_argument("--continue", dest="resume", action="store_true",
                         help="resume the run from its latest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run of this configuration first")
     add_budget_options(parser)
-    parser.add_argument("--plan-processes", type=int, default=None,
+    parser.add_argument("--plan-processes", type=at_least(1), default=None,
                         help="processes for planning and preprocessing if the task is not planned yet")
     parser.set_defaults(handler=run)
 

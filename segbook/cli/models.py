@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from segbook.cli.common import at_least
 from segbook.cli.output import FORMATS, emit
 
 
@@ -13,10 +14,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="The STU-Net presets. Parameters and forward multiply-accumulates (MACs) are counted on the "
                     "meta device for one patch of the given size (batch 1); FLOPs = 2 x MACs. A training step costs "
                     "about 3x the forward pass.")
-    parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 128], metavar=("Z", "Y", "X"),
+    parser.add_argument("--patch", type=at_least(1), nargs=3, default=[128, 128, 128], metavar=("Z", "Y", "X"),
                         help="patch size in voxels (default: 128 128 128, the pretraining patch)")
-    parser.add_argument("--input-channels", type=int, default=1, help="input channels (default: 1)")
-    parser.add_argument("--classes", type=int, default=105,
+    parser.add_argument("--input-channels", type=at_least(1), default=1, help="input channels (default: 1)")
+    parser.add_argument("--classes", type=at_least(2), default=105,
                         help="output classes incl. background (default: 105, the TotalSegmentator checkpoints)")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
     parser.set_defaults(handler=run)

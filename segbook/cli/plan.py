@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from segbook.cli.common import add_format_option, add_registry_option, add_task_option, registry_from_args
+from segbook.cli.common import add_format_option, add_registry_option, add_task_option, at_least, registry_from_args
 
 PLANNER_CHOICES = ("default", "resenc-m", "resenc-l", "resenc-xl")
 
@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--planner", choices=PLANNER_CHOICES, default="default",
                         help="nnU-Net's default planner (nnUNetPlans) or a residual-encoder preset "
                              "(nnUNetResEncUNet{M,L,XL}Plans) (default: default)")
-    parser.add_argument("--num-processes", "-np", type=int, default=None, metavar="N",
+    parser.add_argument("--num-processes", "-np", type=at_least(1), default=None, metavar="N",
                         help="worker processes (default: nnUNet_def_n_proc, capped by the cores)")
     parser.add_argument("--force", action="store_true", help="plan and preprocess again even if up to date")
     add_format_option(parser, ("text", "json"))

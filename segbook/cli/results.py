@@ -35,6 +35,9 @@ def add_collection_options(parser: argparse.ArgumentParser) -> None:
                         help="modality x target: group whole datasets by their target (structure&lesion is its "
                              "own group) instead of splitting structure&lesion datasets by label")
     parser.add_argument("--no-imported", action="store_true", help="leave imported results out")
+    parser.add_argument("--include-incomplete", action="store_true",
+                        help="count evaluated runs that stopped before their whole training budget (left out by "
+                             "default, with a warning naming them)")
     add_registry_option(parser)
 
 
@@ -66,7 +69,7 @@ def collect_from_args(args: argparse.Namespace) -> pd.DataFrame:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResultsWarning)
         df = collect_results(Paths.from_env(), registry_from_args(args), args.results_dir, args.plans,
-                             imported=not args.no_imported)
+                             imported=not args.no_imported, include_incomplete=args.include_incomplete)
     for warning in caught:
         if issubclass(warning.category, ResultsWarning):
             print(f"segbook: warning: {warning.message}", file=sys.stderr)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segbook import __version__
+from segbook.data.folders import dataset_claim, raw_folder
 from segbook.data.layouts import ImageRef, PlainSource, SourceCase, SourceDataset, read_source, split_ending
 from segbook.data.problems import DatasetValidationError, ValidationReport, error, warning
 from segbook.data.split import Split, held_out_count, read_split, resolve_split, write_split
@@ -50,8 +51,12 @@ class ImportReport:
     skipped: bool = False
     written: dict[str, int] = field(default_factory=lambda: {"copied": 0, "converted": 0})
     seconds: float = 0.0
+    repaired: list[str] = field(default_factory=list)  # what a killed import or planning had left, now repaired
 
     def summary(self) -> str:
+        return "\n".join([*(f"repaired: {line}" for line in self.repaired), self._outcome()])
+
+    def _outcome(self) -> str:
         if self.skipped:
             return f"{self.dataset}: unchanged since the last import ({self.destination}); nothing to do"
         if self.split is None:
@@ -127,28 +132,41 @@ def import_dataset(entry: DatasetEntry, source: Path | PlainSource, paths: Paths
     """
     started = time.perf_counter()
     paths = paths or Paths.from_env()
-    destination = paths.raw / entry.nnunet_name
     check_dataset_id(entry, paths)
     found = read_source(source, len(entry.channels), layout)
+    if check_only:
+        report = _validate(entry, found, num_processes, tolerance, progress)
+        if report.errors:
+            raise DatasetValidationError(report, entry.key)
+        return ImportReport(entry.key, entry.nnunet_name, raw_folder(entry, paths), found.layout, found.location,
+                            report)
+    with dataset_claim(entry, paths) as repaired:
+        result = _import(entry, found, paths, num_processes, seed, resplit, force, tolerance, progress)
+    result.repaired = repaired
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _import(entry: DatasetEntry, found: SourceDataset, paths: Paths, num_processes: int, seed: int | None,
+            resplit: bool, force: bool, tolerance: float, progress: bool) -> ImportReport:
+    """Validate and write, holding the dataset's claim (no other import or planning of it runs meanwhile)."""
+    destination = raw_folder(entry, paths)
     content_id = _content_id(entry, found, seed, tolerance)
     record = read_import_record(destination)
     if (record and record.get("content_id") == content_id and (destination / "dataset.json").is_file()
-            and not (force or resplit or check_only)):
+            and not (force or resplit)):
         return ImportReport(entry.key, entry.nnunet_name, destination, found.layout, found.location,
                             ValidationReport(), read_split(destination), skipped=True)
     report = _validate(entry, found, num_processes, tolerance, progress)
     if report.errors:
         raise DatasetValidationError(report, entry.key)
     result = ImportReport(entry.key, entry.nnunet_name, destination, found.layout, found.location, report)
-    if check_only:
-        return result
     n_test = held_out_count(len(found.cases), entry.train_cases, entry.test_cases)
     stored = read_split(destination) if destination.is_dir() else None
     result.split = resolve_split([c.case_id for c in found.cases], n_test, stored, seed, resplit)
     with atomic_directory(destination, replace=True) as building:
         result.written = _write_cases(entry, found.cases, result.split, building, num_processes, progress)
         _write_metadata(entry, found, result, building, content_id, tolerance)
-    result.seconds = time.perf_counter() - started
     return result
 
 

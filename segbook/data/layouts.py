@@ -9,7 +9,9 @@ the files is `validate.py`'s job.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import string
 from collections import defaultdict
@@ -82,12 +84,27 @@ def split_ending(name: str) -> tuple[str, str] | None:
 
 
 def _visible_files(folder: Path, recursive: bool = False) -> list[Path]:
-    """Files in `folder`, skipping hidden ones (macOS `._*` resource forks ship inside some MSD archives)."""
+    """Files in `folder`, skipping hidden ones (macOS `._*` resource forks ship inside some MSD archives).
+
+    Symbolic links that lead to no file are listed too, so that `broken_link` can report them by name rather than
+    their case seeming to lack the file.
+    """
     if not folder.is_dir():
         return []
     candidates = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in candidates if p.is_file() and not any(part.startswith(".")
-                                                                   for part in p.relative_to(folder).parts))
+    return sorted(p for p in candidates if (p.is_file() or (p.is_symlink() and not p.exists()))
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def broken_link(path: Path) -> str | None:
+    """Why `path`, a symbolic link, cannot be followed to a file (None when it can, or is no link)."""
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop: following the link leads back to it, never to a file"
+        return f"symbolic link to {os.readlink(path)}, which cannot be followed: {exc.strerror}"
+    return None
 
 
 def detect_layout(path: Path) -> str:
@@ -147,20 +164,31 @@ class _Collector:
         self.labels: dict[str, list[Path]] = defaultdict(list)
         self.problems: list[Problem] = []
         self.files: list[Path] = []
+        self.broken: set[str] = set()
 
     def image(self, case: str, channel: int, ref: ImageRef) -> None:
         self.images[case][channel].append(ref)
-        self.files.append(ref.path)
+        self._file(case, ref.path)
 
     def image_file(self, case: str, refs: list[ImageRef]) -> None:
         """One file holding every channel (MSD): one ref per channel."""
         for channel, ref in enumerate(refs):
             self.images[case][channel].append(ref)
-        self.files.append(refs[0].path)
+        self._file(case, refs[0].path)
 
     def label(self, case: str, path: Path) -> None:
         self.labels[case].append(path)
-        self.files.append(path)
+        self._file(case, path)
+
+    def _file(self, case: str, path: Path) -> None:
+        """A file of `case`; a link that leads nowhere is its case's error (and stays out of `files`, which the
+        import's fingerprint reads)."""
+        why = broken_link(path)
+        if why:
+            self.problems.append(error("broken-link", why, case, path))
+            self.broken.add(case)
+        else:
+            self.files.append(path)
 
     def unmatched(self, path: Path, why: str) -> None:
         self.problems.append(warning("unmatched-file", why, file=path))
@@ -168,7 +196,7 @@ class _Collector:
     def cases(self) -> list[SourceCase]:
         self._check_case_collisions()
         cases = []
-        for case_id in sorted(set(self.images) | set(self.labels)):
+        for case_id in sorted((set(self.images) | set(self.labels)) - self.broken):
             channels, labels = self.images.get(case_id, {}), self.labels.get(case_id, [])
             if not channels:
                 self.problems.append(error("missing-image", "label has no image files", case_id, labels[0]))
@@ -274,9 +302,10 @@ def _read_msd(root: Path, n_channels: int) -> SourceDataset:
     return _read_task_folder(root, n_channels, "msd", add_image)
 
 
-def compile_pattern(pattern: str, tokens: Sequence[str] = ()) -> re.Pattern:
+def compile_pattern(pattern: str, tokens: Sequence[str] | None = None) -> re.Pattern:
     """A regular expression for a `{case}`/`{channel}`/`{ext}` file-name pattern (matched against the whole path
-    relative to the folder, with `/` separators)."""
+    relative to the folder, with `/` separators). `{channel}` is one of `tokens`, or without them any nnU-Net
+    channel number (`0000`, `0001`, ...), so that a channel the registry lacks is seen as one."""
     parts, has_case = [], False
     for literal, name, spec, conversion in string.Formatter().parse(pattern):
         parts.append(re.escape(literal))
@@ -288,7 +317,9 @@ def compile_pattern(pattern: str, tokens: Sequence[str] = ()) -> re.Pattern:
             parts.append("(?P=case)" if has_case else r"(?P<case>[^/]+?)")
             has_case = True
         elif name == "channel":
-            parts.append("(?P<channel>" + "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
+            choices = r"\d{4}" if tokens is None else "|".join(re.escape(t) for t in sorted(tokens, key=len,
+                                                                                         reverse=True))
+            parts.append(f"(?P<channel>{choices})")
         elif name == "ext":
             parts.append("(?:" + "|".join(re.escape(e) for e in IMAGE_ENDINGS) + ")")
         else:
@@ -299,18 +330,27 @@ def compile_pattern(pattern: str, tokens: Sequence[str] = ()) -> re.Pattern:
 
 
 def _plain_pattern(source: PlainSource, image_files: list[Path], n_channels: int) -> tuple[str, tuple[str, ...]]:
-    """The image pattern and channel tokens: the user's, or nnU-Net naming, or `{case}{ext}` for one channel."""
+    """The image pattern and channel tokens: the user's, or nnU-Net naming (no tokens: channel numbers), or
+    `{case}{ext}` for one channel."""
     nnunet_style = any(_CHANNEL_SUFFIX.match((split_ending(p.name) or ("",))[0]) for p in image_files)
     default = "{case}{ext}" if n_channels == 1 and not nnunet_style else "{case}_{channel}{ext}"
     pattern = source.image_pattern or default
-    tokens = tuple(source.channel_tokens or (f"{i:04d}" for i in range(n_channels)))
-    if "{channel}" in pattern and len(tokens) != n_channels:
+    tokens = tuple(source.channel_tokens or ())
+    if "{channel}" in pattern and tokens and len(tokens) != n_channels:
         raise SegbookError(f"{len(tokens)} channel token(s) {list(tokens)} for {n_channels} registry channel(s); "
                            "give one --channel-tokens value per channel, in registry order")
     if "{channel}" not in pattern and n_channels > 1:
         raise SegbookError(f"image pattern {pattern!r} has no {{channel}} field but the dataset has {n_channels} "
                            "channels")
     return pattern, tokens
+
+
+def _channel_index(match: re.Match, tokens: tuple[str, ...]) -> int:
+    """The channel of a matched image file: its token's position, or its nnU-Net number (0 without `{channel}`)."""
+    channel = match.groupdict().get("channel")
+    if channel is None:
+        return 0
+    return tokens.index(channel) if tokens else int(channel)
 
 
 def _read_plain(source: PlainSource, n_channels: int) -> SourceDataset:
@@ -325,16 +365,15 @@ def _read_plain(source: PlainSource, n_channels: int) -> SourceDataset:
     recursive = "/" in (source.image_pattern or "") or "/" in source.label_pattern
     image_files = _visible_files(image_root, recursive)
     pattern, tokens = _plain_pattern(source, image_files, n_channels)
-    image_re, label_re = compile_pattern(pattern, tokens), compile_pattern(source.label_pattern)
-    collect = _Collector(n_channels)
+    image_re, label_re = compile_pattern(pattern, tokens or None), compile_pattern(source.label_pattern)
+    collect, claimed = _Collector(n_channels), set()
     for path in image_files:
         match = image_re.fullmatch(path.relative_to(image_root).as_posix())
         if match:
-            collect.image(match["case"], tokens.index(match["channel"]) if "{channel}" in pattern else 0,
-                          ImageRef(path))
+            collect.image(match["case"], _channel_index(match, tokens), ImageRef(path))
+            claimed.add(path)
         elif not shared:
             collect.unmatched(path, f"does not match the image pattern {pattern!r}")
-    claimed = set(collect.files)
     for path in _visible_files(label_root, recursive):
         match = label_re.fullmatch(path.relative_to(label_root).as_posix())
         if match and path not in claimed:
@@ -344,6 +383,7 @@ def _read_plain(source: PlainSource, n_channels: int) -> SourceDataset:
                 f"does not match the label pattern {source.label_pattern!r}"
             collect.unmatched(path, why)
     settings = {"images": str(image_root), "labels": str(label_root), "image_pattern": pattern,
-                "label_pattern": source.label_pattern, "channel_tokens": list(tokens)}
+                "label_pattern": source.label_pattern,
+                "channel_tokens": list(tokens) or [f"{i:04d}" for i in range(n_channels)]}
     return SourceDataset("plain", f"{image_root} + {label_root}", collect.cases(), collect.problems,
                          collect.files, settings)

@@ -15,6 +15,8 @@ Severity = Literal["error", "warning"]
 KINDS: dict[str, tuple[str, str]] = {
     "unreadable": ("unreadable or truncated files",
                    "re-download or re-export the file and check that it opens in a viewer (ITK-SNAP, 3D Slicer)"),
+    "broken-link": ("symbolic links that lead to no file",
+                    "point the link at the real file (`ls -l` shows where it leads), or put the file in its place"),
     "dimension": ("images that are not 3-D volumes",
                   "provide one 3-D volume per channel (MSD layout: one 4-D file with one volume per channel)"),
     "channels": ("wrong number of channels",

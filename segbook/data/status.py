@@ -5,8 +5,10 @@ Only small metadata files and directory listings are read, so it stays fast for 
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
+from segbook.data.folders import raw_folder, repair_if_free
 from segbook.data.importer import read_import_record
 from segbook.data.split import read_split
 from segbook.errors import SegbookError
@@ -26,10 +28,15 @@ def _split_cell(entry: DatasetEntry, paths: Paths) -> str:
 
 def task_status(entry: DatasetEntry, paths: Paths) -> dict[str, Any]:
     """One row: `raw` (dataset.json present), `validated` (imported by segbook, so every case passed validation),
-    `split` (train/test counts), `planned` (planners with plans) and `preprocessed` (yes / stale / no)."""
+    `split` (train/test counts), `planned` (planners with plans) and `preprocessed` (yes / stale / no).
+
+    What a killed import or planning left behind is repaired first, unless a live process is at work on the task.
+    """
     from segbook.plan import plan_states
 
-    folder = paths.raw / entry.nnunet_name
+    for line in repair_if_free(entry, paths):
+        print(f"segbook: repaired {entry.nnunet_name}: {line}", file=sys.stderr)
+    folder = raw_folder(entry, paths)
     raw = (folder / "dataset.json").is_file()
     record = read_import_record(folder) if raw else None
     states = plan_states(entry, paths) if raw else {}

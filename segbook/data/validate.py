@@ -8,7 +8,10 @@ values are only known after reading. Cases are independent, so they are checked 
 from __future__ import annotations
 
 import functools
+import gzip
 import multiprocessing
+import re
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ class Header:
     components: int
     pixel_type: str
     size: tuple[int, ...]
+    full_size: tuple[int, ...]  # every axis, for messages about files that are not 3-D
     spacing: tuple[float, ...]
     origin: tuple[float, ...]
     direction: tuple[float, ...]
@@ -64,6 +68,7 @@ def read_header(path: str | Path) -> Header:
         components=reader.GetNumberOfComponents(),
         pixel_type=sitk.GetPixelIDValueAsString(reader.GetPixelID()),
         size=tuple(reader.GetSize()[:n]),
+        full_size=tuple(reader.GetSize()),
         spacing=tuple(reader.GetSpacing()[:n]),
         origin=tuple(reader.GetOrigin()[:n]),
         direction=tuple(direction[r * dim + c] for r in range(n) for c in range(n)),
@@ -91,11 +96,40 @@ def same_geometry(a: Header, b: Header) -> bool:
                                     for f in ("spacing", "origin", "direction"))
 
 
-def _short(exc: BaseException) -> str:
-    """ITK messages span lines and repeat the file name; keep the gist."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("sitk::ERROR", "/"))] or lines or [type(exc).__name__]
-    return useful[-1][:200]
+#: SimpleITK's first line only says where in its C++ sources it gave up; its reason follows, after a prefix.
+_ITK_SOURCE_LINE = re.compile(r"^Exception thrown in SimpleITK \w+: .*:\d+:$")
+_ITK_PREFIX = re.compile(r"^(sitk::ERROR: |ITK ERROR: \w+\(0x[0-9a-fA-F]+\): )")
+
+
+def _reason(exc: BaseException, path: Path, limit: int = 300) -> str:
+    """The reason SimpleITK or nibabel gives, on one line, without ITK's source location and prefixes, and with the
+    file's name for its full path (the problem names the file already)."""
+    lines = [line.strip() for line in str(exc).replace(str(path), path.name).splitlines() if line.strip()]
+    text = " ".join(_ITK_PREFIX.sub("", line) for line in lines if not _ITK_SOURCE_LINE.match(line))
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _content_hint(path: Path) -> str:
+    """What the file holds, when SimpleITK cannot read its header: ITK says only that no reader recognises it, alike
+    for a web page or text saved under an image name (a failed download) and for a `.gz` cut short."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(256)
+        if head.startswith(b"\x1f\x8b"):
+            with gzip.open(path) as file:
+                file.read(352)  # the NIfTI header and the extension flag after it
+            return ""
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        return "its gzip data breaks off or is damaged: the file is truncated or corrupt"
+    except OSError:
+        return ""
+    if not head:
+        return "the file is empty"
+    first = head.decode("utf-8", "replace").strip().split("\n")[0].strip()
+    if first.isprintable() and "\ufffd" not in first:
+        return f"the file is text, not an image; it begins {first[:60]!r}"
+    return "not gzip data, although named .gz" if path.name.lower().endswith(".gz") else ""
 
 
 def _check_headers(case: SourceCase, n_channels: int) -> tuple[dict[Path, Header], list[Problem]]:
@@ -104,7 +138,9 @@ def _check_headers(case: SourceCase, n_channels: int) -> tuple[dict[Path, Header
         try:
             headers[path] = read_header(path)
         except RuntimeError as exc:
-            problems.append(error("unreadable", f"cannot read the header: {_short(exc)}", case.case_id, path))
+            hint = _content_hint(path)
+            problems.append(error("unreadable", f"cannot read the header: {_reason(exc, path)}"
+                                                + (f" ({hint})" if hint else ""), case.case_id, path))
     for path, header in headers.items():
         problems += _check_dimension(case, path, header, n_channels)
     return headers, problems
@@ -122,8 +158,8 @@ def _check_dimension(case: SourceCase, path: Path, header: Header, n_channels: i
                           case.case_id, path)]
         return []
     if header.dimension != 3:
-        return [error("dimension", f"a {header.dimension}-D image (size {header.size}); expected 3-D",
-                      case.case_id, path)]
+        return [error("dimension", f"a {header.dimension}-D image of size {header.full_size}; expected a 3-D "
+                                   "volume", case.case_id, path)]
     return []
 
 
@@ -159,7 +195,7 @@ def _read_array(path: Path, case_id: str) -> tuple[np.ndarray | None, list[Probl
         return read_voxels(path), []
     except Exception as exc:  # nibabel and zlib raise many types for damaged files; all mean the same here
         return None, [error("unreadable", f"the header reads but the voxel data does not (truncated or corrupt "
-                                          f"file): {_short(exc)}", case_id, path)]
+                                          f"file): {_reason(exc, path)}", case_id, path)]
 
 
 def _label_values(array: np.ndarray) -> np.ndarray:

@@ -15,32 +15,26 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from segbook import claims
 from segbook.errors import SegbookError
 from segbook.evaluation.metrics import case_metrics, mean_ignoring_nan
-from segbook.io import atomic_directory, atomic_path, atomic_write_json
+from segbook.evaluation.settings import EvaluationSettings
+from segbook.io import atomic_directory, atomic_path, atomic_write_json, now
+from segbook.options import Bound
 from segbook.paths import Paths
-from segbook.training.manifest import RunManifest, now
+from segbook.training.manifest import RunManifest
 from segbook.training.runs import CONFIGURATION, RunSpec
 
 if TYPE_CHECKING:
     from segbook.registry import DatasetEntry
 
 EVALUATION = "evaluation"
+PROCESSES = Bound("--num-processes", int, low=1)
 METRIC_COLUMNS = ("dice", "nsd", "hd95")
 
 
 class EvaluationError(SegbookError):
     """A run that cannot be evaluated: not trained, or test data missing."""
-
-
-@dataclass(frozen=True)
-class EvaluationSettings:
-    step_size: float = 0.5
-    gaussian: bool = True
-    mirroring: bool = True
-    nsd_tolerance_mm: float | None = None  # None: the registry's per-dataset value (default 2 mm)
-    empty_dice: str = "nan"
-    checkpoint: str = "checkpoint_final.pth"
 
 
 @dataclass(frozen=True)
@@ -89,28 +83,49 @@ def test_cases(entry: "DatasetEntry", paths: Paths) -> list[TestCase]:
 
 def evaluate_run(entry: "DatasetEntry", spec: RunSpec, paths: Paths | None = None,
                  settings: EvaluationSettings = EvaluationSettings(), *, device: str | None = None,
-                 num_processes: int = 1, keep_predictions: bool = False, force: bool = False) -> EvaluationResult:
-    """Predict the test split with the run's final checkpoint and score every case and label."""
+                 num_processes: int = 1, keep_predictions: bool = False, force: bool = False,
+                 run_folder: Path | None = None) -> EvaluationResult:
+    """Predict the test split with the run's final checkpoint and score every case and label.
+
+    The run is `spec`'s folder under the results folder, or `run_folder` when given (a run copied elsewhere).
+    `device` None picks cuda, else mps, else cpu.
+    """
+    from segbook.devices import resolve_device
+
+    PROCESSES.check(num_processes)
     paths = paths or Paths.from_env()
     paths.export()
-    run_folder = spec.folder(paths.results)
+    run_folder = Path(run_folder) if run_folder is not None else spec.folder(paths.results)
+    manifest = RunManifest.load(run_folder)
     checkpoint = run_folder / settings.checkpoint
-    if not checkpoint.is_file():
-        manifest = RunManifest.load(run_folder)
+    if not checkpoint.is_file() or (manifest is not None and manifest.status != "finished"):
         state = f"its status is {manifest.status}" if manifest else "it has not been trained"
-        raise EvaluationError(f"cannot evaluate {run_folder}: {settings.checkpoint} is missing ({state}); "
-                              f"train it with `segbook finetune` first")
+        raise EvaluationError(f"cannot evaluate {run_folder}: it has not finished training ({state}"
+                              f"{'' if checkpoint.is_file() else f', no {settings.checkpoint}'}); train it with "
+                              "`segbook finetune` first")
+    device = resolve_device(device)
     tolerance = settings.nsd_tolerance_mm or entry.nsd_tolerance_mm
     resolved = asdict(settings) | {"nsd_tolerance_mm": tolerance}
     out = evaluation_folder(run_folder)
-    if not force and _up_to_date(out, resolved, checkpoint):
-        return EvaluationResult(out, json.loads((out / "summary.json").read_text()), skipped=True)
+    # Two evaluations of one run would write into each other's predictions: hold the run's claim.
+    with claims.exclusive(paths.claims, spec.job_id, f"run {run_folder}"):
+        if not force and _up_to_date(out, resolved, checkpoint):
+            return EvaluationResult(out, json.loads((out / "summary.json").read_text()), skipped=True)
+        return _evaluate(entry, spec, paths, settings, device, num_processes, keep_predictions, run_folder,
+                         manifest, resolved)
 
+
+def _evaluate(entry: "DatasetEntry", spec: RunSpec, paths: Paths, settings: EvaluationSettings, device: str,
+              num_processes: int, keep_predictions: bool, run_folder: Path, manifest: RunManifest | None,
+              resolved: dict[str, Any]) -> EvaluationResult:
+    """Predict, score and write; the caller holds the run's claim."""
+    out = evaluation_folder(run_folder)
     cases = test_cases(entry, paths)
-    predictions = _predict(spec, paths, cases, settings, device, num_processes, run_folder)
+    predictions = _predict(spec, cases, settings, device, num_processes, run_folder)
     try:
-        rows = _score(cases, predictions, entry, tolerance, settings.empty_dice, num_processes)
-        summary = _summarise(rows, entry, spec, resolved, checkpoint, len(cases))
+        rows = _score(cases, predictions, entry, resolved["nsd_tolerance_mm"], settings.empty_dice, num_processes)
+        summary = _summarise(rows, entry, spec, resolved, run_folder / settings.checkpoint, len(cases))
+        summary["training"] = training_record(manifest)
         _write(out, rows, summary)
         if keep_predictions:
             with atomic_directory(out / "predictions", replace=True) as kept:
@@ -123,12 +138,23 @@ def evaluate_run(entry: "DatasetEntry", spec: RunSpec, paths: Paths | None = Non
 
 def spec_from_folder(run_folder: Path) -> RunSpec:
     """The run a folder holds, from its `run.json` (so `segbook evaluate --run DIR` needs nothing else)."""
-    manifest = RunManifest.load(run_folder)
-    if manifest is None or "task" not in manifest.data.get("run", {}):
-        raise EvaluationError(f"{run_folder} is not a segbook run folder (no run.json with a task)")
-    run = manifest.data["run"]
-    return RunSpec(run["task"], run["dataset"], run["model"], run["init"], str(run["fold"]),
-                   run.get("plans", "nnUNetPlans"))
+    try:
+        manifest = RunManifest.load(run_folder)
+        run = manifest.data["run"] if manifest is not None else {}
+        return RunSpec(run["task"], run["dataset"], run["model"], run["init"], str(run["fold"]),
+                       run.get("plans", "nnUNetPlans"))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise EvaluationError(f"{run_folder} is not a segbook run folder (no run.json naming its task, dataset, "
+                              "model, initialisation and fold)") from None
+
+
+def training_record(manifest: RunManifest | None) -> dict[str, Any]:
+    """How much of its budget the evaluated run trained: the results tables leave out runs that stopped short."""
+    if manifest is None:
+        return {"status": "unknown", "epochs_completed": None, "epochs_planned": None, "complete": False}
+    completed, planned = len(manifest.data.get("epochs", [])), manifest.settings.epochs
+    return {"status": manifest.status, "epochs_completed": completed, "epochs_planned": planned,
+            "complete": manifest.status == "finished" and completed >= planned}
 
 
 def _up_to_date(out: Path, settings: dict[str, Any], checkpoint: Path) -> bool:
@@ -141,20 +167,11 @@ def _up_to_date(out: Path, settings: dict[str, Any], checkpoint: Path) -> bool:
             and recorded.get("checkpoint_mtime") == checkpoint.stat().st_mtime)
 
 
-def _predict(spec: RunSpec, paths: Paths, cases: list[TestCase], settings: EvaluationSettings, device: str | None,
-             num_processes: int, run_folder: Path) -> Path:
+def _predict(spec: RunSpec, cases: list[TestCase], settings: EvaluationSettings, device: str, num_processes: int,
+             run_folder: Path) -> Path:
     import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from segbook.training.trainers import register_with_nnunet
-
-    register_with_nnunet()
-    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    predictor = nnUNetPredictor(tile_step_size=settings.step_size, use_gaussian=settings.gaussian,
-                                use_mirroring=settings.mirroring, device=torch_device,
-                                perform_everything_on_device=torch_device.type == "cuda", allow_tqdm=True)
-    predictor.initialize_from_trained_model_folder(str(spec.trainer_folder(paths.results)), use_folds=(spec.fold,),
-                                                   checkpoint_name=settings.checkpoint)
+    predictor = _predictor(spec, settings, torch.device(device), run_folder)
     folder = evaluation_folder(run_folder) / ".predictions.partial"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -166,6 +183,44 @@ def _predict(spec: RunSpec, paths: Paths, cases: list[TestCase], settings: Evalu
     else:
         predictor.predict_from_files_sequential(inputs, outputs)
     return folder
+
+
+def _predictor(spec: RunSpec, settings: EvaluationSettings, device, run_folder: Path):
+    """nnU-Net's predictor for the run's checkpoint, set up from safely read weights.
+
+    nnU-Net's own `initialize_from_trained_model_folder` unpickles the checkpoint and builds whichever trainer
+    class the file names; here the file is read safely, the network comes from the run's own trainer (its
+    identity, not the file, says which) and its plans, and the weights must fit it exactly.
+    """
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from segbook.training.checkpoints import read_run_checkpoint
+    from segbook.training.trainers import TRAINERS
+
+    checkpoint = read_run_checkpoint(run_folder / settings.checkpoint)
+    if checkpoint["trainer_name"] != spec.trainer:
+        raise EvaluationError(f"{run_folder / settings.checkpoint} was written by {checkpoint['trainer_name']!r}, "
+                              f"not by this run's trainer {spec.trainer}")
+    trainer_folder = run_folder.parent
+    plans = PlansManager(json.loads((trainer_folder / "plans.json").read_text()))
+    dataset_json = json.loads((trainer_folder / "dataset.json").read_text())
+    configuration = plans.get_configuration(CONFIGURATION)
+    network = TRAINERS[spec.trainer].build_network_architecture(
+        plans, configuration, determine_num_input_channels(plans, configuration, dataset_json),
+        plans.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+    try:
+        network.load_state_dict(checkpoint["network_weights"])
+    except RuntimeError as error:
+        raise EvaluationError(f"{run_folder / settings.checkpoint} does not fit the run's network: "
+                              f"{str(error).splitlines()[0]}") from None
+    predictor = nnUNetPredictor(tile_step_size=settings.step_size, use_gaussian=settings.gaussian,
+                                use_mirroring=settings.mirroring, device=device,
+                                perform_everything_on_device=device.type == "cuda", allow_tqdm=True)
+    predictor.manual_initialization(network, plans, configuration, [checkpoint["network_weights"]], dataset_json,
+                                    spec.trainer, checkpoint.get("inference_allowed_mirroring_axes"))
+    return predictor
 
 
 def _score(cases: list[TestCase], predictions: Path, entry: "DatasetEntry", tolerance: float, empty_dice: str,

@@ -70,26 +70,28 @@ def imported_dir(paths: Paths | None = None) -> Path:
 
 def collect_results(paths: Paths | None = None, registry: Registry | None = None,
                     results_dir: str | os.PathLike | None = None, plans: str = DEFAULT_PLANS,
-                    imported: bool = True) -> pd.DataFrame:
+                    imported: bool = True, include_incomplete: bool = False) -> pd.DataFrame:
     """One row per run found (evaluated or not) and per imported result, with the registry facts joined.
 
     Runs come from `results_dir` (default: nnU-Net's results folder); imported results from
     `$SEGBOOK_HOME/results/imported/`. Scores are fractions in [0, 1]. Folders of datasets the registry does not know,
-    and runs of other plans, are skipped with a `ResultsWarning`.
+    and runs of other plans, are skipped with a `ResultsWarning`. A run evaluated before it trained its whole budget
+    counts as not evaluated (with a warning) unless `include_incomplete`.
     """
     paths = paths or Paths.from_env()
     registry = registry or load_registry()
     root = Path(results_dir) if results_dir is not None else paths.results
-    rows = _local_rows(root, registry, plans)
+    rows = _local_rows(root, registry, plans, include_incomplete)
     if imported:
         rows += [row for file in stored_imports(paths) for row in _imported_rows(file, registry)]
     return _frame(rows, registry)
 
 
-def _local_rows(root: Path, registry: Registry, plans: str) -> list[dict[str, Any]]:
+def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: bool) -> list[dict[str, Any]]:
     by_id = {entry.dataset_id: entry for entry in registry}
     skipped: dict[str, str] = {}
     other_plans: dict[str, int] = {}
+    incomplete: list[str] = []
     rows = []
     for folder in sorted(root.glob(RUN_PATTERN)):
         trainer, run_plans, _ = folder.parent.name.split("__", 2)
@@ -103,7 +105,16 @@ def _local_rows(root: Path, registry: Registry, plans: str) -> list[dict[str, An
         elif run_plans != plans:
             other_plans[run_plans] = other_plans.get(run_plans, 0) + 1
         else:
-            rows.append(_run_row(folder, entry, *identity, run_plans))
+            row = _run_row(folder, entry, *identity, run_plans)
+            if row.pop("incomplete", None):
+                incomplete.append(f"{folder} ({row['status']})")
+                if include_incomplete:
+                    row.update(evaluated=True, status=EVALUATED)
+            rows.append(row)
+    if incomplete:
+        verb = "counted" if include_incomplete else "left out (pass --include-incomplete to count them)"
+        warnings.warn(f"{len(incomplete)} evaluated run(s) did not train their whole budget, {verb}: "
+                      + "; ".join(incomplete[:MAX_LISTED_ERRORS]), ResultsWarning, stacklevel=3)
     for name, why in sorted(skipped.items()):
         warnings.warn(f"skipped {name}: {why}", ResultsWarning, stacklevel=3)
     for name, count in sorted(other_plans.items()):
@@ -124,7 +135,11 @@ def _run_row(folder: Path, entry: DatasetEntry, model: str, init: str, plans: st
     summary_file = folder / "evaluation" / "summary.json"
     try:
         summary = json.loads(summary_file.read_bytes())
-        return {**row, **_scores(summary["labels"], entry), "status": EVALUATED, "evaluated": True}
+        scores = _scores(summary["labels"], entry)
+        short = _budget_shortfall(summary, folder)
+        if short:
+            return {**row, **scores, "status": short, "evaluated": False, "incomplete": True}
+        return {**row, **scores, "status": EVALUATED, "evaluated": True}
     except FileNotFoundError:
         return {**row, "status": _run_status(folder), "evaluated": False}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
@@ -145,6 +160,26 @@ def _scores(labels: dict[str, dict[str, Any]], entry: DatasetEntry) -> dict[str,
                 if part is not None:
                     values.setdefault(f"{metric}_{part}", []).append(value)
     return {column: sum(v) / len(v) for column, v in values.items()}
+
+
+def _budget_shortfall(summary: dict[str, Any], folder: Path) -> str | None:
+    """How a run fell short of its training budget ("trained 3/1000 epochs"), None when it trained it all.
+
+    Evaluation records it in `summary.json`; for summaries written before it did, `run.json` tells."""
+    from segbook.evaluation.evaluate import training_record
+    from segbook.training.manifest import RunManifest
+
+    training = summary.get("training")
+    if not isinstance(training, dict):
+        try:
+            training = training_record(RunManifest.load(folder))
+        except (OSError, ValueError, TypeError, AttributeError):
+            training = training_record(None)
+    if training.get("complete"):
+        return None
+    done, planned = training.get("epochs_completed"), training.get("epochs_planned")
+    return (f"trained {done}/{planned} epochs ({training.get('status')})" if planned is not None
+            else "training budget unknown (no run.json)")
 
 
 def _run_status(folder: Path) -> str:

@@ -1,23 +1,35 @@
-"""`finetune()`: train one (task, model, initialisation, fold) run on nnU-Net v2, recorded in its `run.json`."""
+"""`finetune()`: train one (task, model, initialisation, fold) run on nnU-Net v2, recorded in its `run.json`.
+
+Everything a user can get wrong is checked before anything is planned or written: the settings' ranges, the
+device, and for a pretrained run that its checkpoint reads safely and fits the task's network. The run is then
+claimed (a second trainer on the same run is refused, naming the first), the task planned if needed, and the
+preprocessed cases checked against the train split.
+"""
 
 from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
+from segbook import claims
 from segbook.errors import SegbookError
+from segbook.options import Bound, check_all
 from segbook.paths import Paths
-from segbook.training.manifest import RunManifest, TrainingSettings
+from segbook.training.checkpoints import check_weights_fit, has_resumable_checkpoint, resolve_weights
+from segbook.training.manifest import RunManifest
 from segbook.training.runs import CONFIGURATION, RunSpec
+from segbook.training.settings import TrainingSettings
 
 if TYPE_CHECKING:
     from segbook.registry import DatasetEntry
 
+BOUNDS = {"num_gpus": Bound("--num-gpus", int, low=1), "plan_processes": Bound("--plan-processes", int, low=1)}
+
 
 class RunExistsError(SegbookError):
-    """A run folder already holds a run that this call would overwrite."""
+    """A run folder already holds a run that this call would overwrite or contradict."""
 
 
 @dataclass
@@ -39,90 +51,129 @@ def run_spec(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
 
 
 def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | int = "all", *,
-             settings: TrainingSettings | None = None, weights: str | Path | None = None, device: str = "cuda",
+             settings: TrainingSettings | None = None, weights: str | Path | None = None, device: str | None = None,
              num_gpus: int = 1, resume: bool = False, overwrite: bool = False, compile: bool | None = None,
              paths: Paths | None = None, plan_processes: int | None = None,
-             request: dict[str, Any] | None = None) -> RunResult:
+             request: dict[str, Any] | None = None, say: Callable[[str], None] = print) -> RunResult:
     """Train one run with nnU-Net's training loop; fine-tuning and scratch differ only in initialisation.
 
-    Plans the task first if needed. `resume` continues from the run's latest checkpoint (the pretrained weights
-    are never applied over it). A run that already exists is an error unless `resume` or `overwrite` is given.
+    `device` None picks cuda, else mps, else cpu. `resume` continues from the run's latest checkpoint (the
+    pretrained weights are never applied over it) with the settings the run started with; a run with no checkpoint
+    yet has nothing to resume and starts again with the settings given. A run that exists is otherwise an error
+    unless `overwrite`; a finished one asked for with other settings too.
     """
     import os
 
     import torch
     from nnunetv2.run.run_training import run_training
 
-    from segbook.plan import plan_task
+    from segbook.data.folders import is_imported
+    from segbook.devices import resolve_device
+    from segbook.plan import plan_task, verify_preprocessed
     from segbook.training.trainers import register_with_nnunet
 
+    settings = (settings or TrainingSettings()).validate()
+    check_all({"num_gpus": num_gpus, "plan_processes": plan_processes}, BOUNDS)
+    spec = run_spec(entry, model, pretrained, fold)
+    device = resolve_device(device, say)
+    if num_gpus > 1 and device != "cuda":
+        raise SegbookError(f"--num-gpus {num_gpus} needs --device cuda (nnU-Net's DDP), not {device}")
     paths = paths or Paths.from_env()
     paths.export()
-    register_with_nnunet()
-    if compile is not None:
-        os.environ["nnUNet_compile"] = "1" if compile else "0"
-    spec = run_spec(entry, model, pretrained, fold)
-    plan_task(entry, paths=paths, num_processes=plan_processes)
-
+    if not is_imported(entry, paths):
+        raise SegbookError(f"{entry.key} is not imported; run `segbook data import --task {entry.key} --from PATH` "
+                           "first")
+    settings = _with_weights(entry, spec, settings, weights, paths, say)
     folder = spec.folder(paths.results)
-    manifest = _prepare_manifest(spec, folder, settings or TrainingSettings(), weights, paths, resume, overwrite,
-                                 request or {})
-    if manifest.status == "finished":
-        print(f"Run already finished: {folder}")
-        return RunResult(spec, folder, manifest)
-    print(f"Run folder: {folder}")
-    try:
-        run_training(str(entry.dataset_id), CONFIGURATION, spec.fold, spec.trainer, spec.plans, num_gpus=num_gpus,
-                     continue_training=resume, device=torch.device(device))
-    except BaseException as error:
-        _record_failure(folder, error)
-        raise
+    with claims.exclusive(paths.claims, spec.job_id, f"run {folder}"):
+        existing = RunManifest.load(folder)
+        action = _decide(spec, folder, existing, settings, resume, overwrite)
+        if action == "finished":
+            say(f"Run already finished with these settings: {folder}")
+            return RunResult(spec, folder, existing)
+        register_with_nnunet()
+        if compile is not None:
+            os.environ["nnUNet_compile"] = "1" if compile else "0"
+        plan_task(entry, paths=paths, num_processes=plan_processes)
+        cases = verify_preprocessed(entry.nnunet_name, paths, spec.plans, task=entry.key)
+        if action == "resume":
+            existing.event("continue_requested", request=request or {})
+            existing.save()
+        else:
+            _new_run(spec, folder, existing, settings, request or {}, cases.as_dict())
+        say(f"Run folder: {folder}")
+        try:
+            run_training(entry.nnunet_name, CONFIGURATION, spec.fold, spec.trainer, spec.plans, num_gpus=num_gpus,
+                         continue_training=action == "resume", device=torch.device(device))
+        except BaseException as error:
+            _record_failure(folder, error)
+            raise
     return RunResult(spec, folder, RunManifest.load(folder))
 
 
-def _prepare_manifest(spec: RunSpec, folder: Path, settings: TrainingSettings, weights: str | Path | None,
-                      paths: Paths, resume: bool, overwrite: bool, request: dict[str, Any]) -> RunManifest:
-    existing = RunManifest.load(folder)
-    if existing is not None and overwrite:
+def _with_weights(entry: "DatasetEntry", spec: RunSpec, settings: TrainingSettings, weights: str | Path | None,
+                  paths: Paths, say: Callable[[str], None]) -> TrainingSettings:
+    """Resolve a pretrained run's checkpoint, fingerprint it and check it fits the task's network."""
+    given = weights or settings.weights
+    if spec.init != "pretrained":
+        if given is not None:
+            raise SegbookError("--weights is for fine-tuning: add --pretrained, or leave --weights out to train from "
+                               "scratch")
+        return settings
+    path, digest = resolve_weights(spec.model, given, paths, say)
+    check_weights_fit(path, spec.model, len(entry.channels), len(entry.labels))
+    return replace(settings, weights=str(path), weights_sha256=digest)
+
+
+def _decide(spec: RunSpec, folder: Path, existing: RunManifest | None, settings: TrainingSettings, resume: bool,
+            overwrite: bool) -> str:
+    """"new" (start, replacing what is there), "resume" or "finished"; RunExistsError when the call contradicts
+    the run in the folder."""
+    if existing is None or overwrite:
+        return "new"
+    differences = existing.settings.differences(settings, spec.init)
+    if existing.status == "finished":
+        if differences:
+            raise RunExistsError(f"{folder} already finished with other settings ({_listing(differences)}); "
+                                 "pass --overwrite to train it again with yours, or keep it and train yours in "
+                                 "another results folder")
+        return "finished"
+    if not has_resumable_checkpoint(folder):
+        return "new"  # nothing to resume: starting again loses nothing
+    epochs = len(existing.data.get("epochs", []))
+    if not resume:
+        raise RunExistsError(f"a run already exists in {folder} (status {existing.status}, {epochs} epoch(s) "
+                             "recorded): pass --continue to resume it from its latest checkpoint, or --overwrite "
+                             "to start again")
+    if differences:
+        raise RunExistsError(f"{folder} resumes with the settings it started with, and yours differ "
+                             f"({_listing(differences)}); leave them out to resume it, or pass --overwrite to start "
+                             "again with yours")
+    return "resume"
+
+
+def _listing(differences: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{name}: run {old!r}, asked {new!r}" for name, (old, new) in differences.items())
+
+
+def _new_run(spec: RunSpec, folder: Path, existing: RunManifest | None, settings: TrainingSettings,
+             request: dict[str, Any], preprocessed: dict[str, Any]) -> None:
+    if existing is not None:  # overwritten, or never got as far as a checkpoint: keep what happened to it
+        request = {**request, "previous_attempt": {k: existing.data.get(k) for k in ("status", "error", "events")}}
+    if folder.exists():
         shutil.rmtree(folder)
-        existing = None
-    if existing is not None:
-        if not resume and existing.status != "finished":
-            epochs = len(existing.data.get("epochs", []))
-            raise RunExistsError(f"a run already exists in {folder} (status {existing.status}, {epochs} epoch(s) "
-                                 f"recorded): pass --continue to resume it or --overwrite to start again")
-        if resume and existing.status != "finished":
-            existing.event("continue_requested", request=request)
-            existing.save()
-        return existing
-    if spec.init == "pretrained":
-        settings = _with_weights(settings, spec.model, weights, paths)
     run = {"task": spec.task, "dataset": spec.dataset, "model": spec.model, "init": spec.init, "fold": spec.fold,
            "trainer": spec.trainer, "plans": spec.plans, "configuration": CONFIGURATION}
     manifest = RunManifest.create(folder, run, settings, request)
+    manifest.data["preprocessed"] = preprocessed
     folder.mkdir(parents=True, exist_ok=True)
     manifest.save()
-    return manifest
-
-
-def _with_weights(settings: TrainingSettings, model: str, weights: str | Path | None,
-                  paths: Paths) -> TrainingSettings:
-    """Resolve the checkpoint (a given file, else the cached official one) and fingerprint it for the record."""
-    from stunet import WeightCache, WeightsError, get_cfg
-    from stunet.checkpoints import file_sha256
-
-    local = weights or settings.weights
-    try:  # a given file needs no catalogue entry: it may hold a size the authors released no checkpoint of
-        path = WeightCache(paths.weights).resolve(None if local else get_cfg(model), local)
-    except WeightsError as error:
-        raise SegbookError(str(error)) from None
-    return replace(settings, weights=str(path.resolve()), weights_sha256=file_sha256(path))
 
 
 def _record_failure(folder: Path, error: BaseException) -> None:
-    """Failures before nnU-Net's loop starts (plans, data) are recorded too; the trainer records its own."""
+    """Failures before nnU-Net's loop starts are recorded too; the trainer records its own."""
     manifest = RunManifest.load(folder)
-    if manifest is not None and manifest.status not in ("failed", "interrupted"):
-        interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
-        manifest.set_status("interrupted" if interrupted else "failed", error)
+    status = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"
+    if manifest is not None and manifest.status != status:  # the trainer has not recorded it already
+        manifest.set_status(status, error)
         manifest.save()

@@ -1,4 +1,4 @@
-"""`run.json`: the record of a run, and the training settings it carries.
+"""`run.json`: the record of a run and the training settings it carries (`segbook.training.settings`).
 
 The manifest is written before training starts, so every process that trains the run (the `segbook finetune`
 process, nnU-Net's DDP workers, a requeued SLURM job, `nnUNetv2_train -tr ...`) reads the same settings from the run
@@ -12,54 +12,16 @@ import os
 import platform
 import socket
 import subprocess
-import time
 import traceback
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from segbook.io import atomic_write_json
+from segbook.io import atomic_write_json, now
+from segbook.training.settings import TrainingSettings
 
 MANIFEST = "run.json"
 SCHEMA_VERSION = 1
-
-#: SegBook's learning rates: STU-Net's fine-tuning rate for pretrained bodies, nnU-Net's for scratch.
-PRETRAINED_LR = 1e-3
-SCRATCH_LR = 1e-2
-
-
-@dataclass
-class TrainingSettings:
-    """Hyperparameters of one run; the defaults are SegBook's (nnU-Net's schedule, STU-Net's fine-tuning rates)."""
-
-    epochs: int = 1000
-    iterations_per_epoch: int = 250
-    val_iterations_per_epoch: int = 50
-    lr: float | None = None  # None: 1e-3 for pretrained bodies, 1e-2 from scratch
-    head_lr_multiplier: float = 10.0
-    weight_decay: float = 3e-5
-    momentum: float = 0.99
-    poly_exponent: float = 0.9
-    checkpoint_every: int = 50
-    seed: int = 12345
-    mixed_precision: str = "auto"  # auto (bf16 where supported, else fp16 on CUDA), bf16, fp16, off
-    channels_last: bool = False
-    weights: str | None = None  # pretrained checkpoint file (pretrained runs)
-    weights_sha256: str | None = None
-
-    def resolved_lr(self, init: str) -> float:
-        if self.lr is not None:
-            return self.lr
-        return PRETRAINED_LR if init == "pretrained" else SCRATCH_LR
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainingSettings":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 class RunManifest:

@@ -20,13 +20,18 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 from torch._dynamo import OptimizedModule
 
-from segbook.training.manifest import RunManifest, TrainingSettings, now
+from segbook.errors import SegbookError
+from segbook.io import now
+from segbook.paths import Paths
+from segbook.training.checkpoints import has_resumable_checkpoint, read_run_checkpoint, resolve_weights
+from segbook.training.manifest import RunManifest
 from segbook.training.runs import STUNET_MODELS, trainer_name, valid_combinations
 from segbook.training.schedule import PerGroupPolyLR
-from stunet import create_stunet, strides_from_plans
+from segbook.training.settings import TrainingSettings
+from segbook.training.workers import exit_with_parent
+from stunet import create_stunet, describe_network, strides_from_plans
 from stunet.loading import HEAD_PREFIX, load_pretrained, read_state_dict
 
-CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 PLOT_EVERY_EPOCHS = 10  # nnU-Net redraws a large progress.png every epoch: seconds wasted on short epochs
 
 
@@ -47,12 +52,14 @@ class SegbookTrainer(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int | str, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        exit_with_parent()  # nnU-Net's augmentation workers must not outlive a killed trainer
         self.resume_requested = bool(plans.get("continue_training", False))
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.manifest = RunManifest.load(self.output_folder) or self._new_manifest()
         self.settings = self.manifest.settings
         self._apply_settings()
         self._epoch_started_at = 0.0
+        self._preprocessed_version: str | None = None
 
     # --- settings -----------------------------------------------------------------------------------------------
     def _new_manifest(self) -> RunManifest:
@@ -66,7 +73,7 @@ class SegbookTrainer(nnUNetTrainer):
         return manifest
 
     def _apply_settings(self) -> None:
-        settings = self.settings
+        settings = self.settings.validate()  # run.json is a file on disk: never trust its values
         self.num_epochs = settings.epochs
         self.num_iterations_per_epoch = settings.iterations_per_epoch
         self.num_val_iterations_per_epoch = settings.val_iterations_per_epoch
@@ -104,6 +111,7 @@ class SegbookTrainer(nnUNetTrainer):
             self.network.to(memory_format=torch.channels_last_3d)
 
     def on_train_start(self):
+        self._check_preprocessed()
         super().on_train_start()
         self._throttle_progress_plot()
         if self.local_rank == 0:
@@ -120,8 +128,10 @@ class SegbookTrainer(nnUNetTrainer):
     def on_epoch_end(self):
         epoch = self.current_epoch
         rates = self.learning_rates()
-        super().on_epoch_end()
+        self._check_preprocessed_unchanged()
         if self.local_rank == 0:
+            # Recorded before nnU-Net saves this epoch's checkpoint: a run killed in between has a record its
+            # checkpoint lacks, which a resume drops and trains again, never a checkpoint without a record.
             log = self.logger
             self.manifest.record_epoch({
                 "epoch": epoch, "train_loss": float(log.get_value("train_losses", epoch)),
@@ -130,6 +140,8 @@ class SegbookTrainer(nnUNetTrainer):
                 "ema_pseudo_dice": float(log.get_value("ema_fg_dice", epoch)),
                 "learning_rates": rates, "seconds": round(time.time() - self._epoch_started_at, 3)})
             self.manifest.save()
+        super().on_epoch_end()
+        if self.local_rank == 0:
             self._print_progress(epoch, rates)
 
     def _print_progress(self, epoch: int, rates: dict[str, float]) -> None:
@@ -179,17 +191,59 @@ class SegbookTrainer(nnUNetTrainer):
             os.replace(partial, filename)
 
     def load_checkpoint(self, filename_or_checkpoint):
+        """nnU-Net's checkpoint loading, from a dictionary read safely (nnU-Net's own would unpickle the file, and
+        ignores a dictionary): weights, optimiser, logs, epoch and best EMA, as nnU-Net restores them."""
         resuming = self.dataloader_train is None  # before training: a resume, not a reload of the best weights
-        super().load_checkpoint(filename_or_checkpoint)
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+            read_run_checkpoint(filename_or_checkpoint, map_location=self.device)
+        weights = {key.removeprefix("module."): value for key, value in checkpoint["network_weights"].items()}
+        unwrap(self.network).load_state_dict(weights)
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint.get("_best_ema")
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
         if resuming and self.local_rank == 0:
             self.manifest.truncate_epochs(self.current_epoch)
             self.manifest.event("resumed", from_epoch=self.current_epoch)
             self.manifest.save()
 
-    # --- helpers ------------------------------------------------------------------------------------------------
-    def has_checkpoint(self) -> bool:
-        return any((Path(self.output_folder) / name).is_file() for name in CHECKPOINT_NAMES)
+    # --- the data it trains on ----------------------------------------------------------------------------------
+    def _check_preprocessed(self) -> None:
+        """Refuse to train on preprocessed data that is not exactly the train split (a re-plan killed by an older
+        segbook, files deleted by hand), or that changed since this run started; record what it trains on."""
+        from segbook.plan import verify_preprocessed
 
+        dataset = self.plans_manager.dataset_name
+        cases = verify_preprocessed(dataset, Paths.from_env(), self.plans_manager.plans_name)
+        recorded = self.manifest.data.get("preprocessed") or {}
+        if recorded.get("version") not in (None, cases.version) or \
+                recorded.get("ids_sha256") not in (None, cases.ids_sha256):
+            raise SegbookError(f"{dataset} was preprocessed again since this run started (its cases or their "
+                               "preprocessing differ); resuming would mix two versions of the data: start the run "
+                               "again with --overwrite")
+        self._preprocessed_version = cases.version
+        if self.local_rank == 0:
+            self.manifest.data["preprocessed"] = cases.as_dict()
+            self.manifest.save()
+
+    def _check_preprocessed_unchanged(self) -> None:
+        from segbook.plan import preprocessed_version
+
+        current = preprocessed_version(self.plans_manager.dataset_name, Paths.from_env(),
+                                       self.plans_manager.plans_name)
+        if current != self._preprocessed_version:
+            raise SegbookError(f"{self.plans_manager.dataset_name} was preprocessed again while this run trained "
+                               "(`segbook plan --force`?): it stops rather than mix two versions of the data; "
+                               "start it again with --overwrite")
+
+    # --- helpers ------------------------------------------------------------------------------------------------
     def _plans_summary(self) -> dict[str, Any]:
         config = self.configuration_manager
         return {"plans_summary": {"patch_size": list(config.patch_size), "batch_size": self.batch_size,
@@ -231,25 +285,29 @@ class STUNetTrainer(SegbookTrainer):
         return [{"name": "body", "params": body, "lr": self.initial_lr},
                 {"name": "head", "params": head, "lr": self.initial_lr * self.settings.head_lr_multiplier}]
 
+    def print_plans(self):
+        """nnU-Net prints the plans' network (its plain U-Net) with the configuration: show STU-Net's instead."""
+        if self.local_rank != 0:
+            return
+        configuration = {**self.plans_manager.plans["configurations"][self.configuration_name]}
+        configuration["architecture"] = describe_network(self.model, unwrap(self.network))
+        self.print_to_log_file(f"\nThis is the configuration used by this training:\nConfiguration name: "
+                               f"{self.configuration_name}\n{configuration}\n", add_timestamp=False)
+
     def initialize(self):
         super().initialize()
-        if self.init == "pretrained" and not (self.resume_requested and self.has_checkpoint()):
+        if self.init == "pretrained" and not (self.resume_requested and has_resumable_checkpoint(self.output_folder)):
             self._load_pretrained_body()
 
     def _load_pretrained_body(self) -> None:
-        path = self.settings.weights or str(self._cached_weights())
+        path = self.settings.weights or str(resolve_weights(self.model, None, Paths.from_env(),
+                                                                 self.print_to_log_file)[0])
         report = load_pretrained(unwrap(self.network), read_state_dict(path), source=path)
         self.print_to_log_file(f"loaded {len(report.loaded)} pretrained tensors from {path}; "
                                f"fresh heads: {len(report.skipped_heads)} tensors; tiled: {report.tiled or 'none'}")
         if self.local_rank == 0:
             self.manifest.event("pretrained_weights_loaded", path=path, tiled=report.tiled)
             self.manifest.save()
-
-    def _cached_weights(self) -> Path:
-        from segbook.paths import Paths
-        from stunet import WeightCache, get_cfg
-
-        return WeightCache(Paths.from_env().weights).resolve(get_cfg(self.model))
 
 
 def _stunet_builder(preset: str):

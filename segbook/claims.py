@@ -1,7 +1,9 @@
-"""Claims: at most one process works on a job at a time, across launchers, hosts and SLURM requeues.
+"""Claims: at most one process works on a thing at a time, across launchers, hosts and SLURM requeues.
 
-A job's claims are numbered generations in `<batch>/claims/<job id>/`: `00000000.json`, `00000001.json`, ... The
-highest generation is the job's current claim; it is *held* unless it was released or its holder is gone.
+A thing is a job (a run: `segbook finetune` and `segbook batch` claim the same name) or a dataset's folders
+(import and planning). Its claims are numbered generations in `$SEGBOOK_HOME/batch/claims/<name>/`:
+`00000000.json`, `00000001.json`, ... The highest generation is the current claim; it is *held* unless it was
+released or its holder is gone.
 
 - Claiming creates the next generation with O_CREAT|O_EXCL: of any number of racers exactly one creates it, and the
   others see its claim and back off.
@@ -35,14 +37,26 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from segbook.batch.squeue import LIVE_STATES, array_of, own_slurm_job, squeue_states
-from segbook.io import atomic_write_json
-from segbook.training.manifest import now
+from segbook.errors import SegbookError
+from segbook.io import atomic_write_json, now
+from segbook.squeue import LIVE_STATES, array_of, own_slurm_job, squeue_states
 
 HEARTBEAT_INTERVAL_S = 30.0
 #: Generous: a holder on another host, outside SLURM, is judged by its heartbeat alone.
 HEARTBEAT_TIMEOUT_S = 600.0
 _GENERATION = re.compile(r"^(\d{8})\.json$")
+#: Claims this process holds, by folder: a nested request for one of them (`segbook batch` holds a job's claim
+#: and calls `finetune`, which claims the same run) is granted without a second generation.
+_HELD: dict[Path, "Claim"] = {}
+
+
+class ClaimBusy(SegbookError):
+    """Another live process holds the claim; the message names it (host, pid, SLURM job)."""
+
+    def __init__(self, what: str, holder: "ClaimRecord"):
+        super().__init__(f"{what} is in use: {holder.describe()}. Wait for it to finish, or stop that process; "
+                         "a claim whose process has died is taken over automatically")
+        self.holder = holder
 
 
 @dataclass(frozen=True)
@@ -210,12 +224,14 @@ class Claim:
         thread = threading.Thread(target=self._heartbeat, args=(stop, interval_s, on_lost), daemon=True,
                                   name=f"claim heartbeat {self.record.job}")
         thread.start()
+        _HELD[self.path.parent] = self
         try:
             yield self
         except BaseException as error:
             self.outcome = type(error).__name__
             raise
         finally:
+            _HELD.pop(self.path.parent, None)
             stop.set()
             thread.join()
             if not self.lost():
@@ -250,6 +266,29 @@ def try_claim(root: Path, job_id: str, *, timeout_s: float = HEARTBEAT_TIMEOUT_S
             f.flush()
             os.fsync(f.fileno())
         return Claim(path, record)
+
+
+@contextlib.contextmanager
+def exclusive(root: Path, name: str, what: str, *, wait: bool = False, poll_s: float = 5.0,
+              say: Callable[[str], None] | None = None) -> Iterator[Claim]:
+    """Hold the claim `name` for the block: `ClaimBusy` when a live process holds it (or, with `wait`, wait for it).
+
+    Re-entrant within a process: a block inside another block of the same claim holds it already.
+    """
+    folder = Path(root) / name
+    if folder in _HELD:
+        yield _HELD[folder]
+        return
+    claim = try_claim(root, name)
+    if not isinstance(claim, Claim) and wait:
+        (say or print)(f"waiting for {what} ({claim.describe()})")
+        while not isinstance(claim, Claim):
+            time.sleep(poll_s)
+            claim = try_claim(root, name)
+    if not isinstance(claim, Claim):
+        raise ClaimBusy(what, claim)
+    with claim.held():
+        yield claim
 
 
 def claim_records(root: Path, job_id: str) -> list[dict[str, Any]]:
