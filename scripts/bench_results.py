@@ -31,7 +31,7 @@ from segbook.paths import Paths
 from segbook.registry import DatasetEntry, load_registry
 from segbook.results import collect_results, compare_pretrained
 from segbook.results.tables import TABLES, build_table
-from segbook.training.runs import RunSpec
+from segbook.runs import RunSpec
 
 CONFIGS = [("nnunet", "scratch"), *((m, i) for m in ("base", "large", "huge") for i in ("scratch", "pretrained"))]
 #: Mean effect of each configuration on a dataset's Dice, relative to nnU-Net (a plausible shape, not data).
@@ -50,7 +50,7 @@ def write_store(results: Path, entries: list[DatasetEntry], seed: int = 0) -> in
         base = rng.uniform(0.55, 0.9, size=len(entry.foreground_labels))
         for model, init in CONFIGS:
             for fold in FOLDS:
-                spec = RunSpec(entry.key, entry.nnunet_name, model, init, fold)
+                spec = RunSpec.of(entry, model, init, fold)
                 dice = np.clip(base + EFFECT[(model, init)] + rng.normal(0, 0.01, base.shape), 0, 1)
                 _write_run(spec.folder(results), spec, entry, dice, np.clip(dice + 0.03, 0, 1))
                 runs += 1

@@ -102,13 +102,13 @@ def loader_throughput(task: str, seconds: float) -> float:
     """Batches per second that nnU-Net's augmentation pipeline delivers for a planned task (its own workers)."""
     from segbook.paths import Paths
     from segbook.registry import load_registry
-    from segbook.training.trainers import TRAINERS, register_with_nnunet
+    from segbook.training.trainers import register_with_nnunet
     from nnunetv2.run.run_training import get_trainer_from_args
 
     Paths.from_env().export()
     register_with_nnunet()
     entry = load_registry().get(task)
-    trainer = get_trainer_from_args(str(entry.dataset_id), "3d_fullres", 0, next(iter(TRAINERS)),
+    trainer = get_trainer_from_args(str(entry.dataset_id), "3d_fullres", 0, "SegbookTrainer_tiny_scratch",
                                     device=torch.device("cpu"))
     trainer.initialize()
     loader, _ = trainer.get_dataloaders()

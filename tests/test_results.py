@@ -30,7 +30,7 @@ from segbook.results import (
 )
 from segbook.results.stats import bootstrap_ci
 from segbook.results.tables import MODEL_COST, TABLES, Cell, ResultTable
-from segbook.training.runs import RunSpec
+from segbook.runs import RunSpec
 
 
 def label(index: int, name: str, kind: str, seen: bool | None = None, classes: tuple[str, ...] = ()) -> dict:
@@ -91,7 +91,7 @@ def write_run(results: Path, registry: Registry, task: str, model: str, init: st
               dice: tuple[float, ...] | str) -> Path:
     """A run folder as segbook writes it: run.json, and evaluation/summary.json once evaluated."""
     entry = registry.get(task)
-    spec = RunSpec(entry.key, entry.nnunet_name, model, init, fold)
+    spec = RunSpec.of(entry, model, init, fold)
     folder = spec.folder(results)
     folder.mkdir(parents=True)
     status = dice if isinstance(dice, str) else "finished"
@@ -178,7 +178,7 @@ def test_unknown_datasets_other_plans_and_broken_summaries_are_reported(store) -
     paths, registry = store
     (paths.results / "Dataset555_Unknown" / "SegbookTrainer_base_scratch__nnUNetPlans__3d_fullres" / "fold_all"
      ).mkdir(parents=True)
-    other = RunSpec(C, registry.get(C).nnunet_name, "huge", "scratch", plans="nnUNetResEncUNetMPlans")
+    other = RunSpec.of(registry.get(C), "huge", "scratch", plans="nnUNetResEncUNetMPlans")
     other.folder(paths.results).mkdir(parents=True)
     broken = write_run(paths.results, registry, D, "huge", "pretrained", "all", (0.9,))
     (broken / "evaluation" / "summary.json").write_text("{not json")

@@ -18,10 +18,11 @@ from helpers import planned_tiny_task, tiny_spec
 
 from segbook.errors import SegbookError
 from segbook.evaluation.evaluate import evaluate_run
-from segbook.training.finetune import RunExistsError, finetune, run_spec
+from segbook.runs import RunSpec
+from segbook.training.finetune import RunExistsError, finetune
 from segbook.training.manifest import RunManifest
 from segbook.training.settings import TrainingSettings
-from segbook.training.trainers import TRAINERS, register_with_nnunet
+from segbook.training.trainers import register_with_nnunet, trainer_class
 from stunet import read_state_dict
 
 TINY_BUDGET = dict(iterations_per_epoch=2, val_iterations_per_epoch=1, checkpoint_every=1)
@@ -38,7 +39,7 @@ def task(tmp_path_factory):
 def _manifest(task, model: str, init: str, fold: str = "all") -> RunManifest:
     from segbook.paths import Paths
 
-    spec = run_spec(task.entry, model, init == "pretrained", fold)
+    spec = RunSpec.of(task.entry, model, init == "pretrained", fold)
     return RunManifest.load(spec.folder(Paths.from_env().results))
 
 
@@ -82,12 +83,12 @@ def test_scratch_and_nnunet_baseline_runs_live_apart(task):
         assert result.manifest.data["epochs"][0]["learning_rates"] == {"all": pytest.approx(1e-2)}
         assert result.manifest.settings.weights is None
     with pytest.raises(SegbookError, match="no pretrained weights"):
-        run_spec(task.entry, "nnunet", True)
+        RunSpec.of(task.entry, "nnunet", True)
 
 
 def test_existing_run_with_a_checkpoint_needs_continue_or_overwrite(task):
     settings = TrainingSettings(epochs=1, **TINY_BUDGET)
-    spec = run_spec(task.entry, "base", False)
+    spec = RunSpec.of(task.entry, "base", False)
     from segbook.paths import Paths
 
     folder = spec.folder(Paths.from_env().results)
@@ -139,14 +140,14 @@ def test_deep_supervision_targets_match_stunet_outputs(poolings):
     """Plans with fewer or more than five poolings: targets are downsampled to STU-Net's five output sizes."""
     from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 
-    trainer_class = TRAINERS["SegbookTrainer_small_scratch"]
+    small_scratch = trainer_class("SegbookTrainer_small_scratch")
     strides = [[1, 1, 1]] + [[2, 2, 2]] * (poolings - 1) + [[1, 2, 2]]
     patch = [int(np.prod([s[0] for s in strides])) * 2] + [int(np.prod([s[1] for s in strides])) * 2] * 2
     config = SimpleNamespace(pool_op_kernel_sizes=strides, patch_size=patch)
-    scales = trainer_class._get_deep_supervision_scales(
+    scales = small_scratch._get_deep_supervision_scales(
         SimpleNamespace(enable_deep_supervision=True, configuration_manager=config,
-                        stunet_strides=trainer_class.stunet_strides))
-    network = trainer_class.build_network_architecture(None, config, 1, 3, True)
+                        stunet_strides=small_scratch.stunet_strides))
+    network = small_scratch.build_network_architecture(None, config, 1, 3, True)
     with torch.no_grad():
         outputs = network(torch.randn(1, 1, *patch))
     targets = DownsampleSegForDSTransform(ds_scales=scales)(segmentation=torch.zeros(1, *patch))["segmentation"]
@@ -159,7 +160,9 @@ def test_nnunet_finds_segbook_trainers():
 
     register_with_nnunet()
     found = recursive_find_trainer_class_by_name("SegbookTrainer_large_pretrained")
-    assert found.__name__ == "SegbookTrainer_large_pretrained" and found.model == "large"
+    assert found.__name__ == "SegbookTrainer_large_pretrained" and found.identity.model == "large"
+    recipe = recursive_find_trainer_class_by_name("SegbookTrainer_base_pretrained_llrd_seed2")
+    assert (recipe.identity.model, recipe.identity.recipe, recipe.identity.seed) == ("base", "llrd", 2)
 
 
 def test_killed_run_continues_from_its_checkpoint(task):
@@ -169,7 +172,7 @@ def test_killed_run_continues_from_its_checkpoint(task):
                "--device", "cpu", "--epochs", "4", "--iters-per-epoch", "2", "--val-iters-per-epoch", "1",
                "--checkpoint-every", "1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    folder = run_spec(task.entry, "tiny", True).folder(Path(os.environ["SEGBOOK_HOME"]) / "nnUNet_results")
+    folder = RunSpec.of(task.entry, "tiny", True).folder(Path(os.environ["SEGBOOK_HOME"]) / "nnUNet_results")
     if folder.exists():
         import shutil
         shutil.rmtree(folder)

@@ -24,7 +24,8 @@ from segbook.options import OptionError
 from segbook.paths import Paths
 from segbook.data.folders import preprocessed_folder
 from segbook.plan import plan_states
-from segbook.training.finetune import RunExistsError, finetune, run_spec
+from segbook.runs import RunSpec
+from segbook.training.finetune import RunExistsError, finetune
 from segbook.training.manifest import RunManifest
 from segbook.training.settings import TrainingSettings
 from stunet import create_stunet, write_official_checkpoint
@@ -95,8 +96,8 @@ def test_a_finished_run_asked_for_with_other_settings_is_an_error(task, fresh):
     log = next(first.folder.glob("training_log_*.txt")).read_text()
     assert "'architecture': 'STU-Net tiny (widths 8..128" in log and "PlainConvUNet" not in log
 
-    with pytest.raises(RunExistsError, match=r"already finished with other settings \(epochs: run 1, asked 2\); "
-                                             r"pass --overwrite"):
+    with pytest.raises(RunExistsError, match=r"already finished with other settings \(budget.epochs: run 1, asked "
+                                             r"2\); pass --overwrite"):
         finetune(task.entry, "tiny", pretrained=False, settings=TrainingSettings(epochs=2, **TINY), device="cpu")
     again = finetune(task.entry, "tiny", pretrained=False, settings=settings, device="cpu")
     assert again.status == "finished" and again.manifest.data == first.manifest.data
@@ -148,13 +149,14 @@ def test_tiny_without_weights_and_weights_without_pretrained_say_what_to_do(task
 
 
 def test_a_cached_checkpoint_without_a_recorded_checksum_is_named_and_a_corrupted_one_refused(task, fresh, capsys):
-    from segbook.training.checkpoints import resolve_weights
+    from segbook.runs import resolve_weights
 
     cache = fresh.weights / "small_ep4k.model"
     cache.parent.mkdir(parents=True)
     write_official_checkpoint(create_stunet("small", 1, 105).state_dict(), cache)
     lines: list[str] = []
-    path, digest = resolve_weights("small", None, fresh, lines.append)
+    weights = resolve_weights("small", None, fresh, lines.append)
+    path, digest = weights.path, weights.sha256
     assert path == cache and digest == file_sha256(cache)
     assert len(lines) == 1 and "has no recorded SHA-256" in lines[0] and digest in lines[0]
     (cache.parent / "small_ep4k.model.sha256").write_text("0" * 64 + "  small_ep4k.model\n")
@@ -176,7 +178,7 @@ def test_the_device_is_chosen_and_said_and_cuda_without_a_gpu_is_a_clear_error(t
 def test_a_run_that_never_got_a_checkpoint_starts_over_with_the_new_weights(task, fresh, tmp_path):
     """A failed first attempt (bad weights, a crash before the first checkpoint): --continue starts over with the
     weights given now, and the record keeps what happened before."""
-    spec = run_spec(task.entry, "tiny", True)
+    spec = RunSpec.of(task.entry, "tiny", True)
     folder = spec.folder(fresh.results)
     folder.mkdir(parents=True)
     failed = RunManifest.create(folder, {"task": task.entry.key}, TrainingSettings(weights="/old/weights.model"), {})
@@ -239,7 +241,8 @@ def test_help_shows_the_defaults_of_options_with_values_never_of_flags(capsys):
         text = " ".join(capsys.readouterr().out.split())
         assert "(default: True)" not in text and "(default: False)" not in text
         if command[0] == "finetune":
-            assert "training iterations per epoch (default: 250)" in text and "(default: 1000)" in text
+            assert "training iterations per epoch (default: the recipe's; 250 in the built-in ones)" in text
+            assert "--checkpoint-every CHECKPOINT_EVERY epochs between resumable checkpoints (default: 50)" in text
         else:
             assert "--no-gaussian uniform window weighting --no-mirroring" in text
 
@@ -327,7 +330,7 @@ def test_a_run_is_claimed_while_it_trains_and_its_workers_die_with_a_killed_trai
                                                                "1", "--checkpoint-every", "1")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "nnUNet_n_proc_DA": "2"}
     trainer = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    folder = run_spec(task.entry, "tiny", False).folder(fresh.results)
+    folder = RunSpec.of(task.entry, "tiny", False).folder(fresh.results)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and trainer.poll() is None:

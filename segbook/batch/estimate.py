@@ -168,6 +168,10 @@ class Estimate:
 
 def estimate_job(job: Job, settings: TrainingSettings, geometry: Geometry, flops: ForwardFlops,
                  assumed_tflops: float = DEFAULT_ASSUMED_TFLOPS) -> Estimate:
+    from segbook.recipes import get_recipe
+
+    if settings.epochs is None or settings.iterations_per_epoch is None:  # the recipe's budget
+        settings = settings.resolve(get_recipe(job.spec.recipe, job.spec.init))[0]
     entry = job.entry
     forward = flops(job.spec.model, geometry, len(entry.channels), len(entry.labels))
     per_epoch = geometry.batch_size * forward

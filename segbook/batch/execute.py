@@ -16,20 +16,18 @@ import json
 import os
 import socket
 import time
-import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from segbook.batch.matrix import Job, failure
+from segbook.batch.matrix import Job
 from segbook.claims import Claim, try_claim
 from segbook.errors import SegbookError
-from segbook.evaluation.evaluate import is_evaluated
 from segbook.options import Bound, check_all
 from segbook.paths import Paths
+from segbook.runs import failure, identity_fields, is_evaluated, record_failure
 from segbook.squeue import own_slurm_job
 from segbook.training.manifest import RunManifest
-from segbook.training.runs import CONFIGURATION
 from segbook.training.settings import TrainingSettings
 
 
@@ -46,7 +44,8 @@ class ExecutionOptions:
     """How every job of a batch runs; the same for all of them, sent as JSON to each worker and SLURM task.
 
     `pretrained_settings` (default: `settings`) lets fine-tuning use other hyperparameters than scratch training.
-    `registry_files` are absolute paths: the workers load the same registry wherever they start.
+    `registry_files` and `recipe_files` are absolute paths: the workers load the same registry and recipes wherever
+    they start.
     """
 
     settings: TrainingSettings = field(default_factory=TrainingSettings)
@@ -58,14 +57,17 @@ class ExecutionOptions:
     processes: int | None = None  # planning, preprocessing and evaluation (default: nnUNet_def_n_proc)
     data_workers: int | None = None  # nnUNet_n_proc_DA of each job (default: inherited)
     registry_files: tuple[str, ...] = ()
+    recipe_files: tuple[str, ...] = ()
 
     @classmethod
-    def create(cls, *, registry_files: Iterable[str | os.PathLike] = (), weights: str | os.PathLike | None = None,
+    def create(cls, *, registry_files: Iterable[str | os.PathLike] = (),
+               recipe_files: Iterable[str | os.PathLike] = (), weights: str | os.PathLike | None = None,
                **values: Any) -> "ExecutionOptions":
         """Options with file paths made absolute (workers may start in another directory, on another node)."""
-        files = tuple(str(Path(f).expanduser().resolve()) for f in registry_files)
+        absolute = lambda files: tuple(str(Path(f).expanduser().resolve()) for f in files)  # noqa: E731
         weights = str(Path(weights).expanduser().resolve()) if weights else None
-        return cls(registry_files=files, weights=weights, **values)
+        return cls(registry_files=absolute(registry_files), recipe_files=absolute(recipe_files), weights=weights,
+                   **values)
 
     def validate(self) -> "ExecutionOptions":
         """`OptionError` for any value out of range, before a single job is started or submitted."""
@@ -77,8 +79,11 @@ class ExecutionOptions:
         return self
 
     def settings_for(self, job: Job) -> TrainingSettings:
-        settings = self.pretrained_settings if job.spec.init == "pretrained" else None
-        return settings or self.settings
+        """The job's settings with its recipe's budget filled in (the run resolves the rest from its recipe)."""
+        from segbook.recipes import get_recipe
+
+        settings = (self.pretrained_settings if job.spec.init == "pretrained" else None) or self.settings
+        return settings.resolve(get_recipe(job.spec.recipe, job.spec.init, self.recipe_files))[0]
 
     @property
     def pretrained_weights(self) -> str | None:
@@ -98,6 +103,7 @@ class ExecutionOptions:
         if data.get("pretrained_settings"):
             data["pretrained_settings"] = TrainingSettings.from_dict(data["pretrained_settings"])
         data["registry_files"] = tuple(data.get("registry_files", ()))
+        data["recipe_files"] = tuple(data.get("recipe_files", ()))
         return cls(**data)
 
 
@@ -153,6 +159,7 @@ def _work(job: Job, options: ExecutionOptions, paths: Paths, backend: str) -> st
         with _stage(job, options, folder, "train", backend):
             # Resumes from the latest checkpoint; a run without one starts again with today's options.
             result = finetune(job.entry, job.spec.model, job.spec.init == "pretrained", job.spec.fold,
+                              recipe=job.spec.recipe, recipe_files=options.recipe_files,
                               settings=options.settings_for(job), weights=options.weights_for(job),
                               device=options.device, num_gpus=options.num_gpus, resume=True,
                               compile=options.compile, paths=paths, plan_processes=processes,
@@ -176,39 +183,16 @@ def _stage(job: Job, options: ExecutionOptions, folder: Path, stage: str, backen
     try:
         yield
     except Exception as error:  # noqa: BLE001 - any failure of one job is recorded and must not stop the others
-        _record_failure(job, options, folder, stage, backend, error)
+        record_failure(folder, error, stage, new_manifest=lambda: _new_manifest(job, options, folder, backend))
         raise JobFailed(f"{job.id}: {stage} failed: {type(error).__name__}: {error}") from error
-
-
-def _error_record(error: BaseException, stage: str) -> dict[str, Any]:
-    return {"type": type(error).__name__, "message": str(error), "stage": stage,
-            "traceback": "".join(traceback.format_exception(error))[-4000:]}
-
-
-def _record_failure(job: Job, options: ExecutionOptions, folder: Path, stage: str, backend: str,
-                    error: Exception) -> None:
-    """Training failures are recorded by the trainer or `finetune` already; add the stage, and record the
-    failures they cannot: planning (possibly before the run exists) and evaluation (after it finished)."""
-    manifest = RunManifest.load(folder)
-    if stage == "evaluate":
-        manifest.data["evaluation_error"] = _error_record(error, stage)
-        manifest.event("evaluation_failed", error=f"{type(error).__name__}: {error}")
-    else:
-        manifest = manifest or _new_manifest(job, options, folder, backend)
-        if manifest.status != "failed" or not manifest.data.get("error"):
-            manifest.set_status("failed", error)
-        manifest.data["error"]["stage"] = stage
-    manifest.save()
 
 
 def _new_manifest(job: Job, options: ExecutionOptions, folder: Path, backend: str) -> RunManifest:
     """The record of a run that failed before `finetune` created it (it has no checkpoint, so the next attempt
     starts afresh and keeps this record under `request.previous_attempt`)."""
-    spec = job.spec
-    run = {**asdict(spec), "trainer": spec.trainer, "configuration": CONFIGURATION}
     settings = replace(options.settings_for(job), weights=options.weights_for(job))
     folder.mkdir(parents=True, exist_ok=True)
-    return RunManifest.create(folder, run, settings, _request(job, backend))
+    return RunManifest.create(folder, identity_fields(job.spec), settings, _request(job, backend))
 
 
 def retry_failed(job: Job, paths: Paths | None = None) -> str | None:

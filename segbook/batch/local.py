@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from segbook.batch.execute import ExecutionOptions
-from segbook.batch.matrix import Job, failure, summary_line, survey
+from segbook.batch.matrix import Job, summary_line, survey
 from segbook.errors import SegbookError
-from segbook.paths import Paths
 from segbook.io import now
+from segbook.paths import Paths
+from segbook.runs import failure
 from segbook.training.manifest import RunManifest
 from segbook.training.settings import TrainingSettings
 

@@ -21,9 +21,9 @@ from segbook import claims
 from segbook.squeue import LIVE_STATES, RUNNING_STATES
 from segbook.errors import SegbookError
 from segbook.paths import Paths
-from segbook.training.checkpoints import has_resumable_checkpoint
+from segbook.runs import (FOLDS, INITS, MODELS, RunIdentityError, RunSpec, failure, has_resumable_checkpoint,
+                          is_evaluated, valid_combinations)
 from segbook.training.manifest import RunManifest
-from segbook.training.runs import FOLDS, INITS, MODELS, RunSpec, valid_combinations
 
 if TYPE_CHECKING:
     from segbook.batch.slurm import SubmittedTask
@@ -84,21 +84,17 @@ def build_matrix(registry: "Registry", tasks: str | Sequence[str] = "all", *, sc
     inits = parse_choices(inits, INITS, "initialisation")
     folds = parse_choices(folds, FOLDS, "fold")
     valid = set(valid_combinations())
-    return [Job(RunSpec(e.key, e.nnunet_name, m, i, f), e) for e in entries for m in models for i in inits
+    return [Job(RunSpec.of(e, m, i, f), e) for e in entries for m in models for i in inits
             for f in folds if (m, i) in valid]
 
 
 def job_from_id(registry: "Registry", job_id: str) -> Job:
-    """The job a `RunSpec.job_id` names ("{task}__{model}__{init}__fold_{fold}")."""
-    parts = job_id.split("__")
-    if len(parts) < 4 or not parts[-1].startswith("fold_"):
-        raise MatrixError(f"not a job id: {job_id!r} (expected TASK__MODEL__INIT__fold_FOLD)")
-    entry = registry.get("__".join(parts[:-3]))
+    """The job a `RunSpec.job_id` names."""
     try:
-        spec = RunSpec(entry.key, entry.nnunet_name, parts[-3], parts[-2], parts[-1].removeprefix("fold_"))
-    except ValueError as error:
-        raise MatrixError(f"job {job_id}: {error}") from None
-    return Job(spec, entry)
+        spec = RunSpec.from_job_id(job_id, registry)
+    except RunIdentityError as error:
+        raise MatrixError(str(error)) from None
+    return Job(spec, registry.get(spec.task))
 
 
 @dataclass(frozen=True)
@@ -125,17 +121,6 @@ class JobStatus:
         """Every field, with the job id: for JSON output and scripts."""
         return {"job": self.job.id, **self.row(), "epochs_done": self.epochs_done,
                 "epochs_total": self.epochs_total, "slurm_id": self.slurm_id, "log": self.log}
-
-
-def failure(manifest: RunManifest) -> str | None:
-    """The recorded error that makes a run failed: a failed training (or planning) run, or a failed evaluation."""
-    if manifest.status == "failed":
-        error = manifest.data.get("error") or {}
-        return f"{error.get('type', 'Error')}: {error.get('message', 'no message recorded')}"
-    evaluation = manifest.data.get("evaluation_error")
-    if manifest.status == "finished" and evaluation:
-        return f"evaluation: {evaluation['type']}: {evaluation['message']}"
-    return None
 
 
 def weights_problem(job: Job, paths: Paths, weights: str | Path | None) -> str | None:
@@ -179,8 +164,6 @@ def job_status(job: Job, paths: Paths, *, weights: str | Path | None = None,
                queue: Mapping[str, str] | None = None, submitted: "SubmittedTask | None" = None,
                ask_slurm: bool = True) -> JobStatus:
     """The state of one job (see the module docstring); `queue` and `submitted` come from `survey`."""
-    from segbook.evaluation.evaluate import is_evaluated
-
     folder = job.folder(paths)
     manifest = RunManifest.load(folder)
     epochs = {} if manifest is None else {"epochs_done": len(manifest.data.get("epochs", [])),

@@ -44,6 +44,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows the default of every option that takes a value; not of flags ("--no-gaussian (default: True)" would
     say the opposite of what the flag does), not when there is none, and not twice."""
 
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        """Texts written in lines (examples) keep them; the rest is wrapped."""
+        if "\n" in text:
+            return "".join(indent + line + "\n" for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if action.nargs == 0 or action.default is None or "default" in text:
@@ -89,24 +95,28 @@ def add_weights_and_device_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_budget_options(parser: argparse.ArgumentParser) -> None:
-    """The training budget, optimiser and GPU-speed groups; `training_settings_from_args` reads them."""
+    """The recipe, budget, optimiser and GPU-speed groups; `training_settings_from_args` reads them."""
     from segbook.training.settings import BOUNDS, PRECISIONS, TrainingSettings
 
     defaults = TrainingSettings()
-    hyper = parser.add_argument_group("training budget and optimiser (SegBook's values by default)")
-    hyper.add_argument("--epochs", type=bounded(BOUNDS["epochs"]), default=defaults.epochs,
-                       help="epochs of training")
-    hyper.add_argument("--iters-per-epoch", type=bounded(BOUNDS["iterations_per_epoch"]),
-                       default=defaults.iterations_per_epoch, help="training iterations per epoch")
+    hyper = parser.add_argument_group("recipe, budget and optimiser (the recipe's values unless given)")
+    hyper.add_argument("--recipe-file", metavar="FILE", action="append", default=[],
+                       help="your own recipes (YAML, see docs/recipes.md), added to the built-in ones (repeatable; "
+                            "also SEGBOOK_RECIPES, os.pathsep-separated)")
+    hyper.add_argument("--epochs", type=bounded(BOUNDS["epochs"]), default=None,
+                       help="epochs of training (default: the recipe's; 1000 in the built-in ones)")
+    hyper.add_argument("--iters-per-epoch", type=bounded(BOUNDS["iterations_per_epoch"]), default=None,
+                       help="training iterations per epoch (default: the recipe's; 250 in the built-in ones)")
     hyper.add_argument("--val-iters-per-epoch", type=bounded(BOUNDS["val_iterations_per_epoch"]),
                        default=defaults.val_iterations_per_epoch,
                        help="validation iterations per epoch (the pseudo-Dice in the log)")
     hyper.add_argument("--lr", type=bounded(BOUNDS["lr"]), default=None,
-                       help="initial learning rate of the body (default: 1e-3 pretrained, 1e-2 scratch)")
-    hyper.add_argument("--head-lr-multiplier", type=bounded(BOUNDS["head_lr_multiplier"]),
-                       default=defaults.head_lr_multiplier, help="heads' rate / body's rate when fine-tuning")
-    hyper.add_argument("--weight-decay", type=bounded(BOUNDS["weight_decay"]), default=defaults.weight_decay,
-                       help="SGD weight decay")
+                       help="initial learning rate of the body (default: the recipe's: 1e-3 for segbook, 1e-2 "
+                            "for scratch)")
+    hyper.add_argument("--head-lr-multiplier", type=bounded(BOUNDS["head_lr_multiplier"]), default=None,
+                       help="heads' rate / body's rate (default: the recipe's: 10 for segbook)")
+    hyper.add_argument("--weight-decay", type=bounded(BOUNDS["weight_decay"]), default=None,
+                       help="weight decay (default: the recipe's: 3e-5, nnU-Net's)")
     hyper.add_argument("--checkpoint-every", type=bounded(BOUNDS["checkpoint_every"]),
                        default=defaults.checkpoint_every, help="epochs between resumable checkpoints")
     hyper.add_argument("--seed", type=bounded(BOUNDS["seed"]), default=defaults.seed,

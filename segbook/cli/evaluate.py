@@ -7,7 +7,7 @@ import argparse
 from segbook.cli.common import (DEVICE_HELP, POSITIVE_NUMBER, HelpFormatter, add_registry_option, at_least, bounded,
                                 registry_from_args)
 from segbook.evaluation.settings import STEP_SIZE
-from segbook.training.runs import MODELS
+from segbook.runs import MODELS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from segbook.errors import SegbookError
     from segbook.evaluation.evaluate import evaluate_run, spec_from_folder
     from segbook.evaluation.settings import EvaluationSettings
-    from segbook.training.finetune import run_spec
+    from segbook.runs import RunSpec
 
     registry = registry_from_args(args)
     folder = None
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         entry = registry.get(spec.task)
     elif args.task and args.model:
         entry = registry.get(args.task)
-        spec = run_spec(entry, args.model, args.pretrained, args.fold)
+        spec = RunSpec.of(entry, args.model, args.pretrained, args.fold)
     else:
         raise SegbookError("name the run: --task and --model (with --pretrained or --scratch), or --run DIR")
     settings = EvaluationSettings(step_size=args.step_size, gaussian=args.gaussian, mirroring=args.mirroring,

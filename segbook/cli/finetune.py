@@ -6,20 +6,22 @@ import argparse
 
 from segbook.cli.common import (HelpFormatter, add_budget_options, add_registry_option, add_task_option, at_least,
                                 add_weights_and_device_options, registry_from_args, training_settings_from_args)
-from segbook.training.runs import MODELS
+from segbook.runs import MODELS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "finetune", help="train one STU-Net (pretrained or scratch) or nnU-Net run on a task",
-        formatter_class=HelpFormatter,
         description="Train one run with nnU-Net v2's training loop, augmentation and validation. With --pretrained "
-                    "the STU-Net body comes from the TotalSegmentator checkpoint and the freshly initialised "
-                    "segmentation heads learn at --head-lr-multiplier x the body's rate (poly decay per group); "
-                    "without it the same network trains from scratch. The task is planned first if needed. The "
-                    "run lives in $nnUNet_results/Dataset{id}_{Name}/SegbookTrainer_{model}_{init}__nnUNetPlans__"
+                    "the STU-Net body comes from the TotalSegmentator checkpoint and fresh segmentation heads are "
+                    "added; what trains at which rate on which schedule is the recipe's (default segbook: the body "
+                    "at 1e-3, the heads at 10x, poly decay per group). Without --pretrained the same network "
+                    "trains from scratch (recipe scratch). The task is planned first if needed. The run lives in "
+                    "$nnUNet_results/Dataset{id}_{Name}/SegbookTrainer_{model}_{init}[_{recipe}]__nnUNetPlans__"
                     "3d_fullres/fold_{fold} with its run.json record.",
-        epilog="example: segbook finetune --task 613 --model large --pretrained")
+        epilog="examples: segbook finetune --task 613 --model large --pretrained\n"
+               "          segbook finetune --task 613 --model large --pretrained --recipe llrd --epochs 150",
+        formatter_class=HelpFormatter)
     add_task_option(parser)
     add_registry_option(parser)
     parser.add_argument("--model", required=True, choices=MODELS,
@@ -27,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init = parser.add_mutually_exclusive_group()
     init.add_argument("--pretrained", action="store_true", help="fine-tune from the TotalSegmentator checkpoint")
     init.add_argument("--scratch", action="store_true", help="train from random initialisation (the default)")
+    parser.add_argument("--recipe", metavar="NAME",
+                        help="the fine-tuning recipe (`segbook recipes` lists them; default: segbook with "
+                             "--pretrained, scratch without)")
     parser.add_argument("--fold", default="all", choices=["all", "0", "1", "2", "3", "4"],
                         help="'all' trains on the whole train split (SegBook's protocol); 0-4 are nnU-Net's "
                              "cross-validation folds inside it")
@@ -54,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     entry = registry_from_args(args).get(args.task)
     settings = training_settings_from_args(args)
     request = {k: v for k, v in vars(args).items() if k not in ("handler", "registry")}
-    result = finetune(entry, args.model, args.pretrained, args.fold, settings=settings, weights=args.weights,
+    result = finetune(entry, args.model, args.pretrained, args.fold, recipe=args.recipe,
+                      recipe_files=args.recipe_file, settings=settings, weights=args.weights,
                       device=args.device, num_gpus=args.num_gpus, resume=args.resume, overwrite=args.overwrite,
                       compile=args.compile, plan_processes=args.plan_processes, request=request)
     print(f"{result.status}: {result.folder}")

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "tasks",
     "data",
     "plan",
+    "recipes",
     "finetune",
     "evaluate",
     "results",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from segbook.cli.common import ChoiceList, add_format_option, add_registry_option, registry_from_args
 from segbook.cli.output import FORMATS
-from segbook.training.runs import DEFAULT_PLANS, INITS, MODELS
+from segbook.runs import DEFAULT_PLANS, INITS, MODELS
 
 if TYPE_CHECKING:
     import pandas as pd

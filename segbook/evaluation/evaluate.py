@@ -23,12 +23,11 @@ from segbook.io import atomic_directory, atomic_path, atomic_write_json, now
 from segbook.options import Bound
 from segbook.paths import Paths
 from segbook.training.manifest import RunManifest
-from segbook.training.runs import CONFIGURATION, RunSpec
+from segbook.runs import CONFIGURATION, METRICS, SUMMARY, RunSpec, evaluation_folder, identity_fields, summary_path
 
 if TYPE_CHECKING:
     from segbook.registry import DatasetEntry
 
-EVALUATION = "evaluation"
 PROCESSES = Bound("--num-processes", int, low=1)
 METRIC_COLUMNS = ("dice", "nsd", "hd95")
 
@@ -53,14 +52,6 @@ class EvaluationResult:
     @property
     def score(self) -> float:
         return self.summary["foreground_mean"]["dice"]
-
-
-def evaluation_folder(run_folder: Path) -> Path:
-    return Path(run_folder) / EVALUATION
-
-
-def is_evaluated(run_folder: Path) -> bool:
-    return (evaluation_folder(run_folder) / "summary.json").is_file()
 
 
 def test_cases(entry: "DatasetEntry", paths: Paths) -> list[TestCase]:
@@ -110,7 +101,7 @@ def evaluate_run(entry: "DatasetEntry", spec: RunSpec, paths: Paths | None = Non
     # Two evaluations of one run would write into each other's predictions: hold the run's claim.
     with claims.exclusive(paths.claims, spec.job_id, f"run {run_folder}"):
         if not force and _up_to_date(out, resolved, checkpoint):
-            return EvaluationResult(out, json.loads((out / "summary.json").read_text()), skipped=True)
+            return EvaluationResult(out, json.loads(summary_path(run_folder).read_text()), skipped=True)
         return _evaluate(entry, spec, paths, settings, device, num_processes, keep_predictions, run_folder,
                          manifest, resolved)
 
@@ -140,10 +131,8 @@ def spec_from_folder(run_folder: Path) -> RunSpec:
     """The run a folder holds, from its `run.json` (so `segbook evaluate --run DIR` needs nothing else)."""
     try:
         manifest = RunManifest.load(run_folder)
-        run = manifest.data["run"] if manifest is not None else {}
-        return RunSpec(run["task"], run["dataset"], run["model"], run["init"], str(run["fold"]),
-                       run.get("plans", "nnUNetPlans"))
-    except (KeyError, TypeError, ValueError, AttributeError):
+        return RunSpec.from_record(manifest.data["run"] if manifest is not None else {})
+    except (KeyError, TypeError, ValueError, AttributeError, SegbookError):
         raise EvaluationError(f"{run_folder} is not a segbook run folder (no run.json naming its task, dataset, "
                               "model, initialisation and fold)") from None
 
@@ -158,7 +147,7 @@ def training_record(manifest: RunManifest | None) -> dict[str, Any]:
 
 
 def _up_to_date(out: Path, settings: dict[str, Any], checkpoint: Path) -> bool:
-    summary_file = out / "summary.json"
+    summary_file = out / SUMMARY
     if not summary_file.is_file():
         return False
     summary = json.loads(summary_file.read_text())
@@ -197,7 +186,7 @@ def _predictor(spec: RunSpec, settings: EvaluationSettings, device, run_folder: 
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from segbook.training.checkpoints import read_run_checkpoint
-    from segbook.training.trainers import TRAINERS
+    from segbook.training.trainers import trainer_class
 
     checkpoint = read_run_checkpoint(run_folder / settings.checkpoint)
     if checkpoint["trainer_name"] != spec.trainer:
@@ -207,7 +196,7 @@ def _predictor(spec: RunSpec, settings: EvaluationSettings, device, run_folder: 
     plans = PlansManager(json.loads((trainer_folder / "plans.json").read_text()))
     dataset_json = json.loads((trainer_folder / "dataset.json").read_text())
     configuration = plans.get_configuration(CONFIGURATION)
-    network = TRAINERS[spec.trainer].build_network_architecture(
+    network = trainer_class(spec.trainer).build_network_architecture(
         plans, configuration, determine_num_input_channels(plans, configuration, dataset_json),
         plans.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
     try:
@@ -260,9 +249,7 @@ def _summarise(rows: list[dict[str, Any]], entry: "DatasetEntry", spec: RunSpec,
                                  **{m: mean_ignoring_nan(r[m] for r in mine) for m in METRIC_COLUMNS},
                                  "valid_cases": sum(1 for r in mine if not math.isnan(r["dice"]))}
     foreground = {m: mean_ignoring_nan(v[m] for v in per_label.values()) for m in METRIC_COLUMNS}
-    run = {"task": spec.task, "dataset": spec.dataset, "model": spec.model, "init": spec.init, "fold": spec.fold,
-           "trainer": spec.trainer, "plans": spec.plans, "configuration": CONFIGURATION}
-    return {"run": run, "settings": {**settings, "checkpoint_mtime": checkpoint.stat().st_mtime},
+    return {"run": identity_fields(spec), "settings": {**settings, "checkpoint_mtime": checkpoint.stat().st_mtime},
             "num_cases": num_cases, "labels": per_label, "foreground_mean": foreground, "created_at": now()}
 
 
@@ -271,9 +258,9 @@ def _write(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> No
 
     columns = ["case", "label", "label_name", "dice", "nsd", "hd95", "tp", "fp", "fn", "tn", "reference_voxels",
                "prediction_voxels", "reference_volume_mm3", "prediction_volume_mm3"]
-    with atomic_path(out / "metrics.csv") as tmp:
+    with atomic_path(out / METRICS) as tmp:
         pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False)
-    atomic_write_json(out / "summary.json", _json_safe(summary))
+    atomic_write_json(out / SUMMARY, _json_safe(summary))
 
 
 def _json_safe(value: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from segbook.options import Bound, OptionError, check_all
+from segbook.runs import FINAL_CHECKPOINT
 
 EMPTY_DICE = ("nan", "one")
 STEP_SIZE = Bound("--step-size", float, low=0, low_inclusive=False, high=1)
@@ -18,7 +19,7 @@ class EvaluationSettings:
     mirroring: bool = True
     nsd_tolerance_mm: float | None = None  # None: the registry's per-dataset value (default 2 mm)
     empty_dice: str = "nan"
-    checkpoint: str = "checkpoint_final.pth"
+    checkpoint: str = FINAL_CHECKPOINT
 
     def __post_init__(self) -> None:
         check_all(asdict(self), BOUNDS)

@@ -22,10 +22,8 @@ from segbook.errors import SegbookError
 from segbook.io import atomic_write_text
 from segbook.paths import Paths
 from segbook.registry import DatasetEntry, Registry, TaskLookupError, load_registry
-from segbook.training.manifest import MANIFEST
-from segbook.training.runs import CONFIGURATION, DEFAULT_PLANS, INITS, MODELS, TRAINER_PREFIX, parse_trainer_name
-
-RUN_PATTERN = f"Dataset*/{TRAINER_PREFIX}_*__*__{CONFIGURATION}/fold_*"
+from segbook.runs import (DEFAULT_FRACTION, DEFAULT_PLANS, DEFAULT_RECIPES, DEFAULT_SEED, INITS, MANIFEST, MODELS,
+                          RUN_GLOB, FolderParts, summary_path)
 METRICS = ("dice", "nsd")
 #: How labels split for the modality x target table: seen structures, unseen structures, lesions.
 PARTS = ("seen", "unseen", "lesion")
@@ -33,7 +31,8 @@ LOCAL = "local"
 IMPORTED_PREFIX = "imported:"
 EVALUATED = "evaluated"
 REGISTRY_COLUMNS = ("dataset_id", "name", "modality", "target", "scale", "region", "bone", "vessel", "parts")
-RUN_COLUMNS = ("task", "model", "init", "fold", "plans", "source", "status", "evaluated", *METRICS,
+RUN_COLUMNS = ("task", "model", "init", "recipe", "seed", "fraction", "fold", "plans", "source", "status",
+               "evaluated", *METRICS,
                *(f"{m}_{p}" for m in METRICS for p in PARTS), "path")
 IMPORT_REQUIRED = ("task", "model", "init", "dice")
 IMPORT_COLUMNS = (*IMPORT_REQUIRED, "nsd")
@@ -93,19 +92,21 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
     other_plans: dict[str, int] = {}
     incomplete: list[str] = []
     rows = []
-    for folder in sorted(root.glob(RUN_PATTERN)):
-        trainer, run_plans, _ = folder.parent.name.split("__", 2)
-        identity = parse_trainer_name(trainer)
-        entry = _entry_for(folder.parent.parent.name, by_id)
-        if entry is None:
+    other_identities = 0
+    for folder in sorted(root.glob(RUN_GLOB)):
+        parts = FolderParts.parse(folder)
+        entry = by_id.get(parts.dataset_id) if parts else None
+        if parts is None:
+            skipped[str(folder.parent)] = "its name is not a segbook trainer's (SegbookTrainer_{model}_{init}...)"
+        elif entry is None:
             skipped[str(folder.parent.parent)] = ("its dataset id is not in the registry (add the dataset with "
                                                   "--registry FILE)")
-        elif identity is None:
-            skipped[str(folder.parent)] = f"{trainer} is not SegbookTrainer_{{model}}_{{init}}"
-        elif run_plans != plans:
-            other_plans[run_plans] = other_plans.get(run_plans, 0) + 1
+        elif parts.plans != plans:
+            other_plans[parts.plans] = other_plans.get(parts.plans, 0) + 1
+        elif not parts.identity.is_default:
+            other_identities += 1
         else:
-            row = _run_row(folder, entry, *identity, run_plans)
+            row = _run_row(folder, entry, parts)
             if row.pop("incomplete", None):
                 incomplete.append(f"{folder} ({row['status']})")
                 if include_incomplete:
@@ -117,22 +118,21 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
                       + "; ".join(incomplete[:MAX_LISTED_ERRORS]), ResultsWarning, stacklevel=3)
     for name, why in sorted(skipped.items()):
         warnings.warn(f"skipped {name}: {why}", ResultsWarning, stacklevel=3)
+    if other_identities:
+        warnings.warn(f"ignored {other_identities} run(s) of other recipes, seeds or training fractions (the tables "
+                      "show the default recipes, seed 0, the whole train split)", ResultsWarning, stacklevel=3)
     for name, count in sorted(other_plans.items()):
         warnings.warn(f"ignored {count} run(s) trained with plans {name!r} (pass --plans {name} to tabulate them)",
                       ResultsWarning, stacklevel=3)
     return rows
 
 
-def _entry_for(dataset_folder: str, by_id: dict[int, DatasetEntry]) -> DatasetEntry | None:
-    """nnU-Net identifies datasets by their id; the rest of the folder name is decoration."""
-    match = re.match(r"Dataset(\d+)_", dataset_folder)
-    return by_id.get(int(match[1])) if match else None
-
-
-def _run_row(folder: Path, entry: DatasetEntry, model: str, init: str, plans: str) -> dict[str, Any]:
-    row = {"task": entry.key, "model": model, "init": init, "fold": folder.name.removeprefix("fold_"),
-           "plans": plans, "source": LOCAL, "path": str(folder)}
-    summary_file = folder / "evaluation" / "summary.json"
+def _run_row(folder: Path, entry: DatasetEntry, parts: FolderParts) -> dict[str, Any]:
+    identity = parts.identity
+    row = {"task": entry.key, "model": identity.model, "init": identity.init, "recipe": identity.recipe,
+           "seed": identity.seed, "fraction": identity.fraction, "fold": parts.fold, "plans": parts.plans,
+           "source": LOCAL, "path": str(folder)}
+    summary_file = summary_path(folder)
     try:
         summary = json.loads(summary_file.read_bytes())
         scores = _scores(summary["labels"], entry)
@@ -348,5 +348,6 @@ def _clashes(rows: list[dict[str, Any]], target: Path, registry: Registry, paths
 
 def _imported_rows(file: Path, registry: Registry) -> list[dict[str, Any]]:
     source = f"{IMPORTED_PREFIX}{file.stem}"
-    return [{**row, "fold": "", "plans": "", "source": source, "status": EVALUATED, "evaluated": True,
-             "path": str(file)} for row in read_import_csv(file, registry)]
+    return [{**row, "recipe": DEFAULT_RECIPES[row["init"]], "seed": DEFAULT_SEED, "fraction": DEFAULT_FRACTION,
+             "fold": "", "plans": "", "source": source, "status": EVALUATED, "evaluated": True, "path": str(file)}
+            for row in read_import_csv(file, registry)]

@@ -18,7 +18,7 @@ import pandas as pd
 from segbook.errors import SegbookError
 from segbook.registry import REGIONS, SCALES
 from segbook.results.collect import IMPORTED_PREFIX, LOCAL, METRICS
-from segbook.training.runs import INITS, MODELS, STUNET_MODELS
+from segbook.runs import INITS, MODELS, STUNET_MODELS
 
 #: The paper's configurations in its order: nnU-Net's default network, then each STU-Net size scratch / pretrained.
 CONFIGURATIONS: tuple[tuple[str, str], ...] = (("nnunet", "scratch"),

@@ -11,18 +11,21 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from segbook import claims
 from segbook.errors import SegbookError
 from segbook.options import Bound, check_all
 from segbook.paths import Paths
-from segbook.training.checkpoints import check_weights_fit, has_resumable_checkpoint, resolve_weights
+from segbook.runs import (CONFIGURATION, RunSpec, has_resumable_checkpoint, identity_fields, record_failure,
+                          resolve_weights)
+from segbook.training.checkpoints import check_weights_fit
 from segbook.training.manifest import RunManifest
-from segbook.training.runs import CONFIGURATION, RunSpec
-from segbook.training.settings import TrainingSettings
+from segbook.recipes import get_recipe
+from segbook.training.settings import TrainingSettings, recipe_differences
 
 if TYPE_CHECKING:
+    from segbook.recipes import Recipe
     from segbook.registry import DatasetEntry
 
 BOUNDS = {"num_gpus": Bound("--num-gpus", int, low=1), "plan_processes": Bound("--plan-processes", int, low=1)}
@@ -43,21 +46,15 @@ class RunResult:
         return self.manifest.status
 
 
-def run_spec(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | int = "all") -> RunSpec:
-    try:
-        return RunSpec(entry.key, entry.nnunet_name, model, "pretrained" if pretrained else "scratch", str(fold))
-    except ValueError as error:
-        raise SegbookError(str(error)) from None
-
-
 def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | int = "all", *,
+             recipe: str | None = None, recipe_files: Sequence[str | Path] | None = None,
              settings: TrainingSettings | None = None, weights: str | Path | None = None, device: str | None = None,
              num_gpus: int = 1, resume: bool = False, overwrite: bool = False, compile: bool | None = None,
              paths: Paths | None = None, plan_processes: int | None = None,
              request: dict[str, Any] | None = None, say: Callable[[str], None] = print) -> RunResult:
-    """Train one run with nnU-Net's training loop; fine-tuning and scratch differ only in initialisation.
+    """Train one run with nnU-Net's training loop, following a recipe (None: the default of its initialisation).
 
-    `device` None picks cuda, else mps, else cpu. `resume` continues from the run's latest checkpoint (the
+    `recipe_files` add user recipes to the built-in ones. `device` None picks cuda, else mps, else cpu. `resume` continues from the run's latest checkpoint (the
     pretrained weights are never applied over it) with the settings the run started with; a run with no checkpoint
     yet has nothing to resume and starts again with the settings given. A run that exists is otherwise an error
     unless `overwrite`; a finished one asked for with other settings too.
@@ -74,7 +71,10 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
 
     settings = (settings or TrainingSettings()).validate()
     check_all({"num_gpus": num_gpus, "plan_processes": plan_processes}, BOUNDS)
-    spec = run_spec(entry, model, pretrained, fold)
+    spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe)
+    chosen = get_recipe(spec.recipe, spec.init, recipe_files)
+    chosen.check_fits(spec.model, spec.init, num_gpus)
+    settings, resolved = settings.resolve(chosen)
     device = resolve_device(device, say)
     if num_gpus > 1 and device != "cuda":
         raise SegbookError(f"--num-gpus {num_gpus} needs --device cuda (nnU-Net's DDP), not {device}")
@@ -87,7 +87,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     folder = spec.folder(paths.results)
     with claims.exclusive(paths.claims, spec.job_id, f"run {folder}"):
         existing = RunManifest.load(folder)
-        action = _decide(spec, folder, existing, settings, resume, overwrite)
+        action = _decide(folder, existing, settings, resolved, resume, overwrite)
         if action == "finished":
             say(f"Run already finished with these settings: {folder}")
             return RunResult(spec, folder, existing)
@@ -100,13 +100,13 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
             existing.event("continue_requested", request=request or {})
             existing.save()
         else:
-            _new_run(spec, folder, existing, settings, request or {}, cases.as_dict())
+            _new_run(spec, folder, existing, settings, resolved, request or {}, cases.as_dict())
         say(f"Run folder: {folder}")
         try:
             run_training(entry.nnunet_name, CONFIGURATION, spec.fold, spec.trainer, spec.plans, num_gpus=num_gpus,
                          continue_training=action == "resume", device=torch.device(device))
         except BaseException as error:
-            _record_failure(folder, error)
+            record_failure(folder, error)
             raise
     return RunResult(spec, folder, RunManifest.load(folder))
 
@@ -120,18 +120,18 @@ def _with_weights(entry: "DatasetEntry", spec: RunSpec, settings: TrainingSettin
             raise SegbookError("--weights is for fine-tuning: add --pretrained, or leave --weights out to train from "
                                "scratch")
         return settings
-    path, digest = resolve_weights(spec.model, given, paths, say)
-    check_weights_fit(path, spec.model, len(entry.channels), len(entry.labels))
-    return replace(settings, weights=str(path), weights_sha256=digest)
+    weights = resolve_weights(spec.model, given, paths, say)
+    check_weights_fit(weights.path, spec.model, len(entry.channels), len(entry.labels))
+    return replace(settings, weights=str(weights.path), weights_sha256=weights.sha256)
 
 
-def _decide(spec: RunSpec, folder: Path, existing: RunManifest | None, settings: TrainingSettings, resume: bool,
+def _decide(folder: Path, existing: RunManifest | None, settings: TrainingSettings, recipe: "Recipe", resume: bool,
             overwrite: bool) -> str:
     """"new" (start, replacing what is there), "resume" or "finished"; RunExistsError when the call contradicts
     the run in the folder."""
     if existing is None or overwrite:
         return "new"
-    differences = existing.settings.differences(settings, spec.init)
+    differences = {**existing.settings.differences(settings), **recipe_differences(existing.recipe, recipe)}
     if existing.status == "finished":
         if differences:
             raise RunExistsError(f"{folder} already finished with other settings ({_listing(differences)}); "
@@ -157,23 +157,12 @@ def _listing(differences: dict[str, tuple[Any, Any]]) -> str:
 
 
 def _new_run(spec: RunSpec, folder: Path, existing: RunManifest | None, settings: TrainingSettings,
-             request: dict[str, Any], preprocessed: dict[str, Any]) -> None:
+             recipe: "Recipe", request: dict[str, Any], preprocessed: dict[str, Any]) -> None:
     if existing is not None:  # overwritten, or never got as far as a checkpoint: keep what happened to it
         request = {**request, "previous_attempt": {k: existing.data.get(k) for k in ("status", "error", "events")}}
     if folder.exists():
         shutil.rmtree(folder)
-    run = {"task": spec.task, "dataset": spec.dataset, "model": spec.model, "init": spec.init, "fold": spec.fold,
-           "trainer": spec.trainer, "plans": spec.plans, "configuration": CONFIGURATION}
-    manifest = RunManifest.create(folder, run, settings, request)
+    manifest = RunManifest.create(folder, identity_fields(spec), settings, request, recipe)
     manifest.data["preprocessed"] = preprocessed
     folder.mkdir(parents=True, exist_ok=True)
     manifest.save()
-
-
-def _record_failure(folder: Path, error: BaseException) -> None:
-    """Failures before nnU-Net's loop starts are recorded too; the trainer records its own."""
-    manifest = RunManifest.load(folder)
-    status = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"
-    if manifest is not None and manifest.status != status:  # the trainer has not recorded it already
-        manifest.set_status(status, error)
-        manifest.save()

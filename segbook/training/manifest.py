@@ -15,12 +15,16 @@ import subprocess
 import traceback
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from segbook.errors import SegbookError
 from segbook.io import atomic_write_json, now
+from segbook.runs import DEFAULT_RECIPES, MANIFEST
 from segbook.training.settings import TrainingSettings
 
-MANIFEST = "run.json"
+if TYPE_CHECKING:
+    from segbook.recipes import Recipe
+
 SCHEMA_VERSION = 1
 
 
@@ -40,18 +44,38 @@ class RunManifest:
         path = Path(folder) / MANIFEST
         if not path.is_file():
             return None
-        return cls(folder, json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, OSError) as error:
+            raise SegbookError(f"{path} is damaged ({error}); move the run folder away or start the run again with "
+                               "--overwrite") from None
+        if not isinstance(data, dict):
+            raise SegbookError(f"{path} is damaged (not a JSON object)")
+        return cls(folder, data)
 
     @classmethod
     def create(cls, folder: str | os.PathLike, run: dict[str, Any], settings: TrainingSettings,
-               request: dict[str, Any]) -> "RunManifest":
-        return cls(folder, {"schema": SCHEMA_VERSION, "run": run, "request": request,
-                            "settings": asdict(settings), "environment": environment(), "status": "created",
-                            "error": None, "created_at": now(), "epochs": [], "events": []})
+               request: dict[str, Any], recipe: "Recipe | None" = None) -> "RunManifest":
+        data = {"schema": SCHEMA_VERSION, "run": run, "request": request, "settings": asdict(settings)}
+        if recipe is not None:
+            data["recipe"] = recipe.model_dump(mode="json")
+        return cls(folder, {**data, "environment": environment(), "status": "created", "error": None,
+                            "created_at": now(), "epochs": [], "events": []})
 
     @property
     def settings(self) -> TrainingSettings:
         return TrainingSettings.from_dict(self.data.get("settings", {}))
+
+    @property
+    def recipe(self) -> "Recipe":
+        """The run's resolved recipe. Runs recorded before recipes existed trained the default recipe of their
+        initialisation with their settings' rates and budget."""
+        from segbook.recipes import get_recipe, resolved_recipe
+
+        if "recipe" in self.data:
+            return resolved_recipe(self.data["recipe"])
+        init = self.data.get("run", {}).get("init", "scratch")
+        return self.settings.resolve(get_recipe(DEFAULT_RECIPES.get(init, "scratch"), init))[1]
 
     @property
     def status(self) -> str:

@@ -1,20 +1,23 @@
-"""The training settings of a run: SegBook's defaults, their allowed ranges, and how two runs' settings differ.
+"""The training settings of a run, their allowed ranges, and how they combine with its recipe.
 
-The settings are stored in the run's `run.json` before training starts, so every process that trains the run reads
-the same values. `validate()` is called wherever settings enter (the CLI parses with the same bounds, `finetune`,
-the batch launchers and the trainer reading `run.json`), so nnU-Net never sees a value outside its range.
+The recipe (`segbook.recipes`) says what trains at which rates on which schedule and for how long; the settings say
+everything else (validation iterations, checkpoints, seed, precision, the weights file) and may replace the
+recipe's body rate, head multiplier, weight decay and budget (`--lr`, `--epochs`, ...; None keeps the recipe's).
+Both are stored in the run's `run.json` before training starts, the recipe resolved, so every process that trains
+the run (a resume, a requeued SLURM job, `nnUNetv2_train`) reads the same values. `validate()` is called wherever
+settings enter (the CLI parses with the same bounds), so nnU-Net never sees a value outside its range.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
 
 from segbook.options import Bound, OptionError, check_all
 
-#: SegBook's learning rates: STU-Net's fine-tuning rate for pretrained bodies, nnU-Net's for scratch.
-PRETRAINED_LR = 1e-3
-SCRATCH_LR = 1e-2
+if TYPE_CHECKING:
+    from segbook.recipes import Recipe
+
 PRECISIONS = ("auto", "bf16", "fp16")
 
 #: Allowed ranges, named after the command-line options that set them.
@@ -25,27 +28,25 @@ BOUNDS: dict[str, Bound] = {
     "lr": Bound("--lr", float, low=0, low_inclusive=False),
     "head_lr_multiplier": Bound("--head-lr-multiplier", float, low=0, low_inclusive=False),
     "weight_decay": Bound("--weight-decay", float, low=0),
-    "momentum": Bound("momentum", float, low=0, high=1, high_inclusive=False),
-    "poly_exponent": Bound("poly_exponent", float, low=0, low_inclusive=False),
     "checkpoint_every": Bound("--checkpoint-every", int, low=1),
     "seed": Bound("--seed", int, low=0, high=2**32 - 1),
 }
+#: Settings that replace a value of the recipe (None: the recipe's).
+RECIPE_OVERRIDES = ("lr", "head_lr_multiplier", "weight_decay", "epochs", "iterations_per_epoch")
 #: Settings that only say where a file lives: two runs from the same checkpoint at two paths are the same run.
 LOCATION_ONLY = ("weights",)
 
 
 @dataclass
 class TrainingSettings:
-    """Hyperparameters of one run; the defaults are SegBook's (nnU-Net's schedule, STU-Net's fine-tuning rates)."""
+    """What a run needs besides its recipe; None for a recipe's value means "the recipe's"."""
 
-    epochs: int = 1000
-    iterations_per_epoch: int = 250
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
     val_iterations_per_epoch: int = 50
-    lr: float | None = None  # None: 1e-3 for pretrained bodies, 1e-2 from scratch
-    head_lr_multiplier: float = 10.0
-    weight_decay: float = 3e-5
-    momentum: float = 0.99
-    poly_exponent: float = 0.9
+    lr: float | None = None
+    head_lr_multiplier: float | None = None
+    weight_decay: float | None = None
     checkpoint_every: int = 50
     seed: int = 12345
     mixed_precision: str = "auto"  # auto (bf16 where supported, else fp16 on CUDA), bf16, fp16
@@ -60,19 +61,41 @@ class TrainingSettings:
             raise OptionError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
         return self
 
-    def resolved_lr(self, init: str) -> float:
-        if self.lr is not None:
-            return self.lr
-        return PRETRAINED_LR if init == "pretrained" else SCRATCH_LR
+    def resolve(self, recipe: "Recipe") -> tuple["TrainingSettings", "Recipe"]:
+        """The recipe with these settings' values in place of its own, and these settings with the budget filled in
+        (so `epochs` always says how long the run trains)."""
+        resolved = recipe.with_overrides(lr=self.lr, head_multiplier=self.head_lr_multiplier,
+                                         weight_decay=self.weight_decay, epochs=self.epochs,
+                                         iterations_per_epoch=self.iterations_per_epoch)
+        return replace(self, epochs=resolved.budget.epochs,
+                       iterations_per_epoch=resolved.budget.iterations_per_epoch), resolved
 
-    def differences(self, other: "TrainingSettings", init: str) -> dict[str, tuple[Any, Any]]:
-        """{setting: (mine, other's)} for every setting that changes what trains (rates compared resolved)."""
+    def differences(self, other: "TrainingSettings") -> dict[str, tuple[Any, Any]]:
+        """{setting: (mine, other's)} for the settings outside the recipe that change what trains (compare the
+        resolved recipes for the rest)."""
         mine, theirs = asdict(self), asdict(other)
-        mine["lr"], theirs["lr"] = self.resolved_lr(init), other.resolved_lr(init)
         return {name: (mine[name], theirs[name]) for name in mine
-                if name not in LOCATION_ONLY and mine[name] != theirs[name]}
+                if name not in LOCATION_ONLY + RECIPE_OVERRIDES and mine[name] != theirs[name]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainingSettings":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def recipe_differences(mine: "Recipe", other: "Recipe") -> dict[str, tuple[Any, Any]]:
+    """{field: (mine, other's)} between two resolved recipes, fields spelled as in the recipe files
+    (`optimizer.lr`, `budget.epochs`, ...)."""
+    flat_mine, flat_other = _flatten(mine.model_dump(mode="json")), _flatten(other.model_dump(mode="json"))
+    return {key: (flat_mine.get(key), flat_other.get(key)) for key in sorted(set(flat_mine) | set(flat_other))
+            if key not in ("description", "source") and flat_mine.get(key) != flat_other.get(key)}
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -8,6 +8,7 @@ one per (model, initialisation): `SegbookTrainer_large_pretrained`, `SegbookTrai
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import time
@@ -23,14 +24,16 @@ from torch._dynamo import OptimizedModule
 from segbook.errors import SegbookError
 from segbook.io import now
 from segbook.paths import Paths
-from segbook.training.checkpoints import has_resumable_checkpoint, read_run_checkpoint, resolve_weights
+from segbook.runs import STUNET_MODELS, Identity, has_resumable_checkpoint, resolve_weights
+from segbook.training.checkpoints import read_run_checkpoint
 from segbook.training.manifest import RunManifest
-from segbook.training.runs import STUNET_MODELS, trainer_name, valid_combinations
-from segbook.training.schedule import PerGroupPolyLR
+from segbook.training.schedule import RecipeSchedule
 from segbook.training.settings import TrainingSettings
 from segbook.training.workers import exit_with_parent
+from segbook.training.lora import add_lora, has_lora, merge_lora
 from stunet import create_stunet, describe_network, strides_from_plans
-from stunet.loading import HEAD_PREFIX, load_pretrained, read_state_dict
+from stunet.loading import load_pretrained, read_state_dict
+from stunet.model import HEADS, PART_PREFIXES, part_of
 
 PLOT_EVERY_EPOCHS = 10  # nnU-Net redraws a large progress.png every epoch: seconds wasted on short epochs
 
@@ -47,8 +50,15 @@ def unwrap(network: nn.Module) -> nn.Module:
 class SegbookTrainer(nnUNetTrainer):
     """nnU-Net's trainer with SegBook's settings, run records and per-group learning rates."""
 
-    model: ClassVar[str] = "nnunet"
-    init: ClassVar[str] = "scratch"
+    identity: ClassVar[Identity] = Identity("nnunet", "scratch")
+
+    @property
+    def model(self) -> str:
+        return self.identity.model
+
+    @property
+    def init(self) -> str:
+        return self.identity.init
 
     def __init__(self, plans: dict, configuration: str, fold: int | str, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -64,21 +74,28 @@ class SegbookTrainer(nnUNetTrainer):
     # --- settings -----------------------------------------------------------------------------------------------
     def _new_manifest(self) -> RunManifest:
         """A run started by nnU-Net's own tools (`nnUNetv2_train -tr ...`) gets SegBook's default settings."""
-        run = {"dataset": self.plans_manager.dataset_name, "model": self.model, "init": self.init,
+        identity = self.identity
+        run = {"dataset": self.plans_manager.dataset_name, "model": identity.model, "init": identity.init,
+               "recipe": identity.recipe, "seed": identity.seed, "fraction": identity.fraction,
                "fold": str(self.fold), "trainer": type(self).__name__, "plans": self.plans_manager.plans_name,
                "configuration": self.configuration_name}
-        manifest = RunManifest.create(self.output_folder, run, TrainingSettings(), {"via": "nnU-Net"})
+        from segbook.recipes import get_recipe
+
+        settings, recipe = TrainingSettings().resolve(get_recipe(identity.recipe, identity.init))
+        manifest = RunManifest.create(self.output_folder, run, settings, {"via": "nnU-Net"}, recipe)
         if self.local_rank == 0:
             manifest.save()
         return manifest
 
     def _apply_settings(self) -> None:
         settings = self.settings.validate()  # run.json is a file on disk: never trust its values
-        self.num_epochs = settings.epochs
-        self.num_iterations_per_epoch = settings.iterations_per_epoch
+        self.recipe = self.manifest.recipe
+        self.recipe.check_fits(self.model, self.init, 2 if self.is_ddp else 1)
+        self.num_epochs = self.recipe.budget.epochs
+        self.num_iterations_per_epoch = self.recipe.budget.iterations_per_epoch
         self.num_val_iterations_per_epoch = settings.val_iterations_per_epoch
-        self.initial_lr = settings.resolved_lr(self.init)
-        self.weight_decay = settings.weight_decay
+        self.initial_lr = self.recipe.optimizer.lr
+        self.weight_decay = self.recipe.optimizer.weight_decay
         self.save_every = settings.checkpoint_every
         random.seed(settings.seed)
         np.random.seed(settings.seed)
@@ -92,14 +109,54 @@ class SegbookTrainer(nnUNetTrainer):
         precision = self.settings.mixed_precision
         return precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
 
-    # --- optimiser ----------------------------------------------------------------------------------------------
+    # --- optimiser: the recipe's groups, rates and phases ---------------------------------------------------------
+    def group_of(self, name: str, parameter: nn.Parameter) -> str | None:
+        """The recipe group a parameter trains in; None when the recipe freezes it. nnU-Net's own network trains
+        with one rate for all (`Recipe.check_fits` refuses recipes that would need its parts named)."""
+        return "all"
+
     def param_groups(self) -> list[dict[str, Any]]:
-        return [{"name": "all", "params": list(unwrap(self.network).parameters()), "lr": self.initial_lr}]
+        """The recipe's groups in its order; frozen parameters stay out of the optimiser and get no gradient."""
+        groups: dict[str, list[nn.Parameter]] = {name: [] for name in self.recipe.group_names()}
+        for name, parameter in unwrap(self.network).named_parameters():
+            group = self.group_of(name, parameter)
+            parameter.requires_grad_(group is not None)
+            if group is not None:
+                groups[group].append(parameter)
+        return [{"name": name, "params": params, "lr": self.recipe.initial_rate(name)}
+                for name, params in groups.items() if params]
+
+    def prepare_network(self) -> None:
+        """Hook for what changes the network before the optimiser sees its parameters (pretrained weights, LoRA)."""
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.param_groups(), self.initial_lr, weight_decay=self.weight_decay,
-                                    momentum=self.settings.momentum, nesterov=True)
-        return optimizer, PerGroupPolyLR(optimizer, self.num_epochs, self.settings.poly_exponent)
+        """Called by nnU-Net's `initialize` once the network is built, before DDP wraps it: the last moment to
+        change which parameters exist and train."""
+        self.prepare_network()
+        optimizer_settings = self.recipe.optimizer
+        groups = self.param_groups()
+        if optimizer_settings.kind == "adamw":
+            optimizer = torch.optim.AdamW(groups, optimizer_settings.lr, betas=optimizer_settings.betas,
+                                          weight_decay=optimizer_settings.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(groups, optimizer_settings.lr, weight_decay=optimizer_settings.weight_decay,
+                                        momentum=optimizer_settings.momentum, nesterov=optimizer_settings.nesterov)
+        self._record_parameter_counts(optimizer)
+        return optimizer, RecipeSchedule(optimizer, self.recipe, self.num_epochs, self._train_only)
+
+    def _train_only(self, phase) -> None:
+        """Give gradients to the groups that train in this phase only (the others also have rate 0)."""
+        for group in self.optimizer.param_groups:
+            trains = self.recipe.trains_in(phase, group["name"])
+            for parameter in group["params"]:
+                parameter.requires_grad_(trains)
+
+    def _record_parameter_counts(self, optimizer: torch.optim.Optimizer) -> None:
+        trainable = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+        total = sum(p.numel() for p in unwrap(self.network).parameters())
+        if self.local_rank == 0:
+            self.manifest.data["parameters"] = {"trainable": trainable, "frozen": total - trainable}
+            self.manifest.save()
 
     def learning_rates(self) -> dict[str, float]:
         return {group["name"]: group["lr"] for group in self.optimizer.param_groups}
@@ -263,8 +320,6 @@ class SegbookTrainer(nnUNetTrainer):
 class STUNetTrainer(SegbookTrainer):
     """STU-Net on the dataset's own plans: patch, spacing, batch size and normalisation from nnU-Net, five strides."""
 
-    model: ClassVar[str] = "base"
-
     @staticmethod
     def stunet_strides(configuration_manager) -> list[list[int]]:
         return strides_from_plans(configuration_manager.pool_op_kernel_sizes)
@@ -276,14 +331,10 @@ class STUNetTrainer(SegbookTrainer):
         cumulative = np.cumprod(np.vstack([[1] * len(strides[0])] + strides), axis=0)
         return [list(1 / s) for s in cumulative[:-1]]
 
-    def param_groups(self) -> list[dict[str, Any]]:
-        if self.init != "pretrained":
-            return super().param_groups()
-        named = list(unwrap(self.network).named_parameters())
-        head = [p for name, p in named if name.startswith(HEAD_PREFIX)]
-        body = [p for name, p in named if not name.startswith(HEAD_PREFIX)]
-        return [{"name": "body", "params": body, "lr": self.initial_lr},
-                {"name": "head", "params": head, "lr": self.initial_lr * self.settings.head_lr_multiplier}]
+    def group_of(self, name: str, parameter: nn.Parameter) -> str | None:
+        if self.recipe.lora is not None:  # add_lora has frozen all but the adapters and the heads
+            return "all" if parameter.requires_grad else None
+        return self.recipe.group_of(*part_of(name))
 
     def print_plans(self):
         """nnU-Net prints the plans' network (its plain U-Net) with the configuration: show STU-Net's instead."""
@@ -294,14 +345,32 @@ class STUNetTrainer(SegbookTrainer):
         self.print_to_log_file(f"\nThis is the configuration used by this training:\nConfiguration name: "
                                f"{self.configuration_name}\n{configuration}\n", add_timestamp=False)
 
-    def initialize(self):
-        super().initialize()
+    def prepare_network(self) -> None:
+        """The pretrained body (never over a checkpoint a resume will load), then LoRA's adapters: a resumed LoRA
+        run's checkpoint holds the adapted network."""
         if self.init == "pretrained" and not (self.resume_requested and has_resumable_checkpoint(self.output_folder)):
             self._load_pretrained_body()
+        lora = self.recipe.lora
+        if lora is not None:
+            report = add_lora(unwrap(self.network), rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                              exclude_prefixes=PART_PREFIXES[HEADS])
+            self.print_to_log_file(f"LoRA (rank {lora.rank}) on {len(report.adapted)} convolutions; "
+                                   f"{report.trainable_parameters:,} parameters train, "
+                                   f"{report.frozen_parameters:,} frozen")
+
+    def on_train_end(self):
+        """Merge LoRA's adapters into plain weights before nnU-Net writes the final checkpoint, so its predictor
+        (and `segbook evaluate`) load it into a plain STU-Net."""
+        if has_lora(unwrap(self.network)):
+            merge_lora(unwrap(self.network))
+            if self.local_rank == 0:
+                self.manifest.event("lora_merged")
+                self.manifest.save()
+        super().on_train_end()
 
     def _load_pretrained_body(self) -> None:
         path = self.settings.weights or str(resolve_weights(self.model, None, Paths.from_env(),
-                                                                 self.print_to_log_file)[0])
+                                                                 self.print_to_log_file).path)
         report = load_pretrained(unwrap(self.network), read_state_dict(path), source=path)
         self.print_to_log_file(f"loaded {len(report.loaded)} pretrained tensors from {path}; "
                                f"fresh heads: {len(report.skipped_heads)} tensors; tiled: {report.tiled or 'none'}")
@@ -319,17 +388,31 @@ def _stunet_builder(preset: str):
     return build_network_architecture
 
 
-def _make_trainer(model: str, init: str) -> type[SegbookTrainer]:
-    name = trainer_name(model, init)
-    attributes: dict[str, Any] = {"model": model, "init": init, "__module__": __name__, "__qualname__": name}
-    if model in STUNET_MODELS:
-        attributes["build_network_architecture"] = staticmethod(_stunet_builder(model))
+@functools.cache
+def trainer_class(name: str) -> type[SegbookTrainer]:
+    """The trainer class a segbook trainer name spells (`SegbookTrainer_large_pretrained_llrd`), made on first use.
+
+    nnU-Net finds trainers by class name, and a run's folder is named after its trainer, so every identity (model,
+    initialisation, recipe, seed, fraction) has its own class; they differ only in `identity` (and STU-Net's
+    builder). `KeyError` for a name that is no segbook trainer's.
+    """
+    identity = Identity.from_trainer(name)
+    if identity is None:
+        raise KeyError(name)
+    attributes: dict[str, Any] = {"identity": identity, "__module__": __name__, "__qualname__": name}
+    if identity.model in STUNET_MODELS:
+        attributes["build_network_architecture"] = staticmethod(_stunet_builder(identity.model))
         return type(name, (STUNetTrainer,), attributes)
     return type(name, (SegbookTrainer,), attributes)
 
 
-TRAINERS: dict[str, type[SegbookTrainer]] = {trainer_name(m, i): _make_trainer(m, i) for m, i in valid_combinations()}
-globals().update(TRAINERS)  # importable (and picklable) as segbook.training.trainers.SegbookTrainer_large_pretrained
+def __getattr__(name: str) -> type[SegbookTrainer]:
+    """Importable (and picklable) as `segbook.training.trainers.SegbookTrainer_large_pretrained`, for every name."""
+    try:
+        return trainer_class(name)
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
 
 #: The folder nnU-Net searches for our trainers when `nnUNet_extTrainer` points at it.
 EXTERNAL_TRAINER_FOLDER = Path(__file__).resolve().parent / "nnunet_trainers"

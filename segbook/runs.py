@@ -1,0 +1,365 @@
+"""The identity of a run, and everything that follows from it: its trainer, folder, job id and files.
+
+A run is (task, model, initialisation, recipe, seed, training fraction, fold). Every other module asks this one:
+how a run folder and a job id are spelled and parsed back, where `run.json` and the evaluation files are, which
+checkpoint a run resumes from, how a failure is recorded and which pretrained file a run starts from.
+
+Folders stay nnU-Net's, `Dataset{id}_{Name}/{Trainer}__{Plans}__3d_fullres/fold_{fold}`, so `nnUNetv2_predict` works
+on segbook's runs. nnU-Net names the folder after the trainer class, so the trainer's name carries the identity:
+`SegbookTrainer_{model}_{init}`, then, only where they differ from the defaults, the recipe, `seed{N}` and
+`frac{P}` (the training fraction in percent), joined by `_`: `SegbookTrainer_large_pretrained_llrd_seed1_frac25`.
+Runs with the default recipe, seed 0 and the whole train split keep the names they always had.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from segbook.errors import SegbookError
+
+if TYPE_CHECKING:
+    from segbook.paths import Paths
+    from segbook.registry import DatasetEntry, Registry
+    from segbook.training.manifest import RunManifest
+
+STUNET_MODELS = ("tiny", "small", "base", "large", "huge")
+MODELS = (*STUNET_MODELS, "nnunet")
+INITS = ("pretrained", "scratch")
+FOLDS = ("all", "0", "1", "2", "3", "4")
+CONFIGURATION = "3d_fullres"
+DEFAULT_PLANS = "nnUNetPlans"
+TRAINER_PREFIX = "SegbookTrainer"
+#: The recipe a run gets when it names none: SegBook's fine-tuning, and nnU-Net's schedule from scratch.
+DEFAULT_RECIPES = {"pretrained": "segbook", "scratch": "scratch"}
+DEFAULT_SEED = 0
+DEFAULT_FRACTION = 1.0
+#: Recipe names: lower case, digits and hyphens (no `_`, which separates the parts of a trainer name).
+RECIPE_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
+_SEED = re.compile(r"^seed(\d+)$")
+_FRACTION = re.compile(r"^frac(\d+(?:p\d+)?)$")
+JOB_SEPARATOR = "__"
+
+MANIFEST = "run.json"
+EVALUATION = "evaluation"
+SUMMARY = "summary.json"
+METRICS = "metrics.csv"
+FINAL_CHECKPOINT = "checkpoint_final.pth"
+#: nnU-Net's checkpoints a run resumes from (never from checkpoint_best: that would skip the epochs after it).
+RESUMABLE_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth")
+
+
+class RunIdentityError(SegbookError):
+    """A run that cannot exist (an unknown model, a pretrained nnU-Net network), or a name that does not parse."""
+
+
+def valid_combinations() -> list[tuple[str, str]]:
+    """nnU-Net's default network has no pretrained checkpoint: it is the paper's scratch baseline."""
+    return [(m, i) for m in MODELS for i in INITS if not (m == "nnunet" and i == "pretrained")]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a trainer's name says: the network, how it starts and how it trains (not which task or fold)."""
+
+    model: str
+    init: str
+    recipe: str = ""  # "" means the default for `init`
+    seed: int = DEFAULT_SEED
+    fraction: float = DEFAULT_FRACTION
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise RunIdentityError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.init not in INITS:
+            raise RunIdentityError(f"unknown initialisation {self.init!r}; choose one of {', '.join(INITS)}")
+        if (self.model, self.init) not in valid_combinations():
+            raise RunIdentityError("nnU-Net's default network has no pretrained weights: use --model nnunet with "
+                                   "--scratch")
+        object.__setattr__(self, "recipe", self.recipe or DEFAULT_RECIPES[self.init])
+        if not RECIPE_NAME.match(self.recipe) or _SEED.match(self.recipe) or _FRACTION.match(self.recipe):
+            raise RunIdentityError(f"recipe name {self.recipe!r}: use lower-case letters, digits and hyphens, "
+                                   "starting with a letter (not seedN or fracN)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise RunIdentityError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not 0 < self.fraction <= 1 or _percent_text(self.fraction) is None:
+            raise RunIdentityError(f"training fraction must be in (0, 1] with at most 2 decimals in percent, "
+                                   f"got {self.fraction!r}")
+
+    @property
+    def is_default(self) -> bool:
+        """The default recipe, seed and whole train split: the run SegBook's tables are about."""
+        return (self.recipe, self.seed, self.fraction) == (DEFAULT_RECIPES[self.init], DEFAULT_SEED,
+                                                           DEFAULT_FRACTION)
+
+    @property
+    def trainer(self) -> str:
+        parts = [TRAINER_PREFIX, self.model, self.init]
+        if self.recipe != DEFAULT_RECIPES[self.init]:
+            parts.append(self.recipe)
+        if self.seed != DEFAULT_SEED:
+            parts.append(f"seed{self.seed}")
+        if self.fraction != DEFAULT_FRACTION:
+            parts.append(f"frac{_percent_text(self.fraction)}")
+        return "_".join(parts)
+
+    @classmethod
+    def from_trainer(cls, name: str) -> "Identity | None":
+        """The identity a segbook trainer name spells; None for any other name (nnU-Net's own trainers)."""
+        parts = name.split("_")
+        if len(parts) < 3 or parts[0] != TRAINER_PREFIX or JOB_SEPARATOR in name:
+            return None
+        recipe, seed, fraction = "", DEFAULT_SEED, DEFAULT_FRACTION
+        rest = parts[3:]
+        if rest and not (_SEED.match(rest[0]) or _FRACTION.match(rest[0])):
+            recipe = rest.pop(0)
+        if rest and (match := _SEED.match(rest[0])):
+            seed = int(match[1])
+            rest.pop(0)
+        if rest and (match := _FRACTION.match(rest[0])):
+            fraction = float(match[1].replace("p", ".")) / 100
+            rest.pop(0)
+        try:
+            identity = cls(parts[1], parts[2], recipe, seed, fraction)
+        except RunIdentityError:
+            return None
+        return identity if not rest and identity.trainer == name else None
+
+    def describe(self) -> str:
+        extras = [f"recipe {self.recipe}"]
+        if self.seed != DEFAULT_SEED:
+            extras.append(f"seed {self.seed}")
+        if self.fraction != DEFAULT_FRACTION:
+            extras.append(f"{_percent_text(self.fraction).replace('p', '.')}% of the train split")
+        return f"{self.model} {self.init} ({', '.join(extras)})"
+
+
+def _percent_text(fraction: float) -> str | None:
+    """25% -> "25", 12.5% -> "12p5" (no dots in names); None when the percentage has more than 2 decimals."""
+    percent = round(fraction * 100, 6)
+    if abs(percent * 100 - round(percent * 100)) > 1e-6:
+        return None
+    text = f"{percent:.2f}".rstrip("0").rstrip(".")
+    return text.replace(".", "p")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of one registered task: its identity, its task and dataset folder, its fold and plans."""
+
+    task: str  # registry key, e.g. "Task613_COVID-19-20"
+    dataset: str  # nnU-Net dataset folder name, e.g. "Dataset613_COVID-19-20"
+    identity: Identity
+    fold: str = "all"
+    plans: str = DEFAULT_PLANS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fold", str(self.fold))
+        if self.fold not in FOLDS:
+            raise RunIdentityError(f"fold must be 'all' or 0-4, got {self.fold!r}")
+        if JOB_SEPARATOR in self.task:
+            raise RunIdentityError(f"task key {self.task!r} contains {JOB_SEPARATOR!r}, which separates the parts of "
+                                   "a job id")
+
+    @classmethod
+    def of(cls, entry: "DatasetEntry", model: str, init: str | bool, fold: str | int = "all", *,
+           recipe: str | None = None, seed: int = DEFAULT_SEED, fraction: float = DEFAULT_FRACTION,
+           plans: str = DEFAULT_PLANS) -> "RunSpec":
+        """The run of `entry`; `init` is "pretrained"/"scratch" or a bool (pretrained)."""
+        if isinstance(init, bool):
+            init = "pretrained" if init else "scratch"
+        return cls(entry.key, entry.nnunet_name, Identity(model, init, recipe or "", seed, fraction), str(fold),
+                   plans)
+
+    # the identity's parts, for callers that think in them
+    model = property(lambda self: self.identity.model)
+    init = property(lambda self: self.identity.init)
+    recipe = property(lambda self: self.identity.recipe)
+    seed = property(lambda self: self.identity.seed)
+    fraction = property(lambda self: self.identity.fraction)
+    trainer = property(lambda self: self.identity.trainer)
+
+    @property
+    def job_id(self) -> str:
+        """`{task}__{model}__{init}[__{recipe}][__seed{N}][__frac{P}]__fold_{fold}` (defaults left out)."""
+        parts = self.trainer.split("_")[1:]
+        return JOB_SEPARATOR.join([self.task, *parts, f"fold_{self.fold}"])
+
+    @classmethod
+    def from_job_id(cls, job_id: str, registry: "Registry") -> "RunSpec":
+        parts = job_id.split(JOB_SEPARATOR)
+        if len(parts) < 4 or not parts[-1].startswith("fold_"):
+            raise RunIdentityError(f"not a job id: {job_id!r} (expected TASK__MODEL__INIT__fold_FOLD)")
+        identity = Identity.from_trainer("_".join([TRAINER_PREFIX, *parts[1:-1]]))
+        if identity is None:
+            raise RunIdentityError(f"not a job id: {job_id!r} (its model, initialisation, recipe, seed or fraction "
+                                   "do not parse)")
+        entry = registry.get(parts[0])
+        return cls(entry.key, entry.nnunet_name, identity, parts[-1].removeprefix("fold_"))
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, registry: "Registry") -> "RunSpec":
+        """The run a folder `.../Dataset{id}_{Name}/{Trainer}__{Plans}__3d_fullres/fold_{fold}` holds."""
+        folder = Path(folder)
+        parts = folder.parent.name.split(JOB_SEPARATOR)
+        match = re.match(r"^Dataset(\d+)_", folder.parent.parent.name)
+        identity = Identity.from_trainer(parts[0]) if len(parts) == 3 else None
+        if identity is None or match is None or parts[2] != CONFIGURATION or not folder.name.startswith("fold_"):
+            raise RunIdentityError(f"{folder} is not a segbook run folder (expected Dataset{{id}}_{{Name}}/"
+                                   f"{TRAINER_PREFIX}_...__{{plans}}__{CONFIGURATION}/fold_{{fold}})")
+        entry = registry.get(f"Dataset{int(match[1])}")
+        return cls(entry.key, folder.parent.parent.name, identity, folder.name.removeprefix("fold_"), parts[1])
+
+    @classmethod
+    def from_record(cls, run: dict[str, Any]) -> "RunSpec":
+        """The run a `run.json` (or `summary.json`) `run` record names; records written before recipes, seeds
+        and fractions existed name the defaults."""
+        identity = Identity(run["model"], run["init"], run.get("recipe") or "", int(run.get("seed", DEFAULT_SEED)),
+                            float(run.get("fraction", DEFAULT_FRACTION)))
+        return cls(run["task"], run["dataset"], identity, str(run["fold"]), run.get("plans", DEFAULT_PLANS))
+
+    def trainer_folder(self, results: Path) -> Path:
+        return Path(results) / self.dataset / JOB_SEPARATOR.join([self.trainer, self.plans, CONFIGURATION])
+
+    def folder(self, results: Path) -> Path:
+        return self.trainer_folder(results) / f"fold_{self.fold}"
+
+    def describe(self) -> str:
+        return f"{self.task} {self.identity.describe()}, fold {self.fold}"
+
+
+@dataclass(frozen=True)
+class FolderParts:
+    """A run folder's parts as nnU-Net lays them out, without the registry (for collecting many runs fast)."""
+
+    dataset_id: int
+    identity: Identity
+    plans: str
+    fold: str
+
+    @classmethod
+    def parse(cls, folder: Path) -> "FolderParts | None":
+        parts = folder.parent.name.split(JOB_SEPARATOR)
+        match = re.match(r"^Dataset(\d+)_", folder.parent.parent.name)
+        identity = Identity.from_trainer(parts[0]) if len(parts) == 3 else None
+        if identity is None or match is None or not folder.name.startswith("fold_"):
+            return None
+        return cls(int(match[1]), identity, parts[1], folder.name.removeprefix("fold_"))
+
+
+#: `glob` pattern of every segbook run folder under a results folder.
+RUN_GLOB = f"Dataset*/{TRAINER_PREFIX}_*{JOB_SEPARATOR}*{JOB_SEPARATOR}{CONFIGURATION}/fold_*"
+
+
+# --- a run folder's files -------------------------------------------------------------------------------------
+
+
+def manifest_path(folder: Path) -> Path:
+    return Path(folder) / MANIFEST
+
+
+def evaluation_folder(folder: Path) -> Path:
+    return Path(folder) / EVALUATION
+
+
+def summary_path(folder: Path) -> Path:
+    return evaluation_folder(folder) / SUMMARY
+
+
+def is_evaluated(folder: Path) -> bool:
+    return summary_path(folder).is_file()
+
+
+def has_resumable_checkpoint(folder: Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in RESUMABLE_CHECKPOINTS)
+
+
+# --- status and failures --------------------------------------------------------------------------------------
+
+
+def failure(manifest: "RunManifest") -> str | None:
+    """The recorded error that makes a run failed: a failed training (or planning) run, or a failed evaluation."""
+    if manifest.status == "failed":
+        error = manifest.data.get("error") or {}
+        return f"{error.get('type', 'Error')}: {error.get('message', 'no message recorded')}"
+    evaluation = manifest.data.get("evaluation_error")
+    if manifest.status == "finished" and evaluation:
+        return f"evaluation: {evaluation['type']}: {evaluation['message']}"
+    return None
+
+
+def record_failure(folder: Path, error: BaseException, stage: str | None = None,
+                   new_manifest: Callable[[], "RunManifest"] | None = None) -> None:
+    """Record how a stage of a run ended badly, in its `run.json`.
+
+    Planning and training: status `failed` (or `interrupted` for Ctrl-C and SIGTERM) with the error, unless the
+    trainer recorded it already; `new_manifest` makes the record of a run that failed before it had one.
+    Evaluation: `evaluation_error`, the training staying `finished`. `stage` is added to the error.
+    """
+    import traceback
+
+    from segbook.training.manifest import RunManifest
+
+    manifest = RunManifest.load(folder) or (new_manifest() if new_manifest else None)
+    if manifest is None:
+        return
+    if stage == "evaluate":
+        manifest.data["evaluation_error"] = {"type": type(error).__name__, "message": str(error), "stage": stage,
+                                             "traceback": "".join(traceback.format_exception(error))[-4000:]}
+        manifest.event("evaluation_failed", error=f"{type(error).__name__}: {error}")
+    else:
+        status = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"
+        if manifest.status != status or not manifest.data.get("error"):
+            manifest.set_status(status, error)
+        if stage:
+            manifest.data["error"]["stage"] = stage
+    manifest.save()
+
+
+# --- the pretrained file a run starts from --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The checkpoint a pretrained run starts from, and its SHA-256 (recorded in `run.json`)."""
+
+    path: Path
+    sha256: str
+
+
+def resolve_weights(model: str, given: str | Path | None, paths: "Paths",
+                    say: Callable[[str], None] = print) -> Weights:
+    """A given file wins; otherwise the cached official checkpoint, checked against the SHA-256 recorded when it
+    was downloaded (a file put into the cache by hand has none: that is said, not hidden)."""
+    from stunet import CATALOGUE, WeightCache, WeightsError
+    from stunet.checkpoints import file_sha256
+
+    cache = WeightCache(paths.weights)
+    if given is None and model not in CATALOGUE:
+        raise SegbookError(f"STU-Net {model} has no official pretrained checkpoint: pass the file to fine-tune from "
+                           "with --weights PATH")
+    try:
+        path = cache.resolve(None if given is not None else CATALOGUE[model], given)
+    except WeightsError as error:
+        raise SegbookError(str(error)) from None
+    digest = file_sha256(path)
+    if given is not None:
+        return Weights(path.resolve(), digest)
+    cfg = CATALOGUE[model]
+    expected = cfg.sha256 or cache.recorded_sha256(cfg)
+    if expected is None:
+        say(f"segbook: warning: {path} has no recorded SHA-256 (it was not downloaded by `segbook weights "
+            f"download`), so it cannot be verified; using it as it is (SHA-256 {digest}, recorded in run.json)")
+    elif digest != expected:
+        raise SegbookError(f"{path} is corrupted: SHA-256 {digest} differs from the recorded {expected}; delete it "
+                           f"and run `segbook weights download {model}` again")
+    return Weights(path.resolve(), digest)
+
+
+def identity_fields(spec: RunSpec) -> dict[str, Any]:
+    """The `run` record of `run.json` and `summary.json`: who the run is."""
+    return {"task": spec.task, "dataset": spec.dataset, "model": spec.model, "init": spec.init,
+            "recipe": spec.recipe, "seed": spec.seed, "fraction": spec.fraction, "fold": spec.fold,
+            "trainer": spec.trainer, "plans": spec.plans, "configuration": CONFIGURATION}

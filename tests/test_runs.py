@@ -1,0 +1,134 @@
+"""The identity of a run: trainer names, folders and job ids format and parse back for every axis, and the runs
+made before recipes, seeds and fractions keep their names."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import yaml
+
+from segbook.registry import load_registry
+from segbook.runs import (MODELS, FolderParts, Identity, RunIdentityError, RunSpec, failure, record_failure,
+                          valid_combinations)
+from segbook.training.manifest import RunManifest
+from segbook.training.settings import TrainingSettings
+from segbook.training.trainers import trainer_class
+
+RECIPES = ("", "segbook", "scratch", "llrd", "heads-only", "stunet-official", "my-recipe2")
+SEEDS = (0, 1, 17)
+FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.125, 0.0125)
+
+
+def _identities():
+    for (model, init), recipe, seed, fraction in itertools.product(valid_combinations(), RECIPES, SEEDS, FRACTIONS):
+        yield Identity(model, init, recipe, seed, fraction)
+
+
+def test_every_axis_formats_and_parses_back():
+    names = set()
+    for identity in _identities():
+        name = identity.trainer
+        assert "__" not in name and " " not in name
+        assert Identity.from_trainer(name) == identity, name
+        names.add(name)
+    # distinct identities never share a name (so never a folder)
+    assert len(names) == len({(i.model, i.init, i.recipe, i.seed, i.fraction) for i in _identities()})
+
+
+def test_the_default_runs_keep_the_names_they_always_had():
+    for model, init in valid_combinations():
+        assert Identity(model, init).trainer == f"SegbookTrainer_{model}_{init}"
+    assert Identity("large", "pretrained", "segbook").trainer == "SegbookTrainer_large_pretrained"
+    assert Identity("large", "scratch", "scratch").trainer == "SegbookTrainer_large_scratch"
+    assert Identity("large", "pretrained", "llrd", 1, 0.25).trainer == "SegbookTrainer_large_pretrained_llrd_seed1_frac25"
+    assert Identity("base", "scratch", fraction=0.125).trainer == "SegbookTrainer_base_scratch_frac12p5"
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainer", "SegbookTrainer_large", "SegbookTrainer_giant_scratch",
+                                  "SegbookTrainer_nnunet_pretrained", "SegbookTrainer_large_pretrained_segbook",
+                                  "SegbookTrainer_large_pretrained_seed0", "SegbookTrainer_large_pretrained_frac100",
+                                  "SegbookTrainer_large_pretrained_seed1_llrd", "SegbookTrainer_large_pretrained_a_b",
+                                  "SegbookTrainer_large_pretrained_Llrd", "SegbookTrainer_large_pretrained__x"])
+def test_names_that_are_no_segbook_trainer_do_not_parse(name):
+    """A name parses only if formatting its identity gives it back: one folder per run, never two spellings."""
+    assert Identity.from_trainer(name) is None
+
+
+@pytest.mark.parametrize("kwargs,message", [(dict(model="giant"), "unknown model"),
+                                            (dict(init="frozen"), "unknown initialisation"),
+                                            (dict(model="nnunet"), "no pretrained weights"),
+                                            (dict(recipe="LLRD"), "recipe name"), (dict(recipe="a_b"), "recipe name"),
+                                            (dict(recipe="seed3"), "recipe name"), (dict(seed=-1), "seed"),
+                                            (dict(fraction=0.0), "fraction"), (dict(fraction=1.5), "fraction"),
+                                            (dict(fraction=0.12345), "fraction")])
+def test_impossible_identities_are_errors(kwargs, message):
+    with pytest.raises(RunIdentityError, match=message):
+        Identity(**{"model": "large", "init": "pretrained", **kwargs})
+
+
+@pytest.fixture
+def registry(tmp_path):
+    entry = {"key": "Task901_Tiny", "name": "Tiny", "dataset_id": 901, "modality": "CT", "channels": ["CT"],
+             "target": "Seen Structure", "cases": 10, "train_cases": 8, "test_cases": 2, "region": "Abdominal",
+             "bone": False, "vessel": False,
+             "labels": [{"index": 0, "name": "background", "kind": "background"},
+                        {"index": 1, "name": "liver", "kind": "structure", "seen": True,
+                         "totalseg_classes": ["liver"]}]}
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump({"datasets": [entry]}))
+    return load_registry([path])
+
+
+def test_job_ids_and_folders_round_trip(registry, tmp_path):
+    entry = registry.get("Task901_Tiny")
+    for identity, fold in itertools.product(list(_identities())[::7], ("all", "0", "4")):
+        spec = RunSpec(entry.key, entry.nnunet_name, identity, fold)
+        assert RunSpec.from_job_id(spec.job_id, registry) == spec
+        assert RunSpec.from_folder(spec.folder(tmp_path), registry) == spec
+        parts = FolderParts.parse(spec.folder(tmp_path))
+        assert (parts.dataset_id, parts.identity, parts.fold, parts.plans) == (901, identity, fold, "nnUNetPlans")
+    default = RunSpec.of(entry, "large", True)
+    assert default.job_id == "Task901_Tiny__large__pretrained__fold_all"
+    assert default.folder(tmp_path) == (tmp_path / "Dataset901_Tiny" /
+                                        "SegbookTrainer_large_pretrained__nnUNetPlans__3d_fullres" / "fold_all")
+    assert RunSpec.of(entry, "large", True, recipe="llrd", seed=2).job_id == \
+        "Task901_Tiny__large__pretrained__llrd__seed2__fold_all"
+    with pytest.raises(RunIdentityError, match="not a job id"):
+        RunSpec.from_job_id("Task901_Tiny__large", registry)
+
+
+def test_records_name_their_run_and_old_records_name_the_defaults():
+    old = {"task": "Task901_Tiny", "dataset": "Dataset901_Tiny", "model": "base", "init": "scratch", "fold": "all",
+           "trainer": "SegbookTrainer_base_scratch", "plans": "nnUNetPlans"}
+    spec = RunSpec.from_record(old)
+    assert spec.identity == Identity("base", "scratch") and spec.recipe == "scratch" and spec.seed == 0
+
+
+def test_every_identity_has_its_nnunet_trainer_class():
+    for identity in list(_identities())[::11]:
+        cls = trainer_class(identity.trainer)
+        assert cls.__name__ == identity.trainer and cls.identity == identity
+        assert trainer_class(identity.trainer) is cls  # one class per name
+    with pytest.raises(KeyError):
+        trainer_class("SegbookTrainer_giant_scratch")
+    assert set(MODELS) == {i.model for i in _identities()}
+
+
+def test_failures_are_recorded_once_with_their_stage(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    RunManifest.create(folder, {"task": "x"}, TrainingSettings(), {}).save()
+    record_failure(folder, RuntimeError("out of memory"), "train")
+    manifest = RunManifest.load(folder)
+    assert failure(manifest) == "RuntimeError: out of memory" and manifest.data["error"]["stage"] == "train"
+    record_failure(folder, KeyboardInterrupt())
+    assert RunManifest.load(folder).status == "interrupted"
+    manifest = RunManifest.load(folder)
+    manifest.set_status("finished")
+    manifest.save()
+    record_failure(folder, ValueError("no test cases"), "evaluate")
+    manifest = RunManifest.load(folder)
+    assert manifest.status == "finished" and failure(manifest) == "evaluation: ValueError: no test cases"
+    record_failure(tmp_path / "nothing", RuntimeError("x"))  # no run there: nothing to record
+    assert not (tmp_path / "nothing").exists()
