@@ -6,8 +6,9 @@
    All are registered in a demo registry file (the real schema, scale thresholds scaled down to toy size).
 2. An STU-Net is "pretrained" on the source and saved in the official checkpoint format.
 3. Every target is imported, validated, split and planned; the pretrained and the scratch runs of each target are
-   trained with the same budget and evaluated on the held-out split through `segbook batch`'s local runner.
-4. The results tables are printed and the HTML report is written.
+   trained with the same budget and evaluated on the held-out split through `segbook batch`'s local runner, and
+   the first target is fine-tuned with one more recipe (a linear probe: the body frozen, only the heads train).
+4. The results tables (by scale, by modality and target, by recipe) are printed and the HTML report is written.
 
 Everything lives under one output folder; the user's nnU-Net folders are never touched.
 """
@@ -54,6 +55,8 @@ class DemoSettings:
     #: The body's fine-tuning rate. SegBook's 1e-3 is made for 250,000 iterations; at the demo's 150 it leaves the
     #: pretrained body almost frozen, so the demo fine-tunes at scratch's 1e-2 (heads still at 10x). See README.
     finetune_lr: float = 1e-2
+    #: One more fine-tuning recipe, on the first (seen-CT) target: recipes are an axis of the benchmark too.
+    extra_recipe: str = "heads-only"
     seed: int = 0
 
 
@@ -96,8 +99,8 @@ class DemoResult:
                 "These are synthetic, toy-scale numbers: they show that every stage of the benchmark runs, not how "
                 "much pretraining helps on real data.\n"
                 f"The tables again, in any format: segbook results --results-dir {results} "
-                f"--registry {self.out / 'demo_registry.yaml'} --no-imported [--table modality-target] [--stats] "
-                "[--format md]\n"
+                f"--registry {self.out / 'demo_registry.yaml'} --no-imported [--table modality-target|recipes] "
+                "[--stats] [--format md]\n"
                 "The real study: download the checkpoints (`segbook weights download large`), import a dataset "
                 "(`segbook data import --task 613 --from PATH`), run the matrix (`segbook batch run` or "
                 "`segbook batch submit --backend slurm ...`), then `segbook results` and `segbook report` (see the "
@@ -126,7 +129,8 @@ def run_demo(out: str | os.PathLike | None = None, *, quick: bool = False, devic
         targets = [entries[i] for i in sorted(entries) if i != 970]
         with _stage(say, f"[4/5] fine-tuning from {checkpoint.name} and training from scratch on {len(targets)} "
                          f"targets ({settings.target_epochs} epochs x {settings.iterations_per_epoch} iterations "
-                         "each), then evaluating on the held-out cases"):
+                         f"each), fine-tuning {targets[0].name} with recipe {settings.extra_recipe} too, then "
+                         "evaluating on the held-out cases"):
             _run_targets(settings, targets, registry_file, checkpoint, device)
         with _stage(say, "[5/5] collecting the results and writing the report"):
             tables, report = _results(out, paths, registry_file)
@@ -235,7 +239,8 @@ class _ProgressFilter:
 
 
 def _run_targets(settings: DemoSettings, targets: list, registry_file: Path, checkpoint: Path, device: str) -> None:
-    from segbook.batch.local import run_local
+    from segbook.batch.execute import ExecutionOptions
+    from segbook.batch.local import LocalOptions, run_local
     from segbook.batch.matrix import build_matrix
     from segbook.registry import load_registry
     from segbook.training.settings import TrainingSettings
@@ -243,20 +248,25 @@ def _run_targets(settings: DemoSettings, targets: list, registry_file: Path, che
     registry = load_registry([registry_file])
     jobs = build_matrix(registry, tasks=[t.key for t in targets], models=[settings.model],
                         inits=["pretrained", "scratch"], folds=["all"])
+    jobs += build_matrix(registry, tasks=[targets[0].key], models=[settings.model], inits=["pretrained"],
+                         recipes=[settings.extra_recipe], folds=["all"])
     budget = TrainingSettings(epochs=settings.target_epochs, iterations_per_epoch=settings.iterations_per_epoch,
                               val_iterations_per_epoch=1, checkpoint_every=5, seed=settings.seed)
     finetuning = replace(budget, lr=settings.finetune_lr)
     # One process per job: on volumes this small, nnU-Net's prediction and export workers cost more than they save.
-    run_local(jobs, registry_files=[registry_file], device=device, workers=1, processes=1, settings=budget,
-              pretrained_settings=finetuning, weights=checkpoint)
+    options = ExecutionOptions.create(registry_files=[registry_file], weights=checkpoint, settings=budget,
+                                      pretrained_settings=finetuning, device=device, processes=1)
+    run_local(jobs, options, LocalOptions(workers=1))
 
 
 def _results(out: Path, paths: Paths, registry_file: Path) -> tuple[dict, Path]:
     from segbook.registry import load_registry
-    from segbook.results import build_table, collect_results, write_report
+    from segbook.results import ALL_RECIPES, build_table, collect_results, write_report
 
-    frame = collect_results(paths, load_registry([registry_file]))
-    tables = {name: build_table(frame, name, metric="dice") for name in ("scale", "modality-target")}
+    frame = collect_results(paths, load_registry([registry_file]), recipes=[ALL_RECIPES])
+    tables = {name: build_table(frame, name, metric="dice", recipes=["segbook"])
+              for name in ("scale", "modality-target")}
+    tables["recipes"] = build_table(frame, "recipes", metric="dice")
     report = write_report(frame, out / "report.html", title="segbook demo (synthetic data, toy scale)",
                           description="Synthetic tasks and toy budgets: these numbers demonstrate the machinery, "
                                       "not the benefit of pretraining on real data.")

@@ -108,7 +108,7 @@ def plans_identifier(planner: str = "default") -> str:
 
 def raw_stamp(entry: DatasetEntry, paths: Paths) -> str:
     """A digest of what planning reads from the raw dataset (metadata and file listing; no image is opened)."""
-    folder = paths.raw / entry.nnunet_name
+    folder = raw_folder(entry, paths)
     digest = hashlib.sha256()
     for name in ("dataset.json", "segbook_split.json", "segbook_import.json"):
         path = folder / name
@@ -141,7 +141,7 @@ def _is_complete(folder: Path, record: dict[str, Any], identifier: str) -> bool:
 def plan_states(entry: DatasetEntry, paths: Paths | None = None) -> dict[str, str]:
     """For each planner that has run on this task: "preprocessed", or "stale" when the raw data changed since."""
     paths = paths or Paths.from_env()
-    folder = paths.preprocessed / entry.nnunet_name
+    folder = preprocessed_folder(entry, paths)
     record = _read_record(folder)
     if not record:
         return {}
@@ -170,7 +170,7 @@ def _load_result(entry: DatasetEntry, paths: Paths, planner: str, stamp: str, sk
     from stunet.presets import strides_from_plans
 
     identifier = plans_identifier(planner)
-    folder = paths.preprocessed / entry.nnunet_name
+    folder = preprocessed_folder(entry, paths)
     plans_file = _plans_path(folder, identifier)
     plans = json.loads(plans_file.read_text(encoding="utf-8"))
     if CONFIGURATION not in plans.get("configurations", {}):

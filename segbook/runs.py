@@ -2,7 +2,8 @@
 
 A run is (task, model, initialisation, recipe, seed, training fraction, fold). Every other module asks this one:
 how a run folder and a job id are spelled and parsed back, where `run.json` and the evaluation files are, which
-checkpoint a run resumes from, how a failure is recorded and which pretrained file a run starts from.
+checkpoint a run resumes from and which pretrained file a run starts from (its record, `run.json`, and how a status
+or failure is written into it: `segbook.training.manifest`).
 
 Folders stay nnU-Net's, `Dataset{id}_{Name}/{Trainer}__{Plans}__3d_fullres/fold_{fold}`, so `nnUNetv2_predict` works
 on segbook's runs. nnU-Net names the folder after the trainer class, so the trainer's name carries the identity:
@@ -23,7 +24,6 @@ from segbook.errors import SegbookError
 if TYPE_CHECKING:
     from segbook.paths import Paths
     from segbook.registry import DatasetEntry, Registry
-    from segbook.training.manifest import RunManifest
 
 STUNET_MODELS = ("tiny", "small", "base", "large", "huge")
 MODELS = (*STUNET_MODELS, "nnunet")
@@ -274,48 +274,6 @@ def is_evaluated(folder: Path) -> bool:
 
 def has_resumable_checkpoint(folder: Path) -> bool:
     return any((Path(folder) / name).is_file() for name in RESUMABLE_CHECKPOINTS)
-
-
-# --- status and failures --------------------------------------------------------------------------------------
-
-
-def failure(manifest: "RunManifest") -> str | None:
-    """The recorded error that makes a run failed: a failed training (or planning) run, or a failed evaluation."""
-    if manifest.status == "failed":
-        error = manifest.data.get("error") or {}
-        return f"{error.get('type', 'Error')}: {error.get('message', 'no message recorded')}"
-    evaluation = manifest.data.get("evaluation_error")
-    if manifest.status == "finished" and evaluation:
-        return f"evaluation: {evaluation['type']}: {evaluation['message']}"
-    return None
-
-
-def record_failure(folder: Path, error: BaseException, stage: str | None = None,
-                   new_manifest: Callable[[], "RunManifest"] | None = None) -> None:
-    """Record how a stage of a run ended badly, in its `run.json`.
-
-    Planning and training: status `failed` (or `interrupted` for Ctrl-C and SIGTERM) with the error, unless the
-    trainer recorded it already; `new_manifest` makes the record of a run that failed before it had one.
-    Evaluation: `evaluation_error`, the training staying `finished`. `stage` is added to the error.
-    """
-    import traceback
-
-    from segbook.training.manifest import RunManifest
-
-    manifest = RunManifest.load(folder) or (new_manifest() if new_manifest else None)
-    if manifest is None:
-        return
-    if stage == "evaluate":
-        manifest.data["evaluation_error"] = {"type": type(error).__name__, "message": str(error), "stage": stage,
-                                             "traceback": "".join(traceback.format_exception(error))[-4000:]}
-        manifest.event("evaluation_failed", error=f"{type(error).__name__}: {error}")
-    else:
-        status = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"
-        if manifest.status != status or not manifest.data.get("error"):
-            manifest.set_status(status, error)
-        if stage:
-            manifest.data["error"]["stage"] = stage
-    manifest.save()
 
 
 # --- the pretrained file a run starts from --------------------------------------------------------------------

@@ -4,12 +4,12 @@
     net = create_stunet("large", input_channels=2, num_classes=4, pretrained="large_ep4k.model")
 """
 
-from stunet.checkpoints import (CATALOGUE, PretrainedCfg, WeightCache, WeightsError, get_cfg,
-                                write_official_checkpoint)
+from stunet.checkpoints import (CATALOGUE, PRESETS, PRETRAINING_STRIDES, PretrainedCfg, WeightCache, WeightsError,
+                                get_cfg, get_preset, write_official_checkpoint)
 from stunet.flops import count_forward_macs, count_parameters, preset_summary
 from stunet.loading import CheckpointError, adapt_state_dict, load_pretrained, read_state_dict, safe_load
 from stunet.model import STUNet
-from stunet.presets import PRESETS, PRETRAINING_STRIDES, create_stunet, describe_network, get_preset, strides_from_plans
+from stunet.presets import create_stunet, describe_network, strides_from_plans
 
 __all__ = [
     "CATALOGUE", "CheckpointError", "PRESETS", "PRETRAINING_STRIDES", "PretrainedCfg", "STUNet", "WeightCache",

@@ -1,9 +1,15 @@
-"""The official TotalSegmentator-pretrained STU-Net checkpoints: what they are, where they live, and a local cache.
+"""STU-Net's sizes and the official TotalSegmentator-pretrained checkpoints of them: what they are, where they live,
+and a local cache.
 
-Each entry is data, like timm's pretrained configs: the file, where to get it, what it expects (one CT channel,
-1.5 mm isotropic spacing, 128^3 patches, per-image z-score) and which layers fine-tuning adapts (`first_conv`) or
-replaces (`classifier`). The authors publish no checksums, so the SHA-256 is recorded next to the file on its first
-download and every later download or `verify` is checked against it.
+The sizes (`PRESETS`) and the checkpoints' conventions (the layers fine-tuning adapts or replaces, the pretraining
+strides) are data that both reading a checkpoint (`stunet.loading`, which names the size a file holds) and building
+a network (`stunet.presets`, which may load a checkpoint) need; they live here, below both, so that presets imports
+loading and loading never needs presets.
+
+Each catalogue entry is data, like timm's pretrained configs: the file, where to get it, what it expects (one CT
+channel, 1.5 mm isotropic spacing, 128^3 patches, per-image z-score) and which layers fine-tuning adapts
+(`first_conv`) or replaces (`classifier`). The authors publish no checksums, so the SHA-256 is recorded next to the
+file on its first download and every later download or `verify` is checked against it.
 """
 
 from __future__ import annotations
@@ -17,11 +23,44 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from stunet.loading import FIRST_CONV_KEYS, HEAD_PREFIX
-from stunet.presets import PRETRAINING_STRIDES
-
 HF_REPOSITORY = "https://huggingface.co/ziyanhuang/STU-Net/resolve/main"
 _CHUNK = 1 << 16  # small enough that an interrupted download keeps most of what arrived
+
+#: The layers adapted or dropped on fine-tuning (timm calls these `first_conv` and `classifier`).
+FIRST_CONV_KEYS = ("conv_blocks_context.0.0.conv1.weight", "conv_blocks_context.0.0.conv3.weight")
+HEAD_PREFIX = "seg_outputs."
+#: Strides of the TotalSegmentator pretraining plans (1.5 mm isotropic, 128^3 patch).
+PRETRAINING_STRIDES: list[list[int]] = [[2, 2, 2]] * 4 + [[1, 1, 2]]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    base_width: int
+    blocks_per_stage: int
+
+    @property
+    def dims(self) -> list[int]:
+        return [self.base_width * m for m in (1, 2, 4, 8, 16, 16)]
+
+    @property
+    def depth(self) -> list[int]:
+        return [self.blocks_per_stage] * 6
+
+
+#: The paper's four sizes, and `tiny` (base width 8): not released by the authors, it makes the CPU demo and the
+#: tests fast while running every code path of the real study.
+PRESETS: dict[str, Preset] = {
+    p.name: p for p in (Preset("tiny", 8, 1), Preset("small", 16, 1), Preset("base", 32, 1), Preset("large", 64, 2),
+                        Preset("huge", 96, 3))
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown STU-Net preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
 @cache

@@ -16,9 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-#: The layers adapted or dropped on fine-tuning (timm calls these `first_conv` and `classifier`).
-FIRST_CONV_KEYS = ("conv_blocks_context.0.0.conv1.weight", "conv_blocks_context.0.0.conv3.weight")
-HEAD_PREFIX = "seg_outputs."
+from stunet.checkpoints import FIRST_CONV_KEYS, HEAD_PREFIX, PRESETS
+
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 # nnU-Net v1 checkpoints carry training curves as numpy scalars, pickled under numpy 1's module path.
@@ -96,8 +95,6 @@ def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 def describe_stunet(state_dict: Mapping[str, torch.Tensor]) -> str:
     """A human description of the STU-Net a state_dict belongs to, for error messages."""
-    from stunet.presets import PRESETS
-
     stem = state_dict.get(FIRST_CONV_KEYS[0])
     if stem is None:
         return "a network that is not an STU-Net (no conv_blocks_context.0.0.conv1)"

@@ -1,49 +1,24 @@
-"""The four STU-Net sizes, one entry point to build them, and the bridge from nnU-Net plans to STU-Net strides."""
+"""One entry point to build the STU-Net sizes (`PRESETS`, from `stunet.checkpoints`), optionally from a pretrained
+checkpoint, and the bridge from nnU-Net plans to STU-Net strides.
+
+The layering is checkpoints (the sizes and the official files) <- loading (reading and fitting a checkpoint) <-
+presets (building a network, which may load one): nothing below imports what is above it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from stunet.checkpoints import PRESETS, PRETRAINING_STRIDES, Preset, get_preset
 from stunet.loading import load_pretrained, read_state_dict
 from stunet.model import STUNet
 
-#: Strides of the TotalSegmentator pretraining plans (1.5 mm isotropic, 128^3 patch).
-PRETRAINING_STRIDES: list[list[int]] = [[2, 2, 2]] * 4 + [[1, 1, 2]]
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    base_width: int
-    blocks_per_stage: int
-
-    @property
-    def dims(self) -> list[int]:
-        return [self.base_width * m for m in (1, 2, 4, 8, 16, 16)]
-
-    @property
-    def depth(self) -> list[int]:
-        return [self.blocks_per_stage] * 6
-
-
-#: The paper's four sizes, and `tiny` (base width 8): not released by the authors, it makes the CPU demo and the
-#: tests fast while running every code path of the real study.
-PRESETS: dict[str, Preset] = {
-    p.name: p for p in (Preset("tiny", 8, 1), Preset("small", 16, 1), Preset("base", 32, 1), Preset("large", 64, 2),
-                        Preset("huge", 96, 3))
-}
-
-
-def get_preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown STU-Net preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+__all__ = ["PRESETS", "PRETRAINING_STRIDES", "Preset", "create_stunet", "describe_network", "get_preset",
+           "strides_from_plans"]
 
 
 def create_stunet(preset: str, input_channels: int = 1, num_classes: int = 105,

@@ -1,7 +1,9 @@
-"""`segbook batch`: the job matrix, job states, GPU-hour estimates, claims, and the local runner end to end (CPU)."""
+"""`segbook batch`: the job matrix (recipes included), job states, GPU-hour estimates, claims, retries, the worker,
+and the local runner end to end (CPU)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -14,21 +16,39 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import planned_tiny_task, run_segbook, tiny_spec, use_planned_task
 
+import segbook.batch.matrix
 from segbook import claims
 from segbook.batch.estimate import ForwardFlops, estimate_job, estimate_jobs, task_geometry
 from segbook.batch.execute import ExecutionOptions
-from segbook.batch.local import slots_for
-from segbook.batch.matrix import MatrixError, build_matrix, job_from_id, job_status, survey
-from segbook.batch.slurm import SlurmOptions, time_minutes
+from segbook.batch.forecast import forecast
+from segbook.batch.local import LocalOptions
+from segbook.batch.matrix import (MatrixError, build_matrix, in_states, job_from_id, job_status, several_recipes,
+                                  survey)
+from segbook.batch.retry import failed_jobs, reset_failed
+from segbook.batch.slurm import SlurmOptions, submit_slurm, time_minutes
+from segbook.batch.worker import EXIT_BUSY, EXIT_FAILED, result_of, worker_command
 from segbook.errors import SegbookError
+from segbook.options import OptionError
 from segbook.paths import Paths
+from segbook.recipes import RecipeError
 from segbook.registry import load_registry
 from segbook.training.manifest import RunManifest
 from segbook.training.settings import TrainingSettings
 
 BUDGET = ["--epochs", "2", "--iters-per-epoch", "2", "--val-iters-per-epoch", "1", "--checkpoint-every", "1"]
+#: A user's recipe: SegBook's groups at another rate, with a tiny budget of its own.
+MINE = {"name": "mine", "description": "a user's recipe", "source": "a test", "init": "pretrained",
+        "optimizer": {"lr": 3e-3}, "groups": {"head_multiplier": 2}, "budget": {"epochs": 2, "iterations_per_epoch": 2}}
+
+
+def _recipe_file(folder: Path) -> Path:
+    path = folder / "recipes" / "mine.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(MINE))
+    return path
 
 
 # --- the matrix ---------------------------------------------------------------------------------------------------
@@ -54,6 +74,55 @@ def test_matrix_of_the_whole_study_and_its_filters():
         build_matrix(registry, models="base,gigantic")
     with pytest.raises(MatrixError, match="not a job id"):
         job_from_id(registry, "Task613_COVID-19-20__base")
+
+
+def test_recipes_are_an_axis_of_the_pretrained_jobs():
+    registry = load_registry()
+    default = build_matrix(registry, "613,004")
+    three = build_matrix(registry, "613,004", recipes="segbook,heads-only,llrd")
+    assert len(three) == 2 * (3 * 3 + 3 + 1)  # per task: 3 sizes x 3 recipes pretrained, 3 sizes + nnU-Net scratch
+    assert {j.spec.recipe for j in three if j.spec.init == "scratch"} == {"scratch"}
+    assert [j.id for j in three if j.spec.recipe in ("segbook", "scratch")] == [j.id for j in default]
+    assert default[0].id == "Task613_COVID-19-20__base__pretrained__fold_all"  # the ids SegBook always had
+    assert three[1].id == "Task613_COVID-19-20__base__pretrained__heads-only__fold_all"
+    assert three[2].spec.trainer == "SegbookTrainer_base_pretrained_llrd"
+    assert len({j.id for j in three}) == len(three) and all(job_from_id(registry, j.id) == j for j in three)
+    assert several_recipes(three) and not several_recipes(default)
+
+    every = build_matrix(registry, "613", models="large", recipes="all")
+    assert [j.spec.recipe for j in every] == ["segbook", "stunet-official", "heads-only", "frozen-encoder", "llrd",
+                                              "warmup", "lora", "scratch"]
+    assert build_matrix(registry, "613", models="nnunet", recipes="llrd")[0].spec.recipe == "scratch"
+
+    with pytest.raises(RecipeError, match="unknown recipe 'nope'; known: segbook"):
+        build_matrix(registry, "613", recipes="segbook,nope")
+    with pytest.raises(RecipeError, match="base pretrained jobs: recipe 'scratch' is for scratch runs"):
+        build_matrix(registry, "613", recipes="scratch")
+    with pytest.raises(MatrixError, match="no recipe given"):
+        build_matrix(registry, "613", recipes=" , ")
+    warmup = build_matrix(registry, "613", models="large", recipes="warmup")
+    ExecutionOptions(num_gpus=1).validate(warmup)
+    with pytest.raises(RecipeError, match=r"large pretrained jobs of 2 GPUs \(--gpus-per-job\): recipe 'warmup' "
+                                          "changes what trains between phases, which nnU-Net's DDP"):
+        ExecutionOptions(num_gpus=2).validate(warmup)
+
+
+def test_an_unknown_or_unfitting_recipe_is_refused_before_anything_is_written(segbook_home, tmp_path):
+    cases = [(["run", "--recipes", "segbook,nope"], "unknown recipe 'nope'; known: segbook"),
+             (["submit", "--recipes", "scratch", "--dry-run"], "recipe 'scratch' is for scratch runs"),
+             (["submit", "--recipes", "warmup", "--gpus-per-job", "2"], "DDP (--num-gpus > 1) cannot follow"),
+             (["plan", "--recipes", "llrd", "--recipe-file", str(tmp_path / "missing.yaml")],
+              "cannot read recipe file")]
+    for args, message in cases:
+        result = run_segbook("batch", *args, "--tasks", "009", "--models", "large", check=False)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "segbook: error: " in result.stderr and message in result.stderr, result.stderr
+    assert not segbook_home.exists()  # no claims, logs, submissions, FLOP counts
+
+    with pytest.raises(RecipeError, match="DDP"):  # the API refuses it as early: before asking squeue
+        submit_slurm(build_matrix(load_registry(), "009", models="large", recipes="warmup"),
+                     ExecutionOptions(num_gpus=2), SlurmOptions())
+    assert not segbook_home.exists()
 
 
 # --- job states from hand-made run folders ------------------------------------------------------------------------
@@ -152,35 +221,159 @@ def test_estimates_grow_with_model_and_budget_and_totals_add_up(segbook_home):
     assert all(j["state"] == "blocked" and j["patch"].endswith("(ref)") for j in plan["jobs"])
 
 
+# --- the cost of a matrix: `batch plan` ---------------------------------------------------------------------------
+
+def test_forecast_costs_each_recipe_with_its_budget_and_totals_add_up(segbook_home, tmp_path):
+    mine = _recipe_file(tmp_path)
+    paths = Paths.from_env()
+    jobs = build_matrix(load_registry(), "009", models="base,nnunet", recipes="segbook,mine", recipe_files=[mine])
+    options = ExecutionOptions.create(recipe_files=[mine])
+    plan = forecast(jobs, options, paths)
+    costs = {(c.status.job.spec.model, c.status.job.spec.recipe): c for c in plan.jobs}
+    assert {key: c.estimate.epochs for key, c in costs.items()} == {
+        ("base", "segbook"): 1000, ("base", "mine"): 2, ("base", "scratch"): 1000, ("nnunet", "scratch"): 1000}
+    segbook, own = costs["base", "segbook"].estimate, costs["base", "mine"].estimate
+    assert own.training_flops == pytest.approx(segbook.training_flops * (2 * 2) / (1000 * 250))  # its budget
+    assert own.prediction_flops == segbook.prediction_flops
+
+    # A done run costs nothing more; the totals add up every job, by state.
+    done = costs["base", "scratch"].status.job
+    _manifest(done, paths, "finished", epochs=5)
+    (done.folder(paths) / "evaluation").mkdir()
+    (done.folder(paths) / "evaluation" / "summary.json").write_text("{}")
+    plan = forecast(jobs, options, paths)
+    totals = {row["state"]: row for row in plan.totals()}
+    assert (totals["done"]["jobs"], totals["blocked"]["jobs"], totals["total"]["jobs"]) == (1, 3, 4)
+    assert totals["done"]["left_gpu_hours"] == 0 and totals["done"]["gpu_hours"] > 0
+    assert totals["total"]["gpu_hours"] == round(sum(c.gpu_hours for c in plan.jobs), 2)
+    assert totals["total"]["left_gpu_hours"] == round(sum(c.gpu_hours for c in plan.jobs
+                                                          if c.status.state != "done"), 2)
+    (done_cost,) = plan.in_states("done")
+    assert done_cost.status.job == done and done_cost.estimate.epochs == 5  # its recorded settings, not today's
+    row = done_cost.row(recipe=True)
+    assert (row["recipe"], row["state"], row["left_gpu_hours"], row["patch"]) == ("scratch", "done", 0.0,
+                                                                                  "64x192x160 (ref)")
+    assert "recipe" not in done_cost.row() and done_cost.row(full=True)["job"] == done.id
+    assert [s.job for s in in_states([c.status for c in plan.jobs], "done,failed")] == [done]
+
+
 # --- options ------------------------------------------------------------------------------------------------------
 
 def test_options_for_workers_and_sbatch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    options = ExecutionOptions.create(registry_files=["mine.yaml"], weights="w.model", device="cpu",
-                                      settings=TrainingSettings(epochs=3), pretrained_settings=TrainingSettings(lr=1))
+    monkeypatch.setenv("SEGBOOK_RECIPES", "env.yaml")
+    options = ExecutionOptions.create(registry_files=["mine.yaml"], recipe_files=["recipes/mine.yaml"],
+                                      weights="w.model", device="cpu", settings=TrainingSettings(epochs=3),
+                                      pretrained_settings=TrainingSettings(lr=1))
     assert options.registry_files == (str(tmp_path / "mine.yaml"),) and options.weights == str(tmp_path / "w.model")
+    assert options.recipe_files == (str(tmp_path / "env.yaml"), str(tmp_path / "recipes" / "mine.yaml"))
     assert ExecutionOptions.from_json(options.to_json()) == options
+    assert options.gpus_per_job == 0 and ExecutionOptions(num_gpus=2).gpus_per_job == 2
+    with pytest.raises(OptionError, match="--gpus-per-job 2 needs --device cuda"):
+        ExecutionOptions(device="cpu", num_gpus=2).validate()
+    with pytest.raises(OptionError, match="--gpus-per-job must be an integer >= 1, got 0"):
+        ExecutionOptions(num_gpus=0).validate()
 
     assert [time_minutes(t) for t in ("48:00:00", "2-00:00:00", "90", "1:30", "1-2", "0:0:59")] == [
         2880, 2880, 90, 2, 1560, 1]
     with pytest.raises(SegbookError, match="SLURM time"):
         time_minutes("two days")
-    parameters = SlurmOptions(partition="gpu", gpus_per_job=2, mem="64G", account="lab",
-                              extra_sbatch=("--qos=high", "exclusive")).parameters()
-    assert parameters == {"job_name": "segbook", "partition": "gpu", "time": 2880, "cpus_per_task": 16,
-                          "gpus_per_node": 2, "account": "lab",
-                          "additional_parameters": {"qos": "high", "exclusive": True, "mem": "64G"}}
-    assert SlurmOptions(gpus_per_job=0).parameters()["cpus_per_task"] == 1
+    slurm = SlurmOptions(partition="gpu", mem="64G", account="lab", extra_sbatch=("--qos=high", "exclusive"))
+    assert slurm.parameters(ExecutionOptions(num_gpus=2).gpus_per_job) == {
+        "job_name": "segbook", "partition": "gpu", "time": 2880, "cpus_per_task": 16, "gpus_per_node": 2,
+        "account": "lab", "additional_parameters": {"qos": "high", "exclusive": True, "mem": "64G"}}
+    cpu = SlurmOptions().parameters(options.gpus_per_job)
+    assert cpu["cpus_per_task"] == 1 and "gpus_per_node" not in cpu
     with pytest.raises(SegbookError, match="extra-sbatch"):
-        SlurmOptions(extra_sbatch=("--Bad Option",)).parameters()
+        SlurmOptions(extra_sbatch=("--Bad Option",)).parameters(1)
+    with pytest.raises(OptionError, match="--array-parallelism must be an integer >= 1"):
+        SlurmOptions(array_parallelism=0).parameters(1)
 
-    assert slots_for("cpu", None, 1, 3) == ["", "", ""]
-    assert slots_for("cuda", ["0", "1", "2", "3", "4"], 2, None) == ["0,1", "2,3"]
+    cuda = lambda gpus: ExecutionOptions(device="cuda", num_gpus=gpus)  # noqa: E731
+    assert LocalOptions(workers=3).slots(options) == ["", "", ""]
+    assert LocalOptions(gpus=("0", "1", "2", "3", "4")).slots(cuda(2)) == ["0,1", "2,3"]
     with pytest.raises(SegbookError, match="--gpus-per-job"):
-        slots_for("cuda", ["0"], 2, None)
-    assert slots_for("cuda", ["0", "1", "2"], 1, 2) == ["0", "1"]
+        LocalOptions(gpus=("0",)).slots(cuda(2))
+    assert LocalOptions(gpus=("0", "1", "2"), workers=2).slots(cuda(1)) == ["0", "1"]
     with pytest.raises(SegbookError, match="--gpus is for"):
-        slots_for("cpu", ["0"], 1, None)
+        LocalOptions(gpus=("0",)).slots(options)
+    with pytest.raises(OptionError, match="--workers must be an integer >= 1"):
+        LocalOptions(workers=0).slots(options)
+
+
+# --- failed jobs and retries, and the worker's exit statuses ------------------------------------------------------
+
+def test_failed_jobs_are_found_and_reset_with_their_errors_kept(segbook_home):
+    paths = Paths.from_env()
+    trained, evaluated, new = build_matrix(load_registry(), "009", models="base", inits="pretrained",
+                                           recipes="segbook,llrd,heads-only")
+    _manifest(trained, paths, "failed", epochs=2, error={"type": "RuntimeError", "message": "CUDA out of memory"})
+    _manifest(evaluated, paths, "finished", epochs=5,
+              evaluation_error={"type": "EvaluationError", "message": "no test cases"})
+    failed = failed_jobs([trained, evaluated, new], paths)
+    assert [(s.job, s.detail) for s in failed] == [(trained, "RuntimeError: CUDA out of memory"),
+                                                   (evaluated, "evaluation: EvaluationError: no test cases")]
+
+    held = claims.try_claim(paths.claims, evaluated.id)  # a live holder: its job is not touched
+    (reset,) = reset_failed([trained, evaluated, new], paths)
+    assert (reset.job, reset.error) == (trained, "RuntimeError: CUDA out of memory")
+    manifest = RunManifest.load(trained.folder(paths))
+    assert (manifest.status, manifest.data["error"]) == ("created", None)
+    assert manifest.data["events"][-1]["previous_error"] == "RuntimeError: CUDA out of memory"
+    assert failed_jobs([trained, evaluated, new], paths) == []  # the held one is running
+
+    held.release("done")
+    assert [s.job for s in failed_jobs([trained, evaluated, new], paths)] == [evaluated]
+    assert [(r.job, r.error) for r in reset_failed([trained, evaluated, new], paths)] == [
+        (evaluated, "evaluation: EvaluationError: no test cases")]
+    manifest = RunManifest.load(evaluated.folder(paths))
+    assert manifest.status == "finished" and "evaluation_error" not in manifest.data
+    assert failed_jobs([trained, evaluated, new], paths) == []
+
+
+def test_the_worker_says_how_its_job_ended_in_its_exit_status(segbook_home):
+    paths = Paths.from_env()
+    registry = load_registry()
+    (job,) = build_matrix(registry, "009", models="base", inits="pretrained", recipes="llrd")
+    options = ExecutionOptions(device="cpu")
+    command = worker_command(job, options)
+    assert command[-4:] == ["--job", "Task009_Spleen__base__pretrained__llrd__fold_all", "--options",
+                            options.to_json()]
+
+    held = claims.try_claim(paths.claims, job.id)
+    busy = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert busy.returncode == EXIT_BUSY and result_of(busy.returncode) == "busy", busy.stderr
+    assert f"{job.id}: busy" in busy.stdout and f"pid {os.getpid()}" in busy.stdout
+    held.release("done")
+
+    _manifest(job, paths, "failed", error={"type": "RuntimeError", "message": "CUDA out of memory"})
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == EXIT_FAILED and result_of(failed.returncode) == "failed", failed.stderr
+    assert "failed earlier (RuntimeError: CUDA out of memory)" in failed.stdout
+    assert (result_of(0), result_of(130), result_of(-9)) == ("done", None, None)
+
+
+# --- module structure ---------------------------------------------------------------------------------------------
+
+#: segbook.batch's modules, each importing (at the top, or inside a function) only modules listed before it.
+BATCH_LAYERS = ("submissions", "matrix", "estimate", "execute", "retry", "worker", "forecast", "local", "slurm")
+
+
+def _batch_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("segbook.batch."):
+            names.add(node.module.removeprefix("segbook.batch."))
+        elif isinstance(node, ast.Import):
+            names |= {a.name.removeprefix("segbook.batch.") for a in node.names if a.name.startswith("segbook.batch.")}
+    return names
+
+
+def test_batch_modules_import_each_other_without_cycles():
+    folder = Path(segbook.batch.matrix.__file__).parent
+    assert {p.stem for p in folder.glob("*.py")} - {"__init__"} == set(BATCH_LAYERS)
+    for index, module in enumerate(BATCH_LAYERS):
+        assert _batch_imports(folder / f"{module}.py") <= set(BATCH_LAYERS[:index]), module
 
 
 # --- claims -------------------------------------------------------------------------------------------------------
@@ -336,6 +529,30 @@ def test_local_run_trains_and_evaluates_every_job_once(task, fresh):
     again = run_segbook("batch", "run", *_matrix_args(task, "--device", "cpu", *BUDGET))
     assert "nothing to run" in again.stdout and "start" not in again.stdout
     assert time.monotonic() - started < 30
+
+
+def test_a_user_recipe_reaches_the_worker_and_plan_shows_each_recipe(task, fresh, tmp_path, monkeypatch):
+    _recipe_file(tmp_path)
+    monkeypatch.chdir(tmp_path)  # a relative --recipe-file: the workers get it as an absolute path
+    args = [*_matrix_args(task), "--init", "pretrained", "--recipe-file", "recipes/mine.yaml"]
+    plan = run_segbook("batch", "plan", *args, "--recipes", "segbook,mine").stdout
+    header = plan.splitlines()[0].split()
+    assert header[:5] == ["task", "model", "init", "recipe", "fold"], plan
+    assert "segbook" in plan and "mine" in plan and "pretrained__mine" not in plan
+
+    result = run_segbook("batch", "run", *args, "--recipes", "mine", "--device", "cpu", "--val-iters-per-epoch", "1",
+                         "--checkpoint-every", "1")
+    assert "1 done" in result.stdout, result.stdout
+    (job,) = build_matrix(load_registry([task.registry_file]), task.entry.key, models="tiny", inits="pretrained",
+                          recipes="mine", recipe_files=[tmp_path / "recipes" / "mine.yaml"])
+    assert job.id == f"{task.entry.key}__tiny__pretrained__mine__fold_all" and job_status(job, fresh).state == "done"
+    manifest = RunManifest.load(job.folder(fresh))
+    assert manifest.recipe.name == "mine" and manifest.recipe.optimizer.lr == 3e-3
+    assert (manifest.settings.epochs, manifest.settings.iterations_per_epoch, len(manifest.data["epochs"])) == (
+        2, 2, 2)  # the recipe's own budget
+    status = json.loads(run_segbook("batch", "status", *args, "--recipes", "segbook,mine", "--format",
+                                    "json").stdout)
+    assert {(j["recipe"], j["state"]) for j in status["jobs"]} == {("segbook", "pending"), ("mine", "done")}
 
 
 def test_a_failing_job_is_recorded_the_others_finish_and_retry_runs_it(task, fresh):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import planned_tiny_task, run_segbook, tiny_spec, use_planned_task
 from slurm_support import FINAL_STATES, ensure_slurm_cluster, queue_states, wait_for
 
@@ -47,13 +48,14 @@ def _segbook(*args: str) -> str:
     return run_segbook("batch", *args, timeout=300).stdout
 
 
-def _selection(task, init: str = "pretrained,scratch") -> list[str]:
+def _selection(task, init: str = "pretrained,scratch", recipes: tuple[str, ...] = ()) -> list[str]:
+    """The tiny task's jobs of `init`; `recipes`: the --recipes and --recipe-file options, when not the default."""
     return ["--registry", str(task.registry_file), "--tasks", task.entry.key, "--models", "tiny", "--init", init,
-            "--weights", str(task.weights)]
+            "--weights", str(task.weights), *recipes]
 
 
-def _status(task, init: str = "pretrained,scratch") -> dict[str, dict]:
-    jobs = json.loads(_segbook("status", *_selection(task, init), "--format", "json"))["jobs"]
+def _status(task, init: str = "pretrained,scratch", recipes: tuple[str, ...] = ()) -> dict[str, dict]:
+    jobs = json.loads(_segbook("status", *_selection(task, init, recipes), "--format", "json"))["jobs"]
     return {job["init"]: job for job in jobs}
 
 
@@ -61,11 +63,12 @@ def _submissions(paths: Paths) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((paths.batch / "slurm").glob("*/submission.json"))]
 
 
-def _wait_until_done(task, paths: Paths, init: str, timeout_s: float = WAIT_S) -> dict[str, dict]:
+def _wait_until_done(task, paths: Paths, init: str, timeout_s: float = WAIT_S,
+                     recipes: tuple[str, ...] = ()) -> dict[str, dict]:
     """Poll `batch status` until every job is done; fail with the log when a job's task ended without that."""
     deadline = time.monotonic() + timeout_s
     while True:
-        status = _status(task, init)
+        status = _status(task, init, recipes)
         if all(job["state"] == "done" for job in status.values()):
             return status
         for job in status.values():
@@ -195,3 +198,25 @@ def test_preempted_job_requeues_and_resumes_without_reapplying_weights(task, fre
     assert "Requeued" in Path(job["log"]).read_text()
     first, second = claim_records(fresh.claims, job["job"])
     assert first["outcome"] == "SystemExit" and second["outcome"] == "done"  # released on the way out, taken again
+
+
+def test_a_user_recipe_reaches_the_slurm_task(task, fresh, tmp_path, monkeypatch):
+    recipe = {"name": "mine", "description": "a user's recipe", "source": "a test", "init": "pretrained",
+              "optimizer": {"lr": 3e-3}, "groups": {"head_multiplier": 2},
+              "budget": {"epochs": 2, "iterations_per_epoch": 2}}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(tmp_path)  # given relative, recorded absolute: the task may start anywhere
+    recipes = ("--recipes", "mine", "--recipe-file", "mine.yaml")
+    args = [*_selection(task, "pretrained", recipes), *SLURM, "--val-iters-per-epoch", "1", "--checkpoint-every", "1"]
+    assert "1 to submit" in _segbook("submit", *args)
+    (record,) = _submissions(fresh)
+    assert record["options"]["recipe_files"] == [str(tmp_path / "mine.yaml")]
+    assert record["jobs"][0]["job"] == f"{task.entry.key}__tiny__pretrained__mine__fold_all"
+
+    job = _wait_until_done(task, fresh, "pretrained", recipes=recipes)["pretrained"]
+    assert (job["recipe"], job["epochs"]) == ("mine", "2/2")
+    (run,) = build_matrix(load_registry([task.registry_file]), task.entry.key, models="tiny", inits="pretrained",
+                          recipes="mine", recipe_files=["mine.yaml"])
+    manifest = RunManifest.load(run.folder(fresh))
+    assert manifest.recipe.name == "mine" and manifest.recipe.optimizer.lr == 3e-3
+    assert manifest.data["request"]["backend"] == "slurm"

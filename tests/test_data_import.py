@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from segbook.data import (DatasetValidationError, PlainSource, SplitChangedError
                           dataset_status, detect_layout, draw_split, import_dataset, read_source, read_split,
                           write_synthetic_dataset)
 from segbook.data.split import held_out_count, resolve_split
-from segbook.data.synth import synthesize_case
+from segbook.data.synth import SynthError, numbered_targets, synthesize_case, write_synthetic_task
 from segbook.errors import SegbookError
 from segbook.paths import Paths
 from segbook.plan import raw_stamp
@@ -553,6 +554,35 @@ def test_cli_synth_import_status_and_a_failing_import(tmp_path: Path, segbook_ho
     err = capsys.readouterr().err
     assert "segbook: error: Task975_Synthetic: the source dataset has 1 error(s)" in err
     assert "case synthetic_000: " in err and "fix: re-download" in err
+
+
+def test_synth_targets_and_tasks_as_the_cli_makes_them(tmp_path: Path, segbook_home: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    targets = numbered_targets(2, lesions=1)
+    assert [(t.name, t.kind, t.prototype, t.within) for t in targets] == [
+        ("structure_1", "structure", 0, None), ("structure_2", "structure", 1, None),
+        ("lesion_1", "lesion", None, "structure_1")]
+    assert numbered_targets(1) == (TargetSpec("structure_1", prototype=0),)
+
+    spec = SynthSpec(name="Two Channels", cases=4, size=(16, 16, 8), modality="MRI", channels=("T1", "T2"),
+                     targets=targets)
+    task = write_synthetic_task(spec, tmp_path / "out", layout="plain", dataset_id=974)
+    assert (task.key, task.registry) == ("Task974_TwoChannels", tmp_path / "out" / "registry.yaml")
+    assert task.dataset.channel_tokens == ["t1", "t2"] and sorted(p.name for p in task.dataset.images.iterdir())[:2] \
+        == ["twochannels_000_t1.nii.gz", "twochannels_000_t2.nii.gz"]
+    entry = load_registry([task.registry]).get(task.key)
+    assert (entry.channels, entry.test_cases, entry.target) == (["T1", "T2"], 1, "Structure&Lesion")
+    command = task.import_command()
+    assert command.startswith(f"segbook data import --registry {task.registry} --task Task974_TwoChannels --images ")
+    assert "--image-pattern '{case}_{channel}.nii.gz' --channel-tokens t1 t2" in command
+    assert main([*shlex.split(command)[1:], "--num-processes", "1"]) == 0
+    assert "imported 4 cases (3 train, 1 test)" in capsys.readouterr().out
+
+    with pytest.raises(SynthError, match="target names must be unique") as error:
+        SynthSpec(targets=(TargetSpec("organ"), TargetSpec("organ")))
+    assert isinstance(error.value, SegbookError) and isinstance(error.value, ValueError)
+    with pytest.raises(SynthError, match="unknown layout 'v3'"):
+        write_synthetic_task(spec, tmp_path / "other", layout="v3")
 
 
 def test_status_has_one_row_per_registered_task(tmp_path: Path, segbook_home: Path) -> None:

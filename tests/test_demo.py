@@ -56,7 +56,7 @@ def test_every_stage_runs_and_every_target_is_trained_both_ways_and_evaluated(de
     out, printed = demo[0]
     for stage in ("[1/5] generating", "[2/5] importing", "[3/5] pretraining", "[4/5] fine-tuning", "[5/5]"):
         assert stage in printed
-    assert "6 jobs:" in printed and "batch run: 6 done" in printed  # through `segbook batch`'s local runner
+    assert "7 jobs:" in printed and "batch run: 7 done" in printed  # through `segbook batch`'s local runner
     assert "synthetic, toy-scale numbers" in printed and "segbook results --results-dir" in printed
     assert "--no-imported" in printed.split("segbook results --results-dir")[1].splitlines()[0]
     durations = [line for line in printed.splitlines() if line.strip().startswith("done in ")]
@@ -73,7 +73,10 @@ def test_every_stage_runs_and_every_target_is_trained_both_ways_and_evaluated(de
     assert set(official_layout) >= {"epoch", "state_dict"}
     create_stunet("tiny", 1, source_classes).load_state_dict(read_state_dict(checkpoint), strict=True)
     runs = sorted((out / "home" / "nnUNet_results").glob("Dataset97*/SegbookTrainer_tiny_*/fold_all"))
-    assert len(runs) == 6
+    assert len(runs) == 7  # every target both ways, and the seen-CT target with one more recipe
+    recipes = {folder.parent.name.split("__")[0] for folder in runs if "DemoSeenCT" in str(folder)}
+    assert recipes == {"SegbookTrainer_tiny_scratch", "SegbookTrainer_tiny_pretrained",
+                       "SegbookTrainer_tiny_pretrained_heads-only"}
     for folder in runs:
         manifest = RunManifest.load(folder)
         assert manifest.status == "finished" and len(manifest.data["epochs"]) == QUICK.target_epochs
@@ -95,6 +98,14 @@ def test_tables_are_printed_the_report_is_written_and_the_same_seed_gives_the_sa
     by_scale = _tables(out, "scale")
     assert [(row["model"], row["init"]) for row in by_scale] == [("tiny", "scratch"), ("tiny", "pretrained"),
                                                                   ("tiny", "Delta(PT)")]  # no imported rows
+    assert "Dice (%) by dataset scale per fine-tuning recipe" in printed
+    by_recipe = _tables(out, "recipes")
+    assert [(row["init"], row["recipe"]) for row in by_recipe] == [
+        ("scratch", "scratch"), ("pretrained", "segbook"), ("Delta vs scratch", "segbook"),
+        ("pretrained", "heads-only"), ("Delta vs scratch", "heads-only"), ("Delta vs segbook", "heads-only")]
+    heads_only = by_recipe[3]
+    assert heads_only["small n"] == 1 and heads_only["medium n"] == 0  # one target only
+    assert _tables(again, "recipes") == by_recipe
     for row in by_scale[:2]:
         assert all(0.0 <= row[scale] <= 100.0 and row[f"{scale} n"] == 1 for scale in ("small", "medium", "large"))
     assert by_scale == _tables(again, "scale")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_results import build_store, write_registry
+from test_results import add_recipe_runs, build_store, write_registry
 
 from segbook.cli.main import main
 from segbook.paths import Paths
@@ -21,6 +21,7 @@ CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrom
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync")
 FIGURES = ("violin_per_dataset", "delta_scale", "delta_modality_target", "delta_region")
+RECIPE_FIGURES = (*FIGURES, "delta_recipes")
 
 
 @pytest.fixture
@@ -45,6 +46,33 @@ def test_report_is_self_contained_with_tables_and_figures(report: Path, tmp_path
     assert "90.00<sup>*</sup>" in page  # large pretrained lacks a small dataset
     for name in FIGURES:
         assert (tmp_path / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def recipe_report(segbook_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> Path:
+    """The report of the hand-built store with runs of the llrd and heads-only recipes, through the CLI."""
+    registry_file = write_registry(tmp_path / "registry.yaml")
+    add_recipe_runs(*build_store(registry_file))
+    out = tmp_path / "recipes.html"
+    assert main(["report", "--registry", str(registry_file), "--out", str(out), "--figures", str(tmp_path / "figs"),
+                 "--recipes", "segbook,heads-only,llrd"]) == 0
+    assert "ignored 2 run(s) with a seed other than 0" in capsys.readouterr().err
+    return out
+
+
+def test_report_compares_recipes(recipe_report: Path, tmp_path: Path) -> None:
+    page = recipe_report.read_text()
+    assert page.count("<img ") == len(RECIPE_FIGURES) and "<figure id='delta_recipes'>" in page
+    assert "<h2>4. Dice (%) by dataset scale per fine-tuning recipe</h2>" in page
+    assert "<h2>5. Dice (%) per dataset</h2>" in page
+    assert "<h3>Recipes vs scratch and vs segbook by dataset scale</h3>" in page
+    assert page.count("<table") == 9  # and the recipes table with its statistics
+    table = page[page.index("<table class='recipes'>"):]
+    table = table[:table.index("</table>")]
+    assert "<td class='label'>&Delta; vs segbook</td><td>llrd</td>" in table
+    assert "<span class='pos'>+5.83</span><sup>*</sup><span class='n'>n=3</span>" in table  # llrd - segbook
+    assert "<b>STU-Net-B (llrd)</b>" in page  # the headline per recipe
+    assert (tmp_path / "figs" / "delta_recipes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_figures_as_pdf(df, tmp_path: Path) -> None:
@@ -82,3 +110,10 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     dom = run_chromium(tmp_path, "--dump-dom", report.as_uri()).stdout
     assert dom.count("<table") == 7 and dom.count("<img") == len(FIGURES)
     assert "Dice (%) by dataset scale" in dom and "STU-Net-B" in dom
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)")
+def test_recipe_report_renders_in_headless_chromium(recipe_report: Path, tmp_path: Path) -> None:
+    dom = run_chromium(tmp_path, "--dump-dom", recipe_report.as_uri()).stdout
+    assert dom.count("<table") == 9 and dom.count("<img") == len(RECIPE_FIGURES)
+    assert "per fine-tuning recipe" in dom and "Δ vs scratch" in dom

@@ -1,4 +1,5 @@
-"""Results tables on a hand-built store with known answers: grouping rules, missing runs, folds, statistics, import."""
+"""Results tables on a hand-built store with known answers: grouping rules, missing runs, folds, statistics, import,
+fine-tuning recipes side by side."""
 
 from __future__ import annotations
 
@@ -16,20 +17,26 @@ from segbook.cli.main import main
 from segbook.cli.results import TABLE_CHOICES
 from segbook.paths import Paths
 from segbook.registry import Registry, load_registry
+from segbook.recipes import RecipeError
 from segbook.results import (
+    ALL_RECIPES,
     ResultsError,
     ResultsWarning,
+    build_table,
     collect_results,
     compare_pretrained,
+    compare_recipes,
     dataset_table,
     import_results,
     modality_target_table,
     paired_comparison,
+    recipe_table,
     region_table,
+    resolve_recipes,
     scale_table,
 )
 from segbook.results.stats import bootstrap_ci
-from segbook.results.tables import MODEL_COST, TABLES, Cell, ResultTable
+from segbook.results.tables import MODEL_COST, TABLES, Cell, ResultTable, TableError
 from segbook.runs import RunSpec
 
 
@@ -88,15 +95,15 @@ COMPLETE = {"status": "finished", "epochs_completed": 1000, "epochs_planned": 10
 
 
 def write_run(results: Path, registry: Registry, task: str, model: str, init: str, fold: str,
-              dice: tuple[float, ...] | str) -> Path:
+              dice: tuple[float, ...] | str, recipe: str | None = None, seed: int = 0, fraction: float = 1.0) -> Path:
     """A run folder as segbook writes it: run.json, and evaluation/summary.json once evaluated."""
     entry = registry.get(task)
-    spec = RunSpec.of(entry, model, init, fold)
+    spec = RunSpec.of(entry, model, init, fold, recipe=recipe, seed=seed, fraction=fraction)
     folder = spec.folder(results)
     folder.mkdir(parents=True)
     status = dice if isinstance(dice, str) else "finished"
-    run = {"task": spec.task, "dataset": spec.dataset, "model": model, "init": init, "fold": fold,
-           "trainer": spec.trainer, "plans": spec.plans}
+    run = {"task": spec.task, "dataset": spec.dataset, "model": model, "init": init, "recipe": spec.recipe,
+           "seed": spec.seed, "fraction": spec.fraction, "fold": fold, "trainer": spec.trainer, "plans": spec.plans}
     (folder / "run.json").write_text(json.dumps({"schema": 1, "run": run, "status": status, "epochs": []}))
     if not isinstance(dice, str):
         labels = {str(i): {"name": f"label {i}", "dice": d, "nsd": d + 0.05, "hd95": 1.0, "valid_cases": 10}
@@ -107,6 +114,36 @@ def write_run(results: Path, registry: Registry, task: str, model: str, init: st
         (folder / "evaluation").mkdir()
         (folder / "evaluation" / "summary.json").write_text(json.dumps(summary))
     return folder
+
+
+#: Pretrained runs of other recipes, (task, model, recipe) -> per-label Dice, on fold all. Dataset scores: llrd A 0.90,
+#: B 0.80, C 0.70 (D missing); heads-only A 0.75, C 0.55, D 0.79 (B missing); large llrd A 0.85 (large has no
+#: scratch runs). The segbook recipe's base runs score A 0.875, B 0.70, C 0.65, D 0.8105; base scratch A 0.75,
+#: B 0.60, C 0.50, D 0.81.
+RECIPE_RUNS: dict[tuple[str, str, str], tuple[float, ...]] = {
+    (A, "base", "llrd"): (0.90, 0.90),
+    (B, "base", "llrd"): (0.90, 0.60, 0.90),
+    (C, "base", "llrd"): (0.70,),
+    (A, "base", "heads-only"): (0.70, 0.80),
+    (C, "base", "heads-only"): (0.55,),
+    (D, "base", "heads-only"): (0.79,),
+    (A, "large", "llrd"): (0.85, 0.85),
+}
+#: Runs of another seed or training fraction, (task, recipe, seed, fraction) -> Dice: far off, so that averaging
+#: them in would show.
+VARIANT_RUNS: dict[tuple[str, str, int, float], tuple[float, ...]] = {
+    (A, "llrd", 1, 1.0): (0.10, 0.10),
+    (C, "segbook", 0, 0.5): (0.20,),
+}
+
+
+def add_recipe_runs(paths: Paths, registry: Registry) -> None:
+    """The runs of other recipes, seeds and fractions, beside the default store's (of STU-Net base and large)."""
+    for (task, model, recipe), dice in RECIPE_RUNS.items():
+        write_run(paths.results, registry, task, model, "pretrained", "all", dice, recipe=recipe)
+    for (task, recipe, seed, fraction), dice in VARIANT_RUNS.items():
+        write_run(paths.results, registry, task, "base", "pretrained", "all", dice, recipe=recipe, seed=seed,
+                  fraction=fraction)
 
 
 def write_registry(path: Path) -> Path:
@@ -138,13 +175,27 @@ def df(store: tuple[Paths, Registry]):
     return collect_results(*store)
 
 
-def cells(table: ResultTable, model: str, init: str) -> dict[str, Cell]:
-    row = next(row for row in table.rows if row[0] == model and row[1] == init)
+@pytest.fixture
+def recipe_store(store: tuple[Paths, Registry]) -> tuple[Paths, Registry]:
+    add_recipe_runs(*store)
+    return store
+
+
+def collect_quietly(paths: Paths, registry: Registry, recipes: list[str] | None = None):
+    """Collect a store with runs of other recipes, seeds or fractions (which always warn)."""
+    with pytest.warns(ResultsWarning):
+        return collect_results(paths, registry, recipes=recipes)
+
+
+def cells(table: ResultTable, model: str, init: str, recipe: str | None = None) -> dict[str, Cell]:
+    """The cells of a row; `recipe` for tables that name it (the row's third column)."""
+    row = next(row for row in table.rows if row[:2] == [model, init] and recipe in (None, row[2]))
     return {column: value for column, value in zip(table.columns, row) if isinstance(value, Cell)}
 
 
-def values(table: ResultTable, model: str, init: str) -> dict[str, tuple[float | None, int]]:
-    return {group: (cell.value, cell.count) for group, cell in cells(table, model, init).items()}
+def values(table: ResultTable, model: str, init: str, recipe: str | None = None
+           ) -> dict[str, tuple[float | None, int]]:
+    return {group: (cell.value, cell.count) for group, cell in cells(table, model, init, recipe).items()}
 
 
 # --- collection ------------------------------------------------------------------------------------------------
@@ -348,6 +399,16 @@ def test_small_store_with_empty_groups(segbook_home: Path, registry_file: Path) 
     assert compare_pretrained(empty).empty
 
 
+def test_missing_runs_are_listed_when_every_dataset_is_split_by_label(segbook_home: Path, registry_file: Path
+                                                                       ) -> None:
+    registry = load_registry([registry_file])
+    paths = Paths.from_env()
+    write_run(paths.results, registry, B, "base", "scratch", "all", (0.8, 0.4, 0.6))
+    write_run(paths.results, registry, B, "base", "pretrained", "all", "running")
+    table = modality_target_table(collect_results(paths, registry))
+    assert f"  base pretrained: {B}" in table.notes
+
+
 # --- statistics ------------------------------------------------------------------------------------------------
 
 
@@ -382,6 +443,208 @@ def test_compare_pretrained_per_group(df) -> None:
         values(modality_target_table(df), "base", "Delta(PT)")["CT seen structure"][0])
     nsd = compare_pretrained(df, "nsd", "scale").set_index("group")
     assert nsd.loc["large", "delta"] == pytest.approx(15.0)
+
+
+# --- recipes ---------------------------------------------------------------------------------------------------
+
+
+def every_table(df) -> list[tuple[list[dict], list[str]]]:
+    tables = [scale_table(df), modality_target_table(df), region_table(df), dataset_table(df)]
+    return [(table.records("json"), table.notes) for table in tables]
+
+
+def test_default_tables_are_unchanged_by_other_recipes_which_are_counted(store) -> None:
+    paths, registry = store
+    before = collect_results(paths, registry)
+    add_recipe_runs(paths, registry)
+    with pytest.warns(ResultsWarning) as caught:
+        after = collect_results(paths, registry)
+    messages = [str(w.message) for w in caught]
+    assert ("ignored 7 result(s) of other recipes: heads-only (3), llrd (4); show them with --recipes "
+            "segbook,heads-only,llrd, or compare recipes with `segbook results --table recipes`") in messages
+    assert any(m.startswith("ignored 2 run(s) with a seed other than 0 or a training fraction other than 1: the "
+                            "tables do not aggregate seeds") for m in messages)
+    assert set(after["recipe"]) == {"segbook", "scratch"}
+    assert every_table(after) == every_table(before)
+    assert compare_pretrained(after).equals(compare_pretrained(before))
+
+
+def test_chosen_recipes_side_by_side_never_averaged_together(recipe_store) -> None:
+    df = collect_quietly(*recipe_store, recipes=["segbook", "llrd"])
+    assert set(df["recipe"]) == {"segbook", "llrd", "scratch"} and set(df["seed"]) == {0}
+    table = scale_table(df)
+    assert table.columns[:4] == ["model", "init", "recipe", "params (M)"]
+    assert [tuple(row[:3]) for row in table.rows] == [
+        ("nnunet", "scratch", "scratch"), ("base", "scratch", "scratch"), ("base", "pretrained", "segbook"),
+        ("base", "Delta(PT)", "segbook"), ("base", "pretrained", "llrd"), ("base", "Delta(PT)", "llrd"),
+        ("large", "pretrained", "segbook"), ("large", "pretrained", "llrd")]
+    default = scale_table(df, recipes=["segbook"])
+    assert values(table, "base", "pretrained", "segbook") == values(default, "base", "pretrained")
+    assert values(table, "base", "pretrained", "segbook")["average"] == (pytest.approx(75.8875), 4)
+    assert values(table, "base", "pretrained", "llrd") == {
+        "small": (pytest.approx(90.0), 1), "medium": (pytest.approx(80.0), 1), "large": (pytest.approx(70.0), 1),
+        "average": (pytest.approx(80.0), 3)}  # not A's seed-1 run (0.10), nor C's half-fraction segbook run
+    assert values(table, "base", "Delta(PT)", "llrd") == {
+        "small": (pytest.approx(15.0), 1), "medium": (pytest.approx(20.0), 1), "large": (pytest.approx(20.0), 1),
+        "average": (pytest.approx(55.0 / 3), 3)}
+    assert values(table, "base", "Delta(PT)", "segbook")["average"] == (pytest.approx(9.3875), 4)
+    assert values(table, "large", "pretrained", "llrd")["small"] == (pytest.approx(85.0), 1)
+    notes = "\n".join(table.notes)
+    assert f"base pretrained llrd: {D}" in notes and "per recipe" in notes
+
+    rows = {row[0]: dict(zip(dataset_table(df).columns, row)) for row in dataset_table(df).rows}
+    assert (rows[A]["base pretrained llrd"].value, rows[A]["base llrd delta"].value) == (
+        pytest.approx(90.0), pytest.approx(15.0))
+    assert (rows[C]["base pretrained segbook"].value, rows[D]["base pretrained llrd"].text()) == (
+        pytest.approx(65.0), "missing")
+    assert rows[A]["base scratch"].value == pytest.approx(75.0)
+
+    overall = compare_pretrained(df, "dice", "all").set_index("recipe")
+    assert (overall.loc["llrd", "n"], overall.loc["llrd", "delta"]) == (3, pytest.approx(55.0 / 3))
+    assert (overall.loc["segbook", "n"], overall.loc["segbook", "delta"]) == (4, pytest.approx(9.3875))
+
+
+def test_requested_recipes_show_even_without_runs(recipe_store) -> None:
+    df = collect_quietly(*recipe_store, recipes=["llrd"])
+    assert set(df.loc[df["init"] == "pretrained", "recipe"]) == {"llrd"}
+    table = scale_table(df, models=["base"], recipes=["llrd", "warmup"])
+    assert [tuple(row[:3]) for row in table.rows] == [
+        ("base", "scratch", "scratch"), ("base", "pretrained", "llrd"), ("base", "Delta(PT)", "llrd"),
+        ("base", "pretrained", "warmup"), ("base", "Delta(PT)", "warmup")]
+    assert all(cell.value is None for cell in cells(table, "base", "pretrained", "warmup").values())
+    # a single recipe other than the default is named too: "base pretrained" would read as the paper's recipe
+    assert dataset_table(df).columns[4:8] == ["nnunet scratch", "base scratch", "base pretrained llrd",
+                                              "large pretrained llrd"]
+
+
+def test_recipe_table_values_and_both_deltas(recipe_store) -> None:
+    df = collect_quietly(*recipe_store, recipes=[ALL_RECIPES])
+    table = recipe_table(df)
+    assert table.columns == ["model", "init", "recipe", "small", "medium", "large", "average"]
+    assert [tuple(row[:3]) for row in table.rows] == [
+        ("base", "scratch", "scratch"), ("base", "pretrained", "segbook"), ("base", "Delta vs scratch", "segbook"),
+        ("base", "pretrained", "heads-only"), ("base", "Delta vs scratch", "heads-only"),
+        ("base", "Delta vs segbook", "heads-only"), ("base", "pretrained", "llrd"),
+        ("base", "Delta vs scratch", "llrd"), ("base", "Delta vs segbook", "llrd"),
+        ("large", "scratch", "scratch"), ("large", "pretrained", "segbook"), ("large", "Delta vs scratch", "segbook"),
+        ("large", "pretrained", "llrd"), ("large", "Delta vs scratch", "llrd"), ("large", "Delta vs segbook", "llrd")]
+    assert values(table, "base", "scratch") == {
+        "small": (pytest.approx(78.0), 2), "medium": (pytest.approx(60.0), 1), "large": (pytest.approx(50.0), 1),
+        "average": (pytest.approx(66.5), 4)}
+    assert values(table, "base", "pretrained", "heads-only") == {
+        "small": (pytest.approx(77.0), 2), "medium": (None, 0), "large": (pytest.approx(55.0), 1),
+        "average": (pytest.approx(100 * 2.09 / 3), 3)}
+    assert values(table, "base", "Delta vs scratch", "heads-only") == {  # A 0, D -0.02, C +0.05
+        "small": (pytest.approx(-1.0), 2), "medium": (None, 0), "large": (pytest.approx(5.0), 1),
+        "average": (pytest.approx(1.0), 3)}
+    assert values(table, "base", "Delta vs segbook", "heads-only") == {  # A -0.125, D -0.0205, C -0.10
+        "small": (pytest.approx(-7.275), 2), "medium": (None, 0), "large": (pytest.approx(-10.0), 1),
+        "average": (pytest.approx(-100 * 0.2455 / 3), 3)}
+    assert values(table, "base", "Delta vs segbook", "llrd") == {  # A +0.025, B +0.10, C +0.05
+        "small": (pytest.approx(2.5), 1), "medium": (pytest.approx(10.0), 1), "large": (pytest.approx(5.0), 1),
+        "average": (pytest.approx(17.5 / 3), 3)}
+    assert values(table, "base", "Delta vs scratch", "segbook")["average"] == (pytest.approx(9.3875), 4)
+    assert all(cell.value is None for cell in cells(table, "large", "Delta vs scratch", "llrd").values())
+    assert values(table, "large", "Delta vs segbook", "llrd")["small"] == (pytest.approx(-5.0), 1)
+    assert cells(table, "large", "scratch")["average"].text() == "missing"
+    notes = "\n".join(table.notes)
+    assert "Delta vs scratch: mean of (recipe - scratch" in notes and "Delta vs segbook: mean of" in notes
+    assert f"large scratch: {A}, {B}, {C}, {D}" in notes and f"base pretrained heads-only: {B}" in notes
+
+    without_default = recipe_table(df, recipes=["llrd"])
+    assert not any(row[1] == "Delta vs segbook" for row in without_default.rows)
+    assert "no Delta vs segbook rows: the segbook recipe is not shown (add it to --recipes)" in without_default.notes
+    with pytest.raises(TableError, match="--init does not apply"):
+        build_table(df, "recipes", inits=["scratch"])
+
+
+def test_recipe_statistics_against_scratch_and_segbook(recipe_store) -> None:
+    df = collect_quietly(*recipe_store, recipes=[ALL_RECIPES])
+    stats = compare_recipes(df).set_index(["model", "recipe", "versus", "group"])
+    llrd = stats.loc[("base", "llrd", "scratch", "average")]
+    assert (llrd["n"], llrd["wins"], llrd["ties"], llrd["losses"]) == (3, 3, 0, 0)
+    assert (llrd["baseline"], llrd["score"], llrd["delta"]) == (
+        pytest.approx(100 * 1.85 / 3), pytest.approx(80.0), pytest.approx(55.0 / 3))
+    assert llrd["p_value"] == pytest.approx(wilcoxon([0.15, 0.20, 0.20]).pvalue)
+    heads = stats.loc[("base", "heads-only", "segbook", "average")]
+    assert (heads["n"], heads["wins"], heads["losses"]) == (3, 0, 3)
+    assert heads["p_value"] == pytest.approx(wilcoxon([-0.125, -0.10, -0.0205]).pvalue)
+    table = recipe_table(df)
+    labels = {"scratch": "Delta vs scratch", "segbook": "Delta vs segbook"}
+    for (model, recipe, versus, group), row in stats.iterrows():  # the same pairs as the table's delta rows
+        cell = cells(table, model, labels[versus], recipe)[group]
+        assert (row["delta"], row["n"]) == (pytest.approx(cell.value), cell.count)
+    assert ("base", "segbook", "segbook", "average") not in stats.index  # never against itself
+
+
+def test_recipe_names_are_checked_against_the_known_recipes(tmp_path: Path) -> None:
+    assert resolve_recipes(["segbook", "llrd", "scratch"]) == {"segbook": "pretrained", "llrd": "pretrained",
+                                                               "scratch": "scratch"}
+    with pytest.raises(RecipeError, match=r"unknown recipe\(s\) 'mine'; known: segbook, .* --recipe-file FILE"):
+        resolve_recipes(["segbook", "mine"])
+    assert resolve_recipes(["mine"], [write_recipe(tmp_path / "mine.yaml")]) == {"mine": "pretrained"}
+
+
+def write_recipe(path: Path, name: str = "mine") -> Path:
+    path.write_text(yaml.safe_dump({"name": name, "description": "a user's recipe", "source": "a test",
+                                    "init": "pretrained", "optimizer": {"kind": "sgd", "lr": 1e-3}}))
+    return path
+
+
+def test_imported_results_are_the_papers_recipes(recipe_store, tmp_path: Path) -> None:
+    paths, registry = recipe_store
+    import_results(write_csv(tmp_path / "paper.csv", [["Task009", "huge", "pretrained", "0.96", ""],
+                                                      ["Task009", "huge", "scratch", "0.90", ""]]), registry, paths)
+    df = collect_quietly(paths, registry, recipes=["segbook", "llrd"])
+    imported = df[df["source"] == "imported:paper"].set_index("init")
+    assert (imported.loc["pretrained", "recipe"], imported.loc["scratch", "recipe"]) == ("segbook", "scratch")
+    only_llrd = collect_quietly(paths, registry, recipes=["llrd"])
+    assert list(only_llrd.loc[only_llrd["source"] == "imported:paper", "init"]) == ["scratch"]
+
+
+def test_cli_recipes_option_and_table(recipe_store, registry_file: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture) -> None:
+    base = ["results", "--registry", str(registry_file), "--format", "json"]
+    assert main(base) == 0
+    captured = capsys.readouterr()
+    assert "recipe" not in json.loads(captured.out)[0]
+    assert "segbook: warning: ignored 7 result(s) of other recipes" in captured.err
+    assert "seed other than 0" in captured.err
+
+    assert main([*base, "--recipes", "segbook", "llrd"]) == 0
+    spaced = json.loads(capsys.readouterr().out)
+    assert main([*base, "--recipes", "segbook,llrd"]) == 0
+    commas = json.loads(capsys.readouterr().out)
+    assert spaced == commas
+    llrd = next(r for r in commas if (r["model"], r["init"], r["recipe"]) == ("base", "pretrained", "llrd"))
+    assert (llrd["average"], llrd["average n"], llrd["small missing"]) == (80.0, 3, D)
+
+    assert main([*base, "--table", "recipes"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    row = next(r for r in records if (r["model"], r["init"], r["recipe"]) == ("base", "Delta vs segbook", "llrd"))
+    assert (row["medium"], row["average"], row["average n"]) == (10.0, round(17.5 / 3, 4), 3)
+    assert main(["results", "--registry", str(registry_file), "--table", "recipes", "--metric", "nsd"]) == 0
+    out = capsys.readouterr().out
+    assert "NSD (%) by dataset scale per fine-tuning recipe" in out and "Delta vs segbook" in out
+
+    assert main([*base, "--table", "recipes", "--stats", "--recipes", "segbook,heads-only"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert {(r["recipe"], r["versus"]) for r in stats} == {("segbook", "scratch"), ("heads-only", "scratch"),
+                                                           ("heads-only", "segbook")}
+    assert main([*base, "--stats", "--recipes", "segbook,llrd"]) == 0
+    assert {r["recipe"] for r in json.loads(capsys.readouterr().out)} == {"segbook", "llrd"}
+
+    assert main([*base, "--recipes", "segbook,nosuch"]) == 2
+    assert "segbook: error: unknown recipe(s) 'nosuch'; known: segbook" in capsys.readouterr().err
+    assert main([*base, "--recipes", "segbook,mine"]) == 2
+    capsys.readouterr()
+    mine = write_recipe(tmp_path / "mine.yaml")
+    assert main([*base, "--recipes", "segbook,mine", "--recipe-file", str(mine), "--models", "base"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["init"], r["recipe"], r["average n"]) for r in rows if r["recipe"] == "mine"] == [
+        ("pretrained", "mine", 0), ("Delta(PT)", "mine", 0)]  # known, requested, without runs: missing
+    assert main([*base, "--table", "recipes", "--init", "scratch"]) == 2
+    assert "--init does not apply" in capsys.readouterr().err
 
 
 # --- import ----------------------------------------------------------------------------------------------------

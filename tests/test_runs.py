@@ -9,9 +9,8 @@ import pytest
 import yaml
 
 from segbook.registry import load_registry
-from segbook.runs import (MODELS, FolderParts, Identity, RunIdentityError, RunSpec, failure, record_failure,
-                          valid_combinations)
-from segbook.training.manifest import RunManifest
+from segbook.runs import MODELS, FolderParts, Identity, RunIdentityError, RunSpec, valid_combinations
+from segbook.training.manifest import RunManifest, failure, record_failure
 from segbook.training.settings import TrainingSettings
 from segbook.training.trainers import trainer_class
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+import stunet
 from stunet import PRESETS, STUNet, count_forward_macs, create_stunet, preset_summary, strides_from_plans
+
+#: stunet's modules, each importing (at the top, or inside a function) only modules listed before it.
+LAYERS = ("model", "checkpoints", "loading", "presets", "flops")
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +109,22 @@ def test_network_from_plans_strides_runs_at_plans_patch(poolings):
     outputs = network(torch.randn(1, 1, *patch))
     assert outputs[0].shape == (1, 3, *patch)
     assert len(outputs) == 5
+
+
+def _stunet_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stunet"):
+            names.add(node.module.removeprefix("stunet").lstrip(".") or "__init__")
+        elif isinstance(node, ast.Import):
+            names |= {a.name.removeprefix("stunet.") for a in node.names if a.name.startswith("stunet")}
+    return names
+
+
+def test_modules_import_each_other_without_cycles():
+    """Reading a checkpoint names its size (checkpoints' table) and building a network may load one: presets
+    imports loading, never the other way round."""
+    folder = Path(stunet.__file__).parent
+    assert {p.stem for p in folder.glob("*.py")} - {"__init__"} == set(LAYERS)
+    for index, module in enumerate(LAYERS):
+        assert _stunet_imports(folder / f"{module}.py") <= set(LAYERS[:index]), module

@@ -6,7 +6,10 @@ nothing to resume and starts again with the current options (its new manifest ke
 and events under `request.previous_attempt`). Each step is idempotent, so running a job again after any
 interruption continues where it stopped, and running a done job does nothing. A failure is recorded in the run's
 manifest (planning and training: `status: failed` and `error`; evaluation: `evaluation_error`, training stays
-finished) and ends this job only; `retry_failed` clears it.
+finished) and ends this job only; `segbook.batch.retry` clears it.
+
+`ExecutionOptions` are how every job of a batch runs, the same for both launchers (`run_local`, `submit_slurm`),
+each of which adds its own options (`LocalOptions`, `SlurmOptions`).
 """
 
 from __future__ import annotations
@@ -20,14 +23,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from segbook.batch.matrix import Job
+from segbook.batch.matrix import Job, check_recipes
 from segbook.claims import Claim, try_claim
 from segbook.errors import SegbookError
-from segbook.options import Bound, check_all
+from segbook.options import Bound, OptionError, check_all
 from segbook.paths import Paths
-from segbook.runs import failure, identity_fields, is_evaluated, record_failure
+from segbook.recipes import get_recipe
+from segbook.recipes import recipe_files as user_recipe_files
+from segbook.runs import identity_fields, is_evaluated
 from segbook.squeue import own_slurm_job
-from segbook.training.manifest import RunManifest
+from segbook.training.manifest import RunManifest, failure, record_failure
 from segbook.training.settings import TrainingSettings
 
 
@@ -44,8 +49,8 @@ class ExecutionOptions:
     """How every job of a batch runs; the same for all of them, sent as JSON to each worker and SLURM task.
 
     `pretrained_settings` (default: `settings`) lets fine-tuning use other hyperparameters than scratch training.
-    `registry_files` and `recipe_files` are absolute paths: the workers load the same registry and recipes wherever
-    they start.
+    `num_gpus` is each job's GPUs on cuda (nnU-Net's DDP when > 1). `registry_files` and `recipe_files` are absolute
+    paths: the workers load the same registry and recipes wherever they start.
     """
 
     settings: TrainingSettings = field(default_factory=TrainingSettings)
@@ -63,25 +68,34 @@ class ExecutionOptions:
     def create(cls, *, registry_files: Iterable[str | os.PathLike] = (),
                recipe_files: Iterable[str | os.PathLike] = (), weights: str | os.PathLike | None = None,
                **values: Any) -> "ExecutionOptions":
-        """Options with file paths made absolute (workers may start in another directory, on another node)."""
+        """Options with file paths made absolute (workers may start in another directory, on another node); the
+        recipe files of SEGBOOK_RECIPES are added to `recipe_files`, so they reach the workers explicitly too."""
         absolute = lambda files: tuple(str(Path(f).expanduser().resolve()) for f in files)  # noqa: E731
         weights = str(Path(weights).expanduser().resolve()) if weights else None
-        return cls(registry_files=absolute(registry_files), recipe_files=absolute(recipe_files), weights=weights,
-                   **values)
+        return cls(registry_files=absolute(registry_files), recipe_files=absolute(user_recipe_files(recipe_files)),
+                   weights=weights, **values)
 
-    def validate(self) -> "ExecutionOptions":
-        """`OptionError` for any value out of range, before a single job is started or submitted."""
+    def validate(self, jobs: Iterable[Job] = ()) -> "ExecutionOptions":
+        """Before a single job is started or submitted: `OptionError` for any value out of range, `RecipeError` for
+        a job whose recipe is unknown or cannot train it with these options (see `check_recipes`)."""
         for settings in (self.settings, self.pretrained_settings):
             if settings is not None:
                 settings.validate()
         check_all({"num_gpus": self.num_gpus, "processes": self.processes, "data_workers": self.data_workers},
                   BOUNDS)
+        if self.num_gpus > 1 and self.device != "cuda":
+            raise OptionError(f"--gpus-per-job {self.num_gpus} needs --device cuda (nnU-Net's DDP), not "
+                              f"{self.device}")
+        check_recipes(jobs, self.recipe_files, self.num_gpus)
         return self
+
+    @property
+    def gpus_per_job(self) -> int:
+        """The GPUs each job holds: `num_gpus` on cuda, none on the CPU (or mps, which is not counted in GPUs)."""
+        return self.num_gpus if self.device == "cuda" else 0
 
     def settings_for(self, job: Job) -> TrainingSettings:
         """The job's settings with its recipe's budget filled in (the run resolves the rest from its recipe)."""
-        from segbook.recipes import get_recipe
-
         settings = (self.pretrained_settings if job.spec.init == "pretrained" else None) or self.settings
         return settings.resolve(get_recipe(job.spec.recipe, job.spec.init, self.recipe_files))[0]
 
@@ -193,28 +207,3 @@ def _new_manifest(job: Job, options: ExecutionOptions, folder: Path, backend: st
     settings = replace(options.settings_for(job), weights=options.weights_for(job))
     folder.mkdir(parents=True, exist_ok=True)
     return RunManifest.create(folder, identity_fields(job.spec), settings, _request(job, backend))
-
-
-def retry_failed(job: Job, paths: Paths | None = None) -> str | None:
-    """Make a failed job pending again; returns the error it had (None when it had none, or is held).
-
-    The manifest keeps the error in a "retry" event; a failed training resumes from its latest checkpoint (or, with
-    none, starts again), a failed evaluation is redone without training again.
-    """
-    paths = paths or Paths.from_env()
-    claim = try_claim(paths.claims, job.id)
-    if not isinstance(claim, Claim):
-        return None
-    with claim.held():
-        claim.outcome = "reset for retry"
-        manifest = RunManifest.load(job.folder(paths))
-        error = failure(manifest) if manifest is not None else None
-        if error is None:
-            return None
-        if manifest.status == "failed":
-            manifest.data.update(status="created", error=None)
-        else:
-            del manifest.data["evaluation_error"]
-        manifest.event("retry", previous_error=error)
-        manifest.save()
-    return error

@@ -1,8 +1,10 @@
 """`run_local`: the pending jobs of a matrix as a queue over this machine's GPUs (or CPU workers).
 
-Each job runs in its own process, `segbook batch worker`, in its own session, with CUDA_VISIBLE_DEVICES naming its
-GPU (or its `gpus_per_job` GPUs for nnU-Net's DDP): a crash or an out-of-memory kill ends that job only, and the
-worker holds the job's claim itself, so even a launcher killed outright leaves no job claimed by a dead process.
+`run_local(jobs, ExecutionOptions(...), LocalOptions(...))`, the shape of `submit_slurm`'s arguments: how each job
+runs, then where. Each job runs in its own process, `segbook batch worker` (`segbook.batch.worker`), in its own
+session, with CUDA_VISIBLE_DEVICES naming its GPU (or its `num_gpus` GPUs for nnU-Net's DDP): a crash or an
+out-of-memory kill ends that job only, and the worker holds the job's claim itself, so even a launcher killed
+outright leaves no job claimed by a dead process.
 Ctrl-C (or SIGTERM) stops cleanly: no new job starts, the running ones get SIGINT (their manifests say
 "interrupted", their claims are released) and the launcher waits for them; a second Ctrl-C kills them. Running the
 same matrix again continues where it stopped.
@@ -14,27 +16,48 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator
 
 from segbook.batch.execute import ExecutionOptions
 from segbook.batch.matrix import Job, summary_line, survey
+from segbook.batch.worker import result_of, worker_command
 from segbook.errors import SegbookError
 from segbook.io import now
+from segbook.options import Bound, check_all
 from segbook.paths import Paths
-from segbook.runs import failure
-from segbook.training.manifest import RunManifest
-from segbook.training.settings import TrainingSettings
+from segbook.training.manifest import RunManifest, failure
 
-#: Exit statuses of `segbook batch worker`: done is 0; an interrupted worker exits 130 like every command.
-EXIT_FAILED = 1
-EXIT_BUSY = 75
 POLL_S = 0.5
+BOUNDS = {"workers": Bound("--workers", int, low=1)}
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    """Where on this machine the jobs run: `gpus` (ids; default: every visible GPU) and `workers`, the most jobs at
+    once (default: one per `num_gpus` GPUs on cuda, 1 on the CPU or mps)."""
+
+    gpus: tuple[str, ...] | None = None
+    workers: int | None = None
+
+    def slots(self, options: ExecutionOptions) -> list[str]:
+        """One CUDA_VISIBLE_DEVICES value per concurrent job ("" for CPU workers)."""
+        check_all({"workers": self.workers}, BOUNDS)
+        if options.device != "cuda":
+            if self.gpus:
+                raise SegbookError(f"--gpus is for --device cuda (got --device {options.device}); use --workers N")
+            return [""] * (self.workers or 1)
+        per_job = options.gpus_per_job
+        visible = [str(g).strip() for g in self.gpus] if self.gpus else _visible_gpus()
+        if len(visible) < per_job:
+            raise SegbookError(f"{len(visible)} GPU(s) visible ({','.join(visible) or 'none'}) but --gpus-per-job is "
+                               f"{per_job}: name GPUs with --gpus 0,1,... or run on the CPU with --device cpu")
+        groups = [",".join(visible[i:i + per_job]) for i in range(0, len(visible) - per_job + 1, per_job)]
+        return groups[:self.workers] if self.workers else groups
 
 
 @dataclass
@@ -65,21 +88,6 @@ def worker_log(paths: Paths, job: Job) -> Path:
     return paths.batch / "logs" / f"{job.id}.log"
 
 
-def slots_for(device: str, gpus: Sequence[int | str] | None, gpus_per_job: int, workers: int | None) -> list[str]:
-    """One CUDA_VISIBLE_DEVICES value per concurrent job ("" for CPU workers); on GPUs, `workers` caps how many
-    jobs run at once."""
-    if device != "cuda":
-        if gpus:
-            raise SegbookError(f"--gpus is for --device cuda (got --device {device}); use --workers N")
-        return [""] * (workers or 1)
-    visible = [str(g).strip() for g in gpus] if gpus else _visible_gpus()
-    if gpus_per_job < 1 or len(visible) < gpus_per_job:
-        raise SegbookError(f"{len(visible)} GPU(s) visible ({','.join(visible) or 'none'}) but --gpus-per-job is "
-                           f"{gpus_per_job}: name GPUs with --gpus 0,1,... or run on the CPU with --device cpu")
-    groups = [",".join(visible[i:i + gpus_per_job]) for i in range(0, len(visible) - gpus_per_job + 1, gpus_per_job)]
-    return groups[:workers] if workers else groups
-
-
 def _visible_gpus() -> list[str]:
     if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
         return [g for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
@@ -88,24 +96,19 @@ def _visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def run_local(jobs: Iterable[Job], *, registry_files: Sequence[str | os.PathLike] = (), device: str = "cuda",
-              gpus: Sequence[int | str] | None = None, gpus_per_job: int = 1, workers: int | None = None,
-              settings: TrainingSettings | None = None, pretrained_settings: TrainingSettings | None = None,
-              weights: str | os.PathLike | None = None, compile: bool | None = None, processes: int | None = None,
-              data_workers: int | None = None, paths: Paths | None = None,
-              say: Callable[[str], None] = print) -> LocalReport:
+def run_local(jobs: Iterable[Job], options: ExecutionOptions, local: LocalOptions = LocalOptions(), *,
+              paths: Paths | None = None, say: Callable[[str], None] = print) -> LocalReport:
     """Run the matrix's pending jobs on this machine; done, running, failed and blocked jobs are left alone.
 
-    `registry_files` must define every task of `jobs` that is not built in (the workers load them). Raises
+    `options.registry_files` must define every task of `jobs` that is not built in (the workers load them). Options
+    out of range and recipes that do not fit their jobs are refused before anything starts. Raises
     KeyboardInterrupt after a clean stop on Ctrl-C or SIGTERM.
     """
+    jobs = list(jobs)
+    options.validate(jobs)
+    slots = local.slots(options)
     paths = paths or Paths.from_env()
     paths.export()
-    slots = slots_for(device, gpus, gpus_per_job, workers)
-    options = ExecutionOptions.create(
-        registry_files=registry_files, weights=weights, settings=settings or TrainingSettings(),
-        pretrained_settings=pretrained_settings, device=device, num_gpus=gpus_per_job if device == "cuda" else 1,
-        compile=compile, processes=processes, data_workers=data_workers).validate()
     statuses = survey(jobs, paths, weights=options.pretrained_weights)
     queue = deque(s.job for s in statuses if s.state == "pending" and not s.slurm_live)
     queued = sum(s.state == "pending" and s.slurm_live for s in statuses)
@@ -150,15 +153,13 @@ class _Launcher:
         log = worker_log(self.paths, job)
         log.parent.mkdir(parents=True, exist_ok=True)
         where = f"GPU {slot}" if slot else "CPU"
-        command = [sys.executable, "-m", "segbook.cli.main", "batch", "worker", "--job", job.id,
-                   "--options", self.options.to_json()]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": slot, "PYTHONUNBUFFERED": "1"}
         if self.options.device == "mps":
             env.pop("CUDA_VISIBLE_DEVICES")
         with log.open("a") as out:
             out.write(f"\n=== {now()} segbook batch run: {job.id} on {where} ===\n")
             out.flush()
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+            process = subprocess.Popen(worker_command(job, self.options), stdout=out, stderr=subprocess.STDOUT, env=env,
                                        start_new_session=True)
         self.active.append(_Worker(job, slot, process, log, time.time()))
         self.say(f"[{position}] start  {job.id} on {where} (log: {log})")
@@ -169,13 +170,14 @@ class _Launcher:
         code = worker.process.returncode
         minutes = (time.time() - worker.started) / 60
         job = worker.job.id
-        if code == 0:
+        result = result_of(code)
+        if result == "done":
             self.report.done.append(job)
             self.say(f"[done]    {job} in {minutes:.1f} min")
-        elif code == EXIT_FAILED:
+        elif result == "failed":
             self.report.failed.append(job)
             self.say(f"[failed]  {job}: {self._error(worker)} (log: {worker.log})")
-        elif code == EXIT_BUSY:
+        elif result == "busy":
             self.report.busy.append(job)
             self.say(f"[skipped] {job}: another process holds it")
         else:

@@ -1,7 +1,9 @@
-"""The job matrix (tasks x models x initialisations x folds) and the state of each job, read from the files.
+"""The job matrix (tasks x models x initialisations x recipes x folds) and the state of each job, read from the
+files.
 
-A job is one run (`RunSpec`) of one registered task. Its state is never stored: it is derived each time from what
-the run folder, the claims and SLURM say, so it cannot drift from the truth:
+A job is one run (`RunSpec`) of one registered task. Every pretrained (model, init) pair of the selection gets one
+job per requested fine-tuning recipe; scratch jobs train with the `scratch` recipe. Its state is never stored: it is
+derived each time from what the run folder, the claims and SLURM say, so it cannot drift from the truth:
 
 - done: the run finished training and is evaluated;
 - running: a live process holds the job's claim (or its SLURM task runs and is about to claim it);
@@ -13,25 +15,29 @@ the run folder, the claims and SLURM say, so it cannot drift from the truth:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 from segbook import claims
-from segbook.squeue import LIVE_STATES, RUNNING_STATES
+from segbook.batch.submissions import SubmittedTask, latest_tasks
 from segbook.errors import SegbookError
 from segbook.paths import Paths
-from segbook.runs import (FOLDS, INITS, MODELS, RunIdentityError, RunSpec, failure, has_resumable_checkpoint,
+from segbook.recipes import RecipeError, get_recipe, load_recipes
+from segbook.runs import (DEFAULT_RECIPES, FOLDS, INITS, MODELS, RunIdentityError, RunSpec, has_resumable_checkpoint,
                           is_evaluated, valid_combinations)
-from segbook.training.manifest import RunManifest
+from segbook.squeue import LIVE_STATES, RUNNING_STATES, array_of, slurm_available, squeue_states
+from segbook.training.manifest import RunManifest, failure
 
 if TYPE_CHECKING:
-    from segbook.batch.slurm import SubmittedTask
     from segbook.registry import DatasetEntry, Registry
 
 STATES = ("done", "running", "failed", "pending", "blocked")
 #: The SegBook study: three STU-Net sizes, each pretrained and from scratch, and nnU-Net's network from scratch.
 DEFAULT_MODELS = ("base", "large", "huge", "nnunet")
+#: The recipe of the study's pretrained jobs (SegBook's fine-tuning); scratch jobs always train with `scratch`.
+DEFAULT_MATRIX_RECIPES = (DEFAULT_RECIPES["pretrained"],)
 
 
 class MatrixError(SegbookError):
@@ -53,9 +59,13 @@ class Job:
         return self.spec.folder(paths.results)
 
 
+def _items(text: str | Sequence[str]) -> list[str]:
+    return [v.strip() for v in (text.split(",") if isinstance(text, str) else text) if v.strip()]
+
+
 def parse_choices(text: str | Sequence[str], choices: Sequence[str], what: str) -> list[str]:
     """"a,b" (or a list) -> ["a", "b"], checked against `choices`; "all" means every choice."""
-    values = [v.strip() for v in (text.split(",") if isinstance(text, str) else text) if v.strip()]
+    values = _items(text)
     if values == ["all"] and "all" not in choices:
         return list(choices)
     unknown = [v for v in values if v not in choices]
@@ -65,15 +75,33 @@ def parse_choices(text: str | Sequence[str], choices: Sequence[str], what: str) 
     return list(dict.fromkeys(values))
 
 
+def parse_recipes(text: str | Sequence[str],
+                  recipe_files: Sequence[str | os.PathLike] | None = None) -> list[str]:
+    """"a,b" (or a list) -> the named recipes, each known (built in, in `recipe_files` or in SEGBOOK_RECIPES);
+    "all" means every recipe for pretrained runs."""
+    values = _items(text)
+    if values == ["all"]:
+        return [name for name, recipe in load_recipes(recipe_files).items() if recipe.init == "pretrained"]
+    if not values:
+        raise MatrixError("no recipe given; name one or more (`segbook recipes` lists them), or 'all'")
+    for name in values:
+        get_recipe(name, "pretrained", recipe_files)  # a RecipeError listing the known ones
+    return list(dict.fromkeys(values))
+
+
 def build_matrix(registry: "Registry", tasks: str | Sequence[str] = "all", *, scale: str | None = None,
                  modality: str | None = None, target: str | None = None, region: str | None = None,
                  models: str | Sequence[str] = DEFAULT_MODELS, inits: str | Sequence[str] = INITS,
+                 recipes: str | Sequence[str] = DEFAULT_MATRIX_RECIPES,
+                 recipe_files: Sequence[str | os.PathLike] | None = None,
                  folds: str | Sequence[str] = ("all",)) -> list[Job]:
-    """Every valid (task, model, init, fold) of the selection, in registry order.
+    """Every valid (task, model, init, recipe, fold) of the selection, in registry order.
 
     `tasks` is "all" or task names (anything `Registry.get` resolves: 613, Task613, a key, a name); the filters
-    narrow it further. nnU-Net's network is only trained from scratch, so it has no pretrained job. Folds: "all" is
-    nnU-Net's fold 'all' (the whole train split, SegBook's protocol), 0-4 its cross-validation folds.
+    narrow it further. nnU-Net's network is only trained from scratch, so it has no pretrained job. Each pretrained
+    job is made once per recipe of `recipes` ("all": every pretrained recipe); scratch jobs train with `scratch`.
+    An unknown recipe, or one that cannot train a selected model, is a `RecipeError` here, before anything runs.
+    Folds: "all" is nnU-Net's fold 'all' (the whole train split, SegBook's protocol), 0-4 its cross-validation folds.
     """
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t.strip()]
@@ -82,10 +110,32 @@ def build_matrix(registry: "Registry", tasks: str | Sequence[str] = "all", *, sc
     entries = list({e.key: e for e in chosen if e.key in selected}.values())
     models = parse_choices(models, MODELS, "model")
     inits = parse_choices(inits, INITS, "initialisation")
+    recipes = parse_recipes(recipes, recipe_files)
     folds = parse_choices(folds, FOLDS, "fold")
     valid = set(valid_combinations())
-    return [Job(RunSpec.of(e, m, i, f), e) for e in entries for m in models for i in inits
-            for f in folds if (m, i) in valid]
+    runs = [(m, i, r) for m in models for i in inits if (m, i) in valid
+            for r in (recipes if i == "pretrained" else [DEFAULT_RECIPES[i]])]
+    jobs = [Job(RunSpec.of(e, m, i, f, recipe=r), e) for e in entries for m, i, r in runs for f in folds]
+    check_recipes(jobs, recipe_files)
+    return jobs
+
+
+def check_recipes(jobs: Iterable[Job], recipe_files: Sequence[str | os.PathLike] | None = None,
+                  num_gpus: int = 1) -> None:
+    """A `RecipeError` when a job's recipe is unknown or cannot train its model and initialisation on `num_gpus`
+    GPUs (`Recipe.check_fits`): said once per recipe, model and initialisation, before anything is written."""
+    for name, model, init in dict.fromkeys((j.spec.recipe, j.spec.model, j.spec.init) for j in jobs):
+        recipe = get_recipe(name, init, recipe_files)
+        try:
+            recipe.check_fits(model, init, num_gpus)
+        except RecipeError as error:
+            gpus = f" of {num_gpus} GPUs (--gpus-per-job)" if num_gpus > 1 else ""
+            raise RecipeError(f"{model} {init} jobs{gpus}: {error}") from None
+
+
+def several_recipes(jobs: Iterable[Job]) -> bool:
+    """Whether the pretrained jobs train with more than one recipe (then tables show a recipe column)."""
+    return len({j.spec.recipe for j in jobs if j.spec.init == "pretrained"}) > 1
 
 
 def job_from_id(registry: "Registry", job_id: str) -> Job:
@@ -111,15 +161,17 @@ class JobStatus:
     slurm_live: bool = False  # that task is still to run or running (and has written no result)
     log: str | None = None
 
-    def row(self) -> dict[str, object]:
+    def row(self, recipe: bool = False) -> dict[str, object]:
+        """A table row; `recipe` adds the job's recipe (for a matrix of several)."""
         spec = self.job.spec
-        return {"task": spec.task, "model": spec.model, "init": spec.init, "fold": spec.fold, "state": self.state,
+        return {"task": spec.task, "model": spec.model, "init": spec.init,
+                **({"recipe": spec.recipe} if recipe else {}), "fold": spec.fold, "state": self.state,
                 "epochs": f"{self.epochs_done}/{self.epochs_total}" if self.epochs_total else "",
                 "slurm": self.slurm_state or "", "detail": self.detail}
 
     def record(self) -> dict[str, object]:
-        """Every field, with the job id: for JSON output and scripts."""
-        return {"job": self.job.id, **self.row(), "epochs_done": self.epochs_done,
+        """Every field, with the job id and recipe: for JSON output and scripts."""
+        return {"job": self.job.id, **self.row(recipe=True), "epochs_done": self.epochs_done,
                 "epochs_total": self.epochs_total, "slurm_id": self.slurm_id, "log": self.log}
 
 
@@ -150,7 +202,7 @@ def _pending_detail(manifest: RunManifest | None, folder: Path) -> str:
     return "restarts (no checkpoint yet)"
 
 
-def _slurm_fields(task: "SubmittedTask | None", queue: Mapping[str, str] | None) -> dict[str, object]:
+def _slurm_fields(task: SubmittedTask | None, queue: Mapping[str, str] | None) -> dict[str, object]:
     """What SLURM says of the job's latest task: squeue's state, and whether it is live. A result file means the
     task is over even while squeue still shows it RUNNING or COMPLETING for a moment."""
     if task is None:
@@ -161,7 +213,7 @@ def _slurm_fields(task: "SubmittedTask | None", queue: Mapping[str, str] | None)
 
 
 def job_status(job: Job, paths: Paths, *, weights: str | Path | None = None,
-               queue: Mapping[str, str] | None = None, submitted: "SubmittedTask | None" = None,
+               queue: Mapping[str, str] | None = None, submitted: SubmittedTask | None = None,
                ask_slurm: bool = True) -> JobStatus:
     """The state of one job (see the module docstring); `queue` and `submitted` come from `survey`."""
     folder = job.folder(paths)
@@ -200,9 +252,6 @@ def _blocked(job: Job, paths: Paths, manifest: RunManifest | None, folder: Path,
 def survey(jobs: Iterable[Job], paths: Paths | None = None, *, weights: str | Path | None = None,
            slurm: bool = True) -> list[JobStatus]:
     """The state of every job, asking squeue once for all of them (when `slurm` and SLURM is installed)."""
-    from segbook.batch.slurm import latest_tasks
-    from segbook.squeue import array_of, slurm_available, squeue_states
-
     paths = paths or Paths.from_env()
     jobs = list(jobs)
     submitted = latest_tasks(paths) if slurm else {}
@@ -214,6 +263,15 @@ def survey(jobs: Iterable[Job], paths: Paths | None = None, *, weights: str | Pa
         queue = squeue_states(ids)
     return [job_status(job, paths, weights=weights, queue=queue, submitted=submitted.get(job.id),
                        ask_slurm=False) for job in jobs]
+
+
+def in_states(statuses: Iterable[JobStatus], states: str | Sequence[str] | None) -> list[JobStatus]:
+    """The statuses whose state is one of `states` ("failed,running" or a list; None or empty: all of them)."""
+    statuses = list(statuses)
+    if not states:
+        return statuses
+    wanted = set(parse_choices(states, STATES, "state"))
+    return [s for s in statuses if s.state in wanted]
 
 
 def counts(statuses: Iterable[JobStatus]) -> dict[str, int]:

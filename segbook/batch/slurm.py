@@ -1,19 +1,20 @@
 """`submit_slurm`: the pending jobs of a matrix as one SLURM job array, through submitit.
 
-Each array task is a `BatchTask` (a `submitit.helpers.Checkpointable`): it runs `run_job` for its job. On timeout
-or preemption SLURM sends USR2; submitit then pickles the task again (`checkpoint()` returns a DelayedSubmission of
-the task itself), requeues it and exits, and the requeued run claims the job again and resumes the run from its
-latest checkpoint (the manifest records "interrupted", then "resumed").
+`submit_slurm(jobs, ExecutionOptions(...), SlurmOptions(...))`, the shape of `run_local`'s arguments: how each job
+runs (its GPUs too: `num_gpus` on cuda, none on the CPU), then the sbatch parameters. Each array task is a
+`BatchTask` (a `submitit.helpers.Checkpointable`): it runs the worker (`segbook.batch.worker.work`) for its job.
+On timeout or preemption SLURM sends USR2; submitit then pickles the task again (`checkpoint()` returns a
+DelayedSubmission of the task itself), requeues it and exits, and the requeued run claims the job again and resumes
+the run from its latest checkpoint (the manifest records "interrupted", then "resumed").
 
-Files, under `$SEGBOOK_HOME/batch/slurm/<submission>/`: `submission.json` (job ids <-> SLURM ids, the sbatch
-parameters and the execution options), and submitit's folders `<array>_<index>/` with the task's
-`<array>_<index>_0_log.out` / `_log.err` (appended to across requeues) and `_result.pkl` once it ended. States
-come from squeue, these result files and the run manifests, never from sacct (see docs/slurm_testing.md).
+Files, under `$SEGBOOK_HOME/batch/slurm/<submission>/`: `submission.json` (`segbook.batch.submissions`: job ids
+<-> SLURM ids, the sbatch parameters and the execution options), and submitit's folders `<array>_<index>/` with the
+task's `<array>_<index>_0_log.out` / `_log.err` (appended to across requeues) and `_result.pkl` once it ended.
+States come from squeue, these result files and the run manifests, never from sacct (see docs/slurm_testing.md).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -24,27 +25,29 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import submitit
-from submitit.core.utils import JobPaths
 
-from segbook.batch.execute import ExecutionOptions, JobFailed, run_job
-from segbook.batch.matrix import Job, job_from_id, summary_line, survey
+from segbook.batch.execute import ExecutionOptions, JobFailed
+from segbook.batch.matrix import Job, summary_line, survey
+from segbook.batch.submissions import SubmittedTask, submissions_folder, write_submission
+from segbook.batch.worker import work
 from segbook.errors import SegbookError
-from segbook.io import atomic_write_json
+from segbook.options import Bound, check_all
 from segbook.paths import Paths
-from segbook.io import now
 
-SUBMISSION_RECORD = "submission.json"
 #: nnU-Net's augmentation wants about this many CPU cores per GPU.
 CPUS_PER_GPU = 8
+BOUNDS = {"cpus_per_job": Bound("--cpus-per-job", int, low=1),
+          "array_parallelism": Bound("--array-parallelism", int, low=1),
+          "max_timeouts": Bound("--max-timeouts", int, low=0)}
 
 
 @dataclass(frozen=True)
 class SlurmOptions:
-    """sbatch parameters of every task of the array (`--extra-sbatch` entries are "key=value" or "flag")."""
+    """sbatch parameters of every task of the array (`--extra-sbatch` entries are "key=value" or "flag"); the
+    GPUs per task are the execution options' (`ExecutionOptions.gpus_per_job`)."""
 
     partition: str | None = None
     time: str = "48:00:00"
-    gpus_per_job: int = 1
     cpus_per_job: int | None = None  # default: 8 per GPU, 1 for a CPU job
     mem: str | None = None  # sbatch --mem, e.g. "64G"; default: the cluster's
     account: str | None = None
@@ -52,14 +55,15 @@ class SlurmOptions:
     extra_sbatch: tuple[str, ...] = ()
     max_timeouts: int = 10  # requeues after reaching the time limit (preemptions do not count)
 
-    def parameters(self) -> dict[str, Any]:
-        """submitit's `update_parameters` arguments."""
+    def parameters(self, gpus_per_job: int) -> dict[str, Any]:
+        """submitit's `update_parameters` arguments, for tasks of `gpus_per_job` GPUs each."""
+        check_all(asdict(self), BOUNDS)
         extra = dict(_sbatch_pair(item) for item in self.extra_sbatch)
         if self.mem:
             extra["mem"] = self.mem
         values = {"job_name": "segbook", "partition": self.partition, "time": time_minutes(self.time),
-                  "cpus_per_task": self.cpus_per_job or max(1, CPUS_PER_GPU * self.gpus_per_job),
-                  "gpus_per_node": self.gpus_per_job or None, "account": self.account,
+                  "cpus_per_task": self.cpus_per_job or max(1, CPUS_PER_GPU * gpus_per_job),
+                  "gpus_per_node": gpus_per_job or None, "account": self.account,
                   "array_parallelism": self.array_parallelism, "additional_parameters": extra or None}
         return {k: v for k, v in values.items() if v is not None}
 
@@ -88,44 +92,6 @@ def time_minutes(text: str) -> int:
     return math.ceil(seconds / 60)
 
 
-@dataclass(frozen=True)
-class SubmittedTask:
-    """One array task of a submission, and where submitit keeps its files."""
-
-    submission: str
-    job: str
-    slurm_id: str
-    folder: Path  # the executor folder, with submitit's %j
-
-    @property
-    def files(self) -> JobPaths:
-        return JobPaths(self.folder, job_id=self.slurm_id, task_id=0)
-
-    @property
-    def stdout(self) -> Path:
-        return self.files.stdout
-
-    def finished(self) -> bool:
-        """submitit writes the result file when the task ends (whatever squeue says for a moment after)."""
-        return self.files.result_pickle.exists()
-
-
-def submissions_folder(paths: Paths) -> Path:
-    return paths.batch / "slurm"
-
-
-def latest_tasks(paths: Paths) -> dict[str, SubmittedTask]:
-    """Each job's most recent SLURM task, from the submission records."""
-    records = sorted(submissions_folder(paths).glob(f"*/{SUBMISSION_RECORD}"))
-    tasks = {}
-    for path in records:  # submission ids start with their time: later ones win
-        record = json.loads(path.read_text())
-        folder = Path(record["folder"])
-        for item in record["jobs"]:
-            tasks[item["job"]] = SubmittedTask(record["id"], item["job"], item["slurm_id"], folder)
-    return tasks
-
-
 class BatchTask(submitit.helpers.Checkpointable):
     """An array task: run one job. Checkpointable, so SLURM's timeout or preemption signal requeues it whole;
     the rerun resumes the run from its latest checkpoint (nnU-Net saves one every `checkpoint_every` epochs)."""
@@ -135,12 +101,8 @@ class BatchTask(submitit.helpers.Checkpointable):
         self.paths = paths
 
     def __call__(self, job_id: str) -> dict[str, Any]:
-        from segbook.registry import load_registry
-
         _fit_processes_to_allocation(self.options)
-        job = job_from_id(load_registry(self.options.registry_files), job_id)
-        outcome = run_job(job, self.options, self.paths, backend="slurm")
-        print(f"segbook batch: {job_id}: {outcome.result} {outcome.message}".rstrip(), flush=True)
+        outcome = work(job_id, self.options, self.paths, backend="slurm")
         if outcome.result == "failed":
             raise JobFailed(outcome.message)  # the task ends FAILED in SLURM; the manifest has the details
         return asdict(outcome)
@@ -156,18 +118,19 @@ def _fit_processes_to_allocation(options: ExecutionOptions) -> None:
         os.environ["nnUNet_n_proc_DA"] = str(min(current, cpus - 1))
 
 
-def submit_slurm(jobs: Iterable[Job], options: ExecutionOptions, slurm: SlurmOptions, *,
+def submit_slurm(jobs: Iterable[Job], options: ExecutionOptions, slurm: SlurmOptions = SlurmOptions(), *,
                  paths: Paths | None = None, dry_run: bool = False,
                  say: Callable[[str], None] = print) -> list[SubmittedTask]:
     """Submit the matrix's pending jobs that no SLURM task is already queued or running for, as one array.
 
-    Done, running, failed and blocked jobs are skipped, so submitting again submits only what is left. Returns the
-    submitted tasks (none on a dry run, which prints the sbatch script and the jobs instead).
+    Done, running, failed and blocked jobs are skipped, so submitting again submits only what is left. Options out
+    of range and recipes that do not fit their jobs are refused before anything is submitted. Returns the submitted
+    tasks (none on a dry run, which prints the sbatch script and the jobs instead).
     """
+    jobs = list(jobs)
+    options.validate(jobs)
+    parameters = slurm.parameters(options.gpus_per_job)
     paths = paths or Paths.from_env()
-    options.validate()
-    if options.device == "cuda" and slurm.gpus_per_job < 1:
-        raise SegbookError("--device cuda needs --gpus-per-job 1 or more (or use --device cpu)")
     statuses = survey(jobs, paths, weights=options.pretrained_weights)
     unknown = sum(s.slurm_id is not None and s.slurm_state is None for s in statuses)
     if unknown:
@@ -181,7 +144,6 @@ def submit_slurm(jobs: Iterable[Job], options: ExecutionOptions, slurm: SlurmOpt
         return []
     submission = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
     folder = submissions_folder(paths) / submission
-    parameters = slurm.parameters()
     if dry_run:
         _print_dry_run(todo, folder, parameters, say)
         return []
@@ -190,10 +152,7 @@ def submit_slurm(jobs: Iterable[Job], options: ExecutionOptions, slurm: SlurmOpt
     executor.update_parameters(**parameters)
     submitted = executor.map_array(BatchTask(options, paths), [job.id for job in todo])
     tasks = [SubmittedTask(submission, job.id, task.job_id, folder / "%j") for job, task in zip(todo, submitted)]
-    atomic_write_json(folder / SUBMISSION_RECORD, {
-        "id": submission, "created_at": now(), "array_job_id": tasks[0].slurm_id.split("_")[0],
-        "folder": str(folder / "%j"), "parameters": parameters, "options": asdict(options),
-        "jobs": [{"job": t.job, "slurm_id": t.slurm_id} for t in tasks]})
+    write_submission(folder, tasks, parameters, asdict(options))
     say(f"submitted {len(tasks)} job(s) as SLURM array {tasks[0].slurm_id.split('_')[0]} ({submission}); "
         f"logs: {folder}/<array>_<index>/<array>_<index>_0_log.out")
     return tasks

@@ -12,8 +12,7 @@ from segbook.cli.common import (POSITIVE_NUMBER, HelpFormatter, add_registry_opt
 
 if TYPE_CHECKING:
     from segbook.batch.execute import ExecutionOptions
-    from segbook.batch.matrix import Job, JobStatus
-    from segbook.paths import Paths
+    from segbook.batch.matrix import Job
 
 TABLE_FORMATS = ("table", "md", "csv", "json")
 
@@ -21,9 +20,9 @@ TABLE_FORMATS = ("table", "md", "csv", "json")
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "batch", help="the benchmark matrix as resumable jobs: plan, run locally, submit to SLURM, status, retry",
-        description="Jobs are (task, model, initialisation, fold) runs. A job plans its task if needed, trains "
-                    "(resuming from its latest checkpoint) and evaluates; a done job is skipped, a claim per job "
-                    "keeps two launchers (or a requeued SLURM task and its predecessor) from running it twice. "
+        description="Jobs are (task, model, initialisation, recipe, fold) runs. A job plans its task if needed, "
+                    "trains (resuming from its latest checkpoint) and evaluates; a done job is skipped, a claim per "
+                    "job keeps two launchers (or a requeued SLURM task and its predecessor) from running it twice. "
                     "See docs/batch.md.")
     commands = parser.add_subparsers(dest="batch_command", metavar="SUBCOMMAND")
     commands.required = True
@@ -51,6 +50,9 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--models", default="base,large,huge,nnunet",
                        help="comma-separated: tiny, small, base, large, huge, nnunet")
     group.add_argument("--init", default="pretrained,scratch", help="pretrained, scratch or both")
+    group.add_argument("--recipes", default="segbook",
+                       help="fine-tuning recipes of the pretrained jobs, comma-separated, or 'all' (`segbook "
+                            "recipes` lists them); one job per recipe; scratch jobs train with 'scratch'")
     group.add_argument("--folds", default="all",
                        help="'all' is nnU-Net's fold all (the whole train split, SegBook's protocol); 0-4 are "
                             "cross-validation folds; comma-separated")
@@ -84,7 +86,8 @@ def _add_slurm(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cpus-per-job", type=at_least(1), default=None, help="default: 8 per GPU, 1 without GPU")
     group.add_argument("--mem", help="memory per job, as sbatch --mem (e.g. 64G; default: the cluster's)")
     group.add_argument("--account", help="account to charge")
-    group.add_argument("--array-parallelism", type=at_least(1), default=None, help="most tasks of the array running at once")
+    group.add_argument("--array-parallelism", type=at_least(1), default=None,
+                       help="most tasks of the array running at once")
     group.add_argument("--extra-sbatch", action="append", default=[], metavar="OPTION",
                        help="another sbatch option, as --extra-sbatch=--qos=high or --extra-sbatch constraint=a100 "
                             "(repeatable)")
@@ -98,7 +101,7 @@ def _register_plan(commands: argparse._SubParsersAction) -> None:
                         "Lists the jobs of the selection with their state (done, running, failed, pending, blocked) "
                         "and an estimate of GPU-hours from the network's FLOPs, the task's plans (or its reference "
                         "patch before planning) and the training budget, with totals.",
-                        "segbook batch plan --tasks all --models base,large,huge,nnunet")
+                        "segbook batch plan --tasks all --models base,large,huge,nnunet --recipes segbook,llrd")
     _add_selection(parser)
     add_training_options(parser)
     parser.add_argument("--assumed-tflops", type=POSITIVE_NUMBER, default=None,
@@ -143,6 +146,8 @@ def _register_status(commands: argparse._SubParsersAction) -> None:
     _add_selection(parser)
     parser.add_argument("--weights", metavar="PATH", help="the checkpoint pretrained jobs would start from (for "
                                                           "the blocked state)")
+    parser.add_argument("--recipe-file", metavar="FILE", action="append", default=[],
+                        help="your own recipes (YAML), added to the built-in ones (repeatable; also SEGBOOK_RECIPES)")
     parser.add_argument("--state", help="only jobs in these states (comma-separated)")
     parser.add_argument("--format", choices=TABLE_FORMATS, default="table")
     parser.set_defaults(handler=run_status)
@@ -170,16 +175,12 @@ def _register_worker(commands: argparse._SubParsersAction) -> None:
         description="Claims, plans, trains and evaluates one job with the execution options (JSON) a launcher "
                     "passes. Exit status: 0 done, 1 failed (recorded in the manifest), 75 held by another process, "
                     "130 interrupted.")
-    parser.add_argument("--job", required=True, help="the job id (TASK__MODEL__INIT__fold_FOLD)")
+    parser.add_argument("--job", required=True, help="the job id (TASK__MODEL__INIT[__RECIPE]__fold_FOLD)")
     parser.add_argument("--options", required=True, help="the execution options as JSON")
     parser.set_defaults(handler=run_worker)
 
 
 # --- handlers -----------------------------------------------------------------------------------------------------
-
-def _registry_files(args: argparse.Namespace) -> list[str]:
-    return list(getattr(args, "registry", None) or [])
-
 
 def _matrix(args: argparse.Namespace) -> list["Job"]:
     from segbook.batch.matrix import MatrixError, build_matrix
@@ -187,7 +188,7 @@ def _matrix(args: argparse.Namespace) -> list["Job"]:
 
     jobs = build_matrix(registry_from_args(args), args.tasks, scale=args.scale, modality=args.modality,
                         target=args.target, region=args.region, models=args.models, inits=args.init,
-                        folds=args.folds)
+                        recipes=args.recipes, recipe_files=args.recipe_file, folds=args.folds)
     if not jobs:
         raise MatrixError("the selection matches no job (nnU-Net's network has no pretrained job; check the "
                           "filters with `segbook tasks`)")
@@ -202,18 +203,10 @@ def _options(args: argparse.Namespace, backend: str) -> "ExecutionOptions":
     # cluster's GPU nodes, which the submitting node cannot see.
     device = resolve_device(args.device, print) if backend == "local" else (args.device or "cuda")
     return ExecutionOptions.create(
-        registry_files=_registry_files(args), weights=args.weights, settings=training_settings_from_args(args),
-        device=device, num_gpus=args.gpus_per_job if device == "cuda" else 1, compile=args.compile,
-        processes=args.processes, data_workers=args.data_workers)
-
-
-def _only(statuses: list["JobStatus"], states: str | None) -> list["JobStatus"]:
-    from segbook.batch.matrix import STATES, parse_choices
-
-    if not states:
-        return statuses
-    wanted = set(parse_choices(states, STATES, "state"))
-    return [s for s in statuses if s.state in wanted]
+        registry_files=getattr(args, "registry", None) or [], recipe_files=args.recipe_file, weights=args.weights,
+        settings=training_settings_from_args(args), device=device,
+        num_gpus=args.gpus_per_job if device == "cuda" else 1, compile=args.compile, processes=args.processes,
+        data_workers=args.data_workers)
 
 
 def _print(rows: list[dict[str, Any]], totals: list[dict[str, Any]], fmt: str) -> None:
@@ -233,129 +226,75 @@ def _print(rows: list[dict[str, Any]], totals: list[dict[str, Any]], fmt: str) -
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from segbook.batch.matrix import counts, survey
+    from segbook.batch.matrix import counts, in_states, several_recipes, survey
 
-    statuses = survey(_matrix(args), weights=args.weights)
-    shown = _only(statuses, args.state)
-    rows = [s.record() if args.format == "json" else s.row() for s in shown]
+    jobs = _matrix(args)
+    statuses = survey(jobs, weights=args.weights)
+    recipe = several_recipes(jobs)
+    rows = [s.record() if args.format == "json" else s.row(recipe) for s in in_states(statuses, args.state)]
     totals = [{"state": state, "jobs": n} for state, n in counts(statuses).items()]
     _print(rows, totals + [{"state": "total", "jobs": len(statuses)}], args.format)
     return 0
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from segbook.batch.estimate import DEFAULT_ASSUMED_TFLOPS, estimate_jobs
+    from segbook.batch.estimate import DEFAULT_ASSUMED_TFLOPS
     from segbook.batch.execute import ExecutionOptions
-    from segbook.batch.matrix import STATES, survey
-    from segbook.paths import Paths
+    from segbook.batch.forecast import forecast
+    from segbook.batch.matrix import several_recipes
 
-    paths = Paths.from_env()
     jobs = _matrix(args)
-    options = ExecutionOptions.create(weights=args.weights, settings=training_settings_from_args(args))
-    statuses = survey(jobs, paths, weights=options.pretrained_weights)
-    estimates = estimate_jobs(jobs, lambda job: _budget(job, options, paths), paths,
-                              args.assumed_tflops or DEFAULT_ASSUMED_TFLOPS)
-    rows = [_plan_row(s, estimates[s.job.id], args.format == "json") for s in statuses]
-    totals = []
-    for state in (*STATES, "total"):
-        members = [r for r in rows if state in (r["state"], "total")]
-        totals.append({"state": state, "jobs": len(members), "gpu_hours": _sum(members, "gpu_hours"),
-                       "left_gpu_hours": _sum(members, "left_gpu_hours")})
-    shown = {s.job.id for s in _only(statuses, args.state)}
-    _print([r for r, s in zip(rows, statuses) if s.job.id in shown], totals, args.format)
+    options = ExecutionOptions.create(weights=args.weights, settings=training_settings_from_args(args),
+                                      recipe_files=args.recipe_file)
+    plan = forecast(jobs, options, assumed_tflops=args.assumed_tflops or DEFAULT_ASSUMED_TFLOPS)
+    recipe = several_recipes(jobs)
+    rows = [c.row(full=args.format == "json", recipe=recipe) for c in plan.in_states(args.state)]
+    _print(rows, plan.totals(), args.format)
     return 0
 
 
-def _budget(job: "Job", options: "ExecutionOptions", paths: "Paths"):
-    """A started run keeps the settings it was created with; a new one gets the options'."""
-    from segbook.training.manifest import RunManifest
-
-    manifest = RunManifest.load(job.folder(paths))
-    return manifest.settings if manifest is not None else options.settings_for(job)
-
-
-def _plan_row(status: "JobStatus", estimate, full: bool) -> dict[str, Any]:
-    row = status.record() if full else status.row()
-    if estimate is None:
-        return {**row, "patch": "", "batch": "", "gpu_hours": None, "left_gpu_hours": None}
-    geometry = estimate.geometry
-    left = 0.0 if status.state == "done" else estimate.remaining_gpu_hours(status.epochs_done)
-    patch = "x".join(map(str, geometry.patch)) + ("" if geometry.source == "plans" else " (ref)")
-    return {**row, "patch": patch, "batch": geometry.batch_size, "gpu_hours": round(estimate.gpu_hours, 2),
-            "left_gpu_hours": round(left, 2)}
-
-
-def _sum(rows: list[dict[str, Any]], key: str) -> float:
-    return round(sum(r[key] or 0.0 for r in rows), 2)
-
-
-def _gpus(args: argparse.Namespace) -> list[str] | None:
-    return [g for g in args.gpus.split(",") if g.strip()] if args.gpus else None
-
-
-def _run_local(jobs: list["Job"], args: argparse.Namespace) -> int:
-    from segbook.batch.local import run_local
-
-    options = _options(args, "local")
-    report = run_local(jobs, registry_files=options.registry_files, device=options.device, gpus=_gpus(args),
-                       gpus_per_job=args.gpus_per_job, workers=args.workers, settings=options.settings,
-                       weights=options.weights, compile=args.compile, processes=args.processes,
-                       data_workers=args.data_workers)
-    return 1 if report.failed else 0
-
-
-def _submit(jobs: list["Job"], args: argparse.Namespace) -> int:
+def _launch(jobs: list["Job"], args: argparse.Namespace, backend: str) -> int:
+    """Run the jobs here (`run_local`) or submit them (`submit_slurm`): the same execution options either way."""
+    from segbook.batch.local import LocalOptions, run_local
     from segbook.batch.slurm import SlurmOptions, submit_slurm
 
-    slurm = SlurmOptions(partition=args.partition, time=args.time, gpus_per_job=args.gpus_per_job,
-                         cpus_per_job=args.cpus_per_job, mem=args.mem, account=args.account,
-                         array_parallelism=args.array_parallelism, extra_sbatch=tuple(args.extra_sbatch),
-                         max_timeouts=args.max_timeouts)
-    submit_slurm(jobs, _options(args, "slurm"), slurm, dry_run=args.dry_run)
+    options = _options(args, backend)
+    if backend == "local":
+        gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else None
+        report = run_local(jobs, options, LocalOptions(gpus=gpus, workers=args.workers))
+        return 1 if report.failed else 0
+    slurm = SlurmOptions(partition=args.partition, time=args.time, cpus_per_job=args.cpus_per_job, mem=args.mem,
+                         account=args.account, array_parallelism=args.array_parallelism,
+                         extra_sbatch=tuple(args.extra_sbatch), max_timeouts=args.max_timeouts)
+    submit_slurm(jobs, options, slurm, dry_run=args.dry_run)
     return 0
 
 
 def run_run(args: argparse.Namespace) -> int:
-    return _run_local(_matrix(args), args)
+    return _launch(_matrix(args), args, "local")
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    return _submit(_matrix(args), args)
+    return _launch(_matrix(args), args, "slurm")
 
 
 def run_retry(args: argparse.Namespace) -> int:
-    from segbook.batch.execute import retry_failed
-    from segbook.batch.matrix import survey
+    from segbook.batch.retry import failed_jobs, reset_failed
 
-    failed = [s for s in survey(_matrix(args)) if s.state == "failed"]
+    failed = failed_jobs(_matrix(args))
     if not failed:
         print("no failed jobs in the selection")
         return 0
     if args.backend == "slurm" and args.dry_run:
         print("dry run: would retry\n" + "\n".join(f"  {s.job.id}: {s.detail}" for s in failed))
         return 0
-    jobs = []
-    for status in failed:
-        error = retry_failed(status.job)
-        if error is not None:
-            print(f"retry {status.job.id} (was: {error})")
-            jobs.append(status.job)
-    if not jobs:
-        return 0
-    return _run_local(jobs, args) if args.backend == "local" else _submit(jobs, args)
+    resets = reset_failed([s.job for s in failed])
+    for reset in resets:
+        print(f"retry {reset.job.id} (was: {reset.error})")
+    return _launch([r.job for r in resets], args, args.backend) if resets else 0
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    import signal
+    from segbook.batch.worker import main
 
-    from segbook.batch.execute import ExecutionOptions, run_job
-    from segbook.batch.local import EXIT_BUSY, EXIT_FAILED
-    from segbook.batch.matrix import job_from_id
-    from segbook.registry import load_registry
-
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: recorded, claim released
-    options = ExecutionOptions.from_json(args.options)
-    job = job_from_id(load_registry(options.registry_files), args.job)
-    outcome = run_job(job, options)
-    print(f"segbook batch worker: {job.id}: {outcome.result} {outcome.message}".rstrip(), flush=True)
-    return {"done": 0, "failed": EXIT_FAILED, "busy": EXIT_BUSY}[outcome.result]
+    return main(args.job, args.options)

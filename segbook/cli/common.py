@@ -139,18 +139,34 @@ def training_settings_from_args(args: argparse.Namespace) -> "TrainingSettings":
                             mixed_precision=args.precision, channels_last=args.channels_last).validate()
 
 
-class ChoiceList(argparse.Action):
-    """A list option written either way users type it: `--models base large` or `--models base,large`."""
+class NameList(argparse.Action):
+    """A list option written either way users type it: `--recipes segbook llrd` or `--recipes segbook,llrd`."""
 
-    def __init__(self, option_strings: Sequence[str], dest: str, choices: Sequence[str], **kwargs):
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs):
         super().__init__(option_strings, dest, nargs="+", **kwargs)
-        self.allowed = tuple(choices)
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Sequence[str],
                  option_string: str | None = None) -> None:
         items = [item.strip() for value in values for item in value.split(",") if item.strip()]
+        problem = self.problem(items)
+        if problem:
+            parser.error(f"{option_string}: {problem}")
+        setattr(namespace, self.dest, list(dict.fromkeys(items)))
+
+    def problem(self, items: list[str]) -> str | None:
+        """Why the names are not allowed (None when they are); names checked later against files need no check."""
+        return None if items else "no name given"
+
+
+class ChoiceList(NameList):
+    """A `NameList` of fixed choices: `--models base large` or `--models base,large`."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, choices: Sequence[str], **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.allowed = tuple(choices)
+
+    def problem(self, items: list[str]) -> str | None:
         unknown = [item for item in items if item not in self.allowed]
         if unknown or not items:
-            parser.error(f"{option_string}: unknown {', '.join(unknown) or '(none given)'}; choose from "
-                         f"{', '.join(self.allowed)}")
-        setattr(namespace, self.dest, list(dict.fromkeys(items)))
+            return f"unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(self.allowed)}"
+        return None

@@ -95,8 +95,8 @@ def _register_synth(actions: argparse._SubParsersAction) -> None:
     parser.add_argument("--modality", choices=("CT", "MRI"), default="CT", help="intensity model (default: CT)")
     parser.add_argument("--channels", nargs="+", help="channel names (default: CT, or T2 for MRI)")
     parser.add_argument("--structures", type=at_least(1), default=2, help="blob-like structures (default: 2)")
-    parser.add_argument("--lesions", type=at_least(0), default=0, help="small lesion labels, inside the first structure "
-                                                                "(default: 0)")
+    parser.add_argument("--lesions", type=at_least(0), default=0,
+                        help="small lesion labels, inside the first structure (default: 0)")
     parser.add_argument("--seed", type=at_least(0), default=0, help="random seed (default: 0)")
     parser.set_defaults(handler=run_synth)
 
@@ -141,27 +141,13 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from segbook.data.synth import SynthSpec, TargetSpec, registry_entry, write_registry_file, write_synthetic_dataset
+    from segbook.data.synth import SynthSpec, numbered_targets, write_synthetic_task
 
-    targets = [TargetSpec(f"structure_{i + 1}", prototype=i) for i in range(args.structures)]
-    within = targets[0].name if targets else None
-    targets += [TargetSpec(f"lesion_{i + 1}", kind="lesion", within=within) for i in range(args.lesions)]
-    try:
-        spec = SynthSpec(name=args.name, cases=args.cases, size=tuple(args.size), spacing=tuple(args.spacing),
-                         modality=args.modality, channels=tuple(args.channels or ()), targets=tuple(targets),
-                         seed=args.seed)
-    except ValueError as error:
-        raise SegbookError(str(error)) from None
-    written = write_synthetic_dataset(spec, args.out, layout=args.layout, dataset_id=args.dataset_id)
-    entry = registry_entry(spec, args.dataset_id)
-    registry = write_registry_file(args.out / "registry.yaml", entry)
-    if written.images is not None:
-        source = f"--images {written.images} --labels {written.labels}"
-        if written.channel_tokens:
-            source += " --image-pattern '{case}_{channel}.nii.gz' --channel-tokens " + " ".join(written.channel_tokens)
-    else:
-        source = f"--from {written.path}"
-    print(f"{len(written.case_ids)} cases written to {written.path} ({args.layout} layout)\n"
-          f"registry entry {entry['key']} written to {registry}\n"
-          f"import with: segbook data import --registry {registry} --task {entry['key']} {source}")
+    spec = SynthSpec(name=args.name, cases=args.cases, size=tuple(args.size), spacing=tuple(args.spacing),
+                     modality=args.modality, channels=tuple(args.channels or ()),
+                     targets=numbered_targets(args.structures, args.lesions), seed=args.seed)
+    task = write_synthetic_task(spec, args.out, layout=args.layout, dataset_id=args.dataset_id)
+    print(f"{len(task.dataset.case_ids)} cases written to {task.dataset.path} ({args.layout} layout)\n"
+          f"registry entry {task.key} written to {task.registry}\n"
+          f"import with: {task.import_command()}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from segbook.cli.results import add_collection_options, collect_from_args
+from segbook.cli.results import add_collection_options, collect_from_args, pretrained_recipes, recipes_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -12,8 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "report", help="write an HTML report: tables, statistics, violin plot, Delta bar charts",
         description="Write one self-contained HTML file (inline CSS, figures embedded as PNG): the tables by "
                     "scale, modality x target and region with pretrained vs scratch statistics, a violin plot of "
-                    "per-dataset scores per configuration, Delta(PT) bar charts per group and the per-dataset "
-                    "table.")
+                    "per-dataset scores per configuration, Delta(PT) bar charts per group, with --recipes the "
+                    "recipes table and a plot of each recipe's gain over scratch, and the per-dataset table.")
     parser.add_argument("--out", required=True, metavar="FILE.html", help="where to write the report")
     parser.add_argument("--figures", metavar="DIR", help="also write each figure as a file into DIR")
     parser.add_argument("--figure-format", choices=("png", "pdf"), default="png",
@@ -27,10 +27,12 @@ def run(args: argparse.Namespace) -> int:
     from segbook.paths import Paths
     from segbook.results import write_report
 
-    df = collect_from_args(args)
+    known = recipes_from_args(args)
+    df = collect_from_args(args, list(known) if known else None)
     where = args.results_dir or str(Paths.from_env().results)
     out = write_report(df, args.out, args.metric, args.figures, args.figure_format, args.group_datasets,
-                       args.models, args.init, args.title, description=f"runs from {where}")
+                       args.models, args.init, args.title, description=f"runs from {where}",
+                       recipes=pretrained_recipes(known))
     figures = f"; figures in {args.figures}" if args.figures else ""
     print(f"wrote {out} ({df['task'].nunique()} datasets, {int(df['evaluated'].sum())} results){figures}")
     return 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Sequence, TextIO
 
-from segbook.cli.common import ChoiceList, add_format_option, add_registry_option, registry_from_args
+from segbook.cli.common import ChoiceList, NameList, add_format_option, add_registry_option, registry_from_args
 from segbook.cli.output import FORMATS
 from segbook.runs import DEFAULT_PLANS, INITS, MODELS
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from segbook.results import ResultTable
 
 #: segbook.results.tables.TABLES, spelled out so that building the parser does not import pandas.
-TABLE_CHOICES = ("scale", "modality-target", "region", "datasets")
+TABLE_CHOICES = ("scale", "modality-target", "region", "datasets", "recipes")
 
 
 def add_collection_options(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +31,13 @@ def add_collection_options(parser: argparse.ArgumentParser) -> None:
                              "datasets they lack; default: every configuration present")
     parser.add_argument("--init", action=ChoiceList, choices=INITS, metavar="INIT",
                         help="show these initialisations (pretrained, scratch); default: both")
+    parser.add_argument("--recipes", action=NameList, metavar="RECIPE",
+                        help="show the runs of these fine-tuning recipes side by side (spaces or commas; see "
+                             "`segbook recipes`), with scratch runs as their baseline; default: the segbook recipe "
+                             "(`--table recipes`: every recipe present)")
+    parser.add_argument("--recipe-file", metavar="FILE", action="append", default=[],
+                        help="your own recipes (YAML), so that --recipes knows their names (repeatable; also "
+                             "SEGBOOK_RECIPES, os.pathsep-separated)")
     parser.add_argument("--group-datasets", action="store_true",
                         help="modality x target: group whole datasets by their target (structure&lesion is its "
                              "own group) instead of splitting structure&lesion datasets by label")
@@ -50,10 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "docs/results.md).")
     add_collection_options(parser)
     parser.add_argument("--table", choices=TABLE_CHOICES, default="scale",
-                        help="scale (the paper's main table, default), modality-target, region or datasets")
+                        help="scale (the paper's main table, default), modality-target, region, datasets or recipes "
+                             "(by scale per fine-tuning recipe, against scratch and the segbook recipe)")
     parser.add_argument("--stats", action="store_true",
-                        help="print pretrained vs scratch statistics for the table's groups instead: wins/ties/"
-                             "losses, Wilcoxon p-value, bootstrap 95%% CI of the mean difference")
+                        help="print pretrained vs scratch statistics for the table's groups instead (recipes: each "
+                             "recipe vs scratch and vs segbook): wins/ties/losses, Wilcoxon p-value, bootstrap 95%% "
+                             "CI of the mean difference")
     parser.add_argument("--import", dest="import_file", metavar="FILE.csv",
                         help="store dataset-level results from elsewhere (columns task, model, init, dice and "
                              "optionally nsd; scores as fractions in [0, 1]) and exit")
@@ -61,15 +70,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def collect_from_args(args: argparse.Namespace) -> pd.DataFrame:
-    """Collect with the shared options; skipped folders are reported on stderr, not fatal."""
+def recipes_from_args(args: argparse.Namespace) -> dict[str, str] | None:
+    """The recipes of `--recipes` with their initialisation (None when not given); an unknown one is an error."""
+    from segbook.results import resolve_recipes
+
+    return None if args.recipes is None else resolve_recipes(args.recipes, args.recipe_file)
+
+
+def pretrained_recipes(recipes: dict[str, str] | None) -> list[str] | None:
+    """The recipes the tables show pretrained runs of (scratch runs keep theirs)."""
+    return None if recipes is None else [name for name, init in recipes.items() if init == "pretrained"]
+
+
+def collect_from_args(args: argparse.Namespace, recipes: Sequence[str] | None = None) -> pd.DataFrame:
+    """Collect with the shared options and the runs of `recipes`; skipped folders are reported on stderr, not
+    fatal."""
     from segbook.paths import Paths
     from segbook.results import ResultsWarning, collect_results
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResultsWarning)
         df = collect_results(Paths.from_env(), registry_from_args(args), args.results_dir, args.plans,
-                             imported=not args.no_imported, include_incomplete=args.include_incomplete)
+                             imported=not args.no_imported, include_incomplete=args.include_incomplete,
+                             recipes=recipes)
     for warning in caught:
         if issubclass(warning.category, ResultsWarning):
             print(f"segbook: warning: {warning.message}", file=sys.stderr)
@@ -82,15 +105,21 @@ def collect_from_args(args: argparse.Namespace) -> pd.DataFrame:
 def run(args: argparse.Namespace) -> int:
     if args.import_file:
         return run_import(args)
-    from segbook.results import build_table, compare_pretrained, stats_table
+    from segbook.results import (ALL_RECIPES, build_table, compare_pretrained, compare_recipes, recipe_stats_table,
+                                 stats_table)
 
-    df = collect_from_args(args)
-    if args.stats:
+    known = recipes_from_args(args)
+    every = [ALL_RECIPES] if args.table == "recipes" else None
+    df = collect_from_args(args, list(known) if known else every)
+    recipes = pretrained_recipes(known)
+    if args.stats and args.table == "recipes":
+        table = recipe_stats_table(compare_recipes(df, args.metric, models=args.models, recipes=recipes), args.metric)
+    elif args.stats:
         group_by = "all" if args.table == "datasets" else args.table
-        comparison = compare_pretrained(df, args.metric, group_by, args.group_datasets, args.models)
+        comparison = compare_pretrained(df, args.metric, group_by, args.group_datasets, args.models, recipes)
         table = stats_table(comparison, args.metric, "over all datasets" if group_by == "all" else f"by {group_by}")
     else:
-        table = build_table(df, args.table, args.metric, args.group_datasets, args.models, args.init)
+        table = build_table(df, args.table, args.metric, args.group_datasets, args.models, args.init, recipes)
     print_table(table, args.format)
     return 0
 

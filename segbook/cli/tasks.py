@@ -54,10 +54,12 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def _raw_status(entry: DatasetEntry) -> tuple[str, str]:
+    from segbook.data.folders import is_imported, raw_folder
     from segbook.paths import Paths
 
-    folder = Paths.from_env().raw / entry.nnunet_name
-    if (folder / "dataset.json").is_file():
+    paths = Paths.from_env()
+    folder = raw_folder(entry, paths)
+    if is_imported(entry, paths):
         return str(folder), "present"
     return str(folder), "incomplete (no dataset.json)" if folder.is_dir() else "absent"
 

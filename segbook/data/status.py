@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from segbook.data.folders import raw_folder, repair_if_free
+from segbook.data.folders import is_imported, raw_folder, repair_if_free
 from segbook.data.importer import read_import_record
 from segbook.data.split import read_split
 from segbook.errors import SegbookError
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def _split_cell(entry: DatasetEntry, paths: Paths) -> str:
     try:
-        split = read_split(paths.raw / entry.nnunet_name)
+        split = read_split(raw_folder(entry, paths))
     except SegbookError:
         return "damaged"
     return f"{len(split.train)}/{len(split.test)}" if split else "no"
@@ -37,7 +37,7 @@ def task_status(entry: DatasetEntry, paths: Paths) -> dict[str, Any]:
     for line in repair_if_free(entry, paths):
         print(f"segbook: repaired {entry.nnunet_name}: {line}", file=sys.stderr)
     folder = raw_folder(entry, paths)
-    raw = (folder / "dataset.json").is_file()
+    raw = is_imported(entry, paths)
     record = read_import_record(folder) if raw else None
     states = plan_states(entry, paths) if raw else {}
     current = [name for name, state in states.items() if state == "preprocessed"]

@@ -8,17 +8,23 @@ intensity are drawn from the prototype number alone, so the same prototype looks
 Generators seeded by (seed, case), so a spec writes the same bytes on every platform.
 
 Sizes and spacings are in ITK order (x, y, z); numpy arrays are (z, y, x).
+
+`write_synthetic_task` is `segbook data synth`: a dataset in a source layout, its registry file, and the
+`segbook data import` command that imports it.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
+
+from segbook.errors import SegbookError
 
 Layout = Literal["v1", "v2", "msd", "plain"]
 LAYOUTS: tuple[str, ...] = ("v1", "v2", "msd", "plain")
@@ -26,6 +32,10 @@ LAYOUTS: tuple[str, ...] = ("v1", "v2", "msd", "plain")
 _PROTOTYPE_SALT = 0x5E6B00C  # separates prototype draws from case draws
 _BODY_HALF_EXTENT = (0.45, 0.40, 0.5)  # body ellipsoid half-axes as fractions of the volume (x, y, z)
 _SHARED_CT_HU, _SHARED_MRI_LEVEL = 130.0, 650.0  # the one intensity of every structure with `same_intensity`
+
+
+class SynthError(SegbookError, ValueError):
+    """A synthetic dataset that cannot be made: no cases, repeated target names, an unknown layout..."""
 
 
 @dataclass(frozen=True)
@@ -68,15 +78,15 @@ class SynthSpec:
 
     def __post_init__(self) -> None:
         if self.cases < 1:
-            raise ValueError("a synthetic dataset needs at least one case")
+            raise SynthError("a synthetic dataset needs at least one case")
         if not self.channels:  # the registry's names: CT channels select CT normalisation in nnU-Net
             object.__setattr__(self, "channels", ("CT",) if self.modality == "CT" else ("T2",))
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names) or not names:
-            raise ValueError(f"target names must be unique and non-empty, got {names}")
+            raise SynthError(f"target names must be unique and non-empty, got {names}")
         for target in self.targets:
             if target.within is not None and target.within not in names:
-                raise ValueError(f"target {target.name!r} is placed within unknown target {target.within!r}")
+                raise SynthError(f"target {target.name!r} is placed within unknown target {target.within!r}")
 
     @property
     def case_ids(self) -> list[str]:
@@ -93,6 +103,14 @@ class SynthSpec:
         return target.prototype if target.prototype is not None else index
 
 
+def numbered_targets(structures: int, lesions: int = 0) -> tuple[TargetSpec, ...]:
+    """`structure_1`..`structure_N` (blobs of prototypes 0..N-1: each looks the same in every task) and
+    `lesion_1`..`lesion_M` inside the first structure: the targets `segbook data synth` makes from two counts."""
+    targets = [TargetSpec(f"structure_{i + 1}", prototype=i) for i in range(structures)]
+    within = targets[0].name if targets else None
+    return (*targets, *(TargetSpec(f"lesion_{i + 1}", kind="lesion", within=within) for i in range(lesions)))
+
+
 @dataclass(frozen=True)
 class SynthDataset:
     """Where `write_synthetic_dataset` put a dataset; `images`/`labels` are set for the plain layout."""
@@ -104,6 +122,34 @@ class SynthDataset:
     images: Path | None = None
     labels: Path | None = None
     channel_tokens: list[str] = field(default_factory=list)
+
+    def import_arguments(self) -> list[str]:
+        """The `segbook data import` arguments that name this dataset: `--from` a task folder, or the plain
+        folders with their file pattern."""
+        if self.images is None:
+            return ["--from", str(self.path)]
+        arguments = ["--images", str(self.images), "--labels", str(self.labels)]
+        if self.channel_tokens:
+            arguments += ["--image-pattern", "{case}_{channel}.nii.gz", "--channel-tokens", *self.channel_tokens]
+        return arguments
+
+
+@dataclass(frozen=True)
+class SynthTask:
+    """A synthetic dataset with the registry file that registers it (what `segbook data synth` writes)."""
+
+    dataset: SynthDataset
+    entry: dict
+    registry: Path
+
+    @property
+    def key(self) -> str:
+        return self.entry["key"]
+
+    def import_command(self) -> str:
+        """The shell command that imports the dataset as this registry entry."""
+        return shlex.join(["segbook", "data", "import", "--registry", str(self.registry), "--task", self.key,
+                           *self.dataset.import_arguments()])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,7 +379,7 @@ def write_synthetic_dataset(spec: SynthSpec, out: str | Path, layout: Layout = "
     name lower-cased when there are several) and `labels/{case}.nii.gz`.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        raise SynthError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     root = Path(out) / _folder_name(spec, layout, dataset_id)
     ids = spec.case_ids
     split_at = len(ids) - held_out
@@ -362,6 +408,15 @@ def write_synthetic_dataset(spec: SynthSpec, out: str | Path, layout: Layout = "
     return SynthDataset(path=root, layout=layout, spec=spec, case_ids=ids,
                         images=root / "images" if plain else None, labels=root / "labels" if plain else None,
                         channel_tokens=tokens if plain and len(tokens) > 1 else [])
+
+
+def write_synthetic_task(spec: SynthSpec, out: str | Path, layout: Layout = "v2",
+                         dataset_id: int = 990) -> SynthTask:
+    """Write `spec` under `out` in a source layout and `out/registry.yaml` registering it (one fifth of the cases
+    held out as SegBook's test split), ready for `SynthTask.import_command()`."""
+    dataset = write_synthetic_dataset(spec, out, layout=layout, dataset_id=dataset_id)
+    entry = registry_entry(spec, dataset_id)
+    return SynthTask(dataset, entry, write_registry_file(Path(out) / "registry.yaml", entry))
 
 
 def registry_entry(spec: SynthSpec, dataset_id: int = 990, key: str | None = None,

@@ -56,7 +56,9 @@ class EvaluationResult:
 
 def test_cases(entry: "DatasetEntry", paths: Paths) -> list[TestCase]:
     """The held-out cases of the imported dataset: `labelsTs` with their `imagesTs` channels."""
-    raw = paths.raw / entry.nnunet_name
+    from segbook.data.folders import raw_folder
+
+    raw = raw_folder(entry, paths)
     labels = sorted((raw / "labelsTs").glob(f"*{entry.file_ending}"))
     if not labels:
         raise EvaluationError(f"no test cases in {raw / 'labelsTs'}: import the dataset with "

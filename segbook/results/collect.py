@@ -13,8 +13,9 @@ import math
 import os
 import re
 import warnings
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
@@ -37,6 +38,8 @@ RUN_COLUMNS = ("task", "model", "init", "recipe", "seed", "fraction", "fold", "p
 IMPORT_REQUIRED = ("task", "model", "init", "dice")
 IMPORT_COLUMNS = (*IMPORT_REQUIRED, "nsd")
 MAX_LISTED_ERRORS = 30
+#: Among `collect_results`' recipes, keeps every recipe (what `segbook results --table recipes` collects).
+ALL_RECIPES = "*"
 
 
 class ResultsError(SegbookError):
@@ -69,13 +72,18 @@ def imported_dir(paths: Paths | None = None) -> Path:
 
 def collect_results(paths: Paths | None = None, registry: Registry | None = None,
                     results_dir: str | os.PathLike | None = None, plans: str = DEFAULT_PLANS,
-                    imported: bool = True, include_incomplete: bool = False) -> pd.DataFrame:
+                    imported: bool = True, include_incomplete: bool = False,
+                    recipes: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per run found (evaluated or not) and per imported result, with the registry facts joined.
 
     Runs come from `results_dir` (default: nnU-Net's results folder); imported results from
     `$SEGBOOK_HOME/results/imported/`. Scores are fractions in [0, 1]. Folders of datasets the registry does not know,
     and runs of other plans, are skipped with a `ResultsWarning`. A run evaluated before it trained its whole budget
     counts as not evaluated (with a warning) unless `include_incomplete`.
+
+    `recipes` None keeps the default recipes (segbook, scratch); given, the runs of those recipes and of scratch,
+    the baseline of every Delta (`ALL_RECIPES` among them: every recipe). Runs of other recipes, seeds other than 0
+    and training fractions other than 1 are left out with a warning each.
     """
     paths = paths or Paths.from_env()
     registry = registry or load_registry()
@@ -83,7 +91,51 @@ def collect_results(paths: Paths | None = None, registry: Registry | None = None
     rows = _local_rows(root, registry, plans, include_incomplete)
     if imported:
         rows += [row for file in stored_imports(paths) for row in _imported_rows(file, registry)]
-    return _frame(rows, registry)
+    return _frame(_chosen(rows, recipes), registry)
+
+
+def resolve_recipes(names: Sequence[str], files: Iterable[str | os.PathLike] | None = None) -> dict[str, str]:
+    """Each recipe's initialisation by name. The names are checked against the built-in recipes and the user's
+    (`files`, `SEGBOOK_RECIPES`), so that a misspelt name is an error instead of an empty row."""
+    from segbook.recipes import RECIPES_ENV, RecipeError, load_recipes
+
+    known = load_recipes(files)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise RecipeError(f"unknown recipe(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)} (add yours "
+                          f"with --recipe-file FILE or {RECIPES_ENV})")
+    return {name: known[name].init for name in names}
+
+
+def _chosen(rows: list[dict[str, Any]], recipes: Sequence[str] | None) -> list[dict[str, Any]]:
+    """The rows of the recipes asked for, of seed 0 and of the whole train split; the others counted in warnings.
+
+    Tables key a configuration by (model, init, recipe) but do not yet aggregate seeds and fractions: averaging
+    them into one cell would be a silently wrong number."""
+    variants = [row for row in rows if (row["seed"], row["fraction"]) != (DEFAULT_SEED, DEFAULT_FRACTION)]
+    if variants:
+        warnings.warn(f"ignored {len(variants)} run(s) with a seed other than {DEFAULT_SEED} or a training fraction "
+                      f"other than 1: the tables do not aggregate seeds and training fractions yet", ResultsWarning,
+                      stacklevel=3)
+    rows = [row for row in rows if (row["seed"], row["fraction"]) == (DEFAULT_SEED, DEFAULT_FRACTION)]
+    others = Counter(row["recipe"] for row in rows if not _recipe_kept(row["init"], row["recipe"], recipes))
+    if others:
+        warnings.warn(_other_recipes(others, recipes), ResultsWarning, stacklevel=3)
+    return [row for row in rows if _recipe_kept(row["init"], row["recipe"], recipes)]
+
+
+def _recipe_kept(init: str, recipe: str, recipes: Sequence[str] | None) -> bool:
+    if recipes is None:
+        return recipe == DEFAULT_RECIPES[init]
+    return recipe == DEFAULT_RECIPES["scratch"] or recipe in recipes or ALL_RECIPES in recipes
+
+
+def _other_recipes(counts: Counter, recipes: Sequence[str] | None) -> str:
+    """How many results of which recipes were left out, and the option that shows them."""
+    listed = ", ".join(f"{name} ({count})" for name, count in sorted(counts.items()))
+    wanted = ",".join(dict.fromkeys([*(recipes or [DEFAULT_RECIPES["pretrained"]]), *sorted(counts)]))
+    return (f"ignored {sum(counts.values())} result(s) of other recipes: {listed}; show them with --recipes "
+            f"{wanted}, or compare recipes with `segbook results --table recipes`")
 
 
 def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: bool) -> list[dict[str, Any]]:
@@ -92,7 +144,6 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
     other_plans: dict[str, int] = {}
     incomplete: list[str] = []
     rows = []
-    other_identities = 0
     for folder in sorted(root.glob(RUN_GLOB)):
         parts = FolderParts.parse(folder)
         entry = by_id.get(parts.dataset_id) if parts else None
@@ -103,8 +154,6 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
                                                   "--registry FILE)")
         elif parts.plans != plans:
             other_plans[parts.plans] = other_plans.get(parts.plans, 0) + 1
-        elif not parts.identity.is_default:
-            other_identities += 1
         else:
             row = _run_row(folder, entry, parts)
             if row.pop("incomplete", None):
@@ -118,9 +167,6 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
                       + "; ".join(incomplete[:MAX_LISTED_ERRORS]), ResultsWarning, stacklevel=3)
     for name, why in sorted(skipped.items()):
         warnings.warn(f"skipped {name}: {why}", ResultsWarning, stacklevel=3)
-    if other_identities:
-        warnings.warn(f"ignored {other_identities} run(s) of other recipes, seeds or training fractions (the tables "
-                      "show the default recipes, seed 0, the whole train split)", ResultsWarning, stacklevel=3)
     for name, count in sorted(other_plans.items()):
         warnings.warn(f"ignored {count} run(s) trained with plans {name!r} (pass --plans {name} to tabulate them)",
                       ResultsWarning, stacklevel=3)

@@ -20,12 +20,16 @@ import pandas as pd
 from segbook.errors import SegbookError
 from segbook.io import atomic_path, atomic_write_text
 from segbook.results.collect import LOCAL
-from segbook.results.stats import compare_pretrained, stats_table
+from segbook.results.stats import compare_pretrained, compare_recipes, recipe_stats_table, stats_table
 from segbook.results.tables import (
+    DEFAULT_RECIPE,
     DELTA,
+    DELTA_ROWS,
     METRIC_NAMES,
     MODEL_NAMES,
+    SCRATCH_RECIPE,
     Cell,
+    Config,
     ResultTable,
     configurations,
     dataset_facts,
@@ -33,6 +37,10 @@ from segbook.results.tables import (
     dataset_table,
     group_table,
     grouping,
+    recipe_configs,
+    recipe_table,
+    score_lookup,
+    shows_recipes,
 )
 
 if TYPE_CHECKING:
@@ -57,8 +65,12 @@ class Drawn:
 def write_report(df: pd.DataFrame, out: str | os.PathLike, metric: str = "dice",
                  figures: str | os.PathLike | None = None, figure_format: str = "png", group_datasets: bool = False,
                  models: Sequence[str] | None = None, inits: Sequence[str] | None = None,
-                 title: str = "SegBook results", description: str = "") -> Path:
-    """Write the HTML report to `out` (atomically); with `figures`, also each figure as `DIR/NAME.png|pdf`."""
+                 title: str = "SegBook results", description: str = "",
+                 recipes: Sequence[str] | None = None) -> Path:
+    """Write the HTML report to `out` (atomically); with `figures`, also each figure as `DIR/NAME.png|pdf`.
+
+    `recipes` are the pretrained recipes to show (default: those in `df`); when `df` holds pretrained runs of more
+    than one recipe, the report compares them in a section of its own."""
     if figure_format not in FIGURE_FORMATS:
         raise SegbookError(f"unknown figure format {figure_format!r}; choose {' or '.join(FIGURE_FORMATS)}")
     import matplotlib.style
@@ -66,21 +78,22 @@ def write_report(df: pd.DataFrame, out: str | os.PathLike, metric: str = "dice",
     out = Path(out)
     # Matplotlib's defaults, whatever else ran in this process (nnU-Net's progress plots set seaborn's font scale 2.5).
     with matplotlib.style.context("default"):
-        sections = _sections(df, metric, group_datasets, models, inits, figures, figure_format)
+        sections = _sections(df, metric, group_datasets, models, inits, recipes, figures, figure_format)
     atomic_write_text(out, _page(title, _subtitle(df, metric, description), sections))
     return out
 
 
 def _sections(df: pd.DataFrame, metric: str, group_datasets: bool, models: Sequence[str] | None,
-              inits: Sequence[str] | None, figures: str | os.PathLike | None, figure_format: str) -> list[str]:
-    configs = configurations(df, models, inits)
+              inits: Sequence[str] | None, recipes: Sequence[str] | None, figures: str | os.PathLike | None,
+              figure_format: str) -> list[str]:
+    configs = configurations(df, models, inits, recipes)
     if not configs or dataset_facts(df, configs).empty:
         return ["<p class='empty'>no datasets: the results store has no runs of the requested configurations.</p>"]
-    parts = [_headline(df, metric, models)]
+    parts = [_headline(df, metric, models, recipes)]
     for number, name in enumerate(GROUPINGS, start=1):
         by = grouping(name, group_datasets)
-        table = group_table(df, by, metric, models, inits)
-        comparison = compare_pretrained(df, metric, name, group_datasets, models)
+        table = group_table(df, by, metric, models, inits, recipes)
+        comparison = compare_pretrained(df, metric, name, group_datasets, models, recipes)
         parts.append(f"<section><h2>{number}. {html.escape(table.title)}</h2>" + _table_html(table)
                      + _notes_html(table.notes))
         if name == "scale":
@@ -91,11 +104,27 @@ def _sections(df: pd.DataFrame, metric: str, group_datasets: bool, models: Seque
         stats = stats_table(comparison, metric, by.title)
         parts.append(f"<h3>Pretrained vs scratch {html.escape(by.title)}</h3>" + _table_html(stats)
                      + _notes_html(stats.notes) + "</section>")
-    datasets = dataset_table(df, metric, models, inits)
-    parts.append(f"<section><h2>{len(GROUPINGS) + 1}. {html.escape(datasets.title)}</h2>" + _table_html(datasets)
+    number = len(GROUPINGS) + 1
+    if df.loc[df["init"] == "pretrained", "recipe"].nunique() > 1:
+        parts.append(_recipes_section(df, metric, models, recipes, number, figures, figure_format))
+        number += 1
+    datasets = dataset_table(df, metric, models, inits, recipes)
+    parts.append(f"<section><h2>{number}. {html.escape(datasets.title)}</h2>" + _table_html(datasets)
                  + _notes_html(datasets.notes) + "</section>")
     parts.append(_definitions_html())
     return parts
+
+
+def _recipes_section(df: pd.DataFrame, metric: str, models: Sequence[str] | None, recipes: Sequence[str] | None,
+                     number: int, figures: str | os.PathLike | None, figure_format: str) -> str:
+    """The recipes table, each recipe's per-dataset gain over scratch, and the statistics of its delta rows."""
+    table = recipe_table(df, metric, models, recipes)
+    stats = recipe_stats_table(compare_recipes(df, metric, models=models, recipes=recipes), metric)
+    drawn = _recipe_deltas(df, metric, recipe_configs(df, models, recipes))
+    return (f"<section><h2>{number}. {html.escape(table.title)}</h2>" + _table_html(table) + _notes_html(table.notes)
+            + _figure_html(drawn, figures, figure_format)
+            + f"<h3>Recipes vs scratch and vs {DEFAULT_RECIPE} by dataset scale</h3>" + _table_html(stats)
+            + _notes_html(stats.notes) + "</section>")
 
 
 # --- text ------------------------------------------------------------------------------------------------------
@@ -111,15 +140,17 @@ def _subtitle(df: pd.DataFrame, metric: str, description: str) -> str:
     return " &middot; ".join(html.escape(fact) for fact in [description, *facts] if fact)
 
 
-def _headline(df: pd.DataFrame, metric: str, models: Sequence[str] | None) -> str:
-    """One sentence per STU-Net size: the average effect of pretraining over all datasets."""
-    overall = compare_pretrained(df, metric, "all", models=models)
+def _headline(df: pd.DataFrame, metric: str, models: Sequence[str] | None, recipes: Sequence[str] | None) -> str:
+    """One sentence per STU-Net size (and recipe): the average effect of pretraining over all datasets."""
+    overall = compare_pretrained(df, metric, "all", models=models, recipes=recipes)
     if overall.empty:
         return "<p class='lead'>No STU-Net size has both pretrained and scratch results on a dataset yet.</p>"
+    named = overall["recipe"].ne(DEFAULT_RECIPE).any()
     items = []
     for row in overall.itertuples():
         p_value = "n/a" if pd.isna(row.p_value) else f"{row.p_value:.3g}"
-        items.append(f"<li><b>{MODEL_NAMES[row.model]}</b>: {_signed_span(row.delta)} points (95% CI "
+        recipe = f" ({html.escape(row.recipe)})" if named else ""
+        items.append(f"<li><b>{MODEL_NAMES[row.model]}{recipe}</b>: {_signed_span(row.delta)} points (95% CI "
                      f"{row.ci_low:+.2f} to {row.ci_high:+.2f}) over {row.n} datasets; wins / ties / losses "
                      f"{row.wins} / {row.ties} / {row.losses}; Wilcoxon p = {p_value}</li>")
     return (f"<section class='lead'><h2>Pretraining at a glance</h2><p>{METRIC_NAMES[metric]} of the pretrained "
@@ -134,6 +165,8 @@ def _signed_span(value: float) -> str:
 
 def _definitions_html() -> str:
     return """<section><h2>Definitions</h2><ul>
+<li>A configuration is a network, its initialisation and its fine-tuning recipe (the paper's: segbook; from
+scratch: scratch). Two recipes are never averaged into one cell; tables name the recipe when another is shown.</li>
 <li>A run's score is the mean over labels of the per-label mean over test cases (cases where a metric is undefined,
 e.g. Dice with empty reference and prediction, are left out of that label's mean).</li>
 <li>A dataset's score for a configuration is the mean over its evaluated folds (SegBook's protocol trains fold
@@ -143,7 +176,9 @@ the configuration is listed as missing and marks the cell with *; it is never av
 <li>By modality and target, Structure&amp;Lesion datasets give their seen structures, unseen structures and lesions
 to the three groups (their score there is the mean of those labels), unless grouped whole.</li>
 <li>&Delta;(PT) is the mean over datasets with both initialisations of pretrained minus scratch, in points; its
-95% interval is a seeded percentile bootstrap over datasets; p is the two-sided Wilcoxon signed-rank test.</li>
+95% interval is a seeded percentile bootstrap over datasets; p is the two-sided Wilcoxon signed-rank test. A recipe's
+&Delta; vs scratch is the same for its runs, its &Delta; vs segbook the paired mean of it minus the segbook recipe of
+the same network.</li>
 </ul></section>"""
 
 
@@ -172,25 +207,29 @@ def _table_html(table: ResultTable) -> str:
 
 
 def _header(column: str) -> str:
-    """`base pretrained` -> `STU-Net-B<br>pretrained`, `large delta` -> `STU-Net-L<br>Δ(PT)`."""
+    """`base pretrained` -> `STU-Net-B<br>pretrained`, `large delta` -> `STU-Net-L<br>Δ(PT)`, `large llrd delta`
+    -> `STU-Net-L<br>llrd Δ(PT)`."""
     if column in HEADERS:
         return HEADERS[column]
     model, _, rest = column.partition(" ")
     if model in MODEL_NAMES and rest:
-        return f"{MODEL_NAMES[model]}<br>{'&Delta;(PT)' if rest == 'delta' else html.escape(rest)}"
+        recipe, delta = (rest.removesuffix("delta").strip(), True) if rest.endswith("delta") else (rest, False)
+        return f"{MODEL_NAMES[model]}<br>{html.escape(recipe)}{' ' if recipe and delta else ''}" + (
+            "&Delta;(PT)" if delta else "")
     return html.escape(column)
 
 
 def _row_html(table: ResultTable, row: list[Any]) -> str:
-    is_delta = len(row) > 1 and row[1] == DELTA
+    is_delta = len(row) > 1 and row[1] in DELTA_ROWS
     cells = []
     for column, value in zip(table.columns, row):
         if isinstance(value, Cell):
             cells.append(_cell_html(value, table.show_count))
         elif column == "model":
             cells.append(f"<td class='label'>{html.escape(MODEL_NAMES.get(value, value))}</td>")
-        elif value == DELTA:
-            cells.append("<td class='label'>&Delta;(PT)</td>")
+        elif value in DELTA_ROWS:
+            label = "&Delta;(PT)" if value == DELTA else html.escape(value).replace("Delta", "&Delta;")
+            cells.append(f"<td class='label'>{label}</td>")
         else:
             cells.append(_plain_html(column, value))
     return f"<tr class='{'delta' if is_delta else ''}'>{''.join(cells)}</tr>"
@@ -238,17 +277,19 @@ def _figure_html(drawn: Drawn, folder: str | os.PathLike | None, figure_format: 
             f"<figcaption>{caption}</figcaption></figure>")
 
 
-def _violin(df: pd.DataFrame, metric: str, configs: Sequence[tuple[str, str]]) -> Drawn:
+def _violin(df: pd.DataFrame, metric: str, configs: Sequence[Config]) -> Drawn:
     """Per-dataset scores of each configuration: distribution (violin) and every dataset (dots)."""
     import numpy as np
     from matplotlib.figure import Figure
 
     scores = dataset_scores(df, metric)
-    data = [100 * scores.loc[(scores["model"] == m) & (scores["init"] == i), "score"].to_numpy() for m, i in configs]
+    data = [100 * scores.loc[(scores["model"] == m) & (scores["init"] == i) & (scores["recipe"] == r),
+                             "score"].to_numpy() for m, i, r in configs]
+    named = shows_recipes(configs)
     figure = Figure(figsize=(max(6.0, 1.15 * len(configs) + 2), 4.2))
     axes = figure.subplots()
     rng = np.random.default_rng(0)
-    for position, ((model, init), values) in enumerate(zip(configs, data), start=1):
+    for position, ((model, init, _), values) in enumerate(zip(configs, data), start=1):
         colour = MODEL_COLOURS[model]
         if len(np.unique(values)) > 1:
             body = axes.violinplot(values, [position], widths=0.8, showextrema=False)["bodies"][0]
@@ -258,7 +299,7 @@ def _violin(df: pd.DataFrame, metric: str, configs: Sequence[tuple[str, str]]) -
         if len(values):
             axes.hlines(np.median(values), position - 0.3, position + 0.3, color="black", linewidth=1.4, zorder=4)
     axes.set_xticks(range(1, len(configs) + 1),
-                    [f"{MODEL_NAMES[m]}\n{i} (n={len(v)})" for (m, i), v in zip(configs, data)], fontsize=8)
+                    [_violin_label(config, len(v), named) for config, v in zip(configs, data)], fontsize=8)
     axes.set_ylabel(f"{METRIC_NAMES[metric]} (%) per dataset")
     axes.set_title(f"Per-dataset {METRIC_NAMES[metric]} by configuration (black line: median)", fontsize=11)
     axes.grid(axis="y", alpha=0.3)
@@ -268,22 +309,32 @@ def _violin(df: pd.DataFrame, metric: str, configs: Sequence[tuple[str, str]]) -
     return Drawn("violin_per_dataset", caption, figure)
 
 
+def _violin_label(config: Config, count: int, with_recipe: bool) -> str:
+    """`STU-Net-L`, `pretrained`, the recipe when the figure shows others, and n: a line each, so labels fit."""
+    model, init, recipe = config
+    lines = [MODEL_NAMES[model], init, *([recipe] if with_recipe and recipe != SCRATCH_RECIPE else [])]
+    return "\n".join(lines) + f" (n={count})"
+
+
 def _delta_bars(comparison: pd.DataFrame, metric: str, title: str, name: str) -> Drawn:
-    """Mean Delta(PT) per group and STU-Net size, with the bootstrap 95% interval."""
+    """Mean Delta(PT) per group and STU-Net size (and recipe), with the bootstrap 95% interval."""
     import numpy as np
     from matplotlib.figure import Figure
 
     groups = list(dict.fromkeys(comparison["group"]))
-    models = list(dict.fromkeys(comparison["model"]))
-    width = 0.8 / len(models)
-    figure = Figure(figsize=(max(6.0, 0.45 * len(groups) * len(models) + 3), 3.8))
+    series = list(dict.fromkeys(zip(comparison["model"], comparison["recipe"])))
+    named = any(recipe != DEFAULT_RECIPE for _, recipe in series)
+    width = 0.8 / len(series)
+    figure = Figure(figsize=(max(6.0, 0.45 * len(groups) * len(series) + 3), 3.8))
     axes = figure.subplots()
-    for offset, model in enumerate(models):
-        rows = comparison[comparison["model"] == model].set_index("group").reindex(groups)
-        x = np.arange(len(groups)) + (offset - (len(models) - 1) / 2) * width
+    for offset, (model, recipe) in enumerate(series):
+        mine = (comparison["model"] == model) & (comparison["recipe"] == recipe)
+        rows = comparison[mine].set_index("group").reindex(groups)
+        x = np.arange(len(groups)) + (offset - (len(series) - 1) / 2) * width
         errors = np.vstack([rows["delta"] - rows["ci_low"], rows["ci_high"] - rows["delta"]])
         axes.bar(x, rows["delta"], width, yerr=errors, capsize=2, color=MODEL_COLOURS[model],
-                 label=MODEL_NAMES[model], error_kw={"linewidth": 0.8})
+                 hatch=_hatch(recipe, series), label=MODEL_NAMES[model] + (f" {recipe}" if named else ""),
+                 error_kw={"linewidth": 0.8})
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set_xticks(range(len(groups)), [g.replace(" ", "\n", 1) for g in groups], fontsize=8)
     axes.set_ylabel(f"\u0394(PT) {METRIC_NAMES[metric]} (points)")
@@ -294,6 +345,54 @@ def _delta_bars(comparison: pd.DataFrame, metric: str, title: str, name: str) ->
     axes.spines[["top", "right"]].set_visible(False)
     caption = f"Figure: \u0394(PT) of {METRIC_NAMES[metric]} {title}, per STU-Net size, over datasets with both."
     return Drawn(name, caption, figure)
+
+
+HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
+
+
+def _hatch(recipe: str, series: Sequence[tuple[str, str]]) -> str:
+    """Sizes keep their colour; recipes get a hatch each, so two recipes of one size tell apart in print."""
+    recipes = list(dict.fromkeys(r for _, r in series))
+    return HATCHES[recipes.index(recipe) % len(HATCHES)]
+
+
+def _gains(lookup: dict[tuple[str, str, str, str], float], config: Config) -> list[float]:
+    """Per dataset with both, `config`'s score minus its network's from scratch, in points."""
+    scratch = (config[0], "scratch", SCRATCH_RECIPE)
+    tasks = sorted({task for task, *rest in lookup if tuple(rest) == config})
+    return [100 * (lookup[(task, *config)] - lookup[(task, *scratch)]) for task in tasks
+            if (task, *scratch) in lookup]
+
+
+def _recipe_deltas(df: pd.DataFrame, metric: str, pretrained: Sequence[Config]) -> Drawn:
+    """Per recipe and STU-Net size, every dataset's gain over the same network from scratch (box and dots): the
+    spread behind the recipes table's Delta vs scratch rows."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    lookup = score_lookup(df, metric, ())[None]
+    data = [np.array(_gains(lookup, config)) for config in pretrained]
+    figure = Figure(figsize=(max(6.0, 0.9 * len(pretrained) + 2), 4.0))
+    axes = figure.subplots()
+    rng = np.random.default_rng(0)
+    for position, ((model, _, _), values) in enumerate(zip(pretrained, data), start=1):
+        if len(values):
+            axes.boxplot(values, positions=[position], widths=0.5, showfliers=False,
+                         medianprops={"color": "black"}, boxprops={"color": MODEL_COLOURS[model]})
+        axes.scatter(position + rng.uniform(-0.12, 0.12, len(values)), values, s=12, color=MODEL_COLOURS[model],
+                     alpha=0.85, edgecolors="none", zorder=3)
+    axes.axhline(0, color="black", linewidth=0.8)
+    axes.set_xticks(range(1, len(pretrained) + 1),
+                    [f"{recipe}\n{MODEL_NAMES[model]} (n={len(v)})" for (model, _, recipe), v in zip(pretrained, data)],
+                    fontsize=8)
+    axes.set_ylabel(f"{METRIC_NAMES[metric]} gain over scratch (points)")
+    axes.set_title("Per-dataset gain over scratch per recipe (box: quartiles and median; dots: datasets)",
+                   fontsize=10)
+    axes.grid(axis="y", alpha=0.3)
+    axes.spines[["top", "right"]].set_visible(False)
+    caption = (f"Figure: per-dataset {METRIC_NAMES[metric]} of each recipe minus the same network from scratch "
+               "(points); each dot is a dataset with both.")
+    return Drawn("delta_recipes", caption, figure)
 
 
 # --- page ------------------------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ dataset's score for a configuration is the mean over its evaluated folds; a grou
 datasets that have the configuration, shown with how many that is. Datasets without the configuration are listed
 as missing and mark the cell, never averaged in. Delta(PT) is the paired mean of pretrained minus scratch over the
 datasets of the group that have both.
+
+A configuration is (model, initialisation, recipe): two recipes of one network are never averaged into one cell.
+Tables name the recipe only when a recipe other than the defaults (segbook, scratch) is shown, so the paper's
+tables look as they always did.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import pandas as pd
 
 from segbook.errors import SegbookError
 from segbook.registry import REGIONS, SCALES
+from segbook.recipes import BUILTIN_ORDER
 from segbook.results.collect import IMPORTED_PREFIX, LOCAL, METRICS
-from segbook.runs import INITS, MODELS, STUNET_MODELS
+from segbook.runs import DEFAULT_RECIPES, INITS, MODELS, STUNET_MODELS
 
 #: The paper's configurations in its order: nnU-Net's default network, then each STU-Net size scratch / pretrained.
 CONFIGURATIONS: tuple[tuple[str, str], ...] = (("nnunet", "scratch"),
@@ -31,6 +36,12 @@ MODEL_COST = {"tiny": (3_665_069, 33_925_431_296), "small": (14_596_941, 130_069
               "base": (58_262_669, 509_011_558_400), "large": (440_302_605, 3_825_455_333_376),
               "huge": (1_457_326_221, 12_667_240_316_928)}
 DELTA = "Delta(PT)"
+DEFAULT_RECIPE = DEFAULT_RECIPES["pretrained"]
+SCRATCH_RECIPE = DEFAULT_RECIPES["scratch"]
+#: The recipes table's delta rows: a recipe minus scratch, and minus the default recipe, of the same model.
+VS_SCRATCH = "Delta vs scratch"
+VS_DEFAULT = f"Delta vs {DEFAULT_RECIPE}"
+DELTA_ROWS = (DELTA, VS_SCRATCH, VS_DEFAULT)
 MISSING_MARK = "*"  # a group cell that some datasets of the group lack
 PARTIAL_MARK = "\u2020"  # a dataset cell averaging only some of the folds that were started (a dagger)
 AVERAGE = "average"
@@ -45,10 +56,12 @@ TARGET_GROUPS = {"Seen Structure": "seen structure", "Unseen Structure": "unseen
                  "Structure&Lesion": "structure&lesion"}
 PART_GROUPS = {"seen": "seen structure", "unseen": "unseen structure", "lesion": "lesion"}
 REGION_ORDER = ("Head and Neck", "Pelvic", "Limb", "Thoracic", "Abdominal", "Other", "unknown")
-TABLES = ("scale", "modality-target", "region", "datasets")
-Config = tuple[str, str]
+TABLES = ("scale", "modality-target", "region", "datasets", "recipes")
+Config = tuple[str, str, str]  # (model, init, recipe)
 Member = tuple[str, str | None]  # (task, part): part None scores the whole dataset
-ScoreLookup = dict[str | None, dict[tuple[str, str, str], float]]
+ScoreLookup = dict[str | None, dict[tuple[str, str, str, str], float]]
+#: What identifies a dataset score: the dataset and the configuration.
+SCORE_KEYS = ["task", "model", "init", "recipe"]
 LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                  PARTIAL_MARK: r"$^\dagger$"}
@@ -138,62 +151,82 @@ def score_column(metric: str, part: str | None = None) -> str:
 
 
 def dataset_scores(df: pd.DataFrame, metric: str = "dice", part: str | None = None) -> pd.DataFrame:
-    """Per (task, model, init): the mean over evaluated folds (fraction), the number of folds and the source.
+    """Per (task, model, init, recipe): the mean over evaluated folds (fraction), the number of folds and the source.
 
     Local runs take precedence over imported numbers for the same configuration of a dataset.
     """
     column = score_column(metric, part)
-    scored = df.loc[df["evaluated"] & df[column].notna(), ["task", "model", "init", "source", column]]
-    keys = ["task", "model", "init"]
+    scored = df.loc[df["evaluated"] & df[column].notna(), [*SCORE_KEYS, "source", column]]
     local = scored[scored["source"] == LOCAL]
     imported = scored[scored["source"] != LOCAL]
-    imported = imported[~imported.set_index(keys).index.isin(local.set_index(keys).index)]
+    imported = imported[~imported.set_index(SCORE_KEYS).index.isin(local.set_index(SCORE_KEYS).index)]
     _check_single_import(imported)
-    grouped = pd.concat([local, imported]).groupby(keys, sort=False)
+    grouped = pd.concat([local, imported]).groupby(SCORE_KEYS, sort=False)
     return grouped.agg(score=(column, "mean"), folds=(column, "size"), source=("source", "first")).reset_index()
 
 
 def _check_single_import(imported: pd.DataFrame) -> None:
-    counts = imported.groupby(["task", "model", "init"])["source"].nunique()
+    counts = imported.groupby(SCORE_KEYS)["source"].nunique()
     clashes = counts[counts > 1]
     if len(clashes):
-        task, model, init = clashes.index[0]
+        task, model, init, _ = clashes.index[0]
         raise TableError(f"{task} {model} {init} is given by more than one imported file; remove one from "
                          "$SEGBOOK_HOME/results/imported/")
 
 
 def score_lookup(df: pd.DataFrame, metric: str, parts: Iterable[str | None]) -> ScoreLookup:
-    """For each part (None: whole dataset), (task, model, init) -> dataset score (fraction)."""
+    """For each part and the whole dataset (None), (task, model, init, recipe) -> dataset score (fraction)."""
     lookup: ScoreLookup = {}
-    for part in set(parts):
+    for part in {None, *parts}:
         scores = dataset_scores(df, metric, part)
-        lookup[part] = dict(zip(zip(scores["task"], scores["model"], scores["init"]), scores["score"]))
+        lookup[part] = dict(zip(zip(*(scores[key] for key in SCORE_KEYS)), scores["score"]))
     return lookup
 
 
 # --- configurations, datasets and groups -----------------------------------------------------------------------
 
 
-def configurations(df: pd.DataFrame, models: Sequence[str] | None = None,
-                   inits: Sequence[str] | None = None) -> list[Config]:
+def configurations(df: pd.DataFrame, models: Sequence[str] | None = None, inits: Sequence[str] | None = None,
+                   recipes: Sequence[str] | None = None) -> list[Config]:
     """The paper's configurations present in `df`, or those requested, present or not.
 
     `models` alone asks for both initialisations of each; `inits` alone, that initialisation of the models present.
+    A pretrained network shows with each of `recipes` (the pretrained runs' recipes), or when none are given with
+    each recipe it has in `df` (the default one if none); a scratch network with each recipe it has (`scratch`).
     """
     for value, allowed, what in ((models, MODELS, "model"), (inits, INITS, "init")):
         unknown = sorted(set(value or ()) - set(allowed))
         if unknown:
             raise TableError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(allowed)}")
-    present = set(zip(df["model"], df["init"]))
-    if not models and not inits:
-        return [config for config in CONFIGURATIONS if config in present]
-    models = models or {model for model, _ in present}
-    return [(m, i) for m, i in CONFIGURATIONS if m in models and i in (inits or INITS)]
+    present = set(zip(df["model"], df["init"], df["recipe"]))
+    pairs = {(model, init) for model, init, _ in present}
+    if models or inits:
+        models = models or {model for model, _ in pairs}
+        pairs = {(m, i) for m, i in CONFIGURATIONS if m in models and i in (inits or INITS)}
+    return [(m, i, r) for m, i in CONFIGURATIONS if (m, i) in pairs for r in _recipes_of(present, m, i, recipes)]
+
+
+def _recipes_of(present: set[Config], model: str, init: str, recipes: Sequence[str] | None) -> list[str]:
+    if init == "pretrained" and recipes:
+        chosen = set(recipes) - {SCRATCH_RECIPE}
+    else:
+        chosen = {r for m, i, r in present if (m, i) == (model, init)} or {DEFAULT_RECIPES[init]}
+    return sorted(chosen, key=recipe_order)
+
+
+def recipe_order(name: str) -> tuple[int, str]:
+    """The built-in recipes in `segbook recipes`' order (the paper's first), then the user's by name."""
+    return (BUILTIN_ORDER.index(name) if name in BUILTIN_ORDER else len(BUILTIN_ORDER), name)
+
+
+def shows_recipes(configs: Iterable[Config]) -> bool:
+    """Whether a table must name recipes: only when one other than the defaults is shown."""
+    return any(recipe != DEFAULT_RECIPES[init] for _, init, recipe in configs)
 
 
 def dataset_facts(df: pd.DataFrame, configs: Sequence[Config]) -> pd.DataFrame:
     """One row of registry facts per dataset with any run (evaluated or not) of the shown configurations."""
-    shown = df[pd.MultiIndex.from_arrays([df["model"], df["init"]]).isin(list(configs))]
+    shown = df[pd.MultiIndex.from_arrays([df["model"], df["init"], df["recipe"]]).isin(list(configs))]
     return shown.drop_duplicates("task").sort_values("dataset_id").set_index("task")
 
 
@@ -265,41 +298,50 @@ def group_cell(lookup: ScoreLookup, members: list[Member], config: Config) -> Ce
     return Cell(mean, len(values), tuple(missing), marker=MISSING_MARK if missing and values else "")
 
 
-def delta_cell(lookup: ScoreLookup, members: list[Member], model: str) -> Cell:
+def delta_cell(lookup: ScoreLookup, members: list[Member], config: Config, baseline: Config) -> Cell:
+    """The paired mean of `config` minus `baseline` over the members that have both."""
     diffs, missing = [], []
     for task, part in members:
-        pretrained, scratch = (lookup[part].get((task, model, init)) for init in ("pretrained", "scratch"))
-        if pretrained is None or scratch is None:
+        score, base = lookup[part].get((task, *config)), lookup[part].get((task, *baseline))
+        if score is None or base is None:
             missing.append(task)
         else:
-            diffs.append(pretrained - scratch)
+            diffs.append(score - base)
     mean = 100.0 * sum(diffs) / len(diffs) if diffs else None
     return Cell(mean, len(diffs), tuple(missing), marker=MISSING_MARK if missing and diffs else "", signed=True)
 
 
-def paired_models(configs: Sequence[Config]) -> list[str]:
-    """STU-Net sizes shown both pretrained and from scratch: the ones with a Delta(PT)."""
-    return [m for m in STUNET_MODELS if (m, "pretrained") in configs and (m, "scratch") in configs]
+def delta_pairs(configs: Sequence[Config]) -> list[tuple[Config, Config]]:
+    """(pretrained, scratch) of each pretrained configuration whose network is also shown from scratch: the ones
+    with a Delta(PT), one per recipe."""
+    return [((model, init, recipe), (model, "scratch", SCRATCH_RECIPE)) for model, init, recipe in configs
+            if init == "pretrained" and (model, "scratch", SCRATCH_RECIPE) in configs]
 
 
 def group_table(df: pd.DataFrame, by: Grouping, metric: str = "dice", models: Sequence[str] | None = None,
-                inits: Sequence[str] | None = None) -> ResultTable:
-    """Rows per configuration (and a Delta(PT) row per STU-Net size), a column per non-empty group."""
-    configs = configurations(df, models, inits)
+                inits: Sequence[str] | None = None, recipes: Sequence[str] | None = None) -> ResultTable:
+    """Rows per configuration (and a Delta(PT) row per pretrained one), a column per non-empty group."""
+    configs = configurations(df, models, inits, recipes)
     facts = dataset_facts(df, configs)
     members = group_members(facts, by)
     lookup = score_lookup(df, metric, {part for tasks in members.values() for _, part in tasks})
     cost = by.name == "scale"
+    named = ["recipe"] if shows_recipes(configs) else []
     table = ResultTable(by.name, f"{METRIC_NAMES[metric]} (%) {by.title}",
-                        ["model", "init", *(["params (M)", "TMACs", "TFLOPs"] if cost else []), *members],
+                        ["model", "init", *named, *(["params (M)", "TMACs", "TFLOPs"] if cost else []), *members],
                         display={"model": MODEL_NAMES})
-    for model, init in configs:
-        table.rows.append([model, init, *(_cost(model) if cost else []),
-                           *(group_cell(lookup, tasks, (model, init)) for tasks in members.values())])
-        if init == "pretrained" and model in paired_models(configs):
-            table.rows.append([model, DELTA, *([None] * 3 if cost else []),
-                               *(delta_cell(lookup, tasks, model) for tasks in members.values())])
-    table.notes = _group_notes(table, members, by, metric) + _missing_notes(table, lookup, list(facts.index))
+    baselines = dict(delta_pairs(configs))
+    shown = []
+    for config in configs:
+        model, init, recipe = config
+        cells = [group_cell(lookup, tasks, config) for tasks in members.values()]
+        table.rows.append([model, init, *([recipe] if named else []), *(_cost(model) if cost else []), *cells])
+        shown.append((config, cells))
+        if config in baselines:
+            table.rows.append([model, DELTA, *([recipe] if named else []), *([None] * 3 if cost else []),
+                               *(delta_cell(lookup, tasks, config, baselines[config]) for tasks in members.values())])
+    table.notes = _group_notes(table, members, by, metric) + _missing_notes(shown, lookup, list(facts.index),
+                                                                             bool(named))
     return table
 
 
@@ -314,29 +356,30 @@ def _group_notes(table: ResultTable, members: dict[str, list[Member]], by: Group
     if not members:
         return ["no datasets: no runs of the shown configurations"]
     notes = [f"cell: mean {METRIC_NAMES[metric]} (%) over the n datasets of the group that have the configuration"]
-    if by.name == "scale":
+    if "TMACs" in table.columns:
         notes.append("params, TMACs (forward multiply-accumulates; the STU-Net paper's 'TFLOPs') and TFLOPs "
                      "(= 2 x TMACs) for one 128^3 patch; nnU-Net's network depends on each dataset's plans")
     if any(row[1] == DELTA for row in table.rows):
-        notes.append(f"{DELTA}: mean of (pretrained - scratch) over the datasets that have both, in points")
+        per_recipe = ", per recipe (its pretrained runs minus scratch)" if "recipe" in table.columns else ""
+        notes.append(f"{DELTA}: mean of (pretrained - scratch) over the datasets that have both, in points"
+                     + per_recipe)
     empty = [group for group in by.groups if group not in members and group not in by.quiet]
     if empty:
         notes.append(f"no datasets: {', '.join(empty)}")
     return notes
 
 
-def _missing_notes(table: ResultTable, lookup: ScoreLookup, order: list[str]) -> list[str]:
+def _missing_notes(shown: list[tuple[Config, list[Cell]]], lookup: ScoreLookup, order: list[str],
+                   with_recipe: bool) -> list[str]:
     """Per configuration, the datasets (in registry order) that some of its cells lack; a dataset lacks a part
     score when its result was imported without per-label scores."""
     lines = []
-    for row in table.rows:
-        if row[1] == DELTA:
-            continue
-        absent = sorted({task for cell in row if isinstance(cell, Cell) for task in cell.missing}, key=order.index)
-        named = [task if lookup[None].get((task, row[0], row[1])) is None else f"{task} (no per-label scores)"
+    for config, cells in shown:
+        absent = sorted({task for cell in cells for task in cell.missing}, key=order.index)
+        named = [task if lookup[None].get((task, *config)) is None else f"{task} (no per-label scores)"
                  for task in absent]
         if named:
-            lines.append(f"  {row[0]} {row[1]}: {_names(named)}")
+            lines.append(f"  {config_label(config, with_recipe)}: {_names(named)}")
     if not lines:
         return []
     return [f"{MISSING_MARK} not every dataset of the group has this configuration: the cell averages those that "
@@ -349,63 +392,132 @@ def _names(tasks: Sequence[str], limit: int = 8) -> str:
 
 
 def scale_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | None = None,
-                inits: Sequence[str] | None = None) -> ResultTable:
+                inits: Sequence[str] | None = None, recipes: Sequence[str] | None = None) -> ResultTable:
     """The paper's main table: small / medium / large / average, with parameters and forward cost."""
-    return group_table(df, grouping("scale"), metric, models, inits)
+    return group_table(df, grouping("scale"), metric, models, inits, recipes)
 
 
 def modality_target_table(df: pd.DataFrame, metric: str = "dice", group_datasets: bool = False,
-                          models: Sequence[str] | None = None, inits: Sequence[str] | None = None) -> ResultTable:
-    return group_table(df, grouping("modality-target", group_datasets), metric, models, inits)
+                          models: Sequence[str] | None = None, inits: Sequence[str] | None = None,
+                          recipes: Sequence[str] | None = None) -> ResultTable:
+    return group_table(df, grouping("modality-target", group_datasets), metric, models, inits, recipes)
 
 
 def region_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | None = None,
-                 inits: Sequence[str] | None = None) -> ResultTable:
-    return group_table(df, grouping("region"), metric, models, inits)
+                 inits: Sequence[str] | None = None, recipes: Sequence[str] | None = None) -> ResultTable:
+    return group_table(df, grouping("region"), metric, models, inits, recipes)
+
+
+# --- recipes ---------------------------------------------------------------------------------------------------
+
+
+def recipe_configs(df: pd.DataFrame, models: Sequence[str] | None = None,
+                   recipes: Sequence[str] | None = None) -> list[Config]:
+    """The recipes table's pretrained configurations: each network with each recipe it was fine-tuned with, or
+    those requested (`models`, `recipes`), present or not."""
+    return [config for config in configurations(df, models, None, recipes) if config[1] == "pretrained"]
+
+
+def recipe_baselines(config: Config, shown: Sequence[Config]) -> list[tuple[str, Config]]:
+    """What a recipe is compared with: its network from scratch, and its network fine-tuned with the default
+    recipe (when that is another and is `shown`)."""
+    model, _, recipe = config
+    default = (model, "pretrained", DEFAULT_RECIPE)
+    return [(VS_SCRATCH, (model, "scratch", SCRATCH_RECIPE)),
+            *([(VS_DEFAULT, default)] if recipe != DEFAULT_RECIPE and default in shown else [])]
+
+
+def recipe_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | None = None,
+                 recipes: Sequence[str] | None = None) -> ResultTable:
+    """By dataset scale per recipe: per network its scratch row, then each recipe's row with its delta rows."""
+    pretrained = recipe_configs(df, models, recipes)
+    networks = list(dict.fromkeys(model for model, _, _ in pretrained))
+    rows = [config for model in networks
+            for config in [(model, "scratch", SCRATCH_RECIPE), *(c for c in pretrained if c[0] == model)]]
+    by = grouping("scale")
+    facts = dataset_facts(df, rows)
+    members = group_members(facts, by)
+    lookup = score_lookup(df, metric, ())
+    table = ResultTable("recipes", f"{METRIC_NAMES[metric]} (%) by dataset scale per fine-tuning recipe",
+                        ["model", "init", "recipe", *members], display={"model": MODEL_NAMES})
+    shown = []
+    for config in rows:
+        cells = [group_cell(lookup, tasks, config) for tasks in members.values()]
+        table.rows.append([*config, *cells])
+        shown.append((config, cells))
+        for label, baseline in recipe_baselines(config, pretrained) if config[1] == "pretrained" else []:
+            table.rows.append([config[0], label, config[2],
+                               *(delta_cell(lookup, tasks, config, baseline) for tasks in members.values())])
+    table.notes = (_group_notes(table, members, by, metric) + _recipe_notes(table, pretrained)
+                   + _missing_notes(shown, lookup, list(facts.index), True))
+    return table
+
+
+def _recipe_notes(table: ResultTable, pretrained: Sequence[Config]) -> list[str]:
+    if not table.rows:
+        return []
+    notes = [f"{VS_SCRATCH}: mean of (recipe - scratch of the same network) over the datasets that have both, in "
+             "points"]
+    if any(row[1] == VS_DEFAULT for row in table.rows):
+        notes.append(f"{VS_DEFAULT}: mean of (recipe - the {DEFAULT_RECIPE} recipe of the same network) over the "
+                     "datasets that have both, in points")
+    elif all(recipe != DEFAULT_RECIPE for _, _, recipe in pretrained):
+        notes.append(f"no {VS_DEFAULT} rows: the {DEFAULT_RECIPE} recipe is not shown (add it to --recipes)")
+    return notes
 
 
 # --- per dataset -----------------------------------------------------------------------------------------------
 
 
-def config_label(config: Config) -> str:
-    return " ".join(config)
+def config_label(config: Config, with_recipe: bool = False) -> str:
+    """`large pretrained`, or with the recipe `large pretrained llrd` (scratch's recipe goes without saying)."""
+    model, init, recipe = config
+    return " ".join([model, init, *([recipe] if with_recipe and recipe != SCRATCH_RECIPE else [])])
+
+
+def delta_label(config: Config, with_recipe: bool = False) -> str:
+    model, _, recipe = config
+    return f"{model} {recipe} delta" if with_recipe else f"{model} delta"
 
 
 def dataset_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | None = None,
-                  inits: Sequence[str] | None = None) -> ResultTable:
-    """A row per dataset, every configuration side by side, a Delta(PT) per STU-Net size, and the sources used."""
-    configs = configurations(df, models, inits)
+                  inits: Sequence[str] | None = None, recipes: Sequence[str] | None = None) -> ResultTable:
+    """A row per dataset, every configuration side by side, a Delta(PT) per pretrained configuration, and the
+    sources used."""
+    configs = configurations(df, models, inits, recipes)
     facts = dataset_facts(df, configs)
     scores = dataset_scores(df, metric)
-    scores = dict(zip(zip(scores["task"], scores["model"], scores["init"]),
+    scores = dict(zip(zip(*(scores[key] for key in SCORE_KEYS)),
                       zip(scores["score"], scores["folds"], scores["source"])))
     pending = _pending(df, metric)
-    paired = paired_models(configs)
+    pairs = delta_pairs(configs)
+    named = shows_recipes(configs)
     table = ResultTable("datasets", f"{METRIC_NAMES[metric]} (%) per dataset",
-                        ["task", "modality", "target", "scale", *map(config_label, configs),
-                         *(f"{model} delta" for model in paired), "source"],
+                        ["task", "modality", "target", "scale", *(config_label(c, named) for c in configs),
+                         *(delta_label(config, named) for config, _ in pairs), "source"],
                         count_label="folds", detail_label="status", show_count=False)
     for task, modality, target, scale in zip(facts.index, facts["modality"], facts["target"], facts["scale"]):
         cells = {config: _dataset_cell(scores, pending, (task, *config)) for config in configs}
         sources = sorted({cell.source for cell in cells.values() if cell.source}, key=lambda s: (s != LOCAL, s))
         table.rows.append([task, modality, target, scale, *cells.values(),
-                           *(_dataset_delta(cells, model) for model in paired), ", ".join(sources) or "-"])
+                           *(_dataset_delta(cells[config], cells[baseline]) for config, baseline in pairs),
+                           ", ".join(sources) or "-"])
     table.notes = _dataset_notes(table, metric)
     return table
 
 
-def _pending(df: pd.DataFrame, metric: str) -> dict[tuple[str, str, str], list[tuple[str, str]]]:
-    """(task, model, init) -> (which run, why) for each run or imported result without a score for `metric`."""
-    pending: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
+def _pending(df: pd.DataFrame, metric: str) -> dict[tuple[str, str, str, str], list[tuple[str, str]]]:
+    """(task, model, init, recipe) -> (which run, why) for each run or imported result without a score."""
+    pending: dict[tuple[str, str, str, str], list[tuple[str, str]]] = {}
     waiting = df[~df["evaluated"] | df[metric].isna()]
     for row in waiting.itertuples():
         which = f"fold {row.fold}" if row.source == LOCAL else row.source
         why = f"no {METRIC_NAMES[metric]}" if row.evaluated else row.status
-        pending.setdefault((row.task, row.model, row.init), []).append((which, why))
+        pending.setdefault((row.task, row.model, row.init, row.recipe), []).append((which, why))
     return pending
 
 
-def _dataset_cell(scores: dict, pending: dict, key: tuple[str, str, str]) -> Cell:
+def _dataset_cell(scores: dict, pending: dict, key: tuple[str, str, str, str]) -> Cell:
     waiting = pending.get(key, [])
     folds = "; ".join(f"{which}: {why}" for which, why in waiting)
     if key not in scores:
@@ -415,8 +527,7 @@ def _dataset_cell(scores: dict, pending: dict, key: tuple[str, str, str]) -> Cel
     return Cell(100.0 * score, int(count), status=folds, marker=PARTIAL_MARK if waiting else "", source=source)
 
 
-def _dataset_delta(cells: dict[Config, Cell], model: str) -> Cell:
-    pretrained, scratch = cells[(model, "pretrained")], cells[(model, "scratch")]
+def _dataset_delta(pretrained: Cell, scratch: Cell) -> Cell:
     if pretrained.value is None or scratch.value is None:
         return Cell(None, 0, status="-")
     return Cell(pretrained.value - scratch.value, 1, signed=True)
@@ -438,10 +549,16 @@ def _dataset_notes(table: ResultTable, metric: str) -> list[str]:
 
 
 def build_table(df: pd.DataFrame, name: str, metric: str = "dice", group_datasets: bool = False,
-                models: Sequence[str] | None = None, inits: Sequence[str] | None = None) -> ResultTable:
+                models: Sequence[str] | None = None, inits: Sequence[str] | None = None,
+                recipes: Sequence[str] | None = None) -> ResultTable:
     """Any of TABLES by name: what `segbook results --table NAME` prints."""
     if name == "datasets":
-        return dataset_table(df, metric, models, inits)
+        return dataset_table(df, metric, models, inits, recipes)
+    if name == "recipes":
+        if inits:
+            raise TableError("the recipes table compares each recipe's pretrained runs with scratch: --init does "
+                             "not apply to it")
+        return recipe_table(df, metric, models, recipes)
     if name not in TABLES:
         raise TableError(f"unknown table {name!r}; choose one of {', '.join(TABLES)}")
-    return group_table(df, grouping(name, group_datasets), metric, models, inits)
+    return group_table(df, grouping(name, group_datasets), metric, models, inits, recipes)

@@ -17,10 +17,9 @@ from segbook import claims
 from segbook.errors import SegbookError
 from segbook.options import Bound, check_all
 from segbook.paths import Paths
-from segbook.runs import (CONFIGURATION, RunSpec, has_resumable_checkpoint, identity_fields, record_failure,
-                          resolve_weights)
+from segbook.runs import CONFIGURATION, RunSpec, has_resumable_checkpoint, identity_fields, resolve_weights
 from segbook.training.checkpoints import check_weights_fit
-from segbook.training.manifest import RunManifest
+from segbook.training.manifest import RunManifest, record_failure
 from segbook.recipes import get_recipe
 from segbook.training.settings import TrainingSettings, recipe_differences
 

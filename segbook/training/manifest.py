@@ -15,7 +15,7 @@ import subprocess
 import traceback
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from segbook.errors import SegbookError
 from segbook.io import atomic_write_json, now
@@ -126,3 +126,38 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def failure(manifest: RunManifest) -> str | None:
+    """The recorded error that makes a run failed: a failed training (or planning) run, or a failed evaluation."""
+    if manifest.status == "failed":
+        error = manifest.data.get("error") or {}
+        return f"{error.get('type', 'Error')}: {error.get('message', 'no message recorded')}"
+    evaluation = manifest.data.get("evaluation_error")
+    if manifest.status == "finished" and evaluation:
+        return f"evaluation: {evaluation['type']}: {evaluation['message']}"
+    return None
+
+
+def record_failure(folder: Path, error: BaseException, stage: str | None = None,
+                   new_manifest: Callable[[], RunManifest] | None = None) -> None:
+    """Record how a stage of a run ended badly, in its `run.json`.
+
+    Planning and training: status `failed` (or `interrupted` for Ctrl-C and SIGTERM) with the error, unless the
+    trainer recorded it already; `new_manifest` makes the record of a run that failed before it had one.
+    Evaluation: `evaluation_error`, the training staying `finished`. `stage` is added to the error.
+    """
+    manifest = RunManifest.load(folder) or (new_manifest() if new_manifest else None)
+    if manifest is None:
+        return
+    if stage == "evaluate":
+        manifest.data["evaluation_error"] = {"type": type(error).__name__, "message": str(error), "stage": stage,
+                                             "traceback": "".join(traceback.format_exception(error))[-4000:]}
+        manifest.event("evaluation_failed", error=f"{type(error).__name__}: {error}")
+    else:
+        status = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"
+        if manifest.status != status or not manifest.data.get("error"):
+            manifest.set_status(status, error)
+        if stage:
+            manifest.data["error"]["stage"] = stage
+    manifest.save()

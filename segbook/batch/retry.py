@@ -1,0 +1,57 @@
+"""`segbook batch retry`: which jobs of a selection failed, and making them pending again.
+
+A failed job is not run again by `run` or `submit` (it would fail the same way, and its error would be lost);
+resetting it keeps the error in a "retry" event of its manifest. A failed training then resumes from its latest
+checkpoint (or, with none, starts again), a failed evaluation is redone without training again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from segbook.batch.matrix import Job, JobStatus, survey
+from segbook.claims import Claim, try_claim
+from segbook.paths import Paths
+from segbook.training.manifest import RunManifest, failure
+
+
+@dataclass(frozen=True)
+class Reset:
+    """A failed job made pending again, and the error it had."""
+
+    job: Job
+    error: str
+
+
+def failed_jobs(jobs: Iterable[Job], paths: Paths | None = None) -> list[JobStatus]:
+    """The jobs that are failed now, with their errors (`JobStatus.detail`)."""
+    return [status for status in survey(jobs, paths) if status.state == "failed"]
+
+
+def reset_failed(jobs: Iterable[Job], paths: Paths | None = None) -> list[Reset]:
+    """Make every failed job of `jobs` pending again; those that are not failed, or that another process holds, are
+    left as they are (and out of the answer)."""
+    resets = [(job, retry_failed(job, paths)) for job in jobs]
+    return [Reset(job, error) for job, error in resets if error is not None]
+
+
+def retry_failed(job: Job, paths: Paths | None = None) -> str | None:
+    """Make a failed job pending again; returns the error it had (None when it had none, or is held)."""
+    paths = paths or Paths.from_env()
+    claim = try_claim(paths.claims, job.id)
+    if not isinstance(claim, Claim):
+        return None
+    with claim.held():
+        claim.outcome = "reset for retry"
+        manifest = RunManifest.load(job.folder(paths))
+        error = failure(manifest) if manifest is not None else None
+        if error is None:
+            return None
+        if manifest.status == "failed":
+            manifest.data.update(status="created", error=None)
+        else:
+            del manifest.data["evaluation_error"]
+        manifest.event("retry", previous_error=error)
+        manifest.save()
+    return error
