@@ -1,13 +1,14 @@
 """Time `segbook results` on a synthetic store of the full benchmark's size, and at 1/4 and 1/2 of it.
 
 The store has the 87 registry tasks x 7 configurations (nnU-Net; STU-Net base, large, huge, each scratch and
-pretrained) x 5 folds, each run's `evaluation/summary.json` scoring 200 test cases, plus a finished `run.json`.
+pretrained) x 5 folds (tabulated with `--folds 0-4`), each run's `evaluation/summary.json` scoring 200 test cases,
+plus a finished `run.json`.
 Collection reads only the summaries (never `metrics.csv`, so none is written). Each size is timed in one process:
 collection, then all four tables, then the pretrained-vs-scratch statistics for the three groupings.
 
     python scripts/bench_results.py                 # 1/4, 1/2 and full size side by side (about a minute)
     python scripts/bench_results.py --keep DIR      # also leave the full store in DIR/nnUNet_results
-                                                    # (then: SEGBOOK_HOME=DIR segbook report --out report.html)
+                                                    # (then: SEGBOOK_HOME=DIR segbook report --folds 0-4 --out r.html)
 
 (from the repository root, with segbook installed or PYTHONPATH=.)
 """
@@ -80,7 +81,7 @@ def time_once(home: Path) -> dict[str, float]:
     paths = Paths(home=home, raw=home / "raw", preprocessed=home / "pre", results=home / "nnUNet_results")
     registry = load_registry()
     start = time.perf_counter()
-    df = collect_results(paths, registry)
+    df = collect_results(paths, registry, folds="0-4")
     collected = time.perf_counter()
     for name in TABLES:
         build_table(df, name, "dice")
@@ -100,8 +101,8 @@ def median_of(home: Path, repeats: int) -> dict[str, float]:
 def cli_seconds(home: Path, table: str) -> float:
     """Wall time of `segbook results --table TABLE` in a fresh process: start-up and imports included."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "segbook.cli.main", "results", "--table", table], check=True,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "SEGBOOK_HOME": str(home)})
+    subprocess.run([sys.executable, "-m", "segbook.cli.main", "results", "--table", table, "--folds", "0-4"],
+                   check=True, stdout=subprocess.DEVNULL, env={**os.environ, "SEGBOOK_HOME": str(home)})
     return time.perf_counter() - start
 
 

@@ -16,8 +16,10 @@ the meta device) against the GPU's dense bf16 peak (--peak-tflops, or looked up 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -98,7 +100,7 @@ def forward_macs(model: str, args: argparse.Namespace) -> int:
     return count_forward_macs(network, (1, args.channels, *args.patch))
 
 
-def loader_throughput(task: str, seconds: float) -> float:
+def loader_throughput(task: str, seconds: float, registry_files: list[str] | None = None) -> float:
     """Batches per second that nnU-Net's augmentation pipeline delivers for a planned task (its own workers)."""
     from segbook.paths import Paths
     from segbook.registry import load_registry
@@ -107,7 +109,7 @@ def loader_throughput(task: str, seconds: float) -> float:
 
     Paths.from_env().export()
     register_with_nnunet()
-    entry = load_registry().get(task)
+    entry = load_registry(registry_files).get(task)
     trainer = get_trainer_from_args(str(entry.dataset_id), "3d_fullres", 0, "SegbookTrainer_tiny_scratch",
                                     device=torch.device("cpu"))
     trainer.initialize()
@@ -150,7 +152,9 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="channels-last 3D on the segbook path")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: from its name)")
     parser.add_argument("--loader-task", help="also measure nnU-Net's augmentation throughput on this planned task")
+    parser.add_argument("--loader-registry", action="append", help="registry file that defines --loader-task")
     parser.add_argument("--loader-seconds", type=float, default=30.0)
+    parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -176,12 +180,18 @@ def main() -> None:
             ratio = result["samples_per_s"] / stock["samples_per_s"]
             print(f"{model:7} {path:8} {result['precision']:5} {result['seconds']:8.3f} "
                   f"{result['samples_per_s']:10.2f} {result['peak_gib']:9.2f} {tflops:8.2f} {mfu:>6} {ratio:7.2f}x")
-            rows.append(result)
+            rows.append({"model": model, "path": path, **result, "tflops": tflops,
+                         "mfu": tflops / peak if peak else None, "vs_stock": ratio})
+    figures = {"device": name, "patch": args.patch, "batch": args.batch, "peak_tflops": peak,
+               "compile": args.compile, "channels_last": args.channels_last, "rows": rows}
     if args.loader_task:
-        rate = loader_throughput(args.loader_task, args.loader_seconds)
+        rate = loader_throughput(args.loader_task, args.loader_seconds, args.loader_registry)
         consumed = max(r["samples_per_s"] for r in rows) / args.batch
         print(f"data loader: {rate:.2f} batches/s from nnU-Net's augmentation workers; the fastest training step "
               f"above consumes {consumed:.2f} batches/s ({'keeps up' if rate >= consumed else 'does NOT keep up'})")
+        figures["loader"] = {"batches_per_s": rate, "consumed_batches_per_s": consumed}
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2, default=str))
 
 
 if __name__ == "__main__":

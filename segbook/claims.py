@@ -19,7 +19,12 @@ A holder is gone when (first rule that applies):
 4. nothing better is known (another host, no SLURM answer): its heartbeat is older than the timeout.
 
 A live holder is never taken over. A holder that finds a newer generation than its own (it was judged gone, e.g.
-its heartbeat stalled past the timeout on a hung file system) stops its job.
+its heartbeat stalled past the timeout on a hung file system) stops its job (`lost_any()` tells its code not to
+write anything more on the way out).
+
+A claimer may store facts of its own in its record (`info`), computed from the previous generation and why its
+holder was judged gone: `segbook.batch.attempts` keeps a job's attempt counts there, so the newest claim alone says
+how often the job was started and how its attempts ended.
 """
 
 from __future__ import annotations
@@ -48,6 +53,11 @@ _GENERATION = re.compile(r"^(\d{8})\.json$")
 #: Claims this process holds, by folder: a nested request for one of them (`segbook batch` holds a job's claim
 #: and calls `finetune`, which claims the same run) is granted without a second generation.
 _HELD: dict[Path, "Claim"] = {}
+#: Claims this process holds that another process has taken over since.
+_LOST: set[Path] = set()
+#: What a claimer stores in its record, from the previous generation's record and why its holder is gone (None:
+#: released, or no previous generation).
+InfoFor = Callable[["ClaimRecord | None", "str | None"], dict[str, Any]]
 
 
 class ClaimBusy(SegbookError):
@@ -72,6 +82,7 @@ class ClaimRecord:
     heartbeat: float
     released: bool = False
     outcome: str | None = None
+    info: dict[str, Any] | None = None
 
     def describe(self) -> str:
         where = f"{self.host} pid {self.pid}" + (f", SLURM job {self.slurm_job}" if self.slurm_job else "")
@@ -104,11 +115,11 @@ def _pid_alive(pid: int, start: int | None) -> bool:
     return fields[0] != "Z" and (start is None or int(fields[19]) == start)  # a zombie has exited
 
 
-def _new_record(job_id: str) -> ClaimRecord:
+def _new_record(job_id: str, info: dict[str, Any] | None = None) -> ClaimRecord:
     slurm_job, restart = own_slurm_job()
     return ClaimRecord(job=job_id, token=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(),
                        pid_start=_pid_start(os.getpid()), slurm_job=slurm_job, slurm_restart=restart,
-                       created_at=now(), heartbeat=time.time())
+                       created_at=now(), heartbeat=time.time(), info=info)
 
 
 def _generations(folder: Path) -> list[int]:
@@ -169,16 +180,38 @@ def holder(folder: Path, queue: Mapping[str, str] | None = None, *, ask_slurm: b
 
     `queue`: squeue states already fetched (for many jobs at once); else squeue is asked when it matters.
     """
-    _, record, path = latest(folder)
+    return judge(folder, queue, ask_slurm=ask_slurm, timeout_s=timeout_s)[1]
+
+
+def judge(folder: Path, queue: Mapping[str, str] | None = None, *, ask_slurm: bool = True,
+          timeout_s: float = HEARTBEAT_TIMEOUT_S) -> tuple[ClaimRecord | None, ClaimRecord | None, str | None]:
+    """(newest record, its live holder or None, why that holder is gone): the reason is None when the newest
+    claim was released, is held, or there is none."""
+    return _judge(folder, queue, ask_slurm, timeout_s)[1:]
+
+
+def _judge(folder: Path, queue: Mapping[str, str] | None, ask_slurm: bool,
+           timeout_s: float) -> tuple[int, ClaimRecord | None, ClaimRecord | None, str | None]:
+    generation, record, path = latest(folder)
+    return (generation, *judge_latest(record, path, queue, ask_slurm=ask_slurm, timeout_s=timeout_s))
+
+
+def judge_latest(record: ClaimRecord | None, path: Path | None, queue: Mapping[str, str] | None = None, *,
+                 ask_slurm: bool = True, timeout_s: float = HEARTBEAT_TIMEOUT_S
+                 ) -> tuple[ClaimRecord | None, ClaimRecord | None, str | None]:
+    """`judge` for a newest claim already read (`latest`): for surveys that read it once for many purposes."""
     if path is None:
-        return None
+        return None, None, None
     if record is None:  # being written right now, or its writer died in the act
-        return None if time.time() - path.stat().st_mtime > timeout_s else _placeholder(path)
+        if time.time() - path.stat().st_mtime > timeout_s:
+            return None, None, "its claim file was never completed"
+        return None, _placeholder(path), None
     if record.released:
-        return None
+        return record, None, None
     if queue is None and ask_slurm:
         queue = _queue_for(record)
-    return None if gone_reason(record, queue, timeout_s=timeout_s) else record
+    reason = gone_reason(record, queue, timeout_s=timeout_s)
+    return record, (None if reason else record), reason
 
 
 def _placeholder(path: Path) -> ClaimRecord:
@@ -211,6 +244,11 @@ class Claim:
         atomic_write_json(self.path, asdict(self.record))
         return True
 
+    def annotate(self, **info: Any) -> None:
+        """Change what this claim records in `info` (its creator alone writes its file)."""
+        self.record = replace(self.record, info={**(self.record.info or {}), **info})
+        atomic_write_json(self.path, asdict(self.record))
+
     def release(self, outcome: str) -> None:
         """Mark the claim released, recording how the work ended; the job is free for the next claimer."""
         self.record = replace(self.record, released=True, outcome=outcome, heartbeat=time.time())
@@ -234,28 +272,31 @@ class Claim:
             _HELD.pop(self.path.parent, None)
             stop.set()
             thread.join()
+            _LOST.discard(self.path.parent)
             if not self.lost():
                 self.release(self.outcome)
 
     def _heartbeat(self, stop: threading.Event, interval_s: float, on_lost: Callable[[], None]) -> None:
         while not stop.wait(interval_s):
             if not self.beat():
+                _LOST.add(self.path.parent)
                 print(f"segbook: the claim on {self.record.job} was taken over by another process; stopping "
                       "this run", flush=True)
                 on_lost()
                 return
 
 
-def try_claim(root: Path, job_id: str, *, timeout_s: float = HEARTBEAT_TIMEOUT_S) -> Claim | ClaimRecord:
-    """Claim a job: a `Claim` when this process now holds it, else the live holder's record."""
+def try_claim(root: Path, job_id: str, *, timeout_s: float = HEARTBEAT_TIMEOUT_S,
+              info: InfoFor | None = None) -> Claim | ClaimRecord:
+    """Claim a job: a `Claim` when this process now holds it, else the live holder's record. `info` makes the
+    record's `info` from the previous generation (module docstring)."""
     folder = Path(root) / job_id
     folder.mkdir(parents=True, exist_ok=True)
     while True:
-        generation, _, _ = latest(folder)
-        current = holder(folder, timeout_s=timeout_s)
+        generation, previous, current, reason = _judge(folder, None, True, timeout_s)
         if current is not None:
             return current
-        record = _new_record(job_id)
+        record = _new_record(job_id, info(previous, reason) if info else None)
         path = _path(folder, generation + 1)
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
@@ -266,6 +307,12 @@ def try_claim(root: Path, job_id: str, *, timeout_s: float = HEARTBEAT_TIMEOUT_S
             f.flush()
             os.fsync(f.fileno())
         return Claim(path, record)
+
+
+def lost_any() -> bool:
+    """Whether another process has taken over a claim this process still holds: its work must stop without
+    writing anything more."""
+    return bool(_LOST)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,9 @@ preprocessed cases, cross-validation splits) and is rebuilt from scratch.
 
 Planning never touches the folder training reads until it is done: nnU-Net (which empties its output folder before
 refilling it) works in a hidden sibling, `.Dataset{id}_{Name}.{token}.partial/`, and the finished folder, its cases
-checked against the train split, replaces the old one by two renames under the dataset's claim. A kill at any point
+checked against the train split, replaces the old one by two renames under the dataset's claim, unless a run of
+the dataset is live (`segbook.data.folders.check_not_in_use`, asked before and again just before the swap): the
+data a running job trains on is never replaced or deleted. A kill at any point
 leaves the previous version in place (or, between the renames, restores it on the next run). Training checks that
 the preprocessed cases are exactly the train split's (`verify_preprocessed`) and records their count and a hash of
 their ids.
@@ -33,10 +35,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from segbook.data.folders import dataset_claim, is_imported, preprocessed_folder, raw_folder, repair_if_free
+from segbook.data.folders import (check_not_in_use, dataset_claim, is_imported, preprocessed_folder, raw_folder,
+                                  repair_if_free)
 from segbook.errors import SegbookError
 from segbook.io import atomic_write_json, now
 from segbook.paths import Paths
+from segbook.reference_plans import PAPER_PLANS, compare_plans, describe_comparison, has_reference, reference_planner
 
 if TYPE_CHECKING:
     from segbook.registry import DatasetEntry
@@ -44,17 +48,21 @@ if TYPE_CHECKING:
 CONFIGURATION = "3d_fullres"
 PLAN_RECORD = "segbook_plan.json"
 PLAN_LOG = "segbook_plan.log"
+REFERENCE = "reference"
 
 _PLANNER_MODULES = {
     "default": "nnunetv2.experiment_planning.experiment_planners.default_experiment_planner",
     "resenc": "nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners",
 }
-#: Our planner names -> (module key, nnU-Net planner class, plans identifier).
+#: Our planner names -> (module key, nnU-Net planner class, plans identifier). `paper` and `paper-zscore` are
+#: nnU-Net's ExperimentPlanner at the SegBook authors' patch size and spacing (`segbook.reference_plans`).
 PLANNERS: dict[str, tuple[str, str, str]] = {
     "default": ("default", "ExperimentPlanner", "nnUNetPlans"),
     "resenc-m": ("resenc", "nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans"),
     "resenc-l": ("resenc", "nnUNetPlannerResEncL", "nnUNetResEncUNetLPlans"),
     "resenc-xl": ("resenc", "nnUNetPlannerResEncXL", "nnUNetResEncUNetXLPlans"),
+    **{name: (REFERENCE, "ExperimentPlanner at the authors' patch size and spacing", identifier)
+       for name, (identifier, _) in PAPER_PLANS.items()},
 }
 
 
@@ -76,6 +84,7 @@ class PlanResult:
     stunet_strides: list[list[int]]
     training_cases: int
     raw_stamp: str
+    comparison: dict[str, Any]
     skipped: bool = False
     seconds: float = 0.0
 
@@ -92,6 +101,7 @@ class PlanResult:
             f"batch size {self.batch_size}",
             f"  normalisation  {', '.join(self.normalization)}",
             f"  STU-Net strides {self.stunet_strides}",
+            *describe_comparison(self.comparison),
         ])
 
 
@@ -104,6 +114,27 @@ def _planner(name: str) -> tuple[str, str, str]:
 
 def plans_identifier(planner: str = "default") -> str:
     return _planner(planner)[2]
+
+
+def check_planner(entry: DatasetEntry, planner: str) -> str:
+    """The plans identifier of `planner` for this task; SegbookError (before anything is planned or written) for
+    an unknown planner, or for `paper` plans of a dataset whose registry entry lacks the authors' plans."""
+    module_key, _, identifier = _planner(planner)
+    if module_key == REFERENCE and not has_reference(entry):
+        raise SegbookError(f"{entry.key}: the registry holds no reference_patch_size and reference_spacing (the "
+                           f"SegBook authors' plans), so there are no --plans {planner} to make; add them to the "
+                           "dataset's registry entry (docs/registry.md)")
+    return identifier
+
+
+def recorded_comparisons(entry: DatasetEntry, paths: Paths | None = None) -> dict[str, dict[str, Any]]:
+    """For each planner with current plans: its plan beside the authors', as `segbook plan` recorded it (no
+    nnU-Net needed)."""
+    paths = paths or Paths.from_env()
+    record = _read_record(preprocessed_folder(entry, paths))
+    states = plan_states(entry, paths)
+    return {name: record["plans"][identifier]["comparison"] for name, (_, _, identifier) in PLANNERS.items()
+            if states.get(name) == "preprocessed" and "comparison" in record["plans"][identifier]}
 
 
 def raw_stamp(entry: DatasetEntry, paths: Paths) -> str:
@@ -185,7 +216,8 @@ def _load_result(entry: DatasetEntry, paths: Paths, planner: str, stamp: str, sk
         patch_size=[int(v) for v in config["patch_size"]], spacing=[float(v) for v in config["spacing"]],
         batch_size=int(config["batch_size"]), normalization=list(config["normalization_schemes"]),
         nnunet_strides=[[int(v) for v in s] for s in strides], stunet_strides=strides_from_plans(strides),
-        training_cases=int(dataset["numTraining"]), raw_stamp=stamp, skipped=skipped, seconds=seconds)
+        training_cases=int(dataset["numTraining"]), raw_stamp=stamp,
+        comparison=compare_plans(entry, identifier, config), skipped=skipped, seconds=seconds)
 
 
 def load_plan(entry: DatasetEntry, paths: Paths | None = None, planner: str = "default") -> PlanResult:
@@ -215,7 +247,7 @@ def plan_task(entry: DatasetEntry, paths: Paths | None = None, num_processes: in
     say = log or ((lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None))
     paths = paths or Paths.from_env()
     paths.export()
-    _, _, identifier = _planner(planner)
+    identifier = check_planner(entry, planner)
     if not is_imported(entry, paths):
         raise SegbookError(f"{entry.key} is not imported ({raw_folder(entry, paths)} has no dataset.json); run "
                            f"`segbook data import --task {entry.key} --from PATH` first")
@@ -234,6 +266,7 @@ def plan_task(entry: DatasetEntry, paths: Paths | None = None, num_processes: in
         if not force and record.get("raw_stamp") == stamp and \
                 _is_complete(preprocessed_folder(entry, paths), record, identifier):
             return _load_result(entry, paths, planner, stamp, True, time.perf_counter() - started)
+        check_not_in_use(entry, paths, f"Planning {entry.key} again")
         _build(entry, paths, planner, stamp, record, num_processes or _default_processes(), force, progress, say,
                fingerprint_samples)
     return _load_result(entry, paths, planner, stamp, skipped=False, seconds=time.perf_counter() - started)
@@ -262,12 +295,16 @@ def _build(entry: DatasetEntry, paths: Paths, planner: str, stamp: str, record: 
                                           fingerprint_samples)
         _copy_ground_truth(entry, raw_folder(entry, paths), staged)
         cases = _check_cases(entry.key, raw_folder(entry, paths), staged / data_identifier, "nnU-Net preprocessed")
+        plans = json.loads(_plans_path(staged, identifier).read_text(encoding="utf-8"))
         record["plans"][identifier] = {"planner": planner, "configuration": CONFIGURATION,
                                        "data_identifier": data_identifier, "complete": True, "version": token,
                                        "cases": cases.count, "case_ids_sha256": cases.ids_sha256,
+                                       "comparison": compare_plans(entry, identifier,
+                                                                   plans["configurations"][CONFIGURATION]),
                                        "finished_at": now()}
         record["nnunet_version"] = _nnunet_version()
         atomic_write_json(staged / PLAN_RECORD, record)
+        check_not_in_use(entry, paths, f"Planning {entry.key} again")  # a run may have started meanwhile
         _swap(staged, folder, token)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -390,8 +427,7 @@ def _run_nnunet(entry: DatasetEntry, planner: str, folder: Path, processes: int,
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    module_key, class_name, identifier = _planner(planner)
-    planner_class = getattr(importlib.import_module(_PLANNER_MODULES[module_key]), class_name)
+    _, class_name, identifier = _planner(planner)
     name = entry.nnunet_name
     with _nnunet_output(folder / PLAN_LOG):
         if force or not (folder / "dataset_fingerprint.json").is_file():
@@ -403,7 +439,7 @@ def _run_nnunet(entry: DatasetEntry, planner: str, folder: Path, processes: int,
             extractor.run(overwrite_existing=True)
         say(f"{name} [2/3] planning with {class_name} ({identifier})")
         with _augmentation_workers_at_least_one():
-            planner_class(name).plan_experiment()
+            _make_planner(entry, planner).plan_experiment()
         manager = PlansManager(str(_plans_path(folder, identifier)))
         if CONFIGURATION not in manager.available_configurations:
             raise SegbookError(f"nnU-Net made no {CONFIGURATION} configuration for {name} (is the data 2-D?)")
@@ -413,6 +449,14 @@ def _run_nnunet(entry: DatasetEntry, planner: str, folder: Path, processes: int,
         preprocessor.show_progress_bar = progress
         preprocessor.run(name, CONFIGURATION, identifier, num_processes=processes)
     return configuration.data_identifier
+
+
+def _make_planner(entry: DatasetEntry, planner: str):
+    """The nnU-Net planner object of `planner`, for the task's dataset."""
+    module_key, class_name, identifier = _planner(planner)
+    if module_key == REFERENCE:
+        return reference_planner(entry, entry.nnunet_name, identifier, zscore=PAPER_PLANS[planner][1])
+    return getattr(importlib.import_module(_PLANNER_MODULES[module_key]), class_name)(entry.nnunet_name)
 
 
 @contextlib.contextmanager

@@ -292,7 +292,7 @@ def resolve_weights(model: str, given: str | Path | None, paths: "Paths",
     """A given file wins; otherwise the cached official checkpoint, checked against the SHA-256 recorded when it
     was downloaded (a file put into the cache by hand has none: that is said, not hidden)."""
     from stunet import CATALOGUE, WeightCache, WeightsError
-    from stunet.checkpoints import file_sha256
+    from stunet.checkpoints import checksum_origin, file_sha256
 
     cache = WeightCache(paths.weights)
     if given is None and model not in CATALOGUE:
@@ -311,8 +311,8 @@ def resolve_weights(model: str, given: str | Path | None, paths: "Paths",
         say(f"segbook: warning: {path} has no recorded SHA-256 (it was not downloaded by `segbook weights "
             f"download`), so it cannot be verified; using it as it is (SHA-256 {digest}, recorded in run.json)")
     elif digest != expected:
-        raise SegbookError(f"{path} is corrupted: SHA-256 {digest} differs from the recorded {expected}; delete it "
-                           f"and run `segbook weights download {model}` again")
+        raise SegbookError(f"{path} is corrupted: SHA-256 {digest} differs from the {checksum_origin(cfg)} "
+                           f"{expected}; delete it and run `segbook weights download {model}` again")
     return Weights(path.resolve(), digest)
 
 

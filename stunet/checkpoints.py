@@ -8,8 +8,9 @@ loading and loading never needs presets.
 
 Each catalogue entry is data, like timm's pretrained configs: the file, where to get it, what it expects (one CT
 channel, 1.5 mm isotropic spacing, 128^3 patches, per-image z-score) and which layers fine-tuning adapts
-(`first_conv`) or replaces (`classifier`). The authors publish no checksums, so the SHA-256 is recorded next to the
-file on its first download and every later download or `verify` is checked against it.
+(`first_conv`) or replaces (`classifier`). The authors publish no checksums. The small checkpoint's SHA-256 is
+catalogued (an independent project pins it); for the other sizes it is recorded next to the file on its first
+download. Every later download or `verify` is checked against the catalogued or recorded one.
 """
 
 from __future__ import annotations
@@ -90,15 +91,16 @@ class PretrainedCfg:
     label_names: tuple[str, ...] = field(default_factory=totalsegmentator_v1_labels)
 
 
-def _official(preset: str, drive_id: str, baidu: str) -> PretrainedCfg:
+def _official(preset: str, drive_id: str, baidu: str, sha256: str | None = None) -> PretrainedCfg:
     filename = f"{preset}_ep4k.model"
     return PretrainedCfg(preset=preset, filename=filename, urls=(f"{HF_REPOSITORY}/{filename}",),
-                         manual_urls=(f"https://drive.google.com/file/d/{drive_id}/view", baidu))
+                         manual_urls=(f"https://drive.google.com/file/d/{drive_id}/view", baidu), sha256=sha256)
 
 
 CATALOGUE: dict[str, PretrainedCfg] = {
     "small": _official("small", "1HReH6dDrEuXgHPrsw7OrHSjvEUF3f4mv",
-                       "https://pan.baidu.com/s/1ZBfOhaTvjvhcgXKGNe_gWg?pwd=soz7"),
+                       "https://pan.baidu.com/s/1ZBfOhaTvjvhcgXKGNe_gWg?pwd=soz7",
+                       sha256="f440f401bf4cac1d1d6f7c4635542ef057193a5f96c0b3c661a6179afeab7be6"),
     "base": _official("base", "1BHCp1Ort-OaVFwaZmvsG4qHiKiPeNb4h",
                       "https://pan.baidu.com/s/1a17XmOGiGSgbEvK-acSOSg?pwd=91w3"),
     "large": _official("large", "1KA1eXWWf_xAoJg5KHYrxTmfiz7wxGhHS",
@@ -183,8 +185,8 @@ class WeightCache:
         if expected is None:
             raise WeightsError(f"no checksum recorded for {path}; download it with `segbook weights download`")
         if digest != expected:
-            raise WeightsError(f"{path} is corrupted: SHA-256 {digest} differs from the recorded {expected}. "
-                               f"Delete it and download it again.")
+            raise WeightsError(f"{path} is corrupted: SHA-256 {digest} differs from the {checksum_origin(cfg)} "
+                               f"{expected}. Delete it and download it again.")
         return digest
 
     def _check_and_record(self, cfg: PretrainedCfg, downloaded: Path, target: Path) -> None:
@@ -193,7 +195,7 @@ class WeightCache:
         if expected is not None and digest != expected:
             downloaded.unlink()
             raise WeightsError(f"download of {cfg.filename} failed verification: SHA-256 {digest}, "
-                               f"expected {expected}; nothing was written to {target}")
+                               f"expected the {checksum_origin(cfg)} {expected}; nothing was written to {target}")
         sidecar = self._sidecar(cfg)
         tmp = sidecar.with_name(sidecar.name + ".tmp")
         tmp.write_text(f"{digest}  {cfg.filename}\n")
@@ -201,6 +203,11 @@ class WeightCache:
 
     def _sidecar(self, cfg: PretrainedCfg) -> Path:
         return self.root / (cfg.filename + ".sha256")
+
+
+def checksum_origin(cfg: PretrainedCfg) -> str:
+    """Where the expected SHA-256 of a checkpoint comes from, for messages."""
+    return "catalogued" if cfg.sha256 else "recorded"
 
 
 def _fetch_resumable(requests, url: str, partial: Path, progress: Callable[[int, int | None], None] | None,

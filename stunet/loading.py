@@ -19,6 +19,12 @@ from torch import nn
 from stunet.checkpoints import FIRST_CONV_KEYS, HEAD_PREFIX, PRESETS
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: How a single-channel first block is tiled across the input channels of a multi-channel task: `repeat` copies the
+#: weights to every channel, as both official fine-tuning loaders (uni-medical/STU-Net, nnU-Net v1 and v2 variants)
+#: do; `mean` also divides them by the channel count, so that channels that agree give the single-channel network's
+#: features (segbook's earlier default, kept as an option).
+TILINGS = ("repeat", "mean")
+DEFAULT_TILING = "repeat"
 
 # nnU-Net v1 checkpoints carry training curves as numpy scalars, pickled under numpy 1's module path.
 _NUMPY_SAFE_GLOBALS = [
@@ -115,24 +121,28 @@ class LoadReport:
 
 
 def load_pretrained(network: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint",
-                    drop_heads: bool = True) -> LoadReport:
-    """Copy pretrained weights into `network` for fine-tuning (see `adapt_state_dict` for what must match)."""
+                    drop_heads: bool = True, tiling: str = DEFAULT_TILING) -> LoadReport:
+    """Copy pretrained weights into `network` for fine-tuning (see `adapt_state_dict` for what must match, and
+    `TILINGS` for `tiling`)."""
     target = network.state_dict()
-    adapted, report = adapt_state_dict(target, state_dict, source=source, drop_heads=drop_heads)
+    adapted, report = adapt_state_dict(target, state_dict, source=source, drop_heads=drop_heads, tiling=tiling)
     network.load_state_dict({**target, **adapted}, strict=True)
     return report
 
 
 def adapt_state_dict(target: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], *,
-                     source: str = "checkpoint", drop_heads: bool = True) -> tuple[dict[str, torch.Tensor],
-                                                                                     LoadReport]:
+                     source: str = "checkpoint", drop_heads: bool = True,
+                     tiling: str = DEFAULT_TILING) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """The checkpoint's weights as the network with state_dict `target` takes them, and what was done to them.
 
     The segmentation heads are left as initialised (`drop_heads`), the first block's input-side convolutions are
-    tiled across input channels when the checkpoint has one and the network more, and every other key must match
-    by name and shape; anything else is a `CheckpointError` naming the checkpoint and both architectures. `target`
-    may live on the meta device: this checks that a checkpoint fits a network before anything is built or written.
+    tiled across input channels when the checkpoint has one and the network more (`tiling`: `repeat`, the official
+    loaders' way, or `mean`), and every other key must match by name and shape; anything else is a
+    `CheckpointError` naming the checkpoint and both architectures. `target` may live on the meta device: this
+    checks that a checkpoint fits a network before anything is built or written.
     """
+    if tiling not in TILINGS:
+        raise ValueError(f"unknown stem tiling {tiling!r}; choose one of {', '.join(TILINGS)}")
     report = LoadReport()
     adapted: dict[str, torch.Tensor] = {}
     problems: list[str] = []
@@ -144,7 +154,7 @@ def adapt_state_dict(target: Mapping[str, torch.Tensor], state_dict: Mapping[str
             problems.append(f"unexpected key {key}")
             continue
         if key in FIRST_CONV_KEYS and _differs_only_in_input_channels(value.shape, target[key].shape):
-            value = _tile_input_channels(value, target[key].shape, key, source)
+            value = _tile_input_channels(value, target[key].shape, key, source, tiling)
             report.tiled.append(key)
         if value.shape != target[key].shape:
             problems.append(f"{key}: checkpoint {tuple(value.shape)} vs network {tuple(target[key].shape)}")
@@ -164,10 +174,15 @@ def _differs_only_in_input_channels(source: torch.Size, target: torch.Size) -> b
     return source[1] != target[1] and source[0] == target[0] and source[2:] == target[2:]
 
 
-def _tile_input_channels(weight: torch.Tensor, shape: torch.Size, key: str, source: str) -> torch.Tensor:
-    """Repeat single-channel input weights over n channels, scaled by 1/n so agreeing channels give the same output."""
+def _tile_input_channels(weight: torch.Tensor, shape: torch.Size, key: str, source: str,
+                         tiling: str) -> torch.Tensor:
+    """Repeat single-channel input weights over n channels; `mean` scales them by 1/n as well.
+
+    The scale matters: instance norm cancels it after `conv1`, but the `conv3` shortcut is added unnormalised, so
+    the two tilings start fine-tuning from different networks."""
     channels = shape[1]
     if weight.shape[1] != 1:
         raise CheckpointError(f"{source}: cannot adapt {key} from {weight.shape[1]} to {channels} input channels; "
                               f"only single-channel checkpoints are tiled across input channels")
-    return weight.repeat(1, channels, 1, 1, 1) / channels
+    repeated = weight.repeat(1, channels, 1, 1, 1)
+    return repeated / channels if tiling == "mean" else repeated

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from stunet.checkpoints import PRESETS, PRETRAINING_STRIDES, Preset, get_preset
-from stunet.loading import load_pretrained, read_state_dict
+from stunet.loading import DEFAULT_TILING, load_pretrained, read_state_dict
 from stunet.model import STUNet
 
 __all__ = ["PRESETS", "PRETRAINING_STRIDES", "Preset", "create_stunet", "describe_network", "get_preset",
@@ -24,17 +24,18 @@ __all__ = ["PRESETS", "PRETRAINING_STRIDES", "Preset", "create_stunet", "describ
 def create_stunet(preset: str, input_channels: int = 1, num_classes: int = 105,
                   strides: Sequence[Sequence[int]] = PRETRAINING_STRIDES, enable_deep_supervision: bool = True,
                   device: str | torch.device | None = None,
-                  pretrained: str | os.PathLike | None = None) -> STUNet:
+                  pretrained: str | os.PathLike | None = None, tiling: str = DEFAULT_TILING) -> STUNet:
     """Build a preset, optionally initialised for fine-tuning from a checkpoint file.
 
     `device="meta"` builds it without allocating memory (for counting and schema checks). With `pretrained`, every
-    weight but the segmentation heads comes from the checkpoint (its first block tiled across input channels).
+    weight but the segmentation heads comes from the checkpoint, its first block tiled across input channels as
+    `tiling` says (`stunet.loading.TILINGS`: `repeat`, the official loaders' way, or `mean`).
     """
     spec = get_preset(preset)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         network = STUNet(input_channels, num_classes, spec.dims, spec.depth, strides, enable_deep_supervision)
     if pretrained is not None:
-        load_pretrained(network, read_state_dict(pretrained), source=str(pretrained))
+        load_pretrained(network, read_state_dict(pretrained), source=str(pretrained), tiling=tiling)
     return network
 
 

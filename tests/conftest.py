@@ -1,4 +1,4 @@
-"""Shared fixtures: the read-only reference material in ../shared and an isolated SEGBOOK_HOME per test.
+"""Shared fixtures: the reference material in tests/data and an isolated SEGBOOK_HOME per test.
 
 No test reads or writes the user's own folders: for the whole session SEGBOOK_HOME points at a temporary folder
 and nnU-Net's folder variables are unset (fixtures and tests narrow this further).
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+#: Reference files that hold segbook to the official code and to real data (provenance: tests/data/README.md).
+REFERENCE_DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,9 +26,8 @@ def _never_the_users_folders(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def shared() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"reference material not found at {SHARED} (the read-only ../shared folder)")
-    return SHARED
+    """tests/data: the official STU-Net's golden outputs and state_dict schema, a real CT, the paper's datasets."""
+    return REFERENCE_DATA
 
 
 @pytest.fixture

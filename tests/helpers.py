@@ -46,10 +46,15 @@ def tiny_spec(name: str = "Tiny", modality: str = "CT", channels: tuple[str, ...
                      channels=channels, targets=TINY_TARGETS, seed=seed)
 
 
+#: The SegBook authors' plans of a made-up dataset, for tiny tasks (40x40x24 voxels at 1.5 x 1.5 x 2.5 mm, which
+#: nnU-Net plans with patch [24, 40, 40] at [2.5, 1.5, 1.5]): registry fields for `register_spec`'s `fields`.
+REFERENCE_PLANS = {"reference_patch_size": [16, 32, 32], "reference_spacing": [3.0, 2.0, 2.0]}
+
+
 def register_spec(folder: Path, spec: SynthSpec, dataset_id: int = 990, test_cases: int | None = None,
-                  filename: str = "registry.yaml") -> tuple[Path, DatasetEntry]:
-    """Write a user registry file for `spec` and return it with its loaded entry."""
-    entry = registry_entry(spec, dataset_id, test_cases=test_cases)
+                  filename: str = "registry.yaml", fields: dict | None = None) -> tuple[Path, DatasetEntry]:
+    """Write a user registry file for `spec` (with extra registry `fields`) and return it with its loaded entry."""
+    entry = {**registry_entry(spec, dataset_id, test_cases=test_cases), **(fields or {})}
     path = write_registry_file(Path(folder) / filename, entry)
     return path, load_registry([path]).get(entry["key"])
 
@@ -64,8 +69,8 @@ def source_of(written: SynthDataset) -> Path | PlainSource:
 
 
 def prepare_synthetic_task(tmp_path: Path, spec: SynthSpec | None = None, dataset_id: int = 990,
-                           layout: str = "v2", plan: bool = True, num_processes: int = 1) -> tuple[Path,
-                                                                                                   DatasetEntry]:
+                           layout: str = "v2", plan: bool = True, num_processes: int = 1,
+                           fields: dict | None = None) -> tuple[Path, DatasetEntry]:
     """Write, register, import and (with `plan`) plan and preprocess a tiny synthetic task.
 
     Returns the user registry file (for `load_registry([file])` or `--registry file`) and the task's entry.
@@ -79,7 +84,7 @@ def prepare_synthetic_task(tmp_path: Path, spec: SynthSpec | None = None, datase
         raise RuntimeError("prepare_synthetic_task writes into SEGBOOK_HOME: use the segbook_home fixture")
     spec = spec or tiny_spec()
     written = write_synthetic_dataset(spec, tmp_path / "synthetic_source", layout=layout, dataset_id=dataset_id)
-    registry_file, entry = register_spec(tmp_path, spec, dataset_id)
+    registry_file, entry = register_spec(tmp_path, spec, dataset_id, fields=fields)
     import_dataset(entry, source_of(written), num_processes=num_processes, progress=False)
     if plan:
         plan_task(entry, num_processes=num_processes, progress=False, fingerprint_samples=FINGERPRINT_SAMPLES)
@@ -87,8 +92,8 @@ def prepare_synthetic_task(tmp_path: Path, spec: SynthSpec | None = None, datase
 
 
 @contextlib.contextmanager
-def planned_tiny_task(root: Path, spec: SynthSpec | None = None, dataset_id: int = 990,
-                      seed: int = 0) -> Iterator[SimpleNamespace]:
+def planned_tiny_task(root: Path, spec: SynthSpec | None = None, dataset_id: int = 990, seed: int = 0,
+                      fields: dict | None = None) -> Iterator[SimpleNamespace]:
     """For a module-scoped fixture: a tiny synthetic task imported and planned in its own SEGBOOK_HOME under
     `root`, and a tiny STU-Net "pretrained" on 105 classes, saved like the official checkpoints.
 
@@ -102,7 +107,7 @@ def planned_tiny_task(root: Path, spec: SynthSpec | None = None, dataset_id: int
             patch.delenv(variable)
         patch.setenv("nnUNet_n_proc_DA", "0")
         patch.setenv("nnUNet_def_n_proc", "1")
-        registry_file, entry = prepare_synthetic_task(root, spec, dataset_id=dataset_id)
+        registry_file, entry = prepare_synthetic_task(root, spec, dataset_id=dataset_id, fields=fields)
         torch.manual_seed(seed)
         weights = write_official_checkpoint(create_stunet("tiny", 1, 105).state_dict(),
                                             root / "tiny_pretrained.model", epoch=4000)
@@ -134,7 +139,7 @@ def real_ct_cases(shared: Path, out: Path, pieces: tuple[int, int] = (2, 3)) -> 
     (`images/`, `labels/`) whose cases keep the real headers (spacing, origin, direction)."""
     import SimpleITK as sitk
 
-    folder = shared / "data" / "totalsegmentator_example"
+    folder = shared / "totalsegmentator_example"
     ct, seg = sitk.ReadImage(str(folder / "ct.nii.gz")), sitk.ReadImage(str(folder / "seg.nii.gz"))
     nx, nz = pieces
     size = ct.GetSize()
@@ -154,7 +159,7 @@ def real_ct_entry(shared: Path, cases: int, dataset_id: int = 980) -> dict:
     """A registry entry for the example's 117 TotalSegmentator v2 classes (seen where v1 has the same name)."""
     from segbook.registry import TOTALSEG_V1_CLASSES
 
-    names = json.loads((shared / "data" / "totalsegmentator_example" / "labels.json").read_text())
+    names = json.loads((shared / "totalsegmentator_example" / "labels.json").read_text())
     labels = [{"index": 0, "name": "background", "kind": "background"}]
     for index in sorted(map(int, names)):
         name = names[str(index)]

@@ -20,6 +20,7 @@ import yaml
 from helpers import planned_tiny_task, run_segbook, tiny_spec, use_planned_task
 
 import segbook.batch.matrix
+import segbook.training.manifest
 from segbook import claims
 from segbook.batch.estimate import ForwardFlops, estimate_job, estimate_jobs, task_geometry
 from segbook.batch.execute import ExecutionOptions
@@ -162,7 +163,12 @@ def test_job_states_from_run_folders_claims_and_weights(segbook_home):
     (folder / "checkpoint_latest.pth").write_bytes(b"")
     status = state(pretrained)  # resumes: the weights are in the checkpoint already
     assert (status.state, status.detail, status.epochs_done, status.epochs_total) == (
-        "pending", "resumes after epoch 3", 3, 5)
+        "pending", "resumes from its latest checkpoint", 3, 5)
+    # Where the checkpoint stands, as the trainer recorded it: not the epochs recorded after it.
+    _manifest(pretrained, paths, "interrupted", epochs=3, checkpoint={"epoch": 2, "iteration": 0})
+    assert (state(pretrained).detail, state(pretrained).epochs_done) == ("resumes after epoch 2", 3)
+    _manifest(pretrained, paths, "interrupted", epochs=3, checkpoint={"epoch": 3, "iteration": 7})
+    assert state(pretrained).detail == "resumes in epoch 4 after iteration 7"
 
     folder = _manifest(scratch, paths, "running", epochs=1)
     assert state(scratch).detail == "restarts (no checkpoint yet)"  # its process is gone: no claim
@@ -182,6 +188,36 @@ def test_job_states_from_run_folders_claims_and_weights(segbook_home):
     (folder / "evaluation" / "summary.json").write_text("{}")
     assert state(scratch).state == "done"
     assert [s.state for s in survey([scratch, pretrained], paths)] == ["done", "pending"]
+
+
+def test_status_reads_each_run_json_without_its_history(segbook_home, monkeypatch):
+    paths = Paths.from_env()
+    (job,) = build_matrix(load_registry(), "009", models="base", inits="scratch")
+    (paths.raw / job.entry.nnunet_name).mkdir(parents=True)
+    (paths.raw / job.entry.nnunet_name / "dataset.json").write_text("{}")
+    folder = _manifest(job, paths, "interrupted", epochs=40, checkpoint={"epoch": 40, "iteration": 0})
+    (folder / "checkpoint_latest.pth").write_bytes(b"")
+    assert len((folder / "epochs.jsonl").read_text().splitlines()) == 40
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the survey read a run's per-epoch history")
+
+    monkeypatch.setattr(segbook.training.manifest, "read_history", unread)
+    (status,) = survey([job], paths)
+    assert (status.state, status.epochs_done, status.detail) == ("pending", 40, "resumes after epoch 40")
+
+
+def test_the_status_table_cuts_a_long_detail_and_json_keeps_it_whole(segbook_home):
+    paths = Paths.from_env()
+    (job,) = build_matrix(load_registry(), "009", models="base", inits="scratch")
+    message = "CUDA out of memory. Tried to allocate 2.00 GiB; " * 10  # a real error can run to 500 characters
+    _manifest(job, paths, "failed", error={"type": "OutOfMemoryError", "message": message})
+    args = ["--tasks", "009", "--models", "base", "--init", "scratch"]
+    table = run_segbook("batch", "status", *args).stdout
+    (line,) = [line for line in table.splitlines() if line.startswith("Task009_Spleen")]
+    assert len(line) < 2 * segbook.batch.matrix.DETAIL_WIDTH and line.endswith("...") and "failed" in line
+    (record,) = json.loads(run_segbook("batch", "status", *args, "--format", "json").stdout)["jobs"]
+    assert record["detail"] == f"OutOfMemoryError: {message}"
 
 
 # --- estimates ----------------------------------------------------------------------------------------------------
@@ -273,6 +309,10 @@ def test_options_for_workers_and_sbatch(tmp_path, monkeypatch):
         ExecutionOptions(device="cpu", num_gpus=2).validate()
     with pytest.raises(OptionError, match="--gpus-per-job must be an integer >= 1, got 0"):
         ExecutionOptions(num_gpus=0).validate()
+    with pytest.raises(OptionError, match="--max-attempts must be an integer >= 1, got 0"):
+        ExecutionOptions(max_attempts=0).validate()
+    with pytest.raises(OptionError, match="unknown job body 'sleep'; choose one of train, noop"):
+        ExecutionOptions(body="sleep").validate()
 
     assert [time_minutes(t) for t in ("48:00:00", "2-00:00:00", "90", "1:30", "1-2", "0:0:59")] == [
         2880, 2880, 90, 2, 1560, 1]
@@ -355,13 +395,20 @@ def test_the_worker_says_how_its_job_ended_in_its_exit_status(segbook_home):
 
 # --- module structure ---------------------------------------------------------------------------------------------
 
-#: segbook.batch's modules, each importing (at the top, or inside a function) only modules listed before it.
-BATCH_LAYERS = ("submissions", "matrix", "estimate", "execute", "retry", "worker", "forecast", "local", "slurm")
+#: segbook.batch's modules, each importing (at the top, or inside a function) only modules listed before it;
+#: imports for type checking only do not count (as in tests/test_imports.py).
+BATCH_LAYERS = ("signals", "cluster", "rehearsal", "submissions", "attempts", "preparation", "matrix", "estimate",
+                "weights", "execute", "retry", "worker", "forecast", "local", "slurm")
 
 
 def _batch_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    typing_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If) and "TYPE_CHECKING" in
+                   ast.unparse(block.test) for statement in block.body for node in ast.walk(statement)}
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("segbook.batch."):
             names.add(node.module.removeprefix("segbook.batch."))
         elif isinstance(node, ast.Import):
@@ -558,12 +605,24 @@ def test_a_user_recipe_reaches_the_worker_and_plan_shows_each_recipe(task, fresh
 def test_a_failing_job_is_recorded_the_others_finish_and_retry_runs_it(task, fresh):
     broken = task.root / "broken.model"
     broken.write_bytes(b"not a checkpoint")
+    # Checked before anything starts: corrupt, said as such, and nothing is written.
     result = run_segbook("batch", "run", *_matrix_args(task, "--device", "cpu", *BUDGET, weights=broken), check=False)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "1 done, 1 failed" in result.stdout
+    assert result.returncode == 2 and "segbook: error: " in result.stderr, result.stdout + result.stderr
+    assert f"{broken} is corrupt or not a checkpoint: it is damaged or truncated" in result.stderr
+    assert "refused" not in result.stderr and not fresh.results.exists() and not fresh.claims.exists()
+
+    # A job that meets a broken file anyway (it changed after the check) fails, recorded; the others go on.
+    (pretrained,) = [j for j in _jobs(task) if j.spec.init == "pretrained"]
+    options = ExecutionOptions.create(registry_files=[task.registry_file], weights=broken, device="cpu",
+                                      settings=TrainingSettings(epochs=2, iterations_per_epoch=2,
+                                                                val_iterations_per_epoch=1))
+    worker = subprocess.run(worker_command(pretrained, options), capture_output=True, text=True, timeout=300)
+    assert worker.returncode == EXIT_FAILED, worker.stdout + worker.stderr
+    result = run_segbook("batch", "run", *_matrix_args(task, "--device", "cpu", *BUDGET))
+    assert "2 jobs: 1 failed, 1 pending" in result.stdout and "1 done" in result.stdout
     by_init = {s.job.spec.init: s for s in survey(_jobs(task), fresh)}
     assert by_init["scratch"].state == "done" and by_init["pretrained"].state == "failed"
-    manifest = RunManifest.load(by_init["pretrained"].job.folder(fresh))
+    manifest = RunManifest.load(pretrained.folder(fresh))
     assert manifest.status == "failed" and manifest.data["error"]["stage"] == "train"
     status = json.loads(run_segbook("batch", "status", *_matrix_args(task), "--format", "json").stdout)
     assert [t["jobs"] for t in status["totals"]] == [1, 0, 1, 0, 0, 2]
@@ -571,7 +630,7 @@ def test_a_failing_job_is_recorded_the_others_finish_and_retry_runs_it(task, fre
     retried = run_segbook("batch", "retry", "--failed", *_matrix_args(task, "--device", "cpu", *BUDGET))
     assert "retry Task990_Tiny__tiny__pretrained__fold_all" in retried.stdout and "1 done" in retried.stdout
     assert all(s.state == "done" for s in survey(_jobs(task), fresh))
-    manifest = RunManifest.load(by_init["pretrained"].job.folder(fresh))
+    manifest = RunManifest.load(pretrained.folder(fresh))
     previous = manifest.data["request"]["previous_attempt"]  # it had no checkpoint: started again, history kept
     assert previous["error"] is None and [e["event"] for e in previous["events"]][-2:] == ["failed", "retry"]
     assert manifest.settings.weights == str(task.weights.resolve())
@@ -599,10 +658,13 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(task, fresh):
     assert record["released"] and record["outcome"] == "KeyboardInterrupt"
     assert job_status(job, fresh).state == "pending"
 
+    (stop,) = [e for e in manifest.data["events"] if e["event"] == "stopped_at_boundary"]  # saved where it was
+    assert stop["signal"] == "SIGINT" and manifest.data["checkpoint"]["epoch"] == stop["epoch"]
+
     run_segbook("batch", "run", *_matrix_args(task), "--init", "pretrained", "--device", "cpu", *budget)
     manifest = RunManifest.load(folder)
     (resumed,) = [e for e in manifest.data["events"] if e["event"] == "resumed"]
-    # A stop just after nnU-Net saved a checkpoint, before the trainer recorded that epoch, skips it in the record.
-    assert set(range(resumed["from_epoch"], 12)) <= {e["epoch"] for e in manifest.data["epochs"]}
+    assert (resumed["from_epoch"], resumed.get("from_iteration", 0)) == (stop["epoch"], stop["iteration"])
+    assert [e["epoch"] for e in manifest.data["epochs"]] == list(range(12))  # nothing lost, nothing twice
     assert manifest.status == "finished" and _events(folder).count("pretrained_weights_loaded") == 1
     assert job_status(job, fresh).state == "done"

@@ -6,6 +6,8 @@ States are checked against squeue, never sacct (which needs slurmdbd, absent her
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -124,6 +126,8 @@ def test_array_runs_every_job_and_resubmitting_submits_nothing(task, fresh):
 
 
 def test_cancelled_job_resumes_from_its_checkpoint_when_resubmitted(task, fresh):
+    """scancel sends SIGTERM: the trainer saves a checkpoint at the next iteration boundary (issue 14, item 3) and
+    the attempt counts as ended badly (item 4); a resubmission resumes where that checkpoint stands."""
     args = [*_selection(task, "scratch"), *SLURM, "--epochs", "12", *TINY]
     _segbook("submit", *args)
     folder = _run_folder(task, fresh, "scratch")
@@ -136,20 +140,80 @@ def test_cancelled_job_resumes_from_its_checkpoint_when_resubmitted(task, fresh)
     wait_for(lambda: queue_states(slurm_id).get(slurm_id) == "CANCELLED", 60, f"{slurm_id} to be cancelled")
     wait_for(lambda: _status(task, "scratch")["scratch"]["state"] != "running", 60, "the job to stop running")
     job = _status(task, "scratch")["scratch"]
-    assert job["state"] == "pending" and job["detail"].startswith("resumes after epoch")
+    manifest = RunManifest.load(folder)
+    stops = [e for e in manifest.data["events"] if e["event"] == "stopped_at_boundary"]
+    assert [e["signal"] for e in stops] == ["SIGTERM"]
+    epoch, iteration = manifest.resume_point()
+    assert (stops[0]["epoch"], stops[0]["iteration"]) == (epoch, iteration)
+    assert 1 <= len(manifest.data["epochs"]) == epoch < 12
+    where = f"resumes in epoch {epoch + 1} after iteration {iteration}" if iteration else f"resumes after epoch {epoch}"
+    assert job["state"] == "pending" and job["detail"].startswith(where + "; attempt 1 terminated by SIGTERM")
+    assert (job["attempts"], job["bad_endings"]) == (1, 1) and job["last_ending"].startswith("terminated")
     assert job["slurm"] == queue_states(slurm_id)[slurm_id] == "CANCELLED"
-    trained = len(RunManifest.load(folder).data["epochs"])
-    assert 1 <= trained < 12
 
     assert "1 to submit" in _segbook("submit", *args)
     job = _wait_until_done(task, fresh, "scratch")["scratch"]
-    assert job["slurm_id"] != slurm_id
+    assert job["slurm_id"] != slurm_id and (job["attempts"], job["bad_endings"]) == (2, 1)
     manifest = RunManifest.load(folder)
     (resumed,) = [e for e in manifest.data["events"] if e["event"] == "resumed"]
-    assert manifest.status == "finished" and resumed["from_epoch"] >= 1
-    assert _epochs(manifest)[-1] == 11 and set(range(resumed["from_epoch"], 12)) <= set(_epochs(manifest))
+    assert (resumed["from_epoch"], resumed.get("from_iteration", 0)) == (epoch, iteration)
+    assert manifest.status == "finished" and _epochs(manifest) == list(range(12))  # each epoch recorded once
     wait_for(lambda: queue_states(job["slurm_id"]).get(job["slurm_id"]) == "COMPLETED", 60, "squeue COMPLETED")
     assert _status(task, "scratch")["scratch"]["slurm"] == "COMPLETED"
+
+
+def _wait_for_attempt(task, number: int) -> dict:
+    """The scratch job once its attempt `number` trains (its claim taken, its manifest running again)."""
+    def training() -> bool:
+        job = _status(task, "scratch")["scratch"]
+        return job["state"] == "running" and job["attempts"] == number
+
+    wait_for(training, WAIT_S, f"attempt {number} to run")
+    return _status(task, "scratch")["scratch"]
+
+
+def test_killed_and_cancelled_attempts_are_recorded_until_the_job_fails_at_max_attempts(task, fresh):
+    """Issue 14, item 4: an attempt killed outright (SIGKILL, as the out-of-memory killer does) and one cancelled
+    (scancel: SIGTERM) are recorded with their numbers; the next submission retries, the last one fails the job."""
+    args = [*_selection(task, "scratch"), *SLURM, "--epochs", "60", *TINY, "--max-attempts", "2"]
+    assert "1 to submit" in _segbook("submit", *args)
+    folder = _run_folder(task, fresh, "scratch")
+    _wait_for_checkpoint(folder)
+    first = _wait_for_attempt(task, 1)
+    (claim,) = claim_records(fresh.claims, first["job"])
+    assert claim["slurm_job"] == first["slurm_id"]
+    os.kill(claim["pid"], signal.SIGKILL)  # the training process, which could release nothing
+    wait_for(lambda: queue_states(first["slurm_id"])[first["slurm_id"]] in FINAL_STATES, 60, "the task to end")
+    job = _status(task, "scratch")["scratch"]
+    assert job["state"] == "pending" and (job["attempts"], job["bad_endings"]) == (1, 1)
+    assert job["last_ending"] == f"killed (SLURM: {job['slurm']})" and job["slurm"] != "COMPLETED"
+    assert f"attempt 1 {job['last_ending']}" in job["detail"]
+    assert RunManifest.load(folder).status == "running"  # what the killed process left; the claim knows better
+
+    assert "1 to submit" in _segbook("submit", *args)
+    second = _wait_for_attempt(task, 2)
+    assert second["slurm_id"] != first["slurm_id"]
+    wait_for(lambda: any(e["event"] == "resumed" for e in RunManifest.load(folder).data["events"]), 60,
+             "attempt 2 to resume")
+    (asked,) = [e["request"] for e in RunManifest.load(folder).data["events"] if e["event"] == "continue_requested"]
+    assert asked["attempt"] == 2 and asked["previous_attempt_ended"].startswith("killed (SLURM: ")
+    assert "killed by signal 9 (SIGKILL)" in asked["previous_attempt_ended"]  # scontrol's exit code, in words
+    subprocess.run(["scancel", second["slurm_id"]], check=True)
+    wait_for(lambda: _status(task, "scratch")["scratch"]["state"] != "running", 60, "attempt 2 to stop")
+
+    job = _status(task, "scratch")["scratch"]
+    assert job["state"] == "failed" and (job["attempts"], job["bad_endings"]) == (2, 2)
+    assert job["detail"] == ("gave up after 2 attempt(s) that ended badly (--max-attempts 2); last: terminated by "
+                             "SIGTERM (scancel, a time limit reached without warning, or kill)")
+    assert RunManifest.load(folder).status == "interrupted"
+    assert "0 to submit" in _segbook("submit", *args) and len(_submissions(fresh)) == 2
+    given_up = RunManifest.load(folder)  # the submission that found the job given up said so in run.json
+    assert given_up.status == "failed" and given_up.data["error"]["type"] == "AttemptsExhausted"
+    assert "gave up after 2 attempt(s)" in given_up.data["error"]["message"]
+    table = _segbook("status", *_selection(task, "scratch"))
+    (row,) = [line for line in table.splitlines() if line.startswith(task.entry.key)]
+    assert row.split()[4:7] == ["failed", f"{RunManifest.load(folder).epochs_done}/60", "2"]
+    assert "gave up after 2 attempt(s)" in row
 
 
 def test_status_follows_squeue_while_held_and_cancelled_and_dry_run_submits_nothing(task, fresh):
@@ -178,6 +242,24 @@ def test_status_follows_squeue_while_held_and_cancelled_and_dry_run_submits_noth
     newest = _submissions(fresh)[-1]["array_job_id"]
     subprocess.run(["scancel", newest], check=True)
     assert newest != array
+
+
+def test_submissions_the_cluster_refuses_are_one_line_naming_the_option_and_leave_nothing(task, fresh):
+    """Issue 14, item 2: a partition sinfo does not list is refused before sbatch; what sbatch itself refuses (more
+    CPUs or memory than the node has) comes back as one line naming the option, with no traceback."""
+    args = [*_selection(task), *SLURM, "--epochs", "2", *TINY]
+    unknown = run_segbook("batch", "submit", *args, "--partition", "nosuch", check=False)
+    assert (unknown.returncode, unknown.stderr) == (
+        2, f"segbook: error: --partition nosuch: no such partition; sinfo lists {task.cluster.partition}\n")
+    refusals = {"--cpus-per-job": ("64", "lower --cpus-per-job", "More processors requested than permitted"),
+                "--mem": ("900G", "lower --mem", "Memory specification can not be satisfied")}
+    for option, (value, hint, said) in refusals.items():
+        refused = run_segbook("batch", "submit", *args, option, value, check=False)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert refused.stderr.startswith("segbook: error: sbatch refused array 1 of 1 (2 jobs): ")
+        assert hint in refused.stderr and said in refused.stderr
+    assert not _submissions(fresh)
+    assert _status(task)["scratch"]["state"] == "pending"
 
 
 def test_preempted_job_requeues_and_resumes_without_reapplying_weights(task, fresh):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import http.server
 import re
 import threading
@@ -14,6 +15,9 @@ import pytest
 import torch
 
 from segbook.cli.main import main
+from segbook.errors import SegbookError
+from segbook.paths import Paths
+from segbook.runs import resolve_weights
 from stunet import (CATALOGUE, CheckpointError, STUNet, WeightCache, WeightsError, create_stunet, load_pretrained,
                     read_state_dict)
 from stunet.checkpoints import file_sha256
@@ -102,17 +106,52 @@ def test_fine_tuning_load_keeps_body_and_fresh_heads(tmp_path):
     assert report.tiled == []
 
 
-def test_first_block_is_tiled_for_multichannel_inputs(tmp_path):
-    pretrained = tiny(input_channels=1, seed=3)
-    network = tiny(input_channels=3, seed=4)
-    report = load_pretrained(network, pretrained.state_dict())
-    assert sorted(report.tiled) == ["conv_blocks_context.0.0.conv1.weight", "conv_blocks_context.0.0.conv3.weight"]
-    # Three identical channels give exactly the single-channel network's features.
-    image = torch.randn(1, 1, 32, 32, 32)
+STEM = ("conv_blocks_context.0.0.conv1.weight", "conv_blocks_context.0.0.conv3.weight")
+
+
+def _official_tiling(state_dict: dict, channels: int) -> dict:
+    """What uni-medical/STU-Net's loaders (nnU-Net v1 `run_finetuning.py`, v2.2 `run_finetuning_stunet.py`) do to
+    the first block of a multi-channel network: `weight.repeat(1, num_inputs, 1, 1, 1)`, nothing else."""
+    return {key: value.repeat(1, channels, 1, 1, 1) if key in STEM else value for key, value in state_dict.items()}
+
+
+def test_first_block_is_tiled_as_the_official_loaders_do(tmp_path):
+    """Random official-format weights, a 4-channel input made of one channel repeated: the first block computes
+    what the official tiling gives, and not what dividing by the channel count (the `mean` option) gives."""
+    pretrained = tiny(input_channels=1, num_classes=105, seed=3)
+    path = tmp_path / "small_ep4k.model"
+    save_v1(pretrained, path)
+    network = tiny(input_channels=4, seed=4)
+    report = load_pretrained(network, read_state_dict(path), source=str(path))
+    assert sorted(report.tiled) == list(STEM)
+    official = tiny(input_channels=4, seed=5)
+    heads = {k: v for k, v in official.state_dict().items() if k.startswith("seg_outputs")}
+    official.load_state_dict({**_official_tiling(pretrained.state_dict(), 4), **heads}, strict=True)
+    image = torch.randn(1, 1, 32, 32, 32).repeat(1, 4, 1, 1, 1)
     with torch.no_grad():
-        single = pretrained.conv_blocks_context[0](image)
-        tripled = network.conv_blocks_context[0](image.repeat(1, 3, 1, 1, 1))
-    torch.testing.assert_close(tripled, single, rtol=1e-5, atol=1e-5)
+        ours = network.conv_blocks_context[0](image)
+        reference = official.conv_blocks_context[0](image)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    mean = tiny(input_channels=4, seed=4)
+    load_pretrained(mean, pretrained.state_dict(), tiling="mean")
+    with torch.no_grad():
+        averaged = mean.conv_blocks_context[0](image)
+        single = pretrained.conv_blocks_context[0](image[:, :1])
+    torch.testing.assert_close(averaged, single, rtol=1e-5, atol=1e-5)  # what `mean` is for
+    assert (averaged - reference).abs().max() > 0.1  # the two tilings start from different networks
+
+
+def test_stem_tiling_is_chosen_by_name(tmp_path):
+    pretrained = create_stunet("tiny", num_classes=105)
+    path = tmp_path / "tiny.model"
+    save_v1(pretrained, path)
+    stem = pretrained.state_dict()[STEM[1]]
+    repeated = create_stunet("tiny", input_channels=3, num_classes=2, pretrained=path)
+    averaged = create_stunet("tiny", input_channels=3, num_classes=2, pretrained=path, tiling="mean")
+    torch.testing.assert_close(repeated.state_dict()[STEM[1]], torch.cat([stem] * 3, dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(averaged.state_dict()[STEM[1]], torch.cat([stem / 3] * 3, dim=1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown stem tiling 'sum'; choose one of repeat, mean"):
+        create_stunet("tiny", input_channels=3, num_classes=2, pretrained=path, tiling="sum")
 
 
 def test_a_checkpoint_of_another_size_is_named_in_the_error():
@@ -182,10 +221,10 @@ def checkpoint_bytes(tmp_path) -> bytes:
 
 
 def test_download_records_checksum_and_loads(tmp_path, checkpoint_bytes):
-    server = _Server({"/small_ep4k.model": checkpoint_bytes})
+    server = _Server({"/base_ep4k.model": checkpoint_bytes})
     try:
         cache = WeightCache(tmp_path / "weights")
-        cfg = replace(CATALOGUE["small"], urls=(f"{server.url}/small_ep4k.model",))
+        cfg = replace(CATALOGUE["base"], urls=(f"{server.url}/base_ep4k.model",))
         path = cache.download(cfg)
     finally:
         server.close()
@@ -199,7 +238,7 @@ def test_download_records_checksum_and_loads(tmp_path, checkpoint_bytes):
 def test_interrupted_download_resumes_with_a_range_request(tmp_path, checkpoint_bytes):
     server = _Server({"/f": checkpoint_bytes}, cut_after=len(checkpoint_bytes) // 3)
     cache = WeightCache(tmp_path / "weights")
-    cfg = replace(CATALOGUE["small"], urls=(f"{server.url}/f",))
+    cfg = replace(CATALOGUE["base"], urls=(f"{server.url}/f",))
     try:
         with pytest.raises(WeightsError, match="resume"):
             cache.download(cfg)
@@ -215,7 +254,7 @@ def test_interrupted_download_resumes_with_a_range_request(tmp_path, checkpoint_
 def test_a_corrupted_file_fails_verification(tmp_path, checkpoint_bytes):
     server = _Server({"/f": checkpoint_bytes})
     cache = WeightCache(tmp_path / "weights")
-    cfg = replace(CATALOGUE["small"], urls=(f"{server.url}/f",))
+    cfg = replace(CATALOGUE["base"], urls=(f"{server.url}/f",))
     try:
         path = cache.download(cfg)
         path.write_bytes(checkpoint_bytes[:-10] + b"0123456789")
@@ -232,20 +271,46 @@ def test_a_corrupted_file_fails_verification(tmp_path, checkpoint_bytes):
 
 
 def test_weights_cli_download_path_verify(segbook_home, checkpoint_bytes, capsys):
-    server = _Server({"/small_ep4k.model": checkpoint_bytes})
+    server = _Server({"/base_ep4k.model": checkpoint_bytes})
     try:
-        assert main(["weights", "download", "small", "--url", f"{server.url}/small_ep4k.model"]) == 0
+        assert main(["weights", "download", "base", "--url", f"{server.url}/base_ep4k.model"]) == 0
     finally:
         server.close()
-    cached = segbook_home / "weights" / "small_ep4k.model"
+    cached = segbook_home / "weights" / "base_ep4k.model"
     assert cached.read_bytes() == checkpoint_bytes
-    assert main(["weights", "path", "small"]) == 0
-    assert main(["weights", "verify", "small"]) == 0
+    assert main(["weights", "path", "base"]) == 0
+    assert main(["weights", "verify", "base"]) == 0
     out = capsys.readouterr().out
     assert str(cached) in out and f"ok {cached}" in out
     cached.write_bytes(b"garbage")
-    assert main(["weights", "verify", "small"]) == 2
+    assert main(["weights", "verify", "base"]) == 2
     assert "corrupted" in capsys.readouterr().err
+
+
+SMALL_SHA256 = "f440f401bf4cac1d1d6f7c4635542ef057193a5f96c0b3c661a6179afeab7be6"
+
+
+def test_the_small_checkpoints_sha256_is_catalogued_and_a_mismatch_names_both(segbook_home, checkpoint_bytes,
+                                                                               capsys):
+    assert CATALOGUE["small"].sha256 == SMALL_SHA256
+    assert all(CATALOGUE[size].sha256 is None for size in ("base", "large", "huge"))
+    server = _Server({"/small_ep4k.model": checkpoint_bytes})
+    try:  # a file that is not the official one fails the download, whatever was recorded before
+        assert main(["weights", "download", "small", "--url", f"{server.url}/small_ep4k.model"]) == 2
+    finally:
+        server.close()
+    error = capsys.readouterr().err
+    digest = hashlib.sha256(checkpoint_bytes).hexdigest()
+    assert f"SHA-256 {digest}, expected the catalogued {SMALL_SHA256}" in error
+    cached = segbook_home / "weights" / "small_ep4k.model"
+    assert not cached.exists()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(checkpoint_bytes)  # put into the cache by hand, with a sidecar that agrees with it
+    (segbook_home / "weights" / "small_ep4k.model.sha256").write_text(f"{digest}  small_ep4k.model\n")
+    assert main(["weights", "verify", "small"]) == 2
+    assert f"SHA-256 {digest} differs from the catalogued {SMALL_SHA256}" in capsys.readouterr().err
+    with pytest.raises(SegbookError, match=f"SHA-256 {digest} differs from the catalogued {SMALL_SHA256}"):
+        resolve_weights("small", None, Paths.from_env())
 
 
 def test_models_cli_counts_at_the_requested_patch(segbook_home, capsys):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -511,6 +512,119 @@ def test_reading_sources_needs_no_image_reads(tmp_path: Path) -> None:
     with pytest.raises(SegbookError, match="channel token"):
         read_source(PlainSource(written.path / "imagesTr", written.path / "labelsTr", "{case}_{channel}.nii.gz",
                                 channel_tokens=("a", "b")), n_channels=1)
+
+
+# --- given test splits: a file, or the source's own test set ---------------------------------------------------------
+
+GIVEN_SPEC = tiny_spec("Given", size=(20, 20, 12), cases=6)  # cases given_000 ... given_005; registry: 5 train, 1 test
+GIVEN_ID = 972
+
+
+@pytest.fixture
+def given_task(tmp_path: Path, segbook_home: Path):
+    written = write_synthetic_dataset(GIVEN_SPEC, tmp_path / "src", "v2", dataset_id=GIVEN_ID)
+    registry_file, entry = register_spec(tmp_path, GIVEN_SPEC, GIVEN_ID)
+    return written.path, registry_file, entry
+
+
+@pytest.mark.parametrize("name, content", [
+    ("test.json", '["given_004"]'),
+    ("split.json", '{"train": ["given_000", "given_001", "given_002", "given_003", "given_005"], '
+                   '"test": ["given_004"]}'),
+    ("test.csv", "case\ngiven_004\n"),
+    ("split.csv", "case_id,subset\n" + "".join(f"given_00{i},{'test' if i == 4 else 'train'}\n" for i in range(6))),
+])
+def test_a_split_file_gives_the_test_set_and_its_sha256_is_kept(given_task, tmp_path: Path, name: str,
+                                                                 content: str) -> None:
+    source, _, entry = given_task
+    split_file = tmp_path / name
+    split_file.write_text(content)
+    report = import_dataset(entry, source, split_file=split_file, progress=False)
+    folder = Paths.from_env().raw / entry.nnunet_name
+    split = read_split(folder)
+    assert report.split == split and split.test == ("given_004",) and len(split.train) == 5
+    assert (split.algorithm, split.seed, split.source) == ("user-file", None, str(split_file.resolve()))
+    stored = json.loads((folder / "segbook_split.json").read_text())
+    expected = hashlib.sha256(json.dumps({"test": ["given_004"], "train": sorted(split.train)},
+                                         separators=(",", ":")).encode()).hexdigest()
+    assert stored["sha256"] == split.sha256 == expected
+    assert json.loads((folder / "segbook_import.json").read_text())["split"]["sha256"] == expected
+    assert sorted(p.name for p in (folder / "labelsTs").iterdir()) == ["given_004.nii.gz"]
+    assert f"given by {split_file.resolve()}, SHA-256 {expected}" in report.summary()
+    assert import_dataset(entry, source, split_file=split_file, progress=False).skipped
+    assert import_dataset(entry, source, progress=False).split == split  # kept when re-imported without it
+
+
+@pytest.mark.parametrize("content, message", [
+    ('["given_004", "given_9"]', "case given_9: is not a labelled case of the source (did you mean given_005?)"),
+    ('{"test": ["given_004"], "train": ["given_000", "given_001", "given_002", "given_003"]}',
+     "case given_005: is in neither the test nor the train list"),
+    ('{"test": ["given_004", "given_001"], "train": ["given_000", "given_001", "given_002", "given_003", '
+     '"given_005"]}', "case given_001: is in both the test and the train list"),
+    ('["given_004", "given_003", "given_004"]', "case given_004: is listed 2 times in the test list"),
+    ('[]', "leaves 0 test and 6 train case(s); both sides need at least one"),
+])
+def test_a_split_file_that_does_not_fit_the_cases_is_refused_and_nothing_written(
+        given_task, tmp_path: Path, capsys: pytest.CaptureFixture, content: str, message: str) -> None:
+    source, registry_file, entry = given_task
+    split_file = tmp_path / "split.json"
+    split_file.write_text(content)
+    with pytest.raises(DatasetValidationError, match=re.escape(message)):
+        import_dataset(entry, source, split_file=split_file, progress=False)
+    assert not Paths.from_env().raw.exists()
+    assert main(["data", "import", "--registry", str(registry_file), "--task", entry.key, "--from", str(source),
+                 "--split", str(split_file)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"segbook: error: {entry.key}: the source dataset has") and message in error
+    assert "ERROR: a given test split that does not fit the cases" in error
+    assert not Paths.from_env().raw.exists()
+
+
+def test_split_files_that_cannot_be_read_and_contradicting_options(given_task, tmp_path: Path) -> None:
+    source, _, entry = given_task
+    for name, content, message in (("s.json", "{oops", "is not valid JSON"),
+                                   ("s.json", '{"train": ["given_000"]}', "must hold a list of test case ids"),
+                                   ("s.csv", "given_004,holdout\n", "the second column says test or train")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(SegbookError, match=message):
+            import_dataset(entry, source, split_file=tmp_path / name, progress=False)
+    with pytest.raises(SegbookError, match="cannot read the split file"):
+        import_dataset(entry, source, split_file=tmp_path / "missing.json", progress=False)
+    with pytest.raises(SegbookError, match="--split and --keep-source-split both give the test split"):
+        import_dataset(entry, source, split_file=tmp_path / "s.json", keep_source_split=True, progress=False)
+    with pytest.raises(SegbookError, match="--seed and --resplit draw a test split"):
+        import_dataset(entry, source, keep_source_split=True, seed=1, progress=False)
+    assert not Paths.from_env().raw.exists()
+
+
+def test_a_split_count_other_than_the_registry_s_is_a_warning(given_task, tmp_path: Path) -> None:
+    source, _, entry = given_task
+    (tmp_path / "two.json").write_text('["given_001", "given_004"]')
+    report = import_dataset(entry, source, split_file=tmp_path / "two.json", progress=False)
+    assert report.split.test == ("given_001", "given_004")
+    assert [p.kind for p in report.validation.warnings] == ["split-count"]
+    assert "holds 2 test case(s), the registry's test split 1" in report.validation.warnings[0].message
+
+
+def test_the_source_s_own_test_set_is_kept_when_its_size_is_the_registry_s(tmp_path: Path,
+                                                                          segbook_home: Path) -> None:
+    spec = tiny_spec("Source", size=(20, 20, 12), cases=6)
+    written = write_synthetic_dataset(spec, tmp_path / "src", "v1", dataset_id=973, held_out=1)
+    _, entry = register_spec(tmp_path, spec, 973)  # 5 train + 1 test
+    assert draw_split(spec.case_ids, 1).test == ("source_002",)  # a draw would hold out another case
+    report = import_dataset(entry, written.path, keep_source_split=True, progress=False)
+    assert report.split.test == ("source_005",) and report.split.algorithm == "source-test-set"
+    assert read_split(Paths.from_env().raw / entry.nnunet_name).source == str(written.path)
+
+    two = write_synthetic_dataset(spec, tmp_path / "two", "v1", dataset_id=974, held_out=2)
+    _, other = register_spec(tmp_path, spec, 974, filename="other.yaml")
+    with pytest.raises(DatasetValidationError, match=r"the source's labelled test set holds 2 test case\(s\), the "
+                                                     r"registry's test split 1; --keep-source-split keeps"):
+        import_dataset(other, two.path, keep_source_split=True, progress=False)
+    plain = write_synthetic_dataset(spec, tmp_path / "plain", "plain", dataset_id=974)
+    with pytest.raises(SegbookError, match="ships no labelled test set"):
+        import_dataset(other, source_of(plain), keep_source_split=True, progress=False)
+    assert not (Paths.from_env().raw / other.nnunet_name).exists()
 
 
 # --- synthetic data ---------------------------------------------------------------------------------------------------

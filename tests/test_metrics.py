@@ -163,7 +163,7 @@ def test_distances_equal_to_the_tolerance_count_as_in_monai(spacing: tuple[float
 
 def test_real_segmentation_with_eroded_and_shifted_labels(shared) -> None:
     nib = pytest.importorskip("nibabel")
-    image = nib.load(shared / "data" / "totalsegmentator_example" / "seg.nii.gz")
+    image = nib.load(shared / "totalsegmentator_example" / "seg.nii.gz")
     reference = np.asanyarray(image.dataobj)
     spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
     labels = [int(label) for label in np.unique(reference) if label > 0]

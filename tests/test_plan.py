@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
+from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-from helpers import FINGERPRINT_SAMPLES, prepare_synthetic_task, real_ct_cases, real_ct_entry, register_spec, tiny_spec
+from helpers import (FINGERPRINT_SAMPLES, REFERENCE_PLANS, prepare_synthetic_task, real_ct_cases, real_ct_entry,
+                     register_spec, tiny_spec)
 from segbook.cli.main import main
 from segbook.data import DatasetValidationError, PlainSource, import_dataset, read_split
 from segbook.data.status import task_status
@@ -113,6 +116,57 @@ def test_resenc_preset_reuses_the_fingerprint(tmp_path: Path, segbook_home: Path
     assert plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"].endswith("ResidualEncoderUNet")
     with pytest.raises(SegbookError, match="unknown planner 'resenc-s'"):
         plan_task(entry, planner="resenc-s")
+
+
+def test_paper_plans_have_the_authors_patch_and_spacing_and_are_preprocessed(
+        tmp_path: Path, segbook_home: Path, capsys: pytest.CaptureFixture) -> None:
+    """The v2 plan of a task differs from a given reference; `--plans paper` is nnU-Net's planning at the reference
+    patch and spacing (topology derived by nnU-Net), preprocessed and checked like any other plans."""
+    registry_file, entry = prepare_synthetic_task(tmp_path, tiny_spec("Paper"), dataset_id=968,
+                                                  fields=REFERENCE_PLANS)
+    default = load_plan(entry)
+    assert (default.patch_size, default.spacing) == ([24, 40, 40], pytest.approx([2.5, 1.5, 1.5]))
+    assert default.comparison["differs"] == ["patch_size", "spacing"]
+    assert main(["plan", "--registry", str(registry_file), "--task", entry.key, "--plans", "paper", "-np", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "SegbookPaperPlans" in out and "the same as the authors'" in out
+
+    paper = load_plan(entry, planner="paper")
+    assert (paper.plans_identifier, paper.patch_size, paper.spacing) == (
+        "SegbookPaperPlans", [16, 32, 32], pytest.approx([3.0, 2.0, 2.0]))
+    plans = json.loads(paper.plans_file.read_text())["configurations"]["3d_fullres"]
+    _, strides, kernels, _, _ = get_pool_and_conv_props([3.0, 2.0, 2.0], [16, 32, 32], 4, 999999)
+    assert plans["architecture"]["arch_kwargs"]["strides"] == [list(s) for s in strides]  # nnU-Net's topology
+    assert plans["architecture"]["arch_kwargs"]["kernel_sizes"] == [list(k) for k in kernels]
+    assert paper.comparison == {"plans": "SegbookPaperPlans", "differs": [],
+                                "segbook": {"patch_size": [16, 32, 32], "spacing": [3.0, 2.0, 2.0],
+                                            "stages": len(strides)},
+                                "authors": {"patch_size": [16, 32, 32], "spacing": [3.0, 2.0, 2.0],
+                                            "stages": len(strides)}}
+    paths = Paths.from_env()
+    cases = verify_preprocessed(entry.nnunet_name, paths, "SegbookPaperPlans", task=entry.key)
+    assert cases.count == entry.train_cases and paper.data_folder.name == "SegbookPaperPlans_3d_fullres"
+    record = json.loads((paths.preprocessed / entry.nnunet_name / "segbook_plan.json").read_text())
+    assert record["plans"]["SegbookPaperPlans"]["comparison"] == paper.comparison
+    assert record["plans"]["nnUNetPlans"]["comparison"] == default.comparison
+    assert plan_states(entry) == {"default": "preprocessed", "paper": "preprocessed"}
+    dataset = infer_dataset_class(str(paper.data_folder))(str(paper.data_folder))
+    data, _, _, _ = dataset.load_case(dataset.identifiers[0])
+    assert data.shape == (1, 20, 30, 30)  # 24 x 40 x 40 voxels at 2.5 x 1.5 x 1.5 mm, resampled to 3 x 2 x 2 mm
+
+    zscore = plan_task(entry, planner="paper-zscore", num_processes=1, progress=False)
+    assert zscore.normalization == ["ZScoreNormalization"] and default.normalization == ["CTNormalization"]
+    assert zscore.patch_size == [16, 32, 32]
+    assert main(["tasks", "show", "--registry", str(registry_file), entry.key, "--format", "json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["plans_comparison"]
+    assert set(shown) == {"default", "paper", "paper-zscore"} and shown["paper"] == paper.comparison
+
+
+def test_paper_plans_need_the_authors_plans_in_the_registry(tmp_path: Path, segbook_home: Path) -> None:
+    _, entry = prepare_synthetic_task(tmp_path, tiny_spec("NoReference"), dataset_id=969, plan=False)
+    with pytest.raises(SegbookError, match="holds no reference_patch_size and reference_spacing .* no --plans paper"):
+        plan_task(entry, planner="paper")
+    assert not Paths.from_env().preprocessed.exists()
 
 
 def test_plan_needs_an_imported_task(tmp_path: Path, segbook_home: Path) -> None:

@@ -25,7 +25,6 @@ from segbook.registry import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 DUPLICATED_NUMBERS = ("044", "051", "701", "702")
 
 MY_DATASET = {
@@ -93,11 +92,10 @@ def test_scale_is_derived_at_the_papers_thresholds() -> None:
     assert [scale(n) for n in (99, 100, 399, 400)] == ["small", "medium", "medium", "large"]
 
 
-@pytest.mark.skipif(not (SHARED / "data" / "segbook_datasets.csv").is_file(), reason="../shared/data is absent")
-def test_registry_keeps_the_papers_facts(registry: Registry) -> None:
+def test_registry_keeps_the_papers_facts(registry: Registry, shared: Path) -> None:
     import csv
 
-    with (SHARED / "data" / "segbook_datasets.csv").open(newline="") as f:
+    with (shared / "segbook_datasets.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [e.key for e in registry] == [r["segbook_dataset"] for r in rows]
     for entry, row in zip(registry, rows):
@@ -106,6 +104,9 @@ def test_registry_keeps_the_papers_facts(registry: Registry) -> None:
             int(row["cases_paper"]))
         assert (entry.train_cases, entry.test_cases) == (int(row["train_cases"]), int(row["test_cases"]))
         assert len(entry.channels) == int(row["input_channels"])
+        # The authors' plans, which `segbook plan` and `--plans paper` use.
+        assert entry.reference_patch_size == json.loads(row["patch_size"])
+        assert entry.reference_spacing == pytest.approx(json.loads(row["training_spacing"]), abs=1e-6)
 
 
 # --- identity -------------------------------------------------------------------------------------------------------

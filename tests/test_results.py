@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from scipy.stats import wilcoxon
@@ -72,9 +73,7 @@ A, B, C, D = (entry["key"] for entry in TEST_DATASETS)
 RUNS: dict[tuple[str, str, str, str], tuple[float, ...] | str] = {
     (A, "nnunet", "scratch", "all"): (0.80, 0.90),
     (A, "base", "scratch", "all"): (0.70, 0.80),
-    (A, "base", "pretrained", "0"): (0.80, 0.90),
-    (A, "base", "pretrained", "1"): (0.90, 0.90),
-    (A, "base", "pretrained", "2"): "failed",
+    (A, "base", "pretrained", "all"): (0.85, 0.90),
     (A, "large", "pretrained", "all"): (0.95, 0.85),
     (B, "nnunet", "scratch", "all"): (0.90, 0.50, 0.70),
     (B, "base", "scratch", "all"): (0.80, 0.40, 0.60),
@@ -95,10 +94,12 @@ COMPLETE = {"status": "finished", "epochs_completed": 1000, "epochs_planned": 10
 
 
 def write_run(results: Path, registry: Registry, task: str, model: str, init: str, fold: str,
-              dice: tuple[float, ...] | str, recipe: str | None = None, seed: int = 0, fraction: float = 1.0) -> Path:
-    """A run folder as segbook writes it: run.json, and evaluation/summary.json once evaluated."""
+              dice: tuple[float, ...] | str, recipe: str | None = None, seed: int = 0, fraction: float = 1.0,
+              plans: str = "nnUNetPlans", split: str | None = None) -> Path:
+    """A run folder as segbook writes it: run.json, and evaluation/summary.json once evaluated (with the SHA-256
+    of the test split it was scored on when `split` is given)."""
     entry = registry.get(task)
-    spec = RunSpec.of(entry, model, init, fold, recipe=recipe, seed=seed, fraction=fraction)
+    spec = RunSpec.of(entry, model, init, fold, recipe=recipe, seed=seed, fraction=fraction, plans=plans)
     folder = spec.folder(results)
     folder.mkdir(parents=True)
     status = dice if isinstance(dice, str) else "finished"
@@ -110,7 +111,7 @@ def write_run(results: Path, registry: Registry, task: str, model: str, init: st
                   for i, d in enumerate(dice, start=1)}
         summary = {"run": run, "settings": {}, "num_cases": 10, "labels": labels,
                    "foreground_mean": {"dice": sum(dice) / len(dice)}, "created_at": "2024-01-01T00:00:00",
-                   "training": COMPLETE}
+                   "training": COMPLETE, **({"split": {"sha256": split}} if split else {})}
         (folder / "evaluation").mkdir()
         (folder / "evaluation" / "summary.json").write_text(json.dumps(summary))
     return folder
@@ -204,8 +205,8 @@ def values(table: ResultTable, model: str, init: str, recipe: str | None = None
 def test_collection_reads_every_run_with_its_status(df) -> None:
     assert len(df) == len(RUNS)
     assert df["evaluated"].sum() == sum(not isinstance(v, str) for v in RUNS.values())
-    statuses = dict(zip(zip(df["task"], df["model"], df["fold"]), df["status"]))
-    assert statuses[(A, "base", "2")] == "failed" and statuses[(B, "large", "all")] == "running"
+    statuses = dict(zip(zip(df["task"], df["model"], df["init"]), df["status"]))
+    assert statuses[(B, "large", "pretrained")] == "running" and statuses[(A, "base", "pretrained")] == "evaluated"
     run = df[(df["task"] == B) & (df["model"] == "nnunet")].iloc[0]
     assert (run["dice"], run["dice_seen"], run["dice_lesion"], run["dice_unseen"]) == pytest.approx(
         (0.70, 0.90, 0.50, 0.70))
@@ -348,20 +349,80 @@ def test_region_table_with_bone_and_vessel(df) -> None:
     assert "no datasets: Pelvic, Limb, Thoracic" in table.notes
 
 
-def test_dataset_table_folds_statuses_and_sources(df) -> None:
-    table = dataset_table(df)
-    assert table.columns[4:] == ["nnunet scratch", "base scratch", "base pretrained", "large pretrained",
-                                 "base delta", "source"]
+def test_dataset_table_statuses_sources_and_splits(store) -> None:
+    paths, registry = store
+    write_run(paths.results, registry, D, "large", "scratch", "all", (0.7,), split="ab" * 32)
+    table = dataset_table(collect_results(paths, registry))
+    assert table.columns[4:] == ["nnunet scratch", "base scratch", "base pretrained", "large scratch",
+                                 "large pretrained", "base delta", "large delta", "source", "split"]
     rows = {row[0]: dict(zip(table.columns, row)) for row in table.rows}
     assert list(rows) == [A, B, C, D]
     cell = rows[A]["base pretrained"]
-    assert (cell.value, cell.count, cell.status, cell.text(show_count=False)) == (
-        pytest.approx(87.5), 2, "fold 2: failed", "87.50\u2020")
+    assert (cell.value, cell.count, cell.status, cell.text(show_count=False)) == (pytest.approx(87.5), 1, "", "87.50")
     assert rows[B]["large pretrained"].text() == "running"
     assert rows[D]["large pretrained"].text() == "missing"
     assert rows[A]["base delta"].text(show_count=False) == "+12.50"
     assert rows[A]["source"] == "local"
+    assert (rows[D]["split"], rows[A]["split"]) == ("ab" * 32, None)
+    text = {record["task"]: record for record in table.records("table")}
+    machine = {record["task"]: record for record in table.records("csv")}
+    assert (text[D]["split"], machine[D]["split"]) == ("ab" * 6, "ab" * 32)
+    assert "local runs: fold all (SegBook's protocol); plans nnUNetPlans" in table.notes[-1]
+
+
+def test_folds_are_chosen_explicitly_and_named_in_the_notes(store, registry_file, capsys) -> None:
+    """SegBook's protocol scores fold all; --folds 0-4 averages the cross-validation folds instead. Never both."""
+    paths, registry = store
+    for fold, dice in (("0", (0.60, 0.70)), ("1", (0.70, 0.70)), ("2", "failed")):
+        write_run(paths.results, registry, A, "base", "pretrained", fold, dice)
+    with pytest.warns(ResultsWarning, match=r"ignored 3 run\(s\) of fold\(s\) 0 \(1\), 1 \(1\), 2 \(1\): the tables "
+                                            r"average fold all, SegBook's protocol \(pass --folds 0-4"):
+        protocol = collect_results(paths, registry)
+    cell = next(row for row in dataset_table(protocol).rows if row[0] == A)[6]
+    assert (cell.value, cell.count) == (pytest.approx(87.5), 1)  # fold all alone, not (0.875 + 0.65 + 0.7) / 3
+    assert "local runs: fold all (SegBook's protocol)" in scale_table(protocol).notes[-1]
+
+    with pytest.warns(ResultsWarning, match=r"ignored 15 run\(s\) of fold\(s\) all \(15\): the tables average the "
+                                            r"five cross-validation folds 0-4 \(pass --folds all"):
+        folds = collect_results(paths, registry, folds="0-4")
+    table = dataset_table(folds)
+    cell = next(row for row in table.rows if row[0] == A)[table.columns.index("base pretrained")]
+    assert (cell.value, cell.count, cell.status, cell.text(show_count=False)) == (
+        pytest.approx(67.5), 2, "fold 2: failed", "67.50\u2020")
     assert any("fold 2: failed" in note for note in table.notes)
+    assert table.notes[-1].startswith("local runs: the mean of folds 0, 1; plans nnUNetPlans")
+    assert main(["results", "--registry", str(registry_file), "--folds", "0-4", "--table", "datasets"]) == 0
+    assert "local runs: the mean of folds 0, 1" in capsys.readouterr().out
+    with pytest.raises(ResultsError, match="unknown folds '0-2'; choose all or 0-4"):
+        collect_results(paths, registry, folds="0-2")
+
+
+def test_mixed_split_hashes_or_plans_of_a_dataset_are_refused_naming_the_runs(store, registry_file, capsys) -> None:
+    paths, registry = store
+    old = write_run(paths.results, registry, C, "large", "scratch", "all", (0.55,), split="0" * 64)
+    new = write_run(paths.results, registry, C, "huge", "scratch", "all", (0.60,), split="1" * 64)
+    df = collect_results(paths, registry)
+    assert set(df.loc[df["task"] == C, "split"].dropna()) == {"0" * 64, "1" * 64}
+    for build in (scale_table, dataset_table):
+        with pytest.raises(TableError, match=f"{C}: runs with different test splits are never averaged or compared "
+                                             f"\\({'0' * 64}: {old}; {'1' * 64}: {new}\\)"):
+            build(df)
+    assert main(["results", "--registry", str(registry_file)]) == 2
+    assert f"segbook: error: {C}: runs with different test splits" in capsys.readouterr().err
+
+    new.parent.rename(new.parent.with_name(new.parent.name + "_moved"))  # the other split out of the store
+    paper = write_run(paths.results, registry, C, "huge", "scratch", "all", (0.62,), plans="SegbookPaperPlans")
+    with pytest.warns(ResultsWarning, match="ignored 1 run\\(s\\) trained with plans 'SegbookPaperPlans': runs of other "
+                                            "plans are never averaged in"):
+        default = collect_results(paths, registry)
+    assert set(default["plans"]) == {"nnUNetPlans"}
+    with pytest.warns(ResultsWarning):
+        only_paper = collect_results(paths, registry, plans="paper")  # a planner's name for its identifier
+    assert list(only_paper["path"]) == [str(paper)]
+    mixed = pd.concat([default, only_paper], ignore_index=True)  # as an API user could put them together
+    with pytest.raises(TableError, match=f"{C}: runs with different plans are never averaged or compared "
+                                         f"\\(SegbookPaperPlans: {paper}; nnUNetPlans: .*--plans"):
+        scale_table(mixed)
 
 
 def test_machine_formats_have_separate_counts_and_missing_lists(df) -> None:

@@ -4,13 +4,14 @@ made before recipes, seeds and fractions keep their names."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import yaml
 
 from segbook.registry import load_registry
 from segbook.runs import MODELS, FolderParts, Identity, RunIdentityError, RunSpec, valid_combinations
-from segbook.training.manifest import RunManifest, failure, record_failure
+from segbook.training.manifest import HISTORY, RunManifest, failure, read_history, record_failure
 from segbook.training.settings import TrainingSettings
 from segbook.training.trainers import trainer_class
 
@@ -131,3 +132,90 @@ def test_failures_are_recorded_once_with_their_stage(tmp_path):
     assert manifest.status == "finished" and failure(manifest) == "evaluation: ValueError: no test cases"
     record_failure(tmp_path / "nothing", RuntimeError("x"))  # no run there: nothing to record
     assert not (tmp_path / "nothing").exists()
+
+
+# --- run.json and its history -------------------------------------------------------------------------------------
+
+def _run_folder(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    manifest = RunManifest.create(folder, {"task": "x"}, TrainingSettings(epochs=1000), {})
+    manifest.save()
+    return manifest
+
+
+def _epoch(epoch: int, loss: float = 0.5) -> dict:
+    return {"epoch": epoch, "train_loss": loss, "pseudo_dice": [0.5] * 20, "learning_rates": {"body": 1e-3}}
+
+
+def test_run_json_stays_small_and_the_history_is_an_append_only_log(tmp_path):
+    manifest = _run_folder(tmp_path)
+    sizes, logs = [], []
+    for epoch in range(300):
+        manifest.record_epoch(_epoch(epoch))
+        manifest.save()
+        sizes.append(manifest.path.stat().st_size)
+        logs.append((manifest.folder / HISTORY).read_bytes())
+    assert max(sizes) - min(sizes) <= 4  # the count's digits: run.json does not grow with the epochs
+    assert all(later.startswith(earlier) for earlier, later in zip(logs, logs[1:]))  # appended, never rewritten
+    assert len(logs[-1].splitlines()) == 300 and len(logs[-1]) > 50 * max(sizes)
+
+    compact = RunManifest.load(manifest.folder, history=False)
+    assert "epochs" not in compact.data and compact.epochs_done == 300
+    assert "epochs" not in json.loads(manifest.path.read_text())
+    assert RunManifest.load(manifest.folder).data["epochs"] == [_epoch(e) for e in range(300)]
+
+    compact.set_status("interrupted")  # a survey's change of the record leaves the history alone
+    compact.save()
+    assert (manifest.folder / HISTORY).read_bytes() == logs[-1]
+    assert RunManifest.load(manifest.folder).epochs_done == 300
+
+
+def test_the_log_replays_a_torn_line_an_uncounted_record_and_retrained_epochs(tmp_path):
+    manifest = _run_folder(tmp_path)
+    for epoch in range(4):
+        manifest.record_epoch(_epoch(epoch))
+        manifest.save()
+    log = manifest.folder / HISTORY
+    with log.open("ab") as f:  # killed while appending epoch 4
+        f.write(json.dumps(_epoch(4)).encode()[:25])
+    manifest = RunManifest.load(manifest.folder)
+    assert [e["epoch"] for e in manifest.data["epochs"]] == [0, 1, 2, 3]
+    manifest.record_epoch(_epoch(4, loss=0.4))
+    manifest.save()
+    assert [e["train_loss"] for e in RunManifest.load(manifest.folder).data["epochs"]] == [0.5] * 4 + [0.4]
+
+    # Killed between the log and run.json: a record run.json does not count yet, then trained again on resume.
+    with log.open("ab") as f:
+        f.write((json.dumps(_epoch(5, loss=9.0)) + "\n").encode())
+    manifest = RunManifest.load(manifest.folder)
+    assert manifest.epochs_done == 5 and [e["epoch"] for e in manifest.data["epochs"]] == [0, 1, 2, 3, 4]
+    manifest.record_epoch(_epoch(5, loss=0.3))
+    manifest.save()
+    assert [e["train_loss"] for e in RunManifest.load(manifest.folder).data["epochs"]][-1] == 0.3
+
+    # Resumed from an earlier checkpoint (epoch 2): epochs 2-5 are trained again and replace the old records.
+    manifest = RunManifest.load(manifest.folder)
+    manifest.truncate_epochs(2)
+    for epoch in range(2, 6):
+        manifest.record_epoch(_epoch(epoch, loss=0.1))
+        manifest.save()
+    epochs = RunManifest.load(manifest.folder).data["epochs"]
+    assert [(e["epoch"], e["train_loss"]) for e in epochs] == [(0, 0.5), (1, 0.5)] + [(e, 0.1) for e in range(2, 6)]
+    assert read_history(manifest.folder) == epochs
+
+
+def test_a_manifest_with_its_history_inside_reads_as_before_and_is_split_on_its_next_save(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    old = {"schema": 1, "status": "running", "settings": {"epochs": 5}, "events": [],
+           "epochs": [_epoch(e) for e in range(3)]}
+    (folder / "run.json").write_text(json.dumps(old))
+    assert RunManifest.load(folder, history=False).epochs_done == 3
+    manifest = RunManifest.load(folder)
+    assert manifest.data["epochs"] == old["epochs"]
+    manifest.record_epoch(_epoch(3))
+    manifest.save()
+    record = json.loads((folder / "run.json").read_text())
+    assert "epochs" not in record and (record["schema"], record["epochs_done"]) == (2, 4)
+    assert RunManifest.load(folder).data["epochs"] == [_epoch(e) for e in range(4)]

@@ -31,7 +31,8 @@ def slurm_cluster() -> SlurmCluster:
 def _executor(cluster: SlurmCluster, folder: Path, **parameters: object) -> submitit.SlurmExecutor:
     executor = submitit.SlurmExecutor(folder=folder / "%j")
     # Tiny jobs: the node's cores are shared with everyone else's work.
-    executor.update_parameters(partition=cluster.partition, time=2, cpus_per_task=1, mem="500MB", **parameters)
+    executor.update_parameters(**{"partition": cluster.partition, "time": 2, "cpus_per_task": 1, "mem": "500MB",
+                                  **parameters})
     return executor
 
 
@@ -58,7 +59,7 @@ def test_array_of_three_jobs(slurm_cluster: SlurmCluster, tmp_path: Path) -> Non
     # ends, so squeue may still say RUNNING or COMPLETING for a moment.
     array_id = array_ids.pop()
     completed = {job.job_id: "COMPLETED" for job in jobs}
-    wait_for(lambda: queue_states(array_id) == completed, 30, f"squeue to show array {array_id} completed")
+    wait_for(lambda: queue_states(array_id) == completed, 120, f"squeue to show array {array_id} completed")
 
 
 def test_scancel_running_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
@@ -99,7 +100,9 @@ class CountTo(submitit.helpers.Checkpointable):
 
 def test_checkpointable_job_requeues_on_preemption(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     progress = tmp_path / "progress.json"
-    job = _executor(slurm_cluster, tmp_path).submit(CountTo(progress), 6)
+    # submitit asks SLURM for its warning signal (USR2) 90 s before the time limit: with the 2 minutes of the other
+    # tests it comes 30 s into a run, which a loaded machine reaches, and requeues the job a second time.
+    job = _executor(slurm_cluster, tmp_path, time=10).submit(CountTo(progress), 6)
 
     wait_for(progress.exists, 30, f"job {job.job_id} to make progress")
     # A preemption as submitit sees it: SIGTERM (ignored), then the USR2 on which it checkpoints the callable

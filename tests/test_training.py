@@ -8,22 +8,26 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from helpers import planned_tiny_task, tiny_spec
+from helpers import REFERENCE_PLANS, planned_tiny_task, tiny_spec
 
+from segbook.cli.main import main
+from segbook.data.split import read_split
 from segbook.errors import SegbookError
-from segbook.evaluation.evaluate import evaluate_run
+from segbook.evaluation.evaluate import EvaluationError, evaluate_run
 from segbook.runs import RunSpec
+from segbook.training.checkpoints import read_run_checkpoint
 from segbook.training.finetune import RunExistsError, finetune
 from segbook.training.manifest import RunManifest
-from segbook.training.settings import TrainingSettings
+from segbook.training.settings import STEM_TILINGS, TrainingSettings
 from segbook.training.trainers import register_with_nnunet, trainer_class
-from stunet import read_state_dict
+from stunet import TILINGS, read_state_dict
 
 TINY_BUDGET = dict(iterations_per_epoch=2, val_iterations_per_epoch=1, checkpoint_every=1)
 
@@ -32,7 +36,7 @@ TINY_BUDGET = dict(iterations_per_epoch=2, val_iterations_per_epoch=1, checkpoin
 def task(tmp_path_factory):
     """One two-channel (MRI-like T1 + T2) synthetic task, imported and planned, shared by this module's tests."""
     spec = tiny_spec(modality="MRI", channels=("T1", "T2"))
-    with planned_tiny_task(tmp_path_factory.mktemp("training"), spec, seed=7) as task:
+    with planned_tiny_task(tmp_path_factory.mktemp("training"), spec, seed=7, fields=REFERENCE_PLANS) as task:
         yield task
 
 
@@ -60,15 +64,81 @@ def test_pretrained_run_trains_records_and_evaluates(task):
     assert last["body"] == pytest.approx(1e-3 * (1 - 2 / 3) ** 0.9)  # poly decay applied per group
     assert manifest.settings.weights_sha256 and manifest.data["environment"]["nnunetv2"].startswith("2.8")
     assert manifest.data["plans_summary"]["normalization"] == ["ZScoreNormalization"] * 2
+    # What differs from the authors' is in the record: stem tiling, plans beside theirs, split, normalisations.
+    split = read_split(task.raw / task.entry.nnunet_name)
+    assert manifest.data["settings"]["stem_tiling"] == "repeat"
+    assert manifest.data["split"] == split.record() and len(split.sha256) == 64
+    assert manifest.data["plans_comparison"]["differs"] == ["patch_size", "spacing"]
+    assert manifest.data["plans_comparison"]["authors"]["patch_size"] == REFERENCE_PLANS["reference_patch_size"]
+    assert manifest.data["normalization"] == {
+        "fine_tuning": {"schemes": ["ZScoreNormalization"] * 2, "spacing_mm": [2.5, 1.5, 1.5],
+                        "plans": "nnUNetPlans"},
+        "pretraining": None}  # tiny has no official checkpoint, so no catalogued pretraining
 
     evaluation = evaluate_run(task.entry, result.spec, device="cpu")
     summary = evaluation.summary
     assert summary["num_cases"] == task.entry.test_cases
     assert set(summary["labels"]) == {"1", "2", "3"}
+    assert summary["split"] == split.record()
     metrics = (evaluation.folder / "metrics.csv").read_text().splitlines()
     assert len(metrics) == 1 + task.entry.test_cases * 3
     again = evaluate_run(task.entry, result.spec, device="cpu")
     assert again.skipped and again.summary == json.loads((evaluation.folder / "summary.json").read_text())
+
+    manifest.data["split"]["sha256"] = "0" * 64  # as if the dataset had been re-split since the run trained
+    manifest.save()
+    with pytest.raises(EvaluationError, match=f"trained beside the test split {'0' * 64}, but "
+                                              f"{task.entry.key}'s test split is now {split.sha256}"):
+        evaluate_run(task.entry, result.spec, device="cpu", force=True)
+    manifest.data["split"]["sha256"] = split.sha256
+    manifest.save()
+
+
+def test_paper_plans_train_and_evaluate(task):
+    """`--plans paper`: the run trains on nnU-Net's plans at the authors' patch and spacing, in its own folder."""
+    settings = TrainingSettings(epochs=1, **TINY_BUDGET)
+    result = finetune(task.entry, "tiny", pretrained=False, settings=settings, device="cpu", plans="paper")
+    assert result.status == "finished"
+    assert result.folder.parent.name == "SegbookTrainer_tiny_scratch__SegbookPaperPlans__3d_fullres"
+    manifest = result.manifest.data
+    assert manifest["run"]["plans"] == "SegbookPaperPlans"
+    assert manifest["plans_summary"]["patch_size"] == [16, 32, 32]
+    assert manifest["plans_summary"]["spacing"] == pytest.approx([3.0, 2.0, 2.0])
+    assert manifest["plans_comparison"]["plans"] == "SegbookPaperPlans"
+    assert manifest["plans_comparison"]["differs"] == []
+    assert manifest["preprocessed"]["data_folder"].endswith("SegbookPaperPlans_3d_fullres")
+    assert main(["evaluate", "--registry", str(task.registry_file), "--task", task.entry.key, "--model", "tiny",
+                 "--scratch", "--plans", "paper", "--device", "cpu"]) == 0
+    summary = json.loads((result.folder / "evaluation" / "summary.json").read_text())
+    assert summary["run"]["plans"] == "SegbookPaperPlans" and summary["num_cases"] == task.entry.test_cases
+
+
+def test_stem_tiling_reaches_the_trained_network_and_is_part_of_the_run(task):
+    """`--stem-tiling mean` through finetune: the network starts from the first block divided by the channel count
+    (trained at a rate of 1e-30, so its final weights are the ones it started from), and run.json records it."""
+    settings = TrainingSettings(epochs=1, lr=1e-30, weight_decay=0.0, stem_tiling="mean", **TINY_BUDGET)
+    result = finetune(task.entry, "tiny", pretrained=True, settings=settings, weights=task.weights, device="cpu",
+                      overwrite=True)
+    assert result.status == "finished" and result.manifest.settings.stem_tiling == "mean"
+    official = read_state_dict(task.weights)
+    trained = read_run_checkpoint(result.folder / "checkpoint_final.pth")["network_weights"]
+    for key in ("conv_blocks_context.0.0.conv1.weight", "conv_blocks_context.0.0.conv3.weight"):
+        torch.testing.assert_close(trained[key], official[key].repeat(1, 2, 1, 1, 1) / 2, rtol=0, atol=1e-6)
+    with pytest.raises(RunExistsError, match="stem_tiling: run 'mean', asked 'repeat'"):
+        finetune(task.entry, "tiny", pretrained=True, settings=replace(settings, stem_tiling="repeat"),
+                 weights=task.weights, device="cpu")
+
+
+def test_stem_tiling_settings_and_records_written_before_it_existed(capsys):
+    assert STEM_TILINGS == TILINGS and TrainingSettings().stem_tiling == "repeat"
+    assert TrainingSettings.from_dict({"seed": 3}).stem_tiling == "mean"  # what such runs did
+    assert TrainingSettings.from_dict({"stem_tiling": None}).stem_tiling == "mean"
+    assert TrainingSettings.from_dict({"stem_tiling": "repeat"}).stem_tiling == "repeat"
+    with pytest.raises(SegbookError, match="--stem-tiling must be one of repeat, mean, got 'sum'"):
+        TrainingSettings(stem_tiling="sum").validate()
+    with pytest.raises(SystemExit) as parse_error:
+        main(["finetune", "--task", "613", "--model", "tiny", "--stem-tiling", "sum"])
+    assert parse_error.value.code == 2 and "invalid choice: 'sum'" in capsys.readouterr().err
 
 
 def test_scratch_and_nnunet_baseline_runs_live_apart(task):
@@ -119,7 +189,7 @@ def test_pretrained_body_loaded_heads_fresh_tiled_and_all_parameters_learn(task)
         if key.startswith("seg_outputs"):
             assert state[key].shape[0] == 4  # fresh heads for this task's 4 classes, not the checkpoint's 105
         elif key in ("conv_blocks_context.0.0.conv1.weight", "conv_blocks_context.0.0.conv3.weight"):
-            torch.testing.assert_close(state[key], value.repeat(1, 2, 1, 1, 1) / 2)  # tiled over T1 and T2
+            torch.testing.assert_close(state[key], value.repeat(1, 2, 1, 1, 1))  # repeated over T1 and T2
         else:
             torch.testing.assert_close(state[key], value, rtol=0, atol=0)
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}

@@ -151,17 +151,19 @@ def test_tiny_without_weights_and_weights_without_pretrained_say_what_to_do(task
 def test_a_cached_checkpoint_without_a_recorded_checksum_is_named_and_a_corrupted_one_refused(task, fresh, capsys):
     from segbook.runs import resolve_weights
 
-    cache = fresh.weights / "small_ep4k.model"
+    # base: a size whose SHA-256 is not catalogued (small's is). Resolving checks the bytes, not the network, so a
+    # tiny checkpoint stands in for the 230 MB one.
+    cache = fresh.weights / "base_ep4k.model"
     cache.parent.mkdir(parents=True)
-    write_official_checkpoint(create_stunet("small", 1, 105).state_dict(), cache)
+    write_official_checkpoint(create_stunet("tiny", 1, 105).state_dict(), cache)
     lines: list[str] = []
-    weights = resolve_weights("small", None, fresh, lines.append)
+    weights = resolve_weights("base", None, fresh, lines.append)
     path, digest = weights.path, weights.sha256
     assert path == cache and digest == file_sha256(cache)
     assert len(lines) == 1 and "has no recorded SHA-256" in lines[0] and digest in lines[0]
-    (cache.parent / "small_ep4k.model.sha256").write_text("0" * 64 + "  small_ep4k.model\n")
+    (cache.parent / "base_ep4k.model.sha256").write_text("0" * 64 + "  base_ep4k.model\n")
     with pytest.raises(SegbookError, match="is corrupted: SHA-256 .* differs from the recorded 0000"):
-        resolve_weights("small", None, fresh, lines.append)
+        resolve_weights("base", None, fresh, lines.append)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
@@ -358,3 +360,62 @@ def test_a_run_is_claimed_while_it_trains_and_its_workers_die_with_a_killed_trai
     manifest = RunManifest.load(folder)
     assert manifest.status == "finished" and "resumed" in [e["event"] for e in manifest.data["events"]]
     assert [e["epoch"] for e in manifest.data["epochs"]] == list(range(30))
+
+
+# --- stopping at an iteration boundary ----------------------------------------------------------------------------
+
+STOP_EPOCHS, STOP_ITERATIONS = 3, 4
+
+
+class _Steps:
+    """Every optimizer step nnU-Net takes, as (epoch, loss); at step `signal_at` (1-based) a signal reaches this
+    process in the middle of the step, as one from outside would."""
+
+    def __init__(self, monkeypatch, signum: int, signal_at: int):
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+        self.taken: list[tuple[int, float]] = []
+        self.signum, self.signal_at = signum, signal_at
+        step = nnUNetTrainer.train_step
+
+        def counted(trainer, batch):
+            if len(self.taken) + 1 == self.signal_at:
+                os.kill(os.getpid(), self.signum)
+            outputs = step(trainer, batch)
+            self.taken.append((trainer.current_epoch, float(outputs["loss"])))
+            return outputs
+
+        monkeypatch.setattr(nnUNetTrainer, "train_step", counted)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR2], ids=lambda s: s.name)
+def test_a_stop_signal_saves_at_the_next_iteration_and_the_resume_finishes_that_epoch(task, fresh, monkeypatch,
+                                                                                       signum):
+    from segbook.batch.matrix import Job, job_status
+
+    settings = TrainingSettings(epochs=STOP_EPOCHS, iterations_per_epoch=STOP_ITERATIONS, val_iterations_per_epoch=1,
+                                checkpoint_every=100)
+    steps = _Steps(monkeypatch, signum, signal_at=STOP_ITERATIONS + 2)  # during epoch 1's second iteration
+    with pytest.raises(KeyboardInterrupt, match=None if signum == signal.SIGINT else signum.name):
+        finetune(task.entry, "tiny", pretrained=False, settings=settings, device="cpu")
+    spec = RunSpec.of(task.entry, "tiny", False)
+    stopped = RunManifest.load(spec.folder(fresh.results))
+    (stop,) = [e for e in stopped.data["events"] if e["event"] == "stopped_at_boundary"]
+    assert (stop["signal"], stop["epoch"], stop["iteration"]) == (signum.name, 1, 2)  # after that iteration
+    assert len(steps.taken) == STOP_ITERATIONS + 2
+    assert stopped.status == "interrupted" and [e["epoch"] for e in stopped.data["epochs"]] == [0]
+    assert stopped.data["checkpoint"] == {**stopped.data["checkpoint"], "file": "checkpoint_latest.pth", "epoch": 1,
+                                          "iteration": 2}
+    assert job_status(Job(spec, task.entry), fresh).detail == "resumes in epoch 2 after iteration 2"
+
+    steps.signal_at = None
+    finished = finetune(task.entry, "tiny", pretrained=False, settings=settings, device="cpu", resume=True).manifest
+    # Nothing lost, nothing twice: the resume trains the 2 iterations epoch 1 had left, then epoch 2.
+    assert [epoch for epoch, _ in steps.taken] == sorted([0, 1, 2] * STOP_ITERATIONS)
+    (resumed,) = [e for e in finished.data["events"] if e["event"] == "resumed"]
+    assert (resumed["from_epoch"], resumed["from_iteration"]) == (1, 2)
+    assert finished.status == "finished" and [e["epoch"] for e in finished.data["epochs"]] == [0, 1, 2]
+    for record in finished.data["epochs"]:  # each epoch's loss over all its iterations, before and after the stop
+        losses = [loss for epoch, loss in steps.taken if epoch == record["epoch"]]
+        assert record["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+        assert record["learning_rates"] == finished.recipe.rates(record["epoch"], STOP_EPOCHS)

@@ -1,15 +1,22 @@
 """`run_job`: one job from start to results, the same code on a local GPU and in a SLURM array task.
 
-claim -> plan (if needed) -> train -> evaluate -> release. Training resumes a run from its latest checkpoint
-(`finetune(resume=True)`, which never re-applies pretrained weights over one); a run that has no checkpoint yet has
-nothing to resume and starts again with the current options (its new manifest keeps the old one's status, error
-and events under `request.previous_attempt`). Each step is idempotent, so running a job again after any
-interruption continues where it stopped, and running a done job does nothing. A failure is recorded in the run's
-manifest (planning and training: `status: failed` and `error`; evaluation: `evaluation_error`, training stays
-finished) and ends this job only; `segbook.batch.retry` clears it.
+claim (an attempt, `segbook.batch.attempts`) -> check that the task is prepared -> train -> evaluate -> release. A
+job never plans: preparation is a stage of its own (`segbook.batch.preparation`), and a job whose task is not
+prepared stops at once with the command to run, its run untouched (outcome "unprepared"). Training resumes a run
+from its latest checkpoint (`finetune(resume=True)`, which never re-applies pretrained weights over one); a run
+that has no checkpoint yet has nothing to resume and starts again with the current options (its new manifest keeps
+the old one's status, error and events under `request.previous_attempt`). Each step is idempotent, so running a job
+again after any interruption continues where it stopped, and running a done job does nothing. A failure is recorded
+in the run's manifest (training: `status: failed` and `error`; evaluation: `evaluation_error`, training stays
+finished) and ends this job only; `segbook.batch.retry` clears it. A job whose attempts ended badly --max-attempts
+times is recorded failed the same way instead of being run again.
+
+With DDP (`num_gpus` > 1) the ranks are processes of their own: stop signals are passed on to them
+(`segbook.batch.signals`), and acted on here once they have saved and stopped.
 
 `ExecutionOptions` are how every job of a batch runs, the same for both launchers (`run_local`, `submit_slurm`),
-each of which adds its own options (`LocalOptions`, `SlurmOptions`).
+each of which adds its own options (`LocalOptions`, `SlurmOptions`). Their `body` is the test seam: "train" runs
+nnU-Net, "noop" rehearses (`segbook.batch.rehearsal`).
 """
 
 from __future__ import annotations
@@ -23,7 +30,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from segbook.batch.matrix import Job, check_recipes
+from segbook.batch.attempts import ATTEMPT, DEFAULT_MAX_ATTEMPTS, Attempts, info_for
+from segbook.batch.matrix import Job, JobStatus, check_recipes
+from segbook.batch.preparation import unprepared
+from segbook.batch.rehearsal import BODIES, rehearse_job
+from segbook.batch.signals import forwarding_to_ranks
 from segbook.claims import Claim, try_claim
 from segbook.errors import SegbookError
 from segbook.options import Bound, OptionError, check_all
@@ -37,11 +48,32 @@ from segbook.training.settings import TrainingSettings
 
 
 BOUNDS = {"num_gpus": Bound("--gpus-per-job", int, low=1), "processes": Bound("--processes", int, low=1),
-          "data_workers": Bound("--data-workers", int, low=0)}
+          "data_workers": Bound("--data-workers", int, low=0), "max_attempts": Bound("--max-attempts", int, low=1)}
 
 
 class JobFailed(SegbookError):
     """A stage of a job failed; its error is recorded in the run's manifest."""
+
+
+class NotPrepared(SegbookError):
+    """The job's task is not prepared; the message names the command. Nothing about the run was written."""
+
+
+class AttemptsExhausted(SegbookError):
+    """The job's attempts ended badly --max-attempts times; recorded as its failure."""
+
+
+def record_given_up(statuses: Iterable[JobStatus], paths: Paths) -> None:
+    """Record in `run.json` that a job was given up (its attempts exhausted), where it does not say so yet. The last
+    attempt was killed outright or terminated, so run.json may still say what its process last wrote ("running");
+    no launcher starts the job again, so the one that finds it given up (`batch submit`, `batch run`) writes it."""
+    for status in statuses:
+        if status.state != "failed" or not status.attempts.exhausted:
+            continue
+        folder = status.job.folder(paths)
+        manifest = RunManifest.load(folder, history=False)
+        if manifest is not None and manifest.status not in ("failed", "finished"):
+            record_failure(folder, AttemptsExhausted(status.attempts.reason()), "attempts")
 
 
 @dataclass(frozen=True)
@@ -63,6 +95,8 @@ class ExecutionOptions:
     data_workers: int | None = None  # nnUNet_n_proc_DA of each job (default: inherited)
     registry_files: tuple[str, ...] = ()
     recipe_files: tuple[str, ...] = ()
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS  # bad endings (killed, terminated) before a job is failed
+    body: str = "train"  # "noop": a rehearsal (segbook.batch.rehearsal)
 
     @classmethod
     def create(cls, *, registry_files: Iterable[str | os.PathLike] = (),
@@ -81,8 +115,10 @@ class ExecutionOptions:
         for settings in (self.settings, self.pretrained_settings):
             if settings is not None:
                 settings.validate()
-        check_all({"num_gpus": self.num_gpus, "processes": self.processes, "data_workers": self.data_workers},
-                  BOUNDS)
+        check_all({"num_gpus": self.num_gpus, "processes": self.processes, "data_workers": self.data_workers,
+                   "max_attempts": self.max_attempts}, BOUNDS)
+        if self.body not in BODIES:
+            raise OptionError(f"unknown job body {self.body!r}; choose one of {', '.join(BODIES)}")
         if self.num_gpus > 1 and self.device != "cuda":
             raise OptionError(f"--gpus-per-job {self.num_gpus} needs --device cuda (nnU-Net's DDP), not "
                               f"{self.device}")
@@ -124,7 +160,8 @@ class ExecutionOptions:
 @dataclass(frozen=True)
 class JobOutcome:
     job: str
-    result: str  # done (trained and evaluated), failed (error recorded), busy (another process holds the claim)
+    result: str  # done (trained and evaluated), failed (error recorded), busy (another process holds the claim),
+    #              unprepared (its task is not prepared; nothing written)
     message: str = ""
     seconds: float = 0.0
 
@@ -133,77 +170,105 @@ def run_job(job: Job, options: ExecutionOptions, paths: Paths | None = None, *,
             backend: str = "local") -> JobOutcome:
     """Claim the job and take it as far as it goes; a failure is recorded and returned, never raised.
 
-    Interruptions (Ctrl-C, SIGTERM turned into KeyboardInterrupt, SLURM's requeue exit) propagate after the
-    manifest says "interrupted" and the claim is released: running the job again resumes it.
+    Interruptions (Ctrl-C, SIGTERM turned into `Terminated`, SLURM's requeue exit) propagate after the manifest
+    says "interrupted" and the claim is released: running the job again resumes it.
     """
     paths = paths or Paths.from_env()
     paths.export()
     if options.data_workers is not None:
         os.environ["nnUNet_n_proc_DA"] = str(options.data_workers)
     started = time.time()
-    claim = try_claim(paths.claims, job.id)
+    claim = try_claim(paths.claims, job.id, info=info_for(paths.claims / job.id, ATTEMPT, options.max_attempts))
     if not isinstance(claim, Claim):
         return JobOutcome(job.id, "busy", claim.describe())
     with claim.held():
         try:
-            message = _work(job, options, paths, backend)
+            message = _work(job, options, paths, backend, Attempts.from_info(claim.record.info))
+        except NotPrepared as error:
+            claim.outcome = "unprepared"
+            return JobOutcome(job.id, "unprepared", str(error), time.time() - started)
         except JobFailed as failed:
             claim.outcome = "failed"
             return JobOutcome(job.id, "failed", str(failed), time.time() - started)
     return JobOutcome(job.id, "done", message, time.time() - started)
 
 
-def _work(job: Job, options: ExecutionOptions, paths: Paths, backend: str) -> str:
-    from segbook.evaluation.evaluate import evaluate_run
-    from segbook.plan import plan_task
-    from segbook.training.finetune import finetune
-
+def _work(job: Job, options: ExecutionOptions, paths: Paths, backend: str, attempts: Attempts) -> str:
     folder = job.folder(paths)
-    manifest = RunManifest.load(folder)
+    manifest = RunManifest.load(folder, history=False)
     if manifest is not None and failure(manifest):
         raise JobFailed(f"{job.id} failed earlier ({failure(manifest)}); `segbook batch retry --failed` runs it "
                         "again")
     if manifest is not None and manifest.status == "finished" and is_evaluated(folder):
         return "already done"
-    processes = options.processes or int(os.environ.get("nnUNet_def_n_proc") or 1)
-    if manifest is None or manifest.status != "finished":
-        with _stage(job, options, folder, "plan", backend):
-            # Jobs of one task that start together wait for the first to plan it, then find it up to date.
-            plan_task(job.entry, paths, num_processes=processes, wait=True)
-        with _stage(job, options, folder, "train", backend):
-            # Resumes from the latest checkpoint; a run without one starts again with today's options.
-            result = finetune(job.entry, job.spec.model, job.spec.init == "pretrained", job.spec.fold,
-                              recipe=job.spec.recipe, recipe_files=options.recipe_files,
-                              settings=options.settings_for(job), weights=options.weights_for(job),
-                              device=options.device, num_gpus=options.num_gpus, resume=True,
-                              compile=options.compile, paths=paths, plan_processes=processes,
-                              request=_request(job, backend))
-            if result.status != "finished":
-                raise SegbookError(f"training of {job.id} ended with status {result.status}")
-    with _stage(job, options, folder, "evaluate", backend):
-        evaluate_run(job.entry, job.spec, paths, device=options.device, num_processes=processes)
+    if attempts.exhausted:
+        with _stage(job, options, folder, "attempts", backend, attempts):
+            raise AttemptsExhausted(attempts.reason())
+    training = manifest is None or manifest.status != "finished"
+    problem = unprepared(job.entry, paths, [job.spec.fold], options.body) if training else None
+    if problem:
+        raise NotPrepared(f"{job.id}: {problem}")
+    if options.body == "noop":
+        with _stage(job, options, folder, "train", backend, attempts):
+            return rehearse_job(job, folder, options.settings_for(job), _request(job, backend, attempts))
+    if training:
+        with _stage(job, options, folder, "train", backend, attempts):
+            _train(job, options, paths, backend, attempts)
+    from segbook.evaluation.evaluate import evaluate_run  # here: a rehearsal's task does without scipy's import
+
+    with _stage(job, options, folder, "evaluate", backend, attempts):
+        evaluate_run(job.entry, job.spec, paths, device=options.device, num_processes=_processes(options))
     return "trained and evaluated"
 
 
-def _request(job: Job, backend: str) -> dict[str, Any]:
+def _processes(options: ExecutionOptions) -> int:
+    return options.processes or int(os.environ.get("nnUNet_def_n_proc") or 1)
+
+
+def _train(job: Job, options: ExecutionOptions, paths: Paths, backend: str, attempts: Attempts) -> None:
+    """Resume (or start) the run. With DDP, stop signals go on to the ranks, and are acted on here once they
+    have saved and stopped (submitit's requeue, or a stop)."""
+    from segbook.training.finetune import finetune
+
+    ranks = forwarding_to_ranks() if options.num_gpus > 1 else contextlib.nullcontext()
+    with ranks as forwarded:
+        result = finetune(job.entry, job.spec.model, job.spec.init == "pretrained", job.spec.fold,
+                          recipe=job.spec.recipe, recipe_files=options.recipe_files,
+                          settings=options.settings_for(job), weights=options.weights_for(job),
+                          device=options.device, num_gpus=options.num_gpus, resume=True, compile=options.compile,
+                          paths=paths, plan_processes=_processes(options),
+                          request=_request(job, backend, attempts))
+    if forwarded is not None:
+        forwarded.act()
+    if result.status == "interrupted":  # the ranks stopped without a signal reaching this process
+        raise KeyboardInterrupt(f"the ranks of {job.id} were interrupted")
+    if result.status != "finished":
+        raise SegbookError(f"training of {job.id} ended with status {result.status}")
+
+
+def _request(job: Job, backend: str, attempts: Attempts) -> dict[str, Any]:
     slurm_job, restart = own_slurm_job()
     return {"via": "segbook batch", "job": job.id, "backend": backend, "host": socket.gethostname(),
-            "slurm_job": slurm_job, "slurm_restart": restart}
+            "slurm_job": slurm_job, "slurm_restart": restart, "attempt": attempts.count,
+            "previous_attempt_ended": attempts.last}
 
 
 @contextlib.contextmanager
-def _stage(job: Job, options: ExecutionOptions, folder: Path, stage: str, backend: str) -> Iterator[None]:
+def _stage(job: Job, options: ExecutionOptions, folder: Path, stage: str, backend: str,
+           attempts: Attempts) -> Iterator[None]:
     """Record an exception of this stage in the manifest and turn it into `JobFailed`."""
     try:
         yield
     except Exception as error:  # noqa: BLE001 - any failure of one job is recorded and must not stop the others
-        record_failure(folder, error, stage, new_manifest=lambda: _new_manifest(job, options, folder, backend))
+        record_failure(folder, error, stage,
+                       new_manifest=lambda: _new_manifest(job, options, folder, backend, attempts))
         raise JobFailed(f"{job.id}: {stage} failed: {type(error).__name__}: {error}") from error
 
 
-def _new_manifest(job: Job, options: ExecutionOptions, folder: Path, backend: str) -> RunManifest:
+def _new_manifest(job: Job, options: ExecutionOptions, folder: Path, backend: str,
+                  attempts: Attempts) -> RunManifest:
     """The record of a run that failed before `finetune` created it (it has no checkpoint, so the next attempt
     starts afresh and keeps this record under `request.previous_attempt`)."""
     settings = replace(options.settings_for(job), weights=options.weights_for(job))
     folder.mkdir(parents=True, exist_ok=True)
-    return RunManifest.create(folder, identity_fields(job.spec), settings, _request(job, backend))
+    return RunManifest.create(folder, identity_fields(job.spec), settings, _request(job, backend, attempts))

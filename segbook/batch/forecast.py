@@ -8,6 +8,7 @@ the prediction for the others.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -36,15 +37,22 @@ class JobCost:
             return None
         return 0.0 if self.status.state == "done" else self.estimate.remaining_gpu_hours(self.status.epochs_done)
 
-    def row(self, full: bool = False, recipe: bool = False) -> dict[str, Any]:
-        """The status row (`full`: every field, as JSON has it) with the patch, batch size and GPU-hours."""
+    def row(self, full: bool = False, recipe: bool = False, time_minutes: int | None = None,
+            gpus: int = 1) -> dict[str, Any]:
+        """The status row (`full`: every field, as JSON has it) with the patch, batch size and GPU-hours; with a
+        SLURM time limit, the requeues the job needs to finish what is left of it on `gpus` GPUs."""
         row = self.status.record() if full else self.status.row(recipe)
         if self.estimate is None:
-            return {**row, "patch": "", "batch": "", "gpu_hours": None, "left_gpu_hours": None}
-        geometry = self.estimate.geometry
-        patch = "x".join(map(str, geometry.patch)) + ("" if geometry.source == "plans" else " (ref)")
-        return {**row, "patch": patch, "batch": geometry.batch_size, "gpu_hours": round(self.gpu_hours, 2),
-                "left_gpu_hours": round(self.left_gpu_hours, 2)}
+            row = {**row, "patch": "", "batch": "", "gpu_hours": None, "left_gpu_hours": None}
+        else:
+            geometry = self.estimate.geometry
+            patch = "x".join(map(str, geometry.patch)) + ("" if geometry.source == "plans" else " (ref)")
+            row = {**row, "patch": patch, "batch": geometry.batch_size, "gpu_hours": round(self.gpu_hours, 2),
+                   "left_gpu_hours": round(self.left_gpu_hours, 2)}
+        if time_minutes:
+            row["requeues"] = "" if self.left_gpu_hours is None else \
+                max(0, math.ceil(self.left_gpu_hours / gpus * 60 / time_minutes) - 1)
+        return row
 
 
 @dataclass(frozen=True)
@@ -81,5 +89,5 @@ def forecast(jobs: Iterable[Job], options: ExecutionOptions, paths: Paths | None
 
 def budget(job: Job, options: ExecutionOptions, paths: Paths) -> TrainingSettings:
     """A started run keeps the settings it was created with; a new one gets the options' and its recipe's."""
-    manifest = RunManifest.load(job.folder(paths))
+    manifest = RunManifest.load(job.folder(paths), history=False)
     return manifest.settings if manifest is not None else options.settings_for(job)

@@ -5,9 +5,16 @@ runs, then where. Each job runs in its own process, `segbook batch worker` (`seg
 session, with CUDA_VISIBLE_DEVICES naming its GPU (or its `num_gpus` GPUs for nnU-Net's DDP): a crash or an
 out-of-memory kill ends that job only, and the worker holds the job's claim itself, so even a launcher killed
 outright leaves no job claimed by a dead process.
-Ctrl-C (or SIGTERM) stops cleanly: no new job starts, the running ones get SIGINT (their manifests say
-"interrupted", their claims are released) and the launcher waits for them; a second Ctrl-C kills them. Running the
-same matrix again continues where it stopped.
+Before the first worker starts, the launcher checks the checkpoints pretrained jobs start from
+(`segbook.batch.weights`) and prepares, here on the CPU, the tasks whose jobs will train (`segbook.batch.preparation`);
+the jobs of a task whose preparation failed are not started. Workers never plan.
+Ctrl-C (or SIGTERM) stops cleanly: no new job starts, the running ones get SIGINT (they save a checkpoint at the
+next iteration, their manifests say "interrupted", their claims are released) and the launcher waits for them; a
+second Ctrl-C kills them. Running the same matrix again continues where it stopped. A worker that dies otherwise
+(killed by the out-of-memory killer, kill -9, SIGTERM) is reported as killed, its exit status kept next to its claim
+for the attempt's count and `batch status` (`segbook.batch.attempts`) and recorded in run.json (which a killed
+worker leaves "running"): "interrupted" with the attempt's ending, or "failed" once --max-attempts attempts ended
+badly. The launcher then exits non-zero.
 """
 
 from __future__ import annotations
@@ -23,14 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from segbook.batch.execute import ExecutionOptions
+from segbook import claims
+from segbook.batch.attempts import note_ending, summarize
+from segbook.batch.execute import AttemptsExhausted, ExecutionOptions, record_given_up
 from segbook.batch.matrix import Job, summary_line, survey
-from segbook.batch.worker import result_of, worker_command
+from segbook.batch.preparation import prepare_tasks, tasks_to_prepare
+from segbook.batch.weights import check_weights
+from segbook.batch.worker import EXIT_TERMINATED, result_of, worker_command
 from segbook.errors import SegbookError
 from segbook.io import now
 from segbook.options import Bound, check_all
 from segbook.paths import Paths
-from segbook.training.manifest import RunManifest, failure
+from segbook.training.manifest import RunManifest, failure, record_failure
 
 POLL_S = 0.5
 BOUNDS = {"workers": Bound("--workers", int, low=1)}
@@ -67,12 +78,20 @@ class LocalReport:
     done: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)  # another process held the claim
-    stopped: list[str] = field(default_factory=list)  # interrupted or killed; they resume next time
+    stopped: list[str] = field(default_factory=list)  # interrupted by the launcher; they resume next time
+    killed: list[str] = field(default_factory=list)  # died otherwise (a signal, a crash); counted as attempts
+    unprepared: list[str] = field(default_factory=list)  # their task was not prepared
+    not_prepared_tasks: list[str] = field(default_factory=list)  # preparation failed: their jobs did not start
 
     def summary(self) -> str:
         parts = {"done": self.done, "failed": self.failed, "held by another process": self.busy,
-                 "stopped": self.stopped}
+                 "stopped": self.stopped, "killed": self.killed, "not prepared": self.unprepared}
         return ", ".join(f"{len(ids)} {name}" for name, ids in parts.items() if ids) or "nothing ran"
+
+    @property
+    def ok(self) -> bool:
+        """No job failed, was killed or found its task unprepared, and every preparation succeeded."""
+        return not (self.failed or self.killed or self.unprepared or self.not_prepared_tasks)
 
 
 @dataclass
@@ -110,11 +129,58 @@ def run_local(jobs: Iterable[Job], options: ExecutionOptions, local: LocalOption
     paths = paths or Paths.from_env()
     paths.export()
     statuses = survey(jobs, paths, weights=options.pretrained_weights)
-    queue = deque(s.job for s in statuses if s.state == "pending" and not s.slurm_live)
+    record_given_up(statuses, paths)
+    todo = [s.job for s in statuses if s.state == "pending" and not s.slurm_live]
+    check_weights(todo, options.weights_for, paths, say)
     queued = sum(s.state == "pending" and s.slurm_live for s in statuses)
-    say(summary_line(statuses) + (f" ({queued} pending queued in SLURM, left to it)" if queued else "") + "; "
-        + (f"running {len(queue)} on {_describe(slots)}" if queue else "nothing to run"))
-    return _Launcher(options, paths, slots, say).run(queue)
+    say(summary_line(statuses) + (f" ({queued} pending queued in SLURM, left to it)" if queued else ""))
+    failed = _prepare_first(todo, options, paths, say)
+    queue = deque(job for job in todo if job.entry.key not in failed)
+    say(f"running {len(queue)} on {_describe(slots)}" if queue else "nothing to run")
+    report = _Launcher(options, paths, slots, say).run(queue)
+    report.not_prepared_tasks = sorted(failed)
+    return report
+
+
+def _prepare_first(jobs: list[Job], options: ExecutionOptions, paths: Paths, say: Callable[[str], None]) -> set[str]:
+    """Prepare here, on the CPU, the tasks the jobs need prepared; the tasks whose preparation failed."""
+    tasks = tasks_to_prepare(jobs, paths, options.body)
+    if not tasks:
+        return set()
+    say(f"preparing {len(tasks)} task(s) on this machine's CPU before any job starts")
+    outcomes = prepare_tasks(tasks, paths, processes=options.processes, body=options.body, say=say)
+    failed = {o.task for o in outcomes if o.status != "prepared"}
+    if failed:
+        say(f"not starting the jobs of {', '.join(sorted(failed))}: preparation failed (`segbook batch status` "
+            "says why)")
+    return failed
+
+
+def _record_ending(worker: _Worker, paths: Paths, text: str) -> None:
+    """Record how a worker that did not end on its own terms ended, unless another process holds its job by now.
+
+    A worker killed outright could not release its claim: what is left of its process group is killed (a DDP rank
+    must not write on), and `text` is kept next to the claim (`note_ending`). Either way run.json says how the
+    attempt ended (it would still say "running" after kill -9), and "failed" with the reason once the job's
+    attempts are spent (a SIGTERM'd worker recorded "interrupted" itself)."""
+    folder = paths.claims / worker.job.id
+    _, record, _ = claims.latest(folder)
+    if record is None or record.pid != worker.process.pid:
+        return
+    if not record.released:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.process.pid, signal.SIGKILL)
+        note_ending(paths.claims, worker.job.id, record, text)
+    attempts = summarize(folder, record, None if record.released else text)
+    run = worker.job.folder(paths)
+    if attempts.exhausted:
+        record_failure(run, AttemptsExhausted(attempts.reason()), "attempts")
+        return
+    manifest = RunManifest.load(run, history=False)
+    if manifest is not None and manifest.status in ("created", "running"):
+        manifest.data["status"] = "interrupted"
+        manifest.event("attempt_ended", attempt=attempts.count, ending=attempts.last)
+        manifest.save()
 
 
 def _describe(slots: list[str]) -> str:
@@ -180,10 +246,30 @@ class _Launcher:
         elif result == "busy":
             self.report.busy.append(job)
             self.say(f"[skipped] {job}: another process holds it")
-        else:
+        elif result == "unprepared":
+            self.report.unprepared.append(job)
+            self.say(f"[skipped] {job}: its task is not prepared (log: {worker.log})")
+        elif self.interrupts:
             self.report.stopped.append(job)
             self.say(f"[stopped] {job} after {minutes:.1f} min (exit status {code}); it resumes next time "
                      f"(log: {worker.log})")
+        else:
+            self.report.killed.append(job)
+            self.say(f"[killed]  {job} after {minutes:.1f} min: {self._ending(worker)} (log: {worker.log})")
+
+    def _ending(self, worker: _Worker) -> str:
+        """How the worker died, recorded where the next attempt and `batch status` look (`_record_ending`)."""
+        code = worker.process.returncode
+        if code == EXIT_TERMINATED:
+            text = "the worker was terminated by SIGTERM"
+        elif code < 0:
+            text = f"the worker got {signal.Signals(-code).name}"
+            if code == -signal.SIGKILL:
+                text += ", from the out-of-memory killer or kill -9"
+        else:
+            text = f"the worker exited with status {code}"
+        _record_ending(worker, self.paths, text)
+        return text
 
     def _error(self, worker: _Worker) -> str:
         manifest = RunManifest.load(worker.job.folder(self.paths))

@@ -7,10 +7,15 @@ derived each time from what the run folder, the claims and SLURM say, so it cann
 
 - done: the run finished training and is evaluated;
 - running: a live process holds the job's claim (or its SLURM task runs and is about to claim it);
-- failed: the run's manifest records an error (training, planning or evaluation); `segbook batch retry --failed`;
-- blocked: cannot start: the task's data is not imported, or a pretrained run has no weights to start from;
+- failed: the run's manifest records an error (training, planning or evaluation), or its attempts ended badly
+  --max-attempts times (`segbook.batch.attempts`); `segbook batch retry --failed`;
+- blocked: cannot start: the task's data is not imported, its preparation failed, or a pretrained run has no
+  weights to start from;
 - pending: everything else; it is new, resumes from its latest checkpoint, or (finished, not evaluated) only
   needs evaluating.
+
+A survey reads, per job, `run.json` without its per-epoch history, two file names in the run folder, and the newest
+claim (which carries the attempt counts); per task, one preparation record; and asks squeue once for all of them.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 from segbook import claims
+from segbook.batch.attempts import Attempts, summarize
+from segbook.batch.preparation import blocking_failure, read_records
 from segbook.batch.submissions import SubmittedTask, latest_tasks
+from segbook.data.folders import is_imported
 from segbook.errors import SegbookError
 from segbook.paths import Paths
 from segbook.recipes import RecipeError, get_recipe, load_recipes
@@ -147,6 +155,10 @@ def job_from_id(registry: "Registry", job_id: str) -> Job:
     return Job(spec, registry.get(spec.task))
 
 
+#: The status table's detail column is cut to this many characters (JSON has all of it).
+DETAIL_WIDTH = 100
+
+
 @dataclass(frozen=True)
 class JobStatus:
     """A job's state with what explains it, for tables and for deciding what to run."""
@@ -160,29 +172,33 @@ class JobStatus:
     slurm_state: str | None = None  # squeue's state of it ("ended" once squeue no longer lists it)
     slurm_live: bool = False  # that task is still to run or running (and has written no result)
     log: str | None = None
+    attempts: Attempts = Attempts()
 
     def row(self, recipe: bool = False) -> dict[str, object]:
         """A table row; `recipe` adds the job's recipe (for a matrix of several)."""
         spec = self.job.spec
+        detail = self.detail if len(self.detail) <= DETAIL_WIDTH else self.detail[:DETAIL_WIDTH - 3] + "..."
         return {"task": spec.task, "model": spec.model, "init": spec.init,
                 **({"recipe": spec.recipe} if recipe else {}), "fold": spec.fold, "state": self.state,
                 "epochs": f"{self.epochs_done}/{self.epochs_total}" if self.epochs_total else "",
-                "slurm": self.slurm_state or "", "detail": self.detail}
+                "attempts": self.attempts.count or "", "slurm": self.slurm_state or "", "detail": detail}
 
     def record(self) -> dict[str, object]:
-        """Every field, with the job id and recipe: for JSON output and scripts."""
-        return {"job": self.job.id, **self.row(recipe=True), "epochs_done": self.epochs_done,
-                "epochs_total": self.epochs_total, "slurm_id": self.slurm_id, "log": self.log}
+        """Every field, with the job id and recipe and the whole detail: for JSON output and scripts."""
+        return {"job": self.job.id, **self.row(recipe=True), "detail": self.detail, "epochs_done": self.epochs_done,
+                "epochs_total": self.epochs_total, "attempts": self.attempts.count,
+                "bad_endings": self.attempts.bad, "last_ending": self.attempts.last, "slurm_id": self.slurm_id,
+                "log": self.log}
 
 
 def weights_problem(job: Job, paths: Paths, weights: str | Path | None) -> str | None:
     """Why a pretrained job has no checkpoint to start from (None when it has one, or does not need one)."""
-    from stunet import WeightCache, WeightsError, get_cfg
-
     if job.spec.init != "pretrained":
         return None
     if weights is not None:
         return None if Path(weights).expanduser().is_file() else f"weights missing: {weights} not found"
+    from stunet import WeightCache, WeightsError, get_cfg  # here: stunet imports torch, which a status can spare
+
     try:
         cfg = get_cfg(job.spec.model)
     except WeightsError:
@@ -197,9 +213,14 @@ def _pending_detail(manifest: RunManifest | None, folder: Path) -> str:
         return "new"
     if manifest.status == "finished":
         return "evaluate only"
-    if has_resumable_checkpoint(folder):
-        return f"resumes after epoch {len(manifest.data.get('epochs', []))}"
-    return "restarts (no checkpoint yet)"
+    if not has_resumable_checkpoint(folder):
+        return "restarts (no checkpoint yet)"
+    point = manifest.resume_point()
+    if point is None:
+        return "resumes from its latest checkpoint"
+    epoch, iteration = point
+    return f"resumes after epoch {epoch}" if not iteration else \
+        f"resumes in epoch {epoch + 1} after iteration {iteration}"
 
 
 def _slurm_fields(task: SubmittedTask | None, queue: Mapping[str, str] | None) -> dict[str, object]:
@@ -214,36 +235,55 @@ def _slurm_fields(task: SubmittedTask | None, queue: Mapping[str, str] | None) -
 
 def job_status(job: Job, paths: Paths, *, weights: str | Path | None = None,
                queue: Mapping[str, str] | None = None, submitted: SubmittedTask | None = None,
-               ask_slurm: bool = True) -> JobStatus:
-    """The state of one job (see the module docstring); `queue` and `submitted` come from `survey`."""
+               ask_slurm: bool = True, claim: tuple | None = None,
+               preparations: Mapping[str, dict] | None = None) -> JobStatus:
+    """The state of one job (see the module docstring); `queue`, `submitted`, `claim` (its newest claim as
+    `claims.latest` reads it) and `preparations` come from `survey`, which reads them for many jobs at once."""
     folder = job.folder(paths)
-    manifest = RunManifest.load(folder)
-    epochs = {} if manifest is None else {"epochs_done": len(manifest.data.get("epochs", [])),
-                                          "epochs_total": manifest.settings.epochs}
-    fields = {**epochs, **_slurm_fields(submitted, queue)}
+    manifest = RunManifest.load(folder, history=False)
+    claim_folder = paths.claims / job.id
+    record, current, gone = claims.judge_latest(*(claim or claims.latest(claim_folder))[1:], queue,
+                                                ask_slurm=ask_slurm)
+    fields = {"attempts": summarize(claim_folder, record, gone, queue=queue), **_slurm_fields(submitted, queue)}
+    if manifest is not None:
+        fields.update(epochs_done=manifest.epochs_done, epochs_total=manifest.settings.epochs)
     if manifest is not None and manifest.status == "finished" and is_evaluated(folder):
         return JobStatus(job, "done", "evaluated", **fields)
-    current = claims.holder(paths.claims / job.id, queue, ask_slurm=ask_slurm)
     if current is not None:
         return JobStatus(job, "running", current.describe(), **fields)
-    error = failure(manifest) if manifest is not None else None
+    error = (failure(manifest) if manifest is not None else None) or \
+        (fields["attempts"].reason() if fields["attempts"].exhausted else None)
     if error:
         return JobStatus(job, "failed", error, **fields)
     if fields.get("slurm_live") and fields["slurm_state"] in RUNNING_STATES:
         return JobStatus(job, "running", f"SLURM task {submitted.slurm_id} is {fields['slurm_state']}", **fields)
-    blocked = _blocked(job, paths, manifest, folder, weights)
+    if preparations is None:
+        preparations = read_records(paths)
+    blocked = _blocked(job, paths, manifest, folder, weights, preparations.get(job.entry.key))
     if blocked:
         return JobStatus(job, "blocked", blocked, **fields)
-    detail = _pending_detail(manifest, folder)
+    return JobStatus(job, "pending", _pending_line(manifest, folder, fields), **fields)
+
+
+def _pending_line(manifest: RunManifest | None, folder: Path, fields: dict) -> str:
+    parts = [_pending_detail(manifest, folder)]
+    last = fields["attempts"].last
+    if last and last != "done":
+        parts.append(f"attempt {fields['attempts'].count} {last}")
     if fields.get("slurm_live"):
-        detail += f"; queued in SLURM as {submitted.slurm_id}"
-    return JobStatus(job, "pending", detail, **fields)
+        parts.append(f"queued in SLURM as {fields['slurm_id']}")
+    return "; ".join(parts)
 
 
-def _blocked(job: Job, paths: Paths, manifest: RunManifest | None, folder: Path,
-             weights: str | Path | None) -> str | None:
-    if not (paths.raw / job.entry.nnunet_name / "dataset.json").is_file():
+def _blocked(job: Job, paths: Paths, manifest: RunManifest | None, folder: Path, weights: str | Path | None,
+             preparation: dict | None) -> str | None:
+    if not is_imported(job.entry, paths):
         return f"data missing: run `segbook data import --task {job.entry.key} --from PATH`"
+    if manifest is not None and manifest.status == "finished":
+        return None  # only evaluation is left: it needs neither preparation nor weights
+    failed = blocking_failure(preparation)
+    if failed:
+        return failed
     if manifest is None or not has_resumable_checkpoint(folder):
         return weights_problem(job, paths, weights)
     return None
@@ -255,14 +295,15 @@ def survey(jobs: Iterable[Job], paths: Paths | None = None, *, weights: str | Pa
     paths = paths or Paths.from_env()
     jobs = list(jobs)
     submitted = latest_tasks(paths) if slurm else {}
+    newest = [claims.latest(paths.claims / job.id) for job in jobs]
     queue = None
     if slurm and slurm_available():
-        holders = [claims.latest(paths.claims / job.id)[1] for job in jobs]
         ids = {array_of(t.slurm_id) for t in submitted.values()}
-        ids |= {array_of(r.slurm_job) for r in holders if r is not None and r.slurm_job and not r.released}
+        ids |= {array_of(r.slurm_job) for _, r, _ in newest if r is not None and r.slurm_job and not r.released}
         queue = squeue_states(ids)
-    return [job_status(job, paths, weights=weights, queue=queue, submitted=submitted.get(job.id),
-                       ask_slurm=False) for job in jobs]
+    preparations = read_records(paths)
+    return [job_status(job, paths, weights=weights, queue=queue, submitted=submitted.get(job.id), ask_slurm=False,
+                       claim=claim, preparations=preparations) for job, claim in zip(jobs, newest)]
 
 
 def in_states(statuses: Iterable[JobStatus], states: str | Sequence[str] | None) -> list[JobStatus]:

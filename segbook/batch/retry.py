@@ -2,7 +2,9 @@
 
 A failed job is not run again by `run` or `submit` (it would fail the same way, and its error would be lost);
 resetting it keeps the error in a "retry" event of its manifest. A failed training then resumes from its latest
-checkpoint (or, with none, starts again), a failed evaluation is redone without training again.
+checkpoint (or, with none, starts again), a failed evaluation is redone without training again. The reset is a claim
+of the job that starts its count of bad attempts again (`segbook.batch.attempts`), so a job that was given up after
+--max-attempts gets that many again.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+from segbook.batch.attempts import RESET, info_for, reset_count
 from segbook.batch.matrix import Job, JobStatus, survey
 from segbook.claims import Claim, try_claim
 from segbook.paths import Paths
@@ -39,18 +42,21 @@ def reset_failed(jobs: Iterable[Job], paths: Paths | None = None) -> list[Reset]
 def retry_failed(job: Job, paths: Paths | None = None) -> str | None:
     """Make a failed job pending again; returns the error it had (None when it had none, or is held)."""
     paths = paths or Paths.from_env()
-    claim = try_claim(paths.claims, job.id)
+    claim = try_claim(paths.claims, job.id, info=info_for(paths.claims / job.id, RESET))
     if not isinstance(claim, Claim):
         return None
     with claim.held():
         claim.outcome = "reset for retry"
-        manifest = RunManifest.load(job.folder(paths))
-        error = failure(manifest) if manifest is not None else None
+        manifest = RunManifest.load(job.folder(paths), history=False)
+        error = (failure(manifest) if manifest is not None else None) or claim.record.info.get("gave_up")
         if error is None:
             return None
+        reset_count(claim)
+        if manifest is None:
+            return error
         if manifest.status == "failed":
             manifest.data.update(status="created", error=None)
-        else:
+        elif "evaluation_error" in manifest.data:
             del manifest.data["evaluation_error"]
         manifest.event("retry", previous_error=error)
         manifest.save()

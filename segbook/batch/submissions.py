@@ -8,6 +8,8 @@ launcher that submits it (which needs the code that runs a job, which needs the 
 from __future__ import annotations
 
 import json
+import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +20,8 @@ from segbook.io import atomic_write_json, now
 from segbook.paths import Paths
 
 SUBMISSION_RECORD = "submission.json"
+#: The record of a preparation array (task keys <-> SLURM ids), which job states do not read.
+PREPARE_RECORD = "prepare.json"
 
 
 @dataclass(frozen=True)
@@ -46,10 +50,16 @@ def submissions_folder(paths: Paths) -> Path:
     return paths.batch / "slurm"
 
 
+def new_submission_id() -> str:
+    """Starts with the time, so that records sort by it (`latest_tasks`)."""
+    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
 def write_submission(folder: Path, tasks: Sequence[SubmittedTask], parameters: dict[str, Any],
-                     options: dict[str, Any]) -> None:
-    """Record a submitted array: its tasks (job id <-> SLURM id), sbatch parameters and execution options."""
-    atomic_write_json(folder / SUBMISSION_RECORD, {
+                     options: dict[str, Any], record: str = SUBMISSION_RECORD) -> None:
+    """Record a submitted array: its tasks (job id, or task key for a preparation array, <-> SLURM id), sbatch
+    parameters and execution options."""
+    atomic_write_json(folder / record, {
         "id": tasks[0].submission, "created_at": now(), "array_job_id": tasks[0].slurm_id.split("_")[0],
         "folder": str(tasks[0].folder), "parameters": parameters, "options": options,
         "jobs": [{"job": t.job, "slurm_id": t.slurm_id} for t in tasks]})

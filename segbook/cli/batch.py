@@ -1,5 +1,5 @@
-"""`segbook batch`: the benchmark matrix as resumable jobs: plan it, run it on local GPUs, submit it to SLURM,
-follow it, retry what failed."""
+"""`segbook batch`: the benchmark matrix as resumable jobs: plan it, prepare its tasks, run it on local GPUs,
+submit it to SLURM, follow it, retry what failed."""
 
 from __future__ import annotations
 
@@ -19,14 +19,16 @@ TABLE_FORMATS = ("table", "md", "csv", "json")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "batch", help="the benchmark matrix as resumable jobs: plan, run locally, submit to SLURM, status, retry",
-        description="Jobs are (task, model, initialisation, recipe, fold) runs. A job plans its task if needed, "
-                    "trains (resuming from its latest checkpoint) and evaluates; a done job is skipped, a claim per "
-                    "job keeps two launchers (or a requeued SLURM task and its predecessor) from running it twice. "
-                    "See docs/batch.md.")
+        "batch", help="the benchmark matrix as resumable jobs: plan, prepare, run locally, submit to SLURM, status, "
+                      "retry",
+        description="Jobs are (task, model, initialisation, recipe, fold) runs. Their tasks are prepared (planned, "
+                    "preprocessed, split) first, on CPUs; a job then trains (resuming from its latest checkpoint) "
+                    "and evaluates; a done job is skipped, a claim per job keeps two launchers (or a requeued SLURM "
+                    "task and its predecessor) from running it twice. See docs/batch.md.")
     commands = parser.add_subparsers(dest="batch_command", metavar="SUBCOMMAND")
     commands.required = True
     _register_plan(commands)
+    _register_prepare(commands)
     _register_run(commands)
     _register_submit(commands)
     _register_status(commands)
@@ -59,6 +61,12 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
     add_registry_option(group)
 
 
+def _add_recipe_files(parser: argparse.ArgumentParser) -> None:
+    """--recipe-file for the commands without training options (which have it): --recipes may name the user's."""
+    parser.add_argument("--recipe-file", metavar="FILE", action="append", default=[],
+                        help="your own recipes (YAML), added to the built-in ones (repeatable; also SEGBOOK_RECIPES)")
+
+
 def _add_execution(parser: argparse.ArgumentParser) -> None:
     add_training_options(parser)
     group = parser.add_argument_group("each job")
@@ -68,7 +76,10 @@ def _add_execution(parser: argparse.ArgumentParser) -> None:
                        help="processes for planning and evaluation (default: nnUNet_def_n_proc)")
     group.add_argument("--data-workers", type=at_least(0), default=None,
                        help="nnU-Net's augmentation workers per job (nnUNet_n_proc_DA; default: the environment's, "
-                            "capped by the CPUs of a SLURM job)")
+                            "capped by the CPUs of a SLURM job; shared among the ranks of a multi-GPU job)")
+    group.add_argument("--max-attempts", type=at_least(1), default=3,
+                       help="attempts of a job that may end badly (killed: out of memory, kill -9, a node failure; "
+                            "terminated: scancel, SIGTERM) before it is failed; requeues and Ctrl-C do not count")
 
 
 def _add_local(parser: argparse.ArgumentParser) -> None:
@@ -79,21 +90,40 @@ def _add_local(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_slurm(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("SLURM (one job array through submitit)")
-    group.add_argument("--partition", help="partition (default: the cluster's)")
-    group.add_argument("--time", default="48:00:00", help="time limit per job; a job that reaches it is requeued "
-                                                          "and resumes from its latest checkpoint")
+    group = parser.add_argument_group("SLURM (job arrays through submitit)")
+    group.add_argument("--partition", help="partition of the GPU jobs (default: the cluster's)")
+    group.add_argument("--time", default=None,
+                       help="time limit per job (default: the partition's maximum, 48:00:00 where it has none); a "
+                            "job that reaches it saves a checkpoint, is requeued and resumes")
     group.add_argument("--cpus-per-job", type=at_least(1), default=None, help="default: 8 per GPU, 1 without GPU")
     group.add_argument("--mem", help="memory per job, as sbatch --mem (e.g. 64G; default: the cluster's)")
     group.add_argument("--account", help="account to charge")
     group.add_argument("--array-parallelism", type=at_least(1), default=None,
-                       help="most tasks of the array running at once")
+                       help="most jobs running at once, shared among the arrays (default: no limit of segbook's)")
     group.add_argument("--extra-sbatch", action="append", default=[], metavar="OPTION",
                        help="another sbatch option, as --extra-sbatch=--qos=high or --extra-sbatch constraint=a100 "
-                            "(repeatable)")
-    group.add_argument("--max-timeouts", type=at_least(0), default=10,
-                       help="requeues of a job after reaching its time limit (preemptions do not count)")
-    group.add_argument("--dry-run", action="store_true", help="print the sbatch script and the jobs; submit nothing")
+                            "(repeatable; signal=USR2@300 gives a slow file system more time to save)")
+    group.add_argument("--max-timeouts", type=at_least(0), default=None,
+                       help="requeues of a job on reaching its time limit (default: what its estimate needs, plus 3; "
+                            "preemptions do not count)")
+    group.add_argument("--max-array-size", type=at_least(1), default=None,
+                       help="most jobs per array (default: the cluster's MaxArraySize, from scontrol)")
+    group.add_argument("--max-submitted", type=at_least(1), default=None,
+                       help="most jobs submitted now, preparation included (default: the room the cluster's "
+                            "MaxJobCount leaves; set it below your QOS's limit); the rest go out on the next submit")
+    group.add_argument("--dry-run", action="store_true", help="print the sbatch scripts and every array's jobs; "
+                                                              "submit nothing")
+    prepare = parser.add_argument_group("SLURM: the CPU array that prepares the tasks first (when some need it)")
+    _add_prepare_slurm(prepare, "--prepare-")
+
+
+def _add_prepare_slurm(group: argparse._ArgumentGroup, prefix: str) -> None:
+    group.add_argument(f"{prefix}partition", default=None, help="partition of the preparation (default: the "
+                                                                "cluster's)")
+    group.add_argument(f"{prefix}time", default=None, help="time limit per task (default: the partition's maximum)")
+    group.add_argument(f"{prefix}cpus", type=at_least(1), default=8, help="CPUs per task (nnU-Net's preprocessing "
+                                                                           "processes)")
+    group.add_argument(f"{prefix}mem", default=None, help="memory per task, as sbatch --mem")
 
 
 def _register_plan(commands: argparse._SubParsersAction) -> None:
@@ -107,16 +137,44 @@ def _register_plan(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--assumed-tflops", type=POSITIVE_NUMBER, default=None,
                         help="sustained training throughput of one GPU in TFLOP/s (default: 40, an A100's; measure "
                              "yours with scripts/bench_train.py; see docs/batch.md)")
+    parser.add_argument("--time", default=None, help="a SLURM time limit per job: adds how many requeues each job "
+                                                     "needs to finish within it")
+    parser.add_argument("--gpus-per-job", type=at_least(1), default=1, help="GPUs per job (for --time)")
     parser.add_argument("--state", help="only jobs in these states (comma-separated)")
     parser.add_argument("--format", choices=TABLE_FORMATS, default="table")
     parser.set_defaults(handler=run_plan)
 
 
+def _register_prepare(commands: argparse._SubParsersAction) -> None:
+    parser = _subparser(commands, "prepare", "plan, preprocess and split the matrix's tasks, here or as a CPU array",
+                        "Plans and preprocesses each task of the selection (nothing to do when its plans are "
+                        "current) and writes nnU-Net's cross-validation splits once, here (--backend local) or as a "
+                        "CPU job array on SLURM (--backend slurm). Jobs never plan: `batch run` prepares in the "
+                        "launcher first, `batch submit` submits this array before the GPU arrays, which wait for "
+                        "it. Each task's outcome is recorded; a failed preparation blocks the task's jobs.",
+                        "segbook batch prepare --tasks all --backend slurm --partition cpu --cpus 16")
+    parser.add_argument("--backend", choices=["local", "slurm"], default="local",
+                        help="here, on this machine, or as SLURM job arrays")
+    _add_selection(parser)
+    _add_recipe_files(parser)
+    parser.add_argument("--processes", type=at_least(1), default=None,
+                        help="nnU-Net's preprocessing processes (default: nnUNet_def_n_proc; on SLURM the task's "
+                             "CPUs)")
+    group = parser.add_argument_group("SLURM (--backend slurm)")
+    _add_prepare_slurm(group, "--")
+    group.add_argument("--account", help="account to charge")
+    group.add_argument("--extra-sbatch", action="append", default=[], metavar="OPTION",
+                       help="another sbatch option (repeatable)")
+    group.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    parser.set_defaults(handler=run_prepare)
+
+
 def _register_run(commands: argparse._SubParsersAction) -> None:
     parser = _subparser(commands, "run", "run the pending jobs on this machine, one per GPU, as a queue",
-                        "Runs every pending job of the selection, each in its own process on its GPU(s) (or on CPU "
-                        "workers). Ctrl-C stops cleanly (the running jobs are interrupted and resume next time); "
-                        "running it again continues where it stopped.",
+                        "Prepares the tasks that need it (here, on the CPU), then runs every pending job of the "
+                        "selection, each in its own process on its GPU(s) (or on CPU workers). Ctrl-C stops cleanly "
+                        "(the running jobs save a checkpoint and resume next time); running it again continues where "
+                        "it stopped. Exit status 1 when a job failed or was killed.",
                         "segbook batch run --tasks 613,004 --gpus 0,1,2,3")
     _add_selection(parser)
     _add_execution(parser)
@@ -125,12 +183,13 @@ def _register_run(commands: argparse._SubParsersAction) -> None:
 
 
 def _register_submit(commands: argparse._SubParsersAction) -> None:
-    parser = _subparser(commands, "submit", "submit the pending jobs as one SLURM job array",
-                        "Submits the pending jobs that no SLURM task is queued or running for, as one job array "
-                        "through submitit. Each task plans, trains and evaluates its run; on timeout or preemption "
-                        "it requeues and resumes from its latest checkpoint. Submitting again submits only what is "
-                        "left. Logs: $SEGBOOK_HOME/batch/slurm/<submission>/<array>_<index>/.",
-                        "segbook batch submit --partition gpu --gpus-per-job 1 --time 48:00:00")
+    parser = _subparser(commands, "submit", "submit the pending jobs as SLURM job arrays, after their preparation",
+                        "Submits the pending jobs that no SLURM task is queued or running for, as job arrays that "
+                        "fit the cluster's limits, through submitit, after a CPU array preparing the tasks that need "
+                        "it. Each GPU task trains and evaluates its run; on timeout or preemption it saves a "
+                        "checkpoint, requeues and resumes. Submitting again submits only what is left. Logs: "
+                        "$SEGBOOK_HOME/batch/slurm/<submission>.<array>/<array>_<index>/.",
+                        "segbook batch submit --partition gpu --gpus-per-job 1 --prepare-partition cpu")
     parser.add_argument("--backend", choices=["slurm"], default="slurm", help="the scheduler")
     _add_selection(parser)
     _add_execution(parser)
@@ -141,13 +200,13 @@ def _register_submit(commands: argparse._SubParsersAction) -> None:
 def _register_status(commands: argparse._SubParsersAction) -> None:
     parser = _subparser(commands, "status", "each job's state, with live SLURM states and the run manifests",
                         "The matrix with each job's state from its run manifest, evaluation and claim, its progress "
-                        "in epochs and the squeue state of its latest SLURM task, then the counts per state.",
+                        "in epochs, its attempts and how the last one ended, and the squeue state of its latest "
+                        "SLURM task, then the counts per state.",
                         "segbook batch status --state failed,running")
     _add_selection(parser)
     parser.add_argument("--weights", metavar="PATH", help="the checkpoint pretrained jobs would start from (for "
                                                           "the blocked state)")
-    parser.add_argument("--recipe-file", metavar="FILE", action="append", default=[],
-                        help="your own recipes (YAML), added to the built-in ones (repeatable; also SEGBOOK_RECIPES)")
+    _add_recipe_files(parser)
     parser.add_argument("--state", help="only jobs in these states (comma-separated)")
     parser.add_argument("--format", choices=TABLE_FORMATS, default="table")
     parser.set_defaults(handler=run_status)
@@ -161,7 +220,8 @@ def _register_retry(commands: argparse._SubParsersAction) -> None:
                         "checkpoint; a failed evaluation is redone without training.",
                         "segbook batch retry --failed --backend slurm --partition gpu")
     parser.add_argument("--failed", action="store_true", required=True, help="retry the failed jobs")
-    parser.add_argument("--backend", choices=["local", "slurm"], default="local")
+    parser.add_argument("--backend", choices=["local", "slurm"], default="local",
+                        help="here, on this machine, or as SLURM job arrays")
     _add_selection(parser)
     _add_execution(parser)
     _add_local(parser)
@@ -172,9 +232,10 @@ def _register_retry(commands: argparse._SubParsersAction) -> None:
 def _register_worker(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "worker", help="run one job in this process (what `batch run` starts for each job)",
-        description="Claims, plans, trains and evaluates one job with the execution options (JSON) a launcher "
-                    "passes. Exit status: 0 done, 1 failed (recorded in the manifest), 75 held by another process, "
-                    "130 interrupted.")
+        description="Claims, trains and evaluates one job with the execution options (JSON) a launcher passes; "
+                    "its task must be prepared (`segbook batch prepare`). Exit status: 0 done, 1 failed (recorded in "
+                    "the manifest), 75 held by another process, 78 its task is not prepared, 130 interrupted, 143 "
+                    "terminated (SIGTERM).")
     parser.add_argument("--job", required=True, help="the job id (TASK__MODEL__INIT[__RECIPE]__fold_FOLD)")
     parser.add_argument("--options", required=True, help="the execution options as JSON")
     parser.set_defaults(handler=run_worker)
@@ -206,7 +267,7 @@ def _options(args: argparse.Namespace, backend: str) -> "ExecutionOptions":
         registry_files=getattr(args, "registry", None) or [], recipe_files=args.recipe_file, weights=args.weights,
         settings=training_settings_from_args(args), device=device,
         num_gpus=args.gpus_per_job if device == "cuda" else 1, compile=args.compile, processes=args.processes,
-        data_workers=args.data_workers)
+        data_workers=args.data_workers, max_attempts=args.max_attempts)
 
 
 def _print(rows: list[dict[str, Any]], totals: list[dict[str, Any]], fmt: str) -> None:
@@ -238,6 +299,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from segbook.batch.cluster import time_minutes
     from segbook.batch.estimate import DEFAULT_ASSUMED_TFLOPS
     from segbook.batch.execute import ExecutionOptions
     from segbook.batch.forecast import forecast
@@ -246,26 +308,50 @@ def run_plan(args: argparse.Namespace) -> int:
     jobs = _matrix(args)
     options = ExecutionOptions.create(weights=args.weights, settings=training_settings_from_args(args),
                                       recipe_files=args.recipe_file)
+    minutes = time_minutes(args.time) if args.time else None
     plan = forecast(jobs, options, assumed_tflops=args.assumed_tflops or DEFAULT_ASSUMED_TFLOPS)
     recipe = several_recipes(jobs)
-    rows = [c.row(full=args.format == "json", recipe=recipe) for c in plan.in_states(args.state)]
+    rows = [c.row(full=args.format == "json", recipe=recipe, time_minutes=minutes, gpus=args.gpus_per_job)
+            for c in plan.in_states(args.state)]
     _print(rows, plan.totals(), args.format)
+    return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from segbook.batch.execute import ExecutionOptions
+    from segbook.batch.preparation import prepare_tasks
+    from segbook.batch.slurm import PrepareSlurmOptions, submit_preparation
+
+    entries = list({job.entry.key: job.entry for job in _matrix(args)}.values())
+    if args.backend == "local":
+        outcomes = prepare_tasks(entries, processes=args.processes)
+        tally = {status: sum(o.status == status for o in outcomes) for status in ("prepared", "failed", "skipped")}
+        print("batch prepare: " + ", ".join(f"{n} {status}" for status, n in tally.items() if n)
+              + (" (skipped: not imported)" if tally["skipped"] else ""))
+        return 1 if tally["failed"] else 0
+    options = ExecutionOptions.create(registry_files=getattr(args, "registry", None) or [], processes=args.processes)
+    prepare = PrepareSlurmOptions(partition=args.partition, time=args.time, cpus=args.cpus, mem=args.mem,
+                                  account=args.account, extra_sbatch=tuple(args.extra_sbatch))
+    submit_preparation(entries, options, prepare, dry_run=args.dry_run)
     return 0
 
 
 def _launch(jobs: list["Job"], args: argparse.Namespace, backend: str) -> int:
     """Run the jobs here (`run_local`) or submit them (`submit_slurm`): the same execution options either way."""
     from segbook.batch.local import LocalOptions, run_local
-    from segbook.batch.slurm import SlurmOptions, submit_slurm
+    from segbook.batch.slurm import PrepareSlurmOptions, SlurmOptions, submit_slurm
 
     options = _options(args, backend)
     if backend == "local":
         gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else None
         report = run_local(jobs, options, LocalOptions(gpus=gpus, workers=args.workers))
-        return 1 if report.failed else 0
+        return 0 if report.ok else 1
+    prepare = PrepareSlurmOptions(partition=args.prepare_partition, time=args.prepare_time, cpus=args.prepare_cpus,
+                                  mem=args.prepare_mem, account=args.account, extra_sbatch=tuple(args.extra_sbatch))
     slurm = SlurmOptions(partition=args.partition, time=args.time, cpus_per_job=args.cpus_per_job, mem=args.mem,
                          account=args.account, array_parallelism=args.array_parallelism,
-                         extra_sbatch=tuple(args.extra_sbatch), max_timeouts=args.max_timeouts)
+                         extra_sbatch=tuple(args.extra_sbatch), max_timeouts=args.max_timeouts,
+                         max_array_size=args.max_array_size, max_submitted=args.max_submitted, prepare=prepare)
     submit_slurm(jobs, options, slurm, dry_run=args.dry_run)
     return 0
 

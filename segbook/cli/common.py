@@ -96,7 +96,7 @@ def add_weights_and_device_options(parser: argparse.ArgumentParser) -> None:
 
 def add_budget_options(parser: argparse.ArgumentParser) -> None:
     """The recipe, budget, optimiser and GPU-speed groups; `training_settings_from_args` reads them."""
-    from segbook.training.settings import BOUNDS, PRECISIONS, TrainingSettings
+    from segbook.training.settings import BOUNDS, PRECISIONS, STEM_TILINGS, TrainingSettings
 
     defaults = TrainingSettings()
     hyper = parser.add_argument_group("recipe, budget and optimiser (the recipe's values unless given)")
@@ -121,9 +121,14 @@ def add_budget_options(parser: argparse.ArgumentParser) -> None:
                        default=defaults.checkpoint_every, help="epochs between resumable checkpoints")
     hyper.add_argument("--seed", type=bounded(BOUNDS["seed"]), default=defaults.seed,
                        help="seed of the weights' initialisation, sampling and augmentation")
+    hyper.add_argument("--stem-tiling", choices=STEM_TILINGS, default=defaults.stem_tiling,
+                       help="fine-tuning a multi-channel task: repeat the checkpoint's single-channel first block "
+                            "on every channel, as the official STU-Net code does (repeat), or also divide it by the "
+                            "channel count (mean); see docs/fidelity.md")
     gpu = parser.add_argument_group("GPU speed")
     gpu.add_argument("--precision", default=defaults.mixed_precision, choices=PRECISIONS,
-                     help="mixed precision on CUDA: auto uses bf16 where the GPU supports it, else fp16")
+                     help="mixed precision: on CUDA auto uses bf16 where the GPU supports it, else fp16; on the "
+                          "CPU only bf16 autocasts (auto and fp16 train in fp32 there)")
     gpu.add_argument("--channels-last", action="store_true", help="channels-last 3D memory format")
     gpu.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
                      help="torch.compile the network (default: nnU-Net's choice, on for CUDA)")
@@ -136,7 +141,8 @@ def training_settings_from_args(args: argparse.Namespace) -> "TrainingSettings":
                             val_iterations_per_epoch=args.val_iters_per_epoch, lr=args.lr,
                             head_lr_multiplier=args.head_lr_multiplier, weight_decay=args.weight_decay,
                             checkpoint_every=args.checkpoint_every, seed=args.seed,
-                            mixed_precision=args.precision, channels_last=args.channels_last).validate()
+                            mixed_precision=args.precision, channels_last=args.channels_last,
+                            stem_tiling=args.stem_tiling).validate()
 
 
 class NameList(argparse.Action):

@@ -58,6 +58,13 @@ def _register_import(actions: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=at_least(0), help="seed of the test split (default: the stored split's, else 0)")
     parser.add_argument("--resplit", action="store_true",
                         help="draw a new test split even if one is stored (needed when the cases changed)")
+    parser.add_argument("--split", type=Path, metavar="FILE", dest="split_file",
+                        help="use this test split instead of drawing one: a JSON list of test case ids (or an "
+                             "object with 'test' and optionally 'train' lists, like segbook_split.json), or a CSV "
+                             "of ids with an optional second column test/train; checked against the cases first")
+    parser.add_argument("--keep-source-split", action="store_true",
+                        help="keep the labelled test set the source ships (imagesTs/labelsTs) as the test split; "
+                             "it must hold exactly the registry's test count")
     parser.add_argument("--force", action="store_true", help="import again even if the source is unchanged")
     parser.add_argument("--check-only", action="store_true", help="validate and report; write nothing")
     parser.add_argument("--tolerance", type=POSITIVE_NUMBER, default=None, metavar="T",
@@ -121,7 +128,8 @@ def run_import(args: argparse.Namespace) -> int:
     entry = registry_from_args(args).get(args.task)
     report = import_dataset(entry, _source(args), layout=args.layout, num_processes=args.num_processes,
                             seed=args.seed, resplit=args.resplit, force=args.force, check_only=args.check_only,
-                            tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
+                            tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
+                            split_file=args.split_file, keep_source_split=args.keep_source_split)
     if report.validation.problems:
         print(report.validation.format())
     print(report.summary())

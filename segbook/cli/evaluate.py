@@ -6,6 +6,7 @@ import argparse
 
 from segbook.cli.common import (DEVICE_HELP, POSITIVE_NUMBER, HelpFormatter, add_registry_option, at_least, bounded,
                                 registry_from_args)
+from segbook.cli.finetune import TRAINING_PLANS
 from segbook.evaluation.settings import STEP_SIZE
 from segbook.runs import MODELS
 
@@ -28,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--pretrained", action="store_true")
     init.add_argument("--scratch", action="store_true")
     which.add_argument("--fold", default="all", choices=["all", "0", "1", "2", "3", "4"])
+    which.add_argument("--plans", choices=TRAINING_PLANS, default="default",
+                       help="the plans the run trained on (default: default, nnUNetPlans)")
     which.add_argument("--run", metavar="DIR", help="a run folder (…/fold_X) instead of --task/--model")
     add_registry_option(parser)
     options = parser.add_argument_group("prediction and metrics")
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from segbook.errors import SegbookError
     from segbook.evaluation.evaluate import evaluate_run, spec_from_folder
     from segbook.evaluation.settings import EvaluationSettings
+    from segbook.plan import plans_identifier
     from segbook.runs import RunSpec
 
     registry = registry_from_args(args)
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         entry = registry.get(spec.task)
     elif args.task and args.model:
         entry = registry.get(args.task)
-        spec = RunSpec.of(entry, args.model, args.pretrained, args.fold)
+        spec = RunSpec.of(entry, args.model, args.pretrained, args.fold, plans=plans_identifier(args.plans))
     else:
         raise SegbookError("name the run: --task and --model (with --pretrained or --scratch), or --run DIR")
     settings = EvaluationSettings(step_size=args.step_size, gaussian=args.gaussian, mirroring=args.mirroring,

@@ -8,6 +8,12 @@ from segbook.cli.common import (HelpFormatter, add_budget_options, add_registry_
                                 add_weights_and_device_options, registry_from_args, training_settings_from_args)
 from segbook.runs import MODELS
 
+#: The plans a run can train on: nnU-Net's, or nnU-Net's at the SegBook authors' patch size and spacing.
+TRAINING_PLANS = ("default", "paper", "paper-zscore")
+PLANS_HELP = ("nnU-Net plans to train on: default (nnUNetPlans), paper (nnU-Net's planner at the SegBook authors' "
+              "patch size and target spacing: SegbookPaperPlans) or paper-zscore (the same with z-score "
+              "normalisation for CT, as in pretraining); part of the run's folder")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -17,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "added; what trains at which rate on which schedule is the recipe's (default segbook: the body "
                     "at 1e-3, the heads at 10x, poly decay per group). Without --pretrained the same network "
                     "trains from scratch (recipe scratch). The task is planned first if needed. The run lives in "
-                    "$nnUNet_results/Dataset{id}_{Name}/SegbookTrainer_{model}_{init}[_{recipe}]__nnUNetPlans__"
+                    "$nnUNet_results/Dataset{id}_{Name}/SegbookTrainer_{model}_{init}[_{recipe}]__{plans}__"
                     "3d_fullres/fold_{fold} with its run.json record.",
         epilog="examples: segbook finetune --task 613 --model large --pretrained\n"
                "          segbook finetune --task 613 --model large --pretrained --recipe llrd --epochs 150",
@@ -35,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fold", default="all", choices=["all", "0", "1", "2", "3", "4"],
                         help="'all' trains on the whole train split (SegBook's protocol); 0-4 are nnU-Net's "
                              "cross-validation folds inside it")
+    parser.add_argument("--plans", choices=TRAINING_PLANS, default="default", help=PLANS_HELP)
     add_weights_and_device_options(parser)
     parser.add_argument("--num-gpus", type=at_least(1), default=1, help="GPUs on this node (nnU-Net DDP when > 1)")
     parser.add_argument("--continue", dest="resume", action="store_true",
@@ -62,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     result = finetune(entry, args.model, args.pretrained, args.fold, recipe=args.recipe,
                       recipe_files=args.recipe_file, settings=settings, weights=args.weights,
                       device=args.device, num_gpus=args.num_gpus, resume=args.resume, overwrite=args.overwrite,
-                      compile=args.compile, plan_processes=args.plan_processes, request=request)
+                      compile=args.compile, plan_processes=args.plan_processes, plans=args.plans,
+                      request=request)
     print(f"{result.status}: {result.folder}")
     return 0 if result.status == "finished" else 1
 

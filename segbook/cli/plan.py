@@ -8,7 +8,8 @@ import os
 
 from segbook.cli.common import add_format_option, add_registry_option, add_task_option, at_least, registry_from_args
 
-PLANNER_CHOICES = ("default", "resenc-m", "resenc-l", "resenc-xl")
+#: segbook.plan.PLANNERS, spelled out so that building the parser does not import the planning code.
+PLANNER_CHOICES = ("default", "resenc-m", "resenc-l", "resenc-xl", "paper", "paper-zscore")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,13 +17,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "plan", help="fingerprint, plan and preprocess an imported task with nnU-Net (3d_fullres)",
         description="Runs nnU-Net v2's fingerprint extraction, experiment planning and preprocessing for the "
                     "3d_fullres configuration. STU-Net trains on these plans (patch size, spacing, batch size, "
-                    "normalisation) with strides derived from them. Re-running is a no-op until the raw data "
+                    "normalisation) with strides derived from them. Prints the plan beside the SegBook authors' "
+                    "nnU-Net v1 plans (patch size, spacing, stages). Re-running is a no-op until the raw data "
                     "changes, which makes everything preprocessed from it stale and rebuilt.")
     add_task_option(parser)
     add_registry_option(parser)
-    parser.add_argument("--planner", choices=PLANNER_CHOICES, default="default",
-                        help="nnU-Net's default planner (nnUNetPlans) or a residual-encoder preset "
-                             "(nnUNetResEncUNet{M,L,XL}Plans) (default: default)")
+    parser.add_argument("--plans", "--planner", dest="planner", choices=PLANNER_CHOICES, default="default",
+                        help="nnU-Net's default planner (nnUNetPlans), a residual-encoder preset "
+                             "(nnUNetResEncUNet{M,L,XL}Plans), or paper: nnU-Net's planner at the SegBook authors' "
+                             "patch size and target spacing (SegbookPaperPlans; paper-zscore: also z-score for CT, "
+                             "as in pretraining) (default: default)")
     parser.add_argument("--num-processes", "-np", type=at_least(1), default=None, metavar="N",
                         help="worker processes (default: nnUNet_def_n_proc, capped by the cores)")
     parser.add_argument("--force", action="store_true", help="plan and preprocess again even if up to date")

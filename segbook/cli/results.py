@@ -24,7 +24,13 @@ def add_collection_options(parser: argparse.ArgumentParser) -> None:
     """What to collect and which configurations to show: shared by `results` and `report`."""
     parser.add_argument("--results-dir", metavar="DIR",
                         help="collect runs from DIR instead of nnU-Net's results folder ($nnUNet_results)")
-    parser.add_argument("--plans", default=DEFAULT_PLANS, help=f"nnU-Net plans of the runs (default: {DEFAULT_PLANS})")
+    parser.add_argument("--plans", default=DEFAULT_PLANS,
+                        help=f"nnU-Net plans of the runs: a plans identifier or a planner name (default, paper, "
+                             f"paper-zscore, ...); runs of other plans are never averaged in (default: "
+                             f"{DEFAULT_PLANS})")
+    parser.add_argument("--folds", choices=("all", "0-4"), default="all",
+                        help="which runs a dataset's score averages: fold all, SegBook's protocol, or the five "
+                             "cross-validation folds 0-4; the table's notes say which (default: all)")
     parser.add_argument("--metric", choices=("dice", "nsd"), default="dice", help="score to tabulate (default: dice)")
     parser.add_argument("--models", action=ChoiceList, choices=MODELS, metavar="MODEL",
                         help="show these models (nnunet, tiny, small, base, large, huge; spaces or commas), marking "
@@ -92,7 +98,7 @@ def collect_from_args(args: argparse.Namespace, recipes: Sequence[str] | None = 
         warnings.simplefilter("always", ResultsWarning)
         df = collect_results(Paths.from_env(), registry_from_args(args), args.results_dir, args.plans,
                              imported=not args.no_imported, include_incomplete=args.include_incomplete,
-                             recipes=recipes)
+                             recipes=recipes, folds=args.folds)
     for warning in caught:
         if issubclass(warning.category, ResultsWarning):
             print(f"segbook: warning: {warning.message}", file=sys.stderr)

@@ -64,7 +64,7 @@ def _raw_status(entry: DatasetEntry) -> tuple[str, str]:
     return str(folder), "incomplete (no dataset.json)" if folder.is_dir() else "absent"
 
 
-def _show_text(entry: DatasetEntry, folder: str, status: str) -> str:
+def _show_text(entry: DatasetEntry, folder: str, status: str, comparisons: dict[str, dict]) -> str:
     from tabulate import tabulate
 
     split = f"{entry.train_cases} train / {entry.test_cases} test"
@@ -85,18 +85,41 @@ def _show_text(entry: DatasetEntry, folder: str, status: str) -> str:
                ", ".join(label.totalseg_classes)) for label in entry.labels]
     parts = [tabulate(facts, tablefmt="plain"), "",
              tabulate(labels, headers=["label", "name", "kind", "seen", "TotalSegmentator v1"], tablefmt="simple")]
+    parts += ["", *_plans_text(entry, comparisons)]
     if entry.notes:
         parts += ["", "notes:", *(f"  - {note}" for note in entry.notes)]
     return "\n".join(parts)
 
 
+def _plans_text(entry: DatasetEntry, comparisons: dict[str, dict]) -> list[str]:
+    """segbook's current plans of the task beside the authors', as `segbook plan` recorded them."""
+    from segbook.reference_plans import describe_comparison
+
+    if not comparisons:
+        return [f"segbook's plans: none yet (`segbook plan --task {entry.key}` plans it and compares them with the "
+                "authors')"]
+    return [line for planner, comparison in comparisons.items()
+            for line in [f"segbook's plans ({planner}):", *describe_comparison(comparison)]]
+
+
+def _comparisons(entry: DatasetEntry) -> dict[str, dict]:
+    from segbook.data.folders import is_imported
+    from segbook.paths import Paths
+    from segbook.plan import recorded_comparisons
+
+    paths = Paths.from_env()
+    return recorded_comparisons(entry, paths) if is_imported(entry, paths) else {}
+
+
 def run_show(args: argparse.Namespace) -> int:
     entry = registry_from_args(args).get(args.task)
     folder, status = _raw_status(entry)
+    comparisons = _comparisons(entry)
     if args.format == "json":
-        print(json.dumps({**entry.as_dict(), "raw_folder": folder, "raw_status": status}, indent=2))
+        print(json.dumps({**entry.as_dict(), "raw_folder": folder, "raw_status": status,
+                          "plans_comparison": comparisons}, indent=2))
     else:
-        print(_show_text(entry, folder, status))
+        print(_show_text(entry, folder, status, comparisons))
     return 0
 
 

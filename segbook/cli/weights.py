@@ -11,8 +11,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "weights", help="download, locate or verify the official TotalSegmentator-pretrained checkpoints",
         description="Manage the cache of official STU-Net checkpoints (in $SEGBOOK_HOME/weights, default "
-                    "~/.cache/segbook/weights). Downloads resume where they stopped; the SHA-256 is recorded on "
-                    "the first download and checked afterwards.")
+                    "~/.cache/segbook/weights). Downloads resume where they stopped; the SHA-256 is checked "
+                    "against the catalogued one (small) or recorded on the first download and checked afterwards "
+                    "(base, large, huge).")
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     download = actions.add_parser("download", help="download a checkpoint into the cache (resumable)")
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     path = actions.add_parser("path", help="print where a checkpoint is (or would be) cached")
     path.add_argument("model")
     path.set_defaults(handler=run_path)
-    verify = actions.add_parser("verify", help="check a cached checkpoint against its recorded SHA-256")
+    verify = actions.add_parser("verify", help="check a cached checkpoint against its catalogued or recorded SHA-256")
     verify.add_argument("model")
     verify.set_defaults(handler=run_verify)
 

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segbook import __version__
-from segbook.data.folders import dataset_claim, raw_folder
+from segbook.data.folders import check_not_in_use, dataset_claim, raw_folder
 from segbook.data.layouts import ImageRef, PlainSource, SourceCase, SourceDataset, read_source, split_ending
 from segbook.data.problems import DatasetValidationError, ValidationReport, error, warning
-from segbook.data.split import Split, held_out_count, read_split, resolve_split, write_split
+from segbook.data.split import (FROM_FILE, FROM_SOURCE, GivenSplit, Split, check_given_split, held_out_count,
+                                read_split, read_split_file, resolve_split, source_test_split, write_split)
 from segbook.data.validate import DEFAULT_TOLERANCE, Header, parallel_map, read_header, same_geometry, validate_cases
 from segbook.errors import SegbookError
 from segbook.io import atomic_directory, atomic_write_json
@@ -52,9 +53,16 @@ class ImportReport:
     written: dict[str, int] = field(default_factory=lambda: {"copied": 0, "converted": 0})
     seconds: float = 0.0
     repaired: list[str] = field(default_factory=list)  # what a killed import or planning had left, now repaired
+    previous_split: str | None = None  # the SHA-256 of the test split this import replaced by another
 
     def summary(self) -> str:
-        return "\n".join([*(f"repaired: {line}" for line in self.repaired), self._outcome()])
+        lines = [*(f"repaired: {line}" for line in self.repaired), self._outcome()]
+        if self.split is not None and not self.skipped:
+            lines.append(f"test split: {describe_split(self.split)}")
+        if self.previous_split:
+            lines.append(f"the test split changed (SHA-256 was {self.previous_split}): scores on the old test set "
+                         "are not comparable with new ones; the results tables refuse to average them")
+        return "\n".join(lines)
 
     def _outcome(self) -> str:
         if self.skipped:
@@ -65,6 +73,13 @@ class ImportReport:
                 f"({len(self.split.train)} train, {len(self.split.test)} test) from {self.source} ({self.layout} "
                 f"layout) into {self.destination} in {self.seconds:.1f} s ({self.written['copied']} files copied, "
                 f"{self.written['converted']} converted; {len(self.validation.warnings)} warning(s))")
+
+
+def describe_split(split: Split) -> str:
+    """How a split was made, and its SHA-256, in one line."""
+    how = {FROM_SOURCE: f"the source's labelled test set ({split.source})",
+           FROM_FILE: f"given by {split.source}"}.get(split.algorithm, f"drawn with seed {split.seed}")
+    return f"{len(split.train)} train / {len(split.test)} test, {how}, SHA-256 {split.sha256}"
 
 
 def read_import_record(folder: Path) -> dict | None:
@@ -84,11 +99,14 @@ def check_dataset_id(entry: DatasetEntry, paths: Paths) -> None:
                                    "register the dataset under another id")
 
 
-def _content_id(entry: DatasetEntry, source: SourceDataset, seed: int | None, tolerance: float) -> str:
-    """Identifies an import's inputs: the registry entry, options, and every source file's path, size and mtime."""
+def _content_id(entry: DatasetEntry, source: SourceDataset, seed: int | None, tolerance: float,
+                given: Split | None) -> str:
+    """Identifies an import's inputs: the registry entry, options (a given split by its content), and every source
+    file's path, size and mtime."""
     digest = hashlib.sha256()
     settings = {"format": IMPORT_FORMAT, "entry": entry.model_dump(mode="json"), "layout": source.layout,
-                "location": source.location, "settings": source.settings, "seed": seed, "tolerance": tolerance}
+                "location": source.location, "settings": source.settings, "seed": seed, "tolerance": tolerance,
+                "split": None if given is None else [given.algorithm, given.sha256]}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for path in sorted(set(source.files)):
         stat = path.stat()
@@ -109,8 +127,8 @@ def validate_source(entry: DatasetEntry, source: Path | PlainSource, layout: str
 
 
 def _validate(entry: DatasetEntry, found: SourceDataset, num_processes: int, tolerance: float,
-              progress: bool) -> ValidationReport:
-    problems = list(found.problems)
+              progress: bool, split_problems: list | None = None) -> ValidationReport:
+    problems = list(found.problems) + list(split_problems or [])
     expected = entry.train_cases + entry.test_cases
     if not found.cases and not any(p.severity == "error" for p in problems):
         problems.append(error("no-cases", f"no labelled cases found in {found.location}"))
@@ -123,50 +141,94 @@ def _validate(entry: DatasetEntry, found: SourceDataset, num_processes: int, tol
 def import_dataset(entry: DatasetEntry, source: Path | PlainSource, paths: Paths | None = None, *,
                    layout: str = "auto", num_processes: int = 1, seed: int | None = None, resplit: bool = False,
                    force: bool = False, check_only: bool = False, tolerance: float = DEFAULT_TOLERANCE,
-                   progress: bool = True) -> ImportReport:
+                   progress: bool = True, split_file: str | Path | None = None,
+                   keep_source_split: bool = False) -> ImportReport:
     """Validate `source` and write it as `nnUNet_raw/{entry.nnunet_name}` with SegBook's train/test split.
 
-    Raises DatasetValidationError (nothing written) when any case has an error, SplitChangedError when the cases
-    differ from those of the stored split (unless `resplit`). An unchanged source is not imported again unless
-    `force`. `check_only` validates and stops. `seed` picks the split's seed (default: the stored one, else 0).
+    The split is drawn (`seed`: default the stored one's, else 0), or given: `split_file` (test ids, see
+    `segbook.data.split.read_split_file`) or, with `keep_source_split`, the labelled test set the source ships when
+    it has exactly the registry's test count. A given split is checked against the cases first.
+
+    Raises DatasetValidationError (nothing written) when any case has an error or a given split does not fit the
+    cases, SplitChangedError when the cases differ from those of the stored split (unless `resplit`). An unchanged
+    source is not imported again unless `force`. `check_only` validates and stops.
     """
     started = time.perf_counter()
     paths = paths or Paths.from_env()
     check_dataset_id(entry, paths)
+    given = _given_split(split_file, keep_source_split, seed, resplit)
     found = read_source(source, len(entry.channels), layout)
+    split, split_problems = _checked_split(entry, found, given, keep_source_split)
     if check_only:
-        report = _validate(entry, found, num_processes, tolerance, progress)
+        report = _validate(entry, found, num_processes, tolerance, progress, split_problems)
         if report.errors:
             raise DatasetValidationError(report, entry.key)
         return ImportReport(entry.key, entry.nnunet_name, raw_folder(entry, paths), found.layout, found.location,
                             report)
     with dataset_claim(entry, paths) as repaired:
-        result = _import(entry, found, paths, num_processes, seed, resplit, force, tolerance, progress)
+        result = _import(entry, found, paths, num_processes, seed, resplit, force, tolerance, progress,
+                         (split, split_problems))
     result.repaired = repaired
     result.seconds = time.perf_counter() - started
     return result
 
 
+def _given_split(split_file: str | Path | None, keep_source_split: bool, seed: int | None,
+                 resplit: bool) -> GivenSplit | None:
+    """The split file read (None without one); options that contradict each other are refused before the source
+    is even listed."""
+    if split_file is not None and keep_source_split:
+        raise SegbookError("--split and --keep-source-split both give the test split: choose one")
+    if (split_file is not None or keep_source_split) and (seed is not None or resplit):
+        raise SegbookError("--seed and --resplit draw a test split; with --split or --keep-source-split the split "
+                           "is given: leave them out")
+    return None if split_file is None else read_split_file(split_file)
+
+
+def _checked_split(entry: DatasetEntry, found: SourceDataset, given: GivenSplit | None,
+                   keep_source_split: bool) -> tuple[Split | None, list]:
+    """The given split (the file's, or the source's own test set) checked against the source's cases: the split
+    and warnings, or a DatasetValidationError before any image is read or anything written."""
+    if keep_source_split:
+        if not found.test_ids:
+            raise SegbookError(f"{found.location} ships no labelled test set (labelsTs) to keep; leave out "
+                               "--keep-source-split to draw the split, or give one with --split FILE")
+        given = source_test_split(found.test_ids, found.location)
+    if given is None:
+        return None, []
+    case_ids = [case.case_id for case in found.cases]
+    split, problems = check_given_split(given, case_ids, entry.test_cases, exact_count=keep_source_split)
+    if split is None:
+        raise DatasetValidationError(ValidationReport(problems, case_ids), entry.key)
+    return split, problems
+
+
 def _import(entry: DatasetEntry, found: SourceDataset, paths: Paths, num_processes: int, seed: int | None,
-            resplit: bool, force: bool, tolerance: float, progress: bool) -> ImportReport:
+            resplit: bool, force: bool, tolerance: float, progress: bool,
+            given: tuple[Split | None, list]) -> ImportReport:
     """Validate and write, holding the dataset's claim (no other import or planning of it runs meanwhile)."""
     destination = raw_folder(entry, paths)
-    content_id = _content_id(entry, found, seed, tolerance)
+    split, split_problems = given
+    content_id = _content_id(entry, found, seed, tolerance, split)
     record = read_import_record(destination)
     if (record and record.get("content_id") == content_id and (destination / "dataset.json").is_file()
             and not (force or resplit)):
         return ImportReport(entry.key, entry.nnunet_name, destination, found.layout, found.location,
                             ValidationReport(), read_split(destination), skipped=True)
-    report = _validate(entry, found, num_processes, tolerance, progress)
+    check_not_in_use(entry, paths, f"Importing {entry.key} again")
+    report = _validate(entry, found, num_processes, tolerance, progress, split_problems)
     if report.errors:
         raise DatasetValidationError(report, entry.key)
     result = ImportReport(entry.key, entry.nnunet_name, destination, found.layout, found.location, report)
     n_test = held_out_count(len(found.cases), entry.train_cases, entry.test_cases)
     stored = read_split(destination) if destination.is_dir() else None
-    result.split = resolve_split([c.case_id for c in found.cases], n_test, stored, seed, resplit)
+    result.split = split or resolve_split([c.case_id for c in found.cases], n_test, stored, seed, resplit)
+    if stored is not None and stored.sha256 != result.split.sha256:
+        result.previous_split = stored.sha256
     with atomic_directory(destination, replace=True) as building:
         result.written = _write_cases(entry, found.cases, result.split, building, num_processes, progress)
         _write_metadata(entry, found, result, building, content_id, tolerance)
+        check_not_in_use(entry, paths, f"Importing {entry.key} again")  # a run may have started meanwhile
     return result
 
 
@@ -248,6 +310,6 @@ def _write_metadata(entry: DatasetEntry, found: SourceDataset, result: ImportRep
         "format": IMPORT_FORMAT, "segbook_version": __version__, "task": entry.key, "dataset": entry.nnunet_name,
         "content_id": content_id, "layout": found.layout, "source": found.location, "settings": found.settings,
         "tolerance": tolerance, "validated": True, "cases": len(split.train) + len(split.test),
-        "train": len(split.train), "test": len(split.test), "files": result.written,
+        "train": len(split.train), "test": len(split.test), "split": split.record(), "files": result.written,
         "warnings": [p.__dict__ for p in result.validation.warnings],
     })

@@ -64,7 +64,8 @@ class PlainSource:
 
 @dataclass
 class SourceDataset:
-    """The cases of a source and what is wrong with its file names; `files` feeds the import's fingerprint."""
+    """The cases of a source and what is wrong with its file names; `files` feeds the import's fingerprint;
+    `test_ids` are the cases whose labels the source ships as its test set (`labelsTs`)."""
 
     layout: str
     location: str
@@ -72,6 +73,7 @@ class SourceDataset:
     problems: list[Problem] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    test_ids: set[str] = field(default_factory=set)
 
 
 def split_ending(name: str) -> tuple[str, str] | None:
@@ -260,6 +262,7 @@ def _read_task_folder(root: Path, n_channels: int, layout: str,
     """The folder walk nnU-Net and MSD share: image/label folder pairs, labels named `{case}{ext}`; `add_image`
     records one image file whose name without ending is given, by the layout's own naming rule."""
     collect = _Collector(n_channels)
+    test_ids: set[str] = set()
     for image_dir, label_dir in _pair_folders(root):
         image_files = _visible_files(image_dir)
         if label_dir is None:
@@ -273,7 +276,11 @@ def _read_task_folder(root: Path, n_channels: int, layout: str,
                     add(collect, path, *parts)
                 else:
                     collect.unmatched(path, "not an image file")
-    return SourceDataset(layout, str(root), collect.cases(), collect.problems, collect.files)
+        if label_dir.name == "labelsTs":
+            test_ids |= {parts[0] for path in _visible_files(label_dir) if (parts := split_ending(path.name))}
+    cases = collect.cases()
+    return SourceDataset(layout, str(root), cases, collect.problems, collect.files,
+                         test_ids=test_ids & {case.case_id for case in cases})
 
 
 def _add_label(collect: "_Collector", path: Path, stem: str, ending: str) -> None:

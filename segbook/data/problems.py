@@ -48,6 +48,12 @@ KINDS: dict[str, tuple[str, str]] = {
                    "SegBook evaluates on labelled cases only; add labelsTs if you have the labels"),
     "case-count": ("case count differs from the registry",
                    "check that the download is complete; the test split keeps the registry's train/test ratio"),
+    "split": ("a given test split that does not fit the cases",
+              "list every case once by its case id (its label file's name without the file ending), in the test "
+              "list or, when the file has one, in the train list"),
+    "split-count": ("test split size differs from the registry",
+                    "the registry's test count is the paper's: scores on another test set are not comparable with "
+                    "it (they are recorded with the split's SHA-256)"),
 }
 
 

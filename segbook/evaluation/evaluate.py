@@ -1,11 +1,14 @@
 """Evaluate a trained run on its dataset's held-out test split: nnU-Net's sliding-window prediction, then metrics.
 
-Writes `evaluation/metrics.csv` (one row per case and label) and `evaluation/summary.json` (per-label means and the
-run's score) into the run folder, atomically; `summary.json` is written last, so its presence means "evaluated".
+Writes `evaluation/metrics.csv` (one row per case and label) and `evaluation/summary.json` (per-label means, the
+run's score and the test split it was scored on, with its SHA-256) into the run folder, atomically; `summary.json`
+is written last, so its presence means "evaluated". A run is never scored on a test split other than the one it was
+trained beside: its cases may have been in the run's training data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -13,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from segbook import claims
 from segbook.errors import SegbookError
@@ -96,21 +99,37 @@ def evaluate_run(entry: "DatasetEntry", spec: RunSpec, paths: Paths | None = Non
         raise EvaluationError(f"cannot evaluate {run_folder}: it has not finished training ({state}"
                               f"{'' if checkpoint.is_file() else f', no {settings.checkpoint}'}); train it with "
                               "`segbook finetune` first")
+    split = _test_split(entry, paths, manifest, run_folder)
     device = resolve_device(device)
     tolerance = settings.nsd_tolerance_mm or entry.nsd_tolerance_mm
     resolved = asdict(settings) | {"nsd_tolerance_mm": tolerance}
     out = evaluation_folder(run_folder)
     # Two evaluations of one run would write into each other's predictions: hold the run's claim.
     with claims.exclusive(paths.claims, spec.job_id, f"run {run_folder}"):
-        if not force and _up_to_date(out, resolved, checkpoint):
+        if not force and _up_to_date(out, resolved, checkpoint, split):
             return EvaluationResult(out, json.loads(summary_path(run_folder).read_text()), skipped=True)
         return _evaluate(entry, spec, paths, settings, device, num_processes, keep_predictions, run_folder,
-                         manifest, resolved)
+                         manifest, resolved, split)
+
+
+def _test_split(entry: "DatasetEntry", paths: Paths, manifest: RunManifest | None,
+                run_folder: Path) -> dict[str, Any] | None:
+    """The dataset's test split (its record), refused when the run was trained beside another one."""
+    from segbook.data.folders import raw_folder
+    from segbook.data.split import read_split
+
+    split = read_split(raw_folder(entry, paths))
+    trained = ((manifest.data.get("split") if manifest else None) or {}).get("sha256")
+    if split is not None and trained not in (None, split.sha256):
+        raise EvaluationError(f"cannot evaluate {run_folder}: it was trained beside the test split {trained}, but "
+                              f"{entry.key}'s test split is now {split.sha256} (imported again with another split?); "
+                              "its new test cases may be among those it trained on. Train it again with --overwrite")
+    return None if split is None else split.record()
 
 
 def _evaluate(entry: "DatasetEntry", spec: RunSpec, paths: Paths, settings: EvaluationSettings, device: str,
               num_processes: int, keep_predictions: bool, run_folder: Path, manifest: RunManifest | None,
-              resolved: dict[str, Any]) -> EvaluationResult:
+              resolved: dict[str, Any], split: dict[str, Any] | None) -> EvaluationResult:
     """Predict, score and write; the caller holds the run's claim."""
     out = evaluation_folder(run_folder)
     cases = test_cases(entry, paths)
@@ -119,6 +138,7 @@ def _evaluate(entry: "DatasetEntry", spec: RunSpec, paths: Paths, settings: Eval
         rows = _score(cases, predictions, entry, resolved["nsd_tolerance_mm"], settings.empty_dice, num_processes)
         summary = _summarise(rows, entry, spec, resolved, run_folder / settings.checkpoint, len(cases))
         summary["training"] = training_record(manifest)
+        summary["split"] = split
         _write(out, rows, summary)
         if keep_predictions:
             with atomic_directory(out / "predictions", replace=True) as kept:
@@ -148,14 +168,17 @@ def training_record(manifest: RunManifest | None) -> dict[str, Any]:
             "complete": manifest.status == "finished" and completed >= planned}
 
 
-def _up_to_date(out: Path, settings: dict[str, Any], checkpoint: Path) -> bool:
+def _up_to_date(out: Path, settings: dict[str, Any], checkpoint: Path, split: dict[str, Any] | None) -> bool:
+    """Evaluated with these settings, this checkpoint and this test split (summaries written before the split was
+    recorded are not redone for it)."""
     summary_file = out / SUMMARY
     if not summary_file.is_file():
         return False
     summary = json.loads(summary_file.read_text())
     recorded = summary.get("settings", {})
     return ({k: recorded.get(k) for k in settings} == settings
-            and recorded.get("checkpoint_mtime") == checkpoint.stat().st_mtime)
+            and recorded.get("checkpoint_mtime") == checkpoint.stat().st_mtime
+            and (summary.get("split") or {}).get("sha256") in (None, (split or {}).get("sha256")))
 
 
 def _predict(spec: RunSpec, cases: list[TestCase], settings: EvaluationSettings, device: str, num_processes: int,
@@ -168,12 +191,28 @@ def _predict(spec: RunSpec, cases: list[TestCase], settings: EvaluationSettings,
     folder.mkdir(parents=True)
     inputs = [[str(p) for p in case.images] for case in cases]
     outputs = [str(folder / case.case) for case in cases]
-    if num_processes > 1:
-        predictor.predict_from_files(inputs, outputs, num_processes_preprocessing=num_processes,
-                                     num_processes_segmentation_export=num_processes)
-    else:
-        predictor.predict_from_files_sequential(inputs, outputs)
+    with _fp16_prediction():
+        if num_processes > 1:
+            predictor.predict_from_files(inputs, outputs, num_processes_preprocessing=num_processes,
+                                         num_processes_segmentation_export=num_processes)
+        else:
+            predictor.predict_from_files_sequential(inputs, outputs)
     return folder
+
+
+@contextlib.contextmanager
+def _fp16_prediction() -> Iterator[None]:
+    """nnU-Net's predictor autocasts on CUDA in the process's autocast dtype, which a bf16 training run in the same
+    process (a batch worker trains, then evaluates) leaves at bf16: pin nnU-Net's fp16 for the prediction, so that
+    a run's scores do not depend on which process evaluated it."""
+    import torch
+
+    before = torch.get_autocast_dtype("cuda")
+    torch.set_autocast_dtype("cuda", torch.float16)
+    try:
+        yield
+    finally:
+        torch.set_autocast_dtype("cuda", before)
 
 
 def _predictor(spec: RunSpec, settings: EvaluationSettings, device, run_folder: Path):
@@ -188,7 +227,7 @@ def _predictor(spec: RunSpec, settings: EvaluationSettings, device, run_folder: 
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from segbook.training.checkpoints import read_run_checkpoint
-    from segbook.training.trainers import trainer_class
+    from segbook.training.trainers import trainer_class, unwrap
 
     checkpoint = read_run_checkpoint(run_folder / settings.checkpoint)
     if checkpoint["trainer_name"] != spec.trainer:
@@ -211,6 +250,8 @@ def _predictor(spec: RunSpec, settings: EvaluationSettings, device, run_folder: 
                                 perform_everything_on_device=device.type == "cuda", allow_tqdm=True)
     predictor.manual_initialization(network, plans, configuration, [checkpoint["network_weights"]], dataset_json,
                                     spec.trainer, checkpoint.get("inference_allowed_mirroring_axes"))
+    if device.type != "cuda":  # nnU-Net's trainer compiles on CUDA only, its predictor wherever nnUNet_compile says
+        predictor.network = unwrap(predictor.network)
     return predictor
 
 

@@ -32,7 +32,7 @@ LOCAL = "local"
 IMPORTED_PREFIX = "imported:"
 EVALUATED = "evaluated"
 REGISTRY_COLUMNS = ("dataset_id", "name", "modality", "target", "scale", "region", "bone", "vessel", "parts")
-RUN_COLUMNS = ("task", "model", "init", "recipe", "seed", "fraction", "fold", "plans", "source", "status",
+RUN_COLUMNS = ("task", "model", "init", "recipe", "seed", "fraction", "fold", "plans", "split", "source", "status",
                "evaluated", *METRICS,
                *(f"{m}_{p}" for m in METRICS for p in PARTS), "path")
 IMPORT_REQUIRED = ("task", "model", "init", "dice")
@@ -40,6 +40,8 @@ IMPORT_COLUMNS = (*IMPORT_REQUIRED, "nsd")
 MAX_LISTED_ERRORS = 30
 #: Among `collect_results`' recipes, keeps every recipe (what `segbook results --table recipes` collects).
 ALL_RECIPES = "*"
+#: Which runs a dataset's score averages: fold `all` alone (SegBook's protocol), or the five cross-validation folds.
+FOLD_CHOICES = {"all": ("all",), "0-4": ("0", "1", "2", "3", "4")}
 
 
 class ResultsError(SegbookError):
@@ -73,13 +75,15 @@ def imported_dir(paths: Paths | None = None) -> Path:
 def collect_results(paths: Paths | None = None, registry: Registry | None = None,
                     results_dir: str | os.PathLike | None = None, plans: str = DEFAULT_PLANS,
                     imported: bool = True, include_incomplete: bool = False,
-                    recipes: Sequence[str] | None = None) -> pd.DataFrame:
+                    recipes: Sequence[str] | None = None, folds: str = "all") -> pd.DataFrame:
     """One row per run found (evaluated or not) and per imported result, with the registry facts joined.
 
     Runs come from `results_dir` (default: nnU-Net's results folder); imported results from
     `$SEGBOOK_HOME/results/imported/`. Scores are fractions in [0, 1]. Folders of datasets the registry does not know,
-    and runs of other plans, are skipped with a `ResultsWarning`. A run evaluated before it trained its whole budget
-    counts as not evaluated (with a warning) unless `include_incomplete`.
+    runs of other plans (`plans`: an identifier, or a planner name such as `paper`) and runs of other folds
+    (`folds`: `all`, SegBook's protocol, or `0-4`, the five cross-validation folds) are skipped with a
+    `ResultsWarning`. A run evaluated before it trained its whole budget counts as not evaluated (with a warning)
+    unless `include_incomplete`. Each run's row names the test split it was scored on (`split`, its SHA-256).
 
     `recipes` None keeps the default recipes (segbook, scratch); given, the runs of those recipes and of scratch,
     the baseline of every Delta (`ALL_RECIPES` among them: every recipe). Runs of other recipes, seeds other than 0
@@ -88,10 +92,19 @@ def collect_results(paths: Paths | None = None, registry: Registry | None = None
     paths = paths or Paths.from_env()
     registry = registry or load_registry()
     root = Path(results_dir) if results_dir is not None else paths.results
-    rows = _local_rows(root, registry, plans, include_incomplete)
+    if folds not in FOLD_CHOICES:
+        raise ResultsError(f"unknown folds {folds!r}; choose {' or '.join(FOLD_CHOICES)}")
+    rows = _local_rows(root, registry, plans_identifier(plans), include_incomplete, folds)
     if imported:
         rows += [row for file in stored_imports(paths) for row in _imported_rows(file, registry)]
     return _frame(_chosen(rows, recipes), registry)
+
+
+def plans_identifier(plans: str) -> str:
+    """A planner name (`default`, `paper`, ...) as its plans identifier; anything else is an identifier already."""
+    from segbook.plan import PLANNERS
+
+    return PLANNERS[plans][2] if plans in PLANNERS else plans
 
 
 def resolve_recipes(names: Sequence[str], files: Iterable[str | os.PathLike] | None = None) -> dict[str, str]:
@@ -138,10 +151,12 @@ def _other_recipes(counts: Counter, recipes: Sequence[str] | None) -> str:
             f"{wanted}, or compare recipes with `segbook results --table recipes`")
 
 
-def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: bool) -> list[dict[str, Any]]:
+def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: bool,
+                folds: str) -> list[dict[str, Any]]:
     by_id = {entry.dataset_id: entry for entry in registry}
     skipped: dict[str, str] = {}
-    other_plans: dict[str, int] = {}
+    other_plans: Counter = Counter()
+    other_folds: Counter = Counter()
     incomplete: list[str] = []
     rows = []
     for folder in sorted(root.glob(RUN_GLOB)):
@@ -153,7 +168,9 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
             skipped[str(folder.parent.parent)] = ("its dataset id is not in the registry (add the dataset with "
                                                   "--registry FILE)")
         elif parts.plans != plans:
-            other_plans[parts.plans] = other_plans.get(parts.plans, 0) + 1
+            other_plans[parts.plans] += 1
+        elif parts.fold not in FOLD_CHOICES[folds]:
+            other_folds[parts.fold] += 1
         else:
             row = _run_row(folder, entry, parts)
             if row.pop("incomplete", None):
@@ -168,20 +185,31 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
     for name, why in sorted(skipped.items()):
         warnings.warn(f"skipped {name}: {why}", ResultsWarning, stacklevel=3)
     for name, count in sorted(other_plans.items()):
-        warnings.warn(f"ignored {count} run(s) trained with plans {name!r} (pass --plans {name} to tabulate them)",
-                      ResultsWarning, stacklevel=3)
+        warnings.warn(f"ignored {count} run(s) trained with plans {name!r}: runs of other plans are never averaged "
+                      f"in (pass --plans {name} to tabulate them instead)", ResultsWarning, stacklevel=3)
+    if other_folds:
+        other = next(name for name in FOLD_CHOICES if name != folds)
+        listed = ", ".join(f"{fold} ({count})" for fold, count in sorted(other_folds.items()))
+        warnings.warn(f"ignored {sum(other_folds.values())} run(s) of fold(s) {listed}: the tables average "
+                      f"{_folds_text(folds)} (pass --folds {other} for {_folds_text(other)})", ResultsWarning,
+                      stacklevel=3)
     return rows
+
+
+def _folds_text(folds: str) -> str:
+    return "fold all, SegBook's protocol" if folds == "all" else "the five cross-validation folds 0-4"
 
 
 def _run_row(folder: Path, entry: DatasetEntry, parts: FolderParts) -> dict[str, Any]:
     identity = parts.identity
     row = {"task": entry.key, "model": identity.model, "init": identity.init, "recipe": identity.recipe,
            "seed": identity.seed, "fraction": identity.fraction, "fold": parts.fold, "plans": parts.plans,
-           "source": LOCAL, "path": str(folder)}
+           "split": None, "source": LOCAL, "path": str(folder)}
     summary_file = summary_path(folder)
     try:
         summary = json.loads(summary_file.read_bytes())
         scores = _scores(summary["labels"], entry)
+        row["split"] = (summary.get("split") or {}).get("sha256")
         short = _budget_shortfall(summary, folder)
         if short:
             return {**row, **scores, "status": short, "evaluated": False, "incomplete": True}
@@ -395,5 +423,6 @@ def _clashes(rows: list[dict[str, Any]], target: Path, registry: Registry, paths
 def _imported_rows(file: Path, registry: Registry) -> list[dict[str, Any]]:
     source = f"{IMPORTED_PREFIX}{file.stem}"
     return [{**row, "recipe": DEFAULT_RECIPES[row["init"]], "seed": DEFAULT_SEED, "fraction": DEFAULT_FRACTION,
-             "fold": "", "plans": "", "source": source, "status": EVALUATED, "evaluated": True, "path": str(file)}
+             "fold": "", "plans": "", "split": None, "source": source, "status": EVALUATED, "evaluated": True,
+             "path": str(file)}
             for row in read_import_csv(file, registry)]

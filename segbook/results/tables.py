@@ -8,7 +8,8 @@ datasets of the group that have both.
 
 A configuration is (model, initialisation, recipe): two recipes of one network are never averaged into one cell.
 Tables name the recipe only when a recipe other than the defaults (segbook, scratch) is shown, so the paper's
-tables look as they always did.
+tables look as they always did. The runs of one dataset are never averaged or compared across plans or test splits
+(`check_comparable` refuses them, naming the runs), and every table's notes say which folds and plans it shows.
 """
 
 from __future__ import annotations
@@ -150,11 +151,32 @@ def score_column(metric: str, part: str | None = None) -> str:
     return metric if part is None else f"{metric}_{part}"
 
 
+def check_comparable(df: pd.DataFrame) -> None:
+    """`TableError` naming the runs when the evaluated local runs of one dataset were trained with different plans
+    or scored on different test splits: their scores would be averaged (over folds) or compared (in a Delta) as if
+    they measured the same thing. Runs recorded before splits were (no `split`) are not checked for it."""
+    local = df[(df["source"] == LOCAL) & df["evaluated"]]
+    for column, what, fix in (("plans", "plans", "tabulate one plans at a time (--plans)"),
+                              ("split", "test splits", "evaluate them all on the dataset's current split (runs "
+                                                       "trained beside another split must be trained again), or "
+                                                       "keep the others in another --results-dir")):
+        known = local[local[column].notna()]
+        counts = known.groupby("task")[column].nunique()
+        for task in counts[counts > 1].index:
+            runs = known[known["task"] == task]
+            listing = "; ".join(f"{value}: {', '.join(runs.loc[runs[column] == value, 'path'])}"
+                                for value in sorted(runs[column].unique()))
+            raise TableError(f"{task}: runs with different {what} are never averaged or compared ({listing}); "
+                             f"{fix}")
+
+
 def dataset_scores(df: pd.DataFrame, metric: str = "dice", part: str | None = None) -> pd.DataFrame:
     """Per (task, model, init, recipe): the mean over evaluated folds (fraction), the number of folds and the source.
 
-    Local runs take precedence over imported numbers for the same configuration of a dataset.
+    Local runs take precedence over imported numbers for the same configuration of a dataset. Runs of one dataset
+    with different plans or test splits are refused (`check_comparable`).
     """
+    check_comparable(df)
     column = score_column(metric, part)
     scored = df.loc[df["evaluated"] & df[column].notna(), [*SCORE_KEYS, "source", column]]
     local = scored[scored["source"] == LOCAL]
@@ -283,6 +305,17 @@ def group_members(facts: pd.DataFrame, by: Grouping) -> dict[str, list[Member]]:
     return {group: tasks for group, tasks in members.items() if tasks}
 
 
+def protocol_note(df: pd.DataFrame) -> list[str]:
+    """Which folds and plans the local scores come from (the paper's protocol: fold all, the authors' v1 plans)."""
+    local = df[(df["source"] == LOCAL) & df["evaluated"]]
+    if local.empty:
+        return []
+    folds = sorted(set(local["fold"]), key=lambda fold: (fold != "all", fold))
+    fold_text = "fold all (SegBook's protocol)" if folds == ["all"] else f"the mean of folds {', '.join(folds)}"
+    splits = "one test split per dataset (its SHA-256: `--table datasets`, column split)"
+    return [f"local runs: {fold_text}; plans {', '.join(sorted(set(local['plans'])))}; {splits}"]
+
+
 # --- group tables ----------------------------------------------------------------------------------------------
 
 
@@ -340,8 +373,8 @@ def group_table(df: pd.DataFrame, by: Grouping, metric: str = "dice", models: Se
         if config in baselines:
             table.rows.append([model, DELTA, *([recipe] if named else []), *([None] * 3 if cost else []),
                                *(delta_cell(lookup, tasks, config, baselines[config]) for tasks in members.values())])
-    table.notes = _group_notes(table, members, by, metric) + _missing_notes(shown, lookup, list(facts.index),
-                                                                             bool(named))
+    table.notes = (_group_notes(table, members, by, metric) + _missing_notes(shown, lookup, list(facts.index),
+                                                                              bool(named)) + protocol_note(df))
     return table
 
 
@@ -449,7 +482,7 @@ def recipe_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] |
             table.rows.append([config[0], label, config[2],
                                *(delta_cell(lookup, tasks, config, baseline) for tasks in members.values())])
     table.notes = (_group_notes(table, members, by, metric) + _recipe_notes(table, pretrained)
-                   + _missing_notes(shown, lookup, list(facts.index), True))
+                   + _missing_notes(shown, lookup, list(facts.index), True) + protocol_note(df))
     return table
 
 
@@ -492,18 +525,26 @@ def dataset_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] 
     pending = _pending(df, metric)
     pairs = delta_pairs(configs)
     named = shows_recipes(configs)
+    splits = _splits(df)
     table = ResultTable("datasets", f"{METRIC_NAMES[metric]} (%) per dataset",
                         ["task", "modality", "target", "scale", *(config_label(c, named) for c in configs),
-                         *(delta_label(config, named) for config, _ in pairs), "source"],
-                        count_label="folds", detail_label="status", show_count=False)
+                         *(delta_label(config, named) for config, _ in pairs), "source", "split"],
+                        count_label="folds", detail_label="status", show_count=False,
+                        display={"split": {sha: sha[:12] for sha in splits.values()}})
     for task, modality, target, scale in zip(facts.index, facts["modality"], facts["target"], facts["scale"]):
         cells = {config: _dataset_cell(scores, pending, (task, *config)) for config in configs}
         sources = sorted({cell.source for cell in cells.values() if cell.source}, key=lambda s: (s != LOCAL, s))
         table.rows.append([task, modality, target, scale, *cells.values(),
                            *(_dataset_delta(cells[config], cells[baseline]) for config, baseline in pairs),
-                           ", ".join(sources) or "-"])
-    table.notes = _dataset_notes(table, metric)
+                           ", ".join(sources) or "-", splits.get(task)])
+    table.notes = _dataset_notes(table, metric) + protocol_note(df)
     return table
+
+
+def _splits(df: pd.DataFrame) -> dict[str, str]:
+    """Each dataset's test split (SHA-256) as its evaluated local runs recorded it (`check_comparable`: one)."""
+    local = df[(df["source"] == LOCAL) & df["evaluated"] & df["split"].notna()]
+    return dict(zip(local["task"], local["split"]))
 
 
 def _pending(df: pd.DataFrame, metric: str) -> dict[tuple[str, str, str, str], list[tuple[str, str]]]:
@@ -542,9 +583,9 @@ def _dataset_notes(table: ResultTable, metric: str) -> list[str]:
                for column, cell in zip(table.columns, row) if isinstance(cell, Cell) and cell.marker]
     if partial:
         notes += [f"{PARTIAL_MARK} averages the evaluated folds only; not evaluated yet:", *partial]
-    if any(IMPORTED_PREFIX in str(row[-1]) for row in table.rows):
+    if any(IMPORTED_PREFIX in str(row[-2]) for row in table.rows):
         notes.append("source imported:NAME: numbers imported from $SEGBOOK_HOME/results/imported/NAME.csv "
-                     "(local runs take precedence)")
+                     "(local runs take precedence); published numbers come with their authors' plans and split")
     return notes
 
 

@@ -1,9 +1,13 @@
 """`finetune()`: train one (task, model, initialisation, fold) run on nnU-Net v2, recorded in its `run.json`.
 
 Everything a user can get wrong is checked before anything is planned or written: the settings' ranges, the
-device, and for a pretrained run that its checkpoint reads safely and fits the task's network. The run is then
-claimed (a second trainer on the same run is refused, naming the first), the task planned if needed, and the
+device, the plans, and for a pretrained run that its checkpoint reads safely and fits the task's network. The run is
+then claimed (a second trainer on the same run is refused, naming the first), the task planned if needed, and the
 preprocessed cases checked against the train split.
+
+`run.json` records what makes the run differ from the authors' (docs/fidelity.md): its plans beside theirs
+(`plans_comparison`), the test split it leaves out (`split`, with its SHA-256), both normalisations (`normalization`:
+the pretraining's and the fine-tuning's) and, in its settings, how the stem was tiled (`stem_tiling`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from segbook.recipes import get_recipe
 from segbook.training.settings import TrainingSettings, recipe_differences
 
 if TYPE_CHECKING:
+    from segbook.plan import PlanResult
     from segbook.recipes import Recipe
     from segbook.registry import DatasetEntry
 
@@ -49,14 +54,16 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
              recipe: str | None = None, recipe_files: Sequence[str | Path] | None = None,
              settings: TrainingSettings | None = None, weights: str | Path | None = None, device: str | None = None,
              num_gpus: int = 1, resume: bool = False, overwrite: bool = False, compile: bool | None = None,
-             paths: Paths | None = None, plan_processes: int | None = None,
+             paths: Paths | None = None, plan_processes: int | None = None, plans: str = "default",
              request: dict[str, Any] | None = None, say: Callable[[str], None] = print) -> RunResult:
     """Train one run with nnU-Net's training loop, following a recipe (None: the default of its initialisation).
 
-    `recipe_files` add user recipes to the built-in ones. `device` None picks cuda, else mps, else cpu. `resume` continues from the run's latest checkpoint (the
-    pretrained weights are never applied over it) with the settings the run started with; a run with no checkpoint
-    yet has nothing to resume and starts again with the settings given. A run that exists is otherwise an error
-    unless `overwrite`; a finished one asked for with other settings too.
+    `recipe_files` add user recipes to the built-in ones. `plans` is a planner of `segbook.plan.PLANNERS`
+    (`paper`: nnU-Net's plans at the SegBook authors' patch size and spacing); its plans identifier is part of the
+    run's folder. `device` None picks cuda, else mps, else cpu. `resume` continues from the run's latest
+    checkpoint (the pretrained weights are never applied over it) with the settings the run started with; a run
+    with no checkpoint yet has nothing to resume and starts again with the settings given. A run that exists is
+    otherwise an error unless `overwrite`; a finished one asked for with other settings too.
     """
     import os
 
@@ -65,12 +72,12 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
 
     from segbook.data.folders import is_imported
     from segbook.devices import resolve_device
-    from segbook.plan import plan_task, verify_preprocessed
+    from segbook.plan import check_planner, plan_task, verify_preprocessed
     from segbook.training.trainers import register_with_nnunet
 
     settings = (settings or TrainingSettings()).validate()
     check_all({"num_gpus": num_gpus, "plan_processes": plan_processes}, BOUNDS)
-    spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe)
+    spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe, plans=check_planner(entry, plans))
     chosen = get_recipe(spec.recipe, spec.init, recipe_files)
     chosen.check_fits(spec.model, spec.init, num_gpus)
     settings, resolved = settings.resolve(chosen)
@@ -86,20 +93,22 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     folder = spec.folder(paths.results)
     with claims.exclusive(paths.claims, spec.job_id, f"run {folder}"):
         existing = RunManifest.load(folder)
-        action = _decide(folder, existing, settings, resolved, resume, overwrite)
+        tiles_stem = spec.init == "pretrained" and len(entry.channels) > 1
+        action = _decide(folder, existing, settings, resolved, resume, overwrite, tiles_stem)
         if action == "finished":
             say(f"Run already finished with these settings: {folder}")
             return RunResult(spec, folder, existing)
         register_with_nnunet()
         if compile is not None:
             os.environ["nnUNet_compile"] = "1" if compile else "0"
-        plan_task(entry, paths=paths, num_processes=plan_processes)
+        plan = plan_task(entry, paths=paths, num_processes=plan_processes, planner=plans)
         cases = verify_preprocessed(entry.nnunet_name, paths, spec.plans, task=entry.key)
         if action == "resume":
             existing.event("continue_requested", request=request or {})
             existing.save()
         else:
-            _new_run(spec, folder, existing, settings, resolved, request or {}, cases.as_dict())
+            records = {"preprocessed": cases.as_dict(), **fidelity_records(entry, spec, plan, paths)}
+            _new_run(spec, folder, existing, settings, resolved, request or {}, records)
         say(f"Run folder: {folder}")
         try:
             run_training(entry.nnunet_name, CONFIGURATION, spec.fold, spec.trainer, spec.plans, num_gpus=num_gpus,
@@ -124,13 +133,36 @@ def _with_weights(entry: "DatasetEntry", spec: RunSpec, settings: TrainingSettin
     return replace(settings, weights=str(weights.path), weights_sha256=weights.sha256)
 
 
+def fidelity_records(entry: "DatasetEntry", spec: RunSpec, plan: "PlanResult", paths: Paths) -> dict[str, Any]:
+    """What `run.json` keeps of how the run differs from the authors' (docs/fidelity.md): the plans beside theirs,
+    the test split left out, and the normalisation of pretraining (the official checkpoint of the run's size, as
+    catalogued) and of fine-tuning (the plans')."""
+    from segbook.data.folders import raw_folder
+    from segbook.data.split import read_split
+    from stunet import CATALOGUE
+
+    split = read_split(raw_folder(entry, paths))
+    normalization: dict[str, Any] = {"fine_tuning": {"schemes": plan.normalization, "spacing_mm": plan.spacing,
+                                                     "plans": plan.plans_identifier}}
+    official = CATALOGUE.get(spec.model)
+    if spec.init == "pretrained":
+        normalization["pretraining"] = None if official is None else {
+            "scheme": official.normalization, "spacing_mm": list(official.spacing_mm),
+            "checkpoint": official.filename}
+    return {"plans_comparison": plan.comparison, "split": None if split is None else split.record(),
+            "normalization": normalization}
+
+
 def _decide(folder: Path, existing: RunManifest | None, settings: TrainingSettings, recipe: "Recipe", resume: bool,
-            overwrite: bool) -> str:
+            overwrite: bool, tiles_stem: bool) -> str:
     """"new" (start, replacing what is there), "resume" or "finished"; RunExistsError when the call contradicts
-    the run in the folder."""
+    the run in the folder. The stem tiling counts only where it is applied (`tiles_stem`: a pretrained run of a
+    multi-channel task), and not on a resume, which never applies the pretrained weights again."""
     if existing is None or overwrite:
         return "new"
     differences = {**existing.settings.differences(settings), **recipe_differences(existing.recipe, recipe)}
+    if not tiles_stem or (resume and existing.status != "finished" and has_resumable_checkpoint(folder)):
+        differences.pop("stem_tiling", None)
     if existing.status == "finished":
         if differences:
             raise RunExistsError(f"{folder} already finished with other settings ({_listing(differences)}); "
@@ -156,12 +188,12 @@ def _listing(differences: dict[str, tuple[Any, Any]]) -> str:
 
 
 def _new_run(spec: RunSpec, folder: Path, existing: RunManifest | None, settings: TrainingSettings,
-             recipe: "Recipe", request: dict[str, Any], preprocessed: dict[str, Any]) -> None:
+             recipe: "Recipe", request: dict[str, Any], records: dict[str, Any]) -> None:
     if existing is not None:  # overwritten, or never got as far as a checkpoint: keep what happened to it
         request = {**request, "previous_attempt": {k: existing.data.get(k) for k in ("status", "error", "events")}}
     if folder.exists():
         shutil.rmtree(folder)
     manifest = RunManifest.create(folder, identity_fields(spec), settings, request, recipe)
-    manifest.data["preprocessed"] = preprocessed
+    manifest.data.update(records)
     folder.mkdir(parents=True, exist_ok=True)
     manifest.save()

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from segbook.recipes import Recipe
 
 PRECISIONS = ("auto", "bf16", "fp16")
+#: How a pretrained single-channel stem is tiled across a task's input channels (`stunet.loading.TILINGS`, spelled
+#: out so that parsing options needs no torch): `repeat`, the official loaders' way, or `mean`.
+STEM_TILINGS = ("repeat", "mean")
+#: What runs recorded before the setting existed did.
+LEGACY_STEM_TILING = "mean"
 
 #: Allowed ranges, named after the command-line options that set them.
 BOUNDS: dict[str, Bound] = {
@@ -53,12 +58,15 @@ class TrainingSettings:
     channels_last: bool = False
     weights: str | None = None  # pretrained checkpoint file (pretrained runs)
     weights_sha256: str | None = None
+    stem_tiling: str = STEM_TILINGS[0]  # pretrained runs with several input channels: repeat (official) or mean
 
     def validate(self) -> "TrainingSettings":
         """`OptionError` naming every value outside its range; the settings themselves when all are allowed."""
         check_all(asdict(self), BOUNDS)
         if self.mixed_precision not in PRECISIONS:
             raise OptionError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+        if self.stem_tiling not in STEM_TILINGS:
+            raise OptionError(f"--stem-tiling must be one of {', '.join(STEM_TILINGS)}, got {self.stem_tiling!r}")
         return self
 
     def resolve(self, recipe: "Recipe") -> tuple["TrainingSettings", "Recipe"]:
@@ -79,8 +87,11 @@ class TrainingSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainingSettings":
+        """Settings as recorded (`run.json`, a batch's options). A record without `stem_tiling` (or with null)
+        was written before the option existed, when the stem was always tiled with the mean: it reads as such."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        return cls(**{**values, "stem_tiling": values.get("stem_tiling") or LEGACY_STEM_TILING})
 
 
 def recipe_differences(mine: "Recipe", other: "Recipe") -> dict[str, tuple[Any, Any]]:

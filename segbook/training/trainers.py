@@ -1,30 +1,48 @@
 """nnU-Net trainers for SegBook runs: subclasses that override nnU-Net's hooks, never its training loop.
 
 `SegbookTrainer` adds what every run needs (settings and a manifest from the run folder, per-group poly LR, atomic
-checkpoints, bf16 and channels-last on GPU); `STUNetTrainer` builds STU-Net from the dataset's own plans and, for
+checkpoints, bf16 and channels-last 3D); `STUNetTrainer` builds STU-Net from the dataset's own plans and, for
 fine-tuning, loads the pretrained body with fresh heads at 10x the body's rate. The concrete classes are generated,
 one per (model, initialisation): `SegbookTrainer_large_pretrained`, `SegbookTrainer_nnunet_scratch`, ...
+
+Stopping mid-epoch. While it trains, the trainer answers SIGINT, SIGTERM and SLURM's warning signal (USR2) at the
+next iteration boundary (after a training or a validation iteration): it saves `checkpoint_latest.pth` there, then
+lets the handler that was installed before training act as the signal asked (submitit's requeue, the worker's
+stop, Ctrl-C). A second Ctrl-C stops at once. With DDP the ranks agree at every boundary, so all of them stop at
+the same one. A checkpoint saved mid-epoch records where it stands (`segbook_position`: epoch e, the k training
+iterations done, their losses and the seconds spent); a resume from it continues epoch e with its remaining N - k
+training iterations, then e's validation, and the epoch's train loss is the mean over all N iterations. So a stop
+loses less than one iteration of training, and `run.json` ends with the same epoch records, one per epoch, and the
+same learning rates (a function of the epoch alone) as an uninterrupted run. What differs, as on every resume, is
+the random batches drawn after it; a stop during validation redoes that validation. nnU-Net's own loader would
+read such a checkpoint as "epoch e not started" and train e again whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 from torch._dynamo import OptimizedModule
 
+from segbook import claims
 from segbook.errors import SegbookError
-from segbook.io import now
+from segbook.io import atomic_path, atomic_write_json, now
 from segbook.paths import Paths
-from segbook.runs import STUNET_MODELS, Identity, has_resumable_checkpoint, resolve_weights
+from segbook.runs import RESUMABLE_CHECKPOINTS, STUNET_MODELS, Identity, has_resumable_checkpoint, resolve_weights
 from segbook.training.checkpoints import read_run_checkpoint
 from segbook.training.manifest import RunManifest
 from segbook.training.schedule import RecipeSchedule
@@ -36,6 +54,12 @@ from stunet.loading import load_pretrained, read_state_dict
 from stunet.model import HEADS, PART_PREFIXES, part_of
 
 PLOT_EVERY_EPOCHS = 10  # nnU-Net redraws a large progress.png every epoch: seconds wasted on short epochs
+LATEST_CHECKPOINT = "checkpoint_latest.pth"
+#: nnU-Net's cross-validation splits, in the dataset's preprocessed folder.
+SPLITS = "splits_final.json"
+#: Signals answered at the next iteration boundary, after a checkpoint there.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+_data_workers_shared = False
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -45,6 +69,61 @@ def unwrap(network: nn.Module) -> nn.Module:
     if isinstance(network, OptimizedModule):
         network = network._orig_mod
     return network
+
+
+def write_crossval_splits(preprocessed_folder: Path, data_folder: Path) -> bool:
+    """nnU-Net's 5-fold split of the preprocessed cases (its own function and seed, over the case ids nnU-Net's
+    trainer would use), written atomically unless the file exists; True when it wrote it. nnU-Net's trainer writes
+    it on first use of a fold with a plain write, which folds starting together race on."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    path = Path(preprocessed_folder) / SPLITS
+    if path.is_file():
+        return False
+    cases = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
+    splits = generate_crossval_split(cases, seed=12345, n_splits=5)
+    atomic_write_json(path, [{part: [str(c) for c in ids] for part, ids in split.items()} for split in splits])
+    return True
+
+
+class DeferredStop:
+    """Stop signals that arrive while a run trains, held until the next iteration boundary (module docstring).
+    Handlers go in where Python allows them (the main thread), only for signals that are not ignored."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        self.previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in STOP_SIGNALS:
+            handler = signal.getsignal(sig)
+            if handler != signal.SIG_IGN:
+                self.previous[sig] = handler
+                signal.signal(sig, self._arrive)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _arrive(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            self.act()
+        self.signum = self.signum or signum
+
+    def act(self, signum: int | None = None) -> None:
+        """Do what the handler installed before training would have done with the signal (`signum`: the one the
+        ranks agreed on); a handler that returns lets training go on."""
+        signum = signum or self.signum
+        handler = self.previous.get(signum, signal.SIG_DFL)
+        self.signum = None
+        if callable(handler):
+            handler(signum, None)
+        elif handler != signal.SIG_IGN:
+            raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
 
 class SegbookTrainer(nnUNetTrainer):
@@ -65,11 +144,20 @@ class SegbookTrainer(nnUNetTrainer):
         exit_with_parent()  # nnU-Net's augmentation workers must not outlive a killed trainer
         self.resume_requested = bool(plans.get("continue_training", False))
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type != "cuda":
+            # nnU-Net's DDP assumes CUDA (cuda:rank, a CUDA grad scaler); keep the CPU, for gloo.
+            self.device, self.grad_scaler = device, None
+        if self.is_ddp:
+            _share_data_workers(dist.get_world_size())
         self.manifest = RunManifest.load(self.output_folder) or self._new_manifest()
         self.settings = self.manifest.settings
         self._apply_settings()
         self._epoch_started_at = 0.0
         self._preprocessed_version: str | None = None
+        self._stop = DeferredStop()
+        self._epoch_losses: list[float] = []  # this epoch's training losses so far (from before a stop, too)
+        self._position: dict[str, Any] | None = None  # where a mid-epoch checkpoint being resumed stands
+        self._stopping_at: dict[str, Any] | None = None  # the position a stop is saving
 
     # --- settings -----------------------------------------------------------------------------------------------
     def _new_manifest(self) -> RunManifest:
@@ -93,6 +181,7 @@ class SegbookTrainer(nnUNetTrainer):
         self.recipe.check_fits(self.model, self.init, 2 if self.is_ddp else 1)
         self.num_epochs = self.recipe.budget.epochs
         self.num_iterations_per_epoch = self.recipe.budget.iterations_per_epoch
+        self.iterations_budget = self.num_iterations_per_epoch
         self.num_val_iterations_per_epoch = settings.val_iterations_per_epoch
         self.initial_lr = self.recipe.optimizer.lr
         self.weight_decay = self.recipe.optimizer.weight_decay
@@ -100,14 +189,29 @@ class SegbookTrainer(nnUNetTrainer):
         random.seed(settings.seed)
         np.random.seed(settings.seed)
         torch.manual_seed(settings.seed)
-        if self.device.type == "cuda" and self._use_bf16():
-            # nnU-Net autocasts with the device's default dtype; bf16 needs no loss scaling.
-            torch.set_autocast_dtype("cuda", torch.bfloat16)
-            self.grad_scaler = None
+        if self.device.type == "cuda":
+            # nnU-Net autocasts in the process's CUDA autocast dtype (fp16 unless changed, as by an earlier bf16 run
+            # in this process): set it either way. bf16 needs no loss scaling: no grad scaler.
+            bf16 = self._use_bf16()
+            torch.set_autocast_dtype("cuda", torch.bfloat16 if bf16 else torch.float16)
+            if bf16:
+                self.grad_scaler = None
 
     def _use_bf16(self) -> bool:
         precision = self.settings.mixed_precision
         return precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+
+    def _cpu_autocast(self) -> contextlib.AbstractContextManager:
+        """nnU-Net autocasts on CUDA only (in the dtype `_apply_settings` chose). On the CPU, `--precision bf16`
+        autocasts in bf16 too, with no scaler (nnU-Net has none off CUDA); `auto` and `fp16` train in fp32 there,
+        as nnU-Net does."""
+        if self.device.type == "cpu" and self.settings.mixed_precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _channels_last(self) -> bool:
+        """`--channels-last` (3D) on CUDA and on the CPU; MPS keeps the default memory format."""
+        return self.settings.channels_last and self.device.type in ("cuda", "cpu")
 
     # --- optimiser: the recipe's groups, rates and phases ---------------------------------------------------------
     def group_of(self, name: str, parameter: nn.Parameter) -> str | None:
@@ -163,9 +267,26 @@ class SegbookTrainer(nnUNetTrainer):
 
     # --- hooks --------------------------------------------------------------------------------------------------
     def initialize(self):
-        super().initialize()
-        if self.settings.channels_last and self.device.type == "cuda":
+        if self.is_ddp and self.device.type != "cuda":
+            self._initialize_for_cpu_ddp()
+        else:
+            super().initialize()
+        if self._channels_last():
             self.network.to(memory_format=torch.channels_last_3d)
+
+    def _initialize_for_cpu_ddp(self) -> None:
+        """nnU-Net wraps the network for GPUs (`device_ids=[rank]`), which DDP refuses for a module on the CPU: build
+        everything as a single process would, then size this rank's share of the batch, wrap the network for the
+        CPU and rebuild the loss as nnU-Net builds it under DDP (the deepest head weighted 1e-6, not 0: DDP refuses
+        parameters that get no gradient)."""
+        self.is_ddp = False
+        try:
+            super().initialize()
+        finally:
+            self.is_ddp = True
+        self._set_batch_size_and_oversample()
+        self.network = torch.nn.parallel.DistributedDataParallel(self.network)
+        self.loss = self._build_loss()
 
     def on_train_start(self):
         self._check_preprocessed()
@@ -177,6 +298,7 @@ class SegbookTrainer(nnUNetTrainer):
             self.manifest.data.update(self._plans_summary())
             self.manifest.set_status("running")
             self.manifest.save()
+        self._stop.install()
 
     def on_epoch_start(self):
         self._epoch_started_at = time.time()
@@ -209,10 +331,78 @@ class SegbookTrainer(nnUNetTrainer):
                                f"{recent[-1]['train_loss']:.3f} | EMA pseudo-Dice {recent[-1]['ema_pseudo_dice']:.3f} "
                                f"| lr {lr_text} | ETA {_duration(remaining)}", add_timestamp=False)
 
+    def on_train_epoch_start(self):
+        """The epoch's rates and log lines (nnU-Net's), then, for an epoch resumed mid-way, only the training
+        iterations it has left (nnU-Net's loop reads the count after this hook)."""
+        super().on_train_epoch_start()
+        position, self._position = self._position, None
+        self._epoch_losses = []
+        if position is not None and position["epoch"] == self.current_epoch:
+            self._epoch_losses = [float(v) for v in position["train_losses"]]
+            self.num_iterations_per_epoch = max(0, self.iterations_budget - len(self._epoch_losses))
+            self._epoch_started_at -= float(position.get("seconds", 0.0))
+            self.print_to_log_file(f"resuming epoch {self.current_epoch} after {len(self._epoch_losses)} of "
+                                   f"{self.iterations_budget} training iterations")
+
     def train_step(self, batch: dict) -> dict:
-        if self.settings.channels_last and self.device.type == "cuda":
-            batch = {**batch, "data": batch["data"].to(memory_format=torch.channels_last_3d)}
-        return super().train_step(batch)
+        if self._channels_last():  # converted on the device, so a pinned batch is copied there as it is
+            data = batch["data"].to(self.device, non_blocking=True)
+            batch = {**batch, "data": data.to(memory_format=torch.channels_last_3d)}
+        with self._cpu_autocast():
+            outputs = super().train_step(batch)
+        self._epoch_losses.append(float(outputs["loss"]))
+        self._at_iteration_boundary()
+        return outputs
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        """nnU-Net's epoch loss, over every training iteration of the epoch (those before a stop included)."""
+        self.num_iterations_per_epoch = self.iterations_budget
+        super().on_train_epoch_end([{"loss": np.asarray(loss, dtype=np.float32)} for loss in self._epoch_losses])
+
+    def validation_step(self, batch: dict) -> dict:
+        with self._cpu_autocast():
+            outputs = super().validation_step(batch)
+        self._at_iteration_boundary()
+        return outputs
+
+    # --- stopping at an iteration boundary --------------------------------------------------------------------
+    def _stop_signal(self) -> int:
+        """The stop signal that came (0: none); with DDP, the ranks' agreement, so that all stop here together."""
+        signum = self._stop.signum or 0
+        if self.is_ddp:
+            flag = torch.tensor([signum], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum
+
+    def _at_iteration_boundary(self) -> None:
+        signum = self._stop_signal()
+        if not signum:
+            return
+        if not claims.lost_any():  # a run taken over by another process writes nothing more
+            self._save_position(signum)
+        self._stop.act(signum)
+
+    def _save_position(self, signum: int) -> None:
+        """Save `checkpoint_latest.pth` where the epoch stands, and say so in run.json."""
+        losses = self._epoch_losses
+        if self.is_ddp:  # each iteration's loss as nnU-Net's epoch loss sees it: the ranks' mean
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, losses)
+            losses = [float(np.mean(values)) for values in zip(*gathered)]
+        self._stopping_at = {"epoch": self.current_epoch, "iteration": len(losses), "train_losses": losses,
+                             "seconds": round(time.time() - self._epoch_started_at, 3)}
+        try:
+            self.save_checkpoint(os.path.join(self.output_folder, LATEST_CHECKPOINT))
+        finally:
+            self._stopping_at = None
+        if self.local_rank == 0:
+            self.print_to_log_file(f"{signal.Signals(signum).name}: saved {LATEST_CHECKPOINT} in epoch "
+                                   f"{self.current_epoch} after {len(losses)} of {self.iterations_budget} training "
+                                   "iterations; stopping")
+            self.manifest.event("stopped_at_boundary", signal=signal.Signals(signum).name, epoch=self.current_epoch,
+                                iteration=len(losses))
+            self.manifest.save()
 
     def on_train_end(self):
         super().on_train_end()
@@ -229,7 +419,20 @@ class SegbookTrainer(nnUNetTrainer):
                 interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
                 self.manifest.set_status("interrupted" if interrupted else "failed", error)
                 self.manifest.save()
+            self._stop_data_loaders()
             raise
+        finally:
+            self._stop.restore()
+        if self._stop.signum:  # it came after the last iteration: training is complete, now act on it
+            self._stop.act()
+
+    def _stop_data_loaders(self) -> None:
+        """Shut nnU-Net's augmentation down as its `on_train_end` does (quietly): a run stopped midway would leave
+        its workers to be killed at exit, under a results thread that prints a traceback when they die."""
+        for loader in (self.dataloader_train, self.dataloader_val):
+            if hasattr(loader, "_finish"):  # the multi-process augmenters
+                with contextlib.redirect_stdout(io.StringIO()):
+                    loader._finish()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if self.fold == "all":
@@ -241,11 +444,32 @@ class SegbookTrainer(nnUNetTrainer):
         super().perform_actual_validation(save_probabilities)
 
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint, written to a temporary file and renamed: a kill never leaves a truncated one."""
-        partial = f"{filename}.partial"
-        super().save_checkpoint(partial)
-        if os.path.isfile(partial):
-            os.replace(partial, filename)
+        """nnU-Net's checkpoint (its keys, and `segbook_position` when saved mid-epoch), written to a temporary file
+        and renamed, so a kill never leaves a truncated one; where a resumable one stands goes into run.json."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)  # nothing, or nnU-Net's note that checkpointing is off
+            return
+        position = self._stopping_at
+        with atomic_path(filename) as partial:
+            torch.save(self._checkpoint_content(position), partial)
+        if os.path.basename(filename) in RESUMABLE_CHECKPOINTS:
+            self.manifest.data["checkpoint"] = {
+                "file": os.path.basename(filename), "saved_at": now(),
+                "epoch": self.current_epoch + (0 if position else 1),
+                "iteration": position["iteration"] if position else 0}
+            self.manifest.save()
+
+    def _checkpoint_content(self, position: dict[str, Any] | None) -> dict[str, Any]:
+        """What nnU-Net's `save_checkpoint` writes. Mid-epoch, `current_epoch` is the unfinished epoch (nnU-Net's
+        loop starts there) and `segbook_position` says how far into it the checkpoint is."""
+        content = {
+            "network_weights": unwrap(self.network).state_dict(), "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(), "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + (0 if position else 1), "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes}
+        return {**content, "segbook_position": position} if position else content
 
     def load_checkpoint(self, filename_or_checkpoint):
         """nnU-Net's checkpoint loading, from a dictionary read safely (nnU-Net's own would unpickle the file, and
@@ -266,12 +490,33 @@ class SegbookTrainer(nnUNetTrainer):
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+        position = checkpoint.get("segbook_position") if resuming else None
+        if position is not None:
+            self._resume_mid_epoch(position)
         if resuming and self.local_rank == 0:
             self.manifest.truncate_epochs(self.current_epoch)
-            self.manifest.event("resumed", from_epoch=self.current_epoch)
+            self.manifest.event("resumed", from_epoch=self.current_epoch,
+                                **({"from_iteration": position["iteration"]} if position else {}))
             self.manifest.save()
 
+    def _resume_mid_epoch(self, position: dict[str, Any]) -> None:
+        """Continue the unfinished epoch where the checkpoint stands; nnU-Net's log forgets what it had of that
+        epoch (its start time and rate, and a train loss logged before a stop during validation): they are logged
+        again, once, as the epoch runs."""
+        self._position = position
+        for values in self.logger.get_checkpoint().values():
+            del values[self.current_epoch:]
+
     # --- the data it trains on ----------------------------------------------------------------------------------
+    def do_split(self):
+        """nnU-Net's split, read from `splits_final.json`, which preparation writes (`segbook batch prepare`); a
+        run started without it (`segbook finetune --fold 0`) writes it first, atomically."""
+        if self.fold != "all" and write_crossval_splits(Path(self.preprocessed_dataset_folder_base),
+                                                        Path(self.preprocessed_dataset_folder)):
+            self.print_to_log_file(f"wrote {SPLITS} (nnU-Net's 5-fold split): the task was not prepared with "
+                                   "`segbook batch prepare`")
+        return super().do_split()
+
     def _check_preprocessed(self) -> None:
         """Refuse to train on preprocessed data that is not exactly the train split (a re-plan killed by an older
         segbook, files deleted by hand), or that changed since this run started; record what it trains on."""
@@ -371,7 +616,8 @@ class STUNetTrainer(SegbookTrainer):
     def _load_pretrained_body(self) -> None:
         path = self.settings.weights or str(resolve_weights(self.model, None, Paths.from_env(),
                                                                  self.print_to_log_file).path)
-        report = load_pretrained(unwrap(self.network), read_state_dict(path), source=path)
+        report = load_pretrained(unwrap(self.network), read_state_dict(path), source=path,
+                                 tiling=self.settings.stem_tiling)
         self.print_to_log_file(f"loaded {len(report.loaded)} pretrained tensors from {path}; "
                                f"fresh heads: {len(report.skipped_heads)} tensors; tiled: {report.tiled or 'none'}")
         if self.local_rank == 0:
@@ -423,6 +669,19 @@ def register_with_nnunet() -> None:
     folders = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
     if str(EXTERNAL_TRAINER_FOLDER) not in folders:
         os.environ["nnUNet_extTrainer"] = os.pathsep.join([*folders, str(EXTERNAL_TRAINER_FOLDER)])
+
+
+def _share_data_workers(ranks: int) -> None:
+    """nnU-Net gives every DDP rank `nnUNet_n_proc_DA` augmentation workers, so N ranks would start N times what the
+    job has CPUs for: each rank (a process of its own) takes its share, at least one. Once per process."""
+    global _data_workers_shared
+    if _data_workers_shared:
+        return
+    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+    total = get_allowed_n_proc_DA()
+    os.environ["nnUNet_n_proc_DA"] = str(max(1, total // ranks) if total else 0)
+    _data_workers_shared = True
 
 
 def _duration(seconds: float) -> str:

@@ -1,0 +1,168 @@
+"""Preparation: planning, preprocessing and cross-validation splits of the tasks of a matrix, as a stage of its own
+that runs on CPUs before any GPU job starts.
+
+`segbook batch prepare` runs it here or as a CPU job array on SLURM; `batch run` runs it in the launcher, on this
+machine's CPU, before it starts the first worker; `batch submit` submits it as a CPU array for the tasks that need
+it and makes the GPU arrays wait for that array. A GPU job never plans: it stops at once, naming the command, when
+its task is not prepared (`unprepared`), without touching its run.
+
+Preparing a task, under the dataset's claim (which import and `segbook plan` take too): `segbook.plan.plan_task`
+(nothing to do when the plans are current; otherwise staged and swapped in), then nnU-Net's 5-fold
+`splits_final.json`, written once, atomically, with nnU-Net's own split function (nnU-Net's trainer would otherwise
+write it on first use, with a plain write that concurrent folds race on). Each preparation is recorded per task in
+`$SEGBOOK_HOME/batch/prepare/<task>.json` (status, what it did or its error, time, host, SLURM job, and the history
+of earlier preparations); a failed one blocks the task's jobs, with its error, until `batch prepare` succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from segbook.batch.rehearsal import BODIES
+from segbook.data.folders import dataset_claim, is_imported, preprocessed_folder
+from segbook.errors import SegbookError
+from segbook.io import atomic_write_json, now
+from segbook.paths import Paths
+from segbook.squeue import own_slurm_job
+
+if TYPE_CHECKING:
+    from segbook.batch.matrix import Job
+    from segbook.registry import DatasetEntry
+
+HISTORY_KEPT = 20
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """How preparing one task ended: prepared, failed (recorded), or skipped (not imported)."""
+
+    task: str
+    status: str
+    detail: str
+    seconds: float = 0.0
+
+
+def records_folder(paths: Paths) -> Path:
+    return paths.batch / "prepare"
+
+
+def read_records(paths: Paths) -> dict[str, dict[str, Any]]:
+    """Every task's preparation record, by task key."""
+    records = {}
+    for path in sorted(records_folder(paths).glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("task"):
+            records[record["task"]] = record
+    return records
+
+
+def blocking_failure(record: dict[str, Any] | None) -> str | None:
+    """Why a task's jobs cannot start: its last preparation failed (None otherwise)."""
+    if not record or record.get("status") != "failed":
+        return None
+    return (f"preparation failed: {record.get('detail')}; fix it, then run `segbook batch prepare --tasks "
+            f"{record['task']}`")
+
+
+def prepare_command(entry: "DatasetEntry") -> str:
+    return f"`segbook batch prepare --tasks {entry.key}` (with the --registry it was selected with)"
+
+
+def unprepared(entry: "DatasetEntry", paths: Paths, folds: Iterable[str], body: str = "train") -> str | None:
+    """Why the task is not ready for training jobs of `folds` (None when it is): not planned, planned from raw
+    data that changed since, or no cross-validation splits for folds 0-4. The message names the command."""
+    if body == "noop":
+        record = read_records(paths).get(entry.key) or {}
+        return None if record.get("status") == "prepared" else \
+            f"{entry.key} is not prepared; run {prepare_command(entry)}"
+    from segbook.plan import plan_states
+
+    state = plan_states(entry, paths).get("default")
+    if state != "preprocessed":
+        why = "its raw data changed since it was planned" if state == "stale" else "it is not planned"
+        return f"{entry.key} is not prepared ({why}); run {prepare_command(entry)}"
+    if any(fold != "all" for fold in folds):
+        from segbook.training.trainers import SPLITS
+
+        if not (preprocessed_folder(entry, paths) / SPLITS).is_file():
+            return f"{entry.key} has no cross-validation splits ({SPLITS}); run {prepare_command(entry)}"
+    return None
+
+
+def tasks_to_prepare(jobs: Iterable["Job"], paths: Paths, body: str = "train") -> list["DatasetEntry"]:
+    """The tasks of `jobs` that training jobs among them need prepared and that are not (a job that only has its
+    evaluation left needs no preparation), in the jobs' order."""
+    from segbook.training.manifest import RunManifest
+
+    folds: dict[str, tuple["DatasetEntry", set[str]]] = {}
+    for job in jobs:
+        manifest = RunManifest.load(job.folder(paths), history=False)
+        if manifest is None or manifest.status != "finished":
+            folds.setdefault(job.entry.key, (job.entry, set()))[1].add(job.spec.fold)
+    return [entry for entry, needed in folds.values() if unprepared(entry, paths, needed, body)]
+
+
+def prepare_tasks(entries: Sequence["DatasetEntry"], paths: Paths | None = None, *, processes: int | None = None,
+                  body: str = "train", say: Callable[[str], None] = print) -> list[Prepared]:
+    """Prepare each task here, one after the other (nnU-Net's preprocessing uses `processes` for each)."""
+    paths = paths or Paths.from_env()
+    outcomes = []
+    for position, entry in enumerate(entries, 1):
+        outcome = prepare_task(entry, paths, processes=processes, body=body, say=say)
+        say(f"[{position}/{len(entries)}] {entry.key}: {outcome.status}: {outcome.detail} "
+            f"({outcome.seconds:.1f} s)")
+        outcomes.append(outcome)
+    return outcomes
+
+
+def prepare_task(entry: "DatasetEntry", paths: Paths | None = None, *, processes: int | None = None,
+                 body: str = "train", say: Callable[[str], None] = print) -> Prepared:
+    """Prepare one task (module docstring) and record how it went; a failure is recorded and returned, never
+    raised. A task that is not imported is skipped (its jobs are blocked on their data anyway)."""
+    if body not in BODIES:
+        raise SegbookError(f"unknown job body {body!r}; choose one of {', '.join(BODIES)}")
+    paths = paths or Paths.from_env()
+    if not is_imported(entry, paths):
+        return Prepared(entry.key, "skipped", "not imported")
+    started = time.perf_counter()
+    try:
+        with dataset_claim(entry, paths, wait=True, say=say):
+            detail = "rehearsed (nothing planned)" if body == "noop" else _prepare(entry, paths, processes, say)
+            outcome = Prepared(entry.key, "prepared", detail, time.perf_counter() - started)
+            _record(paths, outcome)
+        return outcome
+    except Exception as error:  # noqa: BLE001 - one task's failure is recorded and blocks its own jobs only
+        outcome = Prepared(entry.key, "failed", f"{type(error).__name__}: {error}", time.perf_counter() - started)
+        _record(paths, outcome)
+        return outcome
+
+
+def _prepare(entry: "DatasetEntry", paths: Paths, processes: int | None, say: Callable[[str], None]) -> str:
+    from segbook.plan import plan_task
+    from segbook.training.trainers import write_crossval_splits
+
+    plan = plan_task(entry, paths, num_processes=processes, wait=True, log=lambda line: say(f"  {line}"))
+    wrote = write_crossval_splits(preprocessed_folder(entry, paths), plan.data_folder)
+    done = "plans up to date" if plan.skipped else f"planned and preprocessed in {plan.seconds:.0f} s"
+    return done + ("; cross-validation splits written" if wrote else "")
+
+
+def _record(paths: Paths, outcome: Prepared) -> None:
+    """The task's record: this preparation, and the earlier ones (the latest `HISTORY_KEPT`)."""
+    path = records_folder(paths) / f"{outcome.task}.json"
+    try:
+        history = json.loads(path.read_text()).get("history", [])
+    except (OSError, ValueError, AttributeError):
+        history = []
+    slurm_job, _ = own_slurm_job()
+    entry = {"status": outcome.status, "detail": outcome.detail, "at": now(), "host": socket.gethostname(),
+             "slurm_job": slurm_job, "seconds": round(outcome.seconds, 3)}
+    atomic_write_json(path, {"task": outcome.task, **entry, "history": (history + [entry])[-HISTORY_KEPT:]})
