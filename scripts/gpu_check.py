@@ -187,13 +187,20 @@ def end_to_end(check: Check) -> dict[str, Any]:
                               "--device", check.device)
     seconds = time.time() - started
     run = next((check.home / "nnUNet_results").glob(f"Dataset{TASK_ID}_*/SegbookTrainer_{model}_pretrained_*/fold_all"))
-    manifest = json.loads((run / "run.json").read_text())
+    manifest = _manifest(run)
     summary = json.loads((run / "evaluation" / "summary.json").read_text())
     return {"train_seconds": round(trained, 1), "evaluate_seconds": round(seconds, 1),
             "prediction_seconds_per_case": round(seconds / summary["num_cases"], 2),
             "status": manifest["status"], "epochs": len(manifest["epochs"]), "device": manifest.get("device"),
             "epoch_seconds": [e["seconds"] for e in manifest["epochs"]], "dice": summary["foreground_mean"]["dice"],
             "evaluate_output": evaluated.stdout[-1000:]}
+
+
+def _manifest(run: Path) -> dict[str, Any]:
+    """The run's record with its per-epoch history (run.json keeps a count; the history is in epochs.jsonl)."""
+    from segbook.training.manifest import RunManifest
+
+    return RunManifest.load(run).data
 
 
 def two_gpus(check: Check) -> dict[str, Any]:
@@ -218,7 +225,7 @@ def two_gpus(check: Check) -> dict[str, Any]:
     os.killpg(process.pid, signal.SIGINT)
     process.wait(timeout=300)
     check.segbook(*command[3:], "--continue")
-    manifest = json.loads((run / "run.json").read_text())
+    manifest = _manifest(run)
     return {"status": manifest["status"], "epochs": [e["epoch"] for e in manifest["epochs"]],
             "events": [e["event"] for e in manifest["events"]]}
 
