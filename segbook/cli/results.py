@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from segbook.results import ResultTable
 
 #: segbook.results.tables.TABLES, spelled out so that building the parser does not import pandas.
-TABLE_CHOICES = ("scale", "modality-target", "region", "datasets", "recipes")
+TABLE_CHOICES = ("scale", "modality-target", "region", "datasets", "recipes", "fractions")
 
 
 def add_collection_options(parser: argparse.ArgumentParser) -> None:
