@@ -752,7 +752,7 @@ def _dataset_delta(pretrained: Cell, scratch: Cell, metric: str = "dice", noise:
                    task: str = "") -> Cell:
     if pretrained.value is None or scratch.value is None:
         return Cell(None, 0, status="-")
-    within = noise is not None and noise["within_noise"].get(task) is True
+    within = noise is not None and noise["within_noise"].get(task) in (True, 1)
     return Cell(metric_sign(metric) * (pretrained.value - scratch.value), 1, signed=True,
                 marker=NOISE_MARK if within else "")
 
