@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pandas as pd
+from tqdm import tqdm
 
 from segbook.errors import SegbookError
 from segbook.io import atomic_write_text
@@ -283,6 +284,8 @@ def _facts(entry: DatasetEntry) -> tuple:
 # --- per-case scores ---------------------------------------------------------------------------------------------
 
 
+#: Reading this many runs' metrics.csv or more shows a progress bar.
+PROGRESS_FROM = 200
 #: What identifies a per-case score: the dataset, the configuration, the training fraction and the test case.
 CASE_KEYS = ["task", "model", "init", "recipe", "fraction", "case"]
 
@@ -294,9 +297,12 @@ def case_scores(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     Reads each evaluated local run's `metrics.csv`, so only the per-case statistics call it, on the runs they test.
     A run whose `metrics.csv` lacks the metric (evaluated before segbook computed it) or is unreadable is an error
     naming it: leaving it out would quietly test fewer seeds than the tables average."""
-    frames = []
+    import numpy as np
+
     local = runs[(runs["source"] == LOCAL) & runs["evaluated"]]
-    for row in local.itertuples(index=False):
+    per_run: list[pd.Series] = []
+    for row in tqdm(local.itertuples(index=False), total=len(local), desc="reading per-case metrics", unit="run",
+                    disable=len(local) < PROGRESS_FROM, leave=False):
         file = evaluation_folder(Path(row.path)) / CASE_METRICS
         try:
             cases = pd.read_csv(file, usecols=["case", metric], dtype={"case": str, metric: float})
@@ -307,12 +313,15 @@ def case_scores(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
             if metric in str(error):
                 raise ResultsError(f"{file}: not evaluated for {metric} (run segbook evaluate again)") from None
             raise ResultsError(f"unreadable {file}: {error}") from None
-        per_case = cases.groupby("case", sort=False)[metric].mean()
-        frames.append(pd.DataFrame({"task": row.task, "model": row.model, "init": row.init, "recipe": row.recipe,
-                                    "fraction": row.fraction, "case": per_case.index, "score": per_case.to_numpy()}))
-    if not frames:
+        per_run.append(cases.groupby("case", sort=False)[metric].mean())
+    if not per_run:
         return pd.DataFrame(columns=[*CASE_KEYS, "score"])
-    return pd.concat(frames, ignore_index=True).groupby(CASE_KEYS, sort=False)["score"].mean().reset_index()
+    keys = local[CASE_KEYS[:-1]].reset_index(drop=True)
+    which = np.repeat(np.arange(len(per_run)), [len(cases) for cases in per_run])
+    frame = keys.iloc[which].reset_index(drop=True).assign(
+        case=np.concatenate([cases.index.to_numpy() for cases in per_run]),
+        score=np.concatenate([cases.to_numpy() for cases in per_run]))
+    return frame.groupby(CASE_KEYS, sort=False)["score"].mean().reset_index()
 
 
 # --- imported results ------------------------------------------------------------------------------------------

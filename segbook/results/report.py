@@ -52,7 +52,7 @@ from segbook.results.tables import (
     recipe_table,
     run_fractions,
     score_lookup,
-    seed_lookup,
+    score_lookups,
     seed_noise,
     shows_recipes,
     whole_split,
@@ -529,7 +529,7 @@ def _fraction_curves(df: pd.DataFrame, metric: str, configs: Sequence[Config]) -
     fractions = run_fractions(df)
     by = grouping("scale")
     members = group_members(dataset_facts(df, configs), by)
-    lookups = {f: (score_lookup(df, metric, (), f), seed_lookup(df, metric, (), f)) for f in fractions}
+    lookups = {f: score_lookups(df, metric, (), f) for f in fractions}
     cases = df.drop_duplicates("task").set_index("task")["train_cases"]
     shown = [c for pair in delta_pairs(configs) for c in pair] or list(configs)
     figure = Figure(figsize=(3.6 * len(members) + 1.5, 3.6))

@@ -243,7 +243,10 @@ def dataset_scores(df: pd.DataFrame, metric: str = "dice", part: str | None = No
     """Per (task, model, init, recipe) at one training fraction: the mean over seeds of each seed's mean over folds
     (`score`), the standard deviation across seeds (`seed_sd`, NaN with one seed), the number of seeds and of runs
     averaged (`folds`), and the source. See `seed_scores` for which runs count."""
-    per_seed = seed_scores(df, metric, part, fraction)
+    return _over_seeds(seed_scores(df, metric, part, fraction))
+
+
+def _over_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
     grouped = per_seed.groupby(SCORE_KEYS, sort=False)
     return grouped.agg(score=("score", "mean"), seed_sd=("score", "std"), seeds=("seed", "size"),
                        folds=("folds", "sum"), source=("source", "first")).reset_index()
@@ -258,30 +261,30 @@ def _check_single_import(imported: pd.DataFrame) -> None:
                          "$SEGBOOK_HOME/results/imported/")
 
 
+def score_lookups(df: pd.DataFrame, metric: str, parts: Iterable[str | None],
+                  fraction: float = DEFAULT_FRACTION) -> tuple[ScoreLookup, SeedLookup | None]:
+    """For each part and the whole dataset (None): (task, model, init, recipe) -> dataset score (as stored), and
+    -> {seed: that seed's score} for the spread of group cells (None when only one seed was run: nothing to
+    spread)."""
+    seeded = df.loc[df["evaluated"] & (df["fraction"] == fraction), "seed"].nunique() > 1
+    lookup: ScoreLookup = {}
+    seeds: SeedLookup = {}
+    for part in {None, *parts}:
+        per_seed = seed_scores(df, metric, part, fraction)
+        scores = _over_seeds(per_seed)
+        lookup[part] = dict(zip(zip(*(scores[key] for key in SCORE_KEYS)), scores["score"]))
+        if seeded:
+            by_key: dict[tuple[str, str, str, str], dict[int, float]] = {}
+            for *key, seed, score in zip(*(per_seed[k] for k in SCORE_KEYS), per_seed["seed"], per_seed["score"]):
+                by_key.setdefault(tuple(key), {})[int(seed)] = score
+            seeds[part] = by_key
+    return lookup, seeds if seeded else None
+
+
 def score_lookup(df: pd.DataFrame, metric: str, parts: Iterable[str | None],
                  fraction: float = DEFAULT_FRACTION) -> ScoreLookup:
     """For each part and the whole dataset (None), (task, model, init, recipe) -> dataset score (as stored)."""
-    lookup: ScoreLookup = {}
-    for part in {None, *parts}:
-        scores = dataset_scores(df, metric, part, fraction)
-        lookup[part] = dict(zip(zip(*(scores[key] for key in SCORE_KEYS)), scores["score"]))
-    return lookup
-
-
-def seed_lookup(df: pd.DataFrame, metric: str, parts: Iterable[str | None],
-                fraction: float = DEFAULT_FRACTION) -> SeedLookup | None:
-    """Each dataset score's per-seed scores, for the spread of group cells; None when no run has another seed than
-    the others of its configuration (nothing to spread)."""
-    if df.loc[df["evaluated"] & (df["fraction"] == fraction), "seed"].nunique() < 2:
-        return None
-    lookup: SeedLookup = {}
-    for part in {None, *parts}:
-        scores = seed_scores(df, metric, part, fraction)
-        by_key: dict[tuple[str, str, str, str], dict[int, float]] = {}
-        for *key, seed, score in zip(*(scores[k] for k in SCORE_KEYS), scores["seed"], scores["score"]):
-            by_key.setdefault(tuple(key), {})[int(seed)] = score
-        lookup[part] = by_key
-    return lookup
+    return score_lookups(df, metric, parts, fraction)[0]
 
 
 def group_spread(seeds: SeedLookup | None, members: list[Member], config: Config) -> float | None:
@@ -467,8 +470,7 @@ def group_table(df: pd.DataFrame, by: Grouping, metric: str = "dice", models: Se
     facts = dataset_facts(df, configs)
     members = group_members(facts, by)
     parts = {part for tasks in members.values() for _, part in tasks}
-    lookup = score_lookup(df, metric, parts)
-    seeds = seed_lookup(df, metric, parts)
+    lookup, seeds = score_lookups(df, metric, parts)
     cost = by.name == "scale"
     named = ["recipe"] if shows_recipes(configs) else []
     table = ResultTable(by.name, f"{metric_label(metric)} {by.title}",
@@ -491,23 +493,26 @@ def group_table(df: pd.DataFrame, by: Grouping, metric: str = "dice", models: Se
     return table
 
 
-def seed_noise(df: pd.DataFrame, metric: str, config: Config, baseline: Config) -> pd.DataFrame:
+def seed_noise(df: pd.DataFrame, metric: str, config: Config, baseline: Config,
+               scores: pd.DataFrame | None = None) -> pd.DataFrame:
     """The seed-noise diagnostic of `config` against `baseline`, per dataset with both (whole train split, whole
     dataset): `delta` (points, or mm reversed), `noise` (the larger of the two configurations' standard deviations
     across seeds; NaN where neither ran more than one seed) and `within_noise` (|delta| <= noise; None without a
-    noise)."""
-    scores = dataset_scores(whole_split(df), metric).set_index(SCORE_KEYS)
+    noise). `scores`: `dataset_scores` of `df`, when the caller has them."""
+    scores = dataset_scores(whole_split(df), metric) if scores is None else scores
+    keyed = scores.set_index(["model", "init", "recipe"])
+    mine, base = (keyed.loc[[c]].set_index("task") if c in keyed.index else keyed.iloc[:0].set_index("task")
+                  for c in (config, baseline))
+    both = mine[["score", "seed_sd"]].merge(base[["score", "seed_sd"]], how="inner", left_index=True,
+                                            right_index=True, suffixes=("", "_base"))
     factor = metric_factor(metric)
-    rows = []
-    for task in scores.index.get_level_values("task").unique():
-        mine, base = (task, *config), (task, *baseline)
-        if mine not in scores.index or base not in scores.index:
-            continue
-        delta = metric_sign(metric) * factor * (scores.at[mine, "score"] - scores.at[base, "score"])
-        noise = factor * pd.Series([scores.at[mine, "seed_sd"], scores.at[base, "seed_sd"]]).max()
-        rows.append({"task": task, "delta": delta, "noise": noise,
-                     "within_noise": None if pd.isna(noise) else bool(abs(delta) <= noise)})
-    return pd.DataFrame(rows, columns=["task", "delta", "noise", "within_noise"])
+    frame = pd.DataFrame({"task": both.index,
+                          "delta": metric_sign(metric) * factor * (both["score"] - both["score_base"]).to_numpy(),
+                          "noise": factor * both[["seed_sd", "seed_sd_base"]].max(axis=1).to_numpy()})
+    within = frame["delta"].abs() <= frame["noise"]
+    frame["within_noise"] = pd.Series([None if pd.isna(n) else bool(w) for n, w in zip(frame["noise"], within)],
+                                      dtype=object)
+    return frame
 
 
 def seed_notes(df: pd.DataFrame, metric: str, pairs: Sequence[tuple[Config, Config]], seeded: bool) -> list[str]:
@@ -516,8 +521,9 @@ def seed_notes(df: pd.DataFrame, metric: str, pairs: Sequence[tuple[Config, Conf
         return []
     notes = ["seeds: a dataset's score is the mean over its seeds; a cell's \u00b1 is the standard deviation across "
              "seeds of the cell's mean (over the seeds every dataset of the cell ran)"]
+    scores = dataset_scores(whole_split(df), metric)
     for config, baseline in pairs:
-        noise = seed_noise(df, metric, config, baseline).dropna(subset=["within_noise"])
+        noise = seed_noise(df, metric, config, baseline, scores).dropna(subset=["within_noise"])
         if len(noise):
             notes.append(f"{config_label(config, config[2] != DEFAULT_RECIPE)}: {DELTA} within seed noise on "
                          f"{int(noise['within_noise'].sum())} of {len(noise)} datasets (|{DELTA}| <= the larger "
@@ -620,8 +626,7 @@ def recipe_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] |
     by = grouping("scale")
     facts = dataset_facts(df, rows)
     members = group_members(facts, by)
-    lookup = score_lookup(df, metric, ())
-    seeds = seed_lookup(df, metric, ())
+    lookup, seeds = score_lookups(df, metric, ())
     table = ResultTable("recipes", f"{metric_label(metric)} by dataset scale per fine-tuning recipe",
                         ["model", "init", "recipe", *members], display={"model": MODEL_NAMES})
     shown = []
@@ -674,14 +679,14 @@ def dataset_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] 
     runs, df = df, whole_split(df)
     configs = configurations(df, models, inits, recipes)
     facts = dataset_facts(df, configs)
-    scores = dataset_scores(df, metric)
-    scores = dict(zip(zip(*(scores[key] for key in SCORE_KEYS)),
-                      zip(scores["score"], scores["folds"], scores["source"], scores["seed_sd"])))
+    frame = dataset_scores(df, metric)
+    scores = dict(zip(zip(*(frame[key] for key in SCORE_KEYS)),
+                      zip(frame["score"], frame["folds"], frame["source"], frame["seed_sd"])))
     pending = _pending(df, metric)
     pairs = delta_pairs(configs)
     named = shows_recipes(configs)
     splits = _splits(df)
-    noise = {config: seed_noise(df, metric, config, baseline).set_index("task") for config, baseline in pairs
+    noise = {config: seed_noise(df, metric, config, baseline, frame).set_index("task") for config, baseline in pairs
              } if df.loc[df["evaluated"], "seed"].nunique() > 1 else {}
     table = ResultTable("datasets", f"{metric_label(metric)} per dataset",
                         ["task", "modality", "target", "scale", *(config_label(c, named) for c in configs),
