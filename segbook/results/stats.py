@@ -153,20 +153,23 @@ def compare_pretrained(df: pd.DataFrame, metric: str = "dice", group_by: str = "
     configs = configurations(df, models, None, recipes)
     members = group_members(dataset_facts(df, configs), grouping(group_by, group_datasets))
     lookup = score_lookup(df, metric, {part for tasks in members.values() for _, part in tasks})
+    verdicts = {} if cases is None else dict(zip(zip(cases["task"], cases["model"], cases["recipe"]),
+                                                 cases["verdict"]))
     rows = []
     for config, scratch in delta_pairs(configs):
         for group, tasks in members.items():
             if (result := _compared(lookup, tasks, config, scratch, metric)) is not None:
-                counts = {} if cases is None else _verdict_counts(cases, config, tasks)
+                counts = {} if cases is None else _verdict_counts(verdicts, config, tasks)
                 rows.append({"model": config[0], "recipe": config[2], "group": group, **asdict(result), **counts})
     columns = [*STATS_COLUMNS, *(CASE_COUNT_COLUMNS if cases is not None else ())]
     return pd.DataFrame(rows, columns=columns)
 
 
-def _verdict_counts(cases: pd.DataFrame, config: Config, tasks: list[Member]) -> dict[str, int]:
-    mine = cases[(cases["model"] == config[0]) & (cases["recipe"] == config[2])
-                 & cases["task"].isin({task for task, _ in tasks})]
-    return {column: int((mine["verdict"] == verdict).sum()) for column, verdict in zip(CASE_COUNT_COLUMNS, VERDICTS)}
+def _verdict_counts(verdicts: dict[tuple[str, str, str], str], config: Config,
+                    tasks: list[Member]) -> dict[str, int]:
+    """(task, model, recipe) -> verdict, counted over the group's datasets."""
+    mine = [verdicts.get((task, config[0], config[2])) for task in dict.fromkeys(task for task, _ in tasks)]
+    return {column: mine.count(verdict) for column, verdict in zip(CASE_COUNT_COLUMNS, VERDICTS)}
 
 
 def compare_recipes(df: pd.DataFrame, metric: str = "dice", group_by: str = "scale", group_datasets: bool = False,
@@ -306,16 +309,29 @@ def _rank_direction(differences: np.ndarray) -> int:
     return int(np.sign(ranks[nonzero > 0].sum() - ranks[nonzero < 0].sum()))
 
 
+def corrected_p(p_values: Sequence[float], method: str, alpha: float = ALPHA) -> np.ndarray:
+    """statsmodels' `multipletests` corrected p-values (`holm`, `fdr_bh`). Its Holm branch calls `gc.collect()`,
+    which walks every object alive (a large results frame: a fifth of a second a call); the objects that exist
+    before the call are frozen out of that walk, and thawed after."""
+    import gc
+
+    from statsmodels.stats.multitest import multipletests
+
+    gc.freeze()
+    try:
+        return multipletests(p_values, alpha=alpha, method=method)[1]
+    finally:
+        gc.unfreeze()
+
+
 def _corrected(family: list[dict[str, object]], alpha: float) -> list[dict[str, object]]:
     """Holm and Benjamini-Hochberg over the tests with a p-value; a test without one (all differences zero) is
     `not different`."""
-    from statsmodels.stats.multitest import multipletests
-
     tested = [row for row in family if not math.isnan(row["p_value"])]
     if tested:
         p_values = [row["p_value"] for row in tested]
-        holm = multipletests(p_values, alpha=alpha, method="holm")[1]
-        bh = multipletests(p_values, alpha=alpha, method="fdr_bh")[1]
+        holm = corrected_p(p_values, "holm", alpha)
+        bh = corrected_p(p_values, "fdr_bh", alpha)
         for row, p_holm, p_bh in zip(tested, holm, bh):
             row.update(p_holm=float(p_holm), p_bh=float(p_bh))
     for row in family:
@@ -358,8 +374,6 @@ def significance_map(df: pd.DataFrame, metric: str = "dice", group_by: str = "sc
     """Per group, every ordered pair of configurations (config, versus): the one-sided Wilcoxon signed-rank test
     over the group's datasets that have both that `config` is better than `versus` (dataset scores, seeds
     averaged), and its p-value Holm-corrected over all the ordered pairs of the group (SIGNIFICANCE_COLUMNS)."""
-    from statsmodels.stats.multitest import multipletests
-
     df = whole_split(df)
     configs = configurations(df, models, inits, recipes)
     members = group_members(dataset_facts(df, configs), grouping(group_by, group_datasets))
@@ -377,8 +391,7 @@ def significance_map(df: pd.DataFrame, metric: str = "dice", group_by: str = "sc
                                  "p_value": _greater_p(differences)})
         tested = [row for row in mine if not math.isnan(row["p_value"])]
         if tested:
-            corrected = multipletests([row["p_value"] for row in tested], method="holm")[1]
-            for row, p_holm in zip(tested, corrected):
+            for row, p_holm in zip(tested, corrected_p([row["p_value"] for row in tested], "holm")):
                 row["p_holm"] = float(p_holm)
         rows += [{"p_holm": math.nan, **row} for row in mine]
     return pd.DataFrame(rows, columns=list(SIGNIFICANCE_COLUMNS))

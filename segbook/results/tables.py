@@ -219,14 +219,15 @@ def check_comparable(df: pd.DataFrame) -> None:
 
 
 def seed_scores(df: pd.DataFrame, metric: str = "dice", part: str | None = None,
-                fraction: float = DEFAULT_FRACTION) -> pd.DataFrame:
+                fraction: float = DEFAULT_FRACTION, checked: bool = False) -> pd.DataFrame:
     """Per (task, model, init, recipe, seed) at one training fraction: the mean over evaluated folds, the number of
     runs averaged (`folds`) and the source.
 
     Local runs take precedence over imported numbers for the same configuration of a dataset. Runs of one dataset
-    with different plans or test splits are refused (`check_comparable`).
+    with different plans or test splits are refused (`check_comparable`; `checked`: the caller did it on `df`).
     """
-    check_comparable(df)
+    if not checked:
+        check_comparable(df)
     column = score_column(metric, part)
     scored = df.loc[df["evaluated"] & df[column].notna() & (df["fraction"] == fraction),
                     [*SCORE_KEYS, "seed", "source", column]]
@@ -267,10 +268,11 @@ def score_lookups(df: pd.DataFrame, metric: str, parts: Iterable[str | None],
     -> {seed: that seed's score} for the spread of group cells (None when only one seed was run: nothing to
     spread)."""
     seeded = df.loc[df["evaluated"] & (df["fraction"] == fraction), "seed"].nunique() > 1
+    check_comparable(df)
     lookup: ScoreLookup = {}
     seeds: SeedLookup = {}
     for part in {None, *parts}:
-        per_seed = seed_scores(df, metric, part, fraction)
+        per_seed = seed_scores(df, metric, part, fraction, checked=True)
         scores = _over_seeds(per_seed)
         lookup[part] = dict(zip(zip(*(scores[key] for key in SCORE_KEYS)), scores["score"]))
         if seeded:
