@@ -240,7 +240,7 @@ def _noise_sentence(df: pd.DataFrame, metric: str, config: Config) -> str:
 
 def _signed_span(value: float) -> str:
     kind = "pos" if value > 0 else "neg" if value < 0 else ""
-    return f"<span class='{kind}'>{value:+.2f}</span>"
+    return f"<span class='{kind}'>{value + 0.0:+.2f}</span>"  # + 0.0: no -0.00
 
 
 def _definitions_html() -> str:
@@ -325,17 +325,18 @@ def _row_html(table: ResultTable, row: list[Any]) -> str:
             label = "&Delta;(PT)" if value == DELTA else html.escape(value).replace("Delta", "&Delta;")
             cells.append(f"<td class='label'>{label}</td>")
         else:
-            cells.append(_plain_html(column, value))
+            cells.append(_plain_html(column, value, table.name == "significance"))
     return f"<tr class='{'delta' if is_delta else ''}'>{''.join(cells)}</tr>"
 
 
-def _plain_html(column: str, value: Any) -> str:
+def _plain_html(column: str, value: Any, p_values: bool = False) -> str:
+    """A value that is not a Cell; `p_values`: every number in the table is a p-value (the significance map)."""
     if value is None:
         return "<td class='num missing'>&ndash;</td>"
     if isinstance(value, float):
         if column == "delta":
             return f"<td class='num'>{_signed_span(value)}</td>"
-        text = (f"{value:.3g}" if column == "p_value" else f"{value:+.2f}" if column.startswith("ci_")
+        text = (f"{value:.3g}" if p_values or column.startswith("p_") else f"{value:+.2f}" if column.startswith("ci_")
                 else f"{value:.1f}" if column == "params (M)" else f"{value:.2f}")
         return f"<td class='num'>{text}</td>"
     if isinstance(value, int):

@@ -243,7 +243,7 @@ def _rounded(column: str, value: object) -> object:
         return value
     if math.isnan(value):
         return None
-    return float(f"{value:.3g}") if column == "p_value" else round(value, 2)
+    return float(f"{value:.3g}") if column.startswith("p_") else round(value, 2) + 0.0  # no -0.0
 
 
 def _sign_note(metric: str) -> list[str]:

@@ -104,7 +104,7 @@ class Cell:
     def text(self, show_count: bool = True) -> str:
         if self.value is None:
             return (self.status or "missing") + self.marker
-        number = f"{self.value:+.2f}" if self.signed else f"{self.value:.2f}"
+        number = f"{self.value + 0.0:+.2f}" if self.signed else f"{self.value:.2f}"  # + 0.0: no -0.00
         spread = "" if self.spread is None else f" \u00b1{self.spread:.2f}"
         return number + spread + (f" (n={self.count})" if show_count else "") + self.marker
 
@@ -169,7 +169,8 @@ def score_column(metric: str, part: str | None = None) -> str:
 
 def metric_label(metric: str) -> str:
     """The metric with its unit, as table titles and axes name it: `Dice (%)`, `HD95 (mm, lower is better)`."""
-    return f"{METRIC_NAMES[metric]} (mm, lower is better)" if metric in LOWER_IS_BETTER else f"{METRIC_NAMES[metric]} (%)"
+    unit = "mm, lower is better" if metric in LOWER_IS_BETTER else "%"
+    return f"{METRIC_NAMES[metric]} ({unit})"
 
 
 def metric_factor(metric: str) -> float:
@@ -867,8 +868,8 @@ def _fraction_notes(table: ResultTable, metric: str, baselines: Mapping[Config, 
         worse = "above" if metric in LOWER_IS_BETTER else "below"
         notes.append(f"{MATCHES}: the smallest fraction at which the pretrained network's score is at most "
                      f"{MATCH_TOLERANCE:g} {delta_unit(metric)} {worse} the same network's from scratch on the whole "
-                     "train split, at that fraction and at every larger one run; never: at no fraction; '-': no "
-                     "scratch run on the whole train split")
+                     "train split, at that fraction and at every larger one run; never: at no fraction; '-': a "
+                     "scratch row, or no scratch run on the whole train split")
     return notes
 
 
