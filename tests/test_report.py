@@ -145,3 +145,10 @@ def test_report_counts_seed_noise_and_draws_fraction_curves(segbook_home: Path, 
     assert (tmp_path / "f" / "fractions_scale.png").is_file()
     assert main(["report", "--registry", str(registry_file), "--out", str(out), "--metric", "hd95"]) == 0
     assert "HD95 (mm, lower is better)" in out.read_text()
+
+
+def test_report_without_per_case_metrics_says_why(df, tmp_path: Path) -> None:
+    """A run evaluated before segbook computed IoU: the report is written, its per-case tests name the run."""
+    page = write_report(df, tmp_path / "iou.html", metric="iou").read_text()
+    assert "<p class='empty'>no per-case tests: " in page and "not evaluated for iou (run segbook evaluate again)" in page
+    assert "IoU (%) by dataset scale" in page

@@ -18,7 +18,7 @@ from segbook.paths import Paths
 from segbook.registry import load_registry
 from segbook.results import (case_tests, collect_results, compare_pretrained, dataset_scores, dataset_table,
                              fraction_table, rank_stability, scale_table, significance_map)
-from segbook.results.collect import ResultsError
+from segbook.results.collect import ResultsError, ResultsWarning
 from segbook.results.stats import case_tests_table, significance_table
 from segbook.results.tables import NOISE_MARK, TableError, smallest_matching_fraction
 from segbook.runs import RunSpec
@@ -91,6 +91,19 @@ def test_a_run_of_another_split_among_seeds_is_still_refused(seeded) -> None:
     write_run(paths.results, registry, A, "base", "scratch", "all", (0.7, 0.7), seed=4, split="c" * 64)
     with pytest.raises(TableError, match="runs with different test splits are never averaged"):
         scale_table(collect_results(paths, registry))
+
+
+def test_a_summary_of_another_seed_is_not_averaged_in(seeded) -> None:
+    paths, registry = seeded
+    seed0 = RunSpec.of(registry.get(C), "base", "pretrained").folder(paths.results)
+    seed1 = RunSpec.of(registry.get(C), "base", "pretrained", seed=1).folder(paths.results)
+    (seed1 / "evaluation" / "summary.json").write_bytes((seed0 / "evaluation" / "summary.json").read_bytes())
+    with pytest.warns(ResultsWarning, match="scores base pretrained \\(recipe segbook\\), not the run of its folder "
+                                            "\\(base pretrained \\(recipe segbook, seed 1\\)\\)"):
+        df = collect_results(paths, registry)
+    row = df[(df["task"] == C) & (df["init"] == "pretrained") & (df["seed"] == 1)].iloc[0]
+    assert (row["evaluated"], row["status"]) == (False, "summary.json of another run")
+    assert dataset_scores(df).set_index(["task", "init"]).loc[(C, "pretrained"), "seeds"] == 2
 
 
 # --- fractions -------------------------------------------------------------------------------------------------

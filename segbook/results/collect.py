@@ -208,6 +208,11 @@ def _run_row(folder: Path, entry: DatasetEntry, parts: FolderParts) -> dict[str,
     summary_file = summary_path(folder)
     try:
         summary = json.loads(summary_file.read_bytes())
+        other = _other_run(summary, identity)
+        if other:
+            warnings.warn(f"{summary_file} scores {other}, not the run of its folder ({identity.describe()}); the "
+                          "run counts as not evaluated (evaluate it again)", ResultsWarning, stacklevel=4)
+            return {**row, "status": "summary.json of another run", "evaluated": False}
         scores = _scores(summary["labels"], entry)
         row["split"] = (summary.get("split") or {}).get("sha256")
         short = _budget_shortfall(summary, folder)
@@ -216,10 +221,22 @@ def _run_row(folder: Path, entry: DatasetEntry, parts: FolderParts) -> dict[str,
         return {**row, **scores, "status": EVALUATED, "evaluated": True}
     except FileNotFoundError:
         return {**row, "status": _run_status(folder), "evaluated": False}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SegbookError) as error:
         warnings.warn(f"unreadable {summary_file}: {error!r}; the run counts as missing", ResultsWarning,
                       stacklevel=4)
         return {**row, "status": "unreadable summary.json", "evaluated": False}
+
+
+def _other_run(summary: dict[str, Any], identity: Any) -> str | None:
+    """The run a summary's `run` record names when it is not the folder's (a summary copied into another seed's or
+    fraction's folder would be averaged as that one); None when it is, or when the record predates identities."""
+    from segbook.runs import RunSpec
+
+    record = summary.get("run")
+    if not isinstance(record, dict) or "model" not in record:
+        return None
+    named = RunSpec.from_record({"task": "", "dataset": "", "fold": "", **record}).identity
+    return None if named == identity else named.describe()
 
 
 def _scores(labels: dict[str, dict[str, Any]], entry: DatasetEntry) -> dict[str, float]:
