@@ -30,6 +30,11 @@ METRICS = ("dice", "nsd")
 PARTS = ("seen", "unseen", "lesion")
 LOCAL = "local"
 IMPORTED_PREFIX = "imported:"
+#: Runs imported at case level (`segbook results --import DIR`): source `bundle:NAME`, folders under
+#: `$SEGBOOK_HOME/results/bundles/NAME/runs/` laid out as local runs are (segbook.results.bundles).
+BUNDLE_PREFIX = "bundle:"
+BUNDLE_RUNS = "runs"
+_BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 EVALUATED = "evaluated"
 REGISTRY_COLUMNS = ("dataset_id", "name", "modality", "target", "scale", "region", "bone", "vessel", "parts")
 RUN_COLUMNS = ("task", "model", "init", "recipe", "seed", "fraction", "fold", "plans", "split", "source", "status",
@@ -72,14 +77,18 @@ def imported_dir(paths: Paths | None = None) -> Path:
     return (paths or Paths.from_env()).home / "results" / "imported"
 
 
+def bundles_dir(paths: Paths | None = None) -> Path:
+    return (paths or Paths.from_env()).home / "results" / "bundles"
+
+
 def collect_results(paths: Paths | None = None, registry: Registry | None = None,
                     results_dir: str | os.PathLike | None = None, plans: str = DEFAULT_PLANS,
                     imported: bool = True, include_incomplete: bool = False,
                     recipes: Sequence[str] | None = None, folds: str = "all") -> pd.DataFrame:
     """One row per run found (evaluated or not) and per imported result, with the registry facts joined.
 
-    Runs come from `results_dir` (default: nnU-Net's results folder); imported results from
-    `$SEGBOOK_HOME/results/imported/`. Scores are fractions in [0, 1]. Folders of datasets the registry does not know,
+    Runs come from `results_dir` (default: nnU-Net's results folder) and imported bundles (source `bundle:NAME`,
+    read like local runs); imported results from `$SEGBOOK_HOME/results/imported/`. Scores are fractions in [0, 1]. Folders of datasets the registry does not know,
     runs of other plans (`plans`: an identifier, or a planner name such as `paper`) and runs of other folds
     (`folds`: `all`, SegBook's protocol, or `0-4`, the five cross-validation folds) are skipped with a
     `ResultsWarning`. A run evaluated before it trained its whole budget counts as not evaluated (with a warning)
@@ -96,6 +105,7 @@ def collect_results(paths: Paths | None = None, registry: Registry | None = None
         raise ResultsError(f"unknown folds {folds!r}; choose {' or '.join(FOLD_CHOICES)}")
     rows = _local_rows(root, registry, plans_identifier(plans), include_incomplete, folds)
     if imported:
+        rows += _bundle_rows(paths, registry, plans_identifier(plans), include_incomplete, folds)
         rows += [row for file in stored_imports(paths) for row in _imported_rows(file, registry)]
     return _frame(_chosen(rows, recipes), registry)
 
@@ -194,6 +204,15 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
                       f"{_folds_text(folds)} (pass --folds {other} for {_folds_text(other)})", ResultsWarning,
                       stacklevel=3)
     return rows
+
+
+def _bundle_rows(paths: Paths, registry: Registry, plans: str, include_incomplete: bool,
+                 folds: str) -> list[dict[str, Any]]:
+    """The runs of every imported bundle, collected as local runs are, each row naming its bundle."""
+    folder = bundles_dir(paths)
+    names = sorted(p.name for p in folder.iterdir() if _BUNDLE_NAME.fullmatch(p.name)) if folder.is_dir() else []
+    return [{**row, "source": f"{BUNDLE_PREFIX}{name}"} for name in names
+            for row in _local_rows(folder / name / BUNDLE_RUNS, registry, plans, include_incomplete, folds)]
 
 
 def _folds_text(folds: str) -> str:
