@@ -93,3 +93,82 @@ def test_tiny_run_records_its_cost_and_every_metric_column(tmp_path_factory) -> 
         sensitivity = lesions["lesion_sensitivity"]
         assert math.isclose(sensitivity, rows["lesions_detected"].sum() / rows["lesions_reference"].sum())
         assert np.isfinite(metrics["iou"]).any()
+
+
+# --- the cost table and the report's cost section ----------------------------------------------------------------
+
+#: (task, model, init) -> (mean Dice, training GPU-hours of the run).
+COSTED_RUNS = {("Task901_SeenCT", "base", "scratch"): (0.70, 2.0), ("Task901_SeenCT", "base", "pretrained"): (0.80, 4.0),
+               ("Task903_LesionMR", "base", "scratch"): (0.50, 3.0),
+               ("Task903_LesionMR", "base", "pretrained"): (0.56, 2.0),
+               ("Task901_SeenCT", "nnunet", "scratch"): (0.75, 1.0)}
+
+
+@pytest.fixture
+def costed(segbook_home: Path, tmp_path: Path):
+    from store_helpers import gpu_cost, write_evaluated_run
+    from test_results import write_registry
+
+    from segbook.paths import Paths
+    from segbook.registry import load_registry
+    from segbook.results import collect_results
+
+    registry_file = write_registry(tmp_path / "registry.yaml")
+    registry, paths = load_registry([registry_file]), Paths.from_env()
+    for (task, model, init), (dice, hours) in COSTED_RUNS.items():
+        write_evaluated_run(paths.results, registry, task, model, init, dice, cost=gpu_cost(hours, peak_gib=hours),
+                            prediction_seconds_per_case=hours)
+    return collect_results(paths, registry), registry_file
+
+
+def test_cost_table_per_configuration(costed) -> None:
+    from segbook.results.cost import cost_table
+
+    df, _ = costed
+    table = cost_table(df)
+    rows = {row[0]: dict(zip(table.columns, row)) for row in table.rows}
+    pretrained = rows["base pretrained"]
+    assert pretrained["runs"] == "2/2" and pretrained["device"] == "cuda"
+    assert pretrained["device-hours/run"] == 3.0 and pretrained["device-hours total"] == 6.0
+    assert pretrained["peak GPU memory (GiB)"] == 4.0 and pretrained["prediction s/case"] == 3.0
+    assert pretrained["params (M)"] == 58.3 and pretrained["forward TFLOPs"] == 1.02
+    scores = {config: 100 * df.loc[(df["model"] == config[0]) & (df["init"] == config[1]), "dice"].to_numpy()
+              for config in (("base", "pretrained"), ("base", "scratch"))}
+    delta = float(np.mean(scores[("base", "pretrained")] - scores[("base", "scratch")]))
+    assert pretrained["Delta(PT)"] == pytest.approx(delta, abs=0.005)
+    assert pretrained["Delta(PT) per device-hour"] == pytest.approx(delta / 3.0, abs=0.001)
+    assert pretrained["Dice (%)"] == pytest.approx(scores[("base", "pretrained")].mean(), abs=0.005)
+    assert rows["nnunet scratch"]["params (M)"] is None and rows["base scratch"]["Delta(PT)"] is None
+
+
+def test_runs_without_cost_records_show_as_such(segbook_home: Path, tmp_path: Path) -> None:
+    from store_helpers import write_evaluated_run
+    from test_results import write_registry
+
+    from segbook.paths import Paths
+    from segbook.registry import load_registry
+    from segbook.results import collect_results
+    from segbook.results.cost import cost_table
+
+    registry = load_registry([write_registry(tmp_path / "registry.yaml")])
+    write_evaluated_run(Paths.from_env().results, registry, "Task901_SeenCT", "base", "scratch", 0.7)
+    row = dict(zip(*[cost_table(collect_results(Paths.from_env(), registry)).columns,
+                     cost_table(collect_results(Paths.from_env(), registry)).rows[0]]))
+    assert row["runs"] == "0/1" and row["device-hours/run"] is None and row["peak GPU memory (GiB)"] is None
+
+
+def test_cli_cost_table_and_report_cost_section(costed, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from segbook.cli.main import main
+    from segbook.results import write_report
+
+    df, registry_file = costed
+    assert main(["results", "--registry", str(registry_file), "--table", "cost", "--format", "json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["configuration"] for r in records] == ["nnunet scratch", "base scratch", "base pretrained"]
+    assert main(["results", "--registry", str(registry_file), "--table", "cost", "--stats"]) == 2
+    assert "does not apply to --table cost" in capsys.readouterr().err
+    page = write_report(df, tmp_path / "report.html", figures=tmp_path / "figures").read_text()
+    assert "Cost next to Dice" in page and "Delta(PT) per device-hour" in page
+    assert (tmp_path / "figures" / "cost.png").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from segbook.evaluation.lesions import lesion_counts, lesion_summary
@@ -96,3 +97,36 @@ def test_dataset_sensitivity_pools_lesions_and_counts_false_positives_per_case()
     summary = lesion_summary(rows, num_cases=2)
     assert summary["lesion_sensitivity"] == pytest.approx(0.75)
     assert summary["false_positive_lesions_per_case"] == pytest.approx(1.5)
+
+
+def test_lesion_table_pools_counts_of_datasets_with_lesion_labels(segbook_home, tmp_path, capsys) -> None:
+    import json
+
+    from store_helpers import write_evaluated_run
+    from test_results import write_registry
+
+    from segbook.cli.main import main
+    from segbook.paths import Paths
+    from segbook.registry import load_registry
+    from segbook.results import collect_results
+    from segbook.results.lesions import lesion_table
+
+    registry_file = write_registry(tmp_path / "registry.yaml")
+    registry, paths = load_registry([registry_file]), Paths.from_env()
+    folders = {(task, init): write_evaluated_run(paths.results, registry, task, "base", init, 0.6, seed=seed)
+               for seed, (task, init) in enumerate([("Task902_MixedCT", "scratch"), ("Task903_LesionMR", "scratch"),
+                                                    ("Task903_LesionMR", "pretrained"), ("Task901_SeenCT", "scratch")])}
+    table = lesion_table(collect_results(paths, registry))
+    rows = {(row[0], row[1]): dict(zip(table.columns, row)) for row in table.rows}
+    assert set(rows) == {("Task902_MixedCT", "base scratch"), ("Task903_LesionMR", "base scratch"),
+                         ("Task903_LesionMR", "base pretrained")}  # Task901 has no lesion label
+    metrics = pd.read_csv(folders[("Task902_MixedCT", "scratch")] / "evaluation" / "metrics.csv")
+    lesion = metrics[metrics["label"] == 2]  # Tumour; Spleen and Duct are structures
+    row = rows[("Task902_MixedCT", "base scratch")]
+    assert row["reference lesions"] == lesion["lesions_reference"].sum()
+    assert row["sensitivity (%)"] == pytest.approx(
+        100 * lesion["lesions_detected"].sum() / lesion["lesions_reference"].sum(), abs=0.005)
+    assert row["false-positive lesions/case"] == pytest.approx(lesion["lesions_false_positive"].sum() / 6, abs=5e-4)
+    assert row["lesion Dice (%)"] == pytest.approx(100 * lesion["dice"].mean(), abs=0.005)
+    assert main(["results", "--registry", str(registry_file), "--table", "lesions", "--format", "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 3
