@@ -48,7 +48,9 @@ def bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: Registry) 
     theirs = home(tmp_path, monkeypatch, "their_home")
     for seed, ((task, model, init), dice) in enumerate(THEIR_RUNS.items()):
         write_evaluated_run(theirs.results, registry, task, model, init, dice, split=SPLIT, seed=seed)
-    return export_bundle(tmp_path / "their-lab", registry=registry, paths=theirs)
+    report = export_bundle(tmp_path / "their-lab", registry=registry, paths=theirs)
+    assert (report.runs, report.left_out) == (len(THEIR_RUNS), 0)
+    return report.folder
 
 
 def leaves(value) -> list:
@@ -157,6 +159,10 @@ MALICIOUS = {
     "absolute folder": (lambda b: corrupt_folder_name(
         b, "/tmp/Dataset901_SeenCT/SegbookTrainer_base_scratch__nnUNetPlans__3d_fullres/fold_all"),
                         "is not a run folder"),
+    "a dataset unknown here": (lambda b: corrupt_folder_name(
+        b, "Dataset999_Else/SegbookTrainer_base_scratch__nnUNetPlans__3d_fullres/fold_all"), "not in the registry"),
+    "a missing case row": (lambda b: edit_first_run(b, "evaluation/metrics.csv", lambda t: "\n".join(
+        line for line in t.splitlines() if not line.startswith("case_001,1,")) + "\n"), "one per test case"),
     "absolute path in run.json": (lambda b: edit_first_run(b, "run.json", json_edit(
         lambda d: d.update(note="/home/evil/.ssh/id_rsa"))), "holds an absolute path"),
     "text where a number goes": (lambda b: edit_first_run(b, "evaluation/metrics.csv", lambda t: t.replace(
@@ -190,6 +196,7 @@ def test_cli_export_import_and_refusal(bundle: Path, tmp_path: Path, registry: R
     out = tmp_path / "again"
     assert main(["results", "--registry", registry_file, "--export", str(out), "--bundle-name", "lab2"]) == 0
     assert json.loads((out / BUNDLE_FILE).read_text())["name"] == "lab2"
+    assert "exported 6 run(s) as bundle lab2" in capsys.readouterr().out
     read_bundle(out, registry)  # what was exported passes the importer's checks
     home(tmp_path, monkeypatch, "our_home")
     capsys.readouterr()

@@ -98,7 +98,8 @@ def test_tiny_run_records_its_cost_and_every_metric_column(tmp_path_factory) -> 
 # --- the cost table and the report's cost section ----------------------------------------------------------------
 
 #: (task, model, init) -> (mean Dice, training GPU-hours of the run).
-COSTED_RUNS = {("Task901_SeenCT", "base", "scratch"): (0.70, 2.0), ("Task901_SeenCT", "base", "pretrained"): (0.80, 4.0),
+COSTED_RUNS = {("Task901_SeenCT", "base", "scratch"): (0.70, 2.0),
+               ("Task901_SeenCT", "base", "pretrained"): (0.80, 4.0),
                ("Task903_LesionMR", "base", "scratch"): (0.50, 3.0),
                ("Task903_LesionMR", "base", "pretrained"): (0.56, 2.0),
                ("Task901_SeenCT", "nnunet", "scratch"): (0.75, 1.0)}

@@ -167,8 +167,12 @@ def extra_table(df: pd.DataFrame, args: argparse.Namespace, recipes: list[str] |
 def run_export(args: argparse.Namespace) -> int:
     from segbook.results.bundles import export_bundle
 
-    out = export_bundle(args.export, args.results_dir, registry_from_args(args), name=args.bundle_name)
-    print(f"exported a bundle into {out}; import it elsewhere with `segbook results --import {out}`")
+    report = export_bundle(args.export, args.results_dir, registry_from_args(args), name=args.bundle_name)
+    print(f"exported {report.runs} run(s) as bundle {report.name} into {report.folder}; import it elsewhere with "
+          f"`segbook results --import {report.folder}`")
+    if report.left_out:
+        print(f"segbook: warning: {report.left_out} evaluated run(s) without evaluation/metrics.csv (or of datasets "
+              "the registry does not know) were left out", file=sys.stderr)
     return 0
 
 

@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import stat
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,13 @@ from segbook.errors import SegbookError
 from segbook.io import atomic_directory, atomic_write_json, now
 from segbook.paths import Paths
 from segbook.registry import DatasetEntry, Registry, load_registry
-from segbook.results.collect import BUNDLE_RUNS, bundles_dir
+from segbook.results.collect import BUNDLE_NAME, BUNDLE_RUNS, bundles_dir
 from segbook.runs import EVALUATION, MANIFEST, METRICS, RUN_GLOB, SUMMARY, FolderParts
 
 FORMAT = "segbook-results-bundle"
 FORMAT_VERSION = 1
 BUNDLE_FILE = "bundle.json"
 RUN_FILES = (MANIFEST, f"{EVALUATION}/{SUMMARY}", f"{EVALUATION}/{METRICS}")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 RUN_FOLDER_PATTERN = re.compile(r"Dataset\d{1,6}_[A-Za-z0-9_-]{1,100}/SegbookTrainer_[A-Za-z0-9_]{1,150}"
                                 r"__[A-Za-z0-9_-]{1,100}__3d_fullres/fold_(all|\d)")
 CASE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -69,6 +67,16 @@ class BundleError(SegbookError):
 
 
 @dataclass
+class ExportReport:
+    """What `export_bundle` wrote, and how many evaluated runs it left out."""
+
+    name: str
+    folder: Path
+    runs: int
+    left_out: int
+
+
+@dataclass
 class ImportReport:
     """What `import_bundle` did: where the bundle went, its runs, and the datasets kept apart by their split."""
 
@@ -84,15 +92,17 @@ class ImportReport:
 
 
 def export_bundle(out: str | os.PathLike, results_dir: str | os.PathLike | None = None,
-                  registry: Registry | None = None, paths: Paths | None = None, name: str | None = None) -> Path:
+                  registry: Registry | None = None, paths: Paths | None = None,
+                  name: str | None = None) -> ExportReport:
     """Write every evaluated run (with its metrics.csv) under `results_dir` (default: nnU-Net's results folder)
     into a new bundle folder `out`, atomically. `name` (default: `out`'s name) is what importers see as
-    `bundle:NAME`."""
+    `bundle:NAME`. Evaluated runs without metrics.csv (or of datasets the registry does not know) are left out
+    and counted."""
     paths = paths or Paths.from_env()
     registry = registry or load_registry()
     out = Path(out)
     name = name or out.name
-    if not NAME_PATTERN.fullmatch(name):
+    if not BUNDLE_NAME.fullmatch(name):
         raise BundleError(f"bundle name {name!r}: use letters, digits, '_', '.' and '-' (64 at most), starting with "
                           "a letter or digit (--bundle-name NAME)")
     if out.exists():
@@ -120,10 +130,7 @@ def export_bundle(out: str | os.PathLike, results_dir: str | os.PathLike | None 
         atomic_write_json(partial / BUNDLE_FILE, {
             "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "created_at": now(),
             "segbook_version": segbook.__version__, "datasets": datasets, "runs": runs})
-    if skipped:
-        warnings.warn(f"{skipped} evaluated run(s) without metrics.csv (or of datasets the registry does not know) "
-                      "were left out of the bundle", UserWarning, stacklevel=2)
-    return out
+    return ExportReport(name, out, len(runs), skipped)
 
 
 def _export_run(folder: Path, target: Path, relative: str) -> dict[str, Any]:
@@ -217,6 +224,9 @@ def read_bundle(source: Path, registry: Registry) -> dict[str, Any]:
         raise BundleError(_listing(f"{source / BUNDLE_FILE}: not a valid bundle; nothing was imported", problems))
     by_id = {entry.dataset_id: entry for entry in registry}
     problems = _dataset_problems(bundle, registry)
+    if problems:
+        raise BundleError(_listing(f"{source / BUNDLE_FILE}: datasets that do not match the registry; nothing was "
+                                   "imported", problems))
     for run in bundle["runs"]:
         if len(problems) >= MAX_LISTED:
             break
@@ -239,7 +249,7 @@ def _bundle_problems(bundle: Any) -> list[str]:
         return [f"format {bundle.get('format')!r} version {bundle.get('format_version')!r}: this segbook reads "
                 f"{FORMAT} version {FORMAT_VERSION}"]
     problems = []
-    if not isinstance(bundle.get("name"), str) or not NAME_PATTERN.fullmatch(bundle["name"]):
+    if not isinstance(bundle.get("name"), str) or not BUNDLE_NAME.fullmatch(bundle["name"]):
         problems.append(f"name {bundle.get('name')!r}: letters, digits, '_', '.' and '-' only (64 at most)")
     datasets, runs = bundle.get("datasets"), bundle.get("runs")
     if not isinstance(datasets, dict) or not all(isinstance(v, dict) for v in datasets.values()):
@@ -352,8 +362,8 @@ def _absolute_paths(value: Any, where: str) -> list[str]:
 
 def _identity_problems(record: Any, parts: FolderParts, entry: DatasetEntry, where: str) -> list[str]:
     identity = parts.identity
-    expected = {"task": entry.key, "model": identity.model, "init": identity.init, "fold": parts.fold,
-                "plans": parts.plans}
+    expected = {"task": entry.key, "model": identity.model, "init": identity.init, "recipe": identity.recipe,
+                "seed": identity.seed, "fold": parts.fold, "plans": parts.plans}
     if not isinstance(record, dict):
         return [f"{where}: the run's identity is missing"]
     wrong = [key for key, value in expected.items() if str(record.get(key)) != str(value)]
@@ -429,7 +439,8 @@ def _metrics_problems(path: Path, summary: dict[str, Any], entry: DatasetEntry) 
     if problems:
         return problems
     keys = [(row["case"], row["label"]) for row in rows]
-    if len(set(keys)) != len(keys) or len(rows) != summary["num_cases"] * len(labels):
+    cases = {row["case"] for row in rows}
+    if len(set(keys)) != len(keys) or len(cases) != summary["num_cases"] or len(rows) != len(cases) * len(labels):
         return [f"{where}: {len(rows)} rows; one per test case ({summary['num_cases']}) and label ({len(labels)}) "
                 "is required, each once"]
     return _mean_problems(rows, summary, where)

@@ -34,7 +34,7 @@ IMPORTED_PREFIX = "imported:"
 #: `$SEGBOOK_HOME/results/bundles/NAME/runs/` laid out as local runs are (segbook.results.bundles).
 BUNDLE_PREFIX = "bundle:"
 BUNDLE_RUNS = "runs"
-_BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 EVALUATED = "evaluated"
 REGISTRY_COLUMNS = ("dataset_id", "name", "modality", "target", "scale", "region", "bone", "vessel", "parts")
 RUN_COLUMNS = ("task", "model", "init", "recipe", "seed", "fraction", "fold", "plans", "split", "source", "status",
@@ -87,8 +87,8 @@ def collect_results(paths: Paths | None = None, registry: Registry | None = None
                     recipes: Sequence[str] | None = None, folds: str = "all") -> pd.DataFrame:
     """One row per run found (evaluated or not) and per imported result, with the registry facts joined.
 
-    Runs come from `results_dir` (default: nnU-Net's results folder) and imported bundles (source `bundle:NAME`,
-    read like local runs); imported results from `$SEGBOOK_HOME/results/imported/`. Scores are fractions in [0, 1]. Folders of datasets the registry does not know,
+    Runs come from `results_dir` (default: nnU-Net's results folder); imported results from
+    `$SEGBOOK_HOME/results/imported/`. Scores are fractions in [0, 1]. Folders of datasets the registry does not know,
     runs of other plans (`plans`: an identifier, or a planner name such as `paper`) and runs of other folds
     (`folds`: `all`, SegBook's protocol, or `0-4`, the five cross-validation folds) are skipped with a
     `ResultsWarning`. A run evaluated before it trained its whole budget counts as not evaluated (with a warning)
@@ -97,6 +97,9 @@ def collect_results(paths: Paths | None = None, registry: Registry | None = None
     `recipes` None keeps the default recipes (segbook, scratch); given, the runs of those recipes and of scratch,
     the baseline of every Delta (`ALL_RECIPES` among them: every recipe). Runs of other recipes, seeds other than 0
     and training fractions other than 1 are left out with a warning each.
+
+    With `imported`, the runs of imported bundles (`$SEGBOOK_HOME/results/bundles/NAME/runs/`) are collected as
+    local runs are, their rows naming `source` `bundle:NAME`.
     """
     paths = paths or Paths.from_env()
     registry = registry or load_registry()
@@ -210,7 +213,7 @@ def _bundle_rows(paths: Paths, registry: Registry, plans: str, include_incomplet
                  folds: str) -> list[dict[str, Any]]:
     """The runs of every imported bundle, collected as local runs are, each row naming its bundle."""
     folder = bundles_dir(paths)
-    names = sorted(p.name for p in folder.iterdir() if _BUNDLE_NAME.fullmatch(p.name)) if folder.is_dir() else []
+    names = sorted(p.name for p in folder.iterdir() if BUNDLE_NAME.fullmatch(p.name)) if folder.is_dir() else []
     return [{**row, "source": f"{BUNDLE_PREFIX}{name}"} for name in names
             for row in _local_rows(folder / name / BUNDLE_RUNS, registry, plans, include_incomplete, folds)]
 
