@@ -87,8 +87,8 @@ def test_export_then_import_gives_the_same_tables_and_case_files(bundle: Path, t
     for name in ("scale", "modality-target", "region"):
         assert build_table(after, name).records("json") == build_table(before, name).records("json")
     drop_source = lambda records: [{k: v for k, v in r.items() if k != "source"} for r in records]  # noqa: E731
-    assert drop_source(dataset_table(after).records("json"))[0]["base pretrained"] == \
-        drop_source(dataset_table(before).records("json"))[0]["base pretrained"]
+    assert drop_source(dataset_table(after).records("json")) == drop_source(dataset_table(before).records("json"))
+    assert dataset_table(after).records("json")[0]["split"] == SPLIT
     for path_before, path_after in zip(sorted(before["path"]), sorted(after["path"])):
         metrics = ("evaluation", "metrics.csv")
         assert Path(path_after, *metrics).read_bytes() == Path(path_before, *metrics).read_bytes()

@@ -81,6 +81,12 @@ def bundles_dir(paths: Paths | None = None) -> Path:
     return (paths or Paths.from_env()).home / "results" / "bundles"
 
 
+def run_folders(df: pd.DataFrame) -> pd.Series:
+    """Which rows are runs with a folder (local, or of an imported bundle), as opposed to numbers imported from CSV:
+    the rows whose plans and test splits are known and checked."""
+    return (df["source"] == LOCAL) | df["source"].str.startswith(BUNDLE_PREFIX)
+
+
 def collect_results(paths: Paths | None = None, registry: Registry | None = None,
                     results_dir: str | os.PathLike | None = None, plans: str = DEFAULT_PLANS,
                     imported: bool = True, include_incomplete: bool = False,

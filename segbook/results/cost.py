@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from segbook.results.collect import BUNDLE_PREFIX, LOCAL
+from segbook.results.collect import run_folders
 from segbook.results.tables import (DELTA, METRIC_NAMES, MODEL_COST, SCORE_KEYS, Config, ResultTable, config_label,
                                     configurations, dataset_scores, protocol_note, shows_recipes)
 from segbook.runs import DEFAULT_RECIPES, MANIFEST, SUMMARY, evaluation_folder
@@ -32,7 +32,7 @@ GIB = 2**30
 def run_costs(df: pd.DataFrame) -> pd.DataFrame:
     """Per evaluated run with a folder (local or bundled): its configuration and the cost its files record (NaN or
     None where they record none: runs trained before costs were recorded)."""
-    runs = df[df["evaluated"] & ((df["source"] == LOCAL) | df["source"].str.startswith(BUNDLE_PREFIX))]
+    runs = df[df["evaluated"] & run_folders(df)]
     records = [{**dict(zip(SCORE_KEYS, key)), **_recorded_cost(Path(path))}
                for key, path in zip(zip(*(runs[k] for k in SCORE_KEYS)), runs["path"])]
     return pd.DataFrame(records, columns=[*SCORE_KEYS, *COST_FIELDS])

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from segbook.results.collect import BUNDLE_PREFIX, LOCAL
+from segbook.results.collect import LOCAL, run_folders
 from segbook.results.tables import (METRIC_NAMES, ResultTable, check_comparable, config_label, configurations,
                                     protocol_note, shows_recipes)
 from segbook.runs import summary_path
@@ -26,8 +26,7 @@ COUNTS = ("lesions_reference", "lesions_detected", "lesions_false_positive", "nu
 
 def lesion_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Per evaluated run of a dataset with lesion labels: its lesion counts (NaN when its evaluation predates them)."""
-    runs = df[df["evaluated"] & df["parts"].str.contains("lesion", na=False)
-              & ((df["source"] == LOCAL) | df["source"].str.startswith(BUNDLE_PREFIX))]
+    runs = df[df["evaluated"] & df["parts"].str.contains("lesion", na=False) & run_folders(df)]
     records = [{"task": row.task, "model": row.model, "init": row.init, "recipe": row.recipe, "source": row.source,
                 "dice_lesion": row.dice_lesion, **_counts(Path(row.path))} for row in runs.itertuples()]
     return pd.DataFrame(records, columns=["task", "model", "init", "recipe", "source", "dice_lesion", *COUNTS])

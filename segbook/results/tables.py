@@ -23,7 +23,7 @@ import pandas as pd
 from segbook.errors import SegbookError
 from segbook.registry import REGIONS, SCALES
 from segbook.recipes import BUILTIN_ORDER
-from segbook.results.collect import BUNDLE_PREFIX, IMPORTED_PREFIX, LOCAL, METRICS
+from segbook.results.collect import IMPORTED_PREFIX, LOCAL, METRICS, run_folders
 from segbook.runs import DEFAULT_RECIPES, INITS, MODELS, STUNET_MODELS
 
 #: The paper's configurations in its order: nnU-Net's default network, then each STU-Net size scratch / pretrained.
@@ -155,8 +155,7 @@ def check_comparable(df: pd.DataFrame) -> None:
     """`TableError` naming the runs when the evaluated local (or bundled) runs of one dataset were trained with
     different plans or scored on different test splits: their scores would be averaged (over folds) or compared
     (in a Delta) as if they measured the same thing. Runs recorded before splits were (no `split`) are not checked for it."""
-    bundled = df["source"].str.startswith(BUNDLE_PREFIX)
-    local = df[((df["source"] == LOCAL) | bundled) & df["evaluated"]]
+    local = df[run_folders(df) & df["evaluated"]]
     named = local["path"].where(local["source"] == LOCAL, local["source"] + " " + local["path"])
     for column, what, fix in (("plans", "plans", "tabulate one plans at a time (--plans)"),
                               ("split", "test splits", "evaluate them all on the dataset's current split (runs "
@@ -545,8 +544,8 @@ def dataset_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] 
 
 
 def _splits(df: pd.DataFrame) -> dict[str, str]:
-    """Each dataset's test split (SHA-256) as its evaluated local runs recorded it (`check_comparable`: one)."""
-    local = df[(df["source"] == LOCAL) & df["evaluated"] & df["split"].notna()]
+    """Each dataset's test split (SHA-256) as its evaluated runs recorded it (`check_comparable`: one)."""
+    local = df[run_folders(df) & df["evaluated"] & df["split"].notna()]
     return dict(zip(local["task"], local["split"]))
 
 
