@@ -104,13 +104,17 @@ def test_export_then_import_gives_the_same_tables_and_case_files(bundle: Path, t
         import_bundle(changed, registry, ours)
 
 
-def test_a_bundle_scored_on_another_split_is_kept_apart_and_named(bundle: Path, tmp_path: Path, registry: Registry,
+@pytest.mark.parametrize("known_from", ["dataset", "runs"])
+def test_a_bundle_scored_on_another_split_is_kept_apart_and_named(known_from: str, bundle: Path, tmp_path: Path,
+                                                                   registry: Registry,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local split is the imported dataset's, or where the dataset is not imported here, its local runs'."""
     ours = home(tmp_path, monkeypatch, "our_home")
     local_split = Split(("case_a", "case_b"), ("case_c",), seed=0)
-    raw = ours.raw / registry.get(A).nnunet_name
-    raw.mkdir(parents=True)
-    write_split(raw, local_split)
+    if known_from == "dataset":
+        raw = ours.raw / registry.get(A).nnunet_name
+        raw.mkdir(parents=True)
+        write_split(raw, local_split)
     write_evaluated_run(ours.results, registry, A, "nnunet", "scratch", 0.8, split=local_split.sha256)
     report = import_bundle(bundle, registry, ours)
     assert report.other_splits == {A: (SPLIT, local_split.sha256)}

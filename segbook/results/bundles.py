@@ -502,16 +502,38 @@ def _mean_problems(rows: list[dict[str, Any]], summary: dict[str, Any], where: s
 
 
 def _other_splits(bundle: dict[str, Any], registry: Registry, paths: Paths) -> dict[str, tuple[str, str]]:
-    """The bundle's datasets scored on a test split other than the local one (the dataset's split here)."""
+    """The bundle's datasets scored on a test split other than the local one: the imported dataset's split, or
+    for a dataset not imported here, the split its local evaluated runs were scored on."""
     from segbook.data.folders import raw_folder
     from segbook.data.split import split_sha256
 
     by_id = {entry.dataset_id: entry for entry in registry}
-    others = {}
+    theirs: dict[int, set[str]] = {}
     for run in bundle["runs"]:
-        entry = by_id[FolderParts.parse(Path(run["folder"])).dataset_id]
-        local = split_sha256(raw_folder(entry, paths))
-        if run.get("split") and local and run["split"] != local:
-            others[entry.key] = (run["split"], local)
+        if run.get("split"):
+            theirs.setdefault(FolderParts.parse(Path(run["folder"])).dataset_id, set()).add(run["split"])
+    local_runs = _local_run_splits(paths, set(theirs))
+    others = {}
+    for dataset_id, splits in theirs.items():
+        entry = by_id[dataset_id]
+        local = split_sha256(raw_folder(entry, paths)) or local_runs.get(dataset_id)
+        differing = sorted(splits - {local})
+        if local and differing:
+            others[entry.key] = (differing[0], local)
     return others
 
+
+def _local_run_splits(paths: Paths, dataset_ids: set[int]) -> dict[int, str]:
+    """A test split recorded by the local evaluated runs of each of these datasets."""
+    splits = {}
+    for folder in paths.results.glob(RUN_GLOB):
+        parts = FolderParts.parse(folder)
+        if parts is None or parts.dataset_id not in dataset_ids or parts.dataset_id in splits:
+            continue
+        try:
+            split = (json.loads((folder / EVALUATION / SUMMARY).read_bytes()).get("split") or {}).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(split, str):
+            splits[parts.dataset_id] = split
+    return splits
