@@ -35,6 +35,23 @@ def test_cpu_runs_say_cpu_and_record_no_gpu_numbers() -> None:
     assert cost["device_hours"] == pytest.approx(12.0 / SECONDS_PER_HOUR)
 
 
+def test_cuda_peak_memory_is_the_largest_over_attempts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the peak is torch's counter for the device (here replaced, as this machine has no GPU), and a
+    resumed attempt keeps the larger peak of an earlier one."""
+    import torch
+
+    peaks = {"cuda:0": 5 * 2**30}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: peaks[str(device)])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: peaks.update({str(device): 0}))
+    first = add_epoch(None, 10.0, 4, "cuda:0", 1)
+    assert first["peak_memory_bytes"] == 5 * 2**30 and first["gpu_hours"] == pytest.approx(10 / SECONDS_PER_HOUR)
+    peaks["cuda:0"] = 3 * 2**30  # the next attempt, a new process, peaks lower
+    assert add_epoch(first, 10.0, 4, "cuda:0", 1)["peak_memory_bytes"] == 5 * 2**30
+    with measured_prediction("cuda:0", 2) as record:
+        peaks["cuda:0"] += 2**30  # allocated while predicting, after the reset
+    assert record["device"] == "cuda" and record["peak_memory_bytes"] == 2**30
+
+
 def test_prediction_is_timed_per_case_without_memory_off_cuda() -> None:
     with measured_prediction("cpu", 4) as record:
         assert record == {}  # filled when the block ends
