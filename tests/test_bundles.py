@@ -95,6 +95,11 @@ def test_export_then_import_gives_the_same_tables_and_case_files(bundle: Path, t
 
     again = import_bundle(bundle, registry, ours)
     assert again.already_imported  # idempotent
+    killed = bundles_dir(ours) / ".their-lab.x1.partial"  # what an import killed mid-copy leaves
+    (killed / "runs").mkdir(parents=True)
+    assert set(collect_results(ours, registry)["source"]) == {"bundle:their-lab"}  # never collected
+    import_bundle(bundle, registry, ours)
+    assert not killed.exists()  # swept by the next import
     changed = tmp_path / "changed" / "their-lab"
     shutil.copytree(bundle, changed)
     record = json.loads((changed / BUNDLE_FILE).read_text())

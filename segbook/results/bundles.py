@@ -30,7 +30,7 @@ from typing import Any
 
 from segbook import claims
 from segbook.errors import SegbookError
-from segbook.io import atomic_directory, atomic_write_json, now
+from segbook.io import atomic_directory, atomic_write_json, now, sweep_leftovers
 from segbook.paths import Paths
 from segbook.registry import DatasetEntry, Registry, load_registry
 from segbook.results.collect import BUNDLE_NAME, BUNDLE_RUNS, bundles_dir
@@ -115,7 +115,7 @@ def export_bundle(out: str | os.PathLike, results_dir: str | os.PathLike | None 
         for folder in sorted(root.glob(RUN_GLOB)):
             parts = FolderParts.parse(folder)
             entry = by_id.get(parts.dataset_id) if parts else None
-            if entry is None or not all((folder / name).is_file() for name in RUN_FILES):
+            if entry is None or not all((folder / file).is_file() for file in RUN_FILES):
                 skipped += (folder / EVALUATION).is_dir()
                 continue
             relative = folder.relative_to(root).as_posix()
@@ -195,6 +195,7 @@ def import_bundle(source: str | os.PathLike, registry: Registry | None = None,
     report = ImportReport(bundle["name"], target, len(bundle["runs"]),
                           other_splits=_other_splits(bundle, registry, paths))
     with claims.exclusive(paths.claims, f"bundle__{bundle['name']}", f"the import of bundle {bundle['name']}"):
+        sweep_leftovers(target)  # an import killed mid-copy left a hidden, unfinished folder
         if target.exists():
             if (target / BUNDLE_FILE).is_file() and _sha256(target / BUNDLE_FILE) == _sha256(source / BUNDLE_FILE):
                 report.already_imported = True
