@@ -99,10 +99,11 @@ def _delta(by_config: dict[Config, dict[str, float]], config: Config) -> float:
 
 def cost_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | None = None,
                inits: Sequence[str] | None = None, recipes: Sequence[str] | None = None,
-               configs: list[Config] | None = None) -> ResultTable:
-    """`segbook results --table cost`: the configurations asked for (`configs`, else `configurations`' choice)."""
+               configs: list[Config] | None = None, summary: pd.DataFrame | None = None) -> ResultTable:
+    """`segbook results --table cost`: the configurations asked for (`configs`, else `configurations`' choice);
+    `summary`: their `cost_summary`, when already computed."""
     configs = configs if configs is not None else configurations(df, models, inits, recipes)
-    summary = cost_summary(df, metric, configs)
+    summary = summary if summary is not None else cost_summary(df, metric, configs)
     named = shows_recipes(configs)
     name = METRIC_NAMES[metric]
     table = ResultTable("cost", f"Cost next to {name}: training, prediction and network size per configuration",
@@ -135,12 +136,11 @@ def _rounded(value: Any, digits: int) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), digits)
 
 
-def cost_figure(df: pd.DataFrame, metric: str = "dice", configs: list[Config] | None = None):
-    """Score against training device-hours per run and against forward TFLOPs, one point per configuration (the
-    report's cost figure); None when no configuration has both."""
+def cost_figure(summary: pd.DataFrame, metric: str = "dice"):
+    """Score against training device-hours per run and against forward TFLOPs, one point per configuration of a
+    `cost_summary` (the report's cost figure); None when no configuration has both."""
     from matplotlib.figure import Figure
 
-    summary = cost_summary(df, metric, configs)
     panels = [("device_hours_per_run", "training device-hours per run (log)"),
               ("forward_tflops", "forward TFLOPs, one 128^3 patch (log)")]
     if summary.empty or all(summary[[column, "score"]].dropna().empty for column, _ in panels):

@@ -139,10 +139,11 @@ def _cost_section(df: pd.DataFrame, metric: str, configs: Sequence[Config], numb
     """The cost table and the score-against-cost figure, when some run recorded its cost (`segbook.results.cost`)."""
     from segbook.results.cost import cost_figure, cost_summary, cost_table
 
-    if not cost_summary(df, metric, list(configs))["costed_runs"].any():
+    summary = cost_summary(df, metric, list(configs))
+    if not summary["costed_runs"].any():
         return ""
-    table = cost_table(df, metric, configs=list(configs))
-    figure = cost_figure(df, metric, list(configs))
+    table = cost_table(df, metric, configs=list(configs), summary=summary)
+    figure = cost_figure(summary, metric)
     drawn = "" if figure is None else _figure_html(Drawn(
         "cost", f"Figure: mean {METRIC_NAMES[metric]} (%) of each configuration against its training device-hours "
         "per run (left) and the forward TFLOPs of one 128^3 patch (right).", figure), figures, figure_format)
