@@ -154,7 +154,8 @@ def score_column(metric: str, part: str | None = None) -> str:
 def check_comparable(df: pd.DataFrame) -> None:
     """`TableError` naming the runs when the evaluated local (or bundled) runs of one dataset were trained with
     different plans or scored on different test splits: their scores would be averaged (over folds) or compared
-    (in a Delta) as if they measured the same thing. Runs recorded before splits were (no `split`) are not checked for it."""
+    (in a Delta) as if they measured the same thing. Runs recorded before splits were (no `split`) are not checked
+    for it."""
     local = df[run_folders(df) & df["evaluated"]]
     named = local["path"].where(local["source"] == LOCAL, local["source"] + " " + local["path"])
     for column, what, fix in (("plans", "plans", "tabulate one plans at a time (--plans)"),
