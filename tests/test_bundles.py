@@ -172,6 +172,9 @@ MALICIOUS = {
         b, "Dataset999_Else/SegbookTrainer_base_scratch__nnUNetPlans__3d_fullres/fold_all"), "not in the registry"),
     "a missing case row": (lambda b: edit_first_run(b, "evaluation/metrics.csv", lambda t: "\n".join(
         line for line in t.splitlines() if not line.startswith("case_001,1,")) + "\n"), "one per test case"),
+    "a short row": (lambda b: edit_first_run(b, "evaluation/metrics.csv", lambda t: "\n".join(
+        line.rsplit(",", 12)[0] if line.startswith("case_002,1,") else line for line in t.splitlines()) + "\n"),
+                    "number of cells differs"),
     "absolute path in run.json": (lambda b: edit_first_run(b, "run.json", json_edit(
         lambda d: d.update(note="/home/evil/.ssh/id_rsa"))), "holds an absolute path"),
     "text where a number goes": (lambda b: edit_first_run(b, "evaluation/metrics.csv", lambda t: t.replace(

@@ -56,6 +56,8 @@ FRACTIONS = ("dice", "nsd", "iou", "precision", "recall")
 NON_NEGATIVE = ("hd95", "reference_volume_mm3", "prediction_volume_mm3")
 COUNTS = ("tp", "fp", "fn", "tn", "reference_voxels", "prediction_voxels", "lesions_reference", "lesions_detected",
           "lesions_false_positive")
+#: Counts every row has (the lesion counts are empty for labels that are not lesions).
+REQUIRED_COUNTS = ("tp", "fp", "fn", "tn", "reference_voxels", "prediction_voxels")
 #: summary.json's per-label means are checked against the means of metrics.csv to this tolerance.
 MEAN_TOLERANCE = 1e-6
 _WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]")
@@ -458,6 +460,8 @@ def _metrics_row(record: dict[str, str], labels: set[int]) -> tuple[dict[str, An
         label = None
     if label not in labels:
         errors.append(f"label {record.get('label')!r} is not one of the dataset's foreground labels")
+    if None in record or None in record.values():
+        errors.append("its number of cells differs from the header's")
     row: dict[str, Any] = {"case": case, "label": label}
     for column, text in record.items():
         if column in ("case", "label", "label_name") or column is None:
@@ -466,6 +470,8 @@ def _metrics_row(record: dict[str, str], labels: set[int]) -> tuple[dict[str, An
         row[column] = value
         if error:
             errors.append(error)
+        elif column in REQUIRED_COUNTS and math.isnan(value):
+            errors.append(f"{column} is empty")
     return row, errors
 
 
