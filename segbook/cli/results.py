@@ -22,6 +22,8 @@ TABLE_CHOICES = ("scale", "modality-target", "region", "datasets", "recipes", "f
 STATS_TABLE_CHOICES = ("case-tests", "significance", "ranks")
 #: segbook.results.collect.METRICS, spelled out for the same reason.
 METRIC_CHOICES = ("dice", "nsd", "iou", "precision", "recall", "hd95")
+#: Tables of their own modules: cost next to accuracy, lesion-wise detection.
+EXTRA_TABLES = ("cost", "lesions")
 
 
 def add_collection_options(parser: argparse.ArgumentParser) -> None:
@@ -70,14 +72,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "datasets lacking a configuration are listed, never averaged in (definitions: "
                     "docs/results.md).")
     add_collection_options(parser)
-    parser.add_argument("--table", choices=(*TABLE_CHOICES, *STATS_TABLE_CHOICES), default="scale",
+    parser.add_argument("--table", choices=(*TABLE_CHOICES, *STATS_TABLE_CHOICES, *EXTRA_TABLES), default="scale",
                         help="scale (the paper's main table, default), modality-target, region, datasets, recipes "
                              "(by scale per fine-tuning recipe, against scratch and the segbook recipe), fractions "
                              "(every training-data fraction per dataset, and the smallest at which pretraining "
                              "matches scratch on all the data); statistics: case-tests (per dataset, pretrained vs "
                              "scratch over the test cases, Holm and Benjamini-Hochberg corrected), significance "
                              "(per scale group, every configuration against every other, one-sided, Holm) or ranks "
-                             "(bootstrap over datasets: how often each configuration ranks first). Seeds are "
+                             "(bootstrap over datasets: how often each configuration ranks first); cost "
+                             "(device-hours, memory, throughput, params, TFLOPs and Delta(PT) per device-hour per "
+                             "configuration) or lesions (lesion sensitivity and false positives per case). Seeds are "
                              "averaged; all but fractions show the runs on the whole train split")
     parser.add_argument("--stats", action="store_true",
                         help="print pretrained vs scratch statistics for the table's groups instead (recipes: each "
@@ -85,9 +89,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "CI of the mean difference, and (not for recipes) the counts of datasets where the "
                              "per-case test says pretraining is better / not different / worse (reads each run's "
                              "metrics.csv)")
-    parser.add_argument("--import", dest="import_file", metavar="FILE.csv",
-                        help="store dataset-level results from elsewhere (columns task, model, init, dice and "
-                             "optionally nsd; scores as fractions in [0, 1]) and exit")
+    parser.add_argument("--import", dest="import_file", metavar="FILE.csv|DIR",
+                        help="store results from elsewhere and exit: a CSV of dataset-level numbers (columns task, "
+                             "model, init, dice and optionally nsd; scores as fractions in [0, 1]), or a bundle "
+                             "folder made by --export (runs at case level, shown as source bundle:NAME)")
+    parser.add_argument("--export", metavar="DIR",
+                        help="write every evaluated run (per-case metrics, summary, run.json without local paths, "
+                             "split hashes) into the new bundle folder DIR, for --import elsewhere, and exit")
+    parser.add_argument("--bundle-name", metavar="NAME",
+                        help="with --export: the bundle's name, which importers see as source bundle:NAME "
+                             "(default: DIR's name)")
     add_format_option(parser, FORMATS)
     parser.set_defaults(handler=run)
 
@@ -125,6 +136,12 @@ def collect_from_args(args: argparse.Namespace, recipes: Sequence[str] | None = 
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.export:
+        return run_export(args)
+    if args.import_file and Path(args.import_file).is_dir():
+        return run_bundle_import(args)
     if args.import_file:
         return run_import(args)
     from segbook.results import (ALL_RECIPES, build_table, case_tests, compare_pretrained, compare_recipes,
@@ -134,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
     every = [ALL_RECIPES] if args.table == "recipes" else None
     df = collect_from_args(args, list(known) if known else every)
     recipes = pretrained_recipes(known)
-    if args.stats and args.table == "recipes":
+    if args.table in EXTRA_TABLES:
+        table = extra_table(df, args, recipes)
+    elif args.stats and args.table == "recipes":
         table = recipe_stats_table(compare_recipes(df, args.metric, models=args.models, recipes=recipes), args.metric)
     elif args.table in STATS_TABLE_CHOICES:
         table = statistics_table(df, args, recipes)
@@ -159,6 +178,49 @@ def statistics_table(df: pd.DataFrame, args: argparse.Namespace, recipes: Sequen
     if args.table == "significance":
         return significance_table(significance_map(df, args.metric, "scale", False, args.models, args.init, recipes))
     return rank_table(rank_stability(df, args.metric, "scale", False, args.models, args.init, recipes))
+
+
+def extra_table(df: pd.DataFrame, args: argparse.Namespace, recipes: list[str] | None) -> ResultTable:
+    from segbook.errors import SegbookError
+
+    if args.stats:
+        raise SegbookError(f"--stats compares pretrained with scratch per group; it does not apply to --table "
+                           f"{args.table}")
+    if args.table == "cost":
+        from segbook.results.cost import cost_table
+
+        return cost_table(df, args.metric, args.models, args.init, recipes)
+    from segbook.results.lesions import lesion_table
+
+    return lesion_table(df, args.models, args.init, recipes)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from segbook.results.bundles import export_bundle
+
+    report = export_bundle(args.export, args.results_dir, registry_from_args(args), name=args.bundle_name)
+    print(f"exported {report.runs} run(s) as bundle {report.name} into {report.folder}; import it elsewhere with "
+          f"`segbook results --import {report.folder}`")
+    if report.left_out:
+        print(f"segbook: warning: {report.left_out} evaluated run(s) without evaluation/metrics.csv (or of datasets "
+              "the registry does not know) were left out", file=sys.stderr)
+    return 0
+
+
+def run_bundle_import(args: argparse.Namespace) -> int:
+    from segbook.results.bundles import import_bundle
+
+    report = import_bundle(args.import_file, registry_from_args(args))
+    if report.already_imported:
+        print(f"bundle {report.name} is imported already ({report.folder}): nothing to do")
+        return 0
+    print(f"imported {report.runs} run(s) of bundle {report.name} into {report.folder}; `segbook results` shows "
+          f"them as source bundle:{report.name} (delete that folder to forget them)")
+    for task, (theirs, ours) in sorted(report.other_splits.items()):
+        print(f"segbook: warning: bundle {report.name}: its {task} runs were scored on the test split {theirs[:12]}, "
+              f"not on this dataset's {ours[:12]}; they are kept apart (never averaged or compared with local runs: "
+              "tables refuse them together, naming the bundle)", file=sys.stderr)
+    return 0
 
 
 def run_import(args: argparse.Namespace) -> int:

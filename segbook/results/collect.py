@@ -37,6 +37,11 @@ IMPORT_METRICS = ("dice", "nsd")
 PARTS = ("seen", "unseen", "lesion")
 LOCAL = "local"
 IMPORTED_PREFIX = "imported:"
+#: Runs imported at case level (`segbook results --import DIR`): source `bundle:NAME`, folders under
+#: `$SEGBOOK_HOME/results/bundles/NAME/runs/` laid out as local runs are (segbook.results.bundles).
+BUNDLE_PREFIX = "bundle:"
+BUNDLE_RUNS = "runs"
+BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 EVALUATED = "evaluated"
 REGISTRY_COLUMNS = ("dataset_id", "name", "modality", "target", "scale", "region", "bone", "vessel", "parts",
                     "train_cases")
@@ -80,6 +85,16 @@ def imported_dir(paths: Paths | None = None) -> Path:
     return (paths or Paths.from_env()).home / "results" / "imported"
 
 
+def bundles_dir(paths: Paths | None = None) -> Path:
+    return (paths or Paths.from_env()).home / "results" / "bundles"
+
+
+def run_folders(df: pd.DataFrame) -> pd.Series:
+    """Which rows are runs with a folder (local, or of an imported bundle), as opposed to numbers imported from CSV:
+    the rows whose plans and test splits are known and checked."""
+    return (df["source"] == LOCAL) | df["source"].str.startswith(BUNDLE_PREFIX)
+
+
 def collect_results(paths: Paths | None = None, registry: Registry | None = None,
                     results_dir: str | os.PathLike | None = None, plans: str = DEFAULT_PLANS,
                     imported: bool = True, include_incomplete: bool = False,
@@ -97,6 +112,9 @@ def collect_results(paths: Paths | None = None, registry: Registry | None = None
     the baseline of every Delta (`ALL_RECIPES` among them: every recipe). Runs of other recipes are left out with
     a warning. Every seed and training fraction is kept, a row each: the tables average seeds and keep fractions
     apart (`segbook.results.tables`).
+
+    With `imported`, the runs of imported bundles (`$SEGBOOK_HOME/results/bundles/NAME/runs/`) are collected as
+    local runs are, their rows naming `source` `bundle:NAME`.
     """
     paths = paths or Paths.from_env()
     registry = registry or load_registry()
@@ -105,6 +123,7 @@ def collect_results(paths: Paths | None = None, registry: Registry | None = None
         raise ResultsError(f"unknown folds {folds!r}; choose {' or '.join(FOLD_CHOICES)}")
     rows = _local_rows(root, registry, plans_identifier(plans), include_incomplete, folds)
     if imported:
+        rows += _bundle_rows(paths, registry, plans_identifier(plans), include_incomplete, folds)
         rows += [row for file in stored_imports(paths) for row in _imported_rows(file, registry)]
     return _frame(_chosen(rows, recipes), registry)
 
@@ -194,6 +213,15 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
                       f"{_folds_text(folds)} (pass --folds {other} for {_folds_text(other)})", ResultsWarning,
                       stacklevel=3)
     return rows
+
+
+def _bundle_rows(paths: Paths, registry: Registry, plans: str, include_incomplete: bool,
+                 folds: str) -> list[dict[str, Any]]:
+    """The runs of every imported bundle, collected as local runs are, each row naming its bundle."""
+    folder = bundles_dir(paths)
+    names = sorted(p.name for p in folder.iterdir() if BUNDLE_NAME.fullmatch(p.name)) if folder.is_dir() else []
+    return [{**row, "source": f"{BUNDLE_PREFIX}{name}"} for name in names
+            for row in _local_rows(folder / name / BUNDLE_RUNS, registry, plans, include_incomplete, folds)]
 
 
 def _folds_text(folds: str) -> str:
@@ -311,12 +339,13 @@ def case_scores(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Per (task, model, init, recipe, fraction, case): the case's score, the mean over the runs (seeds, folds) that
     scored it, each run's case score being the mean over its foreground labels of `metric` (NaN-ignoring).
 
-    Reads each evaluated local run's `metrics.csv`, so only the per-case statistics call it, on the runs they test.
+    Reads each evaluated run's `metrics.csv` (local runs and those of imported bundles; numbers imported from CSV
+    have no cases), so only the per-case statistics call it, on the runs they test.
     A run whose `metrics.csv` lacks the metric (evaluated before segbook computed it) or is unreadable is an error
     naming it: leaving it out would quietly test fewer seeds than the tables average."""
     import numpy as np
 
-    local = runs[(runs["source"] == LOCAL) & runs["evaluated"]]
+    local = runs[run_folders(runs) & runs["evaluated"]]
     per_run: list[pd.Series] = []
     for row in tqdm(local.itertuples(index=False), total=len(local), desc="reading per-case metrics", unit="run",
                     disable=len(local) < PROGRESS_FROM, leave=False):

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from segbook.results.collect import LOCAL, case_scores
+from segbook.results.collect import case_scores, run_folders
 from segbook.results.tables import (
     DEFAULT_RECIPE,
     DELTA,
@@ -272,13 +272,14 @@ def case_tests(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | N
     (points; mm reversed for HD95), `p_value` the two-sided Wilcoxon signed-rank test, `p_holm` and `p_bh` it
     corrected across the datasets of the same configuration (Holm; Benjamini-Hochberg). The verdict is `better` or
     `worse` where `p_holm` < `alpha` (the direction: which of the positive and negative differences have the larger
-    rank sum), else `not different`. Only local runs have cases; imported results are left out."""
+    rank sum), else `not different`. Only runs with a folder (local, bundled) have cases; numbers imported from CSV are
+    left out."""
     df = whole_split(df)
     configs = configurations(df, models, None, recipes)
     pairs = delta_pairs(configs)
     wanted = {c for pair in pairs for c in pair}
     keys = pd.MultiIndex.from_arrays([df["model"], df["init"], df["recipe"]])
-    runs = df[keys.isin(list(wanted)) & df["evaluated"] & (df["source"] == LOCAL)]
+    runs = df[keys.isin(list(wanted)) & df["evaluated"] & run_folders(df)]
     scores = case_scores(runs, metric)
     by_config = {config: frame.set_index(["task", "case"])["score"]
                  for config, frame in scores.groupby(["model", "init", "recipe"], sort=False)}

@@ -28,7 +28,7 @@ import pandas as pd
 from segbook.errors import SegbookError
 from segbook.registry import REGIONS, SCALES
 from segbook.recipes import BUILTIN_ORDER
-from segbook.results.collect import IMPORTED_PREFIX, LOCAL, LOWER_IS_BETTER, METRICS
+from segbook.results.collect import IMPORTED_PREFIX, LOCAL, LOWER_IS_BETTER, METRICS, run_folders
 from segbook.runs import DEFAULT_FRACTION, DEFAULT_RECIPES, INITS, MODELS, STUNET_MODELS
 
 #: The paper's configurations in its order: nnU-Net's default network, then each STU-Net size scratch / pretrained.
@@ -201,19 +201,22 @@ def whole_split(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def check_comparable(df: pd.DataFrame) -> None:
-    """`TableError` naming the runs when the evaluated local runs of one dataset were trained with different plans
-    or scored on different test splits: their scores would be averaged (over folds) or compared (in a Delta) as if
-    they measured the same thing. Runs recorded before splits were (no `split`) are not checked for it."""
-    local = df[(df["source"] == LOCAL) & df["evaluated"]]
+    """`TableError` naming the runs when the evaluated local (or bundled) runs of one dataset were trained with
+    different plans or scored on different test splits: their scores would be averaged (over folds) or compared
+    (in a Delta) as if they measured the same thing. Runs recorded before splits were (no `split`) are not checked
+    for it."""
+    local = df[run_folders(df) & df["evaluated"]]
+    named = local["path"].where(local["source"] == LOCAL, local["source"] + " " + local["path"])
     for column, what, fix in (("plans", "plans", "tabulate one plans at a time (--plans)"),
                               ("split", "test splits", "evaluate them all on the dataset's current split (runs "
                                                        "trained beside another split must be trained again), or "
-                                                       "keep the others in another --results-dir")):
+                                                       "keep the others in another --results-dir (runs of a "
+                                                       "bundle:NAME: leave bundles out with --no-imported)")):
         known = local[local[column].notna()]
         counts = known.groupby("task")[column].nunique()
         for task in counts[counts > 1].index:
             runs = known[known["task"] == task]
-            listing = "; ".join(f"{value}: {', '.join(runs.loc[runs[column] == value, 'path'])}"
+            listing = "; ".join(f"{value}: {', '.join(named[runs.index[runs[column] == value]])}"
                                 for value in sorted(runs[column].unique()))
             raise TableError(f"{task}: runs with different {what} are never averaged or compared ({listing}); "
                              f"{fix}")
@@ -726,8 +729,8 @@ def _noise_notes(noise: dict[Config, pd.DataFrame]) -> list[str]:
 
 
 def _splits(df: pd.DataFrame) -> dict[str, str]:
-    """Each dataset's test split (SHA-256) as its evaluated local runs recorded it (`check_comparable`: one)."""
-    local = df[(df["source"] == LOCAL) & df["evaluated"] & df["split"].notna()]
+    """Each dataset's test split (SHA-256) as its evaluated runs recorded it (`check_comparable`: one)."""
+    local = df[run_folders(df) & df["evaluated"] & df["split"].notna()]
     return dict(zip(local["task"], local["split"]))
 
 
