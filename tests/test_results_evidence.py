@@ -8,9 +8,11 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import wilcoxon
 from statsmodels.stats.multitest import multipletests
+from test_bundles import bundle, home, registry  # noqa: F401 (fixtures)
 from test_results import A, B, C, D, build_store, write_case_metrics, write_registry, write_run
 
 from segbook.cli.main import main
@@ -18,6 +20,7 @@ from segbook.paths import Paths
 from segbook.registry import load_registry
 from segbook.results import (case_tests, collect_results, compare_pretrained, dataset_scores, dataset_table,
                              fraction_table, rank_stability, scale_table, significance_map)
+from segbook.results.bundles import import_bundle
 from segbook.results.collect import ResultsError, ResultsWarning
 from segbook.results.stats import case_tests_table, significance_table
 from segbook.results.tables import NOISE_MARK, TableError, smallest_matching_fraction
@@ -292,3 +295,19 @@ def test_cli_metrics_fractions_and_statistics_tables(segbook_home: Path, registr
         assert capsys.readouterr().out.strip()
     assert main([*base, "--metric", "iou", "--table", "case-tests"]) == 2
     assert "not evaluated for iou" in capsys.readouterr().err
+
+
+def test_statistics_on_an_imported_bundle_equal_the_exporters(bundle: Path, tmp_path: Path, registry,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-case tests, counts and significance maps work on another group's runs at case level, as on theirs."""
+    before = collect_results(Paths.from_env(), registry)
+    ours = home(tmp_path, monkeypatch, "our_home")
+    import_bundle(bundle, registry, ours)
+    after = collect_results(ours, registry)
+    assert set(after["source"]) == {"bundle:their-lab"}
+    tests = case_tests(after)
+    assert len(tests) == 3 and tests["cases"].gt(0).all()
+    pd.testing.assert_frame_equal(tests, case_tests(before))
+    pd.testing.assert_frame_equal(compare_pretrained(after, cases=tests),
+                                  compare_pretrained(before, cases=case_tests(before)))
+    pd.testing.assert_frame_equal(significance_map(after), significance_map(before))
