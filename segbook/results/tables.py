@@ -131,17 +131,17 @@ class ResultTable:
         """Rows for `segbook.cli.output.emit`: formatted cells in text formats, numbers plus counts in csv/json
         (and, where any cell has one, the standard deviation across seeds)."""
         machine = fmt in ("csv", "json")
-        self._spread = any(isinstance(value, Cell) and value.spread is not None for row in self.rows for value in row)
-        records = [dict(self._record(row, machine)) for row in self.rows]
+        spread = any(isinstance(value, Cell) and value.spread is not None for row in self.rows for value in row)
+        records = [dict(self._record(row, machine, spread)) for row in self.rows]
         return [{_latex(k): _latex(v) for k, v in r.items()} for r in records] if fmt == "latex" else records
 
-    def _record(self, row: list[Any], machine: bool) -> Iterable[tuple[str, Any]]:
+    def _record(self, row: list[Any], machine: bool, spread: bool) -> Iterable[tuple[str, Any]]:
         for column, value in zip(self.columns, row):
             if isinstance(value, Cell) and machine:
                 yield column, value.number()
                 yield f"{column} {self.count_label}", value.count
                 yield f"{column} {self.detail_label}", value.detail()
-                if self._spread:
+                if spread:
                     yield f"{column} seed sd", None if value.spread is None else round(value.spread, 4)
             elif isinstance(value, Cell):
                 yield column, value.text(self.show_count)
