@@ -536,6 +536,8 @@ def _significance_heatmaps(significance: pd.DataFrame, metric: str) -> Drawn:
         axes.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
         axes.set_yticks(range(len(labels)), labels if axes is axes_list[0] else [""] * len(labels), fontsize=7)
         axes.set_title(group, fontsize=10)
+        axes.set_xlabel("... than this one", fontsize=8)
+    axes_list[0].set_ylabel("this configuration better ...", fontsize=8)
     figure.colorbar(image, ax=list(axes_list), shrink=0.8, label="-log10 p (Holm)")
     caption = (f"Figure: significance maps of {METRIC_NAMES[metric]} by dataset scale: row better than column, "
                f"one-sided Wilcoxon signed-rank over the group's datasets, Holm-corrected per group; * p < {ALPHA:g}.")
