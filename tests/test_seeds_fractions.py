@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import planned_tiny_task, tiny_spec
+from helpers import planned_tiny_task, run_segbook, tiny_spec
 
 from segbook.batch.matrix import build_matrix, job_from_id, several_variants
 from segbook.cli.main import main
@@ -203,3 +203,24 @@ def test_a_fraction_trains_on_its_recorded_subset_and_a_changed_subset_is_not_re
     with pytest.raises(RunExistsError, match="would now train on 3, not the same ones"):
         _train(task, tmp_path / "r", monkeypatch, fraction=0.25, resume=True)
     assert (run.folder / "run.json").read_text() == before
+
+
+def test_batch_runs_each_seed_and_fraction_as_its_own_job(task, tmp_path, monkeypatch):
+    """The local runner's workers rebuild each job from its id: its seed and fraction reach the training."""
+    monkeypatch.setenv("nnUNet_raw", str(task.raw))
+    monkeypatch.setenv("nnUNet_preprocessed", str(task.preprocessed))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    selection = ["--registry", str(task.registry_file), "--tasks", task.entry.key, "--models", "tiny", "--init",
+                 "scratch", "--seeds", "1", "--fractions", "0.5"]
+    plan = run_segbook("batch", "plan", *selection, "--format", "json")
+    rows = json.loads(plan.stdout)["jobs"]
+    assert [(row["job"], row["seed"], row["fraction"], row["state"]) for row in rows] == \
+        [(f"{task.entry.key}__tiny__scratch__seed1__frac50__fold_all", 1, 0.5, "pending")]
+    run_segbook("batch", "run", *selection, "--device", "cpu", "--workers", "1", "--epochs", "1",
+                "--iters-per-epoch", "2", "--val-iters-per-epoch", "1")
+    jobs = build_matrix(load_registry([task.registry_file]), task.entry.key, models="tiny", inits="scratch",
+                        seeds=[1], fractions=[0.5])
+    manifest = RunManifest.load(jobs[0].folder(Paths.from_env()))
+    assert manifest.status == "finished" and manifest.data["rng_seed"] == 12346
+    assert manifest.data["training_cases"]["count"] == 5 and manifest.data["training_cases"]["available"] == 10
+    assert (jobs[0].folder(Paths.from_env()) / "evaluation" / "summary.json").is_file()
