@@ -201,8 +201,11 @@ class SegbookTrainer(nnUNetTrainer):
         """The run's seed (its name's: `Identity.rng_seed`, never a setting, so two runs of one name train alike)
         seeds Python, numpy and torch before the network is built: the fresh weights (all of them from scratch, the
         heads when fine-tuning), then nnU-Net's sampling and augmentation in this process, and the seeds of its
-        augmentation workers (`get_dataloaders`)."""
-        seed = self.identity.rng_seed
+        augmentation workers (`get_dataloaders`). DDP ranks other than 0 get seeds of their own, so that they do
+        not sample the same patches (DDP gives every rank rank 0's weights)."""
+        rank = self._rank()
+        seed = self.identity.rng_seed if rank == 0 else \
+            int(np.random.SeedSequence([self.identity.rng_seed, rank]).generate_state(1)[0])
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -232,9 +235,11 @@ class SegbookTrainer(nnUNetTrainer):
     def _worker_seeds(self, stream: str, workers: int) -> list[int]:
         """One seed per augmentation worker, from the run's seed, the stream and the DDP rank (ranks must not draw
         the same batches), through numpy's SeedSequence (so the global generators' state is left as it is)."""
-        rank = dist.get_rank() if self.is_ddp else 0
-        entropy = [self.identity.rng_seed, rank, ("train", "validation").index(stream)]
+        entropy = [self.identity.rng_seed, self._rank(), ("train", "validation").index(stream)]
         return [int(s) for s in np.random.SeedSequence(entropy).generate_state(workers)]
+
+    def _rank(self) -> int:
+        return dist.get_rank() if self.is_ddp else 0
 
     def _use_bf16(self) -> bool:
         precision = self.settings.mixed_precision
