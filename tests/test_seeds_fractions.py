@@ -205,6 +205,31 @@ def test_a_fraction_trains_on_its_recorded_subset_and_a_changed_subset_is_not_re
     assert (run.folder / "run.json").read_text() == before
 
 
+@pytest.mark.slow
+def test_a_fold_trains_on_its_fraction_keeps_its_validation_and_a_changed_subset_stops_the_resume(task, tmp_path,
+                                                                                                   monkeypatch):
+    monkeypatch.setenv("nnUNet_raw", str(task.raw))
+    monkeypatch.setenv("nnUNet_preprocessed", str(task.preprocessed))
+    run = _train(task, tmp_path / "f", monkeypatch, fraction=0.5, fold=0)
+    splits = json.loads((task.preprocessed / task.entry.nnunet_name / "splits_final.json").read_text())
+    record = run.manifest.data["training_cases"]
+    assert record["available"] == len(splits[0]["train"]) == 8 and record["count"] == 4
+    assert record["cases"] == list(training_subset(splits[0]["train"], 0.5).cases)
+    validated = json.loads((run.folder / "validation" / "summary.json").read_text())["metric_per_case"]
+    assert len(validated) == len(splits[0]["val"]) == 2  # nnU-Net validated on the fold's whole validation part
+
+    # The trainer itself refuses a run whose recorded cases are not its fraction of the fold's training part.
+    manifest = RunManifest.load(run.folder)
+    manifest.data["training_cases"]["cases"] = sorted(splits[0]["train"])[:4]
+    manifest.data["status"] = "interrupted"
+    manifest.save()
+    assert sorted(splits[0]["train"])[:4] != record["cases"]
+    (run.folder / "checkpoint_final.pth").rename(run.folder / "checkpoint_latest.pth")
+    with pytest.raises(SegbookError, match="not the same ones"):
+        _train(task, tmp_path / "f", monkeypatch, fraction=0.5, fold=0, resume=True)
+
+
+@pytest.mark.slow
 def test_batch_runs_each_seed_and_fraction_as_its_own_job(task, tmp_path, monkeypatch):
     """The local runner's workers rebuild each job from its id: its seed and fraction reach the training."""
     monkeypatch.setenv("nnUNet_raw", str(task.raw))

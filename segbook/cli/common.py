@@ -148,11 +148,11 @@ def add_seed_and_fraction_options(parser: argparse.ArgumentParser | argparse._Ar
     parser.add_argument("--seeds", nargs="+", default=["0"], metavar="N",
                         help="seeds to train, one run each (space- or comma-separated integers >= 0). The seed is "
                              "part of the run's name and drives the fresh weights' initialisation, nnU-Net's "
-                             "sampling and augmentation (random seed 12345 + N)")
+                             "sampling and augmentation (random seed 12345 + N; default: 0)")
     parser.add_argument("--fractions", nargs="+", default=["1"], metavar="F",
                         help="fractions of the training cases to train on, one run each (in (0, 1]; space- or "
-                             "comma-separated): a fixed, nested subset per dataset, at least "
-                             "2 cases; the test split is always whole")
+                             "comma-separated): a fixed, nested subset per dataset, at least 2 cases; the test "
+                             "split is always whole (default: 1, every training case)")
 
 
 def seeds_and_fractions_from_args(args: argparse.Namespace) -> tuple[list[int], list[float]]:

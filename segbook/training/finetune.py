@@ -52,7 +52,8 @@ class RunResult:
 
 
 def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | int = "all", *,
-             recipe: str | None = None, seed: int = DEFAULT_SEED, fraction: float = DEFAULT_FRACTION, recipe_files: Sequence[str | Path] | None = None,
+             recipe: str | None = None, seed: int = DEFAULT_SEED, fraction: float = DEFAULT_FRACTION,
+             recipe_files: Sequence[str | Path] | None = None,
              settings: TrainingSettings | None = None, weights: str | Path | None = None, device: str | None = None,
              num_gpus: int = 1, resume: bool = False, overwrite: bool = False, compile: bool | None = None,
              paths: Paths | None = None, plan_processes: int | None = None, plans: str = "default",
