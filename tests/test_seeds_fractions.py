@@ -107,7 +107,8 @@ def test_the_random_seed_of_seed_0_is_the_one_runs_had_before():
 
 @pytest.mark.parametrize("command", [["finetune", "--task", "613", "--model", "large", "--pretrained"],
                                      ["batch", "plan", "--tasks", "613"], ["batch", "run", "--tasks", "613"],
-                                     ["batch", "status", "--tasks", "613"]])
+                                     ["batch", "status", "--tasks", "613"], ["batch", "submit", "--tasks", "613"],
+                                     ["batch", "retry", "--failed", "--tasks", "613"]])
 @pytest.mark.parametrize("option,values,message", [
     ("--fractions", ["0"], "a training fraction is a number in (0, 1]"),
     ("--fractions", ["1.5"], "a training fraction is a number in (0, 1]"),
