@@ -26,8 +26,8 @@ from typing import Any, Iterable
 
 from segbook.errors import SegbookError
 
-#: The fewest cases a run on a fraction trains on: one case would train on a single patient, and nnU-Net's pseudo-Dice
-#: and oversampling are meaningless below two.
+#: The fewest cases a run on a fraction trains on: below it the "fraction" is a single patient, and the smallest point
+#: of a data-efficiency curve would say more about that patient than about the amount of data.
 MIN_TRAINING_CASES = 2
 ORDER = "sha256-rank-v1 of 'subset:{case_id}'"
 
