@@ -3,8 +3,8 @@
 A started run is estimated with the settings it was created with (its `run.json`), a new one with the execution
 options' settings and its recipe's budget (`ExecutionOptions.settings_for`), so a matrix of several recipes is
 costed recipe by recipe. Every seed is a job of its own, costed in full; a job on a training fraction costs what
-the whole train split does (`estimate_job`). `left_gpu_hours` is what remains: nothing for a done job; the epochs not trained yet and
-the prediction for the others.
+the whole train split does (`estimate_job`). `left_gpu_hours` is what remains: nothing for a done job; the epochs
+not trained yet and the prediction for the others.
 """
 
 from __future__ import annotations

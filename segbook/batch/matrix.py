@@ -200,8 +200,8 @@ class JobStatus:
 
     def record(self) -> dict[str, object]:
         """Every field, with the job id and recipe and the whole detail: for JSON output and scripts."""
-        return {"job": self.job.id, **self.row(recipe=True, variants=True), "detail": self.detail, "epochs_done": self.epochs_done,
-                "epochs_total": self.epochs_total, "attempts": self.attempts.count,
+        return {"job": self.job.id, **self.row(recipe=True, variants=True), "detail": self.detail,
+                "epochs_done": self.epochs_done, "epochs_total": self.epochs_total, "attempts": self.attempts.count,
                 "bad_endings": self.attempts.bad, "last_ending": self.attempts.last, "slurm_id": self.slurm_id,
                 "log": self.log}
 

@@ -22,9 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "batch", help="the benchmark matrix as resumable jobs: plan, prepare, run locally, submit to SLURM, status, "
                       "retry",
         description="Jobs are (task, model, initialisation, recipe, seed, training fraction, fold) runs. Their "
-                    "tasks are prepared (planned, preprocessed, split) first, on CPUs; a job then trains (resuming from its latest checkpoint) "
-                    "and evaluates; a done job is skipped, a claim per job keeps two launchers (or a requeued SLURM "
-                    "task and its predecessor) from running it twice. See docs/batch.md.")
+                    "tasks are prepared (planned, preprocessed, split) first, on CPUs; a job then trains (resuming "
+                    "from its latest checkpoint) and evaluates; a done job is skipped, a claim per job keeps two "
+                    "launchers (or a requeued SLURM task and its predecessor) from running it twice. See "
+                    "docs/batch.md.")
     commands = parser.add_subparsers(dest="batch_command", metavar="SUBCOMMAND")
     commands.required = True
     _register_plan(commands)
