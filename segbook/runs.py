@@ -14,10 +14,11 @@ Runs with the default recipe, seed 0 and the whole train split keep the names th
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from segbook.errors import SegbookError
 
@@ -36,6 +37,12 @@ TRAINER_PREFIX = "SegbookTrainer"
 DEFAULT_RECIPES = {"pretrained": "segbook", "scratch": "scratch"}
 DEFAULT_SEED = 0
 DEFAULT_FRACTION = 1.0
+#: The random-number seed of a run with seed 0. Before seeds were part of a run's identity every run seeded Python,
+#: numpy and torch with a setting whose default was 12345; a run with seed N seeds them with 12345 + N, so the runs
+#: made before (seed 0, the default setting) train exactly as they did.
+BASE_RNG_SEED = 12345
+#: numpy takes seeds below 2**32.
+MAX_SEED = 2**32 - 1 - BASE_RNG_SEED
 #: Recipe names: lower case, digits and hyphens (no `_`, which separates the parts of a trainer name).
 RECIPE_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 _SEED = re.compile(r"^seed(\d+)$")
@@ -82,8 +89,8 @@ class Identity:
         if not RECIPE_NAME.match(self.recipe) or _SEED.match(self.recipe) or _FRACTION.match(self.recipe):
             raise RunIdentityError(f"recipe name {self.recipe!r}: use lower-case letters, digits and hyphens, "
                                    "starting with a letter (not seedN or fracN)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise RunIdentityError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise RunIdentityError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if not 0 < self.fraction <= 1 or _percent_text(self.fraction) is None:
             raise RunIdentityError(f"training fraction must be in (0, 1] with at most 2 decimals in percent, "
                                    f"got {self.fraction!r}")
@@ -93,6 +100,11 @@ class Identity:
         """The default recipe, seed and whole train split: the run SegBook's tables are about."""
         return (self.recipe, self.seed, self.fraction) == (DEFAULT_RECIPES[self.init], DEFAULT_SEED,
                                                            DEFAULT_FRACTION)
+
+    @property
+    def rng_seed(self) -> int:
+        """What Python, numpy and torch are seeded with (`BASE_RNG_SEED` + seed; recorded in run.json)."""
+        return BASE_RNG_SEED + self.seed
 
     @property
     def trainer(self) -> str:
@@ -143,6 +155,54 @@ def _percent_text(fraction: float) -> str | None:
         return None
     text = f"{percent:.2f}".rstrip("0").rstrip(".")
     return text.replace(".", "p")
+
+
+def parse_seeds(values: Iterable[str | int], option: str = "--seeds") -> list[int]:
+    """Seeds as given (`["0", "1"]`, `["0,1"]` or ints), each an integer in [0, MAX_SEED], none twice;
+    `RunIdentityError` naming the option otherwise. Checked before anything is written."""
+    seeds = []
+    for item in _listed(values, option):
+        try:
+            seed = int(item) if not isinstance(item, bool) else None
+        except ValueError:
+            seed = None
+        if seed is None or str(item).strip() != str(seed) or not 0 <= seed <= MAX_SEED:
+            raise RunIdentityError(f"{option}: a seed is an integer in [0, {MAX_SEED}], got {item!r}")
+        seeds.append(seed)
+    return _once(seeds, option)
+
+
+def parse_fractions(values: Iterable[str | float], option: str = "--fractions") -> list[float]:
+    """Training fractions as given (`["0.1", "0.25"]`, `["0.1,1"]` or numbers), each in (0, 1] with at most two
+    decimals in percent (12.5% is 0.125), none twice; `RunIdentityError` naming the option otherwise."""
+    fractions = []
+    for item in _listed(values, option):
+        try:
+            fraction = float(item)
+        except (TypeError, ValueError):
+            fraction = math.nan
+        if not 0 < fraction <= 1 or _percent_text(fraction) is None:
+            raise RunIdentityError(f"{option}: a training fraction is a number in (0, 1] with at most two decimals "
+                                   f"in percent (0.1, 0.25, 0.125, 1), got {item!r}")
+        fractions.append(round(fraction, 6))
+    return _once(fractions, option)
+
+
+def _listed(values: Iterable[str | int | float], option: str) -> list[str | int | float]:
+    items = [part.strip() if isinstance(value, str) else value
+             for value in ([values] if isinstance(values, (str, int, float)) else values)
+             for part in (value.split(",") if isinstance(value, str) else [value])
+             if not isinstance(part, str) or part.strip()]
+    if not items:
+        raise RunIdentityError(f"{option}: no value given")
+    return items
+
+
+def _once(values: list, option: str) -> list:
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise RunIdentityError(f"{option}: {', '.join(map(str, repeated))} given more than once")
+    return values
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,9 @@ class Estimate:
 
 def estimate_job(job: Job, settings: TrainingSettings, geometry: Geometry, flops: ForwardFlops,
                  assumed_tflops: float = DEFAULT_ASSUMED_TFLOPS) -> Estimate:
+    """The job's FLOPs from its budget (epochs x iterations per epoch x batch) and its prediction. The training
+    fraction does not enter: nnU-Net draws a fixed number of batches per epoch whatever the number of training cases,
+    so a run on 10% of them trains as long as one on all of them, and every run predicts the whole test split."""
     from segbook.recipes import get_recipe
 
     if settings.epochs is None or settings.iterations_per_epoch is None:  # the recipe's budget

@@ -233,7 +233,8 @@ def _train(job: Job, options: ExecutionOptions, paths: Paths, backend: str, atte
     ranks = forwarding_to_ranks() if options.num_gpus > 1 else contextlib.nullcontext()
     with ranks as forwarded:
         result = finetune(job.entry, job.spec.model, job.spec.init == "pretrained", job.spec.fold,
-                          recipe=job.spec.recipe, recipe_files=options.recipe_files,
+                          recipe=job.spec.recipe, seed=job.spec.seed, fraction=job.spec.fraction,
+                          recipe_files=options.recipe_files,
                           settings=options.settings_for(job), weights=options.weights_for(job),
                           device=options.device, num_gpus=options.num_gpus, resume=True, compile=options.compile,
                           paths=paths, plan_processes=_processes(options),

@@ -7,8 +7,8 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from segbook.cli.common import (POSITIVE_NUMBER, HelpFormatter, add_registry_option, add_training_options, at_least,
-                                training_settings_from_args)
+from segbook.cli.common import (POSITIVE_NUMBER, HelpFormatter, add_registry_option, add_seed_and_fraction_options,
+                                add_training_options, at_least, training_settings_from_args)
 
 if TYPE_CHECKING:
     from segbook.batch.execute import ExecutionOptions
@@ -21,10 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "batch", help="the benchmark matrix as resumable jobs: plan, prepare, run locally, submit to SLURM, status, "
                       "retry",
-        description="Jobs are (task, model, initialisation, recipe, fold) runs. Their tasks are prepared (planned, "
-                    "preprocessed, split) first, on CPUs; a job then trains (resuming from its latest checkpoint) "
-                    "and evaluates; a done job is skipped, a claim per job keeps two launchers (or a requeued SLURM "
-                    "task and its predecessor) from running it twice. See docs/batch.md.")
+        description="Jobs are (task, model, initialisation, recipe, seed, training fraction, fold) runs. Their "
+                    "tasks are prepared (planned, preprocessed, split) first, on CPUs; a job then trains (resuming "
+                    "from its latest checkpoint) and evaluates; a done job is skipped, a claim per job keeps two "
+                    "launchers (or a requeued SLURM task and its predecessor) from running it twice. See "
+                    "docs/batch.md.")
     commands = parser.add_subparsers(dest="batch_command", metavar="SUBCOMMAND")
     commands.required = True
     _register_plan(commands)
@@ -55,6 +56,7 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--recipes", default="segbook",
                        help="fine-tuning recipes of the pretrained jobs, comma-separated, or 'all' (`segbook "
                             "recipes` lists them); one job per recipe; scratch jobs train with 'scratch'")
+    add_seed_and_fraction_options(group)
     group.add_argument("--folds", default="all",
                        help="'all' is nnU-Net's fold all (the whole train split, SegBook's protocol); 0-4 are "
                             "cross-validation folds; comma-separated")
@@ -249,7 +251,8 @@ def _matrix(args: argparse.Namespace) -> list["Job"]:
 
     jobs = build_matrix(registry_from_args(args), args.tasks, scale=args.scale, modality=args.modality,
                         target=args.target, region=args.region, models=args.models, inits=args.init,
-                        recipes=args.recipes, recipe_files=args.recipe_file, folds=args.folds)
+                        recipes=args.recipes, recipe_files=args.recipe_file, seeds=args.seeds,
+                        fractions=args.fractions, folds=args.folds)
     if not jobs:
         raise MatrixError("the selection matches no job (nnU-Net's network has no pretrained job; check the "
                           "filters with `segbook tasks`)")
@@ -287,12 +290,13 @@ def _print(rows: list[dict[str, Any]], totals: list[dict[str, Any]], fmt: str) -
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from segbook.batch.matrix import counts, in_states, several_recipes, survey
+    from segbook.batch.matrix import counts, in_states, several_recipes, several_variants, survey
 
     jobs = _matrix(args)
     statuses = survey(jobs, weights=args.weights)
-    recipe = several_recipes(jobs)
-    rows = [s.record() if args.format == "json" else s.row(recipe) for s in in_states(statuses, args.state)]
+    recipe, variants = several_recipes(jobs), several_variants(jobs)
+    rows = [s.record() if args.format == "json" else s.row(recipe, variants)
+            for s in in_states(statuses, args.state)]
     totals = [{"state": state, "jobs": n} for state, n in counts(statuses).items()]
     _print(rows, totals + [{"state": "total", "jobs": len(statuses)}], args.format)
     return 0
@@ -303,7 +307,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from segbook.batch.estimate import DEFAULT_ASSUMED_TFLOPS
     from segbook.batch.execute import ExecutionOptions
     from segbook.batch.forecast import forecast
-    from segbook.batch.matrix import several_recipes
+    from segbook.batch.matrix import several_recipes, several_variants
 
     jobs = _matrix(args)
     options = ExecutionOptions.create(weights=args.weights, settings=training_settings_from_args(args),
@@ -311,8 +315,8 @@ def run_plan(args: argparse.Namespace) -> int:
     minutes = time_minutes(args.time) if args.time else None
     plan = forecast(jobs, options, assumed_tflops=args.assumed_tflops or DEFAULT_ASSUMED_TFLOPS)
     recipe = several_recipes(jobs)
-    rows = [c.row(full=args.format == "json", recipe=recipe, time_minutes=minutes, gpus=args.gpus_per_job)
-            for c in plan.in_states(args.state)]
+    rows = [c.row(full=args.format == "json", recipe=recipe, time_minutes=minutes, gpus=args.gpus_per_job,
+                  variants=several_variants(jobs)) for c in plan.in_states(args.state)]
     _print(rows, plan.totals(), args.format)
     return 0
 

@@ -119,8 +119,6 @@ def add_budget_options(parser: argparse.ArgumentParser) -> None:
                        help="weight decay (default: the recipe's: 3e-5, nnU-Net's)")
     hyper.add_argument("--checkpoint-every", type=bounded(BOUNDS["checkpoint_every"]),
                        default=defaults.checkpoint_every, help="epochs between resumable checkpoints")
-    hyper.add_argument("--seed", type=bounded(BOUNDS["seed"]), default=defaults.seed,
-                       help="seed of the weights' initialisation, sampling and augmentation")
     hyper.add_argument("--stem-tiling", choices=STEM_TILINGS, default=defaults.stem_tiling,
                        help="fine-tuning a multi-channel task: repeat the checkpoint's single-channel first block "
                             "on every channel, as the official STU-Net code does (repeat), or also divide it by the "
@@ -140,9 +138,28 @@ def training_settings_from_args(args: argparse.Namespace) -> "TrainingSettings":
     return TrainingSettings(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
                             val_iterations_per_epoch=args.val_iters_per_epoch, lr=args.lr,
                             head_lr_multiplier=args.head_lr_multiplier, weight_decay=args.weight_decay,
-                            checkpoint_every=args.checkpoint_every, seed=args.seed,
+                            checkpoint_every=args.checkpoint_every,
                             mixed_precision=args.precision, channels_last=args.channels_last,
                             stem_tiling=args.stem_tiling).validate()
+
+
+def add_seed_and_fraction_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--seeds and --fractions: one run per combination (checked by `seeds_and_fractions_from_args`)."""
+    parser.add_argument("--seeds", nargs="+", default=["0"], metavar="N",
+                        help="seeds to train, one run each (space- or comma-separated integers >= 0). The seed is "
+                             "part of the run's name and drives the fresh weights' initialisation, nnU-Net's "
+                             "sampling and augmentation (random seed 12345 + N; default: 0)")
+    parser.add_argument("--fractions", nargs="+", default=["1"], metavar="F",
+                        help="fractions of the training cases to train on, one run each (in (0, 1]; space- or "
+                             "comma-separated): a fixed, nested subset per dataset, at least 2 cases; the test "
+                             "split is always whole (default: 1, every training case)")
+
+
+def seeds_and_fractions_from_args(args: argparse.Namespace) -> tuple[list[int], list[float]]:
+    """The checked seeds and fractions; `RunIdentityError` (`segbook: error: --seeds: ...`) for a bad one."""
+    from segbook.runs import parse_fractions, parse_seeds
+
+    return parse_seeds(args.seeds), parse_fractions(args.fractions)
 
 
 class NameList(argparse.Action):

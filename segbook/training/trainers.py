@@ -26,6 +26,7 @@ import io
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -172,6 +173,7 @@ class SegbookTrainer(nnUNetTrainer):
 
         settings, recipe = TrainingSettings().resolve(get_recipe(identity.recipe, identity.init))
         manifest = RunManifest.create(self.output_folder, run, settings, {"via": "nnU-Net"}, recipe)
+        manifest.data["rng_seed"] = identity.rng_seed
         if self.local_rank == 0:
             manifest.save()
         return manifest
@@ -187,9 +189,7 @@ class SegbookTrainer(nnUNetTrainer):
         self.initial_lr = self.recipe.optimizer.lr
         self.weight_decay = self.recipe.optimizer.weight_decay
         self.save_every = settings.checkpoint_every
-        random.seed(settings.seed)
-        np.random.seed(settings.seed)
-        torch.manual_seed(settings.seed)
+        self._seed_random_numbers()
         if self.device.type == "cuda":
             # nnU-Net autocasts in the process's CUDA autocast dtype (fp16 unless changed, as by an earlier bf16 run
             # in this process): set it either way. bf16 needs no loss scaling: no grad scaler.
@@ -197,6 +197,50 @@ class SegbookTrainer(nnUNetTrainer):
             torch.set_autocast_dtype("cuda", torch.bfloat16 if bf16 else torch.float16)
             if bf16:
                 self.grad_scaler = None
+
+    def _seed_random_numbers(self) -> None:
+        """The run's seed (its name's: `Identity.rng_seed`, never a setting, so two runs of one name train alike)
+        seeds Python, numpy and torch before the network is built: the fresh weights (all of them from scratch, the
+        heads when fine-tuning), then nnU-Net's sampling and augmentation in this process, and the seeds of its
+        augmentation workers (`get_dataloaders`). DDP ranks other than 0 get seeds of their own, so that they do
+        not sample the same patches (DDP gives every rank rank 0's weights)."""
+        rank = self._rank()
+        seed = self.identity.rng_seed if rank == 0 else \
+            int(np.random.SeedSequence([self.identity.rng_seed, rank]).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders, with augmentation workers seeded from the run's seed (nnU-Net starts them unseeded:
+        numpy then draws its seed from the operating system, so no two runs would sample alike).
+
+        With `nnUNet_n_proc_DA=0` augmentation runs in this process, seeded by `_seed_random_numbers`: same seed,
+        device and settings give the same run on the CPU. With one worker its batches come in the order it makes
+        them, so that is reproducible too. With several, each worker's batches are reproducible but nnU-Net's
+        `NonDetMultiThreadedAugmenter` hands them out in the order they are ready, which depends on timing."""
+        nnunet_trainer_module = sys.modules[nnUNetTrainer.__module__]  # where get_dataloaders finds the class
+        unseeded = nnunet_trainer_module.NonDetMultiThreadedAugmenter
+        streams = iter(("train", "validation"))  # nnU-Net makes the training augmenter first
+
+        def seeded(*args: Any, num_processes: int, seeds: Any = None, **kwargs: Any):
+            return unseeded(*args, num_processes=num_processes, seeds=self._worker_seeds(next(streams),
+                                                                                        num_processes), **kwargs)
+
+        nnunet_trainer_module.NonDetMultiThreadedAugmenter = seeded
+        try:
+            return super().get_dataloaders()
+        finally:
+            nnunet_trainer_module.NonDetMultiThreadedAugmenter = unseeded
+
+    def _worker_seeds(self, stream: str, workers: int) -> list[int]:
+        """One seed per augmentation worker, from the run's seed, the stream and the DDP rank (ranks must not draw
+        the same batches), through numpy's SeedSequence (so the global generators' state is left as it is)."""
+        entropy = [self.identity.rng_seed, self._rank(), ("train", "validation").index(stream)]
+        return [int(s) for s in np.random.SeedSequence(entropy).generate_state(workers)]
+
+    def _rank(self) -> int:
+        return dist.get_rank() if self.is_ddp else 0
 
     def _use_bf16(self) -> bool:
         precision = self.settings.mixed_precision
@@ -521,7 +565,32 @@ class SegbookTrainer(nnUNetTrainer):
                                                         Path(self.preprocessed_dataset_folder)):
             self.print_to_log_file(f"wrote {SPLITS} (nnU-Net's 5-fold split): the task was not prepared with "
                                    "`segbook batch prepare`")
-        return super().do_split()
+        train, validation = super().do_split()
+        return self._training_subset(train, validation)
+
+    def _training_subset(self, train: list[str], validation: list[str]) -> tuple[list[str], list[str]]:
+        """The run's fraction of the cases it would train on (`segbook.data.subsets`), recorded in run.json
+        (`training_cases`); a run that started on other cases (the split or the folds changed since) is refused
+        rather than resumed on a mix. Fold 'all' validates on what it trains on, as nnU-Net's does; a fold's
+        validation cases stay as they are."""
+        from segbook.data.subsets import training_subset
+
+        subset = training_subset(train, self.identity.fraction)
+        chosen = set(subset.cases)
+        cases = [case for case in train if case in chosen]  # nnU-Net's order: it samples by position
+        recorded = (self.manifest.data.get("training_cases") or {}).get("cases")
+        if recorded is not None and recorded != list(subset.cases):
+            raise SegbookError(f"{self.output_folder} started training on {len(recorded)} case(s), and its "
+                               f"{subset.fraction:g} of the training cases is now {len(cases)} case(s), not the same "
+                               "ones (the split or the folds changed since): resuming would mix two training sets; "
+                               "start it again with --overwrite")
+        if subset.minimum_applied:
+            self.print_to_log_file(f"training fraction {subset.fraction} of {subset.available} cases is below the "
+                                   f"minimum: training on {len(cases)} cases")
+        if self.local_rank == 0 and recorded is None:
+            self.manifest.data["training_cases"] = subset.record()
+            self.manifest.save()
+        return cases, (cases if self.fold == "all" else validation)
 
     def _check_preprocessed(self) -> None:
         """Refuse to train on preprocessed data that is not exactly the train split (a re-plan killed by an older
