@@ -3,14 +3,20 @@ loading across families, recipes that fit or not, and the catalogued costs."""
 
 from __future__ import annotations
 
+import json
+import runpy
+from pathlib import Path
+
 import pytest
 import torch
-from helpers import planned_tiny_task, tiny_spec
+from helpers import planned_tiny_task, run_segbook, tiny_spec, use_planned_task
 
 from segbook import backbones
 from segbook.backbones.models import check_fits, count_cost, create_model, load_into
 from segbook.recipes import RecipeError, get_recipe
 from segbook.runs import MODELS, Identity, RunIdentityError, valid_combinations
+from segbook.training.checkpoints import read_run_checkpoint
+from segbook.training.manifest import RunManifest
 from segbook.training.trainers import EXTERNAL_TRAINER_FOLDER
 from stunet import CheckpointError, create_stunet, write_official_checkpoint
 
@@ -38,7 +44,7 @@ def test_registry_keeps_the_existing_models_and_adds_resenc():
     assert ("resenc-l", "pretrained") in valid_combinations() and ("nnunet", "pretrained") not in valid_combinations()
     assert Identity("large", "pretrained").trainer == "SegbookTrainer_large_pretrained"
     assert Identity("resenc-l", "scratch").trainer == "SegbookTrainer_resenc-l_scratch"
-    with pytest.raises(RunIdentityError, match="nnU-Net has no pretrained weights"):
+    with pytest.raises(RunIdentityError, match="nnU-Net's default network has no pretrained weights"):
         Identity("nnunet", "pretrained")
     with pytest.raises(backbones.BackboneError, match="unknown model 'giant'"):
         backbones.get("giant")
@@ -137,3 +143,52 @@ def test_catalogued_costs_are_the_counted_ones():
     for name in ("tiny", "small", "resenc-m", "resenc-l"):
         backbone = backbones.get(name)
         assert backbone.cost == count_cost(backbone), name
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "my_backbone.py"
+
+
+def _finetune(task, *args: str) -> None:
+    run_segbook("finetune", "--registry", str(task.registry_file), "--task", task.entry.key, "--device", "cpu",
+                "--epochs", "1", "--iters-per-epoch", "2", "--val-iters-per-epoch", "1", *args)
+
+
+@pytest.mark.slow
+def test_the_documented_example_backbone_trains_and_fine_tunes_end_to_end(task, tmp_path, monkeypatch):
+    """docs/backbones.md's example file, through `segbook finetune` as a user runs it: from scratch, then
+    fine-tuned from that run's checkpoint with its encoder frozen (so the encoder must come out unchanged)."""
+    paths = use_planned_task(task, tmp_path, monkeypatch)
+    _finetune(task, "--backbone-file", str(EXAMPLE), "--model", "my-unet", "--scratch")
+    scratch = paths.results / task.entry.nnunet_name / "SegbookTrainer_my-unet_scratch__nnUNetPlans__3d_fullres"
+    assert RunManifest.load(scratch / "fold_all").status == "finished"
+    final = scratch / "fold_all" / "checkpoint_final.pth"
+    _finetune(task, "--backbone-file", str(EXAMPLE), "--model", "my-unet", "--pretrained", "--weights", str(final),
+              "--recipe", "frozen-encoder")
+    tuned = paths.results / task.entry.nnunet_name / \
+        "SegbookTrainer_my-unet_pretrained_frozen-encoder__nnUNetPlans__3d_fullres" / "fold_all"
+    manifest = RunManifest.load(tuned)
+    assert manifest.status == "finished"
+    assert any(event["event"] == "pretrained_weights_loaded" for event in manifest.data["events"])
+    before = read_run_checkpoint(final)["network_weights"]
+    after = read_run_checkpoint(tuned / "checkpoint_final.pth")["network_weights"]
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("stem.", "down.")))
+    assert not torch.equal(before["fuse.0.weight"], after["fuse.0.weight"])  # the decoder trained
+    listing = json.loads(run_segbook("models", "--backbone-file", str(EXAMPLE), "--format", "json").stdout)
+    mine = next(row for row in listing if row["model"] == "my-unet")
+    network = runpy.run_path(str(EXAMPLE))["MyUNet"](1, 105)  # the listing's default channels and classes
+    assert mine["parameters"] == sum(p.numel() for p in network.parameters())
+    assert {row["model"] for row in listing} >= {"large", "nnunet", "resenc-m", "resenc-l", "my-unet"}
+
+
+@pytest.mark.slow
+def test_resenc_trains_on_its_own_plans(task, tmp_path, monkeypatch):
+    paths = use_planned_task(task, tmp_path, monkeypatch)
+    _finetune(task, "--model", "resenc-l", "--scratch")
+    folder = paths.results / task.entry.nnunet_name / "SegbookTrainer_resenc-l_scratch__nnUNetResEncUNetLPlans__" \
+        "3d_fullres" / "fold_all"
+    manifest = RunManifest.load(folder)
+    assert manifest.status == "finished" and manifest.data["run"]["plans"] == "nnUNetResEncUNetLPlans"
+    weights = read_run_checkpoint(folder / "checkpoint_final.pth")["network_weights"]
+    expected = create_model("resenc-l", num_classes=len(task.entry.labels), device="meta",
+                            configuration=_configuration(task.resenc_plan)).state_dict()
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in expected.items()}

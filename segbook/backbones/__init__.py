@@ -42,6 +42,7 @@ ENCODER, DECODER, HEADS = "encoder", "decoder", "heads"
 FORMAT_READERS: dict[str, str] = {
     "stunet": "stunet.loading:read_state_dict",  # nnU-Net v1 `.model`, nnU-Net v2 `.pth` or a plain state_dict
     "nnunet": "stunet.loading:read_state_dict",  # an nnU-Net v2 training checkpoint (`network_weights`)
+    "state_dict": "stunet.loading:read_state_dict",  # torch.save(network.state_dict(), path), or the above
     "nnssl": "segbook.backbones.nnssl:read_nnssl_checkpoint",
 }
 
@@ -104,8 +105,11 @@ class Backbone:
     shapes_from_plans: bool = False
     description: str = ""
     source: str = "built in"
+    #: The backbone in a sentence ("STU-Net large", "nnU-Net's default network"); default: its title.
+    label: str = ""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "label", self.label or self.title)
         if not MODEL_NAME.match(self.name):
             raise BackboneError(f"backbone name {self.name!r}: use lower-case letters, digits and hyphens, starting "
                                 "with a letter")
@@ -116,11 +120,6 @@ class Backbone:
         if self.checkpoint_formats and not self.classifier:
             raise BackboneError(f"backbone {self.name} reads checkpoints but names no classifier (the layer "
                                 "fine-tuning replaces)")
-
-    @property
-    def label(self) -> str:
-        """The backbone in a sentence ("STU-Net large", "nnU-Net ResEnc-L")."""
-        return f"STU-Net {self.name}" if self.family == "STU-Net" else self.title
 
     @property
     def pretrainable(self) -> bool:
@@ -145,7 +144,7 @@ def _stunet(preset: str) -> Backbone:
                     encoder_stages=6),
         first_conv=cfg.first_conv if cfg else FIRST_CONV_KEYS,
         classifier=cfg.classifier if cfg else HEAD_PREFIX.rstrip("."), checkpoint_formats=("stunet",),
-        pretrained=cfg, cost=_STUNET_COST[preset],
+        pretrained=cfg, cost=_STUNET_COST[preset], label=f"STU-Net {preset}",
         description=f"STU-Net {preset} (base width {PRESETS[preset].base_width}, "
                     f"{PRESETS[preset].blocks_per_stage} block(s) per stage); five stages, strides from the plans")
 
@@ -171,7 +170,7 @@ def _resenc(size: str) -> Backbone:
 
 BUILTIN: tuple[Backbone, ...] = (
     *(_stunet(preset) for preset in PRESETS),
-    Backbone(name="nnunet", family="nnU-Net", title="nnU-Net",
+    Backbone(name="nnunet", family="nnU-Net", title="nnU-Net", label="nnU-Net's default network",
              description="nnU-Net's default U-Net (PlainConvUNet from nnUNetPlans), the paper's scratch baseline"),
     _resenc("M"),
     _resenc("L"),
@@ -306,7 +305,7 @@ def planner_for(model: str, plans: str = "default") -> str:
     if plans == "default":
         return backbone.planner
     if not backbone.fixed_plans() and plans != backbone.planner:
-        raise BackboneError(f"--plans {plans} varies nnU-Net's default planner; {backbone.title} is planned by "
+        raise BackboneError(f"--plans {plans} varies nnU-Net's default planner; {backbone.label} is planned by "
                             f"its own ({backbone.planner}, {backbone.plans}): leave --plans out")
     return plans
 

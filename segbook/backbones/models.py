@@ -72,7 +72,7 @@ def build(backbone: Backbone, configuration: Any, input_channels: int, num_class
         return resolve(backbone.build)(backbone.name, configuration, input_channels, num_classes,
                                        deep_supervision and backbone.deep_supervision)
     if configuration is None:
-        raise BackboneError(f"{backbone.title} is the network of a task's nnU-Net plans: build it from them")
+        raise BackboneError(f"{backbone.label} is the network of a task's nnU-Net plans: build it from them")
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     return get_network_from_plans(configuration.network_arch_class_name, configuration.network_arch_init_kwargs,
@@ -90,7 +90,7 @@ def read_checkpoint(backbone: Backbone, path: str | os.PathLike) -> dict[str, to
     """The weights of `path`, read by the first of the backbone's formats whose reader accepts the file;
     `CheckpointError` saying what each reader found otherwise. Files are never unpickled (`stunet.safe_load`)."""
     if not backbone.pretrainable:
-        raise BackboneError(f"{backbone.title} trains from scratch only: it reads no checkpoints")
+        raise BackboneError(f"{backbone.label} trains from scratch only: it reads no checkpoints")
     refusals = []
     for name in backbone.checkpoint_formats:
         try:
@@ -102,7 +102,7 @@ def read_checkpoint(backbone: Backbone, path: str | os.PathLike) -> dict[str, to
             return reader(path)
         except CheckpointError as error:
             refusals.append(f"{name}: {error}")
-    raise CheckpointError(f"{path} is in none of the formats {backbone.title} reads ({'; '.join(refusals)})")
+    raise CheckpointError(f"{path} is in none of the formats {backbone.label} reads ({'; '.join(refusals)})")
 
 
 def load_into(network: nn.Module, backbone: Backbone, path: str | os.PathLike,
@@ -142,7 +142,7 @@ def _pretrained_file(backbone: Backbone, pretrained: bool | str | os.PathLike) -
     if pretrained is not True:
         return os.fspath(pretrained)
     if backbone.pretrained is None:
-        raise BackboneError(f"{backbone.title} has no catalogued checkpoint: pass the file, pretrained=PATH")
+        raise BackboneError(f"{backbone.label} has no catalogued checkpoint: pass the file, pretrained=PATH")
     from segbook.paths import Paths
     from stunet.checkpoints import WeightCache, WeightsError
 
@@ -158,7 +158,7 @@ def describe_network_weights(backbone: Backbone, state_dict: Mapping[str, torch.
 
     if backbone.family == "STU-Net":
         return describe_stunet(state_dict)
-    return f"{backbone.title}: {describe_resenc(state_dict) or _key_summary(state_dict)}"
+    return f"{backbone.label}: {describe_resenc(state_dict) or _key_summary(state_dict)}"
 
 
 def describe_resenc(state_dict: Mapping[str, torch.Tensor]) -> str | None:

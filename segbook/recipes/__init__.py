@@ -216,12 +216,12 @@ class Recipe(_Model):
         parts = backbone.parts
         if self.needs_parts and parts is None:
             raise RecipeError(f"recipe {self.name!r} addresses a network's parts (encoder, decoder, heads), which "
-                              f"{backbone.title} does not name: it trains only with one rate for all")
+                              f"{backbone.label} does not name: it trains only with one rate for all")
         if self.groups.layer_decay is not None and parts is not None and parts.encoder_stages != ENCODER_STAGES:
             stages = "a number of encoder stages its plans decide" if parts.encoder_stages is None else \
                 f"{parts.encoder_stages} encoder stages"
             raise RecipeError(f"recipe {self.name!r} decays the rate over {ENCODER_STAGES} encoder stages, and "
-                              f"{backbone.title} has {stages}")
+                              f"{backbone.label} has {stages}")
         if num_gpus > 1 and len({phase.train for phase in self.phases}) > 1:
             raise RecipeError(f"recipe {self.name!r} changes what trains between phases, which nnU-Net's DDP "
                               "(--num-gpus > 1) cannot follow; train it on one GPU")
