@@ -181,7 +181,9 @@ def test_the_documented_example_backbone_trains_and_fine_tunes_end_to_end(task, 
 
 
 @pytest.mark.slow
-def test_resenc_trains_on_its_own_plans(task, tmp_path, monkeypatch):
+def test_resenc_trains_on_its_own_plans_and_fine_tunes_from_weights(task, tmp_path, monkeypatch):
+    """`finetune --model resenc-l` from scratch on nnUNetResEncUNetLPlans, then `--pretrained --weights` from that
+    run's nnU-Net checkpoint with the encoder frozen: the encoder comes out as the checkpoint has it."""
     paths = use_planned_task(task, tmp_path, monkeypatch)
     _finetune(task, "--model", "resenc-l", "--scratch")
     folder = paths.results / task.entry.nnunet_name / "SegbookTrainer_resenc-l_scratch__nnUNetResEncUNetLPlans__" \
@@ -192,3 +194,26 @@ def test_resenc_trains_on_its_own_plans(task, tmp_path, monkeypatch):
     expected = create_model("resenc-l", num_classes=len(task.entry.labels), device="meta",
                             configuration=_configuration(task.resenc_plan)).state_dict()
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in expected.items()}
+
+    _finetune(task, "--model", "resenc-l", "--pretrained", "--weights", str(folder / "checkpoint_final.pth"),
+              "--recipe", "frozen-encoder")
+    tuned = paths.results / task.entry.nnunet_name / "SegbookTrainer_resenc-l_pretrained_frozen-encoder__" \
+        "nnUNetResEncUNetLPlans__3d_fullres" / "fold_all"
+    assert RunManifest.load(tuned).status == "finished"
+    after = read_run_checkpoint(tuned / "checkpoint_final.pth")["network_weights"]
+    assert all(torch.equal(weights[k], after[k]) for k in weights if k.startswith("encoder."))
+    assert not all(torch.equal(weights[k], after[k]) for k in weights if k.startswith("decoder.stages."))
+
+
+def test_batch_estimates_count_each_backbone_on_its_own_plans(task, tmp_path, monkeypatch):
+    from segbook.batch.estimate import ForwardFlops, task_geometry
+    from stunet import count_forward_macs
+
+    paths = use_planned_task(task, tmp_path, monkeypatch)
+    resenc = task_geometry(task.entry, paths, "resenc-l")
+    default = task_geometry(task.entry, paths)
+    assert resenc.plans_file.endswith("nnUNetResEncUNetLPlans.json") and default.plans_file.endswith("nnUNetPlans.json")
+    flops = ForwardFlops()
+    network = create_model("resenc-l", num_classes=4, device="meta", configuration=_configuration(task.resenc_plan))
+    assert flops("resenc-l", resenc, 1, 4) == 2 * count_forward_macs(network, (1, 1, *resenc.patch))
+    assert flops("large", default, 1, 4) != flops("resenc-l", resenc, 1, 4)

@@ -117,6 +117,9 @@ class Backbone:
         if unknown:
             raise BackboneError(f"backbone {self.name}: unknown checkpoint format(s) {', '.join(unknown)}; known: "
                                 f"{', '.join(FORMAT_READERS)}")
+        if self.pretrained is not None and self.pretrained.format not in self.checkpoint_formats:
+            raise BackboneError(f"backbone {self.name}: its catalogued checkpoint is in format "
+                                f"{self.pretrained.format}, which it does not read ({', '.join(self.checkpoint_formats)})")
         if self.checkpoint_formats and not self.classifier:
             raise BackboneError(f"backbone {self.name} reads checkpoints but names no classifier (the layer "
                                 "fine-tuning replaces)")

@@ -99,6 +99,7 @@ class Geometry:
     strides: tuple[tuple[int, ...], ...]
     median_shape: tuple[int, ...] | None
     source: str  # "plans" or "reference"
+    plans_file: str | None = None  # the plans it comes from: backbones whose shapes follow the plans build from them
 
     def windows(self) -> int:
         """Sliding windows per case (nnU-Net's steps at step size 0.5)."""
@@ -118,7 +119,7 @@ def task_geometry(entry, paths: Paths, planner: str = "default") -> Geometry | N
         config = json.loads(plan.plans_file.read_text())["configurations"]["3d_fullres"]
         median = config.get("median_image_size_in_voxels")
         return Geometry(tuple(plan.patch_size), plan.batch_size, tuple(map(tuple, plan.nnunet_strides)),
-                        tuple(int(round(v)) for v in median) if median else None, "plans")
+                        tuple(int(round(v)) for v in median) if median else None, "plans", str(plan.plans_file))
     if entry.reference_patch_size is None:
         return None
     patch = tuple(entry.reference_patch_size)
@@ -137,7 +138,10 @@ class ForwardFlops:
         self.changed = False
 
     def __call__(self, model: str, geometry: Geometry, channels: int, classes: int) -> int:
-        key = json.dumps([model, geometry.patch, geometry.strides, channels, classes])
+        from segbook import backbones
+
+        planned = [geometry.source] if backbones.get(model).shapes_from_plans else []  # built from the plans, or not
+        key = json.dumps([model, geometry.patch, geometry.strides, channels, classes, *planned])
         if key not in self.known:
             self.known[key] = _count(model, geometry, channels, classes)
             self.changed = True
@@ -149,12 +153,23 @@ class ForwardFlops:
 
 
 def _count(model: str, geometry: Geometry, channels: int, classes: int) -> int:
+    """Forward FLOPs of the job's network: built from the task's plans where the backbone's shapes follow them
+    (ResEnc, as nnU-Net builds it), else from the patch and strides (`build_network`)."""
     import torch
 
+    from segbook import backbones
+    from segbook.backbones.models import build
     from stunet import count_forward_macs
 
+    backbone = backbones.get(model)
     with torch.device("meta"):
-        network = build_network(model, geometry.patch, channels, classes, geometry.strides)
+        if geometry.plans_file is not None and backbone.shapes_from_plans:
+            from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+            configuration = PlansManager(geometry.plans_file).get_configuration("3d_fullres")
+            network = build(backbone, configuration, channels, classes)
+        else:
+            network = build_network(model, geometry.patch, channels, classes, geometry.strides)
     return 2 * count_forward_macs(network, (1, channels, *geometry.patch))
 
 
