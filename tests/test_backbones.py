@@ -217,3 +217,25 @@ def test_batch_estimates_count_each_backbone_on_its_own_plans(task, tmp_path, mo
     network = create_model("resenc-l", num_classes=4, device="meta", configuration=_configuration(task.resenc_plan))
     assert flops("resenc-l", resenc, 1, 4) == 2 * count_forward_macs(network, (1, 1, *resenc.patch))
     assert flops("large", default, 1, 4) != flops("resenc-l", resenc, 1, 4)
+
+
+def test_a_matrix_mixes_backbones_each_on_its_plans(task, tmp_path, monkeypatch):
+    from segbook.batch.matrix import build_matrix, weights_problem
+    from segbook.batch.preparation import planners_of, unprepared
+    from segbook.registry import load_registry
+
+    paths = use_planned_task(task, tmp_path, monkeypatch)
+    registry = load_registry([task.registry_file])
+    jobs = build_matrix(registry, task.entry.key, models="large,resenc-l,nnunet")
+    assert {(j.spec.model, j.spec.init, j.spec.plans) for j in jobs} == {
+        ("large", "pretrained", "nnUNetPlans"), ("large", "scratch", "nnUNetPlans"),
+        ("resenc-l", "pretrained", "nnUNetResEncUNetLPlans"), ("resenc-l", "scratch", "nnUNetResEncUNetLPlans"),
+        ("nnunet", "scratch", "nnUNetPlans")}
+    assert planners_of(jobs) == ("default", "resenc-l")
+    assert unprepared(task.entry, paths, ["all"], planners=planners_of(jobs)) is None  # the fixture planned both
+    assert "not planned with the resenc-m planner" in unprepared(task.entry, paths, ["all"], planners=("resenc-m",))
+    resenc = next(j for j in jobs if j.spec.model == "resenc-l" and j.spec.init == "pretrained")
+    assert weights_problem(resenc, paths, None) == ("weights missing: nnU-Net ResEnc-L has no official checkpoint; "
+                                                    "pass --weights FILE")
+    with pytest.raises(RecipeError, match="recipe 'llrd' decays the rate over 6 encoder stages"):
+        build_matrix(registry, task.entry.key, models="large,resenc-l", recipes="llrd")

@@ -848,3 +848,17 @@ def test_cli_on_an_empty_store(segbook_home: Path, capsys: pytest.CaptureFixture
     assert "no datasets" in capsys.readouterr().out
     assert main(["results", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_each_backbone_is_collected_on_its_own_plans_and_tabulated_with_its_cost(store) -> None:
+    paths, registry = store
+    write_run(paths.results, registry, C, "resenc-l", "scratch", "all", (0.66,), plans="")
+    write_run(paths.results, registry, C, "resenc-m", "scratch", "all", (0.50,), plans="nnUNetPlans")
+    with pytest.warns(ResultsWarning, match="ignored 1 run\\(s\\) trained with plans 'nnUNetPlans'"):
+        df = collect_results(paths, registry)  # resenc-m's run is not on its own plans
+    assert set(df.loc[df["model"] == "resenc-l", "plans"]) == {"nnUNetResEncUNetLPlans"}
+    assert "resenc-m" not in set(df["model"])
+    table = scale_table(df)
+    row = next(r for r in table.records("json") if r["model"] == "resenc-l")
+    assert (row["init"], row["params (M)"], row["TMACs"]) == ("scratch", 102.4, 0.72)
+    assert [r[0] for r in table.rows][-1] == "resenc-l"  # after the paper's configurations
