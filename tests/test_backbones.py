@@ -4,6 +4,7 @@ loading across families, recipes that fit or not, and the catalogued costs."""
 from __future__ import annotations
 
 import json
+import os
 import runpy
 from pathlib import Path
 
@@ -239,3 +240,18 @@ def test_a_matrix_mixes_backbones_each_on_its_plans(task, tmp_path, monkeypatch)
                                                     "pass --weights FILE")
     with pytest.raises(RecipeError, match="recipe 'llrd' decays the rate over 6 encoder stages"):
         build_matrix(registry, task.entry.key, models="large,resenc-l", recipes="llrd")
+
+
+def test_an_installed_package_adds_backbones_through_the_entry_point_group(tmp_path, monkeypatch):
+    """A package declaring `[segbook.backbones] my = my_backbone:BACKBONES` (here: its installed metadata on the
+    path) shows up in `segbook models`, in a fresh process as a user would run it."""
+    site = tmp_path / "site"
+    (site / "labnet-1.0.dist-info").mkdir(parents=True)
+    (site / "labnet-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: labnet\nVersion: 1.0\n")
+    (site / "labnet-1.0.dist-info" / "entry_points.txt").write_text(
+        "[segbook.backbones]\nmy = labnet_backbone:BACKBONES\n")
+    (site / "labnet_backbone.py").write_text(EXAMPLE.read_text().replace('name="my-unet"', 'name="lab-unet"'))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    listing = json.loads(run_segbook("models", "--format", "json").stdout)
+    row = next(row for row in listing if row["model"] == "lab-unet")
+    assert row["source"] == "entry point labnet_backbone:BACKBONES" and row["family"] == "My lab"
