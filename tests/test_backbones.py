@@ -255,3 +255,16 @@ def test_an_installed_package_adds_backbones_through_the_entry_point_group(tmp_p
     listing = json.loads(run_segbook("models", "--format", "json").stdout)
     row = next(row for row in listing if row["model"] == "lab-unet")
     assert row["source"] == "entry point labnet_backbone:BACKBONES" and row["family"] == "My lab"
+
+
+def test_a_backbone_file_that_defines_none_or_a_taken_name_is_a_clear_error(tmp_path, capsys):
+    from segbook.cli.main import main
+
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    assert main(["models", "--backbone-file", str(empty)]) == 2
+    assert f"backbone file {empty} defines no BACKBONES" in capsys.readouterr().err
+    clash = tmp_path / "clash.py"
+    clash.write_text(EXAMPLE.read_text().replace('name="my-unet"', 'name="large"'))
+    assert main(["models", "--backbone-file", str(clash)]) == 2
+    assert "defines backbone 'large', which is already defined (built in)" in capsys.readouterr().err

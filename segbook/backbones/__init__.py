@@ -195,8 +195,8 @@ def _add(backbones: Iterable[Backbone], origin: str) -> None:
             raise BackboneError(f"{origin} gives {backbone!r}, not a segbook.backbones.Backbone")
         known = _registry.backbones.get(backbone.name)
         if known is not None and known != backbone:
-            raise BackboneError(f"{origin} defines backbone {backbone.name!r}, which {known.source} already "
-                                "defines; choose another name")
+            raise BackboneError(f"{origin} defines backbone {backbone.name!r}, which is already defined "
+                                f"({known.source}); choose another name")
         _registry.backbones[backbone.name] = backbone
 
 
