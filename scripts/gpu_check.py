@@ -193,6 +193,7 @@ def end_to_end(check: Check) -> dict[str, Any]:
             "prediction_seconds_per_case": round(seconds / summary["num_cases"], 2),
             "status": manifest["status"], "epochs": len(manifest["epochs"]), "device": manifest.get("device"),
             "epoch_seconds": [e["seconds"] for e in manifest["epochs"]], "dice": summary["foreground_mean"]["dice"],
+            "training_cost": manifest.get("cost"), "prediction_cost": (summary.get("cost") or {}).get("prediction"),
             "evaluate_output": evaluated.stdout[-1000:]}
 
 

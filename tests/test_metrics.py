@@ -12,21 +12,24 @@ import torch
 from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
 from scipy import ndimage
+from sklearn.metrics import jaccard_score, precision_score, recall_score
 
 from segbook.evaluation.metrics import case_metrics, mean_ignoring_nan
 
 ABS = 1e-6
 ANISOTROPIC = (3.0, 0.8, 0.8)
+LESION_KEYS = {"lesions_reference", "lesions_detected", "lesions_false_positive"}
 KEYS = {
-    "label", "dice", "nsd", "hd95", "tp", "fp", "fn", "tn",
-    "reference_voxels", "prediction_voxels", "reference_volume_mm3", "prediction_volume_mm3",
+    "label", "dice", "iou", "precision", "recall", "nsd", "hd95", "tp", "fp", "fn", "tn",
+    "reference_voxels", "prediction_voxels", "reference_volume_mm3", "prediction_volume_mm3", *LESION_KEYS,
 }  # fmt: skip
 
 
 def expected_metrics(
     reference: np.ndarray, prediction: np.ndarray, label: int, spacing: tuple[float, ...], tolerance: float
 ) -> dict:
-    """Dice and counts as nnU-Net computes them, NSD and HD95 as MONAI does (its inf reported as NaN)."""
+    """Dice and counts as nnU-Net computes them, NSD and HD95 as MONAI does (its inf reported as NaN), IoU,
+    precision and recall as scikit-learn does (its zero_division=0 is our rule for one empty mask)."""
     ref, pred = reference == label, prediction == label
     tp, fp, fn, tn = (int(n) for n in compute_tp_fp_fn_tn(ref, pred))
     y, y_pred = torch.from_numpy(ref)[None, None], torch.from_numpy(pred)[None, None]
@@ -34,7 +37,11 @@ def expected_metrics(
         warnings.simplefilter("ignore")  # MONAI warns about empty masks, which some tests are about
         nsd = compute_surface_dice(y_pred, y, [tolerance], True, spacing=list(spacing), use_subvoxels=True).item()
         hd95 = compute_hausdorff_distance(y_pred, y, True, percentile=95, spacing=list(spacing)).item()
+    flat_ref, flat_pred = ref.ravel(), pred.ravel()
+    ratios = {name: math.nan if tp + fp + fn == 0 else float(score(flat_ref, flat_pred, zero_division=0))
+              for name, score in (("iou", jaccard_score), ("precision", precision_score), ("recall", recall_score))}
     return {
+        **ratios,
         "dice": math.nan if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
         "nsd": nsd,
         "hd95": hd95 if math.isfinite(hd95) else math.nan,
@@ -107,8 +114,9 @@ def test_empty_masks_follow_monai_with_nan_for_inf() -> None:
     prediction[8:14, 3:9, 2:7] = 2  # only in the prediction; label 3 is in neither
     rows = assert_matches_references(reference, prediction, [1, 2, 3], ANISOTROPIC)
     assert [(row["dice"], row["nsd"]) for row in rows[:2]] == [(0.0, 0.0), (0.0, 0.0)]
+    assert [(row["iou"], row["precision"], row["recall"]) for row in rows[:2]] == [(0.0, 0.0, 0.0)] * 2
     assert all(math.isnan(row["hd95"]) for row in rows)
-    assert math.isnan(rows[2]["dice"]) and math.isnan(rows[2]["nsd"])
+    assert all(math.isnan(rows[2][key]) for key in ("dice", "nsd", "iou", "precision", "recall"))
 
 
 def test_empty_dice_one_scores_both_empty_as_perfect() -> None:
@@ -116,9 +124,9 @@ def test_empty_dice_one_scores_both_empty_as_perfect() -> None:
     prediction = np.zeros_like(reference)
     reference[2:5, 2:5, 2:5] = 1
     both_empty, only_reference = case_metrics(reference, prediction, [2, 1], ANISOTROPIC, empty_dice="one")
-    assert (both_empty["dice"], both_empty["nsd"]) == (1.0, 1.0)
+    assert [both_empty[key] for key in ("dice", "nsd", "iou", "precision", "recall")] == [1.0] * 5
     assert math.isnan(both_empty["hd95"])
-    assert (only_reference["dice"], only_reference["nsd"]) == (0.0, 0.0)
+    assert [only_reference[key] for key in ("dice", "nsd", "iou", "precision", "recall")] == [0.0] * 5
 
 
 def test_one_voxel_masks() -> None:
@@ -179,11 +187,14 @@ def test_counts_and_volumes_add_up() -> None:
     reference = blobs((30, 28, 26), 3, rng)
     prediction = perturbed(reference, [1, 2, 3], rng)
     spacing = (1.5, 0.5, 2.0)
-    rows = case_metrics(reference, prediction, [3, 1, 2, 1], spacing)
+    rows = case_metrics(reference, prediction, [3, 1, 2, 1], spacing, lesion_labels=[2])
     assert [row["label"] for row in rows] == [3, 1, 2, 1]
     for row in rows:
         assert set(row) == KEYS
-        assert all(type(value) in (int, float) for value in row.values())  # plain numbers: JSON-ready
+        lesion = row["label"] == 2
+        assert all(type(value) in (int, float) for key, value in row.items()  # plain numbers: JSON-ready
+                   if lesion or key not in LESION_KEYS)
+        assert all((row[key] is None) != lesion for key in LESION_KEYS)  # lesion counts for lesion labels only
         n_ref, n_pred = int((reference == row["label"]).sum()), int((prediction == row["label"]).sum())
         assert (row["reference_voxels"], row["prediction_voxels"]) == (n_ref, n_pred)
         assert row["tp"] + row["fn"] == n_ref and row["tp"] + row["fp"] == n_pred

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 #: segbook.results.tables.TABLES, spelled out so that building the parser does not import pandas.
 TABLE_CHOICES = ("scale", "modality-target", "region", "datasets", "recipes")
+#: Tables of their own modules: cost next to accuracy, lesion-wise detection.
+EXTRA_TABLES = ("cost", "lesions")
 
 
 def add_collection_options(parser: argparse.ArgumentParser) -> None:
@@ -62,16 +64,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "datasets lacking a configuration are listed, never averaged in (definitions: "
                     "docs/results.md).")
     add_collection_options(parser)
-    parser.add_argument("--table", choices=TABLE_CHOICES, default="scale",
-                        help="scale (the paper's main table, default), modality-target, region, datasets or recipes "
-                             "(by scale per fine-tuning recipe, against scratch and the segbook recipe)")
+    parser.add_argument("--table", choices=TABLE_CHOICES + EXTRA_TABLES, default="scale",
+                        help="scale (the paper's main table, default), modality-target, region, datasets, recipes "
+                             "(by scale per fine-tuning recipe, against scratch and the segbook recipe), cost "
+                             "(device-hours, memory, throughput, params, TFLOPs and Delta(PT) per device-hour per "
+                             "configuration) or lesions (lesion sensitivity and false positives per case)")
     parser.add_argument("--stats", action="store_true",
                         help="print pretrained vs scratch statistics for the table's groups instead (recipes: each "
                              "recipe vs scratch and vs segbook): wins/ties/losses, Wilcoxon p-value, bootstrap 95%% "
                              "CI of the mean difference")
-    parser.add_argument("--import", dest="import_file", metavar="FILE.csv",
-                        help="store dataset-level results from elsewhere (columns task, model, init, dice and "
-                             "optionally nsd; scores as fractions in [0, 1]) and exit")
+    parser.add_argument("--import", dest="import_file", metavar="FILE.csv|DIR",
+                        help="store results from elsewhere and exit: a CSV of dataset-level numbers (columns task, "
+                             "model, init, dice and optionally nsd; scores as fractions in [0, 1]), or a bundle "
+                             "folder made by --export (runs at case level, shown as source bundle:NAME)")
+    parser.add_argument("--export", metavar="DIR",
+                        help="write every evaluated run (per-case metrics, summary, run.json without local paths, "
+                             "split hashes) into the new bundle folder DIR, for --import elsewhere, and exit")
+    parser.add_argument("--bundle-name", metavar="NAME",
+                        help="with --export: the bundle's name, which importers see as source bundle:NAME "
+                             "(default: DIR's name)")
     add_format_option(parser, FORMATS)
     parser.set_defaults(handler=run)
 
@@ -109,6 +120,12 @@ def collect_from_args(args: argparse.Namespace, recipes: Sequence[str] | None = 
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.export:
+        return run_export(args)
+    if args.import_file and Path(args.import_file).is_dir():
+        return run_bundle_import(args)
     if args.import_file:
         return run_import(args)
     from segbook.results import (ALL_RECIPES, build_table, compare_pretrained, compare_recipes, recipe_stats_table,
@@ -118,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
     every = [ALL_RECIPES] if args.table == "recipes" else None
     df = collect_from_args(args, list(known) if known else every)
     recipes = pretrained_recipes(known)
-    if args.stats and args.table == "recipes":
+    if args.table in EXTRA_TABLES:
+        table = extra_table(df, args, recipes)
+    elif args.stats and args.table == "recipes":
         table = recipe_stats_table(compare_recipes(df, args.metric, models=args.models, recipes=recipes), args.metric)
     elif args.stats:
         group_by = "all" if args.table == "datasets" else args.table
@@ -127,6 +146,49 @@ def run(args: argparse.Namespace) -> int:
     else:
         table = build_table(df, args.table, args.metric, args.group_datasets, args.models, args.init, recipes)
     print_table(table, args.format)
+    return 0
+
+
+def extra_table(df: pd.DataFrame, args: argparse.Namespace, recipes: list[str] | None) -> ResultTable:
+    from segbook.errors import SegbookError
+
+    if args.stats:
+        raise SegbookError(f"--stats compares pretrained with scratch per group; it does not apply to --table "
+                           f"{args.table}")
+    if args.table == "cost":
+        from segbook.results.cost import cost_table
+
+        return cost_table(df, args.metric, args.models, args.init, recipes)
+    from segbook.results.lesions import lesion_table
+
+    return lesion_table(df, args.models, args.init, recipes)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from segbook.results.bundles import export_bundle
+
+    report = export_bundle(args.export, args.results_dir, registry_from_args(args), name=args.bundle_name)
+    print(f"exported {report.runs} run(s) as bundle {report.name} into {report.folder}; import it elsewhere with "
+          f"`segbook results --import {report.folder}`")
+    if report.left_out:
+        print(f"segbook: warning: {report.left_out} evaluated run(s) without evaluation/metrics.csv (or of datasets "
+              "the registry does not know) were left out", file=sys.stderr)
+    return 0
+
+
+def run_bundle_import(args: argparse.Namespace) -> int:
+    from segbook.results.bundles import import_bundle
+
+    report = import_bundle(args.import_file, registry_from_args(args))
+    if report.already_imported:
+        print(f"bundle {report.name} is imported already ({report.folder}): nothing to do")
+        return 0
+    print(f"imported {report.runs} run(s) of bundle {report.name} into {report.folder}; `segbook results` shows "
+          f"them as source bundle:{report.name} (delete that folder to forget them)")
+    for task, (theirs, ours) in sorted(report.other_splits.items()):
+        print(f"segbook: warning: bundle {report.name}: its {task} runs were scored on the test split {theirs[:12]}, "
+              f"not on this dataset's {ours[:12]}; they are kept apart (never averaged or compared with local runs: "
+              "tables refuse them together, naming the bundle)", file=sys.stderr)
     return 0
 
 

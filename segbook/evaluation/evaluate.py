@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from segbook import claims
 from segbook.errors import SegbookError
+from segbook.evaluation.lesions import COLUMNS as LESION_COLUMNS, lesion_summary
 from segbook.evaluation.metrics import case_metrics, mean_ignoring_nan
 from segbook.evaluation.settings import EvaluationSettings
+from segbook.training.cost import measured_prediction
 from segbook.io import atomic_directory, atomic_path, atomic_write_json, now
 from segbook.options import Bound
 from segbook.paths import Paths
@@ -32,7 +34,10 @@ if TYPE_CHECKING:
     from segbook.registry import DatasetEntry
 
 PROCESSES = Bound("--num-processes", int, low=1)
-METRIC_COLUMNS = ("dice", "nsd", "hd95")
+METRIC_COLUMNS = ("dice", "iou", "precision", "recall", "nsd", "hd95")
+#: metrics.csv's columns, in order (the lesion counts are empty for labels that are not lesions).
+CSV_COLUMNS = ("case", "label", "label_name", *METRIC_COLUMNS, "tp", "fp", "fn", "tn", "reference_voxels",
+               "prediction_voxels", "reference_volume_mm3", "prediction_volume_mm3", *LESION_COLUMNS)
 
 
 class EvaluationError(SegbookError):
@@ -133,10 +138,12 @@ def _evaluate(entry: "DatasetEntry", spec: RunSpec, paths: Paths, settings: Eval
     """Predict, score and write; the caller holds the run's claim."""
     out = evaluation_folder(run_folder)
     cases = test_cases(entry, paths)
-    predictions = _predict(spec, cases, settings, device, num_processes, run_folder)
+    with measured_prediction(device, len(cases)) as cost:
+        predictions = _predict(spec, cases, settings, device, num_processes, run_folder)
     try:
         rows = _score(cases, predictions, entry, resolved["nsd_tolerance_mm"], settings.empty_dice, num_processes)
         summary = _summarise(rows, entry, spec, resolved, run_folder / settings.checkpoint, len(cases))
+        summary["cost"] = {"prediction": cost}
         summary["training"] = training_record(manifest)
         summary["split"] = split
         _write(out, rows, summary)
@@ -260,7 +267,8 @@ def _score(cases: list[TestCase], predictions: Path, entry: "DatasetEntry", tole
     from tqdm import tqdm
 
     labels = [label.index for label in entry.foreground_labels]
-    jobs = [(case.case, str(case.label), str(predictions / case.label.name), labels, tolerance, empty_dice)
+    lesions = [label.index for label in entry.foreground_labels if label.kind == "lesion"]
+    jobs = [(case.case, str(case.label), str(predictions / case.label.name), labels, tolerance, empty_dice, lesions)
             for case in cases]
     names = {label.index: label.name for label in entry.labels}
     if num_processes > 1:
@@ -274,35 +282,47 @@ def _score(cases: list[TestCase], predictions: Path, entry: "DatasetEntry", tole
 def _score_case(job: tuple) -> tuple[str, list[dict[str, Any]]]:
     import SimpleITK as sitk
 
-    case, label_file, prediction_file, labels, tolerance, empty_dice = job
+    case, label_file, prediction_file, labels, tolerance, empty_dice, lesions = job
     reference = sitk.ReadImage(label_file)
     prediction = sitk.ReadImage(prediction_file)
     spacing = reference.GetSpacing()[::-1]  # SimpleITK is (x, y, z); arrays are (z, y, x)
     rows = case_metrics(sitk.GetArrayFromImage(reference), sitk.GetArrayFromImage(prediction), labels, spacing,
-                        tolerance, empty_dice)
+                        tolerance, empty_dice, lesions)
     return case, rows
 
 
-def _summarise(rows: list[dict[str, Any]], entry: "DatasetEntry", spec: RunSpec, settings: dict[str, Any],
-               checkpoint: Path, num_cases: int) -> dict[str, Any]:
+def summarise_rows(rows: list[dict[str, Any]], entry: "DatasetEntry", num_cases: int) -> dict[str, Any]:
+    """Per-label means over the cases (NaN-ignoring), their mean over labels (the run's score) and, for datasets
+    with lesion labels, lesion detection pooled over cases: per lesion label in `labels`, over all of them in
+    `lesions` (None without lesion labels)."""
     per_label = {}
     for label in entry.foreground_labels:
         mine = [r for r in rows if r["label"] == label.index]
         per_label[str(label.index)] = {"name": label.name,
-                                 **{m: mean_ignoring_nan(r[m] for r in mine) for m in METRIC_COLUMNS},
-                                 "valid_cases": sum(1 for r in mine if not math.isnan(r["dice"]))}
+                                       **{m: mean_ignoring_nan(r[m] for r in mine) for m in METRIC_COLUMNS},
+                                       "valid_cases": sum(1 for r in mine if not math.isnan(r["dice"]))}
+        if label.kind == "lesion":
+            per_label[str(label.index)].update(lesion_summary(mine, num_cases))
     foreground = {m: mean_ignoring_nan(v[m] for v in per_label.values()) for m in METRIC_COLUMNS}
+    lesion_indices = {label.index for label in entry.foreground_labels if label.kind == "lesion"}
+    lesion_rows = [r for r in rows if r["label"] in lesion_indices]
+    return {"num_cases": num_cases, "labels": per_label, "foreground_mean": foreground,
+            "lesions": lesion_summary(lesion_rows, num_cases) if lesion_indices else None}
+
+
+def _summarise(rows: list[dict[str, Any]], entry: "DatasetEntry", spec: RunSpec, settings: dict[str, Any],
+               checkpoint: Path, num_cases: int) -> dict[str, Any]:
     return {"run": identity_fields(spec), "settings": {**settings, "checkpoint_mtime": checkpoint.stat().st_mtime},
-            "num_cases": num_cases, "labels": per_label, "foreground_mean": foreground, "created_at": now()}
+            **summarise_rows(rows, entry, num_cases), "created_at": now()}
 
 
 def _write(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     import pandas as pd
 
-    columns = ["case", "label", "label_name", "dice", "nsd", "hd95", "tp", "fp", "fn", "tn", "reference_voxels",
-               "prediction_voxels", "reference_volume_mm3", "prediction_volume_mm3"]
+    table = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+    table[list(LESION_COLUMNS)] = table[list(LESION_COLUMNS)].astype("Int64")  # counts, empty where not a lesion
     with atomic_path(out / METRICS) as tmp:
-        pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False)
+        table.to_csv(tmp, index=False)
     atomic_write_json(out / SUMMARY, _json_safe(summary))
 
 

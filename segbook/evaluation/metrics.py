@@ -1,7 +1,9 @@
-"""Per-case, per-label segmentation metrics: Dice, normalised surface Dice (NSD), HD95 and the confusion counts.
+"""Per-case, per-label segmentation metrics: Dice, IoU, precision, recall, normalised surface Dice (NSD), HD95,
+the confusion counts and, for lesion labels, lesion-wise detection counts (`segbook.evaluation.lesions`).
 
 The definitions are the ones published results are computed with, so our numbers compare with theirs:
-- Dice is nnU-Net's, 2TP / (2TP + FP + FN).
+- Dice is nnU-Net's, 2TP / (2TP + FP + FN); IoU is TP / (TP + FP + FN), precision TP / (TP + FP), recall
+  TP / (TP + FN), all from the same confusion counts (MedSegBench's set).
 - NSD is MONAI's ``compute_surface_dice(..., use_subvoxels=True)``: DeepMind's surface elements ("surfels"), one per
   2x2x2 neighbourhood that straddles the boundary, weighted by the area of its marching-cubes patch; the score is
   the surfel area of both surfaces lying within the tolerance of the other surface, over the total surfel area.
@@ -19,13 +21,15 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import KDTree
+
+from segbook.evaluation.lesions import NOT_A_LESION, lesion_counts
 
 EmptyDice = Literal["nan", "one"]
 Box = tuple[slice, ...]
@@ -42,17 +46,22 @@ def case_metrics(
     spacing: Sequence[float],
     nsd_tolerance_mm: float = 2.0,
     empty_dice: EmptyDice = "nan",
+    lesion_labels: Collection[int] = (),
 ) -> list[dict]:
     """Metrics of one case, one dict per label (in the order of ``labels``).
 
-    Keys: label, dice, nsd, hd95, tp, fp, fn, tn, reference_voxels, prediction_voxels, reference_volume_mm3,
-    prediction_volume_mm3. ``reference`` and ``prediction`` are integer label maps of the same 3D shape, ``spacing``
-    the voxel size in mm along their axes, ``labels`` the foreground labels to score.
+    Keys: label, dice, iou, precision, recall, nsd, hd95, tp, fp, fn, tn, reference_voxels, prediction_voxels,
+    reference_volume_mm3, prediction_volume_mm3, lesions_reference, lesions_detected, lesions_false_positive (the
+    lesion counts only for ``lesion_labels``, None for other labels). ``reference`` and ``prediction`` are integer
+    label maps of the same 3D shape, ``spacing`` the voxel size in mm along their axes, ``labels`` the foreground
+    labels to score.
 
     Empty masks follow nnU-Net (Dice) and MONAI (NSD, HD95), with MONAI's inf turned into NaN:
-    - both empty: dice and nsd are NaN (left out of means), or 1 with ``empty_dice="one"``; hd95 is NaN;
-    - only one empty: dice and nsd are 0; hd95 is NaN (MONAI: inf), so a missed or hallucinated structure is
-      penalised by Dice and NSD but cannot make a mean HD95 infinite.
+    - both empty: dice, iou, precision, recall and nsd are NaN (left out of means), or 1 with
+      ``empty_dice="one"``; hd95 is NaN;
+    - only one empty: dice, iou, precision, recall and nsd are 0 (precision of an empty prediction and recall of an
+      empty reference are 0/0, counted as 0 like Dice); hd95 is NaN (MONAI: inf), so a missed or hallucinated
+      structure is penalised but cannot make a mean HD95 infinite.
     """
     reference, prediction = _label_maps(reference, prediction)
     spacing_mm = _spacing(spacing)
@@ -62,9 +71,11 @@ def case_metrics(
         return []
     boxes = _union_boxes(reference, prediction, labels)
     both_empty = math.nan if empty_dice == "nan" else 1.0
+    lesions = {int(label) for label in lesion_labels}
 
     def one_label(label: int) -> dict:
-        return _label_metrics(reference, prediction, label, boxes[label], spacing_mm, nsd_tolerance_mm, both_empty)
+        return _label_metrics(reference, prediction, label, boxes[label], spacing_mm, nsd_tolerance_mm, both_empty,
+                              label in lesions)
 
     # Labels are independent and their time goes to numpy and scipy code that releases the GIL, so two threads
     # help (measured: 1.4x on 2 cores); the largest boxes go first so that neither thread finishes long after.
@@ -139,6 +150,7 @@ def _label_metrics(
     spacing: np.ndarray,
     tolerance: float,
     both_empty: float,
+    lesion: bool,
 ) -> dict:
     ref, pred = _padded_mask(reference, box, label), _padded_mask(prediction, box, label)
     tp = int(np.count_nonzero(ref & pred))  # Python numbers, so rows go to JSON and CSV as they are
@@ -152,6 +164,7 @@ def _label_metrics(
     return {
         "label": label,
         "dice": 2 * tp / (2 * tp + fp + fn) if n_ref or n_pred else both_empty,
+        **_overlap_ratios(tp, fp, fn, both_empty),
         "nsd": nsd,
         "hd95": hd95,
         "tp": tp,
@@ -162,7 +175,16 @@ def _label_metrics(
         "prediction_voxels": n_pred,
         "reference_volume_mm3": n_ref * voxel_mm3,
         "prediction_volume_mm3": n_pred * voxel_mm3,
+        **(lesion_counts(ref, pred) if lesion else NOT_A_LESION),
     }
+
+
+def _overlap_ratios(tp: int, fp: int, fn: int, both_empty: float) -> dict[str, float]:
+    """IoU, precision and recall from the confusion counts, with the empty-mask rules of `case_metrics`."""
+    if tp + fp + fn == 0:
+        return {"iou": both_empty, "precision": both_empty, "recall": both_empty}
+    return {"iou": tp / (tp + fp + fn), "precision": tp / (tp + fp) if tp + fp else 0.0,
+            "recall": tp / (tp + fn) if tp + fn else 0.0}
 
 
 def _padded_mask(volume: np.ndarray, box: Box | None, label: int) -> np.ndarray:

@@ -31,6 +31,11 @@ METRICS = ("dice", "nsd")
 PARTS = ("seen", "unseen", "lesion")
 LOCAL = "local"
 IMPORTED_PREFIX = "imported:"
+#: Runs imported at case level (`segbook results --import DIR`): source `bundle:NAME`, folders under
+#: `$SEGBOOK_HOME/results/bundles/NAME/runs/` laid out as local runs are (segbook.results.bundles).
+BUNDLE_PREFIX = "bundle:"
+BUNDLE_RUNS = "runs"
+BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 EVALUATED = "evaluated"
 REGISTRY_COLUMNS = ("dataset_id", "name", "modality", "target", "scale", "region", "bone", "vessel", "parts")
 RUN_COLUMNS = ("task", "model", "init", "recipe", "seed", "fraction", "fold", "plans", "split", "source", "status",
@@ -73,6 +78,16 @@ def imported_dir(paths: Paths | None = None) -> Path:
     return (paths or Paths.from_env()).home / "results" / "imported"
 
 
+def bundles_dir(paths: Paths | None = None) -> Path:
+    return (paths or Paths.from_env()).home / "results" / "bundles"
+
+
+def run_folders(df: pd.DataFrame) -> pd.Series:
+    """Which rows are runs with a folder (local, or of an imported bundle), as opposed to numbers imported from CSV:
+    the rows whose plans and test splits are known and checked."""
+    return (df["source"] == LOCAL) | df["source"].str.startswith(BUNDLE_PREFIX)
+
+
 def collect_results(paths: Paths | None = None, registry: Registry | None = None,
                     results_dir: str | os.PathLike | None = None, plans: str = "default",
                     imported: bool = True, include_incomplete: bool = False,
@@ -90,15 +105,19 @@ def collect_results(paths: Paths | None = None, registry: Registry | None = None
     `recipes` None keeps the default recipes (segbook, scratch); given, the runs of those recipes and of scratch,
     the baseline of every Delta (`ALL_RECIPES` among them: every recipe). Runs of other recipes, seeds other than 0
     and training fractions other than 1 are left out with a warning each.
+
+    With `imported`, the runs of imported bundles (`$SEGBOOK_HOME/results/bundles/NAME/runs/`) are collected as
+    local runs are, their rows naming `source` `bundle:NAME`.
     """
     paths = paths or Paths.from_env()
     registry = registry or load_registry()
     root = Path(results_dir) if results_dir is not None else paths.results
     if folds not in FOLD_CHOICES:
         raise ResultsError(f"unknown folds {folds!r}; choose {' or '.join(FOLD_CHOICES)}")
-    rows = _local_rows(root, registry, plans if plans == "default" else plans_identifier(plans), include_incomplete,
-                       folds)
+    plans = plans if plans == "default" else plans_identifier(plans)
+    rows = _local_rows(root, registry, plans, include_incomplete, folds)
     if imported:
+        rows += _bundle_rows(paths, registry, plans, include_incomplete, folds)
         rows += [row for file in stored_imports(paths) for row in _imported_rows(file, registry)]
     return _frame(_chosen(rows, recipes), registry)
 
@@ -203,6 +222,15 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
                       f"{_folds_text(folds)} (pass --folds {other} for {_folds_text(other)})", ResultsWarning,
                       stacklevel=3)
     return rows
+
+
+def _bundle_rows(paths: Paths, registry: Registry, plans: str, include_incomplete: bool,
+                 folds: str) -> list[dict[str, Any]]:
+    """The runs of every imported bundle, collected as local runs are, each row naming its bundle."""
+    folder = bundles_dir(paths)
+    names = sorted(p.name for p in folder.iterdir() if BUNDLE_NAME.fullmatch(p.name)) if folder.is_dir() else []
+    return [{**row, "source": f"{BUNDLE_PREFIX}{name}"} for name in names
+            for row in _local_rows(folder / name / BUNDLE_RUNS, registry, plans, include_incomplete, folds)]
 
 
 def _folds_text(folds: str) -> str:

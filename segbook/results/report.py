@@ -108,6 +108,10 @@ def _sections(df: pd.DataFrame, metric: str, group_datasets: bool, models: Seque
     if df.loc[df["init"] == "pretrained", "recipe"].nunique() > 1:
         parts.append(_recipes_section(df, metric, models, recipes, number, figures, figure_format))
         number += 1
+    cost = _cost_section(df, metric, configs, number, figures, figure_format)
+    if cost:
+        parts.append(cost)
+        number += 1
     datasets = dataset_table(df, metric, models, inits, recipes)
     parts.append(f"<section><h2>{number}. {html.escape(datasets.title)}</h2>" + _table_html(datasets)
                  + _notes_html(datasets.notes) + "</section>")
@@ -128,6 +132,23 @@ def _recipes_section(df: pd.DataFrame, metric: str, models: Sequence[str] | None
 
 
 # --- text ------------------------------------------------------------------------------------------------------
+
+
+def _cost_section(df: pd.DataFrame, metric: str, configs: Sequence[Config], number: int,
+                  figures: str | os.PathLike | None, figure_format: str) -> str:
+    """The cost table and the score-against-cost figure, when some run recorded its cost (`segbook.results.cost`)."""
+    from segbook.results.cost import cost_figure, cost_summary, cost_table
+
+    summary = cost_summary(df, metric, list(configs))
+    if not summary["costed_runs"].any():
+        return ""
+    table = cost_table(df, metric, configs=list(configs), summary=summary)
+    figure = cost_figure(summary, metric)
+    drawn = "" if figure is None else _figure_html(Drawn(
+        "cost", f"Figure: mean {METRIC_NAMES[metric]} (%) of each configuration against its training device-hours "
+        "per run (left) and the forward TFLOPs of one 128^3 patch (right).", figure), figures, figure_format)
+    return (f"<section><h2>{number}. {html.escape(table.title)}</h2>" + _table_html(table) + drawn
+            + _notes_html(table.notes) + "</section>")
 
 
 def _subtitle(df: pd.DataFrame, metric: str, description: str) -> str:

@@ -23,8 +23,8 @@ import pandas as pd
 from segbook.errors import SegbookError
 from segbook.registry import REGIONS, SCALES
 from segbook.recipes import BUILTIN_ORDER
-from segbook.results.collect import IMPORTED_PREFIX, LOCAL, METRICS, default_plans
 from segbook import backbones
+from segbook.results.collect import IMPORTED_PREFIX, LOCAL, METRICS, default_plans, run_folders
 from segbook.runs import DEFAULT_RECIPES, INITS, STUNET_MODELS
 
 #: The paper's configurations in its order: nnU-Net's default network, then each STU-Net size scratch / pretrained.
@@ -175,24 +175,26 @@ def score_column(metric: str, part: str | None = None) -> str:
 
 
 def check_comparable(df: pd.DataFrame) -> None:
-    """`TableError` naming the runs when the evaluated local runs of one dataset were trained with different plans
-    or scored on different test splits: their scores would be averaged (over folds) or compared (in a Delta) as if
-    they measured the same thing. Each backbone's own default plans count as the same choice (ResEnc trains on
-    nnU-Net's ResEnc plans, STU-Net on nnUNetPlans, as nnU-Net's own comparisons do). Runs recorded before splits
-    were (no `split`) are not checked for it."""
-    local = df[(df["source"] == LOCAL) & df["evaluated"]]
+    """`TableError` naming the runs when the evaluated local (or bundled) runs of one dataset were trained with
+    different plans or scored on different test splits: their scores would be averaged (over folds) or compared
+    (in a Delta) as if they measured the same thing. Each backbone's own default plans count as the same choice
+    (ResEnc trains on nnU-Net's ResEnc plans, STU-Net on nnUNetPlans, as nnU-Net's own comparisons do). Runs
+    recorded before splits were (no `split`) are not checked for it."""
+    local = df[run_folders(df) & df["evaluated"]]
     local = local.assign(plans_choice=[
         "each backbone's default" if plans == default_plans(model) else plans
         for plans, model in zip(local["plans"], local["model"])])
+    named = local["path"].where(local["source"] == LOCAL, local["source"] + " " + local["path"])
     for column, shown, what, fix in (("plans_choice", "plans", "plans", "tabulate one plans at a time (--plans)"),
                                      ("split", "split", "test splits",
                                       "evaluate them all on the dataset's current split (runs trained beside another "
-                                      "split must be trained again), or keep the others in another --results-dir")):
+                                      "split must be trained again), or keep the others in another --results-dir "
+                                      "(runs of a bundle:NAME: leave bundles out with --no-imported)")):
         known = local[local[column].notna()]
         counts = known.groupby("task")[column].nunique()
         for task in counts[counts > 1].index:
             runs = known[known["task"] == task]
-            listing = "; ".join(f"{value}: {', '.join(runs.loc[runs[shown] == value, 'path'])}"
+            listing = "; ".join(f"{value}: {', '.join(named[runs.index[runs[shown] == value]])}"
                                 for value in sorted(runs[shown].unique()))
             raise TableError(f"{task}: runs with different {what} are never averaged or compared ({listing}); "
                              f"{fix}")
@@ -574,8 +576,8 @@ def dataset_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] 
 
 
 def _splits(df: pd.DataFrame) -> dict[str, str]:
-    """Each dataset's test split (SHA-256) as its evaluated local runs recorded it (`check_comparable`: one)."""
-    local = df[(df["source"] == LOCAL) & df["evaluated"] & df["split"].notna()]
+    """Each dataset's test split (SHA-256) as its evaluated runs recorded it (`check_comparable`: one)."""
+    local = df[run_folders(df) & df["evaluated"] & df["split"].notna()]
     return dict(zip(local["task"], local["split"]))
 
 

@@ -46,6 +46,7 @@ from segbook import backbones
 from segbook.backbones.models import build, load_into
 from segbook.runs import RESUMABLE_CHECKPOINTS, Identity, has_resumable_checkpoint, resolve_weights
 from segbook.training.checkpoints import read_run_checkpoint
+from segbook.training.cost import add_epoch
 from segbook.training.manifest import RunManifest
 from segbook.training.schedule import RecipeSchedule
 from segbook.training.settings import TrainingSettings
@@ -313,12 +314,17 @@ class SegbookTrainer(nnUNetTrainer):
             # Recorded before nnU-Net saves this epoch's checkpoint: a run killed in between has a record its
             # checkpoint lacks, which a resume drops and trains again, never a checkpoint without a record.
             log = self.logger
+            seconds = time.time() - self._epoch_started_at
             self.manifest.record_epoch({
                 "epoch": epoch, "train_loss": float(log.get_value("train_losses", epoch)),
                 "val_loss": float(log.get_value("val_losses", epoch)),
                 "pseudo_dice": [float(v) for v in log.get_value("dice_per_class_or_region", epoch)],
                 "ema_pseudo_dice": float(log.get_value("ema_fg_dice", epoch)),
-                "learning_rates": rates, "seconds": round(time.time() - self._epoch_started_at, 3)})
+                "learning_rates": rates, "seconds": round(seconds, 3)})
+            # nnU-Net splits the configuration's batch among the DDP ranks: it is the global batch.
+            samples = self.configuration_manager.batch_size * len(self._epoch_losses)
+            self.manifest.data["cost"] = add_epoch(self.manifest.data.get("cost"), seconds, samples, self.device,
+                                                   dist.get_world_size() if self.is_ddp else 1)
             self.manifest.save()
         super().on_epoch_end()
         if self.local_rank == 0:

@@ -1,0 +1,546 @@
+"""Results bundles: a group's runs at case level, exported without local paths and imported beside local runs.
+
+`export_bundle` writes, for every evaluated run under a results folder, its `run.json` (absolute paths and
+tracebacks stripped), `evaluation/summary.json` and `evaluation/metrics.csv`, in nnU-Net's run-folder layout under
+`runs/`, and `bundle.json`: format version, creation time, segbook version, the registry facts of each dataset
+(labels, SHA-256 of its registry entry) and the test split its runs were scored on, and each file's SHA-256.
+
+`import_bundle` treats the bundle as untrusted input: every name, file, JSON field and CSV cell is checked, and the
+per-label means of `summary.json` must follow from `metrics.csv`, before anything is written; the bundle is then
+copied (and the copies checked against the validated hashes) into `$SEGBOOK_HOME/results/bundles/NAME/` in one
+rename. There its runs lie in the same layout as local runs, so `collect_results` reads them like local runs (source
+`bundle:NAME`) and every table and statistic, per-case ones included, works on them unchanged. A bundle whose runs
+of a dataset were scored on another test split than the local one is imported but kept apart: the tables refuse to
+average or compare its runs of that dataset with local runs, naming the bundle.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segbook import claims
+from segbook.errors import SegbookError
+from segbook.io import atomic_directory, atomic_write_json, now, sweep_leftovers
+from segbook.paths import Paths
+from segbook.registry import DatasetEntry, Registry, load_registry
+from segbook.results.collect import BUNDLE_NAME, BUNDLE_RUNS, bundles_dir
+from segbook.runs import EVALUATION, MANIFEST, METRICS, RUN_GLOB, SUMMARY, FolderParts
+
+FORMAT = "segbook-results-bundle"
+FORMAT_VERSION = 1
+BUNDLE_FILE = "bundle.json"
+RUN_FILES = (MANIFEST, f"{EVALUATION}/{SUMMARY}", f"{EVALUATION}/{METRICS}")
+RUN_FOLDER_PATTERN = re.compile(r"Dataset\d{1,6}_[A-Za-z0-9_-]{1,100}/SegbookTrainer_[A-Za-z0-9_]{1,150}"
+                                r"__[A-Za-z0-9_-]{1,100}__3d_fullres/fold_(all|\d)")
+CASE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+#: Sizes a sane bundle stays far below: a run's JSON files are kilobytes, its metrics.csv megabytes at most.
+MAX_JSON_BYTES = 8 * 2**20
+MAX_CSV_BYTES = 256 * 2**20
+MAX_RUNS = 100_000
+#: Columns every metrics.csv has; later evaluations add the others (IoU, precision, recall, lesion counts).
+REQUIRED_COLUMNS = ("case", "label", "label_name", "dice", "nsd", "hd95", "tp", "fp", "fn", "tn",
+                    "reference_voxels", "prediction_voxels", "reference_volume_mm3", "prediction_volume_mm3")
+OPTIONAL_COLUMNS = ("iou", "precision", "recall", "lesions_reference", "lesions_detected", "lesions_false_positive")
+FRACTIONS = ("dice", "nsd", "iou", "precision", "recall")
+NON_NEGATIVE = ("hd95", "reference_volume_mm3", "prediction_volume_mm3")
+COUNTS = ("tp", "fp", "fn", "tn", "reference_voxels", "prediction_voxels", "lesions_reference", "lesions_detected",
+          "lesions_false_positive")
+#: Counts every row has (the lesion counts are empty for labels that are not lesions).
+REQUIRED_COUNTS = ("tp", "fp", "fn", "tn", "reference_voxels", "prediction_voxels")
+#: summary.json's per-label means are checked against the means of metrics.csv to this tolerance.
+MEAN_TOLERANCE = 1e-6
+_WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]")
+MAX_LISTED = 30
+
+
+class BundleError(SegbookError):
+    """A bundle that cannot be exported or imported as it is; nothing was written."""
+
+
+@dataclass
+class ExportReport:
+    """What `export_bundle` wrote, and how many evaluated runs it left out."""
+
+    name: str
+    folder: Path
+    runs: int
+    left_out: int
+
+
+@dataclass
+class ImportReport:
+    """What `import_bundle` did: where the bundle went, its runs, and the datasets kept apart by their split."""
+
+    name: str
+    folder: Path
+    runs: int
+    already_imported: bool = False
+    #: task -> (the bundle's split SHA-256, the local one): runs never averaged with local runs.
+    other_splits: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+# --- export ----------------------------------------------------------------------------------------------------
+
+
+def export_bundle(out: str | os.PathLike, results_dir: str | os.PathLike | None = None,
+                  registry: Registry | None = None, paths: Paths | None = None,
+                  name: str | None = None) -> ExportReport:
+    """Write every evaluated run (with its metrics.csv) under `results_dir` (default: nnU-Net's results folder)
+    into a new bundle folder `out`, atomically. `name` (default: `out`'s name) is what importers see as
+    `bundle:NAME`. Evaluated runs without metrics.csv (or of datasets the registry does not know) are left out
+    and counted."""
+    paths = paths or Paths.from_env()
+    registry = registry or load_registry()
+    out = Path(out)
+    name = name or out.name
+    if not BUNDLE_NAME.fullmatch(name):
+        raise BundleError(f"bundle name {name!r}: use letters, digits, '_', '.' and '-' (64 at most), starting with "
+                          "a letter or digit (--bundle-name NAME)")
+    if out.exists():
+        raise BundleError(f"{out} exists already: export into a new folder")
+    root = Path(results_dir) if results_dir is not None else paths.results
+    by_id = {entry.dataset_id: entry for entry in registry}
+    runs, datasets = [], {}
+    skipped = 0
+    with atomic_directory(out) as partial:
+        for folder in sorted(root.glob(RUN_GLOB)):
+            parts = FolderParts.parse(folder)
+            entry = by_id.get(parts.dataset_id) if parts else None
+            if entry is None or not all((folder / file).is_file() for file in RUN_FILES):
+                skipped += (folder / EVALUATION).is_dir()
+                continue
+            relative = folder.relative_to(root).as_posix()
+            run = _export_run(folder, partial / BUNDLE_RUNS / relative, relative)
+            runs.append(run)
+            record = datasets.setdefault(entry.key, _dataset_record(entry))
+            record["splits"] = sorted({*record["splits"], *([run["split"]] if run["split"] else [])})
+        if not runs:
+            raise BundleError(f"no evaluated run with its metrics.csv under {root}: nothing to export")
+        import segbook
+
+        atomic_write_json(partial / BUNDLE_FILE, {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "created_at": now(),
+            "segbook_version": segbook.__version__, "datasets": datasets, "runs": runs})
+    return ExportReport(name, out, len(runs), skipped)
+
+
+def _export_run(folder: Path, target: Path, relative: str) -> dict[str, Any]:
+    (target / EVALUATION).mkdir(parents=True)
+    manifest = without_local_paths(json.loads((folder / MANIFEST).read_text()))
+    summary = without_local_paths(json.loads((folder / EVALUATION / SUMMARY).read_text()))
+    atomic_write_json(target / MANIFEST, manifest)
+    atomic_write_json(target / EVALUATION / SUMMARY, summary)
+    shutil.copyfile(folder / EVALUATION / METRICS, target / EVALUATION / METRICS)
+    return {"folder": relative, "split": (summary.get("split") or {}).get("sha256"),
+            "files": {name: _sha256(target / name) for name in RUN_FILES}}
+
+
+def _dataset_record(entry: DatasetEntry) -> dict[str, Any]:
+    return {"dataset_id": entry.dataset_id, "labels": _labels(entry), "registry_sha256": _entry_sha256(entry),
+            "splits": []}
+
+
+def _labels(entry: DatasetEntry) -> list[list[Any]]:
+    return [[label.index, label.name, label.kind] for label in entry.labels]
+
+
+def _entry_sha256(entry: DatasetEntry) -> str:
+    """The registry version of a dataset: the SHA-256 of its registry entry."""
+    return hashlib.sha256(json.dumps(entry.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def without_local_paths(value: Any) -> Any:
+    """`value` with every absolute path (POSIX, Windows or ~) replaced by None and tracebacks dropped: a bundle
+    says nothing about the machine it came from."""
+    if isinstance(value, dict):
+        return {key: without_local_paths(item) for key, item in value.items() if key != "traceback"}
+    if isinstance(value, list):
+        return [without_local_paths(item) for item in value]
+    return None if _is_absolute_path(value) else value
+
+
+def _is_absolute_path(value: Any) -> bool:
+    return isinstance(value, str) and (value.startswith(("/", "\\", "~")) or bool(_WINDOWS_ABSOLUTE.match(value)))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- import ----------------------------------------------------------------------------------------------------
+
+
+def import_bundle(source: str | os.PathLike, registry: Registry | None = None,
+                  paths: Paths | None = None) -> ImportReport:
+    """Validate the bundle folder `source` completely, then store it as `$SEGBOOK_HOME/results/bundles/NAME/` in
+    one rename. Importing the same bundle again changes nothing; another bundle of the same name is refused."""
+    paths = paths or Paths.from_env()
+    registry = registry or load_registry()
+    source = Path(source)
+    bundle = read_bundle(source, registry)
+    target = bundles_dir(paths) / bundle["name"]
+    report = ImportReport(bundle["name"], target, len(bundle["runs"]),
+                          other_splits=_other_splits(bundle, registry, paths))
+    with claims.exclusive(paths.claims, f"bundle__{bundle['name']}", f"the import of bundle {bundle['name']}"):
+        sweep_leftovers(target)  # an import killed mid-copy left a hidden, unfinished folder
+        if target.exists():
+            if (target / BUNDLE_FILE).is_file() and _sha256(target / BUNDLE_FILE) == _sha256(source / BUNDLE_FILE):
+                report.already_imported = True
+                return report
+            raise BundleError(f"another bundle named {bundle['name']!r} is imported already ({target}); remove that "
+                              "folder to replace it, or export yours under another --bundle-name")
+        with atomic_directory(target) as partial:
+            shutil.copyfile(source / BUNDLE_FILE, partial / BUNDLE_FILE)
+            for run in bundle["runs"]:
+                for name, digest in run["files"].items():
+                    copy = partial / BUNDLE_RUNS / run["folder"] / name
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(source / BUNDLE_RUNS / run["folder"] / name, copy)
+                    if _sha256(copy) != digest:  # changed since it was validated
+                        raise BundleError(f"{source / BUNDLE_RUNS / run['folder'] / name} changed while it was "
+                                          "imported; nothing was imported")
+    return report
+
+
+def read_bundle(source: Path, registry: Registry) -> dict[str, Any]:
+    """bundle.json, after every check of the bundle and its files (`BundleError` listing the problems)."""
+    if not source.is_dir():
+        raise BundleError(f"{source} is not a bundle folder (made by `segbook results --export DIR`)")
+    bundle = _read_json(source, BUNDLE_FILE)
+    problems = _bundle_problems(bundle)
+    if problems:
+        raise BundleError(_listing(f"{source / BUNDLE_FILE}: not a valid bundle; nothing was imported", problems))
+    by_id = {entry.dataset_id: entry for entry in registry}
+    problems = _dataset_problems(bundle, registry)
+    if problems:
+        raise BundleError(_listing(f"{source / BUNDLE_FILE}: datasets that do not match the registry; nothing was "
+                                   "imported", problems))
+    for run in bundle["runs"]:
+        if len(problems) >= MAX_LISTED:
+            break
+        problems += [f"{run['folder']}: {problem}" for problem in _run_problems(source, run, by_id)]
+    if problems:
+        raise BundleError(_listing(f"{source}: {len(problems)} problem(s); nothing was imported", problems))
+    return bundle
+
+
+def _listing(headline: str, problems: list[str]) -> str:
+    shown = problems[:MAX_LISTED]
+    more = [f"... and {len(problems) - len(shown)} more"] if len(problems) > len(shown) else []
+    return "\n  ".join([headline, *shown, *more])
+
+
+def _bundle_problems(bundle: Any) -> list[str]:
+    if not isinstance(bundle, dict):
+        return ["not a JSON object"]
+    if bundle.get("format") != FORMAT or bundle.get("format_version") != FORMAT_VERSION:
+        return [f"format {bundle.get('format')!r} version {bundle.get('format_version')!r}: this segbook reads "
+                f"{FORMAT} version {FORMAT_VERSION}"]
+    problems = []
+    if not isinstance(bundle.get("name"), str) or not BUNDLE_NAME.fullmatch(bundle["name"]):
+        problems.append(f"name {bundle.get('name')!r}: letters, digits, '_', '.' and '-' only (64 at most)")
+    datasets, runs = bundle.get("datasets"), bundle.get("runs")
+    if not isinstance(datasets, dict) or not all(isinstance(v, dict) for v in datasets.values()):
+        problems.append("datasets: an object of dataset records is required")
+    if not isinstance(runs, list) or not 0 < len(runs) <= MAX_RUNS:
+        return [*problems, f"runs: a list of 1 to {MAX_RUNS} runs is required"]
+    folders = set()
+    for index, run in enumerate(runs):
+        problems += [f"runs[{index}]: {problem}" for problem in _run_record_problems(run, folders)]
+    return problems
+
+
+def _run_record_problems(run: Any, folders: set[str]) -> list[str]:
+    if not isinstance(run, dict):
+        return ["not an object"]
+    folder, files = run.get("folder"), run.get("files")
+    if not isinstance(folder, str) or not RUN_FOLDER_PATTERN.fullmatch(folder) or FolderParts.parse(
+            Path(folder)) is None:
+        return [f"folder {folder!r} is not a run folder (DatasetNNN_Name/SegbookTrainer_...__PLANS__3d_fullres/"
+                "fold_F; no other names, no '..', no absolute paths)"]
+    if folder in folders:
+        return [f"folder {folder} is listed twice"]
+    folders.add(folder)
+    if not isinstance(files, dict) or set(files) != set(RUN_FILES) or not all(
+            isinstance(v, str) and SHA256_PATTERN.fullmatch(v) for v in files.values()):
+        return [f"files: the SHA-256 of exactly {', '.join(RUN_FILES)} is required"]
+    split = run.get("split")
+    if split is not None and not (isinstance(split, str) and SHA256_PATTERN.fullmatch(split)):
+        return [f"split {split!r} is not a SHA-256"]
+    return []
+
+
+def _dataset_problems(bundle: dict[str, Any], registry: Registry) -> list[str]:
+    """Every run's dataset is known here with the same labels (a label's numbers mean the same thing)."""
+    by_id = {entry.dataset_id: entry for entry in registry}
+    problems = []
+    ids = {FolderParts.parse(Path(run["folder"])).dataset_id for run in bundle["runs"]}
+    recorded = {record.get("dataset_id"): (key, record) for key, record in bundle["datasets"].items()}
+    for dataset_id in sorted(ids):
+        entry = by_id.get(dataset_id)
+        if entry is None:
+            problems.append(f"dataset {dataset_id} is not in the registry (add it with --registry FILE)")
+        elif dataset_id not in recorded or recorded[dataset_id][1].get("labels") != _labels(entry):
+            problems.append(f"dataset {dataset_id} ({entry.key}): its labels in the bundle differ from the "
+                            f"registry's {_labels(entry)}")
+    return problems
+
+
+def _run_problems(source: Path, run: dict[str, Any], by_id: dict[int, DatasetEntry]) -> list[str]:
+    folder = source / BUNDLE_RUNS / run["folder"]
+    problems = [problem for name in RUN_FILES for problem in _file_problems(source, folder / name,
+                                                                             run["files"][name])]
+    if problems:
+        return problems
+    parts = FolderParts.parse(Path(run["folder"]))
+    entry = by_id[parts.dataset_id]
+    try:
+        manifest = _read_json(folder, MANIFEST)
+        summary = _read_json(folder, f"{EVALUATION}/{SUMMARY}")
+    except BundleError as error:
+        return [str(error)]
+    problems += _manifest_problems(manifest, parts, entry)
+    problems += _summary_problems(summary, parts, entry, run.get("split"))
+    if not problems:
+        problems += _metrics_problems(folder / EVALUATION / METRICS, summary, entry)
+    return problems
+
+
+def _file_problems(source: Path, path: Path, digest: str) -> list[str]:
+    """A regular file inside the bundle (no link on the way), of a sane size, with the recorded SHA-256."""
+    relative = path.relative_to(source)
+    current = source
+    for part in relative.parts:
+        current = current / part
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            return [f"{relative} is missing"]
+        if stat.S_ISLNK(mode):
+            return [f"{relative}: {current.relative_to(source)} is a link; bundles hold plain files only"]
+    if not stat.S_ISREG(mode):
+        return [f"{relative} is not a plain file"]
+    limit = MAX_CSV_BYTES if path.suffix == ".csv" else MAX_JSON_BYTES
+    if os.lstat(path).st_size > limit:
+        return [f"{relative} is larger than {limit // 2**20} MiB"]
+    if _sha256(path) != digest:
+        return [f"{relative}: its SHA-256 differs from bundle.json's (changed or damaged)"]
+    return []
+
+
+def _read_json(folder: Path, name: str) -> Any:
+    path = folder / name
+    try:
+        if os.lstat(path).st_size > MAX_JSON_BYTES or not stat.S_ISREG(os.lstat(path).st_mode):
+            raise BundleError(f"{path}: not a plain JSON file under {MAX_JSON_BYTES // 2**20} MiB")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{path} is missing") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise BundleError(f"{path} is not JSON ({error})") from None
+
+
+def _absolute_paths(value: Any, where: str) -> list[str]:
+    if isinstance(value, dict):
+        return [p for key, item in value.items() for p in _absolute_paths(item, f"{where}.{key}")]
+    if isinstance(value, list):
+        return [p for index, item in enumerate(value) for p in _absolute_paths(item, f"{where}[{index}]")]
+    return [f"{where} holds an absolute path; bundles carry none"] if _is_absolute_path(value) else []
+
+
+def _identity_problems(record: Any, parts: FolderParts, entry: DatasetEntry, where: str) -> list[str]:
+    identity = parts.identity
+    expected = {"task": entry.key, "model": identity.model, "init": identity.init, "recipe": identity.recipe,
+                "seed": identity.seed, "fold": parts.fold, "plans": parts.plans}
+    if not isinstance(record, dict):
+        return [f"{where}: the run's identity is missing"]
+    wrong = [key for key, value in expected.items() if str(record.get(key)) != str(value)]
+    return [f"{where}: {', '.join(wrong)} disagree(s) with the run's folder"] if wrong else []
+
+
+def _manifest_problems(manifest: Any, parts: FolderParts, entry: DatasetEntry) -> list[str]:
+    if not isinstance(manifest, dict):
+        return [f"{MANIFEST} is not a JSON object"]
+    problems = _absolute_paths(manifest, MANIFEST) + _identity_problems(manifest.get("run"), parts, entry,
+                                                                          f"{MANIFEST} run")
+    if manifest.get("status") != "finished":
+        problems.append(f"{MANIFEST}: status {manifest.get('status')!r}; only finished runs are shared")
+    return problems
+
+
+def _summary_problems(summary: Any, parts: FolderParts, entry: DatasetEntry, split: str | None) -> list[str]:
+    where = f"{EVALUATION}/{SUMMARY}"
+    if not isinstance(summary, dict):
+        return [f"{where} is not a JSON object"]
+    problems = _absolute_paths(summary, where) + _identity_problems(summary.get("run"), parts, entry, f"{where} run")
+    num_cases = summary.get("num_cases")
+    if not isinstance(num_cases, int) or isinstance(num_cases, bool) or num_cases < 1:
+        problems.append(f"{where}: num_cases must be a positive integer")
+    recorded = summary.get("split")
+    if recorded is not None and (not isinstance(recorded, dict) or recorded.get("sha256") != split):
+        problems.append(f"{where}: its split differs from bundle.json's")
+    labels = summary.get("labels")
+    expected = {str(label.index) for label in entry.foreground_labels}
+    if not isinstance(labels, dict) or set(labels) != expected:
+        return [*problems, f"{where}: labels must be the dataset's foreground labels {sorted(expected)}"]
+    for index, metrics in labels.items():
+        if not isinstance(metrics, dict):
+            problems.append(f"{where}: label {index} is not an object")
+            continue
+        for metric in (*FRACTIONS, "hd95"):
+            value = metrics.get(metric)
+            if value is not None and not _number_ok(value, metric):
+                problems.append(f"{where}: label {index} {metric} {value!r} is not a valid {metric}")
+    return problems
+
+
+def _number_ok(value: Any, metric: str) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return False
+    return 0.0 <= value <= 1.0 if metric in FRACTIONS else value >= 0.0
+
+
+def _metrics_problems(path: Path, summary: dict[str, Any], entry: DatasetEntry) -> list[str]:
+    """Columns, types and ranges of every cell, one row per (case, label), and summary.json's means following from
+    the rows."""
+    where = f"{EVALUATION}/{METRICS}"
+    labels = {label.index for label in entry.foreground_labels}
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            columns = reader.fieldnames or []
+            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+            unknown = [c for c in columns if c not in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)]
+            if missing or unknown or len(set(columns)) != len(columns):
+                return [f"{where}: columns {', '.join(REQUIRED_COLUMNS)} are required and "
+                        f"{', '.join(OPTIONAL_COLUMNS)} allowed, each once (missing: {', '.join(missing) or '-'}; "
+                        f"unknown: {', '.join(unknown) or '-'})"]
+            rows, problems = [], []
+            for line, record in enumerate(reader, start=2):
+                row, errors = _metrics_row(record, labels)
+                problems += [f"{where}, line {line}: {error}" for error in errors]
+                rows.append(row)
+                if len(problems) >= MAX_LISTED:
+                    return problems
+    except (UnicodeDecodeError, csv.Error) as error:
+        return [f"{where}: not a CSV file ({error})"]
+    if problems:
+        return problems
+    keys = [(row["case"], row["label"]) for row in rows]
+    cases = {row["case"] for row in rows}
+    if len(set(keys)) != len(keys) or len(cases) != summary["num_cases"] or len(rows) != len(cases) * len(labels):
+        return [f"{where}: {len(rows)} rows; one per test case ({summary['num_cases']}) and label ({len(labels)}) "
+                "is required, each once"]
+    return _mean_problems(rows, summary, where)
+
+
+def _metrics_row(record: dict[str, str], labels: set[int]) -> tuple[dict[str, Any], list[str]]:
+    errors = []
+    case = record.get("case") or ""
+    if not CASE_PATTERN.fullmatch(case):
+        errors.append(f"case {case!r} is not a case id")
+    try:
+        label = int(record.get("label") or "")
+    except ValueError:
+        label = None
+    if label not in labels:
+        errors.append(f"label {record.get('label')!r} is not one of the dataset's foreground labels")
+    if None in record or None in record.values():
+        errors.append("its number of cells differs from the header's")
+    row: dict[str, Any] = {"case": case, "label": label}
+    for column, text in record.items():
+        if column in ("case", "label", "label_name") or column is None:
+            continue
+        value, error = _cell(column, text or "")
+        row[column] = value
+        if error:
+            errors.append(error)
+        elif column in REQUIRED_COUNTS and math.isnan(value):
+            errors.append(f"{column} is empty")
+    return row, errors
+
+
+def _cell(column: str, text: str) -> tuple[float, str | None]:
+    if text == "" or text.lower() == "nan":
+        return math.nan, None
+    try:
+        value = float(text)
+    except ValueError:
+        return math.nan, f"{column} {text!r} is not a number"
+    if column in COUNTS:
+        ok = value.is_integer() and value >= 0
+    elif column in FRACTIONS:
+        ok = 0.0 <= value <= 1.0
+    else:
+        ok = math.isfinite(value) and value >= 0.0
+    return value, None if ok else f"{column} {text!r} is out of range"
+
+
+def _mean_problems(rows: list[dict[str, Any]], summary: dict[str, Any], where: str) -> list[str]:
+    from segbook.evaluation.metrics import mean_ignoring_nan
+
+    problems = []
+    for index, metrics in summary["labels"].items():
+        mine = [row for row in rows if row["label"] == int(index)]
+        for metric in (*FRACTIONS, "hd95"):
+            if metric not in mine[0]:
+                continue
+            mean, stated = mean_ignoring_nan(row[metric] for row in mine), metrics.get(metric)
+            stated = math.nan if stated is None else stated
+            if not (math.isnan(mean) and math.isnan(stated)) and not abs(mean - stated) <= MEAN_TOLERANCE:
+                problems.append(f"{where}: label {index} {metric}: the rows' mean {mean!r} is not summary.json's "
+                                f"{stated!r}")
+    return problems
+
+
+def _other_splits(bundle: dict[str, Any], registry: Registry, paths: Paths) -> dict[str, tuple[str, str]]:
+    """The bundle's datasets scored on a test split other than the local one: the imported dataset's split, or
+    for a dataset not imported here, the split its local evaluated runs were scored on."""
+    from segbook.data.folders import raw_folder
+    from segbook.data.split import split_sha256
+
+    by_id = {entry.dataset_id: entry for entry in registry}
+    theirs: dict[int, set[str]] = {}
+    for run in bundle["runs"]:
+        if run.get("split"):
+            theirs.setdefault(FolderParts.parse(Path(run["folder"])).dataset_id, set()).add(run["split"])
+    local_runs = _local_run_splits(paths, set(theirs))
+    others = {}
+    for dataset_id, splits in theirs.items():
+        entry = by_id[dataset_id]
+        local = split_sha256(raw_folder(entry, paths)) or local_runs.get(dataset_id)
+        differing = sorted(splits - {local})
+        if local and differing:
+            others[entry.key] = (differing[0], local)
+    return others
+
+
+def _local_run_splits(paths: Paths, dataset_ids: set[int]) -> dict[int, str]:
+    """A test split recorded by the local evaluated runs of each of these datasets."""
+    splits = {}
+    for folder in paths.results.glob(RUN_GLOB):
+        parts = FolderParts.parse(folder)
+        if parts is None or parts.dataset_id not in dataset_ids or parts.dataset_id in splits:
+            continue
+        try:
+            split = (json.loads((folder / EVALUATION / SUMMARY).read_bytes()).get("split") or {}).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(split, str):
+            splits[parts.dataset_id] = split
+    return splits
