@@ -108,7 +108,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
             os.environ["nnUNet_compile"] = "1" if compile else "0"
         plan = plan_task(entry, paths=paths, num_processes=plan_processes, planner=planner)
         cases = verify_preprocessed(entry.nnunet_name, paths, spec.plans, task=entry.key)
-        if action == "new" and settings.weights is not None:
+        if action == "new" and settings.weights is not None and backbones.get(spec.model).shapes_from_plans:
             check_weights_fit(Path(settings.weights), spec.model, len(entry.channels), len(entry.labels),
                               configuration_of(plan))
         if action == "resume":
