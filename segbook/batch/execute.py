@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator
 
 from segbook.batch.attempts import ATTEMPT, DEFAULT_MAX_ATTEMPTS, Attempts, info_for
 from segbook.batch.matrix import Job, JobStatus, check_recipes
-from segbook.batch.preparation import unprepared
+from segbook.batch.preparation import planners_of, unprepared
 from segbook.batch.rehearsal import BODIES, rehearse_job
 from segbook.batch.signals import forwarding_to_ranks
 from segbook.claims import Claim, try_claim
@@ -205,7 +205,7 @@ def _work(job: Job, options: ExecutionOptions, paths: Paths, backend: str, attem
         with _stage(job, options, folder, "attempts", backend, attempts):
             raise AttemptsExhausted(attempts.reason())
     training = manifest is None or manifest.status != "finished"
-    problem = unprepared(job.entry, paths, [job.spec.fold], options.body) if training else None
+    problem = unprepared(job.entry, paths, [job.spec.fold], options.body, planners_of([job])) if training else None
     if problem:
         raise NotPrepared(f"{job.id}: {problem}")
     if options.body == "noop":

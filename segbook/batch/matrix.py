@@ -33,9 +33,9 @@ from segbook.data.folders import is_imported
 from segbook.errors import SegbookError
 from segbook.paths import Paths
 from segbook.recipes import RecipeError, get_recipe, load_recipes
-from segbook.runs import (DEFAULT_FRACTION, DEFAULT_RECIPES, DEFAULT_SEED, FOLDS, INITS, MODELS, RunIdentityError,
-                          RunSpec, has_resumable_checkpoint, is_evaluated, parse_fractions, parse_seeds,
-                          valid_combinations)
+from segbook import backbones
+from segbook.runs import (DEFAULT_FRACTION, DEFAULT_RECIPES, DEFAULT_SEED, FOLDS, INITS, RunIdentityError, RunSpec,
+                          has_resumable_checkpoint, is_evaluated, parse_fractions, parse_seeds, valid_combinations)
 from segbook.squeue import LIVE_STATES, RUNNING_STATES, array_of, slurm_available, squeue_states
 from segbook.training.manifest import RunManifest, failure
 
@@ -121,7 +121,7 @@ def build_matrix(registry: "Registry", tasks: str | Sequence[str] = "all", *, sc
     chosen = list(registry) if list(tasks) in ([], ["all"]) else [registry.get(t.strip()) for t in tasks]
     selected = {e.key for e in registry.select(modality=modality, target=target, scale=scale, region=region)}
     entries = list({e.key: e for e in chosen if e.key in selected}.values())
-    models = parse_choices(models, MODELS, "model")
+    models = parse_choices(models, backbones.model_names(), "model")
     inits = parse_choices(inits, INITS, "initialisation")
     recipes = parse_recipes(recipes, recipe_files)
     seeds, fractions = parse_seeds(seeds), parse_fractions(fractions)
@@ -212,12 +212,12 @@ def weights_problem(job: Job, paths: Paths, weights: str | Path | None) -> str |
         return None
     if weights is not None:
         return None if Path(weights).expanduser().is_file() else f"weights missing: {weights} not found"
-    from stunet import WeightCache, WeightsError, get_cfg  # here: stunet imports torch, which a status can spare
+    from stunet import WeightCache  # here: stunet imports torch, which a status can spare
 
-    try:
-        cfg = get_cfg(job.spec.model)
-    except WeightsError:
-        return f"weights missing: STU-Net {job.spec.model} has no official checkpoint; pass --weights FILE"
+    backbone = backbones.get(job.spec.model)
+    cfg = backbone.pretrained
+    if cfg is None:
+        return f"weights missing: {backbone.label} has no official checkpoint; pass --weights FILE"
     if WeightCache(paths.weights).is_cached(cfg):
         return None
     return f"weights missing: run `segbook weights download {job.spec.model}` or pass --weights FILE"

@@ -7,8 +7,9 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from segbook.cli.common import (POSITIVE_NUMBER, HelpFormatter, add_registry_option, add_seed_and_fraction_options,
-                                add_training_options, at_least, training_settings_from_args)
+from segbook.cli.common import (POSITIVE_NUMBER, HelpFormatter, add_backbone_file_option, add_registry_option,
+                                add_seed_and_fraction_options, add_training_options, at_least, load_backbone_files,
+                                model_help, training_settings_from_args)
 
 if TYPE_CHECKING:
     from segbook.batch.execute import ExecutionOptions
@@ -51,7 +52,8 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target", help="seen, unseen, lesion or structure+lesion only")
     group.add_argument("--region", help="one body region only (e.g. abdomen, thorax)")
     group.add_argument("--models", default="base,large,huge,nnunet",
-                       help="comma-separated: tiny, small, base, large, huge, nnunet")
+                       help=model_help("comma-separated backbones"))
+    add_backbone_file_option(group)
     group.add_argument("--init", default="pretrained,scratch", help="pretrained, scratch or both")
     group.add_argument("--recipes", default="segbook",
                        help="fine-tuning recipes of the pretrained jobs, comma-separated, or 'all' (`segbook "
@@ -249,6 +251,7 @@ def _matrix(args: argparse.Namespace) -> list["Job"]:
     from segbook.batch.matrix import MatrixError, build_matrix
     from segbook.cli.common import registry_from_args
 
+    load_backbone_files(args)
     jobs = build_matrix(registry_from_args(args), args.tasks, scale=args.scale, modality=args.modality,
                         target=args.target, region=args.region, models=args.models, inits=args.init,
                         recipes=args.recipes, recipe_files=args.recipe_file, seeds=args.seeds,
@@ -323,12 +326,13 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def run_prepare(args: argparse.Namespace) -> int:
     from segbook.batch.execute import ExecutionOptions
-    from segbook.batch.preparation import prepare_tasks
+    from segbook.batch.preparation import planners_of, prepare_tasks
     from segbook.batch.slurm import PrepareSlurmOptions, submit_preparation
 
-    entries = list({job.entry.key: job.entry for job in _matrix(args)}.values())
+    jobs = _matrix(args)
+    entries = list({job.entry.key: job.entry for job in jobs}.values())
     if args.backend == "local":
-        outcomes = prepare_tasks(entries, processes=args.processes)
+        outcomes = prepare_tasks(entries, processes=args.processes, planners=planners_of(jobs))
         tally = {status: sum(o.status == status for o in outcomes) for status in ("prepared", "failed", "skipped")}
         print("batch prepare: " + ", ".join(f"{n} {status}" for status, n in tally.items() if n)
               + (" (skipped: not imported)" if tally["skipped"] else ""))
@@ -336,7 +340,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     options = ExecutionOptions.create(registry_files=getattr(args, "registry", None) or [], processes=args.processes)
     prepare = PrepareSlurmOptions(partition=args.partition, time=args.time, cpus=args.cpus, mem=args.mem,
                                   account=args.account, extra_sbatch=tuple(args.extra_sbatch))
-    submit_preparation(entries, options, prepare, dry_run=args.dry_run)
+    submit_preparation(entries, options, prepare, dry_run=args.dry_run, planners=planners_of(jobs))
     return 0
 
 

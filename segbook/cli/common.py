@@ -94,6 +94,28 @@ def add_weights_and_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, choices=["cuda", "cpu", "mps"], help=DEVICE_HELP)
 
 
+def add_backbone_file_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone-file", metavar="FILE", action="append", default=[],
+                        help="a Python file defining your own backbones (BACKBONES = [...], docs/backbones.md); "
+                             "segbook runs it, so give only files you trust (repeatable; also "
+                             "SEGBOOK_BACKBONE_FILES, os.pathsep-separated)")
+
+
+def load_backbone_files(args: argparse.Namespace) -> None:
+    """Register the backbones of the files `--backbone-file` names (the processes a run starts see them too)."""
+    from segbook.backbones import load_backbone_file
+
+    for file in getattr(args, "backbone_file", None) or []:
+        load_backbone_file(file)
+
+
+def model_help(what: str) -> str:
+    """Help for a --model/--models option: the built-in names (users' backbones add theirs)."""
+    from segbook.backbones import builtin_names
+
+    return f"{what}: {', '.join(builtin_names())}, or a backbone of --backbone-file (`segbook models` lists them)"
+
+
 def add_budget_options(parser: argparse.ArgumentParser) -> None:
     """The recipe, budget, optimiser and GPU-speed groups; `training_settings_from_args` reads them."""
     from segbook.training.settings import BOUNDS, PRECISIONS, STEM_TILINGS, TrainingSettings

@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     which.add_argument("--run", metavar="DIR", help="a run folder (…/fold_X) instead of --task/--model")
     add_registry_option(parser)
     options = parser.add_argument_group("prediction and metrics")
-    options.add_argument("--step-size", type=bounded(STEP_SIZE), default=0.5, help="sliding-window step as a fraction of the patch")
+    options.add_argument("--step-size", type=bounded(STEP_SIZE), default=0.5,
+                         help="sliding-window step as a fraction of the patch")
     options.add_argument("--no-gaussian", dest="gaussian", action="store_false", help="uniform window weighting")
     options.add_argument("--no-mirroring", dest="mirroring", action="store_false", help="no test-time mirroring")
     options.add_argument("--nsd-tolerance", type=POSITIVE_NUMBER, default=None,

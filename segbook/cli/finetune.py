@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from segbook.cli.common import (HelpFormatter, add_budget_options, add_registry_option, add_seed_and_fraction_options,
-                                add_task_option, add_weights_and_device_options, at_least, registry_from_args,
+from segbook.cli.common import (HelpFormatter, add_backbone_file_option, add_budget_options, add_registry_option,
+                                add_seed_and_fraction_options, add_task_option, add_weights_and_device_options,
+                                at_least, load_backbone_files, model_help, registry_from_args,
                                 seeds_and_fractions_from_args, training_settings_from_args)
-from segbook.runs import MODELS
 
 #: The plans a run can train on: nnU-Net's, or nnU-Net's at the SegBook authors' patch size and spacing.
 TRAINING_PLANS = ("default", "paper", "paper-zscore")
-PLANS_HELP = ("nnU-Net plans to train on: default (nnUNetPlans), paper (nnU-Net's planner at the SegBook authors' "
+PLANS_HELP = ("nnU-Net plans to train on: default (the model's own: nnUNetPlans, nnUNetResEncUNet{M,L}Plans for "
+              "resenc-m/-l), paper (nnU-Net's planner at the SegBook authors' "
               "patch size and target spacing: SegbookPaperPlans) or paper-zscore (the same with z-score "
               "normalisation for CT, as in pretraining); part of the run's folder")
 
@@ -33,10 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter)
     add_task_option(parser)
     add_registry_option(parser)
-    parser.add_argument("--model", required=True, choices=MODELS,
-                        help="STU-Net size, or nnunet for nnU-Net's default network (scratch only)")
+    parser.add_argument("--model", required=True,
+                        help=model_help("the backbone (STU-Net sizes; nnunet, nnU-Net's default network, scratch "
+                                        "only; resenc-m/resenc-l, nnU-Net's residual-encoder U-Nets)"))
+    add_backbone_file_option(parser)
     init = parser.add_mutually_exclusive_group()
-    init.add_argument("--pretrained", action="store_true", help="fine-tune from the TotalSegmentator checkpoint")
+    init.add_argument("--pretrained", action="store_true",
+                      help="fine-tune from a checkpoint: the backbone's catalogued one (STU-Net: TotalSegmentator) "
+                           "or --weights FILE")
     init.add_argument("--scratch", action="store_true", help="train from random initialisation (the default)")
     parser.add_argument("--recipe", metavar="NAME",
                         help="the fine-tuning recipe (`segbook recipes` lists them; default: segbook with "
@@ -67,6 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from segbook.training.finetune import finetune
 
+    load_backbone_files(args)
     seeds, fractions = seeds_and_fractions_from_args(args)
     entry = registry_from_args(args).get(args.task)
     settings = training_settings_from_args(args)

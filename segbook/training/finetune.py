@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from segbook import claims
+from segbook import backbones, claims
 from segbook.errors import SegbookError
 from segbook.options import Bound, check_all
 from segbook.paths import Paths
@@ -75,6 +75,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     import torch
     from nnunetv2.run.run_training import run_training
 
+    from segbook.backbones import BackboneError, planner_for
     from segbook.data.folders import is_imported
     from segbook.devices import resolve_device
     from segbook.plan import check_planner, plan_task, verify_preprocessed
@@ -82,8 +83,12 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
 
     settings = (settings or TrainingSettings()).validate()
     check_all({"num_gpus": num_gpus, "plan_processes": plan_processes}, BOUNDS)
+    try:
+        planner = planner_for(model, plans)
+    except BackboneError as error:
+        raise SegbookError(str(error)) from None
     spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe, seed=seed, fraction=fraction,
-                      plans=check_planner(entry, plans))
+                      plans=check_planner(entry, planner))
     chosen = get_recipe(spec.recipe, spec.init, recipe_files)
     chosen.check_fits(spec.model, spec.init, num_gpus)
     settings, resolved = settings.resolve(chosen)
@@ -110,8 +115,11 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
         register_with_nnunet()
         if compile is not None:
             os.environ["nnUNet_compile"] = "1" if compile else "0"
-        plan = plan_task(entry, paths=paths, num_processes=plan_processes, planner=plans)
+        plan = plan_task(entry, paths=paths, num_processes=plan_processes, planner=planner)
         cases = verify_preprocessed(entry.nnunet_name, paths, spec.plans, task=entry.key)
+        if action == "new" and settings.weights is not None and backbones.get(spec.model).shapes_from_plans:
+            check_weights_fit(Path(settings.weights), spec.model, len(entry.channels), len(entry.labels),
+                              configuration_of(plan))
         if action == "resume":
             existing.event("continue_requested", request=request or {})
             existing.save()
@@ -162,8 +170,25 @@ def _with_weights(entry: "DatasetEntry", spec: RunSpec, settings: TrainingSettin
                                "scratch")
         return settings
     weights = resolve_weights(spec.model, given, paths, say)
-    check_weights_fit(weights.path, spec.model, len(entry.channels), len(entry.labels))
+    backbone = backbones.get(spec.model)
+    if backbone.shapes_from_plans:  # the whole fit is checked once the task is planned; the file is read now
+        from segbook.backbones.models import read_checkpoint
+        from stunet import CheckpointError
+
+        try:
+            read_checkpoint(backbone, weights.path)
+        except CheckpointError as error:
+            raise SegbookError(str(error)) from None
+    else:
+        check_weights_fit(weights.path, spec.model, len(entry.channels), len(entry.labels))
     return replace(settings, weights=str(weights.path), weights_sha256=weights.sha256)
+
+
+def configuration_of(plan: "PlanResult") -> Any:
+    """nnU-Net's ConfigurationManager of a task's plans: what a backbone is built from."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    return PlansManager(str(plan.plans_file)).get_configuration(CONFIGURATION)
 
 
 def fidelity_records(entry: "DatasetEntry", spec: RunSpec, plan: "PlanResult", paths: Paths) -> dict[str, Any]:
@@ -172,12 +197,10 @@ def fidelity_records(entry: "DatasetEntry", spec: RunSpec, plan: "PlanResult", p
     catalogued) and of fine-tuning (the plans')."""
     from segbook.data.folders import raw_folder
     from segbook.data.split import read_split
-    from stunet import CATALOGUE
-
     split = read_split(raw_folder(entry, paths))
     normalization: dict[str, Any] = {"fine_tuning": {"schemes": plan.normalization, "spacing_mm": plan.spacing,
                                                      "plans": plan.plans_identifier}}
-    official = CATALOGUE.get(spec.model)
+    official = backbones.get(spec.model).pretrained
     if spec.init == "pretrained":
         normalization["pretraining"] = None if official is None else {
             "scheme": official.normalization, "spacing_mm": list(official.spacing_mm),

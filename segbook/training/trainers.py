@@ -43,7 +43,9 @@ from segbook import claims
 from segbook.errors import SegbookError
 from segbook.io import atomic_path, atomic_write_json, now
 from segbook.paths import Paths
-from segbook.runs import RESUMABLE_CHECKPOINTS, STUNET_MODELS, Identity, has_resumable_checkpoint, resolve_weights
+from segbook import backbones
+from segbook.backbones.models import build, load_into
+from segbook.runs import RESUMABLE_CHECKPOINTS, Identity, has_resumable_checkpoint, resolve_weights
 from segbook.training.checkpoints import read_run_checkpoint
 from segbook.training.cost import add_epoch
 from segbook.training.manifest import RunManifest
@@ -51,9 +53,8 @@ from segbook.training.schedule import RecipeSchedule
 from segbook.training.settings import TrainingSettings
 from segbook.training.workers import exit_with_parent
 from segbook.training.lora import add_lora, has_lora, merge_lora
-from stunet import create_stunet, describe_network, strides_from_plans
-from stunet.loading import load_pretrained, read_state_dict
-from stunet.model import HEADS, PART_PREFIXES, part_of
+from stunet import describe_network, strides_from_plans
+from stunet.model import part_of
 
 PLOT_EVERY_EPOCHS = 10  # nnU-Net redraws a large progress.png every epoch: seconds wasted on short epochs
 LATEST_CHECKPOINT = "checkpoint_latest.pth"
@@ -637,7 +638,66 @@ class SegbookTrainer(nnUNetTrainer):
         self.logger.plot_progress_png = occasionally
 
 
-class STUNetTrainer(SegbookTrainer):
+class BackboneTrainer(SegbookTrainer):
+    """A backbone of `segbook.backbones` on the dataset's own plans: built by its family's builder, split into the
+    parts recipes address, and, for fine-tuning, initialised from a checkpoint by the registry's strict loader."""
+
+    @property
+    def backbone(self) -> backbones.Backbone:
+        return backbones.get(self.model)
+
+    def __init__(self, plans: dict, configuration: str, fold: int | str, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if not self.backbone.deep_supervision:
+            self.enable_deep_supervision = False
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        """nnU-Net switches `network.decoder.deep_supervision`; a backbone with one output has nothing to switch."""
+        if self.backbone.deep_supervision:
+            super().set_deep_supervision_enabled(enabled)
+
+    def group_of(self, name: str, parameter: nn.Parameter) -> str | None:
+        if self.recipe.lora is not None:  # add_lora has frozen all but the adapters and the heads
+            return "all" if parameter.requires_grad else None
+        parts = self.backbone.parts
+        return "all" if parts is None else self.recipe.group_of(parts.part_of(name), None)
+
+    def prepare_network(self) -> None:
+        """The pretrained body (never over a checkpoint a resume will load), then LoRA's adapters: a resumed LoRA
+        run's checkpoint holds the adapted network."""
+        if self.init == "pretrained" and not (self.resume_requested and has_resumable_checkpoint(self.output_folder)):
+            self._load_pretrained_body()
+        lora = self.recipe.lora
+        if lora is not None:
+            report = add_lora(unwrap(self.network), rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                              exclude_prefixes=self.backbone.parts.heads)
+            self.print_to_log_file(f"LoRA (rank {lora.rank}) on {len(report.adapted)} convolutions; "
+                                   f"{report.trainable_parameters:,} parameters train, "
+                                   f"{report.frozen_parameters:,} frozen")
+
+    def on_train_end(self):
+        """Merge LoRA's adapters into plain weights before nnU-Net writes the final checkpoint, so its predictor
+        (and `segbook evaluate`) load it into the plain network."""
+        if has_lora(unwrap(self.network)):
+            merge_lora(unwrap(self.network))
+            if self.local_rank == 0:
+                self.manifest.event("lora_merged")
+                self.manifest.save()
+        super().on_train_end()
+
+    def _load_pretrained_body(self) -> None:
+        path = self.settings.weights or str(resolve_weights(self.model, None, Paths.from_env(),
+                                                                 self.print_to_log_file).path)
+        report = load_into(unwrap(self.network), self.backbone, path, tiling=self.settings.stem_tiling)
+        self.print_to_log_file(f"loaded {len(report.loaded)} pretrained tensors from {path}; "
+                               f"fresh heads: {len(report.skipped_heads)} tensors; tiled: {report.tiled or 'none'}")
+        if self.local_rank == 0:
+            self.manifest.event("pretrained_weights_loaded", path=path, tiled=report.tiled)
+            self.manifest.save()
+
+
+class STUNetTrainer(BackboneTrainer):
     """STU-Net on the dataset's own plans: patch, spacing, batch size and normalisation from nnU-Net, five strides."""
 
     @staticmethod
@@ -665,46 +725,13 @@ class STUNetTrainer(SegbookTrainer):
         self.print_to_log_file(f"\nThis is the configuration used by this training:\nConfiguration name: "
                                f"{self.configuration_name}\n{configuration}\n", add_timestamp=False)
 
-    def prepare_network(self) -> None:
-        """The pretrained body (never over a checkpoint a resume will load), then LoRA's adapters: a resumed LoRA
-        run's checkpoint holds the adapted network."""
-        if self.init == "pretrained" and not (self.resume_requested and has_resumable_checkpoint(self.output_folder)):
-            self._load_pretrained_body()
-        lora = self.recipe.lora
-        if lora is not None:
-            report = add_lora(unwrap(self.network), rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                              exclude_prefixes=PART_PREFIXES[HEADS])
-            self.print_to_log_file(f"LoRA (rank {lora.rank}) on {len(report.adapted)} convolutions; "
-                                   f"{report.trainable_parameters:,} parameters train, "
-                                   f"{report.frozen_parameters:,} frozen")
 
-    def on_train_end(self):
-        """Merge LoRA's adapters into plain weights before nnU-Net writes the final checkpoint, so its predictor
-        (and `segbook evaluate`) load it into a plain STU-Net."""
-        if has_lora(unwrap(self.network)):
-            merge_lora(unwrap(self.network))
-            if self.local_rank == 0:
-                self.manifest.event("lora_merged")
-                self.manifest.save()
-        super().on_train_end()
-
-    def _load_pretrained_body(self) -> None:
-        path = self.settings.weights or str(resolve_weights(self.model, None, Paths.from_env(),
-                                                                 self.print_to_log_file).path)
-        report = load_pretrained(unwrap(self.network), read_state_dict(path), source=path,
-                                 tiling=self.settings.stem_tiling)
-        self.print_to_log_file(f"loaded {len(report.loaded)} pretrained tensors from {path}; "
-                               f"fresh heads: {len(report.skipped_heads)} tensors; tiled: {report.tiled or 'none'}")
-        if self.local_rank == 0:
-            self.manifest.event("pretrained_weights_loaded", path=path, tiled=report.tiled)
-            self.manifest.save()
-
-
-def _stunet_builder(preset: str):
+def _backbone_builder(model: str):
+    """nnU-Net's `build_network_architecture` hook for a backbone (also what its predictor calls)."""
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return create_stunet(preset, num_input_channels, num_output_channels,
-                             STUNetTrainer.stunet_strides(configuration_manager), enable_deep_supervision)
+        return build(backbones.get(model), configuration_manager, num_input_channels, num_output_channels,
+                     enable_deep_supervision)
 
     return build_network_architecture
 
@@ -721,10 +748,11 @@ def trainer_class(name: str) -> type[SegbookTrainer]:
     if identity is None:
         raise KeyError(name)
     attributes: dict[str, Any] = {"identity": identity, "__module__": __name__, "__qualname__": name}
-    if identity.model in STUNET_MODELS:
-        attributes["build_network_architecture"] = staticmethod(_stunet_builder(identity.model))
-        return type(name, (STUNetTrainer,), attributes)
-    return type(name, (SegbookTrainer,), attributes)
+    backbone = backbones.get(identity.model)
+    if backbone.build is None and backbone.parts is None and not backbone.pretrainable:
+        return type(name, (SegbookTrainer,), attributes)  # nnU-Net's own network of the plans, as nnU-Net trains it
+    attributes["build_network_architecture"] = staticmethod(_backbone_builder(identity.model))
+    return type(name, (STUNetTrainer if backbone.family == "STU-Net" else BackboneTrainer,), attributes)
 
 
 def __getattr__(name: str) -> type[SegbookTrainer]:
