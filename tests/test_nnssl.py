@@ -103,8 +103,8 @@ def test_a_full_checkpoints_decoder_can_be_taken_too(tmp_path):
     heads = {k: v.clone() for k, v in network.state_dict().items() if k.startswith("decoder.seg_layers.")}
     report = load(network, checkpoint, decoder="pretrained")
     state = network.state_dict()
-    assert_same(state["decoder.stages.0.convs.0.conv.weight"], pretrained.state_dict()["decoder.stages.0.convs.0.conv.weight"])
-    assert_same(state["decoder.transpconvs.1.weight"], pretrained.state_dict()["decoder.transpconvs.1.weight"])
+    for key in ("decoder.stages.0.convs.0.conv.weight", "decoder.transpconvs.1.weight"):
+        assert_same(state[key], pretrained.state_dict()[key])
     assert set(report.fresh) == set(heads)
     for key, value in heads.items():
         assert_same(state[key], value)
@@ -140,7 +140,7 @@ def test_an_encoder_only_checkpoint_loads_the_encoder_and_reports_the_decoder_fr
         assert_same(network.state_dict()[f"encoder.{key}"], value)
     assert "decoder.stages.0.convs.0.conv.weight" in report.fresh
     assert report.not_transferred == ["projector.layer1.0.weight", "projector.layer1.0.bias"]
-    with pytest.raises(CheckpointError, match=r"voco\.pth holds no decoder \(encoder-only pretraining, trainer VoCoTrainer"):
+    with pytest.raises(CheckpointError, match=r"voco\.pth holds no decoder \(encoder-only pretraining, trainer VoCo"):
         adapt_nnssl_to_network(network.state_dict(), checkpoint, decoder="pretrained")
 
 
@@ -231,7 +231,8 @@ def test_true_resenc_l_size_on_the_meta_device(tmp_path):
     assert adapted["encoder.stem.convs.0.conv.weight"].shape == (32, 4, 3, 3, 3)
     assert len(report.loaded) == sum(k.startswith(("encoder.stem.", "encoder.stages.")) for k in network)
     assert adapted.keys() == network.keys()
-    assert adapted["decoder.encoder.stages.5.blocks.5.conv2.conv.weight"] is adapted["encoder.stages.5.blocks.5.conv2.conv.weight"]
+    deepest = "encoder.stages.5.blocks.5.conv2.conv.weight"
+    assert adapted[f"decoder.{deepest}"] is adapted[deepest]  # the decoder's alias carries the loaded tensor
     with pytest.raises(CheckpointError) as refused:
         adapt_nnssl_to_network(five_stage.state_dict(), checkpoint, network_name="ResEnc-M")
     message = str(refused.value)

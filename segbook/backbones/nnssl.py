@@ -89,6 +89,8 @@ def read_nnssl_checkpoint(path: str | os.PathLike) -> NnsslCheckpoint:
     are not nnssl checkpoints (no adaptation plan), files without weights, weights that are not all tensors, plans
     missing what loading needs, and plans that contradict the weights (input channels).
     """
+    import torch
+
     from stunet.loading import CheckpointError, _strip_prefixes, safe_load
 
     path = os.fspath(path)
@@ -99,19 +101,13 @@ def read_nnssl_checkpoint(path: str | os.PathLike) -> NnsslCheckpoint:
     weights = content.get(WEIGHTS_KEY)
     if not isinstance(weights, Mapping) or not weights:
         raise CheckpointError(f"{path} is an nnssl checkpoint without network weights ('{WEIGHTS_KEY}')")
-    not_tensors = [str(k) for k, v in weights.items() if not _is_tensor(v)]
+    not_tensors = [str(k) for k, v in weights.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f"{path}: '{WEIGHTS_KEY}' holds values that are not tensors: {_shown(not_tensors)}")
     state_dict = _strip_prefixes(weights)
     metadata = _metadata(content, path)
     _check_input_channels(state_dict, metadata, path)
     return NnsslCheckpoint(path=path, state_dict=state_dict, metadata=metadata)
-
-
-def _is_tensor(value: object) -> bool:
-    import torch
-
-    return isinstance(value, torch.Tensor)
 
 
 def _metadata(content: Mapping, path: str) -> dict[str, Any]:
@@ -160,8 +156,8 @@ def _pretrain_configuration(plan: Mapping, path: str) -> Mapping:
     """The pretraining configuration (nnssl plans hold exactly one, e.g. `onemmiso`)."""
     configurations = _field(plan, "pretrain_plan", Mapping, path).get("configurations")
     if not isinstance(configurations, Mapping) or len(configurations) != 1:
-        raise _plan_error(path, "pretrain_plan.configurations must hold exactly one configuration, it holds "
-                                     f"{list(configurations) if isinstance(configurations, Mapping) else configurations!r}")
+        held = list(configurations) if isinstance(configurations, Mapping) else configurations
+        raise _plan_error(path, f"pretrain_plan.configurations must hold exactly one configuration, not {held!r}")
     configuration = next(iter(configurations.values()))
     if not isinstance(configuration, Mapping):
         raise _plan_error(path, "its pretraining configuration is not a mapping")
@@ -212,9 +208,9 @@ def adapt_nnssl_to_network(network_state: Mapping[str, torch.Tensor], checkpoint
     if decoder not in DECODER_MODES:
         raise ValueError(f"unknown decoder mode {decoder!r}; choose one of {', '.join(DECODER_MODES)}")
     if decoder == "pretrained" and not checkpoint.has_decoder:
+        trainer = checkpoint.metadata["trainer"]
         raise CheckpointError(f"{checkpoint.path} holds no decoder (encoder-only pretraining"
-                              f"{', trainer ' + checkpoint.metadata['trainer'] if checkpoint.metadata['trainer'] else ''}"
-                              "): fine-tune it with a fresh decoder")
+                              f"{', trainer ' + trainer if trainer else ''}): fine-tune it with a fresh decoder")
     report = NnsslLoadReport()
     renamed = _rename_to_network(checkpoint, decoder, report)
     adapted, problems = _match(renamed, network_state, checkpoint, tiling, report)
