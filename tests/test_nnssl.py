@@ -140,6 +140,7 @@ def test_an_encoder_only_checkpoint_loads_the_encoder_and_reports_the_decoder_fr
         assert_same(network.state_dict()[f"encoder.{key}"], value)
     assert "decoder.stages.0.convs.0.conv.weight" in report.fresh
     assert report.not_transferred == ["projector.layer1.0.weight", "projector.layer1.0.bias"]
+    assert "2 pretraining-only tensors" in report.summary()
     with pytest.raises(CheckpointError, match=r"voco\.pth holds no decoder \(encoder-only pretraining, trainer VoCo"):
         adapt_nnssl_to_network(network.state_dict(), checkpoint, decoder="pretrained")
 
@@ -268,12 +269,17 @@ def _plain_plan(tmp_path: Path) -> dict:
     (lambda c: c.pop("network_weights"), r"nnssl checkpoint without network weights"),
     (lambda c: c.update(network_weights={}), r"nnssl checkpoint without network weights"),
     (lambda c: c["network_weights"].update({"encoder.extra": [1.0, 2.0]}),
-     r"holds values that are not tensors: encoder\.extra"),
+     r"holds entries that are not named tensors: 'encoder\.extra'"),
+    (lambda c: c["network_weights"].update({3: torch.zeros(1)}), r"not named tensors: 3"),
     (lambda c: c["nnssl_adaptation_plan"].pop("key_to_encoder"), r"adaptation plan is not usable: 'key_to_encoder'"),
     (lambda c: c["nnssl_adaptation_plan"].update(pretrain_num_input_channels=3),
      r"plan says 3 input channel\(s\), but its first convolution takes 1"),
     (lambda c: c["nnssl_adaptation_plan"]["pretrain_plan"]["configurations"]["onemmiso"].update(patch_size=[64, 64]),
-     r"'patch_size' is \[64, 64\]: expected three positive numbers"),
+     r"'patch_size' is \[64, 64\]: expected three positive ints"),
+    (lambda c: c["nnssl_adaptation_plan"]["pretrain_plan"]["configurations"]["onemmiso"].update(patch_size="160"),
+     r"'patch_size' is '160'"),
+    (lambda c: c["nnssl_adaptation_plan"]["pretrain_plan"]["configurations"]["onemmiso"].update(
+        patch_size=[96.5, 96, 96]), r"'patch_size' is \[96.5, 96, 96\]"),
 ])
 def test_files_that_are_not_usable_nnssl_checkpoints_are_refused(tmp_path, edit, refusal):
     content = _plain_plan(tmp_path)

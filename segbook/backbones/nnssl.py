@@ -101,9 +101,10 @@ def read_nnssl_checkpoint(path: str | os.PathLike) -> NnsslCheckpoint:
     weights = content.get(WEIGHTS_KEY)
     if not isinstance(weights, Mapping) or not weights:
         raise CheckpointError(f"{path} is an nnssl checkpoint without network weights ('{WEIGHTS_KEY}')")
-    not_tensors = [str(k) for k, v in weights.items() if not isinstance(v, torch.Tensor)]
+    not_tensors = [repr(k) for k, v in weights.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if not_tensors:
-        raise CheckpointError(f"{path}: '{WEIGHTS_KEY}' holds values that are not tensors: {_shown(not_tensors)}")
+        raise CheckpointError(f"{path}: '{WEIGHTS_KEY}' holds entries that are not named tensors: "
+                              f"{_shown(not_tensors)}")
     state_dict = _strip_prefixes(weights)
     metadata = _metadata(content, path)
     _check_input_channels(state_dict, metadata, path)
@@ -129,7 +130,7 @@ def _metadata(content: Mapping, path: str) -> dict[str, Any]:
                              path),
         "spacing": _sizes(configuration.get("spacing"), float, "spacing", path),
         "spacing_style": configuration.get("spacing_style"),
-        "normalization": list(configuration.get("normalization_schemes") or []) or None,
+        "normalization": _names(configuration.get("normalization_schemes"), "normalization_schemes", path),
         "recommended_downstream_patchsize": _sizes(plan.get("recommended_downstream_patchsize"), int,
                                                    "recommended_downstream_patchsize", path),
         "pretrain_dataset": plan["pretrain_plan"].get("dataset_name"),
@@ -165,16 +166,25 @@ def _pretrain_configuration(plan: Mapping, path: str) -> Mapping:
 
 
 def _sizes(value: object, kind: type, name: str, path: str) -> list | None:
-    """Three positive numbers (patch size, spacing), or None when the plan leaves them out."""
+    """Three positive numbers (patch size: whole), or None when the plan leaves them out."""
     if value is None:
         return None
     try:
-        sizes = [kind(v) for v in value]
+        sizes = [kind(v) for v in value] if isinstance(value, (list, tuple)) else []
+        exact = all(float(s) == float(v) for s, v in zip(sizes, value))
     except (TypeError, ValueError):
-        raise _plan_error(path, f"'{name}' is {value!r}") from None
-    if len(sizes) != 3 or any(v <= 0 for v in sizes):
-        raise _plan_error(path, f"'{name}' is {value!r}: expected three positive numbers")
+        sizes, exact = [], False
+    if len(sizes) != 3 or not exact or any(v <= 0 for v in sizes):
+        raise _plan_error(path, f"'{name}' is {value!r}: expected three positive {kind.__name__}s")
     return sizes
+
+
+def _names(value: object, name: str, path: str) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _plan_error(path, f"'{name}' is {value!r}: expected a list of names")
+    return list(value)
 
 
 def _check_input_channels(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], path: str) -> None:
