@@ -14,6 +14,7 @@ from helpers import planned_tiny_task, run_segbook, tiny_spec, use_planned_task
 
 from segbook import backbones
 from segbook.backbones.models import check_fits, count_cost, create_model, load_into
+from segbook.backbones.nnssl import write_nnssl_checkpoint
 from segbook.recipes import RecipeError, get_recipe
 from segbook.runs import MODELS, Identity, RunIdentityError, valid_combinations
 from segbook.training.checkpoints import read_run_checkpoint
@@ -130,6 +131,30 @@ def test_a_checkpoint_of_another_backbone_is_refused_naming_both(tmp_path):
         check_fits(backbones.get("resenc-l"), truncated, 1, 3)
 
 
+def test_an_nnssl_checkpoint_loads_through_the_registry_encoder_only(task, tmp_path):
+    """The OpenMind/nnssl format is read by ResEnc's first format: the stem and encoder come from the file (the stem
+    divided over two channels, as nnssl's fine-tuning does by default), decoder and heads stay as initialised."""
+    configuration = _configuration(task.resenc_plan)
+    torch.manual_seed(0)
+    pretrained = create_model("resenc-l", input_channels=1, num_classes=4, configuration=configuration)
+    path = write_nnssl_checkpoint(pretrained, tmp_path / "openmind.pth")
+    torch.manual_seed(1)
+    network = create_model("resenc-l", input_channels=2, num_classes=3, configuration=configuration)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    report = load_into(network, backbones.get("resenc-l"), path)
+    loaded, source = network.state_dict(), pretrained.state_dict()
+    stem = "encoder.stem.convs.0.conv.weight"
+    assert torch.allclose(loaded[stem], source[stem].repeat(1, 2, 1, 1, 1) / 2) and stem in report.tiled
+    first_conv = backbones.get("resenc-l").first_conv
+    encoder = [k for k in source if k.startswith("encoder.") and k not in first_conv]
+    assert encoder and all(torch.equal(loaded[k], source[k]) for k in encoder)
+    assert all(torch.equal(loaded[k], before[k]) for k in loaded
+               if k.startswith(("decoder.stages.", "decoder.seg_layers.")))
+    check_fits(backbones.get("resenc-l"), path, 2, 3, configuration)
+    with pytest.raises(CheckpointError, match="holds"):
+        check_fits(backbones.get("resenc-l"), path, 2, 3)  # the reference ResEnc-L: six stages, not the tiny plans'
+
+
 def test_recipes_declare_what_they_need_of_a_backbone():
     get_recipe("frozen-encoder", "pretrained").check_fits("resenc-l", "pretrained")
     get_recipe("lora", "pretrained").check_fits("resenc-l", "pretrained")
@@ -204,6 +229,15 @@ def test_resenc_trains_on_its_own_plans_and_fine_tunes_from_weights(task, tmp_pa
     after = read_run_checkpoint(tuned / "checkpoint_final.pth")["network_weights"]
     assert all(torch.equal(weights[k], after[k]) for k in weights if k.startswith("encoder."))
     assert not all(torch.equal(weights[k], after[k]) for k in weights if k.startswith("decoder.stages."))
+
+    openmind = write_nnssl_checkpoint(weights, tmp_path / "openmind.pth")  # the same weights in nnssl's format
+    _finetune(task, "--model", "resenc-l", "--pretrained", "--weights", str(openmind), "--recipe", "frozen-encoder",
+              "--seeds", "1")
+    from_nnssl = tuned.parent.parent / "SegbookTrainer_resenc-l_pretrained_frozen-encoder_seed1__" \
+        "nnUNetResEncUNetLPlans__3d_fullres" / "fold_all"
+    assert RunManifest.load(from_nnssl).status == "finished"
+    after = read_run_checkpoint(from_nnssl / "checkpoint_final.pth")["network_weights"]
+    assert all(torch.equal(weights[k], after[k]) for k in weights if k.startswith("encoder."))
 
 
 def test_batch_estimates_count_each_backbone_on_its_own_plans(task, tmp_path, monkeypatch):

@@ -45,6 +45,13 @@ FORMAT_READERS: dict[str, str] = {
     "state_dict": "stunet.loading:read_state_dict",  # torch.save(network.state_dict(), path), or the above
     "nnssl": "segbook.backbones.nnssl:read_nnssl_checkpoint",
 }
+#: Formats that say themselves what transfers, adapted by their own function ("module:function", called as
+#: `(network_state, content, tiling=, network_name=) -> (state_dict to load, stunet.LoadReport)`). nnssl's
+#: checkpoints hold the whole pretraining network, of which only the stem and encoder transfer (nnssl's reference
+#: fine-tuning); every other format is adapted by the catalogued conventions (`first_conv`, `classifier`, aliases).
+FORMAT_ADAPTERS: dict[str, str] = {
+    "nnssl": "segbook.backbones.nnssl:adapt_for_fine_tuning",
+}
 
 
 class BackboneError(SegbookError):
@@ -119,7 +126,8 @@ class Backbone:
                                 f"{', '.join(FORMAT_READERS)}")
         if self.pretrained is not None and self.pretrained.format not in self.checkpoint_formats:
             raise BackboneError(f"backbone {self.name}: its catalogued checkpoint is in format "
-                                f"{self.pretrained.format}, which it does not read ({', '.join(self.checkpoint_formats)})")
+                                f"{self.pretrained.format}, which it does not read "
+                                f"({', '.join(self.checkpoint_formats)})")
         if self.checkpoint_formats and not self.classifier:
             raise BackboneError(f"backbone {self.name} reads checkpoints but names no classifier (the layer "
                                 "fine-tuning replaces)")

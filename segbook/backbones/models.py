@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from segbook.backbones import Backbone, BackboneError, FORMAT_READERS, get, resolve
+from segbook.backbones import FORMAT_ADAPTERS, FORMAT_READERS, Backbone, BackboneError, get, resolve
 from stunet.checkpoints import PRETRAINING_STRIDES
 from stunet.flops import count_forward_macs, count_parameters
 from stunet.loading import DEFAULT_TILING, DESCRIBERS, CheckpointError, Conventions, LoadReport, adapt_state_dict, \
@@ -57,7 +57,8 @@ def build_resenc(model: str, configuration: Any, input_channels: int, num_classe
         class_name, kwargs, requires_import = RESENC_CLASS, RESENC_REFERENCE, _REQUIRES_IMPORT
     else:
         class_name = configuration.network_arch_class_name
-        kwargs, requires_import = configuration.network_arch_init_kwargs, configuration.network_arch_init_kwargs_req_import
+        kwargs = configuration.network_arch_init_kwargs
+        requires_import = configuration.network_arch_init_kwargs_req_import
         if class_name != RESENC_CLASS:
             raise BackboneError(f"{model} needs ResEnc plans ({get(model).plans}), and these plans build {class_name}")
     return get_network_from_plans(class_name, kwargs, requires_import, input_channels, num_classes,
@@ -86,8 +87,8 @@ def conventions(backbone: Backbone) -> Conventions:
                        describe=lambda state_dict: describe_network_weights(backbone, state_dict))
 
 
-def read_checkpoint(backbone: Backbone, path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The weights of `path`, read by the first of the backbone's formats whose reader accepts the file;
+def read_checkpoint(backbone: Backbone, path: str | os.PathLike) -> tuple[str, Any]:
+    """(format, content) of `path`, read by the first of the backbone's formats whose reader accepts the file;
     `CheckpointError` saying what each reader found otherwise. Files are never unpickled (`stunet.safe_load`)."""
     if not backbone.pretrainable:
         raise BackboneError(f"{backbone.label} trains from scratch only: it reads no checkpoints")
@@ -99,17 +100,33 @@ def read_checkpoint(backbone: Backbone, path: str | os.PathLike) -> dict[str, to
             refusals.append(f"{name}: {error}")
             continue
         try:
-            return reader(path)
+            return name, reader(path)
         except CheckpointError as error:
             refusals.append(f"{name}: {error}")
     raise CheckpointError(f"{path} is in none of the formats {backbone.label} reads ({'; '.join(refusals)})")
 
 
+def adapted_weights(network_state: Mapping[str, torch.Tensor], backbone: Backbone, path: str | os.PathLike,
+                    tiling: str | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """The complete state dict that initialises the network whose state is `network_state` from the checkpoint at
+    `path` (strictly: a `CheckpointError` lists what does not fit), and what was done. A format with its own rules
+    (`FORMAT_ADAPTERS`) applies them; any other is adapted by the backbone's catalogued conventions. `tiling` None
+    tiles a single-channel stem as the checkpoint's authors do (STU-Net's loaders repeat, nnssl's divide too)."""
+    name, content = read_checkpoint(backbone, path)
+    if name in FORMAT_ADAPTERS:
+        given = {"tiling": tiling} if tiling is not None else {}
+        return resolve(FORMAT_ADAPTERS[name])(network_state, content, network_name=backbone.label, **given)
+    adapted, report = adapt_state_dict(network_state, content, source=str(path), tiling=tiling or DEFAULT_TILING,
+                                       conventions=conventions(backbone))
+    return {**network_state, **adapted}, report
+
+
 def load_into(network: nn.Module, backbone: Backbone, path: str | os.PathLike,
-              tiling: str = DEFAULT_TILING) -> LoadReport:
+              tiling: str | None = None) -> LoadReport:
     """Initialise `network` for fine-tuning from the checkpoint at `path`: everything but the classifier, strictly."""
-    return load_pretrained(network, read_checkpoint(backbone, path), source=str(path), tiling=tiling,
-                           conventions=conventions(backbone))
+    state, report = adapted_weights(network.state_dict(), backbone, path, tiling)
+    network.load_state_dict(state, strict=True)
+    return report
 
 
 def check_fits(backbone: Backbone, path: str | os.PathLike, input_channels: int, num_classes: int,
@@ -118,13 +135,12 @@ def check_fits(backbone: Backbone, path: str | os.PathLike, input_channels: int,
     nothing is allocated): before anything is planned or written."""
     with torch.device("meta"):
         network = build(backbone, configuration, input_channels, num_classes)
-    adapt_state_dict(network.state_dict(), read_checkpoint(backbone, path), source=str(path),
-                     conventions=conventions(backbone))
+    adapted_weights(network.state_dict(), backbone, path)
 
 
 def create_model(name: str, pretrained: bool | str | os.PathLike = False, *, input_channels: int = 1,
                  num_classes: int = 2, configuration: Any = None, deep_supervision: bool = True,
-                 device: str | torch.device | None = None, tiling: str = DEFAULT_TILING) -> nn.Module:
+                 device: str | torch.device | None = None, tiling: str | None = None) -> nn.Module:
     """The network `name` (a model of `segbook models`), timm's way: `pretrained=True` starts from its catalogued
     checkpoint (from the weight cache), a path from that file, False from scratch. `configuration` is nnU-Net's
     ConfigurationManager of a task's plans (None: the family's reference architecture); `device="meta"` allocates

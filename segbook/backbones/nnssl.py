@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from stunet.loading import LoadReport
+
 WEIGHTS_KEY = "network_weights"
 PLAN_KEY = "nnssl_adaptation_plan"
 #: Where nnU-Net's ResidualEncoderUNet keeps its stem, its encoder stages and its first convolution (registered
@@ -231,6 +233,17 @@ def adapt_nnssl_to_network(network_state: Mapping[str, torch.Tensor], checkpoint
     report.loaded = list(adapted)
     report.fresh = [k for k in network_state if k not in adapted and not k.startswith(DECODER_ENCODER_ALIAS)]
     return {**network_state, **adapted, **_aliases(adapted, network_state)}, report
+
+
+def adapt_for_fine_tuning(network_state: Mapping[str, torch.Tensor], checkpoint: NnsslCheckpoint, *,
+                          tiling: str = DEFAULT_NNSSL_TILING, network_name: str | None = None
+                          ) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """`adapt_nnssl_to_network` as the backbone registry calls a format's adapter (`FORMAT_ADAPTERS`): the decoder
+    fresh, as nnssl's reference fine-tuning has it, and the report in the shape every format reports."""
+    from stunet.loading import LoadReport
+
+    state, report = adapt_nnssl_to_network(network_state, checkpoint, tiling=tiling, network_name=network_name)
+    return state, LoadReport(loaded=report.loaded, skipped_heads=report.dropped_heads, tiled=report.tiled)
 
 
 def _rename_to_network(checkpoint: NnsslCheckpoint, decoder: str, report: NnsslLoadReport) -> dict[str, Any]:
