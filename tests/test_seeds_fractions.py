@@ -108,7 +108,8 @@ def test_the_random_seed_of_seed_0_is_the_one_runs_had_before():
 @pytest.mark.parametrize("command", [["finetune", "--task", "613", "--model", "large", "--pretrained"],
                                      ["batch", "plan", "--tasks", "613"], ["batch", "run", "--tasks", "613"],
                                      ["batch", "status", "--tasks", "613"], ["batch", "submit", "--tasks", "613"],
-                                     ["batch", "retry", "--failed", "--tasks", "613"]])
+                                     ["batch", "retry", "--failed", "--tasks", "613"],
+                                     ["evaluate", "--task", "613", "--model", "large", "--pretrained"]])
 @pytest.mark.parametrize("option,values,message", [
     ("--fractions", ["0"], "a training fraction is a number in (0, 1]"),
     ("--fractions", ["1.5"], "a training fraction is a number in (0, 1]"),
@@ -191,6 +192,11 @@ def test_a_fraction_trains_on_its_recorded_subset_and_a_changed_subset_is_not_re
     assert run.folder.parent.name.startswith("SegbookTrainer_tiny_pretrained_frac25__")
     assert record["count"] == 3 and record["available"] == len(train) == 10 and record["fraction"] == 0.25
     assert record["cases"] == list(training_subset(train, 0.25).cases) and set(record["cases"]) <= set(train)
+    assert main(["evaluate", "--registry", str(task.registry_file), "--task", task.entry.key, "--model", "tiny",
+                 "--pretrained", "--fractions", "0.25", "--device", "cpu"]) == 0
+    summary = json.loads((run.folder / "evaluation" / "summary.json").read_text())
+    test = json.loads((task.raw / task.entry.nnunet_name / "segbook_split.json").read_text())["test"]
+    assert summary["run"]["fraction"] == 0.25 and summary["num_cases"] == len(test)  # the whole test split
     whole = _train(task, tmp_path / "r", monkeypatch)
     assert whole.manifest.data["training_cases"]["cases"] == train
 
