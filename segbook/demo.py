@@ -204,7 +204,7 @@ def _pretrain(out: Path, settings: DemoSettings, source, paths: Paths, device: s
 
     pretraining = replace(paths, results=out / "pretraining")
     budget = TrainingSettings(epochs=settings.pretrain_epochs, iterations_per_epoch=settings.iterations_per_epoch,
-                              val_iterations_per_epoch=1, checkpoint_every=10, seed=settings.seed)
+                              val_iterations_per_epoch=1, checkpoint_every=10)
     log = out / "pretraining.log"
     with open(log, "a") as stream, contextlib.redirect_stdout(_ProgressFilter(stream, sys.stdout)), \
             warnings.catch_warnings():
@@ -251,7 +251,7 @@ def _run_targets(settings: DemoSettings, targets: list, registry_file: Path, che
     jobs += build_matrix(registry, tasks=[targets[0].key], models=[settings.model], inits=["pretrained"],
                          recipes=[settings.extra_recipe], folds=["all"])
     budget = TrainingSettings(epochs=settings.target_epochs, iterations_per_epoch=settings.iterations_per_epoch,
-                              val_iterations_per_epoch=1, checkpoint_every=5, seed=settings.seed)
+                              val_iterations_per_epoch=1, checkpoint_every=5)
     finetuning = replace(budget, lr=settings.finetune_lr)
     # One process per job: on volumes this small, nnU-Net's prediction and export workers cost more than they save.
     options = ExecutionOptions.create(registry_files=[registry_file], weights=checkpoint, settings=budget,

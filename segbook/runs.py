@@ -14,19 +14,22 @@ Runs with the default recipe, seed 0 and the whole train split keep the names th
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from segbook import backbones
 from segbook.errors import SegbookError
 
 if TYPE_CHECKING:
     from segbook.paths import Paths
     from segbook.registry import DatasetEntry, Registry
 
-STUNET_MODELS = ("tiny", "small", "base", "large", "huge")
-MODELS = (*STUNET_MODELS, "nnunet")
+#: The built-in models (`segbook.backbones`); users' backbones add theirs (`backbones.model_names()`).
+STUNET_MODELS = tuple(b.name for b in backbones.BUILTIN if b.family == "STU-Net")
+MODELS = backbones.builtin_names()
 INITS = ("pretrained", "scratch")
 FOLDS = ("all", "0", "1", "2", "3", "4")
 CONFIGURATION = "3d_fullres"
@@ -36,6 +39,12 @@ TRAINER_PREFIX = "SegbookTrainer"
 DEFAULT_RECIPES = {"pretrained": "segbook", "scratch": "scratch"}
 DEFAULT_SEED = 0
 DEFAULT_FRACTION = 1.0
+#: The random-number seed of a run with seed 0. Before seeds were part of a run's identity every run seeded Python,
+#: numpy and torch with a setting whose default was 12345; a run with seed N seeds them with 12345 + N, so the runs
+#: made before (seed 0, the default setting) train exactly as they did.
+BASE_RNG_SEED = 12345
+#: numpy takes seeds below 2**32.
+MAX_SEED = 2**32 - 1 - BASE_RNG_SEED
 #: Recipe names: lower case, digits and hyphens (no `_`, which separates the parts of a trainer name).
 RECIPE_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 _SEED = re.compile(r"^seed(\d+)$")
@@ -56,8 +65,14 @@ class RunIdentityError(SegbookError):
 
 
 def valid_combinations() -> list[tuple[str, str]]:
-    """nnU-Net's default network has no pretrained checkpoint: it is the paper's scratch baseline."""
-    return [(m, i) for m in MODELS for i in INITS if not (m == "nnunet" and i == "pretrained")]
+    """Every model from scratch, and pretrained where its backbone reads checkpoints (nnU-Net's default network
+    has none: it is the paper's scratch baseline)."""
+    return [(b.name, i) for b in backbones.all_backbones() for i in INITS if i == "scratch" or b.pretrainable]
+
+
+def default_recipe(model: str, init: str) -> str:
+    """The recipe a run of `model` gets when it names none (its backbone's; SegBook's for every built-in one)."""
+    return backbones.get(model).default_recipe(init)
 
 
 @dataclass(frozen=True)
@@ -71,19 +86,20 @@ class Identity:
     fraction: float = DEFAULT_FRACTION
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise RunIdentityError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if not backbones.is_known(self.model):
+            raise RunIdentityError(f"unknown model {self.model!r}; choose one of "
+                                   f"{', '.join(backbones.model_names())}")
         if self.init not in INITS:
             raise RunIdentityError(f"unknown initialisation {self.init!r}; choose one of {', '.join(INITS)}")
-        if (self.model, self.init) not in valid_combinations():
-            raise RunIdentityError("nnU-Net's default network has no pretrained weights: use --model nnunet with "
-                                   "--scratch")
-        object.__setattr__(self, "recipe", self.recipe or DEFAULT_RECIPES[self.init])
+        if self.init == "pretrained" and not backbones.get(self.model).pretrainable:
+            raise RunIdentityError(f"{backbones.get(self.model).label} has no pretrained weights: use --model "
+                                   f"{self.model} with --scratch")
+        object.__setattr__(self, "recipe", self.recipe or default_recipe(self.model, self.init))
         if not RECIPE_NAME.match(self.recipe) or _SEED.match(self.recipe) or _FRACTION.match(self.recipe):
             raise RunIdentityError(f"recipe name {self.recipe!r}: use lower-case letters, digits and hyphens, "
                                    "starting with a letter (not seedN or fracN)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise RunIdentityError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise RunIdentityError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if not 0 < self.fraction <= 1 or _percent_text(self.fraction) is None:
             raise RunIdentityError(f"training fraction must be in (0, 1] with at most 2 decimals in percent, "
                                    f"got {self.fraction!r}")
@@ -91,13 +107,18 @@ class Identity:
     @property
     def is_default(self) -> bool:
         """The default recipe, seed and whole train split: the run SegBook's tables are about."""
-        return (self.recipe, self.seed, self.fraction) == (DEFAULT_RECIPES[self.init], DEFAULT_SEED,
+        return (self.recipe, self.seed, self.fraction) == (default_recipe(self.model, self.init), DEFAULT_SEED,
                                                            DEFAULT_FRACTION)
+
+    @property
+    def rng_seed(self) -> int:
+        """What Python, numpy and torch are seeded with (`BASE_RNG_SEED` + seed; recorded in run.json)."""
+        return BASE_RNG_SEED + self.seed
 
     @property
     def trainer(self) -> str:
         parts = [TRAINER_PREFIX, self.model, self.init]
-        if self.recipe != DEFAULT_RECIPES[self.init]:
+        if self.recipe != default_recipe(self.model, self.init):
             parts.append(self.recipe)
         if self.seed != DEFAULT_SEED:
             parts.append(f"seed{self.seed}")
@@ -145,6 +166,54 @@ def _percent_text(fraction: float) -> str | None:
     return text.replace(".", "p")
 
 
+def parse_seeds(values: Iterable[str | int], option: str = "--seeds") -> list[int]:
+    """Seeds as given (`["0", "1"]`, `["0,1"]` or ints), each an integer in [0, MAX_SEED], none twice;
+    `RunIdentityError` naming the option otherwise. Checked before anything is written."""
+    seeds = []
+    for item in _listed(values, option):
+        try:
+            seed = int(item) if not isinstance(item, bool) else None
+        except ValueError:
+            seed = None
+        if seed is None or str(item).strip() != str(seed) or not 0 <= seed <= MAX_SEED:
+            raise RunIdentityError(f"{option}: a seed is an integer in [0, {MAX_SEED}], got {item!r}")
+        seeds.append(seed)
+    return _once(seeds, option)
+
+
+def parse_fractions(values: Iterable[str | float], option: str = "--fractions") -> list[float]:
+    """Training fractions as given (`["0.1", "0.25"]`, `["0.1,1"]` or numbers), each in (0, 1] with at most two
+    decimals in percent (12.5% is 0.125), none twice; `RunIdentityError` naming the option otherwise."""
+    fractions = []
+    for item in _listed(values, option):
+        try:
+            fraction = float(item)
+        except (TypeError, ValueError):
+            fraction = math.nan
+        if not 0 < fraction <= 1 or _percent_text(fraction) is None:
+            raise RunIdentityError(f"{option}: a training fraction is a number in (0, 1] with at most two decimals "
+                                   f"in percent (0.1, 0.25, 0.125, 1), got {item!r}")
+        fractions.append(round(fraction, 6))
+    return _once(fractions, option)
+
+
+def _listed(values: Iterable[str | int | float], option: str) -> list[str | int | float]:
+    items = [part.strip() if isinstance(value, str) else value
+             for value in ([values] if isinstance(values, (str, int, float)) else values)
+             for part in (value.split(",") if isinstance(value, str) else [value])
+             if not isinstance(part, str) or part.strip()]
+    if not items:
+        raise RunIdentityError(f"{option}: no value given")
+    return items
+
+
+def _once(values: list, option: str) -> list:
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise RunIdentityError(f"{option}: {', '.join(map(str, repeated))} given more than once")
+    return values
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One run of one registered task: its identity, its task and dataset folder, its fold and plans."""
@@ -153,10 +222,11 @@ class RunSpec:
     dataset: str  # nnU-Net dataset folder name, e.g. "Dataset613_COVID-19-20"
     identity: Identity
     fold: str = "all"
-    plans: str = DEFAULT_PLANS
+    plans: str = ""  # "" means the model's default plans (`backbones.default_plans`)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fold", str(self.fold))
+        object.__setattr__(self, "plans", self.plans or backbones.default_plans(self.identity.model))
         if self.fold not in FOLDS:
             raise RunIdentityError(f"fold must be 'all' or 0-4, got {self.fold!r}")
         if JOB_SEPARATOR in self.task:
@@ -166,7 +236,7 @@ class RunSpec:
     @classmethod
     def of(cls, entry: "DatasetEntry", model: str, init: str | bool, fold: str | int = "all", *,
            recipe: str | None = None, seed: int = DEFAULT_SEED, fraction: float = DEFAULT_FRACTION,
-           plans: str = DEFAULT_PLANS) -> "RunSpec":
+           plans: str = "") -> "RunSpec":
         """The run of `entry`; `init` is "pretrained"/"scratch" or a bool (pretrained)."""
         if isinstance(init, bool):
             init = "pretrained" if init else "scratch"
@@ -291,21 +361,21 @@ def resolve_weights(model: str, given: str | Path | None, paths: "Paths",
                     say: Callable[[str], None] = print) -> Weights:
     """A given file wins; otherwise the cached official checkpoint, checked against the SHA-256 recorded when it
     was downloaded (a file put into the cache by hand has none: that is said, not hidden)."""
-    from stunet import CATALOGUE, WeightCache, WeightsError
+    from stunet import WeightCache, WeightsError
     from stunet.checkpoints import checksum_origin, file_sha256
 
     cache = WeightCache(paths.weights)
-    if given is None and model not in CATALOGUE:
-        raise SegbookError(f"STU-Net {model} has no official pretrained checkpoint: pass the file to fine-tune from "
-                           "with --weights PATH")
+    cfg = backbones.get(model).pretrained
+    if given is None and cfg is None:
+        raise SegbookError(f"{backbones.get(model).label} has no official pretrained checkpoint: pass the file to "
+                           "fine-tune from with --weights PATH")
     try:
-        path = cache.resolve(None if given is not None else CATALOGUE[model], given)
+        path = cache.resolve(None if given is not None else cfg, given)
     except WeightsError as error:
         raise SegbookError(str(error)) from None
     digest = file_sha256(path)
     if given is not None:
         return Weights(path.resolve(), digest)
-    cfg = CATALOGUE[model]
     expected = cfg.sha256 or cache.recorded_sha256(cfg)
     if expected is None:
         say(f"segbook: warning: {path} has no recorded SHA-256 (it was not downloaded by `segbook weights "

@@ -89,6 +89,11 @@ class PretrainedCfg:
     classifier: str = HEAD_PREFIX.rstrip(".")
     pretraining: str = "TotalSegmentator v1 (1,204 CTs, 104 classes), 4000 epochs"
     label_names: tuple[str, ...] = field(default_factory=totalsegmentator_v1_labels)
+    #: The file's format: a key of `segbook.backbones.FORMAT_READERS` (the reader that takes it).
+    format: str = "stunet"
+    licence: str = "MIT (the licence of uni-medical/STU-Net, the repository that publishes the checkpoints)"
+    citation: str = ("Huang et al., STU-Net: Scalable and Transferable Medical Image Segmentation Models Empowered by "
+                     "Large-Scale Supervised Pre-training, arXiv:2304.06716 (2023)")
 
 
 def _official(preset: str, drive_id: str, baidu: str, sha256: str | None = None) -> PretrainedCfg:

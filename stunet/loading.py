@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -120,54 +120,113 @@ class LoadReport:
     tiled: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Conventions:
+    """What loading needs to know of an architecture, read from its catalogue entry (`segbook.backbones`): the
+    input-side layers tiled across channels (`first_conv`), the prefix of the layers replaced (`classifier`),
+    prefixes that name the same tensors twice (`aliases`: alias -> canonical) and how to describe a state_dict
+    in errors. The defaults are STU-Net's."""
+
+    first_conv: tuple[str, ...] = FIRST_CONV_KEYS
+    classifier: str = HEAD_PREFIX.rstrip(".")
+    aliases: tuple[tuple[str, str], ...] = ()
+    describe: Callable[[Mapping[str, torch.Tensor]], str] | None = None
+
+    @property
+    def head_prefix(self) -> str:
+        return self.classifier + "."
+
+    def description(self, state_dict: Mapping[str, torch.Tensor]) -> str:
+        return (self.describe or describe_stunet)(state_dict)
+
+    def canonical(self, key: str) -> str | None:
+        """The key an aliased key repeats; None for a key that is no alias."""
+        return next((canonical + key[len(alias):] for alias, canonical in self.aliases if key.startswith(alias)),
+                    None)
+
+
+STUNET_CONVENTIONS = Conventions()
+
+
 def load_pretrained(network: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint",
-                    drop_heads: bool = True, tiling: str = DEFAULT_TILING) -> LoadReport:
+                    drop_heads: bool = True, tiling: str = DEFAULT_TILING,
+                    conventions: Conventions = STUNET_CONVENTIONS) -> LoadReport:
     """Copy pretrained weights into `network` for fine-tuning (see `adapt_state_dict` for what must match, and
     `TILINGS` for `tiling`)."""
     target = network.state_dict()
-    adapted, report = adapt_state_dict(target, state_dict, source=source, drop_heads=drop_heads, tiling=tiling)
+    adapted, report = adapt_state_dict(target, state_dict, source=source, drop_heads=drop_heads, tiling=tiling,
+                                       conventions=conventions)
     network.load_state_dict({**target, **adapted}, strict=True)
     return report
 
 
 def adapt_state_dict(target: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], *,
-                     source: str = "checkpoint", drop_heads: bool = True,
-                     tiling: str = DEFAULT_TILING) -> tuple[dict[str, torch.Tensor], LoadReport]:
+                     source: str = "checkpoint", drop_heads: bool = True, tiling: str = DEFAULT_TILING,
+                     conventions: Conventions = STUNET_CONVENTIONS) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """The checkpoint's weights as the network with state_dict `target` takes them, and what was done to them.
 
-    The segmentation heads are left as initialised (`drop_heads`), the first block's input-side convolutions are
-    tiled across input channels when the checkpoint has one and the network more (`tiling`: `repeat`, the official
-    loaders' way, or `mean`), and every other key must match by name and shape; anything else is a
-    `CheckpointError` naming the checkpoint and both architectures. `target` may live on the meta device: this
+    The segmentation heads (`conventions.classifier`) are left as initialised (`drop_heads`), the first block's
+    input-side convolutions (`conventions.first_conv`) are tiled across input channels when the checkpoint has one
+    and the network more (`tiling`: `repeat`, the official loaders' way, or `mean`), keys that only repeat others
+    (`conventions.aliases`) are taken from those, and every other key must match by name and shape; anything else
+    is a `CheckpointError` naming the checkpoint and both architectures. `target` may live on the meta device: this
     checks that a checkpoint fits a network before anything is built or written.
     """
     if tiling not in TILINGS:
         raise ValueError(f"unknown stem tiling {tiling!r}; choose one of {', '.join(TILINGS)}")
+    head_prefix = conventions.head_prefix
     report = LoadReport()
     adapted: dict[str, torch.Tensor] = {}
     problems: list[str] = []
+    source_dict = state_dict
+    state_dict = {k: v for k, v in state_dict.items() if conventions.canonical(k) is None}
     for key, value in state_dict.items():
-        if drop_heads and key.startswith(HEAD_PREFIX):
+        if drop_heads and key.startswith(head_prefix):
             report.skipped_heads.append(key)
             continue
         if key not in target:
             problems.append(f"unexpected key {key}")
             continue
-        if key in FIRST_CONV_KEYS and _differs_only_in_input_channels(value.shape, target[key].shape):
+        if key in conventions.first_conv and _differs_only_in_input_channels(value.shape, target[key].shape):
             value = _tile_input_channels(value, target[key].shape, key, source, tiling)
             report.tiled.append(key)
         if value.shape != target[key].shape:
             problems.append(f"{key}: checkpoint {tuple(value.shape)} vs network {tuple(target[key].shape)}")
             continue
         adapted[key] = value
-    missing = [k for k in target if k not in adapted and not (drop_heads and k.startswith(HEAD_PREFIX))]
+    _fill_aliases(target, adapted, conventions)
+    missing = [k for k in target if k not in adapted and not (drop_heads and k.startswith(head_prefix))]
     problems += [f"missing key {k}" for k in missing]
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise CheckpointError(f"{source} holds {describe_stunet(state_dict)}, but the network is "
-                              f"{describe_stunet(target)}: {shown}")
+        raise CheckpointError(f"{source} holds {describe_state_dict(source_dict)}, but the network is "
+                              f"{conventions.description(target)}: {shown}")
     report.loaded = list(adapted)
     return adapted, report
+
+
+def _fill_aliases(target: Mapping[str, torch.Tensor], adapted: dict[str, torch.Tensor],
+                  conventions: Conventions) -> None:
+    """Give the network's aliased keys the adapted tensors of the keys they repeat (the checkpoint's own copies,
+    if any, are the same tensors saved twice: they were set aside, so the two can never disagree)."""
+    for key in target:
+        canonical = conventions.canonical(key)
+        if canonical is not None and canonical in adapted:
+            adapted[key] = adapted[canonical]
+
+
+#: Describers of other architectures' state_dicts, tried in order by `describe_state_dict` (registered by
+#: `segbook.backbones.models`, which knows them): each returns a description, or None for a state_dict not its own.
+DESCRIBERS: list[Callable[[Mapping[str, torch.Tensor]], str | None]] = []
+
+
+def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """What network a checkpoint's weights belong to, whichever architecture it is, for error messages."""
+    for describe in DESCRIBERS:
+        found = describe(state_dict)
+        if found is not None:
+            return found
+    return describe_stunet(state_dict)
 
 
 def _differs_only_in_input_channels(source: torch.Size, target: torch.Size) -> bool:

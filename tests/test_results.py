@@ -38,7 +38,7 @@ from segbook.results import (
     scale_table,
 )
 from segbook.results.stats import bootstrap_ci
-from segbook.results.tables import MODEL_COST, TABLES, Cell, ResultTable, TableError
+from segbook.results.tables import TABLES, _cost, Cell, ResultTable, TableError
 from segbook.runs import RunSpec
 
 
@@ -452,10 +452,15 @@ def test_table_names_agree_with_the_cli() -> None:
 
 
 def test_model_cost_matches_the_networks() -> None:
+    """The tables' costs are the registry's catalogued numbers (no torch in tables), equal to the counted ones."""
     stunet = pytest.importorskip("stunet")
-    for model, (parameters, macs) in MODEL_COST.items():
-        summary = stunet.preset_summary(model)
-        assert (summary["parameters"], summary["forward_macs"]) == (parameters, macs)
+    from segbook import backbones
+
+    for backbone in backbones.BUILTIN:
+        if backbone.family == "STU-Net":
+            summary = stunet.preset_summary(backbone.name)
+            assert (summary["parameters"], summary["forward_macs"]) == backbone.cost
+    assert _cost("large") == [440.3, 3.83, 7.65] and _cost("nnunet") == [None, None, None]
 
 
 def test_small_store_with_empty_groups(segbook_home: Path, registry_file: Path) -> None:
@@ -856,3 +861,17 @@ def test_cli_on_an_empty_store(segbook_home: Path, capsys: pytest.CaptureFixture
     assert "no datasets" in capsys.readouterr().out
     assert main(["results", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_each_backbone_is_collected_on_its_own_plans_and_tabulated_with_its_cost(store) -> None:
+    paths, registry = store
+    write_run(paths.results, registry, C, "resenc-l", "scratch", "all", (0.66,), plans="")
+    write_run(paths.results, registry, C, "resenc-m", "scratch", "all", (0.50,), plans="nnUNetPlans")
+    with pytest.warns(ResultsWarning, match="ignored 1 run\\(s\\) trained with plans 'nnUNetPlans'"):
+        df = collect_results(paths, registry)  # resenc-m's run is not on its own plans
+    assert set(df.loc[df["model"] == "resenc-l", "plans"]) == {"nnUNetResEncUNetLPlans"}
+    assert "resenc-m" not in set(df["model"])
+    table = scale_table(df)
+    row = next(r for r in table.records("json") if r["model"] == "resenc-l")
+    assert (row["init"], row["params (M)"], row["TMACs"]) == ("scratch", 102.4, 0.72)
+    assert [r[0] for r in table.rows][-1] == "resenc-l"  # after the paper's configurations

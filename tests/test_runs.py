@@ -87,7 +87,15 @@ def test_job_ids_and_folders_round_trip(registry, tmp_path):
         assert RunSpec.from_job_id(spec.job_id, registry) == spec
         assert RunSpec.from_folder(spec.folder(tmp_path), registry) == spec
         parts = FolderParts.parse(spec.folder(tmp_path))
-        assert (parts.dataset_id, parts.identity, parts.fold, parts.plans) == (901, identity, fold, "nnUNetPlans")
+        plans = "nnUNetResEncUNetLPlans" if identity.model == "resenc-l" else \
+            "nnUNetResEncUNetMPlans" if identity.model == "resenc-m" else "nnUNetPlans"
+        assert (parts.dataset_id, parts.identity, parts.fold, parts.plans) == (901, identity, fold, plans)
+    resenc = RunSpec.of(entry, "resenc-l", True)
+    assert resenc.job_id == "Task901_Tiny__resenc-l__pretrained__fold_all"
+    assert resenc.folder(tmp_path) == (tmp_path / "Dataset901_Tiny" / "SegbookTrainer_resenc-l_pretrained__"
+                                       "nnUNetResEncUNetLPlans__3d_fullres" / "fold_all")
+    assert RunSpec.from_job_id(resenc.job_id, registry) == resenc
+    assert RunSpec.from_folder(resenc.folder(tmp_path), registry) == resenc
     default = RunSpec.of(entry, "large", True)
     assert default.job_id == "Task901_Tiny__large__pretrained__fold_all"
     assert default.folder(tmp_path) == (tmp_path / "Dataset901_Tiny" /

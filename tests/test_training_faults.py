@@ -65,7 +65,7 @@ def fresh(task, tmp_path, monkeypatch) -> Paths:
 @pytest.mark.parametrize("option,value", [("--epochs", "0"), ("--epochs", "-3"), ("--head-lr-multiplier", "-5"),
                                           ("--lr", "-1"), ("--lr", "nan"), ("--weight-decay", "-1"),
                                           ("--checkpoint-every", "0"), ("--val-iters-per-epoch", "-2"),
-                                          ("--iters-per-epoch", "0"), ("--seed", "-1"), ("--num-gpus", "0")])
+                                          ("--iters-per-epoch", "0"), ("--num-gpus", "0")])
 def test_an_option_out_of_range_is_refused_at_parse_time(task, fresh, capsys, option, value):
     with pytest.raises(SystemExit) as exit_:
         main(_cli(task, "--task", task.unplanned.key, "--model", "tiny", option, value,
@@ -205,9 +205,10 @@ def test_resuming_with_other_settings_is_an_error_naming_them(task, fresh):
     manifest.save()
     with pytest.raises(RunExistsError, match="--continue to resume it"):
         finetune(task.entry, "tiny", pretrained=False, settings=settings, device="cpu")
-    with pytest.raises(RunExistsError, match=r"resumes with the settings it started with.*seed: run 12345, asked 7"):
-        finetune(task.entry, "tiny", pretrained=False, settings=TrainingSettings(epochs=1, seed=7, **TINY),
-                 device="cpu", resume=True)
+    with pytest.raises(RunExistsError,
+                       match=r"resumes with the settings it started with.*mixed_precision: run 'auto', asked 'bf16'"):
+        finetune(task.entry, "tiny", pretrained=False,
+                 settings=TrainingSettings(epochs=1, mixed_precision="bf16", **TINY), device="cpu", resume=True)
 
 
 HOLD_RUN = """

@@ -7,9 +7,10 @@
                 nnU-Net's final validation of the fold's validation cases)
     GPU-hours   all of it / (assumed sustained TFLOP/s x 3600)
 
-The forward FLOPs are counted on the meta device (stunet.count_forward_macs, 2 FLOPs per multiply-accumulate) for
-the task's own input channels and classes, at the patch and strides of its nnU-Net plans, or, before it is
-planned, at the SegBook authors' reference patch (`reference_patch_size` in the registry) with nnU-Net's default
+The forward FLOPs are counted on the meta device (stunet.count_forward_macs, 2 FLOPs per multiply-accumulate) of
+each job's backbone (`segbook.backbones`) for the task's own input channels and classes, at the patch and strides of
+the nnU-Net plans that backbone trains on (nnUNetPlans, or nnUNetResEncUNet{M,L}Plans for ResEnc), or, before they
+are planned, at the SegBook authors' reference patch (`reference_patch_size` in the registry) with nnU-Net's default
 strides and batch size 2. Sliding windows per case come from the plans' median image size (step 0.5, nnU-Net's
 rule); without plans a case is assumed to need 8 windows.
 
@@ -56,18 +57,33 @@ def nnunet_default_strides(patch: Sequence[int]) -> list[list[int]]:
 
 def build_network(model: str, patch: Sequence[int], channels: int, classes: int,
                   strides: Sequence[Sequence[int]] | None = None) -> "torch.nn.Module":
-    """An STU-Net preset, or nnU-Net's default 3-D U-Net (PlainConvUNet, 3x3x3 convolutions, 32 to 320 features),
-    for the plans' strides (default: nnU-Net's rule for the patch). Build it under `torch.device("meta")` to count."""
+    """An STU-Net preset, nnU-Net's default 3-D U-Net (PlainConvUNet, 3x3x3 convolutions, 32 to 320 features) or
+    its residual-encoder U-Net (ResEnc M/L: encoder blocks 1-3-4-6-6-6..., the same widths) for the plans' strides
+    (default: nnU-Net's rule for the patch); any other backbone as its family builds its reference architecture.
+    Build it under `torch.device("meta")` to count."""
     import torch
 
+    from segbook import backbones
+    from segbook.backbones.models import build
     from stunet import create_stunet, strides_from_plans
 
     strides = [list(s) for s in strides] if strides else nnunet_default_strides(patch)
-    if model != "nnunet":
+    backbone = backbones.get(model)
+    stages = len(strides)
+    if backbone.family == "nnU-Net ResEnc":
+        from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+        return ResidualEncoderUNet(channels, stages, [min(32 * 2 ** i, 320) for i in range(stages)],
+                                   torch.nn.Conv3d, 3, strides, [1, 3, 4, 6, 6, 6, 6, 6][:stages], classes,
+                                   [1] * (stages - 1), conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
+                                   norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
+                                   nonlin_kwargs={"inplace": True}, deep_supervision=True)
+    if backbone.family == "STU-Net":
         return create_stunet(model, channels, classes, strides_from_plans(strides))
+    if model != "nnunet":
+        return build(backbone, None, channels, classes)
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-    stages = len(strides)
     return PlainConvUNet(channels, stages, [min(32 * 2 ** i, 320) for i in range(stages)], torch.nn.Conv3d, 3,
                          strides, [2] * stages, classes, [2] * (stages - 1), conv_bias=True,
                          norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
@@ -83,6 +99,7 @@ class Geometry:
     strides: tuple[tuple[int, ...], ...]
     median_shape: tuple[int, ...] | None
     source: str  # "plans" or "reference"
+    plans_file: str | None = None  # the plans it comes from: backbones whose shapes follow the plans build from them
 
     def windows(self) -> int:
         """Sliding windows per case (nnU-Net's steps at step size 0.5)."""
@@ -92,16 +109,17 @@ class Geometry:
                          for size, tile in zip(self.median_shape, self.patch))
 
 
-def task_geometry(entry, paths: Paths) -> Geometry | None:
-    """From the task's 3d_fullres plans when they are current, else its reference patch; None without either."""
+def task_geometry(entry, paths: Paths, planner: str = "default") -> Geometry | None:
+    """From the task's 3d_fullres plans of `planner` when they are current, else its reference patch; None
+    without either."""
     from segbook.plan import load_plan, plan_states
 
-    if plan_states(entry, paths).get("default") == "preprocessed":
-        plan = load_plan(entry, paths)
+    if plan_states(entry, paths).get(planner) == "preprocessed":
+        plan = load_plan(entry, paths, planner)
         config = json.loads(plan.plans_file.read_text())["configurations"]["3d_fullres"]
         median = config.get("median_image_size_in_voxels")
         return Geometry(tuple(plan.patch_size), plan.batch_size, tuple(map(tuple, plan.nnunet_strides)),
-                        tuple(int(round(v)) for v in median) if median else None, "plans")
+                        tuple(int(round(v)) for v in median) if median else None, "plans", str(plan.plans_file))
     if entry.reference_patch_size is None:
         return None
     patch = tuple(entry.reference_patch_size)
@@ -120,7 +138,10 @@ class ForwardFlops:
         self.changed = False
 
     def __call__(self, model: str, geometry: Geometry, channels: int, classes: int) -> int:
-        key = json.dumps([model, geometry.patch, geometry.strides, channels, classes])
+        from segbook import backbones
+
+        planned = [geometry.source] if backbones.get(model).shapes_from_plans else []  # built from the plans, or not
+        key = json.dumps([model, geometry.patch, geometry.strides, channels, classes, *planned])
         if key not in self.known:
             self.known[key] = _count(model, geometry, channels, classes)
             self.changed = True
@@ -132,12 +153,23 @@ class ForwardFlops:
 
 
 def _count(model: str, geometry: Geometry, channels: int, classes: int) -> int:
+    """Forward FLOPs of the job's network: built from the task's plans where the backbone's shapes follow them
+    (ResEnc, as nnU-Net builds it), else from the patch and strides (`build_network`)."""
     import torch
 
+    from segbook import backbones
+    from segbook.backbones.models import build
     from stunet import count_forward_macs
 
+    backbone = backbones.get(model)
     with torch.device("meta"):
-        network = build_network(model, geometry.patch, channels, classes, geometry.strides)
+        if geometry.plans_file is not None and backbone.shapes_from_plans:
+            from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+            configuration = PlansManager(geometry.plans_file).get_configuration("3d_fullres")
+            network = build(backbone, configuration, channels, classes)
+        else:
+            network = build_network(model, geometry.patch, channels, classes, geometry.strides)
     return 2 * count_forward_macs(network, (1, channels, *geometry.patch))
 
 
@@ -168,6 +200,9 @@ class Estimate:
 
 def estimate_job(job: Job, settings: TrainingSettings, geometry: Geometry, flops: ForwardFlops,
                  assumed_tflops: float = DEFAULT_ASSUMED_TFLOPS) -> Estimate:
+    """The job's FLOPs from its budget (epochs x iterations per epoch x batch) and its prediction. The training
+    fraction does not enter: nnU-Net draws a fixed number of batches per epoch whatever the number of training cases,
+    so a run on 10% of them trains as long as one on all of them, and every run predicts the whole test split."""
     from segbook.recipes import get_recipe
 
     if settings.epochs is None or settings.iterations_per_epoch is None:  # the recipe's budget
@@ -187,14 +222,17 @@ def estimate_jobs(jobs: Sequence[Job], settings_for, paths: Paths,
                   assumed_tflops: float = DEFAULT_ASSUMED_TFLOPS) -> dict[str, Estimate | None]:
     """Estimates by job id (None for a task without plans or reference patch); `settings_for(job)` gives each
     job's budget. Forward FLOPs are cached in `$SEGBOOK_HOME/batch/flops.json`."""
+    from segbook.backbones import planner_for
+
     flops = ForwardFlops(paths.batch / "flops.json")
-    geometries: dict[str, Geometry | None] = {}
+    geometries: dict[tuple[str, str], Geometry | None] = {}
     estimates = {}
     try:
         for job in _progress(jobs, flops):
-            key = job.entry.key
+            planner = planner_for(job.spec.model)
+            key = (job.entry.key, planner)
             if key not in geometries:
-                geometries[key] = task_geometry(job.entry, paths)
+                geometries[key] = task_geometry(job.entry, paths, planner)
             geometry = geometries[key]
             estimates[job.id] = None if geometry is None else estimate_job(job, settings_for(job), geometry, flops,
                                                                            assumed_tflops)

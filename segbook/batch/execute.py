@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator
 
 from segbook.batch.attempts import ATTEMPT, DEFAULT_MAX_ATTEMPTS, Attempts, info_for
 from segbook.batch.matrix import Job, JobStatus, check_recipes
-from segbook.batch.preparation import unprepared
+from segbook.batch.preparation import planners_of, unprepared
 from segbook.batch.rehearsal import BODIES, rehearse_job
 from segbook.batch.signals import forwarding_to_ranks
 from segbook.claims import Claim, try_claim
@@ -205,7 +205,7 @@ def _work(job: Job, options: ExecutionOptions, paths: Paths, backend: str, attem
         with _stage(job, options, folder, "attempts", backend, attempts):
             raise AttemptsExhausted(attempts.reason())
     training = manifest is None or manifest.status != "finished"
-    problem = unprepared(job.entry, paths, [job.spec.fold], options.body) if training else None
+    problem = unprepared(job.entry, paths, [job.spec.fold], options.body, planners_of([job])) if training else None
     if problem:
         raise NotPrepared(f"{job.id}: {problem}")
     if options.body == "noop":
@@ -233,7 +233,8 @@ def _train(job: Job, options: ExecutionOptions, paths: Paths, backend: str, atte
     ranks = forwarding_to_ranks() if options.num_gpus > 1 else contextlib.nullcontext()
     with ranks as forwarded:
         result = finetune(job.entry, job.spec.model, job.spec.init == "pretrained", job.spec.fold,
-                          recipe=job.spec.recipe, recipe_files=options.recipe_files,
+                          recipe=job.spec.recipe, seed=job.spec.seed, fraction=job.spec.fraction,
+                          recipe_files=options.recipe_files,
                           settings=options.settings_for(job), weights=options.weights_for(job),
                           device=options.device, num_gpus=options.num_gpus, resume=True, compile=options.compile,
                           paths=paths, plan_processes=_processes(options),

@@ -2,8 +2,9 @@
 
 A started run is estimated with the settings it was created with (its `run.json`), a new one with the execution
 options' settings and its recipe's budget (`ExecutionOptions.settings_for`), so a matrix of several recipes is
-costed recipe by recipe. `left_gpu_hours` is what remains: nothing for a done job; the epochs not trained yet and
-the prediction for the others.
+costed recipe by recipe. Every seed is a job of its own, costed in full; a job on a training fraction costs what
+the whole train split does (`estimate_job`). `left_gpu_hours` is what remains: nothing for a done job; the epochs
+not trained yet and the prediction for the others.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ class JobCost:
         return 0.0 if self.status.state == "done" else self.estimate.remaining_gpu_hours(self.status.epochs_done)
 
     def row(self, full: bool = False, recipe: bool = False, time_minutes: int | None = None,
-            gpus: int = 1) -> dict[str, Any]:
+            gpus: int = 1, variants: bool = False) -> dict[str, Any]:
         """The status row (`full`: every field, as JSON has it) with the patch, batch size and GPU-hours; with a
         SLURM time limit, the requeues the job needs to finish what is left of it on `gpus` GPUs."""
-        row = self.status.record() if full else self.status.row(recipe)
+        row = self.status.record() if full else self.status.row(recipe, variants)
         if self.estimate is None:
             row = {**row, "patch": "", "batch": "", "gpu_hours": None, "left_gpu_hours": None}
         else:

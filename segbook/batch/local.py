@@ -34,7 +34,7 @@ from segbook import claims
 from segbook.batch.attempts import note_ending, summarize
 from segbook.batch.execute import AttemptsExhausted, ExecutionOptions, record_given_up
 from segbook.batch.matrix import Job, summary_line, survey
-from segbook.batch.preparation import prepare_tasks, tasks_to_prepare
+from segbook.batch.preparation import planners_of, prepare_tasks, tasks_to_prepare
 from segbook.batch.weights import check_weights
 from segbook.batch.worker import EXIT_TERMINATED, result_of, worker_command
 from segbook.errors import SegbookError
@@ -148,7 +148,8 @@ def _prepare_first(jobs: list[Job], options: ExecutionOptions, paths: Paths, say
     if not tasks:
         return set()
     say(f"preparing {len(tasks)} task(s) on this machine's CPU before any job starts")
-    outcomes = prepare_tasks(tasks, paths, processes=options.processes, body=options.body, say=say)
+    outcomes = prepare_tasks(tasks, paths, processes=options.processes, body=options.body,
+                             planners=planners_of(jobs), say=say)
     failed = {o.task for o in outcomes if o.status != "prepared"}
     if failed:
         say(f"not starting the jobs of {', '.join(sorted(failed))}: preparation failed (`segbook batch status` "

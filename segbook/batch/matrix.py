@@ -1,5 +1,5 @@
-"""The job matrix (tasks x models x initialisations x recipes x folds) and the state of each job, read from the
-files.
+"""The job matrix (tasks x models x initialisations x recipes x seeds x training fractions x folds) and the state of
+each job, read from the files.
 
 A job is one run (`RunSpec`) of one registered task. Every pretrained (model, init) pair of the selection gets one
 job per requested fine-tuning recipe; scratch jobs train with the `scratch` recipe. Its state is never stored: it is
@@ -33,8 +33,9 @@ from segbook.data.folders import is_imported
 from segbook.errors import SegbookError
 from segbook.paths import Paths
 from segbook.recipes import RecipeError, get_recipe, load_recipes
-from segbook.runs import (DEFAULT_RECIPES, FOLDS, INITS, MODELS, RunIdentityError, RunSpec, has_resumable_checkpoint,
-                          is_evaluated, valid_combinations)
+from segbook import backbones
+from segbook.runs import (DEFAULT_FRACTION, DEFAULT_RECIPES, DEFAULT_SEED, FOLDS, INITS, RunIdentityError, RunSpec,
+                          has_resumable_checkpoint, is_evaluated, parse_fractions, parse_seeds, valid_combinations)
 from segbook.squeue import LIVE_STATES, RUNNING_STATES, array_of, slurm_available, squeue_states
 from segbook.training.manifest import RunManifest, failure
 
@@ -102,13 +103,17 @@ def build_matrix(registry: "Registry", tasks: str | Sequence[str] = "all", *, sc
                  models: str | Sequence[str] = DEFAULT_MODELS, inits: str | Sequence[str] = INITS,
                  recipes: str | Sequence[str] = DEFAULT_MATRIX_RECIPES,
                  recipe_files: Sequence[str | os.PathLike] | None = None,
+                 seeds: str | Sequence[str | int] = (DEFAULT_SEED,),
+                 fractions: str | Sequence[str | float] = (DEFAULT_FRACTION,),
                  folds: str | Sequence[str] = ("all",)) -> list[Job]:
-    """Every valid (task, model, init, recipe, fold) of the selection, in registry order.
+    """Every valid (task, model, init, recipe, seed, fraction, fold) of the selection, in registry order.
 
     `tasks` is "all" or task names (anything `Registry.get` resolves: 613, Task613, a key, a name); the filters
     narrow it further. nnU-Net's network is only trained from scratch, so it has no pretrained job. Each pretrained
     job is made once per recipe of `recipes` ("all": every pretrained recipe); scratch jobs train with `scratch`.
     An unknown recipe, or one that cannot train a selected model, is a `RecipeError` here, before anything runs.
+    Every run is made once per seed of `seeds` and training fraction of `fractions` (`segbook.runs.parse_seeds`,
+    `parse_fractions`: a bad or repeated value is a `RunIdentityError` here).
     Folds: "all" is nnU-Net's fold 'all' (the whole train split, SegBook's protocol), 0-4 its cross-validation folds.
     """
     if isinstance(tasks, str):
@@ -116,14 +121,16 @@ def build_matrix(registry: "Registry", tasks: str | Sequence[str] = "all", *, sc
     chosen = list(registry) if list(tasks) in ([], ["all"]) else [registry.get(t.strip()) for t in tasks]
     selected = {e.key for e in registry.select(modality=modality, target=target, scale=scale, region=region)}
     entries = list({e.key: e for e in chosen if e.key in selected}.values())
-    models = parse_choices(models, MODELS, "model")
+    models = parse_choices(models, backbones.model_names(), "model")
     inits = parse_choices(inits, INITS, "initialisation")
     recipes = parse_recipes(recipes, recipe_files)
+    seeds, fractions = parse_seeds(seeds), parse_fractions(fractions)
     folds = parse_choices(folds, FOLDS, "fold")
     valid = set(valid_combinations())
     runs = [(m, i, r) for m in models for i in inits if (m, i) in valid
             for r in (recipes if i == "pretrained" else [DEFAULT_RECIPES[i]])]
-    jobs = [Job(RunSpec.of(e, m, i, f, recipe=r), e) for e in entries for m, i, r in runs for f in folds]
+    jobs = [Job(RunSpec.of(e, m, i, f, recipe=r, seed=s, fraction=p), e)
+            for e in entries for m, i, r in runs for s in seeds for p in fractions for f in folds]
     check_recipes(jobs, recipe_files)
     return jobs
 
@@ -144,6 +151,11 @@ def check_recipes(jobs: Iterable[Job], recipe_files: Sequence[str | os.PathLike]
 def several_recipes(jobs: Iterable[Job]) -> bool:
     """Whether the pretrained jobs train with more than one recipe (then tables show a recipe column)."""
     return len({j.spec.recipe for j in jobs if j.spec.init == "pretrained"}) > 1
+
+
+def several_variants(jobs: Iterable[Job]) -> bool:
+    """Whether the jobs train with more than one seed or training fraction (then tables show both columns)."""
+    return len({(j.spec.seed, j.spec.fraction) for j in jobs}) > 1
 
 
 def job_from_id(registry: "Registry", job_id: str) -> Job:
@@ -174,19 +186,22 @@ class JobStatus:
     log: str | None = None
     attempts: Attempts = Attempts()
 
-    def row(self, recipe: bool = False) -> dict[str, object]:
-        """A table row; `recipe` adds the job's recipe (for a matrix of several)."""
+    def row(self, recipe: bool = False, variants: bool = False) -> dict[str, object]:
+        """A table row; `recipe` adds the job's recipe, `variants` its seed and training fraction (for a matrix of
+        several)."""
         spec = self.job.spec
         detail = self.detail if len(self.detail) <= DETAIL_WIDTH else self.detail[:DETAIL_WIDTH - 3] + "..."
         return {"task": spec.task, "model": spec.model, "init": spec.init,
-                **({"recipe": spec.recipe} if recipe else {}), "fold": spec.fold, "state": self.state,
+                **({"recipe": spec.recipe} if recipe else {}),
+                **({"seed": spec.seed, "fraction": spec.fraction} if variants else {}),
+                "fold": spec.fold, "state": self.state,
                 "epochs": f"{self.epochs_done}/{self.epochs_total}" if self.epochs_total else "",
                 "attempts": self.attempts.count or "", "slurm": self.slurm_state or "", "detail": detail}
 
     def record(self) -> dict[str, object]:
         """Every field, with the job id and recipe and the whole detail: for JSON output and scripts."""
-        return {"job": self.job.id, **self.row(recipe=True), "detail": self.detail, "epochs_done": self.epochs_done,
-                "epochs_total": self.epochs_total, "attempts": self.attempts.count,
+        return {"job": self.job.id, **self.row(recipe=True, variants=True), "detail": self.detail,
+                "epochs_done": self.epochs_done, "epochs_total": self.epochs_total, "attempts": self.attempts.count,
                 "bad_endings": self.attempts.bad, "last_ending": self.attempts.last, "slurm_id": self.slurm_id,
                 "log": self.log}
 
@@ -197,12 +212,12 @@ def weights_problem(job: Job, paths: Paths, weights: str | Path | None) -> str |
         return None
     if weights is not None:
         return None if Path(weights).expanduser().is_file() else f"weights missing: {weights} not found"
-    from stunet import WeightCache, WeightsError, get_cfg  # here: stunet imports torch, which a status can spare
+    from stunet import WeightCache  # here: stunet imports torch, which a status can spare
 
-    try:
-        cfg = get_cfg(job.spec.model)
-    except WeightsError:
-        return f"weights missing: STU-Net {job.spec.model} has no official checkpoint; pass --weights FILE"
+    backbone = backbones.get(job.spec.model)
+    cfg = backbone.pretrained
+    if cfg is None:
+        return f"weights missing: {backbone.label} has no official checkpoint; pass --weights FILE"
     if WeightCache(paths.weights).is_cached(cfg):
         return None
     return f"weights missing: run `segbook weights download {job.spec.model}` or pass --weights FILE"

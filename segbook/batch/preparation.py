@@ -7,7 +7,9 @@ it and makes the GPU arrays wait for that array. A GPU job never plans: it stops
 its task is not prepared (`unprepared`), without touching its run.
 
 Preparing a task, under the dataset's claim (which import and `segbook plan` take too): `segbook.plan.plan_task`
-(nothing to do when the plans are current; otherwise staged and swapped in), then nnU-Net's 5-fold
+with each planner the jobs' backbones train on (`planners_of`: nnU-Net's default planner for STU-Net and nnU-Net's
+network, nnUNetPlannerResEncM/L for ResEnc; nothing to do when the plans are current; otherwise staged and swapped
+in), then nnU-Net's 5-fold
 `splits_final.json`, written once, atomically, with nnU-Net's own split function (nnU-Net's trainer would otherwise
 write it on first use, with a plain write that concurrent folds race on). Each preparation is recorded per task in
 `$SEGBOOK_HOME/batch/prepare/<task>.json` (status, what it did or its error, time, host, SLURM job, and the history
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from segbook import backbones
 from segbook.batch.rehearsal import BODIES
 from segbook.data.folders import dataset_claim, is_imported, preprocessed_folder
 from segbook.errors import SegbookError
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from segbook.registry import DatasetEntry
 
 HISTORY_KEPT = 20
+DEFAULT_PLANNERS = ("default",)
 
 
 @dataclass(frozen=True)
@@ -76,19 +80,30 @@ def prepare_command(entry: "DatasetEntry") -> str:
     return f"`segbook batch prepare --tasks {entry.key}` (with the --registry it was selected with)"
 
 
-def unprepared(entry: "DatasetEntry", paths: Paths, folds: Iterable[str], body: str = "train") -> str | None:
-    """Why the task is not ready for training jobs of `folds` (None when it is): not planned, planned from raw
-    data that changed since, or no cross-validation splits for folds 0-4. The message names the command."""
+def planners_of(jobs: Iterable["Job"]) -> tuple[str, ...]:
+    """The planners the jobs' backbones train on (`segbook.plan.PLANNERS` keys), nnU-Net's default first."""
+    found = {backbones.planner_for(job.spec.model) for job in jobs}
+    return tuple(sorted(found, key=lambda planner: (planner != "default", planner)))
+
+
+def unprepared(entry: "DatasetEntry", paths: Paths, folds: Iterable[str], body: str = "train",
+               planners: Sequence[str] = DEFAULT_PLANNERS) -> str | None:
+    """Why the task is not ready for training jobs of `folds` on `planners`' plans (None when it is): not planned,
+    planned from raw data that changed since, or no cross-validation splits for folds 0-4. The message names the
+    command."""
     if body == "noop":
         record = read_records(paths).get(entry.key) or {}
         return None if record.get("status") == "prepared" else \
             f"{entry.key} is not prepared; run {prepare_command(entry)}"
     from segbook.plan import plan_states
 
-    state = plan_states(entry, paths).get("default")
-    if state != "preprocessed":
-        why = "its raw data changed since it was planned" if state == "stale" else "it is not planned"
-        return f"{entry.key} is not prepared ({why}); run {prepare_command(entry)}"
+    states = plan_states(entry, paths)
+    for planner in planners:
+        state = states.get(planner)
+        if state != "preprocessed":
+            why = "its raw data changed since it was planned" if state == "stale" else "it is not planned"
+            which = "" if planner == "default" else f" with the {planner} planner"
+            return f"{entry.key} is not prepared ({why}{which}); run {prepare_command(entry)}"
     if any(fold != "all" for fold in folds):
         from segbook.training.trainers import SPLITS
 
@@ -102,21 +117,25 @@ def tasks_to_prepare(jobs: Iterable["Job"], paths: Paths, body: str = "train") -
     evaluation left needs no preparation), in the jobs' order."""
     from segbook.training.manifest import RunManifest
 
-    folds: dict[str, tuple["DatasetEntry", set[str]]] = {}
+    folds: dict[str, tuple["DatasetEntry", set[str], list["Job"]]] = {}
     for job in jobs:
         manifest = RunManifest.load(job.folder(paths), history=False)
         if manifest is None or manifest.status != "finished":
-            folds.setdefault(job.entry.key, (job.entry, set()))[1].add(job.spec.fold)
-    return [entry for entry, needed in folds.values() if unprepared(entry, paths, needed, body)]
+            entry, needed, training = folds.setdefault(job.entry.key, (job.entry, set(), []))
+            needed.add(job.spec.fold)
+            training.append(job)
+    return [entry for entry, needed, training in folds.values()
+            if unprepared(entry, paths, needed, body, planners_of(training))]
 
 
 def prepare_tasks(entries: Sequence["DatasetEntry"], paths: Paths | None = None, *, processes: int | None = None,
-                  body: str = "train", say: Callable[[str], None] = print) -> list[Prepared]:
+                  body: str = "train", planners: Sequence[str] = DEFAULT_PLANNERS,
+                  say: Callable[[str], None] = print) -> list[Prepared]:
     """Prepare each task here, one after the other (nnU-Net's preprocessing uses `processes` for each)."""
     paths = paths or Paths.from_env()
     outcomes = []
     for position, entry in enumerate(entries, 1):
-        outcome = prepare_task(entry, paths, processes=processes, body=body, say=say)
+        outcome = prepare_task(entry, paths, processes=processes, body=body, planners=planners, say=say)
         say(f"[{position}/{len(entries)}] {entry.key}: {outcome.status}: {outcome.detail} "
             f"({outcome.seconds:.1f} s)")
         outcomes.append(outcome)
@@ -124,7 +143,8 @@ def prepare_tasks(entries: Sequence["DatasetEntry"], paths: Paths | None = None,
 
 
 def prepare_task(entry: "DatasetEntry", paths: Paths | None = None, *, processes: int | None = None,
-                 body: str = "train", say: Callable[[str], None] = print) -> Prepared:
+                 body: str = "train", planners: Sequence[str] = DEFAULT_PLANNERS,
+                 say: Callable[[str], None] = print) -> Prepared:
     """Prepare one task (module docstring) and record how it went; a failure is recorded and returned, never
     raised. A task that is not imported is skipped (its jobs are blocked on their data anyway)."""
     if body not in BODIES:
@@ -135,7 +155,8 @@ def prepare_task(entry: "DatasetEntry", paths: Paths | None = None, *, processes
     started = time.perf_counter()
     try:
         with dataset_claim(entry, paths, wait=True, say=say):
-            detail = "rehearsed (nothing planned)" if body == "noop" else _prepare(entry, paths, processes, say)
+            detail = "rehearsed (nothing planned)" if body == "noop" else \
+                _prepare(entry, paths, processes, planners, say)
             outcome = Prepared(entry.key, "prepared", detail, time.perf_counter() - started)
             _record(paths, outcome)
         return outcome
@@ -145,14 +166,20 @@ def prepare_task(entry: "DatasetEntry", paths: Paths | None = None, *, processes
         return outcome
 
 
-def _prepare(entry: "DatasetEntry", paths: Paths, processes: int | None, say: Callable[[str], None]) -> str:
+def _prepare(entry: "DatasetEntry", paths: Paths, processes: int | None, planners: Sequence[str],
+             say: Callable[[str], None]) -> str:
     from segbook.plan import plan_task
     from segbook.training.trainers import write_crossval_splits
 
-    plan = plan_task(entry, paths, num_processes=processes, wait=True, log=lambda line: say(f"  {line}"))
-    wrote = write_crossval_splits(preprocessed_folder(entry, paths), plan.data_folder)
-    done = "plans up to date" if plan.skipped else f"planned and preprocessed in {plan.seconds:.0f} s"
-    return done + ("; cross-validation splits written" if wrote else "")
+    done, wrote = [], False
+    for planner in planners:
+        plan = plan_task(entry, paths, num_processes=processes, planner=planner, wait=True,
+                         log=lambda line: say(f"  {line}"))
+        wrote = write_crossval_splits(preprocessed_folder(entry, paths), plan.data_folder) or wrote
+        which = "" if planner == "default" else f" ({planner})"
+        done.append(f"plans up to date{which}" if plan.skipped else
+                    f"planned and preprocessed{which} in {plan.seconds:.0f} s")
+    return "; ".join(done) + ("; cross-validation splits written" if wrote else "")
 
 
 def _record(paths: Paths, outcome: Prepared) -> None:

@@ -63,7 +63,7 @@ from segbook.batch.estimate import Estimate, estimate_jobs
 from segbook.batch.execute import ExecutionOptions, JobFailed, NotPrepared, record_given_up
 from segbook.batch.forecast import budget
 from segbook.batch.matrix import Job, JobStatus, summary_line, survey
-from segbook.batch.preparation import prepare_task, tasks_to_prepare
+from segbook.batch.preparation import DEFAULT_PLANNERS, planners_of, prepare_task, tasks_to_prepare
 from segbook.batch.signals import raise_terminated
 from segbook.batch.submissions import (PREPARE_RECORD, SubmittedTask, new_submission_id, submissions_folder,
                                       write_submission)
@@ -203,15 +203,17 @@ class PrepareTask(submitit.helpers.Checkpointable):
     """A CPU array task: prepare one task (`segbook.batch.preparation`). It ends COMPLETED even when the
     preparation failed: the failure is recorded and blocks that task's jobs, whose GPU tasks stop at once."""
 
-    def __init__(self, options: ExecutionOptions, paths: Paths):
+    def __init__(self, options: ExecutionOptions, paths: Paths, planners: Sequence[str] = DEFAULT_PLANNERS):
         self.options = options
         self.paths = paths
+        self.planners = tuple(planners)
 
     def __call__(self, task: str) -> dict[str, Any]:
         _terminate_unless_requeued()
         entry = load_registry(self.options.registry_files).get(task)
         processes = self.options.processes or len(os.sched_getaffinity(0))
-        return asdict(prepare_task(entry, self.paths, processes=processes, body=self.options.body))
+        return asdict(prepare_task(entry, self.paths, processes=processes, body=self.options.body,
+                                   planners=self.planners))
 
 
 def _terminate_unless_requeued() -> None:
@@ -384,7 +386,7 @@ def submit_slurm(jobs: Iterable[Job], options: ExecutionOptions, slurm: SlurmOpt
         _print_dry_run(plan, submissions_folder(paths) / submission, parameters, prepare_parameters, say)
         return []
     paths.export()
-    tasks = _submit(plan, options, paths, submission, parameters, prepare_parameters, say)
+    tasks = _submit(plan, options, paths, submission, parameters, prepare_parameters, planners_of(todo), say)
     if plan.held_back:
         say(f"{len(plan.held_back)} job(s) not submitted: at most {room} may go out now (--max-submitted, or the "
             "room the controller's MaxJobCount leaves); submit again as jobs end")
@@ -416,7 +418,7 @@ def _controller_room(limits: ClusterLimits) -> int:
 
 
 def _submit(plan: SubmissionPlan, options: ExecutionOptions, paths: Paths, submission: str,
-            parameters: dict[str, Any], prepare_parameters: dict[str, Any],
+            parameters: dict[str, Any], prepare_parameters: dict[str, Any], planners: Sequence[str],
             say: Callable[[str], None]) -> list[SubmittedTask]:
     """The preparation array, then the GPU arrays waiting for it (and for preparations still queued from earlier
     submissions); on a refusal, cancel what this call sent and say why."""
@@ -427,7 +429,7 @@ def _submit(plan: SubmissionPlan, options: ExecutionOptions, paths: Paths, submi
         prepare_array = None
         if plan.prepare:
             prepare_array = _submit_preparation(plan.prepare, options, paths, submission, prepare_parameters,
-                                                folders)
+                                                folders, planners)
             submitted.append(prepare_array)
             say(f"submitted the preparation of {len(plan.prepare)} task(s) as SLURM array {prepare_array}")
         dependency = plan.dependency(prepare_array)
@@ -448,11 +450,11 @@ def _submit(plan: SubmissionPlan, options: ExecutionOptions, paths: Paths, submi
 
 
 def _submit_preparation(entries: Sequence["DatasetEntry"], options: ExecutionOptions, paths: Paths, submission: str,
-                        parameters: dict[str, Any], folders: list[Path]) -> str:
+                        parameters: dict[str, Any], folders: list[Path], planners: Sequence[str]) -> str:
     """The CPU array preparing `entries`, recorded in its `prepare.json`; its SLURM array id."""
     folder = submissions_folder(paths) / f"{submission}.prepare"
     folders.append(folder)
-    sent = _map_array(folder, 0, parameters, PrepareTask(options, paths), [entry.key for entry in entries],
+    sent = _map_array(folder, 0, parameters, PrepareTask(options, paths, planners), [entry.key for entry in entries],
                       f"the preparation array ({len(entries)} tasks)")
     write_submission(folder, [SubmittedTask(f"{submission}.prepare", e.key, t.job_id, folder / "%j")
                               for e, t in zip(entries, sent)], parameters, asdict(options), record=PREPARE_RECORD)
@@ -548,7 +550,8 @@ def _count(value: int | None) -> str:
 
 def submit_preparation(entries: Sequence["DatasetEntry"], options: ExecutionOptions,
                        prepare: PrepareSlurmOptions = PrepareSlurmOptions(), *, paths: Paths | None = None,
-                       dry_run: bool = False, say: Callable[[str], None] = print) -> list[SubmittedTask]:
+                       dry_run: bool = False, planners: Sequence[str] = DEFAULT_PLANNERS,
+                       say: Callable[[str], None] = print) -> list[SubmittedTask]:
     """`segbook batch prepare --backend slurm`: the tasks as a CPU array of `PrepareTask`s, nothing waiting on it."""
     limits = ClusterLimits.read()
     parameters = prepare.parameters(limits)
@@ -565,7 +568,7 @@ def submit_preparation(entries: Sequence["DatasetEntry"], options: ExecutionOpti
         say("array index -> task:\n" + "\n".join(f"  {i:>5}  {e.key}" for i, e in enumerate(entries)))
         return []
     paths.export()
-    sent = _map_array(folder, 0, parameters, PrepareTask(options, paths), [e.key for e in entries],
+    sent = _map_array(folder, 0, parameters, PrepareTask(options, paths, planners), [e.key for e in entries],
                       f"the preparation array ({len(entries)} tasks)")
     tasks = [SubmittedTask(submission, e.key, t.job_id, folder / "%j") for e, t in zip(entries, sent)]
     write_submission(folder, tasks, parameters, asdict(options), record=PREPARE_RECORD)

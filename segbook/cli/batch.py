@@ -7,8 +7,9 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from segbook.cli.common import (POSITIVE_NUMBER, HelpFormatter, add_registry_option, add_training_options, at_least,
-                                training_settings_from_args)
+from segbook.cli.common import (POSITIVE_NUMBER, HelpFormatter, add_backbone_file_option, add_registry_option,
+                                add_seed_and_fraction_options, add_training_options, at_least, load_backbone_files,
+                                model_help, training_settings_from_args)
 
 if TYPE_CHECKING:
     from segbook.batch.execute import ExecutionOptions
@@ -21,10 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "batch", help="the benchmark matrix as resumable jobs: plan, prepare, run locally, submit to SLURM, status, "
                       "retry",
-        description="Jobs are (task, model, initialisation, recipe, fold) runs. Their tasks are prepared (planned, "
-                    "preprocessed, split) first, on CPUs; a job then trains (resuming from its latest checkpoint) "
-                    "and evaluates; a done job is skipped, a claim per job keeps two launchers (or a requeued SLURM "
-                    "task and its predecessor) from running it twice. See docs/batch.md.")
+        description="Jobs are (task, model, initialisation, recipe, seed, training fraction, fold) runs. Their "
+                    "tasks are prepared (planned, preprocessed, split) first, on CPUs; a job then trains (resuming "
+                    "from its latest checkpoint) and evaluates; a done job is skipped, a claim per job keeps two "
+                    "launchers (or a requeued SLURM task and its predecessor) from running it twice. See "
+                    "docs/batch.md.")
     commands = parser.add_subparsers(dest="batch_command", metavar="SUBCOMMAND")
     commands.required = True
     _register_plan(commands)
@@ -50,11 +52,13 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target", help="seen, unseen, lesion or structure+lesion only")
     group.add_argument("--region", help="one body region only (e.g. abdomen, thorax)")
     group.add_argument("--models", default="base,large,huge,nnunet",
-                       help="comma-separated: tiny, small, base, large, huge, nnunet")
+                       help=model_help("comma-separated backbones"))
+    add_backbone_file_option(group)
     group.add_argument("--init", default="pretrained,scratch", help="pretrained, scratch or both")
     group.add_argument("--recipes", default="segbook",
                        help="fine-tuning recipes of the pretrained jobs, comma-separated, or 'all' (`segbook "
                             "recipes` lists them); one job per recipe; scratch jobs train with 'scratch'")
+    add_seed_and_fraction_options(group)
     group.add_argument("--folds", default="all",
                        help="'all' is nnU-Net's fold all (the whole train split, SegBook's protocol); 0-4 are "
                             "cross-validation folds; comma-separated")
@@ -247,9 +251,11 @@ def _matrix(args: argparse.Namespace) -> list["Job"]:
     from segbook.batch.matrix import MatrixError, build_matrix
     from segbook.cli.common import registry_from_args
 
+    load_backbone_files(args)
     jobs = build_matrix(registry_from_args(args), args.tasks, scale=args.scale, modality=args.modality,
                         target=args.target, region=args.region, models=args.models, inits=args.init,
-                        recipes=args.recipes, recipe_files=args.recipe_file, folds=args.folds)
+                        recipes=args.recipes, recipe_files=args.recipe_file, seeds=args.seeds,
+                        fractions=args.fractions, folds=args.folds)
     if not jobs:
         raise MatrixError("the selection matches no job (nnU-Net's network has no pretrained job; check the "
                           "filters with `segbook tasks`)")
@@ -287,12 +293,13 @@ def _print(rows: list[dict[str, Any]], totals: list[dict[str, Any]], fmt: str) -
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from segbook.batch.matrix import counts, in_states, several_recipes, survey
+    from segbook.batch.matrix import counts, in_states, several_recipes, several_variants, survey
 
     jobs = _matrix(args)
     statuses = survey(jobs, weights=args.weights)
-    recipe = several_recipes(jobs)
-    rows = [s.record() if args.format == "json" else s.row(recipe) for s in in_states(statuses, args.state)]
+    recipe, variants = several_recipes(jobs), several_variants(jobs)
+    rows = [s.record() if args.format == "json" else s.row(recipe, variants)
+            for s in in_states(statuses, args.state)]
     totals = [{"state": state, "jobs": n} for state, n in counts(statuses).items()]
     _print(rows, totals + [{"state": "total", "jobs": len(statuses)}], args.format)
     return 0
@@ -303,7 +310,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from segbook.batch.estimate import DEFAULT_ASSUMED_TFLOPS
     from segbook.batch.execute import ExecutionOptions
     from segbook.batch.forecast import forecast
-    from segbook.batch.matrix import several_recipes
+    from segbook.batch.matrix import several_recipes, several_variants
 
     jobs = _matrix(args)
     options = ExecutionOptions.create(weights=args.weights, settings=training_settings_from_args(args),
@@ -311,20 +318,21 @@ def run_plan(args: argparse.Namespace) -> int:
     minutes = time_minutes(args.time) if args.time else None
     plan = forecast(jobs, options, assumed_tflops=args.assumed_tflops or DEFAULT_ASSUMED_TFLOPS)
     recipe = several_recipes(jobs)
-    rows = [c.row(full=args.format == "json", recipe=recipe, time_minutes=minutes, gpus=args.gpus_per_job)
-            for c in plan.in_states(args.state)]
+    rows = [c.row(full=args.format == "json", recipe=recipe, time_minutes=minutes, gpus=args.gpus_per_job,
+                  variants=several_variants(jobs)) for c in plan.in_states(args.state)]
     _print(rows, plan.totals(), args.format)
     return 0
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     from segbook.batch.execute import ExecutionOptions
-    from segbook.batch.preparation import prepare_tasks
+    from segbook.batch.preparation import planners_of, prepare_tasks
     from segbook.batch.slurm import PrepareSlurmOptions, submit_preparation
 
-    entries = list({job.entry.key: job.entry for job in _matrix(args)}.values())
+    jobs = _matrix(args)
+    entries = list({job.entry.key: job.entry for job in jobs}.values())
     if args.backend == "local":
-        outcomes = prepare_tasks(entries, processes=args.processes)
+        outcomes = prepare_tasks(entries, processes=args.processes, planners=planners_of(jobs))
         tally = {status: sum(o.status == status for o in outcomes) for status in ("prepared", "failed", "skipped")}
         print("batch prepare: " + ", ".join(f"{n} {status}" for status, n in tally.items() if n)
               + (" (skipped: not imported)" if tally["skipped"] else ""))
@@ -332,7 +340,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     options = ExecutionOptions.create(registry_files=getattr(args, "registry", None) or [], processes=args.processes)
     prepare = PrepareSlurmOptions(partition=args.partition, time=args.time, cpus=args.cpus, mem=args.mem,
                                   account=args.account, extra_sbatch=tuple(args.extra_sbatch))
-    submit_preparation(entries, options, prepare, dry_run=args.dry_run)
+    submit_preparation(entries, options, prepare, dry_run=args.dry_run, planners=planners_of(jobs))
     return 0
 
 

@@ -94,6 +94,28 @@ def add_weights_and_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, choices=["cuda", "cpu", "mps"], help=DEVICE_HELP)
 
 
+def add_backbone_file_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone-file", metavar="FILE", action="append", default=[],
+                        help="a Python file defining your own backbones (BACKBONES = [...], docs/backbones.md); "
+                             "segbook runs it, so give only files you trust (repeatable; also "
+                             "SEGBOOK_BACKBONE_FILES, os.pathsep-separated)")
+
+
+def load_backbone_files(args: argparse.Namespace) -> None:
+    """Register the backbones of the files `--backbone-file` names (the processes a run starts see them too)."""
+    from segbook.backbones import load_backbone_file
+
+    for file in getattr(args, "backbone_file", None) or []:
+        load_backbone_file(file)
+
+
+def model_help(what: str) -> str:
+    """Help for a --model/--models option: the built-in names (users' backbones add theirs)."""
+    from segbook.backbones import builtin_names
+
+    return f"{what}: {', '.join(builtin_names())}, or a backbone of --backbone-file (`segbook models` lists them)"
+
+
 def add_budget_options(parser: argparse.ArgumentParser) -> None:
     """The recipe, budget, optimiser and GPU-speed groups; `training_settings_from_args` reads them."""
     from segbook.training.settings import BOUNDS, PRECISIONS, STEM_TILINGS, TrainingSettings
@@ -119,8 +141,6 @@ def add_budget_options(parser: argparse.ArgumentParser) -> None:
                        help="weight decay (default: the recipe's: 3e-5, nnU-Net's)")
     hyper.add_argument("--checkpoint-every", type=bounded(BOUNDS["checkpoint_every"]),
                        default=defaults.checkpoint_every, help="epochs between resumable checkpoints")
-    hyper.add_argument("--seed", type=bounded(BOUNDS["seed"]), default=defaults.seed,
-                       help="seed of the weights' initialisation, sampling and augmentation")
     hyper.add_argument("--stem-tiling", choices=STEM_TILINGS, default=defaults.stem_tiling,
                        help="fine-tuning a multi-channel task: repeat the checkpoint's single-channel first block "
                             "on every channel, as the official STU-Net code does (repeat), or also divide it by the "
@@ -140,9 +160,28 @@ def training_settings_from_args(args: argparse.Namespace) -> "TrainingSettings":
     return TrainingSettings(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
                             val_iterations_per_epoch=args.val_iters_per_epoch, lr=args.lr,
                             head_lr_multiplier=args.head_lr_multiplier, weight_decay=args.weight_decay,
-                            checkpoint_every=args.checkpoint_every, seed=args.seed,
+                            checkpoint_every=args.checkpoint_every,
                             mixed_precision=args.precision, channels_last=args.channels_last,
                             stem_tiling=args.stem_tiling).validate()
+
+
+def add_seed_and_fraction_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--seeds and --fractions: one run per combination (checked by `seeds_and_fractions_from_args`)."""
+    parser.add_argument("--seeds", nargs="+", default=["0"], metavar="N",
+                        help="seeds to train, one run each (space- or comma-separated integers >= 0). The seed is "
+                             "part of the run's name and drives the fresh weights' initialisation, nnU-Net's "
+                             "sampling and augmentation (random seed 12345 + N; default: 0)")
+    parser.add_argument("--fractions", nargs="+", default=["1"], metavar="F",
+                        help="fractions of the training cases to train on, one run each (in (0, 1]; space- or "
+                             "comma-separated): a fixed, nested subset per dataset, at least 2 cases; the test "
+                             "split is always whole (default: 1, every training case)")
+
+
+def seeds_and_fractions_from_args(args: argparse.Namespace) -> tuple[list[int], list[float]]:
+    """The checked seeds and fractions; `RunIdentityError` (`segbook: error: --seeds: ...`) for a bad one."""
+    from segbook.runs import parse_fractions, parse_seeds
+
+    return parse_seeds(args.seeds), parse_fractions(args.fractions)
 
 
 class NameList(argparse.Action):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from segbook.cli.common import (DEVICE_HELP, POSITIVE_NUMBER, HelpFormatter, add_registry_option, at_least, bounded,
-                                registry_from_args)
+from segbook.cli.common import (DEVICE_HELP, POSITIVE_NUMBER, HelpFormatter, add_backbone_file_option,
+                                add_registry_option, add_seed_and_fraction_options, at_least, bounded,
+                                load_backbone_files, model_help, registry_from_args, seeds_and_fractions_from_args)
 from segbook.cli.finetune import TRAINING_PLANS
 from segbook.evaluation.settings import STEP_SIZE
-from segbook.runs import MODELS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,21 +20,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Dice and HD95 (spacing-aware). Writes evaluation/metrics.csv and evaluation/summary.json in "
                     "the run folder. A run already evaluated with the same settings and checkpoint is skipped.",
         epilog="examples: segbook evaluate --task 613 --model large --pretrained\n"
+               "          segbook evaluate --task 613 --model large --pretrained --seeds 0 1 2 --fractions 0.25 1\n"
                "          segbook evaluate --run $nnUNet_results/Dataset613_COVID-19-20/"
                "SegbookTrainer_large_pretrained__nnUNetPlans__3d_fullres/fold_all")
     which = parser.add_argument_group("which run (a task and configuration, or a run folder)")
     which.add_argument("--task", help="paper number, key, nnU-Net id or name")
-    which.add_argument("--model", choices=MODELS)
+    which.add_argument("--model", help=model_help("the backbone the run trained"))
+    add_backbone_file_option(which)
     init = which.add_mutually_exclusive_group()
     init.add_argument("--pretrained", action="store_true")
     init.add_argument("--scratch", action="store_true")
+    which.add_argument("--recipe", metavar="NAME",
+                       help="the run's recipe (default: segbook with --pretrained, scratch without)")
     which.add_argument("--fold", default="all", choices=["all", "0", "1", "2", "3", "4"])
+    add_seed_and_fraction_options(which)
     which.add_argument("--plans", choices=TRAINING_PLANS, default="default",
-                       help="the plans the run trained on (default: default, nnUNetPlans)")
+                       help="the plans the run trained on (default: the model's own, nnUNetPlans for STU-Net)")
     which.add_argument("--run", metavar="DIR", help="a run folder (…/fold_X) instead of --task/--model")
     add_registry_option(parser)
     options = parser.add_argument_group("prediction and metrics")
-    options.add_argument("--step-size", type=bounded(STEP_SIZE), default=0.5, help="sliding-window step as a fraction of the patch")
+    options.add_argument("--step-size", type=bounded(STEP_SIZE), default=0.5,
+                         help="sliding-window step as a fraction of the patch")
     options.add_argument("--no-gaussian", dest="gaussian", action="store_false", help="uniform window weighting")
     options.add_argument("--no-mirroring", dest="mirroring", action="store_false", help="no test-time mirroring")
     options.add_argument("--nsd-tolerance", type=POSITIVE_NUMBER, default=None,
@@ -50,29 +56,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from segbook.evaluation.evaluate import evaluate_run
+    from segbook.evaluation.settings import EvaluationSettings
+
+    load_backbone_files(args)
+    registry = registry_from_args(args)
+    settings = EvaluationSettings(step_size=args.step_size, gaussian=args.gaussian, mirroring=args.mirroring,
+                                  nsd_tolerance_mm=args.nsd_tolerance, empty_dice=args.empty_dice)
+    for entry, spec, folder in _runs(args, registry):
+        result = evaluate_run(entry, spec, settings=settings, device=args.device, num_processes=args.num_processes,
+                              keep_predictions=args.keep_predictions, force=args.force, run_folder=folder)
+        _print_summary(result)
+    return 0
+
+
+def _runs(args: argparse.Namespace, registry) -> list[tuple]:
+    """(entry, spec, folder) of each run named: the run folder, or one per seed and fraction of the configuration."""
     from pathlib import Path
 
+    from segbook.backbones import BackboneError, planner_for
     from segbook.errors import SegbookError
-    from segbook.evaluation.evaluate import evaluate_run, spec_from_folder
-    from segbook.evaluation.settings import EvaluationSettings
+    from segbook.evaluation.evaluate import spec_from_folder
     from segbook.plan import plans_identifier
     from segbook.runs import RunSpec
 
-    registry = registry_from_args(args)
-    folder = None
     if args.run:
         folder = Path(args.run).expanduser()
         spec = spec_from_folder(folder)
-        entry = registry.get(spec.task)
-    elif args.task and args.model:
-        entry = registry.get(args.task)
-        spec = RunSpec.of(entry, args.model, args.pretrained, args.fold, plans=plans_identifier(args.plans))
-    else:
+        return [(registry.get(spec.task), spec, folder)]
+    if not (args.task and args.model):
         raise SegbookError("name the run: --task and --model (with --pretrained or --scratch), or --run DIR")
-    settings = EvaluationSettings(step_size=args.step_size, gaussian=args.gaussian, mirroring=args.mirroring,
-                                  nsd_tolerance_mm=args.nsd_tolerance, empty_dice=args.empty_dice)
-    result = evaluate_run(entry, spec, settings=settings, device=args.device, num_processes=args.num_processes,
-                          keep_predictions=args.keep_predictions, force=args.force, run_folder=folder)
+    seeds, fractions = seeds_and_fractions_from_args(args)
+    entry = registry.get(args.task)
+    try:
+        plans = plans_identifier(planner_for(args.model, args.plans))
+    except BackboneError as error:
+        raise SegbookError(str(error)) from None
+    return [(entry, RunSpec.of(entry, args.model, args.pretrained, args.fold, recipe=args.recipe, seed=seed,
+                               fraction=fraction, plans=plans), None) for seed in seeds for fraction in fractions]
+
+
+def _print_summary(result) -> None:
     summary = result.summary
     state = "up to date" if result.skipped else "evaluated"
     print(f"{state}: {result.folder} ({summary['num_cases']} test cases)")
@@ -81,7 +105,6 @@ def run(args: argparse.Namespace) -> int:
               f"HD95 {_mm(values['hd95'])}")
     mean = summary["foreground_mean"]
     print(f"  mean over labels: Dice {_pct(mean['dice'])}  NSD {_pct(mean['nsd'])}  HD95 {_mm(mean['hd95'])}")
-    return 0
 
 
 def _pct(value: float | None) -> str:

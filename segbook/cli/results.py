@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Sequence, TextIO
 
 from segbook.cli.common import ChoiceList, NameList, add_format_option, add_registry_option, registry_from_args
 from segbook.cli.output import FORMATS
-from segbook.runs import DEFAULT_PLANS, INITS, MODELS
+from segbook.runs import INITS, MODELS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -30,10 +30,10 @@ def add_collection_options(parser: argparse.ArgumentParser) -> None:
     """What to collect and which configurations to show: shared by `results` and `report`."""
     parser.add_argument("--results-dir", metavar="DIR",
                         help="collect runs from DIR instead of nnU-Net's results folder ($nnUNet_results)")
-    parser.add_argument("--plans", default=DEFAULT_PLANS,
-                        help=f"nnU-Net plans of the runs: a plans identifier or a planner name (default, paper, "
-                             f"paper-zscore, ...); runs of other plans are never averaged in (default: "
-                             f"{DEFAULT_PLANS})")
+    parser.add_argument("--plans", default="default",
+                        help="nnU-Net plans of the runs: default (each backbone's own: nnUNetPlans, "
+                             "nnUNetResEncUNet{M,L}Plans for ResEnc), a plans identifier or a planner name (paper, "
+                             "paper-zscore, ...); runs of other plans are never averaged in (default: default)")
     parser.add_argument("--folds", choices=("all", "0-4"), default="all",
                         help="which runs a dataset's score averages: fold all, SegBook's protocol, or the five "
                              "cross-validation folds 0-4; the table's notes say which (default: all)")

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from segbook import backbones
 from segbook.errors import SegbookError
 from segbook.runs import DEFAULT_RECIPES, RECIPE_NAME
 
@@ -127,6 +128,13 @@ class Recipe(_Model):
         return self.groups.head_multiplier == 1.0 and self.groups.layer_decay is None
 
     @property
+    def needs_parts(self) -> bool:
+        """Whether the recipe must tell a network's encoder, decoder and heads apart (a backbone that names no
+        parts can only train with one rate for all, everything training throughout)."""
+        return not self.single_group or bool(self.frozen) or self.lora is not None or \
+            any(phase.train != "all" for phase in self.phases)
+
+    @property
     def trainable_parts(self) -> tuple[str, ...]:
         return tuple(part for part in ("encoder", "decoder", "heads") if part not in self.frozen)
 
@@ -204,9 +212,16 @@ class Recipe(_Model):
             other = DEFAULT_RECIPES[init]
             raise RecipeError(f"recipe {self.name!r} is for {self.init} runs, and this run is {init} (its recipe "
                               f"is {other!r}{', the only one for scratch runs' if init == 'scratch' else ''})")
-        if model == "nnunet" and not self.single_group:
-            raise RecipeError(f"recipe {self.name!r} addresses STU-Net's parts (encoder, decoder, heads), which "
-                              "nnU-Net's default network does not name: it trains only with one rate for all")
+        backbone = backbones.get(model)
+        parts = backbone.parts
+        if self.needs_parts and parts is None:
+            raise RecipeError(f"recipe {self.name!r} addresses a network's parts (encoder, decoder, heads), which "
+                              f"{backbone.label} does not name: it trains only with one rate for all")
+        if self.groups.layer_decay is not None and parts is not None and parts.encoder_stages != ENCODER_STAGES:
+            stages = "a number of encoder stages its plans decide" if parts.encoder_stages is None else \
+                f"{parts.encoder_stages} encoder stages"
+            raise RecipeError(f"recipe {self.name!r} decays the rate over {ENCODER_STAGES} encoder stages, and "
+                              f"{backbone.label} has {stages}")
         if num_gpus > 1 and len({phase.train for phase in self.phases}) > 1:
             raise RecipeError(f"recipe {self.name!r} changes what trains between phases, which nnU-Net's DDP "
                               "(--num-gpus > 1) cannot follow; train it on one GPU")

@@ -25,6 +25,7 @@ from segbook.errors import SegbookError
 from segbook.io import atomic_write_text
 from segbook.paths import Paths
 from segbook.registry import DatasetEntry, Registry, TaskLookupError, load_registry
+from segbook import backbones
 from segbook.runs import (DEFAULT_FRACTION, DEFAULT_PLANS, DEFAULT_RECIPES, DEFAULT_SEED, INITS, MANIFEST, MODELS,
                           RUN_GLOB, FolderParts, evaluation_folder, summary_path)
 from segbook.runs import METRICS as CASE_METRICS
@@ -96,14 +97,15 @@ def run_folders(df: pd.DataFrame) -> pd.Series:
 
 
 def collect_results(paths: Paths | None = None, registry: Registry | None = None,
-                    results_dir: str | os.PathLike | None = None, plans: str = DEFAULT_PLANS,
+                    results_dir: str | os.PathLike | None = None, plans: str = "default",
                     imported: bool = True, include_incomplete: bool = False,
                     recipes: Sequence[str] | None = None, folds: str = "all") -> pd.DataFrame:
     """One row per run found (evaluated or not) and per imported result, with the registry facts joined.
 
     Runs come from `results_dir` (default: nnU-Net's results folder); imported results from
     `$SEGBOOK_HOME/results/imported/`. Scores are fractions in [0, 1]. Folders of datasets the registry does not know,
-    runs of other plans (`plans`: an identifier, or a planner name such as `paper`) and runs of other folds
+    runs of other plans (`plans`: `default`, each backbone's own plans (nnUNetPlans, nnUNetResEncUNet{M,L}Plans for
+    ResEnc); an identifier, or a planner name such as `paper`) and runs of other folds
     (`folds`: `all`, SegBook's protocol, or `0-4`, the five cross-validation folds) are skipped with a
     `ResultsWarning`. A run evaluated before it trained its whole budget counts as not evaluated (with a warning)
     unless `include_incomplete`. Each run's row names the test split it was scored on (`split`, its SHA-256).
@@ -121,11 +123,18 @@ def collect_results(paths: Paths | None = None, registry: Registry | None = None
     root = Path(results_dir) if results_dir is not None else paths.results
     if folds not in FOLD_CHOICES:
         raise ResultsError(f"unknown folds {folds!r}; choose {' or '.join(FOLD_CHOICES)}")
-    rows = _local_rows(root, registry, plans_identifier(plans), include_incomplete, folds)
+    plans = plans if plans == "default" else plans_identifier(plans)
+    rows = _local_rows(root, registry, plans, include_incomplete, folds)
     if imported:
-        rows += _bundle_rows(paths, registry, plans_identifier(plans), include_incomplete, folds)
+        rows += _bundle_rows(paths, registry, plans, include_incomplete, folds)
         rows += [row for file in stored_imports(paths) for row in _imported_rows(file, registry)]
     return _frame(_chosen(rows, recipes), registry)
+
+
+def default_plans(model: str) -> str:
+    """A model's own plans; nnU-Net's default ones for a model no longer registered (what runs were made with
+    before backbones had plans of their own)."""
+    return backbones.default_plans(model) if backbones.is_known(model) else DEFAULT_PLANS
 
 
 def plans_identifier(plans: str) -> str:
@@ -186,7 +195,7 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
         elif entry is None:
             skipped[str(folder.parent.parent)] = ("its dataset id is not in the registry (add the dataset with "
                                                   "--registry FILE)")
-        elif parts.plans != plans:
+        elif parts.plans != (default_plans(parts.identity.model) if plans == "default" else plans):
             other_plans[parts.plans] += 1
         elif parts.fold not in FOLD_CHOICES[folds]:
             other_folds[parts.fold] += 1

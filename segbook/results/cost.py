@@ -4,7 +4,7 @@ device-hour (`segbook results --table cost`, and the report's cost section).
 Per configuration (model, initialisation, recipe), over its evaluated runs (local and bundled; numbers imported
 from CSV carry no cost): training device-hours per run from `run.json["cost"]` (GPU-hours where every run trained on
 CUDA: the `device` column says where), the largest peak GPU memory, samples per second, prediction seconds per test
-case from `summary.json["cost"]`, parameters and forward TFLOPs of one 128^3 patch (`MODEL_COST`), and the score:
+case from `summary.json["cost"]`, parameters and forward TFLOPs of one 128^3 patch (the backbone registry's `Backbone.cost`), and the score:
 the mean over its datasets of the dataset scores (`dataset_scores`). Delta(PT) is the paired mean of pretrained
 minus scratch of the same network over the datasets that have both, in points; Delta(PT) per device-hour divides it
 by the pretrained configuration's mean training device-hours per run.
@@ -19,8 +19,9 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from segbook import backbones
 from segbook.results.collect import run_folders
-from segbook.results.tables import (DELTA, METRIC_NAMES, MODEL_COST, SCORE_KEYS, Config, ResultTable, config_label,
+from segbook.results.tables import (DELTA, METRIC_NAMES, SCORE_KEYS, Config, ResultTable, config_label,
                                     configurations, dataset_scores, metric_factor, metric_label, metric_sign,
                                     protocol_note, shows_recipes, whole_split)
 from segbook.runs import DEFAULT_RECIPES, MANIFEST, SUMMARY, evaluation_folder
@@ -75,7 +76,7 @@ def cost_summary(df: pd.DataFrame, metric: str = "dice", configs: list[Config] |
         mine = costs[(costs["model"] == config[0]) & (costs["init"] == config[1]) & (costs["recipe"] == config[2])]
         timed = mine[mine["device_hours"].notna()]
         dataset_values = by_config.get(config, {})
-        parameters, macs = MODEL_COST.get(config[0], (math.nan, math.nan))
+        parameters, macs = backbones.cost(config[0]) or (math.nan, math.nan)
         delta = _delta(by_config, config, metric)
         hours = timed["device_hours"].mean() if len(timed) else math.nan
         rows.append({"model": config[0], "init": config[1], "recipe": config[2], "runs": len(mine),

@@ -28,19 +28,42 @@ import pandas as pd
 from segbook.errors import SegbookError
 from segbook.registry import REGIONS, SCALES
 from segbook.recipes import BUILTIN_ORDER
-from segbook.results.collect import IMPORTED_PREFIX, LOCAL, LOWER_IS_BETTER, METRICS, run_folders
-from segbook.runs import DEFAULT_FRACTION, DEFAULT_RECIPES, INITS, MODELS, STUNET_MODELS
+from segbook import backbones
+from segbook.results.collect import IMPORTED_PREFIX, LOCAL, LOWER_IS_BETTER, METRICS, default_plans, run_folders
+from segbook.runs import DEFAULT_FRACTION, DEFAULT_RECIPES, INITS, STUNET_MODELS
 
 #: The paper's configurations in its order: nnU-Net's default network, then each STU-Net size scratch / pretrained.
 CONFIGURATIONS: tuple[tuple[str, str], ...] = (("nnunet", "scratch"),
                                                *((m, i) for m in STUNET_MODELS for i in ("scratch", "pretrained")))
-MODEL_NAMES = {"nnunet": "nnU-Net", "tiny": "STU-Net-T", "small": "STU-Net-S", "base": "STU-Net-B",
-               "large": "STU-Net-L", "huge": "STU-Net-H"}
-#: Parameters and forward multiply-accumulates of one 128^3 patch (1 input channel, 105 classes), from
-#: `stunet.preset_summary`; spelled out so tables need no torch, and a test keeps them equal.
-MODEL_COST = {"tiny": (3_665_069, 33_925_431_296), "small": (14_596_941, 130_069_168_128),
-              "base": (58_262_669, 509_011_558_400), "large": (440_302_605, 3_825_455_333_376),
-              "huge": (1_457_326_221, 12_667_240_316_928)}
+
+
+class _ModelNames(Mapping[str, str]):
+    """A model's row name in tables and reports, from the backbone registry (`Backbone.title`: "STU-Net-L",
+    "nnU-Net ResEnc-L"); a model no longer registered shows under its own name."""
+
+    def __getitem__(self, model: str) -> str:
+        return backbones.table_name(model)
+
+    def __contains__(self, model: object) -> bool:
+        return isinstance(model, str) and backbones.is_known(model)
+
+    def __iter__(self):
+        return iter(backbones.model_names())
+
+    def __len__(self) -> int:
+        return len(backbones.model_names())
+
+
+MODEL_NAMES: Mapping[str, str] = _ModelNames()
+
+
+def all_configurations() -> list[tuple[str, str]]:
+    """Every (model, init) in table order: the paper's, then each other backbone (ResEnc, users') scratch, then
+    pretrained where it has weights."""
+    others = [(b.name, i) for b in backbones.all_backbones() for i in ("scratch", "pretrained")
+              if (b.name, i) not in CONFIGURATIONS and b.name not in STUNET_MODELS and b.name != "nnunet"
+              and (i == "scratch" or b.pretrainable)]
+    return [*CONFIGURATIONS, *others]
 DELTA = "Delta(PT)"
 DEFAULT_RECIPE = DEFAULT_RECIPES["pretrained"]
 SCRATCH_RECIPE = DEFAULT_RECIPES["scratch"]
@@ -203,21 +226,25 @@ def whole_split(df: pd.DataFrame) -> pd.DataFrame:
 def check_comparable(df: pd.DataFrame) -> None:
     """`TableError` naming the runs when the evaluated local (or bundled) runs of one dataset were trained with
     different plans or scored on different test splits: their scores would be averaged (over folds) or compared
-    (in a Delta) as if they measured the same thing. Runs recorded before splits were (no `split`) are not checked
-    for it."""
+    (in a Delta) as if they measured the same thing. Each backbone's own default plans count as the same choice
+    (ResEnc trains on nnU-Net's ResEnc plans, STU-Net on nnUNetPlans, as nnU-Net's own comparisons do). Runs
+    recorded before splits were (no `split`) are not checked for it."""
     local = df[run_folders(df) & df["evaluated"]]
+    local = local.assign(plans_choice=[
+        "each backbone's default" if plans == default_plans(model) else plans
+        for plans, model in zip(local["plans"], local["model"])])
     named = local["path"].where(local["source"] == LOCAL, local["source"] + " " + local["path"])
-    for column, what, fix in (("plans", "plans", "tabulate one plans at a time (--plans)"),
-                              ("split", "test splits", "evaluate them all on the dataset's current split (runs "
-                                                       "trained beside another split must be trained again), or "
-                                                       "keep the others in another --results-dir (runs of a "
-                                                       "bundle:NAME: leave bundles out with --no-imported)")):
+    for column, shown, what, fix in (("plans_choice", "plans", "plans", "tabulate one plans at a time (--plans)"),
+                                     ("split", "split", "test splits",
+                                      "evaluate them all on the dataset's current split (runs trained beside another "
+                                      "split must be trained again), or keep the others in another --results-dir "
+                                      "(runs of a bundle:NAME: leave bundles out with --no-imported)")):
         known = local[local[column].notna()]
         counts = known.groupby("task")[column].nunique()
         for task in counts[counts > 1].index:
             runs = known[known["task"] == task]
-            listing = "; ".join(f"{value}: {', '.join(named[runs.index[runs[column] == value]])}"
-                                for value in sorted(runs[column].unique()))
+            listing = "; ".join(f"{value}: {', '.join(named[runs.index[runs[shown] == value]])}"
+                                for value in sorted(runs[shown].unique()))
             raise TableError(f"{task}: runs with different {what} are never averaged or compared ({listing}); "
                              f"{fix}")
 
@@ -318,7 +345,7 @@ def configurations(df: pd.DataFrame, models: Sequence[str] | None = None, inits:
     A pretrained network shows with each of `recipes` (the pretrained runs' recipes), or when none are given with
     each recipe it has in `df` (the default one if none); a scratch network with each recipe it has (`scratch`).
     """
-    for value, allowed, what in ((models, MODELS, "model"), (inits, INITS, "init")):
+    for value, allowed, what in ((models, backbones.model_names(), "model"), (inits, INITS, "init")):
         unknown = sorted(set(value or ()) - set(allowed))
         if unknown:
             raise TableError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(allowed)}")
@@ -326,8 +353,9 @@ def configurations(df: pd.DataFrame, models: Sequence[str] | None = None, inits:
     pairs = {(model, init) for model, init, _ in present}
     if models or inits:
         models = models or {model for model, _ in pairs}
-        pairs = {(m, i) for m, i in CONFIGURATIONS if m in models and i in (inits or INITS)}
-    return [(m, i, r) for m, i in CONFIGURATIONS if (m, i) in pairs for r in _recipes_of(present, m, i, recipes)]
+        pairs = {(m, i) for m, i in all_configurations() if m in models and i in (inits or INITS)}
+    return [(m, i, r) for m, i in all_configurations() if (m, i) in pairs
+            for r in _recipes_of(present, m, i, recipes)]
 
 
 def _recipes_of(present: set[Config], model: str, init: str, recipes: Sequence[str] | None) -> list[str]:
@@ -538,9 +566,11 @@ def seed_notes(df: pd.DataFrame, metric: str, pairs: Sequence[tuple[Config, Conf
 
 
 def _cost(model: str) -> list[float | None]:
-    if model not in MODEL_COST:
+    """Parameters (M), TMACs and TFLOPs of one 128^3 patch, as the registry catalogues them (no torch here)."""
+    cost = backbones.cost(model)
+    if cost is None:
         return [None, None, None]
-    parameters, macs = MODEL_COST[model]
+    parameters, macs = cost
     return [round(parameters / 1e6, 1), round(macs / 1e12, 2), round(2 * macs / 1e12, 2)]
 
 
@@ -550,7 +580,8 @@ def _group_notes(table: ResultTable, members: dict[str, list[Member]], by: Group
     notes = [f"cell: mean {metric_label(metric)} over the n datasets of the group that have the configuration"]
     if "TMACs" in table.columns:
         notes.append("params, TMACs (forward multiply-accumulates; the STU-Net paper's 'TFLOPs') and TFLOPs "
-                     "(= 2 x TMACs) for one 128^3 patch; nnU-Net's network depends on each dataset's plans")
+                     "(= 2 x TMACs) for one 128^3 patch; nnU-Net's network depends on each dataset's plans, "
+                     "and ResEnc's are its reference architecture's (6 stages), which the plans adapt")
     if any(row[1] == DELTA for row in table.rows):
         per_recipe = ", per recipe (its pretrained runs minus scratch)" if "recipe" in table.columns else ""
         notes.append(f"{DELTA}: mean of (pretrained - scratch) over the datasets that have both, in points"

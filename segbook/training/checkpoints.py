@@ -37,14 +37,18 @@ def read_run_checkpoint(path: str | Path, map_location: str | torch.device = "cp
     return content
 
 
-def check_weights_fit(path: Path, model: str, input_channels: int, num_classes: int) -> None:
-    """Read the checkpoint safely and check it fits the network a task needs, before anything is planned or
-    written: a file of another size, a damaged file or a multi-channel checkpoint fail here with one clear line."""
-    from stunet import CheckpointError, adapt_state_dict, create_stunet, read_state_dict
+def check_weights_fit(path: Path, model: str, input_channels: int, num_classes: int,
+                      configuration: Any = None) -> None:
+    """Read the checkpoint safely and check it fits the network a task needs (`configuration`: nnU-Net's
+    ConfigurationManager of its plans, None for the backbone's reference architecture), before anything is
+    written: a file of another backbone or size, a damaged file or a multi-channel checkpoint fail here with one
+    clear line."""
+    from segbook import backbones
+    from segbook.backbones.models import check_fits
+    from stunet import CheckpointError
 
     try:
-        network = create_stunet(model, input_channels, num_classes, device="meta")
-        adapt_state_dict(network.state_dict(), read_state_dict(path), source=str(path))
+        check_fits(backbones.get(model), path, input_channels, num_classes, configuration)
     except CheckpointError as error:
         raise SegbookError(str(error)) from None
 

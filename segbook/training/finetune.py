@@ -17,11 +17,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from segbook import claims
+from segbook import backbones, claims
 from segbook.errors import SegbookError
 from segbook.options import Bound, check_all
 from segbook.paths import Paths
-from segbook.runs import CONFIGURATION, RunSpec, has_resumable_checkpoint, identity_fields, resolve_weights
+from segbook.runs import (CONFIGURATION, DEFAULT_FRACTION, DEFAULT_SEED, RunSpec, has_resumable_checkpoint,
+                          identity_fields, resolve_weights)
 from segbook.training.checkpoints import check_weights_fit
 from segbook.training.manifest import RunManifest, record_failure
 from segbook.recipes import get_recipe
@@ -51,13 +52,17 @@ class RunResult:
 
 
 def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | int = "all", *,
-             recipe: str | None = None, recipe_files: Sequence[str | Path] | None = None,
+             recipe: str | None = None, seed: int = DEFAULT_SEED, fraction: float = DEFAULT_FRACTION,
+             recipe_files: Sequence[str | Path] | None = None,
              settings: TrainingSettings | None = None, weights: str | Path | None = None, device: str | None = None,
              num_gpus: int = 1, resume: bool = False, overwrite: bool = False, compile: bool | None = None,
              paths: Paths | None = None, plan_processes: int | None = None, plans: str = "default",
              request: dict[str, Any] | None = None, say: Callable[[str], None] = print) -> RunResult:
     """Train one run with nnU-Net's training loop, following a recipe (None: the default of its initialisation).
 
+    `seed` and `fraction` are part of the run's identity (its name): the seed drives the fresh weights, nnU-Net's
+    sampling and augmentation (`segbook.runs.Identity.rng_seed`, recorded in run.json as `rng_seed`); the run
+    trains on `fraction` of its training cases (`segbook.data.subsets`, recorded as `training_cases`).
     `recipe_files` add user recipes to the built-in ones. `plans` is a planner of `segbook.plan.PLANNERS`
     (`paper`: nnU-Net's plans at the SegBook authors' patch size and spacing); its plans identifier is part of the
     run's folder. `device` None picks cuda, else mps, else cpu. `resume` continues from the run's latest
@@ -70,6 +75,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     import torch
     from nnunetv2.run.run_training import run_training
 
+    from segbook.backbones import BackboneError, planner_for
     from segbook.data.folders import is_imported
     from segbook.devices import resolve_device
     from segbook.plan import check_planner, plan_task, verify_preprocessed
@@ -77,7 +83,12 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
 
     settings = (settings or TrainingSettings()).validate()
     check_all({"num_gpus": num_gpus, "plan_processes": plan_processes}, BOUNDS)
-    spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe, plans=check_planner(entry, plans))
+    try:
+        planner = planner_for(model, plans)
+    except BackboneError as error:
+        raise SegbookError(str(error)) from None
+    spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe, seed=seed, fraction=fraction,
+                      plans=check_planner(entry, planner))
     chosen = get_recipe(spec.recipe, spec.init, recipe_files)
     chosen.check_fits(spec.model, spec.init, num_gpus)
     settings, resolved = settings.resolve(chosen)
@@ -90,6 +101,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
         raise SegbookError(f"{entry.key} is not imported; run `segbook data import --task {entry.key} --from PATH` "
                            "first")
     settings = _with_weights(entry, spec, settings, weights, paths, say)
+    planned_cases = _training_cases(entry, spec, paths)
     folder = spec.folder(paths.results)
     with claims.exclusive(paths.claims, spec.job_id, f"run {folder}"):
         existing = RunManifest.load(folder)
@@ -98,16 +110,22 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
         if action == "finished":
             say(f"Run already finished with these settings: {folder}")
             return RunResult(spec, folder, existing)
+        if action == "resume":
+            _check_same_training_cases(folder, existing, planned_cases)
         register_with_nnunet()
         if compile is not None:
             os.environ["nnUNet_compile"] = "1" if compile else "0"
-        plan = plan_task(entry, paths=paths, num_processes=plan_processes, planner=plans)
+        plan = plan_task(entry, paths=paths, num_processes=plan_processes, planner=planner)
         cases = verify_preprocessed(entry.nnunet_name, paths, spec.plans, task=entry.key)
+        if action == "new" and settings.weights is not None and backbones.get(spec.model).shapes_from_plans:
+            check_weights_fit(Path(settings.weights), spec.model, len(entry.channels), len(entry.labels),
+                              configuration_of(plan))
         if action == "resume":
             existing.event("continue_requested", request=request or {})
             existing.save()
         else:
-            records = {"preprocessed": cases.as_dict(), **fidelity_records(entry, spec, plan, paths)}
+            records = {"preprocessed": cases.as_dict(), "rng_seed": spec.identity.rng_seed,
+                       **fidelity_records(entry, spec, plan, paths)}
             _new_run(spec, folder, existing, settings, resolved, request or {}, records)
         say(f"Run folder: {folder}")
         try:
@@ -117,6 +135,29 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
             record_failure(folder, error)
             raise
     return RunResult(spec, folder, RunManifest.load(folder))
+
+
+def _training_cases(entry: "DatasetEntry", spec: RunSpec, paths: Paths) -> list[str] | None:
+    """The cases a fold-'all' run will train on (its fraction of the train split), checked before anything is
+    written: a split too small for a fraction is refused here. None for a fold, whose training part the trainer
+    takes from nnU-Net's splits file (and checks there)."""
+    from segbook.data.folders import raw_folder
+    from segbook.data.subsets import training_subset
+    from segbook.plan import train_case_ids
+
+    if spec.fold != "all" and spec.fraction == 1:
+        return None
+    subset = training_subset(train_case_ids(raw_folder(entry, paths)), spec.fraction)
+    return list(subset.cases) if spec.fold == "all" else None
+
+
+def _check_same_training_cases(folder: Path, existing: RunManifest, planned: list[str] | None) -> None:
+    """A run resumes on the cases it started on (`training_cases` in run.json), or not at all."""
+    recorded = (existing.data.get("training_cases") or {}).get("cases")
+    if planned is not None and recorded is not None and recorded != planned:
+        raise RunExistsError(f"{folder} started training on {len(recorded)} case(s) and would now train on "
+                             f"{len(planned)}, not the same ones (the train split changed since it started): "
+                             "resuming would mix two training sets; pass --overwrite to start it again")
 
 
 def _with_weights(entry: "DatasetEntry", spec: RunSpec, settings: TrainingSettings, weights: str | Path | None,
@@ -129,8 +170,25 @@ def _with_weights(entry: "DatasetEntry", spec: RunSpec, settings: TrainingSettin
                                "scratch")
         return settings
     weights = resolve_weights(spec.model, given, paths, say)
-    check_weights_fit(weights.path, spec.model, len(entry.channels), len(entry.labels))
+    backbone = backbones.get(spec.model)
+    if backbone.shapes_from_plans:  # the whole fit is checked once the task is planned; the file is read now
+        from segbook.backbones.models import read_checkpoint
+        from stunet import CheckpointError
+
+        try:
+            read_checkpoint(backbone, weights.path)
+        except CheckpointError as error:
+            raise SegbookError(str(error)) from None
+    else:
+        check_weights_fit(weights.path, spec.model, len(entry.channels), len(entry.labels))
     return replace(settings, weights=str(weights.path), weights_sha256=weights.sha256)
+
+
+def configuration_of(plan: "PlanResult") -> Any:
+    """nnU-Net's ConfigurationManager of a task's plans: what a backbone is built from."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    return PlansManager(str(plan.plans_file)).get_configuration(CONFIGURATION)
 
 
 def fidelity_records(entry: "DatasetEntry", spec: RunSpec, plan: "PlanResult", paths: Paths) -> dict[str, Any]:
@@ -139,12 +197,10 @@ def fidelity_records(entry: "DatasetEntry", spec: RunSpec, plan: "PlanResult", p
     catalogued) and of fine-tuning (the plans')."""
     from segbook.data.folders import raw_folder
     from segbook.data.split import read_split
-    from stunet import CATALOGUE
-
     split = read_split(raw_folder(entry, paths))
     normalization: dict[str, Any] = {"fine_tuning": {"schemes": plan.normalization, "spacing_mm": plan.spacing,
                                                      "plans": plan.plans_identifier}}
-    official = CATALOGUE.get(spec.model)
+    official = backbones.get(spec.model).pretrained
     if spec.init == "pretrained":
         normalization["pretraining"] = None if official is None else {
             "scheme": official.normalization, "spacing_mm": list(official.spacing_mm),

@@ -1,7 +1,7 @@
 """The training settings of a run, their allowed ranges, and how they combine with its recipe.
 
 The recipe (`segbook.recipes`) says what trains at which rates on which schedule and for how long; the settings say
-everything else (validation iterations, checkpoints, seed, precision, the weights file) and may replace the
+everything else (validation iterations, checkpoints, precision, the weights file) and may replace the
 recipe's body rate, head multiplier, weight decay and budget (`--lr`, `--epochs`, ...; None keeps the recipe's).
 Both are stored in the run's `run.json` before training starts, the recipe resolved, so every process that trains
 the run (a resume, a requeued SLURM job, `nnUNetv2_train`) reads the same values. `validate()` is called wherever
@@ -34,7 +34,6 @@ BOUNDS: dict[str, Bound] = {
     "head_lr_multiplier": Bound("--head-lr-multiplier", float, low=0, low_inclusive=False),
     "weight_decay": Bound("--weight-decay", float, low=0),
     "checkpoint_every": Bound("--checkpoint-every", int, low=1),
-    "seed": Bound("--seed", int, low=0, high=2**32 - 1),
 }
 #: Settings that replace a value of the recipe (None: the recipe's).
 RECIPE_OVERRIDES = ("lr", "head_lr_multiplier", "weight_decay", "epochs", "iterations_per_epoch")
@@ -53,7 +52,6 @@ class TrainingSettings:
     head_lr_multiplier: float | None = None
     weight_decay: float | None = None
     checkpoint_every: int = 50
-    seed: int = 12345
     mixed_precision: str = "auto"  # auto (bf16 where supported, else fp16 on CUDA), bf16, fp16
     channels_last: bool = False
     weights: str | None = None  # pretrained checkpoint file (pretrained runs)
@@ -88,7 +86,8 @@ class TrainingSettings:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainingSettings":
         """Settings as recorded (`run.json`, a batch's options). A record without `stem_tiling` (or with null)
-        was written before the option existed, when the stem was always tiled with the mean: it reads as such."""
+        was written before the option existed, when the stem was always tiled with the mean: it reads as such.
+        A `seed` in older records is ignored: the seed is now the run's (`segbook.runs.Identity.rng_seed`)."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         return cls(**{**values, "stem_tiling": values.get("stem_tiling") or LEGACY_STEM_TILING})

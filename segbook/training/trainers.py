@@ -26,6 +26,7 @@ import io
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -42,7 +43,9 @@ from segbook import claims
 from segbook.errors import SegbookError
 from segbook.io import atomic_path, atomic_write_json, now
 from segbook.paths import Paths
-from segbook.runs import RESUMABLE_CHECKPOINTS, STUNET_MODELS, Identity, has_resumable_checkpoint, resolve_weights
+from segbook import backbones
+from segbook.backbones.models import build, load_into
+from segbook.runs import RESUMABLE_CHECKPOINTS, Identity, has_resumable_checkpoint, resolve_weights
 from segbook.training.checkpoints import read_run_checkpoint
 from segbook.training.cost import add_epoch
 from segbook.training.manifest import RunManifest
@@ -50,9 +53,8 @@ from segbook.training.schedule import RecipeSchedule
 from segbook.training.settings import TrainingSettings
 from segbook.training.workers import exit_with_parent
 from segbook.training.lora import add_lora, has_lora, merge_lora
-from stunet import create_stunet, describe_network, strides_from_plans
-from stunet.loading import load_pretrained, read_state_dict
-from stunet.model import HEADS, PART_PREFIXES, part_of
+from stunet import describe_network, strides_from_plans
+from stunet.model import part_of
 
 PLOT_EVERY_EPOCHS = 10  # nnU-Net redraws a large progress.png every epoch: seconds wasted on short epochs
 LATEST_CHECKPOINT = "checkpoint_latest.pth"
@@ -172,6 +174,7 @@ class SegbookTrainer(nnUNetTrainer):
 
         settings, recipe = TrainingSettings().resolve(get_recipe(identity.recipe, identity.init))
         manifest = RunManifest.create(self.output_folder, run, settings, {"via": "nnU-Net"}, recipe)
+        manifest.data["rng_seed"] = identity.rng_seed
         if self.local_rank == 0:
             manifest.save()
         return manifest
@@ -187,9 +190,7 @@ class SegbookTrainer(nnUNetTrainer):
         self.initial_lr = self.recipe.optimizer.lr
         self.weight_decay = self.recipe.optimizer.weight_decay
         self.save_every = settings.checkpoint_every
-        random.seed(settings.seed)
-        np.random.seed(settings.seed)
-        torch.manual_seed(settings.seed)
+        self._seed_random_numbers()
         if self.device.type == "cuda":
             # nnU-Net autocasts in the process's CUDA autocast dtype (fp16 unless changed, as by an earlier bf16 run
             # in this process): set it either way. bf16 needs no loss scaling: no grad scaler.
@@ -197,6 +198,50 @@ class SegbookTrainer(nnUNetTrainer):
             torch.set_autocast_dtype("cuda", torch.bfloat16 if bf16 else torch.float16)
             if bf16:
                 self.grad_scaler = None
+
+    def _seed_random_numbers(self) -> None:
+        """The run's seed (its name's: `Identity.rng_seed`, never a setting, so two runs of one name train alike)
+        seeds Python, numpy and torch before the network is built: the fresh weights (all of them from scratch, the
+        heads when fine-tuning), then nnU-Net's sampling and augmentation in this process, and the seeds of its
+        augmentation workers (`get_dataloaders`). DDP ranks other than 0 get seeds of their own, so that they do
+        not sample the same patches (DDP gives every rank rank 0's weights)."""
+        rank = self._rank()
+        seed = self.identity.rng_seed if rank == 0 else \
+            int(np.random.SeedSequence([self.identity.rng_seed, rank]).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders, with augmentation workers seeded from the run's seed (nnU-Net starts them unseeded:
+        numpy then draws its seed from the operating system, so no two runs would sample alike).
+
+        With `nnUNet_n_proc_DA=0` augmentation runs in this process, seeded by `_seed_random_numbers`: same seed,
+        device and settings give the same run on the CPU. With one worker its batches come in the order it makes
+        them, so that is reproducible too. With several, each worker's batches are reproducible but nnU-Net's
+        `NonDetMultiThreadedAugmenter` hands them out in the order they are ready, which depends on timing."""
+        nnunet_trainer_module = sys.modules[nnUNetTrainer.__module__]  # where get_dataloaders finds the class
+        unseeded = nnunet_trainer_module.NonDetMultiThreadedAugmenter
+        streams = iter(("train", "validation"))  # nnU-Net makes the training augmenter first
+
+        def seeded(*args: Any, num_processes: int, seeds: Any = None, **kwargs: Any):
+            return unseeded(*args, num_processes=num_processes, seeds=self._worker_seeds(next(streams),
+                                                                                        num_processes), **kwargs)
+
+        nnunet_trainer_module.NonDetMultiThreadedAugmenter = seeded
+        try:
+            return super().get_dataloaders()
+        finally:
+            nnunet_trainer_module.NonDetMultiThreadedAugmenter = unseeded
+
+    def _worker_seeds(self, stream: str, workers: int) -> list[int]:
+        """One seed per augmentation worker, from the run's seed, the stream and the DDP rank (ranks must not draw
+        the same batches), through numpy's SeedSequence (so the global generators' state is left as it is)."""
+        entropy = [self.identity.rng_seed, self._rank(), ("train", "validation").index(stream)]
+        return [int(s) for s in np.random.SeedSequence(entropy).generate_state(workers)]
+
+    def _rank(self) -> int:
+        return dist.get_rank() if self.is_ddp else 0
 
     def _use_bf16(self) -> bool:
         precision = self.settings.mixed_precision
@@ -521,7 +566,32 @@ class SegbookTrainer(nnUNetTrainer):
                                                         Path(self.preprocessed_dataset_folder)):
             self.print_to_log_file(f"wrote {SPLITS} (nnU-Net's 5-fold split): the task was not prepared with "
                                    "`segbook batch prepare`")
-        return super().do_split()
+        train, validation = super().do_split()
+        return self._training_subset(train, validation)
+
+    def _training_subset(self, train: list[str], validation: list[str]) -> tuple[list[str], list[str]]:
+        """The run's fraction of the cases it would train on (`segbook.data.subsets`), recorded in run.json
+        (`training_cases`); a run that started on other cases (the split or the folds changed since) is refused
+        rather than resumed on a mix. Fold 'all' validates on what it trains on, as nnU-Net's does; a fold's
+        validation cases stay as they are."""
+        from segbook.data.subsets import training_subset
+
+        subset = training_subset(train, self.identity.fraction)
+        chosen = set(subset.cases)
+        cases = [case for case in train if case in chosen]  # nnU-Net's order: it samples by position
+        recorded = (self.manifest.data.get("training_cases") or {}).get("cases")
+        if recorded is not None and recorded != list(subset.cases):
+            raise SegbookError(f"{self.output_folder} started training on {len(recorded)} case(s), and its "
+                               f"{subset.fraction:g} of the training cases is now {len(cases)} case(s), not the same "
+                               "ones (the split or the folds changed since): resuming would mix two training sets; "
+                               "start it again with --overwrite")
+        if subset.minimum_applied:
+            self.print_to_log_file(f"training fraction {subset.fraction} of {subset.available} cases is below the "
+                                   f"minimum: training on {len(cases)} cases")
+        if self.local_rank == 0 and recorded is None:
+            self.manifest.data["training_cases"] = subset.record()
+            self.manifest.save()
+        return cases, (cases if self.fold == "all" else validation)
 
     def _check_preprocessed(self) -> None:
         """Refuse to train on preprocessed data that is not exactly the train split (a re-plan killed by an older
@@ -568,7 +638,66 @@ class SegbookTrainer(nnUNetTrainer):
         self.logger.plot_progress_png = occasionally
 
 
-class STUNetTrainer(SegbookTrainer):
+class BackboneTrainer(SegbookTrainer):
+    """A backbone of `segbook.backbones` on the dataset's own plans: built by its family's builder, split into the
+    parts recipes address, and, for fine-tuning, initialised from a checkpoint by the registry's strict loader."""
+
+    @property
+    def backbone(self) -> backbones.Backbone:
+        return backbones.get(self.model)
+
+    def __init__(self, plans: dict, configuration: str, fold: int | str, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if not self.backbone.deep_supervision:
+            self.enable_deep_supervision = False
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        """nnU-Net switches `network.decoder.deep_supervision`; a backbone with one output has nothing to switch."""
+        if self.backbone.deep_supervision:
+            super().set_deep_supervision_enabled(enabled)
+
+    def group_of(self, name: str, parameter: nn.Parameter) -> str | None:
+        if self.recipe.lora is not None:  # add_lora has frozen all but the adapters and the heads
+            return "all" if parameter.requires_grad else None
+        parts = self.backbone.parts
+        return "all" if parts is None else self.recipe.group_of(parts.part_of(name), None)
+
+    def prepare_network(self) -> None:
+        """The pretrained body (never over a checkpoint a resume will load), then LoRA's adapters: a resumed LoRA
+        run's checkpoint holds the adapted network."""
+        if self.init == "pretrained" and not (self.resume_requested and has_resumable_checkpoint(self.output_folder)):
+            self._load_pretrained_body()
+        lora = self.recipe.lora
+        if lora is not None:
+            report = add_lora(unwrap(self.network), rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                              exclude_prefixes=self.backbone.parts.heads)
+            self.print_to_log_file(f"LoRA (rank {lora.rank}) on {len(report.adapted)} convolutions; "
+                                   f"{report.trainable_parameters:,} parameters train, "
+                                   f"{report.frozen_parameters:,} frozen")
+
+    def on_train_end(self):
+        """Merge LoRA's adapters into plain weights before nnU-Net writes the final checkpoint, so its predictor
+        (and `segbook evaluate`) load it into the plain network."""
+        if has_lora(unwrap(self.network)):
+            merge_lora(unwrap(self.network))
+            if self.local_rank == 0:
+                self.manifest.event("lora_merged")
+                self.manifest.save()
+        super().on_train_end()
+
+    def _load_pretrained_body(self) -> None:
+        path = self.settings.weights or str(resolve_weights(self.model, None, Paths.from_env(),
+                                                                 self.print_to_log_file).path)
+        report = load_into(unwrap(self.network), self.backbone, path, tiling=self.settings.stem_tiling)
+        self.print_to_log_file(f"loaded {len(report.loaded)} pretrained tensors from {path}; "
+                               f"fresh heads: {len(report.skipped_heads)} tensors; tiled: {report.tiled or 'none'}")
+        if self.local_rank == 0:
+            self.manifest.event("pretrained_weights_loaded", path=path, tiled=report.tiled)
+            self.manifest.save()
+
+
+class STUNetTrainer(BackboneTrainer):
     """STU-Net on the dataset's own plans: patch, spacing, batch size and normalisation from nnU-Net, five strides."""
 
     @staticmethod
@@ -596,46 +725,13 @@ class STUNetTrainer(SegbookTrainer):
         self.print_to_log_file(f"\nThis is the configuration used by this training:\nConfiguration name: "
                                f"{self.configuration_name}\n{configuration}\n", add_timestamp=False)
 
-    def prepare_network(self) -> None:
-        """The pretrained body (never over a checkpoint a resume will load), then LoRA's adapters: a resumed LoRA
-        run's checkpoint holds the adapted network."""
-        if self.init == "pretrained" and not (self.resume_requested and has_resumable_checkpoint(self.output_folder)):
-            self._load_pretrained_body()
-        lora = self.recipe.lora
-        if lora is not None:
-            report = add_lora(unwrap(self.network), rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                              exclude_prefixes=PART_PREFIXES[HEADS])
-            self.print_to_log_file(f"LoRA (rank {lora.rank}) on {len(report.adapted)} convolutions; "
-                                   f"{report.trainable_parameters:,} parameters train, "
-                                   f"{report.frozen_parameters:,} frozen")
 
-    def on_train_end(self):
-        """Merge LoRA's adapters into plain weights before nnU-Net writes the final checkpoint, so its predictor
-        (and `segbook evaluate`) load it into a plain STU-Net."""
-        if has_lora(unwrap(self.network)):
-            merge_lora(unwrap(self.network))
-            if self.local_rank == 0:
-                self.manifest.event("lora_merged")
-                self.manifest.save()
-        super().on_train_end()
-
-    def _load_pretrained_body(self) -> None:
-        path = self.settings.weights or str(resolve_weights(self.model, None, Paths.from_env(),
-                                                                 self.print_to_log_file).path)
-        report = load_pretrained(unwrap(self.network), read_state_dict(path), source=path,
-                                 tiling=self.settings.stem_tiling)
-        self.print_to_log_file(f"loaded {len(report.loaded)} pretrained tensors from {path}; "
-                               f"fresh heads: {len(report.skipped_heads)} tensors; tiled: {report.tiled or 'none'}")
-        if self.local_rank == 0:
-            self.manifest.event("pretrained_weights_loaded", path=path, tiled=report.tiled)
-            self.manifest.save()
-
-
-def _stunet_builder(preset: str):
+def _backbone_builder(model: str):
+    """nnU-Net's `build_network_architecture` hook for a backbone (also what its predictor calls)."""
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return create_stunet(preset, num_input_channels, num_output_channels,
-                             STUNetTrainer.stunet_strides(configuration_manager), enable_deep_supervision)
+        return build(backbones.get(model), configuration_manager, num_input_channels, num_output_channels,
+                     enable_deep_supervision)
 
     return build_network_architecture
 
@@ -652,10 +748,11 @@ def trainer_class(name: str) -> type[SegbookTrainer]:
     if identity is None:
         raise KeyError(name)
     attributes: dict[str, Any] = {"identity": identity, "__module__": __name__, "__qualname__": name}
-    if identity.model in STUNET_MODELS:
-        attributes["build_network_architecture"] = staticmethod(_stunet_builder(identity.model))
-        return type(name, (STUNetTrainer,), attributes)
-    return type(name, (SegbookTrainer,), attributes)
+    backbone = backbones.get(identity.model)
+    if backbone.build is None and backbone.parts is None and not backbone.pretrainable:
+        return type(name, (SegbookTrainer,), attributes)  # nnU-Net's own network of the plans, as nnU-Net trains it
+    attributes["build_network_architecture"] = staticmethod(_backbone_builder(identity.model))
+    return type(name, (STUNetTrainer if backbone.family == "STU-Net" else BackboneTrainer,), attributes)
 
 
 def __getattr__(name: str) -> type[SegbookTrainer]:

@@ -1,0 +1,207 @@
+"""Building a backbone and initialising it from a checkpoint: `create_model`, the builders of the built-in
+families, and the strict loader every family shares (`load_into`, `check_fits`).
+
+A family's builder gets nnU-Net's `ConfigurationManager` of the task's plans, or None for the family's reference
+architecture (what its checkpoints were pretrained as). A checkpoint is read by the reader of one of the formats the
+backbone declares (`segbook.backbones.FORMAT_READERS`), which hands back the network's key names; then the
+catalogued conventions (`first_conv`, `classifier`, aliases) adapt it: fresh classifier, input-channel tiling, and
+every other key equal in name and shape, or an error listing them and naming both networks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from segbook.backbones import FORMAT_ADAPTERS, FORMAT_READERS, Backbone, BackboneError, get, resolve
+from stunet.checkpoints import PRETRAINING_STRIDES
+from stunet.flops import count_forward_macs, count_parameters
+from stunet.loading import DEFAULT_TILING, DESCRIBERS, CheckpointError, Conventions, LoadReport, adapt_state_dict, \
+    load_pretrained
+from stunet.presets import create_stunet, strides_from_plans
+
+RESENC_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+#: The residual-encoder U-Net the OpenMind/nnssl ResEnc-L checkpoints were pretrained as (6 stages, widths
+#: 32..320, encoder blocks 1-3-4-6-6-6, 160^3 patches): what `create_model("resenc-l")` builds without plans.
+RESENC_REFERENCE: dict[str, Any] = {
+    "n_stages": 6, "features_per_stage": [32, 64, 128, 256, 320, 320], "conv_op": "torch.nn.modules.conv.Conv3d",
+    "kernel_sizes": [[3, 3, 3]] * 6, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5,
+    "n_blocks_per_stage": [1, 3, 4, 6, 6, 6], "n_conv_per_stage_decoder": [1] * 5, "conv_bias": True,
+    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+    "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+}
+_REQUIRES_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
+#: The patch and channels tables' cost figures are counted at (`Backbone.cost`).
+COST_PATCH = (128, 128, 128)
+COST_CLASSES = 105
+
+
+def build_stunet(model: str, configuration: Any, input_channels: int, num_classes: int,
+                 deep_supervision: bool) -> nn.Module:
+    """STU-Net: five stages whose strides come from the plans (the pretraining strides without plans)."""
+    strides = PRETRAINING_STRIDES if configuration is None else strides_from_plans(configuration.pool_op_kernel_sizes)
+    return create_stunet(model, input_channels, num_classes, strides, deep_supervision)
+
+
+def build_resenc(model: str, configuration: Any, input_channels: int, num_classes: int,
+                 deep_supervision: bool) -> nn.Module:
+    """nnU-Net's residual-encoder U-Net, built by nnU-Net's own `get_network_from_plans` from the task's ResEnc
+    plans (the reference architecture without plans); plans of another network are refused."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    if configuration is None:
+        class_name, kwargs, requires_import = RESENC_CLASS, RESENC_REFERENCE, _REQUIRES_IMPORT
+    else:
+        class_name = configuration.network_arch_class_name
+        kwargs = configuration.network_arch_init_kwargs
+        requires_import = configuration.network_arch_init_kwargs_req_import
+        if class_name != RESENC_CLASS:
+            raise BackboneError(f"{model} needs ResEnc plans ({get(model).plans}), and these plans build {class_name}")
+    return get_network_from_plans(class_name, kwargs, requires_import, input_channels, num_classes,
+                                  allow_init=True, deep_supervision=deep_supervision)
+
+
+def build(backbone: Backbone, configuration: Any, input_channels: int, num_classes: int,
+          deep_supervision: bool = True) -> nn.Module:
+    """The backbone's network for a task's plans (`configuration`, nnU-Net's ConfigurationManager) or, None, for its
+    reference architecture. Backbones without a builder are nnU-Net's own network of the plans."""
+    if backbone.build is not None:
+        return resolve(backbone.build)(backbone.name, configuration, input_channels, num_classes,
+                                       deep_supervision and backbone.deep_supervision)
+    if configuration is None:
+        raise BackboneError(f"{backbone.label} is the network of a task's nnU-Net plans: build it from them")
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    return get_network_from_plans(configuration.network_arch_class_name, configuration.network_arch_init_kwargs,
+                                  configuration.network_arch_init_kwargs_req_import, input_channels, num_classes,
+                                  allow_init=True, deep_supervision=deep_supervision)
+
+
+def conventions(backbone: Backbone) -> Conventions:
+    """The catalogued names loading reads: the layers adapted and replaced, and repeated key prefixes."""
+    return Conventions(first_conv=backbone.first_conv, classifier=backbone.classifier, aliases=backbone.aliases,
+                       describe=lambda state_dict: describe_network_weights(backbone, state_dict))
+
+
+def read_checkpoint(backbone: Backbone, path: str | os.PathLike) -> tuple[str, Any]:
+    """(format, content) of `path`, read by the first of the backbone's formats whose reader accepts the file;
+    `CheckpointError` saying what each reader found otherwise. Files are never unpickled (`stunet.safe_load`)."""
+    if not backbone.pretrainable:
+        raise BackboneError(f"{backbone.label} trains from scratch only: it reads no checkpoints")
+    refusals = []
+    for name in backbone.checkpoint_formats:
+        try:
+            reader = resolve(FORMAT_READERS[name])
+        except BackboneError as error:
+            refusals.append(f"{name}: {error}")
+            continue
+        try:
+            return name, reader(path)
+        except CheckpointError as error:
+            refusals.append(f"{name}: {error}")
+    raise CheckpointError(f"{path} is in none of the formats {backbone.label} reads ({'; '.join(refusals)})")
+
+
+def adapted_weights(network_state: Mapping[str, torch.Tensor], backbone: Backbone, path: str | os.PathLike,
+                    tiling: str | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """The complete state dict that initialises the network whose state is `network_state` from the checkpoint at
+    `path` (strictly: a `CheckpointError` lists what does not fit), and what was done. A format with its own rules
+    (`FORMAT_ADAPTERS`) applies them; any other is adapted by the backbone's catalogued conventions. `tiling` None
+    tiles a single-channel stem as the checkpoint's authors do (STU-Net's loaders repeat, nnssl's divide too)."""
+    name, content = read_checkpoint(backbone, path)
+    if name in FORMAT_ADAPTERS:
+        given = {"tiling": tiling} if tiling is not None else {}
+        return resolve(FORMAT_ADAPTERS[name])(network_state, content, network_name=backbone.label, **given)
+    adapted, report = adapt_state_dict(network_state, content, source=str(path), tiling=tiling or DEFAULT_TILING,
+                                       conventions=conventions(backbone))
+    return {**network_state, **adapted}, report
+
+
+def load_into(network: nn.Module, backbone: Backbone, path: str | os.PathLike,
+              tiling: str | None = None) -> LoadReport:
+    """Initialise `network` for fine-tuning from the checkpoint at `path`: everything but the classifier, strictly."""
+    state, report = adapted_weights(network.state_dict(), backbone, path, tiling)
+    network.load_state_dict(state, strict=True)
+    return report
+
+
+def check_fits(backbone: Backbone, path: str | os.PathLike, input_channels: int, num_classes: int,
+               configuration: Any = None) -> None:
+    """`CheckpointError` unless the checkpoint loads into the backbone's network (built on the meta device, so
+    nothing is allocated): before anything is planned or written."""
+    with torch.device("meta"):
+        network = build(backbone, configuration, input_channels, num_classes)
+    adapted_weights(network.state_dict(), backbone, path)
+
+
+def create_model(name: str, pretrained: bool | str | os.PathLike = False, *, input_channels: int = 1,
+                 num_classes: int = 2, configuration: Any = None, deep_supervision: bool = True,
+                 device: str | torch.device | None = None, tiling: str | None = None) -> nn.Module:
+    """The network `name` (a model of `segbook models`), timm's way: `pretrained=True` starts from its catalogued
+    checkpoint (from the weight cache), a path from that file, False from scratch. `configuration` is nnU-Net's
+    ConfigurationManager of a task's plans (None: the family's reference architecture); `device="meta"` allocates
+    nothing."""
+    backbone = get(name)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        network = build(backbone, configuration, input_channels, num_classes, deep_supervision)
+    if pretrained is False or pretrained is None:
+        return network
+    load_into(network, backbone, _pretrained_file(backbone, pretrained), tiling)
+    return network
+
+
+def _pretrained_file(backbone: Backbone, pretrained: bool | str | os.PathLike) -> str:
+    if pretrained is not True:
+        return os.fspath(pretrained)
+    if backbone.pretrained is None:
+        raise BackboneError(f"{backbone.label} has no catalogued checkpoint: pass the file, pretrained=PATH")
+    from segbook.paths import Paths
+    from stunet.checkpoints import WeightCache, WeightsError
+
+    try:
+        return str(WeightCache(Paths.from_env().weights).resolve(backbone.pretrained))
+    except WeightsError as error:
+        raise BackboneError(str(error)) from None
+
+
+def describe_network_weights(backbone: Backbone, state_dict: Mapping[str, torch.Tensor]) -> str:
+    """`backbone`'s network as its weights show it (for "holds X, but the network is Y" errors)."""
+    from stunet.loading import describe_stunet
+
+    if backbone.family == "STU-Net":
+        return describe_stunet(state_dict)
+    return f"{backbone.label}: {describe_resenc(state_dict) or _key_summary(state_dict)}"
+
+
+def describe_resenc(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """A residual-encoder U-Net's stages, widths, blocks and input channels; None for other weights."""
+    stem = state_dict.get("encoder.stem.convs.0.conv.weight")
+    if stem is None:
+        return None
+    stages = sorted({int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.stages.")})
+    blocks = [len({k.split(".")[4] for k in state_dict if k.startswith(f"encoder.stages.{s}.blocks.")})
+              for s in stages]
+    widths = [int(state_dict[f"encoder.stages.{s}.blocks.0.conv1.conv.weight"].shape[0]) for s in stages
+              if f"encoder.stages.{s}.blocks.0.conv1.conv.weight" in state_dict]
+    width_text = f"widths {widths[0]}..{widths[-1]}, " if widths else ""
+    return (f"a ResEnc U-Net ({len(stages)} stages, {width_text}encoder blocks {'-'.join(map(str, blocks))}, "
+            f"{int(stem.shape[1])} input channel(s))")
+
+
+def _key_summary(state_dict: Mapping[str, torch.Tensor]) -> str:
+    return f"{len(state_dict)} tensors, first {next(iter(state_dict), 'none')}"
+
+
+DESCRIBERS.append(describe_resenc)
+
+
+def count_cost(backbone: Backbone, patch: tuple[int, int, int] = COST_PATCH, input_channels: int = 1,
+               num_classes: int = COST_CLASSES, configuration: Any = None) -> tuple[int, int]:
+    """(parameters, forward multiply-accumulates of one patch), counted on the meta device."""
+    with torch.device("meta"):
+        network = build(backbone, configuration, input_channels, num_classes, deep_supervision=False)
+    return count_parameters(network), count_forward_macs(network, (1, input_channels, *patch))

@@ -1,0 +1,304 @@
+"""The backbone registry: built-in families, nnU-Net's ResEnc networks as nnU-Net builds them, strict checkpoint
+loading across families, recipes that fit or not, and the catalogued costs."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import planned_tiny_task, run_segbook, tiny_spec, use_planned_task
+
+from segbook import backbones
+from segbook.backbones.models import check_fits, count_cost, create_model, load_into
+from segbook.backbones.nnssl import write_nnssl_checkpoint
+from segbook.recipes import RecipeError, get_recipe
+from segbook.runs import MODELS, Identity, RunIdentityError, valid_combinations
+from segbook.training.checkpoints import read_run_checkpoint
+from segbook.training.manifest import RunManifest
+from segbook.training.trainers import EXTERNAL_TRAINER_FOLDER
+from stunet import CheckpointError, create_stunet, write_official_checkpoint
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """A tiny task planned by nnU-Net's default planner and by nnUNetPlannerResEncL."""
+    from segbook.plan import plan_task
+
+    with planned_tiny_task(tmp_path_factory.mktemp("backbones"), tiny_spec(), seed=11) as task:
+        task.resenc_plan = plan_task(task.entry, planner="resenc-l", progress=False, fingerprint_samples=1000)
+        yield task
+
+
+def _configuration(plan):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    return PlansManager(str(plan.plans_file)).get_configuration("3d_fullres")
+
+
+def test_registry_keeps_the_existing_models_and_adds_resenc():
+    assert MODELS == ("tiny", "small", "base", "large", "huge", "nnunet", "resenc-m", "resenc-l")
+    assert backbones.get("resenc-l").plans == "nnUNetResEncUNetLPlans"
+    assert backbones.get("resenc-m").planner == "resenc-m"
+    assert ("resenc-l", "pretrained") in valid_combinations() and ("nnunet", "pretrained") not in valid_combinations()
+    assert Identity("large", "pretrained").trainer == "SegbookTrainer_large_pretrained"
+    assert Identity("resenc-l", "scratch").trainer == "SegbookTrainer_resenc-l_scratch"
+    with pytest.raises(RunIdentityError, match="nnU-Net's default network has no pretrained weights"):
+        Identity("nnunet", "pretrained")
+    with pytest.raises(backbones.BackboneError, match="unknown model 'giant'"):
+        backbones.get("giant")
+    with pytest.raises(backbones.BackboneError, match="--plans paper varies nnU-Net's default planner"):
+        backbones.planner_for("resenc-l", "paper")
+    assert backbones.planner_for("large", "paper") == "paper" and backbones.planner_for("resenc-m") == "resenc-m"
+
+
+def test_nnunet_trainer_lookup_finds_a_hyphenated_model_name():
+    """A `-` cannot be in a Python identifier, but nnU-Net looks trainers up with getattr on the module, which
+    segbook's module answers for every trainer name."""
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    found = recursive_find_python_class(str(EXTERNAL_TRAINER_FOLDER), "SegbookTrainer_resenc-l_pretrained",
+                                        current_module=None)
+    assert found.__name__ == "SegbookTrainer_resenc-l_pretrained"
+    assert found.identity == Identity("resenc-l", "pretrained")
+    assert found.__mro__[1].__name__ == "BackboneTrainer"
+
+
+def test_resenc_is_the_network_nnunet_builds_from_the_same_plans(task):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from segbook.plan import load_plan
+
+    assert task.resenc_plan.plans_identifier == "nnUNetResEncUNetLPlans"
+    configuration = _configuration(task.resenc_plan)
+    ours = create_model("resenc-l", input_channels=1, num_classes=4, configuration=configuration)
+    theirs = get_network_from_plans(configuration.network_arch_class_name, configuration.network_arch_init_kwargs,
+                                    configuration.network_arch_init_kwargs_req_import, 1, 4, deep_supervision=True)
+    assert type(ours) is type(theirs) and type(ours).__name__ == "ResidualEncoderUNet"
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    with pytest.raises(backbones.BackboneError, match="needs ResEnc plans"):
+        create_model("resenc-l", configuration=_configuration(load_plan(task.entry)), device="meta")
+
+
+def test_a_resenc_checkpoint_loads_with_fresh_head_and_a_tiled_stem(tmp_path):
+    torch.manual_seed(0)
+    pretrained = create_model("resenc-l", input_channels=1, num_classes=7)
+    path = tmp_path / "resenc.pth"
+    torch.save({"network_weights": pretrained.state_dict(), "trainer_name": "nnUNetTrainer"}, path)
+    torch.manual_seed(1)
+    network = create_model("resenc-l", input_channels=2, num_classes=3)
+    fresh_head = network.decoder.seg_layers[-1].weight.clone()
+    report = load_into(network, backbones.get("resenc-l"), path)
+    body = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("decoder.seg_layers.")}
+    loaded = network.state_dict()
+    for key, value in body.items():
+        if key.endswith(("stem.convs.0.conv.weight", "stem.convs.0.all_modules.0.weight")):
+            assert torch.equal(loaded[key], value.repeat(1, 2, 1, 1, 1)), key
+        else:
+            assert torch.equal(loaded[key], value), key
+    assert torch.equal(network.decoder.seg_layers[-1].weight, fresh_head)
+    assert "encoder.stem.convs.0.conv.weight" in report.tiled
+
+
+def test_a_checkpoint_without_the_aliased_decoder_keys_still_loads(tmp_path):
+    """dynamic_network_architectures' decoder holds the encoder, so its state_dict names every encoder tensor
+    twice; a checkpoint that names them once (as a pretraining framework may save them) is complete."""
+    pretrained = create_model("resenc-m", num_classes=2)
+    path = tmp_path / "encoder_once.pth"
+    torch.save({k: v for k, v in pretrained.state_dict().items() if not k.startswith("decoder.encoder.")}, path)
+    network = create_model("resenc-m", pretrained=path, num_classes=2)
+    assert torch.equal(network.decoder.encoder.stem.convs[0].conv.weight, pretrained.encoder.stem.convs[0].conv.weight)
+
+
+def test_a_checkpoint_of_another_backbone_is_refused_naming_both(tmp_path):
+    stunet_file = write_official_checkpoint(create_stunet("tiny", 1, 105, device="meta").to_empty(device="cpu")
+                                            .state_dict(), tmp_path / "tiny.model")
+    with pytest.raises(CheckpointError, match=r"holds STU-Net tiny .*, but the network is nnU-Net ResEnc-L: a "
+                                              r"ResEnc U-Net \(6 stages.*unexpected key conv_blocks_context"):
+        check_fits(backbones.get("resenc-l"), stunet_file, 1, 3)
+    resenc_file = tmp_path / "resenc.pth"
+    torch.save(create_model("resenc-l", num_classes=2).state_dict(), resenc_file)
+    with pytest.raises(CheckpointError, match=r"holds a ResEnc U-Net \(6 stages, widths 32..320, encoder blocks "
+                                              r"1-3-4-6-6-6, 1 input channel\(s\)\), but the network is STU-Net large"):
+        check_fits(backbones.get("large"), resenc_file, 1, 3)
+    with pytest.raises(CheckpointError, match="missing key"):
+        truncated = tmp_path / "truncated.pth"
+        weights = create_model("resenc-l", num_classes=2).state_dict()
+        torch.save({k: v for k, v in weights.items() if "stages.5" not in k}, truncated)
+        check_fits(backbones.get("resenc-l"), truncated, 1, 3)
+
+
+def test_an_nnssl_checkpoint_loads_through_the_registry_encoder_only(task, tmp_path):
+    """The OpenMind/nnssl format is read by ResEnc's first format: the stem and encoder come from the file (the stem
+    divided over two channels, as nnssl's fine-tuning does by default), decoder and heads stay as initialised."""
+    configuration = _configuration(task.resenc_plan)
+    torch.manual_seed(0)
+    pretrained = create_model("resenc-l", input_channels=1, num_classes=4, configuration=configuration)
+    path = write_nnssl_checkpoint(pretrained, tmp_path / "openmind.pth")
+    torch.manual_seed(1)
+    network = create_model("resenc-l", input_channels=2, num_classes=3, configuration=configuration)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    report = load_into(network, backbones.get("resenc-l"), path)
+    loaded, source = network.state_dict(), pretrained.state_dict()
+    stem = "encoder.stem.convs.0.conv.weight"
+    assert torch.allclose(loaded[stem], source[stem].repeat(1, 2, 1, 1, 1) / 2) and stem in report.tiled
+    first_conv = backbones.get("resenc-l").first_conv
+    encoder = [k for k in source if k.startswith("encoder.") and k not in first_conv]
+    assert encoder and all(torch.equal(loaded[k], source[k]) for k in encoder)
+    assert all(torch.equal(loaded[k], before[k]) for k in loaded
+               if k.startswith(("decoder.stages.", "decoder.seg_layers.")))
+    check_fits(backbones.get("resenc-l"), path, 2, 3, configuration)
+    with pytest.raises(CheckpointError, match="holds"):
+        check_fits(backbones.get("resenc-l"), path, 2, 3)  # the reference ResEnc-L: six stages, not the tiny plans'
+
+
+def test_recipes_declare_what_they_need_of_a_backbone():
+    get_recipe("frozen-encoder", "pretrained").check_fits("resenc-l", "pretrained")
+    get_recipe("lora", "pretrained").check_fits("resenc-l", "pretrained")
+    with pytest.raises(RecipeError, match="decays the rate over 6 encoder stages, and nnU-Net ResEnc-L has a number "
+                                          "of encoder stages its plans decide"):
+        get_recipe("llrd", "pretrained").check_fits("resenc-l", "pretrained")
+    get_recipe("llrd", "pretrained").check_fits("large", "pretrained")
+    get_recipe("scratch", "scratch").check_fits("nnunet", "scratch")
+
+
+def test_catalogued_costs_are_the_counted_ones():
+    for name in ("tiny", "small", "resenc-m", "resenc-l"):
+        backbone = backbones.get(name)
+        assert backbone.cost == count_cost(backbone), name
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "my_backbone.py"
+
+
+def _finetune(task, *args: str) -> None:
+    run_segbook("finetune", "--registry", str(task.registry_file), "--task", task.entry.key, "--device", "cpu",
+                "--epochs", "1", "--iters-per-epoch", "2", "--val-iters-per-epoch", "1", *args)
+
+
+@pytest.mark.slow
+def test_the_documented_example_backbone_trains_and_fine_tunes_end_to_end(task, tmp_path, monkeypatch):
+    """docs/backbones.md's example file, through `segbook finetune` as a user runs it: from scratch, then
+    fine-tuned from that run's checkpoint with its encoder frozen (so the encoder must come out unchanged)."""
+    paths = use_planned_task(task, tmp_path, monkeypatch)
+    _finetune(task, "--backbone-file", str(EXAMPLE), "--model", "my-unet", "--scratch")
+    scratch = paths.results / task.entry.nnunet_name / "SegbookTrainer_my-unet_scratch__nnUNetPlans__3d_fullres"
+    assert RunManifest.load(scratch / "fold_all").status == "finished"
+    final = scratch / "fold_all" / "checkpoint_final.pth"
+    _finetune(task, "--backbone-file", str(EXAMPLE), "--model", "my-unet", "--pretrained", "--weights", str(final),
+              "--recipe", "frozen-encoder")
+    tuned = paths.results / task.entry.nnunet_name / \
+        "SegbookTrainer_my-unet_pretrained_frozen-encoder__nnUNetPlans__3d_fullres" / "fold_all"
+    manifest = RunManifest.load(tuned)
+    assert manifest.status == "finished"
+    assert any(event["event"] == "pretrained_weights_loaded" for event in manifest.data["events"])
+    before = read_run_checkpoint(final)["network_weights"]
+    after = read_run_checkpoint(tuned / "checkpoint_final.pth")["network_weights"]
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("stem.", "down.")))
+    assert not torch.equal(before["fuse.0.weight"], after["fuse.0.weight"])  # the decoder trained
+    listing = json.loads(run_segbook("models", "--backbone-file", str(EXAMPLE), "--format", "json").stdout)
+    mine = next(row for row in listing if row["model"] == "my-unet")
+    network = runpy.run_path(str(EXAMPLE))["MyUNet"](1, 105)  # the listing's default channels and classes
+    assert mine["parameters"] == sum(p.numel() for p in network.parameters())
+    assert {row["model"] for row in listing} >= {"large", "nnunet", "resenc-m", "resenc-l", "my-unet"}
+
+
+@pytest.mark.slow
+def test_resenc_trains_on_its_own_plans_and_fine_tunes_from_weights(task, tmp_path, monkeypatch):
+    """`finetune --model resenc-l` from scratch on nnUNetResEncUNetLPlans, then `--pretrained --weights` from that
+    run's nnU-Net checkpoint with the encoder frozen: the encoder comes out as the checkpoint has it."""
+    paths = use_planned_task(task, tmp_path, monkeypatch)
+    _finetune(task, "--model", "resenc-l", "--scratch")
+    folder = paths.results / task.entry.nnunet_name / "SegbookTrainer_resenc-l_scratch__nnUNetResEncUNetLPlans__" \
+        "3d_fullres" / "fold_all"
+    manifest = RunManifest.load(folder)
+    assert manifest.status == "finished" and manifest.data["run"]["plans"] == "nnUNetResEncUNetLPlans"
+    weights = read_run_checkpoint(folder / "checkpoint_final.pth")["network_weights"]
+    expected = create_model("resenc-l", num_classes=len(task.entry.labels), device="meta",
+                            configuration=_configuration(task.resenc_plan)).state_dict()
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in expected.items()}
+
+    _finetune(task, "--model", "resenc-l", "--pretrained", "--weights", str(folder / "checkpoint_final.pth"),
+              "--recipe", "frozen-encoder")
+    tuned = paths.results / task.entry.nnunet_name / "SegbookTrainer_resenc-l_pretrained_frozen-encoder__" \
+        "nnUNetResEncUNetLPlans__3d_fullres" / "fold_all"
+    assert RunManifest.load(tuned).status == "finished"
+    after = read_run_checkpoint(tuned / "checkpoint_final.pth")["network_weights"]
+    assert all(torch.equal(weights[k], after[k]) for k in weights if k.startswith("encoder."))
+    assert not all(torch.equal(weights[k], after[k]) for k in weights if k.startswith("decoder.stages."))
+
+    openmind = write_nnssl_checkpoint(weights, tmp_path / "openmind.pth")  # the same weights in nnssl's format
+    _finetune(task, "--model", "resenc-l", "--pretrained", "--weights", str(openmind), "--recipe", "frozen-encoder",
+              "--seeds", "1")
+    from_nnssl = tuned.parent.parent / "SegbookTrainer_resenc-l_pretrained_frozen-encoder_seed1__" \
+        "nnUNetResEncUNetLPlans__3d_fullres" / "fold_all"
+    assert RunManifest.load(from_nnssl).status == "finished"
+    after = read_run_checkpoint(from_nnssl / "checkpoint_final.pth")["network_weights"]
+    assert all(torch.equal(weights[k], after[k]) for k in weights if k.startswith("encoder."))
+
+
+def test_batch_estimates_count_each_backbone_on_its_own_plans(task, tmp_path, monkeypatch):
+    from segbook.batch.estimate import ForwardFlops, task_geometry
+    from stunet import count_forward_macs
+
+    paths = use_planned_task(task, tmp_path, monkeypatch)
+    resenc = task_geometry(task.entry, paths, "resenc-l")
+    default = task_geometry(task.entry, paths)
+    assert resenc.plans_file.endswith("nnUNetResEncUNetLPlans.json") and default.plans_file.endswith("nnUNetPlans.json")
+    flops = ForwardFlops()
+    network = create_model("resenc-l", num_classes=4, device="meta", configuration=_configuration(task.resenc_plan))
+    assert flops("resenc-l", resenc, 1, 4) == 2 * count_forward_macs(network, (1, 1, *resenc.patch))
+    assert flops("large", default, 1, 4) != flops("resenc-l", resenc, 1, 4)
+
+
+def test_a_matrix_mixes_backbones_each_on_its_plans(task, tmp_path, monkeypatch):
+    from segbook.batch.matrix import build_matrix, weights_problem
+    from segbook.batch.preparation import planners_of, unprepared
+    from segbook.registry import load_registry
+
+    paths = use_planned_task(task, tmp_path, monkeypatch)
+    registry = load_registry([task.registry_file])
+    jobs = build_matrix(registry, task.entry.key, models="large,resenc-l,nnunet")
+    assert {(j.spec.model, j.spec.init, j.spec.plans) for j in jobs} == {
+        ("large", "pretrained", "nnUNetPlans"), ("large", "scratch", "nnUNetPlans"),
+        ("resenc-l", "pretrained", "nnUNetResEncUNetLPlans"), ("resenc-l", "scratch", "nnUNetResEncUNetLPlans"),
+        ("nnunet", "scratch", "nnUNetPlans")}
+    assert planners_of(jobs) == ("default", "resenc-l")
+    assert unprepared(task.entry, paths, ["all"], planners=planners_of(jobs)) is None  # the fixture planned both
+    assert "not planned with the resenc-m planner" in unprepared(task.entry, paths, ["all"], planners=("resenc-m",))
+    resenc = next(j for j in jobs if j.spec.model == "resenc-l" and j.spec.init == "pretrained")
+    assert weights_problem(resenc, paths, None) == ("weights missing: nnU-Net ResEnc-L has no official checkpoint; "
+                                                    "pass --weights FILE")
+    with pytest.raises(RecipeError, match="recipe 'llrd' decays the rate over 6 encoder stages"):
+        build_matrix(registry, task.entry.key, models="large,resenc-l", recipes="llrd")
+
+
+def test_an_installed_package_adds_backbones_through_the_entry_point_group(tmp_path, monkeypatch):
+    """A package declaring `[segbook.backbones] my = my_backbone:BACKBONES` (here: its installed metadata on the
+    path) shows up in `segbook models`, in a fresh process as a user would run it."""
+    site = tmp_path / "site"
+    (site / "labnet-1.0.dist-info").mkdir(parents=True)
+    (site / "labnet-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: labnet\nVersion: 1.0\n")
+    (site / "labnet-1.0.dist-info" / "entry_points.txt").write_text(
+        "[segbook.backbones]\nmy = labnet_backbone:BACKBONES\n")
+    (site / "labnet_backbone.py").write_text(EXAMPLE.read_text().replace('name="my-unet"', 'name="lab-unet"'))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    listing = json.loads(run_segbook("models", "--format", "json").stdout)
+    row = next(row for row in listing if row["model"] == "lab-unet")
+    assert row["source"] == "entry point labnet_backbone:BACKBONES" and row["family"] == "My lab"
+
+
+def test_a_backbone_file_that_defines_none_or_a_taken_name_is_a_clear_error(tmp_path, capsys):
+    from segbook.cli.main import main
+
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    assert main(["models", "--backbone-file", str(empty)]) == 2
+    assert f"backbone file {empty} defines no BACKBONES" in capsys.readouterr().err
+    clash = tmp_path / "clash.py"
+    clash.write_text(EXAMPLE.read_text().replace('name="my-unet"', 'name="large"'))
+    assert main(["models", "--backbone-file", str(clash)]) == 2
+    assert "defines backbone 'large', which is already defined (built in)" in capsys.readouterr().err
