@@ -152,3 +152,17 @@ def test_report_without_per_case_metrics_says_why(df, tmp_path: Path) -> None:
     page = write_report(df, tmp_path / "iou.html", metric="iou").read_text()
     assert "<p class='empty'>no per-case tests: " in page and "not evaluated for iou (run segbook evaluate again)" in page
     assert "IoU (%) by dataset scale" in page
+
+
+def test_report_draws_other_backbones_in_colours_of_their_own(segbook_home: Path, tmp_path: Path) -> None:
+    """ResEnc runs (on ResEnc's own plans) beside STU-Net's: every figure is drawn."""
+    registry_file = write_registry(tmp_path / "registry.yaml")
+    registry = load_registry([registry_file])
+    paths = Paths.from_env()
+    for task, dice in ((A, 0.80), (C, 0.60)):
+        for model, plans in (("base", "nnUNetPlans"), ("resenc-l", "nnUNetResEncUNetLPlans")):
+            for init, gain in (("scratch", 0.0), ("pretrained", 0.03)):
+                write_run(paths.results, registry, task, model, init, "all", (dice + gain,) * (2 if task == A else 1),
+                          plans=plans)
+    page = write_report(collect_results(paths, registry), tmp_path / "resenc.html").read_text()
+    assert page.count("<img ") == len(FIGURES) and "nnU-Net ResEnc-L" in page

@@ -68,6 +68,18 @@ MODEL_COLOURS = {"nnunet": "#7f7f7f", "tiny": "#937860", "small": "#8172b3", "ba
                  "huge": "#55a868"}
 
 
+#: Colours of the other backbones (ResEnc, users'), by their name's order among the models shown.
+OTHER_COLOURS = ("#c44e52", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd", "#2f4f4f")
+
+
+def _colour(model: str) -> str:
+    """The paper's models keep their colours; another backbone gets one from OTHER_COLOURS, the same in every
+    figure of a report (chosen by its name)."""
+    if model in MODEL_COLOURS:
+        return MODEL_COLOURS[model]
+    return OTHER_COLOURS[sum(map(ord, model)) % len(OTHER_COLOURS)]
+
+
 @dataclass
 class Drawn:
     """A figure for the page: the file stem it is saved under, its caption and the matplotlib figure."""
@@ -407,7 +419,7 @@ def _violin(df: pd.DataFrame, metric: str, configs: Sequence[Config]) -> Drawn:
     axes = figure.subplots()
     rng = np.random.default_rng(0)
     for position, ((model, init, _), values) in enumerate(zip(configs, data), start=1):
-        colour = MODEL_COLOURS[model]
+        colour = _colour(model)
         if len(np.unique(values)) > 1:
             body = axes.violinplot(values, [position], widths=0.8, showextrema=False)["bodies"][0]
             body.set(facecolor=colour, edgecolor=colour, alpha=0.25 if init == "scratch" else 0.55)
@@ -449,7 +461,7 @@ def _delta_bars(comparison: pd.DataFrame, metric: str, title: str, name: str) ->
         rows = comparison[mine].set_index("group").reindex(groups)
         x = np.arange(len(groups)) + (offset - (len(series) - 1) / 2) * width
         errors = np.vstack([rows["delta"] - rows["ci_low"], rows["ci_high"] - rows["delta"]])
-        axes.bar(x, rows["delta"], width, yerr=errors, capsize=2, color=MODEL_COLOURS[model],
+        axes.bar(x, rows["delta"], width, yerr=errors, capsize=2, color=_colour(model),
                  hatch=_hatch(recipe, series), label=MODEL_NAMES[model] + (f" {recipe}" if named else ""),
                  error_kw={"linewidth": 0.8})
     axes.axhline(0, color="black", linewidth=0.8)
@@ -496,8 +508,8 @@ def _recipe_deltas(df: pd.DataFrame, metric: str, pretrained: Sequence[Config]) 
     for position, ((model, _, _), values) in enumerate(zip(pretrained, data), start=1):
         if len(values):
             axes.boxplot(values, positions=[position], widths=0.5, showfliers=False,
-                         medianprops={"color": "black"}, boxprops={"color": MODEL_COLOURS[model]})
-        axes.scatter(position + rng.uniform(-0.12, 0.12, len(values)), values, s=12, color=MODEL_COLOURS[model],
+                         medianprops={"color": "black"}, boxprops={"color": _colour(model)})
+        axes.scatter(position + rng.uniform(-0.12, 0.12, len(values)), values, s=12, color=_colour(model),
                      alpha=0.85, edgecolors="none", zorder=3)
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set_xticks(range(1, len(pretrained) + 1),
@@ -564,7 +576,7 @@ def _fraction_curves(df: pd.DataFrame, metric: str, configs: Sequence[Config]) -
             points = [(f, c.value, c.spread or 0.0) for f, c in zip(fractions, cells) if c.value is not None]
             if points:
                 x, y, spread = map(np.array, zip(*points))
-                axes.errorbar(x, y, yerr=spread, marker="o", markersize=3, capsize=2, color=MODEL_COLOURS[config[0]],
+                axes.errorbar(x, y, yerr=spread, marker="o", markersize=3, capsize=2, color=_colour(config[0]),
                               linestyle="-" if config[1] == "pretrained" else "--",
                               label=f"{MODEL_NAMES[config[0]]} {config[1]}")
         mean_cases = np.mean([cases[task] for task, _ in tasks])
