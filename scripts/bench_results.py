@@ -1,14 +1,19 @@
-"""Time `segbook results` on a synthetic store of the full benchmark's size, and at 1/4 and 1/2 of it.
+"""Time `segbook results` and `segbook report` on a synthetic store of the full benchmark's size, and at 1/4 and 1/2.
 
 The store has the 87 registry tasks x 7 configurations (nnU-Net; STU-Net base, large, huge, each scratch and
-pretrained) x 5 folds (tabulated with `--folds 0-4`), each run's `evaluation/summary.json` scoring 200 test cases,
-plus a finished `run.json`.
-Collection reads only the summaries (never `metrics.csv`, so none is written). Each size is timed in one process:
-collection, then all four tables, then the pretrained-vs-scratch statistics for the three groupings.
+pretrained) x 3 seeds x 4 training fractions (10%, 25%, 50%, 100%) on fold all, SegBook's protocol: 7,308 runs, each
+with a finished `run.json`, an `evaluation/summary.json` (Dice, NSD, IoU, precision, recall, HD95) and an
+`evaluation/metrics.csv` of 200 test cases x the dataset's foreground labels, which the per-case statistics read.
+The full store is written once; the smaller ones are folders of symbolic links to the first quarter and half of its
+datasets. Each size is timed in one process:
+- tables and statistics: collection, every table (scale, modality-target, region, datasets, recipes, fractions),
+  the per-case tests (reading metrics.csv), pretrained vs scratch with their counts for the three groupings, the
+  significance maps and rank stability by dataset scale;
+- the report: `write_report` on the collected runs (every section, figures embedded).
 
-    python scripts/bench_results.py                 # 1/4, 1/2 and full size side by side (about a minute)
+    python scripts/bench_results.py                 # 1/4, 1/2 and full size side by side (a few minutes)
     python scripts/bench_results.py --keep DIR      # also leave the full store in DIR/nnUNet_results
-                                                    # (then: SEGBOOK_HOME=DIR segbook report --folds 0-4 --out r.html)
+                                                    # (then: SEGBOOK_HOME=DIR segbook report --out r.html)
 
 (from the repository root, with segbook installed or PYTHONPATH=.)
 """
@@ -26,114 +31,151 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from tqdm import tqdm
 
-from segbook.io import atomic_write_json
 from segbook.paths import Paths
 from segbook.registry import DatasetEntry, load_registry
-from segbook.results import collect_results, compare_pretrained
+from segbook.results import (case_tests, collect_results, compare_pretrained, rank_stability, significance_map,
+                             write_report)
 from segbook.results.tables import TABLES, build_table
-from segbook.runs import RunSpec
+from segbook.runs import RunSpec, identity_fields
 
 CONFIGS = [("nnunet", "scratch"), *((m, i) for m in ("base", "large", "huge") for i in ("scratch", "pretrained"))]
 #: Mean effect of each configuration on a dataset's Dice, relative to nnU-Net (a plausible shape, not data).
 EFFECT = {("nnunet", "scratch"): 0.0, ("base", "scratch"): -0.01, ("base", "pretrained"): 0.004,
           ("large", "scratch"): 0.0, ("large", "pretrained"): 0.012, ("huge", "scratch"): 0.004,
           ("huge", "pretrained"): 0.018}
-FOLDS = ("0", "1", "2", "3", "4")
+SEEDS = (0, 1, 2)
+FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+#: What training on less of the train split costs in Dice (pretrained loses half as much).
+FRACTION_LOSS = {0.1: 0.12, 0.25: 0.06, 0.5: 0.025, 1.0: 0.0}
 CASES = 200
+COLUMNS = ["case", "label", "label_name", "dice", "nsd", "hd95", "iou", "precision", "recall", "tp", "fp", "fn", "tn"]
+COMPLETE = {"status": "finished", "epochs_completed": 1000, "epochs_planned": 1000, "complete": True}
 
 
 def write_store(results: Path, entries: list[DatasetEntry], seed: int = 0) -> int:
-    """One summary.json and run.json per (task, configuration, fold); returns the number of runs."""
+    """Every run of every entry (see the module's docstring); returns the number of runs."""
     rng = np.random.default_rng(seed)
     runs = 0
-    for entry in entries:
-        base = rng.uniform(0.55, 0.9, size=len(entry.foreground_labels))
+    for entry in tqdm(entries, desc="writing the store", unit="dataset"):
+        labels = entry.foreground_labels
+        fixed = pd.DataFrame({"case": np.repeat([f"case_{i:03d}" for i in range(CASES)], len(labels)),
+                              "label": np.tile([label.index for label in labels], CASES),
+                              "label_name": np.tile([label.name for label in labels], CASES)})
+        case_effect = rng.normal(0, 0.05, size=(CASES, 1))  # hard and easy cases, shared by every run
+        base = rng.uniform(0.55, 0.9, size=(1, len(labels)))
         for model, init in CONFIGS:
-            for fold in FOLDS:
-                spec = RunSpec.of(entry, model, init, fold)
-                dice = np.clip(base + EFFECT[(model, init)] + rng.normal(0, 0.01, base.shape), 0, 1)
-                _write_run(spec.folder(results), spec, entry, dice, np.clip(dice + 0.03, 0, 1))
-                runs += 1
+            for fraction in FRACTIONS:
+                loss = FRACTION_LOSS[fraction] / (2 if init == "pretrained" else 1)
+                for run_seed in SEEDS:
+                    spec = RunSpec.of(entry, model, init, "all", seed=run_seed, fraction=fraction)
+                    dice = np.clip(base + case_effect + EFFECT[(model, init)] - loss
+                                   + rng.normal(0, 0.03, size=(CASES, len(labels))), 0, 1)
+                    _write_run(spec.folder(results), spec, fixed, dice)
+                    runs += 1
     return runs
 
 
-def _write_run(folder: Path, spec: RunSpec, entry: DatasetEntry, dice: np.ndarray, nsd: np.ndarray) -> None:
-    run = {"task": spec.task, "dataset": spec.dataset, "model": spec.model, "init": spec.init, "fold": spec.fold,
-           "trainer": spec.trainer, "plans": spec.plans, "configuration": "3d_fullres"}
-    labels = {str(label.index): {"name": label.name, "dice": float(d), "nsd": float(n), "hd95": 3.0,
-                                 "valid_cases": CASES}
-              for label, d, n in zip(entry.foreground_labels, dice, nsd)}
-    summary = {"run": run, "settings": {"step_size": 0.5, "gaussian": True, "mirroring": True,
-                                        "nsd_tolerance_mm": entry.nsd_tolerance_mm, "empty_dice": "nan",
-                                        "checkpoint": "checkpoint_final.pth"},
-               "num_cases": CASES, "labels": labels,
-               "foreground_mean": {"dice": float(dice.mean()), "nsd": float(nsd.mean()), "hd95": 3.0},
-               "created_at": "2024-01-01T00:00:00+0000",
-               "training": {"status": "finished", "epochs_completed": 1000, "epochs_planned": 1000, "complete": True}}
-    (folder / "evaluation").mkdir(parents=True, exist_ok=True)
+def _write_run(folder: Path, spec: RunSpec, fixed: pd.DataFrame, dice: np.ndarray) -> None:
+    """run.json, summary.json and metrics.csv; the other metrics follow from Dice (IoU = D / (2 - D), ...)."""
+    flat = dice.reshape(-1)
+    metrics = {"dice": flat, "nsd": np.clip(flat + 0.03, 0, 1), "hd95": 2.0 + 20.0 * (1 - flat),
+               "iou": flat / (2 - flat), "precision": np.clip(flat + 0.02, 0, 1),
+               "recall": np.clip(flat - 0.02, 0, 1)}
+    per_label = {name: values.reshape(dice.shape).mean(axis=0) for name, values in metrics.items()}
+    labels = {str(index): {"name": name, **{m: float(v[i]) for m, v in per_label.items()}, "valid_cases": CASES}
+              for i, (index, name) in enumerate(zip(fixed["label"][:dice.shape[1]], fixed["label_name"]))}
+    run = identity_fields(spec)
+    summary = {"run": run, "settings": {"checkpoint": "checkpoint_final.pth"}, "num_cases": CASES, "labels": labels,
+               "foreground_mean": {m: float(v.mean()) for m, v in per_label.items()},
+               "created_at": "2024-01-01T00:00:00+0000", "training": COMPLETE}
+    evaluation = folder / "evaluation"
+    evaluation.mkdir(parents=True, exist_ok=True)
     (folder / "run.json").write_text(json.dumps({"schema": 1, "run": run, "status": "finished"}))
-    atomic_write_json(folder / "evaluation" / "summary.json", summary)
+    (evaluation / "summary.json").write_text(json.dumps(summary))
+    counts = {name: np.full(flat.shape, 1000) for name in ("tp", "fp", "fn", "tn")}
+    fixed.assign(**metrics, **counts)[COLUMNS].to_csv(evaluation / "metrics.csv", index=False, float_format="%.5f")
 
 
-def time_once(home: Path) -> dict[str, float]:
-    """Seconds for collection, the four tables and the statistics, on the store under `home`."""
+def linked_store(full: Path, home: Path, entries: list[DatasetEntry]) -> None:
+    """A results folder holding the datasets of `entries` as links into the full store's."""
+    results = home / "nnUNet_results"
+    results.mkdir(parents=True)
+    for entry in entries:
+        (results / entry.nnunet_name).symlink_to(full / entry.nnunet_name, target_is_directory=True)
+
+
+def time_once(home: Path, report: Path) -> dict[str, float]:
+    """Seconds for collection, the tables, the statistics and the report, on the store under `home`."""
     paths = Paths(home=home, raw=home / "raw", preprocessed=home / "pre", results=home / "nnUNet_results")
     registry = load_registry()
     start = time.perf_counter()
-    df = collect_results(paths, registry, folds="0-4")
+    df = collect_results(paths, registry)
     collected = time.perf_counter()
     for name in TABLES:
         build_table(df, name, "dice")
     tabulated = time.perf_counter()
+    cases = case_tests(df, "dice")
     for group_by in ("scale", "modality-target", "region"):
-        compare_pretrained(df, "dice", group_by)
+        compare_pretrained(df, "dice", group_by, cases=cases)
+    significance_map(df, "dice", "scale")
+    rank_stability(df, "dice", "scale")
+    analysed = time.perf_counter()
+    write_report(df, report)
     done = time.perf_counter()
     return {"runs": len(df), "collect": collected - start, "tables": tabulated - collected,
-            "stats": done - tabulated, "total": done - start}
+            "stats": analysed - tabulated, "tables+stats": analysed - start, "report": done - analysed}
 
 
-def median_of(home: Path, repeats: int) -> dict[str, float]:
-    timings = [time_once(home) for _ in range(repeats)]
+def median_of(home: Path, report: Path, repeats: int) -> dict[str, float]:
+    timings = [time_once(home, report) for _ in range(repeats)]
     return {key: statistics.median(t[key] for t in timings) for key in timings[0]}
 
 
 def cli_seconds(home: Path, table: str) -> float:
     """Wall time of `segbook results --table TABLE` in a fresh process: start-up and imports included."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "segbook.cli.main", "results", "--table", table, "--folds", "0-4"],
+    subprocess.run([sys.executable, "-m", "segbook.cli.main", "results", "--table", table],
                    check=True, stdout=subprocess.DEVNULL, env={**os.environ, "SEGBOOK_HOME": str(home)})
     return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timings per size; the median is shown (default 3)")
+    parser.add_argument("--repeats", type=int, default=1, help="timings per size; the median is shown (default 1)")
     parser.add_argument("--keep", type=Path, help="write the full-size store here and keep it")
     args = parser.parse_args()
     entries = list(load_registry())
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
+        full_home = args.keep or Path(scratch) / "full"
+        start = time.perf_counter()
+        runs = write_store(full_home / "nnUNet_results", entries)
+        print(f"wrote {len(entries)} tasks x {len(CONFIGS)} configurations x {len(SEEDS)} seeds x {len(FRACTIONS)} "
+              f"fractions = {runs} runs ({CASES} test cases each) in {time.perf_counter() - start:.1f} s")
         warm = Path(scratch) / "warm-up"
-        write_store(warm / "nnUNet_results", entries[:2])
-        time_once(warm)  # imports (pandas, scipy) and caches before any clock
+        linked_store(full_home / "nnUNet_results", warm, entries[:2])
+        time_once(warm, Path(scratch) / "warm.html")  # imports (pandas, scipy, matplotlib) before any clock
         for fraction in (0.25, 0.5, 1.0):
-            home = args.keep if args.keep and fraction == 1.0 else Path(scratch) / f"store_{fraction}"
             count = round(len(entries) * fraction)
-            start = time.perf_counter()
-            write_store(home / "nnUNet_results", entries[:count])
-            print(f"wrote {count} tasks x {len(CONFIGS)} configurations x {len(FOLDS)} folds "
-                  f"({CASES} test cases each) in {time.perf_counter() - start:.1f} s")
-            rows.append({"size": f"{fraction:g}", "tasks": count, **median_of(home, args.repeats)})
+            home = full_home
+            if fraction < 1.0:
+                home = Path(scratch) / f"store_{fraction}"
+                linked_store(full_home / "nnUNet_results", home, entries[:count])
+            timing = median_of(home, Path(scratch) / f"report_{fraction}.html", args.repeats)
+            rows.append({"size": f"{fraction:g}", "tasks": count, **timing})
         print(f"\nin-process, median of {args.repeats} (files in the page cache):")
-        print(f"{'size':>5} {'tasks':>5} {'runs':>5} {'collect s':>9} {'4 tables s':>10} {'stats s':>7} "
-              f"{'total s':>7} {'ms/run':>6}")
+        print(f"{'size':>5} {'tasks':>5} {'runs':>5} {'collect s':>9} {'tables s':>8} {'stats s':>7} "
+              f"{'tables+stats s':>14} {'report s':>8} {'ms/run':>6}")
         for row in rows:
+            total = row["tables+stats"] + row["report"]
             print(f"{row['size']:>5} {row['tasks']:>5} {row['runs']:>5.0f} {row['collect']:>9.2f} "
-                  f"{row['tables']:>10.2f} {row['stats']:>7.2f} {row['total']:>7.2f} "
-                  f"{1000 * row['total'] / row['runs']:>6.2f}")
+                  f"{row['tables']:>8.2f} {row['stats']:>7.2f} {row['tables+stats']:>14.2f} {row['report']:>8.2f} "
+                  f"{1000 * total / row['runs']:>6.2f}")
         print("\n`segbook results --table T` on the full store, fresh process (start-up and imports included):")
-        print("  " + ", ".join(f"{table}: {cli_seconds(home, table):.2f} s" for table in TABLES))
+        print("  " + ", ".join(f"{table}: {cli_seconds(full_home, table):.2f} s" for table in TABLES))
 
 
 if __name__ == "__main__":

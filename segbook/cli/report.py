@@ -13,7 +13,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write one self-contained HTML file (inline CSS, figures embedded as PNG): the tables by "
                     "scale, modality x target and region with pretrained vs scratch statistics, a violin plot of "
                     "per-dataset scores per configuration, Delta(PT) bar charts per group, with --recipes the "
-                    "recipes table and a plot of each recipe's gain over scratch, and the per-dataset table.")
+                    "recipes table and a plot of each recipe's gain over scratch, the per-case tests per dataset "
+                    "(Holm and Benjamini-Hochberg corrected), significance maps and rank stability by dataset scale, "
+                    "with several training fractions the data-efficiency curves and the fractions table, and the "
+                    "per-dataset table. Seeds are averaged and their spread shown (definitions: docs/results.md).")
     parser.add_argument("--out", required=True, metavar="FILE.html", help="where to write the report")
     parser.add_argument("--figures", metavar="DIR", help="also write each figure as a file into DIR")
     parser.add_argument("--figure-format", choices=("png", "pdf"), default="png",

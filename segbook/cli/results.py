@@ -17,7 +17,11 @@ if TYPE_CHECKING:
     from segbook.results import ResultTable
 
 #: segbook.results.tables.TABLES, spelled out so that building the parser does not import pandas.
-TABLE_CHOICES = ("scale", "modality-target", "region", "datasets", "recipes")
+TABLE_CHOICES = ("scale", "modality-target", "region", "datasets", "recipes", "fractions")
+#: Statistics tables (segbook.results.stats), printed by name like the tables.
+STATS_TABLE_CHOICES = ("case-tests", "significance", "ranks")
+#: segbook.results.collect.METRICS, spelled out for the same reason.
+METRIC_CHOICES = ("dice", "nsd", "iou", "precision", "recall", "hd95")
 #: Tables of their own modules: cost next to accuracy, lesion-wise detection.
 EXTRA_TABLES = ("cost", "lesions")
 
@@ -33,7 +37,11 @@ def add_collection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", choices=("all", "0-4"), default="all",
                         help="which runs a dataset's score averages: fold all, SegBook's protocol, or the five "
                              "cross-validation folds 0-4; the table's notes say which (default: all)")
-    parser.add_argument("--metric", choices=("dice", "nsd"), default="dice", help="score to tabulate (default: dice)")
+    parser.add_argument("--metric", choices=METRIC_CHOICES, default="dice",
+                        help="score to tabulate: dice, nsd, iou, precision, recall (percent) or hd95 (mm, lower is "
+                             "better: its Delta is scratch - pretrained, so positive always means pretraining helps); "
+                             "a run evaluated before segbook computed a metric shows 'not evaluated for METRIC' "
+                             "(default: dice)")
     parser.add_argument("--models", action=ChoiceList, choices=MODELS, metavar="MODEL",
                         help="show these models (nnunet, tiny, small, base, large, huge; spaces or commas), marking "
                              "datasets they lack; default: every configuration present")
@@ -64,15 +72,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "datasets lacking a configuration are listed, never averaged in (definitions: "
                     "docs/results.md).")
     add_collection_options(parser)
-    parser.add_argument("--table", choices=TABLE_CHOICES + EXTRA_TABLES, default="scale",
+    parser.add_argument("--table", choices=(*TABLE_CHOICES, *STATS_TABLE_CHOICES, *EXTRA_TABLES), default="scale",
                         help="scale (the paper's main table, default), modality-target, region, datasets, recipes "
-                             "(by scale per fine-tuning recipe, against scratch and the segbook recipe), cost "
+                             "(by scale per fine-tuning recipe, against scratch and the segbook recipe), fractions "
+                             "(every training-data fraction per dataset, and the smallest at which pretraining "
+                             "matches scratch on all the data); statistics: case-tests (per dataset, pretrained vs "
+                             "scratch over the test cases, Holm and Benjamini-Hochberg corrected), significance "
+                             "(per scale group, every configuration against every other, one-sided, Holm) or ranks "
+                             "(bootstrap over datasets: how often each configuration ranks first); cost "
                              "(device-hours, memory, throughput, params, TFLOPs and Delta(PT) per device-hour per "
-                             "configuration) or lesions (lesion sensitivity and false positives per case)")
+                             "configuration) or lesions (lesion sensitivity and false positives per case). Seeds are "
+                             "averaged; all but fractions show the runs on the whole train split")
     parser.add_argument("--stats", action="store_true",
                         help="print pretrained vs scratch statistics for the table's groups instead (recipes: each "
                              "recipe vs scratch and vs segbook): wins/ties/losses, Wilcoxon p-value, bootstrap 95%% "
-                             "CI of the mean difference")
+                             "CI of the mean difference, and (not for recipes) the counts of datasets where the "
+                             "per-case test says pretraining is better / not different / worse (reads each run's "
+                             "metrics.csv)")
     parser.add_argument("--import", dest="import_file", metavar="FILE.csv|DIR",
                         help="store results from elsewhere and exit: a CSV of dataset-level numbers (columns task, "
                              "model, init, dice and optionally nsd; scores as fractions in [0, 1]), or a bundle "
@@ -128,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
         return run_bundle_import(args)
     if args.import_file:
         return run_import(args)
-    from segbook.results import (ALL_RECIPES, build_table, compare_pretrained, compare_recipes, recipe_stats_table,
-                                 stats_table)
+    from segbook.results import (ALL_RECIPES, build_table, case_tests, compare_pretrained, compare_recipes,
+                                 recipe_stats_table, stats_table)
 
     known = recipes_from_args(args)
     every = [ALL_RECIPES] if args.table == "recipes" else None
@@ -139,14 +155,29 @@ def run(args: argparse.Namespace) -> int:
         table = extra_table(df, args, recipes)
     elif args.stats and args.table == "recipes":
         table = recipe_stats_table(compare_recipes(df, args.metric, models=args.models, recipes=recipes), args.metric)
+    elif args.table in STATS_TABLE_CHOICES:
+        table = statistics_table(df, args, recipes)
     elif args.stats:
-        group_by = "all" if args.table == "datasets" else args.table
-        comparison = compare_pretrained(df, args.metric, group_by, args.group_datasets, args.models, recipes)
+        group_by = "all" if args.table in ("datasets", "fractions") else args.table
+        cases = case_tests(df, args.metric, args.models, recipes)
+        comparison = compare_pretrained(df, args.metric, group_by, args.group_datasets, args.models, recipes, cases)
         table = stats_table(comparison, args.metric, "over all datasets" if group_by == "all" else f"by {group_by}")
     else:
         table = build_table(df, args.table, args.metric, args.group_datasets, args.models, args.init, recipes)
     print_table(table, args.format)
     return 0
+
+
+def statistics_table(df: pd.DataFrame, args: argparse.Namespace, recipes: Sequence[str] | None) -> ResultTable:
+    """One of STATS_TABLE_CHOICES."""
+    from segbook.results.stats import (case_tests, case_tests_table, rank_stability, rank_table, significance_map,
+                                       significance_table)
+
+    if args.table == "case-tests":
+        return case_tests_table(case_tests(df, args.metric, args.models, recipes), args.metric)
+    if args.table == "significance":
+        return significance_table(significance_map(df, args.metric, "scale", False, args.models, args.init, recipes))
+    return rank_table(rank_stability(df, args.metric, "scale", False, args.models, args.init, recipes))
 
 
 def extra_table(df: pd.DataFrame, args: argparse.Namespace, recipes: list[str] | None) -> ResultTable:

@@ -7,6 +7,9 @@
     write_report(df, "report.html")
     df = collect_results(recipes=["segbook", "llrd"])   # fine-tuning recipes side by side
     recipe_table(df, "dice"); compare_recipes(df, "dice")
+    fraction_table(df, "dice")                    # every training-data fraction; seeds are averaged everywhere
+    case_tests(df, "dice")                        # per dataset over test cases (reads metrics.csv), Holm and BH
+    significance_map(df, "dice", "scale"); rank_stability(df, "dice", "all")
 
 Definitions are in docs/results.md.
 """
@@ -22,10 +25,13 @@ from segbook.results.collect import (
 )
 from segbook.results.report import write_report
 from segbook.results.stats import (
+    case_tests,
     compare_pretrained,
     compare_recipes,
     paired_comparison,
+    rank_stability,
     recipe_stats_table,
+    significance_map,
     stats_table,
 )
 from segbook.results.tables import (
@@ -35,6 +41,7 @@ from segbook.results.tables import (
     build_table,
     dataset_scores,
     dataset_table,
+    fraction_table,
     modality_target_table,
     recipe_table,
     region_table,
@@ -44,7 +51,8 @@ from segbook.results.tables import (
 
 __all__ = [
     "ALL_RECIPES", "Cell", "ResultTable", "ResultsError", "ResultsWarning", "TableError", "build_table",
-    "collect_results", "compare_pretrained", "compare_recipes", "dataset_scores", "dataset_table", "import_results",
-    "modality_target_table", "paired_comparison", "read_import_csv", "recipe_stats_table", "recipe_table",
-    "region_table", "resolve_recipes", "scale_table", "stats_table", "write_report",
+    "case_tests", "collect_results", "compare_pretrained", "compare_recipes", "dataset_scores", "dataset_table",
+    "fraction_table", "import_results", "modality_target_table", "paired_comparison", "rank_stability",
+    "read_import_csv", "recipe_stats_table", "recipe_table", "region_table", "resolve_recipes", "scale_table",
+    "significance_map", "stats_table", "write_report",
 ]

@@ -1,8 +1,9 @@
 """Collecting results: every run under nnU-Net's results folder, plus dataset-level numbers imported from CSV.
 
-Only each run's `evaluation/summary.json` (per-label means) is read, never the per-case `metrics.csv`, so thousands
-of runs collect in about a second; `run.json` is read only for runs without a summary, to say why they are missing.
-The result is one flat DataFrame, a row per run, joined with the registry facts every table groups by.
+Only each run's `evaluation/summary.json` (per-label means) is read, so thousands of runs collect in about a second;
+`run.json` is read only for runs without a summary, to say why they are missing. The result is one flat DataFrame, a
+row per run (each seed and training fraction its own row), joined with the registry facts every table groups by.
+The per-case `metrics.csv` is read only by `case_scores`, which the per-case statistics call when asked.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pandas as pd
+from tqdm import tqdm
 
 from segbook.errors import SegbookError
 from segbook.io import atomic_write_text
@@ -25,8 +27,13 @@ from segbook.paths import Paths
 from segbook.registry import DatasetEntry, Registry, TaskLookupError, load_registry
 from segbook import backbones
 from segbook.runs import (DEFAULT_FRACTION, DEFAULT_PLANS, DEFAULT_RECIPES, DEFAULT_SEED, INITS, MANIFEST, MODELS,
-                          RUN_GLOB, FolderParts, summary_path)
-METRICS = ("dice", "nsd")
+                          RUN_GLOB, FolderParts, evaluation_folder, summary_path)
+from segbook.runs import METRICS as CASE_METRICS
+METRICS = ("dice", "nsd", "iou", "precision", "recall", "hd95")
+#: Metrics where a lower value is better (distances, in mm); every Delta of them is reversed so + means better.
+LOWER_IS_BETTER = frozenset({"hd95"})
+#: What an imported CSV may give: fractions in [0, 1].
+IMPORT_METRICS = ("dice", "nsd")
 #: How labels split for the modality x target table: seen structures, unseen structures, lesions.
 PARTS = ("seen", "unseen", "lesion")
 LOCAL = "local"
@@ -37,10 +44,11 @@ BUNDLE_PREFIX = "bundle:"
 BUNDLE_RUNS = "runs"
 BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 EVALUATED = "evaluated"
-REGISTRY_COLUMNS = ("dataset_id", "name", "modality", "target", "scale", "region", "bone", "vessel", "parts")
+REGISTRY_COLUMNS = ("dataset_id", "name", "modality", "target", "scale", "region", "bone", "vessel", "parts",
+                    "train_cases")
 RUN_COLUMNS = ("task", "model", "init", "recipe", "seed", "fraction", "fold", "plans", "split", "source", "status",
                "evaluated", *METRICS,
-               *(f"{m}_{p}" for m in METRICS for p in PARTS), "path")
+               *(f"{m}_{p}" for m in METRICS for p in PARTS), "unevaluated", "path")
 IMPORT_REQUIRED = ("task", "model", "init", "dice")
 IMPORT_COLUMNS = (*IMPORT_REQUIRED, "nsd")
 MAX_LISTED_ERRORS = 30
@@ -103,8 +111,9 @@ def collect_results(paths: Paths | None = None, registry: Registry | None = None
     unless `include_incomplete`. Each run's row names the test split it was scored on (`split`, its SHA-256).
 
     `recipes` None keeps the default recipes (segbook, scratch); given, the runs of those recipes and of scratch,
-    the baseline of every Delta (`ALL_RECIPES` among them: every recipe). Runs of other recipes, seeds other than 0
-    and training fractions other than 1 are left out with a warning each.
+    the baseline of every Delta (`ALL_RECIPES` among them: every recipe). Runs of other recipes are left out with
+    a warning. Every seed and training fraction is kept, a row each: the tables average seeds and keep fractions
+    apart (`segbook.results.tables`).
 
     With `imported`, the runs of imported bundles (`$SEGBOOK_HOME/results/bundles/NAME/runs/`) are collected as
     local runs are, their rows naming `source` `bundle:NAME`.
@@ -149,16 +158,7 @@ def resolve_recipes(names: Sequence[str], files: Iterable[str | os.PathLike] | N
 
 
 def _chosen(rows: list[dict[str, Any]], recipes: Sequence[str] | None) -> list[dict[str, Any]]:
-    """The rows of the recipes asked for, of seed 0 and of the whole train split; the others counted in warnings.
-
-    Tables key a configuration by (model, init, recipe) but do not yet aggregate seeds and fractions: averaging
-    them into one cell would be a silently wrong number."""
-    variants = [row for row in rows if (row["seed"], row["fraction"]) != (DEFAULT_SEED, DEFAULT_FRACTION)]
-    if variants:
-        warnings.warn(f"ignored {len(variants)} run(s) with a seed other than {DEFAULT_SEED} or a training fraction "
-                      f"other than 1: the tables do not aggregate seeds and training fractions yet", ResultsWarning,
-                      stacklevel=3)
-    rows = [row for row in rows if (row["seed"], row["fraction"]) == (DEFAULT_SEED, DEFAULT_FRACTION)]
+    """The rows of the recipes asked for; the others counted in a warning."""
     others = Counter(row["recipe"] for row in rows if not _recipe_kept(row["init"], row["recipe"], recipes))
     if others:
         warnings.warn(_other_recipes(others, recipes), ResultsWarning, stacklevel=3)
@@ -245,6 +245,11 @@ def _run_row(folder: Path, entry: DatasetEntry, parts: FolderParts) -> dict[str,
     summary_file = summary_path(folder)
     try:
         summary = json.loads(summary_file.read_bytes())
+        other = _other_run(summary, identity)
+        if other:
+            warnings.warn(f"{summary_file} scores {other}, not the run of its folder ({identity.describe()}); the "
+                          "run counts as not evaluated (evaluate it again)", ResultsWarning, stacklevel=4)
+            return {**row, "status": "summary.json of another run", "evaluated": False}
         scores = _scores(summary["labels"], entry)
         row["split"] = (summary.get("split") or {}).get("sha256")
         short = _budget_shortfall(summary, folder)
@@ -253,15 +258,28 @@ def _run_row(folder: Path, entry: DatasetEntry, parts: FolderParts) -> dict[str,
         return {**row, **scores, "status": EVALUATED, "evaluated": True}
     except FileNotFoundError:
         return {**row, "status": _run_status(folder), "evaluated": False}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SegbookError) as error:
         warnings.warn(f"unreadable {summary_file}: {error!r}; the run counts as missing", ResultsWarning,
                       stacklevel=4)
         return {**row, "status": "unreadable summary.json", "evaluated": False}
 
 
+def _other_run(summary: dict[str, Any], identity: Any) -> str | None:
+    """The run a summary's `run` record names when it is not the folder's (a summary copied into another seed's or
+    fraction's folder would be averaged as that one); None when it is, or when the record predates identities."""
+    from segbook.runs import RunSpec
+
+    record = summary.get("run")
+    if not isinstance(record, dict) or "model" not in record:
+        return None
+    named = RunSpec.from_record({"task": "", "dataset": "", "fold": "", **record}).identity
+    return None if named == identity else named.describe()
+
+
 def _scores(labels: dict[str, dict[str, Any]], entry: DatasetEntry) -> dict[str, float]:
-    """A run's score per metric: the mean over labels of the per-label means, overall and per part."""
-    values: dict[str, list[float]] = {}
+    """A run's score per metric: the mean over labels of the per-label means, overall and per part; `unevaluated`
+    names the metrics no label has (a summary written before segbook computed them), as a set."""
+    values: dict[str, Any] = {"unevaluated": {m for m in METRICS if not any(m in l for l in labels.values())}}
     for index, metrics in labels.items():
         part = label_part(entry, int(index))
         for metric in METRICS:
@@ -270,7 +288,7 @@ def _scores(labels: dict[str, dict[str, Any]], entry: DatasetEntry) -> dict[str,
                 values.setdefault(metric, []).append(value)
                 if part is not None:
                     values.setdefault(f"{metric}_{part}", []).append(value)
-    return {column: sum(v) / len(v) for column, v in values.items()}
+    return {column: v if column == "unevaluated" else sum(v) / len(v) for column, v in values.items()}
 
 
 def _budget_shortfall(summary: dict[str, Any], folder: Path) -> str | None:
@@ -314,7 +332,51 @@ def _frame(rows: list[dict[str, Any]], registry: Registry) -> pd.DataFrame:
 
 def _facts(entry: DatasetEntry) -> tuple:
     return (entry.key, entry.dataset_id, entry.name, entry.modality, entry.target, entry.scale, entry.region,
-            entry.bone, entry.vessel, dataset_parts(entry))
+            entry.bone, entry.vessel, dataset_parts(entry), entry.train_cases)
+
+
+# --- per-case scores ---------------------------------------------------------------------------------------------
+
+
+#: Reading this many runs' metrics.csv or more shows a progress bar.
+PROGRESS_FROM = 200
+#: What identifies a per-case score: the dataset, the configuration, the training fraction and the test case.
+CASE_KEYS = ["task", "model", "init", "recipe", "fraction", "case"]
+
+
+def case_scores(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per (task, model, init, recipe, fraction, case): the case's score, the mean over the runs (seeds, folds) that
+    scored it, each run's case score being the mean over its foreground labels of `metric` (NaN-ignoring).
+
+    Reads each evaluated run's `metrics.csv` (local runs and those of imported bundles; numbers imported from CSV
+    have no cases), so only the per-case statistics call it, on the runs they test.
+    A run whose `metrics.csv` lacks the metric (evaluated before segbook computed it) or is unreadable is an error
+    naming it: leaving it out would quietly test fewer seeds than the tables average."""
+    import numpy as np
+
+    local = runs[run_folders(runs) & runs["evaluated"]]
+    per_run: list[pd.Series] = []
+    for row in tqdm(local.itertuples(index=False), total=len(local), desc="reading per-case metrics", unit="run",
+                    disable=len(local) < PROGRESS_FROM, leave=False):
+        file = evaluation_folder(Path(row.path)) / CASE_METRICS
+        try:
+            cases = pd.read_csv(file, usecols=["case", metric], dtype={"case": str, metric: float})
+        except FileNotFoundError:
+            raise ResultsError(f"{file}: missing; the per-case statistics need it (run segbook evaluate again)") \
+                from None
+        except ValueError as error:
+            if metric in str(error):
+                raise ResultsError(f"{file}: not evaluated for {metric} (run segbook evaluate again)") from None
+            raise ResultsError(f"unreadable {file}: {error}") from None
+        per_run.append(cases.groupby("case", sort=False)[metric].mean())
+    if not per_run:
+        return pd.DataFrame(columns=[*CASE_KEYS, "score"])
+    keys = local[CASE_KEYS[:-1]].reset_index(drop=True)
+    which = np.repeat(np.arange(len(per_run)), [len(cases) for cases in per_run])
+    frame = keys.iloc[which].reset_index(drop=True).assign(
+        case=np.concatenate([cases.index.to_numpy() for cases in per_run]),
+        score=np.concatenate([cases.to_numpy() for cases in per_run]))
+    return frame.groupby(CASE_KEYS, sort=False)["score"].mean().reset_index()
 
 
 # --- imported results ------------------------------------------------------------------------------------------
@@ -377,7 +439,7 @@ def _import_row(record: dict[str, str], registry: Registry, columns: list[str]) 
     elif model == "nnunet" and init != "scratch":
         errors.append("field 'init': nnU-Net's default network has no pretrained weights; its init is scratch")
     row.update(model=model, init=init)
-    for metric in METRICS:
+    for metric in IMPORT_METRICS:
         value, error = _score(record.get(metric, ""), metric, required=metric == "dice")
         row[metric] = value
         if error:

@@ -22,7 +22,8 @@ import pandas as pd
 from segbook import backbones
 from segbook.results.collect import run_folders
 from segbook.results.tables import (DELTA, METRIC_NAMES, SCORE_KEYS, Config, ResultTable, config_label,
-                                    configurations, dataset_scores, protocol_note, shows_recipes)
+                                    configurations, dataset_scores, metric_factor, metric_label, metric_sign,
+                                    protocol_note, shows_recipes, whole_split)
 from segbook.runs import DEFAULT_RECIPES, MANIFEST, SUMMARY, evaluation_folder
 
 COST_FIELDS = ("device", "device_hours", "gpu_hours", "peak_memory_bytes", "samples_per_second",
@@ -62,7 +63,9 @@ def _number(value: Any) -> float:
 
 
 def cost_summary(df: pd.DataFrame, metric: str = "dice", configs: list[Config] | None = None) -> pd.DataFrame:
-    """One row per configuration: its costs, parameters, TFLOPs, score, Delta(PT) and Delta(PT) per device-hour."""
+    """One row per configuration: its costs, parameters, TFLOPs, score, Delta(PT) and Delta(PT) per device-hour, of
+    the runs on the whole train split (seeds averaged in the scores; HD95's Delta reversed, as in every table)."""
+    df = whole_split(df)
     configs = configs if configs is not None else configurations(df)
     costs = run_costs(df)
     scores = dataset_scores(df, metric)
@@ -74,7 +77,7 @@ def cost_summary(df: pd.DataFrame, metric: str = "dice", configs: list[Config] |
         timed = mine[mine["device_hours"].notna()]
         dataset_values = by_config.get(config, {})
         parameters, macs = backbones.cost(config[0]) or (math.nan, math.nan)
-        delta = _delta(by_config, config)
+        delta = _delta(by_config, config, metric)
         hours = timed["device_hours"].mean() if len(timed) else math.nan
         rows.append({"model": config[0], "init": config[1], "recipe": config[2], "runs": len(mine),
                      "costed_runs": len(timed), "device": "+".join(sorted(set(timed["device"].dropna()))) or None,
@@ -83,18 +86,20 @@ def cost_summary(df: pd.DataFrame, metric: str = "dice", configs: list[Config] |
                      "samples_per_second": timed["samples_per_second"].mean(),
                      "prediction_seconds_per_case": mine["prediction_seconds_per_case"].mean(),
                      "params_m": parameters / 1e6, "forward_tflops": 2 * macs / 1e12,
-                     "score": 100 * sum(dataset_values.values()) / len(dataset_values) if dataset_values else math.nan,
+                     "score": (metric_factor(metric) * sum(dataset_values.values()) / len(dataset_values)
+                               if dataset_values else math.nan),
                      "datasets": len(dataset_values), "delta": delta,
                      "delta_per_device_hour": delta / hours if hours and hours > 0 else math.nan})
     return pd.DataFrame(rows)
 
 
-def _delta(by_config: dict[Config, dict[str, float]], config: Config) -> float:
+def _delta(by_config: dict[Config, dict[str, float]], config: Config, metric: str) -> float:
     model, init, _ = config
     if init != "pretrained":
         return math.nan
     scratch = by_config.get((model, "scratch", DEFAULT_RECIPES["scratch"]), {})
-    pairs = [100 * (score - scratch[task]) for task, score in by_config.get(config, {}).items() if task in scratch]
+    factor = metric_sign(metric) * metric_factor(metric)
+    pairs = [factor * (score - scratch[task]) for task, score in by_config.get(config, {}).items() if task in scratch]
     return sum(pairs) / len(pairs) if pairs else math.nan
 
 
@@ -110,7 +115,7 @@ def cost_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | N
     table = ResultTable("cost", f"Cost next to {name}: training, prediction and network size per configuration",
                         ["configuration", "runs", "device", "device-hours/run", "device-hours total",
                          "peak GPU memory (GiB)", "samples/s", "prediction s/case", "params (M)",
-                         "forward TFLOPs", f"{name} (%)", "datasets", DELTA, f"{DELTA} per device-hour"])
+                         "forward TFLOPs", metric_label(metric), "datasets", DELTA, f"{DELTA} per device-hour"])
     for row, config in zip(summary.itertuples(), configs):
         table.rows.append([config_label(config, named), f"{row.costed_runs}/{row.runs}", row.device or "-",
                            *(_rounded(value, digits) for value, digits in (
@@ -127,8 +132,10 @@ def cost_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | N
         "prediction s/case: the test split's prediction time over its cases",
         "params and forward TFLOPs (2 x multiply-accumulates) of one 128^3 patch; nnU-Net's network depends on each "
         "dataset's plans",
-        f"{name}: mean over the configuration's datasets; {DELTA}: mean of (pretrained - scratch) over the datasets "
-        f"with both, in points; per device-hour: {DELTA} / the pretrained runs' mean device-hours per run",
+        f"{name}: mean over the configuration's datasets (seeds averaged; the runs on the whole train split); "
+        f"{DELTA}: mean of (pretrained - scratch) over the datasets with both, in "
+        f"{'mm, reversed (scratch - pretrained: lower is better)' if metric_sign(metric) < 0 else 'points'}; per "
+        f"device-hour: {DELTA} / the pretrained runs' mean device-hours per run",
         *protocol_note(df)]
     return table
 
@@ -159,6 +166,6 @@ def cost_figure(summary: pd.DataFrame, metric: str = "dice"):
         if len(shown):
             axis.set_xscale("log")
         axis.set_xlabel(label)
-        axis.set_ylabel(f"mean {METRIC_NAMES[metric]} (%)")
+        axis.set_ylabel(f"mean {metric_label(metric)}")
         axis.grid(alpha=0.3)
     return figure

@@ -19,8 +19,10 @@ import pandas as pd
 
 from segbook.errors import SegbookError
 from segbook.io import atomic_path, atomic_write_text
-from segbook.results.collect import LOCAL
-from segbook.results.stats import compare_pretrained, compare_recipes, recipe_stats_table, stats_table
+from segbook.results.collect import LOCAL, ResultsError
+from segbook.results.stats import (ALPHA, case_tests, case_tests_table, compare_pretrained, compare_recipes,
+                                   rank_stability, rank_table, recipe_stats_table, significance_map,
+                                   significance_table, stats_table)
 from segbook.results.tables import (
     DEFAULT_RECIPE,
     DELTA,
@@ -35,12 +37,25 @@ from segbook.results.tables import (
     dataset_facts,
     dataset_scores,
     dataset_table,
+    delta_pairs,
+    delta_unit,
+    fraction_table,
+    fraction_text,
+    group_cell,
+    group_members,
     group_table,
     grouping,
+    metric_factor,
+    metric_label,
+    metric_sign,
     recipe_configs,
     recipe_table,
+    run_fractions,
     score_lookup,
+    score_lookups,
+    seed_noise,
     shows_recipes,
+    whole_split,
 )
 
 if TYPE_CHECKING:
@@ -51,6 +66,18 @@ PAGE_DPI, FILE_DPI = 110, 200
 GROUPINGS = ("scale", "modality-target", "region")
 MODEL_COLOURS = {"nnunet": "#7f7f7f", "tiny": "#937860", "small": "#8172b3", "base": "#4c72b0", "large": "#dd8452",
                  "huge": "#55a868"}
+
+
+#: Colours of the other backbones (ResEnc, users'), by their name's order among the models shown.
+OTHER_COLOURS = ("#c44e52", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd", "#2f4f4f")
+
+
+def _colour(model: str) -> str:
+    """The paper's models keep their colours; another backbone gets one from OTHER_COLOURS, the same in every
+    figure of a report (chosen by its name)."""
+    if model in MODEL_COLOURS:
+        return MODEL_COLOURS[model]
+    return OTHER_COLOURS[sum(map(ord, model)) % len(OTHER_COLOURS)]
 
 
 @dataclass
@@ -86,14 +113,18 @@ def write_report(df: pd.DataFrame, out: str | os.PathLike, metric: str = "dice",
 def _sections(df: pd.DataFrame, metric: str, group_datasets: bool, models: Sequence[str] | None,
               inits: Sequence[str] | None, recipes: Sequence[str] | None, figures: str | os.PathLike | None,
               figure_format: str) -> list[str]:
+    runs, df = df, whole_split(df)
     configs = configurations(df, models, inits, recipes)
     if not configs or dataset_facts(df, configs).empty:
+        if len(runs):
+            return [_fractions_section(runs, metric, models, inits, recipes, 1, figures, figure_format)]
         return ["<p class='empty'>no datasets: the results store has no runs of the requested configurations.</p>"]
+    cases, cases_error = _case_tests(df, metric, models, recipes)
     parts = [_headline(df, metric, models, recipes)]
     for number, name in enumerate(GROUPINGS, start=1):
         by = grouping(name, group_datasets)
-        table = group_table(df, by, metric, models, inits, recipes)
-        comparison = compare_pretrained(df, metric, name, group_datasets, models, recipes)
+        table = group_table(runs, by, metric, models, inits, recipes)
+        comparison = compare_pretrained(df, metric, name, group_datasets, models, recipes, cases)
         parts.append(f"<section><h2>{number}. {html.escape(table.title)}</h2>" + _table_html(table)
                      + _notes_html(table.notes))
         if name == "scale":
@@ -108,15 +139,64 @@ def _sections(df: pd.DataFrame, metric: str, group_datasets: bool, models: Seque
     if df.loc[df["init"] == "pretrained", "recipe"].nunique() > 1:
         parts.append(_recipes_section(df, metric, models, recipes, number, figures, figure_format))
         number += 1
+    parts.append(_evidence_section(df, metric, models, inits, recipes, cases, cases_error, number, figures,
+                                   figure_format))
+    number += 1
+    if len(run_fractions(runs)) > 1:
+        parts.append(_fractions_section(runs, metric, models, inits, recipes, number, figures, figure_format))
+        number += 1
     cost = _cost_section(df, metric, configs, number, figures, figure_format)
     if cost:
         parts.append(cost)
         number += 1
-    datasets = dataset_table(df, metric, models, inits, recipes)
+    datasets = dataset_table(runs, metric, models, inits, recipes)
     parts.append(f"<section><h2>{number}. {html.escape(datasets.title)}</h2>" + _table_html(datasets)
                  + _notes_html(datasets.notes) + "</section>")
     parts.append(_definitions_html())
     return parts
+
+
+def _case_tests(df: pd.DataFrame, metric: str, models: Sequence[str] | None,
+                recipes: Sequence[str] | None) -> tuple[pd.DataFrame | None, str]:
+    """The per-case tests, or why there are none: a run without per-case metrics for `metric` leaves the report
+    without them (and says so) rather than testing fewer runs than the tables average."""
+    try:
+        return case_tests(df, metric, models, recipes), ""
+    except ResultsError as error:
+        return None, str(error)
+
+
+def _evidence_section(df: pd.DataFrame, metric: str, models: Sequence[str] | None, inits: Sequence[str] | None,
+                      recipes: Sequence[str] | None, cases: pd.DataFrame | None, cases_error: str, number: int,
+                      figures: str | os.PathLike | None, figure_format: str) -> str:
+    """Per-case tests per dataset, the significance maps by dataset scale (heatmaps and table), rank stability."""
+    parts = [f"<section><h2>{number}. Evidence: per-case tests, significance maps, rank stability</h2>"]
+    if cases is None:
+        parts.append(f"<p class='empty'>no per-case tests: {html.escape(cases_error)}</p>")
+    else:
+        table = case_tests_table(cases, metric)
+        parts.append(f"<h3>{html.escape(table.title)}</h3>" + _table_html(table) + _notes_html(table.notes))
+    significance = significance_map(df, metric, "scale", False, models, inits, recipes)
+    if not significance.empty:
+        parts.append(_figure_html(_significance_heatmaps(significance, metric), figures, figure_format))
+    table = significance_table(significance)
+    parts.append(f"<h3>{html.escape(table.title)} (by dataset scale)</h3>" + _table_html(table)
+                 + _notes_html(table.notes))
+    ranks = rank_table(rank_stability(df, metric, "scale", False, models, inits, recipes))
+    parts.append(f"<h3>{html.escape(ranks.title)} (by dataset scale)</h3>" + _table_html(ranks)
+                 + _notes_html(ranks.notes) + "</section>")
+    return "".join(parts)
+
+
+def _fractions_section(df: pd.DataFrame, metric: str, models: Sequence[str] | None, inits: Sequence[str] | None,
+                       recipes: Sequence[str] | None, number: int, figures: str | os.PathLike | None,
+                       figure_format: str) -> str:
+    """Data-efficiency curves per dataset scale and the fractions table (with each dataset's smallest fraction
+    at which pretraining matches scratch on all the data)."""
+    table = fraction_table(df, metric, models, inits, recipes)
+    drawn = _fraction_curves(df, metric, configurations(df, models, inits, recipes))
+    return (f"<section><h2>{number}. {html.escape(table.title)}</h2>" + _figure_html(drawn, figures, figure_format)
+            + _table_html(table) + _notes_html(table.notes) + "</section>")
 
 
 def _recipes_section(df: pd.DataFrame, metric: str, models: Sequence[str] | None, recipes: Sequence[str] | None,
@@ -145,7 +225,7 @@ def _cost_section(df: pd.DataFrame, metric: str, configs: Sequence[Config], numb
     table = cost_table(df, metric, configs=list(configs), summary=summary)
     figure = cost_figure(summary, metric)
     drawn = "" if figure is None else _figure_html(Drawn(
-        "cost", f"Figure: mean {METRIC_NAMES[metric]} (%) of each configuration against its training device-hours "
+        "cost", f"Figure: mean {metric_label(metric)} of each configuration against its training device-hours "
         "per run (left) and the forward TFLOPs of one 128^3 patch (right).", figure), figures, figure_format)
     return (f"<section><h2>{number}. {html.escape(table.title)}</h2>" + _table_html(table) + drawn
             + _notes_html(table.notes) + "</section>")
@@ -155,7 +235,7 @@ def _subtitle(df: pd.DataFrame, metric: str, description: str) -> str:
     evaluated = df[df["evaluated"]]
     local = int((evaluated["source"] == LOCAL).sum())
     imported = len(evaluated) - local
-    facts = [f"metric: {METRIC_NAMES[metric]} (%)", f"{df['task'].nunique()} datasets",
+    facts = [f"metric: {metric_label(metric)}", f"{df['task'].nunique()} datasets",
              f"{local} evaluated runs" + (f" + {imported} imported results" if imported else ""),
              f"generated {time.strftime('%Y-%m-%d %H:%M')}"]
     return " &middot; ".join(html.escape(fact) for fact in [description, *facts] if fact)
@@ -171,17 +251,29 @@ def _headline(df: pd.DataFrame, metric: str, models: Sequence[str] | None, recip
     for row in overall.itertuples():
         p_value = "n/a" if pd.isna(row.p_value) else f"{row.p_value:.3g}"
         recipe = f" ({html.escape(row.recipe)})" if named else ""
-        items.append(f"<li><b>{MODEL_NAMES[row.model]}{recipe}</b>: {_signed_span(row.delta)} points (95% CI "
-                     f"{row.ci_low:+.2f} to {row.ci_high:+.2f}) over {row.n} datasets; wins / ties / losses "
-                     f"{row.wins} / {row.ties} / {row.losses}; Wilcoxon p = {p_value}</li>")
-    return (f"<section class='lead'><h2>Pretraining at a glance</h2><p>{METRIC_NAMES[metric]} of the pretrained "
-            "network minus the same network trained from scratch, over every dataset with both:</p>"
-            f"<ul>{''.join(items)}</ul></section>")
+        items.append(f"<li><b>{MODEL_NAMES[row.model]}{recipe}</b>: {_signed_span(row.delta)} {delta_unit(metric)} "
+                     f"(95% CI {row.ci_low:+.2f} to {row.ci_high:+.2f}) over {row.n} datasets; wins / ties / losses "
+                     f"{row.wins} / {row.ties} / {row.losses}; Wilcoxon p = {p_value}"
+                     f"{_noise_sentence(df, metric, (row.model, 'pretrained', row.recipe))}</li>")
+    how = ("the same network trained from scratch minus the pretrained network (lower is better, so positive means "
+           "pretraining helps)" if metric_sign(metric) < 0 else
+           "the pretrained network minus the same network trained from scratch")
+    return (f"<section class='lead'><h2>Pretraining at a glance</h2><p>{METRIC_NAMES[metric]}: {how}, over every "
+            f"dataset with both (seeds averaged):</p><ul>{''.join(items)}</ul></section>")
+
+
+def _noise_sentence(df: pd.DataFrame, metric: str, config: Config) -> str:
+    """`; Delta(PT) within seed noise on k of n datasets` where datasets ran more than one seed."""
+    noise = seed_noise(df, metric, config, (config[0], "scratch", SCRATCH_RECIPE)).dropna(subset=["within_noise"])
+    if noise.empty:
+        return ""
+    return (f"; &Delta;(PT) within seed noise on {int(noise['within_noise'].sum())} of {len(noise)} datasets "
+            "(|&Delta;| &le; the larger seed standard deviation)")
 
 
 def _signed_span(value: float) -> str:
     kind = "pos" if value > 0 else "neg" if value < 0 else ""
-    return f"<span class='{kind}'>{value:+.2f}</span>"
+    return f"<span class='{kind}'>{value + 0.0:+.2f}</span>"  # + 0.0: no -0.00
 
 
 def _definitions_html() -> str:
@@ -190,8 +282,22 @@ def _definitions_html() -> str:
 scratch: scratch). Two recipes are never averaged into one cell; tables name the recipe when another is shown.</li>
 <li>A run's score is the mean over labels of the per-label mean over test cases (cases where a metric is undefined,
 e.g. Dice with empty reference and prediction, are left out of that label's mean).</li>
-<li>A dataset's score for a configuration is the mean over its evaluated folds (SegBook's protocol trains fold
-"all"). Imported results are dataset-level numbers; local runs take precedence over them.</li>
+<li>A dataset's score for a configuration is the mean over its seeds of each seed's mean over its evaluated folds
+(SegBook's protocol trains fold "all"); with more than one seed, &plusmn; is the standard deviation across seeds (of
+a group cell: of the group's mean, per seed every dataset of the cell ran). Imported results are dataset-level
+numbers; local runs take precedence over them. Every table but the training-data fractions shows the runs trained
+on the whole train split.</li>
+<li>Seed noise of a dataset's &Delta;(PT): the larger of the pretrained and scratch standard deviations across
+seeds; the &Delta;(PT) is within seed noise (~) when its magnitude is no larger.</li>
+<li>HD95 is a distance in mm where lower is better: its &Delta; is scratch minus pretrained, so that a positive
+&Delta; always means pretraining helps.</li>
+<li>Per-case tests: per dataset, the two-sided Wilcoxon signed-rank test of pretrained against scratch over the
+test cases, on each case's mean over foreground labels (seeds averaged per case), corrected across datasets with
+Holm (the verdicts better / not different / worse, at 0.05) and Benjamini-Hochberg.</li>
+<li>Significance maps: per dataset scale, for every ordered pair of configurations the one-sided Wilcoxon
+signed-rank test over the group's datasets that the row is better than the column, Holm-corrected over the pairs of
+the group. Rank stability: datasets resampled with replacement (seeded); how often each configuration has the best
+mean.</li>
 <li>A group's score is the mean over its datasets that have the configuration; n says how many. A dataset without
 the configuration is listed as missing and marks the cell with *; it is never averaged in.</li>
 <li>By modality and target, Structure&amp;Lesion datasets give their seen structures, unseen structures and lesions
@@ -252,17 +358,18 @@ def _row_html(table: ResultTable, row: list[Any]) -> str:
             label = "&Delta;(PT)" if value == DELTA else html.escape(value).replace("Delta", "&Delta;")
             cells.append(f"<td class='label'>{label}</td>")
         else:
-            cells.append(_plain_html(column, value))
+            cells.append(_plain_html(column, value, table.name == "significance"))
     return f"<tr class='{'delta' if is_delta else ''}'>{''.join(cells)}</tr>"
 
 
-def _plain_html(column: str, value: Any) -> str:
+def _plain_html(column: str, value: Any, p_values: bool = False) -> str:
+    """A value that is not a Cell; `p_values`: every number in the table is a p-value (the significance map)."""
     if value is None:
         return "<td class='num missing'>&ndash;</td>"
     if isinstance(value, float):
         if column == "delta":
             return f"<td class='num'>{_signed_span(value)}</td>"
-        text = (f"{value:.3g}" if column == "p_value" else f"{value:+.2f}" if column.startswith("ci_")
+        text = (f"{value:.3g}" if p_values or column.startswith("p_") else f"{value:+.2f}" if column.startswith("ci_")
                 else f"{value:.1f}" if column == "params (M)" else f"{value:.2f}")
         return f"<td class='num'>{text}</td>"
     if isinstance(value, int):
@@ -275,6 +382,7 @@ def _cell_html(cell: Cell, show_count: bool) -> str:
         return (f"<td class='num missing' title='{html.escape(cell.detail(), quote=True)}'>"
                 f"{html.escape(cell.status or 'missing')}</td>")
     number = _signed_span(cell.value) if cell.signed else f"{cell.value:.2f}"
+    number += "" if cell.spread is None else f"<span class='sd'> &plusmn;{cell.spread:.2f}</span>"
     count = f"<span class='n'>n={cell.count}</span>" if show_count else ""
     marker = f"<sup>{html.escape(cell.marker)}</sup>" if cell.marker else ""
     detail = f"missing: {cell.detail()}" if cell.missing else cell.status
@@ -304,14 +412,14 @@ def _violin(df: pd.DataFrame, metric: str, configs: Sequence[Config]) -> Drawn:
     from matplotlib.figure import Figure
 
     scores = dataset_scores(df, metric)
-    data = [100 * scores.loc[(scores["model"] == m) & (scores["init"] == i) & (scores["recipe"] == r),
+    data = [metric_factor(metric) * scores.loc[(scores["model"] == m) & (scores["init"] == i) & (scores["recipe"] == r),
                              "score"].to_numpy() for m, i, r in configs]
     named = shows_recipes(configs)
     figure = Figure(figsize=(max(6.0, 1.15 * len(configs) + 2), 4.2))
     axes = figure.subplots()
     rng = np.random.default_rng(0)
     for position, ((model, init, _), values) in enumerate(zip(configs, data), start=1):
-        colour = MODEL_COLOURS[model]
+        colour = _colour(model)
         if len(np.unique(values)) > 1:
             body = axes.violinplot(values, [position], widths=0.8, showextrema=False)["bodies"][0]
             body.set(facecolor=colour, edgecolor=colour, alpha=0.25 if init == "scratch" else 0.55)
@@ -321,12 +429,12 @@ def _violin(df: pd.DataFrame, metric: str, configs: Sequence[Config]) -> Drawn:
             axes.hlines(np.median(values), position - 0.3, position + 0.3, color="black", linewidth=1.4, zorder=4)
     axes.set_xticks(range(1, len(configs) + 1),
                     [_violin_label(config, len(v), named) for config, v in zip(configs, data)], fontsize=8)
-    axes.set_ylabel(f"{METRIC_NAMES[metric]} (%) per dataset")
+    axes.set_ylabel(f"{metric_label(metric)} per dataset")
     axes.set_title(f"Per-dataset {METRIC_NAMES[metric]} by configuration (black line: median)", fontsize=11)
     axes.grid(axis="y", alpha=0.3)
     axes.spines[["top", "right"]].set_visible(False)
-    caption = (f"Figure: per-dataset {METRIC_NAMES[metric]} (%) of each configuration, mean over folds; each dot is "
-               "a dataset.")
+    caption = (f"Figure: per-dataset {metric_label(metric)} of each configuration, mean over folds and seeds; each "
+               "dot is a dataset.")
     return Drawn("violin_per_dataset", caption, figure)
 
 
@@ -353,12 +461,12 @@ def _delta_bars(comparison: pd.DataFrame, metric: str, title: str, name: str) ->
         rows = comparison[mine].set_index("group").reindex(groups)
         x = np.arange(len(groups)) + (offset - (len(series) - 1) / 2) * width
         errors = np.vstack([rows["delta"] - rows["ci_low"], rows["ci_high"] - rows["delta"]])
-        axes.bar(x, rows["delta"], width, yerr=errors, capsize=2, color=MODEL_COLOURS[model],
+        axes.bar(x, rows["delta"], width, yerr=errors, capsize=2, color=_colour(model),
                  hatch=_hatch(recipe, series), label=MODEL_NAMES[model] + (f" {recipe}" if named else ""),
                  error_kw={"linewidth": 0.8})
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set_xticks(range(len(groups)), [g.replace(" ", "\n", 1) for g in groups], fontsize=8)
-    axes.set_ylabel(f"\u0394(PT) {METRIC_NAMES[metric]} (points)")
+    axes.set_ylabel(f"\u0394(PT) {METRIC_NAMES[metric]} ({delta_unit(metric)})")
     axes.set_title(f"Pretrained minus scratch {title}\n(bars: mean over datasets; whiskers: 95% bootstrap CI)",
                    fontsize=10)
     axes.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -377,11 +485,12 @@ def _hatch(recipe: str, series: Sequence[tuple[str, str]]) -> str:
     return HATCHES[recipes.index(recipe) % len(HATCHES)]
 
 
-def _gains(lookup: dict[tuple[str, str, str, str], float], config: Config) -> list[float]:
-    """Per dataset with both, `config`'s score minus its network's from scratch, in points."""
+def _gains(lookup: dict[tuple[str, str, str, str], float], config: Config, metric: str) -> list[float]:
+    """Per dataset with both, `config`'s score minus its network's from scratch, in points (reversed for HD95)."""
     scratch = (config[0], "scratch", SCRATCH_RECIPE)
+    factor = metric_sign(metric) * metric_factor(metric)
     tasks = sorted({task for task, *rest in lookup if tuple(rest) == config})
-    return [100 * (lookup[(task, *config)] - lookup[(task, *scratch)]) for task in tasks
+    return [factor * (lookup[(task, *config)] - lookup[(task, *scratch)]) for task in tasks
             if (task, *scratch) in lookup]
 
 
@@ -392,21 +501,21 @@ def _recipe_deltas(df: pd.DataFrame, metric: str, pretrained: Sequence[Config]) 
     from matplotlib.figure import Figure
 
     lookup = score_lookup(df, metric, ())[None]
-    data = [np.array(_gains(lookup, config)) for config in pretrained]
+    data = [np.array(_gains(lookup, config, metric)) for config in pretrained]
     figure = Figure(figsize=(max(6.0, 0.9 * len(pretrained) + 2), 4.0))
     axes = figure.subplots()
     rng = np.random.default_rng(0)
     for position, ((model, _, _), values) in enumerate(zip(pretrained, data), start=1):
         if len(values):
             axes.boxplot(values, positions=[position], widths=0.5, showfliers=False,
-                         medianprops={"color": "black"}, boxprops={"color": MODEL_COLOURS[model]})
-        axes.scatter(position + rng.uniform(-0.12, 0.12, len(values)), values, s=12, color=MODEL_COLOURS[model],
+                         medianprops={"color": "black"}, boxprops={"color": _colour(model)})
+        axes.scatter(position + rng.uniform(-0.12, 0.12, len(values)), values, s=12, color=_colour(model),
                      alpha=0.85, edgecolors="none", zorder=3)
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set_xticks(range(1, len(pretrained) + 1),
                     [f"{recipe}\n{MODEL_NAMES[model]} (n={len(v)})" for (model, _, recipe), v in zip(pretrained, data)],
                     fontsize=8)
-    axes.set_ylabel(f"{METRIC_NAMES[metric]} gain over scratch (points)")
+    axes.set_ylabel(f"{METRIC_NAMES[metric]} gain over scratch ({delta_unit(metric)})")
     axes.set_title("Per-dataset gain over scratch per recipe (box: quartiles and median; dots: datasets)",
                    fontsize=10)
     axes.grid(axis="y", alpha=0.3)
@@ -414,6 +523,76 @@ def _recipe_deltas(df: pd.DataFrame, metric: str, pretrained: Sequence[Config]) 
     caption = (f"Figure: per-dataset {METRIC_NAMES[metric]} of each recipe minus the same network from scratch "
                "(points); each dot is a dataset with both.")
     return Drawn("delta_recipes", caption, figure)
+
+
+def _significance_heatmaps(significance: pd.DataFrame, metric: str) -> Drawn:
+    """Per dataset-scale group, configurations x configurations: the Holm-corrected one-sided p-value that the row
+    is better than the column, as Touchstone draws it (dark: significant)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    groups = list(dict.fromkeys(significance["group"]))
+    labels = list(dict.fromkeys(significance["config"]))
+    size = 0.55 * len(labels) + 1.6
+    figure = Figure(figsize=(size * len(groups) + 1.2, size + 0.6))
+    axes_list = np.atleast_1d(figure.subplots(1, len(groups), squeeze=False)[0])
+    for axes, group in zip(axes_list, groups):
+        mine = significance[significance["group"] == group]
+        matrix = np.full((len(labels), len(labels)), np.nan)
+        for row in mine.itertuples():
+            matrix[labels.index(row.config), labels.index(row.versus)] = row.p_holm
+        image = axes.imshow(-np.log10(np.clip(matrix, 1e-6, 1)), cmap="Greens", vmin=0, vmax=-np.log10(1e-4))
+        for i, j in zip(*np.where(~np.isnan(matrix))):
+            p = matrix[i, j]
+            axes.text(j, i, "*" if p < ALPHA else "", ha="center", va="center", color="white", fontsize=10)
+        axes.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        axes.set_yticks(range(len(labels)), labels if axes is axes_list[0] else [""] * len(labels), fontsize=7)
+        axes.set_title(group, fontsize=10)
+        axes.set_xlabel("... than this one", fontsize=8)
+    axes_list[0].set_ylabel("this configuration better ...", fontsize=8)
+    figure.colorbar(image, ax=list(axes_list), shrink=0.8, label="-log10 p (Holm)")
+    caption = (f"Figure: significance maps of {METRIC_NAMES[metric]} by dataset scale: row better than column, "
+               f"one-sided Wilcoxon signed-rank over the group's datasets, Holm-corrected per group; * p < {ALPHA:g}.")
+    return Drawn("significance_scale", caption, figure)
+
+
+def _fraction_curves(df: pd.DataFrame, metric: str, configs: Sequence[Config]) -> Drawn:
+    """Per dataset-scale group, each STU-Net size's pretrained and scratch score against the training-data fraction
+    (mean over the group's datasets; whiskers: the standard deviation across seeds of that mean)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fractions = run_fractions(df)
+    by = grouping("scale")
+    members = group_members(dataset_facts(df, configs), by)
+    lookups = {f: score_lookups(df, metric, (), f) for f in fractions}
+    cases = df.drop_duplicates("task").set_index("task")["train_cases"]
+    shown = [c for pair in delta_pairs(configs) for c in pair] or list(configs)
+    figure = Figure(figsize=(3.6 * len(members) + 1.5, 3.6))
+    axes_list = figure.subplots(1, len(members), squeeze=False)[0]
+    for axes, (group, tasks) in zip(axes_list, members.items()):
+        for config in dict.fromkeys(shown):
+            cells = [group_cell(lookups[f][0], tasks, config, metric, lookups[f][1]) for f in fractions]
+            points = [(f, c.value, c.spread or 0.0) for f, c in zip(fractions, cells) if c.value is not None]
+            if points:
+                x, y, spread = map(np.array, zip(*points))
+                axes.errorbar(x, y, yerr=spread, marker="o", markersize=3, capsize=2, color=_colour(config[0]),
+                              linestyle="-" if config[1] == "pretrained" else "--",
+                              label=f"{MODEL_NAMES[config[0]]} {config[1]}")
+        mean_cases = np.mean([cases[task] for task, _ in tasks])
+        axes.set_xscale("log")
+        axes.set_xticks(fractions, [f"{fraction_text(f)}\n\u2248{round(f * mean_cases)}" for f in fractions],
+                        fontsize=7)
+        axes.minorticks_off()
+        axes.set_title(f"{group} (n={len(tasks)})", fontsize=10)
+        axes.set_xlabel("train split fraction / \u2248 training cases (group mean)", fontsize=8)
+        axes.grid(alpha=0.3)
+    axes_list[0].set_ylabel(metric_label(metric))
+    axes_list[-1].legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    caption = (f"Figure: data efficiency: {metric_label(metric)} against the fraction of the train split (and the "
+               "group's mean number of training cases), pretrained (solid) and scratch (dashed), mean over the "
+               "group's datasets with whiskers of the standard deviation across seeds.")
+    return Drawn("fractions_scale", caption, figure)
 
 
 # --- page ------------------------------------------------------------------------------------------------------
@@ -438,6 +617,7 @@ td.num{text-align:right}td.label{font-weight:600}
 tr.delta td{background:#fbf7ec;font-style:italic}
 .n{display:block;font-size:10.5px;color:#7a8591;font-style:normal}
 .missing{color:#9aa3ad;font-style:italic}
+.sd{font-size:11px;color:#5b6672}
 .pos{color:#1a7f37}.neg{color:#c2362b}
 sup{color:#c2362b;font-weight:700}
 ul.notes{font-size:12px;color:#5b6672;margin:4px 0 10px;padding-left:18px}

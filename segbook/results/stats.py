@@ -1,10 +1,16 @@
-"""Pretrained vs scratch, paired over datasets: wins/ties/losses, Wilcoxon signed-rank test, bootstrap CI.
+"""Pretrained vs scratch, paired over datasets: wins/ties/losses, Wilcoxon signed-rank test, bootstrap CI; per
+dataset over its test cases; configurations against each other (significance maps) and rank stability.
 
 Each STU-Net size (per recipe) is compared with itself trained from scratch on the datasets of a group that have
 both; each recipe also with the default recipe of the same size (`compare_recipes`). A
 difference within `TIE_TOLERANCE` is a tie; the Wilcoxon test is scipy's two-sided signed-rank test on the raw
 differences (zero differences dropped, scipy's default); the confidence interval is the percentile bootstrap of
-the mean difference with a fixed seed, so a report is reproducible to the digit.
+the mean difference with a fixed seed, so a report is reproducible to the digit. Dataset scores are means over
+seeds, of the runs on the whole train split; differences are signed so that positive means better (HD95 reversed).
+
+Per dataset (`case_tests`), pretrained and scratch are compared over the test cases with the same Wilcoxon test on
+the per-case foreground-mean score (seeds averaged per case), corrected across datasets with Holm and
+Benjamini-Hochberg (statsmodels' `multipletests`). Corrections and one-sided tests come from the libraries.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from segbook.results.collect import case_scores, run_folders
 from segbook.results.tables import (
     DEFAULT_RECIPE,
     DELTA,
@@ -30,12 +37,19 @@ from segbook.results.tables import (
     ScoreLookup,
     configurations,
     dataset_facts,
+    config_label,
     delta_pairs,
+    delta_unit,
     group_members,
     grouping,
+    metric_factor,
+    metric_label,
+    metric_sign,
     recipe_baselines,
     recipe_configs,
     score_lookup,
+    shows_recipes,
+    whole_split,
 )
 
 #: |pretrained - scratch| at or below this (a fraction: 0.1 Dice points) is a tie.
@@ -45,6 +59,13 @@ BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 STATS_COLUMNS = ("model", "recipe", "group", "n", "scratch", "pretrained", "delta", "ci_low", "ci_high", "wins",
                  "ties", "losses", "p_value")
+#: Per-case test verdicts counted per group (with `case_tests`): significantly better, not different, worse.
+VERDICTS = ("better", "not different", "worse")
+CASE_COUNT_COLUMNS = ("better", "not_different", "worse")
+#: Significance level of the per-case tests (after Holm) and of the significance maps.
+ALPHA = 0.05
+CASE_TEST_COLUMNS = ("task", "model", "recipe", "cases", "delta", "p_value", "p_holm", "p_bh", "verdict")
+RANK_SAMPLES = 1000
 #: A recipe against a baseline (`scratch` or the default recipe): `baseline` and `score` are their mean scores.
 RECIPE_STATS_COLUMNS = ("model", "recipe", "versus", "group", "n", "baseline", "score", "delta", "ci_low", "ci_high",
                         "wins", "ties", "losses", "p_value")
@@ -91,51 +112,71 @@ def bootstrap_ci(differences: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed
 
 def paired_comparison(pretrained: Sequence[float], scratch: Sequence[float],
                       tie_tolerance: float = TIE_TOLERANCE, samples: int = BOOTSTRAP_SAMPLES,
-                      seed: int = BOOTSTRAP_SEED) -> PairedComparison:
-    """Compare paired dataset scores (fractions); the result is in points."""
+                      seed: int = BOOTSTRAP_SEED, metric: str = "dice") -> PairedComparison:
+    """Compare paired dataset scores (as stored: fractions, or mm for HD95); the result is in points (mm), the
+    difference signed so that positive means pretraining is better. `tie_tolerance` is in stored units of a
+    fraction-valued metric: 0.001 = 0.1 points, and 0.1 mm for HD95."""
+    factor, sign = metric_factor(metric), metric_sign(metric)
     pretrained_scores, scratch_scores = np.asarray(pretrained, float), np.asarray(scratch, float)
-    differences = pretrained_scores - scratch_scores
+    differences = sign * (pretrained_scores - scratch_scores)
+    tolerance = tie_tolerance * 100.0 / factor
     low, high = bootstrap_ci(differences, samples, seed)
     n = len(differences)
     return PairedComparison(
-        n=n, scratch=100 * scratch_scores.mean() if n else math.nan,
-        pretrained=100 * pretrained_scores.mean() if n else math.nan,
-        delta=100 * differences.mean() if n else math.nan, ci_low=100 * low, ci_high=100 * high,
-        wins=int(np.sum(differences > tie_tolerance)), ties=int(np.sum(np.abs(differences) <= tie_tolerance)),
-        losses=int(np.sum(differences < -tie_tolerance)), p_value=wilcoxon_p(differences))
+        n=n, scratch=factor * scratch_scores.mean() if n else math.nan,
+        pretrained=factor * pretrained_scores.mean() if n else math.nan,
+        delta=factor * differences.mean() if n else math.nan, ci_low=factor * low, ci_high=factor * high,
+        wins=int(np.sum(differences > tolerance)), ties=int(np.sum(np.abs(differences) <= tolerance)),
+        losses=int(np.sum(differences < -tolerance)), p_value=wilcoxon_p(differences))
 
 
-def _compared(lookup: ScoreLookup, tasks: list[Member], config: Config, baseline: Config) -> PairedComparison | None:
+def _compared(lookup: ScoreLookup, tasks: list[Member], config: Config, baseline: Config,
+              metric: str = "dice") -> PairedComparison | None:
     """`config` against `baseline` over the members that have both; None when none has."""
     pairs = [(lookup[part].get((task, *config)), lookup[part].get((task, *baseline))) for task, part in tasks]
     pairs = [pair for pair in pairs if None not in pair]
-    return paired_comparison([s for s, _ in pairs], [b for _, b in pairs]) if pairs else None
+    return paired_comparison([s for s, _ in pairs], [b for _, b in pairs], metric=metric) if pairs else None
 
 
 def compare_pretrained(df: pd.DataFrame, metric: str = "dice", group_by: str = "scale",
                        group_datasets: bool = False, models: Sequence[str] | None = None,
-                       recipes: Sequence[str] | None = None) -> pd.DataFrame:
+                       recipes: Sequence[str] | None = None, cases: pd.DataFrame | None = None) -> pd.DataFrame:
     """A row per (STU-Net size with both initialisations, recipe, non-empty group): see STATS_COLUMNS.
 
     `group_by` is a grouping of `segbook.results.tables.grouping` (`scale`, `modality-target`, `region`, `all`);
     the datasets and label parts are those of the corresponding table, so n equals its Delta(PT) row's n.
-    `recipes` are the pretrained recipes to compare (default: those in `df`).
+    `recipes` are the pretrained recipes to compare (default: those in `df`). With `cases` (`case_tests`), the
+    counts of the group's datasets whose per-case test says pretraining is better / not different / worse
+    (CASE_COUNT_COLUMNS; a dataset split by label into several groups counts in each, with its whole-dataset test).
     """
+    df = whole_split(df)
     configs = configurations(df, models, None, recipes)
     members = group_members(dataset_facts(df, configs), grouping(group_by, group_datasets))
     lookup = score_lookup(df, metric, {part for tasks in members.values() for _, part in tasks})
+    verdicts = {} if cases is None else dict(zip(zip(cases["task"], cases["model"], cases["recipe"]),
+                                                 cases["verdict"]))
     rows = []
     for config, scratch in delta_pairs(configs):
         for group, tasks in members.items():
-            if (result := _compared(lookup, tasks, config, scratch)) is not None:
-                rows.append({"model": config[0], "recipe": config[2], "group": group, **asdict(result)})
-    return pd.DataFrame(rows, columns=list(STATS_COLUMNS))
+            if (result := _compared(lookup, tasks, config, scratch, metric)) is not None:
+                counts = {} if cases is None else _verdict_counts(verdicts, config, tasks)
+                rows.append({"model": config[0], "recipe": config[2], "group": group, **asdict(result), **counts})
+    columns = [*STATS_COLUMNS, *(CASE_COUNT_COLUMNS if cases is not None else ())]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _verdict_counts(verdicts: dict[tuple[str, str, str], str], config: Config,
+                    tasks: list[Member]) -> dict[str, int]:
+    """(task, model, recipe) -> verdict, counted over the group's datasets."""
+    mine = [verdicts.get((task, config[0], config[2])) for task in dict.fromkeys(task for task, _ in tasks)]
+    return {column: mine.count(verdict) for column, verdict in zip(CASE_COUNT_COLUMNS, VERDICTS)}
 
 
 def compare_recipes(df: pd.DataFrame, metric: str = "dice", group_by: str = "scale", group_datasets: bool = False,
                     models: Sequence[str] | None = None, recipes: Sequence[str] | None = None) -> pd.DataFrame:
     """A row per (STU-Net size, recipe, baseline, non-empty group) of the recipes table: each recipe against
     scratch and against the default recipe, over the datasets with both (see RECIPE_STATS_COLUMNS)."""
+    df = whole_split(df)
     pretrained = recipe_configs(df, models, recipes)
     shown = [*pretrained, *(baseline for config in pretrained for _, baseline in recipe_baselines(config, pretrained))]
     members = group_members(dataset_facts(df, shown), grouping(group_by, group_datasets))
@@ -144,7 +185,7 @@ def compare_recipes(df: pd.DataFrame, metric: str = "dice", group_by: str = "sca
     for config in pretrained:
         for _, baseline in recipe_baselines(config, pretrained):
             for group, tasks in members.items():
-                if (result := _compared(lookup, tasks, config, baseline)) is not None:
+                if (result := _compared(lookup, tasks, config, baseline, metric)) is not None:
                     rows.append({"model": config[0], "recipe": config[2], "versus": baseline[2], "group": group,
                                  **_versus(result)})
     return pd.DataFrame(rows, columns=list(RECIPE_STATS_COLUMNS))
@@ -160,16 +201,19 @@ def _versus(result: PairedComparison) -> dict[str, object]:
 def stats_table(comparison: pd.DataFrame, metric: str, title: str) -> ResultTable:
     """The comparison as a table for `emit` and the report; empty with a note when no size has both inits. The
     recipe is named only when one other than the default is compared, as in the other tables."""
-    columns = [c for c in STATS_COLUMNS if c != "recipe" or comparison["recipe"].ne(DEFAULT_RECIPE).any()]
-    table = ResultTable("stats", f"pretrained vs scratch, {METRIC_NAMES[metric]} (%) {title}", columns,
+    columns = [c for c in comparison.columns if c != "recipe" or comparison["recipe"].ne(DEFAULT_RECIPE).any()]
+    table = ResultTable("stats", f"pretrained vs scratch, {metric_label(metric)} {title}", columns,
                         display={"model": MODEL_NAMES})
     table.rows = [[_rounded(column, getattr(row, column)) for column in columns]
                   for row in comparison.itertuples(index=False)]
     table.notes = [
         f"per STU-Net size and group, over the datasets with both initialisations (n): mean scores, {DELTA} "
-        f"(points) with its {CONFIDENCE:.0%} bootstrap CI ({BOOTSTRAP_SAMPLES} resamples, seed {BOOTSTRAP_SEED}), "
-        f"wins/ties/losses of pretrained (tie: |difference| <= {100 * TIE_TOLERANCE:g} points) and the two-sided "
-        "Wilcoxon signed-rank p-value (NaN: all differences zero)"]
+        f"({delta_unit(metric)}) with its {CONFIDENCE:.0%} bootstrap CI ({BOOTSTRAP_SAMPLES} resamples, seed "
+        f"{BOOTSTRAP_SEED}), wins/ties/losses of pretrained (tie: |difference| <= {100 * TIE_TOLERANCE:g} "
+        f"{delta_unit(metric)}) and the two-sided Wilcoxon signed-rank p-value over datasets (NaN: all differences "
+        "zero)", *_sign_note(metric)]
+    if "better" in comparison.columns:
+        table.notes.append(_counts_note())
     if comparison.empty:
         table.notes = ["no comparison: no STU-Net size has both pretrained and scratch results on a dataset"]
     return table
@@ -177,7 +221,7 @@ def stats_table(comparison: pd.DataFrame, metric: str, title: str) -> ResultTabl
 
 def recipe_stats_table(comparison: pd.DataFrame, metric: str, title: str = "by dataset scale") -> ResultTable:
     """`compare_recipes` as a table: the statistics of the recipes table's delta rows."""
-    table = ResultTable("recipe-stats", f"recipes vs scratch and vs {DEFAULT_RECIPE}, {METRIC_NAMES[metric]} (%) "
+    table = ResultTable("recipe-stats", f"recipes vs scratch and vs {DEFAULT_RECIPE}, {metric_label(metric)} "
                         f"{title}", list(RECIPE_STATS_COLUMNS), display={"model": MODEL_NAMES})
     table.rows = [[_rounded(column, value) for column, value in zip(RECIPE_STATS_COLUMNS, row)]
                   for row in comparison.itertuples(index=False)]
@@ -186,7 +230,8 @@ def recipe_stats_table(comparison: pd.DataFrame, metric: str, title: str = "by d
         f"with (versus: scratch, as the {VS_SCRATCH} rows, or the {DEFAULT_RECIPE} recipe, as the {VS_DEFAULT} "
         f"rows): mean scores of baseline and recipe, their mean difference (points) with its {CONFIDENCE:.0%} "
         f"bootstrap CI ({BOOTSTRAP_SAMPLES} resamples, seed {BOOTSTRAP_SEED}), wins/ties/losses of the recipe (tie: "
-        f"|difference| <= {100 * TIE_TOLERANCE:g} points) and the two-sided Wilcoxon signed-rank p-value"]
+        f"|difference| <= {100 * TIE_TOLERANCE:g} {delta_unit(metric)}) and the two-sided Wilcoxon signed-rank "
+        "p-value", *_sign_note(metric)]
     if comparison.empty:
         table.notes = ["no comparison: no recipe has results on a dataset that also has its baseline's"]
     return table
@@ -198,4 +243,241 @@ def _rounded(column: str, value: object) -> object:
         return value
     if math.isnan(value):
         return None
-    return float(f"{value:.3g}") if column == "p_value" else round(value, 2)
+    return float(f"{value:.3g}") if column.startswith("p_") else round(value, 2) + 0.0  # no -0.0
+
+
+def _sign_note(metric: str) -> list[str]:
+    if metric_sign(metric) > 0:
+        return []
+    return [f"{METRIC_NAMES[metric]}: lower is better; every difference is baseline minus the compared "
+            "configuration, so positive means the compared one (pretrained) is better"]
+
+
+def _counts_note() -> str:
+    return (f"better / not_different / worse: datasets of the group whose per-case test (Wilcoxon signed-rank over "
+            f"the test cases, Holm-corrected across datasets) is significant at {ALPHA:g} with pretraining better, "
+            "not significant, or significant with pretraining worse (table case-tests)")
+
+
+# --- per case ---------------------------------------------------------------------------------------------------
+
+
+def case_tests(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | None = None,
+               recipes: Sequence[str] | None = None, alpha: float = ALPHA) -> pd.DataFrame:
+    """Per dataset and pretrained configuration with a scratch baseline: pretrained vs scratch over the test cases
+    both scored (see CASE_TEST_COLUMNS), on the runs on the whole train split.
+
+    Each case's score is the mean over foreground labels of its per-label metric, averaged over the seeds (and
+    folds) that scored it (`collect.case_scores`, which reads `metrics.csv`). `delta` is the mean per-case difference
+    (points; mm reversed for HD95), `p_value` the two-sided Wilcoxon signed-rank test, `p_holm` and `p_bh` it
+    corrected across the datasets of the same configuration (Holm; Benjamini-Hochberg). The verdict is `better` or
+    `worse` where `p_holm` < `alpha` (the direction: which of the positive and negative differences have the larger
+    rank sum), else `not different`. Only runs with a folder (local, bundled) have cases; numbers imported from CSV are
+    left out."""
+    df = whole_split(df)
+    configs = configurations(df, models, None, recipes)
+    pairs = delta_pairs(configs)
+    wanted = {c for pair in pairs for c in pair}
+    keys = pd.MultiIndex.from_arrays([df["model"], df["init"], df["recipe"]])
+    runs = df[keys.isin(list(wanted)) & df["evaluated"] & run_folders(df)]
+    scores = case_scores(runs, metric)
+    by_config = {config: frame.set_index(["task", "case"])["score"]
+                 for config, frame in scores.groupby(["model", "init", "recipe"], sort=False)}
+    rows = []
+    for config, baseline in pairs:
+        if config not in by_config or baseline not in by_config:
+            continue
+        both = pd.concat([by_config[config], by_config[baseline]], axis=1, keys=["mine", "base"],
+                         join="inner").dropna()
+        family = [_case_test(task, frame, metric) for task, frame in both.groupby(level="task", sort=True)]
+        rows += [{"model": config[0], "recipe": config[2], **row} for row in _corrected(family, alpha)]
+    return pd.DataFrame(rows, columns=list(CASE_TEST_COLUMNS))
+
+
+def _case_test(task: str, frame: pd.DataFrame, metric: str) -> dict[str, object]:
+    differences = metric_sign(metric) * (frame["mine"].to_numpy() - frame["base"].to_numpy())
+    return {"task": task, "cases": len(differences), "delta": metric_factor(metric) * differences.mean(),
+            "p_value": wilcoxon_p(differences), "direction": _rank_direction(differences)}
+
+
+def _rank_direction(differences: np.ndarray) -> int:
+    """+1 when the positive differences have the larger rank sum (what the signed-rank test weighs), -1 when the
+    negative ones, 0 when equal."""
+    from scipy.stats import rankdata
+
+    nonzero = differences[differences != 0]
+    ranks = rankdata(np.abs(nonzero))
+    return int(np.sign(ranks[nonzero > 0].sum() - ranks[nonzero < 0].sum()))
+
+
+def corrected_p(p_values: Sequence[float], method: str, alpha: float = ALPHA) -> np.ndarray:
+    """statsmodels' `multipletests` corrected p-values (`holm`, `fdr_bh`). Its Holm branch calls `gc.collect()`,
+    which walks every object alive (a large results frame: a fifth of a second a call); the objects that exist
+    before the call are frozen out of that walk, and thawed after."""
+    import gc
+
+    from statsmodels.stats.multitest import multipletests
+
+    gc.freeze()
+    try:
+        return multipletests(p_values, alpha=alpha, method=method)[1]
+    finally:
+        gc.unfreeze()
+
+
+def _corrected(family: list[dict[str, object]], alpha: float) -> list[dict[str, object]]:
+    """Holm and Benjamini-Hochberg over the tests with a p-value; a test without one (all differences zero) is
+    `not different`."""
+    tested = [row for row in family if not math.isnan(row["p_value"])]
+    if tested:
+        p_values = [row["p_value"] for row in tested]
+        holm = corrected_p(p_values, "holm", alpha)
+        bh = corrected_p(p_values, "fdr_bh", alpha)
+        for row, p_holm, p_bh in zip(tested, holm, bh):
+            row.update(p_holm=float(p_holm), p_bh=float(p_bh))
+    for row in family:
+        direction = row.pop("direction")
+        significant = row.get("p_holm", math.nan) < alpha
+        row.setdefault("p_holm", math.nan)
+        row.setdefault("p_bh", math.nan)
+        row["verdict"] = VERDICTS[0] if significant and direction > 0 else (
+            VERDICTS[2] if significant and direction < 0 else VERDICTS[1])
+    return family
+
+
+def case_tests_table(tests: pd.DataFrame, metric: str) -> ResultTable:
+    """`case_tests` as a table (`segbook results --table case-tests`)."""
+    columns = [c for c in CASE_TEST_COLUMNS if c != "recipe" or tests["recipe"].ne(DEFAULT_RECIPE).any()]
+    table = ResultTable("case-tests", f"pretrained vs scratch per dataset over test cases, {metric_label(metric)}",
+                        columns, display={"model": MODEL_NAMES})
+    table.rows = [[_rounded(column, getattr(row, column)) for column in columns]
+                  for row in tests.itertuples(index=False)]
+    table.notes = [
+        f"per dataset: the test cases scored by both (cases); a case's score is the mean over its foreground labels "
+        f"(seeds and folds averaged per case); delta: mean per-case pretrained - scratch ({delta_unit(metric)}); "
+        f"p_value: two-sided Wilcoxon signed-rank over the cases (scipy); p_holm, p_bh: corrected across the "
+        f"datasets of each size (statsmodels multipletests, Holm and Benjamini-Hochberg); verdict at p_holm < "
+        f"{ALPHA:g}", *_sign_note(metric)]
+    if tests.empty:
+        table.notes = ["no per-case comparison: no dataset has evaluated pretrained and scratch runs of one size"]
+    return table
+
+
+# --- configurations against each other ---------------------------------------------------------------------------
+
+
+SIGNIFICANCE_COLUMNS = ("group", "config", "versus", "n", "p_value", "p_holm")
+
+
+def significance_map(df: pd.DataFrame, metric: str = "dice", group_by: str = "scale", group_datasets: bool = False,
+                     models: Sequence[str] | None = None, inits: Sequence[str] | None = None,
+                     recipes: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per group, every ordered pair of configurations (config, versus): the one-sided Wilcoxon signed-rank test
+    over the group's datasets that have both that `config` is better than `versus` (dataset scores, seeds
+    averaged), and its p-value Holm-corrected over all the ordered pairs of the group (SIGNIFICANCE_COLUMNS)."""
+    df = whole_split(df)
+    configs = configurations(df, models, inits, recipes)
+    members = group_members(dataset_facts(df, configs), grouping(group_by, group_datasets))
+    lookup = score_lookup(df, metric, {part for tasks in members.values() for _, part in tasks})
+    named = shows_recipes(configs)
+    rows = []
+    for group, tasks in members.items():
+        mine = []
+        for config in configs:
+            for versus in configs:
+                if config != versus:
+                    differences = _differences(lookup, tasks, config, versus, metric)
+                    mine.append({"group": group, "config": config_label(config, named),
+                                 "versus": config_label(versus, named), "n": len(differences),
+                                 "p_value": _greater_p(differences)})
+        tested = [row for row in mine if not math.isnan(row["p_value"])]
+        if tested:
+            for row, p_holm in zip(tested, corrected_p([row["p_value"] for row in tested], "holm")):
+                row["p_holm"] = float(p_holm)
+        rows += [{"p_holm": math.nan, **row} for row in mine]
+    return pd.DataFrame(rows, columns=list(SIGNIFICANCE_COLUMNS))
+
+
+def _differences(lookup: ScoreLookup, tasks: list[Member], config: Config, versus: Config,
+                 metric: str) -> np.ndarray:
+    pairs = [(lookup[part].get((task, *config)), lookup[part].get((task, *versus))) for task, part in tasks]
+    return metric_sign(metric) * np.array([a - b for a, b in pairs if a is not None and b is not None], float)
+
+
+def _greater_p(differences: np.ndarray) -> float:
+    """One-sided p that the differences are centred above zero; NaN when there is nothing to rank."""
+    from scipy.stats import wilcoxon
+
+    if not np.any(differences != 0):
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(wilcoxon(differences, alternative="greater").pvalue)
+
+
+def significance_table(significance: pd.DataFrame) -> ResultTable:
+    """The maps as a table: per group a row per configuration, a column per configuration it is tested against,
+    the Holm-corrected one-sided p-value that the row's configuration is better than the column's."""
+    labels = list(dict.fromkeys(significance["config"]))
+    table = ResultTable("significance", "significance maps: row configuration better than column configuration",
+                        ["group", "configuration", *labels])
+    for (group, config), frame in significance.groupby(["group", "config"], sort=False):
+        p_values = dict(zip(frame["versus"], frame["p_holm"]))
+        table.rows.append([group, config, *(_rounded("p_value", p_values[label]) if label in p_values else None
+                                            for label in labels)])
+    table.notes = [f"cell: one-sided Wilcoxon signed-rank p-value over the group's datasets with both (dataset "
+                   f"scores, seeds averaged) that the row is better than the column, Holm-corrected over every ordered "
+                   f"pair of the group; significant below {ALPHA:g}; '-': the same configuration, or nothing to rank"]
+    if significance.empty:
+        table.notes = ["no datasets: no runs of the shown configurations"]
+    return table
+
+
+# --- rank stability ----------------------------------------------------------------------------------------------
+
+
+RANK_COLUMNS = ("group", "config", "n", "first", "mean_rank")
+
+
+def rank_stability(df: pd.DataFrame, metric: str = "dice", group_by: str = "all", group_datasets: bool = False,
+                   models: Sequence[str] | None = None, inits: Sequence[str] | None = None,
+                   recipes: Sequence[str] | None = None, samples: int = RANK_SAMPLES,
+                   seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
+    """Per group, how often each configuration ranks first when the datasets are resampled with replacement
+    (`samples` times, seeded): `first` is the share of resamples in which its mean score is the best (ties share),
+    `mean_rank` its mean rank (1 = best). Only the group's datasets that have every configuration count (n)."""
+    from scipy.stats import rankdata
+
+    df = whole_split(df)
+    configs = configurations(df, models, inits, recipes)
+    members = group_members(dataset_facts(df, configs), grouping(group_by, group_datasets))
+    lookup = score_lookup(df, metric, {part for tasks in members.values() for _, part in tasks})
+    rng = np.random.default_rng(seed)
+    named = shows_recipes(configs)
+    rows = []
+    for group, tasks in members.items():
+        complete = [[lookup[part][(task, *config)] for config in configs] for task, part in tasks
+                    if all((task, *config) in lookup[part] for config in configs)]
+        if not complete or len(configs) < 2:
+            continue
+        scores = metric_sign(metric) * np.array(complete)
+        means = scores[rng.integers(0, len(scores), size=(samples, len(scores)))].mean(axis=1)
+        best = np.isclose(means, means.max(axis=1, keepdims=True), rtol=0, atol=1e-12)
+        first = (best / best.sum(axis=1, keepdims=True)).mean(axis=0)
+        ranks = rankdata(-means, axis=1).mean(axis=0)
+        rows += [{"group": group, "config": config_label(config, named), "n": len(scores), "first": float(share),
+                  "mean_rank": float(rank)} for config, share, rank in zip(configs, first, ranks)]
+    return pd.DataFrame(rows, columns=list(RANK_COLUMNS))
+
+
+def rank_table(ranks: pd.DataFrame, samples: int = RANK_SAMPLES) -> ResultTable:
+    table = ResultTable("ranks", "rank stability: how often each configuration ranks first", list(RANK_COLUMNS))
+    table.rows = [[row.group, row.config, row.n, round(100 * row.first, 1), round(row.mean_rank, 2)]
+                  for row in ranks.itertuples(index=False)]
+    table.columns = ["group", "configuration", "n", "first (%)", "mean rank"]
+    table.notes = [f"bootstrap over datasets ({samples} resamples with replacement, seed {BOOTSTRAP_SEED}) of the "
+                   "group's datasets that have every configuration (n): the share of resamples in which the "
+                   "configuration's mean score is the best (ties share it) and its mean rank (1 = best)"]
+    if ranks.empty:
+        table.notes = ["no ranking: no dataset has every shown configuration"]
+    return table

@@ -7,6 +7,11 @@ as missing and mark the cell, never averaged in. Delta(PT) is the paired mean of
 datasets of the group that have both.
 
 A configuration is (model, initialisation, recipe): two recipes of one network are never averaged into one cell.
+Seeds are averaged: a dataset's score is the mean over seeds of each seed's mean over folds, shown with the standard
+deviation across seeds where there is more than one. Training fractions are an axis of their own: every table
+shows the runs on the whole train split (fraction 1) except `fraction_table`, which shows them all.
+For HD95 (a distance in mm) lower is better: scores are in mm, and every Delta is scratch minus pretrained, so that
+a positive Delta always means pretraining helps.
 Tables name the recipe only when a recipe other than the defaults (segbook, scratch) is shown, so the paper's
 tables look as they always did. The runs of one dataset are never averaged or compared across plans or test splits
 (`check_comparable` refuses them, naming the runs), and every table's notes say which folds and plans it shows.
@@ -24,8 +29,8 @@ from segbook.errors import SegbookError
 from segbook.registry import REGIONS, SCALES
 from segbook.recipes import BUILTIN_ORDER
 from segbook import backbones
-from segbook.results.collect import IMPORTED_PREFIX, LOCAL, METRICS, default_plans, run_folders
-from segbook.runs import DEFAULT_RECIPES, INITS, STUNET_MODELS
+from segbook.results.collect import IMPORTED_PREFIX, LOCAL, LOWER_IS_BETTER, METRICS, default_plans, run_folders
+from segbook.runs import DEFAULT_FRACTION, DEFAULT_RECIPES, INITS, STUNET_MODELS
 
 #: The paper's configurations in its order: nnU-Net's default network, then each STU-Net size scratch / pretrained.
 CONFIGURATIONS: tuple[tuple[str, str], ...] = (("nnunet", "scratch"),
@@ -68,8 +73,10 @@ VS_DEFAULT = f"Delta vs {DEFAULT_RECIPE}"
 DELTA_ROWS = (DELTA, VS_SCRATCH, VS_DEFAULT)
 MISSING_MARK = "*"  # a group cell that some datasets of the group lack
 PARTIAL_MARK = "\u2020"  # a dataset cell averaging only some of the folds that were started (a dagger)
+NOISE_MARK = "~"  # a dataset's Delta(PT) no larger than its seed noise
 AVERAGE = "average"
-METRIC_NAMES = {"dice": "Dice", "nsd": "NSD"}
+METRIC_NAMES = {"dice": "Dice", "nsd": "NSD", "iou": "IoU", "precision": "Precision", "recall": "Recall",
+                "hd95": "HD95"}
 MODALITY_ORDER = ("CT", "MRI", "Ultrasound", "CT&PET")
 #: The paper's modality x target groups; other combinations (a user's ultrasound structures) show when present.
 PAPER_MODALITY_TARGETS = {("CT", "seen structure"), ("CT", "unseen structure"), ("CT", "lesion"),
@@ -80,12 +87,14 @@ TARGET_GROUPS = {"Seen Structure": "seen structure", "Unseen Structure": "unseen
                  "Structure&Lesion": "structure&lesion"}
 PART_GROUPS = {"seen": "seen structure", "unseen": "unseen structure", "lesion": "lesion"}
 REGION_ORDER = ("Head and Neck", "Pelvic", "Limb", "Thoracic", "Abdominal", "Other", "unknown")
-TABLES = ("scale", "modality-target", "region", "datasets", "recipes")
+TABLES = ("scale", "modality-target", "region", "datasets", "recipes", "fractions")
 Config = tuple[str, str, str]  # (model, init, recipe)
 Member = tuple[str, str | None]  # (task, part): part None scores the whole dataset
 ScoreLookup = dict[str | None, dict[tuple[str, str, str, str], float]]
 #: What identifies a dataset score: the dataset and the configuration.
 SCORE_KEYS = ["task", "model", "init", "recipe"]
+#: (task, model, init, recipe) -> {seed: that seed's dataset score}, per part as in ScoreLookup.
+SeedLookup = dict[str | None, dict[tuple[str, str, str, str], dict[int, float]]]
 LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                  PARTIAL_MARK: r"$^\dagger$"}
@@ -109,6 +118,8 @@ class Cell:
     marker: str = ""
     signed: bool = False
     source: str = ""
+    #: The standard deviation across seeds (same unit as `value`), where more than one seed was run.
+    spread: float | None = None
 
     def number(self) -> float | None:
         return None if self.value is None else round(self.value, 4)
@@ -116,8 +127,9 @@ class Cell:
     def text(self, show_count: bool = True) -> str:
         if self.value is None:
             return (self.status or "missing") + self.marker
-        number = f"{self.value:+.2f}" if self.signed else f"{self.value:.2f}"
-        return number + (f" (n={self.count})" if show_count else "") + self.marker
+        number = f"{self.value + 0.0:+.2f}" if self.signed else f"{self.value:.2f}"  # + 0.0: no -0.00
+        spread = "" if self.spread is None else f" \u00b1{self.spread:.2f}"
+        return number + spread + (f" (n={self.count})" if show_count else "") + self.marker
 
     def detail(self) -> str:
         return "; ".join(self.missing) if self.missing else self.status
@@ -139,17 +151,21 @@ class ResultTable:
     display: dict[str, Mapping[str, str]] = field(default_factory=dict)
 
     def records(self, fmt: str) -> list[dict[str, Any]]:
-        """Rows for `segbook.cli.output.emit`: formatted cells in text formats, numbers plus counts in csv/json."""
+        """Rows for `segbook.cli.output.emit`: formatted cells in text formats, numbers plus counts in csv/json
+        (and, where any cell has one, the standard deviation across seeds)."""
         machine = fmt in ("csv", "json")
-        records = [dict(self._record(row, machine)) for row in self.rows]
+        spread = any(isinstance(value, Cell) and value.spread is not None for row in self.rows for value in row)
+        records = [dict(self._record(row, machine, spread)) for row in self.rows]
         return [{_latex(k): _latex(v) for k, v in r.items()} for r in records] if fmt == "latex" else records
 
-    def _record(self, row: list[Any], machine: bool) -> Iterable[tuple[str, Any]]:
+    def _record(self, row: list[Any], machine: bool, spread: bool) -> Iterable[tuple[str, Any]]:
         for column, value in zip(self.columns, row):
             if isinstance(value, Cell) and machine:
                 yield column, value.number()
                 yield f"{column} {self.count_label}", value.count
                 yield f"{column} {self.detail_label}", value.detail()
+                if spread:
+                    yield f"{column} seed sd", None if value.spread is None else round(value.spread, 4)
             elif isinstance(value, Cell):
                 yield column, value.text(self.show_count)
             elif machine:
@@ -172,6 +188,39 @@ def score_column(metric: str, part: str | None = None) -> str:
     if metric not in METRICS:
         raise TableError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     return metric if part is None else f"{metric}_{part}"
+
+
+def metric_label(metric: str) -> str:
+    """The metric with its unit, as table titles and axes name it: `Dice (%)`, `HD95 (mm, lower is better)`."""
+    unit = "mm, lower is better" if metric in LOWER_IS_BETTER else "%"
+    return f"{METRIC_NAMES[metric]} ({unit})"
+
+
+def metric_factor(metric: str) -> float:
+    """Stored scores are fractions, shown in percent; distances are stored and shown in mm."""
+    return 1.0 if metric in LOWER_IS_BETTER else 100.0
+
+
+def metric_sign(metric: str) -> float:
+    """+1, or -1 where lower is better: every Delta is multiplied by it, so positive always means better."""
+    return -1.0 if metric in LOWER_IS_BETTER else 1.0
+
+
+def delta_unit(metric: str) -> str:
+    return "mm" if metric in LOWER_IS_BETTER else "points"
+
+
+def delta_convention(metric: str) -> str:
+    """How a Delta of `metric` reads, for notes: HD95's is reversed."""
+    if metric in LOWER_IS_BETTER:
+        return (f"{METRIC_NAMES[metric]}: lower is better, so Delta is scratch - pretrained in mm: positive means "
+                "pretraining helps")
+    return ""
+
+
+def whole_split(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs trained on the whole train split: what every table but the fractions table shows."""
+    return df[df["fraction"] == DEFAULT_FRACTION]
 
 
 def check_comparable(df: pd.DataFrame) -> None:
@@ -200,21 +249,39 @@ def check_comparable(df: pd.DataFrame) -> None:
                              f"{fix}")
 
 
-def dataset_scores(df: pd.DataFrame, metric: str = "dice", part: str | None = None) -> pd.DataFrame:
-    """Per (task, model, init, recipe): the mean over evaluated folds (fraction), the number of folds and the source.
+def seed_scores(df: pd.DataFrame, metric: str = "dice", part: str | None = None,
+                fraction: float = DEFAULT_FRACTION, checked: bool = False) -> pd.DataFrame:
+    """Per (task, model, init, recipe, seed) at one training fraction: the mean over evaluated folds, the number of
+    runs averaged (`folds`) and the source.
 
     Local runs take precedence over imported numbers for the same configuration of a dataset. Runs of one dataset
-    with different plans or test splits are refused (`check_comparable`).
+    with different plans or test splits are refused (`check_comparable`; `checked`: the caller did it on `df`).
     """
-    check_comparable(df)
+    if not checked:
+        check_comparable(df)
     column = score_column(metric, part)
-    scored = df.loc[df["evaluated"] & df[column].notna(), [*SCORE_KEYS, "source", column]]
+    scored = df.loc[df["evaluated"] & df[column].notna() & (df["fraction"] == fraction),
+                    [*SCORE_KEYS, "seed", "source", column]]
     local = scored[scored["source"] == LOCAL]
     imported = scored[scored["source"] != LOCAL]
     imported = imported[~imported.set_index(SCORE_KEYS).index.isin(local.set_index(SCORE_KEYS).index)]
     _check_single_import(imported)
-    grouped = pd.concat([local, imported]).groupby(SCORE_KEYS, sort=False)
+    grouped = pd.concat([local, imported]).groupby([*SCORE_KEYS, "seed"], sort=False)
     return grouped.agg(score=(column, "mean"), folds=(column, "size"), source=("source", "first")).reset_index()
+
+
+def dataset_scores(df: pd.DataFrame, metric: str = "dice", part: str | None = None,
+                   fraction: float = DEFAULT_FRACTION) -> pd.DataFrame:
+    """Per (task, model, init, recipe) at one training fraction: the mean over seeds of each seed's mean over folds
+    (`score`), the standard deviation across seeds (`seed_sd`, NaN with one seed), the number of seeds and of runs
+    averaged (`folds`), and the source. See `seed_scores` for which runs count."""
+    return _over_seeds(seed_scores(df, metric, part, fraction))
+
+
+def _over_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
+    grouped = per_seed.groupby(SCORE_KEYS, sort=False)
+    return grouped.agg(score=("score", "mean"), seed_sd=("score", "std"), seeds=("seed", "size"),
+                       folds=("folds", "sum"), source=("source", "first")).reset_index()
 
 
 def _check_single_import(imported: pd.DataFrame) -> None:
@@ -226,13 +293,45 @@ def _check_single_import(imported: pd.DataFrame) -> None:
                          "$SEGBOOK_HOME/results/imported/")
 
 
-def score_lookup(df: pd.DataFrame, metric: str, parts: Iterable[str | None]) -> ScoreLookup:
-    """For each part and the whole dataset (None), (task, model, init, recipe) -> dataset score (fraction)."""
+def score_lookups(df: pd.DataFrame, metric: str, parts: Iterable[str | None],
+                  fraction: float = DEFAULT_FRACTION) -> tuple[ScoreLookup, SeedLookup | None]:
+    """For each part and the whole dataset (None): (task, model, init, recipe) -> dataset score (as stored), and
+    -> {seed: that seed's score} for the spread of group cells (None when only one seed was run: nothing to
+    spread)."""
+    seeded = df.loc[df["evaluated"] & (df["fraction"] == fraction), "seed"].nunique() > 1
+    check_comparable(df)
     lookup: ScoreLookup = {}
+    seeds: SeedLookup = {}
     for part in {None, *parts}:
-        scores = dataset_scores(df, metric, part)
+        per_seed = seed_scores(df, metric, part, fraction, checked=True)
+        scores = _over_seeds(per_seed)
         lookup[part] = dict(zip(zip(*(scores[key] for key in SCORE_KEYS)), scores["score"]))
-    return lookup
+        if seeded:
+            by_key: dict[tuple[str, str, str, str], dict[int, float]] = {}
+            for *key, seed, score in zip(*(per_seed[k] for k in SCORE_KEYS), per_seed["seed"], per_seed["score"]):
+                by_key.setdefault(tuple(key), {})[int(seed)] = score
+            seeds[part] = by_key
+    return lookup, seeds if seeded else None
+
+
+def score_lookup(df: pd.DataFrame, metric: str, parts: Iterable[str | None],
+                 fraction: float = DEFAULT_FRACTION) -> ScoreLookup:
+    """For each part and the whole dataset (None), (task, model, init, recipe) -> dataset score (as stored)."""
+    return score_lookups(df, metric, parts, fraction)[0]
+
+
+def group_spread(seeds: SeedLookup | None, members: list[Member], config: Config) -> float | None:
+    """The standard deviation across seeds of the group's mean: per seed that every member with the configuration
+    ran, the mean over those members; None with fewer than two such seeds."""
+    import numpy as np
+
+    if seeds is None:
+        return None
+    runs = [seeds[part][(task, *config)] for task, part in members if (task, *config) in seeds[part]]
+    common = set.intersection(*(set(run) for run in runs)) if runs else set()
+    if len(common) < 2:
+        return None
+    return float(np.std([np.mean([run[seed] for run in runs]) for seed in sorted(common)], ddof=1))
 
 
 # --- configurations, datasets and groups -----------------------------------------------------------------------
@@ -337,20 +436,29 @@ def group_members(facts: pd.DataFrame, by: Grouping) -> dict[str, list[Member]]:
 
 
 def protocol_note(df: pd.DataFrame) -> list[str]:
-    """Which folds and plans the local scores come from (the paper's protocol: fold all, the authors' v1 plans)."""
+    """Which folds and plans the local scores come from (the paper's protocol: fold all, the authors' v1 plans),
+    and where the runs on part of the train split are shown."""
     local = df[(df["source"] == LOCAL) & df["evaluated"]]
     if local.empty:
         return []
+    partial = int((local["fraction"] != DEFAULT_FRACTION).sum())
+    if len(local) == partial:
+        return [f"{partial} evaluated run(s), all on part of the train split: see --table fractions"]
+    fractions = ([f"{partial} run(s) on part of the train split are not in this table: see --table fractions"]
+                 if partial else [])
+    local = local[local["fraction"] == DEFAULT_FRACTION]
     folds = sorted(set(local["fold"]), key=lambda fold: (fold != "all", fold))
     fold_text = "fold all (SegBook's protocol)" if folds == ["all"] else f"the mean of folds {', '.join(folds)}"
     splits = "one test split per dataset (its SHA-256: `--table datasets`, column split)"
-    return [f"local runs: {fold_text}; plans {', '.join(sorted(set(local['plans'])))}; {splits}"]
+    return [f"local runs: {fold_text}; plans {', '.join(sorted(set(local['plans'])))}; {splits}", *fractions]
 
 
 # --- group tables ----------------------------------------------------------------------------------------------
 
 
-def group_cell(lookup: ScoreLookup, members: list[Member], config: Config) -> Cell:
+def group_cell(lookup: ScoreLookup, members: list[Member], config: Config, metric: str = "dice",
+               seeds: SeedLookup | None = None) -> Cell:
+    factor = metric_factor(metric)
     values, missing = [], []
     for task, part in members:
         value = lookup[part].get((task, *config))
@@ -358,12 +466,17 @@ def group_cell(lookup: ScoreLookup, members: list[Member], config: Config) -> Ce
             missing.append(task)
         else:
             values.append(value)
-    mean = 100.0 * sum(values) / len(values) if values else None
-    return Cell(mean, len(values), tuple(missing), marker=MISSING_MARK if missing and values else "")
+    mean = factor * sum(values) / len(values) if values else None
+    spread = group_spread(seeds, members, config)
+    return Cell(mean, len(values), tuple(missing), marker=MISSING_MARK if missing and values else "",
+                spread=None if spread is None else factor * spread)
 
 
-def delta_cell(lookup: ScoreLookup, members: list[Member], config: Config, baseline: Config) -> Cell:
-    """The paired mean of `config` minus `baseline` over the members that have both."""
+def delta_cell(lookup: ScoreLookup, members: list[Member], config: Config, baseline: Config,
+               metric: str = "dice") -> Cell:
+    """The paired mean of `config` minus `baseline` over the members that have both (reversed where lower is
+    better)."""
+    factor = metric_sign(metric) * metric_factor(metric)
     diffs, missing = [], []
     for task, part in members:
         score, base = lookup[part].get((task, *config)), lookup[part].get((task, *baseline))
@@ -371,7 +484,7 @@ def delta_cell(lookup: ScoreLookup, members: list[Member], config: Config, basel
             missing.append(task)
         else:
             diffs.append(score - base)
-    mean = 100.0 * sum(diffs) / len(diffs) if diffs else None
+    mean = factor * sum(diffs) / len(diffs) if diffs else None
     return Cell(mean, len(diffs), tuple(missing), marker=MISSING_MARK if missing and diffs else "", signed=True)
 
 
@@ -384,29 +497,72 @@ def delta_pairs(configs: Sequence[Config]) -> list[tuple[Config, Config]]:
 
 def group_table(df: pd.DataFrame, by: Grouping, metric: str = "dice", models: Sequence[str] | None = None,
                 inits: Sequence[str] | None = None, recipes: Sequence[str] | None = None) -> ResultTable:
-    """Rows per configuration (and a Delta(PT) row per pretrained one), a column per non-empty group."""
+    """Rows per configuration (and a Delta(PT) row per pretrained one), a column per non-empty group; runs on the
+    whole train split, seeds averaged."""
+    runs, df = df, whole_split(df)
     configs = configurations(df, models, inits, recipes)
     facts = dataset_facts(df, configs)
     members = group_members(facts, by)
-    lookup = score_lookup(df, metric, {part for tasks in members.values() for _, part in tasks})
+    parts = {part for tasks in members.values() for _, part in tasks}
+    lookup, seeds = score_lookups(df, metric, parts)
     cost = by.name == "scale"
     named = ["recipe"] if shows_recipes(configs) else []
-    table = ResultTable(by.name, f"{METRIC_NAMES[metric]} (%) {by.title}",
+    table = ResultTable(by.name, f"{metric_label(metric)} {by.title}",
                         ["model", "init", *named, *(["params (M)", "TMACs", "TFLOPs"] if cost else []), *members],
                         display={"model": MODEL_NAMES})
     baselines = dict(delta_pairs(configs))
     shown = []
     for config in configs:
         model, init, recipe = config
-        cells = [group_cell(lookup, tasks, config) for tasks in members.values()]
+        cells = [group_cell(lookup, tasks, config, metric, seeds) for tasks in members.values()]
         table.rows.append([model, init, *([recipe] if named else []), *(_cost(model) if cost else []), *cells])
         shown.append((config, cells))
         if config in baselines:
             table.rows.append([model, DELTA, *([recipe] if named else []), *([None] * 3 if cost else []),
-                               *(delta_cell(lookup, tasks, config, baselines[config]) for tasks in members.values())])
+                               *(delta_cell(lookup, tasks, config, baselines[config], metric)
+                                 for tasks in members.values())])
     table.notes = (_group_notes(table, members, by, metric) + _missing_notes(shown, lookup, list(facts.index),
-                                                                              bool(named)) + protocol_note(df))
+                                                                              bool(named))
+                   + seed_notes(df, metric, list(baselines.items()), seeds is not None) + protocol_note(runs))
     return table
+
+
+def seed_noise(df: pd.DataFrame, metric: str, config: Config, baseline: Config,
+               scores: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The seed-noise diagnostic of `config` against `baseline`, per dataset with both (whole train split, whole
+    dataset): `delta` (points, or mm reversed), `noise` (the larger of the two configurations' standard deviations
+    across seeds; NaN where neither ran more than one seed) and `within_noise` (|delta| <= noise; None without a
+    noise). `scores`: `dataset_scores` of `df`, when the caller has them."""
+    scores = dataset_scores(whole_split(df), metric) if scores is None else scores
+    keyed = scores.set_index(["model", "init", "recipe"])
+    mine, base = (keyed.loc[[c]].set_index("task") if c in keyed.index else keyed.iloc[:0].set_index("task")
+                  for c in (config, baseline))
+    both = mine[["score", "seed_sd"]].merge(base[["score", "seed_sd"]], how="inner", left_index=True,
+                                            right_index=True, suffixes=("", "_base"))
+    factor = metric_factor(metric)
+    frame = pd.DataFrame({"task": both.index,
+                          "delta": metric_sign(metric) * factor * (both["score"] - both["score_base"]).to_numpy(),
+                          "noise": factor * both[["seed_sd", "seed_sd_base"]].max(axis=1).to_numpy()})
+    within = frame["delta"].abs() <= frame["noise"]
+    frame["within_noise"] = pd.Series([None if pd.isna(n) else bool(w) for n, w in zip(frame["noise"], within)],
+                                      dtype=object)
+    return frame
+
+
+def seed_notes(df: pd.DataFrame, metric: str, pairs: Sequence[tuple[Config, Config]], seeded: bool) -> list[str]:
+    """How cells average seeds and, per Delta(PT), on how many datasets it is within seed noise."""
+    if not seeded:
+        return []
+    notes = ["seeds: a dataset's score is the mean over its seeds; a cell's \u00b1 is the standard deviation across "
+             "seeds of the cell's mean (over the seeds every dataset of the cell ran)"]
+    scores = dataset_scores(whole_split(df), metric)
+    for config, baseline in pairs:
+        noise = seed_noise(df, metric, config, baseline, scores).dropna(subset=["within_noise"])
+        if len(noise):
+            notes.append(f"{config_label(config, config[2] != DEFAULT_RECIPE)}: {DELTA} within seed noise on "
+                         f"{int(noise['within_noise'].sum())} of {len(noise)} datasets (|{DELTA}| <= the larger "
+                         "seed standard deviation of pretrained and scratch; per dataset: --table datasets)")
+    return notes
 
 
 def _cost(model: str) -> list[float | None]:
@@ -421,7 +577,7 @@ def _cost(model: str) -> list[float | None]:
 def _group_notes(table: ResultTable, members: dict[str, list[Member]], by: Grouping, metric: str) -> list[str]:
     if not members:
         return ["no datasets: no runs of the shown configurations"]
-    notes = [f"cell: mean {METRIC_NAMES[metric]} (%) over the n datasets of the group that have the configuration"]
+    notes = [f"cell: mean {metric_label(metric)} over the n datasets of the group that have the configuration"]
     if "TMACs" in table.columns:
         notes.append("params, TMACs (forward multiply-accumulates; the STU-Net paper's 'TFLOPs') and TFLOPs "
                      "(= 2 x TMACs) for one 128^3 patch; nnU-Net's network depends on each dataset's plans, "
@@ -429,7 +585,9 @@ def _group_notes(table: ResultTable, members: dict[str, list[Member]], by: Group
     if any(row[1] == DELTA for row in table.rows):
         per_recipe = ", per recipe (its pretrained runs minus scratch)" if "recipe" in table.columns else ""
         notes.append(f"{DELTA}: mean of (pretrained - scratch) over the datasets that have both, in points"
-                     + per_recipe)
+                     + per_recipe if metric not in LOWER_IS_BETTER else
+                     f"{DELTA}: mean of (scratch - pretrained) over the datasets that have both, in mm" + per_recipe)
+        notes += [note for note in [delta_convention(metric)] if note]
     empty = [group for group in by.groups if group not in members and group not in by.quiet]
     if empty:
         notes.append(f"no datasets: {', '.join(empty)}")
@@ -497,6 +655,7 @@ def recipe_baselines(config: Config, shown: Sequence[Config]) -> list[tuple[str,
 def recipe_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | None = None,
                  recipes: Sequence[str] | None = None) -> ResultTable:
     """By dataset scale per recipe: per network its scratch row, then each recipe's row with its delta rows."""
+    runs, df = df, whole_split(df)
     pretrained = recipe_configs(df, models, recipes)
     networks = list(dict.fromkeys(model for model, _, _ in pretrained))
     rows = [config for model in networks
@@ -504,19 +663,21 @@ def recipe_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] |
     by = grouping("scale")
     facts = dataset_facts(df, rows)
     members = group_members(facts, by)
-    lookup = score_lookup(df, metric, ())
-    table = ResultTable("recipes", f"{METRIC_NAMES[metric]} (%) by dataset scale per fine-tuning recipe",
+    lookup, seeds = score_lookups(df, metric, ())
+    table = ResultTable("recipes", f"{metric_label(metric)} by dataset scale per fine-tuning recipe",
                         ["model", "init", "recipe", *members], display={"model": MODEL_NAMES})
     shown = []
     for config in rows:
-        cells = [group_cell(lookup, tasks, config) for tasks in members.values()]
+        cells = [group_cell(lookup, tasks, config, metric, seeds) for tasks in members.values()]
         table.rows.append([*config, *cells])
         shown.append((config, cells))
         for label, baseline in recipe_baselines(config, pretrained) if config[1] == "pretrained" else []:
             table.rows.append([config[0], label, config[2],
-                               *(delta_cell(lookup, tasks, config, baseline) for tasks in members.values())])
+                               *(delta_cell(lookup, tasks, config, baseline, metric) for tasks in members.values())])
     table.notes = (_group_notes(table, members, by, metric) + _recipe_notes(table, pretrained)
-                   + _missing_notes(shown, lookup, list(facts.index), True) + protocol_note(df))
+                   + _missing_notes(shown, lookup, list(facts.index), True)
+                   + seed_notes(df, metric, [(c, (c[0], "scratch", SCRATCH_RECIPE)) for c in pretrained],
+                                seeds is not None) + protocol_note(runs))
     return table
 
 
@@ -550,29 +711,52 @@ def delta_label(config: Config, with_recipe: bool = False) -> str:
 def dataset_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | None = None,
                   inits: Sequence[str] | None = None, recipes: Sequence[str] | None = None) -> ResultTable:
     """A row per dataset, every configuration side by side, a Delta(PT) per pretrained configuration, and the
-    sources used."""
+    sources used; runs on the whole train split, seeds averaged. With more than one seed, a `SIZE seed noise`
+    column per Delta(PT) and a NOISE_MARK on each Delta(PT) within it (`seed_noise`)."""
+    runs, df = df, whole_split(df)
     configs = configurations(df, models, inits, recipes)
     facts = dataset_facts(df, configs)
-    scores = dataset_scores(df, metric)
-    scores = dict(zip(zip(*(scores[key] for key in SCORE_KEYS)),
-                      zip(scores["score"], scores["folds"], scores["source"])))
+    frame = dataset_scores(df, metric)
+    scores = dict(zip(zip(*(frame[key] for key in SCORE_KEYS)),
+                      zip(frame["score"], frame["folds"], frame["source"], frame["seed_sd"])))
     pending = _pending(df, metric)
     pairs = delta_pairs(configs)
     named = shows_recipes(configs)
     splits = _splits(df)
-    table = ResultTable("datasets", f"{METRIC_NAMES[metric]} (%) per dataset",
+    noise = {config: seed_noise(df, metric, config, baseline, frame).set_index("task") for config, baseline in pairs
+             } if df.loc[df["evaluated"], "seed"].nunique() > 1 else {}
+    table = ResultTable("datasets", f"{metric_label(metric)} per dataset",
                         ["task", "modality", "target", "scale", *(config_label(c, named) for c in configs),
-                         *(delta_label(config, named) for config, _ in pairs), "source", "split"],
+                         *(delta_label(config, named) for config, _ in pairs),
+                         *(f"{delta_label(config, named).removesuffix(' delta')} seed noise" for config in noise),
+                         "source", "split"],
                         count_label="folds", detail_label="status", show_count=False,
                         display={"split": {sha: sha[:12] for sha in splits.values()}})
     for task, modality, target, scale in zip(facts.index, facts["modality"], facts["target"], facts["scale"]):
-        cells = {config: _dataset_cell(scores, pending, (task, *config)) for config in configs}
+        cells = {config: _dataset_cell(scores, pending, (task, *config), metric) for config in configs}
         sources = sorted({cell.source for cell in cells.values() if cell.source}, key=lambda s: (s != LOCAL, s))
         table.rows.append([task, modality, target, scale, *cells.values(),
-                           *(_dataset_delta(cells[config], cells[baseline]) for config, baseline in pairs),
+                           *(_dataset_delta(cells[config], cells[baseline], metric, noise.get(config), task)
+                             for config, baseline in pairs),
+                           *(_noise_value(frame, task) for frame in noise.values()),
                            ", ".join(sources) or "-", splits.get(task)])
-    table.notes = _dataset_notes(table, metric) + protocol_note(df)
+    table.notes = _dataset_notes(table, metric) + _noise_notes(noise) + protocol_note(runs)
     return table
+
+
+def _noise_value(noise: pd.DataFrame, task: str) -> float | None:
+    value = noise["noise"].get(task)
+    return None if value is None or pd.isna(value) else round(float(value), 2)
+
+
+def _noise_notes(noise: dict[Config, pd.DataFrame]) -> list[str]:
+    if not noise:
+        return []
+    counts = "; ".join(f"{config_label(config)}: {int(frame['within_noise'].dropna().sum())} of "
+                       f"{len(frame['within_noise'].dropna())}" for config, frame in noise.items())
+    return [f"seed noise: the larger of pretrained's and scratch's standard deviations across seeds; {NOISE_MARK} "
+            f"marks a {DELTA} no larger than it (within seed noise: {counts} datasets); cells show the mean over "
+            "seeds \u00b1 the standard deviation across seeds"]
 
 
 def _splits(df: pd.DataFrame) -> dict[str, str]:
@@ -587,39 +771,139 @@ def _pending(df: pd.DataFrame, metric: str) -> dict[tuple[str, str, str, str], l
     waiting = df[~df["evaluated"] | df[metric].isna()]
     for row in waiting.itertuples():
         which = f"fold {row.fold}" if row.source == LOCAL else row.source
-        why = f"no {METRIC_NAMES[metric]}" if row.evaluated else row.status
+        unevaluated = isinstance(row.unevaluated, set) and metric in row.unevaluated
+        why = (f"not evaluated for {metric} (run segbook evaluate again)" if unevaluated else
+               f"no {METRIC_NAMES[metric]}") if row.evaluated else row.status
         pending.setdefault((row.task, row.model, row.init, row.recipe), []).append((which, why))
     return pending
 
 
-def _dataset_cell(scores: dict, pending: dict, key: tuple[str, str, str, str]) -> Cell:
+def _dataset_cell(scores: dict, pending: dict, key: tuple[str, str, str, str], metric: str = "dice") -> Cell:
     waiting = pending.get(key, [])
     folds = "; ".join(f"{which}: {why}" for which, why in waiting)
     if key not in scores:
         statuses = {status for _, status in waiting}
         return Cell(None, 0, status=statuses.pop() if len(statuses) == 1 else folds or "missing")
-    score, count, source = scores[key]
-    return Cell(100.0 * score, int(count), status=folds, marker=PARTIAL_MARK if waiting else "", source=source)
+    score, count, source, spread = scores[key]
+    factor = metric_factor(metric)
+    return Cell(factor * score, int(count), status=folds, marker=PARTIAL_MARK if waiting else "", source=source,
+                spread=None if pd.isna(spread) else factor * spread)
 
 
-def _dataset_delta(pretrained: Cell, scratch: Cell) -> Cell:
+def _dataset_delta(pretrained: Cell, scratch: Cell, metric: str = "dice", noise: pd.DataFrame | None = None,
+                   task: str = "") -> Cell:
     if pretrained.value is None or scratch.value is None:
         return Cell(None, 0, status="-")
-    return Cell(pretrained.value - scratch.value, 1, signed=True)
+    within = noise is not None and noise["within_noise"].get(task) in (True, 1)
+    return Cell(metric_sign(metric) * (pretrained.value - scratch.value), 1, signed=True,
+                marker=NOISE_MARK if within else "")
 
 
 def _dataset_notes(table: ResultTable, metric: str) -> list[str]:
     if not table.rows:
         return ["no datasets: no runs of the shown configurations"]
-    notes = [f"cell: mean {METRIC_NAMES[metric]} (%) over the dataset's evaluated folds; 'missing': no run; "
+    notes = [f"cell: mean {metric_label(metric)} over the dataset's evaluated folds; 'missing': no run; "
              "otherwise the status of its runs"]
     partial = [f"  {row[0]} {column}: {cell.status}" for row in table.rows
-               for column, cell in zip(table.columns, row) if isinstance(cell, Cell) and cell.marker]
+               for column, cell in zip(table.columns, row) if isinstance(cell, Cell) and cell.marker == PARTIAL_MARK]
     if partial:
         notes += [f"{PARTIAL_MARK} averages the evaluated folds only; not evaluated yet:", *partial]
     if any(IMPORTED_PREFIX in str(row[-2]) for row in table.rows):
         notes.append("source imported:NAME: numbers imported from $SEGBOOK_HOME/results/imported/NAME.csv "
                      "(local runs take precedence); published numbers come with their authors' plans and split")
+    return notes
+
+
+# --- training-data fractions ------------------------------------------------------------------------------------
+
+
+#: Pretraining "matches" scratch on all the data at a fraction when its score is at most this much worse (points;
+#: mm for HD95): below the two-decimal precision that the tables print plus rounding, a tie.
+MATCH_TOLERANCE = 0.1
+MATCHES = "matches scratch@100%"
+
+
+def fraction_text(fraction: float) -> str:
+    return f"{100 * fraction:g}%"
+
+
+def run_fractions(df: pd.DataFrame) -> list[float]:
+    """The training fractions with evaluated runs, smallest first."""
+    return sorted(set(df.loc[df["evaluated"], "fraction"]))
+
+
+def fraction_scores(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """`dataset_scores` at every training fraction run, with a `fraction` column (scores as stored)."""
+    frames = [dataset_scores(df, metric, None, fraction).assign(fraction=fraction) for fraction in run_fractions(df)]
+    columns = [*SCORE_KEYS, "score", "seed_sd", "seeds", "folds", "source", "fraction"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def smallest_matching_fraction(pretrained: Mapping[float, float], scratch_full: float, metric: str) -> float | None:
+    """The smallest fraction at which pretraining matches scratch trained on the whole train split: its score
+    (mean over seeds) is no worse than scratch's at fraction 1 by more than MATCH_TOLERANCE, at that fraction and at
+    every larger fraction run (so one lucky small run does not claim it). None: it never does."""
+    sign, factor = metric_sign(metric), metric_factor(metric)
+    found = None
+    for fraction in sorted(pretrained, reverse=True):
+        if sign * factor * (pretrained[fraction] - scratch_full) < -MATCH_TOLERANCE:
+            break
+        found = fraction
+    return found
+
+
+def fraction_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | None = None,
+                   inits: Sequence[str] | None = None, recipes: Sequence[str] | None = None) -> ResultTable:
+    """A row per dataset and configuration, a column per training fraction run (mean over seeds, +- their standard
+    deviation), and for each pretrained configuration the smallest fraction that matches scratch on all the data."""
+    configs = configurations(df, models, inits, recipes)
+    facts = dataset_facts(df, configs)
+    fractions = run_fractions(df)
+    scores = fraction_scores(df, metric)
+    by_key = {(*key, fraction): (score, sd, seeds) for *key, fraction, score, sd, seeds in zip(
+        *(scores[k] for k in SCORE_KEYS), scores["fraction"], scores["score"], scores["seed_sd"], scores["seeds"])}
+    named = shows_recipes(configs)
+    baselines = dict(delta_pairs(configs))
+    factor = metric_factor(metric)
+    table = ResultTable("fractions", f"{metric_label(metric)} per training-data fraction",
+                        ["task", "train cases", "model", "init", *(["recipe"] if named else []),
+                         *map(fraction_text, fractions), *([MATCHES] if baselines else [])],
+                        count_label="seeds", detail_label="status", show_count=False, display={"model": MODEL_NAMES})
+    for task, train_cases in zip(facts.index, facts["train_cases"]):
+        for config in configs:
+            values = {f: by_key[(task, *config, f)] for f in fractions if (task, *config, f) in by_key}
+            if not values:
+                continue
+            cells = [Cell(factor * values[f][0], int(values[f][2]),
+                          spread=None if pd.isna(values[f][1]) else factor * values[f][1]) if f in values
+                     else Cell(None, status="missing") for f in fractions]
+            match = _match_text(values, by_key.get((task, *baselines[config], DEFAULT_FRACTION)), metric) \
+                if config in baselines else None
+            table.rows.append([task, int(train_cases), *config[:2], *([config[2]] if named else []), *cells,
+                               *([match] if baselines else [])])
+    table.notes = _fraction_notes(table, metric, baselines) + protocol_note(df.assign(fraction=DEFAULT_FRACTION))
+    return table
+
+
+def _match_text(pretrained: dict[float, tuple], scratch_full: tuple | None, metric: str) -> str | None:
+    if scratch_full is None:
+        return None
+    found = smallest_matching_fraction({f: value[0] for f, value in pretrained.items()}, scratch_full[0], metric)
+    return "never" if found is None else fraction_text(found)
+
+
+def _fraction_notes(table: ResultTable, metric: str, baselines: Mapping[Config, Config]) -> list[str]:
+    if not table.rows:
+        return ["no datasets: no runs of the shown configurations"]
+    notes = [f"cell: {metric_label(metric)} of the runs trained on that fraction of the train split (the test split "
+             "is always the whole one): mean over seeds, \u00b1 the standard deviation across seeds where more than "
+             "one; train cases: the dataset's whole train split"]
+    if baselines:
+        worse = "above" if metric in LOWER_IS_BETTER else "below"
+        notes.append(f"{MATCHES}: the smallest fraction at which the pretrained network's score is at most "
+                     f"{MATCH_TOLERANCE:g} {delta_unit(metric)} {worse} the same network's from scratch on the whole "
+                     "train split, at that fraction and at every larger one run; never: at no fraction; '-': a "
+                     "scratch row, or no scratch run on the whole train split")
     return notes
 
 
@@ -629,6 +913,8 @@ def build_table(df: pd.DataFrame, name: str, metric: str = "dice", group_dataset
     """Any of TABLES by name: what `segbook results --table NAME` prints."""
     if name == "datasets":
         return dataset_table(df, metric, models, inits, recipes)
+    if name == "fractions":
+        return fraction_table(df, metric, models, inits, recipes)
     if name == "recipes":
         if inits:
             raise TableError("the recipes table compares each recipe's pretrained runs with scratch: --init does "
