@@ -44,10 +44,11 @@ def case_rows(registry: Registry, task: str, mean_dice: float, cases: int, seed:
 
 def write_evaluated_run(results: Path, registry: Registry, task: str, model: str, init: str, mean_dice: float,
                         split: str | None = None, cases: int = 6, cost: dict[str, Any] | None = None,
-                        prediction_seconds_per_case: float | None = 2.0, seed: int = 0) -> Path:
+                        prediction_seconds_per_case: float | None = 2.0, seed: int = 0,
+                        recipe: str | None = None) -> Path:
     """A run folder as training and `segbook evaluate` leave it (fold all), with its per-case metrics."""
     entry = registry.get(task)
-    spec = RunSpec.of(entry, model, init, "all")
+    spec = RunSpec.of(entry, model, init, "all", recipe=recipe)
     folder = spec.folder(results)
     (folder / "evaluation").mkdir(parents=True)
     run = {"task": spec.task, "dataset": spec.dataset, "model": model, "init": init, "recipe": spec.recipe,

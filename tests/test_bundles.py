@@ -109,6 +109,20 @@ def test_export_then_import_gives_the_same_tables_and_case_files(bundle: Path, t
         import_bundle(changed, registry, ours)
 
 
+def test_runs_of_hyphenated_recipes_and_models_travel_in_a_bundle(tmp_path: Path, registry: Registry,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recipe and model names may hold hyphens (heads-only, resenc-l): their folders are run folders too."""
+    theirs = home(tmp_path, monkeypatch, "their_home")
+    write_evaluated_run(theirs.results, registry, A, "base", "pretrained", 0.8, split=SPLIT, recipe="heads-only")
+    write_evaluated_run(theirs.results, registry, A, "resenc-l", "scratch", 0.7, split=SPLIT)
+    report = export_bundle(tmp_path / "hyphens", registry=registry, paths=theirs)
+    assert (report.runs, report.left_out) == (2, 0)
+    ours = home(tmp_path, monkeypatch, "our_home")
+    assert import_bundle(report.folder, registry, ours).runs == 2
+    rows = collect_results(ours, registry, recipes=["heads-only"])
+    assert set(zip(rows["model"], rows["recipe"])) == {("base", "heads-only"), ("resenc-l", "scratch")}
+
+
 @pytest.mark.parametrize("known_from", ["dataset", "runs"])
 def test_a_bundle_scored_on_another_split_is_kept_apart_and_named(known_from: str, bundle: Path, tmp_path: Path,
                                                                    registry: Registry,

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+from helpers import write_payload_checkpoint
 from torch import nn
 
 from segbook.backbones.nnssl import (NNSSL_RESENC_L_BLOCKS, NNSSL_RESENC_L_WIDTHS, NnsslCheckpoint,
                                      adapt_nnssl_to_network, read_nnssl_checkpoint, write_nnssl_checkpoint)
 from stunet import CheckpointError, STUNet
-from tests.helpers import write_payload_checkpoint
 
 RESENC_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
 

@@ -40,7 +40,7 @@ FORMAT = "segbook-results-bundle"
 FORMAT_VERSION = 1
 BUNDLE_FILE = "bundle.json"
 RUN_FILES = (MANIFEST, f"{EVALUATION}/{SUMMARY}", f"{EVALUATION}/{METRICS}")
-RUN_FOLDER_PATTERN = re.compile(r"Dataset\d{1,6}_[A-Za-z0-9_-]{1,100}/SegbookTrainer_[A-Za-z0-9_]{1,150}"
+RUN_FOLDER_PATTERN = re.compile(r"Dataset\d{1,6}_[A-Za-z0-9_-]{1,100}/SegbookTrainer_[A-Za-z0-9_-]{1,150}"
                                 r"__[A-Za-z0-9_-]{1,100}__3d_fullres/fold_(all|\d)")
 CASE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
