@@ -163,7 +163,7 @@ def submitted_arrays(paths: Paths) -> list[dict[str, Any]]:
     return records
 
 
-def wait_until_over(jobs: list[Job], paths: Paths, weights: str | None, arrays: list[str], timeout_s: float,
+def wait_until_over(jobs: list[Job], paths: Paths, weights: dict[str, str], arrays: list[str], timeout_s: float,
                     say: Callable[[str], None]) -> dict[str, int]:
     """Poll `batch status` until every job is done, one failed or is blocked, or no array task is left to run;
     returns the last counts per state."""
@@ -193,7 +193,7 @@ def cancel(arrays: list[str]) -> None:
 
 # --- checks: each returns the problems it found ---------------------------------------------------------------------
 
-def check_done(jobs: list[Job], paths: Paths, weights: str | None) -> list[str]:
+def check_done(jobs: list[Job], paths: Paths, weights: dict[str, str]) -> list[str]:
     """Every job is done by `batch status`."""
     statuses = survey(jobs, paths, weights=weights)
     return [f"{s.job.id} is {s.state}: {s.detail}" for s in statuses if s.state != "done"]

@@ -357,6 +357,48 @@ class Weights:
     sha256: str
 
 
+#: The key of `parse_weights`' file for every pretrained job (`--weights FILE`, as opposed to `MODEL=FILE`).
+ANY_MODEL = "*"
+
+
+def parse_weights(given: "str | Path | Iterable[str | Path] | dict[str, str] | None") -> dict[str, str]:
+    """A batch's `--weights` as {model: absolute path}, `ANY_MODEL` for the file of every pretrained job: `FILE`
+    (every pretrained job), `MODEL=FILE` (that model's jobs: a batch mixing backbones starts each from its own),
+    repeatable. `RunIdentityError` for an unknown model or one given twice, before anything is written."""
+    if given is None:
+        return {}
+    if isinstance(given, dict):  # parsed already (a batch's options as its workers read them back)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in given.items()):
+            raise RunIdentityError(f"weights must map model names to files, got {given!r}")
+        return dict(given)
+    values = [given] if isinstance(given, (str, Path)) else list(given)
+    items = [_weights_item(str(value)) for value in values]
+    chosen: dict[str, str] = {}
+    for model, file in items:
+        if model != ANY_MODEL and model not in backbones.model_names():
+            raise RunIdentityError(f"--weights {model}={file}: unknown model {model!r}; choose one of "
+                                   f"{', '.join(backbones.model_names())}")
+        if model in chosen:
+            what = "a file for every model" if model == ANY_MODEL else f"model {model}"
+            raise RunIdentityError(f"--weights: {what} given more than once")
+        chosen[model] = str(Path(file).expanduser().resolve())
+    return chosen
+
+
+def _weights_item(value: str) -> tuple[str, str]:
+    """`MODEL=FILE` -> (MODEL, FILE) when the part before `=` could be a model name; a plain file otherwise."""
+    model, separator, file = value.partition("=")
+    if separator and file and backbones.MODEL_NAME.fullmatch(model):
+        return model, file
+    return ANY_MODEL, value
+
+
+def weights_given(weights: "dict[str, str]", model: str) -> str | None:
+    """The file `parse_weights` gives a pretrained run of `model`: its own, else the one for every model (None:
+    the backbone's catalogued checkpoint)."""
+    return weights.get(model) or weights.get(ANY_MODEL)
+
+
 def resolve_weights(model: str, given: str | Path | None, paths: "Paths",
                     say: Callable[[str], None] = print) -> Weights:
     """A given file wins; otherwise the cached official checkpoint, checked against the SHA-256 recorded when it

@@ -276,6 +276,35 @@ def test_a_matrix_mixes_backbones_each_on_its_plans(task, tmp_path, monkeypatch)
         build_matrix(registry, task.entry.key, models="large,resenc-l", recipes="llrd")
 
 
+def test_a_batch_mixing_backbones_checks_each_models_weights_before_anything_runs(task, tmp_path, monkeypatch):
+    """`--weights tiny=FILE --weights resenc-l=FILE`: each pretrained job is checked against its own file (ResEnc-L
+    against the task's ResEnc plans), and a file given to the wrong model is refused naming both networks."""
+    from segbook.batch.execute import ExecutionOptions
+    from segbook.batch.matrix import build_matrix
+    from segbook.batch.weights import WeightsProblem, check_weights
+    from segbook.registry import load_registry
+
+    paths = use_planned_task(task, tmp_path, monkeypatch)
+    jobs = build_matrix(load_registry([task.registry_file]), task.entry.key, models="tiny,resenc-l",
+                        inits="pretrained")
+    network = create_model("resenc-l", num_classes=len(task.entry.labels),
+                           configuration=_configuration(task.resenc_plan))
+    openmind = write_nnssl_checkpoint(network, tmp_path / "openmind.pth")
+    mixed = ExecutionOptions.create(weights=[f"tiny={task.weights}", f"resenc-l={openmind}"])
+    check_weights(jobs, mixed.weights_for, paths, say=lambda line: None)
+    swapped = ExecutionOptions.create(weights=[f"tiny={openmind}", f"resenc-l={task.weights}"])
+    with pytest.raises(WeightsProblem, match="STU-Net tiny"):
+        check_weights(jobs, swapped.weights_for, paths, say=lambda line: None)
+    with pytest.raises(WeightsProblem, match="STU-Net tiny has no official pretrained checkpoint"):
+        check_weights(jobs, ExecutionOptions.create(weights=[f"resenc-l={openmind}"]).weights_for, paths,
+                      say=lambda line: None)  # tiny's job has no file: the others' are not lent to it
+    deeper = write_nnssl_checkpoint(create_model("resenc-l", num_classes=3), tmp_path / "reference.pth")
+    resenc = [job for job in jobs if job.spec.model == "resenc-l"]
+    with pytest.raises(WeightsProblem, match="holds"):  # the reference ResEnc-L: not the tiny task's stages
+        check_weights(resenc, ExecutionOptions.create(weights=[f"resenc-l={deeper}"]).weights_for, paths,
+                      say=lambda line: None)
+
+
 def test_an_installed_package_adds_backbones_through_the_entry_point_group(tmp_path, monkeypatch):
     """A package declaring `[segbook.backbones] my = my_backbone:BACKBONES` (here: its installed metadata on the
     path) shows up in `segbook models`, in a fresh process as a user would run it."""

@@ -35,7 +35,9 @@ from segbook.errors import SegbookError
 from segbook.options import OptionError
 from segbook.paths import Paths
 from segbook.recipes import RecipeError
+from segbook.cli.main import main
 from segbook.registry import load_registry
+from segbook.runs import ANY_MODEL, RunIdentityError, parse_weights, weights_given
 from segbook.training.manifest import RunManifest
 from segbook.training.settings import TrainingSettings
 
@@ -151,9 +153,11 @@ def test_job_states_from_run_folders_claims_and_weights(segbook_home):
 
     assert state(pretrained).state == "blocked" and "weights missing" in state(pretrained).detail
     weights = segbook_home / "base.model"
-    assert "not found" in state(pretrained, weights=weights).detail
+    assert "not found" in state(pretrained, weights=parse_weights(weights)).detail
     weights.write_bytes(b"x")
-    assert state(pretrained, weights=weights).state == "pending"
+    assert state(pretrained, weights=parse_weights(weights)).state == "pending"
+    assert state(pretrained, weights=parse_weights([f"base={weights}"])).state == "pending"
+    assert "weights missing" in state(pretrained, weights=parse_weights([f"large={weights}"])).detail  # not base's
     paths.weights.mkdir(parents=True)
     (paths.weights / "base_ep4k.model").write_bytes(b"x")  # the official checkpoint, cached
     assert state(pretrained).state == "pending"
@@ -295,13 +299,42 @@ def test_forecast_costs_each_recipe_with_its_budget_and_totals_add_up(segbook_ho
 
 # --- options ------------------------------------------------------------------------------------------------------
 
+def test_weights_are_given_for_every_model_or_per_model_and_checked(tmp_path, monkeypatch):
+    """`--weights FILE` starts every pretrained job from FILE; `--weights MODEL=FILE` only that model's, so one batch
+    mixes backbones (STU-Net from its cached checkpoint, ResEnc-L from an nnssl file)."""
+    monkeypatch.chdir(tmp_path)
+    weights = parse_weights(["resenc-l=openmind.pth", "all.model"])
+    assert weights == {"resenc-l": str(tmp_path / "openmind.pth"), ANY_MODEL: str(tmp_path / "all.model")}
+    assert weights_given(weights, "resenc-l") == str(tmp_path / "openmind.pth")
+    assert weights_given(weights, "large") == str(tmp_path / "all.model")
+    assert weights_given(parse_weights(["resenc-l=x.pth"]), "large") is None  # large: its cached checkpoint
+    assert parse_weights("dir/a=b.model") == {ANY_MODEL: str(tmp_path / "dir" / "a=b.model")}  # a path, not a model
+    with pytest.raises(RunIdentityError, match="unknown model 'resenc-xl'"):
+        parse_weights(["resenc-xl=x.pth"])
+    with pytest.raises(RunIdentityError, match="model large given more than once"):
+        parse_weights(["large=a.model", "large=b.model"])
+    options = ExecutionOptions.create(weights=["resenc-l=openmind.pth"])
+    assert ExecutionOptions.from_json(options.to_json()) == options
+    recorded = json.loads(options.to_json()) | {"weights": str(tmp_path / "old.model")}  # a record made before
+    assert ExecutionOptions.from_json(json.dumps(recorded)).weights == {ANY_MODEL: str(tmp_path / "old.model")}
+
+
+def test_a_batch_refuses_an_unknown_model_in_weights_before_writing(segbook_home, capsys):
+    code = main(["batch", "plan", "--tasks", "613", "--models", "large", "--weights", "larg=x.model"])
+    error = capsys.readouterr().err
+    assert code == 2 and "segbook: error: --weights larg=x.model: unknown model 'larg'" in error
+    assert not segbook_home.exists()
+
+
+
 def test_options_for_workers_and_sbatch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SEGBOOK_RECIPES", "env.yaml")
     options = ExecutionOptions.create(registry_files=["mine.yaml"], recipe_files=["recipes/mine.yaml"],
                                       weights="w.model", device="cpu", settings=TrainingSettings(epochs=3),
                                       pretrained_settings=TrainingSettings(lr=1))
-    assert options.registry_files == (str(tmp_path / "mine.yaml"),) and options.weights == str(tmp_path / "w.model")
+    assert options.registry_files == (str(tmp_path / "mine.yaml"),)
+    assert options.weights == {ANY_MODEL: str(tmp_path / "w.model")}
     assert options.recipe_files == (str(tmp_path / "env.yaml"), str(tmp_path / "recipes" / "mine.yaml"))
     assert ExecutionOptions.from_json(options.to_json()) == options
     assert options.gpus_per_job == 0 and ExecutionOptions(num_gpus=2).gpus_per_job == 2

@@ -41,7 +41,7 @@ from segbook.options import Bound, OptionError, check_all
 from segbook.paths import Paths
 from segbook.recipes import get_recipe
 from segbook.recipes import recipe_files as user_recipe_files
-from segbook.runs import identity_fields, is_evaluated
+from segbook.runs import ANY_MODEL, identity_fields, is_evaluated, parse_weights, weights_given
 from segbook.squeue import own_slurm_job
 from segbook.training.manifest import RunManifest, failure, record_failure
 from segbook.training.settings import TrainingSettings
@@ -87,7 +87,7 @@ class ExecutionOptions:
 
     settings: TrainingSettings = field(default_factory=TrainingSettings)
     pretrained_settings: TrainingSettings | None = None
-    weights: str | None = None
+    weights: dict[str, str] = field(default_factory=dict)  # `segbook.runs.parse_weights`: {model or "*": file}
     device: str = "cuda"
     num_gpus: int = 1
     compile: bool | None = None
@@ -100,14 +100,15 @@ class ExecutionOptions:
 
     @classmethod
     def create(cls, *, registry_files: Iterable[str | os.PathLike] = (),
-               recipe_files: Iterable[str | os.PathLike] = (), weights: str | os.PathLike | None = None,
+               recipe_files: Iterable[str | os.PathLike] = (),
+               weights: str | os.PathLike | Iterable[str] | dict[str, str] | None = None,
                **values: Any) -> "ExecutionOptions":
         """Options with file paths made absolute (workers may start in another directory, on another node); the
-        recipe files of SEGBOOK_RECIPES are added to `recipe_files`, so they reach the workers explicitly too."""
+        recipe files of SEGBOOK_RECIPES are added to `recipe_files`, so they reach the workers explicitly too.
+        `weights`: a file for every pretrained job, or `MODEL=FILE` items (`segbook.runs.parse_weights`)."""
         absolute = lambda files: tuple(str(Path(f).expanduser().resolve()) for f in files)  # noqa: E731
-        weights = str(Path(weights).expanduser().resolve()) if weights else None
         return cls(registry_files=absolute(registry_files), recipe_files=absolute(user_recipe_files(recipe_files)),
-                   weights=weights, **values)
+                   weights=parse_weights(weights), **values)
 
     def validate(self, jobs: Iterable[Job] = ()) -> "ExecutionOptions":
         """Before a single job is started or submitted: `OptionError` for any value out of range, `RecipeError` for
@@ -136,12 +137,14 @@ class ExecutionOptions:
         return settings.resolve(get_recipe(job.spec.recipe, job.spec.init, self.recipe_files))[0]
 
     @property
-    def pretrained_weights(self) -> str | None:
-        """The checkpoint pretrained jobs start from; None: the cached official one of each model."""
-        return self.weights or (self.pretrained_settings or self.settings).weights
+    def pretrained_weights(self) -> dict[str, str]:
+        """The checkpoints pretrained jobs start from, by model (`segbook.runs.parse_weights`); a model without
+        one starts from its cached official checkpoint."""
+        fallback = (self.pretrained_settings or self.settings).weights
+        return {**({ANY_MODEL: fallback} if fallback else {}), **self.weights}
 
     def weights_for(self, job: Job) -> str | None:
-        return self.pretrained_weights if job.spec.init == "pretrained" else None
+        return weights_given(self.pretrained_weights, job.spec.model) if job.spec.init == "pretrained" else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -154,6 +157,7 @@ class ExecutionOptions:
             data["pretrained_settings"] = TrainingSettings.from_dict(data["pretrained_settings"])
         data["registry_files"] = tuple(data.get("registry_files", ()))
         data["recipe_files"] = tuple(data.get("recipe_files", ()))
+        data["weights"] = parse_weights(data.get("weights"))  # a single path in records made before MODEL=FILE
         return cls(**data)
 
 

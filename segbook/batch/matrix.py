@@ -35,7 +35,8 @@ from segbook.paths import Paths
 from segbook.recipes import RecipeError, get_recipe, load_recipes
 from segbook import backbones
 from segbook.runs import (DEFAULT_FRACTION, DEFAULT_RECIPES, DEFAULT_SEED, FOLDS, INITS, RunIdentityError, RunSpec,
-                          has_resumable_checkpoint, is_evaluated, parse_fractions, parse_seeds, valid_combinations)
+                          has_resumable_checkpoint, is_evaluated, parse_fractions, parse_seeds, valid_combinations,
+                          weights_given)
 from segbook.squeue import LIVE_STATES, RUNNING_STATES, array_of, slurm_available, squeue_states
 from segbook.training.manifest import RunManifest, failure
 
@@ -248,7 +249,7 @@ def _slurm_fields(task: SubmittedTask | None, queue: Mapping[str, str] | None) -
             "slurm_live": state in LIVE_STATES and not task.finished()}
 
 
-def job_status(job: Job, paths: Paths, *, weights: str | Path | None = None,
+def job_status(job: Job, paths: Paths, *, weights: Mapping[str, str] | None = None,
                queue: Mapping[str, str] | None = None, submitted: SubmittedTask | None = None,
                ask_slurm: bool = True, claim: tuple | None = None,
                preparations: Mapping[str, dict] | None = None) -> JobStatus:
@@ -274,7 +275,8 @@ def job_status(job: Job, paths: Paths, *, weights: str | Path | None = None,
         return JobStatus(job, "running", f"SLURM task {submitted.slurm_id} is {fields['slurm_state']}", **fields)
     if preparations is None:
         preparations = read_records(paths)
-    blocked = _blocked(job, paths, manifest, folder, weights, preparations.get(job.entry.key))
+    given = weights_given(dict(weights or {}), job.spec.model)
+    blocked = _blocked(job, paths, manifest, folder, given, preparations.get(job.entry.key))
     if blocked:
         return JobStatus(job, "blocked", blocked, **fields)
     return JobStatus(job, "pending", _pending_line(manifest, folder, fields), **fields)
@@ -304,9 +306,10 @@ def _blocked(job: Job, paths: Paths, manifest: RunManifest | None, folder: Path,
     return None
 
 
-def survey(jobs: Iterable[Job], paths: Paths | None = None, *, weights: str | Path | None = None,
+def survey(jobs: Iterable[Job], paths: Paths | None = None, *, weights: Mapping[str, str] | None = None,
            slurm: bool = True) -> list[JobStatus]:
-    """The state of every job, asking squeue once for all of them (when `slurm` and SLURM is installed)."""
+    """The state of every job, asking squeue once for all of them (when `slurm` and SLURM is installed).
+    `weights`: the files pretrained jobs would start from (`segbook.runs.parse_weights`)."""
     paths = paths or Paths.from_env()
     jobs = list(jobs)
     submitted = latest_tasks(paths) if slurm else {}

@@ -7,9 +7,9 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from segbook.cli.common import (POSITIVE_NUMBER, HelpFormatter, add_backbone_file_option, add_registry_option,
-                                add_seed_and_fraction_options, add_training_options, at_least, load_backbone_files,
-                                model_help, training_settings_from_args)
+from segbook.cli.common import (POSITIVE_NUMBER, HelpFormatter, add_backbone_file_option, add_batch_weights_option,
+                                add_registry_option, add_seed_and_fraction_options, add_training_options, at_least,
+                                load_backbone_files, model_help, training_settings_from_args)
 
 if TYPE_CHECKING:
     from segbook.batch.execute import ExecutionOptions
@@ -208,8 +208,7 @@ def _register_status(commands: argparse._SubParsersAction) -> None:
                         "SLURM task, then the counts per state.",
                         "segbook batch status --state failed,running")
     _add_selection(parser)
-    parser.add_argument("--weights", metavar="PATH", help="the checkpoint pretrained jobs would start from (for "
-                                                          "the blocked state)")
+    add_batch_weights_option(parser)
     _add_recipe_files(parser)
     parser.add_argument("--state", help="only jobs in these states (comma-separated)")
     parser.add_argument("--format", choices=TABLE_FORMATS, default="table")
@@ -294,9 +293,10 @@ def _print(rows: list[dict[str, Any]], totals: list[dict[str, Any]], fmt: str) -
 
 def run_status(args: argparse.Namespace) -> int:
     from segbook.batch.matrix import counts, in_states, several_recipes, several_variants, survey
+    from segbook.runs import parse_weights
 
     jobs = _matrix(args)
-    statuses = survey(jobs, weights=args.weights)
+    statuses = survey(jobs, weights=parse_weights(args.weights))
     recipe, variants = several_recipes(jobs), several_variants(jobs)
     rows = [s.record() if args.format == "json" else s.row(recipe, variants)
             for s in in_states(statuses, args.state)]

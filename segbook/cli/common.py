@@ -80,9 +80,18 @@ POSITIVE_NUMBER = bounded(Bound("value", float, low=0, low_inclusive=False))
 
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:
-    """The weights, device, budget, optimiser and GPU-speed options of every command that trains runs."""
-    add_weights_and_device_options(parser)
+    """The weights, device, budget, optimiser and GPU-speed options of the batch commands."""
+    add_batch_weights_option(parser)
+    parser.add_argument("--device", default=None, choices=["cuda", "cpu", "mps"], help=DEVICE_HELP)
     add_budget_options(parser)
+
+
+def add_batch_weights_option(parser: argparse.ArgumentParser) -> None:
+    """`--weights` of a batch: one file for every pretrained job, or one per model (a batch mixing backbones)."""
+    parser.add_argument("--weights", metavar="[MODEL=]FILE", action="append", default=None,
+                        help="checkpoint pretrained jobs start from: FILE for all of them, MODEL=FILE for one "
+                             "model's (repeatable: --weights resenc-l=openmind.pth with STU-Net's cached ones); "
+                             "default: each model's cached official checkpoint, see `segbook weights`")
 
 
 DEVICE_HELP = "cuda, mps or cpu (default: the first available of these, said when the run starts)"
