@@ -30,7 +30,7 @@ from segbook.batch.slurm import PrepareSlurmOptions, SlurmOptions, submit_slurm
 from segbook.claims import try_claim
 from segbook.paths import Paths
 from segbook.registry import load_registry
-from segbook.runs import summary_path
+from segbook.runs import parse_weights, summary_path
 from segbook.training.manifest import RunManifest
 
 pytestmark = pytest.mark.slurm
@@ -98,7 +98,7 @@ def test_the_rehearsals_checks_catch_what_they_look_for(rehearsal):
     assert [p for p in module.check_exactly_once(jobs, paths, arrays) if p.startswith(job.id)]
 
     summary_path(job.folder(paths)).unlink()  # its evaluation lost: no longer done
-    (problem,) = module.check_done(jobs, paths, str(paths.home / "rehearsal-weights.model"))
+    (problem,) = module.check_done(jobs, paths, parse_weights(paths.home / "rehearsal-weights.model"))
     assert problem.startswith(f"{job.id} is pending")
 
 
