@@ -198,14 +198,19 @@ def _versus(result: PairedComparison) -> dict[str, object]:
     return {**row, "baseline": baseline, "score": score}
 
 
+def _frame_table(name: str, title: str, frame: pd.DataFrame, columns: Sequence[str]) -> ResultTable:
+    """A frame's rows as a table of `columns`, numbers rounded as the statistics tables show them."""
+    table = ResultTable(name, title, list(columns), display={"model": MODEL_NAMES})
+    table.rows = [[_rounded(column, getattr(row, column)) for column in columns]
+                  for row in frame.itertuples(index=False)]
+    return table
+
+
 def stats_table(comparison: pd.DataFrame, metric: str, title: str) -> ResultTable:
     """The comparison as a table for `emit` and the report; empty with a note when no size has both inits. The
     recipe is named only when one other than the default is compared, as in the other tables."""
     columns = [c for c in comparison.columns if c != "recipe" or comparison["recipe"].ne(DEFAULT_RECIPE).any()]
-    table = ResultTable("stats", f"pretrained vs scratch, {metric_label(metric)} {title}", columns,
-                        display={"model": MODEL_NAMES})
-    table.rows = [[_rounded(column, getattr(row, column)) for column in columns]
-                  for row in comparison.itertuples(index=False)]
+    table = _frame_table("stats", f"pretrained vs scratch, {metric_label(metric)} {title}", comparison, columns)
     table.notes = [
         f"per STU-Net size and group, over the datasets with both initialisations (n): mean scores, {DELTA} "
         f"({delta_unit(metric)}) with its {CONFIDENCE:.0%} bootstrap CI ({BOOTSTRAP_SAMPLES} resamples, seed "
@@ -348,10 +353,8 @@ def _corrected(family: list[dict[str, object]], alpha: float) -> list[dict[str, 
 def case_tests_table(tests: pd.DataFrame, metric: str) -> ResultTable:
     """`case_tests` as a table (`segbook results --table case-tests`)."""
     columns = [c for c in CASE_TEST_COLUMNS if c != "recipe" or tests["recipe"].ne(DEFAULT_RECIPE).any()]
-    table = ResultTable("case-tests", f"pretrained vs scratch per dataset over test cases, {metric_label(metric)}",
-                        columns, display={"model": MODEL_NAMES})
-    table.rows = [[_rounded(column, getattr(row, column)) for column in columns]
-                  for row in tests.itertuples(index=False)]
+    table = _frame_table("case-tests", f"pretrained vs scratch per dataset over test cases, {metric_label(metric)}",
+                         tests, columns)
     table.notes = [
         f"per dataset: the test cases scored by both (cases); a case's score is the mean over its foreground labels "
         f"(seeds and folds averaged per case); delta: mean per-case pretrained - scratch ({delta_unit(metric)}); "
