@@ -235,3 +235,28 @@ def test_cli_export_import_and_refusal(bundle: Path, tmp_path: Path, registry: R
     corrupt_folder_name(bundle, "../x")
     assert main(["results", "--registry", registry_file, "--import", str(bundle)]) == 2
     assert "segbook: error:" in capsys.readouterr().err
+
+
+def test_an_import_while_another_process_imports_the_same_bundle_is_refused(bundle: Path, tmp_path: Path,
+                                                                          registry: Registry,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two imports of one bundle at once: the second finds the first's claim, says so, and writes nothing."""
+    import subprocess
+    import sys
+
+    from segbook.claims import ClaimBusy
+
+    ours = home(tmp_path, monkeypatch, "our_home")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from segbook.claims import exclusive\n"
+         "with exclusive(__import__('pathlib').Path(sys.argv[1]), 'bundle__their-lab', 'an import'):\n"
+         "    print('held', flush=True); time.sleep(60)", str(ours.claims)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ClaimBusy, match="bundle their-lab"):
+            import_bundle(bundle, registry, ours)
+        assert not (bundles_dir(ours) / "their-lab").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert import_bundle(bundle, registry, ours).runs == len(THEIR_RUNS)  # the holder is gone: its claim is taken over
