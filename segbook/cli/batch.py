@@ -239,6 +239,9 @@ def _register_worker(commands: argparse._SubParsersAction) -> None:
                     "its task must be prepared (`segbook batch prepare`). Exit status: 0 done, 1 failed (recorded in "
                     "the manifest), 75 held by another process, 78 its task is not prepared, 130 interrupted, 143 "
                     "terminated (SIGTERM).")
+    parser.add_argument("--launcher", type=int, default=None, metavar="PID",
+                        help="the process that started this worker: when it dies (even killed outright), the worker "
+                             "stops as on Ctrl-C (and is killed with its process group if it hangs)")
     parser.add_argument("--job", required=True, help="the job id (TASK__MODEL__INIT[__RECIPE]__fold_FOLD)")
     parser.add_argument("--options", required=True, help="the execution options as JSON")
     parser.set_defaults(handler=run_worker)
@@ -391,4 +394,4 @@ def run_retry(args: argparse.Namespace) -> int:
 def run_worker(args: argparse.Namespace) -> int:
     from segbook.batch.worker import main
 
-    return main(args.job, args.options)
+    return main(args.job, args.options, args.launcher)
