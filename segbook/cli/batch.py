@@ -99,7 +99,9 @@ def _add_slurm(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--time", default=None,
                        help="time limit per job (default: the partition's maximum, 48:00:00 where it has none); a "
                             "job that reaches it saves a checkpoint, is requeued and resumes")
-    group.add_argument("--cpus-per-job", type=at_least(1), default=None, help="default: 8 per GPU, 1 without GPU")
+    group.add_argument("--cpus-per-job", type=at_least(1), default=None,
+                       help="default: 8 per GPU (or what a node of the partition allows if less), 1 without GPU; "
+                            "more than a node allows is refused")
     group.add_argument("--mem", help="memory per job, as sbatch --mem (e.g. 64G; default: the cluster's)")
     group.add_argument("--account", help="account to charge")
     group.add_argument("--array-parallelism", type=at_least(1), default=None,
@@ -125,8 +127,9 @@ def _add_prepare_slurm(group: argparse._ArgumentGroup, prefix: str) -> None:
     group.add_argument(f"{prefix}partition", default=None, help="partition of the preparation (default: the "
                                                                 "cluster's)")
     group.add_argument(f"{prefix}time", default=None, help="time limit per task (default: the partition's maximum)")
-    group.add_argument(f"{prefix}cpus", type=at_least(1), default=8, help="CPUs per task (nnU-Net's preprocessing "
-                                                                           "processes)")
+    group.add_argument(f"{prefix}cpus", type=at_least(1), default=None,
+                       help="CPUs per task, nnU-Net's preprocessing processes (default: 8, or what a node of the "
+                            "partition allows if less; more than that is refused)")
     group.add_argument(f"{prefix}mem", default=None, help="memory per task, as sbatch --mem")
 
 
@@ -342,7 +345,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         return 1 if tally["failed"] else 0
     options = ExecutionOptions.create(registry_files=getattr(args, "registry", None) or [], processes=args.processes)
     prepare = PrepareSlurmOptions(partition=args.partition, time=args.time, cpus=args.cpus, mem=args.mem,
-                                  account=args.account, extra_sbatch=tuple(args.extra_sbatch))
+                                  account=args.account, extra_sbatch=tuple(args.extra_sbatch), prefix="--")
     submit_preparation(entries, options, prepare, dry_run=args.dry_run, planners=planners_of(jobs))
     return 0
 
