@@ -400,3 +400,32 @@ def _others_running(mine: str) -> list[str]:
     listing = subprocess.run(["squeue", "--noheader", "--states=RUNNING", "--format=%i"], capture_output=True,
                              text=True, timeout=30, check=True)
     return [job for job in listing.stdout.split() if job != mine]
+
+
+def test_retry_sends_a_job_back_to_slurm_with_the_options_it_was_submitted_with(task, fresh):
+    """Issue 22: `batch retry` used to train on this machine (the login node) whatever the job ran on. A job that
+    failed on SLURM goes back to SLURM with its submission's sbatch options, unless options say otherwise."""
+    submitted = [*SLURM, "--mem", "300M"]
+    args = [*_selection(task, "scratch"), "--epochs", "60", *TINY, "--max-attempts", "1"]
+    assert "1 to submit" in _segbook("submit", *args, *submitted)
+    folder = _run_folder(task, fresh, "scratch")
+    _wait_for_checkpoint(folder)
+    slurm_id = _status(task, "scratch")["scratch"]["slurm_id"]
+    subprocess.run(["scancel", slurm_id], check=True)
+    wait_for(lambda: queue_states(slurm_id).get(slurm_id) == "CANCELLED", 60, f"{slurm_id} to be cancelled")
+    wait_for(lambda: _status(task, "scratch")["scratch"]["state"] == "failed", 60, "the job to fail")
+
+    help_text = _segbook("retry", "--help")
+    assert "default: where each job last ran" in " ".join(help_text.split())
+    dry = _segbook("retry", "--failed", *args, "--device", "cpu", "--gpus-per-job", "0", "--dry-run")
+    assert "to SLURM" in dry and len(_submissions(fresh)) == 1
+    retried = _segbook("retry", "--failed", *args, "--device", "cpu", "--gpus-per-job", "0",
+                       "--array-parallelism", "1")
+    try:
+        assert "submitted 1 job(s)" in retried and "running 1 on" not in retried, retried
+        first, second = _submissions(fresh)
+        assert second["slurm"] == {**first["slurm"], "array_parallelism": 1}  # given here: it replaces the 2
+        assert (second["parameters"]["time"], second["parameters"]["cpus_per_task"]) == (15, 1)
+        assert second["parameters"]["additional_parameters"]["mem"] == "300M"
+    finally:
+        subprocess.run(["scancel", *[record["array_job_id"] for record in _submissions(fresh)]], check=True)

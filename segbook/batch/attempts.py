@@ -3,7 +3,8 @@
 An attempt is one claim of a job by `run_job`. Its claim record carries the job's counts (`ClaimRecord.info`):
 the attempt's number, how many earlier attempts ended badly since the last `batch retry`, the --max-attempts it
 ran under, and how the previous attempt ended. The newest claim alone therefore says where a job stands: status
-reads one small file per job, never a history. How an attempt ended:
+reads one small file per job, never a history. It also says where the job last ran (`backend`: "local" or "slurm",
+which `batch retry` sends it back to). How an attempt ended:
 
 - not counted: done; failed (the error is in run.json, and the job is failed anyway); requeued (submitit's requeue
   on SLURM's warning signal, or SLURM requeued the job itself, e.g. after a node failure: the attempt ended by
@@ -113,10 +114,10 @@ def _requeued_by_slurm(record: ClaimRecord, queue: Mapping[str, str] | None,
     return bool(queue) and queue.get(record.slurm_job) in REQUEUED_STATES
 
 
-def info_for(folder: Path, kind: str, max_attempts: int | None = None) -> InfoFor:
-    """What a new claim in the job's claims folder records (`claims.try_claim(info=...)`): an attempt (`ATTEMPT`),
-    or a claim of `batch retry` (`RESET`), which carries the counts (and why the job was given up, if it was) until
-    it finds the job failed and starts them again (`reset_count`)."""
+def info_for(folder: Path, kind: str, max_attempts: int | None = None, backend: str | None = None) -> InfoFor:
+    """What a new claim in the job's claims folder records (`claims.try_claim(info=...)`): an attempt (`ATTEMPT`) on
+    `backend`, or a claim of `batch retry` (`RESET`), which carries the counts and the backend (and why the job was
+    given up, if it was) until it finds the job failed and starts the counts again (`reset_count`)."""
 
     def make(previous: ClaimRecord | None, gone: str | None) -> dict[str, Any]:
         before = Attempts()
@@ -124,12 +125,20 @@ def info_for(folder: Path, kind: str, max_attempts: int | None = None) -> InfoFo
             before = summarize(folder, previous, gone, own=own_slurm_job(), ask_slurm=True)
         info = {"kind": kind, "attempt": before.count + (kind == ATTEMPT), "bad": before.bad,
                 "max": max_attempts if kind == ATTEMPT else before.max, "last": before.last,
-                "last_bad": before.last_bad}
+                "last_bad": before.last_bad, "backend": backend if kind == ATTEMPT else last_backend(previous)}
         if kind == RESET:
             info["gave_up"] = before.reason() if before.exhausted else None
         return info
 
     return make
+
+
+def last_backend(record: ClaimRecord | None) -> str | None:
+    """Where the job's latest attempt ran ("local" or "slurm"), from its newest claim (None: it has none). Claims
+    made before the backend was recorded, and `segbook finetune`'s, say so by their SLURM job."""
+    if record is None:
+        return None
+    return (record.info or {}).get("backend") or ("slurm" if record.slurm_job else "local")
 
 
 def reset_count(claim: Claim) -> None:

@@ -186,7 +186,8 @@ def run_job(job: Job, options: ExecutionOptions, paths: Paths | None = None, *,
     settled = _settled(job, job.folder(paths), RunManifest.load(job.folder(paths), history=False))
     if settled is not None:  # nothing to do: no claim, so no attempt (a job submitted twice runs twice in SLURM)
         return JobOutcome(job.id, *settled)
-    claim = try_claim(paths.claims, job.id, info=info_for(paths.claims / job.id, ATTEMPT, options.max_attempts))
+    claim = try_claim(paths.claims, job.id, info=info_for(paths.claims / job.id, ATTEMPT, options.max_attempts,
+                                                          backend))
     if not isinstance(claim, Claim):
         return JobOutcome(job.id, "busy", claim.describe())
     with claim.held():

@@ -37,7 +37,8 @@ sbatch refusal cancels the arrays this call submitted and becomes one line namin
 (`segbook.batch.cluster.submission_error`).
 
 Files, under `$SEGBOOK_HOME/batch/slurm/<submission>.<array>/`: `submission.json` (`segbook.batch.submissions`: job
-ids <-> SLURM ids, the sbatch parameters and the execution options; `prepare.json` for the CPU array), and
+ids <-> SLURM ids, the sbatch parameters, the execution options and the `SlurmOptions`, which `batch retry` reuses;
+`prepare.json` for the CPU array), and
 submitit's folders `<array>_<index>/` with the task's `<array>_<index>_0_log.out` / `_log.err` (appended to across
 requeues) and `_result.pkl` once it ended. States come from squeue, these result files and the run manifests, never
 from sacct (see docs/slurm_testing.md).
@@ -55,7 +56,7 @@ import signal
 import subprocess
 import sys
 from collections import defaultdict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -134,7 +135,8 @@ class PrepareSlurmOptions:
 @dataclass(frozen=True)
 class SlurmOptions:
     """sbatch parameters of every GPU array task (`--extra-sbatch` entries are "key=value" or "flag") and how the
-    arrays are cut; the GPUs per task are the execution options' (`ExecutionOptions.gpus_per_job`)."""
+    arrays are cut; the GPUs per task are the execution options' (`ExecutionOptions.gpus_per_job`). Each submission
+    records them (`submission.json`), for `batch retry` to send a job back with them (`from_record`)."""
 
     partition: str | None = None
     time: str | None = None  # default: the partition's maximum (FALLBACK_TIME where it has none)
@@ -147,6 +149,24 @@ class SlurmOptions:
     max_array_size: int | None = None  # default: the cluster's MaxArraySize
     max_submitted: int | None = None  # default: what the controller's MaxJobCount leaves room for
     prepare: PrepareSlurmOptions = field(default_factory=PrepareSlurmOptions)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "SlurmOptions":
+        """The options a submission recorded (`asdict` of them, as JSON keeps it)."""
+        prepare = dict(record.get("prepare") or {})
+        prepare["extra_sbatch"] = tuple(prepare.get("extra_sbatch", ()))
+        return cls(**{**record, "extra_sbatch": tuple(record.get("extra_sbatch", ())),
+                      "prepare": PrepareSlurmOptions(**prepare)})
+
+    def updated(self, given: "SlurmOptions") -> "SlurmOptions":
+        """These options with each one `given` sets (not None, not empty) in its place: recorded options, changed
+        by those given on the command line."""
+        def changes(options: Any, skip: tuple[str, ...]) -> dict[str, Any]:
+            return {key: value for key, value in vars(options).items()
+                    if key not in skip and value is not None and value != ()}
+
+        return replace(self, **changes(given, ("prepare",)),
+                       prepare=replace(self.prepare, **changes(given.prepare, ("prefix",))))
 
     def check(self) -> None:
         check_all({k: v for k, v in asdict(self).items() if k != "prepare"}, BOUNDS)
@@ -472,7 +492,7 @@ def _submit(plan: SubmissionPlan, options: ExecutionOptions, slurm: SlurmOptions
             say(f"submitted the preparation of {len(plan.prepare)} task(s) as SLURM array {prepare_array}")
         dependency = plan.dependency(prepare_array)
         for number, array in enumerate(plan.arrays):
-            sent = _submit_array(plan, number, options, paths, submission, parameters, dependency, folders)
+            sent = _submit_array(plan, number, options, slurm, paths, submission, parameters, dependency, folders)
             submitted.append(array_of(sent[0].slurm_id))
             tasks += sent
     except SubmissionError:
@@ -500,9 +520,10 @@ def _submit_preparation(entries: Sequence["DatasetEntry"], options: ExecutionOpt
     return array_of(sent[0].job_id)
 
 
-def _submit_array(plan: SubmissionPlan, number: int, options: ExecutionOptions, paths: Paths, submission: str,
-                  parameters: dict[str, Any], dependency: dict[str, str], folders: list[Path]) -> list[SubmittedTask]:
-    """GPU array `number` of the plan, recorded in its `submission.json`."""
+def _submit_array(plan: SubmissionPlan, number: int, options: ExecutionOptions, slurm: SlurmOptions, paths: Paths,
+                  submission: str, parameters: dict[str, Any], dependency: dict[str, str],
+                  folders: list[Path]) -> list[SubmittedTask]:
+    """GPU array `number` of the plan, recorded in its `submission.json` (with `slurm`, for `batch retry`)."""
     array = plan.arrays[number]
     name = f"{submission}.a{number:03d}"
     folder = submissions_folder(paths) / name
@@ -512,7 +533,7 @@ def _submit_array(plan: SubmissionPlan, number: int, options: ExecutionOptions, 
     sent = _map_array(folder, array.max_timeouts, values, BatchTask(options, paths), [job.id for job in array.jobs],
                       f"array {number + 1} of {len(plan.arrays)} ({len(array.jobs)} jobs)")
     tasks = [SubmittedTask(name, job.id, task.job_id, folder / "%j") for job, task in zip(array.jobs, sent)]
-    write_submission(folder, tasks, values, asdict(options))
+    write_submission(folder, tasks, values, asdict(options), slurm=asdict(slurm))
     return tasks
 
 
