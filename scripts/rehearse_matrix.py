@@ -50,9 +50,9 @@ from typing import Any, Callable
 from segbook.batch.execute import ExecutionOptions
 from segbook.batch.matrix import Job, build_matrix, counts, survey
 from segbook.batch.preparation import read_records
-from segbook.batch.slurm import PrepareSlurmOptions, SlurmOptions, submit_slurm
+from segbook.batch.slurm import SUBMITTING, PrepareSlurmOptions, SlurmOptions, submit_slurm
 from segbook.batch.submissions import PREPARE_RECORD, SUBMISSION_RECORD, submissions_folder
-from segbook.claims import claim_records
+from segbook.claims import claim_records, latest
 from segbook.data.folders import raw_folder
 from segbook.data.importer import dataset_json
 from segbook.io import atomic_write_json
@@ -252,7 +252,8 @@ def check_prepared_once(entries: list[DatasetEntry], paths: Paths, arrays: list[
 
 
 def check_no_waiting(jobs: list[Job], paths: Paths, arrays: list[dict[str, Any]]) -> list[str]:
-    """No job started before every task was prepared, none waited for (or touched) a dataset's claim."""
+    """No job started before every task was prepared, none waited for (or touched) a dataset's claim; the
+    submission's own claim was released."""
     problems = []
     prepared_at = max((r["at"] for r in read_records(paths).values()), default="")
     early = [job.id for job in jobs
@@ -262,7 +263,10 @@ def check_no_waiting(jobs: list[Job], paths: Paths, arrays: list[dict[str, Any]]
                         f"{early[:5]}")
     job_ids = {job.id for job in jobs}
     for folder in paths.claims.iterdir() if paths.claims.is_dir() else ():
-        if folder.name not in job_ids and not folder.name.startswith("dataset__"):
+        if folder.name == SUBMITTING:
+            if not latest(folder)[1].released:
+                problems.append("the submission's claim was not released")
+        elif folder.name not in job_ids and not folder.name.startswith("dataset__"):
             problems.append(f"an unexpected claim: {folder.name}")
     for array in arrays:
         for log in Path(array["folder"]).parent.glob("*/*_log.out"):

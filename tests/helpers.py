@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
@@ -123,6 +124,39 @@ def use_planned_task(task: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     monkeypatch.setenv("SEGBOOK_HOME", str(tmp_path / "home"))
     return Paths.from_env()
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (its children, theirs, ...), from /proc (Linux)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        below = [child for child, parent in parents.items() if parent in frontier]
+        found += below
+        frontier = below
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie has exited: nobody reaps an orphan's zombie in some containers)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until_gone(pids: list[int], timeout_s: float) -> list[int]:
+    """Wait for the processes to end; those still alive after `timeout_s` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while any(map(alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [pid for pid in pids if alive(pid)]
 
 
 def run_segbook(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:

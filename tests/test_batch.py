@@ -426,6 +426,25 @@ def test_the_worker_says_how_its_job_ended_in_its_exit_status(segbook_home):
     assert (result_of(0), result_of(130), result_of(-9)) == ("done", None, None)
 
 
+def test_a_duplicate_that_finds_its_job_done_or_failed_claims_nothing_and_counts_no_attempt(segbook_home):
+    """Issue 22: a job submitted twice runs twice in SLURM; the duplicate that finds it done (or failed, waiting for
+    `batch retry`) must not take a claim, which would count an attempt."""
+    paths = Paths.from_env()
+    (job,) = build_matrix(load_registry(), "009", models="base", inits="scratch")
+    folder = _manifest(job, paths, "finished", epochs=5)
+    (folder / "evaluation").mkdir()
+    (folder / "evaluation" / "summary.json").write_text("{}")
+    command = worker_command(job, ExecutionOptions(device="cpu"))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and f"{job.id}: done already done" in done.stdout, done.stdout + done.stderr
+    assert claims.claim_records(paths.claims, job.id) == [] and job_status(job, paths).attempts.count == 0
+
+    _manifest(job, paths, "failed", error={"type": "RuntimeError", "message": "CUDA out of memory"})
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == EXIT_FAILED and "failed earlier (RuntimeError: CUDA out of memory)" in failed.stdout
+    assert claims.claim_records(paths.claims, job.id) == []
+
+
 # --- module structure ---------------------------------------------------------------------------------------------
 
 #: segbook.batch's modules, each importing (at the top, or inside a function) only modules listed before it;

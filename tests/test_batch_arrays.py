@@ -9,17 +9,20 @@ from __future__ import annotations
 import math
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 
+from segbook.batch.attempts import ending
 from segbook.batch.cluster import (DEFAULT_MAX_ARRAY_SIZE, DEFAULT_MAX_JOB_COUNT, ClusterLimits, SubmissionError,
                                    describe_exit_code, submission_error)
 from segbook.batch.estimate import Estimate
 from segbook.batch.execute import ExecutionOptions
 from segbook.batch.matrix import build_matrix
 from segbook.batch.signals import Terminated
-from segbook.batch.slurm import (REQUEUE_MARGIN, UNKNOWN_ESTIMATE_REQUEUES, SlurmOptions, _terminate_unless_requeued,
-                                 interleave, plan_submission, share_parallelism)
+from segbook.batch.slurm import (REQUEUE_MARGIN, UNKNOWN_ESTIMATE_REQUEUES, PrepareSlurmOptions, SlurmOptions,
+                                 _terminate_unless_requeued, interleave, plan_submission, share_parallelism)
+from segbook.claims import ClaimRecord
 from segbook.registry import load_registry
 
 #: `scontrol show config` of the test cluster (Slurm 22.05.8), lines around the limits, with a site's values.
@@ -195,3 +198,63 @@ def test_a_slurm_task_is_terminated_by_sigterm_unless_submitit_is_requeuing_it()
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+#: `sinfo --noheader --exact --format="%P %l %c"` and `scontrol --oneliner show partition` (shortened) of a site with
+#: GPU nodes of 64 and 128 CPUs, at most 96 of them for one partition's jobs; the last lines as the one-node test
+#: cluster prints them.
+SINFO_CPUS = "gpu* 2-00:00:00 64\ngpu* 2-00:00:00 128\ncpu 7-00:00:00 4\ndebug infinite 2\n"
+PARTITIONS = ("PartitionName=gpu AllowGroups=ALL Default=YES MaxNodes=UNLIMITED MaxTime=2-00:00:00 MinNodes=0 LLN=NO "
+              "MaxCPUsPerNode=96 Nodes=g[01-08] State=UP TotalCPUs=768\n"
+              "PartitionName=cpu AllowGroups=ALL Default=NO MaxTime=7-00:00:00 MaxCPUsPerNode=UNLIMITED Nodes=c01\n"
+              "PartitionName=debug AllowGroups=ALL AllowAccounts=ALL AllowQos=ALL AllocNodes=ALL Default=YES QoS=N/A "
+              "DefaultTime=NONE DisableRootJobs=NO ExclusiveUser=NO GraceTime=0 Hidden=NO MaxNodes=UNLIMITED "
+              "MaxTime=UNLIMITED MinNodes=0 LLN=NO MaxCPUsPerNode=UNLIMITED Nodes=vm PriorityJobFactor=1 "
+              "PriorityTier=1 RootOnly=NO ReqResv=NO OverSubscribe=NO OverTimeLimit=NONE PreemptMode=OFF State=UP "
+              "TotalCPUs=2 TotalNodes=1\n")
+
+
+def test_cpus_default_to_what_a_node_of_the_partition_allows_and_more_is_refused_naming_the_option():
+    """Issue 22: the default --prepare-cpus 8 was refused on smaller nodes, by sbatch, naming --cpus-per-job first.
+    Defaults now come from the partition (its nodes' CPUs, its MaxCPUsPerNode); a value given above that is refused
+    before sbatch, naming the option given and the limit."""
+    limits = ClusterLimits.parse(SCONTROL, SINFO_CPUS, PARTITIONS)
+    assert limits.node_cpus == {"gpu": 96, "cpu": 4, "debug": 2}
+    prepare = lambda **values: PrepareSlurmOptions(**values).parameters(limits)["cpus_per_task"]  # noqa: E731
+    assert (prepare(partition="cpu"), prepare(partition="debug"), prepare(), prepare(partition="cpu", cpus=3)) == (
+        4, 2, 8, 3)
+    with pytest.raises(SubmissionError, match=r"^--prepare-cpus 8 exceeds the CPUs a task may have on a node of "
+                                              r"partition cpu \(4: sinfo, MaxCPUsPerNode\); lower it, or leave it "
+                                              r"out for 4$"):
+        PrepareSlurmOptions(partition="cpu", cpus=8).parameters(limits)
+    with pytest.raises(SubmissionError, match=r"^--cpus 8 exceeds"):  # `batch prepare --backend slurm --cpus 8`
+        PrepareSlurmOptions(partition="cpu", cpus=8, prefix="--").parameters(limits)
+    assert SlurmOptions(partition="debug").parameters(1, limits)["cpus_per_task"] == 2  # 8 per GPU, clipped
+    assert SlurmOptions().parameters(2, limits)["cpus_per_task"] == 16
+    with pytest.raises(SubmissionError, match=r"^--cpus-per-job 97 exceeds .* partition gpu \(96: "):
+        SlurmOptions(cpus_per_job=97).parameters(1, limits)
+    unknown = ClusterLimits.parse(None, None)  # no answer: the defaults, sbatch says the rest
+    assert PrepareSlurmOptions(cpus=64).parameters(unknown)["cpus_per_task"] == 64
+    refused = str(submission_error("sbatch: error: Batch job submission failed: More processors requested than "
+                                   "permitted", "the preparation array (3 tasks)", PrepareSlurmOptions().options))
+    assert "lower --prepare-cpus (sbatch:" in refused and "--cpus-per-job" not in refused
+
+
+def test_an_attempt_slurm_requeued_itself_is_a_requeue_not_a_bad_ending(tmp_path):
+    """Issue 22: a node marked down (scontrol update nodename=vm state=down) sends its jobs SIGTERM, then SIGKILL
+    (KillWait), and SLURM requeues them: squeue shows the job PENDING (reason BeginTime), then RUNNING again with
+    Restarts=1 (captured on the test cluster, which tests/test_batch_slurm.py also marks down). The attempt ended by
+    SIGTERM (released) or was killed (not released), but it is a requeue; scancel leaves the job CANCELLED and stays
+    a bad ending."""
+    terminated = ClaimRecord(job="j", token="t", host="elsewhere", pid=1, pid_start=None, slurm_job="7_0",
+                             slurm_restart=0, created_at="", heartbeat=0.0, released=True, outcome="Terminated")
+    killed = replace(terminated, released=False, outcome=None)
+    requeued = ("requeued by SLURM (a node failure, a preemption or `scontrol requeue`)", False)
+    for record in (terminated, killed):
+        assert ending(tmp_path, record, "gone", queue={"7_0": "PENDING"}) == requeued
+        assert ending(tmp_path, record, "gone", own=("7_0", 1)) == requeued
+        assert ending(tmp_path, record, "gone", queue={"7_0": "RUNNING"}, own=("8_0", 0))[1] is True
+    assert ending(tmp_path, terminated, None, queue={"7_0": "CANCELLED"}) == (
+        "terminated by SIGTERM (scancel, a time limit reached without warning, or kill)", True)
+    assert ending(tmp_path, killed, "gone", queue={"7_0": "NODE_FAIL"}) == ("killed (SLURM: NODE_FAIL)", True)
+    assert ending(tmp_path, replace(terminated, slurm_job=None), None, queue={"7_0": "PENDING"})[1] is True

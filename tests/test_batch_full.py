@@ -123,9 +123,9 @@ def _slurm(**values) -> SlurmOptions:
 
 def test_a_refused_array_takes_back_the_preparation_array_it_followed(noop_matrix):
     said: list[str] = []
-    with pytest.raises(SubmissionError, match=r"^sbatch refused array 1 of 1 \(8 jobs\): no node has that many "
-                                              r"CPUs: lower --cpus-per-job"):
-        submit_slurm(noop_matrix.jobs, noop_matrix.options, _slurm(cpus_per_job=4096), paths=noop_matrix.paths,
+    with pytest.raises(SubmissionError, match=r"^sbatch refused array 1 of 1 \(8 jobs\): no node has that much "
+                                              r"memory: lower --mem"):
+        submit_slurm(noop_matrix.jobs, noop_matrix.options, _slurm(mem="900G"), paths=noop_matrix.paths,
                      say=said.append)
     (line,) = [line for line in said if line.startswith("submitted the preparation of 2 task(s)")]
     prepare_array = line.split()[-1]
@@ -154,6 +154,27 @@ def test_with_max_submitted_a_later_submission_waits_for_the_preparation_still_q
     newest = json.loads(sorted((paths.batch / "slurm").glob("*/submission.json"))[-1].read_text())
     assert "dependency" not in newest["parameters"].get("additional_parameters", {})
     wait_for(lambda: counts(survey(jobs, paths))["done"] == 8, 120, "all eight jobs to be done")
+
+
+def test_the_preparation_takes_the_cpus_a_node_has_by_default_and_more_is_refused_naming_its_option(noop_matrix):
+    """Issue 22: the default --prepare-cpus (8) was refused on this 2-CPU node by sbatch, as "lower --cpus-per-job".
+    By default a preparation task takes what a node of its partition allows; more is refused before anything is
+    submitted, naming --prepare-cpus and the limit."""
+    paths, jobs, options = noop_matrix.paths, noop_matrix.jobs, noop_matrix.options
+    partition = ensure_slurm_cluster().partition
+    listing = subprocess.run(["sinfo", "--noheader", "--format=%c", f"--partition={partition}"], capture_output=True,
+                             text=True, timeout=30, check=True)
+    cpus = int(listing.stdout.split()[0].rstrip("+"))
+    with pytest.raises(SubmissionError, match=rf"^--prepare-cpus {cpus + 1} exceeds the CPUs a task may have on a "
+                                              rf"node of partition {partition} \({cpus}: "):
+        submit_slurm(jobs, options, _slurm(prepare=PrepareSlurmOptions(time="5", mem="200M", cpus=cpus + 1)),
+                     paths=paths, say=lambda line: None)
+    assert not (paths.batch / "slurm").exists()
+    submit_slurm(jobs, options, _slurm(prepare=PrepareSlurmOptions(time="5", mem="200M")), paths=paths,
+                 say=lambda line: None)
+    (prepare,) = [json.loads(p.read_text()) for p in (paths.batch / "slurm").glob("*/prepare.json")]
+    assert prepare["parameters"]["cpus_per_task"] == min(8, cpus)
+    wait_for(lambda: counts(survey(jobs, paths))["done"] == 8, 180, "the jobs to be done after their preparation")
 
 
 def test_the_limits_submissions_fit_are_the_clusters_own():

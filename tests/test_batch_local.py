@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from helpers import (planned_tiny_task, prepare_synthetic_task, run_segbook, tiny_spec, use_planned_task,
-                     write_payload_checkpoint)
+from helpers import (descendants, planned_tiny_task, prepare_synthetic_task, run_segbook, tiny_spec, use_planned_task,
+                     wait_until_gone, write_payload_checkpoint)
 
 from segbook import claims
 from segbook.batch.execute import ExecutionOptions
+from segbook.batch.local import worker_log
 from segbook.batch.matrix import build_matrix, job_status
 from segbook.batch.preparation import read_records
 from segbook.batch.worker import EXIT_UNPREPARED, worker_command
@@ -260,6 +261,43 @@ def test_a_worker_killed_outright_is_recorded_counted_and_the_job_resumes(task, 
                                                                                                   "done")
 
 
+def test_a_launcher_killed_outright_takes_its_worker_along_and_the_next_run_resumes_the_job(task, fresh):
+    """Issue 22: kill -9 of `batch run` (not its process group: the out-of-memory killer, or `kill -9 PID`). Its
+    worker stops as on the launcher's Ctrl-C (a checkpoint at the next iteration, its claim released) within
+    seconds, and the worker's augmentation workers with it; the next run resumes the job, and the launcher's death
+    does not count against the job's attempts."""
+    job, budget = _job(task), ["--epochs", "6", "--iters-per-epoch", "3", "--val-iters-per-epoch", "1",
+                               "--checkpoint-every", "1", "--data-workers", "1"]
+    launcher = _launch(task, *budget)
+    worker = _worker_once_trained(fresh, job, launcher, epochs=1)
+    below = [worker, *descendants(worker)]
+    assert len(below) >= 3, below  # the worker and nnU-Net's augmentation workers (training, validation)
+    try:
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        # Within the next iteration, the checkpoint and the exit (seconds; the interpreter's exit with torch loaded
+        # alone took 6 s on 2 busy cores); without a launcher, workers used to train on to the end.
+        assert not wait_until_gone(below, 30), "processes outlived the launcher killed outright"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker, signal.SIGKILL)  # on failure: leave nothing training
+    manifest = RunManifest.load(job.folder(fresh))
+    (stop,) = [e for e in manifest.data["events"] if e["event"] == "stopped_at_boundary"]
+    assert manifest.status == "interrupted" and stop["signal"] == "SIGINT" and manifest.epochs_done < 6
+    (record,) = claims.claim_records(fresh.claims, job.id)
+    assert record["released"] and record["outcome"] == "KeyboardInterrupt" and record["info"]["backend"] == "local"
+    assert f"interrupted: its launcher (pid {launcher.pid}) died" in worker_log(fresh, job).read_text()
+
+    again = run_segbook("batch", "run", *_selection(task, "--device", "cpu"), *budget)
+    assert "batch run: 1 done" in again.stdout
+    manifest = RunManifest.load(job.folder(fresh))
+    (resumed,) = [e for e in manifest.data["events"] if e["event"] == "resumed"]
+    assert (resumed["from_epoch"], resumed.get("from_iteration", 0)) == (stop["epoch"], stop["iteration"])
+    assert manifest.status == "finished" and [e["epoch"] for e in manifest.data["epochs"]] == list(range(6))
+    status = _record(job, fresh)
+    assert (status["state"], status["attempts"], status["bad_endings"]) == ("done", 2, 0)
+
+
 def test_after_max_attempts_bad_endings_a_job_is_failed_left_alone_until_retry_counts_again(task, fresh):
     job, budget = _job(task), ["--epochs", "3", "--iters-per-epoch", "3", "--val-iters-per-epoch", "1",
                                "--checkpoint-every", "1", "--max-attempts", "1"]
@@ -284,7 +322,8 @@ def test_after_max_attempts_bad_endings_a_job_is_failed_left_alone_until_retry_c
     assert claims.claim_records(fresh.claims, job.id) == generations  # left alone: not even claimed
 
     retried = run_segbook("batch", "retry", "--failed", *_selection(task, "--device", "cpu"), *budget)
-    assert f"retry {job.id} (was: AttemptsExhausted: {reason})" in retried.stdout and "1 done" in retried.stdout
+    assert f"retry {job.id} (was: AttemptsExhausted: {reason}); runs here (where it last ran)" in retried.stdout
+    assert "1 done" in retried.stdout
     manifest = RunManifest.load(job.folder(fresh))
     (resumed,) = [e for e in manifest.data["events"] if e["event"] == "resumed"]
     assert (resumed["from_epoch"], resumed.get("from_iteration", 0)) == (stop["epoch"], stop["iteration"])

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -127,7 +128,8 @@ def test_array_runs_every_job_and_resubmitting_submits_nothing(task, fresh):
 
 def test_cancelled_job_resumes_from_its_checkpoint_when_resubmitted(task, fresh):
     """scancel sends SIGTERM: the trainer saves a checkpoint at the next iteration boundary (issue 14, item 3) and
-    the attempt counts as ended badly (item 4); a resubmission resumes where that checkpoint stands."""
+    the attempt counts as ended badly (item 4); the task's log says so in one line (issue 22); a resubmission
+    resumes where that checkpoint stands."""
     args = [*_selection(task, "scratch"), *SLURM, "--epochs", "12", *TINY]
     _segbook("submit", *args)
     folder = _run_folder(task, fresh, "scratch")
@@ -150,6 +152,10 @@ def test_cancelled_job_resumes_from_its_checkpoint_when_resubmitted(task, fresh)
     assert job["state"] == "pending" and job["detail"].startswith(where + "; attempt 1 terminated by SIGTERM")
     assert (job["attempts"], job["bad_endings"]) == (1, 1) and job["last_ending"].startswith("terminated")
     assert job["slurm"] == queue_states(slurm_id)[slurm_id] == "CANCELLED"
+    errors = Path(job["log"]).with_suffix(".err").read_text()
+    assert "Traceback" not in errors, errors[-3000:]  # an ordinary stop is one line, not a traceback (issue 22)
+    (said,) = [line for line in errors.splitlines() if line.startswith("segbook batch: ")]
+    assert said.startswith(f"segbook batch: {job['job']}: stopped by SIGTERM (scancel, ")
 
     assert "1 to submit" in _segbook("submit", *args)
     job = _wait_until_done(task, fresh, "scratch")["scratch"]
@@ -245,19 +251,21 @@ def test_status_follows_squeue_while_held_and_cancelled_and_dry_run_submits_noth
 
 
 def test_submissions_the_cluster_refuses_are_one_line_naming_the_option_and_leave_nothing(task, fresh):
-    """Issue 14, item 2: a partition sinfo does not list is refused before sbatch; what sbatch itself refuses (more
-    CPUs or memory than the node has) comes back as one line naming the option, with no traceback."""
+    """Issue 14, item 2: a partition sinfo does not list, or more CPUs than its node has (issue 22), is refused
+    before sbatch; what sbatch itself refuses (more memory than the node has) comes back as one line naming the
+    option, with no traceback."""
     args = [*_selection(task), *SLURM, "--epochs", "2", *TINY]
     unknown = run_segbook("batch", "submit", *args, "--partition", "nosuch", check=False)
     assert (unknown.returncode, unknown.stderr) == (
         2, f"segbook: error: --partition nosuch: no such partition; sinfo lists {task.cluster.partition}\n")
-    refusals = {"--cpus-per-job": ("64", "lower --cpus-per-job", "More processors requested than permitted"),
-                "--mem": ("900G", "lower --mem", "Memory specification can not be satisfied")}
-    for option, (value, hint, said) in refusals.items():
-        refused = run_segbook("batch", "submit", *args, option, value, check=False)
-        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
-        assert refused.stderr.startswith("segbook: error: sbatch refused array 1 of 1 (2 jobs): ")
-        assert hint in refused.stderr and said in refused.stderr
+    cpus = run_segbook("batch", "submit", *args, "--cpus-per-job", "64", check=False)
+    assert cpus.returncode == 2 and cpus.stderr.count("\n") == 1, cpus.stderr
+    assert cpus.stderr.startswith("segbook: error: --cpus-per-job 64 exceeds the CPUs a task may have on a node of "
+                                  f"partition {task.cluster.partition} (")
+    refused = run_segbook("batch", "submit", *args, "--mem", "900G", check=False)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith("segbook: error: sbatch refused array 1 of 1 (2 jobs): ")
+    assert "lower --mem" in refused.stderr and "Memory specification can not be satisfied" in refused.stderr
     assert not _submissions(fresh)
     assert _status(task)["scratch"]["state"] == "pending"
 
@@ -302,3 +310,122 @@ def test_a_user_recipe_reaches_the_slurm_task(task, fresh, tmp_path, monkeypatch
     manifest = RunManifest.load(run.folder(fresh))
     assert manifest.recipe.name == "mine" and manifest.recipe.optimizer.lr == 3e-3
     assert manifest.data["request"]["backend"] == "slurm"
+
+
+def _slow_sbatch(folder: Path, called: Path, then: str) -> dict[str, str]:
+    """An environment whose `sbatch` first marks `called`, sleeps, then runs `then` (a shell command): a submission
+    caught in the middle of sending its arrays."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "sbatch"
+    script.write_text(f"#!/bin/bash\ntouch {called}\nsleep 5\n{then}\n")
+    script.chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+
+
+def _submit_in_background(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "segbook.cli.main", "batch", "submit", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_one_submission_at_a_time_and_a_submitter_killed_outright_blocks_nothing(task, fresh, tmp_path):
+    """Issue 22: two `batch submit` at once on one matrix each submitted every job. The second is refused (exit 2,
+    naming the first) while the first sends its arrays; a submitter killed outright leaves its claim to the next."""
+    args = [*_selection(task), *SLURM, "--epochs", "2", *TINY, "--extra-sbatch=--hold"]
+    called = tmp_path / "sbatch_called"
+    first = _submit_in_background(args, _slow_sbatch(tmp_path / "slow", called, 'exec /usr/bin/sbatch "$@"'))
+    wait_for(called.exists, 120, "the first submission to call sbatch")
+    second = run_segbook("batch", "submit", *args, check=False)
+    out, err = first.communicate(timeout=120)
+    arrays = [record["array_job_id"] for record in _submissions(fresh)]
+    try:
+        assert first.returncode == 0 and "2 to submit" in out, out + err
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stdout + second.stderr
+        assert second.stderr.startswith("segbook: error: ") and f"pid {first.pid}" in second.stderr
+        assert "submit" in second.stderr and "#SBATCH" not in second.stdout
+        assert len(arrays) == 1  # every job went to SLURM once
+    finally:
+        subprocess.run(["scancel", *arrays], check=True)
+    wait_for(lambda: set(queue_states(arrays[0]).values()) == {"CANCELLED"}, 30, "the array to be cancelled")
+
+    called.unlink()
+    killed = _submit_in_background(args, _slow_sbatch(tmp_path / "stuck", called, "exit 1"))
+    wait_for(called.exists, 120, "the next submission to call sbatch")
+    os.killpg(killed.pid, signal.SIGKILL)  # kill -9 mid-submission: its claim stays behind, unreleased
+    killed.wait()
+    again = run_segbook("batch", "submit", *args)
+    assert "2 to submit" in again.stdout
+    newest = _submissions(fresh)[-1]["array_job_id"]
+    subprocess.run(["scancel", newest], check=True)
+    assert newest not in arrays
+
+
+def test_a_node_failure_slurm_requeues_is_a_requeue_not_a_bad_attempt(task, fresh):
+    """Issue 22: a node marked down kills its jobs (SIGTERM, then SIGKILL after KillWait) and SLURM requeues them
+    itself; the attempt ended by SIGTERM (or was killed), but it is a requeue, not a failure: not counted against
+    --max-attempts, neither by `batch status` while the job waits to run again (held here, to look) nor by the
+    next attempt."""
+    args = [*_selection(task, "scratch"), *SLURM, "--epochs", "8", *TINY, "--max-attempts", "1"]
+    _segbook("submit", *args)
+    folder = _run_folder(task, fresh, "scratch")
+    _wait_for_checkpoint(folder)
+    slurm_id = _status(task, "scratch")["scratch"]["slurm_id"]
+    others = _others_running(slurm_id)
+    if others:  # a node marked down kills every job on it
+        pytest.skip(f"other jobs run on the test cluster's node ({', '.join(others)}): not marking it down")
+    node = task.cluster.node
+    try:
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=segbook-test"], check=True)
+        wait_for(lambda: queue_states(slurm_id).get(slurm_id) == "PENDING", 30, f"SLURM to requeue {slurm_id}")
+        subprocess.run(["scontrol", "hold", slurm_id], check=True)  # it would start again 10 s later
+    finally:  # the test cluster returns a node to service by itself (ReturnToService=2); make sure of it
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
+    try:
+        wait_for(lambda: _status(task, "scratch")["scratch"]["state"] != "running", 60, "the attempt to end")
+        job = _status(task, "scratch")["scratch"]
+        assert (job["state"], job["attempts"], job["bad_endings"], job["slurm"]) == ("pending", 1, 0, "PENDING"), job
+        assert job["last_ending"].startswith("requeued by SLURM (a node failure"), job
+    finally:
+        subprocess.run(["scontrol", "release", slurm_id], check=True)
+    job = _wait_until_done(task, fresh, "scratch")["scratch"]
+    assert job["slurm_id"] == slurm_id  # the same SLURM job, requeued by SLURM
+    assert (job["attempts"], job["bad_endings"], job["last_ending"]) == (2, 0, "done")
+    manifest = RunManifest.load(folder)
+    (asked,) = [e["request"] for e in manifest.data["events"] if e["event"] == "continue_requested"]
+    assert asked["attempt"] == 2 and asked["previous_attempt_ended"].startswith("requeued by SLURM"), asked
+    first, second = claim_records(fresh.claims, job["job"])
+    assert first["slurm_restart"] == 0 and second["slurm_restart"] == 1 and second["outcome"] == "done"
+
+
+def _others_running(mine: str) -> list[str]:
+    listing = subprocess.run(["squeue", "--noheader", "--states=RUNNING", "--format=%i"], capture_output=True,
+                             text=True, timeout=30, check=True)
+    return [job for job in listing.stdout.split() if job != mine]
+
+
+def test_retry_sends_a_job_back_to_slurm_with_the_options_it_was_submitted_with(task, fresh):
+    """Issue 22: `batch retry` used to train on this machine (the login node) whatever the job ran on. A job that
+    failed on SLURM goes back to SLURM with its submission's sbatch options, unless options say otherwise."""
+    submitted = [*SLURM, "--mem", "300M"]
+    args = [*_selection(task, "scratch"), "--epochs", "60", *TINY, "--max-attempts", "1"]
+    assert "1 to submit" in _segbook("submit", *args, *submitted)
+    folder = _run_folder(task, fresh, "scratch")
+    _wait_for_checkpoint(folder)
+    slurm_id = _status(task, "scratch")["scratch"]["slurm_id"]
+    subprocess.run(["scancel", slurm_id], check=True)
+    wait_for(lambda: queue_states(slurm_id).get(slurm_id) == "CANCELLED", 60, f"{slurm_id} to be cancelled")
+    wait_for(lambda: _status(task, "scratch")["scratch"]["state"] == "failed", 60, "the job to fail")
+
+    help_text = _segbook("retry", "--help")
+    assert "default: where each job last ran" in " ".join(help_text.split())
+    dry = _segbook("retry", "--failed", *args, "--device", "cpu", "--gpus-per-job", "0", "--dry-run")
+    assert "to SLURM" in dry and len(_submissions(fresh)) == 1
+    retried = _segbook("retry", "--failed", *args, "--device", "cpu", "--gpus-per-job", "0",
+                       "--array-parallelism", "1")
+    try:
+        assert "submitted 1 job(s)" in retried and "running 1 on" not in retried, retried
+        first, second = _submissions(fresh)
+        assert second["slurm"] == {**first["slurm"], "array_parallelism": 1}  # given here: it replaces the 2
+        assert (second["parameters"]["time"], second["parameters"]["cpus_per_task"]) == (15, 1)
+        assert second["parameters"]["additional_parameters"]["mem"] == "300M"
+    finally:
+        subprocess.run(["scancel", *[record["array_job_id"] for record in _submissions(fresh)]], check=True)

@@ -3,6 +3,7 @@ imports, SegBook's fixed test split, status and synthetic datasets. Planning is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from helpers import register_spec, source_of, tiny_spec
+from helpers import descendants, register_spec, source_of, tiny_spec, wait_until_gone
 from segbook.cli.main import main
 from segbook.data import (DatasetValidationError, PlainSource, SplitChangedError, SynthSpec, TargetSpec,
                           dataset_status, detect_layout, draw_split, import_dataset, read_source, read_split,
@@ -475,6 +476,43 @@ def test_a_killed_import_s_leftovers_are_repaired_by_the_next_status_never_under
         holder.wait()
     assert main(["data", "status", "--registry", str(registry_file)]) == 0
     assert not live.exists() and tree_digest(paths.raw / entry.nnunet_name) == before
+
+
+def test_a_killed_import_takes_its_worker_processes_along(tmp_path: Path, segbook_home: Path) -> None:
+    """Issue 22: kill -9 of `segbook data import` alone (the out-of-memory killer, or `kill -9 PID`; not its process
+    group): its spawned worker processes (about 145 MB each) end with it instead of waiting for work forever, and
+    the next import takes over the dead one's claim and imports."""
+    spec = tiny_spec("KilledPool", cases=40)
+    registry_file, entry = register_spec(tmp_path, spec, 967)
+    source = write_synthetic_dataset(spec, tmp_path / "source", layout="v2", dataset_id=967).path
+    command = [sys.executable, "-m", "segbook.cli.main", "data", "import", "--registry", str(registry_file),
+               "--task", entry.key, "--from", str(source), "-np", "2"]
+    importing = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+    try:
+        workers: list[int] = []
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and importing.poll() is None and time.monotonic() < deadline:
+            workers = [pid for pid in descendants(importing.pid) if b"spawn_main" in _cmdline(pid)]
+            time.sleep(0.05)
+        assert len(workers) >= 2 and importing.poll() is None, "the import did not start its workers"
+        below = descendants(importing.pid)  # the workers, and multiprocessing's resource tracker
+        os.kill(importing.pid, signal.SIGKILL)
+        importing.wait()
+        assert not wait_until_gone(below, 10), "worker processes outlived the import killed outright"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(importing.pid, signal.SIGKILL)  # on failure: leave nothing behind
+    assert main(["data", "import", "--registry", str(registry_file), "--task", entry.key, "--from", str(source),
+                 "-np", "2"]) == 0
+    assert sorted(p.name for p in Paths.from_env().raw.iterdir()) == [entry.nnunet_name]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_changed_cases_keep_the_split_until_resplit(tmp_path: Path, segbook_home: Path, bad_source: Path) -> None:

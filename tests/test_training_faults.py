@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import planned_tiny_task, prepare_synthetic_task, tiny_spec, write_payload_checkpoint
+from helpers import (descendants, planned_tiny_task, prepare_synthetic_task, tiny_spec, wait_until_gone,
+                     write_payload_checkpoint)
 
 from segbook.cli.main import main
 from segbook.errors import SegbookError
@@ -306,25 +307,6 @@ def test_training_refuses_preprocessed_data_that_is_not_the_train_split(task, fr
     assert not Paths.from_env().results.exists()
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process parents from /proc (Linux)")
 def test_a_run_is_claimed_while_it_trains_and_its_workers_die_with_a_killed_trainer(task, fresh, capsys):
     command = [sys.executable, "-m", "segbook.cli.main", *_cli(task, "--task", task.entry.key, "--model", "tiny",
@@ -342,7 +324,7 @@ def test_a_run_is_claimed_while_it_trains_and_its_workers_die_with_a_killed_trai
                 break
             time.sleep(0.2)
         assert trainer.poll() is None, "training ended before the test could look at it"
-        workers = _children(trainer.pid)
+        workers = descendants(trainer.pid)
         assert len(workers) >= 2  # nnU-Net's augmentation workers
 
         second = subprocess.run([*command, "--continue"], env=env, capture_output=True, text=True, timeout=300)
@@ -350,10 +332,7 @@ def test_a_run_is_claimed_while_it_trains_and_its_workers_die_with_a_killed_trai
     finally:
         trainer.send_signal(signal.SIGKILL)
         trainer.wait()
-    deadline = time.time() + 10
-    while time.time() < deadline and any(_alive(pid) for pid in workers):
-        time.sleep(0.1)
-    assert not any(_alive(pid) for pid in workers), "augmentation workers outlived the killed trainer"
+    assert not wait_until_gone(workers, 10), "augmentation workers outlived the killed trainer"
 
     resumed = subprocess.run([*command, "--continue"], env={**env, "nnUNet_n_proc_DA": "0"},
                              capture_output=True, text=True, timeout=600)

@@ -3,16 +3,18 @@
 An attempt is one claim of a job by `run_job`. Its claim record carries the job's counts (`ClaimRecord.info`):
 the attempt's number, how many earlier attempts ended badly since the last `batch retry`, the --max-attempts it
 ran under, and how the previous attempt ended. The newest claim alone therefore says where a job stands: status
-reads one small file per job, never a history. How an attempt ended:
+reads one small file per job, never a history. It also says where the job last ran (`backend`: "local" or "slurm",
+which `batch retry` sends it back to). How an attempt ended:
 
 - not counted: done; failed (the error is in run.json, and the job is failed anyway); requeued (submitit's requeue
-  on SLURM's warning signal, or SLURM requeued the job itself: the next attempt runs in the same SLURM job with a
-  higher restart count); interrupted (Ctrl-C, SIGINT); stopped because its task was not prepared;
+  on SLURM's warning signal, or SLURM requeued the job itself, e.g. after a node failure: the attempt ended by
+  SIGTERM or was killed, but the same SLURM job waits to run again (squeue) or runs again with a higher restart
+  count); interrupted (Ctrl-C, SIGINT, the local launcher's death); stopped because its task was not prepared;
 - counted: terminated (SIGTERM: scancel, a time limit reached without the warning, kill), and killed: the process
-  died without releasing its claim (kill -9, the out-of-memory killer, a node failure). A killed attempt is
-  described by what is known: the exit status the local launcher saw (`note_ending`), SLURM's final state and exit
-  code (scontrol while slurmctld holds the job, sacct where the cluster has accounting), else why its holder was
-  judged gone (its process exited, squeue no longer lists it, its heartbeat stopped).
+  died without releasing its claim (kill -9, the out-of-memory killer, a node failure SLURM does not requeue). A
+  killed attempt is described by what is known: the exit status the local launcher saw (`note_ending`), SLURM's
+  final state and exit code (scontrol while slurmctld holds the job, sacct where the cluster has accounting), else
+  why its holder was judged gone (its process exited, squeue no longer lists it, its heartbeat stopped).
 
 After --max-attempts bad endings (default 3) the job is failed with the last one as the reason; `batch submit` and
 `batch run` leave it alone, and `batch retry --failed` starts the count again.
@@ -34,8 +36,12 @@ DEFAULT_MAX_ATTEMPTS = 3
 #: How a released attempt ended, by its claim's outcome, when that does not count against the limit.
 NOT_COUNTED = {"done": "done", "failed": "failed (the error is in run.json)",
                "unprepared": "stopped: its task was not prepared", "SystemExit": "requeued (SLURM's warning signal)",
-               "KeyboardInterrupt": "interrupted (Ctrl-C)", "reset for retry": "reset by `segbook batch retry`"}
+               "KeyboardInterrupt": "interrupted (Ctrl-C, or its launcher stopped or died)",
+               "reset for retry": "reset by `segbook batch retry`"}
 TERMINATED = "Terminated"
+REQUEUED_BY_SLURM = "requeued by SLURM (a node failure, a preemption or `scontrol requeue`)"
+#: squeue's states of a SLURM job that ran and waits to run again.
+REQUEUED_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"})
 
 
 @dataclass(frozen=True)
@@ -81,25 +87,37 @@ def ending(folder: Path, record: ClaimRecord, gone: str | None, *, queue: Mappin
            own: tuple[str | None, int] | None = None, ask_slurm: bool = False) -> tuple[str, bool]:
     """(how an attempt that is over ended, whether it counts against the limit); see the module docstring.
     `own`: the SLURM job and restart count of the process asking (a later run of the same job was requeued)."""
-    if record.released:
-        outcome = record.outcome or "done"
-        if outcome in NOT_COUNTED:
-            return NOT_COUNTED[outcome], False
-        if outcome == TERMINATED:
-            return "terminated by SIGTERM (scancel, a time limit reached without warning, or kill)", True
+    outcome = (record.outcome or "done") if record.released else None
+    if outcome in NOT_COUNTED:
+        return NOT_COUNTED[outcome], False
+    if outcome not in (None, TERMINATED):
         return f"ended by {outcome}", True
-    if own and record.slurm_job and record.slurm_job == own[0] and record.slurm_restart < own[1]:
-        return "requeued by SLURM", False
+    if _requeued_by_slurm(record, queue, own):
+        return REQUEUED_BY_SLURM, False
+    if outcome == TERMINATED:
+        return "terminated by SIGTERM (scancel, a time limit reached without warning, or kill)", True
     known = _note(folder, record) or (slurm_ending(record.slurm_job) if ask_slurm and record.slurm_job else None)
     if known is None and record.slurm_job and queue and record.slurm_job in queue:
         known = f"SLURM: {queue[record.slurm_job]}"
     return f"killed ({known or gone or 'its process died'})", True
 
 
-def info_for(folder: Path, kind: str, max_attempts: int | None = None) -> InfoFor:
-    """What a new claim in the job's claims folder records (`claims.try_claim(info=...)`): an attempt (`ATTEMPT`),
-    or a claim of `batch retry` (`RESET`), which carries the counts (and why the job was given up, if it was) until
-    it finds the job failed and starts them again (`reset_count`)."""
+def _requeued_by_slurm(record: ClaimRecord, queue: Mapping[str, str] | None,
+                       own: tuple[str | None, int] | None) -> bool:
+    """SLURM requeued the attempt's job itself (a node failure, a preemption, `scontrol requeue`): the process asking
+    is a later run of that SLURM job, or squeue has it waiting to run again. SLURM ends the attempt on its way with
+    SIGTERM (then SIGKILL), as scancel does; scancel leaves the job CANCELLED, a requeue PENDING."""
+    if not record.slurm_job:
+        return False
+    if own and record.slurm_job == own[0] and record.slurm_restart < own[1]:
+        return True
+    return bool(queue) and queue.get(record.slurm_job) in REQUEUED_STATES
+
+
+def info_for(folder: Path, kind: str, max_attempts: int | None = None, backend: str | None = None) -> InfoFor:
+    """What a new claim in the job's claims folder records (`claims.try_claim(info=...)`): an attempt (`ATTEMPT`) on
+    `backend`, or a claim of `batch retry` (`RESET`), which carries the counts and the backend (and why the job was
+    given up, if it was) until it finds the job failed and starts the counts again (`reset_count`)."""
 
     def make(previous: ClaimRecord | None, gone: str | None) -> dict[str, Any]:
         before = Attempts()
@@ -107,12 +125,20 @@ def info_for(folder: Path, kind: str, max_attempts: int | None = None) -> InfoFo
             before = summarize(folder, previous, gone, own=own_slurm_job(), ask_slurm=True)
         info = {"kind": kind, "attempt": before.count + (kind == ATTEMPT), "bad": before.bad,
                 "max": max_attempts if kind == ATTEMPT else before.max, "last": before.last,
-                "last_bad": before.last_bad}
+                "last_bad": before.last_bad, "backend": backend if kind == ATTEMPT else last_backend(previous)}
         if kind == RESET:
             info["gave_up"] = before.reason() if before.exhausted else None
         return info
 
     return make
+
+
+def last_backend(record: ClaimRecord | None) -> str | None:
+    """Where the job's latest attempt ran ("local" or "slurm"), from its newest claim (None: it has none). Claims
+    made before the backend was recorded, and `segbook finetune`'s, say so by their SLURM job."""
+    if record is None:
+        return None
+    return (record.info or {}).get("backend") or ("slurm" if record.slurm_job else "local")
 
 
 def reset_count(claim: Claim) -> None:

@@ -6,8 +6,9 @@ prepared stops at once with the command to run, its run untouched (outcome "unpr
 from its latest checkpoint (`finetune(resume=True)`, which never re-applies pretrained weights over one); a run
 that has no checkpoint yet has nothing to resume and starts again with the current options (its new manifest keeps
 the old one's status, error and events under `request.previous_attempt`). Each step is idempotent, so running a job
-again after any interruption continues where it stopped, and running a done job does nothing. A failure is recorded
-in the run's manifest (training: `status: failed` and `error`; evaluation: `evaluation_error`, training stays
+again after any interruption continues where it stopped, and running a done job does nothing: a job that is done
+(or failed earlier) is not even claimed, so a duplicate of it (a job submitted twice) counts no attempt. A failure is
+recorded in the run's manifest (training: `status: failed` and `error`; evaluation: `evaluation_error`, training stays
 finished) and ends this job only; `segbook.batch.retry` clears it. A job whose attempts ended badly --max-attempts
 times is recorded failed the same way instead of being run again.
 
@@ -182,7 +183,11 @@ def run_job(job: Job, options: ExecutionOptions, paths: Paths | None = None, *,
     if options.data_workers is not None:
         os.environ["nnUNet_n_proc_DA"] = str(options.data_workers)
     started = time.time()
-    claim = try_claim(paths.claims, job.id, info=info_for(paths.claims / job.id, ATTEMPT, options.max_attempts))
+    settled = _settled(job, job.folder(paths), RunManifest.load(job.folder(paths), history=False))
+    if settled is not None:  # nothing to do: no claim, so no attempt (a job submitted twice runs twice in SLURM)
+        return JobOutcome(job.id, *settled)
+    claim = try_claim(paths.claims, job.id, info=info_for(paths.claims / job.id, ATTEMPT, options.max_attempts,
+                                                          backend))
     if not isinstance(claim, Claim):
         return JobOutcome(job.id, "busy", claim.describe())
     with claim.held():
@@ -197,14 +202,25 @@ def run_job(job: Job, options: ExecutionOptions, paths: Paths | None = None, *,
     return JobOutcome(job.id, "done", message, time.time() - started)
 
 
+def _settled(job: Job, folder: Path, manifest: RunManifest | None) -> tuple[str, str] | None:
+    """("done" or "failed", why) for a job with nothing left to do: done, or failed earlier (it waits for `batch
+    retry`); None otherwise."""
+    if manifest is not None and failure(manifest):
+        return "failed", (f"{job.id} failed earlier ({failure(manifest)}); `segbook batch retry --failed` runs it "
+                          "again")
+    if manifest is not None and manifest.status == "finished" and is_evaluated(folder):
+        return "done", "already done"
+    return None
+
+
 def _work(job: Job, options: ExecutionOptions, paths: Paths, backend: str, attempts: Attempts) -> str:
     folder = job.folder(paths)
     manifest = RunManifest.load(folder, history=False)
-    if manifest is not None and failure(manifest):
-        raise JobFailed(f"{job.id} failed earlier ({failure(manifest)}); `segbook batch retry --failed` runs it "
-                        "again")
-    if manifest is not None and manifest.status == "finished" and is_evaluated(folder):
-        return "already done"
+    settled = _settled(job, folder, manifest)  # again, under the claim: another process may have settled it since
+    if settled is not None:
+        if settled[0] == "failed":
+            raise JobFailed(settled[1])
+        return settled[1]
     if attempts.exhausted:
         with _stage(job, options, folder, "attempts", backend, attempts):
             raise AttemptsExhausted(attempts.reason())

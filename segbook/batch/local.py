@@ -3,8 +3,9 @@
 `run_local(jobs, ExecutionOptions(...), LocalOptions(...))`, the shape of `submit_slurm`'s arguments: how each job
 runs, then where. Each job runs in its own process, `segbook batch worker` (`segbook.batch.worker`), in its own
 session, with CUDA_VISIBLE_DEVICES naming its GPU (or its `num_gpus` GPUs for nnU-Net's DDP): a crash or an
-out-of-memory kill ends that job only, and the worker holds the job's claim itself, so even a launcher killed
-outright leaves no job claimed by a dead process.
+out-of-memory kill ends that job only. The worker holds the job's claim itself and ends with the launcher: a
+launcher killed outright takes its workers along (they stop as on its Ctrl-C, `segbook.processes`), leaving no job
+claimed by a dead process nor training without one.
 Before the first worker starts, the launcher checks the checkpoints pretrained jobs start from
 (`segbook.batch.weights`) and prepares, here on the CPU, the tasks whose jobs will train (`segbook.batch.preparation`);
 the jobs of a task whose preparation failed are not started. Workers never plan.

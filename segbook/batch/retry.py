@@ -1,20 +1,22 @@
-"""`segbook batch retry`: which jobs of a selection failed, and making them pending again.
+"""`segbook batch retry`: which jobs of a selection failed, where they ran, and making them pending again.
 
 A failed job is not run again by `run` or `submit` (it would fail the same way, and its error would be lost);
 resetting it keeps the error in a "retry" event of its manifest. A failed training then resumes from its latest
 checkpoint (or, with none, starts again), a failed evaluation is redone without training again. The reset is a claim
 of the job that starts its count of bad attempts again (`segbook.batch.attempts`), so a job that was given up after
---max-attempts gets that many again.
+--max-attempts gets that many again. A retried job goes back where its latest attempt ran (`last_run`): a job of a
+SLURM cluster never ends up training on the login node `batch retry` is typed on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
-from segbook.batch.attempts import RESET, info_for, reset_count
+from segbook.batch.attempts import RESET, info_for, last_backend, reset_count
 from segbook.batch.matrix import Job, JobStatus, survey
-from segbook.claims import Claim, try_claim
+from segbook.batch.submissions import latest_slurm_options
+from segbook.claims import Claim, latest, try_claim
 from segbook.paths import Paths
 from segbook.training.manifest import RunManifest, failure
 
@@ -25,6 +27,23 @@ class Reset:
 
     job: Job
     error: str
+
+
+@dataclass(frozen=True)
+class LastRun:
+    """Where a job's latest attempt ran ("local" or "slurm"), and the SLURM options (`SlurmOptions` as a dict) of its
+    latest submission, if it had one that recorded them."""
+
+    backend: str
+    slurm: dict[str, Any] | None
+
+
+def last_run(jobs: Iterable[Job], paths: Paths | None = None) -> dict[str, LastRun]:
+    """Where each job ran last, by job id; "local" for a job no attempt of `segbook batch` started."""
+    paths = paths or Paths.from_env()
+    recorded = latest_slurm_options(paths)
+    return {job.id: LastRun(last_backend(latest(paths.claims / job.id)[1]) or "local", recorded.get(job.id))
+            for job in jobs}
 
 
 def failed_jobs(jobs: Iterable[Job], paths: Paths | None = None) -> list[JobStatus]:

@@ -30,11 +30,15 @@ SLURM's warning signal (USR2, `signal_delay_s` before the time limit, or on pree
 only through the trainer, which first saves a checkpoint at the next iteration boundary (`segbook.training.trainers`);
 submitit then requeues the task, whose next run resumes mid-epoch. SIGTERM (scancel, a time limit without warning)
 stops the job the same way, without a requeue, and counts as a bad attempt; the SIGTERM that `scontrol requeue`
-sends a task on its way out does not (`_terminate_unless_requeued`). An sbatch refusal cancels the arrays this
-call submitted and becomes one line naming the limit or option (`segbook.batch.cluster.submission_error`).
+sends a task on its way out does not (`_terminate_unless_requeued`), nor does the one of a node failure SLURM
+requeues the job after (`segbook.batch.attempts`). A stop is one line in the task's log, not a traceback.
+Submissions take turns: one at a time per batch state (`one_submission`), so that two never both send a job. An
+sbatch refusal cancels the arrays this call submitted and becomes one line naming the limit or option
+(`segbook.batch.cluster.submission_error`).
 
 Files, under `$SEGBOOK_HOME/batch/slurm/<submission>.<array>/`: `submission.json` (`segbook.batch.submissions`: job
-ids <-> SLURM ids, the sbatch parameters and the execution options; `prepare.json` for the CPU array), and
+ids <-> SLURM ids, the sbatch parameters, the execution options and the `SlurmOptions`, which `batch retry` reuses;
+`prepare.json` for the CPU array), and
 submitit's folders `<array>_<index>/` with the task's `<array>_<index>_0_log.out` / `_log.err` (appended to across
 requeues) and `_result.pkl` once it ended. States come from squeue, these result files and the run manifests, never
 from sacct (see docs/slurm_testing.md).
@@ -52,13 +56,15 @@ import signal
 import subprocess
 import sys
 from collections import defaultdict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import submitit
 
-from segbook.batch.cluster import ClusterLimits, SubmissionError, format_minutes, submission_error, time_minutes
+from segbook import claims
+from segbook.batch.cluster import (ARRAY_OPTIONS, ClusterLimits, SubmissionError, format_minutes, submission_error,
+                                   time_minutes)
 from segbook.batch.estimate import Estimate, estimate_jobs
 from segbook.batch.execute import ExecutionOptions, JobFailed, NotPrepared, record_given_up
 from segbook.batch.forecast import budget
@@ -68,7 +74,7 @@ from segbook.batch.signals import raise_terminated
 from segbook.batch.submissions import (PREPARE_RECORD, SubmittedTask, new_submission_id, submissions_folder,
                                       write_submission)
 from segbook.batch.weights import check_weights
-from segbook.batch.worker import work
+from segbook.batch.worker import stopped, work
 from segbook.errors import SegbookError
 from segbook.options import Bound, check_all
 from segbook.paths import Paths
@@ -80,8 +86,11 @@ if TYPE_CHECKING:
 
 #: nnU-Net's augmentation wants about this many CPU cores per GPU.
 CPUS_PER_GPU = 8
-#: nnU-Net's preprocessing processes (nnUNet_def_n_proc's default): the CPUs of a preparation task.
+#: nnU-Net's preprocessing processes (nnUNet_def_n_proc's default): the CPUs of a preparation task (fewer where a node
+#: of its partition has fewer).
 PREPARE_CPUS = 8
+#: The claim a submission holds (`one_submission`), in the batch state's claims.
+SUBMITTING = "batch__submitting"
 #: The time limit where the partition sets none.
 FALLBACK_TIME = "48:00:00"
 #: Requeues on timeout beyond what a job's estimate needs (estimates are estimates), and where it has none.
@@ -97,31 +106,41 @@ BOUNDS = {"cpus_per_job": Bound("--cpus-per-job", int, low=1),
 @dataclass(frozen=True)
 class PrepareSlurmOptions:
     """sbatch parameters of the CPU array that prepares tasks (`batch prepare --backend slurm`, and the first stage
-    of `batch submit`): default partition, 8 CPUs, the partition's time limit."""
+    of `batch submit`): default partition, 8 CPUs (or what a node of the partition allows, if less), the partition's
+    time limit. `prefix` is how the options are named where they were given (`batch submit`'s --prepare-cpus,
+    `batch prepare`'s --cpus)."""
 
     partition: str | None = None
     time: str | None = None
-    cpus: int = PREPARE_CPUS
+    cpus: int | None = None  # default: PREPARE_CPUS, at most what a node of the partition allows
     mem: str | None = None
     account: str | None = None
     extra_sbatch: tuple[str, ...] = ()
+    prefix: str = "--prepare-"
+
+    @property
+    def options(self) -> dict[str, str]:
+        """The option names to put in messages (`segbook.batch.cluster.submission_error`)."""
+        return {name: f"{self.prefix}{name}" for name in ARRAY_OPTIONS}
 
     def parameters(self, limits: ClusterLimits) -> dict[str, Any]:
-        check_all({"cpus_per_job": self.cpus}, BOUNDS)
-        limits.check_partition(self.partition, "--prepare-partition")
-        return _sbatch_values("segbook-prepare", self.partition, _time_limit(self.time, self.partition, limits,
-                                                                              "--prepare-time"),
-                              self.cpus, None, self.mem, self.account, self.extra_sbatch)
+        check_all({"cpus": self.cpus}, {"cpus": Bound(self.options["cpus"], int, low=1)})
+        limits.check_partition(self.partition, self.options["partition"])
+        minutes = _time_limit(self.time, self.partition, limits, self.options["time"])
+        cpus = limits.cpus(self.cpus, PREPARE_CPUS, self.partition, self.options["cpus"])
+        return _sbatch_values("segbook-prepare", self.partition, minutes, cpus, None, self.mem, self.account,
+                              self.extra_sbatch)
 
 
 @dataclass(frozen=True)
 class SlurmOptions:
     """sbatch parameters of every GPU array task (`--extra-sbatch` entries are "key=value" or "flag") and how the
-    arrays are cut; the GPUs per task are the execution options' (`ExecutionOptions.gpus_per_job`)."""
+    arrays are cut; the GPUs per task are the execution options' (`ExecutionOptions.gpus_per_job`). Each submission
+    records them (`submission.json`), for `batch retry` to send a job back with them (`from_record`)."""
 
     partition: str | None = None
     time: str | None = None  # default: the partition's maximum (FALLBACK_TIME where it has none)
-    cpus_per_job: int | None = None  # default: 8 per GPU, 1 for a CPU job
+    cpus_per_job: int | None = None  # default: 8 per GPU (at most what a node allows), 1 for a CPU job
     mem: str | None = None  # sbatch --mem, e.g. "64G"; default: the cluster's
     account: str | None = None
     array_parallelism: int | None = None  # most tasks running at once, over all arrays; default: no limit
@@ -130,6 +149,24 @@ class SlurmOptions:
     max_array_size: int | None = None  # default: the cluster's MaxArraySize
     max_submitted: int | None = None  # default: what the controller's MaxJobCount leaves room for
     prepare: PrepareSlurmOptions = field(default_factory=PrepareSlurmOptions)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "SlurmOptions":
+        """The options a submission recorded (`asdict` of them, as JSON keeps it)."""
+        prepare = dict(record.get("prepare") or {})
+        prepare["extra_sbatch"] = tuple(prepare.get("extra_sbatch", ()))
+        return cls(**{**record, "extra_sbatch": tuple(record.get("extra_sbatch", ())),
+                      "prepare": PrepareSlurmOptions(**prepare)})
+
+    def updated(self, given: "SlurmOptions") -> "SlurmOptions":
+        """These options with each one `given` sets (not None, not empty) in its place: recorded options, changed
+        by those given on the command line."""
+        def changes(options: Any, skip: tuple[str, ...]) -> dict[str, Any]:
+            return {key: value for key, value in vars(options).items()
+                    if key not in skip and value is not None and value != ()}
+
+        return replace(self, **changes(given, ("prepare",)),
+                       prepare=replace(self.prepare, **changes(given.prepare, ("prefix",))))
 
     def check(self) -> None:
         check_all({k: v for k, v in asdict(self).items() if k != "prepare"}, BOUNDS)
@@ -141,8 +178,8 @@ class SlurmOptions:
         """submitit's `update_parameters` arguments, for tasks of `gpus_per_job` GPUs each (no array yet)."""
         self.check()
         limits.check_partition(self.partition)
-        return _sbatch_values("segbook", self.partition, self.time_limit(limits),
-                              self.cpus_per_job or max(1, CPUS_PER_GPU * gpus_per_job), gpus_per_job or None,
+        cpus = limits.cpus(self.cpus_per_job, max(1, CPUS_PER_GPU * gpus_per_job), self.partition, "--cpus-per-job")
+        return _sbatch_values("segbook", self.partition, self.time_limit(limits), cpus, gpus_per_job or None,
                               self.mem, self.account, self.extra_sbatch)
 
 
@@ -191,7 +228,10 @@ class BatchTask(submitit.helpers.Checkpointable):
     def __call__(self, job_id: str) -> dict[str, Any]:
         _fit_processes_to_allocation(self.options)
         _terminate_unless_requeued()
-        outcome = work(job_id, self.options, self.paths, backend="slurm")
+        try:
+            outcome = work(job_id, self.options, self.paths, backend="slurm")
+        except KeyboardInterrupt as stop:  # Terminated too: a stop is one line in the task's log, not a traceback
+            raise SystemExit(stopped(job_id, stop)) from None
         if outcome.result == "failed":
             raise JobFailed(outcome.message)  # the task ends FAILED in SLURM; the manifest has the details
         if outcome.result == "unprepared":
@@ -212,8 +252,11 @@ class PrepareTask(submitit.helpers.Checkpointable):
         _terminate_unless_requeued()
         entry = load_registry(self.options.registry_files).get(task)
         processes = self.options.processes or len(os.sched_getaffinity(0))
-        return asdict(prepare_task(entry, self.paths, processes=processes, body=self.options.body,
-                                   planners=self.planners))
+        try:
+            return asdict(prepare_task(entry, self.paths, processes=processes, body=self.options.body,
+                                       planners=self.planners))
+        except KeyboardInterrupt as stop:
+            raise SystemExit(stopped(f"preparation of {task}", stop)) from None
 
 
 def _terminate_unless_requeued() -> None:
@@ -368,29 +411,44 @@ def submit_slurm(jobs: Iterable[Job], options: ExecutionOptions, slurm: SlurmOpt
     parameters = slurm.parameters(options.gpus_per_job, limits)
     prepare_parameters = slurm.prepare.parameters(limits)
     paths = paths or Paths.from_env()
-    statuses = survey(jobs, paths, weights=options.pretrained_weights)
-    record_given_up(statuses, paths)
-    todo = _to_submit(statuses, say)
-    if not todo:
-        return []
-    if options.body == "train":  # a rehearsal reads no weights (segbook.batch.rehearsal)
-        check_weights(todo, options.weights_for, paths, say)
-    estimates = estimate_jobs(todo, lambda job: budget(job, options, paths), paths)
-    epochs_done = {s.job.id: s.epochs_done for s in statuses}
-    room = slurm.max_submitted or _controller_room(limits)
-    preparing = _queued_preparations(paths)
-    prepare = [entry for entry in tasks_to_prepare(todo, paths, options.body) if entry.key not in preparing]
-    plan = plan_submission(todo, prepare, estimates, epochs_done, options, slurm, limits, room, preparing)
-    submission = new_submission_id()
-    if dry_run:
-        _print_dry_run(plan, submissions_folder(paths) / submission, parameters, prepare_parameters, say)
-        return []
-    paths.export()
-    tasks = _submit(plan, options, paths, submission, parameters, prepare_parameters, planners_of(todo), say)
+    with contextlib.nullcontext() if dry_run else one_submission(paths):
+        statuses = survey(jobs, paths, weights=options.pretrained_weights)
+        record_given_up(statuses, paths)
+        todo = _to_submit(statuses, say)
+        if not todo:
+            return []
+        if options.body == "train":  # a rehearsal reads no weights (segbook.batch.rehearsal)
+            check_weights(todo, options.weights_for, paths, say)
+        estimates = estimate_jobs(todo, lambda job: budget(job, options, paths), paths)
+        epochs_done = {s.job.id: s.epochs_done for s in statuses}
+        room = slurm.max_submitted or _controller_room(limits)
+        preparing = _queued_preparations(paths)
+        prepare = [entry for entry in tasks_to_prepare(todo, paths, options.body) if entry.key not in preparing]
+        plan = plan_submission(todo, prepare, estimates, epochs_done, options, slurm, limits, room, preparing)
+        submission = new_submission_id()
+        if dry_run:
+            _print_dry_run(plan, submissions_folder(paths) / submission, parameters, prepare_parameters, say)
+            return []
+        paths.export()
+        tasks = _submit(plan, options, slurm, paths, submission, parameters, prepare_parameters, planners_of(todo),
+                        say)
     if plan.held_back:
         say(f"{len(plan.held_back)} job(s) not submitted: at most {room} may go out now (--max-submitted, or the "
             "room the controller's MaxJobCount leaves); submit again as jobs end")
     return tasks
+
+
+@contextlib.contextmanager
+def one_submission(paths: Paths) -> Iterator[None]:
+    """One submission at a time per batch state: a submission reads which jobs are queued, done or prepared, then
+    sends the others, so two at once would each send every job. The second is refused, naming the first; the claim
+    of a submitter killed outright is taken over (`segbook.claims`)."""
+    claim = claims.try_claim(paths.claims, SUBMITTING)
+    if not isinstance(claim, claims.Claim):
+        raise SegbookError(f"another `segbook batch submit` is submitting from {paths.batch} ({claim.describe()}); "
+                           "wait for it to end, then submit again: it sends only what is left")
+    with claim.held():
+        yield
 
 
 def _to_submit(statuses: list[JobStatus], say: Callable[[str], None]) -> list[Job]:
@@ -417,7 +475,7 @@ def _controller_room(limits: ClusterLimits) -> int:
     return max(0, limits.max_job_count - held)
 
 
-def _submit(plan: SubmissionPlan, options: ExecutionOptions, paths: Paths, submission: str,
+def _submit(plan: SubmissionPlan, options: ExecutionOptions, slurm: SlurmOptions, paths: Paths, submission: str,
             parameters: dict[str, Any], prepare_parameters: dict[str, Any], planners: Sequence[str],
             say: Callable[[str], None]) -> list[SubmittedTask]:
     """The preparation array, then the GPU arrays waiting for it (and for preparations still queued from earlier
@@ -428,13 +486,13 @@ def _submit(plan: SubmissionPlan, options: ExecutionOptions, paths: Paths, submi
     try:
         prepare_array = None
         if plan.prepare:
-            prepare_array = _submit_preparation(plan.prepare, options, paths, submission, prepare_parameters,
-                                                folders, planners)
+            prepare_array = _submit_preparation(plan.prepare, options, slurm.prepare, paths, submission,
+                                                prepare_parameters, folders, planners)
             submitted.append(prepare_array)
             say(f"submitted the preparation of {len(plan.prepare)} task(s) as SLURM array {prepare_array}")
         dependency = plan.dependency(prepare_array)
         for number, array in enumerate(plan.arrays):
-            sent = _submit_array(plan, number, options, paths, submission, parameters, dependency, folders)
+            sent = _submit_array(plan, number, options, slurm, paths, submission, parameters, dependency, folders)
             submitted.append(array_of(sent[0].slurm_id))
             tasks += sent
     except SubmissionError:
@@ -449,21 +507,23 @@ def _submit(plan: SubmissionPlan, options: ExecutionOptions, paths: Paths, submi
     return tasks
 
 
-def _submit_preparation(entries: Sequence["DatasetEntry"], options: ExecutionOptions, paths: Paths, submission: str,
-                        parameters: dict[str, Any], folders: list[Path], planners: Sequence[str]) -> str:
+def _submit_preparation(entries: Sequence["DatasetEntry"], options: ExecutionOptions, prepare: PrepareSlurmOptions,
+                        paths: Paths, submission: str, parameters: dict[str, Any], folders: list[Path],
+                        planners: Sequence[str]) -> str:
     """The CPU array preparing `entries`, recorded in its `prepare.json`; its SLURM array id."""
     folder = submissions_folder(paths) / f"{submission}.prepare"
     folders.append(folder)
     sent = _map_array(folder, 0, parameters, PrepareTask(options, paths, planners), [entry.key for entry in entries],
-                      f"the preparation array ({len(entries)} tasks)")
+                      f"the preparation array ({len(entries)} tasks)", prepare.options)
     write_submission(folder, [SubmittedTask(f"{submission}.prepare", e.key, t.job_id, folder / "%j")
                               for e, t in zip(entries, sent)], parameters, asdict(options), record=PREPARE_RECORD)
     return array_of(sent[0].job_id)
 
 
-def _submit_array(plan: SubmissionPlan, number: int, options: ExecutionOptions, paths: Paths, submission: str,
-                  parameters: dict[str, Any], dependency: dict[str, str], folders: list[Path]) -> list[SubmittedTask]:
-    """GPU array `number` of the plan, recorded in its `submission.json`."""
+def _submit_array(plan: SubmissionPlan, number: int, options: ExecutionOptions, slurm: SlurmOptions, paths: Paths,
+                  submission: str, parameters: dict[str, Any], dependency: dict[str, str],
+                  folders: list[Path]) -> list[SubmittedTask]:
+    """GPU array `number` of the plan, recorded in its `submission.json` (with `slurm`, for `batch retry`)."""
     array = plan.arrays[number]
     name = f"{submission}.a{number:03d}"
     folder = submissions_folder(paths) / name
@@ -473,7 +533,7 @@ def _submit_array(plan: SubmissionPlan, number: int, options: ExecutionOptions, 
     sent = _map_array(folder, array.max_timeouts, values, BatchTask(options, paths), [job.id for job in array.jobs],
                       f"array {number + 1} of {len(plan.arrays)} ({len(array.jobs)} jobs)")
     tasks = [SubmittedTask(name, job.id, task.job_id, folder / "%j") for job, task in zip(array.jobs, sent)]
-    write_submission(folder, tasks, values, asdict(options))
+    write_submission(folder, tasks, values, asdict(options), slurm=asdict(slurm))
     return tasks
 
 
@@ -493,15 +553,16 @@ def _queued_preparations(paths: Paths) -> dict[str, str]:
 
 
 def _map_array(folder: Path, max_timeouts: int, parameters: dict[str, Any], task: Any, items: list[str],
-               what: str) -> list[Any]:
-    """One array through submitit; sbatch's refusal as a `SubmissionError` (submitit's own print of it muted)."""
+               what: str, options: dict[str, str] = ARRAY_OPTIONS) -> list[Any]:
+    """One array through submitit; sbatch's refusal as a `SubmissionError` naming `options` (submitit's own print of
+    it muted)."""
     executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=max_timeouts)
     executor.update_parameters(**parameters)
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             return executor.map_array(task, items)
     except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as error:
-        raise submission_error(str(error), what) from None
+        raise submission_error(str(error), what, options) from None
 
 
 def _cancel(arrays: list[str], folders: list[Path]) -> None:
@@ -569,7 +630,7 @@ def submit_preparation(entries: Sequence["DatasetEntry"], options: ExecutionOpti
         return []
     paths.export()
     sent = _map_array(folder, 0, parameters, PrepareTask(options, paths, planners), [e.key for e in entries],
-                      f"the preparation array ({len(entries)} tasks)")
+                      f"the preparation array ({len(entries)} tasks)", prepare.options)
     tasks = [SubmittedTask(submission, e.key, t.job_id, folder / "%j") for e, t in zip(entries, sent)]
     write_submission(folder, tasks, parameters, asdict(options), record=PREPARE_RECORD)
     say(f"submitted the preparation of {len(entries)} task(s) as SLURM array {sent[0].job_id.split('_')[0]}; "

@@ -56,22 +56,33 @@ def new_submission_id() -> str:
 
 
 def write_submission(folder: Path, tasks: Sequence[SubmittedTask], parameters: dict[str, Any],
-                     options: dict[str, Any], record: str = SUBMISSION_RECORD) -> None:
+                     options: dict[str, Any], record: str = SUBMISSION_RECORD,
+                     slurm: dict[str, Any] | None = None) -> None:
     """Record a submitted array: its tasks (job id, or task key for a preparation array, <-> SLURM id), sbatch
-    parameters and execution options."""
+    parameters, execution options and the submission's SLURM options (`SlurmOptions`, which `batch retry` reuses)."""
     atomic_write_json(folder / record, {
         "id": tasks[0].submission, "created_at": now(), "array_job_id": tasks[0].slurm_id.split("_")[0],
-        "folder": str(tasks[0].folder), "parameters": parameters, "options": options,
+        "folder": str(tasks[0].folder), "parameters": parameters, "options": options, "slurm": slurm,
         "jobs": [{"job": t.job, "slurm_id": t.slurm_id} for t in tasks]})
 
 
 def latest_tasks(paths: Paths) -> dict[str, SubmittedTask]:
     """Each job's most recent SLURM task, from the submission records."""
-    records = sorted(submissions_folder(paths).glob(f"*/{SUBMISSION_RECORD}"))
-    tasks = {}
-    for path in records:  # submission ids start with their time: later ones win
+    return {job: SubmittedTask(record["id"], job, slurm_id, Path(record["folder"]))
+            for job, (record, slurm_id) in _latest_records(paths).items()}
+
+
+def latest_slurm_options(paths: Paths) -> dict[str, dict[str, Any] | None]:
+    """The SLURM options (`SlurmOptions` as a dict; None in records made before they were kept) each job was last
+    submitted with."""
+    return {job: record.get("slurm") for job, (record, _) in _latest_records(paths).items()}
+
+
+def _latest_records(paths: Paths) -> dict[str, tuple[dict[str, Any], str]]:
+    """{job: (the record of its latest submission, its SLURM id there)}."""
+    latest = {}
+    for path in sorted(submissions_folder(paths).glob(f"*/{SUBMISSION_RECORD}")):  # ids start with their time
         record = json.loads(path.read_text())
-        folder = Path(record["folder"])
         for item in record["jobs"]:
-            tasks[item["job"]] = SubmittedTask(record["id"], item["job"], item["slurm_id"], folder)
-    return tasks
+            latest[item["job"]] = (record, item["slurm_id"])
+    return latest

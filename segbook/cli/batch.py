@@ -14,6 +14,8 @@ from segbook.cli.common import (POSITIVE_NUMBER, HelpFormatter, add_backbone_fil
 if TYPE_CHECKING:
     from segbook.batch.execute import ExecutionOptions
     from segbook.batch.matrix import Job
+    from segbook.batch.retry import LastRun
+    from segbook.batch.slurm import SlurmOptions
 
 TABLE_FORMATS = ("table", "md", "csv", "json")
 
@@ -99,7 +101,9 @@ def _add_slurm(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--time", default=None,
                        help="time limit per job (default: the partition's maximum, 48:00:00 where it has none); a "
                             "job that reaches it saves a checkpoint, is requeued and resumes")
-    group.add_argument("--cpus-per-job", type=at_least(1), default=None, help="default: 8 per GPU, 1 without GPU")
+    group.add_argument("--cpus-per-job", type=at_least(1), default=None,
+                       help="default: 8 per GPU (or what a node of the partition allows if less), 1 without GPU; "
+                            "more than a node allows is refused")
     group.add_argument("--mem", help="memory per job, as sbatch --mem (e.g. 64G; default: the cluster's)")
     group.add_argument("--account", help="account to charge")
     group.add_argument("--array-parallelism", type=at_least(1), default=None,
@@ -125,8 +129,9 @@ def _add_prepare_slurm(group: argparse._ArgumentGroup, prefix: str) -> None:
     group.add_argument(f"{prefix}partition", default=None, help="partition of the preparation (default: the "
                                                                 "cluster's)")
     group.add_argument(f"{prefix}time", default=None, help="time limit per task (default: the partition's maximum)")
-    group.add_argument(f"{prefix}cpus", type=at_least(1), default=8, help="CPUs per task (nnU-Net's preprocessing "
-                                                                           "processes)")
+    group.add_argument(f"{prefix}cpus", type=at_least(1), default=None,
+                       help="CPUs per task, nnU-Net's preprocessing processes (default: 8, or what a node of the "
+                            "partition allows if less; more than that is refused)")
     group.add_argument(f"{prefix}mem", default=None, help="memory per task, as sbatch --mem")
 
 
@@ -216,15 +221,17 @@ def _register_status(commands: argparse._SubParsersAction) -> None:
 
 
 def _register_retry(commands: argparse._SubParsersAction) -> None:
-    parser = _subparser(commands, "retry", "make failed jobs pending again and run or submit them",
+    parser = _subparser(commands, "retry", "make failed jobs pending again and run or submit them where they ran",
                         "Clears the recorded error of every failed job of the selection (the manifest keeps it in a "
-                        "'retry' event), then runs them here (--backend local) or submits them (--backend slurm) "
-                        "with the options of `batch run` / `batch submit`. A failed training resumes from its latest "
-                        "checkpoint; a failed evaluation is redone without training.",
-                        "segbook batch retry --failed --backend slurm --partition gpu")
+                        "'retry' event), then sends each back where its latest attempt ran: submitted to SLURM with "
+                        "the sbatch options of its last submission (each SLURM option given here replacing its "
+                        "own), or run here. --backend sends them all to one place instead. A failed training "
+                        "resumes from its latest checkpoint; a failed evaluation is redone without training.",
+                        "segbook batch retry --failed --device cuda --partition gpu")
     parser.add_argument("--failed", action="store_true", required=True, help="retry the failed jobs")
-    parser.add_argument("--backend", choices=["local", "slurm"], default="local",
-                        help="here, on this machine, or as SLURM job arrays")
+    parser.add_argument("--backend", choices=["local", "slurm"], default=None,
+                        help="local (here, on this machine) or slurm (as SLURM job arrays) for every job (default: "
+                             "where each job last ran; SLURM jobs with the options of their last submission)")
     _add_selection(parser)
     _add_execution(parser)
     _add_local(parser)
@@ -239,6 +246,9 @@ def _register_worker(commands: argparse._SubParsersAction) -> None:
                     "its task must be prepared (`segbook batch prepare`). Exit status: 0 done, 1 failed (recorded in "
                     "the manifest), 75 held by another process, 78 its task is not prepared, 130 interrupted, 143 "
                     "terminated (SIGTERM).")
+    parser.add_argument("--launcher", type=int, default=None, metavar="PID",
+                        help="the process that started this worker: when it dies (even killed outright), the worker "
+                             "stops as on Ctrl-C (and is killed with its process group if it hangs)")
     parser.add_argument("--job", required=True, help="the job id (TASK__MODEL__INIT[__RECIPE]__fold_FOLD)")
     parser.add_argument("--options", required=True, help="the execution options as JSON")
     parser.set_defaults(handler=run_worker)
@@ -339,29 +349,36 @@ def run_prepare(args: argparse.Namespace) -> int:
         return 1 if tally["failed"] else 0
     options = ExecutionOptions.create(registry_files=getattr(args, "registry", None) or [], processes=args.processes)
     prepare = PrepareSlurmOptions(partition=args.partition, time=args.time, cpus=args.cpus, mem=args.mem,
-                                  account=args.account, extra_sbatch=tuple(args.extra_sbatch))
+                                  account=args.account, extra_sbatch=tuple(args.extra_sbatch), prefix="--")
     submit_preparation(entries, options, prepare, dry_run=args.dry_run, planners=planners_of(jobs))
     return 0
 
 
-def _launch(jobs: list["Job"], args: argparse.Namespace, backend: str) -> int:
-    """Run the jobs here (`run_local`) or submit them (`submit_slurm`): the same execution options either way."""
+def _launch(jobs: list["Job"], args: argparse.Namespace, backend: str, slurm: "SlurmOptions | None" = None) -> int:
+    """Run the jobs here (`run_local`) or submit them (`submit_slurm`, with `slurm`, by default the command line's
+    options): the same execution options either way."""
     from segbook.batch.local import LocalOptions, run_local
-    from segbook.batch.slurm import PrepareSlurmOptions, SlurmOptions, submit_slurm
+    from segbook.batch.slurm import submit_slurm
 
     options = _options(args, backend)
     if backend == "local":
         gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else None
         report = run_local(jobs, options, LocalOptions(gpus=gpus, workers=args.workers))
         return 0 if report.ok else 1
+    submit_slurm(jobs, options, slurm or _slurm_options(args), dry_run=args.dry_run)
+    return 0
+
+
+def _slurm_options(args: argparse.Namespace) -> "SlurmOptions":
+    """The sbatch options of the command line (None or empty where not given)."""
+    from segbook.batch.slurm import PrepareSlurmOptions, SlurmOptions
+
     prepare = PrepareSlurmOptions(partition=args.prepare_partition, time=args.prepare_time, cpus=args.prepare_cpus,
                                   mem=args.prepare_mem, account=args.account, extra_sbatch=tuple(args.extra_sbatch))
-    slurm = SlurmOptions(partition=args.partition, time=args.time, cpus_per_job=args.cpus_per_job, mem=args.mem,
-                         account=args.account, array_parallelism=args.array_parallelism,
-                         extra_sbatch=tuple(args.extra_sbatch), max_timeouts=args.max_timeouts,
-                         max_array_size=args.max_array_size, max_submitted=args.max_submitted, prepare=prepare)
-    submit_slurm(jobs, options, slurm, dry_run=args.dry_run)
-    return 0
+    return SlurmOptions(partition=args.partition, time=args.time, cpus_per_job=args.cpus_per_job, mem=args.mem,
+                        account=args.account, array_parallelism=args.array_parallelism,
+                        extra_sbatch=tuple(args.extra_sbatch), max_timeouts=args.max_timeouts,
+                        max_array_size=args.max_array_size, max_submitted=args.max_submitted, prepare=prepare)
 
 
 def run_run(args: argparse.Namespace) -> int:
@@ -373,22 +390,50 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def run_retry(args: argparse.Namespace) -> int:
-    from segbook.batch.retry import failed_jobs, reset_failed
+    from segbook.batch.retry import failed_jobs, last_run, reset_failed
 
     failed = failed_jobs(_matrix(args))
     if not failed:
         print("no failed jobs in the selection")
         return 0
-    if args.backend == "slurm" and args.dry_run:
-        print("dry run: would retry\n" + "\n".join(f"  {s.job.id}: {s.detail}" for s in failed))
+    destinations = _destinations(last_run([s.job for s in failed]), args)
+    if args.dry_run:
+        print("dry run: would retry\n" + "\n".join(f"  {s.job.id}: {s.detail}; "
+                                                   f"{_where(*destinations[s.job.id], args)}" for s in failed))
         return 0
     resets = reset_failed([s.job for s in failed])
     for reset in resets:
-        print(f"retry {reset.job.id} (was: {reset.error})")
-    return _launch([r.job for r in resets], args, args.backend) if resets else 0
+        print(f"retry {reset.job.id} (was: {reset.error}); {_where(*destinations[reset.job.id], args)}")
+    groups: dict[tuple[str, "SlurmOptions | None"], list["Job"]] = {}
+    for reset in resets:
+        groups.setdefault(destinations[reset.job.id], []).append(reset.job)
+    return max((_launch(jobs, args, backend, slurm) for (backend, slurm), jobs in groups.items()), default=0)
+
+
+def _destinations(runs: dict[str, "LastRun"],
+                  args: argparse.Namespace) -> dict[str, tuple[str, "SlurmOptions | None"]]:
+    """Where each job goes: --backend, else where it last ran; for SLURM, the options of its last submission (where
+    recorded), each one the command line gives in its place."""
+    from segbook.batch.slurm import SlurmOptions
+
+    given = _slurm_options(args)
+    where = {}
+    for job, run in runs.items():
+        backend = args.backend or run.backend
+        recorded = SlurmOptions.from_record(run.slurm) if run.slurm else SlurmOptions()
+        where[job] = (backend, recorded.updated(given) if backend == "slurm" else None)
+    return where
+
+
+def _where(backend: str, slurm: "SlurmOptions | None", args: argparse.Namespace) -> str:
+    why = "as --backend says" if args.backend else "where it last ran"
+    if backend == "local":
+        return f"runs here ({why})"
+    shown = {key: value for key, value in vars(slurm).items() if key != "prepare" and value not in (None, ())}
+    return f"goes to SLURM ({why}; {', '.join(f'{k}={v}' for k, v in shown.items()) or 'default options'})"
 
 
 def run_worker(args: argparse.Namespace) -> int:
     from segbook.batch.worker import main
 
-    return main(args.job, args.options)
+    return main(args.job, args.options, args.launcher)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gzip
 import multiprocessing
+import os
 import re
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -21,6 +22,7 @@ import numpy as np
 
 from segbook.data.layouts import SourceCase
 from segbook.data.problems import Problem, ValidationReport, error, warning
+from segbook.processes import bind_to_parent
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -275,7 +277,8 @@ def check_case(case: SourceCase, n_channels: int, labels: Mapping[int, str],
 
 def parallel_map(func: Callable[[T], R], items: Sequence[T], num_processes: int = 1, desc: str = "",
                  progress: bool = True) -> Iterator[R]:
-    """`map` with a progress bar, in `num_processes` spawned processes (in-process for 1), results in order."""
+    """`map` with a progress bar, in `num_processes` spawned processes (in-process for 1), results in order. The
+    processes end with this one, even when it is killed outright (`segbook.processes`)."""
     from tqdm import tqdm
 
     bar = functools.partial(tqdm, total=len(items), desc=desc, unit="case", disable=not progress, leave=False)
@@ -283,7 +286,8 @@ def parallel_map(func: Callable[[T], R], items: Sequence[T], num_processes: int 
         yield from bar(map(func, items))
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(num_processes, len(items)), mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=min(num_processes, len(items)), mp_context=context,
+                             initializer=bind_to_parent, initargs=(os.getpid(),)) as pool:
         yield from bar(pool.map(func, items))
 
 

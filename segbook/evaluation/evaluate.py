@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -27,6 +28,7 @@ from segbook.training.cost import measured_prediction
 from segbook.io import atomic_directory, atomic_path, atomic_write_json, now
 from segbook.options import Bound
 from segbook.paths import Paths
+from segbook.processes import bind_to_parent
 from segbook.training.manifest import RunManifest
 from segbook.runs import CONFIGURATION, METRICS, SUMMARY, RunSpec, evaluation_folder, identity_fields, summary_path
 
@@ -272,7 +274,8 @@ def _score(cases: list[TestCase], predictions: Path, entry: "DatasetEntry", tole
             for case in cases]
     names = {label.index: label.name for label in entry.labels}
     if num_processes > 1:
-        with ProcessPoolExecutor(num_processes, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(num_processes, mp_context=get_context("spawn"), initializer=bind_to_parent,
+                                 initargs=(os.getpid(),)) as pool:  # they end with this process, even killed
             results = list(tqdm(pool.map(_score_case, jobs), total=len(jobs), desc="metrics", unit="case"))
     else:
         results = [_score_case(job) for job in tqdm(jobs, desc="metrics", unit="case")]

@@ -51,7 +51,7 @@ from segbook.training.cost import add_epoch
 from segbook.training.manifest import RunManifest
 from segbook.training.schedule import RecipeSchedule
 from segbook.training.settings import TrainingSettings
-from segbook.training.workers import exit_with_parent
+from segbook.processes import exit_with_parent
 from segbook.training.lora import add_lora, has_lora, merge_lora
 from stunet import describe_network, strides_from_plans
 from stunet.model import part_of
