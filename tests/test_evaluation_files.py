@@ -354,11 +354,15 @@ def test_verdicts_are_remembered_until_a_file_changes_even_with_its_size_and_tim
     with pytest.warns(ResultsWarning, match="line 2: dice .* does not follow from tp"):
         assert not row_of(collect_results(store, registry))["evaluated"] and checked == [metrics]
 
-    (store.home / "cache" / "evaluation_verdicts.json").write_text("{damaged")
-    checked.clear()
-    with pytest.warns(ResultsWarning, match="line 2: dice .* does not follow from tp"):
-        assert not row_of(collect_results(store, registry))["evaluated"] and len(checked) == 4  # rebuilt
-    assert json.loads((store.home / "cache" / "evaluation_verdicts.json").read_text())["verdicts"]
+    cache = store.home / "cache" / "evaluation_verdicts.json"
+    remembered = json.loads(cache.read_text())
+    for damage in ("{damaged", json.dumps({**remembered, "verdicts": {
+            folder: [key, ["not", "a verdict"]] for folder, (key, _) in remembered["verdicts"].items()}})):
+        cache.write_text(damage)
+        checked.clear()
+        with pytest.warns(ResultsWarning, match="line 2: dice .* does not follow from tp"):
+            assert not row_of(collect_results(store, registry))["evaluated"] and len(checked) == 4  # rebuilt
+        assert json.loads(cache.read_text())["verdicts"] == remembered["verdicts"]
 
 
 def test_a_copied_store_is_checked_again(store: Paths, registry: Registry, tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from segbook.errors import SegbookError
-from segbook.io import atomic_write_json
+from segbook.io import atomic_write_text
 from segbook.runs import EVALUATION, MANIFEST, METRICS, SUMMARY, FolderParts, Identity
 
 if TYPE_CHECKING:
@@ -118,10 +118,13 @@ def read_json(path: Path) -> Any:
     """A JSON file of a run folder: a plain file under MAX_JSON_BYTES (`EvaluationFileError` otherwise;
     FileNotFoundError when there is none). NaN and Infinity parse (Python's json does), and the checks refuse them."""
     try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_JSON_BYTES:
-            raise EvaluationFileError(f"{path}: not a plain JSON file under {MAX_JSON_BYTES // 2**20} MiB")
-        return json.loads(Path(path).read_bytes())
+        with open(path, "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_JSON_BYTES:
+                raise EvaluationFileError(f"{path}: not a plain JSON file under {MAX_JSON_BYTES // 2**20} MiB")
+            return json.loads(file.read())
+    except IsADirectoryError:
+        raise EvaluationFileError(f"{path}: not a plain JSON file") from None
     except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise EvaluationFileError(f"{path} is not JSON ({error})") from None
 
@@ -681,19 +684,22 @@ class Checker:
         self.cache_file = cache_file
         self.splits = splits
         self.verdicts: dict[str, list[Any]] = self._load()
+        self.contexts: dict[str, str] = {}
         self.changed = False
 
     def check(self, folder: Path, entry: "DatasetEntry", parts: FolderParts) -> tuple[Any, Verdict]:
         """The run's summary.json (`read_json`; FileNotFoundError without one) and its verdict."""
         split = self.splits(entry)
-        key = [*_stats(folder), CHECKS_VERSION, _context(entry, split)]  # before reading: a later change shows
+        if entry.key not in self.contexts:
+            self.contexts[entry.key] = _context(entry, split)
+        key = f"{_stats(folder)}|{self.contexts[entry.key]}"  # taken before reading: a later change shows
         summary = read_json(folder / EVALUATION / SUMMARY)
         remembered = self.verdicts.get(str(folder))
-        if remembered is not None and remembered[0] == key:
-            return summary, _verdict(remembered[1])
-        verdict = check_run(folder, summary, entry, parts, split)
-        self.verdicts[str(folder)] = [key, _record(verdict)]
-        self.changed = True
+        verdict = _verdict(remembered[1]) if remembered is not None and remembered[0] == key else None
+        if verdict is None:
+            verdict = check_run(folder, summary, entry, parts, split)
+            self.verdicts[str(folder)] = [key, _record(verdict)]
+            self.changed = True
         return summary, verdict
 
     def save(self) -> None:
@@ -701,7 +707,8 @@ class Checker:
             return
         kept = {folder: value for folder, value in self.verdicts.items() if os.path.isdir(folder)}
         try:
-            atomic_write_json(self.cache_file, {"format": CACHE_FORMAT, "verdicts": kept})
+            atomic_write_text(self.cache_file, json.dumps({"format": CACHE_FORMAT, "verdicts": kept},
+                                                          separators=(",", ":")))
         except OSError:
             pass  # a read-only home: verdicts are recomputed next time
         self.changed = False
@@ -715,31 +722,39 @@ class Checker:
             return {}
 
 
-def _stats(folder: Path) -> list[Any]:
+def _stats(folder: Path) -> str:
+    """Size, modification and change times and inode of the run's three files: any write changes one."""
     stats = []
-    for path in (folder / EVALUATION / SUMMARY, folder / EVALUATION / METRICS, folder / MANIFEST):
+    base = str(folder)
+    for name in (f"{EVALUATION}/{SUMMARY}", f"{EVALUATION}/{METRICS}", MANIFEST):
         try:
-            info = os.stat(path)
-            stats.append([info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino])
+            info = os.stat(f"{base}/{name}")
+            stats.append(f"{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}:{info.st_ino}")
         except OSError:
-            stats.append(None)
-    return stats
+            stats.append("-")
+    return "|".join(stats)
 
 
 def _context(entry: "DatasetEntry", split: "Split | None") -> str:
+    """What else a verdict depends on: the checks' version, the dataset's labels and its current test split."""
     labels = ",".join(f"{label.index}:{label.kind}" for label in entry.foreground_labels)
-    return f"{entry.key}|{labels}|{split.sha256 if split else '-'}"
+    text = f"{CHECKS_VERSION}|{entry.key}|{labels}|{split.sha256 if split else '-'}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _record(verdict: Verdict) -> dict[str, Any]:
+def _record(verdict: Verdict) -> list[Any]:
     exclusions = verdict.exclusions
-    return {"problems": list(verdict.problems), "other_run": verdict.other_run,
-            "exclusions": None if exclusions is None else [exclusions.pairs, exclusions.labels,
-                                                           {m: list(v) for m, v in exclusions.excluded.items()}]}
+    return [list(verdict.problems), verdict.other_run,
+            None if exclusions is None else [exclusions.pairs, exclusions.labels, exclusions.excluded]]
 
 
-def _verdict(record: dict[str, Any]) -> Verdict:
-    exclusions = record.get("exclusions")
-    return Verdict(tuple(record.get("problems", ())), record.get("other_run"),
-                   None if exclusions is None else Exclusions(exclusions[0], exclusions[1],
-                                                              {m: tuple(v) for m, v in exclusions[2].items()}))
+def _verdict(record: Any) -> Verdict | None:
+    """A remembered verdict; None when the record is not one (a damaged cache: the run is checked again)."""
+    try:
+        problems, other, exclusions = record
+        if exclusions is not None:
+            pairs, labels, excluded = exclusions
+            exclusions = Exclusions(int(pairs), int(labels), {m: (int(p), int(n)) for m, (p, n) in excluded.items()})
+        return Verdict(tuple(str(problem) for problem in problems), None if other is None else str(other), exclusions)
+    except (TypeError, ValueError, AttributeError):
+        return None

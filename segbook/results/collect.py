@@ -304,8 +304,9 @@ def _scores(labels: dict[str, dict[str, Any]], entry: DatasetEntry, outdated: se
     `unevaluated` maps the metrics the run has no score for to why: no label has them (a summary written before
     segbook computed them) or they were computed under an older convention (`outdated`): never averaged with the
     others."""
-    unevaluated = {m: NOT_EVALUATED.format(metric=m) for m in METRICS if not any(m in l for l in labels.values())}
-    unevaluated |= {m: OUTDATED.format(metric=m) for m in METRICS if m in outdated and m not in unevaluated}
+    given = set().union(*labels.values())
+    unevaluated = {m: (OUTDATED if m in given else NOT_EVALUATED).format(metric=m) for m in METRICS
+                   if m not in given or m in outdated}
     values: dict[str, Any] = {}
     for index, metrics in labels.items():
         part = label_part(entry, int(index))

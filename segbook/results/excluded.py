@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from segbook.evaluation.files import Exclusions
 from segbook.results.collect import LOCAL, REFUSED, run_folders
 from segbook.runs import DEFAULT_FRACTION, DEFAULT_SEED
 
@@ -49,7 +50,7 @@ def _run_name(row: Any) -> str:
 
 def _undefined_note(df: pd.DataFrame, metric: str, name: str) -> list[str]:
     scored = df[run_folders(df) & df["evaluated"] & df[metric].notna()]
-    exclusions = [e for e in scored["exclusions"] if e is not None and metric in e.excluded]
+    exclusions = [e for e in scored["exclusions"] if isinstance(e, Exclusions) and metric in e.excluded]
     pairs, labels = (sum(e.excluded[metric][i] for e in exclusions) for i in (0, 1))
     if not pairs and not labels:
         return []
