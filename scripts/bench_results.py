@@ -3,10 +3,13 @@
 The store has the 87 registry tasks x 7 configurations (nnU-Net; STU-Net base, large, huge, each scratch and
 pretrained) x 3 seeds x 4 training fractions (10%, 25%, 50%, 100%) on fold all, SegBook's protocol: 7,308 runs, each
 with a finished `run.json`, an `evaluation/summary.json` (Dice, NSD, IoU, precision, recall, HD95) and an
-`evaluation/metrics.csv` of 200 test cases x the dataset's foreground labels, which the per-case statistics read.
+`evaluation/metrics.csv` of 200 test cases x the dataset's foreground labels, which the per-case statistics read;
+the files agree with one another as `segbook evaluate` writes them (collection checks them).
 The full store is written once; the smaller ones are folders of symbolic links to the first quarter and half of its
 datasets. Each size is timed in one process:
-- tables and statistics: collection, every table (scale, modality-target, region, datasets, recipes, fractions),
+- collection cold: without remembered verdicts, so every run's metrics.csv is checked (what the first collection
+  of a store costs);
+- tables and statistics: collection (warm: the verdicts remembered), every table (scale, modality-target, region, datasets, recipes, fractions),
   the per-case tests (reading metrics.csv), pretrained vs scratch with their counts for the three groupings, the
   significance maps and rank stability by dataset scale;
 - the report: `write_report` on the collected runs (every section, figures embedded).
@@ -34,6 +37,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from segbook.evaluation.files import CSV_COLUMNS, METRICS_VERSION, file_sha256
 from segbook.paths import Paths
 from segbook.registry import DatasetEntry, load_registry
 from segbook.results import (case_tests, collect_results, compare_pretrained, rank_stability, significance_map,
@@ -51,8 +55,9 @@ FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 #: What training on less of the train split costs in Dice (pretrained loses half as much).
 FRACTION_LOSS = {0.1: 0.12, 0.25: 0.06, 0.5: 0.025, 1.0: 0.0}
 CASES = 200
-COLUMNS = ["case", "label", "label_name", "dice", "nsd", "hd95", "iou", "precision", "recall", "tp", "fp", "fn", "tn"]
 COMPLETE = {"status": "finished", "epochs_completed": 1000, "epochs_planned": 1000, "complete": True}
+#: Confusion counts per row: TP and FP = FN over SCALE voxels give the row's Dice; every image has VOXELS voxels.
+SCALE, VOXELS = 10**6, 10**8
 
 
 def write_store(results: Path, entries: list[DatasetEntry], seed: int = 0) -> int:
@@ -79,24 +84,40 @@ def write_store(results: Path, entries: list[DatasetEntry], seed: int = 0) -> in
 
 
 def _write_run(folder: Path, spec: RunSpec, fixed: pd.DataFrame, dice: np.ndarray) -> None:
-    """run.json, summary.json and metrics.csv; the other metrics follow from Dice (IoU = D / (2 - D), ...)."""
-    flat = dice.reshape(-1)
-    metrics = {"dice": flat, "nsd": np.clip(flat + 0.03, 0, 1), "hd95": 2.0 + 20.0 * (1 - flat),
-               "iou": flat / (2 - flat), "precision": np.clip(flat + 0.02, 0, 1),
-               "recall": np.clip(flat - 0.02, 0, 1)}
+    """run.json, summary.json and metrics.csv as `segbook evaluate` writes them, consistent with one another (as
+    collection checks): the counts give Dice, IoU, precision and recall; NSD and HD95 follow from Dice."""
+    tp = np.round(dice.reshape(-1) * SCALE)
+    fp = fn = SCALE - tp
+    flat = tp / SCALE  # 2TP / (2TP + FP + FN)
+    same = fp == 0  # identical masks: NSD 1, HD95 0
+    metrics = {"dice": flat, "iou": tp / (tp + fp + fn), "precision": tp / (tp + fp), "recall": tp / (tp + fn),
+               "nsd": np.where(same, 1.0, np.clip(flat + 0.03, 0, 1)),
+               "hd95": np.where(same, 0.0, 2.0 + 20.0 * (1 - flat))}
+    counts = {"tp": tp, "fp": fp, "fn": fn, "tn": VOXELS - tp - fp - fn, "reference_voxels": tp + fn,
+              "prediction_voxels": tp + fp, "reference_volume_mm3": 1.5 * (tp + fn),
+              "prediction_volume_mm3": 1.5 * (tp + fp)}
     per_label = {name: values.reshape(dice.shape).mean(axis=0) for name, values in metrics.items()}
-    labels = {str(index): {"name": name, **{m: float(v[i]) for m, v in per_label.items()}, "valid_cases": CASES}
+    scored = {name: CASES for name in metrics}
+    labels = {str(index): {"name": name, **{m: float(v[i]) for m, v in per_label.items()}, "valid_cases": CASES,
+                           "scored_cases": scored}
               for i, (index, name) in enumerate(zip(fixed["label"][:dice.shape[1]], fixed["label_name"]))}
     run = identity_fields(spec)
-    summary = {"run": run, "settings": {"checkpoint": "checkpoint_final.pth"}, "num_cases": CASES, "labels": labels,
-               "foreground_mean": {m: float(v.mean()) for m, v in per_label.items()},
-               "created_at": "2024-01-01T00:00:00+0000", "training": COMPLETE}
     evaluation = folder / "evaluation"
     evaluation.mkdir(parents=True, exist_ok=True)
     (folder / "run.json").write_text(json.dumps({"schema": 1, "run": run, "status": "finished"}))
+    table = fixed.assign(**metrics, **{name: values.astype(np.int64) for name, values in counts.items()
+                                       if not name.endswith("mm3")},
+                         reference_volume_mm3=counts["reference_volume_mm3"],
+                         prediction_volume_mm3=counts["prediction_volume_mm3"])
+    table[[c for c in CSV_COLUMNS if c in table.columns]].to_csv(evaluation / "metrics.csv", index=False,
+                                                                  float_format="%.10g")
+    summary = {"run": run, "settings": {"checkpoint": "checkpoint_final.pth", "empty_dice": "nan",
+                                        "metrics_version": METRICS_VERSION},
+               "num_cases": CASES, "labels": labels,
+               "foreground_mean": {m: float(v.mean()) for m, v in per_label.items()},
+               "created_at": "2024-01-01T00:00:00+0000", "training": COMPLETE,
+               "metrics_sha256": file_sha256(evaluation / "metrics.csv")}
     (evaluation / "summary.json").write_text(json.dumps(summary))
-    counts = {name: np.full(flat.shape, 1000) for name in ("tp", "fp", "fn", "tn")}
-    fixed.assign(**metrics, **counts)[COLUMNS].to_csv(evaluation / "metrics.csv", index=False, float_format="%.5f")
 
 
 def linked_store(full: Path, home: Path, entries: list[DatasetEntry]) -> None:
@@ -111,6 +132,10 @@ def time_once(home: Path, report: Path) -> dict[str, float]:
     """Seconds for collection, the tables, the statistics and the report, on the store under `home`."""
     paths = Paths(home=home, raw=home / "raw", preprocessed=home / "pre", results=home / "nnUNet_results")
     registry = load_registry()
+    (home / "cache" / "evaluation_verdicts.json").unlink(missing_ok=True)
+    start = time.perf_counter()
+    collect_results(paths, registry)  # every run's files checked, the verdicts remembered
+    cold = time.perf_counter() - start
     start = time.perf_counter()
     df = collect_results(paths, registry)
     collected = time.perf_counter()
@@ -125,7 +150,7 @@ def time_once(home: Path, report: Path) -> dict[str, float]:
     analysed = time.perf_counter()
     write_report(df, report)
     done = time.perf_counter()
-    return {"runs": len(df), "collect": collected - start, "tables": tabulated - collected,
+    return {"runs": len(df), "cold collect": cold, "collect": collected - start, "tables": tabulated - collected,
             "stats": analysed - tabulated, "tables+stats": analysed - start, "report": done - analysed}
 
 
@@ -167,11 +192,12 @@ def main() -> None:
             timing = median_of(home, Path(scratch) / f"report_{fraction}.html", args.repeats)
             rows.append({"size": f"{fraction:g}", "tasks": count, **timing})
         print(f"\nin-process, median of {args.repeats} (files in the page cache):")
-        print(f"{'size':>5} {'tasks':>5} {'runs':>5} {'collect s':>9} {'tables s':>8} {'stats s':>7} "
-              f"{'tables+stats s':>14} {'report s':>8} {'ms/run':>6}")
+        print(f"{'size':>5} {'tasks':>5} {'runs':>5} {'cold collect s':>14} {'collect s':>9} {'tables s':>8} "
+              f"{'stats s':>7} {'tables+stats s':>14} {'report s':>8} {'ms/run':>6}")
         for row in rows:
             total = row["tables+stats"] + row["report"]
-            print(f"{row['size']:>5} {row['tasks']:>5} {row['runs']:>5.0f} {row['collect']:>9.2f} "
+            print(f"{row['size']:>5} {row['tasks']:>5} {row['runs']:>5.0f} {row['cold collect']:>14.2f} "
+                  f"{row['collect']:>9.2f} "
                   f"{row['tables']:>8.2f} {row['stats']:>7.2f} {row['tables+stats']:>14.2f} {row['report']:>8.2f} "
                   f"{1000 * total / row['runs']:>6.2f}")
         print("\n`segbook results --table T` on the full store, fresh process (start-up and imports included):")

@@ -1,9 +1,11 @@
-"""Evaluated run folders written without training: per-case metrics.csv, the summary.json segbook's evaluation
-derives from them (its own `summarise_rows`), a run.json with a cost record and local paths, for the results
+"""Evaluated run folders written without training: per-case metrics.csv consistent with its confusion counts (as
+segbook's checks of evaluation files require), the summary.json segbook's evaluation derives from them (its own
+`summarise_rows`, with the SHA-256 of metrics.csv), a run.json with a cost record and local paths, for the results
 tests (bundles, cost, lesions)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,30 @@ from segbook.registry import Registry
 from segbook.runs import RunSpec
 
 COMPLETE = {"status": "finished", "epochs_completed": 1000, "epochs_planned": 1000, "complete": True}
+#: Settings of an evaluation under the current conventions (metrics version 2: HD95's worst case for one empty mask).
+SETTINGS = {"checkpoint": "checkpoint_final.pth", "empty_dice": "nan", "metrics_version": 2}
+#: Every helper case's image size in voxels (TP + FP + FN + TN of each of its rows).
+VOXELS = 10**9
+
+
+def label_row(case: str, label: int, name: str, dice: float | None, nsd: float, hd95: float,
+              scale: int = 10**6, ratios: bool = True) -> dict[str, Any]:
+    """A metrics.csv row as `segbook evaluate` writes it, consistent with its counts: TP and FP = FN over `scale`
+    voxels give `dice` (to 1 / scale); identical masks (dice 1) have NSD 1 and HD95 0. `dice` None: the label is in
+    neither mask (every metric NaN). `ratios`: with IoU, precision and recall (evaluations before them lack them)."""
+    tp = 0 if dice is None else round(dice * scale)
+    fp = fn = 0 if dice is None else scale - tp
+    same = dice is not None and fp == 0
+    nan = float("nan")
+    row = {"case": case, "label": label, "label_name": name, "dice": nan if dice is None else dice,
+           "nsd": nan if dice is None else 1.0 if same else nsd, "hd95": nan if dice is None else 0.0 if same else hd95,
+           "tp": tp, "fp": fp, "fn": fn, "tn": VOXELS - tp - fp - fn, "reference_voxels": tp + fn,
+           "prediction_voxels": tp + fp, "reference_volume_mm3": 1.5 * (tp + fn),
+           "prediction_volume_mm3": 1.5 * (tp + fp)}
+    if ratios:
+        row.update(iou=nan if dice is None else tp / (tp + fp + fn), precision=nan if dice is None else tp / (tp + fp),
+                   recall=nan if dice is None else tp / (tp + fn))
+    return row
 
 
 def case_rows(registry: Registry, task: str, mean_dice: float, cases: int, seed: int) -> list[dict[str, Any]]:
@@ -26,20 +52,25 @@ def case_rows(registry: Registry, task: str, mean_dice: float, cases: int, seed:
     for case in range(cases):
         for label in entry.foreground_labels:
             dice = float(np.clip(mean_dice + rng.uniform(-0.05, 0.05), 0.0, 1.0))
-            tp = int(rng.integers(50, 500))
-            fp = fn = int(round(tp * (1 - dice) / dice)) if dice else 10
+            scale = int(rng.integers(50, 500)) * 100_000
             lesion = label.kind == "lesion"
             reference = int(rng.integers(1, 4)) if lesion else None
-            rows.append({"case": f"case_{case:03d}", "label": label.index, "label_name": label.name,
-                         "dice": dice, "iou": tp / (tp + fp + fn), "precision": tp / (tp + fp),
-                         "recall": tp / (tp + fn), "nsd": min(1.0, dice + 0.05), "hd95": float(rng.uniform(1, 9)),
-                         "tp": tp, "fp": fp, "fn": fn, "tn": 10_000, "reference_voxels": tp + fn,
-                         "prediction_voxels": tp + fp, "reference_volume_mm3": 1.5 * (tp + fn),
-                         "prediction_volume_mm3": 1.5 * (tp + fp),
-                         "lesions_reference": reference,
+            row = label_row(f"case_{case:03d}", label.index, label.name, dice, min(1.0, dice + 0.05),
+                            float(rng.uniform(1, 9)), scale)
+            rows.append({**row, "lesions_reference": reference,
                          "lesions_detected": int(rng.integers(0, reference + 1)) if lesion else None,
                          "lesions_false_positive": int(rng.integers(0, 3)) if lesion else None})
     return rows
+
+
+def write_metrics(folder: Path, rows: list[dict[str, Any]]) -> None:
+    """`evaluation/metrics.csv` of these rows, with the columns they have in segbook's order."""
+    columns = [column for column in CSV_COLUMNS if column in rows[0]]
+    table = pd.DataFrame(rows, columns=columns)
+    lesion_columns = [c for c in ("lesions_reference", "lesions_detected", "lesions_false_positive") if c in columns]
+    table[lesion_columns] = table[lesion_columns].astype("Int64")
+    (folder / "evaluation").mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / "evaluation" / "metrics.csv", index=False)
 
 
 def write_evaluated_run(results: Path, registry: Registry, task: str, model: str, init: str, mean_dice: float,
@@ -60,19 +91,40 @@ def write_evaluated_run(results: Path, registry: Registry, task: str, model: str
                 **({"cost": cost} if cost is not None else {})}
     (folder / "run.json").write_text(json.dumps(manifest))
     rows = case_rows(registry, task, mean_dice, cases, seed)
-    table = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
-    lesion_columns = ["lesions_reference", "lesions_detected", "lesions_false_positive"]
-    table[lesion_columns] = table[lesion_columns].astype("Int64")
-    table.to_csv(folder / "evaluation" / "metrics.csv", index=False)
-    summary = {"run": run, "settings": {"checkpoint": "checkpoint_final.pth"}, **summarise_rows(rows, entry, cases),
+    write_metrics(folder, rows)
+    summary = {"run": run, "settings": SETTINGS, **summarise_rows(rows, entry, cases),
                "training": COMPLETE, "created_at": "2024-01-01T00:00:00",
                "cost": {"prediction": {"device": "cuda", "seconds_per_case": prediction_seconds_per_case}},
-               **({"split": {"sha256": split}} if split else {})}
+               "metrics_sha256": sha256(folder / "evaluation" / "metrics.csv"),
+               **({"split": {"sha256": split, "n_test": cases}} if split else {})}
     (folder / "evaluation" / "summary.json").write_text(json.dumps(_json_safe(summary)))
     return folder
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def gpu_cost(hours: float, peak_gib: float = 10.0) -> dict[str, Any]:
     """A run.json cost record of a run trained `hours` on one GPU."""
     return {"device": "cuda", "devices": 1, "device_hours": hours, "gpu_hours": hours,
             "peak_memory_bytes": int(peak_gib * 2**30), "samples_per_second": 20.0}
+
+
+def reevaluate(folder: Path, registry: Registry, task: str, rows: list[dict[str, Any]], **changes: Any) -> None:
+    """Write `rows` as the run's metrics.csv, and summary.json's means, counts and SHA-256 from them (plus `changes`),
+    as `segbook evaluate` on these rows would, or a forger who knows the format."""
+    entry = registry.get(task)
+    write_metrics(folder, rows)
+    summary_file = folder / "evaluation" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    summary.update(summarise_rows(rows, entry, len({row["case"] for row in rows})),
+                   metrics_sha256=sha256(folder / "evaluation" / "metrics.csv"), **changes)
+    summary_file.write_text(json.dumps(_json_safe(summary)))
+
+
+def read_metrics(folder: Path) -> list[dict[str, Any]]:
+    """A run's metrics.csv rows as numbers (NaN where empty)."""
+    table = pd.read_csv(folder / "evaluation" / "metrics.csv", dtype={"case": str})
+    return [{key: (None if pd.isna(value) and key.startswith("lesions_") else value) for key, value in row.items()}
+            for row in table.to_dict("records")]

@@ -129,7 +129,7 @@ def test_a_bundle_scored_on_another_split_is_kept_apart_and_named(known_from: st
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The local split is the imported dataset's, or where the dataset is not imported here, its local runs'."""
     ours = home(tmp_path, monkeypatch, "our_home")
-    local_split = Split(("case_a", "case_b"), ("case_c",), seed=0)
+    local_split = Split(("case_a", "case_b"), tuple(f"case_{i:03d}" for i in range(6)), seed=0)  # the run's cases
     if known_from == "dataset":
         raw = ours.raw / registry.get(A).nnunet_name
         raw.mkdir(parents=True)

@@ -28,8 +28,9 @@ KEYS = {
 def expected_metrics(
     reference: np.ndarray, prediction: np.ndarray, label: int, spacing: tuple[float, ...], tolerance: float
 ) -> dict:
-    """Dice and counts as nnU-Net computes them, NSD and HD95 as MONAI does (its inf reported as NaN), IoU,
-    precision and recall as scikit-learn does (its zero_division=0 is our rule for one empty mask)."""
+    """Dice and counts as nnU-Net computes them, NSD and HD95 as MONAI does (where only one mask is empty, MONAI's
+    NaN replaced by the worst case: the distance between opposite corner voxels of the image), IoU, precision and
+    recall as scikit-learn does (its zero_division=0 is our rule for one empty mask)."""
     ref, pred = reference == label, prediction == label
     tp, fp, fn, tn = (int(n) for n in compute_tp_fp_fn_tn(ref, pred))
     y, y_pred = torch.from_numpy(ref)[None, None], torch.from_numpy(pred)[None, None]
@@ -44,12 +45,17 @@ def expected_metrics(
         **ratios,
         "dice": math.nan if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
         "nsd": nsd,
-        "hd95": hd95 if math.isfinite(hd95) else math.nan,
+        "hd95": diagonal_mm(reference.shape, spacing) if ref.any() != pred.any() else hd95,
         "tp": tp,
         "fp": fp,
         "fn": fn,
         "tn": tn,
     }
+
+
+def diagonal_mm(shape: tuple[int, ...], spacing: tuple[float, ...]) -> float:
+    corner = np.array(shape) - 1
+    return float(np.linalg.norm(corner * np.array(spacing)))
 
 
 def assert_matches_references(
@@ -107,7 +113,7 @@ def test_random_blobs_match_monai_and_nnunet(seed: int, spacing: tuple[float, ..
     assert_matches_references(reference, perturbed(reference, labels, rng), labels, spacing, tolerance)
 
 
-def test_empty_masks_follow_monai_with_nan_for_inf() -> None:
+def test_empty_masks_score_zero_and_the_worst_hd95_or_are_left_out_when_both_are_empty() -> None:
     reference = np.zeros((20, 24, 16), dtype=np.uint8)
     prediction = np.zeros_like(reference)
     reference[5:10, 6:12, 4:9] = 1  # only in the reference
@@ -115,18 +121,23 @@ def test_empty_masks_follow_monai_with_nan_for_inf() -> None:
     rows = assert_matches_references(reference, prediction, [1, 2, 3], ANISOTROPIC)
     assert [(row["dice"], row["nsd"]) for row in rows[:2]] == [(0.0, 0.0), (0.0, 0.0)]
     assert [(row["iou"], row["precision"], row["recall"]) for row in rows[:2]] == [(0.0, 0.0, 0.0)] * 2
-    assert all(math.isnan(row["hd95"]) for row in rows)
-    assert all(math.isnan(rows[2][key]) for key in ("dice", "nsd", "iou", "precision", "recall"))
+    worst = math.sqrt((19 * 3.0) ** 2 + (23 * 0.8) ** 2 + (15 * 0.8) ** 2)
+    assert [row["hd95"] for row in rows[:2]] == [pytest.approx(worst)] * 2
+    assert all(math.isnan(rows[2][key]) for key in ("dice", "nsd", "iou", "precision", "recall", "hd95"))
 
 
-def test_empty_dice_one_scores_both_empty_as_perfect() -> None:
-    reference = np.zeros((12, 12, 12), dtype=np.uint8)
-    prediction = np.zeros_like(reference)
-    reference[2:5, 2:5, 2:5] = 1
-    both_empty, only_reference = case_metrics(reference, prediction, [2, 1], ANISOTROPIC, empty_dice="one")
-    assert [both_empty[key] for key in ("dice", "nsd", "iou", "precision", "recall")] == [1.0] * 5
-    assert math.isnan(both_empty["hd95"])
-    assert [only_reference[key] for key in ("dice", "nsd", "iou", "precision", "recall")] == [0.0] * 5
+def test_a_missed_structure_cannot_improve_the_mean_hd95() -> None:
+    """Averaged over two cases, a run that misses the structure in one of them has a worse HD95 than its HD95 on
+    the case it found: the miss counts as the worst case instead of dropping out of the mean."""
+    reference = np.zeros((24, 24, 24), dtype=np.uint8)
+    reference[6:14, 6:14, 6:14] = 1
+    shifted = np.roll(reference, 3, axis=0)  # found, 3 voxels off
+    found = case_metrics(reference, shifted, [1], ANISOTROPIC)[0]
+    missed = case_metrics(reference, np.zeros_like(reference), [1], ANISOTROPIC)[0]
+    assert missed["hd95"] > found["hd95"] > 0
+    mean = mean_ignoring_nan([found["hd95"], missed["hd95"]])
+    assert mean == pytest.approx((found["hd95"] + diagonal_mm(reference.shape, ANISOTROPIC)) / 2)
+    assert mean > found["hd95"]
 
 
 def test_one_voxel_masks() -> None:

@@ -15,8 +15,11 @@ import pytest
 import yaml
 from scipy.stats import wilcoxon
 
+from store_helpers import label_row, write_metrics
+
 from segbook.cli.main import main
 from segbook.cli.results import TABLE_CHOICES
+from segbook.evaluation.metrics import mean_ignoring_nan
 from segbook.paths import Paths
 from segbook.registry import Registry, load_registry
 from segbook.recipes import RecipeError
@@ -95,10 +98,13 @@ COMPLETE = {"status": "finished", "epochs_completed": 1000, "epochs_planned": 10
 
 
 def write_run(results: Path, registry: Registry, task: str, model: str, init: str, fold: str,
-              dice: tuple[float, ...] | str, recipe: str | None = None, seed: int = 0, fraction: float = 1.0,
-              plans: str = "nnUNetPlans", split: str | None = None) -> Path:
-    """A run folder as segbook writes it: run.json, and evaluation/summary.json once evaluated (with the SHA-256
-    of the test split it was scored on when `split` is given)."""
+              dice: tuple[float | None, ...] | str, recipe: str | None = None, seed: int = 0, fraction: float = 1.0,
+              plans: str = "nnUNetPlans", split: str | None = None, hd95: float = 1.0,
+              ratios: bool = False) -> Path:
+    """A run folder as segbook writes it: run.json, and once evaluated evaluation/metrics.csv and the summary.json
+    of its means (with the SHA-256 of the test split it was scored on when `split` is given): 10 test cases, each
+    with the label's Dice of `dice` (None: a label in neither mask), NSD = Dice + 0.05 and HD95 `hd95` mm;
+    `ratios`: with IoU, precision and recall (evaluations before they existed lack them)."""
     entry = registry.get(task)
     spec = RunSpec.of(entry, model, init, fold, recipe=recipe, seed=seed, fraction=fraction, plans=plans)
     folder = spec.folder(results)
@@ -108,24 +114,38 @@ def write_run(results: Path, registry: Registry, task: str, model: str, init: st
            "seed": spec.seed, "fraction": spec.fraction, "fold": fold, "trainer": spec.trainer, "plans": spec.plans}
     (folder / "run.json").write_text(json.dumps({"schema": 1, "run": run, "status": status, "epochs": []}))
     if not isinstance(dice, str):
-        labels = {str(i): {"name": f"label {i}", "dice": d, "nsd": d + 0.05, "hd95": 1.0, "valid_cases": 10}
-                  for i, d in enumerate(dice, start=1)}
-        summary = {"run": run, "settings": {}, "num_cases": 10, "labels": labels,
-                   "foreground_mean": {"dice": sum(dice) / len(dice)}, "created_at": "2024-01-01T00:00:00",
+        summary = {"run": run, "settings": {"metrics_version": 2}, "created_at": "2024-01-01T00:00:00",
                    "training": COMPLETE, **({"split": {"sha256": split}} if split else {})}
         (folder / "evaluation").mkdir()
         (folder / "evaluation" / "summary.json").write_text(json.dumps(summary))
-        write_case_metrics(folder, {f"case_{c}": dice for c in range(10)})
+        write_case_metrics(folder, {f"case_{c}": dice for c in range(10)}, hd95, ratios)
     return folder
 
 
-def write_case_metrics(folder: Path, cases: dict[str, tuple[float, ...]]) -> None:
-    """`evaluation/metrics.csv` as `segbook evaluate` writes it: a row per case and foreground label (case -> Dice
-    per label; NSD = Dice + 0.05)."""
-    lines = ["case,label,label_name,dice,nsd,hd95,tp,fp,fn,tn"]
-    lines += [f"{case},{i},label {i},{float(d)!r},{float(d) + 0.05!r},1.0,1,1,1,1" for case, dice in cases.items()
-              for i, d in enumerate(dice, start=1)]
-    (folder / "evaluation" / "metrics.csv").write_text("\n".join(lines) + "\n")
+def write_case_metrics(folder: Path, cases: dict[str, tuple[float | None, ...]], hd95: float = 1.0,
+                       ratios: bool = False) -> None:
+    """Evaluate a run again with these per-case scores, as `segbook evaluate` would write them: `metrics.csv` with
+    a row per case and foreground label (case -> Dice per label; NSD = Dice + 0.05, HD95 `hd95` mm) and
+    `summary.json`'s counts and means of them."""
+    rows = [label_row(case, i, f"label {i}", d, min(1.0, d + 0.05) if d is not None else 0.0, hd95, ratios=ratios)
+            for case, dice in cases.items() for i, d in enumerate(dice, start=1)]
+    write_metrics(folder, rows)
+    metrics = ["dice", "nsd", "hd95", *(["iou", "precision", "recall"] if ratios else [])]
+    labels = {}
+    for row in rows:
+        labels.setdefault(str(row["label"]), {"name": row["label_name"], **{m: [] for m in metrics}})
+        for metric in metrics:
+            labels[str(row["label"])][metric].append(row[metric])
+    for record in labels.values():
+        record["valid_cases"] = sum(not math.isnan(value) for value in record["dice"])
+        record.update({m: None if math.isnan(mean_ignoring_nan(record[m])) else mean_ignoring_nan(record[m])
+                       for m in metrics})
+    summary_file = folder / "evaluation" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    means = [record["dice"] for record in labels.values() if record["dice"] is not None]
+    summary.update(num_cases=len(cases), labels=labels,
+                   foreground_mean={"dice": sum(means) / len(means) if means else None})
+    summary_file.write_text(json.dumps(summary))
 
 
 #: Pretrained runs of other recipes, (task, model, recipe) -> per-label Dice, on fold all. Dataset scores: llrd A 0.90,
@@ -227,10 +247,7 @@ def test_collection_reads_every_run_with_its_status(df) -> None:
 
 def test_undefined_labels_are_left_out_of_the_run_score(store) -> None:
     paths, registry = store
-    folder = write_run(paths.results, registry, D, "large", "scratch", "all", (0.5,))
-    summary = json.loads((folder / "evaluation" / "summary.json").read_text())
-    summary["labels"]["1"]["dice"] = None  # undefined on every case: written as null
-    (folder / "evaluation" / "summary.json").write_text(json.dumps(summary))
+    write_run(paths.results, registry, D, "large", "scratch", "all", (None,))  # in neither mask on every case
     df = collect_results(paths, registry)
     assert math.isnan(df[(df["task"] == D) & (df["model"] == "large")]["dice"].iloc[0])
     table = dataset_table(df)

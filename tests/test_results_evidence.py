@@ -248,10 +248,7 @@ def test_hd95_is_in_mm_and_its_delta_reversed(segbook_home: Path, registry_file:
     registry = load_registry([registry_file])
     paths = Paths.from_env()
     for init, hd95 in (("scratch", 8.0), ("pretrained", 5.0)):
-        folder = write_run(paths.results, registry, C, "base", init, "all", (0.7,))
-        summary = json.loads((folder / "evaluation" / "summary.json").read_text())
-        summary["labels"]["1"]["hd95"] = hd95
-        (folder / "evaluation" / "summary.json").write_text(json.dumps(summary))
+        write_run(paths.results, registry, C, "base", init, "all", (0.7,), hd95=hd95)
     df = collect_results(paths, registry)
     table = scale_table(df, "hd95")
     assert table.title == "HD95 (mm, lower is better) by dataset scale"
@@ -266,16 +263,13 @@ def test_hd95_is_in_mm_and_its_delta_reversed(segbook_home: Path, registry_file:
 def test_new_metrics_are_read_and_a_run_without_them_says_so(segbook_home: Path, registry_file: Path) -> None:
     registry = load_registry([registry_file])
     paths = Paths.from_env()
-    folder = write_run(paths.results, registry, C, "base", "pretrained", "all", (0.7,))
-    summary = json.loads((folder / "evaluation" / "summary.json").read_text())
-    summary["labels"]["1"].update(iou=0.54, precision=0.8, recall=0.64)
-    (folder / "evaluation" / "summary.json").write_text(json.dumps(summary))
+    write_run(paths.results, registry, C, "base", "pretrained", "all", (0.7,), ratios=True)  # FP = FN
     write_run(paths.results, registry, C, "base", "scratch", "all", (0.6,))  # evaluated before IoU existed
     df = collect_results(paths, registry)
     rows = {row[0]: dict(zip(dataset_table(df, "iou").columns, row)) for row in dataset_table(df, "iou").rows}
-    assert rows[C]["base pretrained"].value == pytest.approx(54.0)
+    assert rows[C]["base pretrained"].value == pytest.approx(100 * 0.7 / 1.3)  # IoU = D / (2 - D)
     assert rows[C]["base scratch"].text() == "not evaluated for iou (run segbook evaluate again)"
-    assert dataset_table(df, "recall").rows[0][5].value == pytest.approx(64.0)
+    assert dataset_table(df, "recall").rows[0][5].value == pytest.approx(70.0)
 
 
 def test_cli_metrics_fractions_and_statistics_tables(segbook_home: Path, registry_file: Path,

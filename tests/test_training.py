@@ -21,7 +21,8 @@ from segbook.cli.main import main
 from segbook.data.split import read_split
 from segbook.errors import SegbookError
 from segbook.evaluation.evaluate import EvaluationError, evaluate_run
-from segbook.runs import RunSpec
+from segbook.evaluation.files import METRICS_VERSION, check_run
+from segbook.runs import FolderParts, RunSpec
 from segbook.training.checkpoints import read_run_checkpoint
 from segbook.training.finetune import RunExistsError, finetune
 from segbook.training.manifest import RunManifest
@@ -82,8 +83,15 @@ def test_pretrained_run_trains_records_and_evaluates(task):
     assert summary["split"] == split.record()
     metrics = (evaluation.folder / "metrics.csv").read_text().splitlines()
     assert len(metrics) == 1 + task.entry.test_cases * 3
+    # what evaluation writes passes every check the results tables and bundle imports make of it
+    verdict = check_run(result.folder, summary, task.entry, FolderParts.parse(result.folder), split)
+    assert verdict.problems == () and verdict.exclusions.pairs == task.entry.test_cases * 3
+    assert summary["settings"]["metrics_version"] == METRICS_VERSION
     again = evaluate_run(task.entry, result.spec, device="cpu")
     assert again.skipped and again.summary == json.loads((evaluation.folder / "summary.json").read_text())
+    older = dict(summary, settings={k: v for k, v in summary["settings"].items() if k != "metrics_version"})
+    (evaluation.folder / "summary.json").write_text(json.dumps(older))  # as written under the first conventions
+    assert not evaluate_run(task.entry, result.spec, device="cpu").skipped  # redone without --force
 
     manifest.data["split"]["sha256"] = "0" * 64  # as if the dataset had been re-split since the run trained
     manifest.save()

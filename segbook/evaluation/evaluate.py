@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from segbook import claims
 from segbook.errors import SegbookError
-from segbook.evaluation.lesions import COLUMNS as LESION_COLUMNS, lesion_summary
+from segbook.evaluation.files import (CSV_COLUMNS, LESION_COLUMNS, METRIC_COLUMNS, METRICS_VERSION,
+                                     EvaluationFileError, file_sha256, read_json)
+from segbook.evaluation.lesions import lesion_summary
 from segbook.evaluation.metrics import case_metrics, mean_ignoring_nan
 from segbook.evaluation.settings import EvaluationSettings
 from segbook.training.cost import measured_prediction
@@ -36,10 +38,6 @@ if TYPE_CHECKING:
     from segbook.registry import DatasetEntry
 
 PROCESSES = Bound("--num-processes", int, low=1)
-METRIC_COLUMNS = ("dice", "iou", "precision", "recall", "nsd", "hd95")
-#: metrics.csv's columns, in order (the lesion counts are empty for labels that are not lesions).
-CSV_COLUMNS = ("case", "label", "label_name", *METRIC_COLUMNS, "tp", "fp", "fn", "tn", "reference_voxels",
-               "prediction_voxels", "reference_volume_mm3", "prediction_volume_mm3", *LESION_COLUMNS)
 
 
 class EvaluationError(SegbookError):
@@ -109,7 +107,8 @@ def evaluate_run(entry: "DatasetEntry", spec: RunSpec, paths: Paths | None = Non
     split = _test_split(entry, paths, manifest, run_folder)
     device = resolve_device(device)
     tolerance = settings.nsd_tolerance_mm or entry.nsd_tolerance_mm
-    resolved = asdict(settings) | {"nsd_tolerance_mm": tolerance}
+    # the conventions' version is a setting: `segbook evaluate` redoes a summary written under older ones
+    resolved = asdict(settings) | {"nsd_tolerance_mm": tolerance, "metrics_version": METRICS_VERSION}
     out = evaluation_folder(run_folder)
     # Two evaluations of one run would write into each other's predictions: hold the run's claim.
     with claims.exclusive(paths.claims, spec.job_id, f"run {run_folder}"):
@@ -178,16 +177,16 @@ def training_record(manifest: RunManifest | None) -> dict[str, Any]:
 
 
 def _up_to_date(out: Path, settings: dict[str, Any], checkpoint: Path, split: dict[str, Any] | None) -> bool:
-    """Evaluated with these settings, this checkpoint and this test split (summaries written before the split was
-    recorded are not redone for it)."""
-    summary_file = out / SUMMARY
-    if not summary_file.is_file():
+    """Evaluated, both files there, with these settings (the metrics' conventions among them), this checkpoint and
+    this test split (summaries written before the split was recorded are not redone for it)."""
+    try:
+        summary = read_json(out / SUMMARY)
+        recorded = summary.get("settings") or {}
+        return ((out / METRICS).is_file() and {k: recorded.get(k) for k in settings} == settings
+                and recorded.get("checkpoint_mtime") == checkpoint.stat().st_mtime
+                and (summary.get("split") or {}).get("sha256") in (None, (split or {}).get("sha256")))
+    except (OSError, EvaluationFileError, AttributeError):  # none, or damaged: evaluate (again)
         return False
-    summary = json.loads(summary_file.read_text())
-    recorded = summary.get("settings", {})
-    return ({k: recorded.get(k) for k in settings} == settings
-            and recorded.get("checkpoint_mtime") == checkpoint.stat().st_mtime
-            and (summary.get("split") or {}).get("sha256") in (None, (split or {}).get("sha256")))
 
 
 def _predict(spec: RunSpec, cases: list[TestCase], settings: EvaluationSettings, device: str, num_processes: int,
@@ -297,13 +296,16 @@ def _score_case(job: tuple) -> tuple[str, list[dict[str, Any]]]:
 def summarise_rows(rows: list[dict[str, Any]], entry: "DatasetEntry", num_cases: int) -> dict[str, Any]:
     """Per-label means over the cases (NaN-ignoring), their mean over labels (the run's score) and, for datasets
     with lesion labels, lesion detection pooled over cases: per lesion label in `labels`, over all of them in
-    `lesions` (None without lesion labels)."""
+    `lesions` (None without lesion labels). Each label says over how many cases each mean is (`scored_cases`; the
+    others are undefined there: reference and prediction both empty), so that tables can say what they leave out.
+    """
     per_label = {}
     for label in entry.foreground_labels:
         mine = [r for r in rows if r["label"] == label.index]
+        scored = {m: sum(1 for r in mine if not math.isnan(r[m])) for m in METRIC_COLUMNS}
         per_label[str(label.index)] = {"name": label.name,
                                        **{m: mean_ignoring_nan(r[m] for r in mine) for m in METRIC_COLUMNS},
-                                       "valid_cases": sum(1 for r in mine if not math.isnan(r["dice"]))}
+                                       "valid_cases": scored["dice"], "scored_cases": scored}
         if label.kind == "lesion":
             per_label[str(label.index)].update(lesion_summary(mine, num_cases))
     foreground = {m: mean_ignoring_nan(v[m] for v in per_label.values()) for m in METRIC_COLUMNS}
@@ -326,6 +328,7 @@ def _write(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> No
     table[list(LESION_COLUMNS)] = table[list(LESION_COLUMNS)].astype("Int64")  # counts, empty where not a lesion
     with atomic_path(out / METRICS) as tmp:
         table.to_csv(tmp, index=False)
+    summary["metrics_sha256"] = file_sha256(out / METRICS)  # ties the summary to these very rows
     atomic_write_json(out / SUMMARY, _json_safe(summary))
 
 

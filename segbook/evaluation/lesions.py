@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from segbook.evaluation.files import LESION_COLUMNS as COLUMNS
+
 #: 26-connectivity in 3D: every voxel of the 3x3x3 neighbourhood is a neighbour.
 CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
-COLUMNS = ("lesions_reference", "lesions_detected", "lesions_false_positive")
 #: The lesion columns of a label that is not a lesion: empty in metrics.csv.
 NOT_A_LESION: dict[str, None] = dict.fromkeys(COLUMNS)
 

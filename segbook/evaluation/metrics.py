@@ -56,12 +56,15 @@ def case_metrics(
     label maps of the same 3D shape, ``spacing`` the voxel size in mm along their axes, ``labels`` the foreground
     labels to score.
 
-    Empty masks follow nnU-Net (Dice) and MONAI (NSD, HD95), with MONAI's inf turned into NaN:
-    - both empty: dice, iou, precision, recall and nsd are NaN (left out of means), or 1 with
-      ``empty_dice="one"``; hd95 is NaN;
+    Empty masks (a label that the reference or the prediction lacks) follow one convention for every metric,
+    metrics version 2 (`segbook.evaluation.files.METRICS_VERSION`), so that a missed or hallucinated structure can
+    never improve a mean:
+    - both empty: every metric is NaN (the pair is left out of means, nnU-Net's Dice convention), or with
+      ``empty_dice="one"`` a perfect score: 1 for the fractions and NSD, 0 mm for HD95;
     - only one empty: dice, iou, precision, recall and nsd are 0 (precision of an empty prediction and recall of an
-      empty reference are 0/0, counted as 0 like Dice); hd95 is NaN (MONAI: inf), so a missed or hallucinated
-      structure is penalised but cannot make a mean HD95 infinite.
+      empty reference are 0/0, counted as 0 like Dice); hd95 is the worst case, the largest distance between two
+      voxel centres of the image (its diagonal, in mm), where MONAI gives inf and version 1 gave NaN, which left
+      the worst cases out of the mean.
     """
     reference, prediction = _label_maps(reference, prediction)
     spacing_mm = _spacing(spacing)
@@ -71,11 +74,12 @@ def case_metrics(
         return []
     boxes = _union_boxes(reference, prediction, labels)
     both_empty = math.nan if empty_dice == "nan" else 1.0
+    worst_mm = worst_distance_mm(reference.shape, spacing_mm)
     lesions = {int(label) for label in lesion_labels}
 
     def one_label(label: int) -> dict:
         return _label_metrics(reference, prediction, label, boxes[label], spacing_mm, nsd_tolerance_mm, both_empty,
-                              label in lesions)
+                              worst_mm, label in lesions)
 
     # Labels are independent and their time goes to numpy and scipy code that releases the GIL, so two threads
     # help (measured: 1.4x on 2 cores); the largest boxes go first so that neither thread finishes long after.
@@ -83,6 +87,11 @@ def case_metrics(
     with ThreadPoolExecutor(max_workers=2) as pool:
         rows = dict(zip(largest_first, pool.map(one_label, largest_first)))
     return [rows[label] for label in labels]
+
+
+def worst_distance_mm(shape: tuple[int, ...], spacing: Sequence[float]) -> float:
+    """The largest distance between two voxel centres of an image: HD95's worst case, for one empty mask."""
+    return math.hypot(*((n - 1) * float(s) for n, s in zip(shape, spacing)))
 
 
 def mean_ignoring_nan(values: Iterable[float]) -> float:
@@ -150,6 +159,7 @@ def _label_metrics(
     spacing: np.ndarray,
     tolerance: float,
     both_empty: float,
+    worst_mm: float,
     lesion: bool,
 ) -> dict:
     ref, pred = _padded_mask(reference, box, label), _padded_mask(prediction, box, label)
@@ -158,7 +168,9 @@ def _label_metrics(
     if n_ref and n_pred:
         nsd, hd95 = _nsd(ref, pred, spacing, tolerance), _hd95(ref, pred, spacing)
     else:
-        nsd, hd95 = (0.0 if n_ref or n_pred else both_empty), math.nan
+        # one empty: NSD 0 and HD95 the worst case; both: undefined (NaN), or perfect with empty_dice "one"
+        perfect_hd95 = math.nan if math.isnan(both_empty) else 0.0
+        nsd, hd95 = (0.0, worst_mm) if n_ref or n_pred else (both_empty, perfect_hd95)
     fp, fn = n_pred - tp, n_ref - tp
     voxel_mm3 = float(np.prod(spacing))
     return {

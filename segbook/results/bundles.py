@@ -16,10 +16,8 @@ average or compare its runs of that dataset with local runs, naming the bundle.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -30,6 +28,8 @@ from typing import Any
 
 from segbook import claims
 from segbook.errors import SegbookError
+from segbook.evaluation.files import (MAX_CSV_BYTES, MAX_JSON_BYTES, SHA256_PATTERN, EvaluationFileError,
+                                      check_run, file_sha256, other_run, read_json)
 from segbook.io import atomic_directory, atomic_write_json, now, sweep_leftovers
 from segbook.paths import Paths
 from segbook.registry import DatasetEntry, Registry, load_registry
@@ -42,24 +42,7 @@ BUNDLE_FILE = "bundle.json"
 RUN_FILES = (MANIFEST, f"{EVALUATION}/{SUMMARY}", f"{EVALUATION}/{METRICS}")
 RUN_FOLDER_PATTERN = re.compile(r"Dataset\d{1,6}_[A-Za-z0-9_-]{1,100}/SegbookTrainer_[A-Za-z0-9_-]{1,150}"
                                 r"__[A-Za-z0-9_-]{1,100}__3d_fullres/fold_(all|\d)")
-CASE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
-#: Sizes a sane bundle stays far below: a run's JSON files are kilobytes, its metrics.csv megabytes at most.
-MAX_JSON_BYTES = 8 * 2**20
-MAX_CSV_BYTES = 256 * 2**20
 MAX_RUNS = 100_000
-#: Columns every metrics.csv has; later evaluations add the others (IoU, precision, recall, lesion counts).
-REQUIRED_COLUMNS = ("case", "label", "label_name", "dice", "nsd", "hd95", "tp", "fp", "fn", "tn",
-                    "reference_voxels", "prediction_voxels", "reference_volume_mm3", "prediction_volume_mm3")
-OPTIONAL_COLUMNS = ("iou", "precision", "recall", "lesions_reference", "lesions_detected", "lesions_false_positive")
-FRACTIONS = ("dice", "nsd", "iou", "precision", "recall")
-NON_NEGATIVE = ("hd95", "reference_volume_mm3", "prediction_volume_mm3")
-COUNTS = ("tp", "fp", "fn", "tn", "reference_voxels", "prediction_voxels", "lesions_reference", "lesions_detected",
-          "lesions_false_positive")
-#: Counts every row has (the lesion counts are empty for labels that are not lesions).
-REQUIRED_COUNTS = ("tp", "fp", "fn", "tn", "reference_voxels", "prediction_voxels")
-#: summary.json's per-label means are checked against the means of metrics.csv to this tolerance.
-MEAN_TOLERANCE = 1e-6
 _WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]")
 MAX_LISTED = 30
 
@@ -143,7 +126,7 @@ def _export_run(folder: Path, target: Path, relative: str) -> dict[str, Any]:
     atomic_write_json(target / EVALUATION / SUMMARY, summary)
     shutil.copyfile(folder / EVALUATION / METRICS, target / EVALUATION / METRICS)
     return {"folder": relative, "split": (summary.get("split") or {}).get("sha256"),
-            "files": {name: _sha256(target / name) for name in RUN_FILES}}
+            "files": {name: file_sha256(target / name) for name in RUN_FILES}}
 
 
 def _dataset_record(entry: DatasetEntry) -> dict[str, Any]:
@@ -174,14 +157,6 @@ def _is_absolute_path(value: Any) -> bool:
     return isinstance(value, str) and (value.startswith(("/", "\\", "~")) or bool(_WINDOWS_ABSOLUTE.match(value)))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --- import ----------------------------------------------------------------------------------------------------
 
 
@@ -199,7 +174,8 @@ def import_bundle(source: str | os.PathLike, registry: Registry | None = None,
     with claims.exclusive(paths.claims, f"bundle__{bundle['name']}", f"the import of bundle {bundle['name']}"):
         sweep_leftovers(target)  # an import killed mid-copy left a hidden, unfinished folder
         if target.exists():
-            if (target / BUNDLE_FILE).is_file() and _sha256(target / BUNDLE_FILE) == _sha256(source / BUNDLE_FILE):
+            if (target / BUNDLE_FILE).is_file() and (file_sha256(target / BUNDLE_FILE)
+                                                     == file_sha256(source / BUNDLE_FILE)):
                 report.already_imported = True
                 return report
             raise BundleError(f"another bundle named {bundle['name']!r} is imported already ({target}); remove that "
@@ -211,7 +187,7 @@ def import_bundle(source: str | os.PathLike, registry: Registry | None = None,
                     copy = partial / BUNDLE_RUNS / run["folder"] / name
                     copy.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(source / BUNDLE_RUNS / run["folder"] / name, copy)
-                    if _sha256(copy) != digest:  # changed since it was validated
+                    if file_sha256(copy) != digest:  # changed since it was validated
                         raise BundleError(f"{source / BUNDLE_RUNS / run['folder'] / name} changed while it was "
                                           "imported; nothing was imported")
     return report
@@ -302,6 +278,8 @@ def _dataset_problems(bundle: dict[str, Any], registry: Registry) -> list[str]:
 
 
 def _run_problems(source: Path, run: dict[str, Any], by_id: dict[int, DatasetEntry]) -> list[str]:
+    """The run's files as a bundle carries them (plain files with their hashes, no absolute paths, a finished run,
+    bundle.json's split), then every check of evaluation files that local runs get (`segbook.evaluation.files`)."""
     folder = source / BUNDLE_RUNS / run["folder"]
     problems = [problem for name in RUN_FILES for problem in _file_problems(source, folder / name,
                                                                              run["files"][name])]
@@ -315,9 +293,9 @@ def _run_problems(source: Path, run: dict[str, Any], by_id: dict[int, DatasetEnt
     except BundleError as error:
         return [str(error)]
     problems += _manifest_problems(manifest, parts, entry)
-    problems += _summary_problems(summary, parts, entry, run.get("split"))
+    problems += _summary_record_problems(summary, run.get("split"))
     if not problems:
-        problems += _metrics_problems(folder / EVALUATION / METRICS, summary, entry)
+        problems += [p.replace(f"{folder}/", "") for p in check_run(folder, summary, entry, parts).problems]
     return problems
 
 
@@ -338,21 +316,18 @@ def _file_problems(source: Path, path: Path, digest: str) -> list[str]:
     limit = MAX_CSV_BYTES if path.suffix == ".csv" else MAX_JSON_BYTES
     if os.lstat(path).st_size > limit:
         return [f"{relative} is larger than {limit // 2**20} MiB"]
-    if _sha256(path) != digest:
+    if file_sha256(path) != digest:
         return [f"{relative}: its SHA-256 differs from bundle.json's (changed or damaged)"]
     return []
 
 
 def _read_json(folder: Path, name: str) -> Any:
-    path = folder / name
     try:
-        if os.lstat(path).st_size > MAX_JSON_BYTES or not stat.S_ISREG(os.lstat(path).st_mode):
-            raise BundleError(f"{path}: not a plain JSON file under {MAX_JSON_BYTES // 2**20} MiB")
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(folder / name)
     except FileNotFoundError:
-        raise BundleError(f"{path} is missing") from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as error:
-        raise BundleError(f"{path} is not JSON ({error})") from None
+        raise BundleError(f"{folder / name} is missing") from None
+    except EvaluationFileError as error:
+        raise BundleError(str(error)) from None
 
 
 def _absolute_paths(value: Any, where: str) -> list[str]:
@@ -364,13 +339,11 @@ def _absolute_paths(value: Any, where: str) -> list[str]:
 
 
 def _identity_problems(record: Any, parts: FolderParts, entry: DatasetEntry, where: str) -> list[str]:
-    identity = parts.identity
-    expected = {"task": entry.key, "model": identity.model, "init": identity.init, "recipe": identity.recipe,
-                "seed": identity.seed, "fold": parts.fold, "plans": parts.plans}
-    if not isinstance(record, dict):
+    """A bundle's records name their run: a record without an identity, or naming another run, is refused."""
+    if not isinstance(record, dict) or "model" not in record:
         return [f"{where}: the run's identity is missing"]
-    wrong = [key for key, value in expected.items() if str(record.get(key)) != str(value)]
-    return [f"{where}: {', '.join(wrong)} disagree(s) with the run's folder"] if wrong else []
+    other = other_run(record, parts, entry)
+    return [f"{where}: names {other}, which disagrees with the run's folder"] if other else []
 
 
 def _manifest_problems(manifest: Any, parts: FolderParts, entry: DatasetEntry) -> list[str]:
@@ -383,128 +356,18 @@ def _manifest_problems(manifest: Any, parts: FolderParts, entry: DatasetEntry) -
     return problems
 
 
-def _summary_problems(summary: Any, parts: FolderParts, entry: DatasetEntry, split: str | None) -> list[str]:
+def _summary_record_problems(summary: Any, split: str | None) -> list[str]:
+    """What a bundled summary must be beyond a valid evaluation: free of local paths, naming its run, scored on the
+    split bundle.json records."""
     where = f"{EVALUATION}/{SUMMARY}"
     if not isinstance(summary, dict):
         return [f"{where} is not a JSON object"]
-    problems = _absolute_paths(summary, where) + _identity_problems(summary.get("run"), parts, entry, f"{where} run")
-    num_cases = summary.get("num_cases")
-    if not isinstance(num_cases, int) or isinstance(num_cases, bool) or num_cases < 1:
-        problems.append(f"{where}: num_cases must be a positive integer")
+    problems = _absolute_paths(summary, where)
+    if not isinstance(summary.get("run"), dict) or "model" not in summary["run"]:
+        problems.append(f"{where} run: the run's identity is missing")
     recorded = summary.get("split")
     if recorded is not None and (not isinstance(recorded, dict) or recorded.get("sha256") != split):
         problems.append(f"{where}: its split differs from bundle.json's")
-    labels = summary.get("labels")
-    expected = {str(label.index) for label in entry.foreground_labels}
-    if not isinstance(labels, dict) or set(labels) != expected:
-        return [*problems, f"{where}: labels must be the dataset's foreground labels {sorted(expected)}"]
-    for index, metrics in labels.items():
-        if not isinstance(metrics, dict):
-            problems.append(f"{where}: label {index} is not an object")
-            continue
-        for metric in (*FRACTIONS, "hd95"):
-            value = metrics.get(metric)
-            if value is not None and not _number_ok(value, metric):
-                problems.append(f"{where}: label {index} {metric} {value!r} is not a valid {metric}")
-    return problems
-
-
-def _number_ok(value: Any, metric: str) -> bool:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        return False
-    return 0.0 <= value <= 1.0 if metric in FRACTIONS else value >= 0.0
-
-
-def _metrics_problems(path: Path, summary: dict[str, Any], entry: DatasetEntry) -> list[str]:
-    """Columns, types and ranges of every cell, one row per (case, label), and summary.json's means following from
-    the rows."""
-    where = f"{EVALUATION}/{METRICS}"
-    labels = {label.index for label in entry.foreground_labels}
-    try:
-        with open(path, newline="", encoding="utf-8") as file:
-            reader = csv.DictReader(file)
-            columns = reader.fieldnames or []
-            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-            unknown = [c for c in columns if c not in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)]
-            if missing or unknown or len(set(columns)) != len(columns):
-                return [f"{where}: columns {', '.join(REQUIRED_COLUMNS)} are required and "
-                        f"{', '.join(OPTIONAL_COLUMNS)} allowed, each once (missing: {', '.join(missing) or '-'}; "
-                        f"unknown: {', '.join(unknown) or '-'})"]
-            rows, problems = [], []
-            for line, record in enumerate(reader, start=2):
-                row, errors = _metrics_row(record, labels)
-                problems += [f"{where}, line {line}: {error}" for error in errors]
-                rows.append(row)
-                if len(problems) >= MAX_LISTED:
-                    return problems
-    except (UnicodeDecodeError, csv.Error) as error:
-        return [f"{where}: not a CSV file ({error})"]
-    if problems:
-        return problems
-    keys = [(row["case"], row["label"]) for row in rows]
-    cases = {row["case"] for row in rows}
-    if len(set(keys)) != len(keys) or len(cases) != summary["num_cases"] or len(rows) != len(cases) * len(labels):
-        return [f"{where}: {len(rows)} rows; one per test case ({summary['num_cases']}) and label ({len(labels)}) "
-                "is required, each once"]
-    return _mean_problems(rows, summary, where)
-
-
-def _metrics_row(record: dict[str, str], labels: set[int]) -> tuple[dict[str, Any], list[str]]:
-    errors = []
-    case = record.get("case") or ""
-    if not CASE_PATTERN.fullmatch(case):
-        errors.append(f"case {case!r} is not a case id")
-    try:
-        label = int(record.get("label") or "")
-    except ValueError:
-        label = None
-    if label not in labels:
-        errors.append(f"label {record.get('label')!r} is not one of the dataset's foreground labels")
-    if None in record or None in record.values():
-        errors.append("its number of cells differs from the header's")
-    row: dict[str, Any] = {"case": case, "label": label}
-    for column, text in record.items():
-        if column in ("case", "label", "label_name") or column is None:
-            continue
-        value, error = _cell(column, text or "")
-        row[column] = value
-        if error:
-            errors.append(error)
-        elif column in REQUIRED_COUNTS and math.isnan(value):
-            errors.append(f"{column} is empty")
-    return row, errors
-
-
-def _cell(column: str, text: str) -> tuple[float, str | None]:
-    if text == "" or text.lower() == "nan":
-        return math.nan, None
-    try:
-        value = float(text)
-    except ValueError:
-        return math.nan, f"{column} {text!r} is not a number"
-    if column in COUNTS:
-        ok = value.is_integer() and value >= 0
-    elif column in FRACTIONS:
-        ok = 0.0 <= value <= 1.0
-    else:
-        ok = math.isfinite(value) and value >= 0.0
-    return value, None if ok else f"{column} {text!r} is out of range"
-
-
-def _mean_problems(rows: list[dict[str, Any]], summary: dict[str, Any], where: str) -> list[str]:
-    from segbook.evaluation.metrics import mean_ignoring_nan
-
-    problems = []
-    for index, metrics in summary["labels"].items():
-        mine = [row for row in rows if row["label"] == int(index)]
-        for metric in (*FRACTIONS, "hd95"):
-            if metric not in mine[0]:
-                continue
-            mean, stated = mean_ignoring_nan(row[metric] for row in mine), metrics.get(metric)
-            stated = math.nan if stated is None else stated
-            if not (math.isnan(mean) and math.isnan(stated)) and not abs(mean - stated) <= MEAN_TOLERANCE:
-                problems.append(f"{where}: label {index} {metric}: the rows' mean {mean!r} is not summary.json's "
-                                f"{stated!r}")
     return problems
 
 

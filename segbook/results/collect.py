@@ -1,9 +1,11 @@
 """Collecting results: every run under nnU-Net's results folder, plus dataset-level numbers imported from CSV.
 
-Only each run's `evaluation/summary.json` (per-label means) is read, so thousands of runs collect in about a second;
-`run.json` is read only for runs without a summary, to say why they are missing. The result is one flat DataFrame, a
-row per run (each seed and training fraction its own row), joined with the registry facts every table groups by.
-The per-case `metrics.csv` is read only by `case_scores`, which the per-case statistics call when asked.
+Each run's scores are its `evaluation/summary.json`'s per-label means, taken only once its evaluation files pass
+`segbook.evaluation.files`' checks (a run that fails is left out with a warning naming the file); those verdicts
+are remembered per file, so thousands of runs collect in about a second once checked. `run.json` says why a run
+without a summary is missing. The result is one flat DataFrame, a row per run (each seed and training fraction its
+own row), joined with the registry facts every table groups by. The per-case rows of `metrics.csv` are read only
+by `case_scores`, which the per-case statistics call when asked.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from segbook.errors import SegbookError
+from segbook.evaluation.files import Checker, outdated_metrics
 from segbook.io import atomic_write_text
 from segbook.paths import Paths
 from segbook.registry import DatasetEntry, Registry, TaskLookupError, load_registry
@@ -44,11 +47,19 @@ BUNDLE_PREFIX = "bundle:"
 BUNDLE_RUNS = "runs"
 BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 EVALUATED = "evaluated"
+#: Statuses of runs whose evaluation files were refused (`segbook.evaluation.files`): left out of every table,
+#: each named in a warning and counted in the tables' notes (`segbook.results.excluded`).
+INVALID = "invalid evaluation files"
+OTHER_RUN = "summary.json of another run"
+UNREADABLE = "unreadable summary.json"
+REFUSED = (INVALID, OTHER_RUN, UNREADABLE)
+NOT_EVALUATED = "not evaluated for {metric} (run segbook evaluate again)"
+OUTDATED = "not evaluated for {metric} under the current convention (run segbook evaluate again)"
 REGISTRY_COLUMNS = ("dataset_id", "name", "modality", "target", "scale", "region", "bone", "vessel", "parts",
                     "train_cases")
 RUN_COLUMNS = ("task", "model", "init", "recipe", "seed", "fraction", "fold", "plans", "split", "source", "status",
                "evaluated", *METRICS,
-               *(f"{m}_{p}" for m in METRICS for p in PARTS), "unevaluated", "path")
+               *(f"{m}_{p}" for m in METRICS for p in PARTS), "unevaluated", "exclusions", "path")
 IMPORT_REQUIRED = ("task", "model", "init", "dice")
 IMPORT_COLUMNS = (*IMPORT_REQUIRED, "nsd")
 MAX_LISTED_ERRORS = 30
@@ -107,8 +118,9 @@ def collect_results(paths: Paths | None = None, registry: Registry | None = None
     runs of other plans (`plans`: `default`, each backbone's own plans (nnUNetPlans, nnUNetResEncUNet{M,L}Plans for
     ResEnc); an identifier, or a planner name such as `paper`) and runs of other folds
     (`folds`: `all`, SegBook's protocol, or `0-4`, the five cross-validation folds) are skipped with a
-    `ResultsWarning`. A run evaluated before it trained its whole budget counts as not evaluated (with a warning)
-    unless `include_incomplete`. Each run's row names the test split it was scored on (`split`, its SHA-256).
+    `ResultsWarning`, and so are runs whose evaluation files fail the checks (status in `REFUSED`). A run evaluated
+    before it trained its whole budget counts as not evaluated (with a warning) unless `include_incomplete`. Each
+    run's row names the test split it was scored on (`split`, its SHA-256).
 
     `recipes` None keeps the default recipes (segbook, scratch); given, the runs of those recipes and of scratch,
     the baseline of every Delta (`ALL_RECIPES` among them: every recipe). Runs of other recipes are left out with
@@ -124,11 +136,32 @@ def collect_results(paths: Paths | None = None, registry: Registry | None = None
     if folds not in FOLD_CHOICES:
         raise ResultsError(f"unknown folds {folds!r}; choose {' or '.join(FOLD_CHOICES)}")
     plans = plans if plans == "default" else plans_identifier(plans)
-    rows = _local_rows(root, registry, plans, include_incomplete, folds)
+    checker = evaluation_checker(paths)
+    rows = _local_rows(root, registry, plans, include_incomplete, folds, checker)
     if imported:
-        rows += _bundle_rows(paths, registry, plans, include_incomplete, folds)
+        rows += _bundle_rows(paths, registry, plans, include_incomplete, folds, checker)
         rows += [row for file in stored_imports(paths) for row in _imported_rows(file, registry)]
+    checker.save()
     return _frame(_chosen(rows, recipes), registry)
+
+
+def evaluation_checker(paths: Paths) -> Checker:
+    """The checks of run folders' evaluation files, with their verdicts remembered in `$SEGBOOK_HOME/cache/`, each
+    run's cases checked against its dataset's current test split where the dataset is imported here."""
+    from segbook.data.folders import raw_folder
+    from segbook.data.split import read_split
+
+    splits: dict[str, Any] = {}
+
+    def split_of(entry: DatasetEntry) -> Any:
+        if entry.key not in splits:
+            try:
+                splits[entry.key] = read_split(raw_folder(entry, paths))
+            except (OSError, SegbookError):
+                splits[entry.key] = None  # damaged: `segbook evaluate` and `segbook data` say so
+        return splits[entry.key]
+
+    return Checker(paths.home / "cache" / "evaluation_verdicts.json", split_of)
 
 
 def default_plans(model: str) -> str:
@@ -180,7 +213,7 @@ def _other_recipes(counts: Counter, recipes: Sequence[str] | None) -> str:
 
 
 def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: bool,
-                folds: str) -> list[dict[str, Any]]:
+                folds: str, checker: Checker) -> list[dict[str, Any]]:
     by_id = {entry.dataset_id: entry for entry in registry}
     skipped: dict[str, str] = {}
     other_plans: Counter = Counter()
@@ -200,7 +233,7 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
         elif parts.fold not in FOLD_CHOICES[folds]:
             other_folds[parts.fold] += 1
         else:
-            row = _run_row(folder, entry, parts)
+            row = _run_row(folder, entry, parts, checker)
             if row.pop("incomplete", None):
                 incomplete.append(f"{folder} ({row['status']})")
                 if include_incomplete:
@@ -225,70 +258,65 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
 
 
 def _bundle_rows(paths: Paths, registry: Registry, plans: str, include_incomplete: bool,
-                 folds: str) -> list[dict[str, Any]]:
+                 folds: str, checker: Checker) -> list[dict[str, Any]]:
     """The runs of every imported bundle, collected as local runs are, each row naming its bundle."""
     folder = bundles_dir(paths)
     names = sorted(p.name for p in folder.iterdir() if BUNDLE_NAME.fullmatch(p.name)) if folder.is_dir() else []
     return [{**row, "source": f"{BUNDLE_PREFIX}{name}"} for name in names
-            for row in _local_rows(folder / name / BUNDLE_RUNS, registry, plans, include_incomplete, folds)]
+            for row in _local_rows(folder / name / BUNDLE_RUNS, registry, plans, include_incomplete, folds, checker)]
 
 
 def _folds_text(folds: str) -> str:
     return "fold all, SegBook's protocol" if folds == "all" else "the five cross-validation folds 0-4"
 
 
-def _run_row(folder: Path, entry: DatasetEntry, parts: FolderParts) -> dict[str, Any]:
+def _run_row(folder: Path, entry: DatasetEntry, parts: FolderParts, checker: Checker) -> dict[str, Any]:
     identity = parts.identity
     row = {"task": entry.key, "model": identity.model, "init": identity.init, "recipe": identity.recipe,
            "seed": identity.seed, "fraction": identity.fraction, "fold": parts.fold, "plans": parts.plans,
            "split": None, "source": LOCAL, "path": str(folder)}
     summary_file = summary_path(folder)
     try:
-        summary = json.loads(summary_file.read_bytes())
-        other = _other_run(summary, identity)
-        if other:
-            warnings.warn(f"{summary_file} scores {other}, not the run of its folder ({identity.describe()}); the "
-                          "run counts as not evaluated (evaluate it again)", ResultsWarning, stacklevel=4)
-            return {**row, "status": "summary.json of another run", "evaluated": False}
-        scores = _scores(summary["labels"], entry)
-        row["split"] = (summary.get("split") or {}).get("sha256")
-        short = _budget_shortfall(summary, folder)
-        if short:
-            return {**row, **scores, "status": short, "evaluated": False, "incomplete": True}
-        return {**row, **scores, "status": EVALUATED, "evaluated": True}
+        summary, verdict = checker.check(folder, entry, parts)
     except FileNotFoundError:
         return {**row, "status": _run_status(folder), "evaluated": False}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SegbookError) as error:
-        warnings.warn(f"unreadable {summary_file}: {error!r}; the run counts as missing", ResultsWarning,
-                      stacklevel=4)
-        return {**row, "status": "unreadable summary.json", "evaluated": False}
+        warnings.warn(f"unreadable {summary_file}: {error}; the run counts as missing", ResultsWarning, stacklevel=4)
+        return {**row, "status": UNREADABLE, "evaluated": False}
+    if verdict.other_run:
+        warnings.warn(f"{summary_file} scores {verdict.other_run}, not the run of its folder ({identity.describe()}); "
+                      "the run counts as not evaluated (evaluate it again)", ResultsWarning, stacklevel=4)
+        return {**row, "status": OTHER_RUN, "evaluated": False}
+    if verdict.problem:
+        warnings.warn(f"{verdict.problem}; the run is left out of the tables (evaluate it again: segbook evaluate "
+                      "--force)", ResultsWarning, stacklevel=4)
+        return {**row, "status": INVALID, "evaluated": False}
+    scores = _scores(summary["labels"], entry, outdated_metrics(summary))
+    row.update(split=(summary.get("split") or {}).get("sha256"), exclusions=verdict.exclusions)
+    short = _budget_shortfall(summary, folder)
+    if short:
+        return {**row, **scores, "status": short, "evaluated": False, "incomplete": True}
+    return {**row, **scores, "status": EVALUATED, "evaluated": True}
 
 
-def _other_run(summary: dict[str, Any], identity: Any) -> str | None:
-    """The run a summary's `run` record names when it is not the folder's (a summary copied into another seed's or
-    fraction's folder would be averaged as that one); None when it is, or when the record predates identities."""
-    from segbook.runs import RunSpec
-
-    record = summary.get("run")
-    if not isinstance(record, dict) or "model" not in record:
-        return None
-    named = RunSpec.from_record({"task": "", "dataset": "", "fold": "", **record}).identity
-    return None if named == identity else named.describe()
-
-
-def _scores(labels: dict[str, dict[str, Any]], entry: DatasetEntry) -> dict[str, float]:
-    """A run's score per metric: the mean over labels of the per-label means, overall and per part; `unevaluated`
-    names the metrics no label has (a summary written before segbook computed them), as a set."""
-    values: dict[str, Any] = {"unevaluated": {m for m in METRICS if not any(m in l for l in labels.values())}}
+def _scores(labels: dict[str, dict[str, Any]], entry: DatasetEntry, outdated: set[str]) -> dict[str, Any]:
+    """A run's score per metric: the mean over labels of the per-label means, overall and per part.
+    `unevaluated` maps the metrics the run has no score for to why: no label has them (a summary written before
+    segbook computed them) or they were computed under an older convention (`outdated`): never averaged with the
+    others."""
+    given = set().union(*labels.values())
+    unevaluated = {m: (OUTDATED if m in given else NOT_EVALUATED).format(metric=m) for m in METRICS
+                   if m not in given or m in outdated}
+    values: dict[str, Any] = {}
     for index, metrics in labels.items():
         part = label_part(entry, int(index))
         for metric in METRICS:
             value = metrics.get(metric)
-            if value is not None and not math.isnan(value):
+            if metric not in unevaluated and value is not None and not math.isnan(value):
                 values.setdefault(metric, []).append(value)
                 if part is not None:
                     values.setdefault(f"{metric}_{part}", []).append(value)
-    return {column: v if column == "unevaluated" else sum(v) / len(v) for column, v in values.items()}
+    return {"unevaluated": unevaluated, **{column: sum(v) / len(v) for column, v in values.items()}}
 
 
 def _budget_shortfall(summary: dict[str, Any], folder: Path) -> str | None:
@@ -359,6 +387,8 @@ def case_scores(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     for row in tqdm(local.itertuples(index=False), total=len(local), desc="reading per-case metrics", unit="run",
                     disable=len(local) < PROGRESS_FROM, leave=False):
         file = evaluation_folder(Path(row.path)) / CASE_METRICS
+        if isinstance(row.unevaluated, dict) and metric in row.unevaluated:
+            raise ResultsError(f"{file}: {row.unevaluated[metric]}")
         try:
             cases = pd.read_csv(file, usecols=["case", metric], dtype={"case": str, metric: float})
         except FileNotFoundError:

@@ -30,6 +30,7 @@ from segbook.registry import REGIONS, SCALES
 from segbook.recipes import BUILTIN_ORDER
 from segbook import backbones
 from segbook.results.collect import IMPORTED_PREFIX, LOCAL, LOWER_IS_BETTER, METRICS, default_plans, run_folders
+from segbook.results.excluded import exclusion_notes
 from segbook.runs import DEFAULT_FRACTION, DEFAULT_RECIPES, INITS, STUNET_MODELS
 
 #: The paper's configurations in its order: nnU-Net's default network, then each STU-Net size scratch / pretrained.
@@ -524,6 +525,7 @@ def group_table(df: pd.DataFrame, by: Grouping, metric: str = "dice", models: Se
     table.notes = (_group_notes(table, members, by, metric) + _missing_notes(shown, lookup, list(facts.index),
                                                                               bool(named))
                    + seed_notes(df, metric, list(baselines.items()), seeds is not None) + protocol_note(runs))
+    table.notes += exclusion_notes(df, metric, configs, METRIC_NAMES[metric])
     return table
 
 
@@ -678,6 +680,7 @@ def recipe_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] |
                    + _missing_notes(shown, lookup, list(facts.index), True)
                    + seed_notes(df, metric, [(c, (c[0], "scratch", SCRATCH_RECIPE)) for c in pretrained],
                                 seeds is not None) + protocol_note(runs))
+    table.notes += exclusion_notes(df, metric, rows, METRIC_NAMES[metric])
     return table
 
 
@@ -741,6 +744,7 @@ def dataset_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] 
                            *(_noise_value(frame, task) for frame in noise.values()),
                            ", ".join(sources) or "-", splits.get(task)])
     table.notes = _dataset_notes(table, metric) + _noise_notes(noise) + protocol_note(runs)
+    table.notes += exclusion_notes(df, metric, configs, METRIC_NAMES[metric])
     return table
 
 
@@ -771,8 +775,8 @@ def _pending(df: pd.DataFrame, metric: str) -> dict[tuple[str, str, str, str], l
     waiting = df[~df["evaluated"] | df[metric].isna()]
     for row in waiting.itertuples():
         which = f"fold {row.fold}" if row.source == LOCAL else row.source
-        unevaluated = isinstance(row.unevaluated, set) and metric in row.unevaluated
-        why = (f"not evaluated for {metric} (run segbook evaluate again)" if unevaluated else
+        unevaluated = isinstance(row.unevaluated, dict) and metric in row.unevaluated
+        why = (row.unevaluated[metric] if unevaluated else
                f"no {METRIC_NAMES[metric]}") if row.evaluated else row.status
         pending.setdefault((row.task, row.model, row.init, row.recipe), []).append((which, why))
     return pending
@@ -882,6 +886,7 @@ def fraction_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str]
             table.rows.append([task, int(train_cases), *config[:2], *([config[2]] if named else []), *cells,
                                *([match] if baselines else [])])
     table.notes = _fraction_notes(table, metric, baselines) + protocol_note(df.assign(fraction=DEFAULT_FRACTION))
+    table.notes += exclusion_notes(df, metric, configs, METRIC_NAMES[metric])
     return table
 
 
