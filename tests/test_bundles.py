@@ -138,6 +138,8 @@ def test_a_bundle_scored_on_another_split_is_kept_apart_and_named(known_from: st
     report = import_bundle(bundle, registry, ours)
     assert report.other_splits == {A: (SPLIT, local_split.sha256)}
     df = collect_results(ours, registry)
+    for name in ("scale", "modality-target", "region", "datasets", "recipes", "fractions"):
+        assert build_table(df, name).rows
     apart = "bundle:their-lab, other split"
     assert set(df.loc[df["task"] == A, "variant"]) == {"", apart}
     assert set(df.loc[df["task"] != A, "variant"]) == {""}  # B and C: no local split to differ from
@@ -150,8 +152,6 @@ def test_a_bundle_scored_on_another_split_is_kept_apart_and_named(known_from: st
     assert rows[A][f"base [{apart}] delta"] == pytest.approx(100 * (theirs["pretrained"] - theirs["scratch"]),
                                                               abs=1e-4)  # the bundle's own pair
     assert rows[A]["base pretrained"] is None and rows[A]["base delta"] is None  # never the bundle's run
-    for name in ("scale", "modality-target", "region", "datasets", "recipes", "fractions"):
-        assert build_table(df, name).rows
     assert main(["results", "--table", "datasets", "--registry", str(tmp_path / "registry.yaml")]) == 0
     assert f"base scratch [{apart}]" in capsys.readouterr().out
 

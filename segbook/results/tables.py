@@ -1077,7 +1077,7 @@ def fraction_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str]
                 if config in baselines else None
             table.rows.append([task, int(train_cases), *config[:2], *_axis_values(config, axes), *cells,
                                *([match] if baselines else [])])
-    table.notes = (_fraction_notes(table, metric, baselines) + pairing_notes(configs, profiles, None, bool(axes))
+    table.notes = (_fraction_notes(table, metric, baselines) + pairing_notes(configs, profiles, None, shows_recipes(configs))
                    + protocol_note(df.assign(fraction=DEFAULT_FRACTION)))
     return table
 
