@@ -631,6 +631,9 @@ def pairing_notes(configs: Sequence[Config], profiles: Mapping[Config, dict[str,
     evaluation settings or test split."""
     notes = [note for config in configs if config[1] == "pretrained"
              for note in [unpaired_note(config, scratch_candidates(config, configs), profiles, DELTA, named)] if note]
+    notes += [f"{DELTA} of {config_label(config, named)}: against {config_label(baseline, named)}, the scratch "
+              "variant with its budget, precision and plans" for config, baseline in delta_pairs(configs, profiles)
+              if baseline[3] and len(scratch_candidates(config, configs)) > 1]
     if lookup is not None:
         tasks = sorted({task for task, *_ in lookup.basis})
         differing = [f"  {task} {config_label(config, named)} vs {config_label(baseline, named)}: {how}"
