@@ -138,7 +138,7 @@ def read(run: Mapping[str, Any], channels: int | None = None) -> Reading:
                "run": {key: _dict(run.get("run")).get(key) for key in ("init", "plans")},
                "settings": ({k: v for k, v in run["settings"].items() if k not in LOCATION_ONLY}
                             if isinstance(run.get("settings"), dict) else run.get("settings"))}
-    return _read(json.dumps(records, sort_keys=True, separators=(",", ":"), default=str), channels)
+    return _read(json.dumps(records, separators=(",", ":"), default=str), channels)  # a key only: digests sort
 
 
 @lru_cache(maxsize=4096)

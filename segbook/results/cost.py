@@ -1,14 +1,14 @@
 """Cost next to accuracy: what each configuration took to train and predict, and what its pretraining gained per
 device-hour (`segbook results --table cost`, and the report's cost section).
 
-Per configuration (model, initialisation, recipe, variant), over its evaluated runs (local and bundled; numbers imported
-from CSV carry no cost): training device-hours per run from `run.json["cost"]` (GPU-hours where every run trained on
-CUDA: the `device` column says where), the largest peak GPU memory, samples per second, prediction seconds per test
-case from `summary.json["cost"]`, parameters and forward TFLOPs of one 128^3 patch (the backbone registry's `Backbone.cost`), and the score:
-the mean over its datasets of the dataset scores (`dataset_scores`). Delta(PT) is the paired mean of pretrained
-minus scratch of the same network (the scratch variant with its shared settings, `tables.comparable`) over the
-datasets that have both with agreeing data and evaluation settings, in points; Delta(PT) per device-hour divides it
-by the pretrained configuration's mean training device-hours per run.
+Per configuration (model, initialisation, recipe, variant), over its evaluated runs (local and bundled; numbers
+imported from CSV carry no cost): training device-hours per run from `run.json["cost"]` (GPU-hours where every run
+trained on CUDA: the `device` column says where), the largest peak GPU memory, samples per second, prediction
+seconds per test case from `summary.json["cost"]`, parameters and forward TFLOPs of one 128^3 patch (the backbone
+registry's `Backbone.cost`), and the score: the mean over its datasets of the dataset scores (`dataset_scores`).
+Delta(PT) is the paired mean of pretrained minus scratch of the same network (the scratch variant with its shared
+settings, `tables.comparable`) over the datasets that have both with agreeing data and evaluation settings, in
+points; Delta(PT) per device-hour divides it by the pretrained configuration's mean training device-hours per run.
 """
 
 from __future__ import annotations

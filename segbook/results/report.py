@@ -24,6 +24,7 @@ from segbook.results.stats import (ALPHA, case_tests, case_tests_table, compare_
                                    rank_stability, rank_table, recipe_stats_table, significance_map,
                                    significance_table, stats_table)
 from segbook.results.tables import (
+    CONFIG_KEYS,
     DEFAULT_RECIPE,
     DELTA,
     DELTA_ROWS,
@@ -34,7 +35,6 @@ from segbook.results.tables import (
     Config,
     ResultTable,
     ScoreLookup,
-    CONFIG_KEYS,
     comparable,
     config_label,
     configurations,

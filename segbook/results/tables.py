@@ -9,8 +9,9 @@ datasets of the group that have both.
 A configuration is (model, initialisation, recipe, variant): two recipes of one network are never averaged into one
 cell, nor two variants, the runs of one recipe with different training fingerprints (`segbook.results.cells`: a
 variant is "" where all share one). Seeds are averaged: a dataset's score is the mean over seeds of each seed's mean
-over folds, shown with the standard deviation across seeds where there is more than one. Training fractions are an axis of their own: every table
-shows the runs on the whole train split (fraction 1) except `fraction_table`, which shows them all.
+over folds, shown with the standard deviation across seeds where there is more than one. Training fractions are an
+axis of their own: every table shows the runs on the whole train split (fraction 1) except `fraction_table`, which
+shows them all.
 For HD95 (a distance in mm) lower is better: scores are in mm, and every Delta is scratch minus pretrained, so that
 a positive Delta always means pretraining helps.
 Tables name the recipe only when a recipe other than the defaults (segbook, scratch) is shown, and the variant only
@@ -1080,7 +1081,8 @@ def fraction_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str]
                 if config in baselines else None
             table.rows.append([task, int(train_cases), *config[:2], *_axis_values(config, axes), *cells,
                                *([match] if baselines else [])])
-    table.notes = (_fraction_notes(table, metric, baselines) + pairing_notes(configs, profiles, None, shows_recipes(configs))
+    table.notes = (_fraction_notes(table, metric, baselines)
+                   + pairing_notes(configs, profiles, None, shows_recipes(configs))
                    + protocol_note(df.assign(fraction=DEFAULT_FRACTION)))
     return table
 
