@@ -2,9 +2,11 @@
 
 The store has the 87 registry tasks x 7 configurations (nnU-Net; STU-Net base, large, huge, each scratch and
 pretrained) x 3 seeds x 4 training fractions (10%, 25%, 50%, 100%) on fold all, SegBook's protocol: 7,308 runs, each
-with a finished `run.json`, an `evaluation/summary.json` (Dice, NSD, IoU, precision, recall, HD95) and an
-`evaluation/metrics.csv` of 200 test cases x the dataset's foreground labels, which the per-case statistics read;
-the files agree with one another as `segbook evaluate` writes them (collection checks them).
+with a finished `run.json` as training writes it (settings, resolved recipe, plans summary, precision and the
+recorded fingerprint, which collection recomputes for every run), an `evaluation/summary.json` (Dice, NSD, IoU,
+precision, recall, HD95; the evaluation settings) and an `evaluation/metrics.csv` of 200 test cases x the
+dataset's foreground labels, which the per-case statistics read; the files agree with one another as `segbook
+evaluate` writes them (collection checks them).
 The full store is written once; the smaller ones are folders of symbolic links to the first quarter and half of its
 datasets. Each size is timed in one process:
 - collection cold: without remembered verdicts, so every run's metrics.csv is checked (what the first collection
@@ -24,6 +26,7 @@ datasets. Each size is timed in one process:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -37,6 +40,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from segbook import fingerprint
 from segbook.evaluation.files import CSV_COLUMNS, METRICS_VERSION, file_sha256
 from segbook.paths import Paths
 from segbook.registry import DatasetEntry, load_registry
@@ -104,20 +108,46 @@ def _write_run(folder: Path, spec: RunSpec, fixed: pd.DataFrame, dice: np.ndarra
     run = identity_fields(spec)
     evaluation = folder / "evaluation"
     evaluation.mkdir(parents=True, exist_ok=True)
-    (folder / "run.json").write_text(json.dumps({"schema": 1, "run": run, "status": "finished"}))
+    (folder / "run.json").write_text(json.dumps({**_manifest(spec.model, spec.init), "run": run}))
     table = fixed.assign(**metrics, **{name: values.astype(np.int64) for name, values in counts.items()
                                        if not name.endswith("mm3")},
                          reference_volume_mm3=counts["reference_volume_mm3"],
                          prediction_volume_mm3=counts["prediction_volume_mm3"])
     table[[c for c in CSV_COLUMNS if c in table.columns]].to_csv(evaluation / "metrics.csv", index=False,
                                                                   float_format="%.10g")
-    summary = {"run": run, "settings": {"checkpoint": "checkpoint_final.pth", "empty_dice": "nan",
-                                        "metrics_version": METRICS_VERSION},
+    summary = {"run": run, "settings": {**EVALUATION_SETTINGS, "metrics_version": METRICS_VERSION},
                "num_cases": CASES, "labels": labels,
                "foreground_mean": {m: float(v.mean()) for m, v in per_label.items()},
                "created_at": "2024-01-01T00:00:00+0000", "training": COMPLETE,
                "metrics_sha256": file_sha256(evaluation / "metrics.csv")}
     (evaluation / "summary.json").write_text(json.dumps(summary))
+
+
+#: What `segbook evaluate` records of how it scored a run (its defaults).
+EVALUATION_SETTINGS = {"step_size": 0.5, "gaussian": True, "mirroring": True, "nsd_tolerance_mm": 2.0,
+                       "empty_dice": "nan", "checkpoint": "checkpoint_final.pth", "checkpoint_mtime": 1.0}
+
+
+@functools.cache
+def _manifest(model: str, init: str) -> dict:
+    """A finished run.json of a (model, init) but its `run` record: settings and the resolved recipe (the default
+    budget), device and precision, plans summary and the fingerprint the trainer records (which depends on the
+    run's initialisation and plans alone, so it holds for every task)."""
+    from dataclasses import asdict
+
+    from segbook.recipes import get_recipe
+    from segbook.runs import default_recipe
+    from segbook.training.settings import TrainingSettings
+
+    weights = {"weights_sha256": "0" * 64} if init == "pretrained" else {}
+    settings, recipe = TrainingSettings(**weights).resolve(get_recipe(default_recipe(model, init), init))
+    manifest = {"schema": 2, "run": {"init": init, "plans": "nnUNetPlans"}, "status": "finished",
+                "settings": asdict(settings), "recipe": recipe.model_dump(mode="json"), "epochs_done": settings.epochs,
+                "device": "cuda", "precision": "bf16",
+                "plans_summary": {"patch_size": [128, 128, 128], "batch_size": 2, "spacing": [1.5, 1.5, 1.5],
+                                  "normalization": ["CTNormalization"], "plans_strides": [[1, 1, 1], [2, 2, 2]],
+                                  "input_channels": 1}}
+    return {**manifest, fingerprint.KEY: fingerprint.record(manifest)}
 
 
 def linked_store(full: Path, home: Path, entries: list[DatasetEntry]) -> None:

@@ -1,7 +1,8 @@
 """Evaluated run folders written without training: per-case metrics.csv consistent with its confusion counts (as
 segbook's checks of evaluation files require), the summary.json segbook's evaluation derives from them (its own
-`summarise_rows`, with the SHA-256 of metrics.csv), a run.json with a cost record and local paths, for the results
-tests (bundles, cost, lesions)."""
+`summarise_rows`, with its evaluation settings and the SHA-256 of metrics.csv), and a run.json as a finished run's
+(settings, resolved recipe, plans summary, device and precision, the recorded fingerprint, a cost record and local
+paths), for the results tests (cells, bundles, cost, lesions, evaluation files)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,9 @@ import pandas as pd
 
 from segbook.evaluation.evaluate import CSV_COLUMNS, _json_safe, summarise_rows
 from segbook.registry import Registry
-from segbook.runs import RunSpec
+from segbook.runs import RunSpec, identity_fields
 
 COMPLETE = {"status": "finished", "epochs_completed": 1000, "epochs_planned": 1000, "complete": True}
-#: Settings of an evaluation under the current conventions (metrics version 2: HD95's worst case for one empty mask).
-SETTINGS = {"checkpoint": "checkpoint_final.pth", "empty_dice": "nan", "metrics_version": 2}
 #: Every helper case's image size in voxels (TP + FP + FN + TN of each of its rows).
 VOXELS = 10**9
 
@@ -73,27 +72,68 @@ def write_metrics(folder: Path, rows: list[dict[str, Any]]) -> None:
     table.to_csv(folder / "evaluation" / "metrics.csv", index=False)
 
 
-def write_evaluated_run(results: Path, registry: Registry, task: str, model: str, init: str, mean_dice: float,
-                        split: str | None = None, cases: int = 6, cost: dict[str, Any] | None = None,
-                        prediction_seconds_per_case: float | None = 2.0, seed: int = 0,
-                        recipe: str | None = None) -> Path:
-    """A run folder as training and `segbook evaluate` leave it (fold all), with its per-case metrics."""
-    entry = registry.get(task)
-    spec = RunSpec.of(entry, model, init, "all", recipe=recipe)
-    folder = spec.folder(results)
-    (folder / "evaluation").mkdir(parents=True)
-    run = {"task": spec.task, "dataset": spec.dataset, "model": model, "init": init, "recipe": spec.recipe,
-           "seed": spec.seed, "fraction": spec.fraction, "fold": "all", "trainer": spec.trainer, "plans": spec.plans}
-    manifest = {"schema": 2, "run": run, "status": "finished", "epochs_done": 1000,
+#: What a finished run's `plans_summary` says (the demo's plans of a one-channel CT task).
+PLANS_SUMMARY = {"patch_size": [20, 32, 32], "batch_size": 2, "spacing": [2.5, 1.5, 1.5],
+                 "normalization": ["CTNormalization"], "plans_strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                 "input_channels": 1}
+#: What `segbook evaluate` records of how it scored a run (its defaults, under the current conventions: metrics
+#: version 2, HD95's worst case for one empty mask).
+EVALUATION_SETTINGS = {"step_size": 0.5, "gaussian": True, "mirroring": True, "nsd_tolerance_mm": 2.0,
+                       "empty_dice": "nan", "checkpoint": "checkpoint_final.pth", "checkpoint_mtime": 1.0,
+                       "metrics_version": 2}
+CHECKPOINT_SHA256 = "78812568" * 8
+
+
+def run_manifest(spec: RunSpec, settings: dict[str, Any] | None = None, plans_summary: dict[str, Any] | None = None,
+                 device: str = "cpu", cost: dict[str, Any] | None = None, fingerprinted: bool = True) -> dict[str, Any]:
+    """A finished run's run.json as the trainer leaves it: the settings (`settings` replacing some) with the
+    resolved recipe, device, effective precision, plans summary, the fingerprint recorded when training started
+    (unless not `fingerprinted`: a run made before it existed), and local paths that a bundle export strips."""
+    from dataclasses import asdict
+
+    from segbook import fingerprint
+    from segbook.recipes import get_recipe
+    from segbook.training.settings import TrainingSettings
+
+    given = {**({"weights": "/home/someone/weights/stunet.model", "weights_sha256": CHECKPOINT_SHA256}
+                if spec.init == "pretrained" else {}), **(settings or {})}
+    resolved, recipe = TrainingSettings(**given).resolve(get_recipe(spec.recipe, spec.init))
+    manifest = {"schema": 2, "run": identity_fields(spec), "status": "finished",
+                "settings": asdict(resolved), "recipe": recipe.model_dump(mode="json"),
+                "epochs_done": resolved.epochs, "device": device,
+                "precision": fingerprint.effective_precision(resolved.mixed_precision, device, True),
+                "plans_summary": {**PLANS_SUMMARY, **(plans_summary or {})},
                 "request": {"weights": "/home/someone/weights/stunet.model", "registry": "C:\\Users\\x\\r.yaml"},
                 "events": [{"event": "pretrained_weights_loaded", "path": "~/weights/stunet.model"}],
                 "error": {"type": "Oops", "traceback": "File \"/home/someone/x.py\""},
                 **({"cost": cost} if cost is not None else {})}
+    if fingerprinted:
+        manifest[fingerprint.KEY] = fingerprint.record(manifest)
+    return manifest
+
+
+def write_evaluated_run(results: Path, registry: Registry, task: str, model: str, init: str, mean_dice: float,
+                        split: str | None = None, cases: int = 6, cost: dict[str, Any] | None = None,
+                        prediction_seconds_per_case: float | None = 2.0, seed: int = 0,
+                        recipe: str | None = None, run_seed: int = 0, fold: str = "all", fraction: float = 1.0,
+                        settings: dict[str, Any] | None = None, plans_summary: dict[str, Any] | None = None,
+                        evaluation: dict[str, Any] | None = None, device: str = "cpu",
+                        fingerprinted: bool = True) -> Path:
+    """A run folder as training and `segbook evaluate` leave it, with its per-case metrics (`seed`: of the cases'
+    random spread; `run_seed`, `fold`, `fraction`: the run's). `settings` replace training settings (`{"epochs": 12}`),
+    `plans_summary` what the plans made, `evaluation` the evaluation settings."""
+    entry = registry.get(task)
+    spec = RunSpec.of(entry, model, init, fold, recipe=recipe, seed=run_seed, fraction=fraction)
+    folder = spec.folder(results)
+    (folder / "evaluation").mkdir(parents=True)
+    manifest = run_manifest(spec, settings, plans_summary, device, cost, fingerprinted)
     (folder / "run.json").write_text(json.dumps(manifest))
     rows = case_rows(registry, task, mean_dice, cases, seed)
     write_metrics(folder, rows)
-    summary = {"run": run, "settings": SETTINGS, **summarise_rows(rows, entry, cases),
-               "training": COMPLETE, "created_at": "2024-01-01T00:00:00",
+    epochs = manifest["settings"]["epochs"]
+    training = {**COMPLETE, "epochs_completed": epochs, "epochs_planned": epochs}
+    summary = {"run": manifest["run"], "settings": {**EVALUATION_SETTINGS, **(evaluation or {})},
+               **summarise_rows(rows, entry, cases), "training": training, "created_at": "2024-01-01T00:00:00",
                "cost": {"prediction": {"device": "cuda", "seconds_per_case": prediction_seconds_per_case}},
                "metrics_sha256": sha256(folder / "evaluation" / "metrics.csv"),
                **({"split": {"sha256": split, "n_test": cases}} if split else {})}

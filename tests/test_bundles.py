@@ -20,7 +20,6 @@ from segbook.registry import Registry, load_registry
 from segbook.results import build_table, collect_results, dataset_table
 from segbook.results.bundles import BUNDLE_FILE, BundleError, export_bundle, import_bundle, read_bundle
 from segbook.results.collect import bundles_dir
-from segbook.results.tables import TableError
 
 SPLIT = "a" * 64
 OTHER_SPLIT = "b" * 64
@@ -125,22 +124,52 @@ def test_runs_of_hyphenated_recipes_and_models_travel_in_a_bundle(tmp_path: Path
 
 @pytest.mark.parametrize("known_from", ["dataset", "runs"])
 def test_a_bundle_scored_on_another_split_is_kept_apart_and_named(known_from: str, bundle: Path, tmp_path: Path,
-                                                                   registry: Registry,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """The local split is the imported dataset's, or where the dataset is not imported here, its local runs'."""
+                                                                   registry: Registry, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """The local split is the imported dataset's, or where the dataset is not imported here, its local runs'. The
+    bundle's runs of that dataset are configurations of their own, named; every table still prints."""
     ours = home(tmp_path, monkeypatch, "our_home")
     local_split = Split(("case_a", "case_b"), tuple(f"case_{i:03d}" for i in range(6)), seed=0)  # the run's cases
     if known_from == "dataset":
         raw = ours.raw / registry.get(A).nnunet_name
         raw.mkdir(parents=True)
         write_split(raw, local_split)
-    write_evaluated_run(ours.results, registry, A, "nnunet", "scratch", 0.8, split=local_split.sha256)
+    local = write_evaluated_run(ours.results, registry, A, "base", "scratch", 0.8, split=local_split.sha256)
     report = import_bundle(bundle, registry, ours)
     assert report.other_splits == {A: (SPLIT, local_split.sha256)}
     df = collect_results(ours, registry)
-    with pytest.raises(TableError, match=f"{A}: runs with different test splits.*bundle:their-lab"):
-        build_table(df, "scale")
-    assert build_table(collect_results(ours, registry, imported=False), "scale").rows  # local runs alone are fine
+    for name in ("scale", "modality-target", "region", "datasets", "recipes", "fractions"):
+        assert build_table(df, name).rows
+    apart = "bundle:their-lab, other split"
+    assert set(df.loc[df["task"] == A, "variant"]) == {"", apart}
+    assert set(df.loc[df["task"] != A, "variant"]) == {""}  # B and C: no local split to differ from
+    rows = {row["task"]: row for row in dataset_table(df).records("json")}
+    summary = json.loads((local / "evaluation" / "summary.json").read_text())
+    assert rows[A]["base scratch"] == pytest.approx(100 * summary["foreground_mean"]["dice"], abs=1e-4)
+    theirs = {init: df[(df["task"] == A) & (df["init"] == init) & (df["variant"] == apart)]["dice"].iloc[0]
+              for init in ("scratch", "pretrained")}
+    assert rows[A][f"base scratch [{apart}]"] == pytest.approx(100 * theirs["scratch"], abs=1e-4)
+    assert rows[A][f"base [{apart}] delta"] == pytest.approx(100 * (theirs["pretrained"] - theirs["scratch"]),
+                                                              abs=1e-4)  # the bundle's own pair
+    assert rows[A]["base pretrained"] is None and rows[A]["base delta"] is None  # never the bundle's run
+    assert main(["results", "--table", "datasets", "--registry", str(tmp_path / "registry.yaml")]) == 0
+    assert f"base scratch [{apart}]" in capsys.readouterr().out
+
+
+def test_two_bundles_of_one_configuration_are_each_kept_apart(tmp_path: Path, registry: Registry,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two labs' runs of one configuration are never pooled as one lab's seeds (the tables refused them before)."""
+    theirs = home(tmp_path, monkeypatch, "their_home")
+    write_evaluated_run(theirs.results, registry, A, "base", "scratch", 0.7, split=SPLIT)
+    bundles = [export_bundle(tmp_path / name, registry=registry, paths=theirs).folder for name in ("lab-1", "lab-2")]
+    ours = home(tmp_path, monkeypatch, "our_home")
+    for folder in bundles:
+        import_bundle(folder, registry, ours)
+    df = collect_results(ours, registry)
+    assert sorted(df["variant"]) == ["bundle:lab-1", "bundle:lab-2"]
+    row = dataset_table(df).records("json")[0]
+    assert row["base scratch [bundle:lab-1]"] == row["base scratch [bundle:lab-2]"] is not None
+    assert row["base scratch [bundle:lab-1] folds"] == 1
 
 
 def corrupt_folder_name(bundle: Path, new: str) -> None:

@@ -94,12 +94,12 @@ def test_a_summary_edited_to_dice_5_is_left_out_named_in_a_warning_and_in_the_no
     printed = capsys.readouterr()
     assert "500.00" not in printed.out
     assert f"{folder / 'evaluation' / 'summary.json'}: label 1 dice 5.0 is not a valid dice" in printed.err
-    assert "1 run(s) left out: their evaluation files failed segbook's checks" in printed.out
-    assert f"{A} base pretrained segbook (fold all)" in printed.out
+    assert "left out: 1 evaluated run(s) whose evaluation files failed segbook's checks" in printed.out
+    assert str(folder) in printed.out
     row = next(line for line in printed.out.splitlines() if line.startswith(A))
     assert "invalid evaluation files" in row  # the cell says why it is empty
     assert main(["results", "--registry", str(registry_file)]) == 0  # the group tables say so too
-    assert "1 run(s) left out" in capsys.readouterr().out
+    assert "left out: 1 evaluated run(s) whose evaluation files failed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("known_from", ["recorded split", "dataset's split file"])
@@ -300,7 +300,8 @@ def test_edited_evaluation_files_leave_their_run_out_with_a_warning_naming_the_f
     shown = str(folder / "evaluation" / "summary.json") if file == SUMMARY else str(folder / file)
     assert shown in messages and message in messages, messages
     assert row_of(df, task, "scratch")["evaluated"]  # the other runs are untouched
-    assert any("1 run(s) left out" in note for note in scale_table(df).notes)
+    assert any(note.startswith("left out: 1 evaluated run(s) whose") and str(folder) in note
+               for note in scale_table(df).notes)
 
 
 #: What evaluations wrote later: IoU, precision, recall, lesion counts (metrics.csv); the SHA-256 of metrics.csv,

@@ -130,3 +130,24 @@ def test_lesion_table_pools_counts_of_datasets_with_lesion_labels(segbook_home, 
     assert row["lesion Dice (%)"] == pytest.approx(100 * lesion["dice"].mean(), abs=0.005)
     assert main(["results", "--registry", str(registry_file), "--table", "lesions", "--format", "json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 3
+
+
+def test_lesion_table_pools_only_the_runs_on_the_whole_train_split(segbook_home, tmp_path) -> None:
+    """A run on a tenth of the train split is the fractions table's, never pooled into the lesion table's cell."""
+    from store_helpers import write_evaluated_run
+    from test_results import write_registry
+
+    from segbook.paths import Paths
+    from segbook.registry import load_registry
+    from segbook.results import collect_results
+    from segbook.results.lesions import lesion_table
+
+    registry, paths = load_registry([write_registry(tmp_path / "registry.yaml")]), Paths.from_env()
+    whole = write_evaluated_run(paths.results, registry, "Task903_LesionMR", "base", "scratch", 0.6, seed=1)
+    write_evaluated_run(paths.results, registry, "Task903_LesionMR", "base", "scratch", 0.2, seed=2, fraction=0.1)
+    table = lesion_table(collect_results(paths, registry))
+    row = dict(zip(table.columns, table.rows[0]))
+    lesion = pd.read_csv(whole / "evaluation" / "metrics.csv")
+    assert (len(table.rows), row["runs"]) == (1, 1)
+    assert row["reference lesions"] == lesion["lesions_reference"].sum()
+    assert row["lesion Dice (%)"] == pytest.approx(100 * lesion["dice"].mean(), abs=0.005)

@@ -415,33 +415,35 @@ def test_folds_are_chosen_explicitly_and_named_in_the_notes(store, registry_file
         folds = collect_results(paths, registry, folds="0-4")
     table = dataset_table(folds)
     cell = next(row for row in table.rows if row[0] == A)[table.columns.index("base pretrained")]
-    assert (cell.value, cell.count, cell.status, cell.text(show_count=False)) == (
-        pytest.approx(67.5), 2, "fold 2: failed", "67.50\u2020")
-    assert any("fold 2: failed" in note for note in table.notes)
-    assert table.notes[-1].startswith("local runs: the mean of folds 0, 1; plans nnUNetPlans")
+    status = "2 of 5 folds evaluated (fold 2: failed; fold 3: no run; fold 4: no run)"
+    assert (cell.value, cell.count, cell.status, cell.text(show_count=False)) == (None, 0, status, status)
+    assert any(note.startswith("left out: 2 evaluated run(s) of seeds without all five folds") for note in table.notes)
     assert main(["results", "--registry", str(registry_file), "--folds", "0-4", "--table", "datasets"]) == 0
-    assert "local runs: the mean of folds 0, 1" in capsys.readouterr().out
+    assert status in capsys.readouterr().out
     with pytest.raises(ResultsError, match="unknown folds '0-2'; choose all or 0-4"):
         collect_results(paths, registry, folds="0-2")
 
 
-def test_mixed_split_hashes_or_plans_of_a_dataset_are_refused_naming_the_runs(store, registry_file, capsys) -> None:
+def test_split_hashes_of_a_dataset_without_a_current_split_are_kept_apart_and_plans_refused(store, registry_file,
+                                                                                             capsys) -> None:
+    """Local runs of a dataset not imported here (no current split) scored on two splits: each split its own rows,
+    never averaged or compared; runs of other plans are never collected together, and refused when put together."""
     paths, registry = store
     old = write_run(paths.results, registry, C, "large", "scratch", "all", (0.55,), split="0" * 64)
     new = write_run(paths.results, registry, C, "huge", "scratch", "all", (0.60,), split="1" * 64)
     df = collect_results(paths, registry)
     assert set(df.loc[df["task"] == C, "split"].dropna()) == {"0" * 64, "1" * 64}
-    for build in (scale_table, dataset_table):
-        with pytest.raises(TableError, match=f"{C}: runs with different test splits are never averaged or compared "
-                                             f"\\({'0' * 64}: {old}; {'1' * 64}: {new}\\)"):
-            build(df)
-    assert main(["results", "--registry", str(registry_file)]) == 2
-    assert f"segbook: error: {C}: runs with different test splits" in capsys.readouterr().err
+    assert dict(zip(df["path"], df["variant"]))[str(old)] == "split 00000000"
+    assert dict(zip(df["path"], df["variant"]))[str(new)] == "split 11111111"
+    row = next(row for row in dataset_table(df).records("json") if row["task"] == C)
+    assert (row["large scratch [split 00000000]"], row["huge scratch [split 11111111]"]) == (55.0, 60.0)
+    assert main(["results", "--registry", str(registry_file)]) == 0
+    assert "large scratch [split 00000000]" not in capsys.readouterr().err
 
     new.parent.rename(new.parent.with_name(new.parent.name + "_moved"))  # the other split out of the store
     paper = write_run(paths.results, registry, C, "huge", "scratch", "all", (0.62,), plans="SegbookPaperPlans")
-    with pytest.warns(ResultsWarning, match="ignored 1 run\\(s\\) trained with plans 'SegbookPaperPlans': runs of other "
-                                            "plans are never averaged in"):
+    with pytest.warns(ResultsWarning, match="ignored 1 run\\(s\\) trained with plans 'SegbookPaperPlans': runs of "
+                                            "other plans are never averaged in"):
         default = collect_results(paths, registry)
     assert set(default["plans"]) == {"nnUNetPlans"}
     with pytest.warns(ResultsWarning):
@@ -801,13 +803,18 @@ def test_imported_results_appear_beside_local_runs(store, tmp_path: Path) -> Non
     assert stored == paths.home / "results" / "imported" / "Published_numbers.csv"
     df = collect_results(paths, registry)
     rows = {row[0]: dict(zip(dataset_table(df).columns, row)) for row in dataset_table(df).rows}
-    spleen = rows["Task009_Spleen"]
-    assert spleen["large pretrained"].value == pytest.approx(95.0)
-    assert spleen["large delta"].value == pytest.approx(2.0)
+    spleen, imported = rows["Task009_Spleen"], "[imported:Published_numbers]"
+    assert spleen[f"large pretrained {imported}"].value == pytest.approx(95.0)
+    assert spleen[f"large {imported} delta"].value == pytest.approx(2.0)  # imported minus imported
     assert spleen["source"] == "imported:Published_numbers"
-    assert rows[A]["base scratch"].value == pytest.approx(75.0) and rows[A]["source"] == "local"
+    # kept apart from local runs: never averaged with them, never compared with them
+    assert rows[A]["base scratch"].value == pytest.approx(75.0)
+    assert rows[A][f"base scratch {imported}"].value == pytest.approx(10.0)
+    assert rows[A]["source"] == "local, imported:Published_numbers"
+    assert "no Delta(PT) for large pretrained: large scratch [imported:Published_numbers]: this store vs " \
+           "imported:Published_numbers" in dataset_table(df).notes
     nsd = {row[0]: dict(zip(dataset_table(df, "nsd").columns, row)) for row in dataset_table(df, "nsd").rows}
-    assert nsd[B]["large scratch"].text() == "no NSD"  # imported without NSD
+    assert nsd[B][f"large scratch {imported}"].text() == "no NSD"  # imported without NSD
     split = modality_target_table(df)
     assert cells(split, "large", "scratch")["CT seen structure"].missing == (A, B)
     assert f"{B} (no per-label scores)" in "\n".join(split.notes)

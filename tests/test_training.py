@@ -17,11 +17,14 @@ import pytest
 import torch
 from helpers import REFERENCE_PLANS, planned_tiny_task, tiny_spec
 
+from segbook import fingerprint
 from segbook.cli.main import main
 from segbook.data.split import read_split
 from segbook.errors import SegbookError
 from segbook.evaluation.evaluate import EvaluationError, evaluate_run
 from segbook.evaluation.files import METRICS_VERSION, check_run
+from segbook.registry import load_registry
+from segbook.results import collect_results
 from segbook.runs import FolderParts, RunSpec
 from segbook.training.checkpoints import read_run_checkpoint
 from segbook.training.finetune import RunExistsError, finetune
@@ -65,6 +68,10 @@ def test_pretrained_run_trains_records_and_evaluates(task):
     assert last["body"] == pytest.approx(1e-3 * (1 - 2 / 3) ** 0.9)  # poly decay applied per group
     assert manifest.settings.weights_sha256 and manifest.data["environment"]["nnunetv2"].startswith("2.8")
     assert manifest.data["plans_summary"]["normalization"] == ["ZScoreNormalization"] * 2
+    # The comparability fingerprint, recorded when training started: what the results recompute from the record.
+    assert manifest.data["precision"] == "fp32" and manifest.data["plans_summary"]["input_channels"] == 2
+    assert manifest.data["fingerprint"] == fingerprint.record(manifest.data)
+    assert fingerprint.training_values(manifest.data)["stem_tiling"] == "repeat"  # two channels: the stem is tiled
     # What differs from the authors' is in the record: stem tiling, plans beside theirs, split, normalisations.
     split = read_split(task.raw / task.entry.nnunet_name)
     assert manifest.data["settings"]["stem_tiling"] == "repeat"
@@ -89,6 +96,9 @@ def test_pretrained_run_trains_records_and_evaluates(task):
     assert summary["settings"]["metrics_version"] == METRICS_VERSION
     again = evaluate_run(task.entry, result.spec, device="cpu")
     assert again.skipped and again.summary == json.loads((evaluation.folder / "summary.json").read_text())
+    collected = collect_results(registry=load_registry([task.registry_file]))
+    row = collected[collected["path"] == str(result.folder)].iloc[0]
+    assert (row["evaluated"], row["left_out"], row["variant"]) == (True, None, "")  # its record checks out
     older = dict(summary, settings={k: v for k, v in summary["settings"].items() if k != "metrics_version"})
     (evaluation.folder / "summary.json").write_text(json.dumps(older))  # as written under the first conventions
     assert not evaluate_run(task.entry, result.spec, device="cpu").skipped  # redone without --force

@@ -219,7 +219,8 @@ def run_bundle_import(args: argparse.Namespace) -> int:
     for task, (theirs, ours) in sorted(report.other_splits.items()):
         print(f"segbook: warning: bundle {report.name}: its {task} runs were scored on the test split {theirs[:12]}, "
               f"not on this dataset's {ours[:12]}; they are kept apart (never averaged or compared with local runs: "
-              "tables refuse them together, naming the bundle)", file=sys.stderr)
+              f"tables show them as configurations of their own, [bundle:{report.name}, other split])",
+              file=sys.stderr)
     return 0
 
 

@@ -61,7 +61,8 @@ class ImportReport:
             lines.append(f"test split: {describe_split(self.split)}")
         if self.previous_split:
             lines.append(f"the test split changed (SHA-256 was {self.previous_split}): scores on the old test set "
-                         "are not comparable with new ones; the results tables refuse to average them")
+                         "are not comparable with new ones; the results tables leave them out, naming them (evaluate "
+                         "those runs again, or train them again where they trained beside the old split)")
         return "\n".join(lines)
 
     def _outcome(self) -> str:

@@ -10,8 +10,9 @@ per-label means of `summary.json` must follow from `metrics.csv`, before anythin
 copied (and the copies checked against the validated hashes) into `$SEGBOOK_HOME/results/bundles/NAME/` in one
 rename. There its runs lie in the same layout as local runs, so `collect_results` reads them like local runs (source
 `bundle:NAME`) and every table and statistic, per-case ones included, works on them unchanged. A bundle whose runs
-of a dataset were scored on another test split than the local one is imported but kept apart: the tables refuse to
-average or compare its runs of that dataset with local runs, naming the bundle.
+of a dataset were scored on another test split than the local one is imported but kept apart: the tables show those
+runs as configurations of their own (`large pretrained [bundle:NAME, other split]`, `segbook.results.cells`), never
+averaged or compared with local runs.
 """
 
 from __future__ import annotations

@@ -23,12 +23,15 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 from tqdm import tqdm
 
+from segbook import fingerprint
 from segbook.errors import SegbookError
-from segbook.evaluation.files import Checker, outdated_metrics
+from segbook.evaluation.files import Checker, other_run, outdated_metrics
 from segbook.io import atomic_write_text
 from segbook.paths import Paths
 from segbook.registry import DatasetEntry, Registry, TaskLookupError, load_registry
 from segbook import backbones
+from segbook.results import cells
+from segbook.results.cells import BUNDLE_PREFIX, EVALUATED, IMPORTED_PREFIX, LOCAL, run_folders
 from segbook.runs import (DEFAULT_FRACTION, DEFAULT_PLANS, DEFAULT_RECIPES, DEFAULT_SEED, INITS, MANIFEST, MODELS,
                           RUN_GLOB, FolderParts, evaluation_folder, summary_path)
 from segbook.runs import METRICS as CASE_METRICS
@@ -39,27 +42,23 @@ LOWER_IS_BETTER = frozenset({"hd95"})
 IMPORT_METRICS = ("dice", "nsd")
 #: How labels split for the modality x target table: seen structures, unseen structures, lesions.
 PARTS = ("seen", "unseen", "lesion")
-LOCAL = "local"
-IMPORTED_PREFIX = "imported:"
 #: Runs imported at case level (`segbook results --import DIR`): source `bundle:NAME`, folders under
 #: `$SEGBOOK_HOME/results/bundles/NAME/runs/` laid out as local runs are (segbook.results.bundles).
-BUNDLE_PREFIX = "bundle:"
 BUNDLE_RUNS = "runs"
 BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-EVALUATED = "evaluated"
-#: Statuses of runs whose evaluation files were refused (`segbook.evaluation.files`): left out of every table,
-#: each named in a warning and counted in the tables' notes (`segbook.results.excluded`).
+#: Statuses of runs whose evaluation files were refused (`segbook.evaluation.files`): left out of every table
+#: (`left_out` "invalid"), each named in a warning and in the tables' notes (`segbook.results.cells`).
 INVALID = "invalid evaluation files"
 OTHER_RUN = "summary.json of another run"
 UNREADABLE = "unreadable summary.json"
-REFUSED = (INVALID, OTHER_RUN, UNREADABLE)
 NOT_EVALUATED = "not evaluated for {metric} (run segbook evaluate again)"
 OUTDATED = "not evaluated for {metric} under the current convention (run segbook evaluate again)"
 REGISTRY_COLUMNS = ("dataset_id", "name", "modality", "target", "scale", "region", "bone", "vessel", "parts",
                     "train_cases")
-RUN_COLUMNS = ("task", "model", "init", "recipe", "seed", "fraction", "fold", "plans", "split", "source", "status",
-               "evaluated", *METRICS,
-               *(f"{m}_{p}" for m in METRICS for p in PARTS), "unevaluated", "exclusions", "path")
+RUN_COLUMNS = ("task", "model", "init", "recipe", "variant", "seed", "fraction", "fold", "plans", "split", "source",
+               "status", "evaluated", *METRICS,
+               *(f"{m}_{p}" for m in METRICS for p in PARTS), "unevaluated", "exclusions", "path",
+               *cells.FINGERPRINT_COLUMNS)
 IMPORT_REQUIRED = ("task", "model", "init", "dice")
 IMPORT_COLUMNS = (*IMPORT_REQUIRED, "nsd")
 MAX_LISTED_ERRORS = 30
@@ -101,12 +100,6 @@ def bundles_dir(paths: Paths | None = None) -> Path:
     return (paths or Paths.from_env()).home / "results" / "bundles"
 
 
-def run_folders(df: pd.DataFrame) -> pd.Series:
-    """Which rows are runs with a folder (local, or of an imported bundle), as opposed to numbers imported from CSV:
-    the rows whose plans and test splits are known and checked."""
-    return (df["source"] == LOCAL) | df["source"].str.startswith(BUNDLE_PREFIX)
-
-
 def collect_results(paths: Paths | None = None, registry: Registry | None = None,
                     results_dir: str | os.PathLike | None = None, plans: str = "default",
                     imported: bool = True, include_incomplete: bool = False,
@@ -116,11 +109,12 @@ def collect_results(paths: Paths | None = None, registry: Registry | None = None
     Runs come from `results_dir` (default: nnU-Net's results folder); imported results from
     `$SEGBOOK_HOME/results/imported/`. Scores are fractions in [0, 1]. Folders of datasets the registry does not know,
     runs of other plans (`plans`: `default`, each backbone's own plans (nnUNetPlans, nnUNetResEncUNet{M,L}Plans for
-    ResEnc); an identifier, or a planner name such as `paper`) and runs of other folds
-    (`folds`: `all`, SegBook's protocol, or `0-4`, the five cross-validation folds) are skipped with a
-    `ResultsWarning`, and so are runs whose evaluation files fail the checks (status in `REFUSED`). A run evaluated
-    before it trained its whole budget counts as not evaluated (with a warning) unless `include_incomplete`. Each
-    run's row names the test split it was scored on (`split`, its SHA-256).
+    ResEnc); an identifier, or a planner name such as `paper`: one that no run, planner or backbone has is a
+    `ResultsError`) and runs of other folds (`folds`: `all`, SegBook's protocol, or `0-4`, the five cross-validation
+    folds) are skipped with a `ResultsWarning`, and runs whose evaluation files fail the checks
+    (`segbook.evaluation.files`) are left out, named. A run evaluated before it trained its whole budget counts as not
+    evaluated (with a warning) unless `include_incomplete`, which counts it as a variant of its own. Each run's row
+    names the test split it was scored on (`split`, its SHA-256) and its fingerprint (`segbook.fingerprint`).
 
     `recipes` None keeps the default recipes (segbook, scratch); given, the runs of those recipes and of scratch,
     the baseline of every Delta (`ALL_RECIPES` among them: every recipe). Runs of other recipes are left out with
@@ -128,7 +122,9 @@ def collect_results(paths: Paths | None = None, registry: Registry | None = None
     apart (`segbook.results.tables`).
 
     With `imported`, the runs of imported bundles (`$SEGBOOK_HOME/results/bundles/NAME/runs/`) are collected as
-    local runs are, their rows naming `source` `bundle:NAME`.
+    local runs are, their rows naming `source` `bundle:NAME`. Which runs may share a cell is then settled
+    (`segbook.results.cells.settle`: variants, test splits, folds); the runs it leaves out stay as rows, not
+    evaluated, named in a warning.
     """
     paths = paths or Paths.from_env()
     registry = registry or load_registry()
@@ -136,13 +132,20 @@ def collect_results(paths: Paths | None = None, registry: Registry | None = None
     if folds not in FOLD_CHOICES:
         raise ResultsError(f"unknown folds {folds!r}; choose {' or '.join(FOLD_CHOICES)}")
     plans = plans if plans == "default" else plans_identifier(plans)
+    found: Counter = Counter()
     checker = evaluation_checker(paths)
-    rows = _local_rows(root, registry, plans, include_incomplete, folds, checker)
+    rows = _local_rows(root, registry, plans, include_incomplete, folds, found, checker)
     if imported:
-        rows += _bundle_rows(paths, registry, plans, include_incomplete, folds, checker)
-        rows += [row for file in stored_imports(paths) for row in _imported_rows(file, registry)]
+        rows += _bundle_rows(paths, registry, plans, include_incomplete, folds, found, checker)
     checker.save()
-    return _frame(_chosen(rows, recipes), registry)
+    _check_plans(plans, found)
+    if imported:
+        rows += [row for file in stored_imports(paths) for row in _imported_rows(file, registry)]
+    frame = cells.settle(_frame(_chosen(rows, recipes), registry), FOLD_CHOICES[folds], _current_splits(rows, registry,
+                                                                                                       paths))
+    for note in cells.left_out_notes(frame):
+        warnings.warn(note, ResultsWarning, stacklevel=2)
+    return frame
 
 
 def evaluation_checker(paths: Paths) -> Checker:
@@ -175,6 +178,36 @@ def plans_identifier(plans: str) -> str:
     from segbook.plan import PLANNERS
 
     return PLANNERS[plans][2] if plans in PLANNERS else plans
+
+
+def _check_plans(plans: str, found: Counter) -> None:
+    """`ResultsError` for plans that no collected run was trained with and no planner or backbone makes: a misspelt
+    `--plans` would otherwise print an empty table."""
+    from segbook.plan import PLANNERS
+
+    known = {*found, *(identifier for _, _, identifier in PLANNERS.values()),
+             *(backbones.default_plans(name) for name in backbones.model_names())}
+    if plans != "default" and plans not in known:
+        present = ", ".join(f"{name} ({count} run(s))" for name, count in sorted(found.items())) or "none"
+        raise ResultsError(f"unknown plans {plans!r}: no run was trained with it and no planner or backbone makes it; "
+                           f"plans of the runs found: {present}; planners: {', '.join(PLANNERS)}")
+
+
+def _current_splits(rows: list[dict[str, Any]], registry: Registry, paths: Paths) -> dict[str, str]:
+    """Each collected dataset's current test split (the SHA-256 of the split its imported data has now), for the
+    datasets imported here; a damaged split file counts as none (`segbook data` says what is wrong with it)."""
+    from segbook.data.folders import raw_folder
+    from segbook.data.split import split_sha256
+
+    current = {}
+    for task in {row["task"] for row in rows if not row["source"].startswith(IMPORTED_PREFIX)}:
+        try:
+            sha = split_sha256(raw_folder(registry.get(task), paths))
+        except SegbookError:
+            sha = None
+        if sha:
+            current[task] = sha
+    return current
 
 
 def resolve_recipes(names: Sequence[str], files: Iterable[str | os.PathLike] | None = None) -> dict[str, str]:
@@ -213,7 +246,8 @@ def _other_recipes(counts: Counter, recipes: Sequence[str] | None) -> str:
 
 
 def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: bool,
-                folds: str, checker: Checker) -> list[dict[str, Any]]:
+                folds: str, found: Counter, checker: Checker) -> list[dict[str, Any]]:
+    """The runs under `root` of the chosen plans and folds; `found` counts the runs of every plans identifier."""
     by_id = {entry.dataset_id: entry for entry in registry}
     skipped: dict[str, str] = {}
     other_plans: Counter = Counter()
@@ -223,6 +257,8 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
     for folder in sorted(root.glob(RUN_GLOB)):
         parts = FolderParts.parse(folder)
         entry = by_id.get(parts.dataset_id) if parts else None
+        if parts is not None:
+            found[parts.plans] += 1
         if parts is None:
             skipped[str(folder.parent)] = "its name is not a segbook trainer's (SegbookTrainer_{model}_{init}...)"
         elif entry is None:
@@ -234,13 +270,15 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
             other_folds[parts.fold] += 1
         else:
             row = _run_row(folder, entry, parts, checker)
-            if row.pop("incomplete", None):
+            trained = row.pop("incomplete", None)
+            if trained:
                 incomplete.append(f"{folder} ({row['status']})")
                 if include_incomplete:
-                    row.update(evaluated=True, status=EVALUATED)
+                    row.update(evaluated=True, status=EVALUATED, **cells.trained_only(row["settings"], trained))
             rows.append(row)
     if incomplete:
-        verb = "counted" if include_incomplete else "left out (pass --include-incomplete to count them)"
+        verb = ("counted, each as a variant of its own" if include_incomplete
+                else "left out (pass --include-incomplete to count them)")
         warnings.warn(f"{len(incomplete)} evaluated run(s) did not train their whole budget, {verb}: "
                       + "; ".join(incomplete[:MAX_LISTED_ERRORS]), ResultsWarning, stacklevel=3)
     for name, why in sorted(skipped.items()):
@@ -258,12 +296,13 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
 
 
 def _bundle_rows(paths: Paths, registry: Registry, plans: str, include_incomplete: bool,
-                 folds: str, checker: Checker) -> list[dict[str, Any]]:
+                 folds: str, found: Counter, checker: Checker) -> list[dict[str, Any]]:
     """The runs of every imported bundle, collected as local runs are, each row naming its bundle."""
     folder = bundles_dir(paths)
     names = sorted(p.name for p in folder.iterdir() if BUNDLE_NAME.fullmatch(p.name)) if folder.is_dir() else []
     return [{**row, "source": f"{BUNDLE_PREFIX}{name}"} for name in names
-            for row in _local_rows(folder / name / BUNDLE_RUNS, registry, plans, include_incomplete, folds, checker)]
+            for row in _local_rows(folder / name / BUNDLE_RUNS, registry, plans, include_incomplete, folds, found,
+                                   checker)]
 
 
 def _folds_text(folds: str) -> str:
@@ -271,32 +310,96 @@ def _folds_text(folds: str) -> str:
 
 
 def _run_row(folder: Path, entry: DatasetEntry, parts: FolderParts, checker: Checker) -> dict[str, Any]:
+    """A run's row: its identity, fingerprint, scores and status. A run whose evaluation files fail the checks, whose
+    files are another run's, or whose run.json no longer gives the fingerprint it recorded, is not evaluated
+    (`left_out` says why)."""
     identity = parts.identity
+    manifest, manifest_problem = _manifest(folder)
+    reading = fingerprint.read(manifest, len(entry.channels))
     row = {"task": entry.key, "model": identity.model, "init": identity.init, "recipe": identity.recipe,
-           "seed": identity.seed, "fraction": identity.fraction, "fold": parts.fold, "plans": parts.plans,
-           "split": None, "source": LOCAL, "path": str(folder)}
+           "variant": "", "seed": identity.seed, "fraction": identity.fraction, "fold": parts.fold,
+           "plans": parts.plans, "split": None, "source": LOCAL, "path": str(folder),
+           **cells.training_columns(reading)}
     summary_file = summary_path(folder)
     try:
         summary, verdict = checker.check(folder, entry, parts)
     except FileNotFoundError:
-        return {**row, "status": _run_status(folder), "evaluated": False}
+        return {**row, "status": manifest_problem or _run_status(manifest), "evaluated": False}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SegbookError) as error:
         warnings.warn(f"unreadable {summary_file}: {error}; the run counts as missing", ResultsWarning, stacklevel=4)
-        return {**row, "status": UNREADABLE, "evaluated": False}
+        return {**row, "status": UNREADABLE, "evaluated": False, "left_out": "invalid"}
     if verdict.other_run:
         warnings.warn(f"{summary_file} scores {verdict.other_run}, not the run of its folder ({identity.describe()}); "
                       "the run counts as not evaluated (evaluate it again)", ResultsWarning, stacklevel=4)
-        return {**row, "status": OTHER_RUN, "evaluated": False}
+        return {**row, "status": OTHER_RUN, "evaluated": False, "left_out": "identity"}
     if verdict.problem:
         warnings.warn(f"{verdict.problem}; the run is left out of the tables (evaluate it again: segbook evaluate "
                       "--force)", ResultsWarning, stacklevel=4)
-        return {**row, "status": INVALID, "evaluated": False}
+        return {**row, "status": INVALID, "evaluated": False, "left_out": "invalid"}
     scores = _scores(summary["labels"], entry, outdated_metrics(summary))
-    row.update(split=(summary.get("split") or {}).get("sha256"), exclusions=verdict.exclusions)
+    row.update(split=_split_of(summary), exclusions=verdict.exclusions)
+    row.update(cells.evaluation_columns(reading, summary, row["split"]))
     short = _budget_shortfall(summary, folder)
     if short:
-        return {**row, **scores, "status": short, "evaluated": False, "incomplete": True}
+        return {**row, **scores, "status": short[0], "evaluated": False, "incomplete": short[1]}
+    problem = _record_problem(manifest, manifest_problem, reading, parts, entry, row)
+    if problem:
+        return {**row, **scores, **problem, "evaluated": False}
     return {**row, **scores, "status": EVALUATED, "evaluated": True}
+
+
+def _manifest(folder: Path) -> tuple[dict[str, Any], str | None]:
+    """A run's `run.json` as a dict ({} when there is none or it is unreadable, with the status that says so)."""
+    try:
+        data = json.loads((folder / MANIFEST).read_bytes())
+    except FileNotFoundError:
+        return {}, "no run.json"
+    except (OSError, ValueError):
+        return {}, "unreadable run.json"
+    return (data, None) if isinstance(data, dict) else ({}, "unreadable run.json")
+
+
+def _split_of(summary: dict[str, Any]) -> str | None:
+    split = (summary.get("split") or {}).get("sha256")
+    return split if isinstance(split, str) else None
+
+
+def _record_problem(manifest: dict[str, Any], missing: str | None, reading: fingerprint.Reading, parts: FolderParts,
+                    entry: DatasetEntry, row: dict[str, Any]) -> dict[str, Any] | None:
+    """Why an evaluated run's `run.json` says its score is not this run's: it names another run, its training
+    cases are not its fraction's, it trained beside another test split than it was scored on, or its settings no
+    longer give the fingerprint recorded when it trained. None when nothing is wrong (or it has no run.json)."""
+    if missing:
+        return None
+    other = other_run(manifest.get("run"), parts, entry)
+    if other:
+        return {"status": "run.json of another run", "left_out": "identity"}
+    cases = _training_cases_problem(manifest.get("training_cases"), parts.identity.fraction)
+    if cases:
+        return {"status": cases, "left_out": "identity"}
+    trained = ((manifest.get("split") or {}) if isinstance(manifest.get("split"), dict) else {}).get("sha256")
+    if isinstance(trained, str) and row["split"] not in (None, trained):
+        return {"status": f"trained beside test split {trained[:12]}, scored on {row['split'][:12]}",
+                "left_out": "split"}
+    edited = fingerprint.recorded_mismatch(manifest, reading)
+    if edited:
+        return {"status": f"run.json's {edited} edited since training started", "left_out": "tampered"}
+    return None
+
+
+def _training_cases_problem(record: Any, fraction: float) -> str | None:
+    """How a run's recorded training cases contradict its training fraction (None: they agree, or none recorded)."""
+    from segbook.data.subsets import subset_size
+
+    if not isinstance(record, dict):
+        return None
+    recorded, count, available = record.get("fraction"), record.get("count"), record.get("available")
+    if isinstance(recorded, (int, float)) and abs(recorded - fraction) > 1e-9:
+        return f"trained on fraction {recorded:g} of its train split, not {fraction:g}"
+    if isinstance(count, int) and isinstance(available, int) and 0 < available:
+        if count != (available if fraction == DEFAULT_FRACTION else subset_size(fraction, available)):
+            return f"trained on {count} of {available} cases, not the {100 * fraction:g}% its name says"
+    return None
 
 
 def _scores(labels: dict[str, dict[str, Any]], entry: DatasetEntry, outdated: set[str]) -> dict[str, Any]:
@@ -319,8 +422,9 @@ def _scores(labels: dict[str, dict[str, Any]], entry: DatasetEntry, outdated: se
     return {"unevaluated": unevaluated, **{column: sum(v) / len(v) for column, v in values.items()}}
 
 
-def _budget_shortfall(summary: dict[str, Any], folder: Path) -> str | None:
-    """How a run fell short of its training budget ("trained 3/1000 epochs"), None when it trained it all.
+def _budget_shortfall(summary: dict[str, Any], folder: Path) -> tuple[str, str] | None:
+    """How a run fell short of its training budget, as a status ("trained 3/1000 epochs (finished)") and as what
+    it trained ("3/1000 epochs"); None when it trained it all.
 
     Evaluation records it in `summary.json`; for summaries written before it did, `run.json` tells."""
     from segbook.evaluation.evaluate import training_record
@@ -330,23 +434,19 @@ def _budget_shortfall(summary: dict[str, Any], folder: Path) -> str | None:
     if not isinstance(training, dict):
         try:
             training = training_record(RunManifest.load(folder))
-        except (OSError, ValueError, TypeError, AttributeError):
+        except (OSError, ValueError, TypeError, AttributeError, SegbookError):
             training = training_record(None)
     if training.get("complete"):
         return None
     done, planned = training.get("epochs_completed"), training.get("epochs_planned")
-    return (f"trained {done}/{planned} epochs ({training.get('status')})" if planned is not None
-            else "training budget unknown (no run.json)")
+    if planned is None:
+        return "training budget unknown (no run.json)", "epochs trained unknown"
+    return f"trained {done}/{planned} epochs ({training.get('status')})", f"{done}/{planned} epochs"
 
 
-def _run_status(folder: Path) -> str:
-    """Why a run has no scores yet, from its manifest (read only here: it grows with every epoch)."""
-    try:
-        status = json.loads((folder / MANIFEST).read_bytes()).get("status", "unknown")
-    except FileNotFoundError:
-        return "no run.json"
-    except (OSError, ValueError, AttributeError):
-        return "unreadable run.json"
+def _run_status(manifest: dict[str, Any]) -> str:
+    """Why a run has no scores yet, from its manifest."""
+    status = manifest.get("status", "unknown")
     return "not evaluated" if status == "finished" else str(status)
 
 
@@ -369,12 +469,12 @@ def _facts(entry: DatasetEntry) -> tuple:
 #: Reading this many runs' metrics.csv or more shows a progress bar.
 PROGRESS_FROM = 200
 #: What identifies a per-case score: the dataset, the configuration, the training fraction and the test case.
-CASE_KEYS = ["task", "model", "init", "recipe", "fraction", "case"]
+CASE_KEYS = ["task", "model", "init", "recipe", "variant", "fraction", "case"]
 
 
 def case_scores(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per (task, model, init, recipe, fraction, case): the case's score, the mean over the runs (seeds, folds) that
-    scored it, each run's case score being the mean over its foreground labels of `metric` (NaN-ignoring).
+    """Per (task, model, init, recipe, variant, fraction, case): the case's score, the mean over the runs (seeds,
+    folds) that scored it, each run's case score being the mean over its foreground labels of `metric` (NaN-ignoring).
 
     Reads each evaluated run's `metrics.csv` (local runs and those of imported bundles; numbers imported from CSV
     have no cases), so only the per-case statistics call it, on the runs they test.
@@ -551,7 +651,7 @@ def _clashes(rows: list[dict[str, Any]], target: Path, registry: Registry, paths
 
 def _imported_rows(file: Path, registry: Registry) -> list[dict[str, Any]]:
     source = f"{IMPORTED_PREFIX}{file.stem}"
-    return [{**row, "recipe": DEFAULT_RECIPES[row["init"]], "seed": DEFAULT_SEED, "fraction": DEFAULT_FRACTION,
-             "fold": "", "plans": "", "split": None, "source": source, "status": EVALUATED, "evaluated": True,
-             "path": str(file)}
+    return [{**row, "recipe": DEFAULT_RECIPES[row["init"]], "variant": "", "seed": DEFAULT_SEED,
+             "fraction": DEFAULT_FRACTION, "fold": "", "plans": "", "split": None, "source": source,
+             "status": EVALUATED, "evaluated": True, "path": str(file), **cells.imported_columns(source)}
             for row in read_import_csv(file, registry)]

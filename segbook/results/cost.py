@@ -1,13 +1,14 @@
 """Cost next to accuracy: what each configuration took to train and predict, and what its pretraining gained per
 device-hour (`segbook results --table cost`, and the report's cost section).
 
-Per configuration (model, initialisation, recipe), over its evaluated runs (local and bundled; numbers imported
-from CSV carry no cost): training device-hours per run from `run.json["cost"]` (GPU-hours where every run trained on
-CUDA: the `device` column says where), the largest peak GPU memory, samples per second, prediction seconds per test
-case from `summary.json["cost"]`, parameters and forward TFLOPs of one 128^3 patch (the backbone registry's `Backbone.cost`), and the score:
-the mean over its datasets of the dataset scores (`dataset_scores`). Delta(PT) is the paired mean of pretrained
-minus scratch of the same network over the datasets that have both, in points; Delta(PT) per device-hour divides it
-by the pretrained configuration's mean training device-hours per run.
+Per configuration (model, initialisation, recipe, variant), over its evaluated runs (local and bundled; numbers
+imported from CSV carry no cost): training device-hours per run from `run.json["cost"]` (GPU-hours where every run
+trained on CUDA: the `device` column says where), the largest peak GPU memory, samples per second, prediction
+seconds per test case from `summary.json["cost"]`, parameters and forward TFLOPs of one 128^3 patch (the backbone
+registry's `Backbone.cost`), and the score: the mean over its datasets of the dataset scores (`dataset_scores`).
+Delta(PT) is the paired mean of pretrained minus scratch of the same network (the scratch variant with its shared
+settings, `tables.comparable`) over the datasets that have both with agreeing data and evaluation settings, in
+points; Delta(PT) per device-hour divides it by the pretrained configuration's mean training device-hours per run.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import pandas as pd
 
 from segbook import backbones
 from segbook.results.collect import run_folders
-from segbook.results.tables import (DELTA, METRIC_NAMES, SCORE_KEYS, Config, ResultTable, config_label,
-                                    configurations, dataset_scores, metric_factor, metric_label, metric_sign,
-                                    protocol_note, shows_recipes, whole_split)
+from segbook.results.tables import (CONFIG_KEYS, DELTA, METRIC_NAMES, SCORE_KEYS, Config, ResultTable, comparable,
+                                    config_label, configurations, dataset_scores, metric_factor, metric_label,
+                                    metric_sign, protocol_note, shows_recipes, variant_profiles, whole_split)
 from segbook.runs import DEFAULT_RECIPES, MANIFEST, SUMMARY, evaluation_folder
 
 COST_FIELDS = ("device", "device_hours", "gpu_hours", "peak_memory_bytes", "samples_per_second",
@@ -69,17 +70,19 @@ def cost_summary(df: pd.DataFrame, metric: str = "dice", configs: list[Config] |
     configs = configs if configs is not None else configurations(df)
     costs = run_costs(df)
     scores = dataset_scores(df, metric)
-    by_config = {config: dict(zip(group["task"], group["score"]))
-                 for config, group in scores.groupby(["model", "init", "recipe"])}
+    by_config = {config: dict(zip(group["task"], zip(group["score"], group["basis"])))
+                 for config, group in scores.groupby(CONFIG_KEYS)}
+    profiles = variant_profiles(df)
     rows = []
     for config in configs:
-        mine = costs[(costs["model"] == config[0]) & (costs["init"] == config[1]) & (costs["recipe"] == config[2])]
+        mine = costs[(costs[CONFIG_KEYS] == pd.Series(config, index=CONFIG_KEYS)).all(axis=1)]
         timed = mine[mine["device_hours"].notna()]
-        dataset_values = by_config.get(config, {})
+        dataset_values = {task: score for task, (score, _) in by_config.get(config, {}).items()}
         parameters, macs = backbones.cost(config[0]) or (math.nan, math.nan)
-        delta = _delta(by_config, config, metric)
+        delta = _delta(by_config, config, metric, profiles)
         hours = timed["device_hours"].mean() if len(timed) else math.nan
-        rows.append({"model": config[0], "init": config[1], "recipe": config[2], "runs": len(mine),
+        rows.append({"model": config[0], "init": config[1], "recipe": config[2], "variant": config[3],
+                     "runs": len(mine),
                      "costed_runs": len(timed), "device": "+".join(sorted(set(timed["device"].dropna()))) or None,
                      "device_hours_per_run": hours, "device_hours_total": timed["device_hours"].sum(),
                      "peak_memory_gib": mine["peak_memory_bytes"].max() / GIB,
@@ -93,13 +96,18 @@ def cost_summary(df: pd.DataFrame, metric: str = "dice", configs: list[Config] |
     return pd.DataFrame(rows)
 
 
-def _delta(by_config: dict[Config, dict[str, float]], config: Config, metric: str) -> float:
-    model, init, _ = config
-    if init != "pretrained":
+def _delta(by_config: dict[Config, dict[str, tuple[float, str]]], config: Config, metric: str,
+           profiles: dict[Config, dict[str, Any]]) -> float:
+    """The paired mean of `config` minus its network's comparable scratch variant, over the datasets where both
+    have scores of agreeing bases."""
+    if config[1] != "pretrained":
         return math.nan
-    scratch = by_config.get((model, "scratch", DEFAULT_RECIPES["scratch"]), {})
+    candidates = [c for c in by_config if c[:3] == (config[0], "scratch", DEFAULT_RECIPES["scratch"])]
+    baseline = comparable(config, candidates, profiles)
+    scratch = by_config.get(baseline, {}) if baseline else {}
     factor = metric_sign(metric) * metric_factor(metric)
-    pairs = [factor * (score - scratch[task]) for task, score in by_config.get(config, {}).items() if task in scratch]
+    pairs = [factor * (score - scratch[task][0]) for task, (score, basis) in by_config.get(config, {}).items()
+             if task in scratch and scratch[task][1] == basis]
     return sum(pairs) / len(pairs) if pairs else math.nan
 
 
@@ -160,8 +168,8 @@ def cost_figure(summary: pd.DataFrame, metric: str = "dice"):
         for row in shown.itertuples():
             marker = "o" if row.init == "pretrained" else "s"
             axis.scatter(getattr(row, column), row.score, marker=marker, s=40)
-            axis.annotate(f"{row.model} {row.init}" + ("" if row.recipe == DEFAULT_RECIPES[row.init]
-                                                      else f" {row.recipe}"),
+            axis.annotate(config_label((row.model, row.init, row.recipe, row.variant),
+                                       row.recipe != DEFAULT_RECIPES[row.init]),
                           (getattr(row, column), row.score), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if len(shown):
             axis.set_xscale("log")

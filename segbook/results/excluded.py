@@ -1,9 +1,7 @@
-"""What a table leaves out, said in its notes: runs whose evaluation files were refused, and the (case, label)
-pairs and labels its means leave out.
+"""What a table's means leave out, said in its notes: the (case, label) pairs and labels a metric is undefined on.
 
-A cell is a mean of means; what those means skip changes what the cell says, so every table says how much:
-- runs left out because their evaluation files failed the checks (`segbook.evaluation.files`; `collect.REFUSED`),
-  counted and named;
+A cell is a mean of means; what those means skip changes what the cell says, so every table says how much (the runs
+left out whole, their evaluation files refused among them, are named by `segbook.results.cells.left_out_notes`):
 - (case, label) pairs where the metric is undefined (reference and prediction both empty: left out of the label's
   mean over cases) and labels undefined on every test case (left out of their run's mean), counted per metric over
   the runs the table shows. Under the current conventions a label that only one mask lacks is never left out: it
@@ -12,40 +10,21 @@ A cell is a mean of means; what those means skip changes what the cell says, so 
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 import pandas as pd
 
 from segbook.evaluation.files import Exclusions
-from segbook.results.collect import LOCAL, REFUSED, run_folders
-from segbook.runs import DEFAULT_FRACTION, DEFAULT_SEED
-
-#: Runs named in a note at most; the others are counted.
-NAMED = 8
+from segbook.results.collect import run_folders
 
 
-def exclusion_notes(df: pd.DataFrame, metric: str, configs: Iterable[tuple[str, str, str]],
+def exclusion_notes(df: pd.DataFrame, metric: str, configs: Iterable[tuple[str, str, str, str]],
                     name: str | None = None) -> list[str]:
-    """The notes of a table of `metric` (shown as `name`) over the runs of `df` of the `configs` it shows."""
-    shown = df[pd.MultiIndex.from_arrays([df["model"], df["init"], df["recipe"]]).isin(list(configs))]
-    return _refused_note(shown) + _undefined_note(shown, metric, name or metric)
-
-
-def _refused_note(df: pd.DataFrame) -> list[str]:
-    refused = df[df["status"].isin(REFUSED)]
-    if refused.empty:
-        return []
-    names = [_run_name(row) for row in refused.itertuples()]
-    more = f" and {len(names) - NAMED} more" if len(names) > NAMED else ""
-    return [f"{len(names)} run(s) left out: their evaluation files failed segbook's checks (a warning names each "
-            f"file and its problem): {'; '.join(names[:NAMED])}{more}"]
-
-
-def _run_name(row: Any) -> str:
-    extras = [*([f"seed {row.seed}"] if row.seed != DEFAULT_SEED else []),
-              *([f"{100 * row.fraction:g}% of the train split"] if row.fraction != DEFAULT_FRACTION else []),
-              f"fold {row.fold}", *([row.source] if row.source != LOCAL else [])]
-    return f"{row.task} {row.model} {row.init} {row.recipe} ({', '.join(extras)})"
+    """The notes of a table of `metric` (shown as `name`) over the runs of `df` of the `configs` (model, init,
+    recipe, variant) it shows."""
+    keys = pd.MultiIndex.from_arrays([df["model"], df["init"], df["recipe"], df["variant"]])
+    shown = df[keys.isin(list(configs))]
+    return _undefined_note(shown, metric, name or metric)
 
 
 def _undefined_note(df: pd.DataFrame, metric: str, name: str) -> list[str]:

@@ -1,7 +1,8 @@
 """The lesion table (`segbook results --table lesions`): lesion-wise detection next to the lesion labels' Dice.
 
-A row per dataset with lesion labels and configuration: reference lesions over the test cases, lesion sensitivity
-(detected / reference lesions, pooled over the cases and the evaluated folds) and false-positive lesions per test
+A row per dataset with lesion labels and configuration (variants apart): reference lesions over the test cases,
+lesion sensitivity (detected / reference lesions, pooled over the cases and the evaluated folds and seeds of the runs
+on the whole train split) and false-positive lesions per test
 case, read from each run's `summary.json["lesions"]` (`segbook.evaluation.lesions` defines them), beside the mean
 Dice of the dataset's lesion labels. Local runs take precedence over bundled ones of the same configuration;
 numbers imported from CSV have no lesion counts.
@@ -17,8 +18,8 @@ from typing import Any, Sequence
 import pandas as pd
 
 from segbook.results.collect import LOCAL, run_folders
-from segbook.results.tables import (METRIC_NAMES, ResultTable, check_comparable, config_label, configurations,
-                                    protocol_note, shows_recipes)
+from segbook.results.tables import (CONFIG_KEYS, METRIC_NAMES, ResultTable, check_comparable, config_label,
+                                    configurations, protocol_note, shows_recipes, whole_split)
 from segbook.runs import summary_path
 
 COUNTS = ("lesions_reference", "lesions_detected", "lesions_false_positive", "num_cases")
@@ -27,9 +28,10 @@ COUNTS = ("lesions_reference", "lesions_detected", "lesions_false_positive", "nu
 def lesion_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Per evaluated run of a dataset with lesion labels: its lesion counts (NaN when its evaluation predates them)."""
     runs = df[df["evaluated"] & df["parts"].str.contains("lesion", na=False) & run_folders(df)]
-    records = [{"task": row.task, "model": row.model, "init": row.init, "recipe": row.recipe, "source": row.source,
-                "dice_lesion": row.dice_lesion, **_counts(Path(row.path))} for row in runs.itertuples()]
-    return pd.DataFrame(records, columns=["task", "model", "init", "recipe", "source", "dice_lesion", *COUNTS])
+    records = [{"task": row.task, "model": row.model, "init": row.init, "recipe": row.recipe, "variant": row.variant,
+                "source": row.source, "dice_lesion": row.dice_lesion, **_counts(Path(row.path))}
+               for row in runs.itertuples()]
+    return pd.DataFrame(records, columns=["task", *CONFIG_KEYS, "source", "dice_lesion", *COUNTS])
 
 
 def _counts(folder: Path) -> dict[str, float]:
@@ -46,18 +48,19 @@ def _counts(folder: Path) -> dict[str, float]:
 def lesion_table(df: pd.DataFrame, models: Sequence[str] | None = None, inits: Sequence[str] | None = None,
                  recipes: Sequence[str] | None = None) -> ResultTable:
     check_comparable(df)
+    runs, df = df, whole_split(df)
     configs = configurations(df, models, inits, recipes)
     named = shows_recipes(configs)
     rows = lesion_rows(df)
     table = ResultTable("lesions", "Lesion-wise detection per dataset with lesion labels",
                         ["task", "configuration", "runs", "source", "reference lesions", "sensitivity (%)",
                          "false-positive lesions/case", f"lesion {METRIC_NAMES['dice']} (%)"])
-    for (task, model, init, recipe), group in rows.groupby(["task", "model", "init", "recipe"], sort=True):
-        if (model, init, recipe) not in configs:
+    for (task, *config), group in rows.groupby(["task", *CONFIG_KEYS], sort=True):
+        if tuple(config) not in configs:
             continue
         local = group[group["source"] == LOCAL]
         chosen = local if len(local) else group[group["source"] == group["source"].min()]
-        table.rows.append([task, config_label((model, init, recipe), named), len(chosen),
+        table.rows.append([task, config_label(tuple(config), named), len(chosen),
                            chosen["source"].iloc[0], *_pooled(chosen)])
     table.notes = [
         "a lesion is a 26-connected component of a lesion label; a reference lesion is detected when a predicted "
@@ -65,7 +68,7 @@ def lesion_table(df: pd.DataFrame, models: Sequence[str] | None = None, inits: S
         "sensitivity: detected / reference lesions, pooled over the test cases and the evaluated folds; false "
         "positives per test case likewise; lesion Dice: the mean Dice of the dataset's lesion labels",
         "'not recorded': evaluated before lesion counts were (evaluate again with `segbook evaluate --force`)",
-        *protocol_note(df)]
+        *protocol_note(runs)]
     if not table.rows:
         table.notes.insert(0, "no datasets: no evaluated runs of datasets with lesion labels")
     return table

@@ -24,6 +24,7 @@ from segbook.results.stats import (ALPHA, case_tests, case_tests_table, compare_
                                    rank_stability, rank_table, recipe_stats_table, significance_map,
                                    significance_table, stats_table)
 from segbook.results.tables import (
+    CONFIG_KEYS,
     DEFAULT_RECIPE,
     DELTA,
     DELTA_ROWS,
@@ -33,6 +34,9 @@ from segbook.results.tables import (
     Cell,
     Config,
     ResultTable,
+    ScoreLookup,
+    comparable,
+    config_label,
     configurations,
     dataset_facts,
     dataset_scores,
@@ -53,8 +57,10 @@ from segbook.results.tables import (
     run_fractions,
     score_lookup,
     score_lookups,
+    scratch_candidates,
     seed_noise,
     shows_recipes,
+    variant_profiles,
     whole_split,
 )
 
@@ -251,10 +257,11 @@ def _headline(df: pd.DataFrame, metric: str, models: Sequence[str] | None, recip
     for row in overall.itertuples():
         p_value = "n/a" if pd.isna(row.p_value) else f"{row.p_value:.3g}"
         recipe = f" ({html.escape(row.recipe)})" if named else ""
-        items.append(f"<li><b>{MODEL_NAMES[row.model]}{recipe}</b>: {_signed_span(row.delta)} {delta_unit(metric)} "
-                     f"(95% CI {row.ci_low:+.2f} to {row.ci_high:+.2f}) over {row.n} datasets; wins / ties / losses "
-                     f"{row.wins} / {row.ties} / {row.losses}; Wilcoxon p = {p_value}"
-                     f"{_noise_sentence(df, metric, (row.model, 'pretrained', row.recipe))}</li>")
+        variant = f" [{html.escape(row.variant)}]" if row.variant else ""
+        items.append(f"<li><b>{MODEL_NAMES[row.model]}{recipe}{variant}</b>: {_signed_span(row.delta)} "
+                     f"{delta_unit(metric)} (95% CI {row.ci_low:+.2f} to {row.ci_high:+.2f}) over {row.n} datasets; "
+                     f"wins / ties / losses {row.wins} / {row.ties} / {row.losses}; Wilcoxon p = {p_value}"
+                     f"{_noise_sentence(df, metric, (row.model, 'pretrained', row.recipe, row.variant))}</li>")
     how = ("the same network trained from scratch minus the pretrained network (lower is better, so positive means "
            "pretraining helps)" if metric_sign(metric) < 0 else
            "the pretrained network minus the same network trained from scratch")
@@ -264,11 +271,20 @@ def _headline(df: pd.DataFrame, metric: str, models: Sequence[str] | None, recip
 
 def _noise_sentence(df: pd.DataFrame, metric: str, config: Config) -> str:
     """`; Delta(PT) within seed noise on k of n datasets` where datasets ran more than one seed."""
-    noise = seed_noise(df, metric, config, (config[0], "scratch", SCRATCH_RECIPE)).dropna(subset=["within_noise"])
+    baseline = _scratch_of(df, config)
+    if baseline is None:
+        return ""
+    noise = seed_noise(df, metric, config, baseline).dropna(subset=["within_noise"])
     if noise.empty:
         return ""
     return (f"; &Delta;(PT) within seed noise on {int(noise['within_noise'].sum())} of {len(noise)} datasets "
             "(|&Delta;| &le; the larger seed standard deviation)")
+
+
+def _scratch_of(df: pd.DataFrame, config: Config) -> Config | None:
+    """The scratch configuration a pretrained one is compared with (`tables.comparable`), among those in `df`."""
+    present = list(dict.fromkeys(zip(*(df[key] for key in CONFIG_KEYS))))
+    return comparable(config, scratch_candidates(config, present), variant_profiles(df))
 
 
 def _signed_span(value: float) -> str:
@@ -279,14 +295,21 @@ def _signed_span(value: float) -> str:
 def _definitions_html() -> str:
     return """<section><h2>Definitions</h2><ul>
 <li>A configuration is a network, its initialisation and its fine-tuning recipe (the paper's: segbook; from
-scratch: scratch). Two recipes are never averaged into one cell; tables name the recipe when another is shown.</li>
+scratch: scratch), and its variant: runs of one recipe whose training settings differ (budget, learning rate,
+precision, checkpoint, plans, ...: their fingerprint) are configurations of their own, named by what differs
+(<i>base scratch [12x3 it]</i>), as are runs kept apart by their source (a bundle scored on another test split,
+numbers imported from CSV). Two recipes or two variants are never averaged into one cell; tables name the recipe
+when another is shown, and the variant when there is one.</li>
 <li>A run's score is the mean over labels of the per-label mean over test cases (cases where a metric is undefined,
 e.g. Dice with empty reference and prediction, are left out of that label's mean).</li>
 <li>A dataset's score for a configuration is the mean over its seeds of each seed's mean over its evaluated folds
 (SegBook's protocol trains fold "all"); with more than one seed, &plusmn; is the standard deviation across seeds (of
-a group cell: of the group's mean, per seed every dataset of the cell ran). Imported results are dataset-level
-numbers; local runs take precedence over them. Every table but the training-data fractions shows the runs trained
-on the whole train split.</li>
+a group cell: of the group's mean, per seed every dataset of the cell ran). With folds 0-4 a seed counts only
+with all five folds evaluated. The runs of one cell agree in data and evaluation settings (patch size, spacing,
+normalisation, checkpoint, ...) and test split; runs scored on a split other than their dataset's current one, or
+whose record contradicts its folder, are left out, and the notes name them. Imported results are dataset-level
+numbers, kept apart as their own rows. Every table but the training-data fractions shows the runs trained on the
+whole train split.</li>
 <li>Seed noise of a dataset's &Delta;(PT): the larger of the pretrained and scratch standard deviations across
 seeds; the &Delta;(PT) is within seed noise (~) when its magnitude is no larger.</li>
 <li>HD95 is a distance in mm where lower is better: its &Delta; is scratch minus pretrained, so that a positive
@@ -302,7 +325,9 @@ mean.</li>
 the configuration is listed as missing and marks the cell with *; it is never averaged in.</li>
 <li>By modality and target, Structure&amp;Lesion datasets give their seen structures, unseen structures and lesions
 to the three groups (their score there is the mean of those labels), unless grouped whole.</li>
-<li>&Delta;(PT) is the mean over datasets with both initialisations of pretrained minus scratch, in points; its
+<li>&Delta;(PT) is the mean over datasets with both initialisations of pretrained minus scratch, in points, the
+scratch variant being the one with the same budget, precision and plans, over the datasets where the two agree in
+data and evaluation settings and test split; its
 95% interval is a seeded percentile bootstrap over datasets; p is the two-sided Wilcoxon signed-rank test. A recipe's
 &Delta; vs scratch is the same for its runs, its &Delta; vs segbook the paired mean of it minus the segbook recipe of
 the same network.</li>
@@ -411,14 +436,14 @@ def _violin(df: pd.DataFrame, metric: str, configs: Sequence[Config]) -> Drawn:
     import numpy as np
     from matplotlib.figure import Figure
 
-    scores = dataset_scores(df, metric)
-    data = [metric_factor(metric) * scores.loc[(scores["model"] == m) & (scores["init"] == i) & (scores["recipe"] == r),
-                             "score"].to_numpy() for m, i, r in configs]
+    scores = dataset_scores(df, metric).set_index(CONFIG_KEYS)
+    data = [metric_factor(metric) * (scores.loc[[config], "score"].to_numpy() if config in scores.index
+                                     else np.array([])) for config in configs]
     named = shows_recipes(configs)
     figure = Figure(figsize=(max(6.0, 1.15 * len(configs) + 2), 4.2))
     axes = figure.subplots()
     rng = np.random.default_rng(0)
-    for position, ((model, init, _), values) in enumerate(zip(configs, data), start=1):
+    for position, ((model, init, *_), values) in enumerate(zip(configs, data), start=1):
         colour = _colour(model)
         if len(np.unique(values)) > 1:
             body = axes.violinplot(values, [position], widths=0.8, showextrema=False)["bodies"][0]
@@ -439,9 +464,11 @@ def _violin(df: pd.DataFrame, metric: str, configs: Sequence[Config]) -> Drawn:
 
 
 def _violin_label(config: Config, count: int, with_recipe: bool) -> str:
-    """`STU-Net-L`, `pretrained`, the recipe when the figure shows others, and n: a line each, so labels fit."""
-    model, init, recipe = config
-    lines = [MODEL_NAMES[model], init, *([recipe] if with_recipe and recipe != SCRATCH_RECIPE else [])]
+    """`STU-Net-L`, `pretrained`, the recipe when the figure shows others, the variant, and n: a line each, so
+    labels fit."""
+    model, init, recipe, variant = config
+    lines = [MODEL_NAMES[model], init, *([recipe] if with_recipe and recipe != SCRATCH_RECIPE else []),
+             *([f"[{variant}]"] if variant else [])]
     return "\n".join(lines) + f" (n={count})"
 
 
@@ -451,19 +478,19 @@ def _delta_bars(comparison: pd.DataFrame, metric: str, title: str, name: str) ->
     from matplotlib.figure import Figure
 
     groups = list(dict.fromkeys(comparison["group"]))
-    series = list(dict.fromkeys(zip(comparison["model"], comparison["recipe"])))
-    named = any(recipe != DEFAULT_RECIPE for _, recipe in series)
+    series = list(dict.fromkeys(zip(comparison["model"], comparison["recipe"], comparison["variant"])))
+    named = any(recipe != DEFAULT_RECIPE for _, recipe, _ in series)
     width = 0.8 / len(series)
     figure = Figure(figsize=(max(6.0, 0.45 * len(groups) * len(series) + 3), 3.8))
     axes = figure.subplots()
-    for offset, (model, recipe) in enumerate(series):
-        mine = (comparison["model"] == model) & (comparison["recipe"] == recipe)
+    for offset, (model, recipe, variant) in enumerate(series):
+        mine = (comparison["model"] == model) & (comparison["recipe"] == recipe) & (comparison["variant"] == variant)
         rows = comparison[mine].set_index("group").reindex(groups)
         x = np.arange(len(groups)) + (offset - (len(series) - 1) / 2) * width
         errors = np.vstack([rows["delta"] - rows["ci_low"], rows["ci_high"] - rows["delta"]])
+        label = " ".join([MODEL_NAMES[model], *([recipe] if named else []), *([f"[{variant}]"] if variant else [])])
         axes.bar(x, rows["delta"], width, yerr=errors, capsize=2, color=_colour(model),
-                 hatch=_hatch(recipe, series), label=MODEL_NAMES[model] + (f" {recipe}" if named else ""),
-                 error_kw={"linewidth": 0.8})
+                 hatch=_hatch((recipe, variant), series), label=label, error_kw={"linewidth": 0.8})
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set_xticks(range(len(groups)), [g.replace(" ", "\n", 1) for g in groups], fontsize=8)
     axes.set_ylabel(f"\u0394(PT) {METRIC_NAMES[metric]} ({delta_unit(metric)})")
@@ -479,19 +506,21 @@ def _delta_bars(comparison: pd.DataFrame, metric: str, title: str, name: str) ->
 HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
 
 
-def _hatch(recipe: str, series: Sequence[tuple[str, str]]) -> str:
-    """Sizes keep their colour; recipes get a hatch each, so two recipes of one size tell apart in print."""
-    recipes = list(dict.fromkeys(r for _, r in series))
+def _hatch(recipe: tuple[str, str], series: Sequence[tuple[str, str, str]]) -> str:
+    """Sizes keep their colour; recipes (and variants) get a hatch each, so two of one size tell apart in print."""
+    recipes = list(dict.fromkeys((r, v) for _, r, v in series))
     return HATCHES[recipes.index(recipe) % len(HATCHES)]
 
 
-def _gains(lookup: dict[tuple[str, str, str, str], float], config: Config, metric: str) -> list[float]:
-    """Per dataset with both, `config`'s score minus its network's from scratch, in points (reversed for HD95)."""
-    scratch = (config[0], "scratch", SCRATCH_RECIPE)
+def _gains(lookup: ScoreLookup, config: Config, scratch: Config | None, metric: str) -> list[float]:
+    """Per dataset with both (agreeing in basis), `config`'s score minus its network's from scratch (`scratch`, the
+    comparable variant), in points (reversed for HD95)."""
+    if scratch is None:
+        return []
     factor = metric_sign(metric) * metric_factor(metric)
-    tasks = sorted({task for task, *rest in lookup if tuple(rest) == config})
-    return [factor * (lookup[(task, *config)] - lookup[(task, *scratch)]) for task in tasks
-            if (task, *scratch) in lookup]
+    tasks = sorted({task for task, *rest in lookup[None] if tuple(rest) == config})
+    return [factor * (pair[0] - pair[1]) for task in tasks
+            if (pair := lookup.pair(None, task, config, scratch)) is not None]
 
 
 def _recipe_deltas(df: pd.DataFrame, metric: str, pretrained: Sequence[Config]) -> Drawn:
@@ -500,12 +529,12 @@ def _recipe_deltas(df: pd.DataFrame, metric: str, pretrained: Sequence[Config]) 
     import numpy as np
     from matplotlib.figure import Figure
 
-    lookup = score_lookup(df, metric, ())[None]
-    data = [np.array(_gains(lookup, config, metric)) for config in pretrained]
+    lookup = score_lookup(df, metric, ())
+    data = [np.array(_gains(lookup, config, _scratch_of(df, config), metric)) for config in pretrained]
     figure = Figure(figsize=(max(6.0, 0.9 * len(pretrained) + 2), 4.0))
     axes = figure.subplots()
     rng = np.random.default_rng(0)
-    for position, ((model, _, _), values) in enumerate(zip(pretrained, data), start=1):
+    for position, ((model, *_), values) in enumerate(zip(pretrained, data), start=1):
         if len(values):
             axes.boxplot(values, positions=[position], widths=0.5, showfliers=False,
                          medianprops={"color": "black"}, boxprops={"color": _colour(model)})
@@ -513,8 +542,8 @@ def _recipe_deltas(df: pd.DataFrame, metric: str, pretrained: Sequence[Config]) 
                      alpha=0.85, edgecolors="none", zorder=3)
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set_xticks(range(1, len(pretrained) + 1),
-                    [f"{recipe}\n{MODEL_NAMES[model]} (n={len(v)})" for (model, _, recipe), v in zip(pretrained, data)],
-                    fontsize=8)
+                    [f"{recipe}{f' [{variant}]' if variant else ''}\n{MODEL_NAMES[model]} (n={len(v)})"
+                     for (model, _, recipe, variant), v in zip(pretrained, data)], fontsize=8)
     axes.set_ylabel(f"{METRIC_NAMES[metric]} gain over scratch ({delta_unit(metric)})")
     axes.set_title("Per-dataset gain over scratch per recipe (box: quartiles and median; dots: datasets)",
                    fontsize=10)
@@ -567,7 +596,7 @@ def _fraction_curves(df: pd.DataFrame, metric: str, configs: Sequence[Config]) -
     members = group_members(dataset_facts(df, configs), by)
     lookups = {f: score_lookups(df, metric, (), f) for f in fractions}
     cases = df.drop_duplicates("task").set_index("task")["train_cases"]
-    shown = [c for pair in delta_pairs(configs) for c in pair] or list(configs)
+    shown = [c for pair in delta_pairs(configs, variant_profiles(df)) for c in pair] or list(configs)
     figure = Figure(figsize=(3.6 * len(members) + 1.5, 3.6))
     axes_list = figure.subplots(1, len(members), squeeze=False)[0]
     for axes, (group, tasks) in zip(axes_list, members.items()):
@@ -578,7 +607,7 @@ def _fraction_curves(df: pd.DataFrame, metric: str, configs: Sequence[Config]) -
                 x, y, spread = map(np.array, zip(*points))
                 axes.errorbar(x, y, yerr=spread, marker="o", markersize=3, capsize=2, color=_colour(config[0]),
                               linestyle="-" if config[1] == "pretrained" else "--",
-                              label=f"{MODEL_NAMES[config[0]]} {config[1]}")
+                              label=f"{MODEL_NAMES[config[0]]} {config_label(config).split(' ', 1)[1]}")
         mean_cases = np.mean([cases[task] for task, _ in tasks])
         axes.set_xscale("log")
         axes.set_xticks(fractions, [f"{fraction_text(f)}\n\u2248{round(f * mean_cases)}" for f in fractions],

@@ -1,8 +1,10 @@
 """Pretrained vs scratch, paired over datasets: wins/ties/losses, Wilcoxon signed-rank test, bootstrap CI; per
 dataset over its test cases; configurations against each other (significance maps) and rank stability.
 
-Each STU-Net size (per recipe) is compared with itself trained from scratch on the datasets of a group that have
-both; each recipe also with the default recipe of the same size (`compare_recipes`). A
+Each STU-Net size (per recipe and variant) is compared with itself trained from scratch on the datasets of a group
+that have both, the scratch variant whose shared training settings match (`segbook.results.tables.delta_pairs`), on
+the datasets where the two agree in data and evaluation settings and test split; each recipe also with the default
+recipe of the same size (`compare_recipes`). A
 difference within `TIE_TOLERANCE` is a tie; the Wilcoxon test is scipy's two-sided signed-rank test on the raw
 differences (zero differences dropped, scipy's default); the confidence interval is the percentile bootstrap of
 the mean difference with a fixed seed, so a report is reproducible to the digit. Dataset scores are means over
@@ -25,6 +27,7 @@ import pandas as pd
 
 from segbook.results.collect import case_scores, run_folders
 from segbook.results.tables import (
+    CONFIG_KEYS,
     DEFAULT_RECIPE,
     DELTA,
     METRIC_NAMES,
@@ -35,7 +38,9 @@ from segbook.results.tables import (
     Member,
     ResultTable,
     ScoreLookup,
+    comparability_classes,
     configurations,
+    counted_runs,
     dataset_facts,
     config_label,
     delta_pairs,
@@ -47,8 +52,10 @@ from segbook.results.tables import (
     metric_sign,
     recipe_baselines,
     recipe_configs,
+    recipe_rows,
     score_lookup,
     shows_recipes,
+    variant_profiles,
     whole_split,
 )
 
@@ -57,18 +64,18 @@ TIE_TOLERANCE = 0.001
 BOOTSTRAP_SAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
-STATS_COLUMNS = ("model", "recipe", "group", "n", "scratch", "pretrained", "delta", "ci_low", "ci_high", "wins",
-                 "ties", "losses", "p_value")
+STATS_COLUMNS = ("model", "recipe", "variant", "group", "n", "scratch", "pretrained", "delta", "ci_low", "ci_high",
+                 "wins", "ties", "losses", "p_value")
 #: Per-case test verdicts counted per group (with `case_tests`): significantly better, not different, worse.
 VERDICTS = ("better", "not different", "worse")
 CASE_COUNT_COLUMNS = ("better", "not_different", "worse")
 #: Significance level of the per-case tests (after Holm) and of the significance maps.
 ALPHA = 0.05
-CASE_TEST_COLUMNS = ("task", "model", "recipe", "cases", "delta", "p_value", "p_holm", "p_bh", "verdict")
+CASE_TEST_COLUMNS = ("task", "model", "recipe", "variant", "cases", "delta", "p_value", "p_holm", "p_bh", "verdict")
 RANK_SAMPLES = 1000
 #: A recipe against a baseline (`scratch` or the default recipe): `baseline` and `score` are their mean scores.
-RECIPE_STATS_COLUMNS = ("model", "recipe", "versus", "group", "n", "baseline", "score", "delta", "ci_low", "ci_high",
-                        "wins", "ties", "losses", "p_value")
+RECIPE_STATS_COLUMNS = ("model", "recipe", "variant", "versus", "group", "n", "baseline", "score", "delta", "ci_low",
+                        "ci_high", "wins", "ties", "losses", "p_value")
 
 
 @dataclass(frozen=True)
@@ -132,16 +139,15 @@ def paired_comparison(pretrained: Sequence[float], scratch: Sequence[float],
 
 def _compared(lookup: ScoreLookup, tasks: list[Member], config: Config, baseline: Config,
               metric: str = "dice") -> PairedComparison | None:
-    """`config` against `baseline` over the members that have both; None when none has."""
-    pairs = [(lookup[part].get((task, *config)), lookup[part].get((task, *baseline))) for task, part in tasks]
-    pairs = [pair for pair in pairs if None not in pair]
+    """`config` against `baseline` over the members that have both (with agreeing bases); None when none has."""
+    pairs = [pair for task, part in tasks if (pair := lookup.pair(part, task, config, baseline)) is not None]
     return paired_comparison([s for s, _ in pairs], [b for _, b in pairs], metric=metric) if pairs else None
 
 
 def compare_pretrained(df: pd.DataFrame, metric: str = "dice", group_by: str = "scale",
                        group_datasets: bool = False, models: Sequence[str] | None = None,
                        recipes: Sequence[str] | None = None, cases: pd.DataFrame | None = None) -> pd.DataFrame:
-    """A row per (STU-Net size with both initialisations, recipe, non-empty group): see STATS_COLUMNS.
+    """A row per (STU-Net size with both initialisations, recipe, variant, non-empty group): see STATS_COLUMNS.
 
     `group_by` is a grouping of `segbook.results.tables.grouping` (`scale`, `modality-target`, `region`, `all`);
     the datasets and label parts are those of the corresponding table, so n equals its Delta(PT) row's n.
@@ -153,22 +159,23 @@ def compare_pretrained(df: pd.DataFrame, metric: str = "dice", group_by: str = "
     configs = configurations(df, models, None, recipes)
     members = group_members(dataset_facts(df, configs), grouping(group_by, group_datasets))
     lookup = score_lookup(df, metric, {part for tasks in members.values() for _, part in tasks})
-    verdicts = {} if cases is None else dict(zip(zip(cases["task"], cases["model"], cases["recipe"]),
+    verdicts = {} if cases is None else dict(zip(zip(cases["task"], cases["model"], cases["recipe"], cases["variant"]),
                                                  cases["verdict"]))
     rows = []
-    for config, scratch in delta_pairs(configs):
+    for config, scratch in delta_pairs(configs, variant_profiles(df)):
         for group, tasks in members.items():
             if (result := _compared(lookup, tasks, config, scratch, metric)) is not None:
                 counts = {} if cases is None else _verdict_counts(verdicts, config, tasks)
-                rows.append({"model": config[0], "recipe": config[2], "group": group, **asdict(result), **counts})
+                rows.append({"model": config[0], "recipe": config[2], "variant": config[3], "group": group,
+                             **asdict(result), **counts})
     columns = [*STATS_COLUMNS, *(CASE_COUNT_COLUMNS if cases is not None else ())]
     return pd.DataFrame(rows, columns=columns)
 
 
-def _verdict_counts(verdicts: dict[tuple[str, str, str], str], config: Config,
+def _verdict_counts(verdicts: dict[tuple[str, str, str, str], str], config: Config,
                     tasks: list[Member]) -> dict[str, int]:
-    """(task, model, recipe) -> verdict, counted over the group's datasets."""
-    mine = [verdicts.get((task, config[0], config[2])) for task in dict.fromkeys(task for task, _ in tasks)]
+    """(task, model, recipe, variant) -> verdict, counted over the group's datasets."""
+    mine = [verdicts.get((task, config[0], config[2], config[3])) for task in dict.fromkeys(task for task, _ in tasks)]
     return {column: mine.count(verdict) for column, verdict in zip(CASE_COUNT_COLUMNS, VERDICTS)}
 
 
@@ -178,16 +185,18 @@ def compare_recipes(df: pd.DataFrame, metric: str = "dice", group_by: str = "sca
     scratch and against the default recipe, over the datasets with both (see RECIPE_STATS_COLUMNS)."""
     df = whole_split(df)
     pretrained = recipe_configs(df, models, recipes)
-    shown = [*pretrained, *(baseline for config in pretrained for _, baseline in recipe_baselines(config, pretrained))]
+    shown = recipe_rows(df, pretrained)
     members = group_members(dataset_facts(df, shown), grouping(group_by, group_datasets))
     lookup = score_lookup(df, metric, {part for tasks in members.values() for _, part in tasks})
+    profiles = variant_profiles(df)
     rows = []
     for config in pretrained:
-        for _, baseline in recipe_baselines(config, pretrained):
+        for _, baseline in recipe_baselines(config, shown, profiles):
             for group, tasks in members.items():
                 if (result := _compared(lookup, tasks, config, baseline, metric)) is not None:
-                    rows.append({"model": config[0], "recipe": config[2], "versus": baseline[2], "group": group,
-                                 **_versus(result)})
+                    versus = baseline[2] + (f" [{baseline[3]}]" if baseline[3] else "")
+                    rows.append({"model": config[0], "recipe": config[2], "variant": config[3], "versus": versus,
+                                 "group": group, **_versus(result)})
     return pd.DataFrame(rows, columns=list(RECIPE_STATS_COLUMNS))
 
 
@@ -208,8 +217,9 @@ def _frame_table(name: str, title: str, frame: pd.DataFrame, columns: Sequence[s
 
 def stats_table(comparison: pd.DataFrame, metric: str, title: str) -> ResultTable:
     """The comparison as a table for `emit` and the report; empty with a note when no size has both inits. The
-    recipe is named only when one other than the default is compared, as in the other tables."""
-    columns = [c for c in comparison.columns if c != "recipe" or comparison["recipe"].ne(DEFAULT_RECIPE).any()]
+    recipe is named only when one other than the default is compared, and the variant only when one is, as in the
+    other tables."""
+    columns = _named_columns(comparison)
     table = _frame_table("stats", f"pretrained vs scratch, {metric_label(metric)} {title}", comparison, columns)
     table.notes = [
         f"per STU-Net size and group, over the datasets with both initialisations (n): mean scores, {DELTA} "
@@ -226,10 +236,9 @@ def stats_table(comparison: pd.DataFrame, metric: str, title: str) -> ResultTabl
 
 def recipe_stats_table(comparison: pd.DataFrame, metric: str, title: str = "by dataset scale") -> ResultTable:
     """`compare_recipes` as a table: the statistics of the recipes table's delta rows."""
-    table = ResultTable("recipe-stats", f"recipes vs scratch and vs {DEFAULT_RECIPE}, {metric_label(metric)} "
-                        f"{title}", list(RECIPE_STATS_COLUMNS), display={"model": MODEL_NAMES})
-    table.rows = [[_rounded(column, value) for column, value in zip(RECIPE_STATS_COLUMNS, row)]
-                  for row in comparison.itertuples(index=False)]
+    columns = [c for c in RECIPE_STATS_COLUMNS if c != "variant" or comparison["variant"].ne("").any()]
+    table = _frame_table("recipe-stats", f"recipes vs scratch and vs {DEFAULT_RECIPE}, {metric_label(metric)} "
+                         f"{title}", comparison, columns)
     table.notes = [
         f"per STU-Net size, recipe and group, over the datasets with both the recipe and the baseline it is compared "
         f"with (versus: scratch, as the {VS_SCRATCH} rows, or the {DEFAULT_RECIPE} recipe, as the {VS_DEFAULT} "
@@ -240,6 +249,13 @@ def recipe_stats_table(comparison: pd.DataFrame, metric: str, title: str = "by d
     if comparison.empty:
         table.notes = ["no comparison: no recipe has results on a dataset that also has its baseline's"]
     return table
+
+
+def _named_columns(frame: pd.DataFrame) -> list[str]:
+    """The frame's columns without `recipe` where every row has the default recipe, and without `variant` where
+    none has one: the tables of the default configurations look as they always did."""
+    return [c for c in frame.columns if not (c == "recipe" and frame["recipe"].eq(DEFAULT_RECIPE).all()
+                                             or c == "variant" and frame["variant"].eq("").all())]
 
 
 def _rounded(column: str, value: object) -> object:
@@ -281,21 +297,24 @@ def case_tests(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | N
     left out."""
     df = whole_split(df)
     configs = configurations(df, models, None, recipes)
-    pairs = delta_pairs(configs)
+    pairs = delta_pairs(configs, variant_profiles(df))
     wanted = {c for pair in pairs for c in pair}
-    keys = pd.MultiIndex.from_arrays([df["model"], df["init"], df["recipe"]])
-    runs = df[keys.isin(list(wanted)) & df["evaluated"] & run_folders(df)]
+    keys = pd.MultiIndex.from_arrays([df[key] for key in CONFIG_KEYS])
+    runs = counted_runs(df[keys.isin(list(wanted)) & df["evaluated"] & run_folders(df)])
     scores = case_scores(runs, metric)
+    basis = score_lookup(df, metric, ()).basis
     by_config = {config: frame.set_index(["task", "case"])["score"]
-                 for config, frame in scores.groupby(["model", "init", "recipe"], sort=False)}
+                 for config, frame in scores.groupby(CONFIG_KEYS, sort=False)}
     rows = []
     for config, baseline in pairs:
         if config not in by_config or baseline not in by_config:
             continue
         both = pd.concat([by_config[config], by_config[baseline]], axis=1, keys=["mine", "base"],
                          join="inner").dropna()
-        family = [_case_test(task, frame, metric) for task, frame in both.groupby(level="task", sort=True)]
-        rows += [{"model": config[0], "recipe": config[2], **row} for row in _corrected(family, alpha)]
+        family = [_case_test(task, frame, metric) for task, frame in both.groupby(level="task", sort=True)
+                  if basis.get((task, *config)) == basis.get((task, *baseline))]
+        rows += [{"model": config[0], "recipe": config[2], "variant": config[3], **row}
+                 for row in _corrected(family, alpha)]
     return pd.DataFrame(rows, columns=list(CASE_TEST_COLUMNS))
 
 
@@ -352,7 +371,7 @@ def _corrected(family: list[dict[str, object]], alpha: float) -> list[dict[str, 
 
 def case_tests_table(tests: pd.DataFrame, metric: str) -> ResultTable:
     """`case_tests` as a table (`segbook results --table case-tests`)."""
-    columns = [c for c in CASE_TEST_COLUMNS if c != "recipe" or tests["recipe"].ne(DEFAULT_RECIPE).any()]
+    columns = _named_columns(tests)
     table = _frame_table("case-tests", f"pretrained vs scratch per dataset over test cases, {metric_label(metric)}",
                          tests, columns)
     table.notes = [
@@ -370,6 +389,9 @@ def case_tests_table(tests: pd.DataFrame, metric: str) -> ResultTable:
 
 
 SIGNIFICANCE_COLUMNS = ("group", "config", "versus", "n", "p_value", "p_holm")
+#: `significance_map`'s frame attribute: the pairs of configurations it never tests (their common training settings
+#: differ: `comparability_classes`).
+NEVER_COMPARED = "never_compared"
 
 
 def significance_map(df: pd.DataFrame, metric: str = "dice", group_by: str = "scale", group_datasets: bool = False,
@@ -377,19 +399,27 @@ def significance_map(df: pd.DataFrame, metric: str = "dice", group_by: str = "sc
                      recipes: Sequence[str] | None = None) -> pd.DataFrame:
     """Per group, every ordered pair of configurations (config, versus): the one-sided Wilcoxon signed-rank test
     over the group's datasets that have both that `config` is better than `versus` (dataset scores, seeds
-    averaged), and its p-value Holm-corrected over all the ordered pairs of the group (SIGNIFICANCE_COLUMNS)."""
+    averaged), and its p-value Holm-corrected over all the ordered pairs of the group (SIGNIFICANCE_COLUMNS). Two
+    configurations are tested only where they share their common training settings (`comparability_classes`: budget,
+    precision, plans, source), on the datasets where their runs agree in data and evaluation settings."""
     df = whole_split(df)
     configs = configurations(df, models, inits, recipes)
     members = group_members(dataset_facts(df, configs), grouping(group_by, group_datasets))
     lookup = score_lookup(df, metric, {part for tasks in members.values() for _, part in tasks})
     named = shows_recipes(configs)
+    profiles = variant_profiles(df)
+    classes = comparability_classes(configs, profiles)
+    together = {(a, b) for members in classes.values() for a in members for b in members}
     rows = []
+    never = [f"{config_label(config, named)} vs {config_label(versus, named)}" for i, config in enumerate(configs)
+             for versus in configs[i + 1:] if (config, versus) not in together]
     for group, tasks in members.items():
         mine = []
         for config in configs:
             for versus in configs:
                 if config != versus:
-                    differences = _differences(lookup, tasks, config, versus, metric)
+                    differences = (_differences(lookup, tasks, config, versus, metric)
+                                   if (config, versus) in together else np.array([]))
                     mine.append({"group": group, "config": config_label(config, named),
                                  "versus": config_label(versus, named), "n": len(differences),
                                  "p_value": _greater_p(differences)})
@@ -398,13 +428,15 @@ def significance_map(df: pd.DataFrame, metric: str = "dice", group_by: str = "sc
             for row, p_holm in zip(tested, corrected_p([row["p_value"] for row in tested], "holm")):
                 row["p_holm"] = float(p_holm)
         rows += [{"p_holm": math.nan, **row} for row in mine]
-    return pd.DataFrame(rows, columns=list(SIGNIFICANCE_COLUMNS))
+    frame = pd.DataFrame(rows, columns=list(SIGNIFICANCE_COLUMNS))
+    frame.attrs[NEVER_COMPARED] = never
+    return frame
 
 
 def _differences(lookup: ScoreLookup, tasks: list[Member], config: Config, versus: Config,
                  metric: str) -> np.ndarray:
-    pairs = [(lookup[part].get((task, *config)), lookup[part].get((task, *versus))) for task, part in tasks]
-    return metric_sign(metric) * np.array([a - b for a, b in pairs if a is not None and b is not None], float)
+    pairs = [pair for task, part in tasks if (pair := lookup.pair(part, task, config, versus)) is not None]
+    return metric_sign(metric) * np.array([a - b for a, b in pairs], float)
 
 
 def _greater_p(differences: np.ndarray) -> float:
@@ -431,6 +463,10 @@ def significance_table(significance: pd.DataFrame) -> ResultTable:
     table.notes = [f"cell: one-sided Wilcoxon signed-rank p-value over the group's datasets with both (dataset "
                    f"scores, seeds averaged) that the row is better than the column, Holm-corrected over every ordered "
                    f"pair of the group; significant below {ALPHA:g}; '-': the same configuration, or nothing to rank"]
+    never = significance.attrs.get(NEVER_COMPARED)
+    if never:
+        table.notes.append(f"never compared (trained with different budgets, precision or plans, or kept apart by "
+                           f"their source): {'; '.join(never)}")
     if significance.empty:
         table.notes = ["no datasets: no runs of the shown configurations"]
     return table
@@ -448,29 +484,43 @@ def rank_stability(df: pd.DataFrame, metric: str = "dice", group_by: str = "all"
                    seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
     """Per group, how often each configuration ranks first when the datasets are resampled with replacement
     (`samples` times, seeded): `first` is the share of resamples in which its mean score is the best (ties share),
-    `mean_rank` its mean rank (1 = best). Only the group's datasets that have every configuration count (n)."""
-    from scipy.stats import rankdata
-
+    `mean_rank` its mean rank (1 = best). Only the group's datasets that have every configuration count (n), with
+    their runs agreeing in data and evaluation settings. Configurations of different budgets, precision, plans or
+    sources (`comparability_classes`) are ranked apart, the group then naming what they differ in: `small [2x1 it]`.
+    """
     df = whole_split(df)
     configs = configurations(df, models, inits, recipes)
     members = group_members(dataset_facts(df, configs), grouping(group_by, group_datasets))
     lookup = score_lookup(df, metric, {part for tasks in members.values() for _, part in tasks})
     rng = np.random.default_rng(seed)
     named = shows_recipes(configs)
+    profiles = variant_profiles(df)
+    classes = comparability_classes(configs, profiles)
     rows = []
     for group, tasks in members.items():
-        complete = [[lookup[part][(task, *config)] for config in configs] for task, part in tasks
-                    if all((task, *config) in lookup[part] for config in configs)]
-        if not complete or len(configs) < 2:
-            continue
-        scores = metric_sign(metric) * np.array(complete)
-        means = scores[rng.integers(0, len(scores), size=(samples, len(scores)))].mean(axis=1)
-        best = np.isclose(means, means.max(axis=1, keepdims=True), rtol=0, atol=1e-12)
-        first = (best / best.sum(axis=1, keepdims=True)).mean(axis=0)
-        ranks = rankdata(-means, axis=1).mean(axis=0)
-        rows += [{"group": group, "config": config_label(config, named), "n": len(scores), "first": float(share),
-                  "mean_rank": float(rank)} for config, share, rank in zip(configs, first, ranks)]
+        for label, ranked in classes.items():
+            shown = group if len(classes) == 1 else f"{group} [{label}]"
+            rows += _ranks(lookup, tasks, ranked, metric, rng, samples, shown, named)
     return pd.DataFrame(rows, columns=list(RANK_COLUMNS))
+
+
+def _ranks(lookup: ScoreLookup, tasks: list[Member], configs: list[Config], metric: str, rng: np.random.Generator,
+           samples: int, group: str, named: bool) -> list[dict[str, object]]:
+    """The rank rows of `configs` over the members that have them all, their runs agreeing in basis."""
+    from scipy.stats import rankdata
+
+    complete = [[lookup[part][(task, *config)] for config in configs] for task, part in tasks
+                if all((task, *config) in lookup[part] for config in configs)
+                and len({lookup.basis.get((task, *config)) for config in configs}) == 1]
+    if not complete or len(configs) < 2:
+        return []
+    scores = metric_sign(metric) * np.array(complete)
+    means = scores[rng.integers(0, len(scores), size=(samples, len(scores)))].mean(axis=1)
+    best = np.isclose(means, means.max(axis=1, keepdims=True), rtol=0, atol=1e-12)
+    first = (best / best.sum(axis=1, keepdims=True)).mean(axis=0)
+    ranks = rankdata(-means, axis=1).mean(axis=0)
+    return [{"group": group, "config": config_label(config, named), "n": len(scores), "first": float(share),
+             "mean_rank": float(rank)} for config, share, rank in zip(configs, first, ranks)]
 
 
 def rank_table(ranks: pd.DataFrame, samples: int = RANK_SAMPLES) -> ResultTable:

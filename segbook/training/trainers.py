@@ -39,7 +39,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 from torch._dynamo import OptimizedModule
 
-from segbook import claims
+from segbook import claims, fingerprint
 from segbook.errors import SegbookError
 from segbook.io import atomic_path, atomic_write_json, now
 from segbook.paths import Paths
@@ -247,6 +247,15 @@ class SegbookTrainer(nnUNetTrainer):
         precision = self.settings.mixed_precision
         return precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
 
+    def _effective_precision(self) -> str:
+        """What this attempt computes in (`fingerprint.effective_precision`), joined with what earlier attempts
+        recorded (a resume on another device), for run.json: later reads need not guess what `auto` was."""
+        cuda = self.device.type == "cuda"
+        mine = fingerprint.effective_precision(self.settings.mixed_precision, self.device.type,
+                                               torch.cuda.is_bf16_supported() if cuda else None)
+        earlier = self.manifest.data.get("precision")
+        return "+".join(sorted({mine, *(earlier.split("+") if isinstance(earlier, str) and earlier else ())}))
+
     def _cpu_autocast(self) -> contextlib.AbstractContextManager:
         """nnU-Net autocasts on CUDA only (in the dtype `_apply_settings` chose). On the CPU, `--precision bf16`
         autocasts in bf16 too, with no scaler (nnU-Net has none off CUDA); `auto` and `fp16` train in fp32 there,
@@ -341,7 +350,9 @@ class SegbookTrainer(nnUNetTrainer):
         if self.local_rank == 0:
             self.manifest.data.setdefault("started_at", now())
             self.manifest.data["device"] = str(self.device)
+            self.manifest.data["precision"] = self._effective_precision()
             self.manifest.data.update(self._plans_summary())
+            self.manifest.data[fingerprint.KEY] = fingerprint.record(self.manifest.data)
             self.manifest.set_status("running")
             self.manifest.save()
         self._stop.install()
@@ -626,7 +637,8 @@ class SegbookTrainer(nnUNetTrainer):
         config = self.configuration_manager
         return {"plans_summary": {"patch_size": list(config.patch_size), "batch_size": self.batch_size,
                                   "spacing": list(config.spacing), "normalization": list(config.normalization_schemes),
-                                  "plans_strides": [list(s) for s in config.pool_op_kernel_sizes]}}
+                                  "plans_strides": [list(s) for s in config.pool_op_kernel_sizes],
+                                  "input_channels": self.num_input_channels}}
 
     def _throttle_progress_plot(self) -> None:
         draw = self.logger.plot_progress_png
