@@ -29,8 +29,9 @@ from typing import Callable, Iterator
 from segbook.data.synth import SynthSpec, TargetSpec, registry_entry, write_registry_file, write_synthetic_dataset
 from segbook.paths import Paths
 
-#: Intra-op threads of every demo process. The order of float sums depends on the number of threads, so a fixed
-#: number makes the tables the same on any machine of one CPU architecture, whatever its core count.
+#: Intra-op threads of every demo process (training, prediction, export). The order of float sums in training
+#: depends on the number of threads, so a fixed number makes the tables the same on every machine with the same CPU
+#: and versions, whatever its core count (README: what is and is not reproducible).
 DEMO_THREADS = 2
 #: Demo datasets count as medium from 10 cases and large from 20 (the paper: 100 and 400).
 DEMO_SCALE_THRESHOLDS = (10, 20)
@@ -159,6 +160,7 @@ def _isolated(out: Path) -> Iterator[Paths]:
         os.environ.pop(variable, None)
     os.environ["nnUNet_n_proc_DA"] = "0"  # augmentation in the training process: deterministic, light on 2 cores
     os.environ["OMP_NUM_THREADS"] = str(DEMO_THREADS)  # the same float sums on every machine (see DEMO_THREADS)
+    os.environ["nnUNet_def_n_proc"] = str(DEMO_THREADS)  # nnU-Net's prediction and export threads (else up to 8)
     paths = Paths.from_env()
     paths.export()
     try:

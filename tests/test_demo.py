@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import run_segbook, write_payload_checkpoint
 
-from segbook.demo import QUICK, demo_specs
+from segbook.demo import DEMO_THREADS, QUICK, demo_specs
 from segbook.registry import load_registry
 from segbook.training.manifest import RunManifest
 from stunet import create_stunet, read_state_dict
@@ -104,6 +104,9 @@ def test_every_stage_runs_and_every_target_is_trained_both_ways_and_evaluated(de
     recipes = {folder.parent.name.split("__")[0] for folder in runs if "DemoSeenCT" in str(folder)}
     assert recipes == {"SegbookTrainer_tiny_scratch", "SegbookTrainer_tiny_pretrained",
                        "SegbookTrainer_tiny_pretrained_heads-only"}
+    pretraining = next((out / "pretraining").glob("Dataset970_*/*/fold_all"))
+    for folder in [pretraining, *runs]:  # the pretraining in the demo's process, the targets in batch workers
+        assert RunManifest.load(folder).data["cpu"]["threads"] == DEMO_THREADS
     for folder in runs:
         manifest = RunManifest.load(folder)
         assert manifest.status == "finished" and len(manifest.data["epochs"]) == QUICK.target_epochs
