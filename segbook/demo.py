@@ -114,28 +114,29 @@ def run_demo(out: str | os.PathLike | None = None, *, quick: bool = False, devic
     from segbook.devices import resolve_device
 
     started = time.time()
-    resolve_device(device)
-    settings = replace(QUICK if quick else (GPU if device == "cuda" else DEFAULT), seed=seed)
-    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="segbook-demo-"))
-    with _isolated(out) as paths:
-        say(f"segbook demo: synthetic data, {'quick ' if quick else ''}toy-scale budgets, on {device} "
-            f"({DEMO_THREADS} CPU threads per process); output in {out}")
-        with _stage(say, "[1/5] generating the synthetic source and target tasks"):
-            registry_file, entries = _write_tasks(out, settings)
-        with _stage(say, "[2/5] importing, validating, splitting and planning every task"):
-            _import_and_plan(out, settings, entries, paths)
-        with _stage(say, f"[3/5] pretraining STU-Net {settings.model} on the source task ({settings.pretrain_epochs} "
-                         f"epochs x {settings.iterations_per_epoch} iterations)"):
-            checkpoint = _pretrain(out, settings, entries[970], paths, device)
-        targets = [entries[i] for i in sorted(entries) if i != 970]
-        with _stage(say, f"[4/5] fine-tuning from {checkpoint.name} and training from scratch on {len(targets)} "
-                         f"targets ({settings.target_epochs} epochs x {settings.iterations_per_epoch} iterations "
-                         f"each), fine-tuning {targets[0].name} with recipe {settings.extra_recipe} too, then "
-                         "evaluating on the held-out cases"):
-            _run_targets(settings, targets, registry_file, checkpoint, device)
-        with _stage(say, "[5/5] collecting the results and writing the report"):
-            tables, report = _results(out, paths, registry_file)
-    return DemoResult(out, report, tables, time.time() - started)
+    with _demo_threads():
+        resolve_device(device)
+        settings = replace(QUICK if quick else (GPU if device == "cuda" else DEFAULT), seed=seed)
+        out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="segbook-demo-"))
+        with _isolated(out) as paths:
+            say(f"segbook demo: synthetic data, {'quick ' if quick else ''}toy-scale budgets, on {device} "
+                f"({DEMO_THREADS} CPU threads per process); output in {out}")
+            with _stage(say, "[1/5] generating the synthetic source and target tasks"):
+                registry_file, entries = _write_tasks(out, settings)
+            with _stage(say, "[2/5] importing, validating, splitting and planning every task"):
+                _import_and_plan(out, settings, entries, paths)
+            with _stage(say, f"[3/5] pretraining STU-Net {settings.model} on the source task "
+                             f"({settings.pretrain_epochs} epochs x {settings.iterations_per_epoch} iterations)"):
+                checkpoint = _pretrain(out, settings, entries[970], paths, device)
+            targets = [entries[i] for i in sorted(entries) if i != 970]
+            with _stage(say, f"[4/5] fine-tuning from {checkpoint.name} and training from scratch on {len(targets)} "
+                             f"targets ({settings.target_epochs} epochs x {settings.iterations_per_epoch} iterations "
+                             f"each), fine-tuning {targets[0].name} with recipe {settings.extra_recipe} too, then "
+                             "evaluating on the held-out cases"):
+                _run_targets(settings, targets, registry_file, checkpoint, device)
+            with _stage(say, "[5/5] collecting the results and writing the report"):
+                tables, report = _results(out, paths, registry_file)
+        return DemoResult(out, report, tables, time.time() - started)
 
 
 @contextlib.contextmanager
@@ -148,19 +149,39 @@ def _stage(say: Callable[[str], None], title: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _demo_threads() -> Iterator[None]:
+    """Every demo process computes with `DEMO_THREADS` threads, this one and the ones it starts. The environment
+    reaches the workers, and this process's OpenMP where torch is not loaded yet (the command line); this process's
+    intra-op threads are set here too. The environment and the thread count are restored afterwards."""
+    saved = dict(os.environ)
+    os.environ["OMP_NUM_THREADS"] = str(DEMO_THREADS)  # the workers' intra-op threads (this process's: below)
+    os.environ["nnUNet_def_n_proc"] = str(DEMO_THREADS)  # nnU-Net's prediction and export threads (else up to 8)
+    # A thread that reaches the end of a parallel region first sleeps rather than spins. A spinning thread (libgomp's
+    # default) holds a core its partner needs: beside other work (load 4.5 on 2 cores) a training iteration of the
+    # demo's network took 2.8 s instead of 0.5 s (docs/benchmarks.md). How threads wait does not change what they
+    # compute. libgomp reads it once, when torch loads.
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEMO_THREADS)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def _isolated(out: Path) -> Iterator[Paths]:
     """Point segbook and nnU-Net at folders inside the demo's output, whatever the user has configured; the
     environment is restored afterwards."""
-    import torch
-
-    saved, threads = dict(os.environ), torch.get_num_threads()
-    torch.set_num_threads(DEMO_THREADS)  # this process pretrains; the batch workers read OMP_NUM_THREADS
+    saved = dict(os.environ)
     os.environ["SEGBOOK_HOME"] = str(out / "home")
     for variable in ("SEGBOOK_REGISTRY", "nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.environ.pop(variable, None)
     os.environ["nnUNet_n_proc_DA"] = "0"  # augmentation in the training process: deterministic, light on 2 cores
-    os.environ["OMP_NUM_THREADS"] = str(DEMO_THREADS)  # the same float sums on every machine (see DEMO_THREADS)
-    os.environ["nnUNet_def_n_proc"] = str(DEMO_THREADS)  # nnU-Net's prediction and export threads (else up to 8)
     paths = Paths.from_env()
     paths.export()
     try:
@@ -168,7 +189,6 @@ def _isolated(out: Path) -> Iterator[Paths]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-        torch.set_num_threads(threads)
 
 
 def _write_tasks(out: Path, settings: DemoSettings) -> tuple[Path, dict]:
