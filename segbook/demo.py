@@ -150,11 +150,12 @@ def _stage(say: Callable[[str], None], title: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _demo_threads() -> Iterator[None]:
-    """Every demo process computes with `DEMO_THREADS` threads, this one and the ones it starts. The environment
-    reaches the workers, and this process's OpenMP where torch is not loaded yet (the command line); this process's
-    intra-op threads are set here too. The environment and the thread count are restored afterwards."""
+    """Every demo process computes with `DEMO_THREADS` threads: this one sets them here, the batch workers
+    themselves (`ExecutionOptions.threads`). The environment reaches the processes the demo starts, and this one's
+    OpenMP where torch is not loaded yet (the command line). The environment and the thread count are restored
+    afterwards."""
     saved = dict(os.environ)
-    os.environ["OMP_NUM_THREADS"] = str(DEMO_THREADS)  # the workers' intra-op threads (this process's: below)
+    os.environ["OMP_NUM_THREADS"] = str(DEMO_THREADS)  # for processes that set none (nnU-Net's planning pools)
     os.environ["nnUNet_def_n_proc"] = str(DEMO_THREADS)  # nnU-Net's prediction and export threads (else up to 8)
     # A thread that reaches the end of a parallel region first sleeps rather than spins. A spinning thread (libgomp's
     # default) holds a core its partner needs: beside other work (load 4.5 on 2 cores) a training iteration of the
@@ -277,7 +278,7 @@ def _run_targets(settings: DemoSettings, targets: list, registry_file: Path, che
     finetuning = replace(budget, lr=settings.finetune_lr)
     # One process per job: on volumes this small, nnU-Net's prediction and export workers cost more than they save.
     options = ExecutionOptions.create(registry_files=[registry_file], weights=checkpoint, settings=budget,
-                                      pretrained_settings=finetuning, device=device, processes=1)
+                                      pretrained_settings=finetuning, device=device, processes=1, threads=DEMO_THREADS)
     run_local(jobs, options, LocalOptions(workers=1))
 
 
