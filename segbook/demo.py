@@ -29,8 +29,9 @@ from typing import Callable, Iterator
 from segbook.data.synth import SynthSpec, TargetSpec, registry_entry, write_registry_file, write_synthetic_dataset
 from segbook.paths import Paths
 
-#: Intra-op threads of every demo process. The order of float sums depends on the number of threads, so a fixed
-#: number makes the tables the same on any machine of one CPU architecture, whatever its core count.
+#: Intra-op threads of every demo process (training, prediction, export). The order of float sums in training
+#: depends on the number of threads, so a fixed number makes the tables the same on every machine with the same CPU
+#: and versions, whatever its core count (README: what is and is not reproducible).
 DEMO_THREADS = 2
 #: Demo datasets count as medium from 10 cases and large from 20 (the paper: 100 and 400).
 DEMO_SCALE_THRESHOLDS = (10, 20)
@@ -113,28 +114,29 @@ def run_demo(out: str | os.PathLike | None = None, *, quick: bool = False, devic
     from segbook.devices import resolve_device
 
     started = time.time()
-    resolve_device(device)
-    settings = replace(QUICK if quick else (GPU if device == "cuda" else DEFAULT), seed=seed)
-    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="segbook-demo-"))
-    with _isolated(out) as paths:
-        say(f"segbook demo: synthetic data, {'quick ' if quick else ''}toy-scale budgets, on {device} "
-            f"({DEMO_THREADS} CPU threads per process); output in {out}")
-        with _stage(say, "[1/5] generating the synthetic source and target tasks"):
-            registry_file, entries = _write_tasks(out, settings)
-        with _stage(say, "[2/5] importing, validating, splitting and planning every task"):
-            _import_and_plan(out, settings, entries, paths)
-        with _stage(say, f"[3/5] pretraining STU-Net {settings.model} on the source task ({settings.pretrain_epochs} "
-                         f"epochs x {settings.iterations_per_epoch} iterations)"):
-            checkpoint = _pretrain(out, settings, entries[970], paths, device)
-        targets = [entries[i] for i in sorted(entries) if i != 970]
-        with _stage(say, f"[4/5] fine-tuning from {checkpoint.name} and training from scratch on {len(targets)} "
-                         f"targets ({settings.target_epochs} epochs x {settings.iterations_per_epoch} iterations "
-                         f"each), fine-tuning {targets[0].name} with recipe {settings.extra_recipe} too, then "
-                         "evaluating on the held-out cases"):
-            _run_targets(settings, targets, registry_file, checkpoint, device)
-        with _stage(say, "[5/5] collecting the results and writing the report"):
-            tables, report = _results(out, paths, registry_file)
-    return DemoResult(out, report, tables, time.time() - started)
+    with _demo_threads():
+        resolve_device(device)
+        settings = replace(QUICK if quick else (GPU if device == "cuda" else DEFAULT), seed=seed)
+        out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="segbook-demo-"))
+        with _isolated(out) as paths:
+            say(f"segbook demo: synthetic data, {'quick ' if quick else ''}toy-scale budgets, on {device} "
+                f"({DEMO_THREADS} CPU threads per process); output in {out}")
+            with _stage(say, "[1/5] generating the synthetic source and target tasks"):
+                registry_file, entries = _write_tasks(out, settings)
+            with _stage(say, "[2/5] importing, validating, splitting and planning every task"):
+                _import_and_plan(out, settings, entries, paths)
+            with _stage(say, f"[3/5] pretraining STU-Net {settings.model} on the source task "
+                             f"({settings.pretrain_epochs} epochs x {settings.iterations_per_epoch} iterations)"):
+                checkpoint = _pretrain(out, settings, entries[970], paths, device)
+            targets = [entries[i] for i in sorted(entries) if i != 970]
+            with _stage(say, f"[4/5] fine-tuning from {checkpoint.name} and training from scratch on {len(targets)} "
+                             f"targets ({settings.target_epochs} epochs x {settings.iterations_per_epoch} iterations "
+                             f"each), fine-tuning {targets[0].name} with recipe {settings.extra_recipe} too, then "
+                             "evaluating on the held-out cases"):
+                _run_targets(settings, targets, registry_file, checkpoint, device)
+            with _stage(say, "[5/5] collecting the results and writing the report"):
+                tables, report = _results(out, paths, registry_file)
+        return DemoResult(out, report, tables, time.time() - started)
 
 
 @contextlib.contextmanager
@@ -147,18 +149,40 @@ def _stage(say: Callable[[str], None], title: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _demo_threads() -> Iterator[None]:
+    """Every demo process computes with `DEMO_THREADS` threads: this one sets them here, the batch workers
+    themselves (`ExecutionOptions.threads`). The environment reaches the processes the demo starts, and this one's
+    OpenMP where torch is not loaded yet (the command line). The environment and the thread count are restored
+    afterwards."""
+    saved = dict(os.environ)
+    os.environ["OMP_NUM_THREADS"] = str(DEMO_THREADS)  # for processes that set none (nnU-Net's planning pools)
+    os.environ["nnUNet_def_n_proc"] = str(DEMO_THREADS)  # nnU-Net's prediction and export threads (else up to 8)
+    # A thread that reaches the end of a parallel region first sleeps rather than spins. A spinning thread (libgomp's
+    # default) holds a core its partner needs: beside other work (load 4.5 on 2 cores) a training iteration of the
+    # demo's network took 2.8 s instead of 0.5 s (docs/benchmarks.md). How threads wait does not change what they
+    # compute. libgomp reads it once, when torch loads.
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEMO_THREADS)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def _isolated(out: Path) -> Iterator[Paths]:
     """Point segbook and nnU-Net at folders inside the demo's output, whatever the user has configured; the
     environment is restored afterwards."""
-    import torch
-
-    saved, threads = dict(os.environ), torch.get_num_threads()
-    torch.set_num_threads(DEMO_THREADS)  # this process pretrains; the batch workers read OMP_NUM_THREADS
+    saved = dict(os.environ)
     os.environ["SEGBOOK_HOME"] = str(out / "home")
     for variable in ("SEGBOOK_REGISTRY", "nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.environ.pop(variable, None)
     os.environ["nnUNet_n_proc_DA"] = "0"  # augmentation in the training process: deterministic, light on 2 cores
-    os.environ["OMP_NUM_THREADS"] = str(DEMO_THREADS)  # the same float sums on every machine (see DEMO_THREADS)
     paths = Paths.from_env()
     paths.export()
     try:
@@ -166,7 +190,6 @@ def _isolated(out: Path) -> Iterator[Paths]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-        torch.set_num_threads(threads)
 
 
 def _write_tasks(out: Path, settings: DemoSettings) -> tuple[Path, dict]:
@@ -255,7 +278,7 @@ def _run_targets(settings: DemoSettings, targets: list, registry_file: Path, che
     finetuning = replace(budget, lr=settings.finetune_lr)
     # One process per job: on volumes this small, nnU-Net's prediction and export workers cost more than they save.
     options = ExecutionOptions.create(registry_files=[registry_file], weights=checkpoint, settings=budget,
-                                      pretrained_settings=finetuning, device=device, processes=1)
+                                      pretrained_settings=finetuning, device=device, processes=1, threads=DEMO_THREADS)
     run_local(jobs, options, LocalOptions(workers=1))
 
 

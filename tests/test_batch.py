@@ -344,6 +344,9 @@ def test_options_for_workers_and_sbatch(tmp_path, monkeypatch):
         ExecutionOptions(num_gpus=0).validate()
     with pytest.raises(OptionError, match="--max-attempts must be an integer >= 1, got 0"):
         ExecutionOptions(max_attempts=0).validate()
+    with pytest.raises(OptionError, match="threads must be an integer >= 1, got 0"):
+        ExecutionOptions(threads=0).validate()
+    assert ExecutionOptions.from_json(ExecutionOptions(threads=2).to_json()).threads == 2
     with pytest.raises(OptionError, match="unknown job body 'sleep'; choose one of train, noop"):
         ExecutionOptions(body="sleep").validate()
 

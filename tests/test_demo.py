@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 from helpers import run_segbook, write_payload_checkpoint
 
-from segbook.demo import QUICK, demo_specs
+from segbook.demo import DEMO_THREADS, QUICK, demo_specs
 from segbook.registry import load_registry
 from segbook.training.manifest import RunManifest
 from stunet import create_stunet, read_state_dict
 
 DEMO_TIMEOUT_S = 1200
+COMPARE = Path(__file__).resolve().parents[1] / "scripts" / "compare_demos.py"
+
+pytestmark = pytest.mark.slow  # every test here reads demos that train
 
 
 USER_IMPORT = "task,model,init,dice\n004,large,pretrained,0.9\n"
@@ -24,7 +31,10 @@ USER_IMPORT = "task,model,init,dice\n004,large,pretrained,0.9\n"
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The quick demo run twice with the same seed, into two fresh folders, by a user whose own nnU-Net and
-    segbook folders are set (and must stay untouched), with published numbers imported into their segbook home."""
+    segbook folders are set (and must stay untouched), with published numbers imported into their segbook home.
+    Each run is a process of its own, as two users' runs are, and the second runs as on another user's machine:
+    beside a busy core, from a shell that sets MKL's threads (as some cluster environments do; torch takes
+    MKL_NUM_THREADS over OMP_NUM_THREADS). The README promises the same tables all the same."""
     users = tmp_path_factory.mktemp("user_folders")
     variables = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "SEGBOOK_HOME")
     imported = users / "SEGBOOK_HOME" / "results" / "imported" / "published.csv"
@@ -34,14 +44,32 @@ def demo(tmp_path_factory):
             patch.setenv(variable, str(users / variable))
         imported.parent.mkdir(parents=True)
         imported.write_text(USER_IMPORT)
-        runs = []
-        for name in ("first", "second"):
-            out = tmp_path_factory.mktemp("demo") / name
-            runs.append((out, run_segbook("demo", "--quick", "--out", str(out), timeout=DEMO_TIMEOUT_S).stdout))
+        first, second = (tmp_path_factory.mktemp("demo") / name for name in ("first", "second"))
+        runs = [(first, run_segbook("demo", "--quick", "--out", str(first), timeout=DEMO_TIMEOUT_S).stdout)]
+        patch.setenv("MKL_NUM_THREADS", "1")
+        with _busy_core():
+            runs.append((second, run_segbook("demo", "--quick", "--out", str(second), timeout=DEMO_TIMEOUT_S).stdout))
         yield runs
         assert [path for variable in variables for path in (users / variable).iterdir()
                 if path != imported.parents[1]] == []
         assert imported.read_text() == USER_IMPORT
+
+
+@contextlib.contextmanager
+def _busy_core() -> Iterator[None]:
+    """A process spinning on one core for as long as the block runs: on a 2-core machine the demo's two threads
+    then share the cores with it, as on a machine where other work runs."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def _compare(first: Path, second: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(COMPARE), str(first), str(second)], capture_output=True, text=True,
+                          timeout=300)
 
 
 def _tables(out: Path, table: str) -> list[dict]:
@@ -116,6 +144,43 @@ def test_tables_are_printed_the_report_is_written_and_the_same_seed_gives_the_sa
     report = (out / "report.html").read_text()
     assert "segbook demo (synthetic data, toy scale)" in report and "Dice (%) by dataset scale" in report
     assert "<img" in report or "<svg" in report
+
+
+def test_the_run_under_load_is_the_same_to_the_bit_at_every_stage(demo):
+    """The tables are rounded to two decimals: compare what they come from, stage by stage (synthetic data, plans,
+    preprocessed cases, the pretraining's losses and weights, every target run's losses, weights and test
+    metrics). The first run ran alone, the second beside a busy core with MKL_NUM_THREADS=1, each in its own
+    process; every training in both computed with the demo's 2 threads."""
+    (out, _), (again, _) = demo
+    for demo_folder in (out, again):  # the pretraining in the demo's process, the targets in batch workers
+        folders = [*(demo_folder / "pretraining").glob("Dataset970_*/*/fold_all"),
+                   *(demo_folder / "home" / "nnUNet_results").glob("Dataset97*/*/fold_all")]
+        assert [RunManifest.load(folder).data["cpu"]["threads"] for folder in folders] == [DEMO_THREADS] * 8
+    result = _compare(out, again)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every stage is identical" in result.stdout and "target runs' final weights (7 files)" in result.stdout
+
+
+def test_the_stage_comparison_finds_a_run_that_differs(demo, tmp_path):
+    """A target run's final weights nudged by one float step: the comparison names that run and its stage, and
+    the stages before it stay identical."""
+    from segbook.training.checkpoints import read_run_checkpoint
+
+    out = tmp_path / "nudged"
+    shutil.copytree(demo[0][0], out, symlinks=True)
+    final = next((out / "home" / "nnUNet_results").glob("Dataset973_*/SegbookTrainer_tiny_scratch_*/fold_all/"
+                                                           "checkpoint_final.pth"))
+    checkpoint = read_run_checkpoint(final)
+    weights = next(iter(checkpoint["network_weights"].values()))
+    weights.view(-1)[0] = torch.nextafter(weights.view(-1)[0], torch.tensor(float("inf")))
+    torch.save(checkpoint, final)
+
+    result = _compare(demo[0][0], out)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "1 of 11 stages differ"
+    assert all(line.startswith("identical") for line in lines[:9])
+    assert lines[9].startswith("DIFFERS    target runs' final weights") and "Dataset973" in lines[10]
 
 
 def test_a_crafted_checkpoint_in_the_output_folder_is_refused_and_never_runs(demo, tmp_path):

@@ -49,7 +49,8 @@ from segbook.training.settings import TrainingSettings
 
 
 BOUNDS = {"num_gpus": Bound("--gpus-per-job", int, low=1), "processes": Bound("--processes", int, low=1),
-          "data_workers": Bound("--data-workers", int, low=0), "max_attempts": Bound("--max-attempts", int, low=1)}
+          "data_workers": Bound("--data-workers", int, low=0), "max_attempts": Bound("--max-attempts", int, low=1),
+          "threads": Bound("threads", int, low=1)}
 
 
 class JobFailed(SegbookError):
@@ -94,6 +95,7 @@ class ExecutionOptions:
     compile: bool | None = None
     processes: int | None = None  # planning, preprocessing and evaluation (default: nnUNet_def_n_proc)
     data_workers: int | None = None  # nnUNet_n_proc_DA of each job (default: inherited)
+    threads: int | None = None  # torch's intra-op threads in each job's process (default: torch's); see run_job
     registry_files: tuple[str, ...] = ()
     recipe_files: tuple[str, ...] = ()
     max_attempts: int = DEFAULT_MAX_ATTEMPTS  # bad endings (killed, terminated) before a job is failed
@@ -118,7 +120,7 @@ class ExecutionOptions:
             if settings is not None:
                 settings.validate()
         check_all({"num_gpus": self.num_gpus, "processes": self.processes, "data_workers": self.data_workers,
-                   "max_attempts": self.max_attempts}, BOUNDS)
+                   "max_attempts": self.max_attempts, "threads": self.threads}, BOUNDS)
         if self.body not in BODIES:
             raise OptionError(f"unknown job body {self.body!r}; choose one of {', '.join(BODIES)}")
         if self.num_gpus > 1 and self.device != "cuda":
@@ -182,6 +184,8 @@ def run_job(job: Job, options: ExecutionOptions, paths: Paths | None = None, *,
     paths.export()
     if options.data_workers is not None:
         os.environ["nnUNet_n_proc_DA"] = str(options.data_workers)
+    if options.threads is not None:
+        _set_threads(options.threads)
     started = time.time()
     settled = _settled(job, job.folder(paths), RunManifest.load(job.folder(paths), history=False))
     if settled is not None:  # nothing to do: no claim, so no attempt (a job submitted twice runs twice in SLURM)
@@ -211,6 +215,15 @@ def _settled(job: Job, folder: Path, manifest: RunManifest | None) -> tuple[str,
     if manifest is not None and manifest.status == "finished" and is_evaluated(folder):
         return "done", "already done"
     return None
+
+
+def _set_threads(threads: int) -> None:
+    """Set torch's intra-op threads in this process. The environment cannot pin them: torch takes MKL_NUM_THREADS
+    over OMP_NUM_THREADS and caps either at the machine's cores, so a worker given OMP_NUM_THREADS=2 trains with 1
+    thread in a shell that sets MKL_NUM_THREADS=1, or on a 1-core machine, and computes other sums."""
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _work(job: Job, options: ExecutionOptions, paths: Paths, backend: str, attempts: Attempts) -> str:

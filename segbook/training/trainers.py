@@ -351,6 +351,7 @@ class SegbookTrainer(nnUNetTrainer):
             self.manifest.data.setdefault("started_at", now())
             self.manifest.data["device"] = str(self.device)
             self.manifest.data["precision"] = self._effective_precision()
+            self.manifest.data["cpu"] = _cpu_record()
             self.manifest.data.update(self._plans_summary())
             self.manifest.data[fingerprint.KEY] = fingerprint.record(self.manifest.data)
             self.manifest.set_status("running")
@@ -797,6 +798,12 @@ def _share_data_workers(ranks: int) -> None:
     total = get_allowed_n_proc_DA()
     os.environ["nnUNet_n_proc_DA"] = str(max(1, total // ranks) if total else 0)
     _data_workers_shared = True
+
+
+def _cpu_record() -> dict[str, Any]:
+    """What a CPU run's numbers depend on besides seed, settings and versions (docs/training.md, reproducibility):
+    the intra-op threads (the order of floating-point sums follows them) and the SIMD kernels torch dispatches to."""
+    return {"threads": torch.get_num_threads(), "capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def _duration(seconds: float) -> str:
