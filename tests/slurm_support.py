@@ -12,6 +12,7 @@ state from squeue (slurmctld keeps finished jobs for MinJobAge, 30 min here).
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import subprocess
@@ -132,8 +133,37 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}; the cluster then:\n{_cluster_now()}")
         time.sleep(0.2)
+
+
+def idle_node(timeout_s: float = 120) -> None:
+    """Cancel what earlier tests left in the queue and wait until nothing holds a CPU: a test whose job takes all of
+    a node's CPUs would otherwise wait for another test's job to reach its time limit. The test cluster runs only
+    the tests' jobs, and the tests run one at a time."""
+    subprocess.run(["scancel", "--full", f"--user={getpass.getuser()}"], capture_output=True,
+                   timeout=30)
+    wait_for(lambda: not _active_jobs(), timeout_s, "the jobs of earlier tests to leave the node")
+
+
+def _active_jobs() -> list[str]:
+    listing = subprocess.run(["squeue", "--noheader", "--states=PENDING,RUNNING,COMPLETING,SUSPENDED",
+                              "--format=%i"], capture_output=True, text=True, timeout=30)
+    return listing.stdout.split()
+
+
+def _cluster_now() -> str:
+    """The queue (every job, with its reason) and the nodes' states, for a test that timed out waiting on them."""
+    commands = (["squeue", "--noheader", "--array", "--states=all", "--format=%i %T %r %C %j"],
+                ["sinfo", "--Node", "--noheader", "--format=%N %T %C %m %E"])
+    shown = []
+    for command in commands:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+            shown.append(f"$ {' '.join(command)}\n{done.stdout}{done.stderr}")
+        except (OSError, subprocess.TimeoutExpired) as error:
+            shown.append(f"$ {' '.join(command)}: {error}")
+    return "\n".join(shown)
 
 
 def wait_for_results(jobs: Sequence[submitit.Job[Any]], timeout_s: float) -> list[Any]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
-from slurm_support import ensure_slurm_cluster, queue_states, wait_for
+from slurm_support import ensure_slurm_cluster, idle_node, queue_states, wait_for
 
 from segbook.batch.cluster import ClusterLimits, SubmissionError
 from segbook.batch.execute import ExecutionOptions
@@ -170,6 +170,7 @@ def test_the_preparation_takes_the_cpus_a_node_has_by_default_and_more_is_refuse
         submit_slurm(jobs, options, _slurm(prepare=PrepareSlurmOptions(time="5", mem="200M", cpus=cpus + 1)),
                      paths=paths, say=lambda line: None)
     assert not (paths.batch / "slurm").exists()
+    idle_node()  # the preparation takes every CPU of the node
     submit_slurm(jobs, options, _slurm(prepare=PrepareSlurmOptions(time="5", mem="200M")), paths=paths,
                  say=lambda line: None)
     (prepare,) = [json.loads(p.read_text()) for p in (paths.batch / "slurm").glob("*/prepare.json")]
