@@ -2,7 +2,7 @@
 dataset over its test cases; configurations against each other (significance maps) and rank stability.
 
 Each STU-Net size (per recipe and variant) is compared with itself trained from scratch on the datasets of a group
-that have both, the scratch variant whose shared training settings match (`segbook.results.tables.delta_pairs`), on
+that have both, the scratch variant whose shared training settings match (`segbook.results.configs.delta_pairs`), on
 the datasets where the two agree in data and evaluation settings and test split; each recipe also with the default
 recipe of the same size (`compare_recipes`). A
 difference within `TIE_TOLERANCE` is a tie; the Wilcoxon test is scipy's two-sided signed-rank test on the raw
@@ -19,45 +19,21 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
 from segbook.results.collect import case_scores, run_folders
-from segbook.results.tables import (
-    CONFIG_KEYS,
-    DEFAULT_RECIPE,
-    DELTA,
-    METRIC_NAMES,
-    MODEL_NAMES,
-    VS_DEFAULT,
-    VS_SCRATCH,
-    Config,
-    Member,
-    ResultTable,
-    ScoreLookup,
-    comparability_classes,
-    configurations,
-    counted_runs,
-    dataset_facts,
-    config_label,
-    delta_pairs,
-    delta_unit,
-    group_members,
-    grouping,
-    metric_factor,
-    metric_label,
-    metric_sign,
-    recipe_baselines,
-    recipe_configs,
-    recipe_rows,
-    score_lookup,
-    shows_recipes,
-    variant_profiles,
-    whole_split,
-)
+from segbook.results.configs import (DEFAULT_RECIPE, DELTA, MODEL_NAMES, comparability_classes, config_label,
+                                     configurations, delta_pairs, shows_recipes, variant_profiles)
+from segbook.results.scores import (CONFIG_KEYS, METRIC_NAMES, Config, Member, ScoreLookup, counted_runs, delta_unit,
+                                    metric_factor, metric_label, metric_sign, score_lookup, whole_split)
+from segbook.results.selection import Selection
+from segbook.results.tables.groups import grouped_lookup
+from segbook.results.tables.recipes import VS_DEFAULT, VS_SCRATCH, recipe_baselines, recipe_configs, recipe_rows
+from segbook.results.tables.table import ResultTable
 
 #: |pretrained - scratch| at or below this (a fraction: 0.1 Dice points) is a tie.
 TIE_TOLERANCE = 0.001
@@ -144,21 +120,21 @@ def _compared(lookup: ScoreLookup, tasks: list[Member], config: Config, baseline
     return paired_comparison([s for s, _ in pairs], [b for _, b in pairs], metric=metric) if pairs else None
 
 
-def compare_pretrained(df: pd.DataFrame, metric: str = "dice", group_by: str = "scale",
-                       group_datasets: bool = False, models: Sequence[str] | None = None,
-                       recipes: Sequence[str] | None = None, cases: pd.DataFrame | None = None) -> pd.DataFrame:
+def compare_pretrained(df: pd.DataFrame, selection: Selection | str = "dice", group_by: str = "scale",
+                       cases: pd.DataFrame | None = None, **choices: Any) -> pd.DataFrame:
     """A row per (STU-Net size with both initialisations, recipe, variant, non-empty group): see STATS_COLUMNS.
 
-    `group_by` is a grouping of `segbook.results.tables.grouping` (`scale`, `modality-target`, `region`, `all`);
-    the datasets and label parts are those of the corresponding table, so n equals its Delta(PT) row's n.
-    `recipes` are the pretrained recipes to compare (default: those in `df`). With `cases` (`case_tests`), the
-    counts of the group's datasets whose per-case test says pretraining is better / not different / worse
-    (CASE_COUNT_COLUMNS; a dataset split by label into several groups counts in each, with its whole-dataset test).
+    `group_by` is a grouping of `segbook.results.tables.groups.grouping` (`scale`, `modality-target`, `region`,
+    `all`); the datasets and label parts are those of the corresponding table, so n equals its Delta(PT) row's n.
+    The selection's `recipes` are the pretrained recipes to compare (default: those in `df`); its `inits` do not
+    apply. With `cases` (`case_tests`), the counts of the group's datasets whose per-case test says pretraining is
+    better / not different / worse (CASE_COUNT_COLUMNS; a dataset split by label into several groups counts in each,
+    with its whole-dataset test).
     """
-    df = whole_split(df)
-    configs = configurations(df, models, None, recipes)
-    members = group_members(dataset_facts(df, configs), grouping(group_by, group_datasets))
-    lookup = score_lookup(df, metric, {part for tasks in members.values() for _, part in tasks})
+    selection = replace(Selection.of(selection, **choices), inits=None)
+    metric, df = selection.metric, whole_split(df)
+    configs = configurations(df, selection)
+    members, lookup = grouped_lookup(df, configs, selection, group_by)
     verdicts = {} if cases is None else dict(zip(zip(cases["task"], cases["model"], cases["recipe"], cases["variant"]),
                                                  cases["verdict"]))
     rows = []
@@ -179,15 +155,15 @@ def _verdict_counts(verdicts: dict[tuple[str, str, str, str], str], config: Conf
     return {column: mine.count(verdict) for column, verdict in zip(CASE_COUNT_COLUMNS, VERDICTS)}
 
 
-def compare_recipes(df: pd.DataFrame, metric: str = "dice", group_by: str = "scale", group_datasets: bool = False,
-                    models: Sequence[str] | None = None, recipes: Sequence[str] | None = None) -> pd.DataFrame:
+def compare_recipes(df: pd.DataFrame, selection: Selection | str = "dice", group_by: str = "scale",
+                    **choices: Any) -> pd.DataFrame:
     """A row per (STU-Net size, recipe, baseline, non-empty group) of the recipes table: each recipe against
     scratch and against the default recipe, over the datasets with both (see RECIPE_STATS_COLUMNS)."""
-    df = whole_split(df)
-    pretrained = recipe_configs(df, models, recipes)
+    selection = Selection.of(selection, **choices)
+    metric, df = selection.metric, whole_split(df)
+    pretrained = recipe_configs(df, selection)
     shown = recipe_rows(df, pretrained)
-    members = group_members(dataset_facts(df, shown), grouping(group_by, group_datasets))
-    lookup = score_lookup(df, metric, {part for tasks in members.values() for _, part in tasks})
+    members, lookup = grouped_lookup(df, shown, selection, group_by)
     profiles = variant_profiles(df)
     rows = []
     for config in pretrained:
@@ -283,8 +259,8 @@ def _counts_note() -> str:
 # --- per case ---------------------------------------------------------------------------------------------------
 
 
-def case_tests(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | None = None,
-               recipes: Sequence[str] | None = None, alpha: float = ALPHA) -> pd.DataFrame:
+def case_tests(df: pd.DataFrame, selection: Selection | str = "dice", alpha: float = ALPHA,
+               **choices: Any) -> pd.DataFrame:
     """Per dataset and pretrained configuration with a scratch baseline: pretrained vs scratch over the test cases
     both scored (see CASE_TEST_COLUMNS), on the runs on the whole train split.
 
@@ -294,9 +270,10 @@ def case_tests(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | N
     corrected across the datasets of the same configuration (Holm; Benjamini-Hochberg). The verdict is `better` or
     `worse` where `p_holm` < `alpha` (the direction: which of the positive and negative differences have the larger
     rank sum), else `not different`. Only runs with a folder (local, bundled) have cases; numbers imported from CSV are
-    left out."""
-    df = whole_split(df)
-    configs = configurations(df, models, None, recipes)
+    left out. The selection's `inits` do not apply."""
+    selection = replace(Selection.of(selection, **choices), inits=None)
+    metric, df = selection.metric, whole_split(df)
+    configs = configurations(df, selection)
     pairs = delta_pairs(configs, variant_profiles(df))
     wanted = {c for pair in pairs for c in pair}
     keys = pd.MultiIndex.from_arrays([df[key] for key in CONFIG_KEYS])
@@ -394,18 +371,17 @@ SIGNIFICANCE_COLUMNS = ("group", "config", "versus", "n", "p_value", "p_holm")
 NEVER_COMPARED = "never_compared"
 
 
-def significance_map(df: pd.DataFrame, metric: str = "dice", group_by: str = "scale", group_datasets: bool = False,
-                     models: Sequence[str] | None = None, inits: Sequence[str] | None = None,
-                     recipes: Sequence[str] | None = None) -> pd.DataFrame:
+def significance_map(df: pd.DataFrame, selection: Selection | str = "dice", group_by: str = "scale",
+                     **choices: Any) -> pd.DataFrame:
     """Per group, every ordered pair of configurations (config, versus): the one-sided Wilcoxon signed-rank test
     over the group's datasets that have both that `config` is better than `versus` (dataset scores, seeds
     averaged), and its p-value Holm-corrected over all the ordered pairs of the group (SIGNIFICANCE_COLUMNS). Two
     configurations are tested only where they share their common training settings (`comparability_classes`: budget,
     precision, plans, source), on the datasets where their runs agree in data and evaluation settings."""
-    df = whole_split(df)
-    configs = configurations(df, models, inits, recipes)
-    members = group_members(dataset_facts(df, configs), grouping(group_by, group_datasets))
-    lookup = score_lookup(df, metric, {part for tasks in members.values() for _, part in tasks})
+    selection = Selection.of(selection, **choices)
+    metric, df = selection.metric, whole_split(df)
+    configs = configurations(df, selection)
+    members, lookup = grouped_lookup(df, configs, selection, group_by)
     named = shows_recipes(configs)
     profiles = variant_profiles(df)
     classes = comparability_classes(configs, profiles)
@@ -478,20 +454,18 @@ def significance_table(significance: pd.DataFrame) -> ResultTable:
 RANK_COLUMNS = ("group", "config", "n", "first", "mean_rank")
 
 
-def rank_stability(df: pd.DataFrame, metric: str = "dice", group_by: str = "all", group_datasets: bool = False,
-                   models: Sequence[str] | None = None, inits: Sequence[str] | None = None,
-                   recipes: Sequence[str] | None = None, samples: int = RANK_SAMPLES,
-                   seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
+def rank_stability(df: pd.DataFrame, selection: Selection | str = "dice", group_by: str = "all",
+                   samples: int = RANK_SAMPLES, seed: int = BOOTSTRAP_SEED, **choices: Any) -> pd.DataFrame:
     """Per group, how often each configuration ranks first when the datasets are resampled with replacement
     (`samples` times, seeded): `first` is the share of resamples in which its mean score is the best (ties share),
     `mean_rank` its mean rank (1 = best). Only the group's datasets that have every configuration count (n), with
     their runs agreeing in data and evaluation settings. Configurations of different budgets, precision, plans or
     sources (`comparability_classes`) are ranked apart, the group then naming what they differ in: `small [2x1 it]`.
     """
-    df = whole_split(df)
-    configs = configurations(df, models, inits, recipes)
-    members = group_members(dataset_facts(df, configs), grouping(group_by, group_datasets))
-    lookup = score_lookup(df, metric, {part for tasks in members.values() for _, part in tasks})
+    selection = Selection.of(selection, **choices)
+    metric, df = selection.metric, whole_split(df)
+    configs = configurations(df, selection)
+    members, lookup = grouped_lookup(df, configs, selection, group_by)
     rng = np.random.default_rng(seed)
     named = shows_recipes(configs)
     profiles = variant_profiles(df)
@@ -534,3 +508,33 @@ def rank_table(ranks: pd.DataFrame, samples: int = RANK_SAMPLES) -> ResultTable:
     if ranks.empty:
         table.notes = ["no ranking: no dataset has every shown configuration"]
     return table
+
+
+# --- as tables by name (`segbook.results.tables`) ----------------------------------------------------------------
+
+
+def pretrained_stats(df: pd.DataFrame, selection: Selection, group_by: str) -> ResultTable:
+    """The `--stats` form of a table over `group_by` (`all` for the per-dataset and fractions tables): pretrained
+    vs scratch per group, with the per-case verdicts (`case_tests`, which reads each run's metrics.csv)."""
+    comparison = compare_pretrained(df, selection, group_by, case_tests(df, selection))
+    return stats_table(comparison, selection.metric, "over all datasets" if group_by == "all" else f"by {group_by}")
+
+
+def recipe_stats(df: pd.DataFrame, selection: Selection) -> ResultTable:
+    """The `--stats` form of the recipes table: each recipe against scratch and against the default recipe."""
+    return recipe_stats_table(compare_recipes(df, selection), selection.metric)
+
+
+def case_test_stats(df: pd.DataFrame, selection: Selection) -> ResultTable:
+    """`--table case-tests`: per dataset, pretrained vs scratch over the test cases."""
+    return case_tests_table(case_tests(df, selection), selection.metric)
+
+
+def significance_stats(df: pd.DataFrame, selection: Selection) -> ResultTable:
+    """`--table significance`: the significance maps by dataset scale."""
+    return significance_table(significance_map(df, selection, "scale"))
+
+
+def rank_stats(df: pd.DataFrame, selection: Selection) -> ResultTable:
+    """`--table ranks`: rank stability by dataset scale."""
+    return rank_table(rank_stability(df, selection, "scale"))
