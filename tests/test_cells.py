@@ -22,7 +22,8 @@ from segbook.results import (case_tests, collect_results, compare_pretrained, da
                              rank_stability, scale_table, significance_map)
 from segbook.results.collect import ResultsError, ResultsWarning
 from segbook.results.cost import cost_summary
-from segbook.results.tables import ResultTable, fraction_table
+from segbook.results.tables.fractions import fraction_table
+from segbook.results.tables.table import ResultTable
 
 TWO_BY_ONE = {"epochs": 2, "iterations_per_epoch": 1}
 TWELVE_BY_THREE = {"epochs": 12, "iterations_per_epoch": 3}

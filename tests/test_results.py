@@ -18,7 +18,6 @@ from scipy.stats import wilcoxon
 from store_helpers import label_row, write_metrics
 
 from segbook.cli.main import main
-from segbook.cli.results import TABLE_CHOICES
 from segbook.evaluation.metrics import mean_ignoring_nan
 from segbook.paths import Paths
 from segbook.registry import Registry, load_registry
@@ -40,8 +39,11 @@ from segbook.results import (
     resolve_recipes,
     scale_table,
 )
+from segbook.results.selection import TableError
 from segbook.results.stats import bootstrap_ci
-from segbook.results.tables import TABLES, _cost, Cell, ResultTable, TableError
+from segbook.results.tables import TABLES, sections
+from segbook.results.tables.groups import _cost
+from segbook.results.tables.table import Cell, ResultTable
 from segbook.runs import RunSpec
 
 
@@ -466,8 +468,18 @@ def test_machine_formats_have_separate_counts_and_missing_lists(df) -> None:
     assert r"CT structure\&lesion" in latex[0]
 
 
-def test_table_names_agree_with_the_cli() -> None:
-    assert TABLE_CHOICES == TABLES
+def test_the_table_registry_names_real_builders_and_report_sections() -> None:
+    """The one list of tables: each builder (imported by name when called) is a function, and the report renders
+    each section the registry names."""
+    import importlib
+
+    from segbook.results.report import RENDERERS
+
+    for spec in TABLES:
+        for named in filter(None, (spec.build, spec.stats)):
+            module, _, function = named.target.partition(":")
+            assert callable(getattr(importlib.import_module(module), function)), named
+    assert set(sections()) == set(RENDERERS)
 
 
 def test_model_cost_matches_the_networks() -> None:

@@ -23,7 +23,8 @@ from segbook.results import (case_tests, collect_results, compare_pretrained, da
 from segbook.results.bundles import import_bundle
 from segbook.results.collect import ResultsError, ResultsWarning
 from segbook.results.stats import case_tests_table, significance_table
-from segbook.results.tables import NOISE_MARK, smallest_matching_fraction
+from segbook.results.tables.fractions import smallest_matching_fraction
+from segbook.results.tables.table import NOISE_MARK
 from segbook.runs import RunSpec
 
 #: (task, init, seed) -> Dice of STU-Net base (one label for C, two equal labels for A): seed spread known.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from segbook.cli.results import add_collection_options, collect_from_args, pretrained_recipes, recipes_from_args
+from segbook.cli.results import add_collection_options, collect_from_args, recipes_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,14 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from segbook.paths import Paths
-    from segbook.results import write_report
+    from segbook.results import Selection, write_report
 
     known = recipes_from_args(args)
     df = collect_from_args(args, list(known) if known else None)
     where = args.results_dir or str(Paths.from_env().results)
-    out = write_report(df, args.out, args.metric, args.figures, args.figure_format, args.group_datasets,
-                       args.models, args.init, args.title, description=f"runs from {where}",
-                       recipes=pretrained_recipes(known))
+    out = write_report(df, args.out, Selection.from_args(args, known), args.figures, args.figure_format, args.title,
+                       description=f"runs from {where}")
     figures = f"; figures in {args.figures}" if args.figures else ""
     print(f"wrote {out} ({df['task'].nunique()} datasets, {int(df['evaluated'].sum())} results){figures}")
     return 0

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Sequence, TextIO
 
 from segbook.cli.common import ChoiceList, NameList, add_format_option, add_registry_option, registry_from_args
 from segbook.cli.output import FORMATS
+from segbook.results.tables import DEFAULT_TABLE, NAMES, table_help
 from segbook.runs import INITS, MODELS
 
 if TYPE_CHECKING:
@@ -16,14 +17,8 @@ if TYPE_CHECKING:
 
     from segbook.results import ResultTable
 
-#: segbook.results.tables.TABLES, spelled out so that building the parser does not import pandas.
-TABLE_CHOICES = ("scale", "modality-target", "region", "datasets", "recipes", "fractions")
-#: Statistics tables (segbook.results.stats), printed by name like the tables.
-STATS_TABLE_CHOICES = ("case-tests", "significance", "ranks")
-#: segbook.results.collect.METRICS, spelled out for the same reason.
+#: segbook.results.collect.METRICS, spelled out so that building the parser does not import pandas.
 METRIC_CHOICES = ("dice", "nsd", "iou", "precision", "recall", "hd95")
-#: Tables of their own modules: cost next to accuracy, lesion-wise detection.
-EXTRA_TABLES = ("cost", "lesions")
 
 
 def add_collection_options(parser: argparse.ArgumentParser) -> None:
@@ -72,17 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "datasets lacking a configuration are listed, never averaged in (definitions: "
                     "docs/results.md).")
     add_collection_options(parser)
-    parser.add_argument("--table", choices=(*TABLE_CHOICES, *STATS_TABLE_CHOICES, *EXTRA_TABLES), default="scale",
-                        help="scale (the paper's main table, default), modality-target, region, datasets, recipes "
-                             "(by scale per fine-tuning recipe, against scratch and the segbook recipe), fractions "
-                             "(every training-data fraction per dataset, and the smallest at which pretraining "
-                             "matches scratch on all the data); statistics: case-tests (per dataset, pretrained vs "
-                             "scratch over the test cases, Holm and Benjamini-Hochberg corrected), significance "
-                             "(per scale group, every configuration against every other, one-sided, Holm) or ranks "
-                             "(bootstrap over datasets: how often each configuration ranks first); cost "
-                             "(device-hours, memory, throughput, params, TFLOPs and Delta(PT) per device-hour per "
-                             "configuration) or lesions (lesion sensitivity and false positives per case). Seeds are "
-                             "averaged; all but fractions show the runs on the whole train split")
+    parser.add_argument("--table", choices=NAMES, default=DEFAULT_TABLE, help=table_help())
     parser.add_argument("--stats", action="store_true",
                         help="print pretrained vs scratch statistics for the table's groups instead (recipes: each "
                              "recipe vs scratch and vs segbook): wins/ties/losses, Wilcoxon p-value, bootstrap 95%% "
@@ -108,11 +93,6 @@ def recipes_from_args(args: argparse.Namespace) -> dict[str, str] | None:
     from segbook.results import resolve_recipes
 
     return None if args.recipes is None else resolve_recipes(args.recipes, args.recipe_file)
-
-
-def pretrained_recipes(recipes: dict[str, str] | None) -> list[str] | None:
-    """The recipes the tables show pretrained runs of (scratch runs keep theirs)."""
-    return None if recipes is None else [name for name, init in recipes.items() if init == "pretrained"]
 
 
 def collect_from_args(args: argparse.Namespace, recipes: Sequence[str] | None = None) -> pd.DataFrame:
@@ -144,55 +124,14 @@ def run(args: argparse.Namespace) -> int:
         return run_bundle_import(args)
     if args.import_file:
         return run_import(args)
-    from segbook.results import (ALL_RECIPES, build_table, case_tests, compare_pretrained, compare_recipes,
-                                 recipe_stats_table, stats_table)
+    from segbook.results import ALL_RECIPES, Selection, build_table
+    from segbook.results.tables import table_spec
 
     known = recipes_from_args(args)
-    every = [ALL_RECIPES] if args.table == "recipes" else None
+    every = [ALL_RECIPES] if table_spec(args.table).every_recipe else None
     df = collect_from_args(args, list(known) if known else every)
-    recipes = pretrained_recipes(known)
-    if args.table in EXTRA_TABLES:
-        table = extra_table(df, args, recipes)
-    elif args.stats and args.table == "recipes":
-        table = recipe_stats_table(compare_recipes(df, args.metric, models=args.models, recipes=recipes), args.metric)
-    elif args.table in STATS_TABLE_CHOICES:
-        table = statistics_table(df, args, recipes)
-    elif args.stats:
-        group_by = "all" if args.table in ("datasets", "fractions") else args.table
-        cases = case_tests(df, args.metric, args.models, recipes)
-        comparison = compare_pretrained(df, args.metric, group_by, args.group_datasets, args.models, recipes, cases)
-        table = stats_table(comparison, args.metric, "over all datasets" if group_by == "all" else f"by {group_by}")
-    else:
-        table = build_table(df, args.table, args.metric, args.group_datasets, args.models, args.init, recipes)
-    print_table(table, args.format)
+    print_table(build_table(df, args.table, Selection.from_args(args, known), args.stats), args.format)
     return 0
-
-
-def statistics_table(df: pd.DataFrame, args: argparse.Namespace, recipes: Sequence[str] | None) -> ResultTable:
-    """One of STATS_TABLE_CHOICES."""
-    from segbook.results.stats import (case_tests, case_tests_table, rank_stability, rank_table, significance_map,
-                                       significance_table)
-
-    if args.table == "case-tests":
-        return case_tests_table(case_tests(df, args.metric, args.models, recipes), args.metric)
-    if args.table == "significance":
-        return significance_table(significance_map(df, args.metric, "scale", False, args.models, args.init, recipes))
-    return rank_table(rank_stability(df, args.metric, "scale", False, args.models, args.init, recipes))
-
-
-def extra_table(df: pd.DataFrame, args: argparse.Namespace, recipes: list[str] | None) -> ResultTable:
-    from segbook.errors import SegbookError
-
-    if args.stats:
-        raise SegbookError(f"--stats compares pretrained with scratch per group; it does not apply to --table "
-                           f"{args.table}")
-    if args.table == "cost":
-        from segbook.results.cost import cost_table
-
-        return cost_table(df, args.metric, args.models, args.init, recipes)
-    from segbook.results.lesions import lesion_table
-
-    return lesion_table(df, args.models, args.init, recipes)
 
 
 def run_export(args: argparse.Namespace) -> int:

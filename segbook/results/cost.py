@@ -7,7 +7,7 @@ trained on CUDA: the `device` column says where), the largest peak GPU memory, s
 seconds per test case from `summary.json["cost"]`, parameters and forward TFLOPs of one 128^3 patch (the backbone
 registry's `Backbone.cost`), and the score: the mean over its datasets of the dataset scores (`dataset_scores`).
 Delta(PT) is the paired mean of pretrained minus scratch of the same network (the scratch variant with its shared
-settings, `tables.comparable`) over the datasets that have both with agreeing data and evaluation settings, in
+settings, `configs.comparable`) over the datasets that have both with agreeing data and evaluation settings, in
 points; Delta(PT) per device-hour divides it by the pretrained configuration's mean training device-hours per run.
 """
 
@@ -16,15 +16,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
 from segbook import backbones
 from segbook.results.collect import run_folders
-from segbook.results.tables import (CONFIG_KEYS, DELTA, METRIC_NAMES, SCORE_KEYS, Config, ResultTable, comparable,
-                                    config_label, configurations, dataset_scores, metric_factor, metric_label,
-                                    metric_sign, protocol_note, shows_recipes, variant_profiles, whole_split)
+from segbook.results.configs import DELTA, comparable, config_label, configurations, shows_recipes, variant_profiles
+from segbook.results.scores import (CONFIG_KEYS, METRIC_NAMES, SCORE_KEYS, Config, dataset_scores, metric_factor,
+                                    metric_label, metric_sign, protocol_note, whole_split)
+from segbook.results.selection import Selection
+from segbook.results.tables.table import ResultTable
 from segbook.runs import DEFAULT_RECIPES, MANIFEST, SUMMARY, evaluation_folder
 
 COST_FIELDS = ("device", "device_hours", "gpu_hours", "peak_memory_bytes", "samples_per_second",
@@ -63,11 +65,14 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
-def cost_summary(df: pd.DataFrame, metric: str = "dice", configs: list[Config] | None = None) -> pd.DataFrame:
-    """One row per configuration: its costs, parameters, TFLOPs, score, Delta(PT) and Delta(PT) per device-hour, of
-    the runs on the whole train split (seeds averaged in the scores; HD95's Delta reversed, as in every table)."""
-    df = whole_split(df)
-    configs = configs if configs is not None else configurations(df)
+def cost_summary(df: pd.DataFrame, selection: Selection | str = "dice", configs: list[Config] | None = None,
+                 **choices: Any) -> pd.DataFrame:
+    """One row per configuration (`configs`, else the selection's): its costs, parameters, TFLOPs, score, Delta(PT)
+    and Delta(PT) per device-hour, of the runs on the whole train split (seeds averaged in the scores; HD95's Delta
+    reversed, as in every table)."""
+    selection = Selection.of(selection, **choices)
+    metric, df = selection.metric, whole_split(df)
+    configs = configs if configs is not None else configurations(df, selection)
     costs = run_costs(df)
     scores = dataset_scores(df, metric)
     by_config = {config: dict(zip(group["task"], zip(group["score"], group["basis"])))
@@ -111,13 +116,14 @@ def _delta(by_config: dict[Config, dict[str, tuple[float, str]]], config: Config
     return sum(pairs) / len(pairs) if pairs else math.nan
 
 
-def cost_table(df: pd.DataFrame, metric: str = "dice", models: Sequence[str] | None = None,
-               inits: Sequence[str] | None = None, recipes: Sequence[str] | None = None,
-               configs: list[Config] | None = None, summary: pd.DataFrame | None = None) -> ResultTable:
-    """`segbook results --table cost`: the configurations asked for (`configs`, else `configurations`' choice);
+def cost_table(df: pd.DataFrame, selection: Selection | str = "dice", configs: list[Config] | None = None,
+               summary: pd.DataFrame | None = None, **choices: Any) -> ResultTable:
+    """`segbook results --table cost`: the configurations asked for (`configs`, else the selection's);
     `summary`: their `cost_summary`, when already computed."""
-    configs = configs if configs is not None else configurations(df, models, inits, recipes)
-    summary = summary if summary is not None else cost_summary(df, metric, configs)
+    selection = Selection.of(selection, **choices)
+    metric = selection.metric
+    configs = configs if configs is not None else configurations(df, selection)
+    summary = summary if summary is not None else cost_summary(df, selection, configs)
     named = shows_recipes(configs)
     name = METRIC_NAMES[metric]
     table = ResultTable("cost", f"Cost next to {name}: training, prediction and network size per configuration",

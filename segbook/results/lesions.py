@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
 from segbook.results.collect import LOCAL, run_folders
-from segbook.results.tables import (CONFIG_KEYS, METRIC_NAMES, ResultTable, check_comparable, config_label,
-                                    configurations, protocol_note, shows_recipes, whole_split)
+from segbook.results.configs import config_label, configurations, shows_recipes
+from segbook.results.scores import CONFIG_KEYS, METRIC_NAMES, check_comparable, protocol_note, whole_split
+from segbook.results.selection import Selection
+from segbook.results.tables.table import ResultTable
 from segbook.runs import summary_path
 
 COUNTS = ("lesions_reference", "lesions_detected", "lesions_false_positive", "num_cases")
@@ -45,11 +47,12 @@ def _counts(folder: Path) -> dict[str, float]:
     return {**{key: float(lesions.get(key, math.nan)) for key in COUNTS[:3]}, "num_cases": float(cases)}
 
 
-def lesion_table(df: pd.DataFrame, models: Sequence[str] | None = None, inits: Sequence[str] | None = None,
-                 recipes: Sequence[str] | None = None) -> ResultTable:
+def lesion_table(df: pd.DataFrame, selection: Selection | str = "dice", **choices: Any) -> ResultTable:
+    """The lesion counts of the selection's configurations (the selection's metric does not apply: lesions are
+    counted, and their labels scored by Dice)."""
     check_comparable(df)
     runs, df = df, whole_split(df)
-    configs = configurations(df, models, inits, recipes)
+    configs = configurations(df, Selection.of(selection, **choices))
     named = shows_recipes(configs)
     rows = lesion_rows(df)
     table = ResultTable("lesions", "Lesion-wise detection per dataset with lesion labels",

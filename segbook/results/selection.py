@@ -1,0 +1,54 @@
+"""What a table shows of the collected runs: one value, built once, that every table and statistic reads.
+
+`segbook results` and `segbook report` build it from their options (`Selection.from_args`); Python users build it
+directly or pass its fields as keywords (`Selection.of`). It imports nothing heavy, so the CLI's parser can name it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from segbook.errors import SegbookError
+
+
+class TableError(SegbookError):
+    """A table request that cannot be met (unknown table, metric, model or grouping)."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The metric to score, and which configurations and groups a table shows.
+
+    `models` and `inits` (None: every one present) pick configurations; `recipes` are the pretrained recipes to show
+    (None: those in the frame; scratch runs keep theirs); `group_datasets` groups whole datasets by target in the
+    modality x target grouping instead of splitting structure&lesion datasets by label. Sequences are kept as
+    tuples, so a selection is hashable and never changes under its user.
+    """
+
+    metric: str = "dice"
+    models: tuple[str, ...] | None = None
+    inits: tuple[str, ...] | None = None
+    recipes: tuple[str, ...] | None = None
+    group_datasets: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("models", "inits", "recipes"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+
+    @classmethod
+    def of(cls, selection: Selection | str = "dice", **choices: Any) -> Selection:
+        """One selection from the Python API's two spellings: a `Selection` (with `choices` replacing its fields),
+        or a metric with the other fields as keywords (`scale_table(df, "hd95", models=["base"])`)."""
+        chosen = selection if isinstance(selection, Selection) else cls(selection)
+        return replace(chosen, **choices) if choices else chosen
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, recipes: Mapping[str, str] | None = None) -> Selection:
+        """The options `segbook results` and `segbook report` share; `recipes`: `--recipes` resolved to their
+        initialisations (`segbook.results.resolve_recipes`), of which the tables show the pretrained ones."""
+        pretrained = None if recipes is None else [name for name, init in recipes.items() if init == "pretrained"]
+        return cls(args.metric, args.models, args.init, pretrained, args.group_datasets)
