@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -110,6 +111,9 @@ def loader_throughput(task: str, seconds: float, registry_files: list[str] | Non
     Paths.from_env().export()
     register_with_nnunet()
     entry = load_registry(registry_files).get(task)
+    if registry_files:  # the trainer records the run, its task found in the registry SEGBOOK_REGISTRY names
+        os.environ["SEGBOOK_REGISTRY"] = os.pathsep.join(
+            [*filter(None, os.environ.get("SEGBOOK_REGISTRY", "").split(os.pathsep)), *map(str, registry_files)])
     trainer = get_trainer_from_args(str(entry.dataset_id), "3d_fullres", 0, "SegbookTrainer_tiny_scratch",
                                     device=torch.device("cpu"))
     trainer.initialize()

@@ -32,7 +32,7 @@ from segbook.plan import plan_states, plan_task, preprocessed_version
 from segbook.registry import load_registry
 from segbook.training.checkpoints import read_run_checkpoint
 from segbook.training.manifest import RunManifest
-from segbook.training.trainers import SPLITS, write_crossval_splits
+from segbook.training.trainer_parts.data import SPLITS, write_crossval_splits
 from stunet import create_stunet, write_official_checkpoint
 
 if TYPE_CHECKING:

@@ -130,7 +130,7 @@ def test_cpu_training_autocasts_in_bf16_only_when_asked_and_never_scales(task, p
     trainer.network.eval()
     validation = trainer.validation_step(next(val_loader))
     assert dtypes[-1] == dtype and np.isfinite(validation["loss"])
-    assert trainer._epoch_losses == losses  # segbook's epoch record saw every step
+    assert trainer.boundary.losses == losses  # segbook's epoch record saw every step
 
 
 @pytest.mark.parametrize("precision, bf16_gpu, scaled", [("fp16", True, True), ("auto", False, True),

@@ -187,18 +187,21 @@ def test_existing_run_with_a_checkpoint_needs_continue_or_overwrite(task):
         finetune(task.entry, "base", pretrained=False, settings=settings, device="cpu")
 
 
-def _trainer(task, name: str):
+def _trainer(task, name: str, monkeypatch):
+    """The trainer as nnU-Net's tools make it, with no run.json yet: it records the run, finding the task in the
+    registry that SEGBOOK_REGISTRY names."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
     from segbook.paths import Paths
 
     Paths.from_env().export()
     register_with_nnunet()
+    monkeypatch.setenv("SEGBOOK_REGISTRY", str(task.registry_file))
     return get_trainer_from_args(str(task.entry.dataset_id), "3d_fullres", 0, name, device=torch.device("cpu"))
 
 
-def test_pretrained_body_loaded_heads_fresh_tiled_and_all_parameters_learn(task):
-    trainer = _trainer(task, "SegbookTrainer_tiny_pretrained")
+def test_pretrained_body_loaded_heads_fresh_tiled_and_all_parameters_learn(task, monkeypatch):
+    trainer = _trainer(task, "SegbookTrainer_tiny_pretrained", monkeypatch)
     trainer.settings.weights = str(task.weights)
     trainer.initialize()
     official = read_state_dict(task.weights)
@@ -251,6 +254,59 @@ def test_nnunet_finds_segbook_trainers():
     assert found.__name__ == "SegbookTrainer_large_pretrained" and found.identity.model == "large"
     recipe = recursive_find_trainer_class_by_name("SegbookTrainer_base_pretrained_llrd_seed2")
     assert (recipe.identity.model, recipe.identity.recipe, recipe.identity.seed) == ("base", "llrd", 2)
+
+
+#: A recipe with a budget of one epoch of two iterations: `nnUNetv2_train` takes no budget options, a recipe does.
+SHORT_RECIPE = {"name": "short", "description": "one epoch of two iterations, for tests", "source": "tests",
+                "init": "scratch", "optimizer": {"kind": "sgd", "lr": 1e-2, "weight_decay": 3e-5, "momentum": 0.99,
+                                                 "nesterov": True},
+                "budget": {"epochs": 1, "iterations_per_epoch": 2}}
+
+
+def test_a_run_started_by_nnunetv2_train_is_recorded_as_segbooks_and_evaluates(task, tmp_path):
+    """The documented path (docs/training.md, nnU-Net's own tools): `eval "$(segbook env)"`, then nnU-Net's own
+    `nnUNetv2_train DATASET 3d_fullres all -tr SegbookTrainer_...`. The trainer writes the run record through
+    `runs.identity_fields`, its task found in the registry, so `segbook evaluate --run FOLDER` finds and scores it."""
+    import yaml
+
+    from segbook.paths import Paths
+    from segbook.runs import identity_fields
+
+    recipe_file = tmp_path / "short.yaml"
+    recipe_file.write_text(yaml.safe_dump(SHORT_RECIPE))
+    spec = RunSpec.of(task.entry, "tiny", False, recipe="short")
+    folder = spec.folder(Paths.from_env().results)
+    env = {**os.environ, "SEGBOOK_REGISTRY": str(task.registry_file), "SEGBOOK_RECIPES": str(recipe_file),
+           "PYTHONUNBUFFERED": "1"}
+    nnunetv2_train = Path(sys.executable).with_name("nnUNetv2_train")
+    script = (f'eval "$({sys.executable} -m segbook.cli.main env)" && exec {nnunetv2_train} '
+              f'{task.entry.dataset_id} 3d_fullres all -tr {spec.trainer} -device cpu')
+    trained = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    manifest = RunManifest.load(folder)
+    assert manifest.status == "finished" and manifest.data["request"] == {"via": "nnU-Net"}
+    assert manifest.data["run"] == identity_fields(spec)
+    assert manifest.data["rng_seed"] == spec.identity.rng_seed and len(manifest.data["epochs"]) == 1
+
+    assert main(["evaluate", "--registry", str(task.registry_file), "--run", str(folder), "--device", "cpu"]) == 0
+    summary = json.loads((folder / "evaluation" / "summary.json").read_text())
+    assert summary["run"] == identity_fields(spec) and summary["num_cases"] == task.entry.test_cases
+
+
+def test_a_run_of_a_dataset_the_registry_does_not_know_is_refused_before_it_is_recorded(task):
+    """Started by nnU-Net's tools without the registry file that registers its dataset, a run could not be
+    evaluated nor tabled: the trainer refuses it, saying where segbook looks, and writes no record."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    from segbook.paths import Paths
+
+    Paths.from_env().export()
+    register_with_nnunet()
+    with pytest.raises(SegbookError, match=f"{task.entry.nnunet_name} is not in segbook's registry .* "
+                                           "SEGBOOK_REGISTRY=FILE"):
+        get_trainer_from_args(str(task.entry.dataset_id), "3d_fullres", 1, "SegbookTrainer_tiny_scratch",
+                              device=torch.device("cpu"))
+    assert not (RunSpec.of(task.entry, "tiny", False, 1).folder(Paths.from_env().results) / "run.json").exists()
 
 
 def test_killed_run_continues_from_its_checkpoint(task):

@@ -105,7 +105,7 @@ def unprepared(entry: "DatasetEntry", paths: Paths, folds: Iterable[str], body: 
             which = "" if planner == "default" else f" with the {planner} planner"
             return f"{entry.key} is not prepared ({why}{which}); run {prepare_command(entry)}"
     if any(fold != "all" for fold in folds):
-        from segbook.training.trainers import SPLITS
+        from segbook.training.trainer_parts.data import SPLITS
 
         if not (preprocessed_folder(entry, paths) / SPLITS).is_file():
             return f"{entry.key} has no cross-validation splits ({SPLITS}); run {prepare_command(entry)}"
@@ -169,7 +169,7 @@ def prepare_task(entry: "DatasetEntry", paths: Paths | None = None, *, processes
 def _prepare(entry: "DatasetEntry", paths: Paths, processes: int | None, planners: Sequence[str],
              say: Callable[[str], None]) -> str:
     from segbook.plan import plan_task
-    from segbook.training.trainers import write_crossval_splits
+    from segbook.training.trainer_parts.data import write_crossval_splits
 
     done, wrote = [], False
     for planner in planners:

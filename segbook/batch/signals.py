@@ -6,7 +6,7 @@ passed on to nnU-Net's DDP ranks.
   (SIGINT) or a requeue, it counts against --max-attempts (`segbook.batch.attempts`).
 - While a run trains, the trainer defers SIGINT, SIGTERM and SLURM's warning signal (USR2) to the next iteration
   boundary, saves a checkpoint there, and only then lets the handler installed before training act (submitit's
-  requeue for USR2, `Terminated`, KeyboardInterrupt): see `segbook.training.trainers`.
+  requeue for USR2, `Terminated`, KeyboardInterrupt): see `segbook.training.trainer_parts.stopping`.
 - With nnU-Net's DDP (`--gpus-per-job` > 1) the ranks train in processes of their own, which a signal sent to
   this process alone never reaches. `forwarding_to_ranks()` passes every stop signal on to them as SIGINT (the
   one signal a freshly started Python process turns into an exception rather than dying of), lets them save and

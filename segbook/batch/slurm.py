@@ -27,11 +27,12 @@ so a mistake is one line and nothing is queued. Then (`plan_submission`, which `
 
 Each GPU array task is a `BatchTask` (a `submitit.helpers.Checkpointable`) running the worker's `work` for its job.
 SLURM's warning signal (USR2, `signal_delay_s` before the time limit, or on preemption) reaches submitit's handler
-only through the trainer, which first saves a checkpoint at the next iteration boundary (`segbook.training.trainers`);
-submitit then requeues the task, whose next run resumes mid-epoch. SIGTERM (scancel, a time limit without warning)
-stops the job the same way, without a requeue, and counts as a bad attempt; the SIGTERM that `scontrol requeue`
-sends a task on its way out does not (`_terminate_unless_requeued`), nor does the one of a node failure SLURM
-requeues the job after (`segbook.batch.attempts`). A stop is one line in the task's log, not a traceback.
+only through the trainer, which first saves a checkpoint at the next iteration boundary
+(`segbook.training.trainer_parts.stopping`); submitit then requeues the task, whose next run resumes mid-epoch.
+SIGTERM (scancel, a time limit without warning) stops the job the same way, without a requeue, and counts as a bad
+attempt; the SIGTERM that `scontrol requeue` sends a task on its way out does not (`_terminate_unless_requeued`),
+nor does the one of a node failure SLURM requeues the job after (`segbook.batch.attempts`). A stop is one line in
+the task's log, not a traceback.
 Submissions take turns: one at a time per batch state (`one_submission`), so that two never both send a job. An
 sbatch refusal cancels the arrays this call submitted and becomes one line naming the limit or option
 (`segbook.batch.cluster.submission_error`).
