@@ -36,11 +36,7 @@ from segbook import backbones, fingerprint
 from segbook.results.cells import CELL_KEYS, left_out_notes
 from segbook.results.collect import IMPORTED_PREFIX, LOCAL, LOWER_IS_BETTER, METRICS, default_plans, run_folders
 from segbook.results.excluded import exclusion_notes
-from segbook.runs import DEFAULT_FRACTION, DEFAULT_RECIPES, DEFAULT_SEED, INITS, STUNET_MODELS
-
-#: The paper's configurations in its order: nnU-Net's default network, then each STU-Net size scratch / pretrained.
-CONFIGURATIONS: tuple[tuple[str, str], ...] = (("nnunet", "scratch"),
-                                               *((m, i) for m in STUNET_MODELS for i in ("scratch", "pretrained")))
+from segbook.runs import DEFAULT_FRACTION, DEFAULT_SEED, INITS, default_recipe
 
 
 class _ModelNames(Mapping[str, str]):
@@ -63,16 +59,10 @@ class _ModelNames(Mapping[str, str]):
 MODEL_NAMES: Mapping[str, str] = _ModelNames()
 
 
-def all_configurations() -> list[tuple[str, str]]:
-    """Every (model, init) in table order: the paper's, then each other backbone (ResEnc, users') scratch, then
-    pretrained where it has weights."""
-    others = [(b.name, i) for b in backbones.all_backbones() for i in ("scratch", "pretrained")
-              if (b.name, i) not in CONFIGURATIONS and b.name not in STUNET_MODELS and b.name != "nnunet"
-              and (i == "scratch" or b.pretrainable)]
-    return [*CONFIGURATIONS, *others]
 DELTA = "Delta(PT)"
-DEFAULT_RECIPE = DEFAULT_RECIPES["pretrained"]
-SCRATCH_RECIPE = DEFAULT_RECIPES["scratch"]
+#: SegBook's recipes (`segbook.backbones.STUDY_RECIPES`), which the recipes table's rows are compared with.
+DEFAULT_RECIPE = backbones.STUDY_RECIPES["pretrained"]
+SCRATCH_RECIPE = backbones.STUDY_RECIPES["scratch"]
 #: The recipes table's delta rows: a recipe minus scratch, and minus the default recipe, of the same model.
 VS_SCRATCH = "Delta vs scratch"
 VS_DEFAULT = f"Delta vs {DEFAULT_RECIPE}"
@@ -415,8 +405,8 @@ def configurations(df: pd.DataFrame, models: Sequence[str] | None = None, inits:
     pairs = {(model, init) for model, init, _, _ in present}
     if models or inits:
         models = models or {model for model, _ in pairs}
-        pairs = {(m, i) for m, i in all_configurations() if m in models and i in (inits or INITS)}
-    return [(m, i, r, v) for m, i in all_configurations() if (m, i) in pairs
+        pairs = {(m, i) for m, i in backbones.table_configurations() if m in models and i in (inits or INITS)}
+    return [(m, i, r, v) for m, i in backbones.table_configurations() if (m, i) in pairs
             for r in _recipes_of(present, m, i, recipes)
             for v in sorted({v for *c, v in present if tuple(c) == (m, i, r)} or {""}, key=lambda v: (v != "", v))]
 
@@ -425,7 +415,7 @@ def _recipes_of(present: set[Config], model: str, init: str, recipes: Sequence[s
     if init == "pretrained" and recipes:
         chosen = set(recipes) - {SCRATCH_RECIPE}
     else:
-        chosen = {r for m, i, r, _ in present if (m, i) == (model, init)} or {DEFAULT_RECIPES[init]}
+        chosen = {r for m, i, r, _ in present if (m, i) == (model, init)} or {default_recipe(model, init)}
     return sorted(chosen, key=recipe_order)
 
 
@@ -436,7 +426,7 @@ def recipe_order(name: str) -> tuple[int, str]:
 
 def shows_recipes(configs: Iterable[Config]) -> bool:
     """Whether a table must name recipes: only when one other than the defaults is shown."""
-    return any(recipe != DEFAULT_RECIPES[init] for _, init, recipe, _ in configs)
+    return any(recipe != default_recipe(model, init) for model, init, recipe, _ in configs)
 
 
 def shows_variants(configs: Iterable[Config]) -> bool:
@@ -615,7 +605,7 @@ def delta_cell(lookup: ScoreLookup, members: list[Member], config: Config, basel
 
 def scratch_candidates(config: Config, configs: Sequence[Config]) -> list[Config]:
     """The shown scratch configurations (each variant) of `config`'s network: what its Delta(PT) may be against."""
-    return [c for c in configs if c[:3] == (config[0], "scratch", SCRATCH_RECIPE)]
+    return [c for c in configs if c[:3] == (config[0], "scratch", default_recipe(config[0], "scratch"))]
 
 
 def delta_pairs(configs: Sequence[Config], profiles: Mapping[Config, dict[str, Any]]) -> list[tuple[Config, Config]]:
@@ -725,7 +715,7 @@ def seed_notes(df: pd.DataFrame, metric: str, pairs: Sequence[tuple[Config, Conf
     for config, baseline in pairs:
         noise = seed_noise(df, metric, config, baseline, scores).dropna(subset=["within_noise"])
         if len(noise):
-            label = config_label(config, named or config[2] != DEFAULT_RECIPE)
+            label = config_label(config, named or config[2] != default_recipe(*config[:2]))
             notes.append(f"{label}: {DELTA} within seed noise on {int(noise['within_noise'].sum())} of "
                          f"{len(noise)} datasets (|{DELTA}| <= the larger seed standard deviation of pretrained and "
                          "scratch; per dataset: --table datasets)")
@@ -822,7 +812,7 @@ def _baseline_candidates(config: Config, shown: Sequence[Config]) -> list[tuple[
     """What a recipe may be compared with: its network from scratch, and fine-tuned with the default recipe (when
     that is another recipe and is `shown`), each in the variants shown."""
     model, _, recipe, _ = config
-    scratch = [c for c in shown if c[:3] == (model, "scratch", SCRATCH_RECIPE)]
+    scratch = [c for c in shown if c[:3] == (model, "scratch", default_recipe(model, "scratch"))]
     default = [c for c in shown if c[:3] == (model, "pretrained", DEFAULT_RECIPE)] if recipe != DEFAULT_RECIPE else []
     return [(VS_SCRATCH, scratch), *([(VS_DEFAULT, default)] if default else [])]
 
