@@ -42,8 +42,10 @@ from typing import Any, Callable
 
 from segbook import claims
 from segbook.batch.execute import ExecutionOptions
-from segbook.batch.matrix import Job, build_matrix, counts, survey
+from segbook.batch.jobs import Job
+from segbook.batch.matrix import build_matrix, counts, survey
 from segbook.batch.preparation import prepare_task
+from segbook.batch.rehearsal import REHEARSAL
 from segbook.batch.submissions import SubmittedTask, write_submission
 from segbook.data.folders import raw_folder
 from segbook.data.importer import dataset_json
@@ -121,7 +123,7 @@ def write_matrix(jobs: list[Job], paths: Paths, options: ExecutionOptions, seed:
     for entry in {job.entry.key: job.entry for job in jobs}.values():
         atomic_write_json(raw_folder(entry, paths) / "dataset.json",
                           dataset_json(entry, entry.train_cases, entry.test_cases))
-        prepare_task(entry, paths, body="noop", say=lambda text: None)  # its record, as a preparation leaves it
+        prepare_task(entry, paths, body=REHEARSAL, say=lambda text: None)  # its record, as a preparation leaves it
     states = {}
     for job in jobs:
         draw = rng.random()

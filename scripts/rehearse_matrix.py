@@ -2,7 +2,7 @@
 
 Issue 14's proof at full size. The jobs go through the real submission code (`segbook.batch.slurm.submit_slurm`:
 preparation array, arrays split to --max-array-size and interleaved by task, afterany dependencies, claims,
-attempts, manifests, states); only training and preprocessing are no-ops (`ExecutionOptions(body="noop")`,
+attempts, manifests, states); only training and preprocessing are no-ops (`ExecutionOptions(body=REHEARSAL)`,
 `segbook.batch.rehearsal`), so a task needs nothing but its `dataset.json`, which this script writes for every task
 of the selection (from the built-in registry) in a work folder of its own. Pretrained jobs are given a placeholder
 checkpoint file: a rehearsal reads no weights (`submit_slurm` checks checkpoints only for jobs that train).
@@ -48,8 +48,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from segbook.batch.execute import ExecutionOptions
-from segbook.batch.matrix import Job, build_matrix, counts, survey
+from segbook.batch.jobs import Job
+from segbook.batch.matrix import build_matrix, counts, survey
 from segbook.batch.preparation import read_records
+from segbook.batch.rehearsal import REHEARSAL
 from segbook.batch.slurm import SUBMITTING, PrepareSlurmOptions, SlurmOptions, submit_slurm
 from segbook.batch.submissions import PREPARE_RECORD, SUBMISSION_RECORD, submissions_folder
 from segbook.claims import claim_records, latest
@@ -60,8 +62,8 @@ from segbook.paths import Paths
 from segbook.registry import DatasetEntry, load_registry
 from segbook.squeue import squeue_states
 
-#: What a job's SLURM task returns when it rehearsed the job (`rehearse_job`), not when it found it done already.
-REHEARSED = "rehearsed (nothing trained)"
+#: What a job's SLURM task returns when it rehearsed the job, not when it found it done already.
+REHEARSED = REHEARSAL.done
 POLL_S = 5.0
 
 
@@ -138,7 +140,7 @@ def submit(jobs: list[Job], args: argparse.Namespace, paths: Paths,
     placeholder = paths.home / "rehearsal-weights.model"
     placeholder.parent.mkdir(parents=True, exist_ok=True)
     placeholder.write_text("a rehearsal reads no weights\n")
-    options = ExecutionOptions.create(weights=placeholder, device="cpu", body="noop")
+    options = ExecutionOptions.create(weights=placeholder, device="cpu", body=REHEARSAL)
     extra = (f"nice={args.nice}",) if args.nice is not None else ()
     slurm = SlurmOptions(partition=args.partition, time="10", cpus_per_job=1, mem="200M", extra_sbatch=extra,
                          max_array_size=args.max_array_size, array_parallelism=args.array_parallelism,

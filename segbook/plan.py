@@ -35,12 +35,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from segbook.backbones import PLANNERS, Planner
 from segbook.data.folders import (check_not_in_use, dataset_claim, is_imported, preprocessed_folder, raw_folder,
                                   repair_if_free)
 from segbook.errors import SegbookError
 from segbook.io import atomic_write_json, now
 from segbook.paths import Paths
-from segbook.reference_plans import PAPER_PLANS, compare_plans, describe_comparison, has_reference, reference_planner
+from segbook.reference_plans import compare_plans, describe_comparison, has_reference, reference_planner
 
 if TYPE_CHECKING:
     from segbook.registry import DatasetEntry
@@ -48,22 +49,8 @@ if TYPE_CHECKING:
 CONFIGURATION = "3d_fullres"
 PLAN_RECORD = "segbook_plan.json"
 PLAN_LOG = "segbook_plan.log"
-REFERENCE = "reference"
-
-_PLANNER_MODULES = {
-    "default": "nnunetv2.experiment_planning.experiment_planners.default_experiment_planner",
-    "resenc": "nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners",
-}
-#: Our planner names -> (module key, nnU-Net planner class, plans identifier). `paper` and `paper-zscore` are
-#: nnU-Net's ExperimentPlanner at the SegBook authors' patch size and spacing (`segbook.reference_plans`).
-PLANNERS: dict[str, tuple[str, str, str]] = {
-    "default": ("default", "ExperimentPlanner", "nnUNetPlans"),
-    "resenc-m": ("resenc", "nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans"),
-    "resenc-l": ("resenc", "nnUNetPlannerResEncL", "nnUNetResEncUNetLPlans"),
-    "resenc-xl": ("resenc", "nnUNetPlannerResEncXL", "nnUNetResEncUNetXLPlans"),
-    **{name: (REFERENCE, "ExperimentPlanner at the authors' patch size and spacing", identifier)
-       for name, (identifier, _) in PAPER_PLANS.items()},
-}
+#: How the log names the SegBook authors' variants of nnU-Net's planner (`Planner.nnunet_class` None).
+REFERENCE_PLANNER = "ExperimentPlanner at the authors' patch size and spacing"
 
 
 @dataclass(frozen=True)
@@ -105,7 +92,8 @@ class PlanResult:
         ])
 
 
-def _planner(name: str) -> tuple[str, str, str]:
+def _planner(name: str) -> Planner:
+    """The planner of a name (`segbook.backbones.PLANNERS`, which say the plans each writes)."""
     try:
         return PLANNERS[name]
     except KeyError:
@@ -113,18 +101,18 @@ def _planner(name: str) -> tuple[str, str, str]:
 
 
 def plans_identifier(planner: str = "default") -> str:
-    return _planner(planner)[2]
+    return _planner(planner).plans
 
 
 def check_planner(entry: DatasetEntry, planner: str) -> str:
     """The plans identifier of `planner` for this task; SegbookError (before anything is planned or written) for
     an unknown planner, or for `paper` plans of a dataset whose registry entry lacks the authors' plans."""
-    module_key, _, identifier = _planner(planner)
-    if module_key == REFERENCE and not has_reference(entry):
+    chosen = _planner(planner)
+    if chosen.nnunet_class is None and not has_reference(entry):
         raise SegbookError(f"{entry.key}: the registry holds no reference_patch_size and reference_spacing (the "
                            f"SegBook authors' plans), so there are no --plans {planner} to make; add them to the "
                            "dataset's registry entry (docs/registry.md)")
-    return identifier
+    return chosen.plans
 
 
 def recorded_comparisons(entry: DatasetEntry, paths: Paths | None = None) -> dict[str, dict[str, Any]]:
@@ -133,8 +121,8 @@ def recorded_comparisons(entry: DatasetEntry, paths: Paths | None = None) -> dic
     paths = paths or Paths.from_env()
     record = _read_record(preprocessed_folder(entry, paths))
     states = plan_states(entry, paths)
-    return {name: record["plans"][identifier]["comparison"] for name, (_, _, identifier) in PLANNERS.items()
-            if states.get(name) == "preprocessed" and "comparison" in record["plans"][identifier]}
+    return {name: record["plans"][planner.plans]["comparison"] for name, planner in PLANNERS.items()
+            if states.get(name) == "preprocessed" and "comparison" in record["plans"][planner.plans]}
 
 
 def raw_stamp(entry: DatasetEntry, paths: Paths) -> str:
@@ -178,9 +166,9 @@ def plan_states(entry: DatasetEntry, paths: Paths | None = None) -> dict[str, st
         return {}
     current = record.get("raw_stamp") == raw_stamp(entry, paths)
     states = {}
-    for name, (_, _, identifier) in PLANNERS.items():
-        if identifier in record.get("plans", {}):
-            states[name] = "preprocessed" if current and _is_complete(folder, record, identifier) else "stale"
+    for name, planner in PLANNERS.items():
+        if planner.plans in record.get("plans", {}):
+            states[name] = "preprocessed" if current and _is_complete(folder, record, planner.plans) else "stale"
     return states
 
 
@@ -275,7 +263,7 @@ def plan_task(entry: DatasetEntry, paths: Paths | None = None, num_processes: in
 def _build(entry: DatasetEntry, paths: Paths, planner: str, stamp: str, record: dict[str, Any], processes: int,
            force: bool, progress: bool, say: Callable[[str], None], fingerprint_samples: int | None) -> None:
     """Preprocess into a hidden sibling folder, check it, then swap it in for the current one."""
-    _, _, identifier = _planner(planner)
+    identifier = plans_identifier(planner)
     folder = preprocessed_folder(entry, paths)
     token = uuid.uuid4().hex[:12]
     staging = folder.with_name(f".{folder.name}.{token}.partial")
@@ -427,7 +415,9 @@ def _run_nnunet(entry: DatasetEntry, planner: str, folder: Path, processes: int,
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    _, class_name, identifier = _planner(planner)
+    chosen = _planner(planner)
+    class_name = chosen.nnunet_class.rpartition(":")[2] if chosen.nnunet_class else REFERENCE_PLANNER
+    identifier = chosen.plans
     name = entry.nnunet_name
     with _nnunet_output(folder / PLAN_LOG):
         if force or not (folder / "dataset_fingerprint.json").is_file():
@@ -453,10 +443,11 @@ def _run_nnunet(entry: DatasetEntry, planner: str, folder: Path, processes: int,
 
 def _make_planner(entry: DatasetEntry, planner: str):
     """The nnU-Net planner object of `planner`, for the task's dataset."""
-    module_key, class_name, identifier = _planner(planner)
-    if module_key == REFERENCE:
-        return reference_planner(entry, entry.nnunet_name, identifier, zscore=PAPER_PLANS[planner][1])
-    return getattr(importlib.import_module(_PLANNER_MODULES[module_key]), class_name)(entry.nnunet_name)
+    chosen = _planner(planner)
+    if chosen.nnunet_class is None:
+        return reference_planner(entry, entry.nnunet_name, chosen.plans, zscore=chosen.zscore)
+    module, _, class_name = chosen.nnunet_class.partition(":")
+    return getattr(importlib.import_module(module), class_name)(entry.nnunet_name)
 
 
 @contextlib.contextmanager

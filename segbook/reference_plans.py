@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
+from segbook.backbones import PLANNERS
+
 if TYPE_CHECKING:
     from segbook.registry import DatasetEntry
 
@@ -25,8 +27,6 @@ if TYPE_CHECKING:
 MIN_FEATURE_MAP_EDGE = 4
 #: Pooling is limited by the patch alone (nnU-Net passes 999999 as the maximum number of poolings).
 UNLIMITED_POOLINGS = 999999
-#: The plans made with the authors' patch and spacing: planner name -> (plans identifier, z-score for CT).
-PAPER_PLANS = {"paper": ("SegbookPaperPlans", False), "paper-zscore": ("SegbookPaperZScorePlans", True)}
 #: Compared fields, as printed.
 FIELDS = {"patch_size": "patch size", "spacing": "spacing", "stages": "stages"}
 
@@ -84,7 +84,7 @@ def describe_comparison(comparison: dict[str, Any], indent: str = "  ") -> list[
         derived = " (derived)" if name == "stages" else ""
         lines.append(f"{indent}  {label:<12} {str(mine[name]):<{width}} {authors[name]}{derived}")
     differs = ", ".join(FIELDS[name] for name in comparison["differs"])
-    paper = comparison["plans"] in {identifier for identifier, _ in PAPER_PLANS.values()}
+    paper = comparison["plans"] in {p.plans for p in PLANNERS.values() if p.nnunet_class is None}
     advice = "nnU-Net changed the authors' patch to fit its GPU memory target or pooling" if paper else \
         "`--plans paper` plans with the authors' patch size and spacing"
     lines.append(f"{indent}  differs: {differs}; {advice}" if differs else f"{indent}  the same as the authors'")

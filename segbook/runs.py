@@ -28,15 +28,12 @@ if TYPE_CHECKING:
     from segbook.registry import DatasetEntry, Registry
 
 #: The built-in models (`segbook.backbones`); users' backbones add theirs (`backbones.model_names()`).
-STUNET_MODELS = tuple(b.name for b in backbones.BUILTIN if b.family == "STU-Net")
 MODELS = backbones.builtin_names()
 INITS = ("pretrained", "scratch")
 FOLDS = ("all", "0", "1", "2", "3", "4")
 CONFIGURATION = "3d_fullres"
-DEFAULT_PLANS = "nnUNetPlans"
+DEFAULT_PLANS = backbones.PLANNERS["default"].plans  # nnUNetPlans
 TRAINER_PREFIX = "SegbookTrainer"
-#: The recipe a run gets when it names none: SegBook's fine-tuning, and nnU-Net's schedule from scratch.
-DEFAULT_RECIPES = {"pretrained": "segbook", "scratch": "scratch"}
 DEFAULT_SEED = 0
 DEFAULT_FRACTION = 1.0
 #: The random-number seed of a run with seed 0. Before seeds were part of a run's identity every run seeded Python,
@@ -71,8 +68,10 @@ def valid_combinations() -> list[tuple[str, str]]:
 
 
 def default_recipe(model: str, init: str) -> str:
-    """The recipe a run of `model` gets when it names none (its backbone's; SegBook's for every built-in one)."""
-    return backbones.get(model).default_recipe(init)
+    """The recipe a run of `model` gets when it names none: its backbone's (`Backbone.default_recipes`; the study's,
+    `backbones.STUDY_RECIPES`, for every built-in one, and for a model no longer registered, whose runs the results
+    may still hold)."""
+    return backbones.get(model).default_recipe(init) if backbones.is_known(model) else backbones.STUDY_RECIPES[init]
 
 
 @dataclass(frozen=True)

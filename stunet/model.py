@@ -61,25 +61,6 @@ def _stage(in_channels: int, out_channels: int, blocks: int, stride: Stride = (1
     return nn.Sequential(first, *rest)
 
 
-#: How fine-tuning recipes address STU-Net's parameters: by part, and the encoder by stage (0: the stem's
-#: resolution, 5: the deepest), from the official module names.
-ENCODER, DECODER, HEADS = "encoder", "decoder", "heads"
-PART_PREFIXES = {ENCODER: ("conv_blocks_context.",), DECODER: ("upsample_layers.", "conv_blocks_localization."),
-                 HEADS: ("seg_outputs.",)}
-ENCODER_STAGES = 6
-
-
-def part_of(parameter: str) -> tuple[str, int | None]:
-    """(part, encoder stage or None) of a parameter name, e.g. `conv_blocks_context.3.0.conv1.weight` ->
-    ("encoder", 3). Names inside LoRA wrappers (`...conv1.base_layer.weight`) belong where their layer does."""
-    for part, prefixes in PART_PREFIXES.items():
-        if parameter.startswith(prefixes):
-            stage = int(parameter.split(".")[1]) if part == ENCODER else None
-            return part, stage
-    raise ValueError(f"{parameter!r} is not a parameter of STU-Net (expected one of "
-                     f"{', '.join(p for ps in PART_PREFIXES.values() for p in ps)}...)")
-
-
 class STUNet(nn.Module):
     """STU-Net with five downsampling strides and five deep-supervision heads.
 

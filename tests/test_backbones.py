@@ -65,6 +65,9 @@ def test_nnunet_trainer_lookup_finds_a_hyphenated_model_name():
     assert found.__name__ == "SegbookTrainer_resenc-l_pretrained"
     assert found.identity == Identity("resenc-l", "pretrained")
     assert found.__mro__[1].__name__ == "BackboneTrainer"
+    from segbook.training.trainers import STUNetTrainer, trainer_class
+
+    assert trainer_class("SegbookTrainer_large_pretrained").__mro__[1] is STUNetTrainer  # its backbone's `trainer`
 
 
 def test_resenc_is_the_network_nnunet_builds_from_the_same_plans(task):
@@ -303,6 +306,100 @@ def test_a_batch_mixing_backbones_checks_each_models_weights_before_anything_run
     with pytest.raises(WeightsProblem, match="holds"):  # the reference ResEnc-L: not the tiny task's stages
         check_weights(resenc, ExecutionOptions.create(weights=[f"resenc-l={deeper}"]).weights_for, paths,
                       say=lambda line: None)
+
+
+#: A user's backbone that declares what the built-in ones do: its own default recipe for fine-tuning, parts with six
+#: encoder stages (so layer-wise decay fits it), a table position and a colour.
+LAB_NET = """
+from torch import nn
+
+from segbook.backbones import Backbone, Parts
+
+
+class LabNet(nn.Module):
+    def __init__(self, channels, classes):
+        super().__init__()
+        self.encoder = nn.ModuleList([nn.Conv3d(channels if stage == 0 else 4, 4, 3, padding=1) for stage in range(6)])
+        self.decoder = nn.Conv3d(4, 4, 1)
+        self.head = nn.Conv3d(4, classes, 1)
+
+    def forward(self, x):
+        for stage in self.encoder:
+            x = stage(x)
+        return self.head(self.decoder(x))
+
+
+def build(model, configuration, input_channels, num_classes, deep_supervision):
+    return LabNet(input_channels, num_classes)
+
+
+BACKBONES = [Backbone(name="lab-net", family="My lab", title="Lab-Net", build=build, deep_supervision=False,
+                      default_recipes=(("pretrained", "frozen-encoder"), ("scratch", "scratch")),
+                      parts=Parts(("encoder.",), ("decoder.",), ("head.",), encoder_stages=6),
+                      first_conv=("encoder.0.weight",), classifier="head", checkpoint_formats=("state_dict",),
+                      table_order=-1, colour="#123456")]
+"""
+
+
+@pytest.fixture
+def lab_net(tmp_path, monkeypatch):
+    """LAB_NET's file, loaded into a copy of the registry that the test's end restores."""
+    monkeypatch.setattr(backbones, "_registry", backbones._Registry(dict(backbones._registry.backbones)))
+    monkeypatch.delenv(backbones.FILES_VARIABLE, raising=False)
+    path = tmp_path / "lab_net.py"
+    path.write_text(LAB_NET)
+    backbones.load_backbone_file(path)
+    return path
+
+
+def test_a_user_backbone_is_a_full_citizen(lab_net, segbook_home, tmp_path, capsys):
+    """Its own default recipe names its runs the same in `finetune` and in a batch, its estimate is counted from its
+    network, its parts give recipes their stages, and the results tables show it where and as it says."""
+    import warnings
+
+    from store_helpers import write_evaluated_run
+    from test_results import A, write_registry
+
+    from segbook.batch.estimate import estimate_jobs
+    from segbook.batch.execute import ExecutionOptions
+    from segbook.batch.matrix import build_matrix
+    from segbook.cli.main import main
+    from segbook.paths import Paths
+    from segbook.registry import load_registry
+    from segbook.results import collect_results, scale_table
+    from segbook.results.collect import ResultsWarning
+    from segbook.runs import RunSpec
+
+    registry = load_registry()
+    entry = registry.get("613")
+    jobs = build_matrix(registry, "613", models="lab-net")
+    assert [(j.spec.init, j.spec.recipe, j.spec.trainer) for j in jobs] == [
+        ("pretrained", "frozen-encoder", "SegbookTrainer_lab-net_pretrained"),
+        ("scratch", "scratch", "SegbookTrainer_lab-net_scratch")]
+    assert [j.spec.trainer for j in jobs] == [RunSpec.of(entry, "lab-net", init).trainer  # what finetune names
+                                              for init in ("pretrained", "scratch")]
+    (segbook,) = build_matrix(registry, "613", models="lab-net", inits="pretrained", recipes="segbook")
+    assert segbook.spec.trainer == "SegbookTrainer_lab-net_pretrained_segbook"
+    assert main(["batch", "plan", "--backbone-file", str(lab_net), "--tasks", "613", "--models", "lab-net",
+                 "--format", "json"]) == 0
+    planned = json.loads(capsys.readouterr().out)["jobs"]
+    assert [row["job"] for row in planned] == [j.id for j in jobs] and all(row["gpu_hours"] for row in planned)
+    estimates = estimate_jobs(jobs, ExecutionOptions().settings_for, Paths.from_env())
+    assert all(e is not None and e.forward_flops > 0 for e in estimates.values())
+
+    parts = backbones.get("lab-net").parts
+    assert parts.part_of("encoder.3.weight") == ("encoder", 3) and parts.part_of("head.bias") == ("heads", None)
+    get_recipe("llrd", "pretrained").check_fits("lab-net", "pretrained")
+
+    store = Paths.from_env(), load_registry([write_registry(tmp_path / "registry.yaml")])
+    for model, init, dice in (("lab-net", "scratch", 0.6), ("lab-net", "pretrained", 0.7), ("base", "scratch", 0.5)):
+        write_evaluated_run(store[0].results, store[1], A, model, init, dice)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResultsWarning)  # its default recipe's runs are the ones shown, unasked
+        table = scale_table(collect_results(*store))
+    assert [tuple(row[:2]) for row in table.rows] == [("lab-net", "scratch"), ("lab-net", "pretrained"),
+                                                      ("lab-net", "Delta(PT)"), ("base", "scratch")]
+    assert table.display["model"]["lab-net"] == "Lab-Net" and backbones.colour("lab-net") == "#123456"
 
 
 def test_an_installed_package_adds_backbones_through_the_entry_point_group(tmp_path, monkeypatch):

@@ -23,11 +23,12 @@ import segbook.batch.matrix
 import segbook.training.manifest
 from segbook import claims
 from segbook.batch.estimate import ForwardFlops, estimate_job, estimate_jobs, task_geometry
-from segbook.batch.execute import ExecutionOptions
+from segbook.batch.execute import TRAINING, ExecutionOptions
 from segbook.batch.forecast import forecast
 from segbook.batch.local import LocalOptions
 from segbook.batch.matrix import (MatrixError, build_matrix, in_states, job_from_id, job_status, several_recipes,
                                   survey)
+from segbook.batch.rehearsal import REHEARSAL
 from segbook.batch.retry import failed_jobs, reset_failed
 from segbook.batch.slurm import SlurmOptions, submit_slurm, time_minutes
 from segbook.batch.worker import EXIT_BUSY, EXIT_FAILED, result_of, worker_command
@@ -349,6 +350,9 @@ def test_options_for_workers_and_sbatch(tmp_path, monkeypatch):
     assert ExecutionOptions.from_json(ExecutionOptions(threads=2).to_json()).threads == 2
     with pytest.raises(OptionError, match="unknown job body 'sleep'; choose one of train, noop"):
         ExecutionOptions(body="sleep").validate()
+    rehearsal = ExecutionOptions(body="noop")  # the body is an object, named in the JSON a worker reads back
+    assert rehearsal.body is REHEARSAL and json.loads(rehearsal.to_json())["body"] == "noop"
+    assert ExecutionOptions.from_json(rehearsal.to_json()).body is REHEARSAL and ExecutionOptions().body is TRAINING
 
     assert [time_minutes(t) for t in ("48:00:00", "2-00:00:00", "90", "1:30", "1-2", "0:0:59")] == [
         2880, 2880, 90, 2, 1560, 1]
@@ -450,20 +454,15 @@ def test_a_duplicate_that_finds_its_job_done_or_failed_claims_nothing_and_counts
 
 # --- module structure ---------------------------------------------------------------------------------------------
 
-#: segbook.batch's modules, each importing (at the top, or inside a function) only modules listed before it;
-#: imports for type checking only do not count (as in tests/test_imports.py).
-BATCH_LAYERS = ("signals", "cluster", "rehearsal", "submissions", "attempts", "preparation", "matrix", "estimate",
-                "weights", "execute", "retry", "worker", "forecast", "local", "slurm")
+#: segbook.batch's modules, each importing (at the top, inside a function, or for type checking only) only modules
+#: listed before it (as in tests/test_imports.py).
+BATCH_LAYERS = ("signals", "cluster", "submissions", "attempts", "jobs", "preparation", "rehearsal", "matrix",
+                "estimate", "weights", "execute", "retry", "worker", "forecast", "local", "slurm")
 
 
 def _batch_imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    typing_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If) and "TYPE_CHECKING" in
-                   ast.unparse(block.test) for statement in block.body for node in ast.walk(statement)}
     names = set()
-    for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("segbook.batch."):
             names.add(node.module.removeprefix("segbook.batch."))
         elif isinstance(node, ast.Import):

@@ -17,6 +17,7 @@ import torch
 import yaml
 from helpers import planned_tiny_task
 
+from segbook import backbones
 from segbook.cli.main import main
 from segbook.evaluation.evaluate import evaluate_run
 from segbook.paths import Paths
@@ -27,7 +28,9 @@ from segbook.training.finetune import finetune
 from segbook.training.manifest import RunManifest
 from segbook.training.settings import TrainingSettings
 from stunet import read_state_dict
-from stunet.model import part_of
+
+#: (part, encoder stage) of an STU-Net parameter, as its backbone says.
+part_of = backbones.get("tiny").parts.part_of
 
 TINY = dict(iterations_per_epoch=2, val_iterations_per_epoch=1, checkpoint_every=1)
 PHASED = {"name": "heads-then-all", "description": "heads alone for half the budget, then everything",

@@ -371,7 +371,8 @@ class _Steps:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR2], ids=lambda s: s.name)
 def test_a_stop_signal_saves_at_the_next_iteration_and_the_resume_finishes_that_epoch(task, fresh, monkeypatch,
                                                                                        signum):
-    from segbook.batch.matrix import Job, job_status
+    from segbook.batch.jobs import Job
+    from segbook.batch.matrix import job_status
 
     settings = TrainingSettings(epochs=STOP_EPOCHS, iterations_per_epoch=STOP_ITERATIONS, val_iterations_per_epoch=1,
                                 checkpoint_every=100)

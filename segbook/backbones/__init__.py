@@ -2,10 +2,13 @@
 planned, built, split into parts for recipes and initialised from a checkpoint.
 
 A `Backbone` is data: its model name (the one in trainer names and job ids), its family and table row, the nnU-Net
-planner and plans identifier it trains on, its builder, its deep-supervision outputs, its default recipes, the
-parts recipes address, the layers fine-tuning adapts (`first_conv`) and replaces (`classifier`), the checkpoint
-formats it reads and its catalogued pretrained file. This module needs no torch (run identity, tables and
-`segbook --help` ask it for names); building and loading are in `segbook.backbones.models`.
+planner it trains on (`PLANNERS` says the plans each writes), its builder, its deep-supervision outputs, its default
+recipes, the parts recipes address and their stages, the layers fine-tuning adapts (`first_conv`) and replaces
+(`classifier`), the checkpoint formats it reads and its catalogued pretrained file, the network its GPU-hours are
+estimated from, its trainer class, and its place and colour in tables and figures. No other module branches on a
+model's name or family: each asks its backbone, so a user's backbone is a full citizen everywhere. This module needs
+no torch (run identity, tables and `segbook --help` ask it for names); building and loading are in
+`segbook.backbones.models`.
 
 Built in: STU-Net tiny..huge (TotalSegmentator checkpoints), nnU-Net's default network (`nnunet`, scratch only) and
 nnU-Net's residual-encoder U-Nets `resenc-m` and `resenc-l` (planned by nnUNetPlannerResEncM/L, built by nnU-Net's
@@ -52,6 +55,35 @@ FORMAT_READERS: dict[str, str] = {
 FORMAT_ADAPTERS: dict[str, str] = {
     "nnssl": "segbook.backbones.nnssl:adapt_for_fine_tuning",
 }
+#: The SegBook study's recipes: the paper's fine-tuning, and nnU-Net's schedule from scratch. What a backbone trains
+#: when a run names no recipe unless it declares its own (`Backbone.default_recipes`; every built-in one takes
+#: these); the recipes table compares other recipes with the study's.
+STUDY_RECIPES: dict[str, str] = {"pretrained": "segbook", "scratch": "scratch"}
+
+
+@dataclass(frozen=True)
+class Planner:
+    """An nnU-Net experiment planner (a `segbook plan --planner` name) and the plans identifier its plans are saved
+    under. `nnunet_class` is nnU-Net's planner, "module:Class"; None for the SegBook authors' variants of nnU-Net's
+    default planner, at their patch size and spacing (`segbook.reference_plans`; `zscore`: normalising CT per image
+    too, as the pretraining did)."""
+
+    plans: str
+    nnunet_class: str | None = None
+    zscore: bool = False
+
+
+_NNUNET_PLANNERS = "nnunetv2.experiment_planning.experiment_planners."
+_RESENC_PLANNERS = f"{_NNUNET_PLANNERS}residual_unets.residual_encoder_unet_planners:nnUNetPlannerResEnc"
+#: Every planner a task can be planned by, and so the plans a backbone trains on (`Backbone.planner`); `segbook.plan`
+#: runs them.
+PLANNERS: dict[str, Planner] = {
+    "default": Planner("nnUNetPlans", f"{_NNUNET_PLANNERS}default_experiment_planner:ExperimentPlanner"),
+    **{f"resenc-{size.lower()}": Planner(f"nnUNetResEncUNet{size}Plans", f"{_RESENC_PLANNERS}{size}")
+       for size in ("M", "L", "XL")},
+    "paper": Planner("SegbookPaperPlans"),
+    "paper-zscore": Planner("SegbookPaperZScorePlans", zscore=True),
+}
 
 
 class BackboneError(SegbookError):
@@ -60,20 +92,33 @@ class BackboneError(SegbookError):
 
 @dataclass(frozen=True)
 class Parts:
-    """The parameter-name prefixes of the parts recipes address. `encoder_stages` is the number of encoder stages
-    when it is fixed (layer-wise rate decay needs it), None when the plans decide it."""
+    """The parameter-name prefixes of the parts recipes address (what they freeze, or train at rates of their own).
+    `encoder_stages` is the number of encoder stages when it is fixed (layer-wise rate decay needs it), None when
+    the plans decide it; where it is fixed, an encoder parameter's name goes on from its prefix with its stage, from
+    0 (the stem's resolution) to the deepest (`conv_blocks_context.3.0.conv1.weight`: stage 3)."""
 
     encoder: tuple[str, ...]
     decoder: tuple[str, ...]
     heads: tuple[str, ...]
     encoder_stages: int | None = None
 
-    def part_of(self, name: str) -> str:
+    def part_of(self, name: str) -> tuple[str, int | None]:
+        """(part, encoder stage or None) of a parameter. Names inside LoRA's wrappers
+        (`...conv1.base_layer.weight`) belong where their layer does."""
         for part, prefixes in ((HEADS, self.heads), (ENCODER, self.encoder), (DECODER, self.decoder)):
-            if name.startswith(prefixes):
-                return part
+            prefix = next((p for p in prefixes if name.startswith(p)), None)
+            if prefix is not None:
+                return part, self._stage(name, prefix) if part == ENCODER else None
         raise BackboneError(f"parameter {name} belongs to no part (encoder {self.encoder}, decoder "
                             f"{self.decoder}, heads {self.heads})")
+
+    def _stage(self, name: str, prefix: str) -> int | None:
+        if self.encoder_stages is None:
+            return None
+        stage = name[len(prefix):].split(".")[0]
+        if not stage.isdigit() or int(stage) >= self.encoder_stages:
+            raise BackboneError(f"encoder parameter {name} names no stage 0-{self.encoder_stages - 1} after {prefix}")
+        return int(stage)
 
 
 @dataclass(frozen=True)
@@ -83,20 +128,26 @@ class Backbone:
     `build` is "module:function" or a callable `(model, configuration, input_channels, num_classes,
     deep_supervision) -> nn.Module`, `configuration` being nnU-Net's `ConfigurationManager` of the task's plans, or
     None for the backbone's reference architecture (what its checkpoints were pretrained as); None as `build` means
-    nnU-Net's own builder from the plans (`get_network_from_plans`). `checkpoint_formats` are keys of
-    `FORMAT_READERS`; empty means the backbone trains from scratch only. `aliases` map key prefixes that name the same
-    tensors twice in a state_dict (dynamic_network_architectures' decoder holds the encoder) to their canonical
-    prefix, so a checkpoint need not repeat them.
+    nnU-Net's own builder from the plans (`get_network_from_plans`). `planner` is a key of `PLANNERS`, which says the
+    plans it writes. `checkpoint_formats` are keys of `FORMAT_READERS`; empty means the backbone trains from scratch
+    only. `aliases` map key prefixes that name the same tensors twice in a state_dict (dynamic_network_architectures'
+    decoder holds the encoder) to their canonical prefix, so a checkpoint need not repeat them.
+
+    Every other module asks the backbone rather than its name or family: its default recipe of each initialisation
+    (trainer names, batch jobs and the results' default runs follow it), its parts and their stages (recipes), its
+    plans (runs, preparation), the network its GPU-hours are estimated from (`cost_network`), the trainer class that
+    trains it (`trainer`), and its place and colour in tables and figures.
     """
 
     name: str
     family: str
     title: str
     planner: str = "default"
-    plans: str = "nnUNetPlans"
     build: str | Callable[..., Any] | None = None
     deep_supervision: bool = True
-    default_recipes: tuple[tuple[str, str], ...] = (("pretrained", "segbook"), ("scratch", "scratch"))
+    #: The recipe of a run that names none, for each initialisation (`segbook.runs.Identity`): run names leave it
+    #: out, batches train it unless given --recipes, and the results show its runs unless asked for others.
+    default_recipes: tuple[tuple[str, str], ...] = tuple(STUDY_RECIPES.items())
     parts: Parts | None = None
     first_conv: tuple[str, ...] = ()
     classifier: str = ""
@@ -114,6 +165,19 @@ class Backbone:
     source: str = "built in"
     #: The backbone in a sentence ("STU-Net large", "nnU-Net's default network"); default: its title.
     label: str = ""
+    #: "module:function" or a callable `(model, patch, strides, input_channels, num_classes) -> nn.Module`: the
+    #: network whose FLOPs estimate a job's GPU-hours, at a patch and nnU-Net's strides (a task's plans, or its
+    #: reference patch before planning); None: the reference architecture (`build` without plans).
+    cost_network: str | Callable[..., Any] | None = None
+    #: "module:Class" of the nnU-Net trainer its runs train with (a subclass of
+    #: `segbook.training.trainers.BackboneTrainer`); None: that one.
+    trainer: str | None = None
+    #: Where its rows go in tables and figures: lower first, equal ones in registry order.
+    table_order: int = 1
+    #: Its colour in the report's figures ("#rrggbb"); empty: one of `OTHER_COLOURS`, chosen by its name.
+    colour: str = ""
+    #: Part of the SegBook study, the matrix `segbook batch` runs unless given --models.
+    study: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label", self.label or self.title)
@@ -131,10 +195,20 @@ class Backbone:
         if self.checkpoint_formats and not self.classifier:
             raise BackboneError(f"backbone {self.name} reads checkpoints but names no classifier (the layer "
                                 "fine-tuning replaces)")
+        if self.planner not in PLANNERS:
+            raise BackboneError(f"backbone {self.name}: unknown planner {self.planner!r}; known: {', '.join(PLANNERS)}")
+        if set(dict(self.default_recipes)) != set(STUDY_RECIPES):
+            raise BackboneError(f"backbone {self.name}: default_recipes names one recipe for each of "
+                                f"{', '.join(STUDY_RECIPES)}, got {self.default_recipes!r}")
 
     @property
     def pretrainable(self) -> bool:
         return bool(self.checkpoint_formats)
+
+    @property
+    def plans(self) -> str:
+        """The plans identifier its runs train on: its planner's."""
+        return PLANNERS[self.planner].plans
 
     def default_recipe(self, init: str) -> str:
         return dict(self.default_recipes)[init]
@@ -150,16 +224,22 @@ def _stunet(preset: str) -> Backbone:
     cfg = CATALOGUE.get(preset)
     return Backbone(
         name=preset, family="STU-Net", title=f"STU-Net-{preset[0].upper()}",
-        build="segbook.backbones.models:build_stunet",
-        parts=Parts(("conv_blocks_context.",), ("upsample_layers.", "conv_blocks_localization."), ("seg_outputs.",),
-                    encoder_stages=6),
+        build="segbook.backbones.models:build_stunet", parts=_STUNET_PARTS,
         first_conv=cfg.first_conv if cfg else FIRST_CONV_KEYS,
         classifier=cfg.classifier if cfg else HEAD_PREFIX.rstrip("."), checkpoint_formats=("stunet",),
         pretrained=cfg, cost=_STUNET_COST[preset], label=f"STU-Net {preset}",
+        cost_network="segbook.backbones.models:stunet_cost_network",
+        trainer="segbook.training.trainers:STUNetTrainer", colour=_STUNET_COLOURS[preset],
+        study=preset in ("base", "large", "huge"),
         description=f"STU-Net {preset} (base width {PRESETS[preset].base_width}, "
                     f"{PRESETS[preset].blocks_per_stage} block(s) per stage); five stages, strides from the plans")
 
 
+#: STU-Net's parts by the official module names (what its checkpoints are keyed by): six encoder stages, 0 at the
+#: stem's resolution, the decoder's upsamplings and blocks, a segmentation head at each of its five stages.
+_STUNET_PARTS = Parts(("conv_blocks_context.",), ("upsample_layers.", "conv_blocks_localization."),
+                      ("seg_outputs.",), encoder_stages=6)
+_STUNET_COLOURS = {"tiny": "#937860", "small": "#8172b3", "base": "#4c72b0", "large": "#dd8452", "huge": "#55a868"}
 _STUNET_COST = {"tiny": (3_665_069, 33_925_431_296), "small": (14_596_941, 130_069_168_128),
                 "base": (58_262_669, 509_011_558_400), "large": (440_302_605, 3_825_455_333_376),
                 "huge": (1_457_326_221, 12_667_240_316_928)}
@@ -171,10 +251,11 @@ _RESENC_COST = (102_432_685, 724_315_406_336)
 def _resenc(size: str) -> Backbone:
     return Backbone(
         name=f"resenc-{size.lower()}", family="nnU-Net ResEnc", title=f"nnU-Net ResEnc-{size}",
-        planner=f"resenc-{size.lower()}", plans=f"nnUNetResEncUNet{size}Plans",
+        planner=f"resenc-{size.lower()}",
         build="segbook.backbones.models:build_resenc", parts=_RESENC_PARTS, first_conv=_RESENC_FIRST_CONV,
         classifier="decoder.seg_layers", checkpoint_formats=("nnssl", "nnunet"),
         aliases=(("decoder.encoder.", "encoder."),), cost=_RESENC_COST, shapes_from_plans=True,
+        cost_network="segbook.backbones.models:resenc_cost_network",
         description=f"nnU-Net's residual-encoder U-Net, planned by nnUNetPlannerResEnc{size} "
                     f"(nnUNetResEncUNet{size}Plans) and built by nnU-Net from them")
 
@@ -182,6 +263,8 @@ def _resenc(size: str) -> Backbone:
 BUILTIN: tuple[Backbone, ...] = (
     *(_stunet(preset) for preset in PRESETS),
     Backbone(name="nnunet", family="nnU-Net", title="nnU-Net", label="nnU-Net's default network",
+             cost_network="segbook.backbones.models:plain_unet_cost_network", table_order=0, colour="#7f7f7f",
+             study=True,
              description="nnU-Net's default U-Net (PlainConvUNet from nnUNetPlans), the paper's scratch baseline"),
     _resenc("M"),
     _resenc("L"),
@@ -310,7 +393,7 @@ def resolve(reference: str | Callable[..., Any]) -> Callable[..., Any]:
 
 
 def planner_for(model: str, plans: str = "default") -> str:
-    """The planner (`segbook.plan.PLANNERS` key) a run of `model` trains on: `default` means the backbone's own;
+    """The planner (`PLANNERS` key) a run of `model` trains on: `default` means the backbone's own;
     another choice (`paper`) only varies nnU-Net's default planner, so it fits only backbones planned by it."""
     backbone = get(model)
     if plans == "default":
@@ -335,3 +418,29 @@ def cost(model: str) -> tuple[int, int] | None:
     """(parameters, forward MACs at 128^3) of a model as catalogued; None where unknown."""
     backbone = _registry.backbones.get(model)
     return backbone.cost if backbone is not None else None
+
+
+def study_models() -> tuple[str, ...]:
+    """The SegBook study's models (`Backbone.study`), in registry order: what `segbook batch` trains by default."""
+    return tuple(b.name for b in BUILTIN if b.study)
+
+
+def table_configurations() -> list[tuple[str, str]]:
+    """Every (model, init) a table can show, in table order (`Backbone.table_order`, then registry order): each
+    backbone from scratch, then pretrained where it reads checkpoints."""
+    ordered = sorted(all_backbones(), key=lambda b: b.table_order)  # stable: registry order within an order
+    return [(b.name, i) for b in ordered for i in ("scratch", "pretrained") if i == "scratch" or b.pretrainable]
+
+
+#: Colours of the backbones that name none (ResEnc, users'), chosen by name: the same in every figure of a report.
+OTHER_COLOURS = ("#c44e52", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd", "#2f4f4f")
+
+
+def colour(model: str) -> str:
+    """A model's colour in figures: its backbone's own, else one of `OTHER_COLOURS` by its name (a model no longer
+    registered too)."""
+    try:
+        own = get(model).colour
+    except BackboneError:
+        own = ""
+    return own or OTHER_COLOURS[sum(map(ord, model)) % len(OTHER_COLOURS)]

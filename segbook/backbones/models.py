@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -63,6 +63,54 @@ def build_resenc(model: str, configuration: Any, input_channels: int, num_classe
             raise BackboneError(f"{model} needs ResEnc plans ({get(model).plans}), and these plans build {class_name}")
     return get_network_from_plans(class_name, kwargs, requires_import, input_channels, num_classes,
                                   allow_init=True, deep_supervision=deep_supervision)
+
+
+def stunet_cost_network(model: str, patch: Sequence[int], strides: Sequence[Sequence[int]], input_channels: int,
+                        num_classes: int) -> nn.Module:
+    """STU-Net at the five strides it takes from nnU-Net's."""
+    return create_stunet(model, input_channels, num_classes, strides_from_plans(strides))
+
+
+def plain_unet_cost_network(model: str, patch: Sequence[int], strides: Sequence[Sequence[int]], input_channels: int,
+                            num_classes: int) -> nn.Module:
+    """nnU-Net's default 3-D U-Net (PlainConvUNet: two 3x3x3 convolutions per stage, 32 to 320 features) at the
+    strides, as its default plans build it."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    stages = len(strides)
+    return PlainConvUNet(input_channels, stages, _widths(stages), nn.Conv3d, 3, strides, [2] * stages, num_classes,
+                         [2] * (stages - 1), deep_supervision=True, **_NNUNET_LAYERS)
+
+
+def resenc_cost_network(model: str, patch: Sequence[int], strides: Sequence[Sequence[int]], input_channels: int,
+                        num_classes: int) -> nn.Module:
+    """nnU-Net's residual-encoder U-Net (encoder blocks 1-3-4-6-6-6..., nnU-Net's widths) at the strides."""
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    stages = len(strides)
+    return ResidualEncoderUNet(input_channels, stages, _widths(stages), nn.Conv3d, 3, strides,
+                               [1, 3, 4, 6, 6, 6, 6, 6][:stages], num_classes, [1] * (stages - 1),
+                               deep_supervision=True, **_NNUNET_LAYERS)
+
+
+#: nnU-Net's layers around each convolution in its 3-D plans.
+_NNUNET_LAYERS: dict[str, Any] = {"conv_bias": True, "norm_op": nn.InstanceNorm3d,
+                                  "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "nonlin": nn.LeakyReLU,
+                                  "nonlin_kwargs": {"inplace": True}}
+
+
+def _widths(stages: int) -> list[int]:
+    return [min(32 * 2 ** i, 320) for i in range(stages)]
+
+
+def cost_network(backbone: Backbone, patch: Sequence[int], strides: Sequence[Sequence[int]], input_channels: int,
+                 num_classes: int) -> nn.Module:
+    """The network whose FLOPs estimate a job's GPU-hours, at a patch and nnU-Net's strides (`Backbone.cost_network`;
+    the reference architecture for a backbone without one). Build it under `torch.device("meta")` to count."""
+    strides = [list(s) for s in strides]
+    if backbone.cost_network is None:
+        return build(backbone, None, input_channels, num_classes)
+    return resolve(backbone.cost_network)(backbone.name, tuple(patch), strides, input_channels, num_classes)
 
 
 def build(backbone: Backbone, configuration: Any, input_channels: int, num_classes: int,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from segbook.batch.matrix import Job
+from segbook.batch.jobs import Job
 from segbook.io import atomic_write_json
 from segbook.paths import Paths
 from segbook.training.settings import TrainingSettings
@@ -57,37 +57,13 @@ def nnunet_default_strides(patch: Sequence[int]) -> list[list[int]]:
 
 def build_network(model: str, patch: Sequence[int], channels: int, classes: int,
                   strides: Sequence[Sequence[int]] | None = None) -> "torch.nn.Module":
-    """An STU-Net preset, nnU-Net's default 3-D U-Net (PlainConvUNet, 3x3x3 convolutions, 32 to 320 features) or
-    its residual-encoder U-Net (ResEnc M/L: encoder blocks 1-3-4-6-6-6..., the same widths) for the plans' strides
-    (default: nnU-Net's rule for the patch); any other backbone as its family builds its reference architecture.
-    Build it under `torch.device("meta")` to count."""
-    import torch
-
+    """The network whose FLOPs estimate `model`'s jobs, at the patch and the plans' strides (default: nnU-Net's rule
+    for the patch), as its backbone says (`segbook.backbones.models.cost_network`). Build it under
+    `torch.device("meta")` to count."""
     from segbook import backbones
-    from segbook.backbones.models import build
-    from stunet import create_stunet, strides_from_plans
+    from segbook.backbones.models import cost_network
 
-    strides = [list(s) for s in strides] if strides else nnunet_default_strides(patch)
-    backbone = backbones.get(model)
-    stages = len(strides)
-    if backbone.family == "nnU-Net ResEnc":
-        from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
-
-        return ResidualEncoderUNet(channels, stages, [min(32 * 2 ** i, 320) for i in range(stages)],
-                                   torch.nn.Conv3d, 3, strides, [1, 3, 4, 6, 6, 6, 6, 6][:stages], classes,
-                                   [1] * (stages - 1), conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
-                                   norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
-                                   nonlin_kwargs={"inplace": True}, deep_supervision=True)
-    if backbone.family == "STU-Net":
-        return create_stunet(model, channels, classes, strides_from_plans(strides))
-    if model != "nnunet":
-        return build(backbone, None, channels, classes)
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
-    return PlainConvUNet(channels, stages, [min(32 * 2 ** i, 320) for i in range(stages)], torch.nn.Conv3d, 3,
-                         strides, [2] * stages, classes, [2] * (stages - 1), conv_bias=True,
-                         norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
-                         nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=True)
+    return cost_network(backbones.get(model), patch, strides or nnunet_default_strides(patch), channels, classes)
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ With DDP (`num_gpus` > 1) the ranks are processes of their own: stop signals are
 (`segbook.batch.signals`), and acted on here once they have saved and stopped.
 
 `ExecutionOptions` are how every job of a batch runs, the same for both launchers (`run_local`, `submit_slurm`),
-each of which adds its own options (`LocalOptions`, `SlurmOptions`). Their `body` is the test seam: "train" runs
-nnU-Net, "noop" rehearses (`segbook.batch.rehearsal`).
+each of which adds its own options (`LocalOptions`, `SlurmOptions`). Their `body` (`segbook.batch.jobs.JobBody`) is
+the test seam: `TRAINING` plans, trains and evaluates, `segbook.batch.rehearsal.REHEARSAL` rehearses; the options'
+JSON names it (`BODIES`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from segbook.batch.attempts import ATTEMPT, DEFAULT_MAX_ATTEMPTS, Attempts, info_for
-from segbook.batch.matrix import Job, JobStatus, check_recipes
-from segbook.batch.preparation import planners_of, unprepared
-from segbook.batch.rehearsal import BODIES, rehearse_job
+from segbook.batch.jobs import Job, JobBody
+from segbook.batch.matrix import JobStatus, check_recipes
+from segbook.batch.preparation import plan_and_split, planners_of, unprepared
+from segbook.batch.rehearsal import REHEARSAL
 from segbook.batch.signals import forwarding_to_ranks
 from segbook.claims import Claim, try_claim
 from segbook.errors import SegbookError
@@ -47,6 +49,8 @@ from segbook.squeue import own_slurm_job
 from segbook.training.manifest import RunManifest, failure, record_failure
 from segbook.training.settings import TrainingSettings
 
+if TYPE_CHECKING:
+    from segbook.registry import DatasetEntry
 
 BOUNDS = {"num_gpus": Bound("--gpus-per-job", int, low=1), "processes": Bound("--processes", int, low=1),
           "data_workers": Bound("--data-workers", int, low=0), "max_attempts": Bound("--max-attempts", int, low=1),
@@ -78,13 +82,69 @@ def record_given_up(statuses: Iterable[JobStatus], paths: Paths) -> None:
             record_failure(folder, AttemptsExhausted(status.attempts.reason()), "attempts")
 
 
+class Training:
+    """The real `segbook.batch.jobs.JobBody`: a task is planned and split (`plan_and_split`), a job trained through
+    `finetune` (resuming from its latest checkpoint) and evaluated on its test split."""
+
+    name = "train"
+    reads_weights = True
+    done = "trained and evaluated"
+
+    def prepare(self, entry: "DatasetEntry", paths: Paths, processes: int | None, planners: Sequence[str],
+                say: Callable[[str], None]) -> str:
+        return plan_and_split(entry, paths, processes, planners, say)
+
+    def unprepared(self, entry: "DatasetEntry", paths: Paths, folds: Iterable[str],
+                   planners: Sequence[str]) -> str | None:
+        return unprepared(entry, paths, folds, planners)
+
+    def train(self, job: Job, options: "ExecutionOptions", paths: Paths, request: dict[str, Any]) -> None:
+        """Resume (or start) the run. With DDP, stop signals go on to the ranks, and are acted on here once they
+        have saved and stopped (submitit's requeue, or a stop)."""
+        from segbook.training.finetune import finetune
+
+        ranks = forwarding_to_ranks() if options.num_gpus > 1 else contextlib.nullcontext()
+        with ranks as forwarded:
+            result = finetune(job.entry, job.spec.model, job.spec.init == "pretrained", job.spec.fold,
+                              recipe=job.spec.recipe, seed=job.spec.seed, fraction=job.spec.fraction,
+                              recipe_files=options.recipe_files,
+                              settings=options.settings_for(job), weights=options.weights_for(job),
+                              device=options.device, num_gpus=options.num_gpus, resume=True, compile=options.compile,
+                              paths=paths, plan_processes=_processes(options), request=request)
+        if forwarded is not None:
+            forwarded.act()
+        if result.status == "interrupted":  # the ranks stopped without a signal reaching this process
+            raise KeyboardInterrupt(f"the ranks of {job.id} were interrupted")
+        if result.status != "finished":
+            raise SegbookError(f"training of {job.id} ended with status {result.status}")
+
+    def evaluate(self, job: Job, options: "ExecutionOptions", paths: Paths) -> None:
+        from segbook.evaluation.evaluate import evaluate_run  # here: a rehearsal's task does without scipy's import
+
+        evaluate_run(job.entry, job.spec, paths, device=options.device, num_processes=_processes(options))
+
+
+TRAINING = Training()
+#: The bodies a batch's options can name (`ExecutionOptions.body`, as its JSON carries it to workers and SLURM tasks).
+BODIES: dict[str, JobBody] = {body.name: body for body in (TRAINING, REHEARSAL)}
+
+
+def job_body(body: JobBody | str) -> JobBody:
+    """A body given as itself or by name; `OptionError` naming the known ones otherwise."""
+    if not isinstance(body, str):
+        return body
+    if body not in BODIES:
+        raise OptionError(f"unknown job body {body!r}; choose one of {', '.join(BODIES)}")
+    return BODIES[body]
+
+
 @dataclass(frozen=True)
 class ExecutionOptions:
     """How every job of a batch runs; the same for all of them, sent as JSON to each worker and SLURM task.
 
     `pretrained_settings` (default: `settings`) lets fine-tuning use other hyperparameters than scratch training.
     `num_gpus` is each job's GPUs on cuda (nnU-Net's DDP when > 1). `registry_files` and `recipe_files` are absolute
-    paths: the workers load the same registry and recipes wherever they start.
+    paths: the workers load the same registry and recipes wherever they start. `body` may be given by name.
     """
 
     settings: TrainingSettings = field(default_factory=TrainingSettings)
@@ -99,7 +159,10 @@ class ExecutionOptions:
     registry_files: tuple[str, ...] = ()
     recipe_files: tuple[str, ...] = ()
     max_attempts: int = DEFAULT_MAX_ATTEMPTS  # bad endings (killed, terminated) before a job is failed
-    body: str = "train"  # "noop": a rehearsal (segbook.batch.rehearsal)
+    body: JobBody = TRAINING  # REHEARSAL ("noop"): a rehearsal (segbook.batch.rehearsal)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "body", job_body(self.body))
 
     @classmethod
     def create(cls, *, registry_files: Iterable[str | os.PathLike] = (),
@@ -121,8 +184,6 @@ class ExecutionOptions:
                 settings.validate()
         check_all({"num_gpus": self.num_gpus, "processes": self.processes, "data_workers": self.data_workers,
                    "max_attempts": self.max_attempts, "threads": self.threads}, BOUNDS)
-        if self.body not in BODIES:
-            raise OptionError(f"unknown job body {self.body!r}; choose one of {', '.join(BODIES)}")
         if self.num_gpus > 1 and self.device != "cuda":
             raise OptionError(f"--gpus-per-job {self.num_gpus} needs --device cuda (nnU-Net's DDP), not "
                               f"{self.device}")
@@ -150,7 +211,7 @@ class ExecutionOptions:
         return weights_given(self.pretrained_weights, job.spec.model) if job.spec.init == "pretrained" else None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps({**asdict(self), "body": self.body.name})
 
     @classmethod
     def from_json(cls, text: str) -> "ExecutionOptions":
@@ -238,46 +299,20 @@ def _work(job: Job, options: ExecutionOptions, paths: Paths, backend: str, attem
         with _stage(job, options, folder, "attempts", backend, attempts):
             raise AttemptsExhausted(attempts.reason())
     training = manifest is None or manifest.status != "finished"
-    problem = unprepared(job.entry, paths, [job.spec.fold], options.body, planners_of([job])) if training else None
+    body = options.body
+    problem = body.unprepared(job.entry, paths, [job.spec.fold], planners_of([job])) if training else None
     if problem:
         raise NotPrepared(f"{job.id}: {problem}")
-    if options.body == "noop":
-        with _stage(job, options, folder, "train", backend, attempts):
-            return rehearse_job(job, folder, options.settings_for(job), _request(job, backend, attempts))
     if training:
         with _stage(job, options, folder, "train", backend, attempts):
-            _train(job, options, paths, backend, attempts)
-    from segbook.evaluation.evaluate import evaluate_run  # here: a rehearsal's task does without scipy's import
-
+            body.train(job, options, paths, _request(job, backend, attempts))
     with _stage(job, options, folder, "evaluate", backend, attempts):
-        evaluate_run(job.entry, job.spec, paths, device=options.device, num_processes=_processes(options))
-    return "trained and evaluated"
+        body.evaluate(job, options, paths)
+    return body.done
 
 
 def _processes(options: ExecutionOptions) -> int:
     return options.processes or int(os.environ.get("nnUNet_def_n_proc") or 1)
-
-
-def _train(job: Job, options: ExecutionOptions, paths: Paths, backend: str, attempts: Attempts) -> None:
-    """Resume (or start) the run. With DDP, stop signals go on to the ranks, and are acted on here once they
-    have saved and stopped (submitit's requeue, or a stop)."""
-    from segbook.training.finetune import finetune
-
-    ranks = forwarding_to_ranks() if options.num_gpus > 1 else contextlib.nullcontext()
-    with ranks as forwarded:
-        result = finetune(job.entry, job.spec.model, job.spec.init == "pretrained", job.spec.fold,
-                          recipe=job.spec.recipe, seed=job.spec.seed, fraction=job.spec.fraction,
-                          recipe_files=options.recipe_files,
-                          settings=options.settings_for(job), weights=options.weights_for(job),
-                          device=options.device, num_gpus=options.num_gpus, resume=True, compile=options.compile,
-                          paths=paths, plan_processes=_processes(options),
-                          request=_request(job, backend, attempts))
-    if forwarded is not None:
-        forwarded.act()
-    if result.status == "interrupted":  # the ranks stopped without a signal reaching this process
-        raise KeyboardInterrupt(f"the ranks of {job.id} were interrupted")
-    if result.status != "finished":
-        raise SegbookError(f"training of {job.id} ended with status {result.status}")
 
 
 def _request(job: Job, backend: str, attempts: Attempts) -> dict[str, Any]:

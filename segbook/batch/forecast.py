@@ -15,7 +15,8 @@ from typing import Any, Iterable, Sequence
 
 from segbook.batch.estimate import DEFAULT_ASSUMED_TFLOPS, Estimate, estimate_jobs
 from segbook.batch.execute import ExecutionOptions
-from segbook.batch.matrix import STATES, Job, JobStatus, in_states, survey
+from segbook.batch.jobs import Job
+from segbook.batch.matrix import STATES, JobStatus, in_states, survey
 from segbook.paths import Paths
 from segbook.training.manifest import RunManifest
 from segbook.training.settings import TrainingSettings

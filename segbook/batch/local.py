@@ -34,7 +34,8 @@ from typing import Callable, Iterable, Iterator
 from segbook import claims
 from segbook.batch.attempts import note_ending, summarize
 from segbook.batch.execute import AttemptsExhausted, ExecutionOptions, record_given_up
-from segbook.batch.matrix import Job, summary_line, survey
+from segbook.batch.jobs import Job
+from segbook.batch.matrix import summary_line, survey
 from segbook.batch.preparation import planners_of, prepare_tasks, tasks_to_prepare
 from segbook.batch.weights import check_weights
 from segbook.batch.worker import EXIT_TERMINATED, result_of, worker_command

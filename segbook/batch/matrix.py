@@ -1,9 +1,10 @@
 """The job matrix (tasks x models x initialisations x recipes x seeds x training fractions x folds) and the state of
 each job, read from the files.
 
-A job is one run (`RunSpec`) of one registered task. Every pretrained (model, init) pair of the selection gets one
-job per requested fine-tuning recipe; scratch jobs train with the `scratch` recipe. Its state is never stored: it is
-derived each time from what the run folder, the claims and SLURM say, so it cannot drift from the truth:
+A job is one run (`RunSpec`) of one registered task (`segbook.batch.jobs.Job`). Every pretrained (model, init) pair
+of the selection gets one job per requested fine-tuning recipe (by default its model's own); scratch jobs train with
+their model's scratch recipe. Its state is never stored: it is derived each time from what the run folder, the
+claims and SLURM say, so it cannot drift from the truth:
 
 - done: the run finished training and is evaluated;
 - running: a live process holds the job's claim (or its SLURM task runs and is about to claim it);
@@ -25,48 +26,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
-from segbook import claims
+from segbook import backbones, claims
 from segbook.batch.attempts import Attempts, summarize
+from segbook.batch.jobs import Job
 from segbook.batch.preparation import blocking_failure, read_records
 from segbook.batch.submissions import SubmittedTask, latest_tasks
 from segbook.data.folders import is_imported
 from segbook.errors import SegbookError
 from segbook.paths import Paths
 from segbook.recipes import RecipeError, get_recipe, load_recipes
-from segbook import backbones
-from segbook.runs import (DEFAULT_FRACTION, DEFAULT_RECIPES, DEFAULT_SEED, FOLDS, INITS, RunIdentityError, RunSpec,
+from segbook.runs import (DEFAULT_FRACTION, DEFAULT_SEED, FOLDS, INITS, RunIdentityError, RunSpec, default_recipe,
                           has_resumable_checkpoint, is_evaluated, parse_fractions, parse_seeds, valid_combinations,
                           weights_given)
 from segbook.squeue import LIVE_STATES, RUNNING_STATES, array_of, slurm_available, squeue_states
 from segbook.training.manifest import RunManifest, failure
 
 if TYPE_CHECKING:
-    from segbook.registry import DatasetEntry, Registry
+    from segbook.registry import Registry
 
 STATES = ("done", "running", "failed", "pending", "blocked")
-#: The SegBook study: three STU-Net sizes, each pretrained and from scratch, and nnU-Net's network from scratch.
-DEFAULT_MODELS = ("base", "large", "huge", "nnunet")
-#: The recipe of the study's pretrained jobs (SegBook's fine-tuning); scratch jobs always train with `scratch`.
-DEFAULT_MATRIX_RECIPES = (DEFAULT_RECIPES["pretrained"],)
 
 
 class MatrixError(SegbookError):
     """A selection that names no valid job, or a job id that does not parse."""
-
-
-@dataclass(frozen=True)
-class Job:
-    """One run of the matrix: what to train (the spec) on which registered task (the entry)."""
-
-    spec: RunSpec
-    entry: "DatasetEntry"
-
-    @property
-    def id(self) -> str:
-        return self.spec.job_id
-
-    def folder(self, paths: Paths) -> Path:
-        return self.spec.folder(paths.results)
 
 
 def _items(text: str | Sequence[str]) -> list[str]:
@@ -85,10 +67,12 @@ def parse_choices(text: str | Sequence[str], choices: Sequence[str], what: str) 
     return list(dict.fromkeys(values))
 
 
-def parse_recipes(text: str | Sequence[str],
-                  recipe_files: Sequence[str | os.PathLike] | None = None) -> list[str]:
+def parse_recipes(text: str | Sequence[str] | None,
+                  recipe_files: Sequence[str | os.PathLike] | None = None) -> list[str] | None:
     """"a,b" (or a list) -> the named recipes, each known (built in, in `recipe_files` or in SEGBOOK_RECIPES);
-    "all" means every recipe for pretrained runs."""
+    "all" means every recipe for pretrained runs; None (each model's default recipe) stays None."""
+    if text is None:
+        return None
     values = _items(text)
     if values == ["all"]:
         return [name for name, recipe in load_recipes(recipe_files).items() if recipe.init == "pretrained"]
@@ -101,8 +85,8 @@ def parse_recipes(text: str | Sequence[str],
 
 def build_matrix(registry: "Registry", tasks: str | Sequence[str] = "all", *, scale: str | None = None,
                  modality: str | None = None, target: str | None = None, region: str | None = None,
-                 models: str | Sequence[str] = DEFAULT_MODELS, inits: str | Sequence[str] = INITS,
-                 recipes: str | Sequence[str] = DEFAULT_MATRIX_RECIPES,
+                 models: str | Sequence[str] | None = None, inits: str | Sequence[str] = INITS,
+                 recipes: str | Sequence[str] | None = None,
                  recipe_files: Sequence[str | os.PathLike] | None = None,
                  seeds: str | Sequence[str | int] = (DEFAULT_SEED,),
                  fractions: str | Sequence[str | float] = (DEFAULT_FRACTION,),
@@ -110,8 +94,10 @@ def build_matrix(registry: "Registry", tasks: str | Sequence[str] = "all", *, sc
     """Every valid (task, model, init, recipe, seed, fraction, fold) of the selection, in registry order.
 
     `tasks` is "all" or task names (anything `Registry.get` resolves: 613, Task613, a key, a name); the filters
-    narrow it further. nnU-Net's network is only trained from scratch, so it has no pretrained job. Each pretrained
-    job is made once per recipe of `recipes` ("all": every pretrained recipe); scratch jobs train with `scratch`.
+    narrow it further. `models` None is the SegBook study's (`segbook.backbones.study_models`). A backbone without
+    pretrained weights (nnU-Net's network) has no pretrained job. Each pretrained job is made once per recipe of
+    `recipes` ("all": every pretrained recipe; None: its model's default one); scratch jobs train with their
+    model's default scratch recipe (`scratch`), so every job is the run `segbook finetune` names the same way.
     An unknown recipe, or one that cannot train a selected model, is a `RecipeError` here, before anything runs.
     Every run is made once per seed of `seeds` and training fraction of `fractions` (`segbook.runs.parse_seeds`,
     `parse_fractions`: a bad or repeated value is a `RunIdentityError` here).
@@ -122,14 +108,14 @@ def build_matrix(registry: "Registry", tasks: str | Sequence[str] = "all", *, sc
     chosen = list(registry) if list(tasks) in ([], ["all"]) else [registry.get(t.strip()) for t in tasks]
     selected = {e.key for e in registry.select(modality=modality, target=target, scale=scale, region=region)}
     entries = list({e.key: e for e in chosen if e.key in selected}.values())
-    models = parse_choices(models, backbones.model_names(), "model")
+    models = parse_choices(models or backbones.study_models(), backbones.model_names(), "model")
     inits = parse_choices(inits, INITS, "initialisation")
     recipes = parse_recipes(recipes, recipe_files)
     seeds, fractions = parse_seeds(seeds), parse_fractions(fractions)
     folds = parse_choices(folds, FOLDS, "fold")
     valid = set(valid_combinations())
     runs = [(m, i, r) for m in models for i in inits if (m, i) in valid
-            for r in (recipes if i == "pretrained" else [DEFAULT_RECIPES[i]])]
+            for r in (recipes if i == "pretrained" and recipes is not None else [default_recipe(m, i)])]
     jobs = [Job(RunSpec.of(e, m, i, f, recipe=r, seed=s, fraction=p), e)
             for e in entries for m, i, r in runs for s in seeds for p in fractions for f in folds]
     check_recipes(jobs, recipe_files)

@@ -6,12 +6,12 @@ machine's CPU, before it starts the first worker; `batch submit` submits it as a
 it and makes the GPU arrays wait for that array. A GPU job never plans: it stops at once, naming the command, when
 its task is not prepared (`unprepared`), without touching its run.
 
-Preparing a task, under the dataset's claim (which import and `segbook plan` take too): `segbook.plan.plan_task`
-with each planner the jobs' backbones train on (`planners_of`: nnU-Net's default planner for STU-Net and nnU-Net's
-network, nnUNetPlannerResEncM/L for ResEnc; nothing to do when the plans are current; otherwise staged and swapped
-in), then nnU-Net's 5-fold
-`splits_final.json`, written once, atomically, with nnU-Net's own split function (nnU-Net's trainer would otherwise
-write it on first use, with a plain write that concurrent folds race on). Each preparation is recorded per task in
+Preparing a task, under the dataset's claim (which import and `segbook plan` take too), is the batch's body's
+(`segbook.batch.jobs.JobBody.prepare`; a rehearsal plans nothing). For real (`plan_and_split`): `segbook.plan.plan_task`
+with each planner the jobs' backbones train on (`planners_of`, asking each job's backbone; nothing to do when the
+plans are current; otherwise staged and swapped in), then nnU-Net's 5-fold `splits_final.json`, written once,
+atomically, with nnU-Net's own split function (nnU-Net's trainer would otherwise write it on first use, with a plain
+write that concurrent folds race on). Each preparation is recorded per task in
 `$SEGBOOK_HOME/batch/prepare/<task>.json` (status, what it did or its error, time, host, SLURM job, and the history
 of earlier preparations); a failed one blocks the task's jobs, with its error, until `batch prepare` succeeds.
 """
@@ -26,15 +26,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from segbook import backbones
-from segbook.batch.rehearsal import BODIES
+from segbook.batch.jobs import Job, JobBody
 from segbook.data.folders import dataset_claim, is_imported, preprocessed_folder
-from segbook.errors import SegbookError
 from segbook.io import atomic_write_json, now
 from segbook.paths import Paths
 from segbook.squeue import own_slurm_job
 
 if TYPE_CHECKING:
-    from segbook.batch.matrix import Job
     from segbook.registry import DatasetEntry
 
 HISTORY_KEPT = 20
@@ -80,21 +78,17 @@ def prepare_command(entry: "DatasetEntry") -> str:
     return f"`segbook batch prepare --tasks {entry.key}` (with the --registry it was selected with)"
 
 
-def planners_of(jobs: Iterable["Job"]) -> tuple[str, ...]:
-    """The planners the jobs' backbones train on (`segbook.plan.PLANNERS` keys), nnU-Net's default first."""
+def planners_of(jobs: Iterable[Job]) -> tuple[str, ...]:
+    """The planners the jobs' backbones train on (`segbook.backbones.PLANNERS` keys), nnU-Net's default first."""
     found = {backbones.planner_for(job.spec.model) for job in jobs}
     return tuple(sorted(found, key=lambda planner: (planner != "default", planner)))
 
 
-def unprepared(entry: "DatasetEntry", paths: Paths, folds: Iterable[str], body: str = "train",
+def unprepared(entry: "DatasetEntry", paths: Paths, folds: Iterable[str],
                planners: Sequence[str] = DEFAULT_PLANNERS) -> str | None:
     """Why the task is not ready for training jobs of `folds` on `planners`' plans (None when it is): not planned,
     planned from raw data that changed since, or no cross-validation splits for folds 0-4. The message names the
     command."""
-    if body == "noop":
-        record = read_records(paths).get(entry.key) or {}
-        return None if record.get("status") == "prepared" else \
-            f"{entry.key} is not prepared; run {prepare_command(entry)}"
     from segbook.plan import plan_states
 
     states = plan_states(entry, paths)
@@ -112,12 +106,12 @@ def unprepared(entry: "DatasetEntry", paths: Paths, folds: Iterable[str], body: 
     return None
 
 
-def tasks_to_prepare(jobs: Iterable["Job"], paths: Paths, body: str = "train") -> list["DatasetEntry"]:
-    """The tasks of `jobs` that training jobs among them need prepared and that are not (a job that only has its
-    evaluation left needs no preparation), in the jobs' order."""
+def tasks_to_prepare(jobs: Iterable[Job], paths: Paths, body: JobBody) -> list["DatasetEntry"]:
+    """The tasks of `jobs` that training jobs among them need prepared and that are not, as `body` sees it (a job
+    that only has its evaluation left needs no preparation), in the jobs' order."""
     from segbook.training.manifest import RunManifest
 
-    folds: dict[str, tuple["DatasetEntry", set[str], list["Job"]]] = {}
+    folds: dict[str, tuple["DatasetEntry", set[str], list[Job]]] = {}
     for job in jobs:
         manifest = RunManifest.load(job.folder(paths), history=False)
         if manifest is None or manifest.status != "finished":
@@ -125,11 +119,11 @@ def tasks_to_prepare(jobs: Iterable["Job"], paths: Paths, body: str = "train") -
             needed.add(job.spec.fold)
             training.append(job)
     return [entry for entry, needed, training in folds.values()
-            if unprepared(entry, paths, needed, body, planners_of(training))]
+            if body.unprepared(entry, paths, needed, planners_of(training))]
 
 
-def prepare_tasks(entries: Sequence["DatasetEntry"], paths: Paths | None = None, *, processes: int | None = None,
-                  body: str = "train", planners: Sequence[str] = DEFAULT_PLANNERS,
+def prepare_tasks(entries: Sequence["DatasetEntry"], paths: Paths | None = None, *, body: JobBody,
+                  processes: int | None = None, planners: Sequence[str] = DEFAULT_PLANNERS,
                   say: Callable[[str], None] = print) -> list[Prepared]:
     """Prepare each task here, one after the other (nnU-Net's preprocessing uses `processes` for each)."""
     paths = paths or Paths.from_env()
@@ -142,21 +136,19 @@ def prepare_tasks(entries: Sequence["DatasetEntry"], paths: Paths | None = None,
     return outcomes
 
 
-def prepare_task(entry: "DatasetEntry", paths: Paths | None = None, *, processes: int | None = None,
-                 body: str = "train", planners: Sequence[str] = DEFAULT_PLANNERS,
+def prepare_task(entry: "DatasetEntry", paths: Paths | None = None, *, body: JobBody,
+                 processes: int | None = None, planners: Sequence[str] = DEFAULT_PLANNERS,
                  say: Callable[[str], None] = print) -> Prepared:
-    """Prepare one task (module docstring) and record how it went; a failure is recorded and returned, never
-    raised. A task that is not imported is skipped (its jobs are blocked on their data anyway)."""
-    if body not in BODIES:
-        raise SegbookError(f"unknown job body {body!r}; choose one of {', '.join(BODIES)}")
+    """Prepare one task as `body` does (the module docstring says how for real) and record how it went; a failure
+    is recorded and returned, never raised. A task that is not imported is skipped (its jobs are blocked on their
+    data anyway)."""
     paths = paths or Paths.from_env()
     if not is_imported(entry, paths):
         return Prepared(entry.key, "skipped", "not imported")
     started = time.perf_counter()
     try:
         with dataset_claim(entry, paths, wait=True, say=say):
-            detail = "rehearsed (nothing planned)" if body == "noop" else \
-                _prepare(entry, paths, processes, planners, say)
+            detail = body.prepare(entry, paths, processes, planners, say)
             outcome = Prepared(entry.key, "prepared", detail, time.perf_counter() - started)
             _record(paths, outcome)
         return outcome
@@ -166,8 +158,9 @@ def prepare_task(entry: "DatasetEntry", paths: Paths | None = None, *, processes
         return outcome
 
 
-def _prepare(entry: "DatasetEntry", paths: Paths, processes: int | None, planners: Sequence[str],
-             say: Callable[[str], None]) -> str:
+def plan_and_split(entry: "DatasetEntry", paths: Paths, processes: int | None, planners: Sequence[str],
+                   say: Callable[[str], None]) -> str:
+    """The real preparation of a task: its plans with each planner, then nnU-Net's cross-validation splits."""
     from segbook.plan import plan_task
     from segbook.training.trainer_parts.data import write_crossval_splits
 

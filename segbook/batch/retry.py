@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from segbook.batch.attempts import RESET, info_for, last_backend, reset_count
-from segbook.batch.matrix import Job, JobStatus, survey
+from segbook.batch.jobs import Job
+from segbook.batch.matrix import JobStatus, survey
 from segbook.batch.submissions import latest_slurm_options
 from segbook.claims import Claim, latest, try_claim
 from segbook.paths import Paths

@@ -69,7 +69,8 @@ from segbook.batch.cluster import (ARRAY_OPTIONS, ClusterLimits, SubmissionError
 from segbook.batch.estimate import Estimate, estimate_jobs
 from segbook.batch.execute import ExecutionOptions, JobFailed, NotPrepared, record_given_up
 from segbook.batch.forecast import budget
-from segbook.batch.matrix import Job, JobStatus, summary_line, survey
+from segbook.batch.jobs import Job
+from segbook.batch.matrix import JobStatus, summary_line, survey
 from segbook.batch.preparation import DEFAULT_PLANNERS, planners_of, prepare_task, tasks_to_prepare
 from segbook.batch.signals import raise_terminated
 from segbook.batch.submissions import (PREPARE_RECORD, SubmittedTask, new_submission_id, submissions_folder,
@@ -418,7 +419,7 @@ def submit_slurm(jobs: Iterable[Job], options: ExecutionOptions, slurm: SlurmOpt
         todo = _to_submit(statuses, say)
         if not todo:
             return []
-        if options.body == "train":  # a rehearsal reads no weights (segbook.batch.rehearsal)
+        if options.body.reads_weights:  # a rehearsal reads none (segbook.batch.rehearsal)
             check_weights(todo, options.weights_for, paths, say)
         estimates = estimate_jobs(todo, lambda job: budget(job, options, paths), paths)
         epochs_done = {s.job.id: s.epochs_done for s in statuses}

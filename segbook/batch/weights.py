@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from segbook import backbones
-from segbook.batch.matrix import Job
+from segbook.batch.jobs import Job
 from segbook.data.folders import preprocessed_folder
 from segbook.errors import SegbookError
 from segbook.paths import Paths

@@ -16,7 +16,8 @@ import signal
 import sys
 
 from segbook.batch.execute import ExecutionOptions, JobOutcome, run_job
-from segbook.batch.matrix import Job, job_from_id
+from segbook.batch.jobs import Job
+from segbook.batch.matrix import job_from_id
 from segbook.batch.signals import Terminated, raise_terminated
 from segbook.paths import Paths
 from segbook.processes import bind_to_parent

@@ -13,7 +13,7 @@ from segbook.cli.common import (POSITIVE_NUMBER, HelpFormatter, add_backbone_fil
 
 if TYPE_CHECKING:
     from segbook.batch.execute import ExecutionOptions
-    from segbook.batch.matrix import Job
+    from segbook.batch.jobs import Job
     from segbook.batch.retry import LastRun
     from segbook.batch.slurm import SlurmOptions
 
@@ -47,19 +47,21 @@ def _subparser(commands: argparse._SubParsersAction, name: str, help: str, descr
 
 
 def _add_selection(parser: argparse.ArgumentParser) -> None:
+    from segbook.backbones import study_models
+
     group = parser.add_argument_group("which jobs (the matrix)")
     group.add_argument("--tasks", default="all", help="'all' or comma-separated tasks (613,004,Task009_Spleen)")
     group.add_argument("--scale", help="small, medium or large datasets only")
     group.add_argument("--modality", help="CT, MRI, CT&PET or Ultrasound only")
     group.add_argument("--target", help="seen, unseen, lesion or structure+lesion only")
     group.add_argument("--region", help="one body region only (e.g. abdomen, thorax)")
-    group.add_argument("--models", default="base,large,huge,nnunet",
-                       help=model_help("comma-separated backbones"))
+    group.add_argument("--models", default=",".join(study_models()), help=model_help("comma-separated backbones"))
     add_backbone_file_option(group)
     group.add_argument("--init", default="pretrained,scratch", help="pretrained, scratch or both")
-    group.add_argument("--recipes", default="segbook",
+    group.add_argument("--recipes", default=None,
                        help="fine-tuning recipes of the pretrained jobs, comma-separated, or 'all' (`segbook "
-                            "recipes` lists them); one job per recipe; scratch jobs train with 'scratch'")
+                            "recipes` lists them); one job per recipe; scratch jobs train with their model's scratch "
+                            "recipe, 'scratch' (default: each model's own, 'segbook' for the built-in ones)")
     add_seed_and_fraction_options(group)
     group.add_argument("--folds", default="all",
                        help="'all' is nnU-Net's fold all (the whole train split, SegBook's protocol); 0-4 are "
@@ -335,14 +337,14 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from segbook.batch.execute import ExecutionOptions
+    from segbook.batch.execute import TRAINING, ExecutionOptions
     from segbook.batch.preparation import planners_of, prepare_tasks
     from segbook.batch.slurm import PrepareSlurmOptions, submit_preparation
 
     jobs = _matrix(args)
     entries = list({job.entry.key: job.entry for job in jobs}.values())
     if args.backend == "local":
-        outcomes = prepare_tasks(entries, processes=args.processes, planners=planners_of(jobs))
+        outcomes = prepare_tasks(entries, body=TRAINING, processes=args.processes, planners=planners_of(jobs))
         tally = {status: sum(o.status == status for o in outcomes) for status in ("prepared", "failed", "skipped")}
         print("batch prepare: " + ", ".join(f"{n} {status}" for status, n in tally.items() if n)
               + (" (skipped: not imported)" if tally["skipped"] else ""))

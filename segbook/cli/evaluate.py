@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--pretrained", action="store_true")
     init.add_argument("--scratch", action="store_true")
     which.add_argument("--recipe", metavar="NAME",
-                       help="the run's recipe (default: segbook with --pretrained, scratch without)")
+                       help="the run's recipe (default: the model's own: segbook with --pretrained, scratch "
+                            "without, for the built-in models)")
     which.add_argument("--fold", default="all", choices=["all", "0", "1", "2", "3", "4"])
     add_seed_and_fraction_options(which)
     which.add_argument("--plans", choices=TRAINING_PLANS, default="default",
@@ -74,7 +75,7 @@ def _runs(args: argparse.Namespace, registry) -> list[tuple]:
     """(entry, spec, folder) of each run named: the run folder, or one per seed and fraction of the configuration."""
     from pathlib import Path
 
-    from segbook.backbones import BackboneError, planner_for
+    from segbook.backbones import planner_for
     from segbook.errors import SegbookError
     from segbook.evaluation.evaluate import spec_from_folder
     from segbook.plan import plans_identifier
@@ -88,10 +89,7 @@ def _runs(args: argparse.Namespace, registry) -> list[tuple]:
         raise SegbookError("name the run: --task and --model (with --pretrained or --scratch), or --run DIR")
     seeds, fractions = seeds_and_fractions_from_args(args)
     entry = registry.get(args.task)
-    try:
-        plans = plans_identifier(planner_for(args.model, args.plans))
-    except BackboneError as error:
-        raise SegbookError(str(error)) from None
+    plans = plans_identifier(planner_for(args.model, args.plans))
     return [(entry, RunSpec.of(entry, args.model, args.pretrained, args.fold, recipe=args.recipe, seed=seed,
                                fraction=fraction, plans=plans), None) for seed in seeds for fraction in fractions]
 

@@ -44,8 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "or --weights FILE")
     init.add_argument("--scratch", action="store_true", help="train from random initialisation (the default)")
     parser.add_argument("--recipe", metavar="NAME",
-                        help="the fine-tuning recipe (`segbook recipes` lists them; default: segbook with "
-                             "--pretrained, scratch without)")
+                        help="the fine-tuning recipe (`segbook recipes` lists them; default: the model's own: "
+                             "segbook with --pretrained, scratch without, for the built-in models)")
     parser.add_argument("--fold", default="all", choices=["all", "0", "1", "2", "3", "4"],
                         help="'all' trains on the whole train split (SegBook's protocol); 0-4 are nnU-Net's "
                              "cross-validation folds inside it")

@@ -8,11 +8,10 @@ import os
 
 from segbook.cli.common import add_format_option, add_registry_option, add_task_option, at_least, registry_from_args
 
-#: segbook.plan.PLANNERS, spelled out so that building the parser does not import the planning code.
-PLANNER_CHOICES = ("default", "resenc-m", "resenc-l", "resenc-xl", "paper", "paper-zscore")
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from segbook.backbones import PLANNERS  # the planners' names, without the planning code
+
     parser = subparsers.add_parser(
         "plan", help="fingerprint, plan and preprocess an imported task with nnU-Net (3d_fullres)",
         description="Runs nnU-Net v2's fingerprint extraction, experiment planning and preprocessing for the "
@@ -22,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "changes, which makes everything preprocessed from it stale and rebuilt.")
     add_task_option(parser)
     add_registry_option(parser)
-    parser.add_argument("--plans", "--planner", dest="planner", choices=PLANNER_CHOICES, default="default",
+    parser.add_argument("--plans", "--planner", dest="planner", choices=tuple(PLANNERS), default="default",
                         help="nnU-Net's default planner (nnUNetPlans), a residual-encoder preset "
                              "(nnUNetResEncUNet{M,L,XL}Plans), or paper: nnU-Net's planner at the SegBook authors' "
                              "patch size and target spacing (SegbookPaperPlans; paper-zscore: also z-score for CT, "

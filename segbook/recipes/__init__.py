@@ -24,14 +24,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from segbook import backbones
 from segbook.errors import SegbookError
-from segbook.runs import DEFAULT_RECIPES, RECIPE_NAME
+from segbook.runs import RECIPE_NAME
 
 RECIPES_ENV = "SEGBOOK_RECIPES"
 Part = Literal["encoder", "decoder", "heads"]
 #: What a phase trains: everything, the heads only, or the decoder and the heads.
 TRAINS: dict[str, tuple[str, ...]] = {"all": ("encoder", "decoder", "heads"), "heads": ("heads",),
                                       "decoder+heads": ("decoder", "heads")}
-ENCODER_STAGES = 6  # STU-Net's (`stunet.model.ENCODER_STAGES`), spelled out to keep torch out of parsing
+#: Layer-wise decay's encoder groups, `encoder.0` (the stem's resolution) to `encoder.5` (the deepest): a recipe
+#: with `layer_decay` fits a backbone whose parts have this many encoder stages (`Parts.encoder_stages`), and each
+#: parameter trains in the group of the stage its backbone gives it (`Parts.part_of`).
+LAYER_DECAY_STAGES = 6
 #: The built-in recipes in the order they are listed: the paper's, the official code's, scratch, then the others.
 BUILTIN_ORDER = ("segbook", "stunet-official", "scratch", "heads-only", "frozen-encoder", "llrd", "warmup", "lora")
 
@@ -146,7 +149,7 @@ class Recipe(_Model):
             return ["all"]
         body = [part for part in ("encoder", "decoder") if part in self.trainable_parts]
         if self.groups.layer_decay is not None:
-            stages = [f"encoder.{s}" for s in range(ENCODER_STAGES)] if "encoder" in body else []
+            stages = [f"encoder.{s}" for s in range(LAYER_DECAY_STAGES)] if "encoder" in body else []
             return stages + (["decoder"] if "decoder" in body else []) + ["head"]
         return ([("body" if len(body) == 2 else body[0])] if body else []) + ["head"]
 
@@ -167,7 +170,7 @@ class Recipe(_Model):
         if group == "head":
             return lr * self.groups.head_multiplier
         if group.startswith("encoder."):
-            return lr * self.groups.layer_decay ** (ENCODER_STAGES - 1 - int(group.split(".")[1]))
+            return lr * self.groups.layer_decay ** (LAYER_DECAY_STAGES - 1 - int(group.split(".")[1]))
         return lr
 
     def group_parts(self, group: str) -> tuple[str, ...]:
@@ -208,19 +211,19 @@ class Recipe(_Model):
     # --- fitting a run ------------------------------------------------------------------------------------------
     def check_fits(self, model: str, init: str, num_gpus: int = 1) -> None:
         """`RecipeError` when this recipe cannot train this run (before anything is planned or written)."""
+        backbone = backbones.get(model)
         if init != self.init:
-            other = DEFAULT_RECIPES[init]
+            other = backbone.default_recipe(init)
             raise RecipeError(f"recipe {self.name!r} is for {self.init} runs, and this run is {init} (its recipe "
                               f"is {other!r}{', the only one for scratch runs' if init == 'scratch' else ''})")
-        backbone = backbones.get(model)
         parts = backbone.parts
         if self.needs_parts and parts is None:
             raise RecipeError(f"recipe {self.name!r} addresses a network's parts (encoder, decoder, heads), which "
                               f"{backbone.label} does not name: it trains only with one rate for all")
-        if self.groups.layer_decay is not None and parts is not None and parts.encoder_stages != ENCODER_STAGES:
+        if self.groups.layer_decay is not None and parts is not None and parts.encoder_stages != LAYER_DECAY_STAGES:
             stages = "a number of encoder stages its plans decide" if parts.encoder_stages is None else \
                 f"{parts.encoder_stages} encoder stages"
-            raise RecipeError(f"recipe {self.name!r} decays the rate over {ENCODER_STAGES} encoder stages, and "
+            raise RecipeError(f"recipe {self.name!r} decays the rate over {LAYER_DECAY_STAGES} encoder stages, and "
                               f"{backbone.label} has {stages}")
         if num_gpus > 1 and len({phase.train for phase in self.phases}) > 1:
             raise RecipeError(f"recipe {self.name!r} changes what trains between phases, which nnU-Net's DDP "
@@ -323,9 +326,10 @@ def load_recipes(files: Iterable[str | os.PathLike] | None = None) -> dict[str, 
 
 
 def get_recipe(name: str | None, init: str, files: Sequence[str | os.PathLike] | None = None) -> Recipe:
-    """The recipe `name` (None: the default for `init`), or a `RecipeError` listing the known ones."""
+    """The recipe `name` (None: the SegBook study's for `init`, `segbook.backbones.STUDY_RECIPES`), or a `RecipeError`
+    listing the known ones."""
     recipes = load_recipes(files)
-    name = name or DEFAULT_RECIPES[init]
+    name = name or backbones.STUDY_RECIPES[init]
     if name not in recipes:
         raise RecipeError(f"unknown recipe {name!r}; known: {', '.join(recipes)} (add yours with --recipe-file "
                           f"FILE or {RECIPES_ENV})")

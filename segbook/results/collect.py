@@ -32,8 +32,8 @@ from segbook.registry import DatasetEntry, Registry, TaskLookupError, load_regis
 from segbook import backbones
 from segbook.results import cells
 from segbook.results.cells import BUNDLE_PREFIX, EVALUATED, IMPORTED_PREFIX, LOCAL, run_folders
-from segbook.runs import (DEFAULT_FRACTION, DEFAULT_PLANS, DEFAULT_RECIPES, DEFAULT_SEED, INITS, MANIFEST, MODELS,
-                          RUN_GLOB, FolderParts, evaluation_folder, summary_path)
+from segbook.runs import (DEFAULT_FRACTION, DEFAULT_PLANS, DEFAULT_SEED, INITS, MANIFEST, MODELS, RUN_GLOB,
+                          FolderParts, default_recipe, evaluation_folder, summary_path)
 from segbook.runs import METRICS as CASE_METRICS
 METRICS = ("dice", "nsd", "iou", "precision", "recall", "hd95")
 #: Metrics where a lower value is better (distances, in mm); every Delta of them is reversed so + means better.
@@ -175,22 +175,19 @@ def default_plans(model: str) -> str:
 
 def plans_identifier(plans: str) -> str:
     """A planner name (`default`, `paper`, ...) as its plans identifier; anything else is an identifier already."""
-    from segbook.plan import PLANNERS
-
-    return PLANNERS[plans][2] if plans in PLANNERS else plans
+    planner = backbones.PLANNERS.get(plans)
+    return planner.plans if planner is not None else plans
 
 
 def _check_plans(plans: str, found: Counter) -> None:
     """`ResultsError` for plans that no collected run was trained with and no planner or backbone makes: a misspelt
     `--plans` would otherwise print an empty table."""
-    from segbook.plan import PLANNERS
-
-    known = {*found, *(identifier for _, _, identifier in PLANNERS.values()),
+    known = {*found, *(planner.plans for planner in backbones.PLANNERS.values()),
              *(backbones.default_plans(name) for name in backbones.model_names())}
     if plans != "default" and plans not in known:
         present = ", ".join(f"{name} ({count} run(s))" for name, count in sorted(found.items())) or "none"
         raise ResultsError(f"unknown plans {plans!r}: no run was trained with it and no planner or backbone makes it; "
-                           f"plans of the runs found: {present}; planners: {', '.join(PLANNERS)}")
+                           f"plans of the runs found: {present}; planners: {', '.join(backbones.PLANNERS)}")
 
 
 def _current_splits(rows: list[dict[str, Any]], registry: Registry, paths: Paths) -> dict[str, str]:
@@ -225,22 +222,24 @@ def resolve_recipes(names: Sequence[str], files: Iterable[str | os.PathLike] | N
 
 def _chosen(rows: list[dict[str, Any]], recipes: Sequence[str] | None) -> list[dict[str, Any]]:
     """The rows of the recipes asked for; the others counted in a warning."""
-    others = Counter(row["recipe"] for row in rows if not _recipe_kept(row["init"], row["recipe"], recipes))
+    others = Counter(row["recipe"] for row in rows if not _recipe_kept(row, recipes))
     if others:
         warnings.warn(_other_recipes(others, recipes), ResultsWarning, stacklevel=3)
-    return [row for row in rows if _recipe_kept(row["init"], row["recipe"], recipes)]
+    return [row for row in rows if _recipe_kept(row, recipes)]
 
 
-def _recipe_kept(init: str, recipe: str, recipes: Sequence[str] | None) -> bool:
+def _recipe_kept(row: dict[str, Any], recipes: Sequence[str] | None) -> bool:
+    """Whether a run is of the recipes asked for: its model's default one when none are (the scratch one always)."""
     if recipes is None:
-        return recipe == DEFAULT_RECIPES[init]
-    return recipe == DEFAULT_RECIPES["scratch"] or recipe in recipes or ALL_RECIPES in recipes
+        return row["recipe"] == default_recipe(row["model"], row["init"])
+    return row["recipe"] == default_recipe(row["model"], "scratch") or row["recipe"] in recipes or \
+        ALL_RECIPES in recipes
 
 
 def _other_recipes(counts: Counter, recipes: Sequence[str] | None) -> str:
     """How many results of which recipes were left out, and the option that shows them."""
     listed = ", ".join(f"{name} ({count})" for name, count in sorted(counts.items()))
-    wanted = ",".join(dict.fromkeys([*(recipes or [DEFAULT_RECIPES["pretrained"]]), *sorted(counts)]))
+    wanted = ",".join(dict.fromkeys([*(recipes or [backbones.STUDY_RECIPES["pretrained"]]), *sorted(counts)]))
     return (f"ignored {sum(counts.values())} result(s) of other recipes: {listed}; show them with --recipes "
             f"{wanted}, or compare recipes with `segbook results --table recipes`")
 
@@ -566,8 +565,8 @@ def _import_row(record: dict[str, str], registry: Registry, columns: list[str]) 
         errors.append(f"field 'model': {record['model']!r} is not one of {', '.join(MODELS)}")
     if init not in INITS:
         errors.append(f"field 'init': {record['init']!r} is not one of {', '.join(INITS)}")
-    elif model == "nnunet" and init != "scratch":
-        errors.append("field 'init': nnU-Net's default network has no pretrained weights; its init is scratch")
+    elif model in MODELS and init != "scratch" and not backbones.get(model).pretrainable:
+        errors.append(f"field 'init': {backbones.get(model).label} has no pretrained weights; its init is scratch")
     row.update(model=model, init=init)
     for metric in IMPORT_METRICS:
         value, error = _score(record.get(metric, ""), metric, required=metric == "dice")
@@ -651,7 +650,7 @@ def _clashes(rows: list[dict[str, Any]], target: Path, registry: Registry, paths
 
 def _imported_rows(file: Path, registry: Registry) -> list[dict[str, Any]]:
     source = f"{IMPORTED_PREFIX}{file.stem}"
-    return [{**row, "recipe": DEFAULT_RECIPES[row["init"]], "variant": "", "seed": DEFAULT_SEED,
+    return [{**row, "recipe": default_recipe(row["model"], row["init"]), "variant": "", "seed": DEFAULT_SEED,
              "fraction": DEFAULT_FRACTION, "fold": "", "plans": "", "split": None, "source": source,
              "status": EVALUATED, "evaluated": True, "path": str(file), **cells.imported_columns(source)}
             for row in read_import_csv(file, registry)]

@@ -18,11 +18,7 @@ from segbook import backbones, fingerprint
 from segbook.recipes import BUILTIN_ORDER
 from segbook.results.scores import CONFIG_KEYS, Config, ScoreLookup
 from segbook.results.selection import Selection, TableError
-from segbook.runs import DEFAULT_RECIPES, INITS, STUNET_MODELS
-
-#: The paper's configurations in its order: nnU-Net's default network, then each STU-Net size scratch / pretrained.
-CONFIGURATIONS: tuple[tuple[str, str], ...] = (("nnunet", "scratch"),
-                                               *((m, i) for m in STUNET_MODELS for i in ("scratch", "pretrained")))
+from segbook.runs import INITS, default_recipe
 
 
 class _ModelNames(Mapping[str, str]):
@@ -45,19 +41,11 @@ class _ModelNames(Mapping[str, str]):
 MODEL_NAMES: Mapping[str, str] = _ModelNames()
 
 
-def all_configurations() -> list[tuple[str, str]]:
-    """Every (model, init) in table order: the paper's, then each other backbone (ResEnc, users') scratch, then
-    pretrained where it has weights."""
-    others = [(b.name, i) for b in backbones.all_backbones() for i in ("scratch", "pretrained")
-              if (b.name, i) not in CONFIGURATIONS and b.name not in STUNET_MODELS and b.name != "nnunet"
-              and (i == "scratch" or b.pretrainable)]
-    return [*CONFIGURATIONS, *others]
-
-
 #: The name of pretrained minus scratch of one network, in columns, rows and notes.
 DELTA = "Delta(PT)"
-DEFAULT_RECIPE = DEFAULT_RECIPES["pretrained"]
-SCRATCH_RECIPE = DEFAULT_RECIPES["scratch"]
+#: SegBook's recipes (`segbook.backbones.STUDY_RECIPES`), which the recipes table's rows are compared with.
+DEFAULT_RECIPE = backbones.STUDY_RECIPES["pretrained"]
+SCRATCH_RECIPE = backbones.STUDY_RECIPES["scratch"]
 #: The training settings two configurations compared with each other must share (fingerprint.SHARED) and the
 #: source their runs are kept apart by.
 SHARED_KEYS = (*fingerprint.SHARED, "source")
@@ -83,8 +71,8 @@ def configurations(df: pd.DataFrame, selection: Selection = Selection()) -> list
     pairs = {(model, init) for model, init, _, _ in present}
     if models or inits:
         models = models or {model for model, _ in pairs}
-        pairs = {(m, i) for m, i in all_configurations() if m in models and i in (inits or INITS)}
-    return [(m, i, r, v) for m, i in all_configurations() if (m, i) in pairs
+        pairs = {(m, i) for m, i in backbones.table_configurations() if m in models and i in (inits or INITS)}
+    return [(m, i, r, v) for m, i in backbones.table_configurations() if (m, i) in pairs
             for r in _recipes_of(present, m, i, recipes)
             for v in sorted({v for *c, v in present if tuple(c) == (m, i, r)} or {""}, key=lambda v: (v != "", v))]
 
@@ -93,7 +81,7 @@ def _recipes_of(present: set[Config], model: str, init: str, recipes: Sequence[s
     if init == "pretrained" and recipes:
         chosen = set(recipes) - {SCRATCH_RECIPE}
     else:
-        chosen = {r for m, i, r, _ in present if (m, i) == (model, init)} or {DEFAULT_RECIPES[init]}
+        chosen = {r for m, i, r, _ in present if (m, i) == (model, init)} or {default_recipe(model, init)}
     return sorted(chosen, key=recipe_order)
 
 
@@ -104,7 +92,7 @@ def recipe_order(name: str) -> tuple[int, str]:
 
 def shows_recipes(configs: Iterable[Config]) -> bool:
     """Whether a table must name recipes: only when one other than the defaults is shown."""
-    return any(recipe != DEFAULT_RECIPES[init] for _, init, recipe, _ in configs)
+    return any(recipe != default_recipe(model, init) for model, init, recipe, _ in configs)
 
 
 def shows_variants(configs: Iterable[Config]) -> bool:
@@ -174,7 +162,7 @@ def unpaired_note(config: Config, candidates: Sequence[Config], profiles: Mappin
 
 def scratch_candidates(config: Config, configs: Sequence[Config]) -> list[Config]:
     """The shown scratch configurations (each variant) of `config`'s network: what its Delta(PT) may be against."""
-    return [c for c in configs if c[:3] == (config[0], "scratch", SCRATCH_RECIPE)]
+    return [c for c in configs if c[:3] == (config[0], "scratch", default_recipe(config[0], "scratch"))]
 
 
 def delta_pairs(configs: Sequence[Config], profiles: Mapping[Config, dict[str, Any]]) -> list[tuple[Config, Config]]:

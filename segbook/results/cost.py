@@ -27,7 +27,7 @@ from segbook.results.scores import (CONFIG_KEYS, METRIC_NAMES, SCORE_KEYS, Confi
                                     metric_label, metric_sign, protocol_note, whole_split)
 from segbook.results.selection import Selection
 from segbook.results.tables.table import ResultTable
-from segbook.runs import DEFAULT_RECIPES, MANIFEST, SUMMARY, evaluation_folder
+from segbook.runs import MANIFEST, SUMMARY, default_recipe, evaluation_folder
 
 COST_FIELDS = ("device", "device_hours", "gpu_hours", "peak_memory_bytes", "samples_per_second",
                "prediction_seconds_per_case")
@@ -107,7 +107,7 @@ def _delta(by_config: dict[Config, dict[str, tuple[float, str]]], config: Config
     have scores of agreeing bases."""
     if config[1] != "pretrained":
         return math.nan
-    candidates = [c for c in by_config if c[:3] == (config[0], "scratch", DEFAULT_RECIPES["scratch"])]
+    candidates = [c for c in by_config if c[:3] == (config[0], "scratch", default_recipe(config[0], "scratch"))]
     baseline = comparable(config, candidates, profiles)
     scratch = by_config.get(baseline, {}) if baseline else {}
     factor = metric_sign(metric) * metric_factor(metric)
@@ -175,7 +175,7 @@ def cost_figure(summary: pd.DataFrame, metric: str = "dice"):
             marker = "o" if row.init == "pretrained" else "s"
             axis.scatter(getattr(row, column), row.score, marker=marker, s=40)
             axis.annotate(config_label((row.model, row.init, row.recipe, row.variant),
-                                       row.recipe != DEFAULT_RECIPES[row.init]),
+                                       row.recipe != default_recipe(row.model, row.init)),
                           (getattr(row, column), row.score), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if len(shown):
             axis.set_xscale("log")

@@ -63,7 +63,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     `seed` and `fraction` are part of the run's identity (its name): the seed drives the fresh weights, nnU-Net's
     sampling and augmentation (`segbook.runs.Identity.rng_seed`, recorded in run.json as `rng_seed`); the run
     trains on `fraction` of its training cases (`segbook.data.subsets`, recorded as `training_cases`).
-    `recipe_files` add user recipes to the built-in ones. `plans` is a planner of `segbook.plan.PLANNERS`
+    `recipe_files` add user recipes to the built-in ones. `plans` is a planner of `segbook.backbones.PLANNERS`
     (`paper`: nnU-Net's plans at the SegBook authors' patch size and spacing); its plans identifier is part of the
     run's folder. `device` None picks cuda, else mps, else cpu. `resume` continues from the run's latest
     checkpoint (the pretrained weights are never applied over it) with the settings the run started with; a run
@@ -75,7 +75,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     import torch
     from nnunetv2.run.run_training import run_training
 
-    from segbook.backbones import BackboneError, planner_for
+    from segbook.backbones import planner_for
     from segbook.data.folders import is_imported
     from segbook.devices import resolve_device
     from segbook.plan import check_planner, plan_task, verify_preprocessed
@@ -83,10 +83,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
 
     settings = (settings or TrainingSettings()).validate()
     check_all({"num_gpus": num_gpus, "plan_processes": plan_processes}, BOUNDS)
-    try:
-        planner = planner_for(model, plans)
-    except BackboneError as error:
-        raise SegbookError(str(error)) from None
+    planner = planner_for(model, plans)
     spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe, seed=seed, fraction=fraction,
                       plans=check_planner(entry, planner))
     chosen = get_recipe(spec.recipe, spec.init, recipe_files)

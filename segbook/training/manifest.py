@@ -28,9 +28,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from segbook.backbones import STUDY_RECIPES
 from segbook.errors import SegbookError
 from segbook.io import atomic_write_json, atomic_write_text, now
-from segbook.runs import DEFAULT_RECIPES, MANIFEST
+from segbook.runs import MANIFEST
 from segbook.training.settings import TrainingSettings
 
 if TYPE_CHECKING:
@@ -102,14 +103,14 @@ class RunManifest:
 
     @property
     def recipe(self) -> "Recipe":
-        """The run's resolved recipe. Runs recorded before recipes existed trained the default recipe of their
-        initialisation with their settings' rates and budget."""
+        """The run's resolved recipe. Runs recorded before recipes existed, all of built-in backbones, trained
+        SegBook's recipe of their initialisation with their settings' rates and budget."""
         from segbook.recipes import get_recipe, resolved_recipe
 
         if "recipe" in self.data:
             return resolved_recipe(self.data["recipe"])
         init = self.data.get("run", {}).get("init", "scratch")
-        return self.settings.resolve(get_recipe(DEFAULT_RECIPES.get(init, "scratch"), init))[1]
+        return self.settings.resolve(get_recipe(STUDY_RECIPES.get(init, "scratch"), init))[1]
 
     @property
     def status(self) -> str:

@@ -46,7 +46,6 @@ from segbook.training.trainer_parts.record import RunRecorder, plans_summary
 from segbook.training.trainer_parts.seeding import RunSeeding
 from segbook.training.trainer_parts.stopping import LATEST_CHECKPOINT, BoundaryStop
 from stunet import describe_network, strides_from_plans
-from stunet.model import part_of
 
 
 class SegbookTrainer(nnUNetTrainer):
@@ -279,7 +278,7 @@ class BackboneTrainer(SegbookTrainer):
         if self.recipe.lora is not None:  # add_lora has frozen all but the adapters and the heads
             return "all" if parameter.requires_grad else None
         parts = self.backbone.parts
-        return "all" if parts is None else self.recipe.group_of(parts.part_of(name), None)
+        return "all" if parts is None else self.recipe.group_of(*parts.part_of(name))
 
     def prepare_network(self) -> None:
         """The pretrained body (never over a checkpoint a resume will load), then LoRA's adapters: a resumed LoRA
@@ -325,11 +324,6 @@ class STUNetTrainer(BackboneTrainer):
         cumulative = np.cumprod(np.vstack([[1] * len(strides[0])] + strides), axis=0)
         return [list(1 / s) for s in cumulative[:-1]]
 
-    def group_of(self, name: str, parameter: nn.Parameter) -> str | None:
-        if self.recipe.lora is not None:  # add_lora has frozen all but the adapters and the heads
-            return "all" if parameter.requires_grad else None
-        return self.recipe.group_of(*part_of(name))
-
     def print_plans(self):
         """nnU-Net prints the plans' network (its plain U-Net) with the configuration: show STU-Net's instead."""
         if self.local_rank != 0:
@@ -366,7 +360,7 @@ def trainer_class(name: str) -> type[SegbookTrainer]:
     if backbone.build is None and backbone.parts is None and not backbone.pretrainable:
         return type(name, (SegbookTrainer,), attributes)  # nnU-Net's own network of the plans, as nnU-Net trains it
     attributes["build_network_architecture"] = staticmethod(_backbone_builder(identity.model))
-    return type(name, (STUNetTrainer if backbone.family == "STU-Net" else BackboneTrainer,), attributes)
+    return type(name, (backbones.resolve(backbone.trainer) if backbone.trainer else BackboneTrainer,), attributes)
 
 
 def __getattr__(name: str) -> type[SegbookTrainer]:

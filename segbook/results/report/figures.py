@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import pandas as pd
 
+from segbook import backbones
 from segbook.io import atomic_path
 from segbook.results.configs import (DEFAULT_RECIPE, MODEL_NAMES, SCRATCH_RECIPE, config_label, dataset_facts,
                                      delta_pairs, scratch_of, shows_recipes, variant_profiles)
@@ -29,20 +30,6 @@ if TYPE_CHECKING:
 
 FIGURE_FORMATS = ("png", "pdf")
 PAGE_DPI, FILE_DPI = 110, 200
-MODEL_COLOURS = {"nnunet": "#7f7f7f", "tiny": "#937860", "small": "#8172b3", "base": "#4c72b0", "large": "#dd8452",
-                 "huge": "#55a868"}
-
-
-#: Colours of the other backbones (ResEnc, users'), by their name's order among the models shown.
-OTHER_COLOURS = ("#c44e52", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd", "#2f4f4f")
-
-
-def _colour(model: str) -> str:
-    """The paper's models keep their colours; another backbone gets one from OTHER_COLOURS, the same in every
-    figure of a report (chosen by its name)."""
-    if model in MODEL_COLOURS:
-        return MODEL_COLOURS[model]
-    return OTHER_COLOURS[sum(map(ord, model)) % len(OTHER_COLOURS)]
 
 
 @dataclass
@@ -89,7 +76,7 @@ def violin(df: pd.DataFrame, metric: str, configs: Sequence[Config]) -> Drawn:
     axes = figure.subplots()
     rng = np.random.default_rng(0)
     for position, ((model, init, *_), values) in enumerate(zip(configs, data), start=1):
-        colour = _colour(model)
+        colour = backbones.colour(model)
         if len(np.unique(values)) > 1:
             body = axes.violinplot(values, [position], widths=0.8, showextrema=False)["bodies"][0]
             body.set(facecolor=colour, edgecolor=colour, alpha=0.25 if init == "scratch" else 0.55)
@@ -134,7 +121,7 @@ def delta_bars(comparison: pd.DataFrame, metric: str, title: str, name: str) -> 
         x = np.arange(len(groups)) + (offset - (len(series) - 1) / 2) * width
         errors = np.vstack([rows["delta"] - rows["ci_low"], rows["ci_high"] - rows["delta"]])
         label = " ".join([MODEL_NAMES[model], *([recipe] if named else []), *([f"[{variant}]"] if variant else [])])
-        axes.bar(x, rows["delta"], width, yerr=errors, capsize=2, color=_colour(model),
+        axes.bar(x, rows["delta"], width, yerr=errors, capsize=2, color=backbones.colour(model),
                  hatch=_hatch((recipe, variant), series), label=label, error_kw={"linewidth": 0.8})
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set_xticks(range(len(groups)), [g.replace(" ", "\n", 1) for g in groups], fontsize=8)
@@ -182,8 +169,8 @@ def recipe_deltas(df: pd.DataFrame, metric: str, pretrained: Sequence[Config]) -
     for position, ((model, *_), values) in enumerate(zip(pretrained, data), start=1):
         if len(values):
             axes.boxplot(values, positions=[position], widths=0.5, showfliers=False,
-                         medianprops={"color": "black"}, boxprops={"color": _colour(model)})
-        axes.scatter(position + rng.uniform(-0.12, 0.12, len(values)), values, s=12, color=_colour(model),
+                         medianprops={"color": "black"}, boxprops={"color": backbones.colour(model)})
+        axes.scatter(position + rng.uniform(-0.12, 0.12, len(values)), values, s=12, color=backbones.colour(model),
                      alpha=0.85, edgecolors="none", zorder=3)
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set_xticks(range(1, len(pretrained) + 1),
@@ -250,7 +237,7 @@ def fraction_curves(df: pd.DataFrame, metric: str, configs: Sequence[Config]) ->
             points = [(f, c.value, c.spread or 0.0) for f, c in zip(fractions, cells) if c.value is not None]
             if points:
                 x, y, spread = map(np.array, zip(*points))
-                axes.errorbar(x, y, yerr=spread, marker="o", markersize=3, capsize=2, color=_colour(config[0]),
+                axes.errorbar(x, y, yerr=spread, marker="o", markersize=3, capsize=2, color=backbones.colour(config[0]),
                               linestyle="-" if config[1] == "pretrained" else "--",
                               label=f"{MODEL_NAMES[config[0]]} {config_label(config).split(' ', 1)[1]}")
         mean_cases = np.mean([cases[task] for task, _ in tasks])

@@ -25,6 +25,7 @@ from segbook.results.scores import (METRIC_NAMES, Config, Member, ScoreLookup, S
                                     delta_convention, group_spread, metric_factor, metric_label, metric_sign,
                                     protocol_note, score_lookup, score_lookups, seed_noise, whole_split)
 from segbook.results.selection import Selection, TableError
+from segbook.runs import default_recipe
 from segbook.results.tables.table import MISSING_MARK, Cell, ResultTable
 
 AVERAGE = "average"
@@ -182,7 +183,7 @@ def seed_notes(df: pd.DataFrame, metric: str, pairs: Sequence[tuple[Config, Conf
     for config, baseline in pairs:
         noise = seed_noise(df, metric, config, baseline, scores).dropna(subset=["within_noise"])
         if len(noise):
-            label = config_label(config, named or config[2] != DEFAULT_RECIPE)
+            label = config_label(config, named or config[2] != default_recipe(*config[:2]))
             notes.append(f"{label}: {DELTA} within seed noise on {int(noise['within_noise'].sum())} of "
                          f"{len(noise)} datasets (|{DELTA}| <= the larger seed standard deviation of pretrained and "
                          "scratch; per dataset: --table datasets)")

@@ -17,6 +17,7 @@ from segbook.results.configs import (DEFAULT_RECIPE, DELTA, MODEL_NAMES, SCRATCH
 from segbook.results.excluded import exclusion_notes
 from segbook.results.scores import METRIC_NAMES, Config, metric_label, protocol_note, score_lookups, whole_split
 from segbook.results.selection import Selection, TableError
+from segbook.runs import default_recipe
 from segbook.results.tables.groups import (delta_cell, group_cell, group_members, group_notes, grouping,
                                            missing_notes, seed_notes)
 from segbook.results.tables.table import ResultTable
@@ -46,7 +47,7 @@ def _baseline_candidates(config: Config, shown: Sequence[Config]) -> list[tuple[
     """What a recipe may be compared with: its network from scratch, and fine-tuned with the default recipe (when
     that is another recipe and is `shown`), each in the variants shown."""
     model, _, recipe, _ = config
-    scratch = [c for c in shown if c[:3] == (model, "scratch", SCRATCH_RECIPE)]
+    scratch = [c for c in shown if c[:3] == (model, "scratch", default_recipe(model, "scratch"))]
     default = [c for c in shown if c[:3] == (model, "pretrained", DEFAULT_RECIPE)] if recipe != DEFAULT_RECIPE else []
     return [(VS_SCRATCH, scratch), *([(VS_DEFAULT, default)] if default else [])]
 
