@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from store_helpers import write_evaluated_run
-from test_results import A, B, C, D, write_registry
+from results_helpers import A, B, C, D, write_registry
 
 from segbook.cli.main import main
 from segbook.data.split import Split, write_split

@@ -81,3 +81,30 @@ def test_no_module_imports_itself_through_others():
 def test_the_checker_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _imported_test_modules(source: str) -> set[str]:
+    """The test modules (`test_*`) that Python source imports, at the top or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return {name for name in names if name.partition(".")[0].startswith("test_")}
+
+
+def test_no_test_module_imports_another():
+    """Builders that several test modules use live in helper modules (helpers, store_helpers, results_helpers,
+    slurm_support), so that each test module can change without breaking another and no module's fixtures leak
+    into another's."""
+    tests = sorted((ROOT / "tests").glob("*.py"))
+    assert len(tests) > 30
+    found = {path.name: sorted(imported) for path in tests if (imported := _imported_test_modules(path.read_text()))}
+    assert found == {}
+
+
+def test_the_checker_finds_imports_of_test_modules():
+    source = "from test_results import A\nimport helpers\n\ndef f():\n    import test_bundles.x\n"
+    assert _imported_test_modules(source) == {"test_results", "test_bundles.x"}
+    assert _imported_test_modules("from results_helpers import A\nimport pytest\n") == set()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_results import A, C, add_recipe_runs, build_store, write_registry, write_run
+from results_helpers import A, C, add_recipe_runs, build_store, write_registry, write_run
 
 from segbook.cli.main import main
 from segbook.paths import Paths
