@@ -13,8 +13,6 @@ from segbook.errors import SegbookError
 from segbook.training.lora import add_lora, has_lora, merge_lora
 from stunet import create_stunet
 
-pytest.importorskip("peft")
-
 # 16^3 input: three halvings to 2^3, then two stages at that size, so a forward pass is cheap.
 STRIDES = [[2, 2, 2]] * 3 + [[1, 1, 1]] * 2
 

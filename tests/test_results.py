@@ -325,7 +325,8 @@ def test_table_names_agree_with_the_cli() -> None:
 
 def test_model_cost_matches_the_networks() -> None:
     """The tables' costs are the registry's catalogued numbers (no torch in tables), equal to the counted ones."""
-    stunet = pytest.importorskip("stunet")
+    import stunet
+
     from segbook import backbones
 
     for backbone in backbones.BUILTIN:
