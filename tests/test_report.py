@@ -161,7 +161,8 @@ def test_report_counts_seed_noise_and_draws_fraction_curves(segbook_home: Path, 
 def test_report_without_per_case_metrics_says_why(df, tmp_path: Path) -> None:
     """A run evaluated before segbook computed IoU: the report is written, its per-case tests name the run."""
     page = write_report(df, tmp_path / "iou.html", metric="iou").read_text()
-    assert "<p class='empty'>no per-case tests: " in page and "not evaluated for iou (run segbook evaluate again)" in page
+    assert ("<p class='empty'>no per-case tests: " in page
+            and "not evaluated for iou (run segbook evaluate again)" in page)
     assert "IoU (%) by dataset scale" in page
 
 
