@@ -38,6 +38,9 @@ from stunet import create_stunet, write_official_checkpoint
 if TYPE_CHECKING:
     from segbook.registry import DatasetEntry
 
+# Every test here plans a task with nnU-Net, and most train or spawn workers and launchers.
+pytestmark = pytest.mark.slow
+
 TINY = ["--models", "tiny", "--init", "scratch"]
 
 
