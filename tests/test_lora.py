@@ -83,6 +83,7 @@ def test_adapts_every_spatial_body_conv_and_trains_only_adapters_and_heads(image
         assert torch.equal(network(image), plain_output)  # LoRA's B starts at zero: the adapters do nothing yet
 
 
+@pytest.mark.slow
 def test_training_moves_only_adapters_and_heads_and_merge_gives_plain_stunet_with_same_output(image):
     network = _plain()
     with torch.no_grad():

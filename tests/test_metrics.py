@@ -180,6 +180,7 @@ def test_distances_equal_to_the_tolerance_count_as_in_monai(spacing: tuple[float
     assert_matches_references(reference, prediction, [1, 2], spacing, tolerance)
 
 
+@pytest.mark.slow
 def test_real_segmentation_with_eroded_and_shifted_labels(shared) -> None:
     import nibabel as nib
 
