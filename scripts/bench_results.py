@@ -11,9 +11,9 @@ The full store is written once; the smaller ones are folders of symbolic links t
 datasets. Each size is timed in one process:
 - collection cold: without remembered verdicts, so every run's metrics.csv is checked (what the first collection
   of a store costs);
-- tables and statistics: collection (warm: the verdicts remembered), every table (scale, modality-target, region, datasets, recipes, fractions),
-  the per-case tests (reading metrics.csv), pretrained vs scratch with their counts for the three groupings, the
-  significance maps and rank stability by dataset scale;
+- tables and statistics: collection (warm: the verdicts remembered), every table (scale, modality-target, region,
+  datasets, recipes, fractions), the per-case tests (reading metrics.csv), pretrained vs scratch with their counts
+  for the three groupings, the significance maps and rank stability by dataset scale;
 - the report: `write_report` on the collected runs (every section, figures embedded).
 
     python scripts/bench_results.py                 # 1/4, 1/2 and full size side by side (a few minutes)

@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{n} {state}" for state, n in sorted(Counter(states.values()).items()))
           + f"; run.json {manifests / 1e6:.1f} MB in all, epochs.jsonl {histories / 1e6:.0f} MB")
 
-    api_s, statuses = timed(lambda: [s.row() for s in survey(jobs, paths, weights=options.pretrained_weights)], args.repeat)
+    api_s, statuses = timed(lambda: [s.row() for s in survey(jobs, paths, weights=options.pretrained_weights)],
+                            args.repeat)
     tally = counts(survey(jobs, paths, weights=options.pretrained_weights))
     cli_s, _ = timed(lambda: cli_status(str(weights)), args.repeat)
     bare_s, _ = timed(lambda: cli_status(None), args.repeat)

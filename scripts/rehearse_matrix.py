@@ -26,8 +26,9 @@ Then it waits for every job to end and checks that:
 Prints progress and figures (submission time, wall time, jobs per minute, the time of one `batch status`), and with
 --json a summary object as the last line. Exit status 0 when every check passed, 1 otherwise. On a timeout or
 Ctrl-C the submitted arrays are cancelled, so nothing is left in the queue. Stopped with SIGTERM instead, the script
-leaves them running; the same command with `--attach` (and the same --workdir) then waits for them and checks. Run it from the repository root, with
-the SLURM commands on PATH and segbook installed (the array tasks run `sys.executable`).
+leaves them running; the same command with `--attach` (and the same --workdir) then waits for them and checks. Run
+it from the repository root, with the SLURM commands on PATH and segbook installed (the array tasks run
+`sys.executable`).
 """
 
 from __future__ import annotations

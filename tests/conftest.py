@@ -14,6 +14,14 @@ import pytest
 REFERENCE_DATA = Path(__file__).resolve().parent / "data"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that needs the SLURM test cluster is also slow: `pytest -m "not slow"` (the fast tier) must run
+    without the cluster and without waiting on its queue."""
+    for item in items:
+        if item.get_closest_marker("slurm") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _never_the_users_folders(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as patch:

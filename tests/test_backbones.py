@@ -70,6 +70,7 @@ def test_nnunet_trainer_lookup_finds_a_hyphenated_model_name():
     assert trainer_class("SegbookTrainer_large_pretrained").__mro__[1] is STUNetTrainer  # its backbone's `trainer`
 
 
+@pytest.mark.slow
 def test_resenc_is_the_network_nnunet_builds_from_the_same_plans(task):
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
@@ -86,6 +87,7 @@ def test_resenc_is_the_network_nnunet_builds_from_the_same_plans(task):
         create_model("resenc-l", configuration=_configuration(load_plan(task.entry)), device="meta")
 
 
+@pytest.mark.slow
 def test_a_resenc_checkpoint_loads_with_fresh_head_and_a_tiled_stem(tmp_path):
     torch.manual_seed(0)
     pretrained = create_model("resenc-l", input_channels=1, num_classes=7)
@@ -106,6 +108,7 @@ def test_a_resenc_checkpoint_loads_with_fresh_head_and_a_tiled_stem(tmp_path):
     assert "encoder.stem.convs.0.conv.weight" in report.tiled
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_the_aliased_decoder_keys_still_loads(tmp_path):
     """dynamic_network_architectures' decoder holds the encoder, so its state_dict names every encoder tensor
     twice; a checkpoint that names them once (as a pretraining framework may save them) is complete."""
@@ -116,6 +119,7 @@ def test_a_checkpoint_without_the_aliased_decoder_keys_still_loads(tmp_path):
     assert torch.equal(network.decoder.encoder.stem.convs[0].conv.weight, pretrained.encoder.stem.convs[0].conv.weight)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_backbone_is_refused_naming_both(tmp_path):
     stunet_file = write_official_checkpoint(create_stunet("tiny", 1, 105, device="meta").to_empty(device="cpu")
                                             .state_dict(), tmp_path / "tiny.model")
@@ -134,6 +138,7 @@ def test_a_checkpoint_of_another_backbone_is_refused_naming_both(tmp_path):
         check_fits(backbones.get("resenc-l"), truncated, 1, 3)
 
 
+@pytest.mark.slow
 def test_an_nnssl_checkpoint_loads_through_the_registry_encoder_only(task, tmp_path):
     """The OpenMind/nnssl format is read by ResEnc's first format: the stem and encoder come from the file (the stem
     divided over two channels, as nnssl's fine-tuning does by default), decoder and heads stay as initialised."""
@@ -243,6 +248,7 @@ def test_resenc_trains_on_its_own_plans_and_fine_tunes_from_weights(task, tmp_pa
     assert all(torch.equal(weights[k], after[k]) for k in weights if k.startswith("encoder."))
 
 
+@pytest.mark.slow
 def test_batch_estimates_count_each_backbone_on_its_own_plans(task, tmp_path, monkeypatch):
     from segbook.batch.estimate import ForwardFlops, task_geometry
     from stunet import count_forward_macs
@@ -257,6 +263,7 @@ def test_batch_estimates_count_each_backbone_on_its_own_plans(task, tmp_path, mo
     assert flops("large", default, 1, 4) != flops("resenc-l", resenc, 1, 4)
 
 
+@pytest.mark.slow
 def test_a_matrix_mixes_backbones_each_on_its_plans(task, tmp_path, monkeypatch):
     from segbook.batch.matrix import build_matrix, weights_problem
     from segbook.batch.preparation import planners_of, unprepared
@@ -279,6 +286,7 @@ def test_a_matrix_mixes_backbones_each_on_its_plans(task, tmp_path, monkeypatch)
         build_matrix(registry, task.entry.key, models="large,resenc-l", recipes="llrd")
 
 
+@pytest.mark.slow
 def test_a_batch_mixing_backbones_checks_each_models_weights_before_anything_runs(task, tmp_path, monkeypatch):
     """`--weights tiny=FILE --weights resenc-l=FILE`: each pretrained job is checked against its own file (ResEnc-L
     against the task's ResEnc plans), and a file given to the wrong model is refused naming both networks."""
@@ -358,7 +366,7 @@ def test_a_user_backbone_is_a_full_citizen(lab_net, segbook_home, tmp_path, caps
     import warnings
 
     from store_helpers import write_evaluated_run
-    from test_results import A, write_registry
+    from results_helpers import A, write_registry
 
     from segbook.batch.estimate import estimate_jobs
     from segbook.batch.execute import ExecutionOptions
@@ -402,6 +410,7 @@ def test_a_user_backbone_is_a_full_citizen(lab_net, segbook_home, tmp_path, caps
     assert table.display["model"]["lab-net"] == "Lab-Net" and backbones.colour("lab-net") == "#123456"
 
 
+@pytest.mark.slow
 def test_an_installed_package_adds_backbones_through_the_entry_point_group(tmp_path, monkeypatch):
     """A package declaring `[segbook.backbones] my = my_backbone:BACKBONES` (here: its installed metadata on the
     path) shows up in `segbook models`, in a fresh process as a user would run it."""

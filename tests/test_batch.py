@@ -111,6 +111,7 @@ def test_recipes_are_an_axis_of_the_pretrained_jobs():
         ExecutionOptions(num_gpus=2).validate(warmup)
 
 
+@pytest.mark.slow
 def test_an_unknown_or_unfitting_recipe_is_refused_before_anything_is_written(segbook_home, tmp_path):
     cases = [(["run", "--recipes", "segbook,nope"], "unknown recipe 'nope'; known: segbook"),
              (["submit", "--recipes", "scratch", "--dry-run"], "recipe 'scratch' is for scratch runs"),
@@ -212,6 +213,7 @@ def test_status_reads_each_run_json_without_its_history(segbook_home, monkeypatc
     assert (status.state, status.epochs_done, status.detail) == ("pending", 40, "resumes after epoch 40")
 
 
+@pytest.mark.slow
 def test_the_status_table_cuts_a_long_detail_and_json_keeps_it_whole(segbook_home):
     paths = Paths.from_env()
     (job,) = build_matrix(load_registry(), "009", models="base", inits="scratch")
@@ -227,6 +229,7 @@ def test_the_status_table_cuts_a_long_detail_and_json_keeps_it_whole(segbook_hom
 
 # --- estimates ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_estimates_grow_with_model_and_budget_and_totals_add_up(segbook_home):
     registry = load_registry()
     paths = Paths.from_env()
@@ -614,6 +617,7 @@ def _events(folder: Path) -> list[str]:
     return [e["event"] for e in RunManifest.load(folder).data["events"]]
 
 
+@pytest.mark.slow
 def test_local_run_trains_and_evaluates_every_job_once(task, fresh):
     result = run_segbook("batch", "run", *_matrix_args(task, "--device", "cpu", "--workers", "1", *BUDGET))
     assert "2 done" in result.stdout, result.stdout
@@ -632,6 +636,7 @@ def test_local_run_trains_and_evaluates_every_job_once(task, fresh):
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.slow
 def test_a_user_recipe_reaches_the_worker_and_plan_shows_each_recipe(task, fresh, tmp_path, monkeypatch):
     _recipe_file(tmp_path)
     monkeypatch.chdir(tmp_path)  # a relative --recipe-file: the workers get it as an absolute path
@@ -656,6 +661,7 @@ def test_a_user_recipe_reaches_the_worker_and_plan_shows_each_recipe(task, fresh
     assert {(j["recipe"], j["state"]) for j in status["jobs"]} == {("segbook", "pending"), ("mine", "done")}
 
 
+@pytest.mark.slow
 def test_a_failing_job_is_recorded_the_others_finish_and_retry_runs_it(task, fresh):
     broken = task.root / "broken.model"
     broken.write_bytes(b"not a checkpoint")
@@ -690,6 +696,7 @@ def test_a_failing_job_is_recorded_the_others_finish_and_retry_runs_it(task, fre
     assert manifest.settings.weights == str(task.weights.resolve())
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(task, fresh):
     (job,) = [j for j in _jobs(task) if j.spec.init == "pretrained"]
     folder = job.folder(fresh)

@@ -38,6 +38,9 @@ from stunet import create_stunet, write_official_checkpoint
 if TYPE_CHECKING:
     from segbook.registry import DatasetEntry
 
+# Every test here plans a task with nnU-Net, and most train or spawn workers and launchers.
+pytestmark = pytest.mark.slow
+
 TINY = ["--models", "tiny", "--init", "scratch"]
 
 
@@ -358,7 +361,7 @@ def test_bad_weights_are_refused_before_anything_is_prepared_started_or_submitte
 
     dry = run_segbook("batch", "submit", "--dry-run", *selection, "--weights", str(task.weights)).stdout
     script = dry[dry.index("#!/bin/bash"):]
-    assert f"srun --unbuffered --output " in script and f" {sys.executable} -u -m submitit.core._submit " in script
+    assert "srun --unbuffered --output " in script and f" {sys.executable} -u -m submitit.core._submit " in script
     assert " python " not in script  # the interpreter that will run, not whichever `python` a node finds first
 
 

@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from results_helpers import A, SPLIT, THEIR_RUNS, export_their_bundle, home, write_registry
 from store_helpers import write_evaluated_run
-from test_results import A, B, C, write_registry
 
 from segbook.cli.main import main
 from segbook.data.split import Split, write_split
@@ -21,35 +21,15 @@ from segbook.results import build_table, collect_results, dataset_table
 from segbook.results.bundles import BUNDLE_FILE, BundleError, export_bundle, import_bundle, read_bundle
 from segbook.results.collect import bundles_dir
 
-SPLIT = "a" * 64
-OTHER_SPLIT = "b" * 64
-#: (task, model, init) -> mean Dice of the exporting group's runs.
-THEIR_RUNS = {(A, "base", "scratch"): 0.70, (A, "base", "pretrained"): 0.85, (B, "base", "scratch"): 0.60,
-              (B, "base", "pretrained"): 0.72, (C, "base", "scratch"): 0.50, (C, "base", "pretrained"): 0.66}
-
-
 @pytest.fixture
 def registry(tmp_path: Path) -> Registry:
     return load_registry([write_registry(tmp_path / "registry.yaml")])
 
 
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> Paths:
-    """Switch to a fresh SEGBOOK_HOME (another group's machine, or ours)."""
-    monkeypatch.setenv("SEGBOOK_HOME", str(tmp_path / name))
-    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.delenv(variable, raising=False)
-    return Paths.from_env()
-
-
 @pytest.fixture
 def bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: Registry) -> Path:
     """Another group's evaluated runs, exported as the bundle `their-lab`."""
-    theirs = home(tmp_path, monkeypatch, "their_home")
-    for seed, ((task, model, init), dice) in enumerate(THEIR_RUNS.items()):
-        write_evaluated_run(theirs.results, registry, task, model, init, dice, split=SPLIT, seed=seed)
-    report = export_bundle(tmp_path / "their-lab", registry=registry, paths=theirs)
-    assert (report.runs, report.left_out) == (len(THEIR_RUNS), 0)
-    return report.folder
+    return export_their_bundle(tmp_path, monkeypatch, registry)
 
 
 def leaves(value) -> list:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from store_helpers import write_evaluated_run
-from test_results import A, B, C, D, write_registry
+from results_helpers import A, B, C, D, write_registry
 
 from segbook.cli.main import main
 from segbook.data.split import Split, write_split
@@ -263,7 +263,7 @@ def test_runs_scored_on_a_split_other_than_the_current_one_are_left_out(store, r
     assert rows[A]["base scratch"].value is None and rows[A]["split"] is None
     assert rows[C]["base scratch"].value == pytest.approx(score(kept)) and rows[C]["split"] == old.sha256
     code, out, err = cli(registry_file, capsys, "--table", "datasets")
-    assert code == 0 and f"left out: 2 evaluated run(s) scored on a test split other than" in out
+    assert code == 0 and "left out: 2 evaluated run(s) scored on a test split other than" in out
     assert str(stale[0]) in out and "evaluate them again (segbook evaluate --force)" in out
     assert "segbook: warning: left out: 2 evaluated run(s)" in err
 

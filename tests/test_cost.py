@@ -125,7 +125,7 @@ COSTED_RUNS = {("Task901_SeenCT", "base", "scratch"): (0.70, 2.0),
 @pytest.fixture
 def costed(segbook_home: Path, tmp_path: Path):
     from store_helpers import gpu_cost, write_evaluated_run
-    from test_results import write_registry
+    from results_helpers import write_registry
 
     from segbook.paths import Paths
     from segbook.registry import load_registry
@@ -161,7 +161,7 @@ def test_cost_table_per_configuration(costed) -> None:
 
 def test_runs_without_cost_records_show_as_such(segbook_home: Path, tmp_path: Path) -> None:
     from store_helpers import write_evaluated_run
-    from test_results import write_registry
+    from results_helpers import write_registry
 
     from segbook.paths import Paths
     from segbook.registry import load_registry

@@ -75,6 +75,7 @@ def _finish(ranks, tmp_path: Path, name: str) -> list[dict]:
     return [json.loads(out.read_text()) for _, out in ranks]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_share_workers_write_once_stop_together_and_resume(task, tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     monkeypatch.setenv("SEGBOOK_HOME", str(tmp_path / "home"))

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from store_helpers import read_metrics, reevaluate, sha256, write_evaluated_run
-from test_results import A, C, write_registry
+from results_helpers import A, C, write_registry
 
 from segbook.cli.main import main
 from segbook.data.split import Split, write_split

@@ -97,6 +97,7 @@ def _unchanged(before: dict[str, torch.Tensor], network: nn.Module) -> list[str]
     return [name for name, p in unwrap(network).named_parameters() if torch.equal(before[name], p.detach())]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("auto", torch.float32),
                                               ("fp16", torch.float32)])
 def test_cpu_training_autocasts_in_bf16_only_when_asked_and_never_scales(task, paths, precision, dtype):
@@ -133,6 +134,7 @@ def test_cpu_training_autocasts_in_bf16_only_when_asked_and_never_scales(task, p
     assert trainer.boundary.losses == losses  # segbook's epoch record saw every step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, bf16_gpu, scaled", [("fp16", True, True), ("auto", False, True),
                                                          ("bf16", False, False), ("auto", True, False)])
 def test_cuda_precision_decides_scaler_and_autocast_dtype(task, paths, monkeypatch, cuda_autocast_dtype,
@@ -148,6 +150,7 @@ def test_cuda_precision_decides_scaler_and_autocast_dtype(task, paths, monkeypat
     assert torch.get_autocast_dtype("cuda") == (torch.float16 if scaled else torch.bfloat16)
 
 
+@pytest.mark.slow
 def test_grad_scaler_state_is_checkpointed_and_restored(task, paths):
     """nnU-Net's fp16 path (scale, unscale, clip, step, update) with a real scaler on the CPU: its scale grows as it
     should, goes into segbook's atomic checkpoint, is read back by the safe reader and restored on resume; a run
@@ -243,6 +246,7 @@ def test_compiled_tiny_network_trains_and_checkpoints_plain_weights(task, paths,
     plain.load_state_dict(weights)
 
 
+@pytest.mark.slow
 def test_channels_last_3d_through_a_training_step_on_the_cpu(task, paths):
     """`--channels-last` on the CPU: the network's 3D convolutions and each batch go channels-last, the loss is the
     one the contiguous network computes, and the weights train and stay channels-last."""
@@ -276,6 +280,7 @@ def test_channels_last_3d_through_a_training_step_on_the_cpu(task, paths):
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in convs)
 
 
+@pytest.mark.slow
 def test_bf16_channels_last_run_finishes_and_predicts_with_the_cpus_options(task, paths, monkeypatch):
     """A run asked for bf16 and channels-last trains end to end on the CPU (as `segbook finetune --precision bf16
     --channels-last --device cpu`); its predictor is set up for the device (CPU: nothing kept on the device,

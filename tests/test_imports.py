@@ -80,3 +80,30 @@ def test_imports_for_type_checking_count(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from segbook.batch.jobs import Job\n")
     assert _imports("m", module, {"m": module, "segbook.batch.jobs": module}) == {"segbook.batch.jobs"}
+
+
+def _imported_test_modules(source: str) -> set[str]:
+    """The test modules (`test_*`) that Python source imports, at the top or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return {name for name in names if name.partition(".")[0].startswith("test_")}
+
+
+def test_no_test_module_imports_another():
+    """Builders that several test modules use live in helper modules (helpers, store_helpers, results_helpers,
+    slurm_support), so that each test module can change without breaking another and no module's fixtures leak
+    into another's."""
+    tests = sorted((ROOT / "tests").glob("*.py"))
+    assert len(tests) > 30
+    found = {path.name: sorted(imported) for path in tests if (imported := _imported_test_modules(path.read_text()))}
+    assert found == {}
+
+
+def test_the_checker_finds_imports_of_test_modules():
+    source = "from test_results import A\nimport helpers\n\ndef f():\n    import test_bundles.x\n"
+    assert _imported_test_modules(source) == {"test_results", "test_bundles.x"}
+    assert _imported_test_modules("from results_helpers import A\nimport pytest\n") == set()

@@ -103,7 +103,7 @@ def test_lesion_table_pools_counts_of_datasets_with_lesion_labels(segbook_home, 
     import json
 
     from store_helpers import write_evaluated_run
-    from test_results import write_registry
+    from results_helpers import write_registry
 
     from segbook.cli.main import main
     from segbook.paths import Paths
@@ -135,7 +135,7 @@ def test_lesion_table_pools_counts_of_datasets_with_lesion_labels(segbook_home, 
 def test_lesion_table_pools_only_the_runs_on_the_whole_train_split(segbook_home, tmp_path) -> None:
     """A run on a tenth of the train split is the fractions table's, never pooled into the lesion table's cell."""
     from store_helpers import write_evaluated_run
-    from test_results import write_registry
+    from results_helpers import write_registry
 
     from segbook.paths import Paths
     from segbook.registry import load_registry

@@ -13,8 +13,6 @@ from segbook.errors import SegbookError
 from segbook.training.lora import add_lora, has_lora, merge_lora
 from stunet import create_stunet
 
-pytest.importorskip("peft")
-
 # 16^3 input: three halvings to 2^3, then two stages at that size, so a forward pass is cheap.
 STRIDES = [[2, 2, 2]] * 3 + [[1, 1, 1]] * 2
 
@@ -85,6 +83,7 @@ def test_adapts_every_spatial_body_conv_and_trains_only_adapters_and_heads(image
         assert torch.equal(network(image), plain_output)  # LoRA's B starts at zero: the adapters do nothing yet
 
 
+@pytest.mark.slow
 def test_training_moves_only_adapters_and_heads_and_merge_gives_plain_stunet_with_same_output(image):
     network = _plain()
     with torch.no_grad():

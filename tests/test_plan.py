@@ -53,6 +53,7 @@ def assert_consistent_plan(result: PlanResult, train: tuple[str, ...], channels:
         assert size % math.prod(s[axis] for s in result.stunet_strides) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUT_SPECS))
 def test_every_layout_imports_and_plans_end_to_end(tmp_path: Path, segbook_home: Path, layout: str) -> None:
     spec = LAYOUT_SPECS[layout]
@@ -69,6 +70,7 @@ def test_every_layout_imports_and_plans_end_to_end(tmp_path: Path, segbook_home:
                                          "preprocessed": "yes"}
 
 
+@pytest.mark.slow
 def test_changed_source_invalidates_the_preprocessed_data(tmp_path: Path, segbook_home: Path,
                                                           capsys: pytest.CaptureFixture) -> None:
     registry_file, entry = prepare_synthetic_task(tmp_path, tiny_spec("Invalidate"), dataset_id=961)
@@ -103,6 +105,7 @@ def test_changed_source_invalidates_the_preprocessed_data(tmp_path: Path, segboo
     assert plan_states(entry) == {"default": "preprocessed"}
 
 
+@pytest.mark.slow
 def test_resenc_preset_reuses_the_fingerprint(tmp_path: Path, segbook_home: Path) -> None:
     _, entry = prepare_synthetic_task(tmp_path, tiny_spec("ResEnc"), dataset_id=962)
     fingerprint = Paths.from_env().preprocessed / entry.nnunet_name / "dataset_fingerprint.json"
@@ -118,6 +121,7 @@ def test_resenc_preset_reuses_the_fingerprint(tmp_path: Path, segbook_home: Path
         plan_task(entry, planner="resenc-s")
 
 
+@pytest.mark.slow
 def test_paper_plans_have_the_authors_patch_and_spacing_and_are_preprocessed(
         tmp_path: Path, segbook_home: Path, capsys: pytest.CaptureFixture) -> None:
     """The v2 plan of a task differs from a given reference; `--plans paper` is nnU-Net's planning at the reference
@@ -175,6 +179,7 @@ def test_plan_needs_an_imported_task(tmp_path: Path, segbook_home: Path) -> None
         plan_task(entry)
 
 
+@pytest.mark.slow
 def test_real_ct_imports_validates_and_preprocesses(tmp_path: Path, segbook_home: Path, shared: Path) -> None:
     """The TotalSegmentator example (real anatomy, real headers, 41 of 117 classes present), cut into 6 cases."""
     images, labels = real_ct_cases(shared, tmp_path / "abdomen")
@@ -215,6 +220,7 @@ def _staged_cases(preprocessed: Path, name: str) -> list[Path]:
     return list(preprocessed.glob(f".{name}.*.partial/{name}/nnUNetPlans_3d_fullres/*.b2nd"))
 
 
+@pytest.mark.slow
 def test_a_replan_killed_during_preprocessing_keeps_the_previous_data(tmp_path: Path, segbook_home: Path) -> None:
     registry_file, entry = prepare_synthetic_task(tmp_path, tiny_spec("Killed", cases=24), dataset_id=964)
     paths = Paths.from_env()
@@ -244,6 +250,7 @@ def test_a_replan_killed_during_preprocessing_keeps_the_previous_data(tmp_path: 
     assert [p.name for p in paths.preprocessed.iterdir()] == [entry.nnunet_name]
 
 
+@pytest.mark.slow
 def test_a_kill_between_the_swap_s_two_renames_is_repaired(tmp_path: Path, segbook_home: Path) -> None:
     _, entry = prepare_synthetic_task(tmp_path, tiny_spec("Swap"), dataset_id=965)
     paths = Paths.from_env()
@@ -259,6 +266,7 @@ def test_a_kill_between_the_swap_s_two_renames_is_repaired(tmp_path: Path, segbo
     assert [p.name for p in paths.preprocessed.iterdir()] == [entry.nnunet_name]
 
 
+@pytest.mark.slow
 def test_two_plans_of_one_dataset_at_once_take_turns(tmp_path: Path, segbook_home: Path) -> None:
     registry_file, entry = prepare_synthetic_task(tmp_path, tiny_spec("Turns"), dataset_id=967, plan=False)
     command = [sys.executable, "-m", "segbook.cli.main", "plan", "--registry", str(registry_file), "--task",

@@ -102,6 +102,7 @@ def test_a_repeated_key_or_a_clash_with_a_built_in_is_an_error(tmp_path):
         load_recipes([clash])
 
 
+@pytest.mark.slow
 def test_recipes_that_do_not_fit_the_run_are_refused_before_anything_is_written(task, fresh, capsys):
     cases = [(["--model", "tiny", "--recipe", "llrd"], "recipe 'llrd' is for pretrained runs, and this run is "
                                                        "scratch"),
@@ -162,6 +163,7 @@ FROZEN_PARTS = {"segbook": set(), "stunet-official": set(), "llrd": set(), "warm
                 "heads-only": {"encoder", "decoder"}, "frozen-encoder": {"encoder"}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(FROZEN_PARTS))
 def test_each_recipe_trains_what_it_says_at_its_rates(task, fresh, recipe):
     run = _train(task, recipe, epochs=20 if recipe == "warmup" else 3)
@@ -186,6 +188,7 @@ def test_each_recipe_trains_what_it_says_at_its_rates(task, fresh, recipe):
     assert counts["frozen"] == sum(v.numel() for k, v in pretrained.items() if part_of(k)[0] in frozen)
 
 
+@pytest.mark.slow
 def test_scratch_recipe_keeps_its_one_rate_and_folder(task, fresh):
     run = _train(task, "scratch", epochs=2)
     assert run.folder.parent.name == "SegbookTrainer_tiny_scratch__nnUNetPlans__3d_fullres"
@@ -193,6 +196,7 @@ def test_scratch_recipe_keeps_its_one_rate_and_folder(task, fresh):
     assert set(run.manifest.data["epochs"][0]["learning_rates"]) == {"all"}
 
 
+@pytest.mark.slow
 def test_a_phase_trains_only_its_parts(task, fresh):
     """Within the trainer: in the heads phase only the heads move (the body gets no gradient), then all do."""
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -218,6 +222,7 @@ def test_a_phase_trains_only_its_parts(task, fresh):
         assert not torch.equal(before["seg_outputs.4.weight"], after["seg_outputs.4.weight"])
 
 
+@pytest.mark.slow
 def test_lora_trains_adapters_and_merges_into_a_checkpoint_nnunet_loads(task, fresh):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -245,6 +250,7 @@ def test_lora_trains_adapters_and_merges_into_a_checkpoint_nnunet_loads(task, fr
     assert (out / "case.nii.gz").is_file()
 
 
+@pytest.mark.slow
 def test_a_phased_run_killed_mid_phase_continues_on_the_uninterrupted_schedule(task, fresh):
     command = [sys.executable, "-m", "segbook.cli.main", "finetune", "--registry", str(task.registry_file),
                "--task", task.entry.key, "--model", "tiny", "--pretrained", "--weights", str(task.weights),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_results import A, C, add_recipe_runs, build_store, write_registry, write_run
+from results_helpers import A, C, add_recipe_runs, build_store, write_registry, write_run
 
 from segbook.cli.main import main
 from segbook.paths import Paths
@@ -93,13 +94,23 @@ def test_report_of_an_empty_store(segbook_home: Path, tmp_path: Path, capsys: py
     assert "wrote" in capsys.readouterr().out and (tmp_path / "cli.html").is_file()
 
 
+@pytest.fixture
+def chromium() -> None:
+    """Skips the test where headless Chromium is missing; with SEGBOOK_REQUIRE_CHROMIUM=1 (CI) fails it instead."""
+    if CHROMIUM is None:
+        reason = "headless Chromium is not installed (Debian: apt-get install chromium)"
+        if os.environ.get("SEGBOOK_REQUIRE_CHROMIUM") == "1":
+            pytest.fail(f"SEGBOOK_REQUIRE_CHROMIUM=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
 def run_chromium(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
     profile = tmp_path / "chromium-profile"
     return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *arguments],
                           capture_output=True, text=True, timeout=120, check=True)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)")
+@pytest.mark.usefixtures("chromium")
 def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> None:
     from PIL import Image
 
@@ -117,7 +128,7 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     assert "Dice (%) by dataset scale" in dom and "STU-Net-B" in dom
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)")
+@pytest.mark.usefixtures("chromium")
 def test_recipe_report_renders_in_headless_chromium(recipe_report: Path, tmp_path: Path) -> None:
     dom = run_chromium(tmp_path, "--dump-dom", recipe_report.as_uri()).stdout
     assert dom.count("<table") == 12 and dom.count("<img") == len(RECIPE_FIGURES)
@@ -150,7 +161,8 @@ def test_report_counts_seed_noise_and_draws_fraction_curves(segbook_home: Path, 
 def test_report_without_per_case_metrics_says_why(df, tmp_path: Path) -> None:
     """A run evaluated before segbook computed IoU: the report is written, its per-case tests name the run."""
     page = write_report(df, tmp_path / "iou.html", metric="iou").read_text()
-    assert "<p class='empty'>no per-case tests: " in page and "not evaluated for iou (run segbook evaluate again)" in page
+    assert ("<p class='empty'>no per-case tests: " in page
+            and "not evaluated for iou (run segbook evaluate again)" in page)
     assert "IoU (%) by dataset scale" in page
 
 

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 from scipy.stats import wilcoxon
 from statsmodels.stats.multitest import multipletests
-from test_bundles import bundle, home, registry  # noqa: F401 (fixtures)
-from test_results import A, B, C, D, build_store, write_case_metrics, write_registry, write_run
+from results_helpers import (A, B, C, D, build_store, export_their_bundle, home, write_case_metrics, write_registry,
+                             write_run)
 
 from segbook.cli.main import main
 from segbook.paths import Paths
-from segbook.registry import load_registry
+from segbook.registry import Registry, load_registry
 from segbook.results import (case_tests, collect_results, compare_pretrained, dataset_scores, dataset_table,
                              fraction_table, rank_stability, scale_table, significance_map)
 from segbook.results.bundles import import_bundle
@@ -37,6 +37,17 @@ SEEDED = {(A, "scratch", 0): 0.70, (A, "scratch", 1): 0.72, (A, "scratch", 2): 0
 @pytest.fixture
 def registry_file(tmp_path: Path) -> Path:
     return write_registry(tmp_path / "registry.yaml")
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return load_registry([write_registry(tmp_path / "registry.yaml")])
+
+
+@pytest.fixture
+def bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: Registry) -> Path:
+    """Another group's evaluated runs, exported as the bundle `their-lab`."""
+    return export_their_bundle(tmp_path, monkeypatch, registry)
 
 
 @pytest.fixture

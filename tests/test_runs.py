@@ -41,7 +41,8 @@ def test_the_default_runs_keep_the_names_they_always_had():
         assert Identity(model, init).trainer == f"SegbookTrainer_{model}_{init}"
     assert Identity("large", "pretrained", "segbook").trainer == "SegbookTrainer_large_pretrained"
     assert Identity("large", "scratch", "scratch").trainer == "SegbookTrainer_large_scratch"
-    assert Identity("large", "pretrained", "llrd", 1, 0.25).trainer == "SegbookTrainer_large_pretrained_llrd_seed1_frac25"
+    assert (Identity("large", "pretrained", "llrd", 1, 0.25).trainer
+            == "SegbookTrainer_large_pretrained_llrd_seed1_frac25")
     assert Identity("base", "scratch", fraction=0.125).trainer == "SegbookTrainer_base_scratch_frac12p5"
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 
 import pytest
 import torch
@@ -154,6 +153,7 @@ def _losses(run) -> list[tuple[float, float]]:
     return [(record["train_loss"], record["val_loss"]) for record in map(json.loads, lines)]
 
 
+@pytest.mark.slow
 def test_the_same_seed_trains_the_same_run_and_another_seed_another(task, tmp_path, monkeypatch):
     """Exact on the CPU with augmentation in the training process (what `nnUNet_n_proc_DA=0` asks nnU-Net for):
     the fresh heads, the sampled patches and their augmentation all follow the run's seed."""
@@ -171,6 +171,7 @@ def test_the_same_seed_trains_the_same_run_and_another_seed_another(task, tmp_pa
     assert any(not torch.equal(a[k], c[k]) for k in a) and _losses(first) != _losses(other)
 
 
+@pytest.mark.slow
 def test_one_augmentation_worker_is_seeded_by_the_run(task, tmp_path, monkeypatch):
     """nnU-Net starts its workers unseeded (numpy then seeds from the operating system); segbook seeds them from the
     run's seed, so with one worker, whose batches arrive in the order it makes them, a run is reproducible too."""
@@ -183,6 +184,7 @@ def test_one_augmentation_worker_is_seeded_by_the_run(task, tmp_path, monkeypatc
     assert all(torch.equal(a[k], b[k]) for k in a) and _losses(first) == _losses(second)
 
 
+@pytest.mark.slow
 def test_a_fraction_trains_on_its_recorded_subset_and_a_changed_subset_is_not_resumed(task, tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_raw", str(task.raw))
     monkeypatch.setenv("nnUNet_preprocessed", str(task.preprocessed))

@@ -51,6 +51,7 @@ def _manifest(task, model: str, init: str, fold: str = "all") -> RunManifest:
     return RunManifest.load(spec.folder(Paths.from_env().results))
 
 
+@pytest.mark.slow
 def test_pretrained_run_trains_records_and_evaluates(task):
     settings = TrainingSettings(epochs=3, **TINY_BUDGET)
     result = finetune(task.entry, "tiny", pretrained=True, settings=settings, weights=task.weights,
@@ -112,6 +113,7 @@ def test_pretrained_run_trains_records_and_evaluates(task):
     manifest.save()
 
 
+@pytest.mark.slow
 def test_paper_plans_train_and_evaluate(task):
     """`--plans paper`: the run trains on nnU-Net's plans at the authors' patch and spacing, in its own folder."""
     settings = TrainingSettings(epochs=1, **TINY_BUDGET)
@@ -131,6 +133,7 @@ def test_paper_plans_train_and_evaluate(task):
     assert summary["run"]["plans"] == "SegbookPaperPlans" and summary["num_cases"] == task.entry.test_cases
 
 
+@pytest.mark.slow
 def test_stem_tiling_reaches_the_trained_network_and_is_part_of_the_run(task):
     """`--stem-tiling mean` through finetune: the network starts from the first block divided by the channel count
     (trained at a rate of 1e-30, so its final weights are the ones it started from), and run.json records it."""
@@ -159,6 +162,7 @@ def test_stem_tiling_settings_and_records_written_before_it_existed(capsys):
     assert parse_error.value.code == 2 and "invalid choice: 'sum'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_scratch_and_nnunet_baseline_runs_live_apart(task):
     settings = TrainingSettings(epochs=1, **TINY_BUDGET)
     scratch = finetune(task.entry, "tiny", pretrained=False, settings=settings, device="cpu")
@@ -174,6 +178,7 @@ def test_scratch_and_nnunet_baseline_runs_live_apart(task):
         RunSpec.of(task.entry, "nnunet", True)
 
 
+@pytest.mark.slow
 def test_existing_run_with_a_checkpoint_needs_continue_or_overwrite(task):
     settings = TrainingSettings(epochs=1, **TINY_BUDGET)
     spec = RunSpec.of(task.entry, "base", False)
@@ -200,6 +205,7 @@ def _trainer(task, name: str, monkeypatch):
     return get_trainer_from_args(str(task.entry.dataset_id), "3d_fullres", 0, name, device=torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_pretrained_body_loaded_heads_fresh_tiled_and_all_parameters_learn(task, monkeypatch):
     trainer = _trainer(task, "SegbookTrainer_tiny_pretrained", monkeypatch)
     trainer.settings.weights = str(task.weights)
@@ -226,7 +232,8 @@ def test_pretrained_body_loaded_heads_fresh_tiled_and_all_parameters_learn(task,
     assert trainer.loss.weight_factors[-1] == 0
 
 
-@pytest.mark.parametrize("poolings", [3, 5, 6])
+@pytest.mark.parametrize("poolings", [3, pytest.param(5, marks=pytest.mark.slow),
+                                      pytest.param(6, marks=pytest.mark.slow)])  # 5, 6: large forward passes
 def test_deep_supervision_targets_match_stunet_outputs(poolings):
     """Plans with fewer or more than five poolings: targets are downsampled to STU-Net's five output sizes."""
     from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
@@ -263,6 +270,7 @@ SHORT_RECIPE = {"name": "short", "description": "one epoch of two iterations, fo
                 "budget": {"epochs": 1, "iterations_per_epoch": 2}}
 
 
+@pytest.mark.slow
 def test_a_run_started_by_nnunetv2_train_is_recorded_as_segbooks_and_evaluates(task, tmp_path):
     """The documented path (docs/training.md, nnU-Net's own tools): `eval "$(segbook env)"`, then nnU-Net's own
     `nnUNetv2_train DATASET 3d_fullres all -tr SegbookTrainer_...`. The trainer writes the run record through
@@ -309,6 +317,7 @@ def test_a_run_of_a_dataset_the_registry_does_not_know_is_refused_before_it_is_r
     assert not (RunSpec.of(task.entry, "tiny", False, 1).folder(Paths.from_env().results) / "run.json").exists()
 
 
+@pytest.mark.slow
 def test_killed_run_continues_from_its_checkpoint(task):
     """Kill the training process mid-run, continue it, and it finishes without re-applying pretrained weights."""
     command = [sys.executable, "-m", "segbook.cli.main", "finetune", "--registry", str(task.registry_file),

@@ -88,6 +88,7 @@ def test_the_python_api_checks_the_same_ranges(task, fresh, field, value, option
     assert _nothing_written(fresh) and plan_states(task.unplanned, fresh) == {}
 
 
+@pytest.mark.slow
 def test_a_finished_run_asked_for_with_other_settings_is_an_error(task, fresh):
     settings = TrainingSettings(epochs=1, **TINY)
     first = finetune(task.entry, "tiny", pretrained=False, settings=settings, device="cpu")
@@ -167,6 +168,7 @@ def test_a_cached_checkpoint_without_a_recorded_checksum_is_named_and_a_corrupte
         resolve_weights("base", None, fresh, lines.append)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_the_device_is_chosen_and_said_and_cuda_without_a_gpu_is_a_clear_error(task, fresh, capsys):
     code = main(_cli(task, "--task", task.entry.key, "--model", "tiny", "--device", "cuda"))
@@ -178,6 +180,7 @@ def test_the_device_is_chosen_and_said_and_cuda_without_a_gpu_is_a_clear_error(t
     assert "device: cpu (no CUDA GPU found)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_run_that_never_got_a_checkpoint_starts_over_with_the_new_weights(task, fresh, tmp_path):
     """A failed first attempt (bad weights, a crash before the first checkpoint): --continue starts over with the
     weights given now, and the record keeps what happened before."""
@@ -198,6 +201,7 @@ def test_a_run_that_never_got_a_checkpoint_starts_over_with_the_new_weights(task
     assert manifest.data["request"]["previous_attempt"]["error"]["message"] == "the old weights did not fit"
 
 
+@pytest.mark.slow
 def test_resuming_with_other_settings_is_an_error_naming_them(task, fresh):
     settings = TrainingSettings(epochs=1, **TINY)
     run = finetune(task.entry, "tiny", pretrained=False, settings=settings, device="cpu")
@@ -222,6 +226,7 @@ with claims.exclusive(Paths.from_env().claims, sys.argv[1], "run"):
 """
 
 
+@pytest.mark.slow
 def test_an_evaluation_is_refused_while_another_process_holds_the_run(task, fresh, capsys):
     run = finetune(task.entry, "tiny", pretrained=False, settings=TrainingSettings(epochs=1, **TINY), device="cpu")
     holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN, run.spec.job_id], stdout=subprocess.PIPE, text=True)
@@ -251,6 +256,7 @@ def test_help_shows_the_defaults_of_options_with_values_never_of_flags(capsys):
             assert "--no-gaussian uniform window weighting --no-mirroring" in text
 
 
+@pytest.mark.slow
 def test_evaluate_run_dir_evaluates_the_folder_given(task, fresh, tmp_path, capsys):
     run = finetune(task.entry, "tiny", pretrained=False, settings=TrainingSettings(epochs=1, **TINY), device="cpu")
     copy = tmp_path / "elsewhere" / run.folder.parent.name
@@ -265,6 +271,7 @@ def test_evaluate_run_dir_evaluates_the_folder_given(task, fresh, tmp_path, caps
                                    "complete": True}
 
 
+@pytest.mark.slow
 def test_payload_checkpoints_in_run_folders_never_run(task, fresh, tmp_path, capsys):
     """`segbook evaluate` (nnU-Net's predictor) and `segbook finetune --continue` (nnU-Net's load_checkpoint)."""
     run = finetune(task.entry, "tiny", pretrained=False, settings=TrainingSettings(epochs=2, **TINY), device="cpu")
@@ -307,6 +314,7 @@ def test_training_refuses_preprocessed_data_that_is_not_the_train_split(task, fr
     assert not Paths.from_env().results.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process parents from /proc (Linux)")
 def test_a_run_is_claimed_while_it_trains_and_its_workers_die_with_a_killed_trainer(task, fresh, capsys):
     command = [sys.executable, "-m", "segbook.cli.main", *_cli(task, "--task", task.entry.key, "--model", "tiny",
@@ -368,6 +376,7 @@ class _Steps:
         monkeypatch.setattr(nnUNetTrainer, "train_step", counted)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR2], ids=lambda s: s.name)
 def test_a_stop_signal_saves_at_the_next_iteration_and_the_resume_finishes_that_epoch(task, fresh, monkeypatch,
                                                                                        signum):

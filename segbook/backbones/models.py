@@ -20,8 +20,7 @@ from torch import nn
 from segbook.backbones import FORMAT_ADAPTERS, FORMAT_READERS, Backbone, BackboneError, get, resolve
 from stunet.checkpoints import PRETRAINING_STRIDES
 from stunet.flops import count_forward_macs, count_parameters
-from stunet.loading import DEFAULT_TILING, DESCRIBERS, CheckpointError, Conventions, LoadReport, adapt_state_dict, \
-    load_pretrained
+from stunet.loading import DEFAULT_TILING, DESCRIBERS, CheckpointError, Conventions, LoadReport, adapt_state_dict
 from stunet.presets import create_stunet, strides_from_plans
 
 RESENC_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"

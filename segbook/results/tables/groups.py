@@ -17,7 +17,7 @@ import pandas as pd
 from segbook import backbones
 from segbook.registry import REGIONS, SCALES
 from segbook.results.collect import LOWER_IS_BETTER
-from segbook.results.configs import (DEFAULT_RECIPE, DELTA, MODEL_NAMES, axis_values, config_axes, config_label,
+from segbook.results.configs import (DELTA, MODEL_NAMES, axis_values, config_axes, config_label,
                                      configurations, dataset_facts, delta_pairs, pairing_notes, shows_recipes,
                                      variant_profiles)
 from segbook.results.excluded import exclusion_notes

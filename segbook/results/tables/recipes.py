@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from segbook.results.configs import (DEFAULT_RECIPE, DELTA, MODEL_NAMES, SCRATCH_RECIPE, axis_values, comparable,
+from segbook.results.configs import (DEFAULT_RECIPE, DELTA, MODEL_NAMES, axis_values, comparable,
                                      configurations, dataset_facts, shows_variants, unpaired_note, variant_profiles)
 from segbook.results.excluded import exclusion_notes
 from segbook.results.scores import METRIC_NAMES, Config, metric_label, protocol_note, score_lookups, whole_split
