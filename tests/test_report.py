@@ -156,6 +156,9 @@ def test_report_counts_seed_noise_and_draws_fraction_curves(segbook_home: Path, 
     assert (tmp_path / "f" / "fractions_scale.png").is_file()
     assert main(["report", "--registry", str(registry_file), "--out", str(out), "--metric", "hd95"]) == 0
     assert "HD95 (mm, lower is better)" in out.read_text()
+    capsys.readouterr()
+    assert main(["report", "--registry", str(registry_file), "--out", str(out), "--models", "large"]) == 0  # none
+    assert "<figure id='fractions_scale'>" not in out.read_text() and "no runs of the shown" in out.read_text()
 
 
 def test_report_without_per_case_metrics_says_why(df, tmp_path: Path) -> None:

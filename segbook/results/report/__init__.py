@@ -179,7 +179,8 @@ def _fraction_section(page: Page, spec: TableSpec) -> tuple[str, str]:
     which pretraining matches scratch on all the data)."""
     table = spec.build(page.runs, page.selection)
     drawn = fraction_curves(page.runs, page.selection.metric, configurations(page.runs, page.selection))
-    return table.title, page.figures.html(drawn) + table_html(table) + notes_html(table.notes)
+    curves = "" if drawn is None else page.figures.html(drawn)
+    return table.title, curves + table_html(table) + notes_html(table.notes)
 
 
 def _cost(page: Page, specs: list[TableSpec]) -> tuple[str, str] | None:

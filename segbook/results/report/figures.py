@@ -217,15 +217,18 @@ def significance_heatmaps(significance: pd.DataFrame, metric: str) -> Drawn:
     return Drawn("significance_scale", caption, figure)
 
 
-def fraction_curves(df: pd.DataFrame, metric: str, configs: Sequence[Config]) -> Drawn:
+def fraction_curves(df: pd.DataFrame, metric: str, configs: Sequence[Config]) -> Drawn | None:
     """Per dataset-scale group, each STU-Net size's pretrained and scratch score against the training-data fraction
-    (mean over the group's datasets; whiskers: the standard deviation across seeds of that mean)."""
+    (mean over the group's datasets; whiskers: the standard deviation across seeds of that mean); None when no
+    dataset has runs of the configurations shown (the table's notes say so)."""
     import numpy as np
     from matplotlib.figure import Figure
 
     fractions = run_fractions(df)
     by = grouping("scale")
     members = group_members(dataset_facts(df, configs), by)
+    if not members:
+        return None
     lookups = {f: score_lookups(df, metric, (), f) for f in fractions}
     cases = df.drop_duplicates("task").set_index("task")["train_cases"]
     shown = [c for pair in delta_pairs(configs, variant_profiles(df)) for c in pair] or list(configs)
