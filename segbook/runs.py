@@ -432,3 +432,51 @@ def identity_fields(spec: RunSpec) -> dict[str, Any]:
     return {"task": spec.task, "dataset": spec.dataset, "model": spec.model, "init": spec.init,
             "recipe": spec.recipe, "seed": spec.seed, "fraction": spec.fraction, "fold": spec.fold,
             "trainer": spec.trainer, "plans": spec.plans, "configuration": CONFIGURATION}
+
+
+# --- the user's backbone a run recorded -----------------------------------------------------------------------
+
+#: Largest `run.json` read for its backbone record (it keeps its epoch history apart, so it stays small).
+MAX_MANIFEST_BYTES = 8 * 1024 * 1024
+
+
+def recorded_backbone(folder: Path, run_code: bool = True) -> str | None:
+    """Make the user's backbone a run folder's `run.json` records known again (`segbook.backbones.recorded.adopt`:
+    running only the file it recorded, unchanged, and no code at all unless `run_code`), so its runs are found
+    without --backbone-file. Returns why it is not the recorded one (file gone, changed); `RecordError` for a
+    malformed record. Reads only: many processes may do this at once. A built-in model's run.json is not read."""
+    from segbook.backbones import recorded
+
+    record = _backbone_record(folder)
+    return None if record is None else recorded.adopt(record, run_code)
+
+
+def require_recorded_backbone(folder: Path) -> None:
+    """`BackboneError` unless the backbone a run recorded is the one that would now be built (evaluation)."""
+    from segbook.backbones import recorded
+
+    record = _backbone_record(folder)
+    if record is not None:
+        try:
+            recorded.require(record)
+        except backbones.BackboneError as error:
+            raise backbones.BackboneError(f"{manifest_path(folder)}: {error}") from None
+
+
+def _backbone_record(folder: Path) -> Any:
+    """The `backbone` record of a run of a user's model; None for a built-in model, or no readable record."""
+    import json
+
+    from segbook.backbones.recorded import KEY
+
+    trainer = Path(folder).parent.name.split(JOB_SEPARATOR)[0].split("_")
+    path = manifest_path(folder)
+    if len(trainer) > 1 and trainer[1] in MODELS:
+        return None
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            return None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a missing or damaged run.json is reported where the run's record is read
+    return data.get(KEY) if isinstance(data, dict) else None

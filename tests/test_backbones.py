@@ -21,6 +21,7 @@ from segbook.training.checkpoints import read_run_checkpoint
 from segbook.training.manifest import RunManifest
 from segbook.training.trainers import EXTERNAL_TRAINER_FOLDER
 from stunet import CheckpointError, create_stunet, write_official_checkpoint
+from stunet.checkpoints import file_sha256
 
 
 @pytest.fixture(scope="module")
@@ -437,3 +438,117 @@ def test_a_backbone_file_that_defines_none_or_a_taken_name_is_a_clear_error(tmp_
     clash.write_text(EXAMPLE.read_text().replace('name="my-unet"', 'name="large"'))
     assert main(["models", "--backbone-file", str(clash)]) == 2
     assert "defines backbone 'large', which is already defined (built in)" in capsys.readouterr().err
+
+
+# --- a user's backbone found again from what its runs recorded -----------------------------------------------
+
+
+@pytest.fixture
+def lab_net_runs(tmp_path, monkeypatch, segbook_home):
+    """Evaluated runs of LAB_NET (scratch and pretrained) and of `base` scratch, whose run.json records where lab-net
+    came from as training does; then a new shell: a fresh registry and no SEGBOOK_BACKBONE_FILES."""
+    from store_helpers import write_evaluated_run
+    from results_helpers import A, write_registry
+
+    from segbook.backbones import recorded
+    from segbook.paths import Paths
+    from segbook.registry import load_registry
+
+    fresh = backbones._Registry({b.name: b for b in backbones.BUILTIN})
+    monkeypatch.setattr(backbones, "_registry", fresh)
+    monkeypatch.delenv(backbones.FILES_VARIABLE, raising=False)
+    path = tmp_path / "lab_net.py"
+    path.write_text(LAB_NET)
+    backbones.load_backbone_file(path)
+    paths, registry = Paths.from_env(), load_registry([write_registry(tmp_path / "registry.yaml")])
+    folders = [write_evaluated_run(paths.results, registry, A, model, init, dice)
+               for model, init, dice in (("lab-net", "scratch", 0.6), ("lab-net", "pretrained", 0.7),
+                                         ("base", "scratch", 0.5))]
+    for folder in folders[:2]:
+        manifest = json.loads((folder / "run.json").read_text())
+        (folder / "run.json").write_text(json.dumps({**manifest, recorded.KEY: recorded.record_of("lab-net")}))
+    monkeypatch.setattr(backbones, "_registry", backbones._Registry({b.name: b for b in backbones.BUILTIN}))
+    monkeypatch.delenv(backbones.FILES_VARIABLE)
+    return path, folders, paths, registry
+
+
+def _collected(paths, registry):
+    """The rows and the ResultsWarnings of `segbook results`' collection."""
+    import warnings
+
+    from segbook.results import collect_results
+    from segbook.results.collect import ResultsWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResultsWarning)
+        df = collect_results(paths, registry)
+    return df, [str(w.message) for w in caught if issubclass(w.category, ResultsWarning)]
+
+
+def test_a_record_names_the_backbone_file_so_results_show_its_runs_without_flags(lab_net_runs):
+    path, folders, paths, registry = lab_net_runs
+    df, warned = _collected(paths, registry)
+    assert sorted(zip(df["model"], df["init"])) == [("base", "scratch"), ("lab-net", "pretrained"),
+                                                     ("lab-net", "scratch")] and not warned
+    assert backbones.get("lab-net").source == str(path)  # the recorded file itself, loaded
+
+
+def test_a_recorded_file_gone_or_changed_is_a_warning_naming_run_and_file(lab_net_runs, monkeypatch):
+    path, folders, paths, registry = lab_net_runs
+    path.write_text(LAB_NET + "\n# changed\n")
+    df, warned = _collected(paths, registry)
+    assert sorted(df["model"]) == ["base", "lab-net", "lab-net"]  # tables only read numbers: still shown
+    assert len(warned) == 2 and all(f"{path} changed since the run recorded it" in w for w in warned)
+    assert {str(f) for f in folders[:2]} == {w.split(":")[0] for w in warned}
+    assert backbones.get("lab-net").source.startswith(backbones.STAND_IN)  # the changed file never ran
+    monkeypatch.setattr(backbones, "_registry", backbones._Registry({b.name: b for b in backbones.BUILTIN}))
+    path.unlink()
+    df, warned = _collected(paths, registry)
+    assert len(df) == 3 and len(warned) == 2 and all(f"{path} is gone" in w for w in warned)
+
+
+def test_evaluation_refuses_a_changed_backbone_file(lab_net_runs, capsys):
+    from segbook.cli.main import main
+
+    path, folders, paths, registry = lab_net_runs
+    path.write_text(LAB_NET.replace("4, 3, padding=1", "8, 3, padding=1"))
+    assert main(["evaluate", "--run", str(folders[0])]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("segbook: error: ") and f"{path} changed since the run recorded it" in error
+    backbones.load_backbone_file(path)  # named again by hand: still not the network the run trained
+    assert main(["evaluate", "--run", str(folders[0])]) == 2
+    assert "differs from the recorded" in capsys.readouterr().err
+
+
+def test_a_malformed_backbone_record_is_skipped_with_a_named_message(lab_net_runs):
+    path, folders, paths, registry = lab_net_runs
+    for folder, source in zip(folders[:2], ({"kind": "file", "path": "relative.py", "sha256": "0" * 64}, "x")):
+        manifest = json.loads((folder / "run.json").read_text())
+        manifest["backbone"]["source"] = source
+        (folder / "run.json").write_text(json.dumps(manifest))
+    df, warned = _collected(paths, registry)
+    assert list(df["model"]) == ["base"] and len(warned) == 2
+    assert all("backbone record is malformed" in w for w in warned)
+    assert not backbones.is_known("lab-net")
+
+
+def test_a_bundle_of_plug_in_runs_lists_them_on_import_without_the_file(lab_net_runs, tmp_path, monkeypatch):
+    from results_helpers import home
+
+    from segbook.results.bundles import BACKBONES, export_bundle, import_bundle
+
+    path, folders, paths, registry = lab_net_runs
+    report = export_bundle(tmp_path / "lab-bundle", registry=registry, paths=paths)
+    assert report.runs == 3
+    bundle = json.loads((report.folder / "bundle.json").read_text())
+    assert bundle[BACKBONES]["lab-net"]["source"] == {"kind": "file", "path": None,
+                                                       "sha256": file_sha256(path)}
+    path.unlink()
+    monkeypatch.setattr(backbones, "_registry", backbones._Registry({b.name: b for b in backbones.BUILTIN}))
+    ours = home(tmp_path, monkeypatch, "our_home")
+    import_bundle(report.folder, registry, ours)
+    monkeypatch.setattr(backbones, "_registry", backbones._Registry({b.name: b for b in backbones.BUILTIN}))
+    df, warned = _collected(ours, registry)
+    assert sorted(zip(df["model"], df["source"])) == [("base", "bundle:lab-bundle"), ("lab-net", "bundle:lab-bundle"),
+                                                      ("lab-net", "bundle:lab-bundle")] and not warned
+    assert df.loc[df["model"] == "lab-net", "evaluated"].all()

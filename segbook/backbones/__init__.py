@@ -55,6 +55,9 @@ FORMAT_READERS: dict[str, str] = {
 FORMAT_ADAPTERS: dict[str, str] = {
     "nnssl": "segbook.backbones.nnssl:adapt_for_fine_tuning",
 }
+#: The source of a backbone known only from what its runs recorded (`segbook.backbones.recorded`): tables can show
+#: its runs, nothing can build it, and its own file or entry point replaces it once loaded.
+STAND_IN = "recorded by its runs"
 #: The SegBook study's recipes: the paper's fine-tuning, and nnU-Net's schedule from scratch. What a backbone trains
 #: when a run names no recipe unless it declares its own (`Backbone.default_recipes`; every built-in one takes
 #: these); the recipes table compares other recipes with the study's.
@@ -275,6 +278,8 @@ BUILTIN: tuple[Backbone, ...] = (
 class _Registry:
     backbones: dict[str, Backbone] = field(default_factory=dict)
     loaded_files: set[str] = field(default_factory=set)
+    #: model name -> the entry point that gave it (`recorded.source_record` writes it into its runs' run.json).
+    entry_points: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 _registry = _Registry({b.name: b for b in BUILTIN})
@@ -285,7 +290,7 @@ def _add(backbones: Iterable[Backbone], origin: str) -> None:
         if not isinstance(backbone, Backbone):
             raise BackboneError(f"{origin} gives {backbone!r}, not a segbook.backbones.Backbone")
         known = _registry.backbones.get(backbone.name)
-        if known is not None and known != backbone:
+        if known is not None and known != backbone and not known.source.startswith(STAND_IN):
             raise BackboneError(f"{origin} defines backbone {backbone.name!r}, which is already defined "
                                 f"({known.source}); choose another name")
         _registry.backbones[backbone.name] = backbone
@@ -335,8 +340,12 @@ def _load_entry_points() -> None:
             raise BackboneError(f"entry point {point.name} ({point.value}) of group {ENTRY_POINT_GROUP} failed to "
                                 f"load: {type(error).__name__}: {error}") from error
         found = found() if callable(found) and not isinstance(found, Backbone) else found
-        items = found if isinstance(found, (list, tuple)) else [found]
-        _add([_with_source(b, f"entry point {point.value}") for b in items], f"entry point {point.value}")
+        items = [_with_source(b, f"entry point {point.value}")
+                 for b in (found if isinstance(found, (list, tuple)) else [found])]
+        _add(items, f"entry point {point.value}")
+        origin = {"name": point.name, "value": point.value, "distribution": point.dist.name if point.dist else "",
+                  "version": point.dist.version if point.dist else ""}
+        _registry.entry_points.update({b.name: origin for b in items})
 
 
 def _load_user_backbones() -> None:

@@ -32,7 +32,8 @@ from segbook.options import Bound
 from segbook.paths import Paths
 from segbook.processes import bind_to_parent
 from segbook.training.manifest import RunManifest
-from segbook.runs import CONFIGURATION, METRICS, SUMMARY, RunSpec, evaluation_folder, identity_fields, summary_path
+from segbook.runs import (CONFIGURATION, METRICS, SUMMARY, RunSpec, evaluation_folder, identity_fields,
+                          require_recorded_backbone, summary_path)
 
 if TYPE_CHECKING:
     from segbook.registry import DatasetEntry
@@ -97,6 +98,7 @@ def evaluate_run(entry: "DatasetEntry", spec: RunSpec, paths: Paths | None = Non
     paths = paths or Paths.from_env()
     paths.export()
     run_folder = Path(run_folder) if run_folder is not None else spec.folder(paths.results)
+    require_recorded_backbone(run_folder)
     manifest = RunManifest.load(run_folder)
     checkpoint = run_folder / settings.checkpoint
     if not checkpoint.is_file() or (manifest is not None and manifest.status != "finished"):
@@ -158,7 +160,9 @@ def _evaluate(entry: "DatasetEntry", spec: RunSpec, paths: Paths, settings: Eval
 
 
 def spec_from_folder(run_folder: Path) -> RunSpec:
-    """The run a folder holds, from its `run.json` (so `segbook evaluate --run DIR` needs nothing else)."""
+    """The run a folder holds, from its `run.json` (so `segbook evaluate --run DIR` needs nothing else, the
+    user's backbone it recorded included)."""
+    require_recorded_backbone(run_folder)
     try:
         manifest = RunManifest.load(run_folder)
         return RunSpec.from_record(manifest.data["run"] if manifest is not None else {})

@@ -35,11 +35,15 @@ from segbook.io import atomic_directory, atomic_write_json, now, sweep_leftovers
 from segbook.paths import Paths
 from segbook.registry import DatasetEntry, Registry, load_registry
 from segbook.results.collect import BUNDLE_NAME, BUNDLE_RUNS, bundles_dir
-from segbook.runs import EVALUATION, MANIFEST, METRICS, RUN_GLOB, SUMMARY, FolderParts
+from segbook.backbones import recorded
+from segbook.backbones.recorded import RecordError
+from segbook.runs import EVALUATION, MANIFEST, METRICS, MODELS, RUN_GLOB, SUMMARY, FolderParts, recorded_backbone
 
 FORMAT = "segbook-results-bundle"
 FORMAT_VERSION = 1
 BUNDLE_FILE = "bundle.json"
+#: bundle.json's records of the users' backbones its runs trained, by model name (`segbook.backbones.recorded`).
+BACKBONES = "backbones"
 RUN_FILES = (MANIFEST, f"{EVALUATION}/{SUMMARY}", f"{EVALUATION}/{METRICS}")
 RUN_FOLDER_PATTERN = re.compile(r"Dataset\d{1,6}_[A-Za-z0-9_-]{1,100}/SegbookTrainer_[A-Za-z0-9_-]{1,150}"
                                 r"__[A-Za-z0-9_-]{1,100}__3d_fullres/fold_(all|\d)")
@@ -95,11 +99,11 @@ def export_bundle(out: str | os.PathLike, results_dir: str | os.PathLike | None 
         raise BundleError(f"{out} exists already: export into a new folder")
     root = Path(results_dir) if results_dir is not None else paths.results
     by_id = {entry.dataset_id: entry for entry in registry}
-    runs, datasets = [], {}
+    runs, datasets, plug_ins = [], {}, {}
     skipped = 0
     with atomic_directory(out) as partial:
         for folder in sorted(root.glob(RUN_GLOB)):
-            parts = FolderParts.parse(folder)
+            parts = _exported_parts(folder, plug_ins)
             entry = by_id.get(parts.dataset_id) if parts else None
             if entry is None or not all((folder / file).is_file() for file in RUN_FILES):
                 skipped += (folder / EVALUATION).is_dir()
@@ -115,8 +119,23 @@ def export_bundle(out: str | os.PathLike, results_dir: str | os.PathLike | None 
 
         atomic_write_json(partial / BUNDLE_FILE, {
             "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "created_at": now(),
-            "segbook_version": segbook.__version__, "datasets": datasets, "runs": runs})
+            "segbook_version": segbook.__version__, "datasets": datasets, "runs": runs,
+            **({BACKBONES: plug_ins} if plug_ins else {})})
     return ExportReport(name, out, len(runs), skipped)
+
+
+def _exported_parts(folder: Path, plug_ins: dict[str, Any]) -> FolderParts | None:
+    """The run's parts, a user's backbone known from its run.json's record (no code runs: an export only copies),
+    which `plug_ins` collects by name, without local paths, for importers to list its runs without the file."""
+    try:
+        recorded_backbone(folder, run_code=False)
+    except RecordError:
+        return None  # `segbook results` names it; an export leaves it out
+    parts = FolderParts.parse(folder)
+    if parts is not None and parts.identity.model not in MODELS:
+        record = json.loads((folder / MANIFEST).read_text()).get(recorded.KEY)
+        plug_ins.setdefault(parts.identity.model, without_local_paths(record))
+    return parts
 
 
 def _export_run(folder: Path, target: Path, relative: str) -> dict[str, Any]:
@@ -236,9 +255,26 @@ def _bundle_problems(bundle: Any) -> list[str]:
         problems.append("datasets: an object of dataset records is required")
     if not isinstance(runs, list) or not 0 < len(runs) <= MAX_RUNS:
         return [*problems, f"runs: a list of 1 to {MAX_RUNS} runs is required"]
+    problems += _backbone_problems(bundle.get(BACKBONES, {}))
     folders = set()
     for index, run in enumerate(runs):
         problems += [f"runs[{index}]: {problem}" for problem in _run_record_problems(run, folders)]
+    return problems
+
+
+def _backbone_problems(records: Any) -> list[str]:
+    """Make the users' backbones the bundle's runs trained known from their records, as stand-ins (an import runs
+    no code, and needs no file: tables only read numbers); a malformed record is a problem."""
+    if not isinstance(records, dict):
+        return [f"{BACKBONES}: an object of backbone records by model name is required"]
+    problems = []
+    for name, record in records.items():
+        try:
+            if not isinstance(record, dict) or record.get("name") != name:
+                raise RecordError(f"the record names {record.get('name') if isinstance(record, dict) else None!r}")
+            recorded.adopt(record, run_code=False)
+        except RecordError as error:
+            problems.append(f"{BACKBONES}.{str(name)[:40]}: malformed backbone record ({error})")
     return problems
 
 

@@ -32,8 +32,9 @@ from segbook.registry import DatasetEntry, Registry, TaskLookupError, load_regis
 from segbook import backbones
 from segbook.results import cells
 from segbook.results.cells import BUNDLE_PREFIX, EVALUATED, IMPORTED_PREFIX, LOCAL, run_folders
+from segbook.backbones.recorded import RecordError
 from segbook.runs import (DEFAULT_FRACTION, DEFAULT_PLANS, DEFAULT_SEED, INITS, MANIFEST, MODELS, RUN_GLOB,
-                          FolderParts, default_recipe, evaluation_folder, summary_path)
+                          FolderParts, default_recipe, evaluation_folder, recorded_backbone, summary_path)
 from segbook.runs import METRICS as CASE_METRICS
 METRICS = ("dice", "nsd", "iou", "precision", "recall", "hd95")
 #: Metrics where a lower value is better (distances, in mm); every Delta of them is reversed so + means better.
@@ -245,8 +246,9 @@ def _other_recipes(counts: Counter, recipes: Sequence[str] | None) -> str:
 
 
 def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: bool,
-                folds: str, found: Counter, checker: Checker) -> list[dict[str, Any]]:
-    """The runs under `root` of the chosen plans and folds; `found` counts the runs of every plans identifier."""
+                folds: str, found: Counter, checker: Checker, run_code: bool = True) -> list[dict[str, Any]]:
+    """The runs under `root` of the chosen plans and folds; `found` counts the runs of every plans identifier.
+    `run_code`: whether the backbone files runs recorded may be loaded (local runs; never an imported bundle's)."""
     by_id = {entry.dataset_id: entry for entry in registry}
     skipped: dict[str, str] = {}
     other_plans: Counter = Counter()
@@ -254,12 +256,13 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
     incomplete: list[str] = []
     rows = []
     for folder in sorted(root.glob(RUN_GLOB)):
-        parts = FolderParts.parse(folder)
+        parts = _parts(folder, run_code, skipped)
         entry = by_id.get(parts.dataset_id) if parts else None
         if parts is not None:
             found[parts.plans] += 1
         if parts is None:
-            skipped[str(folder.parent)] = "its name is not a segbook trainer's (SegbookTrainer_{model}_{init}...)"
+            skipped.setdefault(str(folder.parent),
+                               "its name is not a segbook trainer's (SegbookTrainer_{model}_{init}...)")
         elif entry is None:
             skipped[str(folder.parent.parent)] = ("its dataset id is not in the registry (add the dataset with "
                                                   "--registry FILE)")
@@ -294,6 +297,20 @@ def _local_rows(root: Path, registry: Registry, plans: str, include_incomplete: 
     return rows
 
 
+def _parts(folder: Path, run_code: bool, skipped: dict[str, str]) -> FolderParts | None:
+    """The run's parts, its user's backbone found again from its run.json (no --backbone-file needed). A backbone
+    file gone or changed is a warning naming the run and the file, and its numbers still count (tables only read
+    them); a malformed record leaves the run skipped, saying so."""
+    try:
+        problem = recorded_backbone(folder, run_code)
+    except RecordError as error:
+        skipped[str(folder.parent)] = f"its run.json's backbone record is malformed ({error})"
+        return None
+    if problem:
+        warnings.warn(f"{folder}: {problem}; its numbers are shown from its files", ResultsWarning, stacklevel=4)
+    return FolderParts.parse(folder)
+
+
 def _bundle_rows(paths: Paths, registry: Registry, plans: str, include_incomplete: bool,
                  folds: str, found: Counter, checker: Checker) -> list[dict[str, Any]]:
     """The runs of every imported bundle, collected as local runs are, each row naming its bundle."""
@@ -301,7 +318,7 @@ def _bundle_rows(paths: Paths, registry: Registry, plans: str, include_incomplet
     names = sorted(p.name for p in folder.iterdir() if BUNDLE_NAME.fullmatch(p.name)) if folder.is_dir() else []
     return [{**row, "source": f"{BUNDLE_PREFIX}{name}"} for name in names
             for row in _local_rows(folder / name / BUNDLE_RUNS, registry, plans, include_incomplete, folds, found,
-                                   checker)]
+                                   checker, run_code=False)]
 
 
 def _folds_text(folds: str) -> str:

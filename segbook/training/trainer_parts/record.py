@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from segbook import fingerprint
+from segbook.backbones import recorded
 from segbook.errors import SegbookError
 from segbook.io import now
 from segbook.registry import TaskLookupError, load_registry
@@ -74,8 +75,16 @@ class RunRecorder:
         data["cpu"] = cpu_record()
         data["plans_summary"] = plans
         data[fingerprint.KEY] = fingerprint.record(data)
+        self._backbone_source()
         self.manifest.set_status("running")
         self.manifest.save()
+
+    def _backbone_source(self) -> None:
+        """Where a user's backbone came from (its file and SHA-256, or its entry point), so that the results,
+        evaluation and exports find it again without --backbone-file, and notice when it changed."""
+        backbone = recorded.record_of(self.manifest.data["run"]["model"])
+        if backbone is not None:
+            self.manifest.data[recorded.KEY] = backbone
 
     def epoch_ended(self, epoch: int, logger: Any, rates: dict[str, float], seconds: float, samples: int,
                     device: torch.device, devices: int) -> None:
