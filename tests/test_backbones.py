@@ -195,7 +195,14 @@ def test_the_documented_example_backbone_trains_and_fine_tunes_end_to_end(task, 
     paths = use_planned_task(task, tmp_path, monkeypatch)
     _finetune(task, "--backbone-file", str(EXAMPLE), "--model", "my-unet", "--scratch")
     scratch = paths.results / task.entry.nnunet_name / "SegbookTrainer_my-unet_scratch__nnUNetPlans__3d_fullres"
-    assert RunManifest.load(scratch / "fold_all").status == "finished"
+    recorded = RunManifest.load(scratch / "fold_all")
+    assert recorded.status == "finished" and recorded.data["backbone"]["source"] == {
+        "kind": "file", "path": str(EXAMPLE.resolve()), "sha256": file_sha256(EXAMPLE)}
+    # a new shell, no --backbone-file: evaluation finds the backbone its run recorded
+    monkeypatch.delenv(backbones.FILES_VARIABLE, raising=False)
+    run_segbook("evaluate", "--registry", str(task.registry_file), "--task", task.entry.key, "--model", "my-unet",
+                "--scratch", "--device", "cpu")
+    assert (scratch / "fold_all" / "evaluation" / "summary.json").is_file()
     final = scratch / "fold_all" / "checkpoint_final.pth"
     _finetune(task, "--backbone-file", str(EXAMPLE), "--model", "my-unet", "--pretrained", "--weights", str(final),
               "--recipe", "frozen-encoder")

@@ -89,9 +89,25 @@ def _runs(args: argparse.Namespace, registry) -> list[tuple]:
         raise SegbookError("name the run: --task and --model (with --pretrained or --scratch), or --run DIR")
     seeds, fractions = seeds_and_fractions_from_args(args)
     entry = registry.get(args.task)
+    _recorded_model(args.model, entry)
     plans = plans_identifier(planner_for(args.model, args.plans))
     return [(entry, RunSpec.of(entry, args.model, args.pretrained, args.fold, recipe=args.recipe, seed=seed,
                                fraction=fraction, plans=plans), None) for seed in seeds for fraction in fractions]
+
+
+def _recorded_model(model: str, entry) -> None:
+    """A user's model that no flag names: its backbone as one of its runs of the task recorded it (strictly: the
+    recorded file, unchanged), so `--task --model` needs no --backbone-file either."""
+    from segbook.backbones import is_known
+    from segbook.paths import Paths
+    from segbook.runs import CONFIGURATION, TRAINER_PREFIX, require_recorded_backbone
+
+    if is_known(model) or not model.replace("-", "").isalnum():
+        return
+    pattern = f"{TRAINER_PREFIX}_{model}_*__*__{CONFIGURATION}/fold_*"
+    for folder in sorted((Paths.from_env().results / entry.nnunet_name).glob(pattern)):
+        require_recorded_backbone(folder)
+        return
 
 
 def _print_summary(result) -> None:
