@@ -494,7 +494,9 @@ def _collected(paths, registry):
 
 def test_a_record_names_the_backbone_file_so_results_show_its_runs_without_flags(lab_net_runs):
     path, folders, paths, registry = lab_net_runs
+    before = {folder: (folder / "run.json").stat().st_mtime_ns for folder in folders}
     df, warned = _collected(paths, registry)
+    assert {folder: (folder / "run.json").stat().st_mtime_ns for folder in folders} == before  # reads only
     assert sorted(zip(df["model"], df["init"])) == [("base", "scratch"), ("lab-net", "pretrained"),
                                                      ("lab-net", "scratch")] and not warned
     assert backbones.get("lab-net").source == str(path)  # the recorded file itself, loaded
