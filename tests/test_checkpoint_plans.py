@@ -84,3 +84,44 @@ def test_a_checkpoint_the_default_plans_cannot_take_names_the_way_out(tmp_path):
                                                                  blocks=(1, 2, 1, 1)), tmp_path / "deep.pth"))
     with pytest.raises(CheckpointError, match=r"unexpected keys .*`--plans checkpoint`"):
         adapt_for_fine_tuning(resenc().state_dict(), deeper)
+
+
+@pytest.mark.slow
+def test_a_six_stage_resenc_l_checkpoint_fine_tunes_on_a_small_task_from_its_weights_in_every_stage(tmp_path):
+    """The issue's case: nnssl's ResEnc-L (6 stages, 3x3x3) on a task whose own ResEnc-L plans have fewer stages.
+    `segbook plan --plans checkpoint` plans the task around the file's network under its own identifier and data;
+    `finetune --plans checkpoint` (encoder frozen) ends with every stem and encoder stage as the file has them."""
+    import json
+
+    import torch
+    from helpers import planned_tiny_task, run_segbook, tiny_spec
+
+    from segbook.backbones.models import create_model
+    from segbook.paths import Paths
+    from segbook.training.checkpoints import read_run_checkpoint
+    from segbook.training.manifest import RunManifest
+
+    with planned_tiny_task(tmp_path, tiny_spec(size=(32, 32, 24), cases=4), seed=3) as task:
+        torch.manual_seed(5)
+        weights = create_model("resenc-l", num_classes=1).state_dict()
+        openmind = write_nnssl_checkpoint(weights, tmp_path / "openmind.pth")
+        shown = run_segbook("plan", "--registry", str(task.registry_file), "--task", task.entry.key, "--plans",
+                            "checkpoint", "--weights", str(openmind)).stdout
+        assert "compared with the task's own plans" in shown
+        run_segbook("finetune", "--registry", str(task.registry_file), "--task", task.entry.key, "--device", "cpu",
+                    "--model", "resenc-l", "--pretrained", "--weights", str(openmind), "--plans", "checkpoint",
+                    "--recipe", "frozen-encoder", "--epochs", "1", "--iters-per-epoch", "1",
+                    "--val-iters-per-epoch", "1")
+        identifier = PLANNERS[planner_for_weights("resenc-l", openmind)].plans
+        plans = json.loads((task.preprocessed / task.entry.nnunet_name / f"{identifier}.json").read_text())
+        configuration = plans["configurations"]["3d_fullres"]
+        assert configuration["architecture"]["arch_kwargs"]["n_stages"] == 6
+        assert all(v % 32 == 0 for v in configuration["patch_size"]) and configuration["batch_size"] >= 2
+        assert configuration["data_identifier"] == f"{identifier}_3d_fullres"  # never nnUNetPlans_3d_fullres
+        folder = next(Paths.from_env().results.glob(f"*/SegbookTrainer_resenc-l_pretrained_frozen-encoder__"
+                                                   f"{identifier}__3d_fullres")) / "fold_all"
+        assert RunManifest.load(folder).status == "finished"
+        after = read_run_checkpoint(folder / "checkpoint_final.pth")["network_weights"]
+        body = [k for k in weights if k.startswith(("encoder.stem.", "encoder.stages."))]
+        assert {k.split(".")[2] for k in body if k.startswith("encoder.stages.")} == {str(s) for s in range(6)}
+        assert all(torch.equal(weights[k], after[k]) for k in body)
