@@ -12,7 +12,8 @@ default planner, and changes only the 3d_fullres configuration: the architecture
 recommended patch and the task's median shape rounded up to the network's total stride, and shrinks by nnU-Net's own
 rule (`ExperimentPlanner.get_plans_for_configuration`, default_experiment_planner.py L321-368: the axis with the
 largest patch/median ratio, while the feature-map estimate exceeds ResEnc-L's reference, 2.1e9 at 24 GB) one stride at
-a time, so every axis stays a positive multiple of the total stride; the batch size is nnU-Net's formula (L372-378),
+a time, so every axis stays a multiple of the total stride, at least two (a 1-voxel bottleneck cannot train
+its InstanceNorm); the batch size is nnU-Net's formula (L372-378),
 floored at 2. Spacing, normalisation and resampling stay the task's (nnU-Net HEAD's CLI default, `default_nnunet`).
 
 The plans identifier carries a digest of the architecture (`SegbookCheckpointResEncL_<sha8>Plans`), and the data
@@ -38,6 +39,9 @@ CHECKPOINT_PLANS = "checkpoint"
 MIN_BATCH = 2
 #: nnU-Net's reference batch for its memory estimate (`ref_bs`, L318): the estimate is per two samples.
 REFERENCE_BATCH = 2
+#: Bottleneck voxels per axis at least: at 1 voxel (a patch of one stride everywhere) the bottleneck's
+#: InstanceNorm refuses to train ("Expected more than 1 spatial element"), found by the done-when test.
+MIN_BOTTLENECK = 2
 #: A task axis shorter than this fraction of the network's total stride is refused: nearly every patch voxel along
 #: it would be padding (nnU-Net's loader pads; the network still runs, but learns from almost nothing).
 MIN_FILL = 0.25
@@ -84,7 +88,7 @@ def initial_patch(median_shape: Sequence[float], recommended: Sequence[int], str
             "the task is too small for the checkpoint's network: median shape "
             f"{[round(float(v)) for v in median_shape]} voxels, but the network downsamples axes {short} "
             f"{[stride[a] for a in short]}-fold; plan it with its default plans, or resample it to a finer spacing")
-    return [max(stride[a], min(int(recommended[a]) // stride[a] * stride[a],
+    return [max(MIN_BOTTLENECK * stride[a], min(int(recommended[a]) // stride[a] * stride[a],
                                 math.ceil(float(median_shape[a]) / stride[a]) * stride[a])) for a in range(3)]
 
 
@@ -92,11 +96,11 @@ def fit_patch(patch: Sequence[int], median_shape: Sequence[float], stride: Seque
               estimate: Callable[[tuple[int, ...]], float], reference: float) -> tuple[list[int], float]:
     """nnU-Net's shrink loop on a fixed network: while the estimate exceeds the reference, shrink the axis whose
     patch is largest relative to the task's median shape by one stride. Returns the patch and its estimate;
-    CheckpointPlanError when even a patch of one stride per axis does not fit."""
+    CheckpointPlanError when even the smallest patch (`MIN_BOTTLENECK` strides per axis) does not fit."""
     patch = list(patch)
     used = estimate(tuple(patch))
     while used > reference:
-        shrinkable = [axis for axis in range(3) if patch[axis] > stride[axis]]
+        shrinkable = [axis for axis in range(3) if patch[axis] > MIN_BOTTLENECK * stride[axis]]
         if not shrinkable:
             raise CheckpointPlanError(f"no patch fits the memory target: even {patch} needs an estimated "
                                       f"{used:.3g} feature-map voxels, over the reference {reference:.3g}")
