@@ -51,6 +51,8 @@ PLAN_RECORD = "segbook_plan.json"
 PLAN_LOG = "segbook_plan.log"
 #: How the log names the SegBook authors' variants of nnU-Net's planner (`Planner.nnunet_class` None).
 REFERENCE_PLANNER = "ExperimentPlanner at the authors' patch size and spacing"
+#: How the log names the planner of `--plans checkpoint` (`segbook.checkpoint_plans`).
+CHECKPOINT_PLANNER = "nnUNetPlannerResEncL around the checkpoint's network"
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def check_planner(entry: DatasetEntry, planner: str) -> str:
     """The plans identifier of `planner` for this task; SegbookError (before anything is planned or written) for
     an unknown planner, or for `paper` plans of a dataset whose registry entry lacks the authors' plans."""
     chosen = _planner(planner)
-    if chosen.nnunet_class is None and not has_reference(entry):
+    if chosen.is_reference and not has_reference(entry):
         raise SegbookError(f"{entry.key}: the registry holds no reference_patch_size and reference_spacing (the "
                            f"SegBook authors' plans), so there are no --plans {planner} to make; add them to the "
                            "dataset's registry entry (docs/registry.md)")
@@ -416,7 +418,8 @@ def _run_nnunet(entry: DatasetEntry, planner: str, folder: Path, processes: int,
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     chosen = _planner(planner)
-    class_name = chosen.nnunet_class.rpartition(":")[2] if chosen.nnunet_class else REFERENCE_PLANNER
+    class_name = chosen.nnunet_class.rpartition(":")[2] if chosen.nnunet_class else \
+        CHECKPOINT_PLANNER if chosen.architecture is not None else REFERENCE_PLANNER
     identifier = chosen.plans
     name = entry.nnunet_name
     with _nnunet_output(folder / PLAN_LOG):
@@ -444,6 +447,10 @@ def _run_nnunet(entry: DatasetEntry, planner: str, folder: Path, processes: int,
 def _make_planner(entry: DatasetEntry, planner: str):
     """The nnU-Net planner object of `planner`, for the task's dataset."""
     chosen = _planner(planner)
+    if chosen.architecture is not None:
+        from segbook.checkpoint_plans import checkpoint_planner
+
+        return checkpoint_planner(entry.nnunet_name, chosen.plans, chosen.architecture)
     if chosen.nnunet_class is None:
         return reference_planner(entry, entry.nnunet_name, chosen.plans, zscore=chosen.zscore)
     module, _, class_name = chosen.nnunet_class.partition(":")

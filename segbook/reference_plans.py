@@ -84,7 +84,7 @@ def describe_comparison(comparison: dict[str, Any], indent: str = "  ") -> list[
         derived = " (derived)" if name == "stages" else ""
         lines.append(f"{indent}  {label:<12} {str(mine[name]):<{width}} {authors[name]}{derived}")
     differs = ", ".join(FIELDS[name] for name in comparison["differs"])
-    paper = comparison["plans"] in {p.plans for p in PLANNERS.values() if p.nnunet_class is None}
+    paper = comparison["plans"] in {p.plans for p in PLANNERS.values() if p.is_reference}
     advice = "nnU-Net changed the authors' patch to fit its GPU memory target or pooling" if paper else \
         "`--plans paper` plans with the authors' patch size and spacing"
     lines.append(f"{indent}  differs: {differs}; {advice}" if differs else f"{indent}  the same as the authors'")

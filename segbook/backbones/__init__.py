@@ -69,11 +69,19 @@ class Planner:
     """An nnU-Net experiment planner (a `segbook plan --planner` name) and the plans identifier its plans are saved
     under. `nnunet_class` is nnU-Net's planner, "module:Class"; None for the SegBook authors' variants of nnU-Net's
     default planner, at their patch size and spacing (`segbook.reference_plans`; `zscore`: normalising CT per image
-    too, as the pretraining did)."""
+    too, as the pretraining did). `architecture`: a checkpoint's network (`segbook.backbones.nnssl.
+    CheckpointArchitecture`) that `segbook.checkpoint_plans` plans the task around (`--plans checkpoint`); such
+    planners are registered when a run names its checkpoint."""
 
     plans: str
     nnunet_class: str | None = None
     zscore: bool = False
+    architecture: Any = None
+
+    @property
+    def is_reference(self) -> bool:
+        """Whether it plans at the SegBook authors' patch size and spacing (`segbook.reference_plans`)."""
+        return self.nnunet_class is None and self.architecture is None
 
 
 _NNUNET_PLANNERS = "nnunetv2.experiment_planning.experiment_planners."

@@ -12,6 +12,9 @@ decoder and heads start fresh. A full-network checkpoint's decoder can be taken 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +47,9 @@ DEFAULT_NNSSL_TILING = "mean"
 #: `fresh`: the decoder starts from its initialisation (nnssl's reference fine-tuning); `pretrained`: a full-network
 #: checkpoint's decoder is loaded too (strictly; refused for an encoder-only checkpoint).
 DECODER_MODES = ("fresh", "pretrained")
+#: The way out when the task's plans build another network than the checkpoint's (other stage count, kernels).
+CHECKPOINT_PLANS_HINT = ("To fine-tune on the checkpoint's own network, plan the task around it: `--plans checkpoint` "
+                         "(docs/backbones-nnssl.md)")
 _SHOWN = 5
 
 
@@ -126,6 +132,8 @@ def _metadata(content: Mapping, path: str) -> dict[str, Any]:
         raise _plan_error(path, f"pretrain_num_input_channels is {input_channels}")
     return {
         "architecture": _field(architecture, "arch_class_name", str, path),
+        "arch_kwargs": architecture.get("arch_kwargs") if isinstance(architecture.get("arch_kwargs"), Mapping)
+        else None,
         "trainer": content.get("trainer_name") if isinstance(content.get("trainer_name"), str) else None,
         "input_channels": input_channels,
         "patch_size": _sizes(plan.get("pretrain_patch_size", configuration.get("patch_size")), int, "patch_size",
@@ -242,7 +250,12 @@ def adapt_for_fine_tuning(network_state: Mapping[str, torch.Tensor], checkpoint:
     fresh, as nnssl's reference fine-tuning has it, and the report in the shape every format reports."""
     from stunet.loading import LoadReport
 
-    state, report = adapt_nnssl_to_network(network_state, checkpoint, tiling=tiling, network_name=network_name)
+    from stunet.loading import CheckpointError
+
+    try:
+        state, report = adapt_nnssl_to_network(network_state, checkpoint, tiling=tiling, network_name=network_name)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}. {CHECKPOINT_PLANS_HINT}") from None
     return state, LoadReport(loaded=report.loaded, skipped_heads=report.dropped_heads, tiled=report.tiled)
 
 
@@ -373,7 +386,8 @@ def write_nnssl_checkpoint(network_or_state_dict: nn.Module | Mapping[str, torch
     """Save weights as nnssl publishes its checkpoints (`network_weights` and a serialised `nnssl_adaptation_plan`,
     training state dropped), atomically. A test utility: segbook's tests write the checkpoints they load with it.
 
-    `metadata` may set: architecture (default "ResEncL"), trainer_name, input_channels (default: the stem's),
+    `metadata` may set: architecture (default "ResEncL"), arch_kwargs (nnssl's dynamic "ResidualEncoderUNet"
+    architecture's, with class paths as strings), trainer_name, input_channels (default: the stem's),
     patch_size, spacing, normalization, recommended_downstream_patchsize, dataset_name, key_to_stem,
     key_to_encoder, keys_to_in_proj (defaults: ResEnc-L's, as nnssl's trainers write them).
     """
@@ -399,7 +413,7 @@ def write_nnssl_checkpoint(network_or_state_dict: nn.Module | Mapping[str, torch
 
 
 _WRITER_DEFAULTS: dict[str, Any] = {
-    "architecture": "ResEncL", "trainer_name": "BaseMAETrainer", "patch_size": [160, 160, 160],
+    "architecture": "ResEncL", "arch_kwargs": None, "trainer_name": "BaseMAETrainer", "patch_size": [160, 160, 160],
     "spacing": [1.0, 1.0, 1.0], "normalization": ["ZScoreNormalization"],
     "recommended_downstream_patchsize": [160, 160, 160], "dataset_name": "Dataset745_OpenNeuro_v2",
     "key_to_stem": RESENC_STEM, "key_to_encoder": RESENC_ENCODER, "keys_to_in_proj": list(RESENC_IN_PROJ),
@@ -418,7 +432,7 @@ def _adaptation_plan(meta: Mapping[str, Any]) -> dict[str, Any]:
         "spacing": list(meta["spacing"]), "patch_size": list(meta["patch_size"]),
     }
     return {
-        "architecture_plans": {"arch_class_name": meta["architecture"], "arch_kwargs": None,
+        "architecture_plans": {"arch_class_name": meta["architecture"], "arch_kwargs": meta["arch_kwargs"],
                                "arch_kwargs_requiring_import": None},
         "pretrain_plan": {"dataset_name": meta["dataset_name"], "plans_name": "nnsslPlans",
                           "original_median_spacing_after_transp": list(meta["spacing"]),
@@ -430,3 +444,95 @@ def _adaptation_plan(meta: Mapping[str, Any]) -> dict[str, Any]:
         "key_to_encoder": meta["key_to_encoder"], "key_to_stem": meta["key_to_stem"],
         "keys_to_in_proj": list(meta["keys_to_in_proj"]), "key_to_lpe": None,
     }
+
+
+#: nnssl's architecture names whose network segbook can build and plan a task around (`--plans checkpoint`): the
+#: fixed ResEnc-L (`get_res_enc_l`) and the dynamic `ResidualEncoderUNet`, whose plan carries its `arch_kwargs`.
+PLANNABLE_ARCHITECTURES = ("ResEncL", "ResidualEncoderUNet")
+#: The patch nnssl's ResEnc-L was pretrained at and recommends downstream, where a plan does not say.
+NNSSL_PATCH = (160, 160, 160)
+
+
+@dataclass(frozen=True)
+class CheckpointArchitecture:
+    """The network an nnssl checkpoint was pretrained as, in the form nnU-Net plans describe a network (class path,
+    keyword arguments with class paths as strings), and what planning a task around it needs: the total stride per
+    axis (each patch axis must be a multiple of it) and the pretraining's recommended patch and spacing."""
+
+    name: str
+    class_name: str
+    kwargs: dict[str, Any]
+    requires_import: tuple[str, ...]
+    recommended_patch: tuple[int, ...]
+    pretraining_spacing: tuple[float, ...] | None
+    input_channels: int
+
+    @property
+    def stages(self) -> int:
+        return len(self.kwargs["strides"])
+
+    @property
+    def total_stride(self) -> tuple[int, ...]:
+        """Per axis, the product of the stage strides: the downsampling from the input to the bottleneck."""
+        return tuple(math.prod(int(stride[axis]) for stride in self.kwargs["strides"]) for axis in range(3))
+
+    def plans_entry(self) -> dict[str, Any]:
+        """The `architecture` of a configuration in nnU-Net plans (what `get_network_from_plans` builds)."""
+        return {"network_class_name": self.class_name, "arch_kwargs": dict(self.kwargs),
+                "_kw_requires_import": list(self.requires_import)}
+
+    def digest(self) -> str:
+        """Eight hex digits of the network's description: equal networks share plans, different ones never do."""
+        text = json.dumps(self.plans_entry(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def checkpoint_architecture(checkpoint: NnsslCheckpoint) -> CheckpointArchitecture:
+    """The network `checkpoint` was pretrained as, checked against its own weights: a `CheckpointError` naming what
+    does not fit for an architecture segbook cannot build (Primus, unknown names), a dynamic architecture without
+    its `arch_kwargs`, kwargs that contradict themselves, or weights the described network does not hold."""
+    from segbook.backbones.models import _REQUIRES_IMPORT, RESENC_CLASS, RESENC_REFERENCE
+
+    meta = checkpoint.metadata
+    name = meta["architecture"]
+    if name not in PLANNABLE_ARCHITECTURES:
+        raise _plan_error(checkpoint.path, f"its architecture {name!r} cannot be planned for a task: segbook plans "
+                          f"around {' and '.join(PLANNABLE_ARCHITECTURES)} checkpoints (Primus not yet)")
+    kwargs = dict(RESENC_REFERENCE) if name == "ResEncL" else meta.get("arch_kwargs")
+    if not kwargs:
+        raise _plan_error(checkpoint.path, f"architecture {name!r} without its arch_kwargs")
+    patch = meta["recommended_downstream_patchsize"] or meta["patch_size"] or NNSSL_PATCH
+    architecture = CheckpointArchitecture(
+        name=name, class_name=RESENC_CLASS, kwargs=kwargs, requires_import=tuple(_REQUIRES_IMPORT),
+        recommended_patch=tuple(patch), pretraining_spacing=tuple(meta["spacing"]) if meta["spacing"] else None,
+        input_channels=meta["input_channels"])
+    _check_consistent(checkpoint, architecture)
+    return architecture
+
+
+def _check_consistent(checkpoint: NnsslCheckpoint, architecture: CheckpointArchitecture) -> None:
+    """Build the described network on the meta device (no memory, no initialisation) and match the checkpoint's
+    stem and encoder against it, so a plan never fixes a network the file cannot fill."""
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from stunet.loading import CheckpointError
+
+    kwargs = architecture.kwargs
+    lengths = {len(kwargs.get(k) or ()) for k in ("features_per_stage", "kernel_sizes", "strides",
+                                                   "n_blocks_per_stage")}
+    if lengths != {kwargs.get("n_stages")} or any(len(s) != 3 or min(s) < 1 for s in kwargs["strides"]):
+        raise _plan_error(checkpoint.path, f"its architecture is inconsistent: n_stages {kwargs.get('n_stages')}, "
+                          f"per-stage lists of lengths {sorted(lengths)}, strides {kwargs.get('strides')}")
+    try:
+        with torch.device("meta"):
+            network = get_network_from_plans(architecture.class_name, kwargs, list(architecture.requires_import),
+                                              architecture.input_channels, 2, allow_init=False)
+    except Exception as error:  # dna asserts on kwargs it cannot build: say so, naming the file
+        raise _plan_error(checkpoint.path, f"its architecture cannot be built: {type(error).__name__}: "
+                          f"{error}") from None
+    try:
+        adapt_nnssl_to_network(network.state_dict(), checkpoint, network_name=f"its plan's {architecture.name}")
+    except CheckpointError as error:
+        raise CheckpointError(f"{checkpoint.path}: its weights do not fit the architecture its plan names: "
+                              f"{error}") from None

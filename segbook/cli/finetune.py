@@ -11,10 +11,14 @@ from segbook.cli.common import (HelpFormatter, add_backbone_file_option, add_bud
 
 #: The plans a run can train on: nnU-Net's, or nnU-Net's at the SegBook authors' patch size and spacing.
 TRAINING_PLANS = ("default", "paper", "paper-zscore")
+#: What a run can be planned by: those, or around its checkpoint's own network (`segbook.checkpoint_plans`).
+FINETUNE_PLANS = (*TRAINING_PLANS, "checkpoint")
 PLANS_HELP = ("nnU-Net plans to train on: default (the model's own: nnUNetPlans, nnUNetResEncUNet{M,L}Plans for "
               "resenc-m/-l), paper (nnU-Net's planner at the SegBook authors' "
-              "patch size and target spacing: SegbookPaperPlans) or paper-zscore (the same with z-score "
-              "normalisation for CT, as in pretraining); part of the run's folder")
+              "patch size and target spacing: SegbookPaperPlans), paper-zscore (the same with z-score "
+              "normalisation for CT, as in pretraining) or checkpoint (resenc-l/-m with --pretrained --weights "
+              "NNSSL_FILE: the task planned around the checkpoint's own network, "
+              "SegbookCheckpoint{arch}_{hash}Plans); part of the run's folder")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="'all' trains on the whole train split (SegBook's protocol); 0-4 are nnU-Net's "
                              "cross-validation folds inside it")
     add_seed_and_fraction_options(parser)
-    parser.add_argument("--plans", choices=TRAINING_PLANS, default="default", help=PLANS_HELP)
+    parser.add_argument("--plans", choices=FINETUNE_PLANS, default="default", help=PLANS_HELP)
     add_weights_and_device_options(parser)
     parser.add_argument("--num-gpus", type=at_least(1), default=1, help="GPUs on this node (nnU-Net DDP when > 1)")
     parser.add_argument("--continue", dest="resume", action="store_true",

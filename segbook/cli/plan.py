@@ -21,11 +21,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "changes, which makes everything preprocessed from it stale and rebuilt.")
     add_task_option(parser)
     add_registry_option(parser)
-    parser.add_argument("--plans", "--planner", dest="planner", choices=tuple(PLANNERS), default="default",
+    parser.add_argument("--plans", "--planner", dest="planner", choices=(*PLANNERS, "checkpoint"), default="default",
                         help="nnU-Net's default planner (nnUNetPlans), a residual-encoder preset "
-                             "(nnUNetResEncUNet{M,L,XL}Plans), or paper: nnU-Net's planner at the SegBook authors' "
+                             "(nnUNetResEncUNet{M,L,XL}Plans), paper: nnU-Net's planner at the SegBook authors' "
                              "patch size and target spacing (SegbookPaperPlans; paper-zscore: also z-score for CT, "
-                             "as in pretraining) (default: default)")
+                             "as in pretraining), or checkpoint: the task planned around the network of the nnssl "
+                             "checkpoint --weights FILE (SegbookCheckpoint{arch}_{hash}Plans), shown beside the "
+                             "task's ResEnc-L and default plans where they exist (default: default)")
+    parser.add_argument("--weights", metavar="FILE", help="the nnssl checkpoint --plans checkpoint plans around")
     parser.add_argument("--num-processes", "-np", type=at_least(1), default=None, metavar="N",
                         help="worker processes (default: nnUNet_def_n_proc, capped by the cores)")
     parser.add_argument("--force", action="store_true", help="plan and preprocess again even if up to date")
@@ -38,6 +41,46 @@ def run(args: argparse.Namespace) -> int:
 
     entry = registry_from_args(args).get(args.task)
     processes = args.num_processes or max(1, int(os.environ.get("nnUNet_def_n_proc") or 1))
-    result = plan_task(entry, num_processes=processes, planner=args.planner, force=args.force)
-    print(json.dumps(result.as_dict(), indent=2) if args.format == "json" else result.summary())
+    planner = _planner(args)
+    result = plan_task(entry, num_processes=processes, planner=planner, force=args.force)
+    if args.format == "json":
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0
+    print(result.summary())
+    if planner != args.planner:
+        print("\n".join(_beside_defaults(entry, result)))
     return 0
+
+
+def _planner(args: argparse.Namespace) -> str:
+    from segbook.checkpoint_plans import CHECKPOINT_PLANS, planner_for_weights
+    from segbook.errors import SegbookError
+
+    if args.planner == CHECKPOINT_PLANS:
+        return planner_for_weights("resenc-l", args.weights)
+    if args.weights is not None:
+        raise SegbookError(f"--weights is for --plans {CHECKPOINT_PLANS}")
+    return args.planner
+
+
+def _beside_defaults(entry, result) -> list[str]:
+    """The checkpoint plan beside the task's own ResEnc-L and default plans (those already planned): what planning
+    around the checkpoint changed."""
+    from segbook.errors import SegbookError
+    from segbook.plan import load_plan
+
+    rows = [("checkpoint", result)]
+    for name in ("resenc-l", "default"):
+        try:
+            rows.append((name, load_plan(entry, planner=name)))
+        except SegbookError:
+            rows.append((name, None))
+    lines = ["compared with the task's own plans:", f"  {'plans':<12} {'patch':<16} {'spacing':<22} stages batch"]
+    for name, plan in rows:
+        if plan is None:
+            lines.append(f"  {name:<12} not planned (segbook plan --task {entry.key} --plans {name})")
+            continue
+        spacing = str([round(s, 3) for s in plan.spacing])
+        lines.append(f"  {name:<12} {str(plan.patch_size):<16} {spacing:<22} {len(plan.nnunet_strides):<6} "
+                     f"{plan.batch_size}")
+    return lines

@@ -64,7 +64,8 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     sampling and augmentation (`segbook.runs.Identity.rng_seed`, recorded in run.json as `rng_seed`); the run
     trains on `fraction` of its training cases (`segbook.data.subsets`, recorded as `training_cases`).
     `recipe_files` add user recipes to the built-in ones. `plans` is a planner of `segbook.backbones.PLANNERS`
-    (`paper`: nnU-Net's plans at the SegBook authors' patch size and spacing); its plans identifier is part of the
+    (`paper`: nnU-Net's plans at the SegBook authors' patch size and spacing), or `checkpoint` (the task planned
+    around the pretrained checkpoint's own network, `segbook.checkpoint_plans`); its plans identifier is part of the
     run's folder. `device` None picks cuda, else mps, else cpu. `resume` continues from the run's latest
     checkpoint (the pretrained weights are never applied over it) with the settings the run started with; a run
     with no checkpoint yet has nothing to resume and starts again with the settings given. A run that exists is
@@ -75,7 +76,6 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     import torch
     from nnunetv2.run.run_training import run_training
 
-    from segbook.backbones import planner_for
     from segbook.data.folders import is_imported
     from segbook.devices import resolve_device
     from segbook.plan import check_planner, plan_task, verify_preprocessed
@@ -83,7 +83,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
 
     settings = (settings or TrainingSettings()).validate()
     check_all({"num_gpus": num_gpus, "plan_processes": plan_processes}, BOUNDS)
-    planner = planner_for(model, plans)
+    planner = _planner(model, pretrained, plans, weights or settings.weights)
     spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe, seed=seed, fraction=fraction,
                       plans=check_planner(entry, planner))
     chosen = get_recipe(spec.recipe, spec.init, recipe_files)
@@ -132,6 +132,20 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
             record_failure(folder, error)
             raise
     return RunResult(spec, folder, RunManifest.load(folder))
+
+
+def _planner(model: str, pretrained: bool, plans: str, weights: str | Path | None) -> str:
+    """The planner a run trains on; for `--plans checkpoint` the one around its nnssl checkpoint's network, read and
+    checked here, before anything is planned or written."""
+    from segbook.backbones import planner_for
+    from segbook.checkpoint_plans import CHECKPOINT_PLANS, planner_for_weights
+
+    if plans != CHECKPOINT_PLANS:
+        return planner_for(model, plans)
+    if not pretrained:
+        raise SegbookError(f"--plans {CHECKPOINT_PLANS} plans around the checkpoint a run fine-tunes: add --pretrained "
+                           "--weights FILE (scratch rows on checkpoint plans are not supported yet)")
+    return planner_for_weights(model, weights)
 
 
 def _training_cases(entry: "DatasetEntry", spec: RunSpec, paths: Paths) -> list[str] | None:
