@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_nnssl import resenc, resenc_kwargs
+from nnssl_helpers import resenc, resenc_kwargs
 
 from segbook.backbones import PLANNERS
 from segbook.backbones.nnssl import (adapt_for_fine_tuning, checkpoint_architecture, read_nnssl_checkpoint,
