@@ -437,3 +437,31 @@ def test_a_backbone_file_that_defines_none_or_a_taken_name_is_a_clear_error(tmp_
     clash.write_text(EXAMPLE.read_text().replace('name="my-unet"', 'name="large"'))
     assert main(["models", "--backbone-file", str(clash)]) == 2
     assert "defines backbone 'large', which is already defined (built in)" in capsys.readouterr().err
+
+
+def test_every_checkpoint_format_has_a_stem_rule():
+    assert set(backbones.FORMAT_STEM_TILINGS) == set(backbones.FORMAT_READERS)
+    assert backbones.FORMAT_STEM_TILINGS["nnssl"] == "mean" and backbones.FORMAT_STEM_TILINGS["stunet"] == "repeat"
+
+
+@pytest.mark.parametrize("tiling, scale", [(None, 1.0), ("mean", 0.5)])
+def test_create_model_repeats_an_official_stunet_stem_unless_told(tmp_path, tiling, scale):
+    """STU-Net's official loader repeats the first block over the channels without dividing: the API does too."""
+    torch.manual_seed(0)
+    official = create_stunet("tiny", 1, 105).state_dict()
+    path = write_official_checkpoint(official, tmp_path / "tiny_ep4k.model")
+    network = create_model("tiny", path, input_channels=2, num_classes=3, tiling=tiling)
+    for key in ("conv_blocks_context.0.0.conv1.weight", "conv_blocks_context.0.0.conv3.weight"):
+        assert torch.equal(network.state_dict()[key], official[key].repeat(1, 2, 1, 1, 1) * scale), key
+
+
+def test_a_catalogued_stunet_file_says_its_rule_and_the_catalogues_normalisation(tmp_path):
+    from segbook.backbones.models import checkpoint_facts
+
+    path = write_official_checkpoint(create_stunet("small", 1, 105).state_dict(), tmp_path / "small_ep4k.model")
+    facts = checkpoint_facts(backbones.get("small"), path)
+    assert (facts.format, facts.stem_tiling) == ("stunet", "repeat")
+    assert facts.pretraining == {"schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
+                                 "scheme": "per-image z-score", "spacing_mm": [1.5, 1.5, 1.5], "source": "catalogue",
+                                 "checkpoint": "small_ep4k.model"}
+    assert checkpoint_facts(backbones.get("tiny"), path).pretraining is None  # tiny has no catalogue entry

@@ -151,10 +151,17 @@ def test_stem_tiling_reaches_the_trained_network_and_is_part_of_the_run(task):
 
 
 def test_stem_tiling_settings_and_records_written_before_it_existed(capsys):
-    assert STEM_TILINGS == TILINGS and TrainingSettings().stem_tiling == "repeat"
+    """None (the default) is the checkpoint format's rule; a record without the setting predates it and read as
+    the mean it was."""
+    assert STEM_TILINGS == TILINGS and TrainingSettings().validate().stem_tiling is None
     assert TrainingSettings.from_dict({"seed": 3}).stem_tiling == "mean"  # what such runs did
-    assert TrainingSettings.from_dict({"stem_tiling": None}).stem_tiling == "mean"
+    assert TrainingSettings.from_dict({"stem_tiling": None}).stem_tiling is None  # a batch's: the format's rule
     assert TrainingSettings.from_dict({"stem_tiling": "repeat"}).stem_tiling == "repeat"
+    assert fingerprint.training_values({"run": {"init": "pretrained"}, "settings": {"weights_sha256": "x"}},
+                                       channels=2)["stem_tiling"] == "mean"
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    assert "(default: the checkpoint format's rule, recorded in run.json" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(SegbookError, match="--stem-tiling must be one of repeat, mean, got 'sum'"):
         TrainingSettings(stem_tiling="sum").validate()
     with pytest.raises(SystemExit) as parse_error:
@@ -352,3 +359,19 @@ def test_killed_run_continues_from_its_checkpoint(task):
     assert events.count("pretrained_weights_loaded") == 1
     resumed = [e for e in manifest.data["events"] if e["event"] == "resumed"]
     assert len(resumed) == 1 and resumed[0]["from_epoch"] >= 1
+
+
+@pytest.mark.parametrize("task_schemes, pretraining, warned", [
+    (["CTNormalization"], {"schemes": ["ZScoreNormalization"], "checkpoint": "ssl.pth"},
+     "segbook: warning: T is normalised per its plans (CT CTNormalization), but ssl.pth was pretrained on "
+     "ZScoreNormalization; fine-tuning keeps the task's (run.json: normalization)"),
+    (["ZScoreNormalization"], {"schemes": ["ZScoreNormalization"], "checkpoint": "ssl.pth"}, None),
+    (["CTNormalization"], None, None),  # nothing known of the pretraining: nothing to compare
+])
+def test_a_task_normalised_otherwise_than_the_pretraining_is_warned_about(task_schemes, pretraining, warned):
+    from segbook.training.finetune import _warn_normalization
+
+    said = []
+    _warn_normalization({"fine_tuning": {"schemes": task_schemes}, "pretraining": pretraining},
+                        SimpleNamespace(key="T", channels=["CT"]), said.append)
+    assert said == ([warned] if warned else [])
