@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import planned_tiny_task, run_segbook, tiny_spec, use_planned_task
 
-from segbook import backbones
+from segbook import backbones, fingerprint
 from segbook.backbones.models import check_fits, count_cost, create_model, load_into
 from segbook.backbones.nnssl import write_nnssl_checkpoint
 from segbook.recipes import RecipeError, get_recipe
@@ -465,3 +465,50 @@ def test_a_catalogued_stunet_file_says_its_rule_and_the_catalogues_normalisation
                                  "scheme": "per-image z-score", "spacing_mm": [1.5, 1.5, 1.5], "source": "catalogue",
                                  "checkpoint": "small_ep4k.model"}
     assert checkpoint_facts(backbones.get("tiny"), path).pretraining is None  # tiny has no catalogue entry
+
+
+@pytest.fixture(scope="module")
+def two_channel_task(tmp_path_factory):
+    """A tiny two-channel (T1 + T2) task planned for ResEnc-L: a single-channel checkpoint's stem is tiled on it."""
+    from segbook.plan import plan_task
+
+    spec = tiny_spec(modality="MRI", channels=("T1", "T2"))
+    with planned_tiny_task(tmp_path_factory.mktemp("two_channels"), spec, seed=5) as task:
+        task.resenc_plan = plan_task(task.entry, planner="resenc-l", progress=False, fingerprint_samples=1000)
+        yield task
+
+
+@pytest.mark.slow
+def test_an_nnssl_stem_is_tiled_by_its_rule_through_finetune_and_batch(two_channel_task, tmp_path, monkeypatch):
+    """One nnssl file on a 2-channel task: `segbook finetune` and `segbook batch run` (at a rate of 1e-30, so the
+    final weights are the initial ones) start from the stem repeated and divided by 2, as `create_model` does, and
+    record the rule and the pretraining's normalisation in run.json."""
+    task = two_channel_task
+    paths = use_planned_task(task, tmp_path, monkeypatch)
+    configuration = _configuration(task.resenc_plan)
+    torch.manual_seed(3)
+    pretrained = create_model("resenc-l", input_channels=1, num_classes=1, configuration=configuration)
+    openmind = write_nnssl_checkpoint(pretrained, tmp_path / "openmind.pth")
+    stem_key = "encoder.stem.convs.0.conv.weight"
+    expected = pretrained.state_dict()[stem_key].repeat(1, 2, 1, 1, 1) / 2
+    through_api = create_model("resenc-l", openmind, input_channels=2, num_classes=len(task.entry.labels),
+                               configuration=configuration)
+    torch.testing.assert_close(through_api.state_dict()[stem_key], expected, rtol=0, atol=0)
+    frozen = ("--lr", "1e-30", "--weight-decay", "0")
+
+    _finetune(task, "--model", "resenc-l", "--pretrained", "--weights", str(openmind), *frozen)
+    run_segbook("batch", "run", "--registry", str(task.registry_file), "--tasks", task.entry.key, "--models",
+                "resenc-l", "--init", "pretrained", "--weights", str(openmind), "--seeds", "1", "--device", "cpu",
+                "--workers", "1", "--epochs", "1", "--iters-per-epoch", "2", "--val-iters-per-epoch", "1", *frozen)
+    trainers = ("SegbookTrainer_resenc-l_pretrained", "SegbookTrainer_resenc-l_pretrained_seed1")
+    for trainer in trainers:
+        folder = paths.results / task.entry.nnunet_name / f"{trainer}__nnUNetResEncUNetLPlans__3d_fullres" / "fold_all"
+        manifest = RunManifest.load(folder)
+        assert manifest.status == "finished" and manifest.data["settings"]["stem_tiling"] == "mean", trainer
+        assert fingerprint.training_values(manifest.data)["stem_tiling"] == "mean"
+        assert manifest.data["fingerprint"] == fingerprint.record(manifest.data)
+        assert manifest.data["normalization"]["pretraining"] == {
+            "schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False], "spacing_mm": [1.0, 1.0, 1.0],
+            "source": "nnssl_adaptation_plan", "checkpoint": "openmind.pth"}
+        trained = read_run_checkpoint(folder / "checkpoint_final.pth")["network_weights"]
+        torch.testing.assert_close(trained[stem_key], expected, rtol=0, atol=1e-6)
