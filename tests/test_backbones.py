@@ -20,7 +20,7 @@ from segbook.runs import MODELS, Identity, RunIdentityError, valid_combinations
 from segbook.training.checkpoints import read_run_checkpoint
 from segbook.training.manifest import RunManifest
 from segbook.training.trainers import EXTERNAL_TRAINER_FOLDER
-from stunet import CheckpointError, create_stunet, write_official_checkpoint
+from stunet import CheckpointError, create_stunet, read_state_dict, write_official_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -512,3 +512,51 @@ def test_an_nnssl_stem_is_tiled_by_its_rule_through_finetune_and_batch(two_chann
             "source": "nnssl_adaptation_plan", "checkpoint": "openmind.pth"}
         trained = read_run_checkpoint(folder / "checkpoint_final.pth")["network_weights"]
         torch.testing.assert_close(trained[stem_key], expected, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ct_pet_task(tmp_path_factory):
+    """A tiny CT&PET task (`segbook data synth --modality CT&PET`), planned by the default and ResEnc-L planners."""
+    from segbook.plan import plan_task
+
+    with planned_tiny_task(tmp_path_factory.mktemp("ct_pet"), tiny_spec(modality="CT&PET"), seed=6) as task:
+        task.resenc_plan = plan_task(task.entry, planner="resenc-l", progress=False, fingerprint_samples=1000)
+        yield task
+
+
+@pytest.mark.slow
+def test_a_ct_and_pet_task_fine_tunes_single_channel_checkpoints_by_their_formats_rules(ct_pet_task, tmp_path,
+                                                                                        monkeypatch):
+    """Two channels normalised differently (CT: CTNormalization, PET: z-score): an nnssl file's stem is divided, an
+    STU-Net file's repeated, and the CT channel's normalisation against the z-score pretraining is warned about."""
+    from segbook.training.finetune import finetune
+    from segbook.training.settings import TrainingSettings
+
+    task = ct_pet_task
+    use_planned_task(task, tmp_path, monkeypatch)
+    assert task.resenc_plan.normalization == ["CTNormalization", "ZScoreNormalization"]
+    torch.manual_seed(4)
+    pretrained = create_model("resenc-l", input_channels=1, num_classes=1,
+                              configuration=_configuration(task.resenc_plan))
+    openmind = write_nnssl_checkpoint(pretrained, tmp_path / "openmind.pth")
+    settings = TrainingSettings(epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1, lr=1e-30,
+                                weight_decay=0.0)
+    said: list[str] = []
+    nnssl_run = finetune(task.entry, "resenc-l", pretrained=True, settings=settings, weights=openmind, device="cpu",
+                         say=said.append)
+    stunet_run = finetune(task.entry, "tiny", pretrained=True, settings=settings, weights=task.weights,
+                          device="cpu")
+    warnings = [line for line in said if line.startswith("segbook: warning:")]
+    assert warnings == [f"segbook: warning: {task.entry.key} is normalised per its plans (CT CTNormalization), but "
+                        "openmind.pth was pretrained on ZScoreNormalization; fine-tuning keeps the task's (run.json: "
+                        "normalization)"]
+    stems = [(nnssl_run, "encoder.stem.convs.0.conv.weight", pretrained.state_dict(), "mean", 0.5),
+             (stunet_run, "conv_blocks_context.0.0.conv1.weight", read_state_dict(task.weights), "repeat", 1.0)]
+    for run, key, source, rule, scale in stems:
+        assert run.status == "finished" and run.manifest.settings.stem_tiling == rule
+        trained = read_run_checkpoint(run.folder / "checkpoint_final.pth")["network_weights"]
+        torch.testing.assert_close(trained[key], source[key].repeat(1, 2, 1, 1, 1) * scale, rtol=0, atol=1e-6)
+    assert nnssl_run.manifest.data["normalization"]["fine_tuning"]["schemes"] == ["CTNormalization",
+                                                                                  "ZScoreNormalization"]
+    assert nnssl_run.manifest.data["normalization"]["pretraining"]["schemes"] == ["ZScoreNormalization"]
+    assert stunet_run.manifest.data["normalization"]["pretraining"] is None  # tiny: no catalogued pretraining
