@@ -324,6 +324,31 @@ def test_a_run_of_a_dataset_the_registry_does_not_know_is_refused_before_it_is_r
     assert not (RunSpec.of(task.entry, "tiny", False, 1).folder(Paths.from_env().results) / "run.json").exists()
 
 
+def test_a_run_recorded_without_a_stem_rule_records_the_rule_its_checkpoint_applied(task):
+    """A record whose `stem_tiling` is null (SegBook's default settings, as for a run nnU-Net's tools start): the
+    trainer tiles by the checkpoint format's rule (an STU-Net file: repeat) and records it before training."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    from segbook.paths import Paths
+    from segbook.recipes import get_recipe
+    from segbook.runs import identity_fields
+
+    Paths.from_env().export()
+    register_with_nnunet()
+    spec = RunSpec.of(task.entry, "tiny", True, 3)  # a fold of its own: no other test writes its folder
+    folder = spec.folder(Paths.from_env().results)
+    settings, recipe = TrainingSettings(weights=str(task.weights)).resolve(get_recipe(spec.recipe, spec.init))
+    folder.mkdir(parents=True, exist_ok=True)
+    RunManifest.create(folder, identity_fields(spec), settings, {"via": "nnU-Net"}, recipe).save()
+    trainer = get_trainer_from_args(str(task.entry.dataset_id), "3d_fullres", 3, spec.trainer,
+                                    device=torch.device("cpu"))
+    trainer.initialize()
+    official = read_state_dict(task.weights)["conv_blocks_context.0.0.conv1.weight"]
+    loaded = trainer.network.state_dict()["conv_blocks_context.0.0.conv1.weight"]
+    assert torch.equal(loaded, official.repeat(1, 2, 1, 1, 1))
+    assert trainer.settings.stem_tiling == "repeat" and RunManifest.load(folder).settings.stem_tiling == "repeat"
+
+
 @pytest.mark.slow
 def test_killed_run_continues_from_its_checkpoint(task):
     """Kill the training process mid-run, continue it, and it finishes without re-applying pretrained weights."""
