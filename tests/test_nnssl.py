@@ -347,6 +347,14 @@ def test_a_malformed_normalisation_record_is_ignored_with_a_warning_naming_it(tm
     assert facts.pretraining is None and facts.warnings == checkpoint.warnings and facts.stem_tiling == "mean"
 
 
+def test_numpy_mask_flags_are_read_as_booleans(tmp_path):
+    content = _plain_plan(tmp_path)
+    _configuration_of(content).update(use_mask_for_norm=[np.bool_(True)])
+    torch.save(content, tmp_path / "np_mask.pth")
+    checkpoint = read_nnssl_checkpoint(tmp_path / "np_mask.pth")
+    assert checkpoint.pretraining_normalization()["use_mask_for_norm"] == [True] and checkpoint.warnings == ()
+
+
 def test_a_plan_without_a_normalisation_records_none_and_warns_nothing(tmp_path):
     content = _plain_plan(tmp_path)
     _configuration_of(content).pop("normalization_schemes")

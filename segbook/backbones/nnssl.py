@@ -208,19 +208,23 @@ def _read_normalization(configuration: Mapping, metadata: dict[str, Any], path: 
     problem = _normalization_problem(schemes, masks)
     if problem:
         return (f"{path}: its pretraining normalisation is not recorded: {problem}",)
-    metadata["normalization"] = list(schemes)
-    metadata["use_mask_for_norm"] = None if masks is None else list(masks)
+    metadata["normalization"] = [str(v) for v in schemes]
+    metadata["use_mask_for_norm"] = None if masks is None else [bool(v) for v in masks]
     return ()
 
 
 def _normalization_problem(schemes: object, masks: object) -> str | None:
+    """What is wrong with a plan's normalisation record, or None. Files saved before nnssl converted numpy values
+    hold numpy booleans: they count as booleans."""
+    import numpy as np
+
     if not isinstance(schemes, (list, tuple)) or not schemes or not all(isinstance(v, str) for v in schemes):
         return f"'normalization_schemes' is {schemes!r}, not a list of scheme names"
     unknown = [v for v in schemes if v not in NORMALIZATION_SCHEMES]
     if unknown:
         return f"unknown scheme(s) {', '.join(map(repr, unknown))} (nnU-Net knows {', '.join(NORMALIZATION_SCHEMES)})"
     if masks is not None and not (isinstance(masks, (list, tuple)) and len(masks) == len(schemes)
-                                  and all(isinstance(v, bool) for v in masks)):
+                                  and all(isinstance(v, (bool, np.bool_)) for v in masks)):
         return f"'use_mask_for_norm' is {masks!r}, not one boolean per scheme"
     return None
 
