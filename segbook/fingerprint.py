@@ -272,11 +272,11 @@ def _precision(run: Mapping[str, Any]) -> str:
 
 
 def _stem_tiling(settings: dict[str, Any]) -> str:
-    from segbook.training.settings import TrainingSettings
+    from segbook.training.settings import FORMAT_RULE, TrainingSettings
 
     if not settings:
         return UNKNOWN
     try:
-        return str(TrainingSettings.from_dict(settings).stem_tiling)
+        return str(TrainingSettings.from_dict(settings).stem_tiling or FORMAT_RULE)
     except TypeError:
         return UNKNOWN

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import planned_tiny_task, run_segbook, tiny_spec, use_planned_task
 
-from segbook import backbones
+from segbook import backbones, fingerprint
 from segbook.backbones.models import check_fits, count_cost, create_model, load_into
 from segbook.backbones.nnssl import write_nnssl_checkpoint
 from segbook.recipes import RecipeError, get_recipe
@@ -20,7 +20,7 @@ from segbook.runs import MODELS, Identity, RunIdentityError, valid_combinations
 from segbook.training.checkpoints import read_run_checkpoint
 from segbook.training.manifest import RunManifest
 from segbook.training.trainers import EXTERNAL_TRAINER_FOLDER
-from stunet import CheckpointError, create_stunet, write_official_checkpoint
+from stunet import CheckpointError, create_stunet, read_state_dict, write_official_checkpoint
 from stunet.checkpoints import file_sha256
 
 
@@ -561,3 +561,126 @@ def test_a_bundle_of_plug_in_runs_lists_them_on_import_without_the_file(lab_net_
     assert sorted(zip(df["model"], df["source"])) == [("base", "bundle:lab-bundle"), ("lab-net", "bundle:lab-bundle"),
                                                       ("lab-net", "bundle:lab-bundle")] and not warned
     assert df.loc[df["model"] == "lab-net", "evaluated"].all()
+
+
+def test_every_checkpoint_format_has_a_stem_rule():
+    assert set(backbones.FORMAT_STEM_TILINGS) == set(backbones.FORMAT_READERS)
+    assert backbones.FORMAT_STEM_TILINGS["nnssl"] == "mean" and backbones.FORMAT_STEM_TILINGS["stunet"] == "repeat"
+
+
+@pytest.mark.parametrize("tiling, scale", [(None, 1.0), ("mean", 0.5)])
+def test_create_model_repeats_an_official_stunet_stem_unless_told(tmp_path, tiling, scale):
+    """STU-Net's official loader repeats the first block over the channels without dividing: the API does too."""
+    torch.manual_seed(0)
+    official = create_stunet("tiny", 1, 105).state_dict()
+    path = write_official_checkpoint(official, tmp_path / "tiny_ep4k.model")
+    network = create_model("tiny", path, input_channels=2, num_classes=3, tiling=tiling)
+    for key in ("conv_blocks_context.0.0.conv1.weight", "conv_blocks_context.0.0.conv3.weight"):
+        assert torch.equal(network.state_dict()[key], official[key].repeat(1, 2, 1, 1, 1) * scale), key
+
+
+def test_a_catalogued_stunet_file_says_its_rule_and_the_catalogues_normalisation(tmp_path):
+    from segbook.backbones.models import checkpoint_facts
+
+    path = write_official_checkpoint(create_stunet("small", 1, 105).state_dict(), tmp_path / "small_ep4k.model")
+    facts = checkpoint_facts(backbones.get("small"), path)
+    assert (facts.format, facts.stem_tiling) == ("stunet", "repeat")
+    assert facts.pretraining == {"schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
+                                 "scheme": "per-image z-score", "spacing_mm": [1.5, 1.5, 1.5], "source": "catalogue",
+                                 "checkpoint": "small_ep4k.model"}
+    assert checkpoint_facts(backbones.get("tiny"), path).pretraining is None  # tiny has no catalogue entry
+
+
+@pytest.fixture(scope="module")
+def two_channel_task(tmp_path_factory):
+    """A tiny two-channel (T1 + T2) task planned for ResEnc-L: a single-channel checkpoint's stem is tiled on it."""
+    from segbook.plan import plan_task
+
+    spec = tiny_spec(modality="MRI", channels=("T1", "T2"))
+    with planned_tiny_task(tmp_path_factory.mktemp("two_channels"), spec, seed=5) as task:
+        task.resenc_plan = plan_task(task.entry, planner="resenc-l", progress=False, fingerprint_samples=1000)
+        yield task
+
+
+@pytest.mark.slow
+def test_an_nnssl_stem_is_tiled_by_its_rule_through_finetune_and_batch(two_channel_task, tmp_path, monkeypatch):
+    """One nnssl file on a 2-channel task: `segbook finetune` and `segbook batch run` (at a rate of 1e-30, so the
+    final weights are the initial ones) start from the stem repeated and divided by 2, as `create_model` does, and
+    record the rule and the pretraining's normalisation in run.json."""
+    task = two_channel_task
+    paths = use_planned_task(task, tmp_path, monkeypatch)
+    configuration = _configuration(task.resenc_plan)
+    torch.manual_seed(3)
+    pretrained = create_model("resenc-l", input_channels=1, num_classes=1, configuration=configuration)
+    openmind = write_nnssl_checkpoint(pretrained, tmp_path / "openmind.pth")
+    stem_key = "encoder.stem.convs.0.conv.weight"
+    expected = pretrained.state_dict()[stem_key].repeat(1, 2, 1, 1, 1) / 2
+    through_api = create_model("resenc-l", openmind, input_channels=2, num_classes=len(task.entry.labels),
+                               configuration=configuration)
+    torch.testing.assert_close(through_api.state_dict()[stem_key], expected, rtol=0, atol=0)
+    frozen = ("--lr", "1e-30", "--weight-decay", "0")
+
+    _finetune(task, "--model", "resenc-l", "--pretrained", "--weights", str(openmind), *frozen)
+    run_segbook("batch", "run", "--registry", str(task.registry_file), "--tasks", task.entry.key, "--models",
+                "resenc-l", "--init", "pretrained", "--weights", str(openmind), "--seeds", "1", "--device", "cpu",
+                "--workers", "1", "--epochs", "1", "--iters-per-epoch", "2", "--val-iters-per-epoch", "1", *frozen)
+    trainers = ("SegbookTrainer_resenc-l_pretrained", "SegbookTrainer_resenc-l_pretrained_seed1")
+    for trainer in trainers:
+        folder = paths.results / task.entry.nnunet_name / f"{trainer}__nnUNetResEncUNetLPlans__3d_fullres" / "fold_all"
+        manifest = RunManifest.load(folder)
+        assert manifest.status == "finished" and manifest.data["settings"]["stem_tiling"] == "mean", trainer
+        assert fingerprint.training_values(manifest.data)["stem_tiling"] == "mean"
+        assert manifest.data["fingerprint"] == fingerprint.record(manifest.data)
+        assert manifest.data["normalization"]["pretraining"] == {
+            "schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False], "spacing_mm": [1.0, 1.0, 1.0],
+            "source": "nnssl_adaptation_plan", "checkpoint": "openmind.pth"}
+        trained = read_run_checkpoint(folder / "checkpoint_final.pth")["network_weights"]
+        torch.testing.assert_close(trained[stem_key], expected, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ct_pet_task(tmp_path_factory):
+    """A tiny CT&PET task (`segbook data synth --modality CT&PET`), planned by the default and ResEnc-L planners."""
+    from segbook.plan import plan_task
+
+    with planned_tiny_task(tmp_path_factory.mktemp("ct_pet"), tiny_spec(modality="CT&PET"), seed=6) as task:
+        task.resenc_plan = plan_task(task.entry, planner="resenc-l", progress=False, fingerprint_samples=1000)
+        yield task
+
+
+@pytest.mark.slow
+def test_a_ct_and_pet_task_fine_tunes_single_channel_checkpoints_by_their_formats_rules(ct_pet_task, tmp_path,
+                                                                                        monkeypatch):
+    """Two channels normalised differently (CT: CTNormalization, PET: z-score): an nnssl file's stem is divided, an
+    STU-Net file's repeated, and the CT channel's normalisation against the z-score pretraining is warned about."""
+    from segbook.training.finetune import finetune
+    from segbook.training.settings import TrainingSettings
+
+    task = ct_pet_task
+    use_planned_task(task, tmp_path, monkeypatch)
+    assert task.resenc_plan.normalization == ["CTNormalization", "ZScoreNormalization"]
+    torch.manual_seed(4)
+    pretrained = create_model("resenc-l", input_channels=1, num_classes=1,
+                              configuration=_configuration(task.resenc_plan))
+    openmind = write_nnssl_checkpoint(pretrained, tmp_path / "openmind.pth")
+    settings = TrainingSettings(epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1, lr=1e-30,
+                                weight_decay=0.0)
+    said: list[str] = []
+    nnssl_run = finetune(task.entry, "resenc-l", pretrained=True, settings=settings, weights=openmind, device="cpu",
+                         say=said.append)
+    stunet_run = finetune(task.entry, "tiny", pretrained=True, settings=settings, weights=task.weights,
+                          device="cpu")
+    warnings = [line for line in said if line.startswith("segbook: warning:")]
+    assert warnings == [f"segbook: warning: {task.entry.key} is normalised per its plans (CT CTNormalization), but "
+                        "openmind.pth was pretrained on ZScoreNormalization; fine-tuning keeps the task's (run.json: "
+                        "normalization)"]
+    stems = [(nnssl_run, "encoder.stem.convs.0.conv.weight", pretrained.state_dict(), "mean", 0.5),
+             (stunet_run, "conv_blocks_context.0.0.conv1.weight", read_state_dict(task.weights), "repeat", 1.0)]
+    for run, key, source, rule, scale in stems:
+        assert run.status == "finished" and run.manifest.settings.stem_tiling == rule
+        trained = read_run_checkpoint(run.folder / "checkpoint_final.pth")["network_weights"]
+        torch.testing.assert_close(trained[key], source[key].repeat(1, 2, 1, 1, 1) * scale, rtol=0, atol=1e-6)
+    assert nnssl_run.manifest.data["normalization"]["fine_tuning"]["schemes"] == ["CTNormalization",
+                                                                                  "ZScoreNormalization"]
+    assert nnssl_run.manifest.data["normalization"]["pretraining"]["schemes"] == ["ZScoreNormalization"]
+    assert stunet_run.manifest.data["normalization"]["pretraining"] is None  # tiny: no catalogued pretraining

@@ -745,3 +745,29 @@ def test_status_has_one_row_per_registered_task(tmp_path: Path, segbook_home: Pa
     assert rows[-1] == {"task": entry.key, "dataset": entry.nnunet_name, "raw": "no", "validated": "no",
                         "split": "-", "planned": "no", "preprocessed": "no"}
     assert dataset_status(registry, present_only=True) == []
+
+
+def test_cli_synth_writes_a_ct_and_pet_task_that_imports(tmp_path: Path, segbook_home: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """`--modality CT&PET` (channels CT PET by default): a CT image in HU and a PET uptake image in which every
+    structure is hotter than the body and lesions hottest; CT with a PET channel is refused naming CT&PET."""
+    out = tmp_path / "petct"
+    assert main(["data", "synth", "--out", str(out), "--modality", "CT&PET", "--cases", "4", "--size", "16", "16",
+                 "8", "--lesions", "1", "--id", "973"]) == 0
+    command = capsys.readouterr().out.splitlines()[-1].removeprefix("import with: segbook ").split()
+    entry = load_registry([out / "registry.yaml"]).get("Task973_Synthetic")
+    assert (entry.modality, entry.channels) == ("CT&PET", ["CT", "PET"])
+    assert main(command + ["--num-processes", "1"]) == 0
+    assert "imported 4 cases (3 train, 1 test)" in capsys.readouterr().out
+
+    spec = SynthSpec(cases=1, size=(24, 24, 12), modality="CT&PET", targets=numbered_targets(1, lesions=1))
+    (ct, pet), labels = synthesize_case(spec, 0)
+    assert ct.dtype == np.int16 and pet.dtype == np.float32 and (pet >= 0).all()
+    body = np.median(pet[(labels == 0) & (ct > -500)])
+    structure, lesion = np.median(pet[labels == 1]), np.median(pet[labels == 2])
+    assert 0.8 < body < 1.2 and structure > 1.3 * body and lesion > 2.5 * structure
+    assert main(["data", "synth", "--out", str(tmp_path / "bad"), "--channels", "CT", "PET"]) == 2
+    assert "segbook: error: a CT task's channels are all named CT, not CT, PET: for CT with PET use the modality " \
+           "CT&PET" in capsys.readouterr().err
+    with pytest.raises(SynthError, match="a CT&PET task has a channel named CT and at least one other"):
+        SynthSpec(modality="CT&PET", channels=("PET",))

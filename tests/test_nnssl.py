@@ -4,16 +4,20 @@ residual-encoder U-Net (encoder loaded, decoder and heads fresh, stem tiled), wr
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from helpers import write_payload_checkpoint
-from nnssl_helpers import resenc
+from nnssl_helpers import RESENC_CLASS, resenc, resenc_kwargs
 from torch import nn
 
+from segbook import backbones
+from segbook.backbones.models import CheckpointFacts, checkpoint_facts, create_model
 from segbook.backbones.nnssl import (NNSSL_RESENC_L_BLOCKS, NNSSL_RESENC_L_WIDTHS, NnsslCheckpoint,
                                      adapt_nnssl_to_network, read_nnssl_checkpoint, write_nnssl_checkpoint)
 from stunet import CheckpointError, STUNet
@@ -264,3 +268,73 @@ def test_files_that_are_not_usable_nnssl_checkpoints_are_refused(tmp_path, edit,
     torch.save(content, tmp_path / "edited.pth")
     with pytest.raises(CheckpointError, match=rf"edited\.pth.*{refusal}"):
         read_nnssl_checkpoint(tmp_path / "edited.pth")
+
+
+def _tiny_plans() -> SimpleNamespace:
+    """What `create_model` reads of nnU-Net's ConfigurationManager, for the tiny ResEnc of `resenc_kwargs`."""
+    return SimpleNamespace(network_arch_class_name=RESENC_CLASS, network_arch_init_kwargs=resenc_kwargs(),
+                           network_arch_init_kwargs_req_import=["conv_op", "norm_op", "nonlin"])
+
+
+@pytest.mark.parametrize("tiling, scale", [(None, 0.5), ("repeat", 1.0)])
+def test_create_model_tiles_an_nnssl_stem_by_the_formats_rule_unless_told(tmp_path, tiling, scale):
+    """The Python API applies nnssl's rule (repeat and divide) as finetune and batch do; `tiling` overrides it."""
+    pretrained, checkpoint = mae_checkpoint(tmp_path)
+    network = create_model("resenc-l", checkpoint.path, input_channels=2, num_classes=3, configuration=_tiny_plans(),
+                           tiling=tiling)
+    stem = pretrained.state_dict()["encoder.stem.convs.0.conv.weight"]
+    assert_same(network.state_dict()["encoder.stem.convs.0.conv.weight"], stem.repeat(1, 2, 1, 1, 1) * scale)
+
+
+def test_an_nnssl_file_says_its_stem_rule_and_pretraining_normalisation(tmp_path):
+    _, checkpoint = mae_checkpoint(tmp_path, spacing=[0.8, 0.8, 1.0])
+    facts = checkpoint_facts(backbones.get("resenc-l"), checkpoint.path)
+    assert (facts.format, facts.stem_tiling, facts.warnings) == ("nnssl", "mean", ())
+    assert facts.pretraining == {"schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
+                                 "spacing_mm": [0.8, 0.8, 1.0], "source": "nnssl_adaptation_plan",
+                                 "checkpoint": "checkpoint_final.pth"}
+    plain = tmp_path / "nnunet.pth"  # an nnU-Net training checkpoint: segbook's rule, no normalisation said
+    torch.save({"network_weights": resenc(num_classes=2).state_dict(), "trainer_name": "nnUNetTrainer"}, plain)
+    assert checkpoint_facts(backbones.get("resenc-l"), plain) == CheckpointFacts("nnunet", "repeat", None)
+
+
+def _configuration_of(content: dict) -> dict:
+    return content["nnssl_adaptation_plan"]["pretrain_plan"]["configurations"]["onemmiso"]
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (dict(normalization_schemes="ZScoreNormalization"), r"'normalization_schemes' is 'ZScoreNormalization', not a "
+                                                        r"list of scheme names"),
+    (dict(normalization_schemes=[3]), r"'normalization_schemes' is \[3\]"),
+    (dict(normalization_schemes=[]), r"'normalization_schemes' is \[\]"),
+    (dict(normalization_schemes=["FancyNorm"]), r"unknown scheme\(s\) 'FancyNorm' \(nnU-Net knows ZScoreNormalization"),
+    (dict(use_mask_for_norm="no"), r"'use_mask_for_norm' is 'no', not one boolean per scheme"),
+    (dict(use_mask_for_norm=[False, True]), r"'use_mask_for_norm' is \[False, True\]"),
+])
+def test_a_malformed_normalisation_record_is_ignored_with_a_warning_naming_it(tmp_path, edit, problem):
+    """Loading needs no normalisation: the weights still load, the record is left out and the warning names the file
+    and what was wrong."""
+    content = _plain_plan(tmp_path)
+    _configuration_of(content).update(edit)
+    torch.save(content, tmp_path / "edited.pth")
+    checkpoint = read_nnssl_checkpoint(tmp_path / "edited.pth")
+    assert checkpoint.pretraining_normalization() is None and len(checkpoint.warnings) == 1
+    assert re.search(rf"edited\.pth: its pretraining normalisation is not recorded: {problem}", checkpoint.warnings[0])
+    facts = checkpoint_facts(backbones.get("resenc-l"), tmp_path / "edited.pth")
+    assert facts.pretraining is None and facts.warnings == checkpoint.warnings and facts.stem_tiling == "mean"
+
+
+def test_numpy_mask_flags_are_read_as_booleans(tmp_path):
+    content = _plain_plan(tmp_path)
+    _configuration_of(content).update(use_mask_for_norm=[np.bool_(True)])
+    torch.save(content, tmp_path / "np_mask.pth")
+    checkpoint = read_nnssl_checkpoint(tmp_path / "np_mask.pth")
+    assert checkpoint.pretraining_normalization()["use_mask_for_norm"] == [True] and checkpoint.warnings == ()
+
+
+def test_a_plan_without_a_normalisation_records_none_and_warns_nothing(tmp_path):
+    content = _plain_plan(tmp_path)
+    _configuration_of(content).pop("normalization_schemes")
+    torch.save(content, tmp_path / "bare.pth")
+    checkpoint = read_nnssl_checkpoint(tmp_path / "bare.pth")
+    assert checkpoint.pretraining_normalization() is None and checkpoint.warnings == ()

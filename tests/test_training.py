@@ -151,10 +151,17 @@ def test_stem_tiling_reaches_the_trained_network_and_is_part_of_the_run(task):
 
 
 def test_stem_tiling_settings_and_records_written_before_it_existed(capsys):
-    assert STEM_TILINGS == TILINGS and TrainingSettings().stem_tiling == "repeat"
+    """None (the default) is the checkpoint format's rule; a record without the setting predates it and read as
+    the mean it was."""
+    assert STEM_TILINGS == TILINGS and TrainingSettings().validate().stem_tiling is None
     assert TrainingSettings.from_dict({"seed": 3}).stem_tiling == "mean"  # what such runs did
-    assert TrainingSettings.from_dict({"stem_tiling": None}).stem_tiling == "mean"
+    assert TrainingSettings.from_dict({"stem_tiling": None}).stem_tiling is None  # a batch's: the format's rule
     assert TrainingSettings.from_dict({"stem_tiling": "repeat"}).stem_tiling == "repeat"
+    assert fingerprint.training_values({"run": {"init": "pretrained"}, "settings": {"weights_sha256": "x"}},
+                                       channels=2)["stem_tiling"] == "mean"
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    assert "(default: the checkpoint format's rule, recorded in run.json" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(SegbookError, match="--stem-tiling must be one of repeat, mean, got 'sum'"):
         TrainingSettings(stem_tiling="sum").validate()
     with pytest.raises(SystemExit) as parse_error:
@@ -317,6 +324,31 @@ def test_a_run_of_a_dataset_the_registry_does_not_know_is_refused_before_it_is_r
     assert not (RunSpec.of(task.entry, "tiny", False, 1).folder(Paths.from_env().results) / "run.json").exists()
 
 
+def test_a_run_recorded_without_a_stem_rule_records_the_rule_its_checkpoint_applied(task):
+    """A record whose `stem_tiling` is null (SegBook's default settings, as for a run nnU-Net's tools start): the
+    trainer tiles by the checkpoint format's rule (an STU-Net file: repeat) and records it before training."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    from segbook.paths import Paths
+    from segbook.recipes import get_recipe
+    from segbook.runs import identity_fields
+
+    Paths.from_env().export()
+    register_with_nnunet()
+    spec = RunSpec.of(task.entry, "tiny", True, 3)  # a fold of its own: no other test writes its folder
+    folder = spec.folder(Paths.from_env().results)
+    settings, recipe = TrainingSettings(weights=str(task.weights)).resolve(get_recipe(spec.recipe, spec.init))
+    folder.mkdir(parents=True, exist_ok=True)
+    RunManifest.create(folder, identity_fields(spec), settings, {"via": "nnU-Net"}, recipe).save()
+    trainer = get_trainer_from_args(str(task.entry.dataset_id), "3d_fullres", 3, spec.trainer,
+                                    device=torch.device("cpu"))
+    trainer.initialize()
+    official = read_state_dict(task.weights)["conv_blocks_context.0.0.conv1.weight"]
+    loaded = trainer.network.state_dict()["conv_blocks_context.0.0.conv1.weight"]
+    assert torch.equal(loaded, official.repeat(1, 2, 1, 1, 1))
+    assert trainer.settings.stem_tiling == "repeat" and RunManifest.load(folder).settings.stem_tiling == "repeat"
+
+
 @pytest.mark.slow
 def test_killed_run_continues_from_its_checkpoint(task):
     """Kill the training process mid-run, continue it, and it finishes without re-applying pretrained weights."""
@@ -352,3 +384,19 @@ def test_killed_run_continues_from_its_checkpoint(task):
     assert events.count("pretrained_weights_loaded") == 1
     resumed = [e for e in manifest.data["events"] if e["event"] == "resumed"]
     assert len(resumed) == 1 and resumed[0]["from_epoch"] >= 1
+
+
+@pytest.mark.parametrize("task_schemes, pretraining, warned", [
+    (["CTNormalization"], {"schemes": ["ZScoreNormalization"], "checkpoint": "ssl.pth"},
+     "segbook: warning: T is normalised per its plans (CT CTNormalization), but ssl.pth was pretrained on "
+     "ZScoreNormalization; fine-tuning keeps the task's (run.json: normalization)"),
+    (["ZScoreNormalization"], {"schemes": ["ZScoreNormalization"], "checkpoint": "ssl.pth"}, None),
+    (["CTNormalization"], None, None),  # nothing known of the pretraining: nothing to compare
+])
+def test_a_task_normalised_otherwise_than_the_pretraining_is_warned_about(task_schemes, pretraining, warned):
+    from segbook.training.finetune import _warn_normalization
+
+    said = []
+    _warn_normalization({"fine_tuning": {"schemes": task_schemes}, "pretraining": pretraining},
+                        SimpleNamespace(key="T", channels=["CT"]), said.append)
+    assert said == ([warned] if warned else [])

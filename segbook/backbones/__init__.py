@@ -58,6 +58,20 @@ FORMAT_ADAPTERS: dict[str, str] = {
 #: The source of a backbone known only from what its runs recorded (`segbook.backbones.recorded`): tables can show
 #: its runs, nothing can build it, and its own file or entry point replaces it once loaded.
 STAND_IN = "recorded by its runs"
+
+#: How each format's single-channel stem is tiled over a task's input channels (`stunet.loading.TILINGS`) unless
+#: a run says otherwise (`--stem-tiling`): the rule of the code that fine-tunes such files. STU-Net's official loader
+#: repeats the first block's weights on every channel (uni-medical/STU-Net `nnUNet-2.2/nnunetv2/run/
+#: run_finetuning_stunet.py` L30-35); nnssl's reference fine-tuning repeats and divides by the channel count (MIC-DKFZ
+#: nnU-Net after 2.8.1, `pretrainedTrainer.py` `load_pretrained_weights` L280-287). nnU-Net's own `.pth` and plain
+#: state dicts have no upstream rule (nnU-Net 2.8.1's `load_pretrained_weights.py` L38-46 demands equal shapes):
+#: `repeat` is segbook's choice for them, the same as STU-Net's.
+FORMAT_STEM_TILINGS: dict[str, str] = {
+    "stunet": "repeat",
+    "nnunet": "repeat",
+    "state_dict": "repeat",
+    "nnssl": "mean",
+}
 #: The SegBook study's recipes: the paper's fine-tuning, and nnU-Net's schedule from scratch. What a backbone trains
 #: when a run names no recipe unless it declares its own (`Backbone.default_recipes`; every built-in one takes
 #: these); the recipes table compares other recipes with the study's.

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from segbook.backbones import FORMAT_ADAPTERS, FORMAT_READERS, Backbone, BackboneError, get, resolve
+from segbook.backbones import (FORMAT_ADAPTERS, FORMAT_READERS, FORMAT_STEM_TILINGS, Backbone, BackboneError, get,
+                               resolve)
 from stunet.checkpoints import PRETRAINING_STRIDES
 from stunet.flops import count_forward_macs, count_parameters
-from stunet.loading import DEFAULT_TILING, DESCRIBERS, CheckpointError, Conventions, LoadReport, adapt_state_dict
+from stunet.loading import DESCRIBERS, CheckpointError, Conventions, LoadReport, adapt_state_dict
 from stunet.presets import create_stunet, strides_from_plans
 
 RESENC_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
@@ -153,17 +155,66 @@ def read_checkpoint(backbone: Backbone, path: str | os.PathLike) -> tuple[str, A
     raise CheckpointError(f"{path} is in none of the formats {backbone.label} reads ({'; '.join(refusals)})")
 
 
+#: The catalogue's words for a pretraining normalisation, as nnU-Net's scheme: STU-Net's published plans say
+#: `nonCT`, which nnU-Net v1 normalises per image with z-score and no mask (uni-medical/STU-Net
+#: `nnUNet-1.7.1/nnunet/preprocessing/preprocessing.py` L273-310).
+CATALOGUE_SCHEMES = {"per-image z-score": "ZScoreNormalization"}
+
+
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """What a checkpoint file says of itself beyond its weights: its format, the rule its stem is tiled by over a
+    task's channels (`FORMAT_STEM_TILINGS`), how its pretraining normalised images (None: not said), and what of
+    it was malformed and ignored (one line each)."""
+
+    format: str
+    stem_tiling: str
+    pretraining: dict[str, Any] | None
+    warnings: tuple[str, ...] = field(default=())
+
+
+def checkpoint_facts(backbone: Backbone, path: str | os.PathLike) -> CheckpointFacts:
+    """The facts of the checkpoint at `path` as `backbone` reads it (read safely; `CheckpointError` otherwise)."""
+    name, content = read_checkpoint(backbone, path)
+    return _facts(backbone, name, content, path)
+
+
+def _facts(backbone: Backbone, name: str, content: Any, path: str | os.PathLike) -> CheckpointFacts:
+    """A format whose files say how they were normalised (`content.pretraining_normalization()`) is believed;
+    otherwise the catalogued checkpoint of the backbone says it, taken to describe any file of its format."""
+    said = getattr(content, "pretraining_normalization", None)
+    if said is not None:
+        return CheckpointFacts(name, FORMAT_STEM_TILINGS[name], said(), tuple(getattr(content, "warnings", ())))
+    return CheckpointFacts(name, FORMAT_STEM_TILINGS[name], _catalogued_normalization(backbone, name))
+
+
+def _catalogued_normalization(backbone: Backbone, name: str) -> dict[str, Any] | None:
+    official = backbone.pretrained
+    if official is None or official.format != name:
+        return None
+    scheme = CATALOGUE_SCHEMES.get(official.normalization)
+    return {"schemes": [scheme] if scheme else None, "use_mask_for_norm": [False] if scheme else None,
+            "scheme": official.normalization, "spacing_mm": list(official.spacing_mm), "source": "catalogue",
+            "checkpoint": official.filename}
+
+
 def adapted_weights(network_state: Mapping[str, torch.Tensor], backbone: Backbone, path: str | os.PathLike,
                     tiling: str | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """The complete state dict that initialises the network whose state is `network_state` from the checkpoint at
-    `path` (strictly: a `CheckpointError` lists what does not fit), and what was done. A format with its own rules
-    (`FORMAT_ADAPTERS`) applies them; any other is adapted by the backbone's catalogued conventions. `tiling` None
-    tiles a single-channel stem as the checkpoint's authors do (STU-Net's loaders repeat, nnssl's divide too)."""
+    `path` (strictly: a `CheckpointError` lists what does not fit), and what was done. `tiling` None tiles a
+    single-channel stem by the rule of the checkpoint's format (`FORMAT_STEM_TILINGS`)."""
     name, content = read_checkpoint(backbone, path)
+    return _adapt(network_state, backbone, name, content, path, tiling)
+
+
+def _adapt(network_state: Mapping[str, torch.Tensor], backbone: Backbone, name: str, content: Any,
+           path: str | os.PathLike, tiling: str | None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """A format with its own rules (`FORMAT_ADAPTERS`) applies them; any other is adapted by the backbone's
+    catalogued conventions."""
+    tiling = tiling or FORMAT_STEM_TILINGS[name]
     if name in FORMAT_ADAPTERS:
-        given = {"tiling": tiling} if tiling is not None else {}
-        return resolve(FORMAT_ADAPTERS[name])(network_state, content, network_name=backbone.label, **given)
-    adapted, report = adapt_state_dict(network_state, content, source=str(path), tiling=tiling or DEFAULT_TILING,
+        return resolve(FORMAT_ADAPTERS[name])(network_state, content, network_name=backbone.label, tiling=tiling)
+    adapted, report = adapt_state_dict(network_state, content, source=str(path), tiling=tiling,
                                        conventions=conventions(backbone))
     return {**network_state, **adapted}, report
 
@@ -177,12 +228,14 @@ def load_into(network: nn.Module, backbone: Backbone, path: str | os.PathLike,
 
 
 def check_fits(backbone: Backbone, path: str | os.PathLike, input_channels: int, num_classes: int,
-               configuration: Any = None) -> None:
+               configuration: Any = None) -> CheckpointFacts:
     """`CheckpointError` unless the checkpoint loads into the backbone's network (built on the meta device, so
-    nothing is allocated): before anything is planned or written."""
+    nothing is allocated): before anything is planned or written. Its facts otherwise, from the same reading."""
     with torch.device("meta"):
         network = build(backbone, configuration, input_channels, num_classes)
-    adapted_weights(network.state_dict(), backbone, path)
+    name, content = read_checkpoint(backbone, path)
+    _adapt(network.state_dict(), backbone, name, content, path, None)
+    return _facts(backbone, name, content, path)
 
 
 def create_model(name: str, pretrained: bool | str | os.PathLike = False, *, input_channels: int = 1,
@@ -191,7 +244,8 @@ def create_model(name: str, pretrained: bool | str | os.PathLike = False, *, inp
     """The network `name` (a model of `segbook models`), timm's way: `pretrained=True` starts from its catalogued
     checkpoint (from the weight cache), a path from that file, False from scratch. `configuration` is nnU-Net's
     ConfigurationManager of a task's plans (None: the family's reference architecture); `device="meta"` allocates
-    nothing."""
+    nothing. `tiling` None tiles a single-channel stem over `input_channels` by the checkpoint format's rule, as
+    `segbook finetune` and `segbook batch` do (`FORMAT_STEM_TILINGS`)."""
     backbone = get(name)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         network = build(backbone, configuration, input_channels, num_classes, deep_supervision)

@@ -50,6 +50,11 @@ DECODER_MODES = ("fresh", "pretrained")
 #: The way out when the task's plans build another network than the checkpoint's (other stage count, kernels).
 CHECKPOINT_PLANS_HINT = ("To fine-tune on the checkpoint's own network, plan the task around it: `--plans checkpoint` "
                          "(docs/backbones-nnssl.md)")
+
+#: The normalisation schemes nnU-Net knows (2.8.1 `preprocessing/normalization/default_normalization_schemes.py`),
+#: whose names nnssl's plans use too: a pretraining normalisation named otherwise is not recorded.
+NORMALIZATION_SCHEMES = ("ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization",
+                         "RGBTo01Normalization")
 _SHOWN = 5
 
 
@@ -60,9 +65,21 @@ class NnsslCheckpoint:
     path: str
     state_dict: dict[str, torch.Tensor]
     #: architecture, trainer, input_channels, patch_size, spacing, spacing_style, normalization,
-    #: recommended_downstream_patchsize, pretrain_dataset, key_to_stem, key_to_encoder, keys_to_in_proj
-    #: (None where the plan does not say).
+    #: use_mask_for_norm, recommended_downstream_patchsize, pretrain_dataset, key_to_stem, key_to_encoder,
+    #: keys_to_in_proj (None where the plan does not say).
     metadata: dict[str, Any]
+    #: What was ignored in the plan (a normalisation record loading does not need, malformed): one line each.
+    warnings: tuple[str, ...] = ()
+
+    def pretraining_normalization(self) -> dict[str, Any] | None:
+        """How the pretraining images were normalised, as its plan says (`pretrain_plan.configurations.<the one>`:
+        nnssl `experiment_planners/plan.py` L23-34), for run.json; None where the plan does not say (or said it
+        malformed, see `warnings`)."""
+        schemes = self.metadata["normalization"]
+        if schemes is None:
+            return None
+        return {"schemes": schemes, "use_mask_for_norm": self.metadata["use_mask_for_norm"],
+                "spacing_mm": self.metadata["spacing"], "source": PLAN_KEY, "checkpoint": Path(self.path).name}
 
     @property
     def has_decoder(self) -> bool:
@@ -116,7 +133,8 @@ def read_nnssl_checkpoint(path: str | os.PathLike) -> NnsslCheckpoint:
     state_dict = _strip_prefixes(weights)
     metadata = _metadata(content, path)
     _check_input_channels(state_dict, metadata, path)
-    return NnsslCheckpoint(path=path, state_dict=state_dict, metadata=metadata)
+    warnings = _read_normalization(_pretrain_configuration(content[PLAN_KEY], path), metadata, path)
+    return NnsslCheckpoint(path=path, state_dict=state_dict, metadata=metadata, warnings=warnings)
 
 
 def _metadata(content: Mapping, path: str) -> dict[str, Any]:
@@ -140,7 +158,6 @@ def _metadata(content: Mapping, path: str) -> dict[str, Any]:
                              path),
         "spacing": _sizes(configuration.get("spacing"), float, "spacing", path),
         "spacing_style": configuration.get("spacing_style"),
-        "normalization": _names(configuration.get("normalization_schemes"), "normalization_schemes", path),
         "recommended_downstream_patchsize": _sizes(plan.get("recommended_downstream_patchsize"), int,
                                                    "recommended_downstream_patchsize", path),
         "pretrain_dataset": plan["pretrain_plan"].get("dataset_name"),
@@ -189,12 +206,36 @@ def _sizes(value: object, kind: type, name: str, path: str) -> list | None:
     return sizes
 
 
-def _names(value: object, name: str, path: str) -> list[str] | None:
-    if value is None:
-        return None
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise _plan_error(path, f"'{name}' is {value!r}: expected a list of names")
-    return list(value)
+def _read_normalization(configuration: Mapping, metadata: dict[str, Any], path: str) -> tuple[str, ...]:
+    """Fill `normalization` and `use_mask_for_norm` of `metadata` from the pretraining configuration. Loading
+    needs neither, so a malformed record (not a list of nnU-Net's scheme names, mask flags that are not booleans
+    one per scheme) is ignored, both None, with the warning returned rather than the file refused."""
+    metadata["normalization"] = metadata["use_mask_for_norm"] = None
+    schemes, masks = configuration.get("normalization_schemes"), configuration.get("use_mask_for_norm")
+    if schemes is None:
+        return ()
+    problem = _normalization_problem(schemes, masks)
+    if problem:
+        return (f"{path}: its pretraining normalisation is not recorded: {problem}",)
+    metadata["normalization"] = [str(v) for v in schemes]
+    metadata["use_mask_for_norm"] = None if masks is None else [bool(v) for v in masks]
+    return ()
+
+
+def _normalization_problem(schemes: object, masks: object) -> str | None:
+    """What is wrong with a plan's normalisation record, or None. Files saved before nnssl converted numpy values
+    hold numpy booleans: they count as booleans."""
+    import numpy as np
+
+    if not isinstance(schemes, (list, tuple)) or not schemes or not all(isinstance(v, str) for v in schemes):
+        return f"'normalization_schemes' is {schemes!r}, not a list of scheme names"
+    unknown = [v for v in schemes if v not in NORMALIZATION_SCHEMES]
+    if unknown:
+        return f"unknown scheme(s) {', '.join(map(repr, unknown))} (nnU-Net knows {', '.join(NORMALIZATION_SCHEMES)})"
+    if masks is not None and not (isinstance(masks, (list, tuple)) and len(masks) == len(schemes)
+                                  and all(isinstance(v, (bool, np.bool_)) for v in masks)):
+        return f"'use_mask_for_norm' is {masks!r}, not one boolean per scheme"
+    return None
 
 
 def _check_input_channels(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], path: str) -> None:
@@ -425,7 +466,8 @@ def _adaptation_plan(meta: Mapping[str, Any]) -> dict[str, Any]:
     configuration = {
         "data_identifier": "nnsslPlans_onemmiso", "preprocessor_name": "DefaultPreprocessor",
         "spacing_style": "onemmiso", "normalization_schemes": list(meta["normalization"]),
-        "use_mask_for_norm": [False], "resampling_fn_data": "resample_data_or_seg_to_shape",
+        "use_mask_for_norm": [False] * len(meta["normalization"]),
+        "resampling_fn_data": "resample_data_or_seg_to_shape",
         "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
         "resampling_fn_mask": "resample_data_or_seg_to_shape",
         "resampling_fn_mask_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},

@@ -127,7 +127,7 @@ def model_help(what: str) -> str:
 
 def add_budget_options(parser: argparse.ArgumentParser) -> None:
     """The recipe, budget, optimiser and GPU-speed groups; `training_settings_from_args` reads them."""
-    from segbook.training.settings import BOUNDS, PRECISIONS, STEM_TILINGS, TrainingSettings
+    from segbook.training.settings import BOUNDS, FORMAT_RULE, PRECISIONS, STEM_TILINGS, TrainingSettings
 
     defaults = TrainingSettings()
     hyper = parser.add_argument_group("recipe, budget and optimiser (the recipe's values unless given)")
@@ -152,8 +152,9 @@ def add_budget_options(parser: argparse.ArgumentParser) -> None:
                        default=defaults.checkpoint_every, help="epochs between resumable checkpoints")
     hyper.add_argument("--stem-tiling", choices=STEM_TILINGS, default=defaults.stem_tiling,
                        help="fine-tuning a multi-channel task: repeat the checkpoint's single-channel first block "
-                            "on every channel, as the official STU-Net code does (repeat), or also divide it by the "
-                            "channel count (mean); see docs/fidelity.md")
+                            "on every channel (repeat: STU-Net's official code) or also divide it by the channel "
+                            f"count (mean: nnssl's reference fine-tuning) (default: {FORMAT_RULE}, recorded in "
+                            "run.json; see docs/backbones.md)")
     gpu = parser.add_argument_group("GPU speed")
     gpu.add_argument("--precision", default=defaults.mixed_precision, choices=PRECISIONS,
                      help="mixed precision: on CUDA auto uses bf16 where the GPU supports it, else fp16; on the "

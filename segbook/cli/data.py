@@ -99,8 +99,9 @@ def _register_synth(actions: argparse._SubParsersAction) -> None:
                         help="voxels (default: 48 48 32)")
     parser.add_argument("--spacing", type=POSITIVE_NUMBER, nargs=3, default=[1.5, 1.5, 2.5], metavar=("X", "Y", "Z"),
                         help="mm (default: 1.5 1.5 2.5)")
-    parser.add_argument("--modality", choices=("CT", "MRI"), default="CT", help="intensity model (default: CT)")
-    parser.add_argument("--channels", nargs="+", help="channel names (default: CT, or T2 for MRI)")
+    parser.add_argument("--modality", choices=("CT", "MRI", "CT&PET"), default="CT",
+                        help="intensity model (default: CT); CT&PET: CT channels and PET uptake channels")
+    parser.add_argument("--channels", nargs="+", help="channel names (default: CT; T2 for MRI; CT PET for CT&PET)")
     parser.add_argument("--structures", type=at_least(1), default=2, help="blob-like structures (default: 2)")
     parser.add_argument("--lesions", type=at_least(0), default=0,
                         help="small lesion labels, inside the first structure (default: 0)")

@@ -1,6 +1,6 @@
 """Synthetic segmentation datasets for demos and tests, written in any layout `segbook data import` accepts.
 
-A dataset is a `SynthSpec`: volume size and spacing, CT-like or MRI-like intensities, channels, and a list of
+A dataset is a `SynthSpec`: volume size and spacing, CT-like, MRI-like or CT&PET intensities, channels, and a list of
 targets. Each structure target has a *prototype*: its position in a normalised body frame, its shape, size and
 intensity are drawn from the prototype number alone, so the same prototype looks alike in every synthetic task
 (a "seen" structure of a target task resembles the source task's structure with that prototype; a new prototype is
@@ -34,6 +34,12 @@ _BODY_HALF_EXTENT = (0.45, 0.40, 0.5)  # body ellipsoid half-axes as fractions o
 _SHARED_CT_HU, _SHARED_MRI_LEVEL = 130.0, 650.0  # the one intensity of every structure with `same_intensity`
 
 
+Modality = Literal["CT", "MRI", "CT&PET"]
+MODALITIES: tuple[str, ...] = ("CT", "MRI", "CT&PET")
+#: Each modality's channels when none are given: the registry's names (a channel named CT selects CT normalisation).
+DEFAULT_CHANNELS = {"CT": ("CT",), "MRI": ("T2",), "CT&PET": ("CT", "PET")}
+
+
 class SynthError(SegbookError, ValueError):
     """A synthetic dataset that cannot be made: no cases, repeated target names, an unknown layout..."""
 
@@ -65,7 +71,7 @@ class SynthSpec:
     cases: int = 8
     size: tuple[int, int, int] = (48, 48, 32)
     spacing: tuple[float, float, float] = (1.5, 1.5, 2.5)
-    modality: Literal["CT", "MRI"] = "CT"
+    modality: Modality = "CT"
     channels: tuple[str, ...] = ()
     targets: tuple[TargetSpec, ...] = (TargetSpec("organ"),)
     seed: int = 0
@@ -79,8 +85,11 @@ class SynthSpec:
     def __post_init__(self) -> None:
         if self.cases < 1:
             raise SynthError("a synthetic dataset needs at least one case")
-        if not self.channels:  # the registry's names: CT channels select CT normalisation in nnU-Net
-            object.__setattr__(self, "channels", ("CT",) if self.modality == "CT" else ("T2",))
+        if self.modality not in MODALITIES:
+            raise SynthError(f"unknown modality {self.modality!r}; choose one of {', '.join(MODALITIES)}")
+        if not self.channels:
+            object.__setattr__(self, "channels", DEFAULT_CHANNELS[self.modality])
+        _check_channels(self.modality, self.channels)
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names) or not names:
             raise SynthError(f"target names must be unique and non-empty, got {names}")
@@ -101,6 +110,18 @@ class SynthSpec:
     def prototype_of(self, index: int) -> int:
         target = self.targets[index]
         return target.prototype if target.prototype is not None else index
+
+
+def _check_channels(modality: str, channels: Sequence[str]) -> None:
+    """A CT&PET task has CT channels (CT intensities, CT normalisation) and others (PET uptake); a CT task only CT
+    ones: said here, naming the modality that fits, rather than by the registry after the images are written."""
+    is_ct = [name.casefold() == "ct" for name in channels]
+    if modality == "CT" and not all(is_ct):
+        raise SynthError(f"a CT task's channels are all named CT, not {', '.join(channels)}: for CT with PET use "
+                         "the modality CT&PET")
+    if modality == "CT&PET" and (all(is_ct) or not any(is_ct)):
+        raise SynthError(f"a CT&PET task has a channel named CT and at least one other (PET), not "
+                         f"{', '.join(channels)}")
 
 
 def numbered_targets(structures: int, lesions: int = 0) -> tuple[TargetSpec, ...]:
@@ -167,6 +188,7 @@ class _Appearance:
     mri_levels: np.ndarray  # one intensity per channel slot
     wobble: np.ndarray  # amplitudes and phases of the low-frequency surface deformation
     bend: np.ndarray
+    pet_uptake: float  # standardised uptake value (SUV) of the structure
 
 
 def _appearance(prototype: int) -> _Appearance:
@@ -179,6 +201,7 @@ def _appearance(prototype: int) -> _Appearance:
         mri_levels=rng.uniform(150, 900, 8),
         wobble=rng.uniform(0, 2 * np.pi, 6),
         bend=rng.uniform(-0.3, 0.3, 4),
+        pet_uptake=float(rng.uniform(1.5, 8.0)),  # drawn last: the earlier draws stay what they were
     )
 
 
@@ -292,16 +315,36 @@ def _mri_image(spec: SynthSpec, rng: np.random.Generator, coords: np.ndarray, la
     return np.abs(image).astype(np.float32)
 
 
+def _pet_image(spec: SynthSpec, rng: np.random.Generator, coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """PET-like uptake (SUV): none outside the body, about 1 in it, each structure its prototype's, lesions avid
+    (three times their host's), with noise that grows with the uptake as counting noise does."""
+    radius = np.sqrt((coords[:2] ** 2).sum(0))
+    image = np.where(radius < 0.95, 1.0, 0.0)
+    for index, target in enumerate(spec.targets):
+        image[labels == index + 1] = _uptake(spec, index) * (3.0 if target.kind == "lesion" else 1.0)
+    image = image + rng.normal(0, 0.15 * spec.noise, image.shape) * np.sqrt(image + 0.05)
+    return np.clip(image, 0, None).astype(np.float32)
+
+
+def _uptake(spec: SynthSpec, index: int) -> float:
+    """A target's PET uptake: its prototype's, or for a lesion inside a structure that structure's."""
+    host = spec.targets[index].within
+    if host is not None:
+        index = next(i for i, t in enumerate(spec.targets) if t.name == host)
+    return _appearance(spec.prototype_of(index)).pet_uptake
+
+
 def synthesize_case(spec: SynthSpec, case: int) -> tuple[list[np.ndarray], np.ndarray]:
     """The channel arrays and the label map of one case, as (z, y, x) numpy arrays."""
     rng = np.random.default_rng([spec.seed, case])
     coords = _body_coordinates(spec.size)
     min_radius = 1.6 / (min(s * h for s, h in zip(spec.size, _BODY_HALF_EXTENT)))
     labels = _label_map(spec, rng, coords, min_radius)
-    if spec.modality == "CT":
-        images = [_ct_image(spec, rng, coords, labels) for _ in spec.channels]
-    else:
+    if spec.modality == "MRI":
         images = [_mri_image(spec, rng, coords, labels, c) for c in range(len(spec.channels))]
+    else:
+        images = [_ct_image(spec, rng, coords, labels) if name.casefold() == "ct" else
+                  _pet_image(spec, rng, coords, labels) for name in spec.channels]
     return images, labels
 
 

@@ -10,11 +10,14 @@ nnU-Net the dictionary instead of the file name.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from segbook.errors import SegbookError
+
+if TYPE_CHECKING:
+    from segbook.backbones.models import CheckpointFacts
 
 _NNUNET_KEYS = ("network_weights", "optimizer_state", "logging", "current_epoch", "init_args", "trainer_name")
 
@@ -38,17 +41,17 @@ def read_run_checkpoint(path: str | Path, map_location: str | torch.device = "cp
 
 
 def check_weights_fit(path: Path, model: str, input_channels: int, num_classes: int,
-                      configuration: Any = None) -> None:
+                      configuration: Any = None) -> "CheckpointFacts":
     """Read the checkpoint safely and check it fits the network a task needs (`configuration`: nnU-Net's
     ConfigurationManager of its plans, None for the backbone's reference architecture), before anything is
     written: a file of another backbone or size, a damaged file or a multi-channel checkpoint fail here with one
-    clear line."""
+    clear line. The file's facts (format, stem rule, pretraining normalisation) otherwise."""
     from segbook import backbones
     from segbook.backbones.models import check_fits
     from stunet import CheckpointError
 
     try:
-        check_fits(backbones.get(model), path, input_channels, num_classes, configuration)
+        return check_fits(backbones.get(model), path, input_channels, num_classes, configuration)
     except CheckpointError as error:
         raise SegbookError(str(error)) from None
 

@@ -7,7 +7,8 @@ preprocessed cases checked against the train split.
 
 `run.json` records what makes the run differ from the authors' (docs/fidelity.md): its plans beside theirs
 (`plans_comparison`), the test split it leaves out (`split`, with its SHA-256), both normalisations (`normalization`:
-the pretraining's and the fine-tuning's) and, in its settings, how the stem was tiled (`stem_tiling`).
+the pretraining's, as the checkpoint or its catalogue entry says, and the fine-tuning's, with a warning where they
+differ) and, in its settings, how the stem was tiled (`stem_tiling`: the checkpoint format's rule unless given).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from segbook.recipes import get_recipe
 from segbook.training.settings import TrainingSettings, recipe_differences
 
 if TYPE_CHECKING:
+    from segbook.backbones.models import CheckpointFacts
     from segbook.plan import PlanResult
     from segbook.recipes import Recipe
     from segbook.registry import DatasetEntry
@@ -97,7 +99,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     if not is_imported(entry, paths):
         raise SegbookError(f"{entry.key} is not imported; run `segbook data import --task {entry.key} --from PATH` "
                            "first")
-    settings = _with_weights(entry, spec, settings, weights, paths, say)
+    settings, facts = _with_weights(entry, spec, settings, weights, paths, say)
     planned_cases = _training_cases(entry, spec, paths)
     folder = spec.folder(paths.results)
     with claims.exclusive(paths.claims, spec.job_id, f"run {folder}"):
@@ -122,7 +124,8 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
             existing.save()
         else:
             records = {"preprocessed": cases.as_dict(), "rng_seed": spec.identity.rng_seed,
-                       **fidelity_records(entry, spec, plan, paths)}
+                       **fidelity_records(entry, spec, plan, paths, facts)}
+            _warn_normalization(records["normalization"], entry, say)
             _new_run(spec, folder, existing, settings, resolved, request or {}, records)
         say(f"Run folder: {folder}")
         try:
@@ -172,27 +175,32 @@ def _check_same_training_cases(folder: Path, existing: RunManifest, planned: lis
 
 
 def _with_weights(entry: "DatasetEntry", spec: RunSpec, settings: TrainingSettings, weights: str | Path | None,
-                  paths: Paths, say: Callable[[str], None]) -> TrainingSettings:
-    """Resolve a pretrained run's checkpoint, fingerprint it and check it fits the task's network."""
+                  paths: Paths, say: Callable[[str], None]) -> tuple[TrainingSettings, "CheckpointFacts | None"]:
+    """Resolve a pretrained run's checkpoint, fingerprint it, check it fits the task's network and read what it
+    says of itself: the stem tiling becomes its format's rule unless the settings name one, so run.json records
+    the rule applied, and what of the file was ignored is said as a warning."""
     given = weights or settings.weights
     if spec.init != "pretrained":
         if given is not None:
             raise SegbookError("--weights is for fine-tuning: add --pretrained, or leave --weights out to train from "
                                "scratch")
-        return settings
+        return settings, None
     weights = resolve_weights(spec.model, given, paths, say)
     backbone = backbones.get(spec.model)
     if backbone.shapes_from_plans:  # the whole fit is checked once the task is planned; the file is read now
-        from segbook.backbones.models import read_checkpoint
+        from segbook.backbones.models import checkpoint_facts
         from stunet import CheckpointError
 
         try:
-            read_checkpoint(backbone, weights.path)
+            facts = checkpoint_facts(backbone, weights.path)
         except CheckpointError as error:
             raise SegbookError(str(error)) from None
     else:
-        check_weights_fit(weights.path, spec.model, len(entry.channels), len(entry.labels))
-    return replace(settings, weights=str(weights.path), weights_sha256=weights.sha256)
+        facts = check_weights_fit(weights.path, spec.model, len(entry.channels), len(entry.labels))
+    for warning in facts.warnings:
+        say(f"segbook: warning: {warning}")
+    return replace(settings, weights=str(weights.path), weights_sha256=weights.sha256,
+                   stem_tiling=settings.stem_tiling or facts.stem_tiling), facts
 
 
 def configuration_of(plan: "PlanResult") -> Any:
@@ -202,22 +210,36 @@ def configuration_of(plan: "PlanResult") -> Any:
     return PlansManager(str(plan.plans_file)).get_configuration(CONFIGURATION)
 
 
-def fidelity_records(entry: "DatasetEntry", spec: RunSpec, plan: "PlanResult", paths: Paths) -> dict[str, Any]:
+def fidelity_records(entry: "DatasetEntry", spec: RunSpec, plan: "PlanResult", paths: Paths,
+                     facts: "CheckpointFacts | None") -> dict[str, Any]:
     """What `run.json` keeps of how the run differs from the authors' (docs/fidelity.md): the plans beside theirs,
-    the test split left out, and the normalisation of pretraining (the official checkpoint of the run's size, as
-    catalogued) and of fine-tuning (the plans')."""
+    the test split left out, and the normalisation of pretraining (as the checkpoint says, `facts`: its plan, or
+    its backbone's catalogue entry; null where neither says) and of fine-tuning (the plans')."""
     from segbook.data.folders import raw_folder
     from segbook.data.split import read_split
     split = read_split(raw_folder(entry, paths))
     normalization: dict[str, Any] = {"fine_tuning": {"schemes": plan.normalization, "spacing_mm": plan.spacing,
                                                      "plans": plan.plans_identifier}}
-    official = backbones.get(spec.model).pretrained
     if spec.init == "pretrained":
-        normalization["pretraining"] = None if official is None else {
-            "scheme": official.normalization, "spacing_mm": list(official.spacing_mm),
-            "checkpoint": official.filename}
+        normalization["pretraining"] = facts.pretraining if facts is not None else None
     return {"plans_comparison": plan.comparison, "split": None if split is None else split.record(),
             "normalization": normalization}
+
+
+def _warn_normalization(normalization: dict[str, Any], entry: "DatasetEntry", say: Callable[[str], None]) -> None:
+    """One line where the task is normalised otherwise than the checkpoint's pretraining was (a CT task's
+    CTNormalization against a z-score pretraining): the pretrained filters then see other intensities. The
+    pretraining's single scheme stands for every channel, as its stem is tiled over them."""
+    pretraining = normalization.get("pretraining") or {}
+    schemes, task = pretraining.get("schemes"), normalization["fine_tuning"]["schemes"]
+    if not schemes or not task:
+        return
+    differing = [f"{channel} {scheme}" for index, (channel, scheme) in enumerate(zip(entry.channels, task))
+                 if scheme != schemes[min(index, len(schemes) - 1)]]
+    if differing:
+        say(f"segbook: warning: {entry.key} is normalised per its plans ({', '.join(differing)}), but "
+            f"{pretraining.get('checkpoint')} was pretrained on {', '.join(dict.fromkeys(schemes))}; fine-tuning "
+            "keeps the task's (run.json: normalization)")
 
 
 def _decide(folder: Path, existing: RunManifest | None, settings: TrainingSettings, recipe: "Recipe", resume: bool,

@@ -24,6 +24,9 @@ PRECISIONS = ("auto", "bf16", "fp16")
 STEM_TILINGS = ("repeat", "mean")
 #: What runs recorded before the setting existed did.
 LEGACY_STEM_TILING = "mean"
+#: The help's word for `stem_tiling` None: the checkpoint's format decides (`segbook.backbones.FORMAT_STEM_TILINGS`),
+#: once the file is read; run.json records the rule that was applied.
+FORMAT_RULE = "the checkpoint format's rule"
 
 #: Allowed ranges, named after the command-line options that set them.
 BOUNDS: dict[str, Bound] = {
@@ -56,14 +59,14 @@ class TrainingSettings:
     channels_last: bool = False
     weights: str | None = None  # pretrained checkpoint file (pretrained runs)
     weights_sha256: str | None = None
-    stem_tiling: str = STEM_TILINGS[0]  # pretrained runs with several input channels: repeat (official) or mean
+    stem_tiling: str | None = None  # pretrained runs, several input channels: repeat, mean, None the format's rule
 
     def validate(self) -> "TrainingSettings":
         """`OptionError` naming every value outside its range; the settings themselves when all are allowed."""
         check_all(asdict(self), BOUNDS)
         if self.mixed_precision not in PRECISIONS:
             raise OptionError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
-        if self.stem_tiling not in STEM_TILINGS:
+        if self.stem_tiling is not None and self.stem_tiling not in STEM_TILINGS:
             raise OptionError(f"--stem-tiling must be one of {', '.join(STEM_TILINGS)}, got {self.stem_tiling!r}")
         return self
 
@@ -85,12 +88,13 @@ class TrainingSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainingSettings":
-        """Settings as recorded (`run.json`, a batch's options). A record without `stem_tiling` (or with null)
-        was written before the option existed, when the stem was always tiled with the mean: it reads as such.
-        A `seed` in older records is ignored: the seed is now the run's (`segbook.runs.Identity.rng_seed`)."""
+        """Settings as recorded (`run.json`, a batch's options). A record without `stem_tiling` was written before
+        the option existed, when the stem was always tiled with the mean: it reads as such; null is the checkpoint
+        format's rule (a batch's options; a run records the rule it resolved to). A `seed` in older records is
+        ignored: the seed is now the run's (`segbook.runs.Identity.rng_seed`)."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        return cls(**{**values, "stem_tiling": values.get("stem_tiling") or LEGACY_STEM_TILING})
+        return cls(**{"stem_tiling": LEGACY_STEM_TILING, **values})
 
 
 def recipe_differences(mine: "Recipe", other: "Recipe") -> dict[str, tuple[Any, Any]]:

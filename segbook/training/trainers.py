@@ -22,6 +22,7 @@ import contextlib
 import functools
 import io
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,7 +32,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from segbook import backbones
-from segbook.backbones.models import build, load_into
+from segbook.backbones.models import build, checkpoint_facts, load_into
 from segbook.paths import Paths
 from segbook.processes import exit_with_parent
 from segbook.runs import RESUMABLE_CHECKPOINTS, Identity, has_resumable_checkpoint, resolve_weights
@@ -305,6 +306,9 @@ class BackboneTrainer(SegbookTrainer):
         path = self.settings.weights or str(resolve_weights(self.model, None, Paths.from_env(),
                                                                  self.print_to_log_file).path)
         report = load_into(unwrap(self.network), self.backbone, path, tiling=self.settings.stem_tiling)
+        if self.settings.stem_tiling is None:  # a run nnU-Net's tools started: record the format's rule it applied
+            self.settings = replace(self.settings, stem_tiling=checkpoint_facts(self.backbone, path).stem_tiling)
+            self.run_record.resolved_setting("stem_tiling", self.settings.stem_tiling)
         self.print_to_log_file(f"loaded {len(report.loaded)} pretrained tensors from {path}; "
                                f"fresh heads: {len(report.skipped_heads)} tensors; tiled: {report.tiled or 'none'}")
         self.run_record.event("pretrained_weights_loaded", path=path, tiled=report.tiled)

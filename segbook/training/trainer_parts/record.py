@@ -59,6 +59,12 @@ class RunRecorder:
             self.manifest.data[key] = value
             self.manifest.save()
 
+    def resolved_setting(self, name: str, value: Any) -> None:
+        """A setting recorded as "decided later" (null), now that it is decided: run.json says what was done."""
+        if self.writes:
+            self.manifest.data["settings"][name] = value
+            self.manifest.save()
+
     def event(self, name: str, **details: Any) -> None:
         if self.writes:
             self.manifest.event(name, **details)
