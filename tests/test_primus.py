@@ -63,3 +63,39 @@ def test_a_primus_file_of_another_size_is_refused_naming_what_does_not_fit(tmp_p
 
     with pytest.raises(CheckpointError, match="embed dim 48, depth 2.*embed dim 96.*shape mismatches"):
         load_into(primus_network("primus-wide", (32, 32, 32), 1, 1), wider, path)
+
+
+@pytest.mark.slow
+def test_an_nnssl_primus_file_fine_tunes_on_a_small_task_from_its_weights(tmp_path):
+    """The done-when case: a tiny Primus written in nnssl's layout at 32^3 fine-tunes (encoder frozen, so it must
+    come out as loaded) on a task whose Primus plans fix another patch: eva blocks and down_projection equal the
+    file's, pos_embed is the file's interpolated to the planned patch's tokens; the plans are Primus' own."""
+    import json
+
+    from helpers import planned_tiny_task, run_segbook, tiny_spec
+
+    from segbook.paths import Paths
+    from segbook.training.checkpoints import read_run_checkpoint
+
+    with planned_tiny_task(tmp_path, tiny_spec(size=(32, 32, 24), cases=4), seed=3) as task:
+        source = tiny_primus((32, 32, 32), seed=5)
+        weights = write_nnssl_primus_checkpoint(source, tmp_path / "primus.pth", (32, 32, 32))
+        run_segbook("finetune", "--registry", str(task.registry_file), "--task", task.entry.key, "--device", "cpu",
+                    "--backbone-file", str(TINY_PRIMUS_FILE), "--model", "primus-tiny", "--pretrained",
+                    "--weights", str(weights), "--recipe", "frozen-encoder", "--epochs", "1",
+                    "--iters-per-epoch", "1", "--val-iters-per-epoch", "1")
+        plans = json.loads((task.preprocessed / task.entry.nnunet_name / "SegbookPrimusPlans.json").read_text())
+        configuration = plans["configurations"]["3d_fullres"]
+        patch = configuration["patch_size"]
+        assert all(p % 8 == 0 for p in patch) and configuration["data_identifier"] == "SegbookPrimusPlans_3d_fullres"
+        folder = next(Paths.from_env().results.glob("*/SegbookTrainer_primus-tiny_pretrained_frozen-encoder__"
+                                                   "SegbookPrimusPlans__3d_fullres")) / "fold_all"
+        after = read_run_checkpoint(folder / "checkpoint_final.pth")["network_weights"]
+        original = source.state_dict()
+        body = [k for k in original if k.startswith(("eva.", "down_projection.")) and k != "eva.pos_embed"]
+        assert all(torch.equal(original[k], after[k]) for k in body)
+        grid = tuple(p // 8 for p in patch)
+        assert after["eva.pos_embed"].shape[1] == grid[0] * grid[1] * grid[2]
+        if grid != (4, 4, 4):
+            assert torch.allclose(after["eva.pos_embed"],
+                                  interpolate_pos_embed(original["eva.pos_embed"], (4, 4, 4), grid))
