@@ -118,6 +118,8 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     skipped_heads: list[str] = field(default_factory=list)
     tiled: list[str] = field(default_factory=list)
+    #: tensors reshaped to the network's (a transformer's positional embedding interpolated to another patch)
+    adapted: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
@@ -27,3 +29,17 @@ def resenc(input_channels=1, num_classes=3, seed=0, allow_init=True, **kwargs) -
     torch.manual_seed(seed)
     return get_network_from_plans(RESENC_CLASS, resenc_kwargs(**kwargs), ["conv_op", "norm_op", "nonlin"],
                                   input_channels, num_classes, allow_init=allow_init, deep_supervision=True)
+
+
+#: The test-only Primus size's backbone file (`--backbone-file`), and its sizes.
+TINY_PRIMUS_FILE = Path(__file__).resolve().parent / "data" / "backbones" / "tiny_primus.py"
+
+
+def tiny_primus(patch=(32, 32, 32), input_channels=1, num_classes=1, seed=0) -> torch.nn.Module:
+    """The test-only Primus (registered from `TINY_PRIMUS_FILE`) at a patch, as its builder makes it."""
+    from segbook.backbones import load_backbone_file
+    from segbook.backbones.models import primus_network
+
+    load_backbone_file(TINY_PRIMUS_FILE)
+    torch.manual_seed(seed)
+    return primus_network("primus-tiny", patch, input_channels, num_classes)

@@ -41,7 +41,8 @@ def _configuration(plan):
 
 
 def test_registry_keeps_the_existing_models_and_adds_resenc():
-    assert MODELS == ("tiny", "small", "base", "large", "huge", "nnunet", "resenc-m", "resenc-l")
+    assert MODELS == ("tiny", "small", "base", "large", "huge", "nnunet", "resenc-m", "resenc-l", "primus-s",
+                      "primus-b", "primus-m", "primus-l")
     assert backbones.get("resenc-l").plans == "nnUNetResEncUNetLPlans"
     assert backbones.get("resenc-m").planner == "resenc-m"
     assert ("resenc-l", "pretrained") in valid_combinations() and ("nnunet", "pretrained") not in valid_combinations()

@@ -63,7 +63,7 @@ def fresh(task, tmp_path, monkeypatch) -> Paths:
 def test_the_built_in_recipes_load_and_name_their_source():
     recipes = load_recipes()
     assert list(recipes) == ["segbook", "stunet-official", "scratch", "heads-only", "frozen-encoder", "llrd",
-                             "warmup", "lora"]
+                             "warmup", "lora", "primus", "primus-scratch"]
     assert all(recipe.source and recipe.description for recipe in recipes.values())
     assert get_recipe(None, "pretrained").name == "segbook" and get_recipe(None, "scratch").name == "scratch"
     segbook = recipes["segbook"]

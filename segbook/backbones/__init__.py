@@ -12,7 +12,8 @@ no torch (run identity, tables and `segbook --help` ask it for names); building 
 
 Built in: STU-Net tiny..huge (TotalSegmentator checkpoints), nnU-Net's default network (`nnunet`, scratch only) and
 nnU-Net's residual-encoder U-Nets `resenc-m` and `resenc-l` (planned by nnUNetPlannerResEncM/L, built by nnU-Net's
-own `get_network_from_plans`, pretrained weights through --weights). User backbones come from the entry-point group
+own `get_network_from_plans`, pretrained weights through --weights), and the transformers `primus-s/b/m/l`
+(OpenMind's sizes, nnssl checkpoints through --weights). User backbones come from the entry-point group
 `segbook.backbones` and from Python files named by `--backbone-file` (kept in `SEGBOOK_BACKBONE_FILES`, so the
 trainer processes nnU-Net starts find them too): each such module or entry point gives a `Backbone` or a list of
 them (a file: its module-level `BACKBONES`). Loading a user's Python file is the user's explicit consent to run it,
@@ -49,7 +50,8 @@ FORMAT_READERS: dict[str, str] = {
     "nnssl": "segbook.backbones.nnssl:read_nnssl_checkpoint",
 }
 #: Formats that say themselves what transfers, adapted by their own function ("module:function", called as
-#: `(network_state, content, tiling=, network_name=) -> (state_dict to load, stunet.LoadReport)`). nnssl's
+#: `(network_state, content, tiling=, network_name=, input_shape=) -> (state_dict to load, stunet.LoadReport)`,
+#: `input_shape` a fixed-input network's patch or None). nnssl's
 #: checkpoints hold the whole pretraining network, of which only the stem and encoder transfer (nnssl's reference
 #: fine-tuning); every other format is adapted by the catalogued conventions (`first_conv`, `classifier`, aliases).
 FORMAT_ADAPTERS: dict[str, str] = {
@@ -107,6 +109,8 @@ PLANNERS: dict[str, Planner] = {
     **{f"resenc-{size.lower()}": Planner(f"nnUNetResEncUNet{size}Plans", f"{_RESENC_PLANNERS}{size}")
        for size in ("M", "L", "XL")},
     "paper": Planner("SegbookPaperPlans"),
+    #: Primus' fixed input: the default planner's patch clipped to multiples of the patch embedding (docs/backbones.md)
+    "primus": Planner("SegbookPrimusPlans", "segbook.primus_plans:PrimusPlanner"),
     "paper-zscore": Planner("SegbookPaperZScorePlans", zscore=True),
 }
 
@@ -285,6 +289,33 @@ def _resenc(size: str) -> Backbone:
                     f"(nnUNetResEncUNet{size}Plans) and built by nnU-Net from them")
 
 
+#: Primus sizes (embed dim, EVA depth, heads) as OpenMind defines them: dna 0.4.4 `_PRIMUS_CONFIGS` (primus.py
+#: L22-43), nnU-Net 2.8.1 documentation/primus.md L35-40. `primus_backbone` adds a size (tests add a tiny one).
+PRIMUS_SIZES: dict[str, tuple[int, int, int]] = {}
+#: Primus' parts (dna primus.py L89-93): the patch embedding and the EVA transformer are the encoder nnssl pretrains;
+#: the patch decoder's last transposed convolution is the only layer whose shape follows the classes.
+_PRIMUS_PARTS = Parts(("down_projection.", "eva."), ("up_projection.decode.0.", "up_projection.decode.1."),
+                      ("up_projection.decode.2.",))
+_PRIMUS_COST = {"primus-s": (26_401_165, 334_773_616_640), "primus-b": (99_059_017, 820_074_512_384),
+                "primus-m": (153_055_041, 1_189_110_349_824), "primus-l": (333_886_329, 2_326_806_921_216)}
+
+
+def primus_backbone(name: str, embed_dim: int, depth: int, heads: int, **fields: Any) -> Backbone:
+    """A Primus size (dna's `Primus` with OpenMind's `init_values=0.1`, `scale_attn_inner=True` and an 8^3 patch
+    embedding), planned by the Primus planner, without deep supervision (nnU-Net's Primus trainers and HEAD's
+    PretrainedTrainer_Primus train without it), with the Primus recipes and nnssl checkpoints."""
+    PRIMUS_SIZES[name] = (embed_dim, depth, heads)
+    defaults = dict(
+        name=name, family="Primus", title=f"Primus-{name.rpartition('-')[2].upper()}", planner="primus",
+        build="segbook.backbones.models:build_primus", deep_supervision=False,
+        default_recipes=(("pretrained", "primus"), ("scratch", "primus-scratch")), parts=_PRIMUS_PARTS,
+        first_conv=("down_projection.proj.weight",), classifier="up_projection.decode.2",
+        checkpoint_formats=("nnssl",), cost_network="segbook.backbones.models:primus_cost_network",
+        description=f"Primus (EVA transformer, embed {embed_dim}, depth {depth}, {heads} heads, 8^3 patch "
+                    "embedding): a fixed input, the Primus planner's patch (SegbookPrimusPlans)")
+    return Backbone(**{**defaults, **fields})
+
+
 BUILTIN: tuple[Backbone, ...] = (
     *(_stunet(preset) for preset in PRESETS),
     Backbone(name="nnunet", family="nnU-Net", title="nnU-Net", label="nnU-Net's default network",
@@ -293,6 +324,8 @@ BUILTIN: tuple[Backbone, ...] = (
              description="nnU-Net's default U-Net (PlainConvUNet from nnUNetPlans), the paper's scratch baseline"),
     _resenc("M"),
     _resenc("L"),
+    *(primus_backbone(f"primus-{size}", *sizes, cost=_PRIMUS_COST[f"primus-{size}"])
+      for size, sizes in (("s", (396, 12, 6)), ("b", (792, 12, 12)), ("m", (864, 16, 12)), ("l", (1056, 24, 16)))),
 )
 
 

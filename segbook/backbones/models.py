@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from segbook.backbones import (FORMAT_ADAPTERS, FORMAT_READERS, FORMAT_STEM_TILINGS, Backbone, BackboneError, get,
-                               resolve)
+from segbook.backbones import (FORMAT_ADAPTERS, FORMAT_READERS, FORMAT_STEM_TILINGS, PRIMUS_SIZES, Backbone,
+                               BackboneError, get, resolve)
 from stunet.checkpoints import PRETRAINING_STRIDES
 from stunet.flops import count_forward_macs, count_parameters
 from stunet.loading import DESCRIBERS, CheckpointError, Conventions, LoadReport, adapt_state_dict
@@ -64,6 +64,45 @@ def build_resenc(model: str, configuration: Any, input_channels: int, num_classe
             raise BackboneError(f"{model} needs ResEnc plans ({get(model).plans}), and these plans build {class_name}")
     return get_network_from_plans(class_name, kwargs, requires_import, input_channels, num_classes,
                                   allow_init=True, deep_supervision=deep_supervision)
+
+
+#: Primus' patch embedding (OpenMind/nnssl always use 8^3: nnssl get_network_by_name.py L34-62) and the patch its
+#: checkpoints were pretrained at (nnssl BaseEvaMAETrainer L37): the reference architecture's fixed input.
+PRIMUS_PATCH_EMBED = (8, 8, 8)
+PRIMUS_REFERENCE_PATCH = (160, 160, 160)
+
+
+def build_primus(model: str, configuration: Any, input_channels: int, num_classes: int,
+                 deep_supervision: bool) -> nn.Module:
+    """dna's `Primus` for its fixed input, the plans' patch (the pretraining's 160^3 without plans). No deep
+    supervision: Primus has one output."""
+    patch = PRIMUS_REFERENCE_PATCH if configuration is None else tuple(configuration.patch_size)
+    return primus_network(model, patch, input_channels, num_classes)
+
+
+def primus_network(model: str, patch: Sequence[int], input_channels: int, num_classes: int) -> nn.Module:
+    """Primus of `model`'s size with OpenMind's `init_values=0.1` and `scale_attn_inner=True` (dna `PrimusS/B/M/L`,
+    primus.py L441-578; nnssl BaseEvaMAETrainer L57-58: its checkpoints hold the `gamma_*` and `attn.norm` these
+    add). `input_shape` is recorded on the network: positional-embedding interpolation needs its token grid."""
+    from dynamic_network_architectures.architectures.primus import Primus
+
+    patch = tuple(int(p) for p in patch)
+    if len(patch) != 3 or any(p % e or p < e for p, e in zip(patch, PRIMUS_PATCH_EMBED)):
+        raise BackboneError(f"{model} takes a fixed 3-D input whose every axis is a multiple of its patch embedding "
+                            f"{PRIMUS_PATCH_EMBED[0]}, and the patch is {list(patch)}: plan the task with the Primus "
+                            "planner (its own plans, SegbookPrimusPlans)")
+    embed_dim, depth, heads = PRIMUS_SIZES[model]
+    network = Primus(input_channels, embed_dim, PRIMUS_PATCH_EMBED, num_classes, depth, heads, input_shape=patch,
+                     init_values=0.1, scale_attn_inner=True)
+    network.input_shape = patch
+    return network
+
+
+def primus_cost_network(model: str, patch: Sequence[int], strides: Sequence[Sequence[int]], input_channels: int,
+                        num_classes: int) -> nn.Module:
+    """Primus at the patch rounded down to its patch embedding, as its planner fixes it (strides do not apply)."""
+    rounded = [max(e, int(p) // e * e) for p, e in zip(patch, PRIMUS_PATCH_EMBED)]
+    return primus_network(model, rounded, input_channels, num_classes)
 
 
 def stunet_cost_network(model: str, patch: Sequence[int], strides: Sequence[Sequence[int]], input_channels: int,
@@ -199,21 +238,25 @@ def _catalogued_normalization(backbone: Backbone, name: str) -> dict[str, Any] |
 
 
 def adapted_weights(network_state: Mapping[str, torch.Tensor], backbone: Backbone, path: str | os.PathLike,
-                    tiling: str | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+                    tiling: str | None = None, input_shape: Sequence[int] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """The complete state dict that initialises the network whose state is `network_state` from the checkpoint at
     `path` (strictly: a `CheckpointError` lists what does not fit), and what was done. `tiling` None tiles a
-    single-channel stem by the rule of the checkpoint's format (`FORMAT_STEM_TILINGS`)."""
+    single-channel stem by the rule of the checkpoint's format (`FORMAT_STEM_TILINGS`). `input_shape`: a
+    fixed-input network's patch (Primus' `input_shape`), for formats that adapt to it."""
     name, content = read_checkpoint(backbone, path)
-    return _adapt(network_state, backbone, name, content, path, tiling)
+    return _adapt(network_state, backbone, name, content, path, tiling, input_shape)
 
 
 def _adapt(network_state: Mapping[str, torch.Tensor], backbone: Backbone, name: str, content: Any,
-           path: str | os.PathLike, tiling: str | None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+           path: str | os.PathLike, tiling: str | None, input_shape: Sequence[int] | None = None
+           ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """A format with its own rules (`FORMAT_ADAPTERS`) applies them; any other is adapted by the backbone's
     catalogued conventions."""
     tiling = tiling or FORMAT_STEM_TILINGS[name]
     if name in FORMAT_ADAPTERS:
-        return resolve(FORMAT_ADAPTERS[name])(network_state, content, network_name=backbone.label, tiling=tiling)
+        return resolve(FORMAT_ADAPTERS[name])(network_state, content, network_name=backbone.label, tiling=tiling,
+                                              input_shape=input_shape)
     adapted, report = adapt_state_dict(network_state, content, source=str(path), tiling=tiling,
                                        conventions=conventions(backbone))
     return {**network_state, **adapted}, report
@@ -222,7 +265,7 @@ def _adapt(network_state: Mapping[str, torch.Tensor], backbone: Backbone, name: 
 def load_into(network: nn.Module, backbone: Backbone, path: str | os.PathLike,
               tiling: str | None = None) -> LoadReport:
     """Initialise `network` for fine-tuning from the checkpoint at `path`: everything but the classifier, strictly."""
-    state, report = adapted_weights(network.state_dict(), backbone, path, tiling)
+    state, report = adapted_weights(network.state_dict(), backbone, path, tiling, getattr(network, "input_shape", None))
     network.load_state_dict(state, strict=True)
     return report
 
@@ -234,7 +277,7 @@ def check_fits(backbone: Backbone, path: str | os.PathLike, input_channels: int,
     with torch.device("meta"):
         network = build(backbone, configuration, input_channels, num_classes)
     name, content = read_checkpoint(backbone, path)
-    _adapt(network.state_dict(), backbone, name, content, path, None)
+    _adapt(network.state_dict(), backbone, name, content, path, None, getattr(network, "input_shape", None))
     return _facts(backbone, name, content, path)
 
 
@@ -305,4 +348,6 @@ def count_cost(backbone: Backbone, patch: tuple[int, int, int] = COST_PATCH, inp
     """(parameters, forward multiply-accumulates of one patch), counted on the meta device."""
     with torch.device("meta"):
         network = build(backbone, configuration, input_channels, num_classes, deep_supervision=False)
+        if tuple(getattr(network, "input_shape", patch)) != tuple(patch):  # a fixed input (Primus): built for it
+            network = cost_network(backbone, patch, [], input_channels, num_classes)
     return count_parameters(network), count_forward_macs(network, (1, input_channels, *patch))

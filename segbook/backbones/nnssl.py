@@ -47,6 +47,13 @@ DEFAULT_NNSSL_TILING = "mean"
 #: `fresh`: the decoder starts from its initialisation (nnssl's reference fine-tuning); `pretrained`: a full-network
 #: checkpoint's decoder is loaded too (strictly; refused for an encoder-only checkpoint).
 DECODER_MODES = ("fresh", "pretrained")
+#: Where dna's Primus keeps its patch embedding (the stem), its EVA encoder, its first convolution and its learned
+#: positional embedding (primus.py L84-87), under the names nnssl's Primus plans use (BaseEvaMAETrainer L169-178).
+PRIMUS_STEM = "down_projection"
+PRIMUS_ENCODER = "eva"
+PRIMUS_IN_PROJ = ("down_projection.proj",)
+PRIMUS_LPE = "eva.pos_embed"
+PRIMUS_PATCH_EMBED = 8
 #: The way out when the task's plans build another network than the checkpoint's (other stage count, kernels).
 CHECKPOINT_PLANS_HINT = ("To fine-tune on the checkpoint's own network, plan the task around it: `--plans checkpoint` "
                          "(docs/backbones-nnssl.md)")
@@ -100,6 +107,8 @@ class NnsslLoadReport:
     dropped_heads: list[str] = field(default_factory=list)
     #: checkpoint keys outside what transfers: the pretraining method's own parts (decoder, projection head)
     not_transferred: list[str] = field(default_factory=list)
+    #: tensors reshaped for the network: a Primus positional embedding interpolated to the planned patch's tokens
+    interpolated: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (f"loaded {len(self.loaded)} tensors, input channels adapted in {len(self.tiled)}, "
@@ -164,6 +173,7 @@ def _metadata(content: Mapping, path: str) -> dict[str, Any]:
         "key_to_stem": _field(plan, "key_to_stem", str, path),
         "key_to_encoder": _field(plan, "key_to_encoder", str, path),
         "keys_to_in_proj": list(keys_to_in_proj),
+        "key_to_lpe": plan.get("key_to_lpe") if isinstance(plan.get("key_to_lpe"), str) else None,
     }
 
 
@@ -285,19 +295,105 @@ def adapt_nnssl_to_network(network_state: Mapping[str, torch.Tensor], checkpoint
 
 
 def adapt_for_fine_tuning(network_state: Mapping[str, torch.Tensor], checkpoint: NnsslCheckpoint, *,
-                          tiling: str = DEFAULT_NNSSL_TILING, network_name: str | None = None
-                          ) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """`adapt_nnssl_to_network` as the backbone registry calls a format's adapter (`FORMAT_ADAPTERS`): the decoder
-    fresh, as nnssl's reference fine-tuning has it, and the report in the shape every format reports."""
-    from stunet.loading import LoadReport
+                          tiling: str = DEFAULT_NNSSL_TILING, network_name: str | None = None,
+                          input_shape: tuple[int, ...] | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """`adapt_nnssl_to_network` (or `adapt_primus_to_network` for a network with Primus' positional embedding) as
+    the backbone registry calls a format's adapter (`FORMAT_ADAPTERS`): the decoder fresh, as nnssl's reference
+    fine-tuning has it, and the report in the shape every format reports. `input_shape`: a fixed-input network's
+    patch (Primus), which its positional embedding is interpolated to."""
+    from stunet.loading import CheckpointError, LoadReport
 
-    from stunet.loading import CheckpointError
-
+    if PRIMUS_LPE in network_state:
+        state, report = adapt_primus_to_network(network_state, checkpoint, tiling=tiling, network_name=network_name,
+                                                input_shape=input_shape)
+        return state, LoadReport(loaded=report.loaded, skipped_heads=report.dropped_heads, tiled=report.tiled,
+                                 adapted=report.interpolated)
     try:
         state, report = adapt_nnssl_to_network(network_state, checkpoint, tiling=tiling, network_name=network_name)
     except CheckpointError as error:
         raise CheckpointError(f"{error}. {CHECKPOINT_PLANS_HINT}") from None
     return state, LoadReport(loaded=report.loaded, skipped_heads=report.dropped_heads, tiled=report.tiled)
+
+
+def adapt_primus_to_network(network_state: Mapping[str, torch.Tensor], checkpoint: NnsslCheckpoint, *,
+                            tiling: str = DEFAULT_NNSSL_TILING, network_name: str | None = None,
+                            input_shape: tuple[int, ...] | None = None
+                            ) -> tuple[dict[str, torch.Tensor], NnsslLoadReport]:
+    """The complete state dict to load into a Primus network, as nnU-Net HEAD's PretrainedTrainer loads nnssl
+    Primus files (`load_pretrained_weights`, pretrainedTrainer.py L207-337): the plan's `key_to_stem` and
+    `key_to_encoder` (`down_projection`/`eva`, or `encoder.down_projection`/`encoder.eva` for a wrapped encoder)
+    become dna Primus' names and must cover its `down_projection.*` and `eva.*` exactly (strictly, shapes too: an
+    other embed dim or depth is refused naming both); the pretraining-only `decoder.*`, `up_projection.*` and
+    `mask_token` are dropped, the segmentation decoder starts fresh. When the planned patch differs from the
+    pretraining patch, `eva.pos_embed` is interpolated trilinearly on the token grid (HEAD load_weights_utils.py
+    L200-252, `interpolate_trilinear`) and reported. A single-channel stem is tiled (`tiling`; nnssl: `mean`)."""
+    from stunet.loading import CheckpointError
+
+    report = NnsslLoadReport()
+    meta = checkpoint.metadata
+    moves = ((meta["key_to_stem"] + ".", PRIMUS_STEM + "."), (meta["key_to_encoder"] + ".", PRIMUS_ENCODER + "."))
+    renamed = {}
+    for key, value in checkpoint.state_dict.items():
+        target = next((new + key[len(old):] for old, new in moves if key.startswith(old)), None)
+        if target is None:
+            report.not_transferred.append(key)
+        else:
+            renamed[target] = value
+    lpe, wanted = renamed.get(PRIMUS_LPE), network_state[PRIMUS_LPE]
+    if lpe is not None and lpe.shape[-1] == wanted.shape[-1] and lpe.shape != wanted.shape:
+        renamed[PRIMUS_LPE] = interpolate_pos_embed(lpe, _token_grid(meta["patch_size"], checkpoint.path),
+                                                    _token_grid(input_shape, checkpoint.path))
+        report.interpolated.append(PRIMUS_LPE)
+    adapted, problems = _match(renamed, network_state, checkpoint, tiling, report, PRIMUS_IN_PROJ)
+    body = (PRIMUS_STEM + ".", PRIMUS_ENCODER + ".")
+    missing = [k for k in network_state if k.startswith(body) and k not in adapted]
+    if missing or problems["unexpected"] or problems["shape"]:
+        parts = [f"missing keys ({len(missing)}): {_shown(missing)}" if missing else "",
+                 f"unexpected keys: {_shown(problems['unexpected'])}" if problems["unexpected"] else "",
+                 f"shape mismatches: {_shown(problems['shape'])}" if problems["shape"] else ""]
+        network = f"{network_name} ({describe_primus(network_state)})" if network_name else \
+            describe_primus(network_state)
+        raise CheckpointError(f"{checkpoint.path} holds {meta['architecture']} (nnssl; "
+                              f"{describe_primus(renamed)}), but the network is {network}: "
+                              + "; ".join(p for p in parts if p))
+    report.loaded = list(adapted)
+    report.fresh = [k for k in network_state if k not in adapted]
+    return {**network_state, **adapted}, report
+
+
+def _token_grid(patch: Any, path: str) -> tuple[int, ...]:
+    """The patch's token grid (patch / 8 per axis); a patch not given or not a multiple of 8 is refused."""
+    from stunet.loading import CheckpointError
+
+    if patch is None or len(patch) != 3 or any(int(p) % PRIMUS_PATCH_EMBED for p in patch):
+        raise CheckpointError(f"{path}: cannot interpolate Primus' positional embedding: patch {patch} is not three "
+                              f"multiples of the patch embedding {PRIMUS_PATCH_EMBED}")
+    return tuple(int(p) // PRIMUS_PATCH_EMBED for p in patch)
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, ...], new_grid: tuple[int, ...]) -> torch.Tensor:
+    """A learned positional embedding `(1, tokens, dim)` on `grid` resized to `new_grid` trilinearly, tokens in
+    row-major grid order (dna Primus flattens `b c w h d -> b (w h d) c`, primus.py L170; HEAD's
+    `interpolate_patch_embed_3d` rearranges the same way, `align_corners=False`)."""
+    import torch.nn.functional as F
+
+    from stunet.loading import CheckpointError
+
+    if pos_embed.shape[1] != math.prod(grid):
+        raise CheckpointError(f"the positional embedding holds {pos_embed.shape[1]} tokens, but the pretraining "
+                              f"patch's grid {list(grid)} has {math.prod(grid)}")
+    volume = pos_embed.reshape(1, *grid, -1).permute(0, 4, 1, 2, 3)
+    resized = F.interpolate(volume, size=list(new_grid), mode="trilinear", align_corners=False)
+    return resized.permute(0, 2, 3, 4, 1).reshape(1, math.prod(new_grid), -1).contiguous()
+
+
+def describe_primus(state_dict: Mapping[str, Any]) -> str:
+    """A Primus encoder in words (embed dim, depth, tokens), for messages."""
+    lpe = state_dict.get(PRIMUS_LPE)
+    if lpe is None:
+        return f"no Primus encoder (no {PRIMUS_LPE}; keys such as {_shown(list(state_dict))})"
+    depth = len({k.split(".")[2] for k in state_dict if k.startswith(f"{PRIMUS_ENCODER}.blocks.")})
+    return f"Primus encoder: embed dim {lpe.shape[-1]}, depth {depth}, {lpe.shape[1]} tokens"
 
 
 def _rename_to_network(checkpoint: NnsslCheckpoint, decoder: str, report: NnsslLoadReport) -> dict[str, Any]:
@@ -331,10 +427,11 @@ def _transferable(network_state: Mapping[str, Any], decoder: str) -> set[str]:
 
 
 def _match(renamed: Mapping[str, Any], network_state: Mapping[str, Any], checkpoint: NnsslCheckpoint, tiling: str,
-           report: NnsslLoadReport) -> tuple[dict[str, Any], dict[str, list[str]]]:
+           report: NnsslLoadReport, in_projections: tuple[str, ...] = RESENC_IN_PROJ
+           ) -> tuple[dict[str, Any], dict[str, list[str]]]:
     from stunet.loading import _differs_only_in_input_channels, _tile_input_channels
 
-    in_proj = {f"{k}.weight" for k in RESENC_IN_PROJ}
+    in_proj = {f"{k}.weight" for k in in_projections}
     adapted: dict[str, Any] = {}
     problems: dict[str, list[str]] = {"unexpected": [], "shape": []}
     for key, value in renamed.items():
@@ -430,7 +527,8 @@ def write_nnssl_checkpoint(network_or_state_dict: nn.Module | Mapping[str, torch
     `metadata` may set: architecture (default "ResEncL"), arch_kwargs (nnssl's dynamic "ResidualEncoderUNet"
     architecture's, with class paths as strings), trainer_name, input_channels (default: the stem's),
     patch_size, spacing, normalization, recommended_downstream_patchsize, dataset_name, key_to_stem,
-    key_to_encoder, keys_to_in_proj (defaults: ResEnc-L's, as nnssl's trainers write them).
+    key_to_encoder, keys_to_in_proj, key_to_lpe (defaults: ResEnc-L's, as nnssl's trainers write them; Primus:
+    `write_nnssl_primus_checkpoint`).
     """
     import torch
 
@@ -458,7 +556,35 @@ _WRITER_DEFAULTS: dict[str, Any] = {
     "spacing": [1.0, 1.0, 1.0], "normalization": ["ZScoreNormalization"],
     "recommended_downstream_patchsize": [160, 160, 160], "dataset_name": "Dataset745_OpenNeuro_v2",
     "key_to_stem": RESENC_STEM, "key_to_encoder": RESENC_ENCODER, "keys_to_in_proj": list(RESENC_IN_PROJ),
+    "key_to_lpe": None,
 }
+#: What nnssl's Primus-M MAE trainer writes into its plan (BaseEvaMAETrainer L169-178, patch L37).
+PRIMUS_WRITER_METADATA: dict[str, Any] = {
+    "architecture": "PrimusM", "trainer_name": "BaseEvaMAETrainer", "key_to_stem": PRIMUS_STEM,
+    "key_to_encoder": PRIMUS_ENCODER, "keys_to_in_proj": list(PRIMUS_IN_PROJ), "key_to_lpe": PRIMUS_LPE,
+}
+
+
+def write_nnssl_primus_checkpoint(network_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+                                  path: str | os.PathLike, patch_size: tuple[int, int, int] = (160, 160, 160),
+                                  wrapper: str = "", metadata: Mapping[str, Any] | None = None) -> Path:
+    """A dna Primus' weights saved as nnssl's EvaMAE saves them, for tests: `down_projection.*`, `eva.*` (under
+    `wrapper`, e.g. "encoder." as vocoEvaTrainer's plan names them, L130-139), the patch decoder
+    `up_projection.*`, `mask_token`, and a pretraining-only `decoder.pos_embed` (EvaMAE's EVA decoder,
+    evaMAE_module.py), with a Primus-M plan at `patch_size`."""
+    import torch
+
+    state = dict(network_or_state_dict.state_dict() if hasattr(network_or_state_dict, "state_dict")
+                 else network_or_state_dict)
+    body = (PRIMUS_STEM + ".", PRIMUS_ENCODER + ".")
+    state = {(wrapper + k if k.startswith(body) else k): v for k, v in state.items()}
+    lpe = state[wrapper + PRIMUS_LPE]
+    state["decoder.pos_embed"] = torch.zeros(1, lpe.shape[1], 4)
+    meta = {**PRIMUS_WRITER_METADATA, "patch_size": list(patch_size), "recommended_downstream_patchsize":
+            list(patch_size), **{k: wrapper + PRIMUS_WRITER_METADATA[k] for k in ("key_to_stem", "key_to_encoder",
+                                                                                "key_to_lpe")},
+            "keys_to_in_proj": [wrapper + k for k in PRIMUS_IN_PROJ], **(metadata or {})}
+    return write_nnssl_checkpoint(state, path, meta)
 
 
 def _adaptation_plan(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -484,7 +610,7 @@ def _adaptation_plan(meta: Mapping[str, Any]) -> dict[str, Any]:
         "pretrain_num_input_channels": int(meta["input_channels"]),
         "recommended_downstream_patchsize": list(meta["recommended_downstream_patchsize"]),
         "key_to_encoder": meta["key_to_encoder"], "key_to_stem": meta["key_to_stem"],
-        "keys_to_in_proj": list(meta["keys_to_in_proj"]), "key_to_lpe": None,
+        "keys_to_in_proj": list(meta["keys_to_in_proj"]), "key_to_lpe": meta["key_to_lpe"],
     }
 
 
@@ -539,7 +665,8 @@ def checkpoint_architecture(checkpoint: NnsslCheckpoint) -> CheckpointArchitectu
     name = meta["architecture"]
     if name not in PLANNABLE_ARCHITECTURES:
         raise _plan_error(checkpoint.path, f"its architecture {name!r} cannot be planned for a task: segbook plans "
-                          f"around {' and '.join(PLANNABLE_ARCHITECTURES)} checkpoints (Primus not yet)")
+                          f"around {' and '.join(PLANNABLE_ARCHITECTURES)} checkpoints (a Primus file fine-tunes "
+                          "on the Primus planner's plans: --model primus-m without --plans checkpoint)")
     kwargs = dict(RESENC_REFERENCE) if name == "ResEncL" else meta.get("arch_kwargs")
     if not kwargs:
         raise _plan_error(checkpoint.path, f"architecture {name!r} without its arch_kwargs")

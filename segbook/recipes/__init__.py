@@ -36,7 +36,8 @@ TRAINS: dict[str, tuple[str, ...]] = {"all": ("encoder", "decoder", "heads"), "h
 #: parameter trains in the group of the stage its backbone gives it (`Parts.part_of`).
 LAYER_DECAY_STAGES = 6
 #: The built-in recipes in the order they are listed: the paper's, the official code's, scratch, then the others.
-BUILTIN_ORDER = ("segbook", "stunet-official", "scratch", "heads-only", "frozen-encoder", "llrd", "warmup", "lora")
+BUILTIN_ORDER = ("segbook", "stunet-official", "scratch", "heads-only", "frozen-encoder", "llrd", "warmup", "lora",
+                 "primus", "primus-scratch")
 
 
 class RecipeError(SegbookError):

@@ -310,8 +310,9 @@ class BackboneTrainer(SegbookTrainer):
             self.settings = replace(self.settings, stem_tiling=checkpoint_facts(self.backbone, path).stem_tiling)
             self.run_record.resolved_setting("stem_tiling", self.settings.stem_tiling)
         self.print_to_log_file(f"loaded {len(report.loaded)} pretrained tensors from {path}; "
-                               f"fresh heads: {len(report.skipped_heads)} tensors; tiled: {report.tiled or 'none'}")
-        self.run_record.event("pretrained_weights_loaded", path=path, tiled=report.tiled)
+                               f"fresh heads: {len(report.skipped_heads)} tensors; tiled: {report.tiled or 'none'}; "
+                               f"adapted: {report.adapted or 'none'}")
+        self.run_record.event("pretrained_weights_loaded", path=path, tiled=report.tiled, adapted=report.adapted)
 
 
 class STUNetTrainer(BackboneTrainer):
