@@ -81,6 +81,11 @@ def registry(tmp_path):
     return load_registry([path])
 
 
+#: The backbones planned by a planner of their own (every other by nnU-Net's default planner).
+OWN_PLANS = {"resenc-l": "nnUNetResEncUNetLPlans", "resenc-m": "nnUNetResEncUNetMPlans",
+             **{f"primus-{size}": "SegbookPrimusPlans" for size in "sbml"}}
+
+
 def test_job_ids_and_folders_round_trip(registry, tmp_path):
     entry = registry.get("Task901_Tiny")
     for identity, fold in itertools.product(list(_identities())[::7], ("all", "0", "4")):
@@ -88,8 +93,7 @@ def test_job_ids_and_folders_round_trip(registry, tmp_path):
         assert RunSpec.from_job_id(spec.job_id, registry) == spec
         assert RunSpec.from_folder(spec.folder(tmp_path), registry) == spec
         parts = FolderParts.parse(spec.folder(tmp_path))
-        plans = "nnUNetResEncUNetLPlans" if identity.model == "resenc-l" else \
-            "nnUNetResEncUNetMPlans" if identity.model == "resenc-m" else "nnUNetPlans"
+        plans = OWN_PLANS.get(identity.model, "nnUNetPlans")
         assert (parts.dataset_id, parts.identity, parts.fold, parts.plans) == (901, identity, fold, plans)
     resenc = RunSpec.of(entry, "resenc-l", True)
     assert resenc.job_id == "Task901_Tiny__resenc-l__pretrained__fold_all"
