@@ -95,7 +95,7 @@ def test_recipes_are_an_axis_of_the_pretrained_jobs():
 
     every = build_matrix(registry, "613", models="large", recipes="all")
     assert [j.spec.recipe for j in every] == ["segbook", "stunet-official", "heads-only", "frozen-encoder", "llrd",
-                                              "warmup", "lora", "scratch"]
+                                              "warmup", "lora", "primus", "scratch"]
     assert build_matrix(registry, "613", models="nnunet", recipes="llrd")[0].spec.recipe == "scratch"
 
     with pytest.raises(RecipeError, match="unknown recipe 'nope'; known: segbook"):
