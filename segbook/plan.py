@@ -420,6 +420,8 @@ def _run_nnunet(entry: DatasetEntry, planner: str, folder: Path, processes: int,
     chosen = _planner(planner)
     class_name = chosen.nnunet_class.rpartition(":")[2] if chosen.nnunet_class else \
         CHECKPOINT_PLANNER if chosen.architecture is not None else REFERENCE_PLANNER
+    if chosen.normalization is not None:
+        class_name += f", normalising as the checkpoint did ({', '.join(dict.fromkeys(chosen.normalization[0]))})"
     identifier = chosen.plans
     name = entry.nnunet_name
     with _nnunet_output(folder / PLAN_LOG):
@@ -445,8 +447,19 @@ def _run_nnunet(entry: DatasetEntry, planner: str, folder: Path, processes: int,
 
 
 def _make_planner(entry: DatasetEntry, planner: str):
-    """The nnU-Net planner object of `planner`, for the task's dataset."""
+    """The nnU-Net planner object of `planner`, for the task's dataset; normalising as a checkpoint did where the
+    planner says so (`segbook.checkpoint_normalization`)."""
     chosen = _planner(planner)
+    made = _make_base_planner(entry, chosen)
+    if chosen.normalization is None:
+        return made
+    from segbook.checkpoint_normalization import normalised_like_checkpoint
+
+    return normalised_like_checkpoint(made, chosen.plans, *chosen.normalization)
+
+
+def _make_base_planner(entry: DatasetEntry, chosen: Planner):
+    """The planner object of the class `chosen` names (at its own normalisation)."""
     if chosen.architecture is not None:
         from segbook.checkpoint_plans import checkpoint_planner
 

@@ -87,12 +87,15 @@ class Planner:
     default planner, at their patch size and spacing (`segbook.reference_plans`; `zscore`: normalising CT per image
     too, as the pretraining did). `architecture`: a checkpoint's network (`segbook.backbones.nnssl.
     CheckpointArchitecture`) that `segbook.checkpoint_plans` plans the task around (`--plans checkpoint`); such
-    planners are registered when a run names its checkpoint."""
+    planners are registered when a run names its checkpoint. `normalization`: the checkpoint's pretraining schemes
+    and mask flags (`segbook.checkpoint_normalization`, `--normalization checkpoint`), which the planner's plans
+    then normalise every channel by; registered likewise."""
 
     plans: str
     nnunet_class: str | None = None
     zscore: bool = False
     architecture: Any = None
+    normalization: tuple[tuple[str, ...], tuple[bool, ...]] | None = None
 
     @property
     def is_reference(self) -> bool:

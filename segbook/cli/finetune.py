@@ -20,6 +20,11 @@ PLANS_HELP = ("nnU-Net plans to train on: default (the model's own: nnUNetPlans,
               "NNSSL_FILE: the task planned around the checkpoint's own network, "
               "SegbookCheckpoint{arch}_{hash}Plans); part of the run's folder")
 
+NORMALIZATION_HELP = ("task (the default): normalise per the task's plans (CT: CTNormalization); checkpoint (with "
+                      "--pretrained): preprocess the task as the checkpoint was pretrained, its scheme on every "
+                      "channel (nnssl: its plan's; STU-Net: per-image z-score), under plans of their own "
+                      "({plans}_ZScoreNorm, part of the run's folder)")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -55,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "cross-validation folds inside it")
     add_seed_and_fraction_options(parser)
     parser.add_argument("--plans", choices=FINETUNE_PLANS, default="default", help=PLANS_HELP)
+    parser.add_argument("--normalization", choices=("task", "checkpoint"), default="task", help=NORMALIZATION_HELP)
     add_weights_and_device_options(parser)
     parser.add_argument("--num-gpus", type=at_least(1), default=1, help="GPUs on this node (nnU-Net DDP when > 1)")
     parser.add_argument("--continue", dest="resume", action="store_true",
@@ -88,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
                               fraction=fraction, recipe_files=args.recipe_file, settings=settings,
                               weights=args.weights, device=args.device, num_gpus=args.num_gpus, resume=args.resume,
                               overwrite=args.overwrite, compile=args.compile, plan_processes=args.plan_processes,
-                              plans=args.plans, request={**request, "seed": seed, "fraction": fraction})
+                              plans=args.plans, normalization=args.normalization,
+                              request={**request, "seed": seed, "fraction": fraction})
             print(f"{result.status}: {result.folder}")
             statuses.append(result.status)
     return 0 if all(status == "finished" for status in statuses) else 1

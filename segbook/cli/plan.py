@@ -28,7 +28,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "as in pretraining), or checkpoint: the task planned around the network of the nnssl "
                              "checkpoint --weights FILE (SegbookCheckpoint{arch}_{hash}Plans), shown beside the "
                              "task's ResEnc-L and default plans where they exist (default: default)")
-    parser.add_argument("--weights", metavar="FILE", help="the nnssl checkpoint --plans checkpoint plans around")
+    parser.add_argument("--weights", metavar="FILE",
+                        help="the nnssl checkpoint --plans checkpoint plans around, or whose pretraining "
+                             "normalisation --normalization checkpoint applies")
+    parser.add_argument("--normalization", choices=("task", "checkpoint"), default="task",
+                        help="task (the default): normalise per the task's plans (CT: CTNormalization); checkpoint: "
+                             "as the nnssl checkpoint --weights FILE was pretrained, its scheme on every channel, "
+                             "under plans of their own ({plans}_ZScoreNorm; `segbook finetune --normalization "
+                             "checkpoint` plans STU-Net runs so from its catalogued checkpoint)")
     parser.add_argument("--num-processes", "-np", type=at_least(1), default=None, metavar="N",
                         help="worker processes (default: nnUNet_def_n_proc, capped by the cores)")
     parser.add_argument("--force", action="store_true", help="plan and preprocess again even if up to date")
@@ -57,10 +64,31 @@ def _planner(args: argparse.Namespace) -> str:
     from segbook.errors import SegbookError
 
     if args.planner == CHECKPOINT_PLANS:
-        return planner_for_weights("resenc-l", args.weights)
-    if args.weights is not None:
-        raise SegbookError(f"--weights is for --plans {CHECKPOINT_PLANS}")
-    return args.planner
+        planner = planner_for_weights("resenc-l", args.weights)
+    elif args.weights is not None and args.normalization == "task":
+        raise SegbookError(f"--weights is for --plans {CHECKPOINT_PLANS} or --normalization checkpoint")
+    else:
+        planner = args.planner
+    if args.normalization == "task":
+        return planner
+    return _normalised_planner(planner, args.weights)
+
+
+def _normalised_planner(planner: str, weights: str | None) -> str:
+    """`planner` normalising as the nnssl checkpoint `weights` was pretrained, read before anything is planned."""
+    from segbook import backbones
+    from segbook.backbones.models import checkpoint_facts
+    from segbook.checkpoint_normalization import pretraining_schemes, register
+    from segbook.errors import SegbookError
+    from stunet import CheckpointError
+
+    if weights is None:
+        raise SegbookError("--normalization checkpoint needs the checkpoint: pass --weights FILE")
+    try:
+        facts = checkpoint_facts(backbones.get("resenc-l"), weights)
+    except CheckpointError as error:
+        raise SegbookError(f"--normalization checkpoint: {error}") from None
+    return register(planner, *pretraining_schemes(facts.pretraining, weights))
 
 
 def _beside_defaults(entry, result) -> list[str]:

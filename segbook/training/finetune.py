@@ -59,7 +59,8 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
              settings: TrainingSettings | None = None, weights: str | Path | None = None, device: str | None = None,
              num_gpus: int = 1, resume: bool = False, overwrite: bool = False, compile: bool | None = None,
              paths: Paths | None = None, plan_processes: int | None = None, plans: str = "default",
-             request: dict[str, Any] | None = None, say: Callable[[str], None] = print) -> RunResult:
+             normalization: str = "task", request: dict[str, Any] | None = None,
+             say: Callable[[str], None] = print) -> RunResult:
     """Train one run with nnU-Net's training loop, following a recipe (None: the default of its initialisation).
 
     `seed` and `fraction` are part of the run's identity (its name): the seed drives the fresh weights, nnU-Net's
@@ -68,10 +69,12 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     `recipe_files` add user recipes to the built-in ones. `plans` is a planner of `segbook.backbones.PLANNERS`
     (`paper`: nnU-Net's plans at the SegBook authors' patch size and spacing), or `checkpoint` (the task planned
     around the pretrained checkpoint's own network, `segbook.checkpoint_plans`); its plans identifier is part of the
-    run's folder. `device` None picks cuda, else mps, else cpu. `resume` continues from the run's latest
-    checkpoint (the pretrained weights are never applied over it) with the settings the run started with; a run
-    with no checkpoint yet has nothing to resume and starts again with the settings given. A run that exists is
-    otherwise an error unless `overwrite`; a finished one asked for with other settings too.
+    run's folder. `normalization` "checkpoint" preprocesses the task as the checkpoint's pretraining normalised its
+    images (`segbook.checkpoint_normalization`: plans of their own, `<plans>_ZScoreNorm`); "task" (the default)
+    keeps the task's own plans' normalisation. `device` None picks cuda, else mps, else cpu. `resume` continues from
+    the run's latest checkpoint (the pretrained weights are never applied over it) with the settings the run started
+    with; a run with no checkpoint yet has nothing to resume and starts again with the settings given. A run that
+    exists is otherwise an error unless `overwrite`; a finished one asked for with other settings too.
     """
     import os
 
@@ -79,6 +82,8 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     from nnunetv2.run.run_training import run_training
 
     from segbook.data.folders import is_imported
+    from segbook.checkpoint_normalization import CHECKPOINT_NORMALIZATION, pretraining_schemes
+    from segbook.checkpoint_normalization import register as register_normalization
     from segbook.devices import resolve_device
     from segbook.plan import check_planner, plan_task, verify_preprocessed
     from segbook.training.trainers import register_with_nnunet
@@ -86,6 +91,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     settings = (settings or TrainingSettings()).validate()
     check_all({"num_gpus": num_gpus, "plan_processes": plan_processes}, BOUNDS)
     planner = _planner(model, pretrained, plans, weights or settings.weights)
+    _check_normalization(normalization, pretrained)
     spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe, seed=seed, fraction=fraction,
                       plans=check_planner(entry, planner))
     chosen = get_recipe(spec.recipe, spec.init, recipe_files)
@@ -100,6 +106,10 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
         raise SegbookError(f"{entry.key} is not imported; run `segbook data import --task {entry.key} --from PATH` "
                            "first")
     settings, facts = _with_weights(entry, spec, settings, weights, paths, say)
+    if normalization == CHECKPOINT_NORMALIZATION:  # the checkpoint is read: its plans are known before planning
+        planner = register_normalization(planner, *pretraining_schemes(facts.pretraining, settings.weights))
+        spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe, seed=seed, fraction=fraction,
+                          plans=check_planner(entry, planner))
     planned_cases = _training_cases(entry, spec, paths)
     folder = spec.folder(paths.results)
     with claims.exclusive(paths.claims, spec.job_id, f"run {folder}"):
@@ -149,6 +159,16 @@ def _planner(model: str, pretrained: bool, plans: str, weights: str | Path | Non
         raise SegbookError(f"--plans {CHECKPOINT_PLANS} plans around the checkpoint a run fine-tunes: add --pretrained "
                            "--weights FILE (scratch rows on checkpoint plans are not supported yet)")
     return planner_for_weights(model, weights)
+
+
+def _check_normalization(normalization: str, pretrained: bool) -> None:
+    from segbook.checkpoint_normalization import CHECKPOINT_NORMALIZATION, NORMALIZATIONS
+
+    if normalization not in NORMALIZATIONS:
+        raise SegbookError(f"unknown normalization {normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    if normalization == CHECKPOINT_NORMALIZATION and not pretrained:
+        raise SegbookError(f"--normalization {CHECKPOINT_NORMALIZATION} normalises as the checkpoint a run fine-tunes "
+                           "was pretrained: add --pretrained")
 
 
 def _training_cases(entry: "DatasetEntry", spec: RunSpec, paths: Paths) -> list[str] | None:
@@ -239,7 +259,8 @@ def _warn_normalization(normalization: dict[str, Any], entry: "DatasetEntry", sa
     if differing:
         say(f"segbook: warning: {entry.key} is normalised per its plans ({', '.join(differing)}), but "
             f"{pretraining.get('checkpoint')} was pretrained on {', '.join(dict.fromkeys(schemes))}; fine-tuning "
-            "keeps the task's (run.json: normalization)")
+            "keeps the task's (run.json: normalization): pass --normalization checkpoint to preprocess the task as "
+            "it was pretrained")
 
 
 def _decide(folder: Path, existing: RunManifest | None, settings: TrainingSettings, recipe: "Recipe", resume: bool,

@@ -1,0 +1,85 @@
+"""`--normalization checkpoint`: a task planned (by whichever planner a run uses) with the checkpoint's pretraining
+normalisation on every channel, under plans and data of its own; a checkpoint that says none is refused before
+anything is planned."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import FINGERPRINT_SAMPLES, planned_tiny_task, run_segbook, tiny_spec
+from nnssl_helpers import resenc
+
+from segbook.backbones import PLANNERS
+from segbook.checkpoint_normalization import register
+from segbook.plan import plan_task
+
+ZSCORE = (["ZScoreNormalization"], [False])
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    spec = tiny_spec(modality="CT&PET", size=(32, 32, 24), cases=4)
+    with planned_tiny_task(tmp_path_factory.mktemp("normck"), spec, seed=1) as planned:
+        yield planned
+
+
+@pytest.mark.parametrize("base", ["default", "resenc-l"])
+def test_the_wrapped_planner_writes_the_checkpoints_scheme_for_every_channel_under_plans_of_its_own(task, base):
+    name = register(base, *ZSCORE)
+    result = plan_task(task.entry, planner=name, num_processes=1, progress=False,
+                       fingerprint_samples=FINGERPRINT_SAMPLES)
+    identifier = PLANNERS[name].plans
+    assert identifier == f"{PLANNERS[base].plans}_ZScoreNorm" and result.plans_identifier == identifier
+    configuration = json.loads(result.plans_file.read_text())["configurations"]["3d_fullres"]
+    assert configuration["normalization_schemes"] == ["ZScoreNormalization"] * 2
+    assert configuration["use_mask_for_norm"] == [False, False]
+    assert configuration["data_identifier"] == f"{identifier}_3d_fullres" and result.data_folder.is_dir()
+    task_plans = plan_task(task.entry, planner=base, num_processes=1, progress=False)
+    assert task_plans.normalization[0] == "CTNormalization"  # the task's own plans are untouched
+    assert task_plans.data_folder != result.data_folder
+
+
+def test_a_checkpoint_that_records_no_normalisation_is_refused_before_anything_is_planned(task, tmp_path):
+    plain = tmp_path / "nnunet.pth"  # an nnU-Net training checkpoint: no pretraining normalisation said
+    torch.save({"network_weights": resenc(num_classes=2).state_dict(), "trainer_name": "nnUNetTrainer"}, plain)
+    before = sorted(p.name for p in (task.preprocessed / task.entry.nnunet_name).iterdir())
+    refused = run_segbook("plan", "--registry", str(task.registry_file), "--task", task.entry.key,
+                          "--normalization", "checkpoint", "--weights", str(plain), check=False)
+    assert refused.returncode == 2
+    assert f"segbook: error: --normalization checkpoint: {plain} records no pretraining normalisation" \
+        in refused.stderr
+    assert sorted(p.name for p in (task.preprocessed / task.entry.nnunet_name).iterdir()) == before
+
+
+@pytest.mark.slow
+def test_finetune_with_the_checkpoints_normalisation_trains_on_z_scored_plans_of_its_own(tmp_path):
+    """A CT task fine-tuned from an nnssl (z-score) file: the run's plans normalise by z-score, and its folder's
+    plans identifier is not the task-normalised one's."""
+    from nnssl_helpers import resenc_kwargs
+
+    from segbook.backbones.nnssl import write_nnssl_checkpoint
+    from segbook.checkpoint_plans import planner_for_weights
+    from segbook.paths import Paths
+    from segbook.training.manifest import RunManifest
+
+    with planned_tiny_task(tmp_path, tiny_spec(size=(32, 32, 24), cases=4), seed=3) as task:
+        torch.manual_seed(5)
+        openmind = write_nnssl_checkpoint(resenc(num_classes=1), tmp_path / "openmind.pth",
+                                          {"architecture": "ResidualEncoderUNet", "arch_kwargs": resenc_kwargs()})
+        shown = run_segbook("finetune", "--registry", str(task.registry_file), "--task", task.entry.key, "--device",
+                            "cpu", "--model", "resenc-l", "--pretrained", "--weights", str(openmind), "--plans",
+                            "checkpoint", "--normalization", "checkpoint", "--recipe", "frozen-encoder", "--epochs",
+                            "1", "--iters-per-epoch", "1", "--val-iters-per-epoch", "1")
+        assert "pass --normalization checkpoint" not in shown.stdout + shown.stderr
+        task_normalised = PLANNERS[planner_for_weights("resenc-l", openmind)].plans
+        identifier = f"{task_normalised}_ZScoreNorm"
+        plans = json.loads((task.preprocessed / task.entry.nnunet_name / f"{identifier}.json").read_text())
+        assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["ZScoreNormalization"]
+        results = Paths.from_env().results
+        folder = next(results.glob(f"*/SegbookTrainer_resenc-l_pretrained_frozen-encoder__{identifier}__3d_fullres"))
+        manifest = RunManifest.load(folder / "fold_all")
+        assert manifest.status == "finished"
+        assert manifest.data["normalization"]["fine_tuning"]["schemes"] == ["ZScoreNormalization"]
+        assert manifest.data["normalization"]["fine_tuning"]["plans"] == identifier != task_normalised
