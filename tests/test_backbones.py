@@ -674,7 +674,7 @@ def test_a_ct_and_pet_task_fine_tunes_single_channel_checkpoints_by_their_format
     warnings = [line for line in said if line.startswith("segbook: warning:")]
     assert warnings == [f"segbook: warning: {task.entry.key} is normalised per its plans (CT CTNormalization), but "
                         "openmind.pth was pretrained on ZScoreNormalization; fine-tuning keeps the task's (run.json: "
-                        "normalization)"]
+                        "normalization): pass --normalization checkpoint to preprocess the task as it was pretrained"]
     stems = [(nnssl_run, "encoder.stem.convs.0.conv.weight", pretrained.state_dict(), "mean", 0.5),
              (stunet_run, "conv_blocks_context.0.0.conv1.weight", read_state_dict(task.weights), "repeat", 1.0)]
     for run, key, source, rule, scale in stems:

@@ -389,7 +389,8 @@ def test_killed_run_continues_from_its_checkpoint(task):
 @pytest.mark.parametrize("task_schemes, pretraining, warned", [
     (["CTNormalization"], {"schemes": ["ZScoreNormalization"], "checkpoint": "ssl.pth"},
      "segbook: warning: T is normalised per its plans (CT CTNormalization), but ssl.pth was pretrained on "
-     "ZScoreNormalization; fine-tuning keeps the task's (run.json: normalization)"),
+     "ZScoreNormalization; fine-tuning keeps the task's (run.json: normalization): pass --normalization checkpoint "
+     "to preprocess the task as it was pretrained"),
     (["ZScoreNormalization"], {"schemes": ["ZScoreNormalization"], "checkpoint": "ssl.pth"}, None),
     (["CTNormalization"], None, None),  # nothing known of the pretraining: nothing to compare
 ])
