@@ -729,3 +729,33 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(task, fresh):
     assert [e["epoch"] for e in manifest.data["epochs"]] == list(range(12))  # nothing lost, nothing twice
     assert manifest.status == "finished" and _events(folder).count("pretrained_weights_loaded") == 1
     assert job_status(job, fresh).state == "done"
+
+
+def test_checkpoint_plans_plan_every_job_of_a_model_around_its_nnssl_file(tmp_path):
+    """Issue 24: `--plans checkpoint` puts a model's pretrained and scratch jobs on its file's plans (one identifier,
+    its planner prepared); other files get other identifiers; a model without a file is refused, naming it."""
+    from nnssl_helpers import resenc, resenc_kwargs
+
+    from segbook.backbones import PLANNERS
+    from segbook.backbones.nnssl import write_nnssl_checkpoint
+    from segbook.batch.matrix import on_plans
+    from segbook.batch.preparation import planners_of
+
+    registry = load_registry()
+    plan = {"architecture": "ResidualEncoderUNet", "arch_kwargs": resenc_kwargs()}
+    one = write_nnssl_checkpoint(resenc(num_classes=1), tmp_path / "one.pth", plan)
+    other = {"architecture": "ResidualEncoderUNet", "arch_kwargs": resenc_kwargs((4, 8, 8, 8), (1, 2, 1, 1))}
+    two = write_nnssl_checkpoint(resenc(num_classes=1, widths=(4, 8, 8, 8), blocks=(1, 2, 1, 1)),
+                                 tmp_path / "two.pth", other)
+    jobs = build_matrix(registry, "613", models="resenc-l", inits="pretrained,scratch")
+    planned = on_plans(jobs, "checkpoint", {"resenc-l": str(one)})
+    identifiers = {job.spec.plans for job in planned}
+    assert len(identifiers) == 1 and next(iter(identifiers)).startswith("SegbookCheckpoint")
+    assert {job.spec.init for job in planned} == {"pretrained", "scratch"}
+    assert [PLANNERS[name].plans for name in planners_of(planned)] == list(identifiers)
+    assert {j.spec.plans for j in on_plans(jobs, "checkpoint", {"resenc-l": str(two)})}.isdisjoint(identifiers)
+    with pytest.raises(MatrixError, match="plans large's jobs around its nnssl checkpoint"):
+        on_plans(build_matrix(registry, "613", models="resenc-l,large"), "checkpoint", {"resenc-l": str(one)})
+    with pytest.raises(MatrixError, match="resenc-l: .*'PrimusM' cannot be planned"):
+        on_plans(jobs, "checkpoint", {"resenc-l": str(write_nnssl_checkpoint(
+            resenc(num_classes=1), tmp_path / "p.pth", {"architecture": "PrimusM"}))})

@@ -125,3 +125,49 @@ def test_a_six_stage_resenc_l_checkpoint_fine_tunes_on_a_small_task_from_its_wei
         body = [k for k in weights if k.startswith(("encoder.stem.", "encoder.stages."))]
         assert {k.split(".")[2] for k in body if k.startswith("encoder.stages.")} == {str(s) for s in range(6)}
         assert all(torch.equal(weights[k], after[k]) for k in body)
+
+
+def test_a_scratch_run_on_checkpoint_plans_is_planned_by_the_file_and_shares_the_pretrained_runs_plans(tmp_path):
+    """Issue 24: `--plans checkpoint --weights FILE` without --pretrained plans the scratch run around the file's
+    network (nothing loaded), under the plans identifier of the pretrained run of that file."""
+    from segbook.training.finetune import _planned_around, _planner
+    from segbook.runs import Weights
+
+    openmind = write_nnssl_checkpoint(resenc(num_classes=1), tmp_path / "o.pth",
+                                      {"architecture": "ResidualEncoderUNet", "arch_kwargs": resenc_kwargs()})
+    scratch, pretrained = (_planner("resenc-l", init, "checkpoint", openmind) for init in (False, True))
+    assert scratch == pretrained and PLANNERS[scratch].plans.startswith("SegbookCheckpointResidualEncoderUNet_")
+    with pytest.raises(SegbookError, match="needs the checkpoint: pass --weights FILE"):
+        _planner("resenc-l", False, "checkpoint", None)
+    with pytest.raises(SegbookError, match="reads no nnssl checkpoints"):
+        _planner("large", False, "checkpoint", openmind)
+
+    class Spec:
+        plans, init = PLANNERS[scratch].plans, "scratch"
+
+    assert _planned_around(Spec, Weights(openmind, "ab" * 32)) == {
+        "checkpoint": str(openmind), "sha256": "ab" * 32, "plans": Spec.plans, "weights_loaded": False}
+
+
+def test_results_of_checkpoint_plans_pair_the_scratch_and_pretrained_runs(segbook_home, tmp_path, capsys):
+    """Scratch and pretrained runs on one checkpoint's plans are tabulated together with their Delta(PT) by
+    `segbook results --plans <identifier>`, apart from the default plans' runs."""
+    from results_helpers import A, write_registry, write_run
+
+    from segbook.cli.main import main
+    from segbook.paths import Paths
+    from segbook.registry import load_registry
+
+    registry_file = write_registry(tmp_path / "registry.yaml")
+    registry = load_registry([registry_file])
+    openmind = write_nnssl_checkpoint(resenc(num_classes=1), tmp_path / "o.pth",
+                                      {"architecture": "ResidualEncoderUNet", "arch_kwargs": resenc_kwargs()})
+    identifier = PLANNERS[planner_for_weights("resenc-l", openmind)].plans
+    results = Paths.from_env().results
+    write_run(results, registry, A, "resenc-l", "scratch", "all", (0.5, 0.5), plans=identifier)
+    write_run(results, registry, A, "resenc-l", "pretrained", "all", (0.75, 0.75), plans=identifier)
+    write_run(results, registry, A, "resenc-l", "scratch", "all", (0.1, 0.1))  # default plans: never paired in
+    assert main(["results", "--registry", str(registry_file), "--plans", identifier, "--models", "resenc-l",
+                 "--table", "datasets", "--format", "csv"]) == 0
+    printed = capsys.readouterr().out
+    assert ",small,50.0,1,,75.0,1,,25.0,1," in printed, printed  # scratch, pretrained, Delta(PT)

@@ -108,8 +108,9 @@ class Training:
             result = finetune(job.entry, job.spec.model, job.spec.init == "pretrained", job.spec.fold,
                               recipe=job.spec.recipe, seed=job.spec.seed, fraction=job.spec.fraction,
                               recipe_files=options.recipe_files,
-                              settings=options.settings_for(job), weights=options.weights_for(job),
-                              device=options.device, num_gpus=options.num_gpus, resume=True, compile=options.compile,
+                              settings=options.settings_for(job), weights=options.file_for(job),
+                              plans=options.plans, device=options.device, num_gpus=options.num_gpus, resume=True,
+                              compile=options.compile,
                               paths=paths, plan_processes=_processes(options), request=request)
         if forwarded is not None:
             forwarded.act()
@@ -150,6 +151,7 @@ class ExecutionOptions:
     settings: TrainingSettings = field(default_factory=TrainingSettings)
     pretrained_settings: TrainingSettings | None = None
     weights: dict[str, str] = field(default_factory=dict)  # `segbook.runs.parse_weights`: {model or "*": file}
+    plans: str = "default"  # or "checkpoint": every job planned around its model's file of `weights`
     device: str = "cuda"
     num_gpus: int = 1
     compile: bool | None = None
@@ -209,6 +211,13 @@ class ExecutionOptions:
 
     def weights_for(self, job: Job) -> str | None:
         return weights_given(self.pretrained_weights, job.spec.model) if job.spec.init == "pretrained" else None
+
+    def file_for(self, job: Job) -> str | None:
+        """What `finetune` gets as --weights: the file a pretrained job starts from, or on checkpoint plans the
+        file that plans a scratch job too (which loads nothing from it)."""
+        if job.spec.init == "pretrained" or self.plans != "default":
+            return weights_given(self.pretrained_weights, job.spec.model)
+        return None
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "body": self.body.name})

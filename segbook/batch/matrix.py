@@ -122,6 +122,33 @@ def build_matrix(registry: "Registry", tasks: str | Sequence[str] = "all", *, sc
     return jobs
 
 
+def on_plans(jobs: Sequence[Job], plans: str = "default", weights: Mapping[str, str] | None = None) -> list[Job]:
+    """The jobs on `plans`: "default" leaves them on their backbones' own; "checkpoint" (`segbook.checkpoint_plans`)
+    plans every job of a model, pretrained and scratch alike, around that model's nnssl file of `weights`
+    (`segbook.runs.parse_weights`; its planner registered for this process), so both share one plans identifier.
+    A model with no file, or one whose backbone reads no nnssl files, or a file that cannot be planned around, is a
+    SegbookError naming it, before anything is written."""
+    from dataclasses import replace
+
+    from segbook.checkpoint_plans import CHECKPOINT_PLANS, planner_for_weights
+
+    if plans == "default":
+        return list(jobs)
+    if plans != CHECKPOINT_PLANS:
+        raise MatrixError(f"unknown --plans {plans}; choose default or {CHECKPOINT_PLANS}")
+    identifiers: dict[str, str] = {}
+    for model in dict.fromkeys(job.spec.model for job in jobs):
+        file = weights_given(dict(weights or {}), model)
+        if file is None:
+            raise MatrixError(f"--plans {CHECKPOINT_PLANS} plans {model}'s jobs around its nnssl checkpoint: pass "
+                              f"--weights {model}=FILE, or leave {model} out of --models")
+        try:
+            identifiers[model] = backbones.PLANNERS[planner_for_weights(model, file)].plans
+        except SegbookError as error:
+            raise MatrixError(f"{model}: {error}") from None
+    return [Job(replace(job.spec, plans=identifiers[job.spec.model]), job.entry) for job in jobs]
+
+
 def check_recipes(jobs: Iterable[Job], recipe_files: Sequence[str | os.PathLike] | None = None,
                   num_gpus: int = 1) -> None:
     """A `RecipeError` when a job's recipe is unknown or cannot train its model and initialisation on `num_gpus`

@@ -80,8 +80,17 @@ def prepare_command(entry: "DatasetEntry") -> str:
 
 def planners_of(jobs: Iterable[Job]) -> tuple[str, ...]:
     """The planners the jobs' backbones train on (`segbook.backbones.PLANNERS` keys), nnU-Net's default first."""
-    found = {backbones.planner_for(job.spec.model) for job in jobs}
+    found = {_planner_of(job) for job in jobs}
     return tuple(sorted(found, key=lambda planner: (planner != "default", planner)))
+
+
+def _planner_of(job: Job) -> str:
+    """The job's planner: its backbone's own, or the checkpoint planner registered for its plans identifier
+    (`segbook.batch.matrix.on_plans`, `--plans checkpoint`)."""
+    own = backbones.planner_for(job.spec.model)
+    if backbones.PLANNERS[own].plans == job.spec.plans:
+        return own
+    return next((name for name, planner in backbones.PLANNERS.items() if planner.plans == job.spec.plans), own)
 
 
 def unprepared(entry: "DatasetEntry", paths: Paths, folds: Iterable[str],

@@ -17,7 +17,7 @@ import sys
 
 from segbook.batch.execute import ExecutionOptions, JobOutcome, run_job
 from segbook.batch.jobs import Job
-from segbook.batch.matrix import job_from_id
+from segbook.batch.matrix import job_from_id, on_plans
 from segbook.batch.signals import Terminated, raise_terminated
 from segbook.paths import Paths
 from segbook.processes import bind_to_parent
@@ -53,6 +53,7 @@ def work(job_id: str, options: ExecutionOptions, paths: Paths | None = None, *, 
     """Run the job `job_id` names (its task from the options' registry files) and print how it ended, for the
     job's log."""
     job = job_from_id(load_registry(options.registry_files), job_id)
+    job = on_plans([job], options.plans, options.pretrained_weights)[0]  # a job id names no plans: the options do
     outcome = run_job(job, options, paths, backend=backend)
     message = outcome.message.removeprefix(f"{job_id}: ")  # said once, first
     print(f"segbook batch worker: {job_id}: {outcome.result} {message}".rstrip(), flush=True)

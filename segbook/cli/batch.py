@@ -58,6 +58,10 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--models", default=",".join(study_models()), help=model_help("comma-separated backbones"))
     add_backbone_file_option(group)
     group.add_argument("--init", default="pretrained,scratch", help="pretrained, scratch or both")
+    group.add_argument("--plans", default="default", choices=["default", "checkpoint"],
+                       help="default (each backbone's own) or checkpoint: every job of a model, pretrained and "
+                            "scratch, planned around its nnssl file (--weights resenc-l=FILE; "
+                            "SegbookCheckpoint{arch}_{hash}Plans); a model without one is refused")
     group.add_argument("--recipes", default=None,
                        help="fine-tuning recipes of the pretrained jobs, comma-separated, or 'all' (`segbook "
                             "recipes` lists them); one job per recipe; scratch jobs train with their model's scratch "
@@ -259,14 +263,16 @@ def _register_worker(commands: argparse._SubParsersAction) -> None:
 # --- handlers -----------------------------------------------------------------------------------------------------
 
 def _matrix(args: argparse.Namespace) -> list["Job"]:
-    from segbook.batch.matrix import MatrixError, build_matrix
+    from segbook.batch.matrix import MatrixError, build_matrix, on_plans
     from segbook.cli.common import registry_from_args
+    from segbook.runs import parse_weights
 
     load_backbone_files(args)
     jobs = build_matrix(registry_from_args(args), args.tasks, scale=args.scale, modality=args.modality,
                         target=args.target, region=args.region, models=args.models, inits=args.init,
                         recipes=args.recipes, recipe_files=args.recipe_file, seeds=args.seeds,
                         fractions=args.fractions, folds=args.folds)
+    jobs = on_plans(jobs, args.plans, parse_weights(getattr(args, "weights", None)))
     if not jobs:
         raise MatrixError("the selection matches no job (nnU-Net's network has no pretrained job; check the "
                           "filters with `segbook tasks`)")
@@ -284,7 +290,7 @@ def _options(args: argparse.Namespace, backend: str) -> "ExecutionOptions":
         registry_files=getattr(args, "registry", None) or [], recipe_files=args.recipe_file, weights=args.weights,
         settings=training_settings_from_args(args), device=device,
         num_gpus=args.gpus_per_job if device == "cuda" else 1, compile=args.compile, processes=args.processes,
-        data_workers=args.data_workers, max_attempts=args.max_attempts)
+        data_workers=args.data_workers, max_attempts=args.max_attempts, plans=getattr(args, "plans", "default"))
 
 
 def _print(rows: list[dict[str, Any]], totals: list[dict[str, Any]], fmt: str) -> None:

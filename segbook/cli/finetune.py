@@ -16,9 +16,10 @@ FINETUNE_PLANS = (*TRAINING_PLANS, "checkpoint")
 PLANS_HELP = ("nnU-Net plans to train on: default (the model's own: nnUNetPlans, nnUNetResEncUNet{M,L}Plans for "
               "resenc-m/-l), paper (nnU-Net's planner at the SegBook authors' "
               "patch size and target spacing: SegbookPaperPlans), paper-zscore (the same with z-score "
-              "normalisation for CT, as in pretraining) or checkpoint (resenc-l/-m with --pretrained --weights "
+              "normalisation for CT, as in pretraining) or checkpoint (resenc-l/-m with --weights "
               "NNSSL_FILE: the task planned around the checkpoint's own network, "
-              "SegbookCheckpoint{arch}_{hash}Plans); part of the run's folder")
+              "SegbookCheckpoint{arch}_{hash}Plans; without --pretrained the file only plans the scratch run, "
+              "for a Delta(PT) on the same plans); part of the run's folder")
 
 NORMALIZATION_HELP = ("task (the default): normalise per the task's plans (CT: CTNormalization); checkpoint (with "
                       "--pretrained): preprocess the task as the checkpoint was pretrained, its scheme on every "

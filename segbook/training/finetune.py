@@ -22,7 +22,7 @@ from segbook import backbones, claims
 from segbook.errors import SegbookError
 from segbook.options import Bound, check_all
 from segbook.paths import Paths
-from segbook.runs import (CONFIGURATION, DEFAULT_FRACTION, DEFAULT_SEED, RunSpec, has_resumable_checkpoint,
+from segbook.runs import (CONFIGURATION, DEFAULT_FRACTION, DEFAULT_SEED, RunSpec, Weights, has_resumable_checkpoint,
                           identity_fields, resolve_weights)
 from segbook.training.checkpoints import check_weights_fit
 from segbook.training.manifest import RunManifest, record_failure
@@ -105,11 +105,19 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     if not is_imported(entry, paths):
         raise SegbookError(f"{entry.key} is not imported; run `segbook data import --task {entry.key} --from PATH` "
                            "first")
+    planned_around = None
+    from segbook.checkpoint_plans import CHECKPOINT_PLANS
+
+    if plans == CHECKPOINT_PLANS and spec.init != "pretrained":  # the file plans the run; nothing is loaded
+        planned_around = _planned_around(spec, resolve_weights(spec.model, weights or settings.weights, paths, say))
+        weights, settings = None, replace(settings, weights=None, weights_sha256=None)
     settings, facts = _with_weights(entry, spec, settings, weights, paths, say)
     if normalization == CHECKPOINT_NORMALIZATION:  # the checkpoint is read: its plans are known before planning
         planner = register_normalization(planner, *pretraining_schemes(facts.pretraining, settings.weights))
         spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe, seed=seed, fraction=fraction,
                           plans=check_planner(entry, planner))
+    if plans == CHECKPOINT_PLANS and spec.init == "pretrained":
+        planned_around = _planned_around(spec, Weights(Path(settings.weights), settings.weights_sha256))
     planned_cases = _training_cases(entry, spec, paths)
     folder = spec.folder(paths.results)
     with claims.exclusive(paths.claims, spec.job_id, f"run {folder}"):
@@ -135,6 +143,8 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
         else:
             records = {"preprocessed": cases.as_dict(), "rng_seed": spec.identity.rng_seed,
                        **fidelity_records(entry, spec, plan, paths, facts)}
+            if planned_around is not None:
+                records["planned_around"] = planned_around
             _warn_normalization(records["normalization"], entry, say)
             _new_run(spec, folder, existing, settings, resolved, request or {}, records)
         say(f"Run folder: {folder}")
@@ -155,10 +165,15 @@ def _planner(model: str, pretrained: bool, plans: str, weights: str | Path | Non
 
     if plans != CHECKPOINT_PLANS:
         return planner_for(model, plans)
-    if not pretrained:
-        raise SegbookError(f"--plans {CHECKPOINT_PLANS} plans around the checkpoint a run fine-tunes: add --pretrained "
-                           "--weights FILE (scratch rows on checkpoint plans are not supported yet)")
-    return planner_for_weights(model, weights)
+    return planner_for_weights(model, weights)  # a scratch run too: the file decides its network, nothing loaded
+
+
+def _planned_around(spec: RunSpec, chosen: Weights) -> dict[str, Any]:
+    """run.json's `planned_around` of a `--plans checkpoint` run: the nnssl file whose network the task was planned
+    around, its SHA-256 and the plans identifier, the same for the scratch and the pretrained run of one file (so
+    results pair them). A scratch run reads only the file's plan: no weights are loaded."""
+    return {"checkpoint": str(chosen.path), "sha256": chosen.sha256, "plans": spec.plans,
+            "weights_loaded": spec.init == "pretrained"}
 
 
 def _check_normalization(normalization: str, pretrained: bool) -> None:
