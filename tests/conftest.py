@@ -22,6 +22,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def _user_backbones_stay_in_their_test(monkeypatch: pytest.MonkeyPatch):
+    """A test that loads a user's backbone file leaves neither the backbone nor SEGBOOK_BACKBONE_FILES (which
+    loading exports for worker processes) to the tests after it: each test starts from the registry as it found
+    it, and the variable is restored."""
+    import os
+
+    from segbook import backbones
+
+    found = backbones._registry
+    monkeypatch.setattr(backbones, "_registry", backbones._Registry(dict(found.backbones), set(found.loaded_files),
+                                                                     dict(found.entry_points)))
+    monkeypatch.setenv(backbones.FILES_VARIABLE, os.environ.get(backbones.FILES_VARIABLE, ""))  # restored after
+    if not os.environ[backbones.FILES_VARIABLE]:
+        monkeypatch.delenv(backbones.FILES_VARIABLE)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _never_the_users_folders(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as patch:
