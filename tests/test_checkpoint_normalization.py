@@ -53,6 +53,42 @@ def test_a_checkpoint_that_records_no_normalisation_is_refused_before_anything_i
     assert sorted(p.name for p in (task.preprocessed / task.entry.nnunet_name).iterdir()) == before
 
 
+def _openmind(path):
+    """An nnssl ResEnc file (pretrained on z-score, as OpenMind)."""
+    from nnssl_helpers import resenc_kwargs
+
+    from segbook.backbones.nnssl import write_nnssl_checkpoint
+
+    return write_nnssl_checkpoint(resenc(num_classes=1), path,
+                                  {"architecture": "ResidualEncoderUNet", "arch_kwargs": resenc_kwargs()})
+
+
+def test_evaluate_names_the_run_finetune_trains_on_checkpoint_plans_and_normalisation(tmp_path, capsys):
+    """Issue 24: `segbook evaluate --task --model` with finetune's --plans/--normalization/--weights resolves the
+    plans identifier finetune's folder carries; bad combinations are refused as usage errors."""
+    from segbook.checkpoint_plans import planner_for_weights
+    from segbook.cli.evaluate import _runs
+    from segbook.cli.main import build_parser, main
+    from segbook.registry import load_registry
+
+    openmind = str(_openmind(tmp_path / "openmind.pth"))
+    around = PLANNERS[planner_for_weights("resenc-l", openmind)].plans
+    expected = {("checkpoint", "task"): around, ("checkpoint", "checkpoint"): f"{around}_ZScoreNorm",
+                ("default", "checkpoint"): "nnUNetResEncUNetLPlans_ZScoreNorm"}
+    for (plans, normalization), identifier in expected.items():
+        args = build_parser().parse_args(["evaluate", "--task", "613", "--model", "resenc-l", "--pretrained",
+                                          "--plans", plans, "--normalization", normalization, "--weights", openmind])
+        [(_, spec, _)] = _runs(args, load_registry())
+        assert spec.plans == identifier and f"__{identifier}__" in spec.folder(tmp_path).as_posix()
+    refusals = {("--scratch", "--normalization", "checkpoint", "--weights", openmind): "add --pretrained",
+                ("--pretrained", "--plans", "checkpoint"): "needs the checkpoint: pass --weights FILE",
+                ("--run", str(tmp_path), "--plans", "checkpoint"): "--run DIR names the run"}
+    for extra, message in refusals.items():
+        assert main(["evaluate", "--task", "613", "--model", "resenc-l", *extra]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("segbook: error: ") and message in error
+
+
 @pytest.mark.slow
 def test_finetune_with_the_checkpoints_normalisation_trains_on_z_scored_plans_of_its_own(tmp_path):
     """A CT task fine-tuned from an nnssl (z-score) file: the run's plans normalise by z-score, and its folder's
@@ -83,3 +119,8 @@ def test_finetune_with_the_checkpoints_normalisation_trains_on_z_scored_plans_of
         assert manifest.status == "finished"
         assert manifest.data["normalization"]["fine_tuning"]["schemes"] == ["ZScoreNormalization"]
         assert manifest.data["normalization"]["fine_tuning"]["plans"] == identifier != task_normalised
+        evaluated = run_segbook("evaluate", "--registry", str(task.registry_file), "--task", task.entry.key,
+                                "--model", "resenc-l", "--pretrained", "--recipe", "frozen-encoder", "--weights",
+                                str(openmind), "--plans", "checkpoint", "--normalization", "checkpoint",
+                                "--device", "cpu")
+        assert f"evaluated: {folder / 'fold_all'}" in evaluated.stdout

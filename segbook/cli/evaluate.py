@@ -7,7 +7,7 @@ import argparse
 from segbook.cli.common import (DEVICE_HELP, POSITIVE_NUMBER, HelpFormatter, add_backbone_file_option,
                                 add_registry_option, add_seed_and_fraction_options, at_least, bounded,
                                 load_backbone_files, model_help, registry_from_args, seeds_and_fractions_from_args)
-from segbook.cli.finetune import TRAINING_PLANS
+from segbook.cli.finetune import FINETUNE_PLANS, NORMALIZATION_HELP
 from segbook.evaluation.settings import STEP_SIZE
 
 
@@ -35,8 +35,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "without, for the built-in models)")
     which.add_argument("--fold", default="all", choices=["all", "0", "1", "2", "3", "4"])
     add_seed_and_fraction_options(which)
-    which.add_argument("--plans", choices=TRAINING_PLANS, default="default",
-                       help="the plans the run trained on (default: the model's own, nnUNetPlans for STU-Net)")
+    which.add_argument("--plans", choices=FINETUNE_PLANS, default="default",
+                       help="the plans the run trained on, as given to `segbook finetune` (default: the model's "
+                            "own, nnUNetPlans for STU-Net; checkpoint: with --weights, the file it was planned "
+                            "around)")
+    which.add_argument("--normalization", choices=("task", "checkpoint"), default="task",
+                       help="as given to `segbook finetune`: " + NORMALIZATION_HELP)
+    which.add_argument("--weights", metavar="PATH",
+                       help="the checkpoint the run was given with --weights (read for --plans checkpoint and "
+                            "--normalization checkpoint, which name the run's plans; never loaded)")
     which.add_argument("--run", metavar="DIR", help="a run folder (…/fold_X) instead of --task/--model")
     add_registry_option(parser)
     options = parser.add_argument_group("prediction and metrics")
@@ -75,12 +82,16 @@ def _runs(args: argparse.Namespace, registry) -> list[tuple]:
     """(entry, spec, folder) of each run named: the run folder, or one per seed and fraction of the configuration."""
     from pathlib import Path
 
-    from segbook.backbones import planner_for
     from segbook.errors import SegbookError
     from segbook.evaluation.evaluate import spec_from_folder
+    from segbook.paths import Paths
     from segbook.plan import plans_identifier
     from segbook.runs import RunSpec
+    from segbook.training.finetune import run_planner
 
+    if args.run and (args.plans, args.normalization, args.weights) != ("default", "task", None):
+        raise SegbookError("--run DIR names the run, plans included; --plans, --normalization and --weights are for "
+                           "--task/--model")
     if args.run:
         folder = Path(args.run).expanduser()
         spec = spec_from_folder(folder)
@@ -90,7 +101,8 @@ def _runs(args: argparse.Namespace, registry) -> list[tuple]:
     seeds, fractions = seeds_and_fractions_from_args(args)
     entry = registry.get(args.task)
     _recorded_model(args.model, entry)
-    plans = plans_identifier(planner_for(args.model, args.plans))
+    plans = plans_identifier(run_planner(args.model, args.pretrained, args.plans, args.normalization, args.weights,
+                                         Paths.from_env()))
     return [(entry, RunSpec.of(entry, args.model, args.pretrained, args.fold, recipe=args.recipe, seed=seed,
                                fraction=fraction, plans=plans), None) for seed in seeds for fraction in fractions]
 

@@ -82,8 +82,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     from nnunetv2.run.run_training import run_training
 
     from segbook.data.folders import is_imported
-    from segbook.checkpoint_normalization import CHECKPOINT_NORMALIZATION, pretraining_schemes
-    from segbook.checkpoint_normalization import register as register_normalization
+    from segbook.checkpoint_normalization import CHECKPOINT_NORMALIZATION
     from segbook.devices import resolve_device
     from segbook.plan import check_planner, plan_task, verify_preprocessed
     from segbook.training.trainers import register_with_nnunet
@@ -113,7 +112,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
         weights, settings = None, replace(settings, weights=None, weights_sha256=None)
     settings, facts = _with_weights(entry, spec, settings, weights, paths, say)
     if normalization == CHECKPOINT_NORMALIZATION:  # the checkpoint is read: its plans are known before planning
-        planner = register_normalization(planner, *pretraining_schemes(facts.pretraining, settings.weights))
+        planner = normalised_like(planner, facts, settings.weights)
         spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe, seed=seed, fraction=fraction,
                           plans=check_planner(entry, planner))
     if plans == CHECKPOINT_PLANS and spec.init == "pretrained":
@@ -166,6 +165,35 @@ def _planner(model: str, pretrained: bool, plans: str, weights: str | Path | Non
     if plans != CHECKPOINT_PLANS:
         return planner_for(model, plans)
     return planner_for_weights(model, weights)  # a scratch run too: the file decides its network, nothing loaded
+
+
+def run_planner(model: str, pretrained: bool, plans: str, normalization: str, weights: str | Path | None,
+                paths: Paths, say: Callable[[str], None] = print) -> str:
+    """The planner (a `PLANNERS` key) whose plans identifier names the folder of the run `finetune` trains with
+    these options; `segbook evaluate` asks it, so `--task/--model` finds runs on checkpoint plans or checkpoint
+    normalisation too. The checkpoint's network or normalisation is read, no weights loaded, nothing written."""
+    from segbook.checkpoint_normalization import CHECKPOINT_NORMALIZATION
+
+    planner = _planner(model, pretrained, plans, weights)
+    _check_normalization(normalization, pretrained)
+    if normalization != CHECKPOINT_NORMALIZATION:
+        return planner
+    from segbook.backbones.models import checkpoint_facts
+    from stunet import CheckpointError
+
+    chosen = resolve_weights(model, weights, paths, say)
+    try:
+        return normalised_like(planner, checkpoint_facts(backbones.get(model), chosen.path), chosen.path)
+    except CheckpointError as error:
+        raise SegbookError(str(error)) from None
+
+
+def normalised_like(planner: str, facts: "CheckpointFacts", weights: str | Path) -> str:
+    """`planner` normalising as the checkpoint `weights` (whose facts are `facts`) was pretrained; one place for
+    `finetune` and `run_planner`, so training and evaluation derive the same identifier."""
+    from segbook.checkpoint_normalization import pretraining_schemes, register
+
+    return register(planner, *pretraining_schemes(facts.pretraining, weights))
 
 
 def _planned_around(spec: RunSpec, chosen: Weights) -> dict[str, Any]:
