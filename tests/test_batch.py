@@ -731,6 +731,41 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(task, fresh):
     assert job_status(job, fresh).state == "done"
 
 
+def test_checkpoint_normalization_normalises_every_pretrained_job_of_a_model_as_its_file_was_pretrained(tmp_path):
+    """Issue 24: `--normalization checkpoint` puts a model's pretrained jobs on its file's normalisation (the
+    identifier finetune derives, on default or checkpoint plans, its planner prepared) and the workers get it;
+    scratch jobs, a model without a file and a file recording no normalisation are refused, naming them."""
+    import torch
+    from nnssl_helpers import resenc, resenc_kwargs
+
+    from segbook.backbones import PLANNERS
+    from segbook.backbones.nnssl import write_nnssl_checkpoint
+    from segbook.batch.matrix import on_plans
+    from segbook.batch.preparation import planners_of
+    from segbook.checkpoint_plans import planner_for_weights
+
+    registry = load_registry()
+    one = str(write_nnssl_checkpoint(resenc(num_classes=1), tmp_path / "one.pth",
+                                     {"architecture": "ResidualEncoderUNet", "arch_kwargs": resenc_kwargs()}))
+    jobs = build_matrix(registry, "613", models="resenc-l", inits="pretrained")
+    around = PLANNERS[planner_for_weights("resenc-l", one)].plans
+    for plans, identifier in (("default", "nnUNetResEncUNetLPlans_ZScoreNorm"), ("checkpoint", f"{around}_ZScoreNorm")):
+        planned = on_plans(jobs, plans, {"resenc-l": one}, "checkpoint")
+        assert {job.spec.plans for job in planned} == {identifier}
+        assert [PLANNERS[name].plans for name in planners_of(planned)] == [identifier]
+    options = ExecutionOptions.create(weights=[f"resenc-l={one}"], normalization="checkpoint")
+    assert ExecutionOptions.from_json(options.to_json()).normalization == "checkpoint"
+    with pytest.raises(MatrixError, match="scratch jobs fine-tune none"):
+        on_plans(build_matrix(registry, "613", models="resenc-l"), "default", {"resenc-l": one}, "checkpoint")
+    with pytest.raises(MatrixError, match="normalises large's jobs as its checkpoint was pretrained: pass --weights"):
+        on_plans(build_matrix(registry, "613", models="resenc-l,large", inits="pretrained"), "default",
+                 {"resenc-l": one}, "checkpoint")
+    plain = tmp_path / "nnunet.pth"
+    torch.save({"network_weights": resenc(num_classes=2).state_dict(), "trainer_name": "nnUNetTrainer"}, plain)
+    with pytest.raises(MatrixError, match="resenc-l: --normalization checkpoint: .* records no pretraining"):
+        on_plans(jobs, "default", {"resenc-l": str(plain)}, "checkpoint")
+
+
 def test_checkpoint_plans_plan_every_job_of_a_model_around_its_nnssl_file(tmp_path):
     """Issue 24: `--plans checkpoint` puts a model's pretrained and scratch jobs on its file's plans (one identifier,
     its planner prepared); other files get other identifiers; a model without a file is refused, naming it."""

@@ -109,8 +109,8 @@ class Training:
                               recipe=job.spec.recipe, seed=job.spec.seed, fraction=job.spec.fraction,
                               recipe_files=options.recipe_files,
                               settings=options.settings_for(job), weights=options.file_for(job),
-                              plans=options.plans, device=options.device, num_gpus=options.num_gpus, resume=True,
-                              compile=options.compile,
+                              plans=options.plans, normalization=options.normalization, device=options.device,
+                              num_gpus=options.num_gpus, resume=True, compile=options.compile,
                               paths=paths, plan_processes=_processes(options), request=request)
         if forwarded is not None:
             forwarded.act()
@@ -152,6 +152,7 @@ class ExecutionOptions:
     pretrained_settings: TrainingSettings | None = None
     weights: dict[str, str] = field(default_factory=dict)  # `segbook.runs.parse_weights`: {model or "*": file}
     plans: str = "default"  # or "checkpoint": every job planned around its model's file of `weights`
+    normalization: str = "task"  # or "checkpoint": pretrained jobs preprocessed as their model's file was pretrained
     device: str = "cuda"
     num_gpus: int = 1
     compile: bool | None = None

@@ -122,31 +122,57 @@ def build_matrix(registry: "Registry", tasks: str | Sequence[str] = "all", *, sc
     return jobs
 
 
-def on_plans(jobs: Sequence[Job], plans: str = "default", weights: Mapping[str, str] | None = None) -> list[Job]:
-    """The jobs on `plans`: "default" leaves them on their backbones' own; "checkpoint" (`segbook.checkpoint_plans`)
-    plans every job of a model, pretrained and scratch alike, around that model's nnssl file of `weights`
-    (`segbook.runs.parse_weights`; its planner registered for this process), so both share one plans identifier.
-    A model with no file, or one whose backbone reads no nnssl files, or a file that cannot be planned around, is a
-    SegbookError naming it, before anything is written."""
+def on_plans(jobs: Sequence[Job], plans: str = "default", weights: Mapping[str, str] | None = None,
+             normalization: str = "task") -> list[Job]:
+    """The jobs on `plans` and `normalization`: "default" and "task" leave them on their backbones' own plans;
+    plans "checkpoint" (`segbook.checkpoint_plans`) plans every job of a model, pretrained and scratch alike, around
+    that model's nnssl file of `weights` (`segbook.runs.parse_weights`; its planner registered for this process), so
+    both share one plans identifier; normalization "checkpoint" (`segbook.checkpoint_normalization`) preprocesses a
+    model's jobs as its file was pretrained. The identifier is derived as `finetune` derives it (`run_planner`), so
+    the jobs name the runs they train. A model with no file, a file that cannot be planned around or records no
+    pretraining normalisation, or a scratch job under checkpoint normalisation is a MatrixError naming it, before
+    anything is written."""
     from dataclasses import replace
 
-    from segbook.checkpoint_plans import CHECKPOINT_PLANS, planner_for_weights
+    from segbook.checkpoint_normalization import NORMALIZATIONS
+    from segbook.checkpoint_plans import CHECKPOINT_PLANS
 
-    if plans == "default":
-        return list(jobs)
-    if plans != CHECKPOINT_PLANS:
+    if plans not in ("default", CHECKPOINT_PLANS):
         raise MatrixError(f"unknown --plans {plans}; choose default or {CHECKPOINT_PLANS}")
-    identifiers: dict[str, str] = {}
-    for model in dict.fromkeys(job.spec.model for job in jobs):
-        file = weights_given(dict(weights or {}), model)
-        if file is None:
-            raise MatrixError(f"--plans {CHECKPOINT_PLANS} plans {model}'s jobs around its nnssl checkpoint: pass "
-                              f"--weights {model}=FILE, or leave {model} out of --models")
-        try:
-            identifiers[model] = backbones.PLANNERS[planner_for_weights(model, file)].plans
-        except SegbookError as error:
-            raise MatrixError(f"{model}: {error}") from None
+    if normalization not in NORMALIZATIONS:
+        raise MatrixError(f"unknown --normalization {normalization}; choose {' or '.join(NORMALIZATIONS)}")
+    if (plans, normalization) == ("default", "task"):
+        return list(jobs)
+    _refuse_scratch_normalised(jobs, normalization)
+    identifiers = {model: _identifier(model, plans, normalization, weights)
+                   for model in dict.fromkeys(job.spec.model for job in jobs)}
     return [Job(replace(job.spec, plans=identifiers[job.spec.model]), job.entry) for job in jobs]
+
+
+def _refuse_scratch_normalised(jobs: Sequence[Job], normalization: str) -> None:
+    """Checkpoint normalisation is the normalisation of what a job fine-tunes: a scratch job has none to follow
+    (`finetune` refuses it too), and its task-normalised run would not pair with the pretrained one."""
+    scratch = [job.id for job in jobs if job.spec.init != "pretrained"]
+    if normalization != "task" and scratch:
+        raise MatrixError(f"--normalization {normalization} normalises as the checkpoint a job fine-tunes was "
+                          f"pretrained, and scratch jobs fine-tune none ({scratch[0]}, ...): select --init "
+                          "pretrained")
+
+
+def _identifier(model: str, plans: str, normalization: str, weights: Mapping[str, str] | None) -> str:
+    """The plans identifier of `model`'s jobs, from its file of `weights`, as `finetune` derives a run's."""
+    from segbook.paths import Paths
+    from segbook.training.finetune import run_planner
+
+    file = weights_given(dict(weights or {}), model)
+    if file is None:
+        wanted = (f"--plans checkpoint plans {model}'s jobs around its nnssl checkpoint" if plans != "default" else
+                  f"--normalization {normalization} normalises {model}'s jobs as its checkpoint was pretrained")
+        raise MatrixError(f"{wanted}: pass --weights {model}=FILE, or leave {model} out of --models")
+    try:
+        return backbones.PLANNERS[run_planner(model, True, plans, normalization, file, Paths.from_env())].plans
+    except SegbookError as error:
+        raise MatrixError(f"{model}: {error}") from None
 
 
 def check_recipes(jobs: Iterable[Job], recipe_files: Sequence[str | os.PathLike] | None = None,

@@ -53,7 +53,8 @@ def work(job_id: str, options: ExecutionOptions, paths: Paths | None = None, *, 
     """Run the job `job_id` names (its task from the options' registry files) and print how it ended, for the
     job's log."""
     job = job_from_id(load_registry(options.registry_files), job_id)
-    job = on_plans([job], options.plans, options.pretrained_weights)[0]  # a job id names no plans: the options do
+    # a job id names no plans: the options do
+    job = on_plans([job], options.plans, options.pretrained_weights, options.normalization)[0]
     outcome = run_job(job, options, paths, backend=backend)
     message = outcome.message.removeprefix(f"{job_id}: ")  # said once, first
     print(f"segbook batch worker: {job_id}: {outcome.result} {message}".rstrip(), flush=True)

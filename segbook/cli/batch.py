@@ -62,6 +62,10 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
                        help="default (each backbone's own) or checkpoint: every job of a model, pretrained and "
                             "scratch, planned around its nnssl file (--weights resenc-l=FILE; "
                             "SegbookCheckpoint{arch}_{hash}Plans); a model without one is refused")
+    group.add_argument("--normalization", default="task", choices=["task", "checkpoint"],
+                       help="task (each task's plans) or checkpoint: every pretrained job of a model preprocessed "
+                            "as its file (--weights MODEL=FILE) was pretrained, under plans of their own "
+                            "({plans}_ZScoreNorm); a model without a file, or scratch jobs, are refused")
     group.add_argument("--recipes", default=None,
                        help="fine-tuning recipes of the pretrained jobs, comma-separated, or 'all' (`segbook "
                             "recipes` lists them); one job per recipe; scratch jobs train with their model's scratch "
@@ -272,7 +276,7 @@ def _matrix(args: argparse.Namespace) -> list["Job"]:
                         target=args.target, region=args.region, models=args.models, inits=args.init,
                         recipes=args.recipes, recipe_files=args.recipe_file, seeds=args.seeds,
                         fractions=args.fractions, folds=args.folds)
-    jobs = on_plans(jobs, args.plans, parse_weights(getattr(args, "weights", None)))
+    jobs = on_plans(jobs, args.plans, parse_weights(getattr(args, "weights", None)), args.normalization)
     if not jobs:
         raise MatrixError("the selection matches no job (nnU-Net's network has no pretrained job; check the "
                           "filters with `segbook tasks`)")
@@ -290,7 +294,8 @@ def _options(args: argparse.Namespace, backend: str) -> "ExecutionOptions":
         registry_files=getattr(args, "registry", None) or [], recipe_files=args.recipe_file, weights=args.weights,
         settings=training_settings_from_args(args), device=device,
         num_gpus=args.gpus_per_job if device == "cuda" else 1, compile=args.compile, processes=args.processes,
-        data_workers=args.data_workers, max_attempts=args.max_attempts, plans=getattr(args, "plans", "default"))
+        data_workers=args.data_workers, max_attempts=args.max_attempts, plans=getattr(args, "plans", "default"),
+        normalization=getattr(args, "normalization", "task"))
 
 
 def _print(rows: list[dict[str, Any]], totals: list[dict[str, Any]], fmt: str) -> None:
