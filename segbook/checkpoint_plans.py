@@ -85,9 +85,10 @@ def initial_patch(median_shape: Sequence[float], recommended: Sequence[int], str
     short = [axis for axis in range(3) if median_shape[axis] < MIN_FILL * stride[axis]]
     if short:
         raise CheckpointPlanError(
-            "the task is too small for the checkpoint's network: median shape "
+            "the task is too small for the network planned: median shape "
             f"{[round(float(v)) for v in median_shape]} voxels, but the network downsamples axes {short} "
-            f"{[stride[a] for a in short]}-fold; plan it with its default plans, or resample it to a finer spacing")
+            f"{[stride[a] for a in short]}-fold; plan it for a network that downsamples less, or resample it to a "
+            "finer spacing")
     return [max(MIN_BOTTLENECK * stride[a], min(int(recommended[a]) // stride[a] * stride[a],
                                 math.ceil(float(median_shape[a]) / stride[a]) * stride[a])) for a in range(3)]
 

@@ -248,6 +248,9 @@ def plan_task(entry: DatasetEntry, paths: Paths | None = None, num_processes: in
         for line in repair_if_free(entry, paths):  # a killed planning's hidden copy can be gigabytes
             say(f"{entry.nnunet_name}: {line}")
         return _load_result(entry, paths, planner, raw_stamp(entry, paths), True, time.perf_counter() - started)
+    from segbook.primus_plans import check_task_fits
+
+    check_task_fits(entry, paths, planner)
     with dataset_claim(entry, paths, wait=wait, say=say) as repaired:
         for line in repaired:
             say(f"{entry.nnunet_name}: {line}")

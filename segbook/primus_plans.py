@@ -6,7 +6,8 @@ raises, primus.py L203-204). nnU-Net 2.8.1's own Primus trainers train on the ta
 patch size is not divisible by 8" (primus_trainers.py L137). segbook instead plans the patch for Primus: nnU-Net's
 default planner (spacing, normalisation, batch size, its memory-driven patch), then per axis the smaller of that
 patch rounded down to 8 and the task's median shape rounded up to 8, at least two tokens
-(`segbook.checkpoint_plans.initial_patch`, which refuses a task too small for the patch embedding). Rounding down
+(`segbook.checkpoint_plans.initial_patch`). A task too small for the patch embedding is refused before planning
+(`check_task_fits`, from the training images' headers), naming the task. Rounding down
 keeps the patch within the memory nnU-Net planned for its U-Net; the network built from these plans has exactly
 this patch as its `input_shape`. Its own plans and data identifiers (`SegbookPrimusPlans`,
 `SegbookPrimusPlans_3d_fullres`), so Primus data never mixes with the default plans', and scratch and pretrained
@@ -15,12 +16,19 @@ Primus runs share them (a fair pretrained-vs-scratch comparison).
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
 from segbook.backbones import PLANNERS
-from segbook.checkpoint_plans import initial_patch
+from segbook.checkpoint_plans import MIN_BOTTLENECK, MIN_FILL, initial_patch
+from segbook.errors import SegbookError
+
+if TYPE_CHECKING:
+    from segbook.paths import Paths
+    from segbook.registry import DatasetEntry
 
 #: Primus' patch embedding (dna primus.py; OpenMind always 8^3): every patch axis is a multiple of it.
 PATCH_EMBED = (8, 8, 8)
@@ -48,3 +56,35 @@ class PrimusPlanner(ExperimentPlanner):
 def primus_patch(planned: Any, median_shape: Any) -> list[int]:
     """nnU-Net's patch fixed for Primus: per axis a multiple of the patch embedding (see the module)."""
     return initial_patch(median_shape, [int(p) for p in planned], PATCH_EMBED)
+
+
+def check_task_fits(entry: "DatasetEntry", paths: "Paths", planner: str) -> None:
+    """Refuse, before anything is planned or written, a task too short along an axis for Primus' patch embedding
+    (the limit `primus_patch` applies): otherwise nnU-Net's fingerprint runs first and the refusal comes from the
+    staging folder. Planners other than Primus' (a checkpoint-normalised one included) pass."""
+    from segbook.backbones import PLANNERS as planners
+    from segbook.data.folders import raw_folder
+
+    if planners[planner].nnunet_class != planners["primus"].nnunet_class:
+        return
+    shape = median_shape(raw_folder(entry, paths))
+    if min(shape) < MIN_FILL * min(PATCH_EMBED):
+        raise SegbookError(
+            f"{entry.key} is too small for Primus: its training images' median shape is "
+            f"{[round(v, 1) for v in shape]} voxels, {min(shape):.3g} along its smallest axis, but Primus embeds "
+            f"{PATCH_EMBED[0]}-voxel patches (its smallest patch: {MIN_BOTTLENECK * PATCH_EMBED[0]} voxels per axis), "
+            "so nearly all of it would be padding; train a convolutional backbone on it, or resample it finer")
+
+
+def median_shape(raw: Path) -> list[float]:
+    """The training images' median shape at their median spacing, as nnU-Net's planner estimates it, from the
+    files' headers alone (no voxels read, nothing written)."""
+    import numpy as np
+
+    from segbook.data.validate import read_header
+    from segbook.plan import train_case_ids
+
+    ending = json.loads((raw / "dataset.json").read_text(encoding="utf-8")).get("file_ending", ".nii.gz")
+    headers = [read_header(raw / "imagesTr" / f"{case}_0000{ending}") for case in train_case_ids(raw)]
+    spacing = np.median([header.spacing for header in headers], axis=0)
+    return [float(v) for v in np.median([np.array(h.size) * h.spacing / spacing for h in headers], axis=0)]

@@ -34,8 +34,26 @@ def test_primus_m_is_openminds_configuration_on_the_meta_device():
 def test_the_primus_patch_is_the_planned_one_in_multiples_of_eight():
     assert primus_patch([28, 40, 44], [30, 50, 60]) == [24, 40, 40]
     assert primus_patch([128, 128, 128], [20, 300, 300]) == [24, 128, 128]
-    with pytest.raises(CheckpointPlanError, match="too small"):
+    with pytest.raises(CheckpointPlanError, match="too small for the network planned"):
         primus_patch([8, 64, 64], [1, 64, 64])
+
+
+def test_a_task_too_small_for_primus_is_refused_before_anything_is_planned(segbook_home, tmp_path, capsys):
+    """Issue 24: a scratch Primus run on a one-slice task is refused from the images' headers, naming the task,
+    its smallest axis and the 8-voxel patch embedding, before a fingerprint, plans or a run folder exist."""
+    from helpers import prepare_synthetic_task, tiny_spec
+
+    from segbook.cli.main import main
+    from segbook.paths import Paths
+
+    registry, entry = prepare_synthetic_task(tmp_path, tiny_spec(size=(40, 40, 1), cases=4), plan=False)
+    for command in (["finetune", "--model", "primus-s", "--device", "cpu"], ["plan", "--plans", "primus"]):
+        assert main([*command, "--registry", str(registry), "--task", entry.key]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"segbook: error: {entry.key} is too small for Primus: ")
+        assert "1 along its smallest axis, but Primus embeds 8-voxel patches (its smallest patch: 16" in error
+    paths = Paths.from_env()
+    assert not (paths.preprocessed / entry.nnunet_name).exists() and not (paths.results / entry.nnunet_name).exists()
 
 
 def test_an_nnssl_primus_file_loads_its_encoder_and_interpolates_pos_embed(tmp_path):

@@ -85,6 +85,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     from segbook.checkpoint_normalization import CHECKPOINT_NORMALIZATION
     from segbook.devices import resolve_device
     from segbook.plan import check_planner, plan_task, verify_preprocessed
+    from segbook.primus_plans import check_task_fits
     from segbook.training.trainers import register_with_nnunet
 
     settings = (settings or TrainingSettings()).validate()
@@ -118,6 +119,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     if plans == CHECKPOINT_PLANS and spec.init == "pretrained":
         planned_around = _planned_around(spec, Weights(Path(settings.weights), settings.weights_sha256))
     planned_cases = _training_cases(entry, spec, paths)
+    check_task_fits(entry, paths, planner)  # before the run's claim: plan_task checks again for other callers
     folder = spec.folder(paths.results)
     with claims.exclusive(paths.claims, spec.job_id, f"run {folder}"):
         existing = RunManifest.load(folder)
