@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from segbook.backbones import PLANNERS, Planner
 from segbook.data.folders import (check_not_in_use, dataset_claim, is_imported, preprocessed_folder, raw_folder,
                                   repair_if_free)
+from segbook.data.split import train_case_ids
 from segbook.errors import SegbookError
 from segbook.io import atomic_write_json, now
 from segbook.paths import Paths
@@ -357,19 +358,6 @@ class PreprocessedCases:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def train_case_ids(raw: Path) -> list[str]:
-    """The train split's case ids: from segbook's split file, else (a dataset not imported by segbook) from
-    nnU-Net's labelsTr."""
-    from segbook.data.split import read_split
-
-    split = read_split(raw)
-    if split is not None:
-        return sorted(split.train)
-    dataset = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
-    ending = dataset.get("file_ending", ".nii.gz")
-    return sorted(p.name[: -len(ending)] for p in (raw / "labelsTr").glob(f"*{ending}"))
 
 
 def _check_cases(task: str, raw: Path, data_folder: Path, what: str) -> PreprocessedCases:

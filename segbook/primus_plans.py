@@ -82,7 +82,7 @@ def median_shape(raw: Path) -> list[float]:
     import numpy as np
 
     from segbook.data.validate import read_header
-    from segbook.plan import train_case_ids
+    from segbook.data.split import train_case_ids
 
     ending = json.loads((raw / "dataset.json").read_text(encoding="utf-8")).get("file_ending", ".nii.gz")
     headers = [read_header(raw / "imagesTr" / f"{case}_0000{ending}") for case in train_case_ids(raw)]

@@ -263,3 +263,14 @@ def _unknown(given: GivenSplit, cases: set[str]) -> list[Problem]:
         hint = f" (did you mean {close[0]}?)" if close else ""
         problems.append(error("split", f"is not a labelled case of the source{hint}", case))
     return problems
+
+
+def train_case_ids(raw: Path) -> list[str]:
+    """The train split's case ids: from segbook's split file, else (a dataset not imported by segbook) from
+    nnU-Net's labelsTr."""
+    split = read_split(raw)
+    if split is not None:
+        return sorted(split.train)
+    dataset = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
+    ending = dataset.get("file_ending", ".nii.gz")
+    return sorted(p.name[: -len(ending)] for p in (raw / "labelsTr").glob(f"*{ending}"))

@@ -222,7 +222,7 @@ def _training_cases(entry: "DatasetEntry", spec: RunSpec, paths: Paths) -> list[
     takes from nnU-Net's splits file (and checks there)."""
     from segbook.data.folders import raw_folder
     from segbook.data.subsets import training_subset
-    from segbook.plan import train_case_ids
+    from segbook.data.split import train_case_ids
 
     if spec.fold != "all" and spec.fraction == 1:
         return None
