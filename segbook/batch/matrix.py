@@ -144,9 +144,21 @@ def on_plans(jobs: Sequence[Job], plans: str = "default", weights: Mapping[str, 
     if (plans, normalization) == ("default", "task"):
         return list(jobs)
     _refuse_scratch_normalised(jobs, normalization)
-    identifiers = {model: _identifier(model, plans, normalization, weights)
-                   for model in dict.fromkeys(job.spec.model for job in jobs)}
+    identifiers = plans_of_models([job.spec.model for job in jobs], plans, weights, normalization)
     return [Job(replace(job.spec, plans=identifiers[job.spec.model]), job.entry) for job in jobs]
+
+
+def plans_of_models(models: Iterable[str], plans: str = "default", weights: Mapping[str, str] | None = None,
+                    normalization: str = "task") -> dict[str, str]:
+    """Each model's plans identifier on `plans` and `normalization` (its backbone's own on the defaults), with the
+    planner that writes it registered in this process. The checkpoint planners (`segbook.checkpoint_plans`,
+    `segbook.checkpoint_normalization`) live in the process that read the file: a process that prepares or trains
+    a batch's jobs (a worker, a SLURM task) calls this (through `on_plans`, or directly) with the batch's recorded
+    options, so it reads the files itself. MatrixError as `on_plans` says."""
+    models = list(dict.fromkeys(models))
+    if (plans, normalization) == ("default", "task"):
+        return {model: backbones.get(model).plans for model in models}
+    return {model: _identifier(model, plans, normalization, weights) for model in models}
 
 
 def _refuse_scratch_normalised(jobs: Sequence[Job], normalization: str) -> None:
