@@ -85,9 +85,10 @@ def test_slurm_tasks_register_the_checkpoint_planners_from_the_submissions_optio
     task trains on it, each in a process the submitting one never touched."""
     ensure_slurm_cluster()
     idle_node()
-    submitted = run_segbook("batch", "submit", *_selection(openmind_task, "pretrained"), *SLURM, *BUDGET).stdout
+    submitted = run_segbook("batch", "submit", *_selection(openmind_task, "pretrained,scratch"), *SLURM,
+                            *BUDGET).stdout
     assert "submitted the preparation of 1 task(s)" in submitted, submitted
-    jobs = _wait_until_done(openmind_task, "pretrained")
+    jobs = _wait_until_done(openmind_task, "pretrained,scratch")
     paths = Paths.from_env()
     record = read_records(paths)[openmind_task.entry.key]
     assert record["status"] == "prepared" and record["slurm_job"], record
@@ -95,3 +96,39 @@ def test_slurm_tasks_register_the_checkpoint_planners_from_the_submissions_optio
     (log,) = (paths.batch / "slurm").glob("*.prepare/*/*_log.err")
     assert "ForkPoolWorker" not in log.read_text()  # nnU-Net's forked pool workers died of SIGTERM, no traceback
     _check_runs(openmind_task, jobs)
+
+
+@pytest.mark.slow
+def test_batch_run_pairs_scratch_and_pretrained_jobs_on_the_checkpoints_plans_and_normalisation(openmind_task):
+    """`batch run` (local, each job in a fresh worker process that registers the planners itself): the scratch job
+    trains on the pretrained job's plans identifier and z-scored data without loading the file, and `segbook
+    results` puts both in one row with their Delta(PT)."""
+    from segbook.runs import summary_path
+
+    result = run_segbook("batch", "run", *_selection(openmind_task, "pretrained,scratch"), "--device", "cpu",
+                         "--workers", "1", *BUDGET)
+    assert "2 done" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    identifier = _identifier(openmind_task)
+    _check_runs(openmind_task, {"pretrained": {}, "scratch": {}})
+    results = Paths.from_env().results
+    runs = {init: next(results.glob(f"*/SegbookTrainer_resenc-l_{init}__{identifier}__3d_fullres")) / "fold_all"
+            for init in ("pretrained", "scratch")}
+    scratch = RunManifest.load(runs["scratch"])
+    assert scratch.settings.weights is None and scratch.data["planned_around"] == {
+        "checkpoint": str(openmind_task.openmind), "sha256": scratch.data["planned_around"]["sha256"],
+        "plans": identifier, "weights_loaded": False}
+    assert "pretrained_weights_loaded" not in [event["event"] for event in scratch.data["events"]]
+    pretrained = RunManifest.load(runs["pretrained"])
+    assert pretrained.data["planned_around"]["weights_loaded"] is True
+    assert pretrained.data["planned_around"]["sha256"] == scratch.data["planned_around"]["sha256"]
+    assert [e["event"] for e in pretrained.data["events"]].count("pretrained_weights_loaded") == 1
+
+    dice = {init: 100 * json.loads(summary_path(folder).read_text())["foreground_mean"]["dice"]
+            for init, folder in runs.items()}
+    table = run_segbook("results", "--registry", str(openmind_task.registry_file), "--plans", identifier,
+                        "--models", "resenc-l", "--table", "datasets", "--format", "csv").stdout
+    (row,) = [line.split(",") for line in table.splitlines() if line.startswith(openmind_task.entry.key)]
+    shown = [float(value) for value in row if value.replace(".", "", 1).replace("-", "", 1).isdigit()]
+    expected = [round(dice["scratch"], 1), round(dice["pretrained"], 1),
+                round(dice["pretrained"] - dice["scratch"], 1)]
+    assert all(any(abs(value - want) <= 0.051 for value in shown) for want in expected), (table, dice)

@@ -63,9 +63,10 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
                             "scratch, planned around its nnssl file (--weights resenc-l=FILE; "
                             "SegbookCheckpoint{arch}_{hash}Plans); a model without one is refused")
     group.add_argument("--normalization", default="task", choices=["task", "checkpoint"],
-                       help="task (each task's plans) or checkpoint: every pretrained job of a model preprocessed "
-                            "as its file (--weights MODEL=FILE) was pretrained, under plans of their own "
-                            "({plans}_ZScoreNorm); a model without a file, or scratch jobs, are refused")
+                       help="task (each task's plans) or checkpoint: every job of a model, pretrained and scratch, "
+                            "preprocessed as its file (--weights MODEL=FILE) was pretrained, under plans of their own "
+                            "({plans}_ZScoreNorm; scratch jobs load nothing from it); a model without a file is "
+                            "refused")
     group.add_argument("--recipes", default=None,
                        help="fine-tuning recipes of the pretrained jobs, comma-separated, or 'all' (`segbook "
                             "recipes` lists them); one job per recipe; scratch jobs train with their model's scratch "
