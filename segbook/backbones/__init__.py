@@ -74,6 +74,10 @@ FORMAT_STEM_TILINGS: dict[str, str] = {
     "state_dict": "repeat",
     "nnssl": "mean",
 }
+#: The backbone whose checkpoint `segbook plan --weights FILE` reads unless `--model` names another (for `--plans
+#: checkpoint` and `--normalization checkpoint`): nnU-Net's ResEnc-L, the network of OpenMind's nnssl release
+#: (docs/backbones-nnssl.md), the checkpoint those options were built for. A test keeps it a backbone reading nnssl.
+CHECKPOINT_PLANS_MODEL = "resenc-l"
 #: The SegBook study's recipes: the paper's fine-tuning, and nnU-Net's schedule from scratch. What a backbone trains
 #: when a run names no recipe unless it declares its own (`Backbone.default_recipes`; every built-in one takes
 #: these); the recipes table compares other recipes with the study's.

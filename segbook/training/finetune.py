@@ -180,19 +180,28 @@ def run_planner(model: str, pretrained: bool, plans: str, normalization: str, we
     _check_normalization(normalization, pretrained)
     if normalization != CHECKPOINT_NORMALIZATION:
         return planner
+    return normalised_like_weights(planner, model, resolve_weights(model, weights, paths, say).path)
+
+
+def normalised_like_weights(planner: str, model: str, weights: str | Path | None) -> str:
+    """`planner` normalising as `model`'s checkpoint `weights` was pretrained, its facts read (no weights loaded)
+    before anything is planned; SegbookError when no file is given or it cannot be read."""
     from segbook.backbones.models import checkpoint_facts
+    from segbook.checkpoint_normalization import CHECKPOINT_NORMALIZATION
     from stunet import CheckpointError
 
-    chosen = resolve_weights(model, weights, paths, say)
+    if weights is None:
+        raise SegbookError(f"--normalization {CHECKPOINT_NORMALIZATION} needs the checkpoint: pass --weights FILE")
     try:
-        return normalised_like(planner, checkpoint_facts(backbones.get(model), chosen.path), chosen.path)
+        facts = checkpoint_facts(backbones.get(model), weights)
     except CheckpointError as error:
-        raise SegbookError(str(error)) from None
+        raise SegbookError(f"--normalization {CHECKPOINT_NORMALIZATION}: {error}") from None
+    return normalised_like(planner, facts, weights)
 
 
 def normalised_like(planner: str, facts: "CheckpointFacts", weights: str | Path) -> str:
     """`planner` normalising as the checkpoint `weights` (whose facts are `facts`) was pretrained; one place for
-    `finetune` and `run_planner`, so training and evaluation derive the same identifier."""
+    `finetune`, `run_planner` and `segbook plan`, so planning, training and evaluation derive the same identifier."""
     from segbook.checkpoint_normalization import pretraining_schemes, register
 
     return register(planner, *pretraining_schemes(facts.pretraining, weights))
