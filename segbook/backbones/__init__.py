@@ -214,6 +214,9 @@ class Backbone:
     colour: str = ""
     #: Part of the SegBook study, the matrix `segbook batch` runs unless given --models.
     study: bool = False
+    #: Whether `build` takes a keyword `drop_path_rate=` (stochastic depth), which a recipe's `drop_path_rate` then
+    #: sets; a recipe setting it for a backbone without is refused (`Recipe.check_fits`).
+    drop_path: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label", self.label or self.title)
@@ -317,7 +320,7 @@ def primus_backbone(name: str, embed_dim: int, depth: int, heads: int, **fields:
         build="segbook.backbones.models:build_primus", deep_supervision=False,
         default_recipes=(("pretrained", "primus"), ("scratch", "primus-scratch")), parts=_PRIMUS_PARTS,
         first_conv=("down_projection.proj.weight",), classifier="up_projection.decode.2",
-        checkpoint_formats=("nnssl",), cost_network="segbook.backbones.models:primus_cost_network",
+        checkpoint_formats=("nnssl",), cost_network="segbook.backbones.models:primus_cost_network", drop_path=True,
         description=f"Primus (EVA transformer, embed {embed_dim}, depth {depth}, {heads} heads, 8^3 patch "
                     "embedding): a fixed input, the Primus planner's patch (SegbookPrimusPlans)")
     return Backbone(**{**defaults, **fields})

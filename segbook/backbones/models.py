@@ -73,17 +73,20 @@ PRIMUS_REFERENCE_PATCH = (160, 160, 160)
 
 
 def build_primus(model: str, configuration: Any, input_channels: int, num_classes: int,
-                 deep_supervision: bool) -> nn.Module:
+                 deep_supervision: bool, drop_path_rate: float = 0.0) -> nn.Module:
     """dna's `Primus` for its fixed input, the plans' patch (the pretraining's 160^3 without plans). No deep
     supervision: Primus has one output."""
     patch = PRIMUS_REFERENCE_PATCH if configuration is None else tuple(configuration.patch_size)
-    return primus_network(model, patch, input_channels, num_classes)
+    return primus_network(model, patch, input_channels, num_classes, drop_path_rate)
 
 
-def primus_network(model: str, patch: Sequence[int], input_channels: int, num_classes: int) -> nn.Module:
+def primus_network(model: str, patch: Sequence[int], input_channels: int, num_classes: int,
+                   drop_path_rate: float = 0.0) -> nn.Module:
     """Primus of `model`'s size with OpenMind's `init_values=0.1` and `scale_attn_inner=True` (dna `PrimusS/B/M/L`,
     primus.py L441-578; nnssl BaseEvaMAETrainer L57-58: its checkpoints hold the `gamma_*` and `attn.norm` these
-    add). `input_shape` is recorded on the network: positional-embedding interpolation needs its token grid."""
+    add). `input_shape` is recorded on the network: positional-embedding interpolation needs its token grid.
+    `drop_path_rate`: dna's stochastic depth, rising linearly over the EVA blocks to it (eva.py L107, L122); it adds
+    no parameters, so a network built with any rate loads the same weights."""
     from dynamic_network_architectures.architectures.primus import Primus
 
     patch = tuple(int(p) for p in patch)
@@ -93,7 +96,7 @@ def primus_network(model: str, patch: Sequence[int], input_channels: int, num_cl
                             "planner (its own plans, SegbookPrimusPlans)")
     embed_dim, depth, heads = PRIMUS_SIZES[model]
     network = Primus(input_channels, embed_dim, PRIMUS_PATCH_EMBED, num_classes, depth, heads, input_shape=patch,
-                     init_values=0.1, scale_attn_inner=True)
+                     init_values=0.1, scale_attn_inner=True, drop_path_rate=drop_path_rate)
     network.input_shape = patch
     return network
 
@@ -154,12 +157,19 @@ def cost_network(backbone: Backbone, patch: Sequence[int], strides: Sequence[Seq
 
 
 def build(backbone: Backbone, configuration: Any, input_channels: int, num_classes: int,
-          deep_supervision: bool = True) -> nn.Module:
+          deep_supervision: bool = True, drop_path_rate: float | None = None) -> nn.Module:
     """The backbone's network for a task's plans (`configuration`, nnU-Net's ConfigurationManager) or, None, for its
-    reference architecture. Backbones without a builder are nnU-Net's own network of the plans."""
+    reference architecture. Backbones without a builder are nnU-Net's own network of the plans. `drop_path_rate`
+    (a recipe's; None: the backbone's own) goes to builders that take one (`Backbone.drop_path`), and is refused for
+    the others."""
+    extra = {}
+    if drop_path_rate is not None:
+        if not backbone.drop_path:
+            raise BackboneError(f"{backbone.label} ({backbone.name}) takes no drop-path rate")
+        extra["drop_path_rate"] = drop_path_rate
     if backbone.build is not None:
         return resolve(backbone.build)(backbone.name, configuration, input_channels, num_classes,
-                                       deep_supervision and backbone.deep_supervision)
+                                       deep_supervision and backbone.deep_supervision, **extra)
     if configuration is None:
         raise BackboneError(f"{backbone.label} is the network of a task's nnU-Net plans: build it from them")
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans

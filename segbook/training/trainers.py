@@ -160,7 +160,7 @@ class SegbookTrainer(nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         batch = self.precision.lay_out_batch(batch)
-        with self.precision.cpu_autocast():
+        with self.precision.cpu_autocast(), self.optimiser_groups.clipping():
             outputs = super().train_step(batch)
         self.boundary.trained(float(outputs["loss"]))
         self.boundary.at_boundary(self.current_epoch)
@@ -269,6 +269,9 @@ class BackboneTrainer(SegbookTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if not self.backbone.deep_supervision:
             self.enable_deep_supervision = False
+        if self.recipe.drop_path_rate is not None:  # training's network only: the predictor's needs no drop-path
+            self.build_network_architecture = functools.partial(type(self).build_network_architecture,
+                                                                drop_path_rate=self.recipe.drop_path_rate)
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """nnU-Net switches `network.decoder.deep_supervision`; a backbone with one output has nothing to switch."""
@@ -342,9 +345,10 @@ class STUNetTrainer(BackboneTrainer):
 def _backbone_builder(model: str):
     """nnU-Net's `build_network_architecture` hook for a backbone (also what its predictor calls)."""
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+                                   num_output_channels: int, enable_deep_supervision: bool = True,
+                                   drop_path_rate: float | None = None) -> nn.Module:
         return build(backbones.get(model), configuration_manager, num_input_channels, num_output_channels,
-                     enable_deep_supervision)
+                     enable_deep_supervision, drop_path_rate)
 
     return build_network_architecture
 
