@@ -42,7 +42,7 @@ def test_the_wrapped_planner_writes_the_checkpoints_scheme_for_every_channel_und
 
 
 def test_a_checkpoint_that_records_no_normalisation_is_refused_before_anything_is_planned(task, tmp_path):
-    plain = tmp_path / "nnunet.pth"  # an nnU-Net training checkpoint: no pretraining normalisation said
+    plain = tmp_path / "nnunet.pth"  # an nnU-Net training checkpoint without init_args: no normalisation said
     torch.save({"network_weights": resenc(num_classes=2).state_dict(), "trainer_name": "nnUNetTrainer"}, plain)
     before = sorted(p.name for p in (task.preprocessed / task.entry.nnunet_name).iterdir())
     refused = run_segbook("plan", "--registry", str(task.registry_file), "--task", task.entry.key,

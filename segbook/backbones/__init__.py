@@ -45,7 +45,7 @@ ENCODER, DECODER, HEADS = "encoder", "decoder", "heads"
 #: self-supervised pretraining framework's checkpoint (the OpenMind ResEnc-L release).
 FORMAT_READERS: dict[str, str] = {
     "stunet": "stunet.loading:read_state_dict",  # nnU-Net v1 `.model`, nnU-Net v2 `.pth` or a plain state_dict
-    "nnunet": "stunet.loading:read_state_dict",  # an nnU-Net v2 training checkpoint (`network_weights`)
+    "nnunet": "segbook.backbones.models:read_nnunet_checkpoint",  # an nnU-Net v2 training checkpoint
     "state_dict": "stunet.loading:read_state_dict",  # torch.save(network.state_dict(), path), or the above
     "nnssl": "segbook.backbones.nnssl:read_nnssl_checkpoint",
 }

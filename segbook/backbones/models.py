@@ -210,6 +210,84 @@ def read_checkpoint(backbone: Backbone, path: str | os.PathLike) -> tuple[str, A
 CATALOGUE_SCHEMES = {"per-image z-score": "ZScoreNormalization"}
 
 
+class NnunetCheckpoint(dict):
+    """An nnU-Net v2 training checkpoint as read: its network weights (a state dict, as the other formats' readers
+    give) and how the run that wrote it normalised its images, as its `init_args` say (nnU-Net 2.8.1 saves the
+    trainer's constructor arguments, plans and configuration included: nnUNetTrainer.py L115-117, L1212). `warnings`:
+    what of that record was malformed and ignored (loading needs none of it)."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], normalization: dict[str, Any] | None,
+                 warnings: tuple[str, ...] = ()):
+        super().__init__(weights)
+        self.normalization = normalization
+        self.warnings = warnings
+
+    def pretraining_normalization(self) -> dict[str, Any] | None:
+        return self.normalization
+
+
+def read_nnunet_checkpoint(path: str | os.PathLike) -> NnunetCheckpoint:
+    """The weights of an nnU-Net v2 checkpoint (or any file `stunet.read_state_dict` reads), read safely, with its
+    training normalisation where its `init_args` record one: `plans.configurations[configuration]`
+    (`inherits_from` followed, as nnU-Net's PlansManager does) `.normalization_schemes` and `.use_mask_for_norm`,
+    with its `spacing`; `source: init_args`. A file without `init_args.plans` (a state dict, a v1 file) says
+    nothing; a malformed record is ignored with a warning, as nnssl's plan is (`segbook.backbones.nnssl`)."""
+    from stunet.loading import safe_load, state_dict_of
+
+    content = safe_load(path)
+    weights = state_dict_of(content, path)
+    init_args = content.get("init_args") if isinstance(content, Mapping) else None
+    if not isinstance(init_args, Mapping) or "plans" not in init_args:
+        return NnunetCheckpoint(weights, None)
+    try:
+        normalization = _init_args_normalization(init_args, path)
+    except ValueError as problem:
+        return NnunetCheckpoint(weights, None, (f"{path}: its training normalisation is not recorded: {problem}",))
+    return NnunetCheckpoint(weights, normalization)
+
+
+def _init_args_normalization(init_args: Mapping, path: str | os.PathLike) -> dict[str, Any]:
+    """The normalisation record of an nnU-Net checkpoint's `init_args`; ValueError saying what is malformed."""
+    from segbook.backbones.nnssl import normalization_problem
+
+    name = init_args.get("configuration")
+    plans = init_args.get("plans")
+    configurations = plans.get("configurations") if isinstance(plans, Mapping) else None
+    if not isinstance(name, str):
+        raise ValueError(f"init_args names configuration {name!r}, not a configuration's name")
+    if not isinstance(configurations, Mapping):
+        raise ValueError("the plans in init_args hold no 'configurations' mapping")
+    configuration = _resolved_configuration(configurations, name)
+    schemes, masks = configuration.get("normalization_schemes"), configuration.get("use_mask_for_norm")
+    problem = normalization_problem(schemes, masks)
+    if problem:
+        raise ValueError(f"configuration {name!r}: {problem}")
+    spacing = configuration.get("spacing")
+    numbers = isinstance(spacing, (list, tuple)) and len(spacing) == 3 and \
+        all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in spacing)
+    return {"schemes": [str(v) for v in schemes],
+            "use_mask_for_norm": None if masks is None else [bool(v) for v in masks],
+            "spacing_mm": [float(v) for v in spacing] if numbers else None, "source": "init_args",
+            "configuration": name, "checkpoint": os.path.basename(os.fspath(path))}
+
+
+def _resolved_configuration(configurations: Mapping, name: str) -> Mapping:
+    """A configuration with what it inherits beneath it (`inherits_from`, as nnU-Net 2.8.1 resolves it,
+    plans_handler.py L231-254); ValueError for a missing one or a cycle."""
+    chain: list[Mapping] = []
+    while name is not None:
+        configuration = configurations.get(name)
+        if not isinstance(configuration, Mapping) or any(configuration is seen for seen in chain):
+            raise ValueError(f"its plans hold no configuration {name!r}" if not isinstance(configuration, Mapping)
+                             else f"the inheritance of configuration {name!r} is circular")
+        chain.append(configuration)
+        name = configuration.get("inherits_from")
+    resolved: dict[str, Any] = {}
+    for configuration in reversed(chain):
+        resolved.update(configuration)
+    return resolved
+
+
 @dataclass(frozen=True)
 class CheckpointFacts:
     """What a checkpoint file says of itself beyond its weights: its format, the rule its stem is tiled by over a

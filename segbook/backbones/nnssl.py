@@ -224,7 +224,7 @@ def _read_normalization(configuration: Mapping, metadata: dict[str, Any], path: 
     schemes, masks = configuration.get("normalization_schemes"), configuration.get("use_mask_for_norm")
     if schemes is None:
         return ()
-    problem = _normalization_problem(schemes, masks)
+    problem = normalization_problem(schemes, masks)
     if problem:
         return (f"{path}: its pretraining normalisation is not recorded: {problem}",)
     metadata["normalization"] = [str(v) for v in schemes]
@@ -232,7 +232,7 @@ def _read_normalization(configuration: Mapping, metadata: dict[str, Any], path: 
     return ()
 
 
-def _normalization_problem(schemes: object, masks: object) -> str | None:
+def normalization_problem(schemes: object, masks: object) -> str | None:
     """What is wrong with a plan's normalisation record, or None. Files saved before nnssl converted numpy values
     hold numpy booleans: they count as booleans."""
     import numpy as np
