@@ -181,3 +181,32 @@ def test_primus_from_scratch_trains_with_the_recipes_clipping_and_drop_path(tmp_
                                         device=torch.device("cpu"))
         trainer.initialize()
         assert [m.drop_prob for m in trainer.network.modules() if isinstance(m, DropPath)] == [0.2, 0.2]
+
+
+@pytest.mark.slow
+def test_a_normalisation_mismatch_is_said_once_per_process_and_recorded_for_every_run(tmp_path, monkeypatch):
+    """Two fine-tunes of one z-score-pretrained nnssl file on one CT task in one process (two seeds): one warning
+    line, and each run's run.json records both normalisations."""
+    from helpers import planned_tiny_task, tiny_spec
+
+    from segbook.training import finetune as finetuning
+    from segbook.training.manifest import RunManifest
+    from segbook.training.settings import TrainingSettings
+
+    monkeypatch.setattr(finetuning, "_SAID_NORMALIZATION", set())  # what earlier tests of this process said
+    with planned_tiny_task(tmp_path, tiny_spec(size=(32, 32, 24), cases=4), seed=3) as task:
+        weights = write_nnssl_primus_checkpoint(tiny_primus((32, 32, 32), seed=5), tmp_path / "primus.pth",
+                                                (32, 32, 32))
+        said: list[str] = []
+        runs = [finetuning.finetune(task.entry, "primus-tiny", pretrained=True, seed=seed, weights=weights,
+                                    device="cpu", say=said.append,
+                                    settings=TrainingSettings(epochs=1, iterations_per_epoch=1,
+                                                              val_iterations_per_epoch=1)) for seed in (0, 1)]
+    warnings = [line for line in said if "was pretrained on ZScoreNormalization" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"segbook: warning: {task.entry.key} is normalised per "
+                                                         "its plans (CT CTNormalization)")
+    assert len({run.folder for run in runs}) == 2
+    for run in runs:
+        normalization = RunManifest.load(run.folder).data["normalization"]
+        assert normalization["pretraining"]["schemes"] == ["ZScoreNormalization"]
+        assert normalization["fine_tuning"]["schemes"] == ["CTNormalization"]

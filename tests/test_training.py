@@ -394,10 +394,13 @@ def test_killed_run_continues_from_its_checkpoint(task):
     (["ZScoreNormalization"], {"schemes": ["ZScoreNormalization"], "checkpoint": "ssl.pth"}, None),
     (["CTNormalization"], None, None),  # nothing known of the pretraining: nothing to compare
 ])
-def test_a_task_normalised_otherwise_than_the_pretraining_is_warned_about(task_schemes, pretraining, warned):
-    from segbook.training.finetune import _warn_normalization
+def test_a_task_normalised_otherwise_than_the_pretraining_is_warned_about(task_schemes, pretraining, warned,
+                                                                          monkeypatch):
+    from segbook.training import finetune
 
+    monkeypatch.setattr(finetune, "_SAID_NORMALIZATION", set())
     said = []
-    _warn_normalization({"fine_tuning": {"schemes": task_schemes}, "pretraining": pretraining},
-                        SimpleNamespace(key="T", channels=["CT"]), said.append)
-    assert said == ([warned] if warned else [])
+    for checkpoint in ("sha-a", "sha-a", "sha-b"):  # said once per checkpoint and dataset
+        finetune._warn_normalization({"fine_tuning": {"schemes": task_schemes}, "pretraining": pretraining},
+                                     SimpleNamespace(key="T", channels=["CT"]), said.append, checkpoint)
+    assert said == ([warned] * 2 if warned else [])

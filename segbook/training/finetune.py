@@ -146,7 +146,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
                        **fidelity_records(entry, spec, plan, paths, facts)}
             if planned_around is not None:
                 records["planned_around"] = planned_around
-            _warn_normalization(records["normalization"], entry, say)
+            _warn_normalization(records["normalization"], entry, say, settings.weights_sha256 or settings.weights)
             _new_run(spec, folder, existing, settings, resolved, request or {}, records)
         say(f"Run folder: {folder}")
         try:
@@ -300,17 +300,26 @@ def fidelity_records(entry: "DatasetEntry", spec: RunSpec, plan: "PlanResult", p
             "normalization": normalization}
 
 
-def _warn_normalization(normalization: dict[str, Any], entry: "DatasetEntry", say: Callable[[str], None]) -> None:
+#: (checkpoint, dataset, task's schemes) whose normalisation mismatch this process has said: a loop of fine-tunes
+#: (seeds, folds, fractions, a Python script's study) says it once; each run's `run.json` records it regardless.
+_SAID_NORMALIZATION: set[tuple[str, str, tuple[str, ...]]] = set()
+
+
+def _warn_normalization(normalization: dict[str, Any], entry: "DatasetEntry", say: Callable[[str], None],
+                        checkpoint: str | None = None) -> None:
     """One line where the task is normalised otherwise than the checkpoint's pretraining was (a CT task's
     CTNormalization against a z-score pretraining): the pretrained filters then see other intensities. The
-    pretraining's single scheme stands for every channel, as its stem is tiled over them."""
+    pretraining's single scheme stands for every channel, as its stem is tiled over them. Said once per process
+    for a checkpoint (`checkpoint`: its SHA-256, or path) and dataset; `run.json` keeps the record of every run."""
     pretraining = normalization.get("pretraining") or {}
     schemes, task = pretraining.get("schemes"), normalization["fine_tuning"]["schemes"]
     if not schemes or not task:
         return
     differing = [f"{channel} {scheme}" for index, (channel, scheme) in enumerate(zip(entry.channels, task))
                  if scheme != schemes[min(index, len(schemes) - 1)]]
-    if differing:
+    said = (checkpoint or str(pretraining.get("checkpoint")), entry.key, tuple(task))
+    if differing and said not in _SAID_NORMALIZATION:
+        _SAID_NORMALIZATION.add(said)
         say(f"segbook: warning: {entry.key} is normalised per its plans ({', '.join(differing)}), but "
             f"{pretraining.get('checkpoint')} was pretrained on {', '.join(dict.fromkeys(schemes))}; fine-tuning "
             "keeps the task's (run.json: normalization): pass --normalization checkpoint to preprocess the task as "
