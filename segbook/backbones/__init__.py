@@ -78,6 +78,27 @@ FORMAT_STEM_TILINGS: dict[str, str] = {
 #: checkpoint` and `--normalization checkpoint`): nnU-Net's ResEnc-L, the network of OpenMind's nnssl release
 #: (docs/backbones-nnssl.md), the checkpoint those options were built for. A test keeps it a backbone reading nnssl.
 CHECKPOINT_PLANS_MODEL = "resenc-l"
+#: The normalisation schemes nnU-Net knows (2.8.1 `preprocessing/normalization/default_normalization_schemes.py`),
+#: whose names nnssl's plans use too: a pretraining normalisation named otherwise is not recorded.
+NORMALIZATION_SCHEMES = ("ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization",
+                         "RGBTo01Normalization")
+def normalization_problem(schemes: object, masks: object) -> str | None:
+    """What is wrong with a checkpoint's record of its normalisation (nnssl's plan, an nnU-Net checkpoint's
+    `init_args`), or None: a list of nnU-Net's scheme names, and mask flags one boolean per scheme (or none). Files
+    saved before nnssl converted numpy values hold numpy booleans: they count as booleans."""
+    import numpy as np
+
+    if not isinstance(schemes, (list, tuple)) or not schemes or not all(isinstance(v, str) for v in schemes):
+        return f"'normalization_schemes' is {schemes!r}, not a list of scheme names"
+    unknown = [v for v in schemes if v not in NORMALIZATION_SCHEMES]
+    if unknown:
+        return f"unknown scheme(s) {', '.join(map(repr, unknown))} (nnU-Net knows {', '.join(NORMALIZATION_SCHEMES)})"
+    if masks is not None and not (isinstance(masks, (list, tuple)) and len(masks) == len(schemes)
+                                  and all(isinstance(v, (bool, np.bool_)) for v in masks)):
+        return f"'use_mask_for_norm' is {masks!r}, not one boolean per scheme"
+    return None
+
+
 #: The SegBook study's recipes: the paper's fine-tuning, and nnU-Net's schedule from scratch. What a backbone trains
 #: when a run names no recipe unless it declares its own (`Backbone.default_recipes`; every built-in one takes
 #: these); the recipes table compares other recipes with the study's.

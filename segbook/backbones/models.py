@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from segbook.backbones import (FORMAT_ADAPTERS, FORMAT_READERS, FORMAT_STEM_TILINGS, PRIMUS_SIZES, Backbone,
-                               BackboneError, get, resolve)
+                               BackboneError, get, normalization_problem, resolve)
 from stunet.checkpoints import PRETRAINING_STRIDES
 from stunet.flops import count_forward_macs, count_parameters
 from stunet.loading import DESCRIBERS, CheckpointError, Conventions, LoadReport, adapt_state_dict
@@ -248,8 +248,6 @@ def read_nnunet_checkpoint(path: str | os.PathLike) -> NnunetCheckpoint:
 
 def _init_args_normalization(init_args: Mapping, path: str | os.PathLike) -> dict[str, Any]:
     """The normalisation record of an nnU-Net checkpoint's `init_args`; ValueError saying what is malformed."""
-    from segbook.backbones.nnssl import normalization_problem
-
     name = init_args.get("configuration")
     plans = init_args.get("plans")
     configurations = plans.get("configurations") if isinstance(plans, Mapping) else None
