@@ -291,11 +291,11 @@ def fidelity_records(entry: "DatasetEntry", spec: RunSpec, plan: "PlanResult", p
     its backbone's catalogue entry; null where neither says) and of fine-tuning (the plans')."""
     from segbook.data.folders import raw_folder
     from segbook.data.split import read_split
+    from segbook.training.trainer_parts.record import normalization_record
+
     split = read_split(raw_folder(entry, paths))
-    normalization: dict[str, Any] = {"fine_tuning": {"schemes": plan.normalization, "spacing_mm": plan.spacing,
-                                                     "plans": plan.plans_identifier}}
-    if spec.init == "pretrained":
-        normalization["pretraining"] = facts.pretraining if facts is not None else None
+    normalization = normalization_record(plan.normalization, plan.spacing, plan.plans_identifier, spec.init,
+                                         facts.pretraining if facts is not None else None)
     return {"plans_comparison": plan.comparison, "split": None if split is None else split.record(),
             "normalization": normalization}
 

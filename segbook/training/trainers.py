@@ -43,7 +43,7 @@ from segbook.training.trainer_parts.data import DataGuard
 from segbook.training.trainer_parts.distributed import unwrap
 from segbook.training.trainer_parts.optimiser import OptimiserGroups
 from segbook.training.trainer_parts.precision import Precision
-from segbook.training.trainer_parts.record import RunRecorder, plans_summary
+from segbook.training.trainer_parts.record import RunRecorder, normalization_record, plans_summary
 from segbook.training.trainer_parts.seeding import RunSeeding
 from segbook.training.trainer_parts.stopping import LATEST_CHECKPOINT, BoundaryStop
 from stunet import describe_network, strides_from_plans
@@ -79,6 +79,8 @@ class SegbookTrainer(nnUNetTrainer):
         if self.precision.set_cuda_autocast():  # bf16 on CUDA: no loss scaling
             self.grad_scaler = None
         self.optimiser_groups = OptimiserGroups(self.recipe, self.num_epochs)
+        #: What the checkpoint loaded says of its pretraining normalisation, where it was read (`run.json`).
+        self.pretraining_normalization: dict[str, Any] | None = None
         self.boundary = BoundaryStop(self.num_iterations_per_epoch, self.is_ddp, self.device, self.run_record,
                                      self._save_latest, self.print_to_log_file)
         self.data_guard = DataGuard(self.run_record, self.print_to_log_file, dataset=self.plans_manager.dataset_name,
@@ -122,6 +124,10 @@ class SegbookTrainer(nnUNetTrainer):
         else:
             super().initialize()
         self.precision.lay_out_network(self.network)
+        configuration = self.configuration_manager
+        self.run_record.normalization(normalization_record(
+            configuration.normalization_schemes, configuration.spacing, self.plans_manager.plans_name, self.init,
+            self.pretraining_normalization))
 
     def get_dataloaders(self):
         """nnU-Net's loaders, with augmentation workers seeded from the run's seed (`trainer_parts.seeding`)."""
@@ -309,9 +315,15 @@ class BackboneTrainer(SegbookTrainer):
         path = self.settings.weights or str(resolve_weights(self.model, None, Paths.from_env(),
                                                                  self.print_to_log_file).path)
         report = load_into(unwrap(self.network), self.backbone, path, tiling=self.settings.stem_tiling)
-        if self.settings.stem_tiling is None:  # a run nnU-Net's tools started: record the format's rule it applied
-            self.settings = replace(self.settings, stem_tiling=checkpoint_facts(self.backbone, path).stem_tiling)
-            self.run_record.resolved_setting("stem_tiling", self.settings.stem_tiling)
+        if self.settings.stem_tiling is None or self.run_record.recorded("normalization") is None:
+            # a run nnU-Net's tools started: record the format's rule it applied and what the file says
+            facts = checkpoint_facts(self.backbone, path)
+            self.pretraining_normalization = facts.pretraining
+            for warning in facts.warnings:
+                self.print_to_log_file(f"warning: {warning}")
+            if self.settings.stem_tiling is None:
+                self.settings = replace(self.settings, stem_tiling=facts.stem_tiling)
+                self.run_record.resolved_setting("stem_tiling", self.settings.stem_tiling)
         self.print_to_log_file(f"loaded {len(report.loaded)} pretrained tensors from {path}; "
                                f"fresh heads: {len(report.skipped_heads)} tensors; tiled: {report.tiled or 'none'}; "
                                f"adapted: {report.adapted or 'none'}")
