@@ -135,15 +135,18 @@ def run(args: argparse.Namespace) -> int:
     if args.import_file:
         return run_import(args)
     from segbook.results import ALL_RECIPES, Selection, TableError, build_table
-    from segbook.results.tables import table_spec
+    from segbook.results.selection import AGGREGATE_THEN_RANK
+    from segbook.results.tables import check_request
 
     if args.method and args.table != "ranks":
         raise TableError(f"--method says how --table ranks ranks configurations; it does not apply to --table "
                          f"{args.table}")
     known = recipes_from_args(args)
-    every = [ALL_RECIPES] if table_spec(args.table).every_recipe else None
-    df = collect_from_args(args, list(known) if known else every)
-    print_table(build_table(df, args.table, Selection.from_args(args, known), args.stats), args.format)
+    selection = Selection.of(Selection.from_args(args, known), summary=args.summary,
+                             rank_method=args.method or AGGREGATE_THEN_RANK)
+    spec = check_request(args.table, selection, args.stats)
+    df = collect_from_args(args, list(known) if known else [ALL_RECIPES] if spec.every_recipe else None)
+    print_table(build_table(df, args.table, selection, args.stats), args.format)
     return 0
 
 

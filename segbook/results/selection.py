@@ -68,5 +68,4 @@ class Selection:
         """The options `segbook results` and `segbook report` share; `recipes`: `--recipes` resolved to their
         initialisations (`segbook.results.resolve_recipes`), of which the tables show the pretrained ones."""
         pretrained = None if recipes is None else [name for name, init in recipes.items() if init == "pretrained"]
-        return cls(args.metric, args.models, args.init, pretrained, args.group_datasets,
-                   getattr(args, "summary", MEAN), getattr(args, "method", None) or AGGREGATE_THEN_RANK)
+        return cls(args.metric, args.models, args.init, pretrained, args.group_datasets)
