@@ -220,7 +220,7 @@ def test_cli_cost_table_and_report_cost_section(costed, tmp_path: Path, capsys: 
 def test_cost_table_shows_cpu_evaluations_beside_gpu_ones(segbook_home: Path, tmp_path: Path) -> None:
     """Runs of one configuration evaluated on a GPU and on the CPU: their seconds per case are never averaged
     together; the CPU ones come with their threads and peak resident memory."""
-    from store_helpers import write_evaluated_run
+    from store_helpers import gpu_cost, write_evaluated_run
     from results_helpers import write_registry
 
     from segbook.paths import Paths
@@ -236,9 +236,13 @@ def test_cost_table_shows_cpu_evaluations_beside_gpu_ones(segbook_home: Path, tm
         write_evaluated_run(results, registry, task, "base", "scratch", 0.6, prediction={
             "device": "cpu", "cases": 6, "seconds": 6 * seconds, "seconds_per_case": seconds,
             "peak_memory_bytes": None, "peak_rss_bytes": rss, "peak_rss_since": "prediction", "threads": threads})
-    row = _cost_row(cost_table(collect_results(Paths.from_env(), registry)), "base scratch")
+    write_evaluated_run(results, registry, "Task901_SeenCT", "nnunet", "scratch", 0.7, cost=gpu_cost(1.0))
+    table = cost_table(collect_results(Paths.from_env(), registry))
+    row = _cost_row(table, "base scratch")
     assert row["GPU prediction s/case"] == 0.5 and row["CPU prediction s/case"] == 25.0
-    assert row["CPU threads"] == "1+4" and row["CPU peak RSS (GiB)"] == 5.0
+    assert row["CPU threads"] == "1+4" and row["CPU peak RSS (GiB)"] == 5.0 and row["device"] == "-"
+    gpu_only = _cost_row(table, "nnunet scratch")
+    assert gpu_only["CPU threads"] == "-" and gpu_only["CPU peak RSS (GiB)"] is None and gpu_only["device"] == "cuda"
 
 
 @pytest.mark.parametrize("field, value", [("peak_rss_bytes", -1), ("threads", 0), ("threads", "all"),

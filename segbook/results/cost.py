@@ -151,12 +151,13 @@ def cost_table(df: pd.DataFrame, selection: Selection | str = "dice", configs: l
                          "CPU threads", "CPU peak RSS (GiB)", "params (M)", "forward TFLOPs", metric_label(metric),
                          "datasets", DELTA, f"{DELTA} per device-hour"])
     for row, config in zip(summary.itertuples(), configs):
-        table.rows.append([config_label(config, named), f"{row.costed_runs}/{row.runs}", row.device or "-",
+        table.rows.append([config_label(config, named), f"{row.costed_runs}/{row.runs}",
+                           row.device if isinstance(row.device, str) else "-",
                            *(_rounded(value, digits) for value, digits in (
                                (row.device_hours_per_run, 3), (row.device_hours_total, 3),
                                (row.peak_memory_gib, 2), (row.samples_per_second, 2),
                                (row.gpu_prediction_seconds_per_case, 2), (row.cpu_prediction_seconds_per_case, 2))),
-                           row.cpu_threads or "-",
+                           row.cpu_threads if isinstance(row.cpu_threads, str) else "-",
                            *(_rounded(value, digits) for value, digits in (
                                (row.cpu_peak_rss_gib, 2), (row.params_m, 1), (row.forward_tflops, 2), (row.score, 2))),
                            row.datasets, _rounded(row.delta, 2), _rounded(row.delta_per_device_hour, 3)])
