@@ -126,3 +126,14 @@ def test_the_python_api_refuses_an_unknown_summary(store) -> None:
         build_table(df, "scale", "dice", summary="mode")
     with pytest.raises(TableError, match="does not apply"):
         build_table(df, "cost", "dice", summary="median")
+
+
+def test_the_report_refuses_a_median_selection_before_writing(store, tmp_path: Path) -> None:
+    from segbook.errors import SegbookError
+    from segbook.results import write_report
+
+    _, registry = store
+    df = collect_results(Paths.from_env(), registry)
+    with pytest.raises(SegbookError, match="the report shows means"):
+        write_report(df, tmp_path / "report.html", summary="median")
+    assert not (tmp_path / "report.html").exists()
