@@ -3,6 +3,7 @@ prediction time and memory from `segbook evaluate`; one real tiny train + evalua
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -124,6 +125,18 @@ def test_tiny_run_records_its_cost_and_every_metric_column(tmp_path_factory) -> 
         sensitivity = lesions["lesion_sensitivity"]
         assert math.isclose(sensitivity, rows["lesions_detected"].sum() / rows["lesions_reference"].sum())
         assert np.isfinite(metrics["iou"]).any()
+
+        # the command line sets the threads too (the device is no evaluation setting: --force evaluates again), and
+        # the record says what nnU-Net's predictor computed with: at most its default_num_processes (here 1)
+        from nnunetv2.configuration import default_num_processes
+
+        from segbook.cli.main import main
+
+        for threads in (1, 2):
+            assert main(["evaluate", "--run", str(result.folder), "--registry", str(task.registry_file), "--device",
+                         "cpu", "--threads", str(threads), "--force"]) == 0
+            again = json.loads((evaluation.folder / "summary.json").read_text())["cost"]["prediction"]
+            assert again["threads"] == min(threads, default_num_processes) and again["peak_rss_bytes"] > 2**20
 
 
 def _cost_row(table, configuration: str) -> dict:
