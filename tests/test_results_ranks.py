@@ -89,3 +89,21 @@ def test_ranks_table_and_cli_method(ranked_store, capsys: pytest.CaptureFixture)
     assert main(["results", "--registry", str(registry_file), "--table", "scale", "--method",
                  "rank-then-aggregate"]) == 2
     assert "does not apply to --table scale" in capsys.readouterr().err
+
+
+def test_datasets_without_cases_are_ranked_on_their_dataset_scores(segbook_home: Path, tmp_path: Path) -> None:
+    """Numbers imported from CSV have no cases: rank-then-aggregate ranks them per dataset, and says so."""
+    from segbook.results import import_results
+
+    registry = load_registry([write_registry(tmp_path / "registry.yaml")])
+    dataset_scores = {**UNIFORM, **{(A, name): float(np.mean(cases)) for name, cases in PER_CASE.items()}}
+    published = tmp_path / "published.csv"
+    published.write_text("task,model,init,dice\n" + "".join(
+        f"{task},{CONFIGS[name][0]},{CONFIGS[name][1]},{dice}\n" for (task, name), dice in dataset_scores.items()))
+    import_results(published, registry)
+    ranks = rank_stability(collect_results(Paths.from_env(), registry), "dice", "all",
+                           rank_method="rank-then-aggregate")
+    assert set(ranks["per_case"]) == {0} and set(ranks["n"]) == {3}
+    # A on its dataset scores (X 0.63, Y 0.66, Z 0.65): Y 1, Z 2, X 3
+    by_model = {config.split(" [")[0]: rank for config, rank in zip(ranks["config"], ranks["average_rank"])}
+    assert by_model == pytest.approx({X: (1 + 3 + 3) / 3, Y: (2.5 + 1 + 1) / 3, Z: (2.5 + 2 + 2) / 3})

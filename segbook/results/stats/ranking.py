@@ -150,16 +150,17 @@ def rank_stability(df: pd.DataFrame, selection: Selection | str = "dice", group_
     return frame
 
 
-def _case_table(df: pd.DataFrame, configs: list[Config], metric: str) -> pd.DataFrame:
-    """(task, case) x configuration: the per-case scores (`collect.case_scores`, seeds and folds averaged per case)
-    of the counted runs with a folder of `configs`."""
+def _case_table(df: pd.DataFrame, configs: list[Config], metric: str) -> dict[str, pd.DataFrame]:
+    """Per dataset, its test cases x configurations: the per-case scores (`collect.case_scores`, seeds and folds
+    averaged per case) of the counted runs with a folder of `configs` (numbers imported from CSV have none)."""
     keys = pd.MultiIndex.from_arrays([df[key] for key in CONFIG_KEYS])
     runs = counted_runs(df[keys.isin(configs) & df["evaluated"] & run_folders(df)])
-    scores = case_scores(runs, metric)
-    config = scores[CONFIG_KEYS].astype(str).agg(CASE_COLUMN_JOIN.join, axis=1)
-    return scores.assign(config=config).pivot_table(index=["task", "case"], columns="config", values="score",
-                                                    aggfunc="first")
-
+    tables = {}
+    for task, scores in case_scores(runs, metric).groupby("task", sort=False):
+        columns = [_case_column(tuple(key)) for key in zip(*(scores[key] for key in CONFIG_KEYS))]
+        tables[task] = scores.assign(config=columns).pivot_table(index="case", columns="config", values="score",
+                                                                 aggfunc="first")
+    return tables
 
 
 def _case_column(config: Config) -> str:
@@ -167,7 +168,8 @@ def _case_column(config: Config) -> str:
 
 
 def _ranks(lookup: ScoreLookup, tasks: list[Member], configs: list[Config], metric: str, rng: np.random.Generator,
-           samples: int, group: str, named: bool, cases: pd.DataFrame | None = None) -> list[dict[str, object]]:
+           samples: int, group: str, named: bool,
+           cases: dict[str, pd.DataFrame] | None = None) -> list[dict[str, object]]:
     """The rank rows of `configs` over the members that have them all, their runs agreeing in basis; `cases`
     (`_case_table`) ranks them rank-then-aggregate."""
     from scipy.stats import rankdata
@@ -196,7 +198,7 @@ def _ranks(lookup: ScoreLookup, tasks: list[Member], configs: list[Config], metr
              "mean_rank": float(place), **more} for config, share, place, more in zip(configs, first, places, extra)]
 
 
-def _dataset_ranks(cases: pd.DataFrame, task: str, part: str | None, configs: list[Config], sign: float,
+def _dataset_ranks(cases: dict[str, pd.DataFrame], task: str, part: str | None, configs: list[Config], sign: float,
                    scores: np.ndarray) -> tuple[np.ndarray, bool]:
     """A dataset's rank of each configuration (1 = best, ties averaged): the mean over the test cases every
     configuration scored of the per-case ranks, or the rank of its dataset `scores` (signed: higher is better)
@@ -204,8 +206,9 @@ def _dataset_ranks(cases: pd.DataFrame, task: str, part: str | None, configs: li
     from scipy.stats import rankdata
 
     columns = [_case_column(config) for config in configs]
-    if part is None and task in cases.index.get_level_values("task") and all(c in cases.columns for c in columns):
-        both = sign * cases.loc[task, columns].dropna().to_numpy(float)
+    table = cases.get(task)
+    if part is None and table is not None and all(column in table.columns for column in columns):
+        both = sign * table[columns].dropna().to_numpy(float)
         if len(both):
             return rankdata(-both, axis=1).mean(axis=0), True
     return rankdata(-scores), False
