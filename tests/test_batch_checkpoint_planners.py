@@ -132,3 +132,40 @@ def test_batch_run_pairs_scratch_and_pretrained_jobs_on_the_checkpoints_plans_an
     expected = [round(dice["scratch"], 1), round(dice["pretrained"], 1),
                 round(dice["pretrained"] - dice["scratch"], 1)]
     assert all(any(abs(value - want) <= 0.051 for value in shown) for want in expected), (table, dice)
+
+
+def test_a_preparation_elsewhere_registers_the_planners_again_and_refuses_a_file_changed_since(tmp_path):
+    """What a SLURM preparation task does first (`registered_planners`), in a fresh process: the submitted jobs'
+    checkpoint planners registered again from the options; the file at the path replaced by another network since
+    submission, the task names the planner and the file instead of planning."""
+    import subprocess
+    import sys
+
+    from segbook.batch.execute import ExecutionOptions
+    from segbook.batch.matrix import build_matrix, on_plans
+    from segbook.batch.preparation import models_of, planners_of
+    from segbook.registry import load_registry
+
+    path = tmp_path / "openmind.pth"
+    write_nnssl_checkpoint(resenc(num_classes=1), path,
+                           {"architecture": "ResidualEncoderUNet", "arch_kwargs": resenc_kwargs()})
+    jobs = on_plans(build_matrix(load_registry(), "613", models="resenc-l", inits="pretrained,scratch"), "checkpoint",
+                    {"resenc-l": str(path)}, "checkpoint")
+    options = ExecutionOptions.create(weights=[f"resenc-l={path}"], plans="checkpoint", normalization="checkpoint")
+    script = ("import json, sys; from segbook.batch.execute import ExecutionOptions; "
+              "from segbook.batch.slurm import registered_planners; "
+              "planners, models, options = json.loads(sys.argv[1]); "
+              "print(registered_planners(planners, models, ExecutionOptions.from_json(options)))")
+    argument = json.dumps([planners_of(jobs), models_of(jobs), options.to_json()])
+
+    def in_a_fresh_process() -> str:
+        return subprocess.run([sys.executable, "-c", script, argument], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert in_a_fresh_process() == "None"
+    write_nnssl_checkpoint(resenc(num_classes=1, widths=(4, 8, 8, 8), blocks=(1, 2, 1, 1)), path,
+                           {"architecture": "ResidualEncoderUNet", "arch_kwargs": resenc_kwargs((4, 8, 8, 8),
+                                                                                                (1, 2, 1, 1))})
+    refused = in_a_fresh_process()
+    assert refused.startswith(f"planner(s) {planners_of(jobs)[0]} of the submitted jobs are not those")
+    assert f"resenc-l={path}" in refused and "a file changed since submission" in refused
