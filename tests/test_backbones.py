@@ -626,6 +626,82 @@ def test_a_bundle_of_plug_in_runs_lists_them_on_import_without_the_file(lab_net_
     assert df.loc[df["model"] == "lab-net", "evaluated"].all()
 
 
+def _install_lab_net(site: Path, version: str) -> None:
+    """LAB_NET as an installed package `labnet` (its metadata on the path) declaring the entry point
+    `[segbook.backbones] lab = labnet_backbone:BACKBONES`; another version replaces the earlier one."""
+    for old in site.glob("labnet-*.dist-info"):
+        for file in old.iterdir():
+            file.unlink()
+        old.rmdir()
+    info = site / f"labnet-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: labnet\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text("[segbook.backbones]\nlab = labnet_backbone:BACKBONES\n")
+    (site / "labnet_backbone.py").write_text(LAB_NET)
+
+
+@pytest.mark.slow
+def test_runs_of_an_entry_point_backbone_are_found_in_a_fresh_process_and_a_missing_one_is_named(
+        tmp_path, monkeypatch, segbook_home):
+    """Issue 24: a run records the entry point its backbone came from (name, object, distribution, version);
+    `segbook results` and `--export` in a fresh process, no flags, find its runs through it; uninstalled or of
+    another version, the runs still show (a stand-in) with a warning naming the entry point, and evaluation
+    refuses to rebuild the network."""
+    import subprocess
+    import sys
+
+    from results_helpers import A, write_registry
+    from store_helpers import write_evaluated_run
+
+    from segbook.backbones import recorded
+    from segbook.paths import Paths
+    from segbook.registry import load_registry
+
+    site, uninstalled = tmp_path / "site", os.environ.get("PYTHONPATH", "")
+    _install_lab_net(site, "1.0")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), uninstalled]))
+    written = subprocess.run([sys.executable, "-c", "import json; from segbook.backbones import recorded; "
+                              "print(json.dumps(recorded.record_of('lab-net')))"],
+                             capture_output=True, text=True, check=True)
+    record = json.loads(written.stdout)  # what training writes into run.json, where the package is installed
+    assert record["source"] == {"kind": "entry point", "name": "lab", "value": "labnet_backbone:BACKBONES",
+                                "distribution": "labnet", "version": "1.0"}
+    assert recorded.adopt(record, run_code=False) is None  # known here only to write its runs
+    registry_file = write_registry(tmp_path / "registry.yaml")
+    paths, registry = Paths.from_env(), load_registry([registry_file])
+    folders = [write_evaluated_run(paths.results, registry, A, "lab-net", init, dice)
+               for init, dice in (("scratch", 0.6), ("pretrained", 0.7))]
+    for folder in folders:
+        manifest = json.loads((folder / "run.json").read_text())
+        (folder / "run.json").write_text(json.dumps({**manifest, recorded.KEY: record}))
+
+    def lab_net_rows(shown: str) -> list[str]:
+        return [line for line in shown.splitlines() if line.startswith("lab-net,")]
+
+    table = ["results", "--registry", str(registry_file), "--table", "scale", "--format", "csv"]
+    found = run_segbook(*table)
+    assert len(lab_net_rows(found.stdout)) == 3 and "warning" not in found.stderr.lower(), found.stdout + found.stderr
+    exported = run_segbook("results", "--registry", str(registry_file), "--export", str(tmp_path / "bundle"))
+    assert "exported 2 run(s)" in exported.stdout and "warning" not in exported.stderr.lower(), exported.stderr
+    bundle = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert bundle["backbones"]["lab-net"]["source"] == record["source"]
+
+    why = {"1.0": "of labnet 1.0, which is not installed", "2.0": "comes from labnet 2.0, not the recorded labnet 1.0"}
+    for version in ("1.0", "2.0"):
+        if version == "1.0":
+            monkeypatch.setenv("PYTHONPATH", uninstalled)
+        else:
+            _install_lab_net(site, version)
+            monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), uninstalled]))
+        shown = run_segbook(*table)
+        assert len(lab_net_rows(shown.stdout)) == 3, shown.stdout + shown.stderr  # tables only read numbers
+        warned = [line for line in shown.stderr.splitlines() if why[version] in line]
+        assert {str(folder) for folder in folders} == {line.split(": ")[2] for line in warned}, shown.stderr
+        refused = run_segbook("evaluate", "--run", str(folders[0]), check=False)
+        assert refused.returncode == 2 and refused.stderr.startswith("segbook: error: ")
+        assert why[version] in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_every_checkpoint_format_has_a_stem_rule():
     assert set(backbones.FORMAT_STEM_TILINGS) == set(backbones.FORMAT_READERS)
     assert backbones.FORMAT_STEM_TILINGS["nnssl"] == "mean" and backbones.FORMAT_STEM_TILINGS["stunet"] == "repeat"

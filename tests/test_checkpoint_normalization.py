@@ -105,12 +105,12 @@ def test_evaluate_names_the_run_finetune_trains_on_checkpoint_plans_and_normalis
     expected = {("checkpoint", "task"): around, ("checkpoint", "checkpoint"): f"{around}_ZScoreNorm",
                 ("default", "checkpoint"): "nnUNetResEncUNetLPlans_ZScoreNorm"}
     for (plans, normalization), identifier in expected.items():
-        args = build_parser().parse_args(["evaluate", "--task", "613", "--model", "resenc-l", "--pretrained",
-                                          "--plans", plans, "--normalization", normalization, "--weights", openmind])
-        [(_, spec, _)] = _runs(args, load_registry())
-        assert spec.plans == identifier and f"__{identifier}__" in spec.folder(tmp_path).as_posix()
-    refusals = {("--scratch", "--normalization", "checkpoint", "--weights", openmind): "add --pretrained",
-                ("--pretrained", "--plans", "checkpoint"): "needs the checkpoint: pass --weights FILE",
+        for init in ("--pretrained", "--scratch"):  # a scratch run on the file's plans pairs with the pretrained
+            args = build_parser().parse_args(["evaluate", "--task", "613", "--model", "resenc-l", init, "--plans",
+                                              plans, "--normalization", normalization, "--weights", openmind])
+            [(_, spec, _)] = _runs(args, load_registry())
+            assert spec.plans == identifier and f"__{identifier}__" in spec.folder(tmp_path).as_posix()
+    refusals = {("--pretrained", "--plans", "checkpoint"): "needs the checkpoint: pass --weights FILE",
                 ("--run", str(tmp_path), "--plans", "checkpoint"): "--run DIR names the run"}
     for extra, message in refusals.items():
         assert main(["evaluate", "--task", "613", "--model", "resenc-l", *extra]) == 2

@@ -84,6 +84,12 @@ def planners_of(jobs: Iterable[Job]) -> tuple[str, ...]:
     return tuple(sorted(found, key=lambda planner: (planner != "default", planner)))
 
 
+def models_of(jobs: Iterable[Job]) -> tuple[str, ...]:
+    """The jobs' models, each once: what a preparation elsewhere registers the checkpoint planners of again
+    (`segbook.batch.slurm.PrepareTask`)."""
+    return tuple(dict.fromkeys(job.spec.model for job in jobs))
+
+
 def _planner_of(job: Job) -> str:
     """The job's planner: its backbone's own, or the checkpoint planner registered for its plans identifier
     (`segbook.batch.matrix.on_plans`, `--plans checkpoint`)."""
@@ -165,6 +171,13 @@ def prepare_task(entry: "DatasetEntry", paths: Paths | None = None, *, body: Job
         outcome = Prepared(entry.key, "failed", f"{type(error).__name__}: {error}", time.perf_counter() - started)
         _record(paths, outcome)
         return outcome
+
+
+def preparation_refused(entry: "DatasetEntry", paths: Paths, why: str) -> Prepared:
+    """Record that the task could not be prepared here, for `why` (planned nothing); its jobs are blocked with it."""
+    outcome = Prepared(entry.key, "failed", why)
+    _record(paths, outcome)
+    return outcome
 
 
 def plan_and_split(entry: "DatasetEntry", paths: Paths, processes: int | None, planners: Sequence[str],

@@ -91,7 +91,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     settings = (settings or TrainingSettings()).validate()
     check_all({"num_gpus": num_gpus, "plan_processes": plan_processes}, BOUNDS)
     planner = _planner(model, pretrained, plans, weights or settings.weights)
-    _check_normalization(normalization, pretrained)
+    _check_normalization(normalization)
     spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe, seed=seed, fraction=fraction,
                       plans=check_planner(entry, planner))
     chosen = get_recipe(spec.recipe, spec.init, recipe_files)
@@ -105,19 +105,22 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     if not is_imported(entry, paths):
         raise SegbookError(f"{entry.key} is not imported; run `segbook data import --task {entry.key} --from PATH` "
                            "first")
-    planned_around = None
     from segbook.checkpoint_plans import CHECKPOINT_PLANS
 
-    if plans == CHECKPOINT_PLANS and spec.init != "pretrained":  # the file plans the run; nothing is loaded
-        planned_around = _planned_around(spec, resolve_weights(spec.model, weights or settings.weights, paths, say))
+    by_file = plans == CHECKPOINT_PLANS or normalization == CHECKPOINT_NORMALIZATION
+    chosen = None
+    if by_file and spec.init != "pretrained":  # the file plans or normalises the run; nothing is loaded
+        chosen = resolve_weights(spec.model, weights or settings.weights, paths, say)
         weights, settings = None, replace(settings, weights=None, weights_sha256=None)
     settings, facts = _with_weights(entry, spec, settings, weights, paths, say)
+    if spec.init == "pretrained":
+        chosen = Weights(Path(settings.weights), settings.weights_sha256)
     if normalization == CHECKPOINT_NORMALIZATION:  # the checkpoint is read: its plans are known before planning
-        planner = normalised_like(planner, facts, settings.weights)
+        planner = (normalised_like(planner, facts, chosen.path) if facts is not None  # pretrained: read already
+                   else normalised_like_weights(planner, spec.model, chosen.path))
         spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe, seed=seed, fraction=fraction,
                           plans=check_planner(entry, planner))
-    if plans == CHECKPOINT_PLANS and spec.init == "pretrained":
-        planned_around = _planned_around(spec, Weights(Path(settings.weights), settings.weights_sha256))
+    planned_around = _planned_around(spec, chosen) if by_file else None
     planned_cases = _training_cases(entry, spec, paths)
     check_task_fits(entry, paths, planner)  # before the run's claim: plan_task checks again for other callers
     folder = spec.folder(paths.results)
@@ -177,7 +180,7 @@ def run_planner(model: str, pretrained: bool, plans: str, normalization: str, we
     from segbook.checkpoint_normalization import CHECKPOINT_NORMALIZATION
 
     planner = _planner(model, pretrained, plans, weights)
-    _check_normalization(normalization, pretrained)
+    _check_normalization(normalization)
     if normalization != CHECKPOINT_NORMALIZATION:
         return planner
     return normalised_like_weights(planner, model, resolve_weights(model, weights, paths, say).path)
@@ -208,21 +211,21 @@ def normalised_like(planner: str, facts: "CheckpointFacts", weights: str | Path)
 
 
 def _planned_around(spec: RunSpec, chosen: Weights) -> dict[str, Any]:
-    """run.json's `planned_around` of a `--plans checkpoint` run: the nnssl file whose network the task was planned
-    around, its SHA-256 and the plans identifier, the same for the scratch and the pretrained run of one file (so
-    results pair them). A scratch run reads only the file's plan: no weights are loaded."""
+    """run.json's `planned_around` of a `--plans checkpoint` or `--normalization checkpoint` run: the file whose
+    network the task was planned around or whose pretraining normalisation it was preprocessed with, its SHA-256 and
+    the plans identifier, the same for the scratch and the pretrained run of one file (so results pair them). A
+    scratch run reads only what the file says of itself: no weights are loaded."""
     return {"checkpoint": str(chosen.path), "sha256": chosen.sha256, "plans": spec.plans,
             "weights_loaded": spec.init == "pretrained"}
 
 
-def _check_normalization(normalization: str, pretrained: bool) -> None:
-    from segbook.checkpoint_normalization import CHECKPOINT_NORMALIZATION, NORMALIZATIONS
+def _check_normalization(normalization: str) -> None:
+    """A scratch run may take the checkpoint's normalisation too (the file then only normalises it, nothing is
+    loaded): its Delta(PT) partner must see the pretrained run's preprocessing."""
+    from segbook.checkpoint_normalization import NORMALIZATIONS
 
     if normalization not in NORMALIZATIONS:
         raise SegbookError(f"unknown normalization {normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
-    if normalization == CHECKPOINT_NORMALIZATION and not pretrained:
-        raise SegbookError(f"--normalization {CHECKPOINT_NORMALIZATION} normalises as the checkpoint a run fine-tunes "
-                           "was pretrained: add --pretrained")
 
 
 def _training_cases(entry: "DatasetEntry", spec: RunSpec, paths: Paths) -> list[str] | None:
@@ -257,7 +260,8 @@ def _with_weights(entry: "DatasetEntry", spec: RunSpec, settings: TrainingSettin
     if spec.init != "pretrained":
         if given is not None:
             raise SegbookError("--weights is for fine-tuning: add --pretrained, or leave --weights out to train from "
-                               "scratch")
+                               "scratch (a scratch run takes it only with --plans checkpoint or --normalization "
+                               "checkpoint, which plan or normalise the run by it)")
         return settings, None
     weights = resolve_weights(spec.model, given, paths, say)
     backbone = backbones.get(spec.model)
