@@ -102,8 +102,8 @@ def _planner_of(job: Job) -> str:
 def unprepared(entry: "DatasetEntry", paths: Paths, folds: Iterable[str],
                planners: Sequence[str] = DEFAULT_PLANNERS) -> str | None:
     """Why the task is not ready for training jobs of `folds` on `planners`' plans (None when it is): not planned,
-    planned from raw data that changed since, or no cross-validation splits for folds 0-4. The message names the
-    command."""
+    planned from raw data that changed since, or no cross-validation splits for folds 0-4 (a task with fewer
+    cases than folds never has them). The message names the command."""
     from segbook.plan import plan_states
 
     states = plan_states(entry, paths)
@@ -114,10 +114,11 @@ def unprepared(entry: "DatasetEntry", paths: Paths, folds: Iterable[str],
             which = "" if planner == "default" else f" with the {planner} planner"
             return f"{entry.key} is not prepared ({why}{which}); run {prepare_command(entry)}"
     if any(fold != "all" for fold in folds):
-        from segbook.training.trainer_parts.data import SPLITS
+        from segbook.training.trainer_parts.data import CROSSVAL_FOLDS, SPLITS
 
         if not (preprocessed_folder(entry, paths) / SPLITS).is_file():
-            return f"{entry.key} has no cross-validation splits ({SPLITS}); run {prepare_command(entry)}"
+            return (f"{entry.key} has no cross-validation splits ({SPLITS}); run {prepare_command(entry)} (a task "
+                    f"with fewer than {CROSSVAL_FOLDS} training cases has none: train fold all)")
     return None
 
 
@@ -184,17 +185,20 @@ def plan_and_split(entry: "DatasetEntry", paths: Paths, processes: int | None, p
                    say: Callable[[str], None]) -> str:
     """The real preparation of a task: its plans with each planner, then nnU-Net's cross-validation splits."""
     from segbook.plan import plan_task
-    from segbook.training.trainer_parts.data import write_crossval_splits
+    from segbook.training.trainer_parts.data import TooFewCasesForFolds, write_crossval_splits
 
-    done, wrote = [], False
+    done, wrote, no_splits = [], False, ""
     for planner in planners:
         plan = plan_task(entry, paths, num_processes=processes, planner=planner, wait=True,
                          log=lambda line: say(f"  {line}"))
-        wrote = write_crossval_splits(preprocessed_folder(entry, paths), plan.data_folder) or wrote
+        try:
+            wrote = write_crossval_splits(preprocessed_folder(entry, paths), plan.data_folder) or wrote
+        except TooFewCasesForFolds as few:
+            no_splits = f"; no cross-validation splits ({few})"
         which = "" if planner == "default" else f" ({planner})"
         done.append(f"plans up to date{which}" if plan.skipped else
                     f"planned and preprocessed{which} in {plan.seconds:.0f} s")
-    return "; ".join(done) + ("; cross-validation splits written" if wrote else "")
+    return "; ".join(done) + ("; cross-validation splits written" if wrote else "") + no_splits
 
 
 def _record(paths: Paths, outcome: Prepared) -> None:

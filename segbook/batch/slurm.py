@@ -261,7 +261,6 @@ class PrepareTask(submitit.helpers.Checkpointable):
 
     def __call__(self, task: str) -> dict[str, Any]:
         _terminate_unless_requeued()
-        forks_die_on_sigterm()  # nnU-Net's planning pools stop their forked workers with SIGTERM
         entry = load_registry(self.options.registry_files).get(task)
         processes = self.options.processes or len(os.sched_getaffinity(0))
         try:
@@ -312,6 +311,7 @@ def _terminate_unless_requeued() -> None:
     if callable(requeue):
         signal.signal(signal.SIGUSR2, on_warning)
     signal.signal(signal.SIGTERM, on_term)
+    forks_die_on_sigterm()  # nnU-Net's pools stop their forked workers with SIGTERM: those must not raise
 
 
 def _fit_processes_to_allocation(options: ExecutionOptions) -> None:
