@@ -153,14 +153,13 @@ def outdated_metrics(summary: dict[str, Any]) -> set[str]:
 
 def other_run(record: Any, parts: FolderParts, entry: "DatasetEntry") -> str | None:
     """The run a `run` record (summary.json's, run.json's) names when it is not the run of its folder, described;
-    None when it is, or when the record predates identities. A summary copied into another seed's, fraction's,
+    None when it is, or when the record predates identities. A summary copied into another seed's, fraction's, budget's,
     fold's, plans' or dataset's folder would otherwise be averaged as that run. Fields a record lacks (written
-    before they existed) are the defaults (recipe, seed, fraction) or not compared (task, fold, plans)."""
+    before they existed) are the defaults (recipe, seed, fraction, budget) or not compared (task, fold, plans)."""
     if not isinstance(record, dict) or "model" not in record:
         return None
     try:
-        named = Identity(record["model"], record["init"], record.get("recipe") or "", int(record.get("seed", 0)),
-                         float(record.get("fraction", 1.0)))
+        named = Identity.from_record(record)
     except (KeyError, TypeError, ValueError, SegbookError):
         return f"no run segbook knows ({_short(record)})"
     if named != parts.identity:
