@@ -120,6 +120,10 @@ def test_two_budgets_are_two_runs_estimated_trained_and_kept_apart(task, tmp_pat
         assert manifest.status == "finished" and len(manifest.data["epochs"]) == epochs
         assert manifest.settings.epochs == epochs and manifest.data["run"]["budget"] == epochs
         assert job.spec.trainer.endswith(f"_ep{epochs}")
+    evaluated = run_segbook("evaluate", "--registry", str(task.registry_file), "--task", task.entry.key, "--model",
+                            "tiny", "--budgets", "1,2", "--device", "cpu").stdout  # finds both runs, evaluated
+    assert [line.split()[3] for line in evaluated.splitlines() if line.startswith("up to date")] == \
+        [str(job.folder(paths) / "evaluation") for job in jobs]
     frame = collect_results(registry=registry)
     runs = frame[frame["evaluated"]].set_index("budget")
     assert sorted(runs.index) == [1, 2]

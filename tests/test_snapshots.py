@@ -131,6 +131,7 @@ def test_a_run_killed_between_snapshots_resumes_without_losing_or_repeating_one(
     for record in records:
         assert record["schedule_fraction"] == record["epoch"] / EPOCHS and record["budget_epochs"] == EPOCHS
         assert record["learning_rate_decayed"] is False
+        assert record["cost"]["epochs"] >= record["epoch"] and record["cost"]["device_hours"] > 0  # redone ones too
         # the rates the network had trained at in its last epoch, as the recipe's schedule over the whole budget
         assert record["learning_rates"] == manifest.recipe.rates(record["epoch"] - 1, EPOCHS)
         assert read_snapshot(snapshot_path(folder, record["epoch"]))["segbook_snapshot"] == record
@@ -164,6 +165,9 @@ def test_snapshots_are_evaluated_each_into_its_own_folder_and_read_safely(task, 
     (row,) = frame[frame["evaluated"]].to_dict("records")
     assert row["dice"] == pytest.approx(final["foreground_mean"]["dice"]) and row["budget"] == EPOCHS
 
+    snapshot_path(folder, 4).write_bytes(snapshot_path(folder, 2).read_bytes())  # epoch 2's weights as epoch 4
+    with pytest.raises(EvaluationError, match="holds the snapshot of epoch 2, not the one its name says"):
+        evaluate_run(task.entry, spec, paths, device="cpu", force=True, run_folder=folder, snapshot=4)
     marker = tmp_path / "pwned"
     write_payload_checkpoint(snapshot_path(folder, 4), marker)
     with pytest.raises(UnsafeCheckpointError, match="refused"):

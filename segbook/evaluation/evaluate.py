@@ -237,7 +237,7 @@ def snapshot_training(manifest: RunManifest | None, snapshot: dict[str, Any]) ->
 def snapshot_summary(snapshot: dict[str, Any]) -> dict[str, Any]:
     """What a snapshot's summary says it is: its epoch, percent and fraction of the budget's schedule, its rates,
     and that they had not decayed (a point of a longer schedule, not a run of that many epochs)."""
-    keys = ("epoch", "percent", "budget_epochs", "schedule_fraction", "learning_rates", "file")
+    keys = ("epoch", "percent", "budget_epochs", "schedule_fraction", "learning_rates", "cost", "file")
     return {**{key: snapshot.get(key) for key in keys}, "learning_rate_decayed": False}
 
 
@@ -299,10 +299,14 @@ def _predictor(spec: RunSpec, settings: EvaluationSettings, device, run_folder: 
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from segbook.runs import snapshot_epoch
     from segbook.training.checkpoints import read_run_checkpoint, read_snapshot
     from segbook.training.trainers import trainer_class, unwrap
 
     checkpoint = (read_snapshot if snapshot else read_run_checkpoint)(run_folder / settings.checkpoint)
+    if snapshot and checkpoint["segbook_snapshot"]["epoch"] != snapshot_epoch(run_folder / settings.checkpoint):
+        raise EvaluationError(f"{run_folder / settings.checkpoint} holds the snapshot of epoch "
+                              f"{checkpoint['segbook_snapshot']['epoch']}, not the one its name says")
     if checkpoint["trainer_name"] != spec.trainer:
         raise EvaluationError(f"{run_folder / settings.checkpoint} was written by {checkpoint['trainer_name']!r}, "
                               f"not by this run's trainer {spec.trainer}")

@@ -3,8 +3,9 @@
 After the epoch at or past each percentage (`segbook.training.settings.snapshot_epochs`) the network's weights are
 written, atomically, to `snapshots/snapshot_ep{E}.pth` (`segbook.runs.snapshot_path`; E the epochs trained), then
 recorded in `run.json`'s `snapshots` (epoch, percent, the budget, the fraction of the schedule, the rates it trained
-at and that they had not decayed yet). Both happen at the end of the epoch, before nnU-Net saves that epoch's
-checkpoint: a resumable checkpoint at or past a snapshot's epoch always has the snapshot, file and record, behind it.
+at and that they had not decayed yet, and the training compute spent so far). Both happen at the end of the epoch,
+before nnU-Net saves that epoch's checkpoint: a resumable checkpoint at or past a snapshot's epoch always has the
+snapshot, file and record, behind it.
 
 A resume starts from a checkpoint: a snapshot past it (written by the attempt that was killed, on a trajectory the
 resumed run does not follow), a record past it and a half-written file are removed then, and the snapshot is taken
@@ -51,7 +52,8 @@ class Snapshots:
             return
         record = {"epoch": trained, "percent": percent, "budget_epochs": self.epochs,
                   "schedule_fraction": trained / self.epochs, "learning_rates": rates,
-                  "learning_rate_decayed": False, "file": str(snapshot_path(Path(), trained)), "saved_at": now()}
+                  "learning_rate_decayed": False, "cost": self._cost(), "file": str(snapshot_path(Path(), trained)),
+                  "saved_at": now()}
         path = snapshot_path(self.folder, trained)
         with atomic_path(path) as partial:
             torch.save({"network_weights": unwrap(trainer.network).state_dict(),
@@ -60,6 +62,13 @@ class Snapshots:
                         FILE_KEY: record}, partial)
         kept = [r for r in self.recorder.recorded(KEY) or [] if isinstance(r, dict) and r.get("epoch") != trained]
         self.recorder.note(KEY, sorted([*kept, record], key=lambda r: r["epoch"]))
+
+    def _cost(self) -> dict[str, Any]:
+        """The training compute up to here, as run.json's `cost` has it (its epochs, device- and GPU-hours: a
+        learning curve's x axis), counted across attempts like the run's."""
+        cost = self.recorder.recorded("cost")
+        keys = ("device", "devices", "epochs", "device_hours", "gpu_hours")
+        return {key: cost.get(key) for key in keys} if isinstance(cost, dict) else {}
 
     def resumed(self, trained: int) -> None:
         """A resume after `trained` epochs: snapshots past it, and files a killed write left, are removed."""
