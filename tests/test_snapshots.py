@@ -14,9 +14,10 @@ from helpers import planned_tiny_task, tiny_spec, use_planned_task, write_payloa
 
 from segbook.cli.main import main
 from segbook.evaluation.evaluate import EvaluationError, evaluate_run, run_snapshots
+from segbook.evaluation.files import check_run
 from segbook.options import OptionError
 from segbook.results import collect_results
-from segbook.runs import RunSpec, snapshot_evaluation_folder, snapshot_path
+from segbook.runs import FolderParts, RunSpec, snapshot_evaluation_folder, snapshot_path
 from segbook.training.checkpoints import UnsafeCheckpointError, read_snapshot
 from segbook.training.manifest import RunManifest
 from segbook.training.settings import parse_snapshots, snapshot_epochs
@@ -159,7 +160,9 @@ def test_snapshots_are_evaluated_each_into_its_own_folder_and_read_safely(task, 
         assert summary["settings"]["checkpoint"] == f"snapshots/snapshot_ep{epoch}.pth"
         assert summary["training"] == {**summary["training"], "epochs_completed": epoch, "complete": False}
         assert summary["num_cases"] == final["num_cases"] and summary["split"] == final["split"]
-        assert (snapshot_evaluation_folder(folder, epoch) / "metrics.csv").is_file()
+        verdict = check_run(folder, summary, task.entry, FolderParts.parse(folder),
+                            evaluation=snapshot_evaluation_folder(folder, epoch))
+        assert verdict.problem is None  # the checks of any evaluation: tables of snapshots can trust them as much
     # the tables see the run once, with its final scores: snapshot evaluations are not runs
     frame = collect_results(registry=load_registry([task.registry_file]))
     (row,) = frame[frame["evaluated"]].to_dict("records")

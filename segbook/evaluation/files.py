@@ -633,9 +633,12 @@ def training_problems(summary: dict[str, Any], manifest: Any) -> list[str]:
 
 
 def check_run(folder: Path, summary: Any, entry: "DatasetEntry", parts: FolderParts,
-              split: "Split | None" = None) -> Verdict:
-    """Every check of a run folder's evaluation files (its summary.json already read); problems name the file."""
-    summary_file, metrics_file = folder / EVALUATION / SUMMARY, folder / EVALUATION / METRICS
+              split: "Split | None" = None, evaluation: Path | None = None) -> Verdict:
+    """Every check of a run folder's evaluation files (its summary.json already read); problems name the file.
+    `evaluation`: another evaluation folder of the run than its own `evaluation/` (a snapshot's,
+    `segbook.runs.snapshot_evaluation_folder`), checked the same way."""
+    evaluation = evaluation or folder / EVALUATION
+    summary_file, metrics_file = evaluation / SUMMARY, evaluation / METRICS
     problems = [f"{summary_file}: {p}" for p in summary_problems(summary, entry)]
     if problems:
         return Verdict(tuple(problems))
