@@ -8,14 +8,19 @@ import json
 
 import pytest
 from helpers import planned_tiny_task, run_segbook, tiny_spec, use_planned_task
+from results_helpers import A, write_registry
+from store_helpers import write_evaluated_run
 
 from segbook.batch.execute import ExecutionOptions
 from segbook.batch.forecast import forecast
 from segbook.batch.matrix import build_matrix, job_from_id, several_variants
 from segbook.cli.main import main
+from segbook.paths import Paths
 from segbook.registry import load_registry
 from segbook.results import collect_results
+from segbook.results.collect import ResultsWarning
 from segbook.results.scores import dataset_scores
+from segbook.results.selection import TableError
 from segbook.runs import Identity, RunIdentityError, RunSpec, named_budget, parse_budgets
 from segbook.training.manifest import RunManifest
 from segbook.training.settings import TrainingSettings
@@ -86,6 +91,38 @@ def test_budgets_beside_epochs_are_refused(segbook_home, capsys, command):
     error = capsys.readouterr().err
     assert code == 2 and "--budgets and --epochs" in error and "Traceback" not in error
     assert not segbook_home.exists()
+
+
+# --- results -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def store(segbook_home, tmp_path):
+    return Paths.from_env(), load_registry([write_registry(tmp_path / "registry.yaml")])
+
+
+def test_two_budgets_of_one_configuration_are_two_cells_and_a_frame_mixing_them_is_refused(store):
+    paths, registry = store
+    for init, dice in (("pretrained", 0.8), ("scratch", 0.7)):
+        write_evaluated_run(paths.results, registry, A, "base", init, dice)
+        write_evaluated_run(paths.results, registry, A, "base", init, dice - 0.3, budget=150)
+    frame = collect_results(paths, registry)
+    assert frame["evaluated"].all() and sorted(frame["budget"]) == [150, 150, 1000, 1000]
+    scores = dataset_scores(frame).set_index(["init", "budget"])["score"]
+    assert scores.to_dict() == pytest.approx({("pretrained", 1000): 0.8, ("pretrained", 150): 0.5,
+                                              ("scratch", 1000): 0.7, ("scratch", 150): 0.4}, abs=0.02)
+    assert frame.groupby("budget")["variant"].nunique().to_dict() == {150: 1, 1000: 1}
+    assert frame.loc[frame["budget"] == 150, "variant"].iloc[0] != frame.loc[frame["budget"] == 1000, "variant"].iloc[0]
+    mixed = frame.assign(variant="", fingerprint="same")  # put together by hand: one cell of two budgets
+    with pytest.raises(TableError, match="runs with different budgets are never averaged"):
+        dataset_scores(mixed)
+
+
+def test_a_run_whose_record_trains_another_budget_than_its_name_is_left_out(store):
+    paths, registry = store
+    write_evaluated_run(paths.results, registry, A, "base", "scratch", 0.7, budget=150, settings={"epochs": 1000})
+    with pytest.warns(ResultsWarning):
+        (row,) = collect_results(paths, registry).to_dict("records")
+    assert not row["evaluated"] and row["status"] == "run.json trains 1000 epochs, not the 150 its name says"
 
 
 # --- training, estimates and results ------------------------------------------------------------------------------

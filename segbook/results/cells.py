@@ -45,7 +45,7 @@ LEFT_OUT = {
     "invalid": ("whose evaluation files failed segbook's checks (a warning names each file and its first problem)",
                 "evaluate them again (segbook evaluate --force)"),
     "identity": ("whose run.json or summary.json names another run than its folder (or training cases not of its "
-                 "fraction)",
+                 "fraction, or epochs not of its budget)",
                  "move the files back where they belong, or train the run again"),
     "tampered": ("whose run.json settings no longer give the fingerprint recorded when they started training "
                  "(edited since?)", "train them again"),

@@ -399,8 +399,9 @@ def _split_of(summary: dict[str, Any]) -> str | None:
 def _record_problem(manifest: dict[str, Any], missing: str | None, reading: fingerprint.Reading, parts: FolderParts,
                     entry: DatasetEntry, row: dict[str, Any]) -> dict[str, Any] | None:
     """Why an evaluated run's `run.json` says its score is not this run's: it names another run, its training
-    cases are not its fraction's, it trained beside another test split than it was scored on, or its settings no
-    longer give the fingerprint recorded when it trained. None when nothing is wrong (or it has no run.json)."""
+    cases are not its fraction's, its epochs are not the budget its name says, it trained beside another test split
+    than it was scored on, or its settings no longer give the fingerprint recorded when it trained. None when nothing
+    is wrong (or it has no run.json)."""
     if missing:
         return None
     other = other_run(manifest.get("run"), parts, entry)
@@ -409,6 +410,11 @@ def _record_problem(manifest: dict[str, Any], missing: str | None, reading: fing
     cases = _training_cases_problem(manifest.get("training_cases"), parts.identity.fraction)
     if cases:
         return {"status": cases, "left_out": "identity"}
+    budget = parts.identity.budget
+    settings = manifest.get("settings") if isinstance(manifest.get("settings"), dict) else {}
+    if budget is not None and settings.get("epochs") != budget:
+        return {"status": f"run.json trains {settings.get('epochs')} epochs, not the {budget} its name says",
+                "left_out": "identity"}
     trained = ((manifest.get("split") or {}) if isinstance(manifest.get("split"), dict) else {}).get("sha256")
     if isinstance(trained, str) and row["split"] not in (None, trained):
         return {"status": f"trained beside test split {trained[:12]}, scored on {row['split'][:12]}",
