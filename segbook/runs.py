@@ -1,15 +1,16 @@
 """The identity of a run, and everything that follows from it: its trainer, folder, job id and files.
 
-A run is (task, model, initialisation, recipe, seed, training fraction, fold). Every other module asks this one:
+A run is (task, model, initialisation, recipe, seed, training fraction, budget, fold). Every other module asks this one:
 how a run folder and a job id are spelled and parsed back, where `run.json` and the evaluation files are, which
 checkpoint a run resumes from and which pretrained file a run starts from (its record, `run.json`, and how a status
 or failure is written into it: `segbook.training.manifest`).
 
 Folders stay nnU-Net's, `Dataset{id}_{Name}/{Trainer}__{Plans}__3d_fullres/fold_{fold}`, so `nnUNetv2_predict` works
 on segbook's runs. nnU-Net names the folder after the trainer class, so the trainer's name carries the identity:
-`SegbookTrainer_{model}_{init}`, then, only where they differ from the defaults, the recipe, `seed{N}` and
-`frac{P}` (the training fraction in percent), joined by `_`: `SegbookTrainer_large_pretrained_llrd_seed1_frac25`.
-Runs with the default recipe, seed 0 and the whole train split keep the names they always had.
+`SegbookTrainer_{model}_{init}`, then, only where they differ from the defaults, the recipe, `seed{N}`,
+`frac{P}` (the training fraction in percent) and `ep{E}` (the budget in epochs, where it is not the recipe's),
+joined by `_`: `SegbookTrainer_large_pretrained_llrd_seed1_frac25_ep150`. Runs with the default recipe, seed 0, the
+whole train split and the recipe's budget keep the names they always had.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ MAX_SEED = 2**32 - 1 - BASE_RNG_SEED
 RECIPE_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 _SEED = re.compile(r"^seed(\d+)$")
 _FRACTION = re.compile(r"^frac(\d+(?:p\d+)?)$")
+_BUDGET = re.compile(r"^ep(\d+)$")
+#: The largest budget a run may name, in epochs (a hundred times nnU-Net's 1000: anything above is a typing mistake).
+MAX_BUDGET = 100_000
 JOB_SEPARATOR = "__"
 
 MANIFEST = "run.json"
@@ -83,6 +87,9 @@ class Identity:
     recipe: str = ""  # "" means the default for `init`
     seed: int = DEFAULT_SEED
     fraction: float = DEFAULT_FRACTION
+    #: Epochs of training where they are not the recipe's (None: the recipe's budget, the run's name unchanged);
+    #: `named_budget` turns a budget into this, knowing the recipe.
+    budget: int | None = None
 
     def __post_init__(self) -> None:
         if not backbones.is_known(self.model):
@@ -94,20 +101,24 @@ class Identity:
             raise RunIdentityError(f"{backbones.get(self.model).label} has no pretrained weights: use --model "
                                    f"{self.model} with --scratch")
         object.__setattr__(self, "recipe", self.recipe or default_recipe(self.model, self.init))
-        if not RECIPE_NAME.match(self.recipe) or _SEED.match(self.recipe) or _FRACTION.match(self.recipe):
+        if not RECIPE_NAME.match(self.recipe) or any(p.match(self.recipe) for p in (_SEED, _FRACTION, _BUDGET)):
             raise RunIdentityError(f"recipe name {self.recipe!r}: use lower-case letters, digits and hyphens, "
-                                   "starting with a letter (not seedN or fracN)")
+                                   "starting with a letter (not seedN, fracN or epN)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise RunIdentityError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if not 0 < self.fraction <= 1 or _percent_text(self.fraction) is None:
             raise RunIdentityError(f"training fraction must be in (0, 1] with at most 2 decimals in percent, "
                                    f"got {self.fraction!r}")
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
+                                        or not 1 <= self.budget <= MAX_BUDGET):
+            raise RunIdentityError(f"budget must be an integer number of epochs in [1, {MAX_BUDGET}], "
+                                   f"got {self.budget!r}")
 
     @property
     def is_default(self) -> bool:
-        """The default recipe, seed and whole train split: the run SegBook's tables are about."""
-        return (self.recipe, self.seed, self.fraction) == (default_recipe(self.model, self.init), DEFAULT_SEED,
-                                                           DEFAULT_FRACTION)
+        """The default recipe, seed, whole train split and budget: the run SegBook's tables are about."""
+        return (self.recipe, self.seed, self.fraction, self.budget) == (default_recipe(self.model, self.init),
+                                                                        DEFAULT_SEED, DEFAULT_FRACTION, None)
 
     @property
     def rng_seed(self) -> int:
@@ -123,7 +134,17 @@ class Identity:
             parts.append(f"seed{self.seed}")
         if self.fraction != DEFAULT_FRACTION:
             parts.append(f"frac{_percent_text(self.fraction)}")
+        if self.budget is not None:
+            parts.append(f"ep{self.budget}")
         return "_".join(parts)
+
+    @classmethod
+    def from_record(cls, run: dict[str, Any]) -> "Identity":
+        """The identity a `run` record (`run.json`, `summary.json`) names; records written before recipes, seeds,
+        fractions and budgets existed name the defaults. `RunIdentityError`, KeyError, TypeError or ValueError for a
+        malformed one."""
+        return cls(run["model"], run["init"], run.get("recipe") or "", int(run.get("seed", DEFAULT_SEED)),
+                   float(run.get("fraction", DEFAULT_FRACTION)), run.get("budget"))
 
     @classmethod
     def from_trainer(cls, name: str) -> "Identity | None":
@@ -131,9 +152,9 @@ class Identity:
         parts = name.split("_")
         if len(parts) < 3 or parts[0] != TRAINER_PREFIX or JOB_SEPARATOR in name:
             return None
-        recipe, seed, fraction = "", DEFAULT_SEED, DEFAULT_FRACTION
+        recipe, seed, fraction, budget = "", DEFAULT_SEED, DEFAULT_FRACTION, None
         rest = parts[3:]
-        if rest and not (_SEED.match(rest[0]) or _FRACTION.match(rest[0])):
+        if rest and not any(p.match(rest[0]) for p in (_SEED, _FRACTION, _BUDGET)):
             recipe = rest.pop(0)
         if rest and (match := _SEED.match(rest[0])):
             seed = int(match[1])
@@ -141,8 +162,11 @@ class Identity:
         if rest and (match := _FRACTION.match(rest[0])):
             fraction = float(match[1].replace("p", ".")) / 100
             rest.pop(0)
+        if rest and (match := _BUDGET.match(rest[0])):
+            budget = int(match[1])
+            rest.pop(0)
         try:
-            identity = cls(parts[1], parts[2], recipe, seed, fraction)
+            identity = cls(parts[1], parts[2], recipe, seed, fraction, budget)
         except RunIdentityError:
             return None
         return identity if not rest and identity.trainer == name else None
@@ -153,6 +177,8 @@ class Identity:
             extras.append(f"seed {self.seed}")
         if self.fraction != DEFAULT_FRACTION:
             extras.append(f"{_percent_text(self.fraction).replace('p', '.')}% of the train split")
+        if self.budget is not None:
+            extras.append(f"{self.budget} epochs")
         return f"{self.model} {self.init} ({', '.join(extras)})"
 
 
@@ -196,6 +222,29 @@ def parse_fractions(values: Iterable[str | float], option: str = "--fractions") 
     return _once(fractions, option)
 
 
+def parse_budgets(values: Iterable[str | int], option: str = "--budgets") -> list[int]:
+    """Budgets in epochs as given (`["50", "150"]`, `["50,150"]` or ints), each an integer in [1, MAX_BUDGET],
+    none twice; `RunIdentityError` naming the option otherwise. Checked before anything is written; which of them is
+    the recipe's own budget (no suffix) is `named_budget`'s to say."""
+    budgets = []
+    for item in _listed(values, option):
+        try:
+            budget = int(item) if not isinstance(item, (bool, float)) else None
+        except ValueError:
+            budget = None
+        if budget is None or str(item).strip() != str(budget) or not 1 <= budget <= MAX_BUDGET:
+            raise RunIdentityError(f"{option}: a budget is a whole number of epochs in [1, {MAX_BUDGET}], "
+                                   f"got {item!r}")
+        budgets.append(budget)
+    return _once(budgets, option)
+
+
+def named_budget(epochs: int | None, recipe_epochs: int) -> int | None:
+    """What a run's identity says of a budget of `epochs` under a recipe of `recipe_epochs`: None (the recipe's own:
+    the run keeps its name) when they agree or no budget was asked for, the epochs otherwise (`_ep{E}`)."""
+    return None if epochs is None or epochs == recipe_epochs else epochs
+
+
 def _listed(values: Iterable[str | int | float], option: str) -> list[str | int | float]:
     items = [part.strip() if isinstance(value, str) else value
              for value in ([values] if isinstance(values, (str, int, float)) else values)
@@ -235,12 +284,13 @@ class RunSpec:
     @classmethod
     def of(cls, entry: "DatasetEntry", model: str, init: str | bool, fold: str | int = "all", *,
            recipe: str | None = None, seed: int = DEFAULT_SEED, fraction: float = DEFAULT_FRACTION,
-           plans: str = "") -> "RunSpec":
-        """The run of `entry`; `init` is "pretrained"/"scratch" or a bool (pretrained)."""
+           budget: int | None = None, plans: str = "") -> "RunSpec":
+        """The run of `entry`; `init` is "pretrained"/"scratch" or a bool (pretrained); `budget` as `named_budget`
+        gives it (None: the recipe's)."""
         if isinstance(init, bool):
             init = "pretrained" if init else "scratch"
-        return cls(entry.key, entry.nnunet_name, Identity(model, init, recipe or "", seed, fraction), str(fold),
-                   plans)
+        return cls(entry.key, entry.nnunet_name, Identity(model, init, recipe or "", seed, fraction, budget),
+                   str(fold), plans)
 
     # the identity's parts, for callers that think in them
     model = property(lambda self: self.identity.model)
@@ -248,11 +298,13 @@ class RunSpec:
     recipe = property(lambda self: self.identity.recipe)
     seed = property(lambda self: self.identity.seed)
     fraction = property(lambda self: self.identity.fraction)
+    budget = property(lambda self: self.identity.budget)
     trainer = property(lambda self: self.identity.trainer)
 
     @property
     def job_id(self) -> str:
-        """`{task}__{model}__{init}[__{recipe}][__seed{N}][__frac{P}]__fold_{fold}` (defaults left out)."""
+        """`{task}__{model}__{init}[__{recipe}][__seed{N}][__frac{P}][__ep{E}]__fold_{fold}` (defaults left
+        out)."""
         parts = self.trainer.split("_")[1:]
         return JOB_SEPARATOR.join([self.task, *parts, f"fold_{self.fold}"])
 
@@ -263,8 +315,8 @@ class RunSpec:
             raise RunIdentityError(f"not a job id: {job_id!r} (expected TASK__MODEL__INIT__fold_FOLD)")
         identity = Identity.from_trainer("_".join([TRAINER_PREFIX, *parts[1:-1]]))
         if identity is None:
-            raise RunIdentityError(f"not a job id: {job_id!r} (its model, initialisation, recipe, seed or fraction "
-                                   "do not parse)")
+            raise RunIdentityError(f"not a job id: {job_id!r} (its model, initialisation, recipe, seed, fraction "
+                                   "or budget do not parse)")
         entry = registry.get(parts[0])
         return cls(entry.key, entry.nnunet_name, identity, parts[-1].removeprefix("fold_"))
 
@@ -283,11 +335,9 @@ class RunSpec:
 
     @classmethod
     def from_record(cls, run: dict[str, Any]) -> "RunSpec":
-        """The run a `run.json` (or `summary.json`) `run` record names; records written before recipes, seeds
-        and fractions existed name the defaults."""
-        identity = Identity(run["model"], run["init"], run.get("recipe") or "", int(run.get("seed", DEFAULT_SEED)),
-                            float(run.get("fraction", DEFAULT_FRACTION)))
-        return cls(run["task"], run["dataset"], identity, str(run["fold"]), run.get("plans", DEFAULT_PLANS))
+        """The run a `run.json` (or `summary.json`) `run` record names (`Identity.from_record`)."""
+        return cls(run["task"], run["dataset"], Identity.from_record(run), str(run["fold"]),
+                   run.get("plans", DEFAULT_PLANS))
 
     def trainer_folder(self, results: Path) -> Path:
         return Path(results) / self.dataset / JOB_SEPARATOR.join([self.trainer, self.plans, CONFIGURATION])
@@ -335,6 +385,32 @@ def evaluation_folder(folder: Path) -> Path:
 
 def summary_path(folder: Path) -> Path:
     return evaluation_folder(folder) / SUMMARY
+
+
+#: A run's snapshots (`--snapshots`): the network at chosen points of its budget, and their evaluations, beside it.
+SNAPSHOTS = "snapshots"
+_SNAPSHOT_FILE = re.compile(r"^snapshot_ep(\d+)\.pth$")
+
+
+def snapshots_folder(folder: Path) -> Path:
+    return Path(folder) / SNAPSHOTS
+
+
+def snapshot_path(folder: Path, epoch: int) -> Path:
+    """The snapshot of a run after `epoch` epochs: `snapshots/snapshot_ep{epoch}.pth`."""
+    return snapshots_folder(folder) / f"snapshot_ep{epoch}.pth"
+
+
+def snapshot_epoch(path: Path) -> int | None:
+    """The epoch a snapshot file's name says; None for any other file (or a name that is not the canonical one)."""
+    match = _SNAPSHOT_FILE.match(Path(path).name)
+    return int(match[1]) if match and Path(path).name == snapshot_path(Path(), int(match[1])).name else None
+
+
+def snapshot_evaluation_folder(folder: Path, epoch: int) -> Path:
+    """Where `segbook evaluate --snapshots` scores the snapshot after `epoch` epochs: `snapshots/evaluation_ep{E}/`
+    (summary.json and metrics.csv as the run's own `evaluation/`), never read as the run's own scores."""
+    return snapshots_folder(folder) / f"{EVALUATION}_ep{epoch}"
 
 
 def is_evaluated(folder: Path) -> bool:
@@ -430,7 +506,8 @@ def resolve_weights(model: str, given: str | Path | None, paths: "Paths",
 def identity_fields(spec: RunSpec) -> dict[str, Any]:
     """The `run` record of `run.json` and `summary.json`: who the run is."""
     return {"task": spec.task, "dataset": spec.dataset, "model": spec.model, "init": spec.init,
-            "recipe": spec.recipe, "seed": spec.seed, "fraction": spec.fraction, "fold": spec.fold,
+            "recipe": spec.recipe, "seed": spec.seed, "fraction": spec.fraction, "budget": spec.budget,
+            "fold": spec.fold,
             "trainer": spec.trainer, "plans": spec.plans, "configuration": CONFIGURATION}
 
 

@@ -118,13 +118,16 @@ def write_evaluated_run(results: Path, registry: Registry, task: str, model: str
                         recipe: str | None = None, run_seed: int = 0, fold: str = "all", fraction: float = 1.0,
                         settings: dict[str, Any] | None = None, plans_summary: dict[str, Any] | None = None,
                         evaluation: dict[str, Any] | None = None, device: str = "cpu",
-                        fingerprinted: bool = True, prediction: dict[str, Any] | None = None) -> Path:
+                        fingerprinted: bool = True, prediction: dict[str, Any] | None = None,
+                        budget: int | None = None) -> Path:
     """A run folder as training and `segbook evaluate` leave it, with its per-case metrics (`seed`: of the cases'
     random spread; `run_seed`, `fold`, `fraction`: the run's). `settings` replace training settings (`{"epochs": 12}`),
     `plans_summary` what the plans made, `evaluation` the evaluation settings, `prediction` the prediction's cost
-    record (default: on CUDA, `prediction_seconds_per_case`)."""
+    record (default: on CUDA, `prediction_seconds_per_case`); `budget` the run's `_ep{E}` (and its epochs, unless
+    `settings` say otherwise)."""
     entry = registry.get(task)
-    spec = RunSpec.of(entry, model, init, fold, recipe=recipe, seed=run_seed, fraction=fraction)
+    spec = RunSpec.of(entry, model, init, fold, recipe=recipe, seed=run_seed, fraction=fraction, budget=budget)
+    settings = {**({"epochs": budget} if budget else {}), **(settings or {})}
     folder = spec.folder(results)
     (folder / "evaluation").mkdir(parents=True)
     manifest = run_manifest(spec, settings, plans_summary, device, cost, fingerprinted)

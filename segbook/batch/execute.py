@@ -107,6 +107,7 @@ class Training:
         with ranks as forwarded:
             result = finetune(job.entry, job.spec.model, job.spec.init == "pretrained", job.spec.fold,
                               recipe=job.spec.recipe, seed=job.spec.seed, fraction=job.spec.fraction,
+                              budget=job.spec.budget,
                               recipe_files=options.recipe_files,
                               settings=options.settings_for(job), weights=options.file_for(job),
                               plans=options.plans, normalization=options.normalization, device=options.device,
@@ -120,9 +121,14 @@ class Training:
             raise SegbookError(f"training of {job.id} ended with status {result.status}")
 
     def evaluate(self, job: Job, options: "ExecutionOptions", paths: Paths) -> None:
-        from segbook.evaluation.evaluate import evaluate_run  # here: a rehearsal's task does without scipy's import
+        # here: a rehearsal's task does without scipy's import
+        from segbook.evaluation.evaluate import evaluate_run, run_snapshots
 
         evaluate_run(job.entry, job.spec, paths, device=options.device, num_processes=_processes(options))
+        folder = job.folder(paths)
+        for snapshot in run_snapshots(folder):  # those the run kept (--snapshots), each into its own folder
+            evaluate_run(job.entry, job.spec, paths, device=options.device, num_processes=_processes(options),
+                         run_folder=folder, snapshot=snapshot["epoch"])
 
 
 TRAINING = Training()
@@ -190,8 +196,28 @@ class ExecutionOptions:
         if self.num_gpus > 1 and self.device != "cuda":
             raise OptionError(f"--gpus-per-job {self.num_gpus} needs --device cuda (nnU-Net's DDP), not "
                               f"{self.device}")
+        jobs = list(jobs)
         check_recipes(jobs, self.recipe_files, self.num_gpus)
+        self._check_snapshots(jobs)
         return self
+
+    def _check_snapshots(self, jobs: Sequence[Job]) -> None:
+        """`OptionError` when a job's budget cannot hold the snapshots asked for (`snapshot_epochs`), or
+        `RecipeError` for a LoRA recipe (`finetune` would refuse them only when the job starts)."""
+        from segbook.recipes import RecipeError
+        from segbook.training.settings import snapshot_epochs
+
+        for job in jobs:
+            settings = self.settings_for(job)
+            if not settings.snapshots:
+                continue
+            try:
+                snapshot_epochs(settings.snapshots, settings.epochs)
+            except OptionError as error:
+                raise OptionError(f"{job.id}: {error}") from None
+            if get_recipe(job.spec.recipe, job.spec.init, self.recipe_files).lora is not None:
+                raise RecipeError(f"{job.id}: --snapshots: recipe {job.spec.recipe!r} trains LoRA adapters, merged "
+                                  "only when training ends; its snapshots could not be evaluated")
 
     @property
     def gpus_per_job(self) -> int:
@@ -199,8 +225,11 @@ class ExecutionOptions:
         return self.num_gpus if self.device == "cuda" else 0
 
     def settings_for(self, job: Job) -> TrainingSettings:
-        """The job's settings with its recipe's budget filled in (the run resolves the rest from its recipe)."""
+        """The job's settings with its budget filled in: the one its name says (`_ep{E}`), else the options' or its
+        recipe's (the run resolves the rest from its recipe)."""
         settings = (self.pretrained_settings if job.spec.init == "pretrained" else None) or self.settings
+        if job.spec.budget is not None:
+            settings = replace(settings, epochs=job.spec.budget)
         return settings.resolve(get_recipe(job.spec.recipe, job.spec.init, self.recipe_files))[0]
 
     @property

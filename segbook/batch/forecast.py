@@ -2,7 +2,8 @@
 
 A started run is estimated with the settings it was created with (its `run.json`), a new one with the execution
 options' settings and its recipe's budget (`ExecutionOptions.settings_for`), so a matrix of several recipes is
-costed recipe by recipe. Every seed is a job of its own, costed in full; a job on a training fraction costs what
+costed recipe by recipe, and a job of another budget (`--budgets`) at its own epochs (`by_budget` totals them per
+budget). Every seed is a job of its own, costed in full; a job on a training fraction costs what
 the whole train split does (`estimate_job`). `left_gpu_hours` is what remains: nothing for a done job; the epochs
 not trained yet and the prediction for the others.
 """
@@ -67,6 +68,18 @@ class Forecast:
         """The jobs in `states` ("failed,running" or a list; None: all of them)."""
         wanted = {status.job.id for status in in_states([c.status for c in self.jobs], states)}
         return [c for c in self.jobs if c.status.job.id in wanted]
+
+    def by_budget(self) -> list[dict[str, Any]]:
+        """One row per budget the jobs train (epochs, as estimated: a started run's recorded, a new one's from its
+        name, the options or its recipe), smallest first: its jobs, GPU-hours and what is left of them. Jobs
+        without an estimate are counted under budget None."""
+        budgets: dict[int | None, list[JobCost]] = {}
+        for cost in self.jobs:
+            budgets.setdefault(None if cost.estimate is None else cost.estimate.epochs, []).append(cost)
+        return [{"budget_epochs": epochs, "jobs": len(members),
+                 "gpu_hours": round(sum(c.gpu_hours or 0.0 for c in members), 2),
+                 "left_gpu_hours": round(sum(c.left_gpu_hours or 0.0 for c in members), 2)}
+                for epochs, members in sorted(budgets.items(), key=lambda item: (item[0] is None, item[0] or 0))]
 
     def totals(self) -> list[dict[str, Any]]:
         """One row per state, then "total": the jobs, their GPU-hours and what is left of them."""

@@ -36,8 +36,8 @@ from segbook.errors import SegbookError
 from segbook.paths import Paths
 from segbook.recipes import RecipeError, get_recipe, load_recipes
 from segbook.runs import (DEFAULT_FRACTION, DEFAULT_SEED, FOLDS, INITS, RunIdentityError, RunSpec, default_recipe,
-                          has_resumable_checkpoint, is_evaluated, parse_fractions, parse_seeds, valid_combinations,
-                          weights_given)
+                          has_resumable_checkpoint, is_evaluated, named_budget, parse_budgets, parse_fractions,
+                          parse_seeds, valid_combinations, weights_given)
 from segbook.squeue import LIVE_STATES, RUNNING_STATES, array_of, slurm_available, squeue_states
 from segbook.training.manifest import RunManifest, failure
 
@@ -90,8 +90,9 @@ def build_matrix(registry: "Registry", tasks: str | Sequence[str] = "all", *, sc
                  recipe_files: Sequence[str | os.PathLike] | None = None,
                  seeds: str | Sequence[str | int] = (DEFAULT_SEED,),
                  fractions: str | Sequence[str | float] = (DEFAULT_FRACTION,),
+                 budgets: str | Sequence[str | int] | None = None,
                  folds: str | Sequence[str] = ("all",)) -> list[Job]:
-    """Every valid (task, model, init, recipe, seed, fraction, fold) of the selection, in registry order.
+    """Every valid (task, model, init, recipe, seed, fraction, budget, fold) of the selection, in registry order.
 
     `tasks` is "all" or task names (anything `Registry.get` resolves: 613, Task613, a key, a name); the filters
     narrow it further. `models` None is the SegBook study's (`segbook.backbones.study_models`). A backbone without
@@ -100,7 +101,9 @@ def build_matrix(registry: "Registry", tasks: str | Sequence[str] = "all", *, sc
     model's default scratch recipe (`scratch`), so every job is the run `segbook finetune` names the same way.
     An unknown recipe, or one that cannot train a selected model, is a `RecipeError` here, before anything runs.
     Every run is made once per seed of `seeds` and training fraction of `fractions` (`segbook.runs.parse_seeds`,
-    `parse_fractions`: a bad or repeated value is a `RunIdentityError` here).
+    `parse_fractions`: a bad or repeated value is a `RunIdentityError` here) and budget of `budgets` (epochs,
+    `parse_budgets`; None: each recipe's own), named as `finetune` names it (`named_budget`: no suffix for the
+    recipe's own budget).
     Folds: "all" is nnU-Net's fold 'all' (the whole train split, SegBook's protocol), 0-4 its cross-validation folds.
     """
     if isinstance(tasks, str):
@@ -112,12 +115,14 @@ def build_matrix(registry: "Registry", tasks: str | Sequence[str] = "all", *, sc
     inits = parse_choices(inits, INITS, "initialisation")
     recipes = parse_recipes(recipes, recipe_files)
     seeds, fractions = parse_seeds(seeds), parse_fractions(fractions)
+    epochs: list[int | None] = [None] if budgets is None else list(parse_budgets(budgets))
     folds = parse_choices(folds, FOLDS, "fold")
     valid = set(valid_combinations())
     runs = [(m, i, r) for m in models for i in inits if (m, i) in valid
             for r in (recipes if i == "pretrained" and recipes is not None else [default_recipe(m, i)])]
-    jobs = [Job(RunSpec.of(e, m, i, f, recipe=r, seed=s, fraction=p), e)
-            for e in entries for m, i, r in runs for s in seeds for p in fractions for f in folds]
+    recipe_epochs = {(r, i): get_recipe(r, i, recipe_files).budget.epochs for _, i, r in runs}
+    jobs = [Job(RunSpec.of(e, m, i, f, recipe=r, seed=s, fraction=p, budget=named_budget(b, recipe_epochs[r, i])), e)
+            for e in entries for m, i, r in runs for s in seeds for p in fractions for b in epochs for f in folds]
     check_recipes(jobs, recipe_files)
     return jobs
 
@@ -195,8 +200,9 @@ def several_recipes(jobs: Iterable[Job]) -> bool:
 
 
 def several_variants(jobs: Iterable[Job]) -> bool:
-    """Whether the jobs train with more than one seed or training fraction (then tables show both columns)."""
-    return len({(j.spec.seed, j.spec.fraction) for j in jobs}) > 1
+    """Whether the jobs train with more than one seed, training fraction or budget (then tables show their
+    columns)."""
+    return len({(j.spec.seed, j.spec.fraction, j.spec.budget) for j in jobs}) > 1
 
 
 def job_from_id(registry: "Registry", job_id: str) -> Job:
@@ -228,13 +234,13 @@ class JobStatus:
     attempts: Attempts = Attempts()
 
     def row(self, recipe: bool = False, variants: bool = False) -> dict[str, object]:
-        """A table row; `recipe` adds the job's recipe, `variants` its seed and training fraction (for a matrix of
-        several)."""
+        """A table row; `recipe` adds the job's recipe, `variants` its seed, training fraction and budget (epochs,
+        "" for the recipe's own; for a matrix of several)."""
         spec = self.job.spec
         detail = self.detail if len(self.detail) <= DETAIL_WIDTH else self.detail[:DETAIL_WIDTH - 3] + "..."
         return {"task": spec.task, "model": spec.model, "init": spec.init,
                 **({"recipe": spec.recipe} if recipe else {}),
-                **({"seed": spec.seed, "fraction": spec.fraction} if variants else {}),
+                **({"seed": spec.seed, "fraction": spec.fraction, "budget": spec.budget or ""} if variants else {}),
                 "fold": spec.fold, "state": self.state,
                 "epochs": f"{self.epochs_done}/{self.epochs_total}" if self.epochs_total else "",
                 "attempts": self.attempts.count or "", "slurm": self.slurm_state or "", "detail": detail}

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "batch", help="the benchmark matrix as resumable jobs: plan, prepare, run locally, submit to SLURM, status, "
                       "retry",
-        description="Jobs are (task, model, initialisation, recipe, seed, training fraction, fold) runs. Their "
+        description="Jobs are (task, model, initialisation, recipe, seed, training fraction, budget, fold) runs. Their "
                     "tasks are prepared (planned, preprocessed, split) first, on CPUs; a job then trains (resuming "
                     "from its latest checkpoint) and evaluates; a done job is skipped, a claim per job keeps two "
                     "launchers (or a requeued SLURM task and its predecessor) from running it twice. See "
@@ -277,12 +277,20 @@ def _matrix(args: argparse.Namespace) -> list["Job"]:
     jobs = build_matrix(registry_from_args(args), args.tasks, scale=args.scale, modality=args.modality,
                         target=args.target, region=args.region, models=args.models, inits=args.init,
                         recipes=args.recipes, recipe_files=args.recipe_file, seeds=args.seeds,
-                        fractions=args.fractions, folds=args.folds)
+                        fractions=args.fractions, budgets=_budgets(args), folds=args.folds)
     jobs = on_plans(jobs, args.plans, parse_weights(getattr(args, "weights", None)), args.normalization)
     if not jobs:
         raise MatrixError("the selection matches no job (nnU-Net's network has no pretrained job; check the "
                           "filters with `segbook tasks`)")
     return jobs
+
+
+def _budgets(args: argparse.Namespace) -> list[int] | None:
+    """--budgets, checked (and refused beside --epochs); None: each recipe's own budget."""
+    from segbook.cli.common import budgets_from_args
+
+    budgets = budgets_from_args(args)
+    return None if budgets == [None] else [budget for budget in budgets if budget is not None]
 
 
 def _options(args: argparse.Namespace, backend: str) -> "ExecutionOptions":
@@ -300,12 +308,15 @@ def _options(args: argparse.Namespace, backend: str) -> "ExecutionOptions":
         normalization=getattr(args, "normalization", "task"))
 
 
-def _print(rows: list[dict[str, Any]], totals: list[dict[str, Any]], fmt: str) -> None:
-    """The jobs, then the totals; JSON holds both in one object, CSV only the jobs (one table per stream)."""
+def _print(rows: list[dict[str, Any]], totals: list[dict[str, Any]], fmt: str,
+           budgets: list[dict[str, Any]] | None = None) -> None:
+    """The jobs, then the totals (and, for several budgets, the totals per budget); JSON holds them all in one
+    object, CSV only the jobs (one table per stream)."""
     from segbook.cli.output import emit
 
     if fmt == "json":
-        print(json.dumps({"jobs": rows, "totals": totals}, indent=2, default=str))
+        print(json.dumps({"jobs": rows, "totals": totals, **({"budgets": budgets} if budgets else {})}, indent=2,
+                         default=str))
         return
     if fmt == "csv":
         emit(rows, fmt)
@@ -314,6 +325,9 @@ def _print(rows: list[dict[str, Any]], totals: list[dict[str, Any]], fmt: str) -
         emit(rows, fmt)
         print()
     emit(totals, fmt)
+    if budgets:
+        print()
+        emit(budgets, fmt)
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -345,7 +359,8 @@ def run_plan(args: argparse.Namespace) -> int:
     recipe = several_recipes(jobs)
     rows = [c.row(full=args.format == "json", recipe=recipe, time_minutes=minutes, gpus=args.gpus_per_job,
                   variants=several_variants(jobs)) for c in plan.in_states(args.state)]
-    _print(rows, plan.totals(), args.format)
+    budgets = plan.by_budget()
+    _print(rows, plan.totals(), args.format, budgets if len(budgets) > 1 else None)
     return 0
 
 

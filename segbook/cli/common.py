@@ -148,6 +148,12 @@ def add_budget_options(parser: argparse.ArgumentParser) -> None:
                        help="heads' rate / body's rate (default: the recipe's: 10 for segbook)")
     hyper.add_argument("--weight-decay", type=bounded(BOUNDS["weight_decay"]), default=None,
                        help="weight decay (default: the recipe's: 3e-5, nnU-Net's)")
+    hyper.add_argument("--snapshots", nargs="+", default=[], metavar="P",
+                       help="keep the network after these percentages of the budget (whole numbers in [1, 99], "
+                            "space- or comma-separated; each at the first epoch at or past it) in the run's "
+                            "snapshots/ folder, for `segbook evaluate --snapshots`: a point on the learning curve of "
+                            "this schedule, whose learning rate has not decayed yet, not a shorter run (default: "
+                            "none)")
     hyper.add_argument("--checkpoint-every", type=bounded(BOUNDS["checkpoint_every"]),
                        default=defaults.checkpoint_every, help="epochs between resumable checkpoints")
     hyper.add_argument("--stem-tiling", choices=STEM_TILINGS, default=defaults.stem_tiling,
@@ -172,7 +178,7 @@ def training_settings_from_args(args: argparse.Namespace) -> "TrainingSettings":
                             head_lr_multiplier=args.head_lr_multiplier, weight_decay=args.weight_decay,
                             checkpoint_every=args.checkpoint_every,
                             mixed_precision=args.precision, channels_last=args.channels_last,
-                            stem_tiling=args.stem_tiling).validate()
+                            stem_tiling=args.stem_tiling, snapshots=args.snapshots).validate()
 
 
 def add_seed_and_fraction_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -185,6 +191,11 @@ def add_seed_and_fraction_options(parser: argparse.ArgumentParser | argparse._Ar
                         help="fractions of the training cases to train on, one run each (in (0, 1]; space- or "
                              "comma-separated): a fixed, nested subset per dataset, at least 2 cases; the test "
                              "split is always whole (default: 1, every training case)")
+    parser.add_argument("--budgets", nargs="+", default=None, metavar="E",
+                        help="training budgets in epochs, one run each (space- or comma-separated integers >= 1; "
+                             "iterations per epoch stay the recipe's or --iters-per-epoch). The recipe's own budget "
+                             "keeps the run's name; another adds _ep{E} to it (default: the recipe's budget, or "
+                             "--epochs)")
 
 
 def seeds_and_fractions_from_args(args: argparse.Namespace) -> tuple[list[int], list[float]]:
@@ -192,6 +203,20 @@ def seeds_and_fractions_from_args(args: argparse.Namespace) -> tuple[list[int], 
     from segbook.runs import parse_fractions, parse_seeds
 
     return parse_seeds(args.seeds), parse_fractions(args.fractions)
+
+
+def budgets_from_args(args: argparse.Namespace) -> list[int | None]:
+    """The checked budgets in epochs ([None]: the recipe's, or --epochs); `RunIdentityError` for a bad one, and
+    `OptionError` for --budgets beside --epochs (a run would be named after one and train the other)."""
+    from segbook.options import OptionError
+    from segbook.runs import parse_budgets
+
+    if args.budgets is None:
+        return [None]
+    budgets = parse_budgets(args.budgets)
+    if getattr(args, "epochs", None) is not None:
+        raise OptionError("--budgets and --epochs both set the epochs: give the budgets with --budgets alone")
+    return list(budgets)
 
 
 class NameList(argparse.Action):

@@ -6,7 +6,8 @@ import argparse
 
 from segbook.cli.common import (DEVICE_HELP, POSITIVE_NUMBER, HelpFormatter, add_backbone_file_option,
                                 add_registry_option, add_seed_and_fraction_options, at_least, bounded,
-                                load_backbone_files, model_help, registry_from_args, seeds_and_fractions_from_args)
+                                budgets_from_args, load_backbone_files, model_help, registry_from_args,
+                                seeds_and_fractions_from_args)
 from segbook.cli.finetune import FINETUNE_PLANS, NORMALIZATION_HELP
 from segbook.evaluation.settings import STEP_SIZE
 
@@ -21,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "the run folder. A run already evaluated with the same settings and checkpoint is skipped.",
         epilog="examples: segbook evaluate --task 613 --model large --pretrained\n"
                "          segbook evaluate --task 613 --model large --pretrained --seeds 0 1 2 --fractions 0.25 1\n"
+               "          segbook evaluate --task 613 --model large --pretrained --budgets 150 1000\n"
                "          segbook evaluate --run $nnUNet_results/Dataset613_COVID-19-20/"
                "SegbookTrainer_large_pretrained__nnUNetPlans__3d_fullres/fold_all")
     which = parser.add_argument_group("which run (a task and configuration, or a run folder)")
@@ -65,6 +67,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "memory (default: torch's own, usually the number of cores)")
     options.add_argument("--num-processes", type=at_least(1), default=1, help="processes for preprocessing and metrics")
     options.add_argument("--force", action="store_true", help="evaluate again even if up to date")
+    options.add_argument("--snapshots", action="store_true",
+                         help="also score each snapshot the run kept (finetune --snapshots) on the test split, each "
+                              "into its own folder, snapshots/evaluation_ep{E}/; a snapshot is a point of a longer "
+                              "schedule whose learning rate had not decayed, not a run of that many epochs")
     parser.set_defaults(handler=run)
 
 
@@ -81,11 +87,30 @@ def run(args: argparse.Namespace) -> int:
                               keep_predictions=args.keep_predictions, force=args.force, run_folder=folder,
                               threads=args.threads)
         _print_summary(result)
+        if args.snapshots:
+            _evaluate_snapshots(entry, spec, settings, args, result.folder.parent)
     return 0
 
 
+def _evaluate_snapshots(entry, spec, settings, args: argparse.Namespace, run_folder) -> None:
+    """Each snapshot of the run, scored into its own folder (none kept: said)."""
+    from segbook.evaluation.evaluate import evaluate_run, run_snapshots
+
+    snapshots = run_snapshots(run_folder)
+    if not snapshots:
+        print(f"  no snapshots in {run_folder} (train with --snapshots to keep some)")
+    for snapshot in snapshots:
+        result = evaluate_run(entry, spec, settings=settings, device=args.device, num_processes=args.num_processes,
+                              keep_predictions=args.keep_predictions, force=args.force, run_folder=run_folder,
+                              threads=args.threads, snapshot=snapshot["epoch"])
+        print(f"snapshot after epoch {snapshot['epoch']} ({snapshot.get('percent')}% of the budget, learning rate "
+              "not decayed):")
+        _print_summary(result)
+
+
 def _runs(args: argparse.Namespace, registry) -> list[tuple]:
-    """(entry, spec, folder) of each run named: the run folder, or one per seed and fraction of the configuration."""
+    """(entry, spec, folder) of each run named: the run folder, or one per seed, fraction and budget of the
+    configuration (a budget named as `finetune` names it: none where it is the recipe's own)."""
     from pathlib import Path
 
     from segbook.errors import SegbookError
@@ -105,12 +130,24 @@ def _runs(args: argparse.Namespace, registry) -> list[tuple]:
     if not (args.task and args.model):
         raise SegbookError("name the run: --task and --model (with --pretrained or --scratch), or --run DIR")
     seeds, fractions = seeds_and_fractions_from_args(args)
+    budgets = budgets_from_args(args)
     entry = registry.get(args.task)
     _recorded_model(args.model, entry)
     plans = plans_identifier(run_planner(args.model, args.pretrained, args.plans, args.normalization, args.weights,
                                          Paths.from_env()))
+    named = _named_budgets(RunSpec.of(entry, args.model, args.pretrained, args.fold, recipe=args.recipe), budgets)
     return [(entry, RunSpec.of(entry, args.model, args.pretrained, args.fold, recipe=args.recipe, seed=seed,
-                               fraction=fraction, plans=plans), None) for seed in seeds for fraction in fractions]
+                               fraction=fraction, budget=budget, plans=plans), None)
+            for seed in seeds for fraction in fractions for budget in named]
+
+
+def _named_budgets(spec, budgets: list[int | None]) -> list[int | None]:
+    """The budgets as the runs' names say them: the recipe's own budget is the run without a suffix."""
+    from segbook.recipes import get_recipe
+    from segbook.runs import named_budget
+
+    recipe_epochs = get_recipe(spec.recipe, spec.init).budget.epochs
+    return [named_budget(budget, recipe_epochs) for budget in budgets]
 
 
 def _recorded_model(model: str, entry) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 
 from segbook.cli.common import (HelpFormatter, add_backbone_file_option, add_budget_options, add_registry_option,
                                 add_seed_and_fraction_options, add_task_option, add_weights_and_device_options,
-                                at_least, load_backbone_files, model_help, registry_from_args,
+                                at_least, budgets_from_args, load_backbone_files, model_help, registry_from_args,
                                 seeds_and_fractions_from_args, training_settings_from_args)
 
 #: The plans a run can train on: nnU-Net's, or nnU-Net's at the SegBook authors' patch size and spacing.
@@ -35,13 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "the STU-Net body comes from the TotalSegmentator checkpoint and fresh segmentation heads are "
                     "added; what trains at which rate on which schedule is the recipe's (default segbook: the body "
                     "at 1e-3, the heads at 10x, poly decay per group). Without --pretrained the same network "
-                    "trains from scratch (recipe scratch). The task is planned first if needed. Each seed and training "
-                    "fraction is a run of its own, trained in turn. A run lives in "
+                    "trains from scratch (recipe scratch). The task is planned first if needed. Each seed, training "
+                    "fraction and budget is a run of its own, trained in turn. A run lives in "
                     "$nnUNet_results/Dataset{id}_{Name}/SegbookTrainer_{model}_{init}[_{recipe}][_seed{N}]"
-                    "[_frac{P}]__{plans}__3d_fullres/fold_{fold} with its run.json record.",
+                    "[_frac{P}][_ep{E}]__{plans}__3d_fullres/fold_{fold} with its run.json record.",
         epilog="examples: segbook finetune --task 613 --model large --pretrained\n"
                "          segbook finetune --task 613 --model large --pretrained --recipe llrd --epochs 150\n"
-               "          segbook finetune --task 613 --model large --pretrained --seeds 0 1 2 --fractions 0.25 1",
+               "          segbook finetune --task 613 --model large --pretrained --seeds 0 1 2 --fractions 0.25 1\n"
+               "          segbook finetune --task 613 --model large --pretrained --budgets 150 1000",
         formatter_class=HelpFormatter)
     add_task_option(parser)
     add_registry_option(parser)
@@ -86,20 +88,20 @@ def run(args: argparse.Namespace) -> int:
 
     load_backbone_files(args)
     seeds, fractions = seeds_and_fractions_from_args(args)
+    budgets = budgets_from_args(args)
     entry = registry_from_args(args).get(args.task)
     settings = training_settings_from_args(args)
-    request = {k: v for k, v in vars(args).items() if k not in ("handler", "registry", "seeds", "fractions")}
+    request = {k: v for k, v in vars(args).items() if k not in ("handler", "registry", "seeds", "fractions", "budgets")}
     statuses = []
-    for seed in seeds:
-        for fraction in fractions:
-            result = finetune(entry, args.model, args.pretrained, args.fold, recipe=args.recipe, seed=seed,
-                              fraction=fraction, recipe_files=args.recipe_file, settings=settings,
-                              weights=args.weights, device=args.device, num_gpus=args.num_gpus, resume=args.resume,
-                              overwrite=args.overwrite, compile=args.compile, plan_processes=args.plan_processes,
-                              plans=args.plans, normalization=args.normalization,
-                              request={**request, "seed": seed, "fraction": fraction})
-            print(f"{result.status}: {result.folder}")
-            statuses.append(result.status)
+    for seed, fraction, budget in itertools.product(seeds, fractions, budgets):
+        result = finetune(entry, args.model, args.pretrained, args.fold, recipe=args.recipe, seed=seed,
+                          fraction=fraction, budget=budget, recipe_files=args.recipe_file, settings=settings,
+                          weights=args.weights, device=args.device, num_gpus=args.num_gpus, resume=args.resume,
+                          overwrite=args.overwrite, compile=args.compile, plan_processes=args.plan_processes,
+                          plans=args.plans, normalization=args.normalization,
+                          request={**request, "seed": seed, "fraction": fraction, "budget": budget})
+        print(f"{result.status}: {result.folder}")
+        statuses.append(result.status)
     return 0 if all(status == "finished" for status in statuses) else 1
 
 

@@ -86,12 +86,16 @@ def test_cases(entry: "DatasetEntry", paths: Paths) -> list[TestCase]:
 def evaluate_run(entry: "DatasetEntry", spec: RunSpec, paths: Paths | None = None,
                  settings: EvaluationSettings = EvaluationSettings(), *, device: str | None = None,
                  num_processes: int = 1, keep_predictions: bool = False, force: bool = False,
-                 run_folder: Path | None = None, threads: int | None = None) -> EvaluationResult:
+                 run_folder: Path | None = None, threads: int | None = None,
+                 snapshot: int | None = None) -> EvaluationResult:
     """Predict the test split with the run's final checkpoint and score every case and label.
 
     The run is `spec`'s folder under the results folder, or `run_folder` when given (a run copied elsewhere).
     `device` None picks cuda, else mps, else cpu. `threads`: torch's intra-op threads while predicting (None: as
-    they are); the summary's cost records the threads the prediction used (`prediction_threads`).
+    they are); the summary's cost records the threads the prediction used (`prediction_threads`). `snapshot`: score
+    instead the run's snapshot after that many epochs (`run_snapshots` lists them) into its own folder
+    (`segbook.runs.snapshot_evaluation_folder`), its summary saying which point of the budget it is (`snapshot`)
+    and that its rate had not decayed.
     """
     from segbook.devices import resolve_device
 
@@ -103,6 +107,10 @@ def evaluate_run(entry: "DatasetEntry", spec: RunSpec, paths: Paths | None = Non
     run_folder = Path(run_folder) if run_folder is not None else spec.folder(paths.results)
     require_recorded_backbone(run_folder)
     manifest = RunManifest.load(run_folder)
+    if snapshot is not None:
+        with torch_threads(threads):
+            return _evaluate_snapshot(entry, spec, paths, settings, device, num_processes, keep_predictions, force,
+                                      run_folder, manifest, snapshot)
     checkpoint = run_folder / settings.checkpoint
     if not checkpoint.is_file() or (manifest is not None and manifest.status != "finished"):
         state = f"its status is {manifest.status}" if manifest else "it has not been trained"
@@ -124,6 +132,41 @@ def evaluate_run(entry: "DatasetEntry", spec: RunSpec, paths: Paths | None = Non
                              manifest, resolved, split)
 
 
+def run_snapshots(run_folder: Path) -> list[dict[str, Any]]:
+    """The snapshots a run's run.json records whose files are there, by epoch (none for a run without)."""
+    from segbook.training.trainer_parts.snapshots import recorded
+
+    manifest = RunManifest.load(run_folder)
+    return recorded(manifest.data, run_folder) if manifest is not None else []
+
+
+def _evaluate_snapshot(entry: "DatasetEntry", spec: RunSpec, paths: Paths, settings: EvaluationSettings,
+                       device: str | None, num_processes: int, keep_predictions: bool, force: bool,
+                       run_folder: Path, manifest: RunManifest | None, epoch: int) -> EvaluationResult:
+    """`evaluate_run` of the snapshot after `epoch` epochs: its file as the checkpoint (a setting, so an evaluation
+    of another file is redone), its own output folder, and what it is in the summary."""
+    from dataclasses import replace
+
+    from segbook.devices import resolve_device
+    from segbook.runs import snapshot_evaluation_folder, snapshot_path
+
+    record = next((r for r in run_snapshots(run_folder) if r["epoch"] == epoch), None)
+    if record is None:
+        raise EvaluationError(f"cannot evaluate the snapshot after epoch {epoch} of {run_folder}: its run.json "
+                              f"records none there with its file in {snapshot_path(run_folder, epoch).parent}")
+    settings = replace(settings, checkpoint=str(snapshot_path(Path(), epoch)))
+    split = _test_split(entry, paths, manifest, run_folder)
+    device = resolve_device(device)
+    resolved = asdict(settings) | {"nsd_tolerance_mm": settings.nsd_tolerance_mm or entry.nsd_tolerance_mm,
+                                   "metrics_version": METRICS_VERSION}
+    out = snapshot_evaluation_folder(run_folder, epoch)
+    with claims.exclusive(paths.claims, spec.job_id, f"run {run_folder}"):
+        if not force and _up_to_date(out, resolved, run_folder / settings.checkpoint, split):
+            return EvaluationResult(out, json.loads((out / SUMMARY).read_text()), skipped=True)
+        return _evaluate(entry, spec, paths, settings, device, num_processes, keep_predictions, run_folder,
+                         manifest, resolved, split, snapshot=record)
+
+
 def _test_split(entry: "DatasetEntry", paths: Paths, manifest: RunManifest | None,
                 run_folder: Path) -> dict[str, Any] | None:
     """The dataset's test split (its record), refused when the run was trained beside another one."""
@@ -141,17 +184,25 @@ def _test_split(entry: "DatasetEntry", paths: Paths, manifest: RunManifest | Non
 
 def _evaluate(entry: "DatasetEntry", spec: RunSpec, paths: Paths, settings: EvaluationSettings, device: str,
               num_processes: int, keep_predictions: bool, run_folder: Path, manifest: RunManifest | None,
-              resolved: dict[str, Any], split: dict[str, Any] | None) -> EvaluationResult:
-    """Predict, score and write; the caller holds the run's claim."""
-    out = evaluation_folder(run_folder)
+              resolved: dict[str, Any], split: dict[str, Any] | None,
+              snapshot: dict[str, Any] | None = None) -> EvaluationResult:
+    """Predict, score and write (a `snapshot` record: that snapshot, into its own folder); the caller holds the
+    run's claim."""
+    from segbook.runs import snapshot_evaluation_folder
+
+    out = evaluation_folder(run_folder) if snapshot is None else snapshot_evaluation_folder(run_folder,
+                                                                                            snapshot["epoch"])
     cases = test_cases(entry, paths)
     with measured_prediction(device, len(cases), prediction_threads()) as cost:
-        predictions = _predict(spec, cases, settings, device, num_processes, run_folder)
+        predictions = _predict(spec, cases, settings, device, num_processes, run_folder, out,
+                               snapshot is not None)
     try:
         rows = _score(cases, predictions, entry, resolved["nsd_tolerance_mm"], settings.empty_dice, num_processes)
         summary = _summarise(rows, entry, spec, resolved, run_folder / settings.checkpoint, len(cases))
         summary["cost"] = {"prediction": cost}
-        summary["training"] = training_record(manifest)
+        summary["training"] = training_record(manifest) if snapshot is None else snapshot_training(manifest, snapshot)
+        if snapshot is not None:
+            summary["snapshot"] = snapshot_summary(snapshot)
         summary["split"] = split
         _write(out, rows, summary)
         if keep_predictions:
@@ -207,6 +258,19 @@ def training_record(manifest: RunManifest | None) -> dict[str, Any]:
             "complete": manifest.status == "finished" and completed >= planned}
 
 
+def snapshot_training(manifest: RunManifest | None, snapshot: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot's `training` record: the epochs its network had trained of the budget (never complete)."""
+    return {"status": manifest.status if manifest is not None else "unknown", "epochs_completed": snapshot["epoch"],
+            "epochs_planned": snapshot.get("budget_epochs"), "complete": False}
+
+
+def snapshot_summary(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """What a snapshot's summary says it is: its epoch, percent and fraction of the budget's schedule, its rates,
+    and that they had not decayed (a point of a longer schedule, not a run of that many epochs)."""
+    keys = ("epoch", "percent", "budget_epochs", "schedule_fraction", "learning_rates", "cost", "file")
+    return {**{key: snapshot.get(key) for key in keys}, "learning_rate_decayed": False}
+
+
 def _up_to_date(out: Path, settings: dict[str, Any], checkpoint: Path, split: dict[str, Any] | None) -> bool:
     """Evaluated, both files there, with these settings (the metrics' conventions among them), this checkpoint and
     this test split (summaries written before the split was recorded are not redone for it)."""
@@ -221,11 +285,11 @@ def _up_to_date(out: Path, settings: dict[str, Any], checkpoint: Path, split: di
 
 
 def _predict(spec: RunSpec, cases: list[TestCase], settings: EvaluationSettings, device: str, num_processes: int,
-             run_folder: Path) -> Path:
+             run_folder: Path, out: Path, snapshot: bool = False) -> Path:
     import torch
 
-    predictor = _predictor(spec, settings, torch.device(device), run_folder)
-    folder = evaluation_folder(run_folder) / ".predictions.partial"
+    predictor = _predictor(spec, settings, torch.device(device), run_folder, snapshot)
+    folder = out / ".predictions.partial"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     inputs = [[str(p) for p in case.images] for case in cases]
@@ -254,7 +318,7 @@ def _fp16_prediction() -> Iterator[None]:
         torch.set_autocast_dtype("cuda", before)
 
 
-def _predictor(spec: RunSpec, settings: EvaluationSettings, device, run_folder: Path):
+def _predictor(spec: RunSpec, settings: EvaluationSettings, device, run_folder: Path, snapshot: bool = False):
     """nnU-Net's predictor for the run's checkpoint, set up from safely read weights.
 
     nnU-Net's own `initialize_from_trained_model_folder` unpickles the checkpoint and builds whichever trainer
@@ -265,10 +329,14 @@ def _predictor(spec: RunSpec, settings: EvaluationSettings, device, run_folder: 
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from segbook.training.checkpoints import read_run_checkpoint
+    from segbook.runs import snapshot_epoch
+    from segbook.training.checkpoints import read_run_checkpoint, read_snapshot
     from segbook.training.trainers import trainer_class, unwrap
 
-    checkpoint = read_run_checkpoint(run_folder / settings.checkpoint)
+    checkpoint = (read_snapshot if snapshot else read_run_checkpoint)(run_folder / settings.checkpoint)
+    if snapshot and checkpoint["segbook_snapshot"]["epoch"] != snapshot_epoch(run_folder / settings.checkpoint):
+        raise EvaluationError(f"{run_folder / settings.checkpoint} holds the snapshot of epoch "
+                              f"{checkpoint['segbook_snapshot']['epoch']}, not the one its name says")
     if checkpoint["trainer_name"] != spec.trainer:
         raise EvaluationError(f"{run_folder / settings.checkpoint} was written by {checkpoint['trainer_name']!r}, "
                               f"not by this run's trainer {spec.trainer}")

@@ -155,14 +155,13 @@ def outdated_metrics(summary: dict[str, Any]) -> set[str]:
 
 def other_run(record: Any, parts: FolderParts, entry: "DatasetEntry") -> str | None:
     """The run a `run` record (summary.json's, run.json's) names when it is not the run of its folder, described;
-    None when it is, or when the record predates identities. A summary copied into another seed's, fraction's,
+    None when it is, or when the record predates identities. A summary copied into another seed's, fraction's, budget's,
     fold's, plans' or dataset's folder would otherwise be averaged as that run. Fields a record lacks (written
-    before they existed) are the defaults (recipe, seed, fraction) or not compared (task, fold, plans)."""
+    before they existed) are the defaults (recipe, seed, fraction, budget) or not compared (task, fold, plans)."""
     if not isinstance(record, dict) or "model" not in record:
         return None
     try:
-        named = Identity(record["model"], record["init"], record.get("recipe") or "", int(record.get("seed", 0)),
-                         float(record.get("fraction", 1.0)))
+        named = Identity.from_record(record)
     except (KeyError, TypeError, ValueError, SegbookError):
         return f"no run segbook knows ({_short(record)})"
     if named != parts.identity:
@@ -661,9 +660,12 @@ def training_problems(summary: dict[str, Any], manifest: Any) -> list[str]:
 
 
 def check_run(folder: Path, summary: Any, entry: "DatasetEntry", parts: FolderParts,
-              split: "Split | None" = None) -> Verdict:
-    """Every check of a run folder's evaluation files (its summary.json already read); problems name the file."""
-    summary_file, metrics_file = folder / EVALUATION / SUMMARY, folder / EVALUATION / METRICS
+              split: "Split | None" = None, evaluation: Path | None = None) -> Verdict:
+    """Every check of a run folder's evaluation files (its summary.json already read); problems name the file.
+    `evaluation`: another evaluation folder of the run than its own `evaluation/` (a snapshot's,
+    `segbook.runs.snapshot_evaluation_folder`), checked the same way."""
+    evaluation = evaluation or folder / EVALUATION
+    summary_file, metrics_file = evaluation / SUMMARY, evaluation / METRICS
     problems = [f"{summary_file}: {p}" for p in summary_problems(summary, entry)]
     if problems:
         return Verdict(tuple(problems))

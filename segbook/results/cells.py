@@ -45,7 +45,7 @@ LEFT_OUT = {
     "invalid": ("whose evaluation files failed segbook's checks (a warning names each file and its first problem)",
                 "evaluate them again (segbook evaluate --force)"),
     "identity": ("whose run.json or summary.json names another run than its folder (or training cases not of its "
-                 "fraction)",
+                 "fraction, or epochs not of its budget)",
                  "move the files back where they belong, or train the run again"),
     "tampered": ("whose run.json settings no longer give the fingerprint recorded when they started training "
                  "(edited since?)", "train them again"),
@@ -140,7 +140,7 @@ def _sources(frame: pd.DataFrame) -> pd.DataFrame:
     """Bundles that give the same configuration of a dataset (same training fingerprint and fraction) are each kept
     apart by their name: two labs' runs are never pooled as if one had run them."""
     bundled = frame[frame["evaluated"] & frame["source"].str.startswith(BUNDLE_PREFIX) & (frame["apart"] == "")]
-    keys = ["task", "model", "init", "recipe", "fraction", "fingerprint"]
+    keys = ["task", "model", "init", "recipe", "fraction", "budget", "fingerprint"]
     shared = bundled.groupby(keys, sort=False)["source"].transform("nunique") > 1
     frame.loc[bundled.index[shared], "apart"] = bundled.loc[shared, "source"]
     return frame
@@ -172,8 +172,9 @@ def _variants(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-#: What identifies the runs of one cell of one dataset: its configuration and variant, training fraction and source.
-CELL_KEYS = ["task", "model", "init", "recipe", "variant", "fraction", "source"]
+#: What identifies the runs of one cell of one dataset: its configuration and variant, training fraction, budget
+#: (epochs trained: two budgets differ in their training fingerprint, so in their variant, too) and source.
+CELL_KEYS = ["task", "model", "init", "recipe", "variant", "fraction", "budget", "source"]
 
 
 def _agreement(frame: pd.DataFrame) -> pd.DataFrame:

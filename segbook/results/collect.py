@@ -33,7 +33,7 @@ from segbook import backbones
 from segbook.results import cells
 from segbook.results.cells import BUNDLE_PREFIX, EVALUATED, IMPORTED_PREFIX, LOCAL, run_folders
 from segbook.backbones.recorded import RecordError
-from segbook.runs import (DEFAULT_FRACTION, DEFAULT_PLANS, DEFAULT_SEED, INITS, MANIFEST, MODELS, RUN_GLOB,
+from segbook.runs import (DEFAULT_FRACTION, DEFAULT_PLANS, DEFAULT_SEED, INITS, Identity, MANIFEST, MODELS, RUN_GLOB,
                           FolderParts, default_recipe, evaluation_folder, recorded_backbone, summary_path)
 from segbook.runs import METRICS as CASE_METRICS
 METRICS = ("dice", "nsd", "iou", "precision", "recall", "hd95")
@@ -56,7 +56,8 @@ NOT_EVALUATED = "not evaluated for {metric} (run segbook evaluate again)"
 OUTDATED = "not evaluated for {metric} under the current convention (run segbook evaluate again)"
 REGISTRY_COLUMNS = ("dataset_id", "name", "modality", "target", "scale", "region", "bone", "vessel", "parts",
                     "train_cases")
-RUN_COLUMNS = ("task", "model", "init", "recipe", "variant", "seed", "fraction", "fold", "plans", "split", "source",
+RUN_COLUMNS = ("task", "model", "init", "recipe", "variant", "seed", "fraction", "budget", "fold", "plans", "split",
+               "source",
                "status", "evaluated", *METRICS,
                *(f"{m}_{p}" for m in METRICS for p in PARTS), "unevaluated", "exclusions", "path",
                *cells.FINGERPRINT_COLUMNS)
@@ -333,7 +334,8 @@ def _run_row(folder: Path, entry: DatasetEntry, parts: FolderParts, checker: Che
     manifest, manifest_problem = _manifest(folder)
     reading = fingerprint.read(manifest, len(entry.channels))
     row = {"task": entry.key, "model": identity.model, "init": identity.init, "recipe": identity.recipe,
-           "variant": "", "seed": identity.seed, "fraction": identity.fraction, "fold": parts.fold,
+           "variant": "", "seed": identity.seed, "fraction": identity.fraction,
+           "budget": trained_budget(identity, manifest), "fold": parts.fold,
            "plans": parts.plans, "split": None, "source": LOCAL, "path": str(folder),
            **cells.training_columns(reading)}
     summary_file = summary_path(folder)
@@ -364,6 +366,20 @@ def _run_row(folder: Path, entry: DatasetEntry, parts: FolderParts, checker: Che
     return {**row, **scores, "status": EVALUATED, "evaluated": True}
 
 
+#: The `budget` of a row whose budget no record says (numbers imported from CSV, a run without run.json).
+UNKNOWN_BUDGET = 0
+
+
+def trained_budget(identity: Identity, manifest: dict[str, Any]) -> int:
+    """The epochs a run trains: its name's (`_ep{E}`), else its run.json's settings (the recipe's budget, or
+    `--epochs`); `UNKNOWN_BUDGET` where neither says (or run.json's value is not a positive integer)."""
+    if identity.budget is not None:
+        return identity.budget
+    settings = manifest.get("settings")
+    epochs = settings.get("epochs") if isinstance(settings, dict) else None
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0 else UNKNOWN_BUDGET
+
+
 def _manifest(folder: Path) -> tuple[dict[str, Any], str | None]:
     """A run's `run.json` as a dict ({} when there is none or it is unreadable, with the status that says so)."""
     try:
@@ -383,8 +399,9 @@ def _split_of(summary: dict[str, Any]) -> str | None:
 def _record_problem(manifest: dict[str, Any], missing: str | None, reading: fingerprint.Reading, parts: FolderParts,
                     entry: DatasetEntry, row: dict[str, Any]) -> dict[str, Any] | None:
     """Why an evaluated run's `run.json` says its score is not this run's: it names another run, its training
-    cases are not its fraction's, it trained beside another test split than it was scored on, or its settings no
-    longer give the fingerprint recorded when it trained. None when nothing is wrong (or it has no run.json)."""
+    cases are not its fraction's, its epochs are not the budget its name says, it trained beside another test split
+    than it was scored on, or its settings no longer give the fingerprint recorded when it trained. None when nothing
+    is wrong (or it has no run.json)."""
     if missing:
         return None
     other = other_run(manifest.get("run"), parts, entry)
@@ -393,6 +410,11 @@ def _record_problem(manifest: dict[str, Any], missing: str | None, reading: fing
     cases = _training_cases_problem(manifest.get("training_cases"), parts.identity.fraction)
     if cases:
         return {"status": cases, "left_out": "identity"}
+    budget = parts.identity.budget
+    settings = manifest.get("settings") if isinstance(manifest.get("settings"), dict) else {}
+    if budget is not None and settings.get("epochs") != budget:
+        return {"status": f"run.json trains {settings.get('epochs')} epochs, not the {budget} its name says",
+                "left_out": "identity"}
     trained = ((manifest.get("split") or {}) if isinstance(manifest.get("split"), dict) else {}).get("sha256")
     if isinstance(trained, str) and row["split"] not in (None, trained):
         return {"status": f"trained beside test split {trained[:12]}, scored on {row['split'][:12]}",
@@ -668,6 +690,7 @@ def _clashes(rows: list[dict[str, Any]], target: Path, registry: Registry, paths
 def _imported_rows(file: Path, registry: Registry) -> list[dict[str, Any]]:
     source = f"{IMPORTED_PREFIX}{file.stem}"
     return [{**row, "recipe": default_recipe(row["model"], row["init"]), "variant": "", "seed": DEFAULT_SEED,
-             "fraction": DEFAULT_FRACTION, "fold": "", "plans": "", "split": None, "source": source,
+             "fraction": DEFAULT_FRACTION, "budget": UNKNOWN_BUDGET, "fold": "", "plans": "", "split": None,
+             "source": source,
              "status": EVALUATED, "evaluated": True, "path": str(file), **cells.imported_columns(source)}
             for row in read_import_csv(file, registry)]

@@ -120,8 +120,9 @@ def whole_split(df: pd.DataFrame) -> pd.DataFrame:
 
 def check_comparable(df: pd.DataFrame) -> None:
     """`TableError` naming the runs when the evaluated local (or bundled) runs of one dataset were trained with
-    different plans, or when the evaluated runs of one configuration differ in training fingerprint, or those of one
-    cell of a dataset in data or evaluation settings or test split: their scores would be averaged or compared as
+    different plans, or when the evaluated runs of one configuration differ in training fingerprint or budget, or
+    those of one cell of a dataset in data or evaluation settings or test split: their scores would be averaged or
+    compared as
     if they measured the same thing. `collect_results` never gives such a frame (`segbook.results.cells` keeps
     them apart); one put together by hand can. Each backbone's own default plans count as the same choice (ResEnc
     trains on nnU-Net's ResEnc plans, STU-Net on nnUNetPlans, as nnU-Net's own comparisons do)."""
@@ -135,6 +136,8 @@ def check_comparable(df: pd.DataFrame) -> None:
             (local, "plans_choice", "plans", ["task"], "plans", "tabulate one plans at a time (--plans)"),
             (evaluated, "fingerprint", "fingerprint", CONFIG_KEYS, "training settings",
              "collect them with collect_results, which keeps them apart as variants"),
+            (evaluated, "budget", "budget", CONFIG_KEYS, "budgets",
+             "collect them with collect_results, which keeps each budget a variant of its own"),
             (evaluated, "basis", "basis", CELL_KEYS, "data or evaluation settings or test splits",
              "collect them with collect_results, which leaves them out")):
         counts = frame.groupby(keys, sort=False)[column].nunique()
@@ -151,7 +154,8 @@ def check_comparable(df: pd.DataFrame) -> None:
 def seed_scores(df: pd.DataFrame, metric: str = "dice", part: str | None = None,
                 fraction: float = DEFAULT_FRACTION, checked: bool = False) -> pd.DataFrame:
     """Per (task, model, init, recipe, variant, seed) at one training fraction: the mean over evaluated folds, the
-    number of folds averaged (`folds`), the source, and the basis of its runs (`basis`, `basis_settings`).
+    number of folds averaged (`folds`), the source, the budget (epochs; one per configuration, `check_comparable`)
+    and the basis of its runs (`basis`, `basis_settings`).
 
     Local runs take precedence over imported numbers for the same configuration of a dataset. Runs of one dataset
     with different plans are refused (`check_comparable`; `checked`: the caller did it on `df`).
@@ -160,10 +164,11 @@ def seed_scores(df: pd.DataFrame, metric: str = "dice", part: str | None = None,
         check_comparable(df)
     column = score_column(metric, part)
     scored = df.loc[df["evaluated"] & df[column].notna() & (df["fraction"] == fraction),
-                    [*SCORE_KEYS, "seed", "fold", "source", "basis", "basis_settings", column]]
+                    [*SCORE_KEYS, "seed", "fold", "source", "budget", "basis", "basis_settings", column]]
     grouped = counted_runs(scored).groupby([*SCORE_KEYS, "seed"], sort=False)
     return grouped.agg(score=(column, "mean"), folds=("fold", "nunique"), source=("source", "first"),
-                       basis=("basis", "first"), basis_settings=("basis_settings", "first")).reset_index()
+                       budget=("budget", "first"), basis=("basis", "first"),
+                       basis_settings=("basis_settings", "first")).reset_index()
 
 
 def counted_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -180,14 +185,16 @@ def dataset_scores(df: pd.DataFrame, metric: str = "dice", part: str | None = No
                    fraction: float = DEFAULT_FRACTION) -> pd.DataFrame:
     """Per (task, model, init, recipe, variant) at one training fraction: the mean over seeds of each seed's mean
     over folds (`score`), the standard deviation across seeds (`seed_sd`, NaN with one seed), the number of seeds
-    and of folds each averages (`folds`), the source and the basis. See `seed_scores` for which runs count."""
+    and of folds each averages (`folds`), the source, the budget and the basis. See `seed_scores` for which runs
+    count."""
     return _over_seeds(seed_scores(df, metric, part, fraction))
 
 
 def _over_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
     grouped = per_seed.groupby(SCORE_KEYS, sort=False)
     return grouped.agg(score=("score", "mean"), seed_sd=("score", "std"), seeds=("seed", "size"),
-                       folds=("folds", "max"), source=("source", "first"), basis=("basis", "first"),
+                       folds=("folds", "max"), source=("source", "first"), budget=("budget", "first"),
+                       basis=("basis", "first"),
                        basis_settings=("basis_settings", "first")).reset_index()
 
 

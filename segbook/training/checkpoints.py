@@ -40,6 +40,29 @@ def read_run_checkpoint(path: str | Path, map_location: str | torch.device = "cp
     return content
 
 
+_SNAPSHOT_KEYS = ("network_weights", "trainer_name", "segbook_snapshot")
+
+
+def read_snapshot(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A run's snapshot (`segbook.training.trainer_parts.snapshots`), read as safely as any checkpoint and checked
+    for its keys: the weights, the trainer that wrote them and the snapshot's record (its epoch a positive integer)."""
+    from stunet import CheckpointError, safe_load
+
+    try:
+        content = safe_load(path, map_location)
+    except CheckpointError as error:
+        raise UnsafeCheckpointError(str(error)) from None
+    missing = [key for key in _SNAPSHOT_KEYS if not isinstance(content, dict) or key not in content]
+    if missing:
+        raise UnsafeCheckpointError(f"{path} is not a segbook snapshot (missing {', '.join(missing)})")
+    record, weights = content["segbook_snapshot"], content["network_weights"]
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1 or not isinstance(weights, dict) or \
+            not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise UnsafeCheckpointError(f"{path} is not a segbook snapshot (its record or weights are malformed)")
+    return content
+
+
 def check_weights_fit(path: Path, model: str, input_channels: int, num_classes: int,
                       configuration: Any = None) -> "CheckpointFacts":
     """Read the checkpoint safely and check it fits the network a task needs (`configuration`: nnU-Net's

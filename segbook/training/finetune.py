@@ -23,7 +23,7 @@ from segbook.errors import SegbookError
 from segbook.options import Bound, check_all
 from segbook.paths import Paths
 from segbook.runs import (CONFIGURATION, DEFAULT_FRACTION, DEFAULT_SEED, RunSpec, Weights, has_resumable_checkpoint,
-                          identity_fields, resolve_weights)
+                          identity_fields, named_budget, parse_budgets, resolve_weights)
 from segbook.training.checkpoints import check_weights_fit
 from segbook.training.manifest import RunManifest, record_failure
 from segbook.recipes import get_recipe
@@ -55,7 +55,7 @@ class RunResult:
 
 def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | int = "all", *,
              recipe: str | None = None, seed: int = DEFAULT_SEED, fraction: float = DEFAULT_FRACTION,
-             recipe_files: Sequence[str | Path] | None = None,
+             budget: int | None = None, recipe_files: Sequence[str | Path] | None = None,
              settings: TrainingSettings | None = None, weights: str | Path | None = None, device: str | None = None,
              num_gpus: int = 1, resume: bool = False, overwrite: bool = False, compile: bool | None = None,
              paths: Paths | None = None, plan_processes: int | None = None, plans: str = "default",
@@ -65,7 +65,9 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
 
     `seed` and `fraction` are part of the run's identity (its name): the seed drives the fresh weights, nnU-Net's
     sampling and augmentation (`segbook.runs.Identity.rng_seed`, recorded in run.json as `rng_seed`); the run
-    trains on `fraction` of its training cases (`segbook.data.subsets`, recorded as `training_cases`).
+    trains on `fraction` of its training cases (`segbook.data.subsets`, recorded as `training_cases`). `budget`
+    (epochs; None: the recipe's, or `settings.epochs`) is part of it too where it differs from the recipe's own
+    budget (`segbook.runs.named_budget`: `_ep{E}`); it cannot be given with another `settings.epochs`.
     `recipe_files` add user recipes to the built-in ones. `plans` is a planner of `segbook.backbones.PLANNERS`
     (`paper`: nnU-Net's plans at the SegBook authors' patch size and spacing), or `checkpoint` (the task planned
     around the pretrained checkpoint's own network, `segbook.checkpoint_plans`); its plans identifier is part of the
@@ -95,8 +97,11 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe, seed=seed, fraction=fraction,
                       plans=check_planner(entry, planner))
     chosen = get_recipe(spec.recipe, spec.init, recipe_files)
+    settings, budget = _with_budget(settings, budget, chosen)
+    spec = replace(spec, identity=replace(spec.identity, budget=budget))
     chosen.check_fits(spec.model, spec.init, num_gpus)
     settings, resolved = settings.resolve(chosen)
+    _check_snapshots(settings, resolved)
     device = resolve_device(device, say)
     if num_gpus > 1 and device != "cuda":
         raise SegbookError(f"--num-gpus {num_gpus} needs --device cuda (nnU-Net's DDP), not {device}")
@@ -119,7 +124,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
         planner = (normalised_like(planner, facts, chosen.path) if facts is not None  # pretrained: read already
                    else normalised_like_weights(planner, spec.model, chosen.path))
         spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe, seed=seed, fraction=fraction,
-                          plans=check_planner(entry, planner))
+                          budget=budget, plans=check_planner(entry, planner))
     planned_around = _planned_around(spec, chosen) if by_file else None
     planned_cases = _training_cases(entry, spec, paths)
     check_task_fits(entry, paths, planner)  # before the run's claim: plan_task checks again for other callers
@@ -159,6 +164,31 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
             record_failure(folder, error)
             raise
     return RunResult(spec, folder, RunManifest.load(folder))
+
+
+def _with_budget(settings: TrainingSettings, budget: int | None,
+                 recipe: "Recipe") -> tuple[TrainingSettings, int | None]:
+    """The settings training `budget` epochs, and the budget as the run's name says it (None: the recipe's own).
+    A budget beside another `--epochs` is refused: the run would be named after one and train the other."""
+    if budget is None:
+        return settings, None
+    parse_budgets([budget], "budget")
+    if settings.epochs is not None and settings.epochs != budget:
+        raise SegbookError(f"--epochs {settings.epochs} and budget {budget}: give the budget once (--budgets)")
+    return replace(settings, epochs=budget), named_budget(budget, recipe.budget.epochs)
+
+
+def _check_snapshots(settings: TrainingSettings, recipe: "Recipe") -> None:
+    """Snapshots that the budget can hold (`snapshot_epochs`), of a network evaluation can build: a LoRA run's
+    adapters are merged only at its end, so its snapshots would not load into the plain network."""
+    from segbook.training.settings import snapshot_epochs
+
+    if not settings.snapshots:
+        return
+    snapshot_epochs(settings.snapshots, settings.epochs)
+    if recipe.lora is not None:
+        raise SegbookError(f"--snapshots: recipe {recipe.name!r} trains LoRA adapters, merged into the network only "
+                           "when training ends; its snapshots could not be evaluated, so they are not taken")
 
 
 def _planner(model: str, pretrained: bool, plans: str, weights: str | Path | None) -> str:

@@ -10,7 +10,8 @@ settings enter (the CLI parses with the same bounds), so nnU-Net never sees a va
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from segbook.options import Bound, OptionError, check_all
@@ -60,6 +61,8 @@ class TrainingSettings:
     weights: str | None = None  # pretrained checkpoint file (pretrained runs)
     weights_sha256: str | None = None
     stem_tiling: str | None = None  # pretrained runs, several input channels: repeat, mean, None the format's rule
+    #: Percentages of the budget after which the network is kept (`--snapshots`; `snapshot_epochs`), ascending.
+    snapshots: list[int] = field(default_factory=list)
 
     def validate(self) -> "TrainingSettings":
         """`OptionError` naming every value outside its range; the settings themselves when all are allowed."""
@@ -68,6 +71,9 @@ class TrainingSettings:
             raise OptionError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
         if self.stem_tiling is not None and self.stem_tiling not in STEM_TILINGS:
             raise OptionError(f"--stem-tiling must be one of {', '.join(STEM_TILINGS)}, got {self.stem_tiling!r}")
+        self.snapshots = parse_snapshots(self.snapshots) if self.snapshots else []
+        if self.epochs is not None and self.snapshots:
+            snapshot_epochs(self.snapshots, self.epochs)
         return self
 
     def resolve(self, recipe: "Recipe") -> tuple["TrainingSettings", "Recipe"]:
@@ -95,6 +101,44 @@ class TrainingSettings:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         return cls(**{"stem_tiling": LEGACY_STEM_TILING, **values})
+
+
+def parse_snapshots(values: Any, option: str = "--snapshots") -> list[int]:
+    """Snapshot points as given (`["25", "50"]`, `["25,50"]` or ints): whole percentages of the budget in [1, 99]
+    (100 is the run's final checkpoint), none twice; ascending. `OptionError` naming the option otherwise."""
+    items = [part.strip() if isinstance(part, str) else part
+             for value in ([values] if isinstance(values, (str, int)) else values)
+             for part in (value.split(",") if isinstance(value, str) else [value]) if str(part).strip()]
+    percents = []
+    for item in items:
+        text = str(item)
+        if isinstance(item, bool) or not text.isdigit() or not 1 <= int(text) <= 99 or text != str(int(text)):
+            raise OptionError(f"{option}: a snapshot is a whole percentage of the budget in [1, 99] (100 is the "
+                              f"final checkpoint), got {item!r}")
+        percents.append(int(text))
+    if not percents:
+        raise OptionError(f"{option}: no value given")
+    repeated = sorted({p for p in percents if percents.count(p) > 1})
+    if repeated:
+        raise OptionError(f"{option}: {', '.join(map(str, repeated))} given more than once")
+    return sorted(percents)
+
+
+def snapshot_epochs(percents: list[int], epochs: int) -> dict[int, int]:
+    """{percent: the epochs trained when it is kept}: the first whole epoch at or past the percentage of the
+    budget (ceil(P x E / 100)). `OptionError` when one falls on the budget's last epoch (that is the final
+    checkpoint) or two on the same epoch: a budget too short for the points asked for."""
+    at = {percent: math.ceil(percent * epochs / 100) for percent in percents}
+    last = [p for p, epoch in at.items() if epoch >= epochs]
+    if last:
+        raise OptionError(f"--snapshots {', '.join(map(str, last))}: falls on the last epoch of a budget of {epochs} "
+                          "epochs, which is the run's final checkpoint; choose smaller percentages or a longer budget")
+    shared = {epoch: [p for p in at if at[p] == epoch] for epoch in at.values()}
+    clash = next((points for points in shared.values() if len(points) > 1), None)
+    if clash:
+        raise OptionError(f"--snapshots {', '.join(map(str, clash))}: all fall on epoch {at[clash[0]]} of a budget of "
+                          f"{epochs} epochs; choose fewer points or a longer budget")
+    return at
 
 
 def recipe_differences(mine: "Recipe", other: "Recipe") -> dict[str, tuple[Any, Any]]:

@@ -45,6 +45,7 @@ from segbook.training.trainer_parts.optimiser import OptimiserGroups
 from segbook.training.trainer_parts.precision import Precision
 from segbook.training.trainer_parts.record import RunRecorder, normalization_record, plans_summary
 from segbook.training.trainer_parts.seeding import RunSeeding
+from segbook.training.trainer_parts.snapshots import Snapshots
 from segbook.training.trainer_parts.stopping import LATEST_CHECKPOINT, BoundaryStop
 from stunet import describe_network, strides_from_plans
 
@@ -86,6 +87,8 @@ class SegbookTrainer(nnUNetTrainer):
         self.data_guard = DataGuard(self.run_record, self.print_to_log_file, dataset=self.plans_manager.dataset_name,
                                     plans=self.plans_manager.plans_name, fold=self.fold,
                                     fraction=self.identity.fraction, folder=self.output_folder)
+        self.snapshots = Snapshots(Path(self.output_folder), self.settings.snapshots, self.num_epochs,
+                                   self.run_record, writes=self.local_rank == 0)
 
     def _apply_recipe(self) -> None:
         """The recipe's budget and optimiser, and the settings' validation and checkpoints, where nnU-Net reads
@@ -192,6 +195,7 @@ class SegbookTrainer(nnUNetTrainer):
         self.run_record.epoch_ended(epoch, self.logger, rates, self.boundary.seconds(),
                                     self.configuration_manager.batch_size * len(self.boundary.losses), self.device,
                                     distributed.world_size(self.is_ddp))
+        self.snapshots.epoch_ended(self, epoch + 1, rates)  # before nnU-Net's checkpoint of this epoch
         super().on_epoch_end()
         if self.local_rank == 0:
             self.print_to_log_file(progress.epoch_line(epoch, self.num_epochs, rates,
@@ -259,6 +263,7 @@ class SegbookTrainer(nnUNetTrainer):
         position = checkpoint.get("segbook_position")
         if position is not None:
             self.boundary.resume(position, self.current_epoch, self.logger)
+        self.snapshots.resumed(self.current_epoch)
         self.run_record.resumed(self.current_epoch, position["iteration"] if position else None)
 
 

@@ -9,6 +9,8 @@ hooks, so the trainer keeps its overrides thin and hands each job to the part th
 - `stopping.BoundaryStop`: where the epoch stands (its losses so far, its clock), stop signals held until the next
   iteration boundary, the position a mid-epoch checkpoint saves and the resume from it.
 - `checkpointing`: nnU-Net's checkpoint written atomically (with that position) and restored from a safely read one.
+- `snapshots.Snapshots`: the network kept at chosen points of the budget (`--snapshots`), and a resume's repair of
+  those past its checkpoint.
 - `seeding.RunSeeding`: the run's seed in Python, numpy and torch, and in nnU-Net's augmentation workers.
 - `optimiser.OptimiserGroups`: the recipe's parameter groups, optimiser and per-group schedule, and its phases.
 - `data.DataGuard`: what the run trains on: nnU-Net's split written safely, the run's fraction of the cases, the

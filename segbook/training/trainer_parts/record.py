@@ -142,11 +142,12 @@ class RunRecorder:
 
 
 def new_record(folder: Path) -> RunManifest:
-    """The record of a run nnU-Net's own tools started: its identity from its folder, SegBook's default settings."""
+    """The record of a run nnU-Net's own tools started: its identity from its folder, SegBook's default settings
+    (with the budget its name says)."""
     from segbook.recipes import get_recipe
 
     spec = nnunet_run(folder)
-    settings, recipe = TrainingSettings().resolve(get_recipe(spec.recipe, spec.init))
+    settings, recipe = TrainingSettings(epochs=spec.budget).resolve(get_recipe(spec.recipe, spec.init))
     manifest = RunManifest.create(folder, identity_fields(spec), settings, {"via": "nnU-Net"}, recipe)
     manifest.data["rng_seed"] = spec.identity.rng_seed
     return manifest
