@@ -107,6 +107,15 @@ class Pairing:
             raise IncompatibleError(f"cannot validate a run on {self.trained.key} on {self.tested.key}: "
                                     + "; ".join(problems))
 
+    def scoring_entry(self) -> "DatasetEntry":
+        return scoring_entry(self.trained, [(s.label, s.name, self.trained.labels[s.label].kind)
+                                            for s in self.structures])
+
+    @property
+    def remap(self) -> tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...]:
+        """Per scored label: the tested dataset's labels (the reference) and the trained one's (the prediction)."""
+        return tuple((s.label, s.tested, s.trained) for s in self.structures)
+
     def record(self) -> dict[str, Any]:
         """What an external evaluation records of the pairing."""
         return {"trained_on": self.trained.key, "tested_on": self.tested.key,
@@ -115,6 +124,17 @@ class Pairing:
                                                   "tested": list(self.tested.channels)},
                 "structures": [s.record(self.trained, self.tested) for s in self.structures],
                 "label_map": self.label_map.record() if self.label_map else None}
+
+
+def scoring_entry(trained: "DatasetEntry", scored: Sequence[tuple[int, str, str]]) -> "DatasetEntry":
+    """`trained` as external scores see it: background and the scored (label id, structure name, kind) only, so
+    that evaluation's summaries and `segbook.evaluation.files`' checks work on external scores unchanged. The ids
+    need not run 0, 1, 2, ... (a copy, not a registry entry)."""
+    from segbook.registry import Label
+
+    labels = [trained.labels[0], *(Label.model_construct(index=index, name=name, kind=kind, seen=None,
+                                                         totalseg_classes=[]) for index, name, kind in scored)]
+    return trained.model_copy(update={"labels": labels})
 
 
 def modality_shift(trained: str, tested: str) -> str:

@@ -3,9 +3,13 @@ external table."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -95,8 +99,8 @@ def test_tasks_pairs_cli(pair_registry) -> None:
     assert bad.returncode == 2 and "no registered dataset has a structure named 'nonsuch'" in bad.stderr
 
 
-def _map(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "map.yaml"
+def _map(tmp_path: Path, text: str, name: str = "map.yaml") -> Path:
+    path = tmp_path / name
     path.write_text(text)
     return path
 
@@ -131,3 +135,256 @@ def test_label_map_refusals(pair_registry, tmp_path: Path, text: str, message: s
     _, registry = pair_registry
     with pytest.raises(LabelMapError, match=message):
         pair(registry.get("Task911_OrgansCT"), registry.get("Task912_OrgansMR"), read_label_map(_map(tmp_path, text)))
+
+
+# --- evaluate --on: a tiny CT run scored on a tiny MRI dataset ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def external_runs(tmp_path_factory):
+    """Two tiny runs (scratch, pretrained) trained on a synthetic CT task, scored on its own test split and on a
+    synthetic MRI task that shares its organ and vessel (and has a lesion label, never matched by name); the
+    internal tables are printed before and after the external evaluations."""
+    from dataclasses import replace
+
+    from helpers import planned_tiny_task, prepare_synthetic_task, tiny_spec
+
+    from segbook.data.synth import TargetSpec
+
+    from segbook.evaluation.evaluate import evaluate_run
+    from segbook.evaluation.external import evaluate_external
+    from segbook.training.finetune import finetune
+    from segbook.training.settings import TrainingSettings
+
+    root = tmp_path_factory.mktemp("external")
+    with planned_tiny_task(root, tiny_spec(name="ExtCT"), dataset_id=993, seed=2) as task:
+        (root / "mr").mkdir()
+        # the MRI labels the vessel 1 and the organ 2: scored under the CT's ids (organ 1, vessel 2)
+        targets = (TargetSpec("vessel", shape="tube", prototype=1), TargetSpec("organ", prototype=0),
+                   TargetSpec("tumour", kind="lesion", within="organ"))
+        mr_spec = replace(tiny_spec(name="ExtMR", modality="MRI", seed=7, cases=6), targets=targets)
+        mr_file, mr = prepare_synthetic_task(root / "mr", mr_spec, dataset_id=994, plan=False)
+        registries = ["--registry", str(task.registry_file), "--registry", str(mr_file)]
+        settings = TrainingSettings(epochs=2, iterations_per_epoch=2, val_iterations_per_epoch=1, checkpoint_every=1)
+        runs = {"scratch": finetune(task.entry, "tiny", pretrained=False, settings=settings, device="cpu"),
+                "pretrained": finetune(task.entry, "tiny", pretrained=True, settings=settings,
+                                       weights=task.weights, device="cpu")}
+        for run in runs.values():
+            evaluate_run(task.entry, run.spec, device="cpu")
+        internal_before = run_segbook("results", *registries, "--table", "datasets", "--format", "csv").stdout
+        cli = run_segbook("evaluate", *registries, "--task", task.entry.key, "--model", "tiny", "--scratch",
+                          "--on", mr.key, "--device", "cpu", "--keep-predictions")
+        external = {"scratch": runs["scratch"].folder / "evaluation" / "external" / mr.key,
+                    "pretrained": evaluate_external(task.entry, runs["pretrained"].spec, mr, device="cpu",
+                                                    keep_predictions=True).folder}
+        internal_after = run_segbook("results", *registries, "--table", "datasets", "--format", "csv").stdout
+        yield SimpleNamespace(task=task, ct=task.entry, mr=mr, mr_file=mr_file, registries=registries, runs=runs,
+                              external=external, cli=cli.stdout, internal=(internal_before, internal_after))
+
+
+def _dice(reference: np.ndarray, prediction: np.ndarray) -> float:
+    both = np.logical_and(reference, prediction).sum()
+    total = reference.sum() + prediction.sum()
+    return float("nan") if total == 0 else 2.0 * both / total
+
+
+@pytest.mark.slow
+def test_external_scores_follow_from_the_files_by_hand(external_runs) -> None:
+    """The scratch run's external Dice on one case and label, from its kept prediction and the MRI's label file with
+    numpy; the summary's means from the rows; what it records of the pairing; the files' own checks pass."""
+    import SimpleITK as sitk
+
+    from segbook.evaluation.evaluate import test_cases
+    from segbook.evaluation.files import check_external, read_json
+    from segbook.paths import Paths
+    from segbook.runs import FolderParts
+
+    r = external_runs
+    folder = r.external["scratch"]
+    assert f"evaluated: {folder} (" in r.cli and "CT -> MRI" in r.cli
+    summary = read_json(folder / "summary.json")
+    record = summary["external"]
+    assert (record["trained_on"], record["tested_on"], record["shift"], record["cases"]) == (
+        r.ct.key, r.mr.key, "CT -> MRI", "test")
+    assert [(s["name"], s["label"], s["tested_labels"]) for s in record["structures"]] == [
+        ("organ", 1, {"2": "organ"}), ("vessel", 2, {"1": "vessel"})]
+    cases = test_cases(r.mr, Paths.from_env())
+    assert record["case_ids"] == [c.case for c in cases] and summary["num_cases"] == r.mr.test_cases
+    assert set(summary["labels"]) == {"1", "2"}  # the lesion label is not scored
+    metrics = pd.read_csv(folder / "metrics.csv")
+    assert sorted(metrics["label"].unique()) == [1, 2] and len(metrics) == 2 * len(cases)
+    case = cases[0]
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))
+    prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "predictions" / case.label.name)))
+    assert reference.shape == prediction.shape
+    for index, tested in ((1, 2), (2, 1)):  # the CT's label, the MRI's
+        row = metrics[(metrics["case"] == case.case) & (metrics["label"] == index)].iloc[0]
+        by_hand = _dice(reference == tested, prediction == index)
+        assert row["dice"] == pytest.approx(by_hand, abs=1e-9) or (np.isnan(row["dice"]) and np.isnan(by_hand))
+        assert int(row["tp"]) == int(np.logical_and(reference == tested, prediction == index).sum())
+        assert int(row["reference_voxels"]) == int((reference == tested).sum()) > 0
+        mean = metrics.loc[metrics["label"] == index, "dice"].mean()
+        assert summary["labels"][str(index)]["dice"] == pytest.approx(mean)
+    parts = FolderParts.parse(r.runs["scratch"].folder)
+    verdict, rows = check_external(folder, summary, r.ct, parts)
+    assert verdict.problems == () and rows.cases == sorted(record["case_ids"])
+
+
+@pytest.mark.slow
+def test_external_scores_never_enter_the_internal_tables(external_runs) -> None:
+    before, after = external_runs.internal
+    assert before == after and "ExtCT" in before and "ExtMR" not in before
+
+
+@pytest.mark.slow
+def test_evaluate_on_refuses_before_predicting(external_runs, tmp_path: Path) -> None:
+    r = external_runs
+    other = tmp_path / "bone.yaml"
+    other.write_text(yaml.safe_dump({"datasets": [
+        dataset("Task995_BoneCT", 995, "CT", "Unseen Structure", 20, "Other",
+                [label(1, "Ossicle", "structure", False)]),
+        {**dataset("Task996_TwoMR", 996, "MRI", "Seen Structure", 20, "Abdominal",
+                   [label(1, "organ", "structure", False)]), "channels": ["T1", "T2"]}]}, sort_keys=False))
+    bad_map = _map(tmp_path, "structures:\n  organ: [organ, liver]\n")
+    twice = _map(tmp_path, "structures:\n  organ: [organ]\n  blob: [organ, vessel]\n", "twice.yaml")
+    base = ["evaluate", *r.registries, "--registry", str(other), "--task", r.ct.key, "--model", "tiny", "--scratch",
+            "--device", "cpu"]
+    root = r.runs["scratch"].folder / "evaluation" / "external"
+    before = sorted(p.name for p in root.iterdir())
+    for extra, message in [(["--on", "Task995_BoneCT"], "share no structure"),
+                           (["--on", "Task996_TwoMR"], "input channels differ"),
+                           (["--on", r.ct.key], "the dataset the run trained on"),
+                           (["--on", r.mr.key, "--label-map", str(bad_map)], "no label 'liver'"),
+                           (["--on", r.mr.key, "--label-map", str(twice)], "mapped twice"),
+                           (["--on-all-cases"], "go with --on TASK")]:
+        result = run_segbook(*base, *extra, check=False)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, extra
+    assert sorted(p.name for p in root.iterdir()) == before
+
+
+@pytest.mark.slow
+def test_a_killed_external_evaluation_leaves_nothing_read(external_runs) -> None:
+    """kill -9 while predicting all of the MRI's cases: no `__all-cases` scores; the test-split scores beside them
+    untouched; the next evaluation repairs and completes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from segbook.evaluation.files import file_sha256
+
+    r = external_runs
+    root = r.runs["scratch"].folder / "evaluation" / "external"
+    kept = file_sha256(root / r.mr.key / "summary.json")
+    command = [sys.executable, "-m", "segbook.cli.main", "evaluate", *r.registries, "--task", r.ct.key, "--model",
+               "tiny", "--scratch", "--device", "cpu", "--on", r.mr.key, "--on-all-cases"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not any(p.name.startswith(".predicting-") and any(p.iterdir()) for p in root.iterdir() if p.is_dir()):
+        assert process.poll() is None and time.monotonic() < deadline, "the evaluation ended before predicting"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (root / f"{r.mr.key}__all-cases").exists()
+    assert file_sha256(root / r.mr.key / "summary.json") == kept
+    table = run_segbook("results", *r.registries, "--table", "external", "--format", "csv").stdout
+    assert "all" not in set(pd.read_csv(io.StringIO(table))["cases"])
+    done = run_segbook(*command[3:])
+    assert "evaluated" in done.stdout
+    assert sorted(p.name for p in root.iterdir()) == [r.mr.key, f"{r.mr.key}__all-cases"]
+    summary = json.loads((root / f"{r.mr.key}__all-cases" / "summary.json").read_text())
+    assert summary["num_cases"] == r.mr.cases and summary["external"]["cases"] == "all"
+
+
+# --- the external table on a hand-built store ----------------------------------------------------------------------
+
+#: Per configuration: the external Dice of the MRI's liver on its cases (the CT run's label 1).
+EXTERNAL_DICE = {"scratch": [0.50, 0.40, 0.62, 0.55, 0.30], "pretrained": [0.70, 0.52, 0.66, 0.71, 0.45]}
+
+
+def _write_external(run: Path, trained, tested, dice: list[float]) -> Path:
+    from store_helpers import EVALUATION_SETTINGS, label_row, sha256
+
+    from segbook.evaluation.evaluate import _json_safe, summarise_rows
+    from segbook.runs import external_folder
+
+    pairing = pair(trained, tested)
+    cases = [f"mr_{i:03d}" for i in range(len(dice))]
+    rows = [label_row(case, 1, "Liver", value, min(1.0, value + 0.05), 4.0) for case, value in zip(cases, dice)]
+    folder = external_folder(run, tested.key)
+    folder.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(folder / "metrics.csv", index=False)
+    summary = {"run": json.loads((run / "run.json").read_text())["run"], "settings": EVALUATION_SETTINGS,
+               **summarise_rows(rows, pairing.scoring_entry(), len(cases)),
+               "external": {**pairing.record(), "cases": "test", "case_ids": cases},
+               "metrics_sha256": sha256(folder / "metrics.csv")}
+    (folder / "summary.json").write_text(json.dumps(_json_safe(summary)))
+    return folder
+
+
+@pytest.fixture
+def external_store(segbook_home: Path, pair_registry):
+    from store_helpers import write_evaluated_run
+
+    from segbook.paths import Paths
+
+    path, registry = pair_registry
+    ct, mr = registry.get("Task911_OrgansCT"), registry.get("Task912_OrgansMR")
+    results = Paths.from_env().results
+    runs = {init: write_evaluated_run(results, registry, ct.key, "base", init, mean, seed=seed)
+            for init, mean, seed in (("scratch", 0.70, 1), ("pretrained", 0.85, 2))}
+    folders = {init: _write_external(run, ct, mr, EXTERNAL_DICE[init]) for init, run in runs.items()}
+    return SimpleNamespace(path=path, registry=registry, ct=ct, mr=mr, runs=runs, folders=folders)
+
+
+def _table(store) -> pd.DataFrame:
+    from segbook.results.collect import collect_results
+    from segbook.results.tables import build_table
+
+    df = collect_results(registry=store.registry)
+    return pd.DataFrame(build_table(df, "external").records("csv")), df
+
+
+def test_external_table_numbers_by_hand(external_store) -> None:
+    from scipy.stats import mannwhitneyu, wilcoxon
+
+    table, _ = _table(external_store)
+    internal = {init: pd.read_csv(run / "evaluation" / "metrics.csv").query("label == 1").set_index("case")["dice"]
+                for init, run in external_store.runs.items()}
+    rows = {row["configuration"]: row for row in table.to_dict("records")}
+    assert set(rows) == {"base scratch", "base pretrained"}
+    for init in ("scratch", "pretrained"):
+        row = rows[f"base {init}"]
+        assert (row["shift"], row["trained_on"], row["tested_on"], row["cases"]) == (
+            "CT -> MRI", "Task911_OrgansCT", "Task912_OrgansMR", "test")
+        assert row["internal"] == pytest.approx(100 * internal[init].mean(), abs=0.006)
+        assert row["external"] == pytest.approx(100 * np.mean(EXTERNAL_DICE[init]), abs=0.006)
+        assert row["gap"] == pytest.approx(row["internal"] - row["external"], abs=0.011)
+        assert (row["n_internal"], row["n_external"]) == (6, 5)
+    pretrained = rows["base pretrained"]
+    inside = (internal["pretrained"] - internal["scratch"]).to_numpy()
+    outside = np.subtract(EXTERNAL_DICE["pretrained"], EXTERNAL_DICE["scratch"])
+    assert pretrained["delta_internal"] == pytest.approx(100 * inside.mean(), abs=0.006)
+    assert pretrained["delta_external"] == pytest.approx(100 * outside.mean(), abs=0.006)
+    assert pretrained["p_internal"] == pytest.approx(wilcoxon(inside).pvalue, rel=1e-2)
+    assert pretrained["p_external"] == pytest.approx(wilcoxon(outside).pvalue, rel=1e-2)
+    assert pretrained["narrows_by"] == pytest.approx(100 * (outside.mean() - inside.mean()), abs=0.006)
+    assert pretrained["p_narrows"] == pytest.approx(mannwhitneyu(outside, inside).pvalue, rel=1e-2)
+    assert pretrained["narrows"] == ("yes" if outside.mean() > inside.mean() else "no")
+    assert pd.isna(rows["base scratch"]["delta_internal"])
+
+
+def test_an_invalid_external_evaluation_is_left_out_and_internal_tables_ignore_them(external_store) -> None:
+    from segbook.results.collect import ResultsWarning
+    from segbook.results.tables import build_table
+
+    table, df = _table(external_store)
+    internal = build_table(df, "datasets").records("csv")
+    metrics = external_store.folders["pretrained"] / "metrics.csv"
+    metrics.write_text(metrics.read_text().replace("mr_001,1,Liver,0.52", "mr_001,1,Liver,0.99"))
+    with pytest.warns(ResultsWarning, match="left out of the external table"):
+        changed, df = _table(external_store)
+    assert list(changed["configuration"]) == ["base scratch"]
+    assert build_table(df, "datasets").records("csv") == internal
