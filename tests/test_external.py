@@ -388,3 +388,58 @@ def test_an_invalid_external_evaluation_is_left_out_and_internal_tables_ignore_t
         changed, df = _table(external_store)
     assert list(changed["configuration"]) == ["base scratch"]
     assert build_table(df, "datasets").records("csv") == internal
+
+
+def test_the_report_has_an_external_section_with_its_figure(external_store, tmp_path: Path) -> None:
+    from segbook.results.collect import collect_results
+    from segbook.results.report import write_report
+
+    df = collect_results(registry=external_store.registry)
+    page = write_report(df, tmp_path / "report.html", figures=tmp_path / "figures").read_text()
+    assert "internal vs external validation" in page and "Task912_OrgansMR" in page
+    assert "<figure id='external'>" in page and (tmp_path / "figures" / "external.png").is_file()
+
+
+@pytest.mark.slow
+def test_external_evaluation_on_the_real_ct_with_a_label_map(external_runs, shared: Path, tmp_path: Path) -> None:
+    """The synthetic CT run scored on the real TotalSegmentator example (cut into 6 cases, every one labelled):
+    its organ counts as the liver and its vessel as the aorta by a label map, recorded; Dice by hand on a case."""
+    import SimpleITK as sitk
+    from helpers import real_ct_cases, real_ct_entry
+
+    from segbook.data.importer import import_dataset
+    from segbook.data.layouts import PlainSource
+    from segbook.data.synth import write_registry_file
+
+    r = external_runs
+    images, labels = real_ct_cases(shared, tmp_path / "abdomen")
+    registry_file = write_registry_file(tmp_path / "real.yaml", real_ct_entry(shared, cases=6))
+    real = load_registry([registry_file]).get("AbdomenExample")
+    import_dataset(real, PlainSource(images, labels), progress=False)
+    label_map = _map(tmp_path, "structures:\n  liver: [organ]\n  aorta: [vessel]\n")
+    out = run_segbook("evaluate", *r.registries, "--registry", str(registry_file), "--task", r.ct.key, "--model",
+                      "tiny", "--pretrained", "--device", "cpu", "--on", real.key, "--on-all-cases", "--label-map",
+                      str(label_map), "--keep-predictions").stdout
+    folder = r.runs["pretrained"].folder / "evaluation" / "external" / f"{real.key}__all-cases"
+    assert f"evaluated: {folder} (6 {real.key}'s labelled cases, same modality)" in out
+    summary = json.loads((folder / "summary.json").read_text())
+    record = summary["external"]
+    liver, aorta = (next(lab.index for lab in real.foreground_labels if lab.name == name)
+                    for name in ("liver", "aorta"))
+    assert [(s["name"], s["label"], s["matched_by"], s["tested_labels"]) for s in record["structures"]] == [
+        ("liver", 1, "label map", {str(liver): "liver"}), ("aorta", 2, "label map", {str(aorta): "aorta"})]
+    assert record["label_map"]["path"] == str(label_map) and record["shift"] == "same modality"
+    assert len(record["case_ids"]) == 6 and summary["num_cases"] == 6
+    metrics = pd.read_csv(folder / "metrics.csv")
+    references = {file.name.removesuffix(".nii.gz"): sitk.GetArrayFromImage(sitk.ReadImage(str(file)))
+                  for file in sorted(labels.iterdir())}
+    case = max(references, key=lambda name: int((references[name] == liver).sum()))  # the most liver
+    reference = references[case]
+    prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "predictions" / f"{case}.nii.gz")))
+    assert reference.shape == prediction.shape
+    for scored, tested in ((1, liver), (2, aorta)):
+        row = metrics[(metrics["case"] == case) & (metrics["label"] == scored)].iloc[0]
+        assert int(row["reference_voxels"]) == int((reference == tested).sum())
+        assert int(row["tp"]) == int(np.logical_and(reference == tested, prediction == scored).sum())
+        by_hand = _dice(reference == tested, prediction == scored)
+        assert row["dice"] == pytest.approx(by_hand, abs=1e-9) or (np.isnan(row["dice"]) and np.isnan(by_hand))

@@ -166,12 +166,13 @@ def _mann_whitney_p(first: np.ndarray, second: np.ndarray) -> float:
     return float(mannwhitneyu(first, second, alternative="two-sided").pvalue)
 
 
-def external_table(df: pd.DataFrame, selection: Selection, registry: Registry | None = None) -> ResultTable:
-    """`segbook results --table external`."""
+def external_table(df: pd.DataFrame, selection: Selection, registry: Registry | None = None,
+                   frame: pd.DataFrame | None = None) -> ResultTable:
+    """`segbook results --table external` (of `frame`, the `external_comparison` when already computed)."""
     from segbook.results.stats.paired import rounded
 
     metric = selection.metric
-    frame = external_comparison(df, selection, registry)
+    frame = external_comparison(df, selection, registry) if frame is None else frame
     table = ResultTable("external", f"internal vs external validation, {metric_label(metric)}", list(COLUMNS))
     table.rows = [[rounded(column, value) for column, value in zip(COLUMNS, values)]
                   for values in frame.itertuples(index=False, name=None)]
@@ -180,12 +181,35 @@ def external_table(df: pd.DataFrame, selection: Selection, registry: Registry | 
         f"internal: mean over A's test cases, external: over B's cases, of each case's mean {metric_label(metric)} "
         "over the structures both datasets label (scored under one of A's labels; seeds and folds averaged per "
         f"case); gap: internal - external ({delta_unit(metric)}; positive: worse on B)",
-        "delta_internal / delta_external: Delta(PT), the mean per-case pretrained - scratch over the cases both scored, "
-        "with the two-sided Wilcoxon signed-rank p over those cases; narrows_by: delta_external - delta_internal "
-        "(= scratch's gap - pretrained's gap; positive: pretraining narrows the gap), p_narrows: two-sided "
-        "Mann-Whitney U of the per-case differences on B against those on A",
+        "delta_internal / delta_external: Delta(PT), the mean per-case pretrained - scratch over the cases both "
+        "scored, with the two-sided Wilcoxon signed-rank p over those cases; narrows_by: delta_external - "
+        "delta_internal (= scratch's gap - pretrained's gap; positive: pretraining narrows the gap), p_narrows: "
+        "two-sided Mann-Whitney U of the per-case differences on B against those on A",
         "external scores (segbook evaluate --on) are read by this table only; every other table is internal"]
     if frame.empty:
         table.notes = ["no external evaluation yet: `segbook tasks pairs` lists which datasets can validate which, "
                        "`segbook evaluate ... --on TASK` scores a run on one"]
     return table
+
+
+def external_figure(frame: pd.DataFrame, metric: str = "dice"):
+    """Internal against external score, one point per pair and configuration of an `external_comparison`, with
+    the diagonal (no gap): points below it are worse on the data the run never saw. None when there is none."""
+    from matplotlib.figure import Figure
+
+    if frame.empty:
+        return None
+    figure = Figure(figsize=(5.5, 4.5), layout="constrained")
+    axis = figure.subplots()
+    for row in frame.itertuples(index=False):
+        pretrained = " pretrained" in row.configuration
+        axis.scatter(row.internal, row.external, marker="o" if pretrained else "s", s=40)
+        axis.annotate(f"{row.configuration}: {row.tested_on} ({row.shift})", (row.internal, row.external),
+                      fontsize=6, xytext=(3, 3), textcoords="offset points")
+    low = float(np.nanmin(frame[["internal", "external"]].to_numpy()))
+    high = float(np.nanmax(frame[["internal", "external"]].to_numpy()))
+    axis.plot([low, high], [low, high], color="grey", linewidth=0.8, linestyle="--")
+    axis.set_xlabel(f"internal mean {metric_label(metric)} (trained-on dataset's test split)")
+    axis.set_ylabel(f"external mean {metric_label(metric)}")
+    axis.grid(alpha=0.3)
+    return figure
