@@ -443,3 +443,34 @@ def test_external_evaluation_on_the_real_ct_with_a_label_map(external_runs, shar
         assert int(row["tp"]) == int(np.logical_and(reference == tested, prediction == scored).sum())
         by_hand = _dice(reference == tested, prediction == scored)
         assert row["dice"] == pytest.approx(by_hand, abs=1e-9) or (np.isnan(row["dice"]) and np.isnan(by_hand))
+
+
+def test_external_scores_travel_in_bundles_and_are_checked_on_import(external_store, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from results_helpers import home
+
+    from segbook.evaluation.files import file_sha256
+    from segbook.results.bundles import BundleError, export_bundle, import_bundle
+
+    table, _ = _table(external_store)
+    report = export_bundle(tmp_path / "lab-a", registry=external_store.registry)
+    bundle = json.loads((report.folder / "bundle.json").read_text())
+    carried = sorted(name for run in bundle["runs"] for name in run["files"] if "/external/" in name)
+    assert carried == sorted(2 * ["evaluation/external/Task912_OrgansMR/metrics.csv",
+                                  "evaluation/external/Task912_OrgansMR/summary.json"])
+    # tampered consistently (the hash in bundle.json updated too): the checks of evaluation files refuse it
+    tampered = tmp_path / "tampered"
+    shutil.copytree(report.folder, tampered)
+    run = next(r for r in bundle["runs"] if "pretrained" in r["folder"])
+    metrics = tampered / "runs" / run["folder"] / "evaluation/external/Task912_OrgansMR/metrics.csv"
+    metrics.write_text(metrics.read_text().replace("mr_001,1,Liver,0.52", "mr_001,1,Liver,0.99"))
+    run["files"]["evaluation/external/Task912_OrgansMR/metrics.csv"] = file_sha256(metrics)
+    (tampered / "bundle.json").write_text(json.dumps(bundle))
+    home(tmp_path, monkeypatch, "our_home")
+    with pytest.raises(BundleError, match="external/Task912_OrgansMR/metrics.csv"):
+        import_bundle(tampered, external_store.registry)
+    import_bundle(report.folder, external_store.registry)
+    theirs, _ = _table(external_store)
+    assert theirs.drop(columns=["configuration"]).equals(table.drop(columns=["configuration"]))
