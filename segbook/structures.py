@@ -247,8 +247,8 @@ def _names(entry: "DatasetEntry") -> str:
 
 
 def validation_pairs(registry: "Registry", structure: str | None = None) -> list[Pairing]:
-    """Every ordered pair of registered datasets that share a structure by name (with `structure`: that one), the
-    datasets whose channels differ included with their problem."""
+    """Every ordered pair of registered datasets that share a structure by name (with `structure`: those sharing
+    that one, with all they share), the datasets whose channels differ included with their problem."""
     entries = list(registry)
     wanted = fold(structure) if structure else None
     if wanted is not None and not any(fold(label.name) == wanted for entry in entries
@@ -260,9 +260,6 @@ def validation_pairs(registry: "Registry", structure: str | None = None) -> list
             if trained.key == tested.key:
                 continue
             pairing = pair(trained, tested)
-            if wanted is not None:
-                kept = tuple(s for s in pairing.structures if fold(s.name) == wanted)
-                pairing = Pairing(trained, tested, kept, None, pairing.problems)
-            if pairing.structures:
+            if pairing.structures and (wanted is None or any(fold(s.name) == wanted for s in pairing.structures)):
                 pairs.append(pairing)
     return pairs

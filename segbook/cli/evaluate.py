@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_external(args: argparse.Namespace, registry, settings) -> int:
     """Every (run, tested dataset) checked, label map included, before the first prediction."""
     from segbook.errors import SegbookError
-    from segbook.evaluation.external import evaluate_external
+    from segbook.evaluation.external import evaluate_external, labelled_cases
+    from segbook.paths import Paths
     from segbook.structures import pair, read_label_map
 
     if not args.on:
@@ -108,6 +109,8 @@ def _run_external(args: argparse.Namespace, registry, settings) -> int:
                                "scores its test split")
         for other in tested:
             pair(entry, other, label_map).require_usable()
+    for other in tested:  # every tested dataset's data is there before the first prediction
+        labelled_cases(other, Paths.from_env(), args.on_all_cases)
     for entry, spec, folder in runs:
         for other in tested:
             result = evaluate_external(entry, spec, other, settings=settings, label_map=label_map,
