@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from segbook.errors import SegbookError
 from segbook.evaluation.files import check_external, read_json
 from segbook.registry import Registry
 from segbook.results.cells import run_folders
@@ -85,7 +86,7 @@ def _checked(folder: Path, run: Path, entry) -> tuple[dict[str, Any], list[int]]
         verdict, _ = check_external(folder, summary, entry, FolderParts.parse(run))
     except FileNotFoundError:
         return None
-    except Exception as error:  # noqa: BLE001 - any unreadable file is left out, named
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SegbookError) as error:  # left out, named
         verdict, summary = None, None
         problem = f"unreadable {folder / SUMMARY}: {error}"
     else:
