@@ -32,6 +32,9 @@ from segbook.training.cost import measured_prediction
 if TYPE_CHECKING:
     from segbook.registry import DatasetEntry
 
+#: The hidden folder predictions are made in, beside the external evaluations (never read by a table).
+PREDICTING = ".predicting-"
+
 
 def labelled_cases(entry: "DatasetEntry", paths: Paths, all_cases: bool) -> list[TestCase]:
     """The tested dataset's cases: its test split, and with `all_cases` its training cases too (a run trained on
@@ -76,9 +79,11 @@ def evaluate_external(trained: "DatasetEntry", spec: RunSpec, tested: "DatasetEn
     out = external_folder(run_folder, tested.key, all_cases)
     with claims.exclusive(paths.claims, spec.job_id, f"run {run_folder}"):
         sweep_leftovers(out)  # what a killed evaluation of this folder left beside it
+        for stale in external_root(run_folder).glob(f"{PREDICTING}*"):  # predictions of a killed one (the claim
+            shutil.rmtree(stale, ignore_errors=True)                  # is held: no live writer)
         if not force and _up_to_date(out, resolved, checkpoint, record):
             return EvaluationResult(out, read_json(out / SUMMARY), skipped=True)
-        predictions = external_root(run_folder) / f".predicting-{out.name}"
+        predictions = external_root(run_folder) / f"{PREDICTING}{out.name}"
         try:
             with measured_prediction(device, len(cases)) as cost:
                 _predict(spec, cases, settings, device, num_processes, run_folder, predictions)
