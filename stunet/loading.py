@@ -72,7 +72,13 @@ def _refusal_reason(error: Exception) -> str:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The network weights in `path`, on the CPU, with DDP/compile prefixes removed."""
-    return _strip_prefixes(_extract_weights(safe_load(path), path))
+    return state_dict_of(safe_load(path), path)
+
+
+def state_dict_of(content: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The network weights in a checkpoint's content (`safe_load`'s), with DDP/compile prefixes removed: for readers
+    that read more of the file than its weights."""
+    return _strip_prefixes(_extract_weights(content, path))
 
 
 def _extract_weights(content: object, path: str | os.PathLike) -> Mapping[str, torch.Tensor]:

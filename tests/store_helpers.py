@@ -118,10 +118,11 @@ def write_evaluated_run(results: Path, registry: Registry, task: str, model: str
                         recipe: str | None = None, run_seed: int = 0, fold: str = "all", fraction: float = 1.0,
                         settings: dict[str, Any] | None = None, plans_summary: dict[str, Any] | None = None,
                         evaluation: dict[str, Any] | None = None, device: str = "cpu",
-                        fingerprinted: bool = True) -> Path:
+                        fingerprinted: bool = True, prediction: dict[str, Any] | None = None) -> Path:
     """A run folder as training and `segbook evaluate` leave it, with its per-case metrics (`seed`: of the cases'
     random spread; `run_seed`, `fold`, `fraction`: the run's). `settings` replace training settings (`{"epochs": 12}`),
-    `plans_summary` what the plans made, `evaluation` the evaluation settings."""
+    `plans_summary` what the plans made, `evaluation` the evaluation settings, `prediction` the prediction's cost
+    record (default: on CUDA, `prediction_seconds_per_case`)."""
     entry = registry.get(task)
     spec = RunSpec.of(entry, model, init, fold, recipe=recipe, seed=run_seed, fraction=fraction)
     folder = spec.folder(results)
@@ -134,7 +135,8 @@ def write_evaluated_run(results: Path, registry: Registry, task: str, model: str
     training = {**COMPLETE, "epochs_completed": epochs, "epochs_planned": epochs}
     summary = {"run": manifest["run"], "settings": {**EVALUATION_SETTINGS, **(evaluation or {})},
                **summarise_rows(rows, entry, cases), "training": training, "created_at": "2024-01-01T00:00:00",
-               "cost": {"prediction": {"device": "cuda", "seconds_per_case": prediction_seconds_per_case}},
+               "cost": {"prediction": prediction or {"device": "cuda",
+                                                     "seconds_per_case": prediction_seconds_per_case}},
                "metrics_sha256": sha256(folder / "evaluation" / "metrics.csv"),
                **({"split": {"sha256": split, "n_test": cases}} if split else {})}
     (folder / "evaluation" / "summary.json").write_text(json.dumps(_json_safe(summary)))

@@ -89,6 +89,64 @@ def test_resenc_is_the_network_nnunet_builds_from_the_same_plans(task):
         create_model("resenc-l", configuration=_configuration(load_plan(task.entry)), device="meta")
 
 
+NNUNET_PLANS = {"configurations": {
+    "3d_fullres": {"normalization_schemes": ["CTNormalization", "ZScoreNormalization"],
+                   "use_mask_for_norm": [False, True], "spacing": [2.5, 0.8, 0.8], "batch_size": 2},
+    "3d_fullres_bs4": {"inherits_from": "3d_fullres", "batch_size": 4}}}
+
+
+def _nnunet_file(path: Path, init_args: dict) -> Path:
+    """An nnU-Net v2 training checkpoint's layout (nnUNetTrainer.save_checkpoint, 2.8.1 L1195-1215), tiny weights."""
+    from nnssl_helpers import resenc
+
+    torch.save({"network_weights": resenc(num_classes=2).state_dict(), "optimizer_state": {}, "logging": {},
+                "current_epoch": 3, "init_args": init_args, "trainer_name": "nnUNetTrainer",
+                "grad_scaler_state": None, "_best_ema": None, "inference_allowed_mirroring_axes": (0, 1, 2)}, path)
+    return path
+
+
+def test_an_nnunet_checkpoint_says_how_its_training_normalised_and_a_malformed_record_is_warned(tmp_path):
+    """nnU-Net v2 `.pth`: `init_args.plans.configurations[init_args.configuration]` (inheritance followed) gives the
+    schemes, mask flags and spacing; a record that is not nnU-Net's is ignored with one warning line, the weights
+    still read; a file without init_args says nothing."""
+    from segbook.backbones.models import checkpoint_facts
+
+    resenc_l = backbones.get("resenc-l")
+    good = _nnunet_file(tmp_path / "good.pth", {"plans": NNUNET_PLANS, "configuration": "3d_fullres_bs4",
+                                                "fold": 0, "dataset_json": {}, "device": torch.device("cpu")})
+    facts = checkpoint_facts(resenc_l, good)
+    assert (facts.format, facts.warnings) == ("nnunet", ())
+    assert facts.pretraining == {"schemes": ["CTNormalization", "ZScoreNormalization"],
+                                 "use_mask_for_norm": [False, True], "spacing_mm": [2.5, 0.8, 0.8],
+                                 "source": "init_args", "configuration": "3d_fullres_bs4", "checkpoint": "good.pth"}
+    full = NNUNET_PLANS["configurations"]["3d_fullres"]
+    malformed = {
+        "scheme-string": ({**full, "normalization_schemes": "CTNormalization"}, "not a list of scheme names"),
+        "unknown-scheme": ({**full, "normalization_schemes": ["CTNormalization", "nonCT"]}, "unknown scheme(s)"),
+        "masks": ({**full, "use_mask_for_norm": [False]}, "not one boolean per scheme"),
+        "mask-strings": ({**full, "use_mask_for_norm": ["no", "no"]}, "not one boolean per scheme"),
+        "no-schemes": ({k: v for k, v in full.items() if k != "normalization_schemes"}, "not a list of scheme names"),
+    }
+    for name, (configuration, message) in malformed.items():
+        path = _nnunet_file(tmp_path / f"{name}.pth", {"plans": {"configurations": {"3d_fullres": configuration}},
+                                                       "configuration": "3d_fullres"})
+        facts = checkpoint_facts(resenc_l, path)
+        assert facts.pretraining is None and len(facts.warnings) == 1, name
+        assert facts.warnings[0].startswith(f"{path}: its training normalisation is not recorded: ") and \
+            message in facts.warnings[0], name
+    elsewhere = {"missing": ({"plans": NNUNET_PLANS, "configuration": "2d"}, "hold no configuration '2d'"),
+                 "not-a-name": ({"plans": NNUNET_PLANS, "configuration": 3}, "names configuration 3"),
+                 "no-configurations": ({"plans": {"configurations": []}, "configuration": "3d_fullres"},
+                                       "no 'configurations' mapping"),
+                 "cycle": ({"plans": {"configurations": {"a": {"inherits_from": "b"}, "b": {"inherits_from": "a"}}},
+                            "configuration": "a"}, "is circular")}
+    for name, (init_args, message) in elsewhere.items():
+        facts = checkpoint_facts(resenc_l, _nnunet_file(tmp_path / f"{name}.pth", init_args))
+        assert facts.pretraining is None and message in " ".join(facts.warnings), name
+    silent = checkpoint_facts(resenc_l, _nnunet_file(tmp_path / "bare.pth", {}))
+    assert (silent.pretraining, silent.warnings) == (None, ())
+
+
 @pytest.mark.slow
 def test_a_resenc_checkpoint_loads_with_fresh_head_and_a_tiled_stem(tmp_path):
     torch.manual_seed(0)
@@ -242,7 +300,11 @@ def test_resenc_trains_on_its_own_plans_and_fine_tunes_from_weights(task, tmp_pa
               "--recipe", "frozen-encoder")
     tuned = paths.results / task.entry.nnunet_name / "SegbookTrainer_resenc-l_pretrained_frozen-encoder__" \
         "nnUNetResEncUNetLPlans__3d_fullres" / "fold_all"
-    assert RunManifest.load(tuned).status == "finished"
+    tuned_record = RunManifest.load(tuned)
+    assert tuned_record.status == "finished"
+    pretraining = tuned_record.data["normalization"]["pretraining"]  # as the nnU-Net file's init_args say
+    assert pretraining["source"] == "init_args" and pretraining["schemes"] == task.resenc_plan.normalization
+    assert pretraining["spacing_mm"] == pytest.approx(task.resenc_plan.spacing)
     after = read_run_checkpoint(tuned / "checkpoint_final.pth")["network_weights"]
     assert all(torch.equal(weights[k], after[k]) for k in weights if k.startswith("encoder."))
     assert not all(torch.equal(weights[k], after[k]) for k in weights if k.startswith("decoder.stages."))
@@ -562,6 +624,82 @@ def test_a_bundle_of_plug_in_runs_lists_them_on_import_without_the_file(lab_net_
     assert sorted(zip(df["model"], df["source"])) == [("base", "bundle:lab-bundle"), ("lab-net", "bundle:lab-bundle"),
                                                       ("lab-net", "bundle:lab-bundle")] and not warned
     assert df.loc[df["model"] == "lab-net", "evaluated"].all()
+
+
+def _install_lab_net(site: Path, version: str) -> None:
+    """LAB_NET as an installed package `labnet` (its metadata on the path) declaring the entry point
+    `[segbook.backbones] lab = labnet_backbone:BACKBONES`; another version replaces the earlier one."""
+    for old in site.glob("labnet-*.dist-info"):
+        for file in old.iterdir():
+            file.unlink()
+        old.rmdir()
+    info = site / f"labnet-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: labnet\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text("[segbook.backbones]\nlab = labnet_backbone:BACKBONES\n")
+    (site / "labnet_backbone.py").write_text(LAB_NET)
+
+
+@pytest.mark.slow
+def test_runs_of_an_entry_point_backbone_are_found_in_a_fresh_process_and_a_missing_one_is_named(
+        tmp_path, monkeypatch, segbook_home):
+    """Issue 24: a run records the entry point its backbone came from (name, object, distribution, version);
+    `segbook results` and `--export` in a fresh process, no flags, find its runs through it; uninstalled or of
+    another version, the runs still show (a stand-in) with a warning naming the entry point, and evaluation
+    refuses to rebuild the network."""
+    import subprocess
+    import sys
+
+    from results_helpers import A, write_registry
+    from store_helpers import write_evaluated_run
+
+    from segbook.backbones import recorded
+    from segbook.paths import Paths
+    from segbook.registry import load_registry
+
+    site, uninstalled = tmp_path / "site", os.environ.get("PYTHONPATH", "")
+    _install_lab_net(site, "1.0")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), uninstalled]))
+    written = subprocess.run([sys.executable, "-c", "import json; from segbook.backbones import recorded; "
+                              "print(json.dumps(recorded.record_of('lab-net')))"],
+                             capture_output=True, text=True, check=True)
+    record = json.loads(written.stdout)  # what training writes into run.json, where the package is installed
+    assert record["source"] == {"kind": "entry point", "name": "lab", "value": "labnet_backbone:BACKBONES",
+                                "distribution": "labnet", "version": "1.0"}
+    assert recorded.adopt(record, run_code=False) is None  # known here only to write its runs
+    registry_file = write_registry(tmp_path / "registry.yaml")
+    paths, registry = Paths.from_env(), load_registry([registry_file])
+    folders = [write_evaluated_run(paths.results, registry, A, "lab-net", init, dice)
+               for init, dice in (("scratch", 0.6), ("pretrained", 0.7))]
+    for folder in folders:
+        manifest = json.loads((folder / "run.json").read_text())
+        (folder / "run.json").write_text(json.dumps({**manifest, recorded.KEY: record}))
+
+    def lab_net_rows(shown: str) -> list[str]:
+        return [line for line in shown.splitlines() if line.startswith("lab-net,")]
+
+    table = ["results", "--registry", str(registry_file), "--table", "scale", "--format", "csv"]
+    found = run_segbook(*table)
+    assert len(lab_net_rows(found.stdout)) == 3 and "warning" not in found.stderr.lower(), found.stdout + found.stderr
+    exported = run_segbook("results", "--registry", str(registry_file), "--export", str(tmp_path / "bundle"))
+    assert "exported 2 run(s)" in exported.stdout and "warning" not in exported.stderr.lower(), exported.stderr
+    bundle = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert bundle["backbones"]["lab-net"]["source"] == record["source"]
+
+    why = {"1.0": "of labnet 1.0, which is not installed", "2.0": "comes from labnet 2.0, not the recorded labnet 1.0"}
+    for version in ("1.0", "2.0"):
+        if version == "1.0":
+            monkeypatch.setenv("PYTHONPATH", uninstalled)
+        else:
+            _install_lab_net(site, version)
+            monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), uninstalled]))
+        shown = run_segbook(*table)
+        assert len(lab_net_rows(shown.stdout)) == 3, shown.stdout + shown.stderr  # tables only read numbers
+        warned = [line for line in shown.stderr.splitlines() if why[version] in line]
+        assert {str(folder) for folder in folders} == {line.split(": ")[2] for line in warned}, shown.stderr
+        refused = run_segbook("evaluate", "--run", str(folders[0]), check=False)
+        assert refused.returncode == 2 and refused.stderr.startswith("segbook: error: ")
+        assert why[version] in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_every_checkpoint_format_has_a_stem_rule():

@@ -733,8 +733,9 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(task, fresh):
 
 def test_checkpoint_normalization_normalises_every_pretrained_job_of_a_model_as_its_file_was_pretrained(tmp_path):
     """Issue 24: `--normalization checkpoint` puts a model's pretrained jobs on its file's normalisation (the
-    identifier finetune derives, on default or checkpoint plans, its planner prepared) and the workers get it;
-    scratch jobs, a model without a file and a file recording no normalisation are refused, naming them."""
+    identifier finetune derives, on default or checkpoint plans, its planner prepared) and the workers get it; its
+    scratch jobs too (the file given to them normalises, nothing is loaded); a model without a file and a file
+    recording no normalisation are refused, naming them."""
     import torch
     from nnssl_helpers import resenc, resenc_kwargs
 
@@ -755,8 +756,11 @@ def test_checkpoint_normalization_normalises_every_pretrained_job_of_a_model_as_
         assert [PLANNERS[name].plans for name in planners_of(planned)] == [identifier]
     options = ExecutionOptions.create(weights=[f"resenc-l={one}"], normalization="checkpoint")
     assert ExecutionOptions.from_json(options.to_json()).normalization == "checkpoint"
-    with pytest.raises(MatrixError, match="scratch jobs fine-tune none"):
-        on_plans(build_matrix(registry, "613", models="resenc-l"), "default", {"resenc-l": one}, "checkpoint")
+    both = on_plans(build_matrix(registry, "613", models="resenc-l"), "default", {"resenc-l": one}, "checkpoint")
+    assert {job.spec.init: job.spec.plans for job in both} == {"pretrained": "nnUNetResEncUNetLPlans_ZScoreNorm",
+                                                               "scratch": "nnUNetResEncUNetLPlans_ZScoreNorm"}
+    scratch = next(job for job in both if job.spec.init == "scratch")
+    assert options.file_for(scratch) == one and options.weights_for(scratch) is None  # it normalises, loads nothing
     with pytest.raises(MatrixError, match="normalises large's jobs as its checkpoint was pretrained: pass --weights"):
         on_plans(build_matrix(registry, "613", models="resenc-l,large", inits="pretrained"), "default",
                  {"resenc-l": one}, "checkpoint")

@@ -32,7 +32,7 @@ from segbook.plan import plan_states, plan_task, preprocessed_version
 from segbook.registry import load_registry
 from segbook.training.checkpoints import read_run_checkpoint
 from segbook.training.manifest import RunManifest
-from segbook.training.trainer_parts.data import SPLITS, write_crossval_splits
+from segbook.training.trainer_parts.data import SPLITS, TooFewCasesForFolds, write_crossval_splits
 from stunet import create_stunet, write_official_checkpoint
 
 if TYPE_CHECKING:
@@ -403,3 +403,16 @@ def test_neither_plan_force_nor_a_reimport_replaces_the_data_of_a_live_run(impor
     assert RunManifest.load(folder).status == "interrupted"
     run_segbook("plan", "--task", entry.key, "--force", "--registry", str(registry_file))  # no live run now
     assert preprocessed_version(entry.nnunet_name, paths) != version
+
+
+def test_a_task_with_fewer_cases_than_folds_gets_no_splits_and_says_why(tmp_path):
+    """sklearn's KFold cannot split 3 cases 5 ways: the split is refused in words (fold all still trains), and
+    nothing is written."""
+    data = tmp_path / "nnUNetPlans_3d_fullres"
+    data.mkdir()
+    for case in ("a", "b", "c"):  # nnU-Net's blosc2 layout, as get_identifiers lists it
+        (data / f"{case}.b2nd").write_bytes(b"")
+        (data / f"{case}_seg.b2nd").write_bytes(b"")
+    with pytest.raises(TooFewCasesForFolds, match="3 training case.*at least 5; train fold all"):
+        write_crossval_splits(tmp_path, data)
+    assert not (tmp_path / SPLITS).exists()

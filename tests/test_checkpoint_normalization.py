@@ -42,7 +42,7 @@ def test_the_wrapped_planner_writes_the_checkpoints_scheme_for_every_channel_und
 
 
 def test_a_checkpoint_that_records_no_normalisation_is_refused_before_anything_is_planned(task, tmp_path):
-    plain = tmp_path / "nnunet.pth"  # an nnU-Net training checkpoint: no pretraining normalisation said
+    plain = tmp_path / "nnunet.pth"  # an nnU-Net training checkpoint without init_args: no normalisation said
     torch.save({"network_weights": resenc(num_classes=2).state_dict(), "trainer_name": "nnUNetTrainer"}, plain)
     before = sorted(p.name for p in (task.preprocessed / task.entry.nnunet_name).iterdir())
     refused = run_segbook("plan", "--registry", str(task.registry_file), "--task", task.entry.key,
@@ -63,6 +63,35 @@ def _openmind(path):
                                   {"architecture": "ResidualEncoderUNet", "arch_kwargs": resenc_kwargs()})
 
 
+def test_segbook_plan_reads_the_checkpoint_as_the_model_it_names(task, tmp_path, capsys):
+    """`segbook plan --model`: its default is the backbones' (a model reading nnssl files), an unknown model or one
+    that reads no nnssl file is a usage error before anything is planned, and the nnssl file is read and planned
+    around as that model's, with its normalisation from the one owner finetune asks."""
+    from segbook import backbones
+    from segbook.checkpoint_plans import planner_for_weights
+    from segbook.cli.main import build_parser, main
+
+    assert "nnssl" in backbones.get(backbones.CHECKPOINT_PLANS_MODEL).checkpoint_formats
+    assert build_parser().parse_args(["plan", "--task", "613"]).model == backbones.CHECKPOINT_PLANS_MODEL
+    openmind = str(_openmind(tmp_path / "openmind.pth"))
+    common = ["plan", "--registry", str(task.registry_file), "--task", task.entry.key, "--weights", openmind]
+    before = sorted(p.name for p in (task.preprocessed / task.entry.nnunet_name).iterdir())
+    refusals = {("--plans", "checkpoint", "--model", "bogus"): "unknown model 'bogus'",
+                ("--normalization", "checkpoint", "--model", "bogus"): "unknown model 'bogus'",
+                ("--plans", "checkpoint", "--model", "large"): "reads no nnssl checkpoints"}
+    for extra, message in refusals.items():
+        assert main([*common, *extra]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("segbook: error: ") and message in error
+    assert sorted(p.name for p in (task.preprocessed / task.entry.nnunet_name).iterdir()) == before
+    assert main([*common, "--plans", "checkpoint", "--normalization", "checkpoint", "--model", "resenc-l",
+                 "--format", "json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    around = PLANNERS[planner_for_weights("resenc-l", openmind)].plans
+    assert planned["plans_identifier"] == f"{around}_ZScoreNorm"
+    assert planned["normalization"] == ["ZScoreNormalization"] * 2  # a CT&PET task, as the file was pretrained
+
+
 def test_evaluate_names_the_run_finetune_trains_on_checkpoint_plans_and_normalisation(tmp_path, capsys):
     """Issue 24: `segbook evaluate --task --model` with finetune's --plans/--normalization/--weights resolves the
     plans identifier finetune's folder carries; bad combinations are refused as usage errors."""
@@ -76,12 +105,12 @@ def test_evaluate_names_the_run_finetune_trains_on_checkpoint_plans_and_normalis
     expected = {("checkpoint", "task"): around, ("checkpoint", "checkpoint"): f"{around}_ZScoreNorm",
                 ("default", "checkpoint"): "nnUNetResEncUNetLPlans_ZScoreNorm"}
     for (plans, normalization), identifier in expected.items():
-        args = build_parser().parse_args(["evaluate", "--task", "613", "--model", "resenc-l", "--pretrained",
-                                          "--plans", plans, "--normalization", normalization, "--weights", openmind])
-        [(_, spec, _)] = _runs(args, load_registry())
-        assert spec.plans == identifier and f"__{identifier}__" in spec.folder(tmp_path).as_posix()
-    refusals = {("--scratch", "--normalization", "checkpoint", "--weights", openmind): "add --pretrained",
-                ("--pretrained", "--plans", "checkpoint"): "needs the checkpoint: pass --weights FILE",
+        for init in ("--pretrained", "--scratch"):  # a scratch run on the file's plans pairs with the pretrained
+            args = build_parser().parse_args(["evaluate", "--task", "613", "--model", "resenc-l", init, "--plans",
+                                              plans, "--normalization", normalization, "--weights", openmind])
+            [(_, spec, _)] = _runs(args, load_registry())
+            assert spec.plans == identifier and f"__{identifier}__" in spec.folder(tmp_path).as_posix()
+    refusals = {("--pretrained", "--plans", "checkpoint"): "needs the checkpoint: pass --weights FILE",
                 ("--run", str(tmp_path), "--plans", "checkpoint"): "--run DIR names the run"}
     for extra, message in refusals.items():
         assert main(["evaluate", "--task", "613", "--model", "resenc-l", *extra]) == 2

@@ -171,3 +171,128 @@ def test_results_of_checkpoint_plans_pair_the_scratch_and_pretrained_runs(segboo
                  "--table", "datasets", "--format", "csv"]) == 0
     printed = capsys.readouterr().out
     assert ",small,50.0,1,,75.0,1,,25.0,1," in printed, printed  # scratch, pretrained, Delta(PT)
+
+
+# --- kill -9 and two processes on checkpoint plans --------------------------------------------------------------
+
+def _finetune_command(task, openmind, *extra: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "segbook.cli.main", "finetune", "--registry", str(task.registry_file), "--task",
+            task.entry.key, "--device", "cpu", "--model", "resenc-l", "--pretrained", "--weights", str(openmind),
+            "--plans", "checkpoint", "--normalization", "checkpoint", "--epochs", "6", "--iters-per-epoch", "2",
+            "--val-iters-per-epoch", "1", "--checkpoint-every", "1", "--plan-processes", "1", *extra]
+
+
+def _killed_when(process, condition, what: str, timeout_s: float = 300) -> None:
+    """SIGKILL the process's whole group (the trainer and nnU-Net's workers) once `condition` holds."""
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and process.poll() is None and not condition():
+        time.sleep(0.01)
+    assert process.poll() is None, f"the run ended before {what}: {process.stderr.read()[-3000:]}"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_planned_run_killed_while_planning_and_while_training_never_goes_on_from_partial_state(
+        tmp_path):
+    """kill -9 of `finetune --plans checkpoint --normalization checkpoint` during preprocessing leaves no plans, data
+    or run that a later run could take for complete (the next one plans from the start); killed during training,
+    the next `--continue` resumes from the checkpoint on the complete data and finishes."""
+    import json
+    import subprocess
+
+    from helpers import prepare_synthetic_task, tiny_spec
+
+    from segbook.checkpoint_normalization import register as normalised
+    from segbook.paths import Paths
+    from segbook.plan import plan_states, verify_preprocessed
+    from segbook.runs import RunSpec
+    from segbook.training.manifest import RunManifest
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEGBOOK_HOME", str(tmp_path / "home"))
+        patch.setenv("nnUNet_n_proc_DA", "0")
+        registry_file, entry = prepare_synthetic_task(tmp_path, tiny_spec("KilledCkpt", size=(32, 32, 24), cases=14),
+                                                      dataset_id=968, plan=False)
+        task = type("Task", (), {"registry_file": registry_file, "entry": entry})
+        openmind = write_nnssl_checkpoint(resenc(num_classes=1), tmp_path / "openmind.pth",
+                                          {"architecture": "ResidualEncoderUNet", "arch_kwargs": resenc_kwargs()})
+        planner = normalised(planner_for_weights("resenc-l", openmind), ("ZScoreNormalization",), (False,))
+        identifier = PLANNERS[planner].plans
+        paths = Paths.from_env()
+        folder = RunSpec.of(entry, "resenc-l", True, plans=identifier).folder(paths.results)
+
+        def staged() -> list:
+            return list(paths.preprocessed.glob(f".{entry.nnunet_name}.*.partial/{entry.nnunet_name}/"
+                                                f"{identifier}_3d_fullres/*.b2nd"))
+
+        first = subprocess.Popen(_finetune_command(task, openmind), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        _killed_when(first, staged, "its preprocessing")
+        assert 0 < len(staged()) < entry.train_cases  # killed half-way through preprocessing
+        assert plan_states(entry, paths).get(planner) != "preprocessed"
+        assert not (paths.preprocessed / entry.nnunet_name / f"{identifier}.json").exists()
+        assert RunManifest.load(folder) is None  # no run was started on the partial data
+
+        second = subprocess.Popen(_finetune_command(task, openmind), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+        def trained_an_epoch() -> bool:
+            manifest = RunManifest.load(folder)
+            return bool(manifest and manifest.data.get("epochs")) and (folder / "checkpoint_latest.pth").is_file()
+
+        _killed_when(second, trained_an_epoch, "an epoch and a checkpoint")
+        assert not staged()  # the second run repaired what the first left, and planned from the start
+        cases = verify_preprocessed(entry.nnunet_name, paths, identifier, task=entry.key)
+        assert cases.count == entry.train_cases and plan_states(entry, paths)[planner] == "preprocessed"
+        plans = json.loads((paths.preprocessed / entry.nnunet_name / f"{identifier}.json").read_text())
+        assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["ZScoreNormalization"]
+        assert RunManifest.load(folder).status == "running"  # what the killed process last wrote
+
+        refused = subprocess.run(_finetune_command(task, openmind), capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and "pass --continue to resume it" in refused.stderr  # never silently anew
+        resumed = subprocess.run(_finetune_command(task, openmind, "--continue"), capture_output=True, text=True,
+                                 timeout=900)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        manifest = RunManifest.load(folder)
+        assert manifest.status == "finished" and "resumed" in [e["event"] for e in manifest.data["events"]]
+        assert [e["event"] for e in manifest.data["events"]].count("pretrained_weights_loaded") == 1
+        assert manifest.data["preprocessed"] == cases.as_dict()
+
+
+@pytest.mark.slow
+def test_two_processes_planning_one_checkpoints_plans_on_one_dataset_take_turns(tmp_path):
+    """`segbook plan --plans checkpoint` twice at once on one dataset: one plans, the other waits for the dataset
+    and then finds the plans current; the data is complete, once."""
+    import subprocess
+    import sys
+
+    from helpers import prepare_synthetic_task, tiny_spec
+
+    from segbook.paths import Paths
+    from segbook.plan import plan_states, verify_preprocessed
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEGBOOK_HOME", str(tmp_path / "home"))
+        registry_file, entry = prepare_synthetic_task(tmp_path, tiny_spec("TurnsCkpt", size=(32, 32, 24)),
+                                                      dataset_id=969, plan=False)
+        openmind = write_nnssl_checkpoint(resenc(num_classes=1), tmp_path / "openmind.pth",
+                                          {"architecture": "ResidualEncoderUNet", "arch_kwargs": resenc_kwargs()})
+        command = [sys.executable, "-m", "segbook.cli.main", "plan", "--registry", str(registry_file), "--task",
+                   entry.key, "--plans", "checkpoint", "--weights", str(openmind), "-np", "1"]
+        processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for _ in range(2)]
+        outputs = [process.communicate(timeout=600) for process in processes]
+        assert [p.returncode for p in processes] == [0, 0], outputs
+        assert any("waiting for dataset" in err for _, err in outputs), outputs
+        planner = planner_for_weights("resenc-l", openmind)
+        paths = Paths.from_env()
+        cases = verify_preprocessed(entry.nnunet_name, paths, PLANNERS[planner].plans, task=entry.key)
+        assert cases.count == entry.train_cases and plan_states(entry, paths)[planner] == "preprocessed"
+        assert [p.name for p in paths.preprocessed.iterdir()] == [entry.nnunet_name]  # no staging left

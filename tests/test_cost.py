@@ -3,6 +3,7 @@ prediction time and memory from `segbook evaluate`; one real tiny train + evalua
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -53,10 +54,13 @@ def test_cuda_peak_memory_is_the_largest_over_attempts(monkeypatch: pytest.Monke
 
 
 def test_prediction_is_timed_per_case_without_memory_off_cuda() -> None:
-    with measured_prediction("cpu", 4) as record:
+    with measured_prediction("cpu", 4, threads=3) as record:
         assert record == {}  # filled when the block ends
+        held = np.ones(64 * 2**20 // 8)  # 64 MiB resident while "predicting"
     assert record["device"] == "cpu" and record["cases"] == 4 and record["peak_memory_bytes"] is None
     assert record["seconds_per_case"] == pytest.approx(record["seconds"] / 4, abs=1e-3)
+    assert record["threads"] == 3 and record["peak_rss_since"] == "prediction"  # this machine is Linux
+    assert record["peak_rss_bytes"] >= held.nbytes
 
 
 @pytest.mark.slow
@@ -64,7 +68,11 @@ def test_tiny_run_records_its_cost_and_every_metric_column(tmp_path_factory) -> 
     """A real tiny training and evaluation on the CPU: cost in run.json and summary.json, and metrics.csv with IoU,
     precision, recall and lesion counts that agree with the kept predictions."""
     import SimpleITK as sitk
+    import torch
     from helpers import planned_tiny_task, tiny_spec
+
+    from segbook.results import collect_results
+    from segbook.results.cost import cost_table
 
     from segbook.evaluation.evaluate import CSV_COLUMNS, evaluate_run, test_cases
     from segbook.evaluation.lesions import lesion_counts
@@ -85,10 +93,17 @@ def test_tiny_run_records_its_cost_and_every_metric_column(tmp_path_factory) -> 
         assert cost["train_seconds"] == pytest.approx(epoch_seconds, abs=0.01)
         assert cost["samples_per_second"] == pytest.approx(cost["samples"] / cost["train_seconds"], rel=1e-3)
 
-        evaluation = evaluate_run(task.entry, result.spec, device="cpu", keep_predictions=True)
+        threads = torch.get_num_threads()
+        evaluation = evaluate_run(task.entry, result.spec, device="cpu", keep_predictions=True, threads=1)
+        assert torch.get_num_threads() == threads  # as before
         prediction = evaluation.summary["cost"]["prediction"]
         assert prediction["device"] == "cpu" and prediction["cases"] == task.entry.test_cases
         assert prediction["peak_memory_bytes"] is None and prediction["seconds_per_case"] > 0
+        assert prediction["threads"] == 1 and prediction["peak_rss_bytes"] > 2**20
+        row = _cost_row(cost_table(collect_results(Paths.from_env(), registry_of(task))), "tiny scratch")
+        assert row["CPU threads"] == "1" and row["GPU prediction s/case"] is None
+        assert row["CPU peak RSS (GiB)"] == round(prediction["peak_rss_bytes"] / 2**30, 2) > 0
+        assert row["CPU prediction s/case"] == round(prediction["seconds_per_case"], 2)
         metrics = pd.read_csv(evaluation.folder / "metrics.csv")
         assert tuple(metrics.columns) == CSV_COLUMNS
         for key in ("iou", "precision", "recall"):
@@ -110,6 +125,29 @@ def test_tiny_run_records_its_cost_and_every_metric_column(tmp_path_factory) -> 
         sensitivity = lesions["lesion_sensitivity"]
         assert math.isclose(sensitivity, rows["lesions_detected"].sum() / rows["lesions_reference"].sum())
         assert np.isfinite(metrics["iou"]).any()
+
+        # the command line sets the threads too (the device is no evaluation setting: --force evaluates again), and
+        # the record says what nnU-Net's predictor computed with: at most its default_num_processes (here 1)
+        from nnunetv2.configuration import default_num_processes
+
+        from segbook.cli.main import main
+
+        for threads in (1, 2):
+            assert main(["evaluate", "--run", str(result.folder), "--registry", str(task.registry_file), "--device",
+                         "cpu", "--threads", str(threads), "--force"]) == 0
+            again = json.loads((evaluation.folder / "summary.json").read_text())["cost"]["prediction"]
+            assert again["threads"] == min(threads, default_num_processes) and again["peak_rss_bytes"] > 2**20
+
+
+def _cost_row(table, configuration: str) -> dict:
+    return next(dict(zip(table.columns, row)) for row in table.rows if row[0] == configuration)
+
+
+def registry_of(task):
+    """The registry that knows the tiny task."""
+    from segbook.registry import load_registry
+
+    return load_registry([task.registry_file])
 
 
 # --- the cost table and the report's cost section ----------------------------------------------------------------
@@ -148,7 +186,7 @@ def test_cost_table_per_configuration(costed) -> None:
     pretrained = rows["base pretrained"]
     assert pretrained["runs"] == "2/2" and pretrained["device"] == "cuda"
     assert pretrained["device-hours/run"] == 3.0 and pretrained["device-hours total"] == 6.0
-    assert pretrained["peak GPU memory (GiB)"] == 4.0 and pretrained["prediction s/case"] == 3.0
+    assert pretrained["peak GPU memory (GiB)"] == 4.0 and pretrained["GPU prediction s/case"] == 3.0
     assert pretrained["params (M)"] == 58.3 and pretrained["forward TFLOPs"] == 1.02
     scores = {config: 100 * df.loc[(df["model"] == config[0]) & (df["init"] == config[1]), "dice"].to_numpy()
               for config in (("base", "pretrained"), ("base", "scratch"))}
@@ -190,3 +228,64 @@ def test_cli_cost_table_and_report_cost_section(costed, tmp_path: Path, capsys: 
     page = write_report(df, tmp_path / "report.html", figures=tmp_path / "figures").read_text()
     assert "Cost next to Dice" in page and "Delta(PT) per device-hour" in page
     assert (tmp_path / "figures" / "cost.png").is_file()
+
+
+def test_cost_table_shows_cpu_evaluations_beside_gpu_ones(segbook_home: Path, tmp_path: Path) -> None:
+    """Runs of one configuration evaluated on a GPU and on the CPU: their seconds per case are never averaged
+    together; the CPU ones come with their threads and peak resident memory."""
+    from store_helpers import gpu_cost, write_evaluated_run
+    from results_helpers import write_registry
+
+    from segbook.paths import Paths
+    from segbook.registry import load_registry
+    from segbook.results import collect_results
+    from segbook.results.cost import cost_table
+
+    registry = load_registry([write_registry(tmp_path / "registry.yaml")])
+    results = Paths.from_env().results
+    write_evaluated_run(results, registry, "Task901_SeenCT", "base", "scratch", 0.7, prediction_seconds_per_case=0.5)
+    for task, seconds, threads, rss in (("Task903_LesionMR", 40.0, 1, 3 * 2**30),
+                                        ("Task904_BoneCT", 10.0, 4, 5 * 2**30)):
+        write_evaluated_run(results, registry, task, "base", "scratch", 0.6, prediction={
+            "device": "cpu", "cases": 6, "seconds": 6 * seconds, "seconds_per_case": seconds,
+            "peak_memory_bytes": None, "peak_rss_bytes": rss, "peak_rss_since": "prediction", "threads": threads})
+    write_evaluated_run(results, registry, "Task901_SeenCT", "nnunet", "scratch", 0.7, cost=gpu_cost(1.0))
+    table = cost_table(collect_results(Paths.from_env(), registry))
+    row = _cost_row(table, "base scratch")
+    assert row["GPU prediction s/case"] == 0.5 and row["CPU prediction s/case"] == 25.0
+    assert row["CPU threads"] == "1+4" and row["CPU peak RSS (GiB)"] == 5.0 and row["device"] == "-"
+    gpu_only = _cost_row(table, "nnunet scratch")
+    assert gpu_only["CPU threads"] == "-" and gpu_only["CPU peak RSS (GiB)"] is None and gpu_only["device"] == "cuda"
+
+
+@pytest.mark.parametrize("field, value", [("peak_rss_bytes", -1), ("threads", 0), ("threads", "all"),
+                                          ("seconds_per_case", float("inf")), ("device", "tpu")])
+def test_a_tampered_prediction_cost_leaves_the_run_out_naming_it(segbook_home: Path, tmp_path: Path, field: str,
+                                                                 value) -> None:
+    import json
+    import warnings
+
+    from store_helpers import write_evaluated_run
+    from results_helpers import write_registry
+
+    from segbook.paths import Paths
+    from segbook.registry import load_registry
+    from segbook.results import ResultsWarning, collect_results
+    from segbook.results.cost import cost_table
+
+    registry = load_registry([write_registry(tmp_path / "registry.yaml")])
+    results = Paths.from_env().results
+    write_evaluated_run(results, registry, "Task901_SeenCT", "base", "scratch", 0.7)
+    folder = write_evaluated_run(results, registry, "Task903_LesionMR", "base", "scratch", 0.6, prediction={
+        "device": "cpu", "seconds_per_case": 3.0, "peak_rss_bytes": 2**30, "threads": 2})
+    summary_file = folder / "evaluation" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    summary["cost"]["prediction"][field] = value
+    summary_file.write_text(json.dumps(summary))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResultsWarning)
+        df = collect_results(Paths.from_env(), registry)
+    assert any(f"cost.prediction.{field}" in str(w.message) and str(summary_file) in str(w.message) for w in caught)
+    row = _cost_row(cost_table(df), "base scratch")
+    assert row["runs"] == "0/1" and row["CPU threads"] == "-" and row["CPU prediction s/case"] is None
+    assert "invalid" in " ".join(cost_table(df).notes) or "failed segbook's checks" in " ".join(cost_table(df).notes)

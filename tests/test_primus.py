@@ -117,3 +117,96 @@ def test_an_nnssl_primus_file_fine_tunes_on_a_small_task_from_its_weights(tmp_pa
         if grid != (4, 4, 4):
             assert torch.allclose(after["eva.pos_embed"],
                                   interpolate_pos_embed(original["eva.pos_embed"], (4, 4, 4), grid))
+
+
+def test_a_recipes_drop_path_rate_reaches_primus_and_no_other_backbone():
+    """dna's stochastic depth rises linearly over the EVA blocks to the recipe's rate; it adds no parameters (the
+    same weights load with or without); a backbone whose builder takes none refuses it."""
+    from types import SimpleNamespace
+
+    from timm.layers import DropPath
+
+    from segbook.backbones import BackboneError
+    from segbook.backbones.models import build
+
+    tiny_primus()  # registers primus-tiny
+    configuration = SimpleNamespace(patch_size=(16, 16, 16))
+    dropping = build(backbones.get("primus-tiny"), configuration, 1, 2, drop_path_rate=0.2)
+    rates = [m.drop_prob for m in dropping.modules() if isinstance(m, DropPath)]
+    assert rates == [pytest.approx(0.2)] * 2  # block 1 of 2 (block 0: rate 0, no module), attention and MLP
+    plain = build(backbones.get("primus-tiny"), configuration, 1, 2)
+    assert not any(isinstance(m, DropPath) for m in plain.modules())
+    plain.load_state_dict(dropping.state_dict())
+    with pytest.raises(BackboneError, match=r"STU-Net tiny \(tiny\) takes no drop-path rate"):
+        build(backbones.get("tiny"), None, 1, 2, drop_path_rate=0.1)
+
+
+@pytest.mark.slow
+def test_primus_from_scratch_trains_with_the_recipes_clipping_and_drop_path(tmp_path, monkeypatch):
+    """`primus-scratch` in a real (tiny, CPU) run: every training step's clip_grad_norm_ clips at the recipe's 1 and
+    leaves a gradient norm of at most 1, the trainer's network drops paths at 0.2, and run.json records both."""
+    from helpers import planned_tiny_task, tiny_spec
+    from nnunetv2.run.run_training import get_trainer_from_args
+    from timm.layers import DropPath
+
+    from segbook.training.finetune import finetune
+    from segbook.training.manifest import RunManifest
+    from segbook.training.settings import TrainingSettings
+    from segbook.training.trainers import register_with_nnunet
+
+    calls = []
+    nnunets = torch.nn.utils.clip_grad_norm_
+
+    def recording(parameters, max_norm, *args, **kwargs):
+        parameters = [p for p in parameters if p.grad is not None]
+        total = nnunets(parameters, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in parameters]))
+        calls.append((max_norm, float(total), float(after)))
+        return total
+
+    tiny_primus()  # registers primus-tiny
+    with planned_tiny_task(tmp_path, tiny_spec(size=(32, 32, 24), cases=4), seed=3) as task:
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+        run = finetune(task.entry, "primus-tiny", pretrained=False, device="cpu",
+                       settings=TrainingSettings(epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1))
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nnunets)
+        assert [max_norm for max_norm, _, _ in calls] == [1.0, 1.0]
+        assert all(after <= 1.0 + 1e-5 and after == pytest.approx(min(total, 1.0), rel=1e-4)
+                   for _, total, after in calls)
+        recorded = RunManifest.load(run.folder).data["recipe"]
+        assert (recorded["grad_clip_norm"], recorded["drop_path_rate"]) == (1.0, 0.2)
+        register_with_nnunet()
+        task.patch.setenv("SEGBOOK_REGISTRY", str(task.registry_file))  # the trainer finds the run's task
+        trainer = get_trainer_from_args(task.entry.nnunet_name, "3d_fullres", "all", run.spec.trainer,
+                                        device=torch.device("cpu"))
+        trainer.initialize()
+        assert [m.drop_prob for m in trainer.network.modules() if isinstance(m, DropPath)] == [0.2, 0.2]
+
+
+@pytest.mark.slow
+def test_a_normalisation_mismatch_is_said_once_per_process_and_recorded_for_every_run(tmp_path, monkeypatch):
+    """Two fine-tunes of one z-score-pretrained nnssl file on one CT task in one process (two seeds): one warning
+    line, and each run's run.json records both normalisations."""
+    from helpers import planned_tiny_task, tiny_spec
+
+    from segbook.training import finetune as finetuning
+    from segbook.training.manifest import RunManifest
+    from segbook.training.settings import TrainingSettings
+
+    monkeypatch.setattr(finetuning, "_SAID_NORMALIZATION", set())  # what earlier tests of this process said
+    with planned_tiny_task(tmp_path, tiny_spec(size=(32, 32, 24), cases=4), seed=3) as task:
+        weights = write_nnssl_primus_checkpoint(tiny_primus((32, 32, 32), seed=5), tmp_path / "primus.pth",
+                                                (32, 32, 32))
+        said: list[str] = []
+        runs = [finetuning.finetune(task.entry, "primus-tiny", pretrained=True, seed=seed, weights=weights,
+                                    device="cpu", say=said.append,
+                                    settings=TrainingSettings(epochs=1, iterations_per_epoch=1,
+                                                              val_iterations_per_epoch=1)) for seed in (0, 1)]
+    warnings = [line for line in said if "was pretrained on ZScoreNormalization" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"segbook: warning: {task.entry.key} is normalised per "
+                                                         "its plans (CT CTNormalization)")
+    assert len({run.folder for run in runs}) == 2
+    for run in runs:
+        normalization = RunManifest.load(run.folder).data["normalization"]
+        assert normalization["pretraining"]["schemes"] == ["ZScoreNormalization"]
+        assert normalization["fine_tuning"]["schemes"] == ["CTNormalization"]

@@ -83,12 +83,70 @@ def test_the_built_in_recipes_load_and_name_their_source():
     ({"init": "scratch", "frozen": ["encoder"]}, "a scratch recipe trains every part"),
     ({"optimizer": {"lr": -1}}, "optimizer.lr.*greater than 0"),
     ({"lora": {"rank": 0, "alpha": 1}}, "lora.rank"),
+    ({"grad_clip_norm": -1}, "field 'grad_clip_norm'.*greater than 0"),
+    ({"grad_clip_norm": 0}, "field 'grad_clip_norm'.*greater than 0"),
+    ({"grad_clip_norm": "1"}, "field 'grad_clip_norm'.*valid number"),
+    ({"grad_clip_norm": [1]}, "field 'grad_clip_norm'.*valid number"),
+    ({"drop_path_rate": -0.1}, "field 'drop_path_rate'.*greater than or equal to 0"),
+    ({"drop_path_rate": 1}, "field 'drop_path_rate'.*less than 1"),
+    ({"drop_path_rate": "0.2"}, "field 'drop_path_rate'.*valid number"),
+    ({"drop_path_rate": True}, "field 'drop_path_rate'.*valid number"),
 ])
 def test_a_malformed_recipe_file_is_refused_naming_the_field(tmp_path, change, message):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({**PHASED, **change}))
     with pytest.raises(RecipeError, match=message):
         read_recipe_file(path)
+
+
+def test_clipping_and_drop_path_are_recipe_settings_of_the_runs_identity():
+    """The Primus recipes clip at 1 (and, from scratch, drop paths at 0.2), the others at nnU-Net's 12; a recipe with
+    a drop-path rate fits only a backbone that takes one; runs differing in either never share a fingerprint, and a
+    run recorded before the fields existed reads nnU-Net's values."""
+    from segbook import fingerprint
+    from segbook.recipes import NNUNET_GRAD_CLIP_NORM, RecipeError
+
+    recipes = load_recipes()
+    assert (recipes["primus"].grad_clip_norm, recipes["primus"].drop_path_rate) == (1.0, None)
+    assert (recipes["primus-scratch"].grad_clip_norm, recipes["primus-scratch"].drop_path_rate) == (1.0, 0.2)
+    assert recipes["segbook"].grad_clip_norm == NNUNET_GRAD_CLIP_NORM == 12
+    recipes["primus-scratch"].check_fits("primus-m", "scratch")
+    dropping = recipes["scratch"].model_copy(update={"drop_path_rate": 0.1})
+    with pytest.raises(RecipeError, match=r"drop_path_rate 0.1, and STU-Net tiny \(tiny\) takes no drop-path"):
+        dropping.check_fits("tiny", "scratch")
+
+    def digest(recipe) -> str:
+        return fingerprint.digest(fingerprint.training_values({"run": {"init": "scratch", "plans": "nnUNetPlans"},
+                                                               "recipe": recipe}))
+
+    scratch = recipes["scratch"].model_dump(mode="json")
+    older = {k: v for k, v in scratch.items() if k not in ("grad_clip_norm", "drop_path_rate")}
+    assert digest(older) == digest(scratch)
+    assert len({digest(scratch), digest({**scratch, "grad_clip_norm": 1.0}),
+                digest({**scratch, "drop_path_rate": 0.2})}) == 3
+
+
+def test_the_recipes_clip_norm_is_the_one_nnunets_step_clips_at():
+    """`OptimiserGroups.clipping` around a real backward pass: nnU-Net's call with its 12 clips at the recipe's norm
+    (the gradient's norm comes out at it), and at nnU-Net's own 12 the function is left alone."""
+    from segbook.training.trainer_parts.optimiser import OptimiserGroups
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8)
+
+    def nnunets_step() -> float:
+        layer.zero_grad()
+        (layer(torch.randn(4, 8)) * 100).sum().backward()
+        torch.nn.utils.clip_grad_norm_(layer.parameters(), 12)  # as nnUNetTrainer.train_step calls it
+        return float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in layer.parameters()])))
+
+    nnunets = torch.nn.utils.clip_grad_norm_
+    with OptimiserGroups(get_recipe("primus-scratch", "scratch"), 10).clipping():
+        assert nnunets_step() == pytest.approx(1.0, rel=1e-5)
+    assert torch.nn.utils.clip_grad_norm_ is nnunets
+    with OptimiserGroups(get_recipe("scratch", "scratch"), 10).clipping():
+        assert torch.nn.utils.clip_grad_norm_ is nnunets
+        assert nnunets_step() == pytest.approx(12.0, rel=1e-5)
 
 
 def test_a_repeated_key_or_a_clash_with_a_built_in_is_an_error(tmp_path):

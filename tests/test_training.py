@@ -23,6 +23,7 @@ from segbook.data.split import read_split
 from segbook.errors import SegbookError
 from segbook.evaluation.evaluate import EvaluationError, evaluate_run
 from segbook.evaluation.files import METRICS_VERSION, check_run
+from segbook.plan import load_plan
 from segbook.registry import load_registry
 from segbook.results import collect_results
 from segbook.runs import FolderParts, RunSpec
@@ -302,6 +303,8 @@ def test_a_run_started_by_nnunetv2_train_is_recorded_as_segbooks_and_evaluates(t
     assert manifest.status == "finished" and manifest.data["request"] == {"via": "nnU-Net"}
     assert manifest.data["run"] == identity_fields(spec)
     assert manifest.data["rng_seed"] == spec.identity.rng_seed and len(manifest.data["epochs"]) == 1
+    assert manifest.data["normalization"]["fine_tuning"]["plans"] == "nnUNetPlans"  # how it normalised
+    assert "pretraining" not in manifest.data["normalization"]  # a scratch run
 
     assert main(["evaluate", "--registry", str(task.registry_file), "--run", str(folder), "--device", "cpu"]) == 0
     summary = json.loads((folder / "evaluation" / "summary.json").read_text())
@@ -347,6 +350,32 @@ def test_a_run_recorded_without_a_stem_rule_records_the_rule_its_checkpoint_appl
     loaded = trainer.network.state_dict()["conv_blocks_context.0.0.conv1.weight"]
     assert torch.equal(loaded, official.repeat(1, 2, 1, 1, 1))
     assert trainer.settings.stem_tiling == "repeat" and RunManifest.load(folder).settings.stem_tiling == "repeat"
+    plan = load_plan(task.entry)  # what segbook planned, read apart from the trainer's plans manager
+    expected = {"schemes": plan.normalization, "spacing_mm": plan.spacing, "plans": "nnUNetPlans"}
+    # the STU-Net file says nothing of its pretraining (tiny has no catalogue entry): recorded as not said
+    assert RunManifest.load(folder).data["normalization"] == {"fine_tuning": expected, "pretraining": None}
+
+
+def test_a_scratch_run_nnunets_tools_start_records_the_normalisation_it_trains_with(task, monkeypatch):
+    """A run started by nnU-Net's tools (no run.json): the trainer's record says how the run normalises, from the
+    plans it trains on, with no pretraining to say anything of."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    from segbook.paths import Paths
+
+    Paths.from_env().export()
+    register_with_nnunet()
+    monkeypatch.setenv("SEGBOOK_REGISTRY", str(task.registry_file))  # the trainer finds the run's task
+    spec = RunSpec.of(task.entry, "tiny", False, 4)  # a fold of its own: no other test writes its folder
+    trainer = get_trainer_from_args(str(task.entry.dataset_id), "3d_fullres", 4, spec.trainer,
+                                    device=torch.device("cpu"))
+    trainer.initialize()
+    plan = load_plan(task.entry)
+    record = RunManifest.load(spec.folder(Paths.from_env().results))
+    assert record.data["request"] == {"via": "nnU-Net"}
+    assert record.data["normalization"] == {"fine_tuning": {"schemes": plan.normalization, "spacing_mm": plan.spacing,
+                                                            "plans": "nnUNetPlans"}}
+    assert plan.normalization == ["ZScoreNormalization"] * 2  # an MRI task of two channels
 
 
 @pytest.mark.slow
@@ -394,10 +423,13 @@ def test_killed_run_continues_from_its_checkpoint(task):
     (["ZScoreNormalization"], {"schemes": ["ZScoreNormalization"], "checkpoint": "ssl.pth"}, None),
     (["CTNormalization"], None, None),  # nothing known of the pretraining: nothing to compare
 ])
-def test_a_task_normalised_otherwise_than_the_pretraining_is_warned_about(task_schemes, pretraining, warned):
-    from segbook.training.finetune import _warn_normalization
+def test_a_task_normalised_otherwise_than_the_pretraining_is_warned_about(task_schemes, pretraining, warned,
+                                                                          monkeypatch):
+    from segbook.training import finetune
 
+    monkeypatch.setattr(finetune, "_SAID_NORMALIZATION", set())
     said = []
-    _warn_normalization({"fine_tuning": {"schemes": task_schemes}, "pretraining": pretraining},
-                        SimpleNamespace(key="T", channels=["CT"]), said.append)
-    assert said == ([warned] if warned else [])
+    for checkpoint in ("sha-a", "sha-a", "sha-b"):  # said once per checkpoint and dataset
+        finetune._warn_normalization({"fine_tuning": {"schemes": task_schemes}, "pretraining": pretraining},
+                                     SimpleNamespace(key="T", channels=["CT"]), said.append, checkpoint)
+    assert said == ([warned] * 2 if warned else [])

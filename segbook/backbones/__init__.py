@@ -45,7 +45,7 @@ ENCODER, DECODER, HEADS = "encoder", "decoder", "heads"
 #: self-supervised pretraining framework's checkpoint (the OpenMind ResEnc-L release).
 FORMAT_READERS: dict[str, str] = {
     "stunet": "stunet.loading:read_state_dict",  # nnU-Net v1 `.model`, nnU-Net v2 `.pth` or a plain state_dict
-    "nnunet": "stunet.loading:read_state_dict",  # an nnU-Net v2 training checkpoint (`network_weights`)
+    "nnunet": "segbook.backbones.models:read_nnunet_checkpoint",  # an nnU-Net v2 training checkpoint
     "state_dict": "stunet.loading:read_state_dict",  # torch.save(network.state_dict(), path), or the above
     "nnssl": "segbook.backbones.nnssl:read_nnssl_checkpoint",
 }
@@ -74,6 +74,31 @@ FORMAT_STEM_TILINGS: dict[str, str] = {
     "state_dict": "repeat",
     "nnssl": "mean",
 }
+#: The backbone whose checkpoint `segbook plan --weights FILE` reads unless `--model` names another (for `--plans
+#: checkpoint` and `--normalization checkpoint`): nnU-Net's ResEnc-L, the network of OpenMind's nnssl release
+#: (docs/backbones-nnssl.md), the checkpoint those options were built for. A test keeps it a backbone reading nnssl.
+CHECKPOINT_PLANS_MODEL = "resenc-l"
+#: The normalisation schemes nnU-Net knows (2.8.1 `preprocessing/normalization/default_normalization_schemes.py`),
+#: whose names nnssl's plans use too: a pretraining normalisation named otherwise is not recorded.
+NORMALIZATION_SCHEMES = ("ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization",
+                         "RGBTo01Normalization")
+def normalization_problem(schemes: object, masks: object) -> str | None:
+    """What is wrong with a checkpoint's record of its normalisation (nnssl's plan, an nnU-Net checkpoint's
+    `init_args`), or None: a list of nnU-Net's scheme names, and mask flags one boolean per scheme (or none). Files
+    saved before nnssl converted numpy values hold numpy booleans: they count as booleans."""
+    import numpy as np
+
+    if not isinstance(schemes, (list, tuple)) or not schemes or not all(isinstance(v, str) for v in schemes):
+        return f"'normalization_schemes' is {schemes!r}, not a list of scheme names"
+    unknown = [v for v in schemes if v not in NORMALIZATION_SCHEMES]
+    if unknown:
+        return f"unknown scheme(s) {', '.join(map(repr, unknown))} (nnU-Net knows {', '.join(NORMALIZATION_SCHEMES)})"
+    if masks is not None and not (isinstance(masks, (list, tuple)) and len(masks) == len(schemes)
+                                  and all(isinstance(v, (bool, np.bool_)) for v in masks)):
+        return f"'use_mask_for_norm' is {masks!r}, not one boolean per scheme"
+    return None
+
+
 #: The SegBook study's recipes: the paper's fine-tuning, and nnU-Net's schedule from scratch. What a backbone trains
 #: when a run names no recipe unless it declares its own (`Backbone.default_recipes`; every built-in one takes
 #: these); the recipes table compares other recipes with the study's.
@@ -210,6 +235,9 @@ class Backbone:
     colour: str = ""
     #: Part of the SegBook study, the matrix `segbook batch` runs unless given --models.
     study: bool = False
+    #: Whether `build` takes a keyword `drop_path_rate=` (stochastic depth), which a recipe's `drop_path_rate` then
+    #: sets; a recipe setting it for a backbone without is refused (`Recipe.check_fits`).
+    drop_path: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label", self.label or self.title)
@@ -313,7 +341,7 @@ def primus_backbone(name: str, embed_dim: int, depth: int, heads: int, **fields:
         build="segbook.backbones.models:build_primus", deep_supervision=False,
         default_recipes=(("pretrained", "primus"), ("scratch", "primus-scratch")), parts=_PRIMUS_PARTS,
         first_conv=("down_projection.proj.weight",), classifier="up_projection.decode.2",
-        checkpoint_formats=("nnssl",), cost_network="segbook.backbones.models:primus_cost_network",
+        checkpoint_formats=("nnssl",), cost_network="segbook.backbones.models:primus_cost_network", drop_path=True,
         description=f"Primus (EVA transformer, embed {embed_dim}, depth {depth}, {heads} heads, 8^3 patch "
                     "embedding): a fixed input, the Primus planner's patch (SegbookPrimusPlans)")
     return Backbone(**{**defaults, **fields})

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from segbook.backbones import (FORMAT_ADAPTERS, FORMAT_READERS, FORMAT_STEM_TILINGS, PRIMUS_SIZES, Backbone,
-                               BackboneError, get, resolve)
+                               BackboneError, get, normalization_problem, resolve)
 from stunet.checkpoints import PRETRAINING_STRIDES
 from stunet.flops import count_forward_macs, count_parameters
 from stunet.loading import DESCRIBERS, CheckpointError, Conventions, LoadReport, adapt_state_dict
@@ -73,17 +73,20 @@ PRIMUS_REFERENCE_PATCH = (160, 160, 160)
 
 
 def build_primus(model: str, configuration: Any, input_channels: int, num_classes: int,
-                 deep_supervision: bool) -> nn.Module:
+                 deep_supervision: bool, drop_path_rate: float = 0.0) -> nn.Module:
     """dna's `Primus` for its fixed input, the plans' patch (the pretraining's 160^3 without plans). No deep
     supervision: Primus has one output."""
     patch = PRIMUS_REFERENCE_PATCH if configuration is None else tuple(configuration.patch_size)
-    return primus_network(model, patch, input_channels, num_classes)
+    return primus_network(model, patch, input_channels, num_classes, drop_path_rate)
 
 
-def primus_network(model: str, patch: Sequence[int], input_channels: int, num_classes: int) -> nn.Module:
+def primus_network(model: str, patch: Sequence[int], input_channels: int, num_classes: int,
+                   drop_path_rate: float = 0.0) -> nn.Module:
     """Primus of `model`'s size with OpenMind's `init_values=0.1` and `scale_attn_inner=True` (dna `PrimusS/B/M/L`,
     primus.py L441-578; nnssl BaseEvaMAETrainer L57-58: its checkpoints hold the `gamma_*` and `attn.norm` these
-    add). `input_shape` is recorded on the network: positional-embedding interpolation needs its token grid."""
+    add). `input_shape` is recorded on the network: positional-embedding interpolation needs its token grid.
+    `drop_path_rate`: dna's stochastic depth, rising linearly over the EVA blocks to it (eva.py L107, L122); it adds
+    no parameters, so a network built with any rate loads the same weights."""
     from dynamic_network_architectures.architectures.primus import Primus
 
     patch = tuple(int(p) for p in patch)
@@ -93,7 +96,7 @@ def primus_network(model: str, patch: Sequence[int], input_channels: int, num_cl
                             "planner (its own plans, SegbookPrimusPlans)")
     embed_dim, depth, heads = PRIMUS_SIZES[model]
     network = Primus(input_channels, embed_dim, PRIMUS_PATCH_EMBED, num_classes, depth, heads, input_shape=patch,
-                     init_values=0.1, scale_attn_inner=True)
+                     init_values=0.1, scale_attn_inner=True, drop_path_rate=drop_path_rate)
     network.input_shape = patch
     return network
 
@@ -154,12 +157,19 @@ def cost_network(backbone: Backbone, patch: Sequence[int], strides: Sequence[Seq
 
 
 def build(backbone: Backbone, configuration: Any, input_channels: int, num_classes: int,
-          deep_supervision: bool = True) -> nn.Module:
+          deep_supervision: bool = True, drop_path_rate: float | None = None) -> nn.Module:
     """The backbone's network for a task's plans (`configuration`, nnU-Net's ConfigurationManager) or, None, for its
-    reference architecture. Backbones without a builder are nnU-Net's own network of the plans."""
+    reference architecture. Backbones without a builder are nnU-Net's own network of the plans. `drop_path_rate`
+    (a recipe's; None: the backbone's own) goes to builders that take one (`Backbone.drop_path`), and is refused for
+    the others."""
+    extra = {}
+    if drop_path_rate is not None:
+        if not backbone.drop_path:
+            raise BackboneError(f"{backbone.label} ({backbone.name}) takes no drop-path rate")
+        extra["drop_path_rate"] = drop_path_rate
     if backbone.build is not None:
         return resolve(backbone.build)(backbone.name, configuration, input_channels, num_classes,
-                                       deep_supervision and backbone.deep_supervision)
+                                       deep_supervision and backbone.deep_supervision, **extra)
     if configuration is None:
         raise BackboneError(f"{backbone.label} is the network of a task's nnU-Net plans: build it from them")
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -198,6 +208,82 @@ def read_checkpoint(backbone: Backbone, path: str | os.PathLike) -> tuple[str, A
 #: `nonCT`, which nnU-Net v1 normalises per image with z-score and no mask (uni-medical/STU-Net
 #: `nnUNet-1.7.1/nnunet/preprocessing/preprocessing.py` L273-310).
 CATALOGUE_SCHEMES = {"per-image z-score": "ZScoreNormalization"}
+
+
+class NnunetCheckpoint(dict):
+    """An nnU-Net v2 training checkpoint as read: its network weights (a state dict, as the other formats' readers
+    give) and how the run that wrote it normalised its images, as its `init_args` say (nnU-Net 2.8.1 saves the
+    trainer's constructor arguments, plans and configuration included: nnUNetTrainer.py L115-117, L1212). `warnings`:
+    what of that record was malformed and ignored (loading needs none of it)."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], normalization: dict[str, Any] | None,
+                 warnings: tuple[str, ...] = ()):
+        super().__init__(weights)
+        self.normalization = normalization
+        self.warnings = warnings
+
+    def pretraining_normalization(self) -> dict[str, Any] | None:
+        return self.normalization
+
+
+def read_nnunet_checkpoint(path: str | os.PathLike) -> NnunetCheckpoint:
+    """The weights of an nnU-Net v2 checkpoint (or any file `stunet.read_state_dict` reads), read safely, with its
+    training normalisation where its `init_args` record one: `plans.configurations[configuration]`
+    (`inherits_from` followed, as nnU-Net's PlansManager does) `.normalization_schemes` and `.use_mask_for_norm`,
+    with its `spacing`; `source: init_args`. A file without `init_args.plans` (a state dict, a v1 file) says
+    nothing; a malformed record is ignored with a warning, as nnssl's plan is (`segbook.backbones.nnssl`)."""
+    from stunet.loading import safe_load, state_dict_of
+
+    content = safe_load(path)
+    weights = state_dict_of(content, path)
+    init_args = content.get("init_args") if isinstance(content, Mapping) else None
+    if not isinstance(init_args, Mapping) or "plans" not in init_args:
+        return NnunetCheckpoint(weights, None)
+    try:
+        normalization = _init_args_normalization(init_args, path)
+    except ValueError as problem:
+        return NnunetCheckpoint(weights, None, (f"{path}: its training normalisation is not recorded: {problem}",))
+    return NnunetCheckpoint(weights, normalization)
+
+
+def _init_args_normalization(init_args: Mapping, path: str | os.PathLike) -> dict[str, Any]:
+    """The normalisation record of an nnU-Net checkpoint's `init_args`; ValueError saying what is malformed."""
+    name = init_args.get("configuration")
+    plans = init_args.get("plans")
+    configurations = plans.get("configurations") if isinstance(plans, Mapping) else None
+    if not isinstance(name, str):
+        raise ValueError(f"init_args names configuration {name!r}, not a configuration's name")
+    if not isinstance(configurations, Mapping):
+        raise ValueError("the plans in init_args hold no 'configurations' mapping")
+    configuration = _resolved_configuration(configurations, name)
+    schemes, masks = configuration.get("normalization_schemes"), configuration.get("use_mask_for_norm")
+    problem = normalization_problem(schemes, masks)
+    if problem:
+        raise ValueError(f"configuration {name!r}: {problem}")
+    spacing = configuration.get("spacing")
+    numbers = isinstance(spacing, (list, tuple)) and len(spacing) == 3 and \
+        all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in spacing)
+    return {"schemes": [str(v) for v in schemes],
+            "use_mask_for_norm": None if masks is None else [bool(v) for v in masks],
+            "spacing_mm": [float(v) for v in spacing] if numbers else None, "source": "init_args",
+            "configuration": name, "checkpoint": os.path.basename(os.fspath(path))}
+
+
+def _resolved_configuration(configurations: Mapping, name: str) -> Mapping:
+    """A configuration with what it inherits beneath it (`inherits_from`, as nnU-Net 2.8.1 resolves it,
+    plans_handler.py L231-254); ValueError for a missing one or a cycle."""
+    chain: list[Mapping] = []
+    while name is not None:
+        configuration = configurations.get(name)
+        if not isinstance(configuration, Mapping) or any(configuration is seen for seen in chain):
+            raise ValueError(f"its plans hold no configuration {name!r}" if not isinstance(configuration, Mapping)
+                             else f"the inheritance of configuration {name!r} is circular")
+        chain.append(configuration)
+        name = configuration.get("inherits_from")
+    resolved: dict[str, Any] = {}
+    for configuration in reversed(chain):
+        resolved.update(configuration)
+    return resolved
 
 
 @dataclass(frozen=True)

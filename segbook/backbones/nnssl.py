@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from segbook.backbones import normalization_problem
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -58,10 +60,6 @@ PRIMUS_PATCH_EMBED = 8
 CHECKPOINT_PLANS_HINT = ("To fine-tune on the checkpoint's own network, plan the task around it: `--plans checkpoint` "
                          "(docs/backbones-nnssl.md)")
 
-#: The normalisation schemes nnU-Net knows (2.8.1 `preprocessing/normalization/default_normalization_schemes.py`),
-#: whose names nnssl's plans use too: a pretraining normalisation named otherwise is not recorded.
-NORMALIZATION_SCHEMES = ("ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization",
-                         "RGBTo01Normalization")
 _SHOWN = 5
 
 
@@ -224,28 +222,12 @@ def _read_normalization(configuration: Mapping, metadata: dict[str, Any], path: 
     schemes, masks = configuration.get("normalization_schemes"), configuration.get("use_mask_for_norm")
     if schemes is None:
         return ()
-    problem = _normalization_problem(schemes, masks)
+    problem = normalization_problem(schemes, masks)
     if problem:
         return (f"{path}: its pretraining normalisation is not recorded: {problem}",)
     metadata["normalization"] = [str(v) for v in schemes]
     metadata["use_mask_for_norm"] = None if masks is None else [bool(v) for v in masks]
     return ()
-
-
-def _normalization_problem(schemes: object, masks: object) -> str | None:
-    """What is wrong with a plan's normalisation record, or None. Files saved before nnssl converted numpy values
-    hold numpy booleans: they count as booleans."""
-    import numpy as np
-
-    if not isinstance(schemes, (list, tuple)) or not schemes or not all(isinstance(v, str) for v in schemes):
-        return f"'normalization_schemes' is {schemes!r}, not a list of scheme names"
-    unknown = [v for v in schemes if v not in NORMALIZATION_SCHEMES]
-    if unknown:
-        return f"unknown scheme(s) {', '.join(map(repr, unknown))} (nnU-Net knows {', '.join(NORMALIZATION_SCHEMES)})"
-    if masks is not None and not (isinstance(masks, (list, tuple)) and len(masks) == len(schemes)
-                                  and all(isinstance(v, (bool, np.bool_)) for v in masks)):
-        return f"'use_mask_for_norm' is {masks!r}, not one boolean per scheme"
-    return None
 
 
 def _check_input_channels(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], path: str) -> None:

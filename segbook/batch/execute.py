@@ -152,7 +152,7 @@ class ExecutionOptions:
     pretrained_settings: TrainingSettings | None = None
     weights: dict[str, str] = field(default_factory=dict)  # `segbook.runs.parse_weights`: {model or "*": file}
     plans: str = "default"  # or "checkpoint": every job planned around its model's file of `weights`
-    normalization: str = "task"  # or "checkpoint": pretrained jobs preprocessed as their model's file was pretrained
+    normalization: str = "task"  # or "checkpoint": jobs preprocessed as their model's file was pretrained
     device: str = "cuda"
     num_gpus: int = 1
     compile: bool | None = None
@@ -214,9 +214,9 @@ class ExecutionOptions:
         return weights_given(self.pretrained_weights, job.spec.model) if job.spec.init == "pretrained" else None
 
     def file_for(self, job: Job) -> str | None:
-        """What `finetune` gets as --weights: the file a pretrained job starts from, or on checkpoint plans the
-        file that plans a scratch job too (which loads nothing from it)."""
-        if job.spec.init == "pretrained" or self.plans != "default":
+        """What `finetune` gets as --weights: the file a pretrained job starts from, or on checkpoint plans or
+        normalisation the file that plans or normalises a scratch job too (which loads nothing from it)."""
+        if job.spec.init == "pretrained" or (self.plans, self.normalization) != ("default", "task"):
             return weights_given(self.pretrained_weights, job.spec.model)
         return None
 

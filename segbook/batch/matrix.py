@@ -128,10 +128,10 @@ def on_plans(jobs: Sequence[Job], plans: str = "default", weights: Mapping[str, 
     plans "checkpoint" (`segbook.checkpoint_plans`) plans every job of a model, pretrained and scratch alike, around
     that model's nnssl file of `weights` (`segbook.runs.parse_weights`; its planner registered for this process), so
     both share one plans identifier; normalization "checkpoint" (`segbook.checkpoint_normalization`) preprocesses a
-    model's jobs as its file was pretrained. The identifier is derived as `finetune` derives it (`run_planner`), so
-    the jobs name the runs they train. A model with no file, a file that cannot be planned around or records no
-    pretraining normalisation, or a scratch job under checkpoint normalisation is a MatrixError naming it, before
-    anything is written."""
+    model's jobs, pretrained and scratch alike, as its file was pretrained (the scratch job loads nothing from it:
+    its Delta(PT) partner sees the same preprocessing). The identifier is derived as `finetune` derives it
+    (`run_planner`), so the jobs name the runs they train. A model with no file, or a file that cannot be planned
+    around or records no pretraining normalisation, is a MatrixError naming it, before anything is written."""
     from dataclasses import replace
 
     from segbook.checkpoint_normalization import NORMALIZATIONS
@@ -143,20 +143,21 @@ def on_plans(jobs: Sequence[Job], plans: str = "default", weights: Mapping[str, 
         raise MatrixError(f"unknown --normalization {normalization}; choose {' or '.join(NORMALIZATIONS)}")
     if (plans, normalization) == ("default", "task"):
         return list(jobs)
-    _refuse_scratch_normalised(jobs, normalization)
-    identifiers = {model: _identifier(model, plans, normalization, weights)
-                   for model in dict.fromkeys(job.spec.model for job in jobs)}
+    identifiers = plans_of_models([job.spec.model for job in jobs], plans, weights, normalization)
     return [Job(replace(job.spec, plans=identifiers[job.spec.model]), job.entry) for job in jobs]
 
 
-def _refuse_scratch_normalised(jobs: Sequence[Job], normalization: str) -> None:
-    """Checkpoint normalisation is the normalisation of what a job fine-tunes: a scratch job has none to follow
-    (`finetune` refuses it too), and its task-normalised run would not pair with the pretrained one."""
-    scratch = [job.id for job in jobs if job.spec.init != "pretrained"]
-    if normalization != "task" and scratch:
-        raise MatrixError(f"--normalization {normalization} normalises as the checkpoint a job fine-tunes was "
-                          f"pretrained, and scratch jobs fine-tune none ({scratch[0]}, ...): select --init "
-                          "pretrained")
+def plans_of_models(models: Iterable[str], plans: str = "default", weights: Mapping[str, str] | None = None,
+                    normalization: str = "task") -> dict[str, str]:
+    """Each model's plans identifier on `plans` and `normalization` (its backbone's own on the defaults), with the
+    planner that writes it registered in this process. The checkpoint planners (`segbook.checkpoint_plans`,
+    `segbook.checkpoint_normalization`) live in the process that read the file: a process that prepares or trains
+    a batch's jobs (a worker, a SLURM task) calls this (through `on_plans`, or directly) with the batch's recorded
+    options, so it reads the files itself. MatrixError as `on_plans` says."""
+    models = list(dict.fromkeys(models))
+    if (plans, normalization) == ("default", "task"):
+        return {model: backbones.get(model).plans for model in models}
+    return {model: _identifier(model, plans, normalization, weights) for model in models}
 
 
 def _identifier(model: str, plans: str, normalization: str, weights: Mapping[str, str] | None) -> str:

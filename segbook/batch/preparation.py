@@ -84,6 +84,12 @@ def planners_of(jobs: Iterable[Job]) -> tuple[str, ...]:
     return tuple(sorted(found, key=lambda planner: (planner != "default", planner)))
 
 
+def models_of(jobs: Iterable[Job]) -> tuple[str, ...]:
+    """The jobs' models, each once: what a preparation elsewhere registers the checkpoint planners of again
+    (`segbook.batch.slurm.PrepareTask`)."""
+    return tuple(dict.fromkeys(job.spec.model for job in jobs))
+
+
 def _planner_of(job: Job) -> str:
     """The job's planner: its backbone's own, or the checkpoint planner registered for its plans identifier
     (`segbook.batch.matrix.on_plans`, `--plans checkpoint`)."""
@@ -96,8 +102,8 @@ def _planner_of(job: Job) -> str:
 def unprepared(entry: "DatasetEntry", paths: Paths, folds: Iterable[str],
                planners: Sequence[str] = DEFAULT_PLANNERS) -> str | None:
     """Why the task is not ready for training jobs of `folds` on `planners`' plans (None when it is): not planned,
-    planned from raw data that changed since, or no cross-validation splits for folds 0-4. The message names the
-    command."""
+    planned from raw data that changed since, or no cross-validation splits for folds 0-4 (a task with fewer
+    cases than folds never has them). The message names the command."""
     from segbook.plan import plan_states
 
     states = plan_states(entry, paths)
@@ -108,10 +114,11 @@ def unprepared(entry: "DatasetEntry", paths: Paths, folds: Iterable[str],
             which = "" if planner == "default" else f" with the {planner} planner"
             return f"{entry.key} is not prepared ({why}{which}); run {prepare_command(entry)}"
     if any(fold != "all" for fold in folds):
-        from segbook.training.trainer_parts.data import SPLITS
+        from segbook.training.trainer_parts.data import CROSSVAL_FOLDS, SPLITS
 
         if not (preprocessed_folder(entry, paths) / SPLITS).is_file():
-            return f"{entry.key} has no cross-validation splits ({SPLITS}); run {prepare_command(entry)}"
+            return (f"{entry.key} has no cross-validation splits ({SPLITS}); run {prepare_command(entry)} (a task "
+                    f"with fewer than {CROSSVAL_FOLDS} training cases has none: train fold all)")
     return None
 
 
@@ -167,21 +174,31 @@ def prepare_task(entry: "DatasetEntry", paths: Paths | None = None, *, body: Job
         return outcome
 
 
+def preparation_refused(entry: "DatasetEntry", paths: Paths, why: str) -> Prepared:
+    """Record that the task could not be prepared here, for `why` (planned nothing); its jobs are blocked with it."""
+    outcome = Prepared(entry.key, "failed", why)
+    _record(paths, outcome)
+    return outcome
+
+
 def plan_and_split(entry: "DatasetEntry", paths: Paths, processes: int | None, planners: Sequence[str],
                    say: Callable[[str], None]) -> str:
     """The real preparation of a task: its plans with each planner, then nnU-Net's cross-validation splits."""
     from segbook.plan import plan_task
-    from segbook.training.trainer_parts.data import write_crossval_splits
+    from segbook.training.trainer_parts.data import TooFewCasesForFolds, write_crossval_splits
 
-    done, wrote = [], False
+    done, wrote, no_splits = [], False, ""
     for planner in planners:
         plan = plan_task(entry, paths, num_processes=processes, planner=planner, wait=True,
                          log=lambda line: say(f"  {line}"))
-        wrote = write_crossval_splits(preprocessed_folder(entry, paths), plan.data_folder) or wrote
+        try:
+            wrote = write_crossval_splits(preprocessed_folder(entry, paths), plan.data_folder) or wrote
+        except TooFewCasesForFolds as few:
+            no_splits = f"; no cross-validation splits ({few})"
         which = "" if planner == "default" else f" ({planner})"
         done.append(f"plans up to date{which}" if plan.skipped else
                     f"planned and preprocessed{which} in {plan.seconds:.0f} s")
-    return "; ".join(done) + ("; cross-validation splits written" if wrote else "")
+    return "; ".join(done) + ("; cross-validation splits written" if wrote else "") + no_splits
 
 
 def _record(paths: Paths, outcome: Prepared) -> None:

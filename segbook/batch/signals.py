@@ -38,6 +38,22 @@ def raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(f"stopped by {signal.Signals(signum).name}")
 
 
+def forks_die_on_sigterm() -> None:
+    """From now on a process forked from this one takes SIGTERM's default action (it dies) instead of inheriting
+    `raise_terminated`. nnU-Net's planning forks pools (`create_lists_from_splitted_dataset_folder`'s `Pool`) whose
+    `with` block ends by sending each worker SIGTERM: with the handler inherited, a worker turns it into
+    `Terminated`, runs Python's exit code in its forked state, and can block there on a lock for good while the
+    pool's owner waits for it (a SLURM preparation task hung so, a forked worker asleep on a futex). Forks only:
+    a spawned process starts with the default handlers anyway."""
+    global _forks_die
+    if not _forks_die and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+        _forks_die = True
+
+
+_forks_die = False
+
+
 def act_on(signum: int, handler: Callable[[int, Any], Any] | int | None) -> None:
     """Do what `handler`, installed for `signum`, would have done had the signal reached it directly: call it, or
     stop the way the default action would (for SIGTERM and USR2 the process would have died)."""

@@ -70,9 +70,10 @@ from segbook.batch.estimate import Estimate, estimate_jobs
 from segbook.batch.execute import ExecutionOptions, JobFailed, NotPrepared, record_given_up
 from segbook.batch.forecast import budget
 from segbook.batch.jobs import Job
-from segbook.batch.matrix import JobStatus, summary_line, survey
-from segbook.batch.preparation import DEFAULT_PLANNERS, planners_of, prepare_task, tasks_to_prepare
-from segbook.batch.signals import raise_terminated
+from segbook.batch.matrix import JobStatus, plans_of_models, summary_line, survey
+from segbook.batch.preparation import (DEFAULT_PLANNERS, models_of, planners_of, prepare_task, preparation_refused,
+                                      tasks_to_prepare)
+from segbook.batch.signals import forks_die_on_sigterm, raise_terminated
 from segbook.batch.submissions import (PREPARE_RECORD, SubmittedTask, new_submission_id, submissions_folder,
                                       write_submission)
 from segbook.batch.weights import check_weights
@@ -81,6 +82,7 @@ from segbook.errors import SegbookError
 from segbook.options import Bound, check_all
 from segbook.paths import Paths
 from segbook.registry import load_registry
+from segbook.runs import weights_given
 from segbook.squeue import LIVE_STATES, array_of, squeue_states
 
 if TYPE_CHECKING:
@@ -243,22 +245,50 @@ class BatchTask(submitit.helpers.Checkpointable):
 
 class PrepareTask(submitit.helpers.Checkpointable):
     """A CPU array task: prepare one task (`segbook.batch.preparation`). It ends COMPLETED even when the
-    preparation failed: the failure is recorded and blocks that task's jobs, whose GPU tasks stop at once."""
+    preparation failed: the failure is recorded and blocks that task's jobs, whose GPU tasks stop at once.
 
-    def __init__(self, options: ExecutionOptions, paths: Paths, planners: Sequence[str] = DEFAULT_PLANNERS):
+    `planners` are named as the submitting process registered them; the checkpoint planners among them
+    (`--plans checkpoint`, `--normalization checkpoint`) exist only in a process that read the checkpoint, so the
+    task registers them again from its options and the jobs' `models` (`registered_planners`), reading the files
+    itself."""
+
+    def __init__(self, options: ExecutionOptions, paths: Paths, planners: Sequence[str] = DEFAULT_PLANNERS,
+                 models: Sequence[str] = ()):
         self.options = options
         self.paths = paths
         self.planners = tuple(planners)
+        self.models = tuple(models)
 
     def __call__(self, task: str) -> dict[str, Any]:
         _terminate_unless_requeued()
         entry = load_registry(self.options.registry_files).get(task)
         processes = self.options.processes or len(os.sched_getaffinity(0))
         try:
+            problem = registered_planners(self.planners, self.models, self.options)
+            if problem is not None:
+                return asdict(preparation_refused(entry, self.paths, problem))
             return asdict(prepare_task(entry, self.paths, processes=processes, body=self.options.body,
                                        planners=self.planners))
         except KeyboardInterrupt as stop:
             raise SystemExit(stopped(f"preparation of {task}", stop)) from None
+
+
+def registered_planners(planners: Sequence[str], models: Sequence[str], options: ExecutionOptions) -> str | None:
+    """Register in this process the planners of `models`' jobs on the options' plans and normalisation
+    (`segbook.batch.matrix.plans_of_models`, the files read here); why one of `planners` cannot be (None when all
+    are): a file gone or no longer planned as when the jobs were submitted (another file at its path)."""
+    from segbook.backbones import PLANNERS
+
+    try:
+        plans_of_models(models, options.plans, options.pretrained_weights, options.normalization)
+    except SegbookError as error:
+        return f"the jobs' checkpoint planners cannot be made again here: {error}"
+    missing = [planner for planner in planners if planner not in PLANNERS]
+    if missing:
+        files = ", ".join(f"{model}={weights_given(options.pretrained_weights, model)}" for model in models)
+        return (f"planner(s) {', '.join(missing)} of the submitted jobs are not those of their checkpoints now "
+                f"({files}): a file changed since submission; submit the jobs again")
+    return None
 
 
 def _terminate_unless_requeued() -> None:
@@ -281,6 +311,7 @@ def _terminate_unless_requeued() -> None:
     if callable(requeue):
         signal.signal(signal.SIGUSR2, on_warning)
     signal.signal(signal.SIGTERM, on_term)
+    forks_die_on_sigterm()  # nnU-Net's pools stop their forked workers with SIGTERM: those must not raise
 
 
 def _fit_processes_to_allocation(options: ExecutionOptions) -> None:
@@ -433,7 +464,7 @@ def submit_slurm(jobs: Iterable[Job], options: ExecutionOptions, slurm: SlurmOpt
             return []
         paths.export()
         tasks = _submit(plan, options, slurm, paths, submission, parameters, prepare_parameters, planners_of(todo),
-                        say)
+                        models_of(todo), say)
     if plan.held_back:
         say(f"{len(plan.held_back)} job(s) not submitted: at most {room} may go out now (--max-submitted, or the "
             "room the controller's MaxJobCount leaves); submit again as jobs end")
@@ -479,7 +510,7 @@ def _controller_room(limits: ClusterLimits) -> int:
 
 def _submit(plan: SubmissionPlan, options: ExecutionOptions, slurm: SlurmOptions, paths: Paths, submission: str,
             parameters: dict[str, Any], prepare_parameters: dict[str, Any], planners: Sequence[str],
-            say: Callable[[str], None]) -> list[SubmittedTask]:
+            models: Sequence[str], say: Callable[[str], None]) -> list[SubmittedTask]:
     """The preparation array, then the GPU arrays waiting for it (and for preparations still queued from earlier
     submissions); on a refusal, cancel what this call sent and say why."""
     submitted: list[str] = []
@@ -489,7 +520,7 @@ def _submit(plan: SubmissionPlan, options: ExecutionOptions, slurm: SlurmOptions
         prepare_array = None
         if plan.prepare:
             prepare_array = _submit_preparation(plan.prepare, options, slurm.prepare, paths, submission,
-                                                prepare_parameters, folders, planners)
+                                                prepare_parameters, folders, planners, models)
             submitted.append(prepare_array)
             say(f"submitted the preparation of {len(plan.prepare)} task(s) as SLURM array {prepare_array}")
         dependency = plan.dependency(prepare_array)
@@ -511,11 +542,12 @@ def _submit(plan: SubmissionPlan, options: ExecutionOptions, slurm: SlurmOptions
 
 def _submit_preparation(entries: Sequence["DatasetEntry"], options: ExecutionOptions, prepare: PrepareSlurmOptions,
                         paths: Paths, submission: str, parameters: dict[str, Any], folders: list[Path],
-                        planners: Sequence[str]) -> str:
+                        planners: Sequence[str], models: Sequence[str]) -> str:
     """The CPU array preparing `entries`, recorded in its `prepare.json`; its SLURM array id."""
     folder = submissions_folder(paths) / f"{submission}.prepare"
     folders.append(folder)
-    sent = _map_array(folder, 0, parameters, PrepareTask(options, paths, planners), [entry.key for entry in entries],
+    sent = _map_array(folder, 0, parameters, PrepareTask(options, paths, planners, models),
+                      [entry.key for entry in entries],
                       f"the preparation array ({len(entries)} tasks)", prepare.options)
     write_submission(folder, [SubmittedTask(f"{submission}.prepare", e.key, t.job_id, folder / "%j")
                               for e, t in zip(entries, sent)], parameters, asdict(options), record=PREPARE_RECORD)
@@ -614,7 +646,7 @@ def _count(value: int | None) -> str:
 def submit_preparation(entries: Sequence["DatasetEntry"], options: ExecutionOptions,
                        prepare: PrepareSlurmOptions = PrepareSlurmOptions(), *, paths: Paths | None = None,
                        dry_run: bool = False, planners: Sequence[str] = DEFAULT_PLANNERS,
-                       say: Callable[[str], None] = print) -> list[SubmittedTask]:
+                       models: Sequence[str] = (), say: Callable[[str], None] = print) -> list[SubmittedTask]:
     """`segbook batch prepare --backend slurm`: the tasks as a CPU array of `PrepareTask`s, nothing waiting on it."""
     limits = ClusterLimits.read()
     parameters = prepare.parameters(limits)
@@ -631,7 +663,7 @@ def submit_preparation(entries: Sequence["DatasetEntry"], options: ExecutionOpti
         say("array index -> task:\n" + "\n".join(f"  {i:>5}  {e.key}" for i, e in enumerate(entries)))
         return []
     paths.export()
-    sent = _map_array(folder, 0, parameters, PrepareTask(options, paths, planners), [e.key for e in entries],
+    sent = _map_array(folder, 0, parameters, PrepareTask(options, paths, planners, models), [e.key for e in entries],
                       f"the preparation array ({len(entries)} tasks)", prepare.options)
     tasks = [SubmittedTask(submission, e.key, t.job_id, folder / "%j") for e, t in zip(entries, sent)]
     write_submission(folder, tasks, parameters, asdict(options), record=PREPARE_RECORD)

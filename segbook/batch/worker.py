@@ -18,7 +18,7 @@ import sys
 from segbook.batch.execute import ExecutionOptions, JobOutcome, run_job
 from segbook.batch.jobs import Job
 from segbook.batch.matrix import job_from_id, on_plans
-from segbook.batch.signals import Terminated, raise_terminated
+from segbook.batch.signals import Terminated, forks_die_on_sigterm, raise_terminated
 from segbook.paths import Paths
 from segbook.processes import bind_to_parent
 from segbook.registry import load_registry
@@ -80,6 +80,7 @@ def main(job_id: str, options_json: str, launcher: int | None = None) -> int:
     the worker stops when that process dies."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the launcher's shell ignored it (`&`)
     signal.signal(signal.SIGTERM, raise_terminated)  # stop like Ctrl-C (recorded, claim released), counted
+    forks_die_on_sigterm()  # but not in nnU-Net's forked pool workers, which their pools stop with SIGTERM
     try:
         if launcher is not None:
             signal.signal(signal.SIGHUP, _launcher_gone)

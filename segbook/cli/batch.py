@@ -63,9 +63,10 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
                             "scratch, planned around its nnssl file (--weights resenc-l=FILE; "
                             "SegbookCheckpoint{arch}_{hash}Plans); a model without one is refused")
     group.add_argument("--normalization", default="task", choices=["task", "checkpoint"],
-                       help="task (each task's plans) or checkpoint: every pretrained job of a model preprocessed "
-                            "as its file (--weights MODEL=FILE) was pretrained, under plans of their own "
-                            "({plans}_ZScoreNorm); a model without a file, or scratch jobs, are refused")
+                       help="task (each task's plans) or checkpoint: every job of a model, pretrained and scratch, "
+                            "preprocessed as its file (--weights MODEL=FILE) was pretrained, under plans of their own "
+                            "({plans}_ZScoreNorm; scratch jobs load nothing from it); a model without a file is "
+                            "refused")
     group.add_argument("--recipes", default=None,
                        help="fine-tuning recipes of the pretrained jobs, comma-separated, or 'all' (`segbook "
                             "recipes` lists them); one job per recipe; scratch jobs train with their model's scratch "
@@ -175,6 +176,7 @@ def _register_prepare(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", choices=["local", "slurm"], default="local",
                         help="here, on this machine, or as SLURM job arrays")
     _add_selection(parser)
+    add_batch_weights_option(parser)
     _add_recipe_files(parser)
     parser.add_argument("--processes", type=at_least(1), default=None,
                         help="nnU-Net's preprocessing processes (default: nnUNet_def_n_proc; on SLURM the task's "
@@ -349,7 +351,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def run_prepare(args: argparse.Namespace) -> int:
     from segbook.batch.execute import TRAINING, ExecutionOptions
-    from segbook.batch.preparation import planners_of, prepare_tasks
+    from segbook.batch.preparation import models_of, planners_of, prepare_tasks
     from segbook.batch.slurm import PrepareSlurmOptions, submit_preparation
 
     jobs = _matrix(args)
@@ -360,10 +362,13 @@ def run_prepare(args: argparse.Namespace) -> int:
         print("batch prepare: " + ", ".join(f"{n} {status}" for status, n in tally.items() if n)
               + (" (skipped: not imported)" if tally["skipped"] else ""))
         return 1 if tally["failed"] else 0
-    options = ExecutionOptions.create(registry_files=getattr(args, "registry", None) or [], processes=args.processes)
+    # the tasks register the checkpoint planners again from these (segbook.batch.slurm.PrepareTask)
+    options = ExecutionOptions.create(registry_files=getattr(args, "registry", None) or [], processes=args.processes,
+                                      weights=args.weights, plans=args.plans, normalization=args.normalization)
     prepare = PrepareSlurmOptions(partition=args.partition, time=args.time, cpus=args.cpus, mem=args.mem,
                                   account=args.account, extra_sbatch=tuple(args.extra_sbatch), prefix="--")
-    submit_preparation(entries, options, prepare, dry_run=args.dry_run, planners=planners_of(jobs))
+    submit_preparation(entries, options, prepare, dry_run=args.dry_run, planners=planners_of(jobs),
+                       models=models_of(jobs))
     return 0
 
 

@@ -69,6 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "means) or 1")
     options.add_argument("--keep-predictions", action="store_true", help="keep the predicted segmentations")
     options.add_argument("--device", choices=["cuda", "cpu", "mps"], default=None, help=DEVICE_HELP)
+    options.add_argument("--threads", type=at_least(1), default=None, metavar="N",
+                         help="torch's intra-op threads while predicting (with --device cpu: how many cores the "
+                              "network computes on; nnU-Net caps them at nnUNet_def_n_proc, 8 unless set); the "
+                              "summary's cost records the threads used, the seconds per case and the peak resident "
+                              "memory (default: torch's own, usually the number of cores)")
     options.add_argument("--num-processes", type=at_least(1), default=1, help="processes for preprocessing and metrics")
     options.add_argument("--force", action="store_true", help="evaluate again even if up to date")
     parser.set_defaults(handler=run)
@@ -86,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_external(args, registry, settings)
     for entry, spec, folder in _runs(args, registry):
         result = evaluate_run(entry, spec, settings=settings, device=args.device, num_processes=args.num_processes,
-                              keep_predictions=args.keep_predictions, force=args.force, run_folder=folder)
+                              keep_predictions=args.keep_predictions, force=args.force, run_folder=folder,
+                              threads=args.threads)
         _print_summary(result)
     return 0
 
@@ -116,7 +122,7 @@ def _run_external(args: argparse.Namespace, registry, settings) -> int:
             result = evaluate_external(entry, spec, other, settings=settings, label_map=label_map,
                                        all_cases=args.on_all_cases, device=args.device,
                                        num_processes=args.num_processes, keep_predictions=args.keep_predictions,
-                                       force=args.force, run_folder=folder)
+                                       force=args.force, run_folder=folder, threads=args.threads)
             _print_summary(result)
     return 0
 

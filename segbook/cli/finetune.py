@@ -21,10 +21,11 @@ PLANS_HELP = ("nnU-Net plans to train on: default (the model's own: nnUNetPlans,
               "SegbookCheckpoint{arch}_{hash}Plans; without --pretrained the file only plans the scratch run, "
               "for a Delta(PT) on the same plans); part of the run's folder")
 
-NORMALIZATION_HELP = ("task (the default): normalise per the task's plans (CT: CTNormalization); checkpoint (with "
-                      "--pretrained): preprocess the task as the checkpoint was pretrained, its scheme on every "
-                      "channel (nnssl: its plan's; STU-Net: per-image z-score), under plans of their own "
-                      "({plans}_ZScoreNorm, part of the run's folder)")
+NORMALIZATION_HELP = ("task (the default): normalise per the task's plans (CT: CTNormalization); checkpoint: "
+                      "preprocess the task as the checkpoint (--weights, or the cached official one) was pretrained, "
+                      "its scheme on every channel (nnssl: its plan's; STU-Net: per-image z-score), under plans of "
+                      "their own ({plans}_ZScoreNorm, part of the run's folder); without --pretrained the file only "
+                      "normalises the scratch run, for a Delta(PT) on the same preprocessing")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -6,11 +6,12 @@ import argparse
 import json
 import os
 
-from segbook.cli.common import add_format_option, add_registry_option, add_task_option, at_least, registry_from_args
+from segbook.cli.common import (add_backbone_file_option, add_format_option, add_registry_option, add_task_option,
+                                at_least, load_backbone_files, model_help, registry_from_args)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from segbook.backbones import PLANNERS  # the planners' names, without the planning code
+    from segbook.backbones import CHECKPOINT_PLANS_MODEL, PLANNERS  # names and data, without the planning code
 
     parser = subparsers.add_parser(
         "plan", help="fingerprint, plan and preprocess an imported task with nnU-Net (3d_fullres)",
@@ -27,13 +28,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "patch size and target spacing (SegbookPaperPlans; paper-zscore: also z-score for CT, "
                              "as in pretraining), or checkpoint: the task planned around the network of the nnssl "
                              "checkpoint --weights FILE (SegbookCheckpoint{arch}_{hash}Plans), shown beside the "
-                             "task's ResEnc-L and default plans where they exist (default: default)")
+                             "task's plans of --model and nnU-Net's default plans where they exist (default: default)")
     parser.add_argument("--weights", metavar="FILE",
                         help="the nnssl checkpoint --plans checkpoint plans around, or whose pretraining "
                              "normalisation --normalization checkpoint applies")
+    parser.add_argument("--model", default=CHECKPOINT_PLANS_MODEL,
+                        help=model_help("the backbone whose checkpoint --weights FILE is (its format decides how "
+                                        "the file is read), shown beside the task's plans by its own plans") +
+                        f" (default: {CHECKPOINT_PLANS_MODEL})")
+    add_backbone_file_option(parser)
     parser.add_argument("--normalization", choices=("task", "checkpoint"), default="task",
                         help="task (the default): normalise per the task's plans (CT: CTNormalization); checkpoint: "
-                             "as the nnssl checkpoint --weights FILE was pretrained, its scheme on every channel, "
+                             "as the checkpoint --weights FILE of --model was pretrained, its scheme on every channel, "
                              "under plans of their own ({plans}_ZScoreNorm; `segbook finetune --normalization "
                              "checkpoint` plans STU-Net runs so from its catalogued checkpoint)")
     parser.add_argument("--num-processes", "-np", type=at_least(1), default=None, metavar="N",
@@ -46,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from segbook.plan import plan_task
 
+    load_backbone_files(args)
     entry = registry_from_args(args).get(args.task)
     processes = args.num_processes or max(1, int(os.environ.get("nnUNet_def_n_proc") or 1))
     planner = _planner(args)
@@ -55,50 +62,39 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(result.summary())
     if planner != args.planner:
-        print("\n".join(_beside_defaults(entry, result)))
+        print("\n".join(_beside_defaults(entry, result, args.model)))
     return 0
 
 
 def _planner(args: argparse.Namespace) -> str:
+    """The planner to run: `--plans`, or the one around `--model`'s checkpoint, normalised as it was pretrained
+    where asked; the file is read (no weights loaded) before anything is planned."""
+    from segbook import backbones
     from segbook.checkpoint_plans import CHECKPOINT_PLANS, planner_for_weights
     from segbook.errors import SegbookError
+    from segbook.training.finetune import normalised_like_weights
 
+    backbones.get(args.model)  # an unknown model is refused whether or not a file is read
     if args.planner == CHECKPOINT_PLANS:
-        planner = planner_for_weights("resenc-l", args.weights)
+        planner = planner_for_weights(args.model, args.weights)
     elif args.weights is not None and args.normalization == "task":
         raise SegbookError(f"--weights is for --plans {CHECKPOINT_PLANS} or --normalization checkpoint")
     else:
         planner = args.planner
     if args.normalization == "task":
         return planner
-    return _normalised_planner(planner, args.weights)
+    return normalised_like_weights(planner, args.model, args.weights)
 
 
-def _normalised_planner(planner: str, weights: str | None) -> str:
-    """`planner` normalising as the nnssl checkpoint `weights` was pretrained, read before anything is planned."""
+def _beside_defaults(entry, result, model: str) -> list[str]:
+    """The checkpoint plan beside the task's own plans of `model` and nnU-Net's default plans (those already
+    planned): what planning around the checkpoint changed."""
     from segbook import backbones
-    from segbook.backbones.models import checkpoint_facts
-    from segbook.checkpoint_normalization import pretraining_schemes, register
-    from segbook.errors import SegbookError
-    from stunet import CheckpointError
-
-    if weights is None:
-        raise SegbookError("--normalization checkpoint needs the checkpoint: pass --weights FILE")
-    try:
-        facts = checkpoint_facts(backbones.get("resenc-l"), weights)
-    except CheckpointError as error:
-        raise SegbookError(f"--normalization checkpoint: {error}") from None
-    return register(planner, *pretraining_schemes(facts.pretraining, weights))
-
-
-def _beside_defaults(entry, result) -> list[str]:
-    """The checkpoint plan beside the task's own ResEnc-L and default plans (those already planned): what planning
-    around the checkpoint changed."""
     from segbook.errors import SegbookError
     from segbook.plan import load_plan
 
     rows = [("checkpoint", result)]
-    for name in ("resenc-l", "default"):
+    for name in dict.fromkeys((backbones.get(model).planner, "default")):
         try:
             rows.append((name, load_plan(entry, planner=name)))
         except SegbookError:

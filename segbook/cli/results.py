@@ -74,6 +74,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "CI of the mean difference, and (not for recipes) the counts of datasets where the "
                              "per-case test says pretraining is better / not different / worse (reads each run's "
                              "metrics.csv)")
+    parser.add_argument("--summary", choices=("mean", "median"), default="mean",
+                        help="what a cell shows: the mean, or the median with its first and third quartiles, "
+                             "'median (Q1, Q3)', over a group's datasets (group tables) or a dataset's test cases "
+                             "(--table datasets); tables whose cells are no such summary refuse median (default: "
+                             "mean)")
+    parser.add_argument("--method", choices=("aggregate-then-rank", "rank-then-aggregate"), default=None,
+                        help="with --table ranks: rank the configurations' mean scores over datasets "
+                             "(aggregate-then-rank), or rank them per test case, average the ranks per dataset, "
+                             "then over datasets (rank-then-aggregate, the challenge convention); rank stability "
+                             "(bootstrap over datasets) for either (default: aggregate-then-rank)")
     parser.add_argument("--import", dest="import_file", metavar="FILE.csv|DIR",
                         help="store results from elsewhere and exit: a CSV of dataset-level numbers (columns task, "
                              "model, init, dice and optionally nsd; scores as fractions in [0, 1]), or a bundle "
@@ -124,13 +134,19 @@ def run(args: argparse.Namespace) -> int:
         return run_bundle_import(args)
     if args.import_file:
         return run_import(args)
-    from segbook.results import ALL_RECIPES, Selection, build_table
-    from segbook.results.tables import table_spec
+    from segbook.results import ALL_RECIPES, Selection, TableError, build_table
+    from segbook.results.selection import AGGREGATE_THEN_RANK
+    from segbook.results.tables import check_request
 
+    if args.method and args.table != "ranks":
+        raise TableError(f"--method says how --table ranks ranks configurations; it does not apply to --table "
+                         f"{args.table}")
     known = recipes_from_args(args)
-    every = [ALL_RECIPES] if table_spec(args.table).every_recipe else None
-    df = collect_from_args(args, list(known) if known else every)
-    print_table(build_table(df, args.table, Selection.from_args(args, known), args.stats), args.format)
+    selection = Selection.of(Selection.from_args(args, known), summary=args.summary,
+                             rank_method=args.method or AGGREGATE_THEN_RANK)
+    spec = check_request(args.table, selection, args.stats)
+    df = collect_from_args(args, list(known) if known else [ALL_RECIPES] if spec.every_recipe else None)
+    print_table(build_table(df, args.table, selection, args.stats), args.format)
     return 0
 
 

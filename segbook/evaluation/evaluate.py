@@ -91,15 +91,18 @@ def test_cases(entry: "DatasetEntry", paths: Paths) -> list[TestCase]:
 def evaluate_run(entry: "DatasetEntry", spec: RunSpec, paths: Paths | None = None,
                  settings: EvaluationSettings = EvaluationSettings(), *, device: str | None = None,
                  num_processes: int = 1, keep_predictions: bool = False, force: bool = False,
-                 run_folder: Path | None = None) -> EvaluationResult:
+                 run_folder: Path | None = None, threads: int | None = None) -> EvaluationResult:
     """Predict the test split with the run's final checkpoint and score every case and label.
 
     The run is `spec`'s folder under the results folder, or `run_folder` when given (a run copied elsewhere).
-    `device` None picks cuda, else mps, else cpu.
+    `device` None picks cuda, else mps, else cpu. `threads`: torch's intra-op threads while predicting (None: as
+    they are); the summary's cost records the threads the prediction used (`prediction_threads`).
     """
     from segbook.devices import resolve_device
 
     PROCESSES.check(num_processes)
+    if threads is not None and not (isinstance(threads, int) and threads >= 1):
+        raise EvaluationError(f"threads must be a positive integer, not {threads!r}")
     paths = paths or Paths.from_env()
     paths.export()
     run_folder = Path(run_folder) if run_folder is not None else spec.folder(paths.results)
@@ -114,8 +117,9 @@ def evaluate_run(entry: "DatasetEntry", spec: RunSpec, paths: Paths | None = Non
     with claims.exclusive(paths.claims, spec.job_id, f"run {run_folder}"):
         if not force and _up_to_date(out, resolved, checkpoint, split):
             return EvaluationResult(out, json.loads(summary_path(run_folder).read_text()), skipped=True)
-        return _evaluate(entry, spec, paths, settings, device, num_processes, keep_predictions, run_folder,
-                         manifest, resolved, split)
+        with torch_threads(threads):
+            return _evaluate(entry, spec, paths, settings, device, num_processes, keep_predictions, run_folder,
+                             manifest, resolved, split)
 
 
 def trained_run(run_folder: Path, settings: EvaluationSettings) -> tuple[RunManifest | None, Path]:
@@ -152,7 +156,7 @@ def _evaluate(entry: "DatasetEntry", spec: RunSpec, paths: Paths, settings: Eval
     """Predict, score and write; the caller holds the run's claim."""
     out = evaluation_folder(run_folder)
     cases = test_cases(entry, paths)
-    with measured_prediction(device, len(cases)) as cost:
+    with measured_prediction(device, len(cases), prediction_threads()) as cost:
         predictions = _predict(spec, cases, settings, device, num_processes, run_folder)
     try:
         rows = _score(cases, predictions, entry, resolved["nsd_tolerance_mm"], settings.empty_dice, num_processes)
@@ -168,6 +172,29 @@ def _evaluate(entry: "DatasetEntry", spec: RunSpec, paths: Paths, settings: Eval
     finally:
         shutil.rmtree(predictions, ignore_errors=True)
     return EvaluationResult(out, summary)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch computes with `threads` intra-op threads inside the block (None: as it does), as before after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def prediction_threads() -> int:
+    """The intra-op threads nnU-Net's predictor computes the network with: torch's, which it caps at its
+    `default_num_processes` (nnUNet_def_n_proc, 8 unless set) while predicting."""
+    import torch
+    from nnunetv2.configuration import default_num_processes
+
+    return min(torch.get_num_threads(), default_num_processes)
 
 
 def spec_from_folder(run_folder: Path) -> RunSpec:

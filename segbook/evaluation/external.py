@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from segbook import claims
 from segbook.evaluation.evaluate import (EvaluationError, EvaluationResult, TestCase, _predict, _score, _write,
-                                         summarise_rows, test_cases, trained_run, training_record)
+                                         prediction_threads, summarise_rows, test_cases, torch_threads, trained_run,
+                                         training_record)
 from segbook.evaluation.files import METRICS_VERSION, EvaluationFileError, read_json
 from segbook.evaluation.settings import EvaluationSettings
 from segbook.io import atomic_directory, now, sweep_leftovers
@@ -58,10 +59,10 @@ def labelled_cases(entry: "DatasetEntry", paths: Paths, all_cases: bool) -> list
 def evaluate_external(trained: "DatasetEntry", spec: RunSpec, tested: "DatasetEntry", paths: Paths | None = None,
                       settings: EvaluationSettings = EvaluationSettings(), *, label_map: LabelMap | None = None,
                       all_cases: bool = False, device: str | None = None, num_processes: int = 1,
-                      keep_predictions: bool = False, force: bool = False,
-                      run_folder: Path | None = None) -> EvaluationResult:
+                      keep_predictions: bool = False, force: bool = False, run_folder: Path | None = None,
+                      threads: int | None = None) -> EvaluationResult:
     """Score the run `spec` (trained on `trained`) on `tested`; skipped when scored so already. Predictions, kept,
-    are in A's label ids (all of A's labels, the unshared ones too)."""
+    are in A's label ids (all of A's labels, the unshared ones too). `threads` as for `evaluate_run`."""
     from segbook.devices import resolve_device
 
     pairing = pair(trained, tested, label_map)
@@ -85,7 +86,7 @@ def evaluate_external(trained: "DatasetEntry", spec: RunSpec, tested: "DatasetEn
             return EvaluationResult(out, read_json(out / SUMMARY), skipped=True)
         predictions = external_root(run_folder) / f"{PREDICTING}{out.name}"
         try:
-            with measured_prediction(device, len(cases)) as cost:
+            with torch_threads(threads), measured_prediction(device, len(cases), prediction_threads()) as cost:
                 _predict(spec, cases, settings, device, num_processes, run_folder, predictions)
             rows = _score(cases, predictions, pairing.scoring_entry(), tolerance, settings.empty_dice,
                           num_processes, remap=pairing.remap, prediction_ending=trained.file_ending)

@@ -8,7 +8,9 @@ problem. A run's files are valid when:
 - `summary.json` (under 8 MiB) is a JSON object whose `run` record names the run of its folder; its labels are the
   dataset's foreground labels; every mean is null or a finite number in range (fractions in [0, 1], HD95 >= 0 mm);
   counts are non-negative integers; `num_cases` is the size of the test split it records (the dataset's current
-  split, when it is the one recorded: its very case ids); `training.complete` agrees with `run.json`;
+  split, when it is the one recorded: its very case ids); `training.complete` agrees with `run.json`; the
+  prediction's cost record (`cost.prediction`: device, seconds, peak memory, peak resident memory, threads), which
+  the cost table shows, has fields of their types and ranges;
 - `metrics.csv` (under 256 MiB) has segbook's columns, one row per (test case, foreground label) and no other, every
   number in range, `reference_voxels` = TP + FN and `prediction_voxels` = TP + FP, TP + FP + FN + TN the same for
   every label of a case (the image size), Dice, IoU, precision, recall, NSD and HD95 as the confusion counts and the
@@ -78,7 +80,7 @@ SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 #: What metrics.csv writes for a missing number (pandas writes NaN as an empty cell).
 MISSING = ("", "nan", "NaN")
 #: Bump when a check changes, so that remembered verdicts are not trusted across it.
-CHECKS_VERSION = 1
+CHECKS_VERSION = 2  # 2: the prediction cost record is checked
 CACHE_FORMAT = "segbook-evaluation-verdicts"
 
 
@@ -229,7 +231,32 @@ def _optional_records(summary: dict[str, Any]) -> list[str]:
     sha = summary.get("metrics_sha256")
     if sha is not None and not (isinstance(sha, str) and SHA256_PATTERN.fullmatch(sha)):
         problems.append(f"metrics_sha256 {_short(sha)} is not a SHA-256")
-    return problems
+    return problems + _cost_problems(summary.get("cost"))
+
+
+#: `cost.prediction`'s fields (`segbook.training.cost.measured_prediction`) and what each must be when not null.
+PREDICTION_COST = {"device": ("one of cpu, cuda, mps", lambda v: v in ("cpu", "cuda", "mps")),
+                   "cases": ("a count", lambda v: _is_count(v)),
+                   "seconds": ("a number of seconds >= 0", lambda v: _is_number(v) and v >= 0),
+                   "seconds_per_case": ("a number of seconds >= 0", lambda v: _is_number(v) and v >= 0),
+                   "peak_memory_bytes": ("a count of bytes", lambda v: _is_count(v)),
+                   "peak_rss_bytes": ("a positive count of bytes", lambda v: _is_count(v) and v > 0),
+                   "peak_rss_since": ("'prediction' or 'process start'",
+                                      lambda v: v in ("prediction", "process start")),
+                   "threads": ("a positive integer", lambda v: _is_count(v) and v > 0)}
+
+
+def _cost_problems(cost: Any) -> list[str]:
+    """The prediction's cost record (the cost table shows it): each field, when present and not null, of its type
+    and range."""
+    if cost is None:
+        return []
+    prediction = cost.get("prediction") if isinstance(cost, dict) else None
+    if not isinstance(cost, dict) or not isinstance(prediction, (dict, type(None))):
+        return [f"cost {_short(cost)} is not an object with a prediction object"]
+    return [f"cost.prediction.{key} {_short(prediction[key])} is not {what}"
+            for key, (what, valid) in PREDICTION_COST.items()
+            if (prediction or {}).get(key) is not None and not valid(prediction[key])]
 
 
 def _label_problems(metrics: Any, num_cases: int) -> list[str]:

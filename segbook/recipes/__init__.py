@@ -35,6 +35,9 @@ TRAINS: dict[str, tuple[str, ...]] = {"all": ("encoder", "decoder", "heads"), "h
 #: with `layer_decay` fits a backbone whose parts have this many encoder stages (`Parts.encoder_stages`), and each
 #: parameter trains in the group of the stage its backbone gives it (`Parts.part_of`).
 LAYER_DECAY_STAGES = 6
+#: The gradient norm nnU-Net 2.8.1 clips at in every training step (`nnUNetTrainer.train_step`, nnUNetTrainer.py
+#: L1042, L1047): a recipe's `grad_clip_norm` unless it names another.
+NNUNET_GRAD_CLIP_NORM = 12.0
 #: The built-in recipes in the order they are listed: the paper's, the official code's, scratch, then the others.
 BUILTIN_ORDER = ("segbook", "stunet-official", "scratch", "heads-only", "frozen-encoder", "llrd", "warmup", "lora",
                  "primus", "primus-scratch")
@@ -97,6 +100,12 @@ class Recipe(_Model):
     poly_exponent: float = Field(default=0.9, gt=0, allow_inf_nan=False)
     lora: Lora | None = None
     budget: Budget = Budget()
+    #: The total gradient norm every training step clips to (`torch.nn.utils.clip_grad_norm_`); nnU-Net's 12 unless
+    #: given (nnU-Net's and OpenMind's Primus trainers clip at 1).
+    grad_clip_norm: float = Field(default=NNUNET_GRAD_CLIP_NORM, gt=0, strict=True, allow_inf_nan=False)
+    #: Stochastic depth: the largest drop-path rate of the network's blocks (dna's Primus rises linearly to it over
+    #: its EVA blocks), for backbones whose builder takes one (`Backbone.drop_path`); None: the backbone's own (0).
+    drop_path_rate: float | None = Field(default=None, ge=0, lt=1, strict=True, allow_inf_nan=False)
 
     @field_validator("name")
     @classmethod
@@ -226,6 +235,10 @@ class Recipe(_Model):
                 f"{parts.encoder_stages} encoder stages"
             raise RecipeError(f"recipe {self.name!r} decays the rate over {LAYER_DECAY_STAGES} encoder stages, and "
                               f"{backbone.label} has {stages}")
+        if self.drop_path_rate is not None and not backbone.drop_path:
+            raise RecipeError(f"recipe {self.name!r} sets drop_path_rate {self.drop_path_rate:g}, and "
+                              f"{backbone.label} ({backbone.name}) takes no drop-path rate: leave drop_path_rate out "
+                              "of recipes for it")
         if num_gpus > 1 and len({phase.train for phase in self.phases}) > 1:
             raise RecipeError(f"recipe {self.name!r} changes what trains between phases, which nnU-Net's DDP "
                               "(--num-gpus > 1) cannot follow; train it on one GPU")

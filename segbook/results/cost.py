@@ -4,8 +4,10 @@ device-hour (`segbook results --table cost`, and the report's cost section).
 Per configuration (model, initialisation, recipe, variant), over its evaluated runs (local and bundled; numbers
 imported from CSV carry no cost): training device-hours per run from `run.json["cost"]` (GPU-hours where every run
 trained on CUDA: the `device` column says where), the largest peak GPU memory, samples per second, prediction
-seconds per test case from `summary.json["cost"]`, parameters and forward TFLOPs of one 128^3 patch (the backbone
-registry's `Backbone.cost`), and the score: the mean over its datasets of the dataset scores (`dataset_scores`).
+seconds per test case from `summary.json["cost"]` (apart for the runs evaluated on a GPU and on the CPU, with the
+CPU evaluations' threads and peak resident memory: `segbook evaluate --device cpu --threads N`), parameters and
+forward TFLOPs of one 128^3 patch (the backbone registry's `Backbone.cost`), and the score: the mean over its
+datasets of the dataset scores (`dataset_scores`).
 Delta(PT) is the paired mean of pretrained minus scratch of the same network (the scratch variant with its shared
 settings, `configs.comparable`) over the datasets that have both with agreeing data and evaluation settings, in
 points; Delta(PT) per device-hour divides it by the pretrained configuration's mean training device-hours per run.
@@ -30,7 +32,9 @@ from segbook.results.tables.table import ResultTable
 from segbook.runs import MANIFEST, SUMMARY, default_recipe, evaluation_folder
 
 COST_FIELDS = ("device", "device_hours", "gpu_hours", "peak_memory_bytes", "samples_per_second",
-               "prediction_seconds_per_case")
+               "prediction_device", "prediction_seconds_per_case", "prediction_peak_rss_bytes", "prediction_threads")
+#: Where a prediction ran, as the cost table splits it: on a GPU (CUDA, or Apple's MPS) or on the CPU.
+ACCELERATORS = ("cuda", "mps")
 GIB = 2**30
 
 
@@ -50,7 +54,10 @@ def _recorded_cost(folder: Path) -> dict[str, Any]:
             "gpu_hours": _number(training.get("gpu_hours")),
             "peak_memory_bytes": _number(training.get("peak_memory_bytes")),
             "samples_per_second": _number(training.get("samples_per_second")),
-            "prediction_seconds_per_case": _number(prediction.get("seconds_per_case"))}
+            "prediction_device": prediction.get("device"),
+            "prediction_seconds_per_case": _number(prediction.get("seconds_per_case")),
+            "prediction_peak_rss_bytes": _number(prediction.get("peak_rss_bytes")),
+            "prediction_threads": _number(prediction.get("threads"))}
 
 
 def _read_cost(path: Path) -> dict[str, Any]:
@@ -92,13 +99,25 @@ def cost_summary(df: pd.DataFrame, selection: Selection | str = "dice", configs:
                      "device_hours_per_run": hours, "device_hours_total": timed["device_hours"].sum(),
                      "peak_memory_gib": mine["peak_memory_bytes"].max() / GIB,
                      "samples_per_second": timed["samples_per_second"].mean(),
-                     "prediction_seconds_per_case": mine["prediction_seconds_per_case"].mean(),
+                     **_prediction_costs(mine),
                      "params_m": parameters / 1e6, "forward_tflops": 2 * macs / 1e12,
                      "score": (metric_factor(metric) * sum(dataset_values.values()) / len(dataset_values)
                                if dataset_values else math.nan),
                      "datasets": len(dataset_values), "delta": delta,
                      "delta_per_device_hour": delta / hours if hours and hours > 0 else math.nan})
     return pd.DataFrame(rows)
+
+
+def _prediction_costs(runs: pd.DataFrame) -> dict[str, Any]:
+    """Prediction seconds per case of the runs evaluated on a GPU and, apart, of those evaluated on the CPU, with the
+    CPU evaluations' threads (each number used, "+"-joined) and largest peak resident memory."""
+    gpu = runs[runs["prediction_device"].isin(ACCELERATORS)]
+    cpu = runs[runs["prediction_device"] == "cpu"]
+    threads = sorted({int(n) for n in cpu["prediction_threads"].dropna()})
+    return {"gpu_prediction_seconds_per_case": gpu["prediction_seconds_per_case"].mean(),
+            "cpu_prediction_seconds_per_case": cpu["prediction_seconds_per_case"].mean(),
+            "cpu_threads": "+".join(map(str, threads)) or None,
+            "cpu_peak_rss_gib": cpu["prediction_peak_rss_bytes"].max() / GIB}
 
 
 def _delta(by_config: dict[Config, dict[str, tuple[float, str]]], config: Config, metric: str,
@@ -128,22 +147,30 @@ def cost_table(df: pd.DataFrame, selection: Selection | str = "dice", configs: l
     name = METRIC_NAMES[metric]
     table = ResultTable("cost", f"Cost next to {name}: training, prediction and network size per configuration",
                         ["configuration", "runs", "device", "device-hours/run", "device-hours total",
-                         "peak GPU memory (GiB)", "samples/s", "prediction s/case", "params (M)",
-                         "forward TFLOPs", metric_label(metric), "datasets", DELTA, f"{DELTA} per device-hour"])
+                         "peak GPU memory (GiB)", "samples/s", "GPU prediction s/case", "CPU prediction s/case",
+                         "CPU threads", "CPU peak RSS (GiB)", "params (M)", "forward TFLOPs", metric_label(metric),
+                         "datasets", DELTA, f"{DELTA} per device-hour"])
     for row, config in zip(summary.itertuples(), configs):
-        table.rows.append([config_label(config, named), f"{row.costed_runs}/{row.runs}", row.device or "-",
+        table.rows.append([config_label(config, named), f"{row.costed_runs}/{row.runs}",
+                           row.device if isinstance(row.device, str) else "-",
                            *(_rounded(value, digits) for value, digits in (
                                (row.device_hours_per_run, 3), (row.device_hours_total, 3),
                                (row.peak_memory_gib, 2), (row.samples_per_second, 2),
-                               (row.prediction_seconds_per_case, 2), (row.params_m, 1), (row.forward_tflops, 2),
-                               (row.score, 2))),
+                               (row.gpu_prediction_seconds_per_case, 2), (row.cpu_prediction_seconds_per_case, 2))),
+                           row.cpu_threads if isinstance(row.cpu_threads, str) else "-",
+                           *(_rounded(value, digits) for value, digits in (
+                               (row.cpu_peak_rss_gib, 2), (row.params_m, 1), (row.forward_tflops, 2), (row.score, 2))),
                            row.datasets, _rounded(row.delta, 2), _rounded(row.delta_per_device_hour, 3)])
     table.notes = [
         "runs: evaluated runs with a cost record / all evaluated runs (local and bundled; CSV imports carry no "
         "cost); device-hours: the sum of the epochs' wall times x devices, over every attempt; they are GPU-hours "
         "where device is cuda, CPU hours where it is cpu",
         "peak GPU memory: the largest torch.cuda.max_memory_allocated of its runs ('-' off CUDA: never measured); "
-        "prediction s/case: the test split's prediction time over its cases",
+        "prediction s/case: the test split's prediction time over its cases, the mean over the runs evaluated on a "
+        "GPU (cuda or mps) and, apart, over those evaluated on the CPU (segbook evaluate --device cpu); CPU threads: "
+        "the intra-op threads of those CPU evaluations (--threads N; each number used, + joined); CPU peak RSS: the "
+        "largest peak resident memory of the evaluating process while it predicted (Linux VmHWM; worker processes "
+        "of --num-processes > 1 not counted)",
         "params and forward TFLOPs (2 x multiply-accumulates) of one 128^3 patch; nnU-Net's network depends on each "
         "dataset's plans",
         f"{name}: mean over the configuration's datasets (seeds averaged; the runs on the whole train split); "

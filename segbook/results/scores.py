@@ -10,14 +10,14 @@ are in mm, and every Delta is scratch minus pretrained, so that a positive Delta
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import pandas as pd
 
 from segbook import fingerprint
 from segbook.results.cells import CELL_KEYS, left_out_notes
 from segbook.results.collect import LOCAL, LOWER_IS_BETTER, METRICS, default_plans, run_folders
-from segbook.results.selection import TableError
+from segbook.results.selection import MEAN, TableError
 from segbook.runs import DEFAULT_FRACTION
 
 METRIC_NAMES = {"dice": "Dice", "nsd": "NSD", "iou": "IoU", "precision": "Precision", "recall": "Recall",
@@ -58,6 +58,25 @@ class ScoreLookup(dict):
             return None
         return "; ".join(fingerprint.differences(mine, theirs))
 
+
+
+def summarised(values: Sequence[float], summary: str = MEAN) -> tuple[float | None, tuple[float, float] | None]:
+    """What a cell shows of `values` (a group's dataset scores, a dataset's case scores, their differences): the
+    mean, or with `summary` median the median and its first and third quartiles (numpy's `percentile`, linear
+    interpolation); (None, None) without values."""
+    import numpy as np
+
+    if len(values) == 0:
+        return None, None
+    if summary == MEAN:
+        return sum(values) / len(values), None
+    low, middle, high = np.percentile(np.asarray(values, float), [25, 50, 75])
+    return float(middle), (float(low), float(high))
+
+
+def summary_text(summary: str) -> str:
+    """How notes name a cell's summary: `mean`, or `median (Q1, Q3)`."""
+    return "mean" if summary == MEAN else "median (Q1, Q3)"
 
 
 def score_column(metric: str, part: str | None = None) -> str:

@@ -17,14 +17,25 @@ class TableError(SegbookError):
     """A table request that cannot be met (unknown table, metric, model or grouping)."""
 
 
+#: How a cell summarises its datasets (group tables) or test cases (per-dataset tables): the mean, or the median
+#: with the first and third quartiles ("median (Q1, Q3)").
+MEAN, MEDIAN = "mean", "median"
+SUMMARIES = (MEAN, MEDIAN)
+#: How `--table ranks` ranks configurations: rank the mean scores over datasets, or (the challenge convention) rank
+#: per case, average the ranks per dataset, then over datasets (`segbook.results.stats.ranking`).
+AGGREGATE_THEN_RANK, RANK_THEN_AGGREGATE = "aggregate-then-rank", "rank-then-aggregate"
+RANK_METHODS = (AGGREGATE_THEN_RANK, RANK_THEN_AGGREGATE)
+
+
 @dataclass(frozen=True)
 class Selection:
     """The metric to score, and which configurations and groups a table shows.
 
     `models` and `inits` (None: every one present) pick configurations; `recipes` are the pretrained recipes to show
     (None: those in the frame; scratch runs keep theirs); `group_datasets` groups whole datasets by target in the
-    modality x target grouping instead of splitting structure&lesion datasets by label. Sequences are kept as
-    tuples, so a selection is hashable and never changes under its user.
+    modality x target grouping instead of splitting structure&lesion datasets by label; `summary` how cells
+    summarise (SUMMARIES); `rank_method` how the ranks table ranks (RANK_METHODS). Sequences are kept as tuples, so
+    a selection is hashable and never changes under its user.
     """
 
     metric: str = "dice"
@@ -32,8 +43,14 @@ class Selection:
     inits: tuple[str, ...] | None = None
     recipes: tuple[str, ...] | None = None
     group_datasets: bool = False
+    summary: str = MEAN
+    rank_method: str = AGGREGATE_THEN_RANK
 
     def __post_init__(self) -> None:
+        for name, allowed in (("summary", SUMMARIES), ("rank_method", RANK_METHODS)):
+            if getattr(self, name) not in allowed:
+                raise TableError(f"unknown {name.replace('_', ' ')} {getattr(self, name)!r}; choose "
+                                 f"{' or '.join(allowed)}")
         for name in ("models", "inits", "recipes"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):

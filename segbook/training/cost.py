@@ -8,15 +8,23 @@ A lab with a fixed budget weighs a Dice gain against the compute it took, so eve
   counts the epochs trained on CUDA only; on a CPU or MPS `device_hours` says what was spent and `device` says
   where. Samples per second is batch size x devices x training iterations over that time.
 - prediction: `summary.json["cost"]["prediction"]` from `segbook evaluate`: the wall time of predicting the test
-  split, its mean per case, and the peak memory.
+  split, its mean per case, the peak memory, and (on every device) the peak resident memory of the evaluating
+  process and the intra-op threads it computed with (LiteMedSAM's question: is it usable on a laptop's CPU?).
 Peak memory is `torch.cuda.max_memory_allocated` (the tensors PyTorch allocated on rank 0's device, the largest
-across attempts); off CUDA there is no such counter and it is None, never a made-up number.
+across attempts); off CUDA there is no such counter and it is None, never a made-up number. Peak resident memory
+(`peak_rss_bytes`) is the process's high-water mark (Linux: VmHWM, reset when prediction starts, so it is the most
+the process held while predicting, what it had loaded before included; `peak_rss_since` says "prediction"; where
+it cannot be reset, the `getrusage` maximum since the process started, and `peak_rss_since` says "process start").
+Worker processes (`--num-processes` above 1) are not counted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import resource
+import sys
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 SECONDS_PER_HOUR = 3600.0
@@ -54,17 +62,47 @@ def add_epoch(cost: dict[str, Any] | None, seconds: float, samples: int, device:
             "peak_memory_bytes": max(peaks) if peaks else None}
 
 
+#: Linux: writing "5" here resets the process's peak resident set size (VmHWM) to its current one (proc(5)).
+CLEAR_REFS = Path("/proc/self/clear_refs")
+PROC_STATUS = Path("/proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak resident memory to what it holds now; False where the system cannot."""
+    try:
+        CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory: VmHWM where /proc has it, else `getrusage`'s `ru_maxrss` (kilobytes on
+    Linux, bytes on macOS)."""
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 @contextlib.contextmanager
-def measured_prediction(device: Any, cases: int) -> Iterator[dict[str, Any]]:
-    """Times the block (predicting `cases` cases on `device`) and fills the yielded record when it ends."""
+def measured_prediction(device: Any, cases: int, threads: int | None = None) -> Iterator[dict[str, Any]]:
+    """Times the block (predicting `cases` cases on `device` with `threads` intra-op threads) and fills the yielded
+    record when it ends: its time, GPU peak memory (CUDA), peak resident memory and threads."""
     cuda = device_kind(device) == "cuda"
     if cuda:
         import torch
 
         torch.cuda.reset_peak_memory_stats(device)
+    since = "prediction" if reset_peak_rss() else "process start"
     record: dict[str, Any] = {}
     started = time.perf_counter()
     yield record
     seconds = time.perf_counter() - started
     record.update(device=device_kind(device), cases=cases, seconds=round(seconds, 3),
-                  seconds_per_case=seconds / cases if cases else None, peak_memory_bytes=peak_memory_bytes(device))
+                  seconds_per_case=seconds / cases if cases else None, peak_memory_bytes=peak_memory_bytes(device),
+                  peak_rss_bytes=peak_rss_bytes(), peak_rss_since=since, threads=threads)

@@ -91,7 +91,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     settings = (settings or TrainingSettings()).validate()
     check_all({"num_gpus": num_gpus, "plan_processes": plan_processes}, BOUNDS)
     planner = _planner(model, pretrained, plans, weights or settings.weights)
-    _check_normalization(normalization, pretrained)
+    _check_normalization(normalization)
     spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe, seed=seed, fraction=fraction,
                       plans=check_planner(entry, planner))
     chosen = get_recipe(spec.recipe, spec.init, recipe_files)
@@ -105,19 +105,22 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
     if not is_imported(entry, paths):
         raise SegbookError(f"{entry.key} is not imported; run `segbook data import --task {entry.key} --from PATH` "
                            "first")
-    planned_around = None
     from segbook.checkpoint_plans import CHECKPOINT_PLANS
 
-    if plans == CHECKPOINT_PLANS and spec.init != "pretrained":  # the file plans the run; nothing is loaded
-        planned_around = _planned_around(spec, resolve_weights(spec.model, weights or settings.weights, paths, say))
+    by_file = plans == CHECKPOINT_PLANS or normalization == CHECKPOINT_NORMALIZATION
+    chosen = None
+    if by_file and spec.init != "pretrained":  # the file plans or normalises the run; nothing is loaded
+        chosen = resolve_weights(spec.model, weights or settings.weights, paths, say)
         weights, settings = None, replace(settings, weights=None, weights_sha256=None)
     settings, facts = _with_weights(entry, spec, settings, weights, paths, say)
+    if spec.init == "pretrained":
+        chosen = Weights(Path(settings.weights), settings.weights_sha256)
     if normalization == CHECKPOINT_NORMALIZATION:  # the checkpoint is read: its plans are known before planning
-        planner = normalised_like(planner, facts, settings.weights)
+        planner = (normalised_like(planner, facts, chosen.path) if facts is not None  # pretrained: read already
+                   else normalised_like_weights(planner, spec.model, chosen.path))
         spec = RunSpec.of(entry, model, pretrained, fold, recipe=recipe, seed=seed, fraction=fraction,
                           plans=check_planner(entry, planner))
-    if plans == CHECKPOINT_PLANS and spec.init == "pretrained":
-        planned_around = _planned_around(spec, Weights(Path(settings.weights), settings.weights_sha256))
+    planned_around = _planned_around(spec, chosen) if by_file else None
     planned_cases = _training_cases(entry, spec, paths)
     check_task_fits(entry, paths, planner)  # before the run's claim: plan_task checks again for other callers
     folder = spec.folder(paths.results)
@@ -146,7 +149,7 @@ def finetune(entry: "DatasetEntry", model: str, pretrained: bool, fold: str | in
                        **fidelity_records(entry, spec, plan, paths, facts)}
             if planned_around is not None:
                 records["planned_around"] = planned_around
-            _warn_normalization(records["normalization"], entry, say)
+            _warn_normalization(records["normalization"], entry, say, settings.weights_sha256 or settings.weights)
             _new_run(spec, folder, existing, settings, resolved, request or {}, records)
         say(f"Run folder: {folder}")
         try:
@@ -177,43 +180,52 @@ def run_planner(model: str, pretrained: bool, plans: str, normalization: str, we
     from segbook.checkpoint_normalization import CHECKPOINT_NORMALIZATION
 
     planner = _planner(model, pretrained, plans, weights)
-    _check_normalization(normalization, pretrained)
+    _check_normalization(normalization)
     if normalization != CHECKPOINT_NORMALIZATION:
         return planner
+    return normalised_like_weights(planner, model, resolve_weights(model, weights, paths, say).path)
+
+
+def normalised_like_weights(planner: str, model: str, weights: str | Path | None) -> str:
+    """`planner` normalising as `model`'s checkpoint `weights` was pretrained, its facts read (no weights loaded)
+    before anything is planned; SegbookError when no file is given or it cannot be read."""
     from segbook.backbones.models import checkpoint_facts
+    from segbook.checkpoint_normalization import CHECKPOINT_NORMALIZATION
     from stunet import CheckpointError
 
-    chosen = resolve_weights(model, weights, paths, say)
+    if weights is None:
+        raise SegbookError(f"--normalization {CHECKPOINT_NORMALIZATION} needs the checkpoint: pass --weights FILE")
     try:
-        return normalised_like(planner, checkpoint_facts(backbones.get(model), chosen.path), chosen.path)
+        facts = checkpoint_facts(backbones.get(model), weights)
     except CheckpointError as error:
-        raise SegbookError(str(error)) from None
+        raise SegbookError(f"--normalization {CHECKPOINT_NORMALIZATION}: {error}") from None
+    return normalised_like(planner, facts, weights)
 
 
 def normalised_like(planner: str, facts: "CheckpointFacts", weights: str | Path) -> str:
     """`planner` normalising as the checkpoint `weights` (whose facts are `facts`) was pretrained; one place for
-    `finetune` and `run_planner`, so training and evaluation derive the same identifier."""
+    `finetune`, `run_planner` and `segbook plan`, so planning, training and evaluation derive the same identifier."""
     from segbook.checkpoint_normalization import pretraining_schemes, register
 
     return register(planner, *pretraining_schemes(facts.pretraining, weights))
 
 
 def _planned_around(spec: RunSpec, chosen: Weights) -> dict[str, Any]:
-    """run.json's `planned_around` of a `--plans checkpoint` run: the nnssl file whose network the task was planned
-    around, its SHA-256 and the plans identifier, the same for the scratch and the pretrained run of one file (so
-    results pair them). A scratch run reads only the file's plan: no weights are loaded."""
+    """run.json's `planned_around` of a `--plans checkpoint` or `--normalization checkpoint` run: the file whose
+    network the task was planned around or whose pretraining normalisation it was preprocessed with, its SHA-256 and
+    the plans identifier, the same for the scratch and the pretrained run of one file (so results pair them). A
+    scratch run reads only what the file says of itself: no weights are loaded."""
     return {"checkpoint": str(chosen.path), "sha256": chosen.sha256, "plans": spec.plans,
             "weights_loaded": spec.init == "pretrained"}
 
 
-def _check_normalization(normalization: str, pretrained: bool) -> None:
-    from segbook.checkpoint_normalization import CHECKPOINT_NORMALIZATION, NORMALIZATIONS
+def _check_normalization(normalization: str) -> None:
+    """A scratch run may take the checkpoint's normalisation too (the file then only normalises it, nothing is
+    loaded): its Delta(PT) partner must see the pretrained run's preprocessing."""
+    from segbook.checkpoint_normalization import NORMALIZATIONS
 
     if normalization not in NORMALIZATIONS:
         raise SegbookError(f"unknown normalization {normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
-    if normalization == CHECKPOINT_NORMALIZATION and not pretrained:
-        raise SegbookError(f"--normalization {CHECKPOINT_NORMALIZATION} normalises as the checkpoint a run fine-tunes "
-                           "was pretrained: add --pretrained")
 
 
 def _training_cases(entry: "DatasetEntry", spec: RunSpec, paths: Paths) -> list[str] | None:
@@ -248,7 +260,8 @@ def _with_weights(entry: "DatasetEntry", spec: RunSpec, settings: TrainingSettin
     if spec.init != "pretrained":
         if given is not None:
             raise SegbookError("--weights is for fine-tuning: add --pretrained, or leave --weights out to train from "
-                               "scratch")
+                               "scratch (a scratch run takes it only with --plans checkpoint or --normalization "
+                               "checkpoint, which plan or normalise the run by it)")
         return settings, None
     weights = resolve_weights(spec.model, given, paths, say)
     backbone = backbones.get(spec.model)
@@ -282,26 +295,35 @@ def fidelity_records(entry: "DatasetEntry", spec: RunSpec, plan: "PlanResult", p
     its backbone's catalogue entry; null where neither says) and of fine-tuning (the plans')."""
     from segbook.data.folders import raw_folder
     from segbook.data.split import read_split
+    from segbook.training.trainer_parts.record import normalization_record
+
     split = read_split(raw_folder(entry, paths))
-    normalization: dict[str, Any] = {"fine_tuning": {"schemes": plan.normalization, "spacing_mm": plan.spacing,
-                                                     "plans": plan.plans_identifier}}
-    if spec.init == "pretrained":
-        normalization["pretraining"] = facts.pretraining if facts is not None else None
+    normalization = normalization_record(plan.normalization, plan.spacing, plan.plans_identifier, spec.init,
+                                         facts.pretraining if facts is not None else None)
     return {"plans_comparison": plan.comparison, "split": None if split is None else split.record(),
             "normalization": normalization}
 
 
-def _warn_normalization(normalization: dict[str, Any], entry: "DatasetEntry", say: Callable[[str], None]) -> None:
+#: (checkpoint, dataset, task's schemes) whose normalisation mismatch this process has said: a loop of fine-tunes
+#: (seeds, folds, fractions, a Python script's study) says it once; each run's `run.json` records it regardless.
+_SAID_NORMALIZATION: set[tuple[str, str, tuple[str, ...]]] = set()
+
+
+def _warn_normalization(normalization: dict[str, Any], entry: "DatasetEntry", say: Callable[[str], None],
+                        checkpoint: str | None = None) -> None:
     """One line where the task is normalised otherwise than the checkpoint's pretraining was (a CT task's
     CTNormalization against a z-score pretraining): the pretrained filters then see other intensities. The
-    pretraining's single scheme stands for every channel, as its stem is tiled over them."""
+    pretraining's single scheme stands for every channel, as its stem is tiled over them. Said once per process
+    for a checkpoint (`checkpoint`: its SHA-256, or path) and dataset; `run.json` keeps the record of every run."""
     pretraining = normalization.get("pretraining") or {}
     schemes, task = pretraining.get("schemes"), normalization["fine_tuning"]["schemes"]
     if not schemes or not task:
         return
     differing = [f"{channel} {scheme}" for index, (channel, scheme) in enumerate(zip(entry.channels, task))
                  if scheme != schemes[min(index, len(schemes) - 1)]]
-    if differing:
+    said = (checkpoint or str(pretraining.get("checkpoint")), entry.key, tuple(task))
+    if differing and said not in _SAID_NORMALIZATION:
+        _SAID_NORMALIZATION.add(said)
         say(f"segbook: warning: {entry.key} is normalised per its plans ({', '.join(differing)}), but "
             f"{pretraining.get('checkpoint')} was pretrained on {', '.join(dict.fromkeys(schemes))}; fine-tuning "
             "keeps the task's (run.json: normalization): pass --normalization checkpoint to preprocess the task as "

@@ -43,7 +43,7 @@ from segbook.training.trainer_parts.data import DataGuard
 from segbook.training.trainer_parts.distributed import unwrap
 from segbook.training.trainer_parts.optimiser import OptimiserGroups
 from segbook.training.trainer_parts.precision import Precision
-from segbook.training.trainer_parts.record import RunRecorder, plans_summary
+from segbook.training.trainer_parts.record import RunRecorder, normalization_record, plans_summary
 from segbook.training.trainer_parts.seeding import RunSeeding
 from segbook.training.trainer_parts.stopping import LATEST_CHECKPOINT, BoundaryStop
 from stunet import describe_network, strides_from_plans
@@ -79,6 +79,8 @@ class SegbookTrainer(nnUNetTrainer):
         if self.precision.set_cuda_autocast():  # bf16 on CUDA: no loss scaling
             self.grad_scaler = None
         self.optimiser_groups = OptimiserGroups(self.recipe, self.num_epochs)
+        #: What the checkpoint loaded says of its pretraining normalisation, where it was read (`run.json`).
+        self.pretraining_normalization: dict[str, Any] | None = None
         self.boundary = BoundaryStop(self.num_iterations_per_epoch, self.is_ddp, self.device, self.run_record,
                                      self._save_latest, self.print_to_log_file)
         self.data_guard = DataGuard(self.run_record, self.print_to_log_file, dataset=self.plans_manager.dataset_name,
@@ -122,6 +124,10 @@ class SegbookTrainer(nnUNetTrainer):
         else:
             super().initialize()
         self.precision.lay_out_network(self.network)
+        configuration = self.configuration_manager
+        self.run_record.normalization(normalization_record(
+            configuration.normalization_schemes, configuration.spacing, self.plans_manager.plans_name, self.init,
+            self.pretraining_normalization))
 
     def get_dataloaders(self):
         """nnU-Net's loaders, with augmentation workers seeded from the run's seed (`trainer_parts.seeding`)."""
@@ -160,7 +166,7 @@ class SegbookTrainer(nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         batch = self.precision.lay_out_batch(batch)
-        with self.precision.cpu_autocast():
+        with self.precision.cpu_autocast(), self.optimiser_groups.clipping():
             outputs = super().train_step(batch)
         self.boundary.trained(float(outputs["loss"]))
         self.boundary.at_boundary(self.current_epoch)
@@ -269,6 +275,9 @@ class BackboneTrainer(SegbookTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if not self.backbone.deep_supervision:
             self.enable_deep_supervision = False
+        if self.recipe.drop_path_rate is not None:  # training's network only: the predictor's needs no drop-path
+            self.build_network_architecture = functools.partial(type(self).build_network_architecture,
+                                                                drop_path_rate=self.recipe.drop_path_rate)
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """nnU-Net switches `network.decoder.deep_supervision`; a backbone with one output has nothing to switch."""
@@ -306,9 +315,15 @@ class BackboneTrainer(SegbookTrainer):
         path = self.settings.weights or str(resolve_weights(self.model, None, Paths.from_env(),
                                                                  self.print_to_log_file).path)
         report = load_into(unwrap(self.network), self.backbone, path, tiling=self.settings.stem_tiling)
-        if self.settings.stem_tiling is None:  # a run nnU-Net's tools started: record the format's rule it applied
-            self.settings = replace(self.settings, stem_tiling=checkpoint_facts(self.backbone, path).stem_tiling)
-            self.run_record.resolved_setting("stem_tiling", self.settings.stem_tiling)
+        if self.settings.stem_tiling is None or self.run_record.recorded("normalization") is None:
+            # a run nnU-Net's tools started: record the format's rule it applied and what the file says
+            facts = checkpoint_facts(self.backbone, path)
+            self.pretraining_normalization = facts.pretraining
+            for warning in facts.warnings:
+                self.print_to_log_file(f"warning: {warning}")
+            if self.settings.stem_tiling is None:
+                self.settings = replace(self.settings, stem_tiling=facts.stem_tiling)
+                self.run_record.resolved_setting("stem_tiling", self.settings.stem_tiling)
         self.print_to_log_file(f"loaded {len(report.loaded)} pretrained tensors from {path}; "
                                f"fresh heads: {len(report.skipped_heads)} tensors; tiled: {report.tiled or 'none'}; "
                                f"adapted: {report.adapted or 'none'}")
@@ -342,9 +357,10 @@ class STUNetTrainer(BackboneTrainer):
 def _backbone_builder(model: str):
     """nnU-Net's `build_network_architecture` hook for a backbone (also what its predictor calls)."""
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+                                   num_output_channels: int, enable_deep_supervision: bool = True,
+                                   drop_path_rate: float | None = None) -> nn.Module:
         return build(backbones.get(model), configuration_manager, num_input_channels, num_output_channels,
-                     enable_deep_supervision)
+                     enable_deep_supervision, drop_path_rate)
 
     return build_network_architecture
 

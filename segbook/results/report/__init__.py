@@ -29,7 +29,7 @@ from segbook.results.report.figures import (FIGURE_FORMATS, Drawn, Figures, delt
                                             recipe_deltas, significance_heatmaps, violin)
 from segbook.results.report.markup import definitions_html, notes_html, page_html, signed_span, table_html
 from segbook.results.scores import METRIC_NAMES, Config, delta_unit, metric_label, metric_sign, seed_noise, whole_split
-from segbook.results.selection import Selection
+from segbook.results.selection import MEAN, Selection
 from segbook.results.stats import (case_tests, case_tests_table, compare_pretrained, rank_stability, rank_table,
                                    significance_map, significance_table, stats_table)
 from segbook.results.tables import TableSpec, sections, table_spec
@@ -67,6 +67,9 @@ def write_report(df: pd.DataFrame, out: str | os.PathLike, selection: Selection 
     import matplotlib.style
 
     selection, out = Selection.of(selection, **choices), Path(out)
+    if selection.summary != MEAN:
+        raise SegbookError(f"the report shows means beside statistics of mean differences; summary "
+                           f"{selection.summary!r} applies to the tables (`segbook results --summary median`)")
     # Matplotlib's defaults, whatever else ran in this process (nnU-Net's progress plots set seaborn's font scale 2.5).
     with matplotlib.style.context("default"):
         parts = _parts(df, selection, Figures(figures, figure_format))

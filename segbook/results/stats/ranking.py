@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 
 from segbook.results.configs import comparability_classes, config_label, configurations, shows_recipes, variant_profiles
-from segbook.results.scores import Config, Member, ScoreLookup, metric_sign, whole_split
-from segbook.results.selection import Selection
+from segbook.results.collect import case_scores, run_folders
+from segbook.results.scores import CONFIG_KEYS, Config, Member, ScoreLookup, counted_runs, metric_sign, whole_split
+from segbook.results.selection import AGGREGATE_THEN_RANK, RANK_THEN_AGGREGATE, Selection
 from segbook.results.stats.cases import corrected_p
 from segbook.results.stats.paired import ALPHA, BOOTSTRAP_SEED, RANK_SAMPLES, rounded
 from segbook.results.tables.groups import grouped_lookup
@@ -104,20 +105,36 @@ def significance_table(significance: pd.DataFrame) -> ResultTable:
 
 
 RANK_COLUMNS = ("group", "config", "n", "first", "mean_rank")
+#: rank-then-aggregate's further columns: how many of the n datasets were ranked per case (the others on their
+#: dataset scores) and each configuration's average rank over the n datasets (1 = best).
+RANK_THEN_AGGREGATE_COLUMNS = ("per_case", "average_rank")
+#: The frame attribute naming the method that ranked it.
+METHOD = "method"
+#: `_case_table`'s column of a configuration: its fields joined.
+CASE_COLUMN_JOIN = "\t"
 
 
 def rank_stability(df: pd.DataFrame, selection: Selection | str = "dice", group_by: str = "all",
                    samples: int = RANK_SAMPLES, seed: int = BOOTSTRAP_SEED, **choices: Any) -> pd.DataFrame:
     """Per group, how often each configuration ranks first when the datasets are resampled with replacement
-    (`samples` times, seeded): `first` is the share of resamples in which its mean score is the best (ties share),
-    `mean_rank` its mean rank (1 = best). Only the group's datasets that have every configuration count (n), with
-    their runs agreeing in data and evaluation settings. Configurations of different budgets, precision, plans or
-    sources (`comparability_classes`) are ranked apart, the group then naming what they differ in: `small [2x1 it]`.
+    (`samples` times, seeded): `first` is the share of resamples in which it is the best (ties share), `mean_rank`
+    its mean place (1 = best). Only the group's datasets that have every configuration count (n), with their runs
+    agreeing in data and evaluation settings. Configurations of different budgets, precision, plans or sources
+    (`comparability_classes`) are ranked apart, the group then naming what they differ in: `small [2x1 it]`.
+
+    The selection's `rank_method` says what "best" is: `aggregate-then-rank`, the best mean score over the
+    resampled datasets; `rank-then-aggregate` (the challenge convention), the lowest average rank, where each
+    dataset gives every configuration its mean rank over the test cases that all of them scored (ties share the
+    average rank, scipy's `rankdata`), or its rank on the dataset scores where the dataset has no such cases
+    (numbers imported from CSV, a label group of a split dataset). Its frame adds `per_case` and `average_rank`
+    (RANK_THEN_AGGREGATE_COLUMNS, on all n datasets); `attrs["method"]` names the method.
     """
     selection = Selection.of(selection, **choices)
     metric, df = selection.metric, whole_split(df)
+    method = selection.rank_method
     configs = configurations(df, selection)
     members, lookup = grouped_lookup(df, configs, selection, group_by)
+    cases = _case_table(df, configs, metric) if method == RANK_THEN_AGGREGATE else None
     rng = np.random.default_rng(seed)
     named = shows_recipes(configs)
     profiles = variant_profiles(df)
@@ -126,37 +143,105 @@ def rank_stability(df: pd.DataFrame, selection: Selection | str = "dice", group_
     for group, tasks in members.items():
         for label, ranked in classes.items():
             shown = group if len(classes) == 1 else f"{group} [{label}]"
-            rows += _ranks(lookup, tasks, ranked, metric, rng, samples, shown, named)
-    return pd.DataFrame(rows, columns=list(RANK_COLUMNS))
+            rows += _ranks(lookup, tasks, ranked, metric, rng, samples, shown, named, cases)
+    columns = [*RANK_COLUMNS, *(RANK_THEN_AGGREGATE_COLUMNS if cases is not None else ())]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame.attrs[METHOD] = method
+    return frame
+
+
+def _case_table(df: pd.DataFrame, configs: list[Config], metric: str) -> dict[str, pd.DataFrame]:
+    """Per dataset, its test cases x configurations: the per-case scores (`collect.case_scores`, seeds and folds
+    averaged per case) of the counted runs with a folder of `configs` (numbers imported from CSV have none)."""
+    keys = pd.MultiIndex.from_arrays([df[key] for key in CONFIG_KEYS])
+    runs = counted_runs(df[keys.isin(configs) & df["evaluated"] & run_folders(df)])
+    tables = {}
+    for task, scores in case_scores(runs, metric).groupby("task", sort=False):
+        columns = [_case_column(tuple(key)) for key in zip(*(scores[key] for key in CONFIG_KEYS))]
+        tables[task] = scores.assign(config=columns).pivot_table(index="case", columns="config", values="score",
+                                                                 aggfunc="first")
+    return tables
+
+
+def _case_column(config: Config) -> str:
+    return CASE_COLUMN_JOIN.join(config)
 
 
 def _ranks(lookup: ScoreLookup, tasks: list[Member], configs: list[Config], metric: str, rng: np.random.Generator,
-           samples: int, group: str, named: bool) -> list[dict[str, object]]:
-    """The rank rows of `configs` over the members that have them all, their runs agreeing in basis."""
+           samples: int, group: str, named: bool,
+           cases: dict[str, pd.DataFrame] | None = None) -> list[dict[str, object]]:
+    """The rank rows of `configs` over the members that have them all, their runs agreeing in basis; `cases`
+    (`_case_table`) ranks them rank-then-aggregate."""
     from scipy.stats import rankdata
 
-    complete = [[lookup[part][(task, *config)] for config in configs] for task, part in tasks
+    complete = [(task, part) for task, part in tasks
                 if all((task, *config) in lookup[part] for config in configs)
                 and len({lookup.basis.get((task, *config)) for config in configs}) == 1]
     if not complete or len(configs) < 2:
         return []
-    scores = metric_sign(metric) * np.array(complete)
-    means = scores[rng.integers(0, len(scores), size=(samples, len(scores)))].mean(axis=1)
-    best = np.isclose(means, means.max(axis=1, keepdims=True), rtol=0, atol=1e-12)
+    sign = metric_sign(metric)
+    scores = sign * np.array([[lookup[part][(task, *config)] for config in configs] for task, part in complete])
+    if cases is None:  # the mean score of each resample, ranked
+        aggregates = scores[rng.integers(0, len(scores), size=(samples, len(scores)))].mean(axis=1)
+        extra: list[dict[str, object]] = [{} for _ in configs]
+    else:  # each dataset's ranks, averaged over each resample (lower is better: negated to rank like scores)
+        per_dataset = [_dataset_ranks(cases, task, part, configs, sign, row) for (task, part), row in
+                       zip(complete, scores)]
+        ranks = np.array([dataset_ranks for dataset_ranks, _ in per_dataset])
+        aggregates = -ranks[rng.integers(0, len(ranks), size=(samples, len(ranks)))].mean(axis=1)
+        per_case = sum(ranked for _, ranked in per_dataset)
+        extra = [{"per_case": per_case, "average_rank": float(rank)} for rank in ranks.mean(axis=0)]
+    best = np.isclose(aggregates, aggregates.max(axis=1, keepdims=True), rtol=0, atol=1e-12)
     first = (best / best.sum(axis=1, keepdims=True)).mean(axis=0)
-    ranks = rankdata(-means, axis=1).mean(axis=0)
+    places = rankdata(-aggregates, axis=1).mean(axis=0)
     return [{"group": group, "config": config_label(config, named), "n": len(scores), "first": float(share),
-             "mean_rank": float(rank)} for config, share, rank in zip(configs, first, ranks)]
+             "mean_rank": float(place), **more} for config, share, place, more in zip(configs, first, places, extra)]
+
+
+def _dataset_ranks(cases: dict[str, pd.DataFrame], task: str, part: str | None, configs: list[Config], sign: float,
+                   scores: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A dataset's rank of each configuration (1 = best, ties averaged): the mean over the test cases every
+    configuration scored of the per-case ranks, or the rank of its dataset `scores` (signed: higher is better)
+    where it has no such case; and whether it was ranked per case."""
+    from scipy.stats import rankdata
+
+    columns = [_case_column(config) for config in configs]
+    table = cases.get(task)
+    if part is None and table is not None and all(column in table.columns for column in columns):
+        both = sign * table[columns].dropna().to_numpy(float)
+        if len(both):
+            return rankdata(-both, axis=1).mean(axis=0), True
+    return rankdata(-scores), False
 
 
 def rank_table(ranks: pd.DataFrame, samples: int = RANK_SAMPLES) -> ResultTable:
-    table = ResultTable("ranks", "rank stability: how often each configuration ranks first", list(RANK_COLUMNS))
-    table.rows = [[row.group, row.config, row.n, round(100 * row.first, 1), round(row.mean_rank, 2)]
-                  for row in ranks.itertuples(index=False)]
-    table.columns = ["group", "configuration", "n", "first (%)", "mean rank"]
-    table.notes = [f"bootstrap over datasets ({samples} resamples with replacement, seed {BOOTSTRAP_SEED}) of the "
-                   "group's datasets that have every configuration (n): the share of resamples in which the "
-                   "configuration's mean score is the best (ties share it) and its mean rank (1 = best)"]
+    """The rank stability as a table, with what its method ranks (`rank_stability`)."""
+    method = ranks.attrs.get(METHOD, AGGREGATE_THEN_RANK)
+    bootstrap = (f"bootstrap over datasets ({samples} resamples with replacement, seed {BOOTSTRAP_SEED}) of the "
+                 "group's datasets that have every configuration (n)")
+    if method == AGGREGATE_THEN_RANK:
+        table = ResultTable("ranks", "rank stability (aggregate-then-rank): how often each configuration ranks "
+                            "first", ["group", "configuration", "n", "first (%)", "mean rank"])
+        table.rows = [[row.group, row.config, row.n, round(100 * row.first, 1), round(row.mean_rank, 2)]
+                      for row in ranks.itertuples(index=False)]
+        table.notes = [f"aggregate-then-rank: {bootstrap}: the share of resamples in which the configuration's mean "
+                       "score is the best (ties share it) and its mean rank (1 = best)"]
+    else:
+        table = ResultTable("ranks", "rank stability (rank-then-aggregate): average ranks, and how often each "
+                            "configuration ranks first",
+                            ["group", "configuration", "n", "ranked per case", "average rank", "first (%)",
+                             "mean rank"])
+        table.rows = [[row.group, row.config, row.n, row.per_case, round(row.average_rank, 2),
+                       round(100 * row.first, 1), round(row.mean_rank, 2)] for row in ranks.itertuples(index=False)]
+        table.notes = ["rank-then-aggregate (the challenge convention): per dataset, the configurations are ranked "
+                       "on every test case that all of them scored (a case's score: the mean over its foreground "
+                       "labels, seeds and folds averaged; ties share the average rank) and the ranks averaged over "
+                       "those cases; a dataset without such cases (numbers imported from CSV, a label group of a "
+                       "split dataset) ranks them on its dataset scores. ranked per case: how many of the n datasets "
+                       "were ranked per case; average rank: the mean over the n datasets of the dataset ranks "
+                       "(1 = best)",
+                       f"{bootstrap}: the share of resamples in which the configuration's average rank is the lowest "
+                       "(ties share it) and its mean place (1 = best)"]
     if ranks.empty:
         table.notes = ["no ranking: no dataset has every shown configuration"]
     return table

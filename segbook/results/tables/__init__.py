@@ -16,7 +16,7 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from segbook.results.selection import Selection, TableError
+from segbook.results.selection import AGGREGATE_THEN_RANK, MEAN, Selection, TableError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,8 +44,9 @@ def builder(target: str, **arguments: str) -> Builder:
 @dataclass(frozen=True)
 class TableSpec:
     """A table by name: what it shows (`about`, as --help says it), its builder and that of its `--stats` form
-    (None: --stats does not apply to it), the report section that shows it (None: only `segbook results`), and
-    whether `segbook results` collects the runs of every recipe for it when --recipes is not given."""
+    (None: --stats does not apply to it), the report section that shows it (None: only `segbook results`),
+    whether `segbook results` collects the runs of every recipe for it when --recipes is not given, and whether its
+    cells summarise datasets or test cases, so that `--summary median` applies to it."""
 
     name: str
     about: str
@@ -53,6 +54,7 @@ class TableSpec:
     stats: Builder | None
     section: str | None
     every_recipe: bool = False
+    summarises: bool = False
 
 
 #: The --stats form of the tables that compare pretrained with scratch over groups of datasets.
@@ -62,7 +64,7 @@ PAIRED = "segbook.results.stats:pretrained_stats"
 def _group(name: str, about: str) -> TableSpec:
     """A table by group of datasets, whose --stats compares pretrained with scratch per group."""
     return TableSpec(name, about, builder("segbook.results.tables.groups:group_table", group_by=name),
-                     builder(PAIRED, group_by=name), section=name)
+                     builder(PAIRED, group_by=name), section=name, summarises=True)
 
 
 def _statistic(name: str, function: str, about: str) -> TableSpec:
@@ -77,7 +79,7 @@ TABLES: tuple[TableSpec, ...] = (
     _group("region", "with bone and vessel"),
     TableSpec("recipes", "by scale per fine-tuning recipe, against scratch and the segbook recipe",
               builder("segbook.results.tables.recipes:recipe_table"), builder("segbook.results.stats:recipe_stats"),
-              section="recipes", every_recipe=True),
+              section="recipes", every_recipe=True, summarises=True),
     _statistic("case-tests", "case_test_stats", "per dataset, pretrained vs scratch over the test cases, Holm and "
                "Benjamini-Hochberg corrected"),
     _statistic("significance", "significance_stats", "per scale group, every configuration against every other, "
@@ -90,7 +92,7 @@ TABLES: tuple[TableSpec, ...] = (
               "configuration", builder("segbook.results.cost:cost_table"), None, section="cost"),
     TableSpec("datasets", "a row per dataset, every configuration side by side",
               builder("segbook.results.tables.datasets:dataset_table"), builder(PAIRED, group_by="all"),
-              section="datasets"),
+              section="datasets", summarises=True),
     TableSpec("lesions", "lesion sensitivity and false positives per case",
               builder("segbook.results.lesions:lesion_table"), None, section=None),
     TableSpec("external", "per (trained on, tested on) pair: internal and external scores, the gap, Delta(PT) on "
@@ -112,10 +114,26 @@ def build_table(df: pd.DataFrame, name: str, selection: Selection | str = "dice"
                 **choices: Any) -> ResultTable:
     """Any table by name, or with `stats` its --stats form: what `segbook results --table NAME [--stats]` prints.
     `selection`: a `Selection`, or a metric with its other fields as keywords (`Selection.of`)."""
+    selection = Selection.of(selection, **choices)
+    spec = check_request(name, selection, stats)
+    return (spec.stats if stats else spec.build)(df, selection)
+
+
+def check_request(name: str, selection: Selection, stats: bool = False) -> TableSpec:
+    """The table's spec, or a `TableError` saying why the request does not apply to it (before anything is
+    collected): --stats to a table without a --stats form, --summary median to one whose cells are no summary over
+    datasets or cases, a rank method to a table other than ranks."""
     spec = table_spec(name)
     if stats and spec.stats is None:
         raise TableError(f"--stats compares pretrained with scratch per group; it does not apply to --table {name}")
-    return (spec.stats if stats else spec.build)(df, Selection.of(selection, **choices))
+    if selection.summary != MEAN and (stats or not spec.summarises):
+        shown = "--stats gives tests of mean differences" if stats else (
+            f"--table {name}'s cells are statistics, costs or counts, not a summary over datasets or test cases")
+        raise TableError(f"--summary {selection.summary} does not apply: {shown}; it applies to --table "
+                         f"{', '.join(s.name for s in TABLES if s.summarises)} (without --stats)")
+    if selection.rank_method != AGGREGATE_THEN_RANK and name != "ranks":
+        raise TableError(f"--method says how --table ranks ranks configurations; it does not apply to --table {name}")
+    return spec
 
 
 def sections() -> dict[str, list[TableSpec]]:

@@ -23,8 +23,9 @@ from segbook.results.configs import (DELTA, MODEL_NAMES, axis_values, config_axe
 from segbook.results.excluded import exclusion_notes
 from segbook.results.scores import (METRIC_NAMES, Config, Member, ScoreLookup, SeedLookup, dataset_scores,
                                     delta_convention, group_spread, metric_factor, metric_label, metric_sign,
-                                    protocol_note, score_lookup, score_lookups, seed_noise, whole_split)
-from segbook.results.selection import Selection, TableError
+                                    protocol_note, score_lookup, score_lookups, seed_noise, summarised, summary_text,
+                                    whole_split)
+from segbook.results.selection import MEAN, Selection, TableError
 from segbook.runs import default_recipe
 from segbook.results.tables.table import MISSING_MARK, Cell, ResultTable
 
@@ -104,7 +105,9 @@ def grouped_lookup(df: pd.DataFrame, configs: Sequence[Config], selection: Selec
 
 
 def group_cell(lookup: ScoreLookup, members: list[Member], config: Config, metric: str = "dice",
-               seeds: SeedLookup | None = None) -> Cell:
+               seeds: SeedLookup | None = None, summary: str = MEAN) -> Cell:
+    """The configuration's `summary` (mean, or median with quartiles) over the members that have it; the spread
+    across seeds goes with the mean only."""
     factor = metric_factor(metric)
     values, missing = [], []
     for task, part in members:
@@ -113,16 +116,17 @@ def group_cell(lookup: ScoreLookup, members: list[Member], config: Config, metri
             missing.append(task)
         else:
             values.append(value)
-    mean = factor * sum(values) / len(values) if values else None
-    spread = group_spread(seeds, members, config)
-    return Cell(mean, len(values), tuple(missing), marker=MISSING_MARK if missing and values else "",
-                spread=None if spread is None else factor * spread)
+    center, quartiles = summarised(values, summary)
+    spread = group_spread(seeds, members, config) if summary == MEAN else None
+    return Cell(None if center is None else factor * center, len(values), tuple(missing),
+                marker=MISSING_MARK if missing and values else "",
+                spread=None if spread is None else factor * spread, quartiles=_scaled(quartiles, factor))
 
 
 def delta_cell(lookup: ScoreLookup, members: list[Member], config: Config, baseline: Config,
-               metric: str = "dice") -> Cell:
-    """The paired mean of `config` minus `baseline` over the members that have both (reversed where lower is
-    better)."""
+               metric: str = "dice", summary: str = MEAN) -> Cell:
+    """The paired `summary` (mean, or median with quartiles) of `config` minus `baseline` over the members that
+    have both (reversed where lower is better)."""
     factor = metric_sign(metric) * metric_factor(metric)
     diffs, missing = [], []
     for task, part in members:
@@ -131,8 +135,18 @@ def delta_cell(lookup: ScoreLookup, members: list[Member], config: Config, basel
             missing.append(task)
         else:
             diffs.append(pair[0] - pair[1])
-    mean = factor * sum(diffs) / len(diffs) if diffs else None
-    return Cell(mean, len(diffs), tuple(missing), marker=MISSING_MARK if missing and diffs else "", signed=True)
+    center, quartiles = summarised(diffs, summary)
+    return Cell(None if center is None else factor * center, len(diffs), tuple(missing),
+                marker=MISSING_MARK if missing and diffs else "", signed=True,
+                quartiles=_scaled(quartiles, factor))
+
+
+def _scaled(quartiles: tuple[float, float] | None, factor: float) -> tuple[float, float] | None:
+    """Quartiles in the shown unit, low first (a negative factor, HD95's reversed Delta, swaps them)."""
+    if quartiles is None:
+        return None
+    low, high = sorted((factor * quartiles[0], factor * quartiles[1]))
+    return low, high
 
 
 
@@ -157,28 +171,31 @@ def group_table(df: pd.DataFrame, selection: Selection, group_by: str) -> Result
     shown = []
     for config in configs:
         model, init = config[:2]
-        cells = [group_cell(lookup, tasks, config, metric, seeds) for tasks in members.values()]
+        cells = [group_cell(lookup, tasks, config, metric, seeds, selection.summary) for tasks in members.values()]
         table.rows.append([model, init, *axis_values(config, axes), *(_cost(model) if cost else []), *cells])
         shown.append((config, cells))
         if config in baselines:
             table.rows.append([model, DELTA, *axis_values(config, axes), *([None] * 3 if cost else []),
-                               *(delta_cell(lookup, tasks, config, baselines[config], metric)
+                               *(delta_cell(lookup, tasks, config, baselines[config], metric, selection.summary)
                                  for tasks in members.values())])
-    table.notes = (group_notes(table, members, by, metric) + missing_notes(shown, lookup, list(facts.index), named)
+    table.notes = (group_notes(table, members, by, metric, selection.summary)
+                   + missing_notes(shown, lookup, list(facts.index), named, selection.summary)
                    + pairing_notes(configs, profiles, lookup, named)
-                   + seed_notes(df, metric, list(baselines.items()), seeds is not None, named) + protocol_note(runs))
+                   + seed_notes(df, metric, list(baselines.items()), seeds is not None, named, selection.summary)
+                   + protocol_note(runs))
     table.notes += exclusion_notes(df, metric, configs, METRIC_NAMES[metric])
     return table
 
 
 
 def seed_notes(df: pd.DataFrame, metric: str, pairs: Sequence[tuple[Config, Config]], seeded: bool,
-               named: bool = False) -> list[str]:
+               named: bool = False, summary: str = MEAN) -> list[str]:
     """How cells average seeds and, per Delta(PT), on how many datasets it is within seed noise."""
     if not seeded:
         return []
     notes = ["seeds: a dataset's score is the mean over its seeds; a cell's \u00b1 is the standard deviation across "
-             "seeds of the cell's mean (over the seeds every dataset of the cell ran)"]
+             "seeds of the cell's mean (over the seeds every dataset of the cell ran)" if summary == MEAN else
+             "seeds: a dataset's score is the mean over its seeds (no \u00b1: the spread across seeds is of a mean)"]
     scores = dataset_scores(whole_split(df), metric)
     for config, baseline in pairs:
         noise = seed_noise(df, metric, config, baseline, scores).dropna(subset=["within_noise"])
@@ -199,19 +216,22 @@ def _cost(model: str) -> list[float | None]:
     return [round(parameters / 1e6, 1), round(macs / 1e12, 2), round(2 * macs / 1e12, 2)]
 
 
-def group_notes(table: ResultTable, members: dict[str, list[Member]], by: Grouping, metric: str) -> list[str]:
+def group_notes(table: ResultTable, members: dict[str, list[Member]], by: Grouping, metric: str,
+                summary: str = MEAN) -> list[str]:
     if not members:
         return ["no datasets: no runs of the shown configurations"]
-    notes = [f"cell: mean {metric_label(metric)} over the n datasets of the group that have the configuration"]
+    notes = [f"cell: {summary_text(summary)} {metric_label(metric)} over the n datasets of the group that have the "
+             "configuration" + ("" if summary == MEAN else " (quartiles: numpy.percentile, linear interpolation)")]
     if "TMACs" in table.columns:
         notes.append("params, TMACs (forward multiply-accumulates; the STU-Net paper's 'TFLOPs') and TFLOPs "
                      "(= 2 x TMACs) for one 128^3 patch; nnU-Net's network depends on each dataset's plans, "
                      "and ResEnc's are its reference architecture's (6 stages), which the plans adapt")
     if any(row[1] == DELTA for row in table.rows):
         per_recipe = ", per recipe (its pretrained runs minus scratch)" if "recipe" in table.columns else ""
-        notes.append(f"{DELTA}: mean of (pretrained - scratch) over the datasets that have both, in points"
+        what = summary_text(summary)
+        notes.append(f"{DELTA}: {what} of (pretrained - scratch) over the datasets that have both, in points"
                      + per_recipe if metric not in LOWER_IS_BETTER else
-                     f"{DELTA}: mean of (scratch - pretrained) over the datasets that have both, in mm" + per_recipe)
+                     f"{DELTA}: {what} of (scratch - pretrained) over the datasets that have both, in mm" + per_recipe)
         notes += [note for note in [delta_convention(metric)] if note]
     empty = [group for group in by.groups if group not in members and group not in by.quiet]
     if empty:
@@ -220,7 +240,7 @@ def group_notes(table: ResultTable, members: dict[str, list[Member]], by: Groupi
 
 
 def missing_notes(shown: list[tuple[Config, list[Cell]]], lookup: ScoreLookup, order: list[str],
-                   with_recipe: bool) -> list[str]:
+                   with_recipe: bool, summary: str = MEAN) -> list[str]:
     """Per configuration, the datasets (in registry order) that some of its cells lack; a dataset lacks a part
     score when its result was imported without per-label scores."""
     lines = []
@@ -232,8 +252,9 @@ def missing_notes(shown: list[tuple[Config, list[Cell]]], lookup: ScoreLookup, o
             lines.append(f"  {config_label(config, with_recipe)}: {_names(named)}")
     if not lines:
         return []
-    return [f"{MISSING_MARK} not every dataset of the group has this configuration: the cell averages those that "
-            "do. Missing:", *lines]
+    how = "averages" if summary == MEAN else "is the median and quartiles of"
+    return [f"{MISSING_MARK} not every dataset of the group has this configuration: the cell {how} those that do. "
+            "Missing:", *lines]
 
 
 def _names(tasks: Sequence[str], limit: int = 8) -> str:

@@ -15,8 +15,9 @@ import pandas as pd
 from segbook.results.configs import (DEFAULT_RECIPE, DELTA, MODEL_NAMES, axis_values, comparable,
                                      configurations, dataset_facts, shows_variants, unpaired_note, variant_profiles)
 from segbook.results.excluded import exclusion_notes
-from segbook.results.scores import METRIC_NAMES, Config, metric_label, protocol_note, score_lookups, whole_split
-from segbook.results.selection import Selection, TableError
+from segbook.results.scores import (METRIC_NAMES, Config, metric_label, protocol_note, score_lookups, summary_text,
+                                    whole_split)
+from segbook.results.selection import MEAN, Selection, TableError
 from segbook.runs import default_recipe
 from segbook.results.tables.groups import (delta_cell, group_cell, group_members, group_notes, grouping,
                                            missing_notes, seed_notes)
@@ -81,30 +82,33 @@ def recipe_table(df: pd.DataFrame, selection: Selection | str = "dice", **choice
                         ["model", "init", *axes, *members], display={"model": MODEL_NAMES})
     shown, notes = [], []
     for config in rows:
-        cells = [group_cell(lookup, tasks, config, metric, seeds) for tasks in members.values()]
+        cells = [group_cell(lookup, tasks, config, metric, seeds, selection.summary) for tasks in members.values()]
         table.rows.append([*config[:2], *axis_values(config, axes), *cells])
         shown.append((config, cells))
         for label, baseline in recipe_baselines(config, rows, profiles) if config[1] == "pretrained" else []:
             table.rows.append([config[0], label, *axis_values(config, axes),
-                               *(delta_cell(lookup, tasks, config, baseline, metric) for tasks in members.values())])
+                               *(delta_cell(lookup, tasks, config, baseline, metric, selection.summary)
+                                 for tasks in members.values())])
         notes += [note for label, candidates in (_baseline_candidates(config, rows) if config[1] == "pretrained"
                                                  else [])
                   for note in [unpaired_note(config, candidates, profiles, label, True)] if note]
     pairs = [(c, b) for c in pretrained for label, b in recipe_baselines(c, rows, profiles) if label == VS_SCRATCH]
-    table.notes = (group_notes(table, members, by, metric) + _recipe_notes(table, pretrained) + notes
-                   + missing_notes(shown, lookup, list(facts.index), True)
-                   + seed_notes(df, metric, pairs, seeds is not None, True) + protocol_note(runs))
+    table.notes = (group_notes(table, members, by, metric, selection.summary)
+                   + _recipe_notes(table, pretrained, selection.summary) + notes
+                   + missing_notes(shown, lookup, list(facts.index), True, selection.summary)
+                   + seed_notes(df, metric, pairs, seeds is not None, True, selection.summary) + protocol_note(runs))
     table.notes += exclusion_notes(df, metric, rows, METRIC_NAMES[metric])
     return table
 
 
-def _recipe_notes(table: ResultTable, pretrained: Sequence[Config]) -> list[str]:
+def _recipe_notes(table: ResultTable, pretrained: Sequence[Config], summary: str = MEAN) -> list[str]:
     if not table.rows:
         return []
-    notes = [f"{VS_SCRATCH}: mean of (recipe - scratch of the same network) over the datasets that have both, in "
+    what = summary_text(summary)
+    notes = [f"{VS_SCRATCH}: {what} of (recipe - scratch of the same network) over the datasets that have both, in "
              "points"]
     if any(row[1] == VS_DEFAULT for row in table.rows):
-        notes.append(f"{VS_DEFAULT}: mean of (recipe - the {DEFAULT_RECIPE} recipe of the same network) over the "
+        notes.append(f"{VS_DEFAULT}: {what} of (recipe - the {DEFAULT_RECIPE} recipe of the same network) over the "
                      "datasets that have both, in points")
     elif all(recipe != DEFAULT_RECIPE for _, _, recipe, _ in pretrained):
         notes.append(f"no {VS_DEFAULT} rows: the {DEFAULT_RECIPE} recipe is not shown (add it to --recipes)")

@@ -1,6 +1,7 @@
 """A table ready for any output format: plain values and `Cell`s (a score with what it averages and lacks), notes.
 
-Text formats show cells formatted (`81.56 ±0.59 (n=2)*`), csv and json their numbers with counts and details as
+Text formats show cells formatted (`81.56 ±0.59 (n=2)*`, or with `--summary median` `81.20 (78.05, 84.90) (n=4)`:
+the median with its first and third quartiles), csv and json their numbers with counts, quartiles and details as
 columns of their own, LaTeX with its special characters escaped.
 """
 
@@ -33,6 +34,8 @@ class Cell:
     spread: float | None = None
     #: How many seeds a dataset cell averages (its `count` being the folds each seed averages).
     seeds: int | None = None
+    #: The first and third quartiles (same unit as `value`), where `value` is a median (`--summary median`).
+    quartiles: tuple[float, float] | None = None
 
     def number(self) -> float | None:
         return None if self.value is None else round(self.value, 4)
@@ -40,9 +43,14 @@ class Cell:
     def text(self, show_count: bool = True) -> str:
         if self.value is None:
             return (self.status or "missing") + self.marker
-        number = f"{self.value + 0.0:+.2f}" if self.signed else f"{self.value:.2f}"  # + 0.0: no -0.00
+        number = self._format(self.value)
+        if self.quartiles is not None:
+            number += f" ({self._format(self.quartiles[0])}, {self._format(self.quartiles[1])})"
         spread = "" if self.spread is None else f" \u00b1{self.spread:.2f}"
         return number + spread + (f" (n={self.count})" if show_count else "") + self.marker
+
+    def _format(self, value: float) -> str:
+        return f"{value + 0.0:+.2f}" if self.signed else f"{value:.2f}"  # + 0.0: no -0.00
 
     def detail(self) -> str:
         return "; ".join(self.missing) if self.missing else self.status
@@ -70,13 +78,19 @@ class ResultTable:
         cells = [value for row in self.rows for value in row if isinstance(value, Cell)]
         spread = any(cell.spread is not None for cell in cells)
         seeds = any((cell.seeds or 0) > 1 for cell in cells)
-        records = [dict(self._record(row, machine, spread, seeds)) for row in self.rows]
+        quartiles = any(cell.quartiles is not None for cell in cells)
+        records = [dict(self._record(row, machine, spread, seeds, quartiles)) for row in self.rows]
         return [{_latex(k): _latex(v) for k, v in r.items()} for r in records] if fmt == "latex" else records
 
-    def _record(self, row: list[Any], machine: bool, spread: bool, seeds: bool) -> Iterable[tuple[str, Any]]:
+    def _record(self, row: list[Any], machine: bool, spread: bool, seeds: bool,
+                quartiles: bool) -> Iterable[tuple[str, Any]]:
         for column, value in zip(self.columns, row):
             if isinstance(value, Cell) and machine:
                 yield column, value.number()
+                if quartiles:
+                    low, high = value.quartiles or (None, None)
+                    yield f"{column} q1", None if low is None else round(low, 4)
+                    yield f"{column} q3", None if high is None else round(high, 4)
                 yield f"{column} {self.count_label}", value.count
                 yield f"{column} {self.detail_label}", value.detail()
                 if spread:

@@ -17,14 +17,20 @@ from segbook.paths import Paths
 if TYPE_CHECKING:
     from segbook.training.trainer_parts.record import RunRecorder
 
-#: nnU-Net's cross-validation splits, in the dataset's preprocessed folder.
+#: nnU-Net's cross-validation splits, in the dataset's preprocessed folder, and their number of folds.
 SPLITS = "splits_final.json"
+CROSSVAL_FOLDS = 5
+
+
+class TooFewCasesForFolds(SegbookError):
+    """A dataset with fewer training cases than folds: nnU-Net's split cannot be made, only fold `all` trains."""
 
 
 def write_crossval_splits(preprocessed_folder: Path, data_folder: Path) -> bool:
     """nnU-Net's 5-fold split of the preprocessed cases (its own function and seed, over the case ids nnU-Net's
     trainer would use), written atomically unless the file exists; True when it wrote it. nnU-Net's trainer writes
-    it on first use of a fold with a plain write, which folds starting together race on."""
+    it on first use of a fold with a plain write, which folds starting together race on. `TooFewCasesForFolds`
+    where the data has fewer cases than folds (sklearn's KFold would fail inside nnU-Net's trainer)."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
@@ -32,7 +38,10 @@ def write_crossval_splits(preprocessed_folder: Path, data_folder: Path) -> bool:
     if path.is_file():
         return False
     cases = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
-    splits = generate_crossval_split(cases, seed=12345, n_splits=5)
+    if len(cases) < CROSSVAL_FOLDS:
+        raise TooFewCasesForFolds(f"{len(cases)} training case(s): nnU-Net's {CROSSVAL_FOLDS}-fold cross-validation "
+                                  f"needs at least {CROSSVAL_FOLDS}; train fold all")
+    splits = generate_crossval_split(cases, seed=12345, n_splits=CROSSVAL_FOLDS)
     atomic_write_json(path, [{part: [str(c) for c in ids] for part, ids in split.items()} for split in splits])
     return True
 

@@ -8,7 +8,8 @@ network's parts are its backbone's); the rest is here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+import contextlib
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -42,6 +43,29 @@ class OptimiserGroups:
                                         momentum=settings.momentum, nesterov=settings.nesterov)
         self.optimizer = optimizer
         return optimizer, RecipeSchedule(optimizer, self.recipe, self.epochs, self.train_only)
+
+    @contextlib.contextmanager
+    def clipping(self) -> Iterator[None]:
+        """For one training step: the recipe's gradient clipping. nnU-Net 2.8.1's `train_step` clips the total norm
+        at 12 by calling `torch.nn.utils.clip_grad_norm_` (nnUNetTrainer.py L1042, L1047), a name it looks up as it
+        calls it; during the step that name clips at the recipe's `grad_clip_norm` instead, so nnU-Net's step (its
+        loss scaling, its order of unscale, clip and step) stays its own. At nnU-Net's 12 nothing is replaced."""
+        from segbook.recipes import NNUNET_GRAD_CLIP_NORM
+
+        max_norm = self.recipe.grad_clip_norm
+        if max_norm == NNUNET_GRAD_CLIP_NORM:
+            yield
+            return
+        nnunets = torch.nn.utils.clip_grad_norm_
+
+        def clip_at_the_recipes(parameters, _nnunets_norm, *args, **kwargs):
+            return nnunets(parameters, max_norm, *args, **kwargs)
+
+        torch.nn.utils.clip_grad_norm_ = clip_at_the_recipes
+        try:
+            yield
+        finally:
+            torch.nn.utils.clip_grad_norm_ = nnunets
 
     def param_groups(self, network: nn.Module, group_of: GroupOf) -> list[dict[str, Any]]:
         """The recipe's groups in its order; frozen parameters stay out of the optimiser and get no gradient."""

@@ -9,10 +9,11 @@ find it. That needs the run's task, the registry's key of the dataset: it is loo
 registry (the built-in datasets and the files in SEGBOOK_REGISTRY); a dataset the registry does not know is an error
 before anything is recorded (segbook could not plan it, evaluate it nor put it in a table either).
 
-Then, as nnU-Net's hooks come: the parameter counts, the training cases and preprocessed data, what the run
-computes on and in, its plans and comparability fingerprint (`segbook.fingerprint`), each epoch with its cost, each
-resumable checkpoint, events (resumed, stopped at a boundary, pretrained weights loaded, LoRA merged) and the
-status at the end. With DDP every rank reads the record and rank 0 alone writes it.
+Then, as nnU-Net's hooks come: the normalisation (where segbook did not record it before training: the plans'
+and what the checkpoint loaded says of its pretraining), the parameter counts, the training cases and preprocessed
+data, what the run computes on and in, its plans and comparability fingerprint (`segbook.fingerprint`), each epoch
+with its cost, each resumable checkpoint, events (resumed, stopped at a boundary, pretrained weights loaded, LoRA
+merged) and the status at the end. With DDP every rank reads the record and rank 0 alone writes it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ class RunRecorder:
         if self.writes:
             self.manifest.data["settings"][name] = value
             self.manifest.save()
+
+    def normalization(self, record: dict[str, Any]) -> None:
+        """run.json's `normalization` (`normalization_record`) where the run's record lacks it: a run nnU-Net's own
+        tools started. `segbook finetune` writes it before training, with what it read of the checkpoint."""
+        if self.writes and "normalization" not in self.manifest.data:
+            self.note("normalization", record)
 
     def event(self, name: str, **details: Any) -> None:
         if self.writes:
@@ -156,6 +163,17 @@ def nnunet_run(folder: Path) -> RunSpec:
             "SEGBOOK_REGISTRY), and a run's record names its task: export SEGBOOK_REGISTRY=FILE, the registry file "
             "that registers it, before `nnUNetv2_train`, or train the run with `segbook finetune --registry FILE`"
         ) from None
+
+
+def normalization_record(schemes: list[str], spacing: list[float], plans: str, init: str,
+                         pretraining: dict[str, Any] | None) -> dict[str, Any]:
+    """run.json's `normalization`: the fine-tuning's (the plans' schemes, spacing and identifier) and, for a
+    pretrained run, the pretraining's as its checkpoint says (`CheckpointFacts.pretraining`; None: the checkpoint
+    says nothing, or none was read). Scratch runs have no pretraining to record."""
+    record: dict[str, Any] = {"fine_tuning": {"schemes": list(schemes), "spacing_mm": list(spacing), "plans": plans}}
+    if init == "pretrained":
+        record["pretraining"] = pretraining
+    return record
 
 
 def plans_summary(configuration: Any, batch_size: int, input_channels: int) -> dict[str, Any]:
