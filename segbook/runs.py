@@ -57,6 +57,10 @@ EVALUATION = "evaluation"
 SUMMARY = "summary.json"
 METRICS = "metrics.csv"
 FINAL_CHECKPOINT = "checkpoint_final.pth"
+#: External evaluations (a run scored on another dataset) lie in their own folders under the evaluation folder,
+#: `evaluation/external/<tested task key>[__all-cases]/`, which nothing reading a run's own scores looks into.
+EXTERNAL = "external"
+ALL_CASES_SUFFIX = "__all-cases"
 #: nnU-Net's checkpoints a run resumes from (never from checkpoint_best: that would skip the epochs after it).
 RESUMABLE_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth")
 
@@ -381,6 +385,16 @@ def manifest_path(folder: Path) -> Path:
 
 def evaluation_folder(folder: Path) -> Path:
     return Path(folder) / EVALUATION
+
+
+def external_root(folder: Path) -> Path:
+    """Where a run's external evaluations lie (one folder each)."""
+    return evaluation_folder(folder) / EXTERNAL
+
+
+def external_folder(folder: Path, tested_key: str, all_cases: bool = False) -> Path:
+    """The folder of a run's evaluation on another dataset: its test split, or all its labelled cases."""
+    return external_root(folder) / f"{tested_key}{ALL_CASES_SUFFIX if all_cases else ''}"
 
 
 def summary_path(folder: Path) -> Path:

@@ -48,6 +48,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "--normalization checkpoint, which name the run's plans; never loaded)")
     which.add_argument("--run", metavar="DIR", help="a run folder (…/fold_X) instead of --task/--model")
     add_registry_option(parser)
+    external = parser.add_argument_group(
+        "external validation (the run scored on datasets it never saw; `segbook tasks pairs` lists them)")
+    external.add_argument("--on", nargs="+", metavar="TASK",
+                          help="score the run on these datasets instead of its own: their raw images preprocessed "
+                               "with the run's plans, scored on the structures both datasets label (by registry "
+                               "name, or --label-map); written to evaluation/external/TASK/ in the run folder")
+    external.add_argument("--on-all-cases", action="store_true",
+                          help="with --on: all labelled cases of each dataset, its training split included")
+    external.add_argument("--label-map", metavar="FILE",
+                          help="with --on: YAML naming synonyms and merges, e.g. 'structures: {Kidney: [Left "
+                               "kidney, Right kidney]}' (docs/results.md)")
     options = parser.add_argument_group("prediction and metrics")
     options.add_argument("--step-size", type=bounded(STEP_SIZE), default=0.5,
                          help="sliding-window step as a fraction of the patch")
@@ -82,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     registry = registry_from_args(args)
     settings = EvaluationSettings(step_size=args.step_size, gaussian=args.gaussian, mirroring=args.mirroring,
                                   nsd_tolerance_mm=args.nsd_tolerance, empty_dice=args.empty_dice)
+    if args.on or args.on_all_cases or args.label_map:
+        return _run_external(args, registry, settings)
     for entry, spec, folder in _runs(args, registry):
         result = evaluate_run(entry, spec, settings=settings, device=args.device, num_processes=args.num_processes,
                               keep_predictions=args.keep_predictions, force=args.force, run_folder=folder,
@@ -106,6 +119,38 @@ def _evaluate_snapshots(entry, spec, settings, args: argparse.Namespace, run_fol
         print(f"snapshot after epoch {snapshot['epoch']} ({snapshot.get('percent')}% of the budget, learning rate "
               "not decayed):")
         _print_summary(result)
+
+
+def _run_external(args: argparse.Namespace, registry, settings) -> int:
+    """Every (run, tested dataset) checked, label map included, before the first prediction."""
+    from segbook.errors import SegbookError
+    from segbook.evaluation.external import evaluate_external, labelled_cases
+    from segbook.paths import Paths
+    from segbook.structures import pair, read_label_map
+
+    if not args.on:
+        raise SegbookError("--on-all-cases and --label-map go with --on TASK (the datasets to score the run on)")
+    if args.snapshots:
+        raise SegbookError("--snapshots with --on: a run is scored on other datasets with its final network only")
+    label_map = read_label_map(args.label_map) if args.label_map else None
+    runs = _runs(args, registry)
+    tested = list({entry.key: entry for entry in (registry.get(task) for task in args.on)}.values())
+    for entry, _, _ in runs:
+        if any(other.key == entry.key for other in tested):
+            raise SegbookError(f"--on {entry.key}: that is the dataset the run trained on; plain `segbook evaluate` "
+                               "scores its test split")
+        for other in tested:
+            pair(entry, other, label_map).require_usable()
+    for other in tested:  # every tested dataset's data is there before the first prediction
+        labelled_cases(other, Paths.from_env(), args.on_all_cases)
+    for entry, spec, folder in runs:
+        for other in tested:
+            result = evaluate_external(entry, spec, other, settings=settings, label_map=label_map,
+                                       all_cases=args.on_all_cases, device=args.device,
+                                       num_processes=args.num_processes, keep_predictions=args.keep_predictions,
+                                       force=args.force, run_folder=folder, threads=args.threads)
+            _print_summary(result)
+    return 0
 
 
 def _runs(args: argparse.Namespace, registry) -> list[tuple]:
@@ -168,7 +213,10 @@ def _recorded_model(model: str, entry) -> None:
 def _print_summary(result) -> None:
     summary = result.summary
     state = "up to date" if result.skipped else "evaluated"
-    print(f"{state}: {result.folder} ({summary['num_cases']} test cases)")
+    external = summary.get("external")
+    where = (f"{external['tested_on']}'s {'labelled' if external['cases'] == 'all' else 'test'} cases, "
+             f"{external['shift']}" if external else "test cases")
+    print(f"{state}: {result.folder} ({summary['num_cases']} {where})")
     for label, values in summary["labels"].items():
         print(f"  {label:>3} {values['name']:<30} Dice {_pct(values['dice'])}  NSD {_pct(values['nsd'])}  "
               f"HD95 {_mm(values['hd95'])}")

@@ -37,6 +37,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_format_option(summary, ("table", "json"))
     add_registry_option(summary)
     summary.set_defaults(handler=run_summary)
+    pairs = actions.add_parser(
+        "pairs", help="which datasets can validate which: shared structures, modalities, case counts, channels",
+        description="Every ordered pair (trained on, tested on) of registered datasets that share a structure, by "
+                    "the registry's label names (without case, spaces, '_' and '-'), derived from the registry "
+                    "now. 'cases' is what `segbook evaluate --on` scores: the tested dataset's test split, or all "
+                    "its labelled cases with --on-all-cases. Pairs whose input channels differ are listed with "
+                    "the reason (evaluate --on refuses them).")
+    pairs.add_argument("--structure", metavar="NAME", help="only pairs sharing this structure (e.g. liver)")
+    add_format_option(pairs, LIST_FORMATS)
+    add_registry_option(pairs)
+    pairs.set_defaults(handler=run_pairs)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -143,3 +154,36 @@ def run_summary(args: argparse.Namespace) -> int:
     summary = registry_from_args(args).summary()
     print(json.dumps(summary.as_dict(), indent=2) if args.format == "json" else _summary_text(summary))
     return 0
+
+
+def pair_row(pairing) -> dict:
+    """One row of `segbook tasks pairs`."""
+    trained, tested = pairing.trained, pairing.tested
+    return {"trained_on": trained.key, "tested_on": tested.key, "shift": pairing.shift,
+            "shared": ", ".join(s.name for s in pairing.structures), "n_shared": len(pairing.structures),
+            "trained_test_cases": trained.test_cases, "tested_test_cases": tested.test_cases,
+            "tested_cases": tested.cases,
+            "channels": "compatible" if not pairing.problems else
+            f"differ: {', '.join(trained.channels)} vs {', '.join(tested.channels)}"}
+
+
+def run_pairs(args: argparse.Namespace) -> int:
+    from segbook.cli.output import emit
+    from segbook.structures import validation_pairs
+
+    pairs = validation_pairs(registry_from_args(args), args.structure)
+    rows = [pair_row(p) for p in pairs]
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    if args.format == "table":
+        rows = [{**row, "shared": _short(row["shared"])} for row in rows]
+    emit(rows, args.format)
+    if args.format == "table":
+        usable = sum(p.usable for p in pairs)
+        print(f"{len(pairs)} pair(s), {usable} with compatible channels")
+    return 0
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -36,9 +36,14 @@ from segbook.runs import (CONFIGURATION, METRICS, SUMMARY, RunSpec, evaluation_f
                           require_recorded_backbone, summary_path)
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from segbook.registry import DatasetEntry
 
 PROCESSES = Bound("--num-processes", int, low=1)
+#: (scored label, the reference labels that are it, the predicted labels that are it), per scored label; None: the
+#: label files' own ids are scored.
+Remap = tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...] | None
 
 
 class EvaluationError(SegbookError):
@@ -105,18 +110,12 @@ def evaluate_run(entry: "DatasetEntry", spec: RunSpec, paths: Paths | None = Non
     paths = paths or Paths.from_env()
     paths.export()
     run_folder = Path(run_folder) if run_folder is not None else spec.folder(paths.results)
-    require_recorded_backbone(run_folder)
-    manifest = RunManifest.load(run_folder)
-    if snapshot is not None:
+    if snapshot is not None:  # a snapshot of a run still training, or stopped, is scored as well
+        require_recorded_backbone(run_folder)
         with torch_threads(threads):
             return _evaluate_snapshot(entry, spec, paths, settings, device, num_processes, keep_predictions, force,
-                                      run_folder, manifest, snapshot)
-    checkpoint = run_folder / settings.checkpoint
-    if not checkpoint.is_file() or (manifest is not None and manifest.status != "finished"):
-        state = f"its status is {manifest.status}" if manifest else "it has not been trained"
-        raise EvaluationError(f"cannot evaluate {run_folder}: it has not finished training ({state}"
-                              f"{'' if checkpoint.is_file() else f', no {settings.checkpoint}'}); train it with "
-                              "`segbook finetune` first")
+                                      run_folder, RunManifest.load(run_folder), snapshot)
+    manifest, checkpoint = trained_run(run_folder, settings)
     split = _test_split(entry, paths, manifest, run_folder)
     device = resolve_device(device)
     tolerance = settings.nsd_tolerance_mm or entry.nsd_tolerance_mm
@@ -167,6 +166,19 @@ def _evaluate_snapshot(entry: "DatasetEntry", spec: RunSpec, paths: Paths, setti
                          manifest, resolved, split, snapshot=record)
 
 
+def trained_run(run_folder: Path, settings: EvaluationSettings) -> tuple[RunManifest | None, Path]:
+    """The run's manifest and final checkpoint, refused unless it finished training."""
+    require_recorded_backbone(run_folder)
+    manifest = RunManifest.load(run_folder)
+    checkpoint = run_folder / settings.checkpoint
+    if not checkpoint.is_file() or (manifest is not None and manifest.status != "finished"):
+        state = f"its status is {manifest.status}" if manifest else "it has not been trained"
+        raise EvaluationError(f"cannot evaluate {run_folder}: it has not finished training ({state}"
+                              f"{'' if checkpoint.is_file() else f', no {settings.checkpoint}'}); train it with "
+                              "`segbook finetune` first")
+    return manifest, checkpoint
+
+
 def _test_split(entry: "DatasetEntry", paths: Paths, manifest: RunManifest | None,
                 run_folder: Path) -> dict[str, Any] | None:
     """The dataset's test split (its record), refused when the run was trained beside another one."""
@@ -194,8 +206,8 @@ def _evaluate(entry: "DatasetEntry", spec: RunSpec, paths: Paths, settings: Eval
                                                                                             snapshot["epoch"])
     cases = test_cases(entry, paths)
     with measured_prediction(device, len(cases), prediction_threads()) as cost:
-        predictions = _predict(spec, cases, settings, device, num_processes, run_folder, out,
-                               snapshot is not None)
+        predictions = _predict(spec, cases, settings, device, num_processes, run_folder,
+                               out / ".predictions.partial", snapshot is not None)
     try:
         rows = _score(cases, predictions, entry, resolved["nsd_tolerance_mm"], settings.empty_dice, num_processes)
         summary = _summarise(rows, entry, spec, resolved, run_folder / settings.checkpoint, len(cases))
@@ -285,11 +297,12 @@ def _up_to_date(out: Path, settings: dict[str, Any], checkpoint: Path, split: di
 
 
 def _predict(spec: RunSpec, cases: list[TestCase], settings: EvaluationSettings, device: str, num_processes: int,
-             run_folder: Path, out: Path, snapshot: bool = False) -> Path:
+             run_folder: Path, folder: Path, snapshot: bool = False) -> Path:
+    """Predict `cases` with the run's checkpoint (its snapshot's: `snapshot`) into `folder`; nnU-Net's predictor
+    preprocesses each raw image with the run's own plans, whichever dataset it comes from."""
     import torch
 
     predictor = _predictor(spec, settings, torch.device(device), run_folder, snapshot)
-    folder = out / ".predictions.partial"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     inputs = [[str(p) for p in case.images] for case in cases]
@@ -363,13 +376,17 @@ def _predictor(spec: RunSpec, settings: EvaluationSettings, device, run_folder: 
 
 
 def _score(cases: list[TestCase], predictions: Path, entry: "DatasetEntry", tolerance: float, empty_dice: str,
-           num_processes: int) -> list[dict[str, Any]]:
+           num_processes: int, remap: Remap = None, prediction_ending: str | None = None) -> list[dict[str, Any]]:
+    """Every case's metrics for `entry`'s foreground labels; with `remap` (external evaluation), each of those
+    labels is the union of some reference labels and of some predicted labels (`Remap`). Predictions are named
+    `{case}{prediction_ending}` (default: the label file's name)."""
     from tqdm import tqdm
 
     labels = [label.index for label in entry.foreground_labels]
     lesions = [label.index for label in entry.foreground_labels if label.kind == "lesion"]
-    jobs = [(case.case, str(case.label), str(predictions / case.label.name), labels, tolerance, empty_dice, lesions)
-            for case in cases]
+    jobs = [(case.case, str(case.label),
+             str(predictions / (case.case + prediction_ending if prediction_ending else case.label.name)),
+             labels, tolerance, empty_dice, lesions, remap) for case in cases]
     names = {label.index: label.name for label in entry.labels}
     if num_processes > 1:
         with ProcessPoolExecutor(num_processes, mp_context=get_context("spawn"), initializer=bind_to_parent,
@@ -383,13 +400,27 @@ def _score(cases: list[TestCase], predictions: Path, entry: "DatasetEntry", tole
 def _score_case(job: tuple) -> tuple[str, list[dict[str, Any]]]:
     import SimpleITK as sitk
 
-    case, label_file, prediction_file, labels, tolerance, empty_dice, lesions = job
+    case, label_file, prediction_file, labels, tolerance, empty_dice, lesions, remap = job
     reference = sitk.ReadImage(label_file)
     prediction = sitk.ReadImage(prediction_file)
     spacing = reference.GetSpacing()[::-1]  # SimpleITK is (x, y, z); arrays are (z, y, x)
-    rows = case_metrics(sitk.GetArrayFromImage(reference), sitk.GetArrayFromImage(prediction), labels, spacing,
-                        tolerance, empty_dice, lesions)
+    reference_array, prediction_array = sitk.GetArrayFromImage(reference), sitk.GetArrayFromImage(prediction)
+    if remap is not None:
+        reference_array, prediction_array = remapped(reference_array, prediction_array, remap)
+    rows = case_metrics(reference_array, prediction_array, labels, spacing, tolerance, empty_dice, lesions)
     return case, rows
+
+
+def remapped(reference: np.ndarray, prediction: np.ndarray, remap: Remap) -> tuple[np.ndarray, np.ndarray]:
+    """Reference and prediction in the scored labels' ids; every label `remap` does not name is background."""
+    import numpy as np
+
+    reference_out = np.zeros(reference.shape, dtype=np.int16)
+    prediction_out = np.zeros(prediction.shape, dtype=np.int16)
+    for scored, reference_labels, predicted_labels in remap:
+        reference_out[np.isin(reference, reference_labels)] = scored
+        prediction_out[np.isin(prediction, predicted_labels)] = scored
+    return reference_out, prediction_out
 
 
 def summarise_rows(rows: list[dict[str, Any]], entry: "DatasetEntry", num_cases: int) -> dict[str, Any]:

@@ -682,6 +682,56 @@ def check_run(folder: Path, summary: Any, entry: "DatasetEntry", parts: FolderPa
     return Verdict(tuple(problems), exclusions=None if problems else _exclusions(rows))
 
 
+def check_external(folder: Path, summary: Any, trained: "DatasetEntry", parts: FolderParts) -> tuple[Verdict, Rows]:
+    """The checks of `check_run` for an external evaluation's folder (`segbook.runs.external_folder`): its summary
+    names the run, its scored structures are labels `trained` has under the names it records, and its rows are one
+    per recorded case and scored label, following the same conventions; plus the rows, for per-case tables."""
+    from segbook.structures import scoring_entry
+
+    summary_file, metrics_file = folder / SUMMARY, folder / METRICS
+    problems, scoring = _external_record(summary, trained)
+    if problems:
+        return Verdict(tuple(f"{summary_file}: {p}" for p in problems)), Rows(problems)
+    problems = [f"{summary_file}: {p}" for p in summary_problems(summary, scoring_entry(trained, scoring))]
+    other = other_run(summary.get("run"), parts, trained)
+    if other and not problems:
+        problems = [f"{summary_file} scores {other}, not the run of its folder"]
+    if problems:
+        return Verdict(tuple(problems)), Rows(problems)
+    settings = summary.get("settings") or {}
+    rows = read_rows(metrics_file, scoring_entry(trained, scoring), settings.get("empty_dice", "nan"),
+                     metrics_version(summary))
+    if rows.problems:
+        return Verdict(tuple(f"{metrics_file}: {p}" for p in rows.problems)), rows
+    problems = [f"{summary_file} does not follow from {metrics_file}: {p}" for p in agreement_problems(summary, rows)]
+    cases = summary["external"].get("case_ids")
+    if not isinstance(cases, list) or sorted(map(str, cases)) != rows.cases:
+        problems.append(f"{summary_file}: external.case_ids are not the cases of {metrics_file}")
+    return Verdict(tuple(problems), exclusions=None if problems else _exclusions(rows)), rows
+
+
+def _external_record(summary: Any, trained: "DatasetEntry") -> tuple[list[str], list[tuple[int, str, str]]]:
+    """The scored (label, structure name, kind) an external summary records, checked against the trained dataset."""
+    record = summary.get("external") if isinstance(summary, dict) else None
+    structures = record.get("structures") if isinstance(record, dict) else None
+    if not isinstance(structures, list) or not structures:
+        return ["no external record naming the scored structures"], []
+    scored = []
+    for item in structures:
+        try:
+            index, name = int(item["label"]), str(item["name"])
+            trained_labels = {int(k): str(v) for k, v in item["trained_labels"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return [f"external structure {_short(item)} is not one segbook writes"], []
+        known = {label.index: label.name for label in trained.foreground_labels}
+        if index not in trained_labels or any(known.get(i) != n for i, n in trained_labels.items()):
+            return [f"external structure {name!r}: labels {trained_labels} are not {trained.key}'s"], []
+        scored.append((index, name, trained.labels[index].kind))
+    if len({index for index, _, _ in scored}) != len(scored):
+        return ["external structures score one label twice"], []
+    return [], scored
+
+
 def _manifest(folder: Path) -> Any:
     try:
         return read_json(folder / MANIFEST)

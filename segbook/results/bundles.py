@@ -30,14 +30,15 @@ from typing import Any
 from segbook import claims
 from segbook.errors import SegbookError
 from segbook.evaluation.files import (MAX_CSV_BYTES, MAX_JSON_BYTES, SHA256_PATTERN, EvaluationFileError,
-                                      check_run, file_sha256, other_run, read_json)
+                                      check_external, check_run, file_sha256, other_run, read_json)
 from segbook.io import atomic_directory, atomic_write_json, now, sweep_leftovers
 from segbook.paths import Paths
 from segbook.registry import DatasetEntry, Registry, load_registry
 from segbook.results.collect import BUNDLE_NAME, BUNDLE_RUNS, bundles_dir
 from segbook.backbones import recorded
 from segbook.backbones.recorded import RecordError
-from segbook.runs import EVALUATION, MANIFEST, METRICS, MODELS, RUN_GLOB, SUMMARY, FolderParts, recorded_backbone
+from segbook.runs import (EVALUATION, EXTERNAL, MANIFEST, METRICS, MODELS, RUN_GLOB, SUMMARY, FolderParts,
+                          external_root, recorded_backbone)
 
 FORMAT = "segbook-results-bundle"
 FORMAT_VERSION = 1
@@ -47,6 +48,10 @@ BACKBONES = "backbones"
 RUN_FILES = (MANIFEST, f"{EVALUATION}/{SUMMARY}", f"{EVALUATION}/{METRICS}")
 RUN_FOLDER_PATTERN = re.compile(r"Dataset\d{1,6}_[A-Za-z0-9_-]{1,100}/SegbookTrainer_[A-Za-z0-9_-]{1,150}"
                                 r"__[A-Za-z0-9_-]{1,100}__3d_fullres/fold_(all|\d)")
+#: A run's external evaluations travel beside its own files: `evaluation/external/<tested task>[__all-cases]/`'s
+#: summary.json and metrics.csv, both, checked on import as local ones are (`check_external`).
+EXTERNAL_FILE = re.compile(rf"{EVALUATION}/{EXTERNAL}/([A-Za-z0-9][A-Za-z0-9_-]{{0,120}})/"
+                           rf"({re.escape(SUMMARY)}|{re.escape(METRICS)})")
 MAX_RUNS = 100_000
 _WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]")
 MAX_LISTED = 30
@@ -145,8 +150,26 @@ def _export_run(folder: Path, target: Path, relative: str) -> dict[str, Any]:
     atomic_write_json(target / MANIFEST, manifest)
     atomic_write_json(target / EVALUATION / SUMMARY, summary)
     shutil.copyfile(folder / EVALUATION / METRICS, target / EVALUATION / METRICS)
+    names = [*RUN_FILES, *_export_external(folder, target)]
     return {"folder": relative, "split": (summary.get("split") or {}).get("sha256"),
-            "files": {name: file_sha256(target / name) for name in RUN_FILES}}
+            "files": {name: file_sha256(target / name) for name in names}}
+
+
+def _export_external(folder: Path, target: Path) -> list[str]:
+    """The run's complete external evaluations (both files; hidden, unfinished ones never), paths stripped."""
+    names = []
+    root = external_root(folder)
+    for external in sorted(root.iterdir()) if root.is_dir() else []:
+        relative = f"{EVALUATION}/{EXTERNAL}/{external.name}"
+        if not (EXTERNAL_FILE.fullmatch(f"{relative}/{SUMMARY}") and (external / SUMMARY).is_file()
+                and (external / METRICS).is_file()):
+            continue
+        (target / relative).mkdir(parents=True)
+        atomic_write_json(target / relative / SUMMARY,
+                          without_local_paths(json.loads((external / SUMMARY).read_text())))
+        shutil.copyfile(external / METRICS, target / relative / METRICS)
+        names += [f"{relative}/{SUMMARY}", f"{relative}/{METRICS}"]
+    return names
 
 
 def _dataset_record(entry: DatasetEntry) -> dict[str, Any]:
@@ -289,9 +312,16 @@ def _run_record_problems(run: Any, folders: set[str]) -> list[str]:
     if folder in folders:
         return [f"folder {folder} is listed twice"]
     folders.add(folder)
-    if not isinstance(files, dict) or set(files) != set(RUN_FILES) or not all(
+    if not isinstance(files, dict) or not set(RUN_FILES) <= set(files) or not all(
             isinstance(v, str) and SHA256_PATTERN.fullmatch(v) for v in files.values()):
-        return [f"files: the SHA-256 of exactly {', '.join(RUN_FILES)} is required"]
+        return [f"files: the SHA-256 of {', '.join(RUN_FILES)} is required"]
+    external = [name for name in files if name not in RUN_FILES]
+    unknown = [name for name in external if not EXTERNAL_FILE.fullmatch(name)]
+    if unknown:
+        return [f"files: {unknown[0]!r} is not a file a bundle carries"]
+    halves = {name.rsplit("/", 1)[0] for name in external}
+    if len(external) != 2 * len(halves):
+        return ["files: each external evaluation needs both its summary.json and its metrics.csv"]
     split = run.get("split")
     if split is not None and not (isinstance(split, str) and SHA256_PATTERN.fullmatch(split)):
         return [f"split {split!r} is not a SHA-256"]
@@ -333,6 +363,33 @@ def _run_problems(source: Path, run: dict[str, Any], by_id: dict[int, DatasetEnt
     problems += _summary_record_problems(summary, run.get("split"))
     if not problems:
         problems += [p.replace(f"{folder}/", "") for p in check_run(folder, summary, entry, parts).problems]
+    return problems + _external_problems(source, folder, run, parts, entry, by_id)
+
+
+def _external_problems(source: Path, folder: Path, run: dict[str, Any], parts: FolderParts, entry: DatasetEntry,
+                       by_id: dict[int, DatasetEntry]) -> list[str]:
+    """The run's external evaluations: plain files with their hashes, no local paths, of a dataset the registry
+    knows (by its key), and every check of `check_external`."""
+    problems = []
+    keys = {entry.key: entry for entry in by_id.values()}
+    for relative in sorted({name.rsplit("/", 1)[0] for name in run["files"] if name not in RUN_FILES}):
+        names = [f"{relative}/{SUMMARY}", f"{relative}/{METRICS}"]
+        found = [p for name in names for p in _file_problems(source, folder / name, run["files"][name])]
+        if found:
+            problems += found
+            continue
+        try:
+            summary = _read_json(folder, names[0])
+        except BundleError as error:
+            problems.append(str(error))
+            continue
+        problems += _absolute_paths(summary, names[0])
+        tested = (summary.get("external") or {}).get("tested_on") if isinstance(summary, dict) else None
+        if tested not in keys or relative.rsplit("/", 1)[1] not in (tested, f"{tested}__all-cases"):
+            problems.append(f"{names[0]}: tests on {tested!r}, not a registered dataset of its folder's name")
+        if not problems:
+            verdict, _ = check_external(folder / relative, summary, entry, parts)
+            problems += [p.replace(f"{folder}/", "") for p in verdict.problems]
     return problems
 
 

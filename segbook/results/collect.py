@@ -147,7 +147,18 @@ def collect_results(paths: Paths | None = None, registry: Registry | None = None
                                                                                                        paths))
     for note in cells.left_out_notes(frame):
         warnings.warn(note, ResultsWarning, stacklevel=2)
+    frame.attrs[REGISTRY_FILES] = sorted({str(path) for path in registry.sources.values()})
     return frame
+
+
+#: `collect_results`' frame names the registry files it was joined with here (`frame.attrs`), so that a table that
+#: needs the datasets' labels (the external table) asks the same registry.
+REGISTRY_FILES = "registry_files"
+
+
+def frame_registry(df: pd.DataFrame) -> Registry:
+    """The registry `collect_results` joined `df` with (the built-in one and SEGBOOK_REGISTRY's where unknown)."""
+    return load_registry(df.attrs.get(REGISTRY_FILES) or None)
 
 
 def evaluation_checker(paths: Paths) -> Checker:

@@ -206,10 +206,26 @@ def _datasets(page: Page, specs: list[TableSpec]) -> tuple[str, str]:
     return table.title, table_html(table) + notes_html(table.notes)
 
 
+def _external(page: Page, specs: list[TableSpec]) -> tuple[str, str] | None:
+    """The external table and internal-against-external figure, when some run was evaluated on another dataset."""
+    from segbook.results.external import external_comparison, external_figure, external_table
+
+    frame = external_comparison(page.df, page.selection)
+    if frame.empty:
+        return None
+    table = external_table(page.df, page.selection, frame=frame)
+    figure = external_figure(frame, page.selection.metric)
+    drawn = page.figures.html(Drawn(
+        "external", f"Figure: internal against external mean {metric_label(page.selection.metric)} per (trained on, "
+        "tested on) pair and configuration (circles pretrained, squares scratch); below the diagonal: worse on the "
+        "data the run never saw.", figure))
+    return table.title, table_html(table) + drawn + notes_html(table.notes)
+
+
 #: How the report shows each section of the table registry.
 RENDERERS: dict[str, Callable[[Page, list[TableSpec]], tuple[str, str] | None]] = {
     "scale": _groups, "modality-target": _groups, "region": _groups, "recipes": _recipes, "evidence": _evidence,
-    "fractions": _fractions, "cost": _cost, "datasets": _datasets}
+    "fractions": _fractions, "cost": _cost, "datasets": _datasets, "external": _external}
 
 
 # --- text ------------------------------------------------------------------------------------------------------

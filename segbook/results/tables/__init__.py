@@ -95,6 +95,9 @@ TABLES: tuple[TableSpec, ...] = (
               section="datasets", summarises=True),
     TableSpec("lesions", "lesion sensitivity and false positives per case",
               builder("segbook.results.lesions:lesion_table"), None, section=None),
+    TableSpec("external", "per (trained on, tested on) pair: internal and external scores, the gap, Delta(PT) on "
+              "each and whether pretraining narrows the gap (segbook evaluate --on)",
+              builder("segbook.results.external:external_table"), None, section="external"),
 )
 NAMES = tuple(spec.name for spec in TABLES)
 DEFAULT_TABLE = "scale"
