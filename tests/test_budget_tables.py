@@ -157,6 +157,7 @@ def test_curves_and_budgets_reach_the_report_and_the_cli_in_every_format(store, 
     assert main(["report", "--registry", registry_file, "--out", str(out)]) == 0
     page = out.read_text()
     assert "against training device-hours" in page and "per training budget" in page
+    assert "dashed: snapshots" in page and "<img" in page
 
 
 @pytest.mark.parametrize("options,message", [
@@ -172,3 +173,14 @@ def test_bad_pretraining_options_are_refused(segbook_home, capsys, options, mess
     assert main(["results", *options]) == 2
     err = capsys.readouterr().err
     assert err.startswith("segbook: error:") and message in err and "Traceback" not in err
+
+
+def test_a_catalogued_pretraining_cost_needs_a_positive_figure_and_its_source():
+    from segbook.backbones import Backbone, BackboneError, pretraining_cost
+
+    for hours, source in ((5.0, ""), (0.0, "paper"), (float("inf"), "paper"), (True, "paper")):
+        with pytest.raises(BackboneError, match="pretraining_gpu_hours"):
+            Backbone("mine", "stunet", "Mine", pretraining_gpu_hours=hours, pretraining_gpu_hours_source=source)
+    assert Backbone("mine", "stunet", "Mine", pretraining_gpu_hours=12.5,
+                    pretraining_gpu_hours_source="a paper, table 1").pretraining_gpu_hours == 12.5
+    assert pretraining_cost("base") is None  # no built-in figure was verified: unknown, never zero
