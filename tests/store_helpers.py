@@ -62,14 +62,15 @@ def case_rows(registry: Registry, task: str, mean_dice: float, cases: int, seed:
     return rows
 
 
-def write_metrics(folder: Path, rows: list[dict[str, Any]]) -> None:
-    """`evaluation/metrics.csv` of these rows, with the columns they have in segbook's order."""
+def write_metrics(folder: Path, rows: list[dict[str, Any]], evaluation: str = "evaluation") -> None:
+    """`evaluation/metrics.csv` (or `evaluation`'s, a path under the run folder) of these rows, with the columns
+    they have in segbook's order."""
     columns = [column for column in CSV_COLUMNS if column in rows[0]]
     table = pd.DataFrame(rows, columns=columns)
     lesion_columns = [c for c in ("lesions_reference", "lesions_detected", "lesions_false_positive") if c in columns]
     table[lesion_columns] = table[lesion_columns].astype("Int64")
-    (folder / "evaluation").mkdir(parents=True, exist_ok=True)
-    table.to_csv(folder / "evaluation" / "metrics.csv", index=False)
+    (folder / evaluation).mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / evaluation / "metrics.csv", index=False)
 
 
 #: What a finished run's `plans_summary` says (the demo's plans of a one-channel CT task).
@@ -144,6 +145,37 @@ def write_evaluated_run(results: Path, registry: Registry, task: str, model: str
                **({"split": {"sha256": split, "n_test": cases}} if split else {})}
     (folder / "evaluation" / "summary.json").write_text(json.dumps(_json_safe(summary)))
     return folder
+
+
+def write_snapshot_evaluation(folder: Path, registry: Registry, task: str, epoch: int, mean_dice: float,
+                              device_hours: float, cases: int = 6, seed: int = 0) -> Path:
+    """A snapshot of the run in `folder` (made by `write_evaluated_run`) after `epoch` epochs, as training records
+    it in run.json (with the compute spent by then, `device_hours`) and `segbook evaluate --snapshots` scores it
+    into `snapshots/evaluation_ep{epoch}/`; its Dice spread around `mean_dice`. Returns the evaluation folder."""
+    entry = registry.get(task)
+    manifest = json.loads((folder / "run.json").read_text())
+    budget = manifest["settings"]["epochs"]
+    record = {"epoch": epoch, "percent": round(100 * epoch / budget), "budget_epochs": budget,
+              "schedule_fraction": epoch / budget, "learning_rates": {"encoder": 0.01}, "learning_rate_decayed": False,
+              "cost": {"device": "cuda", "devices": 1, "epochs": epoch, "device_hours": device_hours,
+                       "gpu_hours": device_hours},
+              "file": f"snapshots/snapshot_ep{epoch}.pth", "saved_at": "2024-01-01T00:00:00"}
+    manifest["snapshots"] = sorted([*manifest.get("snapshots", []), record], key=lambda r: r["epoch"])
+    (folder / "run.json").write_text(json.dumps(manifest))
+    evaluation = f"snapshots/evaluation_ep{epoch}"
+    rows = case_rows(registry, task, mean_dice, cases, seed)
+    write_metrics(folder, rows, evaluation)
+    summary = {"run": manifest["run"], "settings": {**EVALUATION_SETTINGS,
+                                                    "checkpoint": f"snapshots/snapshot_ep{epoch}.pth"},
+               **summarise_rows(rows, entry, cases),
+               "training": {"status": "finished", "epochs_completed": epoch, "epochs_planned": budget,
+                            "complete": False},
+               "snapshot": {key: record[key] for key in ("epoch", "percent", "budget_epochs", "schedule_fraction",
+                                                         "learning_rates", "learning_rate_decayed", "cost")},
+               "created_at": "2024-01-01T00:00:00", "cost": {"prediction": {"device": "cuda", "seconds_per_case": 2}},
+               "metrics_sha256": sha256(folder / evaluation / "metrics.csv")}
+    (folder / evaluation / "summary.json").write_text(json.dumps(_json_safe(summary)))
+    return folder / evaluation
 
 
 def sha256(path: Path) -> str:

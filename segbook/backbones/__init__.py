@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -215,6 +216,12 @@ class Backbone:
     #: architecture), counted by `segbook.backbones.models.count_cost`: data so tables and estimates need no torch;
     #: a test keeps the built-in ones equal to the count.
     cost: tuple[int, int] | None = None
+    #: The GPU-hours its catalogued checkpoint's pretraining took, as its authors published them, with where
+    #: (`pretraining_gpu_hours_source`: paper and section or table); None where no figure is published (or none
+    #: was verified): `segbook results --table pareto --pretraining-cost amortise` then shows the cost unknown
+    #: unless given --pretraining-gpu-hours MODEL=H, never zero.
+    pretraining_gpu_hours: float | None = None
+    pretraining_gpu_hours_source: str = ""
     #: Whether the plans change the shapes of the weights (ResEnc's stages follow the patch; STU-Net's five stages
     #: do not): then a checkpoint can be checked against a task's network only once the task is planned.
     shapes_from_plans: bool = False
@@ -257,6 +264,11 @@ class Backbone:
                                 "fine-tuning replaces)")
         if self.planner not in PLANNERS:
             raise BackboneError(f"backbone {self.name}: unknown planner {self.planner!r}; known: {', '.join(PLANNERS)}")
+        hours = self.pretraining_gpu_hours
+        if hours is not None and (isinstance(hours, bool) or not isinstance(hours, (int, float))
+                                  or not math.isfinite(hours) or hours <= 0 or not self.pretraining_gpu_hours_source):
+            raise BackboneError(f"backbone {self.name}: pretraining_gpu_hours is a positive number with its "
+                                f"pretraining_gpu_hours_source (where it is published), got {hours!r}")
         if set(dict(self.default_recipes)) != set(STUDY_RECIPES):
             raise BackboneError(f"backbone {self.name}: default_recipes names one recipe for each of "
                                 f"{', '.join(STUDY_RECIPES)}, got {self.default_recipes!r}")
@@ -513,6 +525,14 @@ def cost(model: str) -> tuple[int, int] | None:
     """(parameters, forward MACs at 128^3) of a model as catalogued; None where unknown."""
     backbone = _registry.backbones.get(model)
     return backbone.cost if backbone is not None else None
+
+
+def pretraining_cost(model: str) -> tuple[float, str] | None:
+    """(GPU-hours, source) of a model's pretraining as catalogued; None where unknown."""
+    backbone = _registry.backbones.get(model)
+    if backbone is None or backbone.pretraining_gpu_hours is None:
+        return None
+    return backbone.pretraining_gpu_hours, backbone.pretraining_gpu_hours_source
 
 
 def study_models() -> tuple[str, ...]:

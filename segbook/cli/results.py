@@ -84,6 +84,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(aggregate-then-rank), or rank them per test case, average the ranks per dataset, "
                              "then over datasets (rank-then-aggregate, the challenge convention); rank stability "
                              "(bootstrap over datasets) for either (default: aggregate-then-rank)")
+    parser.add_argument("--pretraining-cost", choices=("none", "amortise"), default="none",
+                        help="with --table pareto: count no pretraining (none), or add each pretrained "
+                             "configuration's pretraining GPU-hours divided by the number of downstream datasets "
+                             "shown (amortise; the hours from the backbone catalogue where published, or "
+                             "--pretraining-gpu-hours; unknown ones are shown unknown, never zero) (default: none)")
+    parser.add_argument("--pretraining-gpu-hours", nargs="+", default=None, metavar="MODEL=H",
+                        help="with --table pareto --pretraining-cost amortise: a model's pretraining GPU-hours "
+                             "(a positive number), overriding the catalogue's, e.g. large=800")
     parser.add_argument("--import", dest="import_file", metavar="FILE.csv|DIR",
                         help="store results from elsewhere and exit: a CSV of dataset-level numbers (columns task, "
                              "model, init, dice and optionally nsd; scores as fractions in [0, 1]), or a bundle "
@@ -135,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     if args.import_file:
         return run_import(args)
     from segbook.results import ALL_RECIPES, Selection, TableError, build_table
-    from segbook.results.selection import AGGREGATE_THEN_RANK
+    from segbook.results.selection import AGGREGATE_THEN_RANK, parse_pretraining_hours
     from segbook.results.tables import check_request
 
     if args.method and args.table != "ranks":
@@ -143,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.table}")
     known = recipes_from_args(args)
     selection = Selection.of(Selection.from_args(args, known), summary=args.summary,
-                             rank_method=args.method or AGGREGATE_THEN_RANK)
+                             rank_method=args.method or AGGREGATE_THEN_RANK, pretraining_cost=args.pretraining_cost,
+                             pretraining_gpu_hours=parse_pretraining_hours(args.pretraining_gpu_hours))
     spec = check_request(args.table, selection, args.stats)
     df = collect_from_args(args, list(known) if known else [ALL_RECIPES] if spec.every_recipe else None)
     print_table(build_table(df, args.table, selection, args.stats), args.format)

@@ -365,7 +365,7 @@ def _run_row(folder: Path, entry: DatasetEntry, parts: FolderParts, checker: Che
         warnings.warn(f"{verdict.problem}; the run is left out of the tables (evaluate it again: segbook evaluate "
                       "--force)", ResultsWarning, stacklevel=4)
         return {**row, "status": INVALID, "evaluated": False, "left_out": "invalid"}
-    scores = _scores(summary["labels"], entry, outdated_metrics(summary))
+    scores = label_scores(summary["labels"], entry, outdated_metrics(summary))
     row.update(split=_split_of(summary), exclusions=verdict.exclusions)
     row.update(cells.evaluation_columns(reading, summary, row["split"]))
     short = _budget_shortfall(summary, folder)
@@ -451,7 +451,7 @@ def _training_cases_problem(record: Any, fraction: float) -> str | None:
     return None
 
 
-def _scores(labels: dict[str, dict[str, Any]], entry: DatasetEntry, outdated: set[str]) -> dict[str, Any]:
+def label_scores(labels: dict[str, dict[str, Any]], entry: DatasetEntry, outdated: set[str]) -> dict[str, Any]:
     """A run's score per metric: the mean over labels of the per-label means, overall and per part.
     `unevaluated` maps the metrics the run has no score for to why: no label has them (a summary written before
     segbook computed them) or they were computed under an older convention (`outdated`): never averaged with the

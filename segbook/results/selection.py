@@ -25,6 +25,10 @@ SUMMARIES = (MEAN, MEDIAN)
 #: per case, average the ranks per dataset, then over datasets (`segbook.results.stats.ranking`).
 AGGREGATE_THEN_RANK, RANK_THEN_AGGREGATE = "aggregate-then-rank", "rank-then-aggregate"
 RANK_METHODS = (AGGREGATE_THEN_RANK, RANK_THEN_AGGREGATE)
+#: Whether `--table pareto` counts pretraining: not at all, or each pretrained configuration's pretraining GPU-hours
+#: divided by the number of downstream datasets shown (`segbook.results.budgets`).
+NONE, AMORTISE = "none", "amortise"
+PRETRAINING_COSTS = (NONE, AMORTISE)
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,12 @@ class Selection:
     group_datasets: bool = False
     summary: str = MEAN
     rank_method: str = AGGREGATE_THEN_RANK
+    pretraining_cost: str = NONE
+    pretraining_gpu_hours: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
-        for name, allowed in (("summary", SUMMARIES), ("rank_method", RANK_METHODS)):
+        for name, allowed in (("summary", SUMMARIES), ("rank_method", RANK_METHODS),
+                              ("pretraining_cost", PRETRAINING_COSTS)):
             if getattr(self, name) not in allowed:
                 raise TableError(f"unknown {name.replace('_', ' ')} {getattr(self, name)!r}; choose "
                                  f"{' or '.join(allowed)}")
@@ -55,6 +62,9 @@ class Selection:
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
+        hours = self.pretraining_gpu_hours
+        object.__setattr__(self, "pretraining_gpu_hours", tuple(sorted(
+            (dict(hours) if not isinstance(hours, dict) else hours).items())))
 
     @classmethod
     def of(cls, selection: Selection | str = "dice", **choices: Any) -> Selection:
@@ -69,3 +79,30 @@ class Selection:
         initialisations (`segbook.results.resolve_recipes`), of which the tables show the pretrained ones."""
         pretrained = None if recipes is None else [name for name, init in recipes.items() if init == "pretrained"]
         return cls(args.metric, args.models, args.init, pretrained, args.group_datasets)
+
+
+def parse_pretraining_hours(values: list[str] | None) -> tuple[tuple[str, float], ...]:
+    """`--pretraining-gpu-hours MODEL=H ...`: a known model, once, with a positive finite number of GPU-hours; a
+    `TableError` names what is wrong."""
+    import math
+
+    from segbook import backbones
+
+    found: dict[str, float] = {}
+    for value in values or []:
+        model, equals, hours = value.partition("=")
+        if not equals:
+            raise TableError(f"--pretraining-gpu-hours {value!r}: write MODEL=HOURS, e.g. large=800")
+        if not backbones.is_known(model):
+            raise TableError(f"--pretraining-gpu-hours {value!r}: unknown model {model!r}; known: "
+                             f"{', '.join(backbones.model_names())}")
+        try:
+            number = float(hours)
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and number > 0):
+            raise TableError(f"--pretraining-gpu-hours {value!r}: the hours must be a positive number")
+        if model in found:
+            raise TableError(f"--pretraining-gpu-hours names {model} more than once")
+        found[model] = number
+    return tuple(sorted(found.items()))

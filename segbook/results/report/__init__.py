@@ -222,10 +222,38 @@ def _external(page: Page, specs: list[TableSpec]) -> tuple[str, str] | None:
     return table.title, table_html(table) + drawn + notes_html(table.notes)
 
 
+def _budgets(page: Page, specs: list[TableSpec]) -> tuple[str, str] | None:
+    """The budgets table, when runs of more than one training budget were collected."""
+    if page.df.loc[page.df["evaluated"], "budget"].nunique() < 2:
+        return None
+    (spec,) = specs
+    table = spec.build(page.runs, page.selection)
+    return table.title, table_html(table) + notes_html(table.notes)
+
+
+def _curves(page: Page, specs: list[TableSpec]) -> tuple[str, str] | None:
+    """The learning curves (`segbook.results.curves`), when some configuration has more than one point: snapshot
+    evaluations or several budgets."""
+    from segbook.results.curves import curve_figure, curve_points, curve_table
+
+    points = curve_points(page.runs, page.selection)
+    if not (points.groupby("family").size() > 1).any():
+        return None
+    metric = page.selection.metric
+    table = curve_table(page.runs, page.selection)
+    figure = curve_figure(points, metric)
+    drawn = "" if figure is None else page.figures.html(Drawn(
+        "curves", f"Figure: mean {metric_label(metric)} against training device-hours per configuration; solid: "
+        "finished runs of each budget; dashed: snapshots of one budget's schedule (learning rate not decayed).",
+        figure))
+    return table.title, table_html(table) + drawn + notes_html(table.notes)
+
+
 #: How the report shows each section of the table registry.
 RENDERERS: dict[str, Callable[[Page, list[TableSpec]], tuple[str, str] | None]] = {
     "scale": _groups, "modality-target": _groups, "region": _groups, "recipes": _recipes, "evidence": _evidence,
-    "fractions": _fractions, "cost": _cost, "datasets": _datasets, "external": _external}
+    "fractions": _fractions, "cost": _cost, "datasets": _datasets, "external": _external,
+    "budgets": _budgets, "curves": _curves}
 
 
 # --- text ------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from segbook.results.selection import AGGREGATE_THEN_RANK, MEAN, Selection, TableError
+from segbook.results.selection import AGGREGATE_THEN_RANK, MEAN, NONE, Selection, TableError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -90,6 +90,15 @@ TABLES: tuple[TableSpec, ...] = (
               builder(PAIRED, group_by="all"), section="fractions"),
     TableSpec("cost", "device-hours, memory, throughput, params, TFLOPs and Delta(PT) per device-hour per "
               "configuration", builder("segbook.results.cost:cost_table"), None, section="cost"),
+    TableSpec("budgets", "per configuration and training budget: score, Delta(PT), device-hours, and agreement with "
+              "the largest budget (sign, Spearman, Delta(PT) difference with bootstrap CI, smallest agreeing budget)",
+              builder("segbook.results.budgets:budget_table"), None, section="budgets"),
+    TableSpec("curves", "score against device-hours per configuration: snapshot evaluations (learning rate not "
+              "decayed) and finished runs of each budget", builder("segbook.results.curves:curve_table"), None,
+              section="curves"),
+    TableSpec("pareto", "score against compute across configurations and budgets, the Pareto front marked "
+              "(--pretraining-cost amortise counts pretraining)", builder("segbook.results.budgets:pareto_table"),
+              None, section=None),
     TableSpec("datasets", "a row per dataset, every configuration side by side",
               builder("segbook.results.tables.datasets:dataset_table"), builder(PAIRED, group_by="all"),
               section="datasets", summarises=True),
@@ -131,6 +140,11 @@ def check_request(name: str, selection: Selection, stats: bool = False) -> Table
             f"--table {name}'s cells are statistics, costs or counts, not a summary over datasets or test cases")
         raise TableError(f"--summary {selection.summary} does not apply: {shown}; it applies to --table "
                          f"{', '.join(s.name for s in TABLES if s.summarises)} (without --stats)")
+    if (selection.pretraining_cost != NONE or selection.pretraining_gpu_hours) and name != "pareto":
+        raise TableError(f"--pretraining-cost and --pretraining-gpu-hours say what --table pareto counts; they do not "
+                         f"apply to --table {name}")
+    if selection.pretraining_gpu_hours and selection.pretraining_cost == NONE:
+        raise TableError("--pretraining-gpu-hours gives the hours that --pretraining-cost amortise counts; add it")
     if selection.rank_method != AGGREGATE_THEN_RANK and name != "ranks":
         raise TableError(f"--method says how --table ranks ranks configurations; it does not apply to --table {name}")
     return spec
