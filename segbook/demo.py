@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from segbook.data.synth import SynthSpec, TargetSpec, registry_entry, write_registry_file, write_synthetic_dataset
 from segbook.paths import Paths
@@ -59,6 +59,25 @@ class DemoSettings:
     #: One more fine-tuning recipe, on the first (seen-CT) target: recipes are an axis of the benchmark too.
     extra_recipe: str = "heads-only"
     seed: int = 0
+    #: The targets' budgets in epochs, each its own run (`--budgets`; empty: `target_epochs` only), and the
+    #: percentages of each budget after which the network is kept and scored (`--snapshots`).
+    budgets: tuple[int, ...] = ()
+    snapshots: tuple[int, ...] = ()
+
+    def target_budgets(self) -> tuple[int, ...]:
+        return self.budgets or (self.target_epochs,)
+
+    def check(self) -> None:
+        """`OptionError`/`RunIdentityError` for budgets and snapshots that cannot be run, before anything is
+        written: snapshots must fit every budget (`snapshot_epochs`)."""
+        from segbook.runs import parse_budgets
+        from segbook.training.settings import snapshot_epochs
+
+        if self.budgets:
+            parse_budgets(self.budgets)
+        for budget in self.target_budgets():
+            if self.snapshots:
+                snapshot_epochs(list(self.snapshots), budget)
 
 
 DEFAULT = DemoSettings()
@@ -109,14 +128,19 @@ class DemoResult:
 
 
 def run_demo(out: str | os.PathLike | None = None, *, quick: bool = False, device: str = "cpu",
-             seed: int = 0, say: Callable[[str], None] = print) -> DemoResult:
-    """Run every stage of the benchmark on synthetic data; returns where the report is and the printed tables."""
+             seed: int = 0, budgets: Sequence[int] = (), snapshots: Sequence[int] = (),
+             say: Callable[[str], None] = print) -> DemoResult:
+    """Run every stage of the benchmark on synthetic data; returns where the report is and the printed tables.
+    `budgets`: the targets' training budgets in epochs, each its own run (default: the demo's one); `snapshots`:
+    percentages of each budget after which the network is kept and scored too."""
     from segbook.devices import resolve_device
 
     started = time.time()
+    settings = replace(QUICK if quick else (GPU if device == "cuda" else DEFAULT), seed=seed,
+                       budgets=tuple(budgets), snapshots=tuple(sorted(snapshots)))
+    settings.check()
     with _demo_threads():
         resolve_device(device)
-        settings = replace(QUICK if quick else (GPU if device == "cuda" else DEFAULT), seed=seed)
         out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="segbook-demo-"))
         with _isolated(out) as paths:
             say(f"segbook demo: synthetic data, {'quick ' if quick else ''}toy-scale budgets, on {device} "
@@ -130,13 +154,18 @@ def run_demo(out: str | os.PathLike | None = None, *, quick: bool = False, devic
                 checkpoint = _pretrain(out, settings, entries[970], paths, device)
             targets = [entries[i] for i in sorted(entries) if i != 970]
             with _stage(say, f"[4/5] fine-tuning from {checkpoint.name} and training from scratch on {len(targets)} "
-                             f"targets ({settings.target_epochs} epochs x {settings.iterations_per_epoch} iterations "
-                             f"each), fine-tuning {targets[0].name} with recipe {settings.extra_recipe} too, then "
+                             f"targets ({'/'.join(map(str, settings.target_budgets()))} epochs x "
+                             f"{settings.iterations_per_epoch} iterations each{_snapshots_said(settings)}), "
+                             f"fine-tuning {targets[0].name} with recipe {settings.extra_recipe} too, then "
                              "evaluating on the held-out cases"):
                 _run_targets(settings, targets, registry_file, checkpoint, device)
             with _stage(say, "[5/5] collecting the results and writing the report"):
-                tables, report = _results(out, paths, registry_file)
+                tables, report = _results(out, paths, registry_file, settings)
         return DemoResult(out, report, tables, time.time() - started)
+
+
+def _snapshots_said(settings: DemoSettings) -> str:
+    return f", kept after {'/'.join(map(str, settings.snapshots))} % of each" if settings.snapshots else ""
 
 
 @contextlib.contextmanager
@@ -270,11 +299,11 @@ def _run_targets(settings: DemoSettings, targets: list, registry_file: Path, che
 
     registry = load_registry([registry_file])
     jobs = build_matrix(registry, tasks=[t.key for t in targets], models=[settings.model],
-                        inits=["pretrained", "scratch"], folds=["all"])
+                        inits=["pretrained", "scratch"], folds=["all"], budgets=list(settings.budgets) or None)
     jobs += build_matrix(registry, tasks=[targets[0].key], models=[settings.model], inits=["pretrained"],
                          recipes=[settings.extra_recipe], folds=["all"])
     budget = TrainingSettings(epochs=settings.target_epochs, iterations_per_epoch=settings.iterations_per_epoch,
-                              val_iterations_per_epoch=1, checkpoint_every=5)
+                              val_iterations_per_epoch=1, checkpoint_every=5, snapshots=list(settings.snapshots))
     finetuning = replace(budget, lr=settings.finetune_lr)
     # One process per job: on volumes this small, nnU-Net's prediction and export workers cost more than they save.
     options = ExecutionOptions.create(registry_files=[registry_file], weights=checkpoint, settings=budget,
@@ -282,7 +311,7 @@ def _run_targets(settings: DemoSettings, targets: list, registry_file: Path, che
     run_local(jobs, options, LocalOptions(workers=1))
 
 
-def _results(out: Path, paths: Paths, registry_file: Path) -> tuple[dict, Path]:
+def _results(out: Path, paths: Paths, registry_file: Path, settings: DemoSettings) -> tuple[dict, Path]:
     from segbook.registry import load_registry
     from segbook.results import ALL_RECIPES, build_table, collect_results, write_report
 
@@ -290,6 +319,10 @@ def _results(out: Path, paths: Paths, registry_file: Path) -> tuple[dict, Path]:
     tables = {name: build_table(frame, name, metric="dice", recipes=["segbook"])
               for name in ("scale", "modality-target")}
     tables["recipes"] = build_table(frame, "recipes", metric="dice")
+    if len(settings.target_budgets()) > 1:  # does a shorter budget give the same answer?
+        tables["budgets"] = build_table(frame, "budgets", metric="dice", recipes=["segbook"])
+    if settings.snapshots:
+        tables["curves"] = build_table(frame, "curves", metric="dice", recipes=["segbook"])
     report = write_report(frame, out / "report.html", title="segbook demo (synthetic data, toy scale)",
                           description="Synthetic tasks and toy budgets: these numbers demonstrate the machinery, "
                                       "not the benefit of pretraining on real data.")

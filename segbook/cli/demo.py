@@ -22,6 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"],
                         help="cuda runs a bigger demo (STU-Net small, larger volumes, longer training)")
     parser.add_argument("--seed", type=at_least(0), default=0, help="the same seed gives the same tables")
+    parser.add_argument("--budgets", nargs="+", metavar="E", default=[],
+                        help="train the targets for each of these budgets in epochs, each its own run, and add the "
+                             "budgets table (default: the demo's one budget, 15 epochs; 2 with --quick)")
+    parser.add_argument("--snapshots", nargs="+", metavar="P", default=[],
+                        help="also keep and score each target network after these percentages of its budget "
+                             "(learning curves: the curves table and report figure)")
     parser.set_defaults(handler=run)
 
 
@@ -29,7 +35,13 @@ def run(args: argparse.Namespace) -> int:
     from segbook.cli.results import print_table
     from segbook.demo import run_demo
 
-    result = run_demo(args.out, quick=args.quick, device=args.device, seed=args.seed)
+    from segbook.runs import parse_budgets
+    from segbook.training.settings import parse_snapshots
+
+    budgets = parse_budgets(args.budgets) if args.budgets else []
+    snapshots = parse_snapshots(args.snapshots) if args.snapshots else []
+    result = run_demo(args.out, quick=args.quick, device=args.device, seed=args.seed, budgets=budgets,
+                      snapshots=snapshots)
     for table in result.tables.values():
         print()
         print_table(table, "table")
