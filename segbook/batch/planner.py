@@ -23,6 +23,7 @@ Where the store has fewer than two Delta(PT) values of a group, the precision is
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -72,7 +73,7 @@ class StratumChoice:
 
     @property
     def gpu_hours(self) -> float:
-        return sum(c.gpu_hours for c in self.chosen)
+        return math.fsum(c.gpu_hours for c in self.chosen)
 
     def row(self) -> dict[str, Any]:
         scale, modality, target = self.stratum
@@ -115,7 +116,7 @@ class StudyPlan:
 
     @property
     def gpu_hours(self) -> float:
-        return sum(s.gpu_hours for s in self.strata)
+        return math.fsum(c.gpu_hours for s in self.strata for c in s.chosen)
 
     def chosen_per_scale(self) -> dict[str, int]:
         return {scale: sum(len(s.chosen) for s in self.strata if s.stratum[0] == scale) for scale in SCALES
@@ -169,19 +170,20 @@ def choose(plan: Forecast, gpu_hours: float) -> StudyPlan:
                         f"{_round_up(hours)} GPU-hours (one {' x '.join(stratum)} dataset with all its jobs); "
                         "narrow --models, --budgets or --seeds to spend less per dataset")
     chosen: dict[Stratum, list[Candidate]] = {stratum: [] for stratum in found}
-    left = gpu_hours
+
+    def fits(hours: float) -> bool:  # summed afresh each time: no rounding drift from repeated subtraction
+        return math.fsum([c.gpu_hours for members in chosen.values() for c in members] + [hours]) <= gpu_hours
+
     for hours, stratum in cheapest:
-        if hours <= left:
+        if fits(hours):
             chosen[stratum].append(costed[stratum][0])
-            left -= hours
     while True:
         fitting = [(len(chosen[s]), options[len(chosen[s])].gpu_hours, s) for s, options in costed.items()
-                   if len(chosen[s]) < len(options) and options[len(chosen[s])].gpu_hours <= left]
+                   if len(chosen[s]) < len(options) and fits(options[len(chosen[s])].gpu_hours)]
         if not fitting:
             break
-        _, hours, stratum = min(fitting)
+        stratum = min(fitting)[2]
         chosen[stratum].append(costed[stratum][len(chosen[stratum])])
-        left -= hours
     picked = {c.entry.key for members in chosen.values() for c in members}
     order = sorted(found, key=lambda s: (SCALES.index(s[0]) if s[0] in SCALES else len(SCALES), s))
     return StudyPlan(gpu_hours, tuple(StratumChoice(s, tuple(found[s]), tuple(chosen[s])) for s in order),
@@ -190,8 +192,6 @@ def choose(plan: Forecast, gpu_hours: float) -> StudyPlan:
 
 def _round_up(hours: float) -> str:
     """GPU-hours shown with two decimals, rounded up so the figure named does fit."""
-    import math
-
     return f"{math.ceil(hours * 100) / 100:.2f}"
 
 

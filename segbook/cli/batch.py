@@ -377,6 +377,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from segbook.batch.execute import ExecutionOptions
     from segbook.batch.forecast import forecast
     from segbook.batch.matrix import several_recipes, several_variants
+    from segbook.batch.planner import PlanError
 
     if args.write_jobs is not None and args.gpu_hours is None:
         raise PlanError("--write-jobs writes the jobs --gpu-hours chooses; give --gpu-hours N")
