@@ -128,7 +128,7 @@ class StudyPlan:
         available = sum(len(s.available) for s in self.strata)
         covered = [s for s in self.strata if s.chosen]
         lines = [f"chose {datasets} of {available} datasets ({len(self.jobs)} jobs, {self.gpu_hours:.2f} of "
-                 f"{self.budget:g} GPU-hours left to train), covering {len(covered)} of {len(self.strata)} strata "
+                 f"{self.budget:.2f} GPU-hours left to train), covering {len(covered)} of {len(self.strata)} strata "
                  "(scale x modality x target)",
                  "why: a dataset comes with all its jobs of the selection (every model, init, recipe, seed, budget: "
                  "pretrained and scratch stay paired); every stratum gets its cheapest dataset, cheapest strata "
