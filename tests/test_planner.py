@@ -162,6 +162,10 @@ def test_a_bad_job_file_is_refused_line_by_line_before_anything_starts(tmp_path,
     for file in (bad, tmp_path / "empty.txt", tmp_path / "missing.txt"):
         assert main(["batch", "run", "--jobs", str(file), "--device", "cpu"]) == 2
         assert capsys.readouterr().err.startswith("segbook: error:")
+    assert main(["batch", "status", "--jobs", str(good), "--models", "base", "--seeds", "1"]) == 2
+    assert "lists the jobs: leave out --models, --seeds, which pick jobs" in capsys.readouterr().err
+    assert main(["batch", "status", "--jobs", str(good), "--format", "json"]) == 0
+    assert "Task004_Hippocampus__base__scratch__fold_all" in capsys.readouterr().out
     assert not paths.results.exists() and not (paths.home / "batch").exists()
 
 

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from segbook.batch.slurm import SlurmOptions
 
 TABLE_FORMATS = ("table", "md", "csv", "json")
+#: The options of the selection that apply to the jobs of --jobs FILE too; the others pick jobs from the matrix.
+LISTED_TOO = {"jobs", "plans", "normalization", "registry", "backbone_file"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,6 +84,8 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
                        help="'all' is nnU-Net's fold all (the whole train split, SegBook's protocol); 0-4 are "
                             "cross-validation folds; comma-separated")
     add_registry_option(group)
+    parser.set_defaults(matrix_options={action.dest: (action.option_strings[0], action.default)
+                                        for action in group._group_actions if action.dest not in LISTED_TOO})
 
 
 def _add_recipe_files(parser: argparse.ArgumentParser) -> None:
@@ -303,10 +307,14 @@ def _matrix(args: argparse.Namespace) -> list["Job"]:
 
 def _listed_jobs(args: argparse.Namespace) -> list["Job"]:
     """The jobs of --jobs FILE, checked line by line, on --plans and --normalization, their recipes checked."""
-    from segbook.batch.matrix import check_recipes, on_plans, read_job_file
+    from segbook.batch.matrix import MatrixError, check_recipes, on_plans, read_job_file
     from segbook.cli.common import registry_from_args
     from segbook.runs import parse_weights
 
+    given = [option for dest, (option, default) in args.matrix_options.items() if getattr(args, dest) != default]
+    if given:
+        raise MatrixError(f"--jobs {args.jobs} lists the jobs: leave out {', '.join(given)}, which pick jobs from "
+                          "the matrix")
     jobs = read_job_file(registry_from_args(args), args.jobs)
     check_recipes(jobs, args.recipe_file)
     return on_plans(jobs, args.plans, parse_weights(getattr(args, "weights", None)), args.normalization)
