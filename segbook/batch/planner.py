@@ -55,11 +55,10 @@ def stratum_of(entry: "DatasetEntry") -> Stratum:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A dataset with all its jobs of the matrix and the GPU-hours they have left (None: some job has no
-    estimate, so the dataset cannot be costed and is never chosen)."""
+    """A dataset of the matrix and the GPU-hours its jobs have left (None: some job has no estimate, so the
+    dataset cannot be costed and is never chosen)."""
 
     entry: "DatasetEntry"
-    jobs: tuple[JobCost, ...]
     gpu_hours: float | None
 
 
@@ -149,8 +148,8 @@ def candidates(costs: Iterable[JobCost]) -> dict[Stratum, list[Candidate]]:
     for members in by_dataset.values():
         entry = members[0].status.job.entry
         hours = [c.left_gpu_hours for c in members]
-        total = None if any(h is None for h in hours) else sum(hours)
-        strata.setdefault(stratum_of(entry), []).append(Candidate(entry, tuple(members), total))
+        total = None if any(h is None for h in hours) else math.fsum(hours)
+        strata.setdefault(stratum_of(entry), []).append(Candidate(entry, total))
     return {stratum: sorted(found, key=lambda c: (c.gpu_hours is None, c.gpu_hours or 0.0))
             for stratum, found in strata.items()}
 
@@ -185,7 +184,7 @@ def choose(plan: Forecast, gpu_hours: float) -> StudyPlan:
         stratum = min(fitting)[2]
         chosen[stratum].append(costed[stratum][len(chosen[stratum])])
     picked = {c.entry.key for members in chosen.values() for c in members}
-    order = sorted(found, key=lambda s: (SCALES.index(s[0]) if s[0] in SCALES else len(SCALES), s))
+    order = sorted(found, key=lambda s: (SCALES.index(s[0]), s))
     return StudyPlan(gpu_hours, tuple(StratumChoice(s, tuple(found[s]), tuple(chosen[s])) for s in order),
                      tuple(c.status.job for c in plan.jobs if c.status.job.entry.key in picked))
 

@@ -420,6 +420,8 @@ def _plan_study(plan: "Forecast", args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps({"summary": study.summary(), "strata": strata, "precision": precision,
                           "jobs": [job.id for job in study.jobs]}, indent=2))
+    elif args.format == "csv":  # one table per stream, as the job table
+        emit(strata, args.format)
     else:
         print("\n".join(study.summary()) + "\n")
         emit(strata, args.format)
@@ -429,7 +431,7 @@ def _plan_study(plan: "Forecast", args: argparse.Namespace) -> int:
         write_job_file(args.write_jobs, study.jobs,
                        [f"segbook batch plan --gpu-hours {args.gpu_hours:g}: {len(study.jobs)} jobs, "
                         f"{study.gpu_hours:.2f} GPU-hours"])
-        if args.format != "json":
+        if args.format not in ("json", "csv"):
             print(f"\nwrote {len(study.jobs)} jobs to {args.write_jobs}")
     return 0
 
