@@ -460,7 +460,7 @@ def test_a_duplicate_that_finds_its_job_done_or_failed_claims_nothing_and_counts
 #: segbook.batch's modules, each importing (at the top, inside a function, or for type checking only) only modules
 #: listed before it (as in tests/test_imports.py).
 BATCH_LAYERS = ("signals", "cluster", "submissions", "attempts", "jobs", "preparation", "rehearsal", "matrix",
-                "estimate", "weights", "execute", "retry", "worker", "forecast", "local", "slurm")
+                "estimate", "weights", "execute", "retry", "worker", "forecast", "planner", "local", "slurm")
 
 
 def _batch_imports(path: Path) -> set[str]:

@@ -389,3 +389,53 @@ def counts(statuses: Iterable[JobStatus]) -> dict[str, int]:
 def summary_line(statuses: Sequence[JobStatus]) -> str:
     tally = counts(statuses)
     return f"{len(statuses)} jobs: " + ", ".join(f"{n} {state}" for state, n in tally.items() if n)
+
+
+# --- job files ----------------------------------------------------------------------------------------------------
+
+#: A job file's comment lines start with this; every other non-blank line is one job id (`RunSpec.job_id`).
+JOB_FILE_COMMENT = "#"
+
+
+def write_job_file(path: str | os.PathLike, jobs: Iterable[Job], header: Sequence[str] = ()) -> None:
+    """`jobs` as a job file (`read_job_file`), written atomically: `header` as comment lines, then one job id a
+    line."""
+    from segbook.io import atomic_write_text
+
+    lines = [f"{JOB_FILE_COMMENT} {line}" for line in header] + [job.id for job in jobs]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_job_file(registry: "Registry", path: str | os.PathLike) -> list[Job]:
+    """The jobs a job file lists, in its order: one job id a line, blank lines and `#` comments skipped. Every
+    line is checked before any job is returned: an id that does not parse, names a task the registry does not
+    know or a network without that initialisation, or comes twice is a MatrixError naming the file and line (all
+    of them at once), so nothing starts on a partly valid file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise MatrixError(f"cannot read the job file {path}: {error}") from None
+    jobs, problems, seen = [], [], {}
+    valid = set(valid_combinations())
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith(JOB_FILE_COMMENT):
+            continue
+        try:
+            job = job_from_id(registry, line)
+        except SegbookError as error:
+            problems.append(f"line {number}: {error}")
+            continue
+        if (job.spec.model, job.spec.init) not in valid:
+            problems.append(f"line {number}: {job.spec.model} has no {job.spec.init} runs")
+        elif job.id in seen:
+            problems.append(f"line {number}: {job.id} repeats line {seen[job.id]}")
+        else:
+            seen[job.id] = number
+            jobs.append(job)
+    if problems:
+        raise MatrixError(f"{path}: {len(problems)} bad line(s); nothing was started:\n  " + "\n  ".join(problems))
+    if not jobs:
+        raise MatrixError(f"{path}: the job file lists no job")
+    return jobs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segbook.cli.common import (POSITIVE_NUMBER, HelpFormatter, add_backbone_file_option, add_batch_weights_option,
@@ -13,11 +14,14 @@ from segbook.cli.common import (POSITIVE_NUMBER, HelpFormatter, add_backbone_fil
 
 if TYPE_CHECKING:
     from segbook.batch.execute import ExecutionOptions
+    from segbook.batch.forecast import Forecast
     from segbook.batch.jobs import Job
     from segbook.batch.retry import LastRun
     from segbook.batch.slurm import SlurmOptions
 
 TABLE_FORMATS = ("table", "md", "csv", "json")
+#: The options of the selection that apply to the jobs of --jobs FILE too; the others pick jobs from the matrix.
+LISTED_TOO = {"jobs", "plans", "normalization", "registry", "backbone_file"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,6 +55,10 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("which jobs (the matrix)")
     group.add_argument("--tasks", default="all", help="'all' or comma-separated tasks (613,004,Task009_Spleen)")
+    group.add_argument("--jobs", metavar="FILE", default=None,
+                       help="the jobs a job file lists (one job id a line, '#' comments; `batch plan --write-jobs` "
+                            "writes one) instead of the matrix of --tasks, --models, ... and their filters; every "
+                            "line is checked before anything starts")
     group.add_argument("--scale", help="small, medium or large datasets only")
     group.add_argument("--modality", help="CT, MRI, CT&PET or Ultrasound only")
     group.add_argument("--target", help="seen, unseen, lesion or structure+lesion only")
@@ -76,6 +84,8 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
                        help="'all' is nnU-Net's fold all (the whole train split, SegBook's protocol); 0-4 are "
                             "cross-validation folds; comma-separated")
     add_registry_option(group)
+    parser.set_defaults(matrix_options={action.dest: (action.option_strings[0], action.default)
+                                        for action in group._group_actions if action.dest not in LISTED_TOO})
 
 
 def _add_recipe_files(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +172,14 @@ def _register_plan(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--gpus-per-job", type=at_least(1), default=1, help="GPUs per job (for --time)")
     parser.add_argument("--state", help="only jobs in these states (comma-separated)")
     parser.add_argument("--format", choices=TABLE_FORMATS, default="table")
+    study = parser.add_argument_group("a study planner (docs/batch.md, 'Planning a study to a budget')")
+    study.add_argument("--gpu-hours", type=POSITIVE_NUMBER, default=None, metavar="N",
+                       help="choose the datasets (each with all its jobs of the selection) that fit N GPU-hours, "
+                            "stratified by scale x modality x target, and print per stratum what was chosen and the "
+                            "expected 95%% CI half-width of Delta(PT) per scale group, from the store's results")
+    study.add_argument("--write-jobs", metavar="FILE", default=None,
+                       help="with --gpu-hours: write the chosen jobs to FILE (one job id a line) for `batch run "
+                            "--jobs FILE` or `batch submit --jobs FILE`")
     parser.set_defaults(handler=run_plan)
 
 
@@ -274,6 +292,8 @@ def _matrix(args: argparse.Namespace) -> list["Job"]:
     from segbook.runs import parse_weights
 
     load_backbone_files(args)
+    if args.jobs is not None:
+        return _listed_jobs(args)
     jobs = build_matrix(registry_from_args(args), args.tasks, scale=args.scale, modality=args.modality,
                         target=args.target, region=args.region, models=args.models, inits=args.init,
                         recipes=args.recipes, recipe_files=args.recipe_file, seeds=args.seeds,
@@ -283,6 +303,21 @@ def _matrix(args: argparse.Namespace) -> list["Job"]:
         raise MatrixError("the selection matches no job (nnU-Net's network has no pretrained job; check the "
                           "filters with `segbook tasks`)")
     return jobs
+
+
+def _listed_jobs(args: argparse.Namespace) -> list["Job"]:
+    """The jobs of --jobs FILE, checked line by line, on --plans and --normalization, their recipes checked."""
+    from segbook.batch.matrix import MatrixError, check_recipes, on_plans, read_job_file
+    from segbook.cli.common import registry_from_args
+    from segbook.runs import parse_weights
+
+    given = [option for dest, (option, default) in args.matrix_options.items() if getattr(args, dest) != default]
+    if given:
+        raise MatrixError(f"--jobs {args.jobs} lists the jobs: leave out {', '.join(given)}, which pick jobs from "
+                          "the matrix")
+    jobs = read_job_file(registry_from_args(args), args.jobs)
+    check_recipes(jobs, args.recipe_file)
+    return on_plans(jobs, args.plans, parse_weights(getattr(args, "weights", None)), args.normalization)
 
 
 def _budgets(args: argparse.Namespace) -> list[int] | None:
@@ -350,17 +385,54 @@ def run_plan(args: argparse.Namespace) -> int:
     from segbook.batch.execute import ExecutionOptions
     from segbook.batch.forecast import forecast
     from segbook.batch.matrix import several_recipes, several_variants
+    from segbook.batch.planner import PlanError
 
+    if args.write_jobs is not None and args.gpu_hours is None:
+        raise PlanError("--write-jobs writes the jobs --gpu-hours chooses; give --gpu-hours N")
+    if args.write_jobs is not None and not Path(args.write_jobs).expanduser().parent.is_dir():
+        raise PlanError(f"--write-jobs {args.write_jobs}: its folder does not exist")
     jobs = _matrix(args)
     options = ExecutionOptions.create(weights=args.weights, settings=training_settings_from_args(args),
                                       recipe_files=args.recipe_file)
     minutes = time_minutes(args.time) if args.time else None
     plan = forecast(jobs, options, assumed_tflops=args.assumed_tflops or DEFAULT_ASSUMED_TFLOPS)
+    if args.gpu_hours is not None:
+        return _plan_study(plan, args)
     recipe = several_recipes(jobs)
     rows = [c.row(full=args.format == "json", recipe=recipe, time_minutes=minutes, gpus=args.gpus_per_job,
                   variants=several_variants(jobs)) for c in plan.in_states(args.state)]
     budgets = plan.by_budget()
     _print(rows, plan.totals(), args.format, budgets if len(budgets) > 1 else None)
+    return 0
+
+
+def _plan_study(plan: "Forecast", args: argparse.Namespace) -> int:
+    """--gpu-hours: the chosen sub-study per stratum, its expected precision, and (--write-jobs) its job file."""
+    from segbook.batch.matrix import write_job_file
+    from segbook.batch.planner import plan_study
+    from segbook.cli.common import registry_from_args
+    from segbook.cli.output import emit
+    from segbook.paths import Paths
+
+    study = plan_study(plan, args.gpu_hours, Paths.from_env(), registry_from_args(args))
+    strata = [s.row() for s in study.strata]
+    precision = [p.row() for p in study.precision]
+    if args.format == "json":
+        print(json.dumps({"summary": study.summary(), "strata": strata, "precision": precision,
+                          "jobs": [job.id for job in study.jobs]}, indent=2))
+    elif args.format == "csv":  # one table per stream, as the job table
+        emit(strata, args.format)
+    else:
+        print("\n".join(study.summary()) + "\n")
+        emit(strata, args.format)
+        print("\nexpected precision of Delta(PT) per scale group (95% bootstrap CI half-width, Dice points):")
+        emit(precision, args.format)
+    if args.write_jobs is not None:
+        write_job_file(args.write_jobs, study.jobs,
+                       [f"segbook batch plan --gpu-hours {args.gpu_hours:g}: {len(study.jobs)} jobs, "
+                        f"{study.gpu_hours:.2f} GPU-hours"])
+        if args.format not in ("json", "csv"):
+            print(f"\nwrote {len(study.jobs)} jobs to {args.write_jobs}")
     return 0
 
 
