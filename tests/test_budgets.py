@@ -169,3 +169,16 @@ def test_two_budgets_are_two_runs_estimated_trained_and_kept_apart(task, tmp_pat
     assert len(scores) == 2
     for budget in (1, 2):
         assert scores[runs.loc[budget, "variant"]] == pytest.approx(runs.loc[budget, "dice"])
+
+
+@pytest.mark.parametrize("arguments, says", [
+    (["--budgets", "0"], "--budgets: a budget is a whole number of epochs"),
+    (["--budgets", "5", "5"], "--budgets: 5 given more than once"),
+    (["--budgets", "4", "8", "--snapshots", "50", "50"], "--snapshots: 50 given more than once"),
+    (["--budgets", "2", "8", "--snapshots", "75"], "--snapshots 75: falls on the last epoch of a budget of 2"),
+])
+def test_the_demo_refuses_budgets_and_snapshots_it_cannot_run_before_writing_anything(tmp_path, arguments, says):
+    out = tmp_path / "demo"
+    result = run_segbook("demo", "--out", str(out), *arguments, check=False)
+    assert result.returncode == 2 and f"segbook: error: {says}" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()

@@ -197,3 +197,26 @@ def test_a_crafted_checkpoint_in_the_output_folder_is_refused_and_never_runs(dem
     assert f"segbook: error: {final} was refused" in result.stderr and "Traceback" not in result.stderr
     assert "weights_only=False" not in result.stderr and "weights_only` set to `False`" not in result.stderr
     assert not marker.exists()
+
+
+def test_the_quick_demo_at_two_budgets_with_snapshots_fills_the_budgets_and_curves_tables(tmp_path):
+    """Issue 26's question on the demo's tasks: each budget its own run, snapshots scored, both tables printed."""
+    out = tmp_path / "budgets"
+    printed = run_segbook("demo", "--quick", "--out", str(out), "--budgets", "2", "4", "--snapshots", "50",
+                          timeout=DEMO_TIMEOUT_S).stdout
+    assert "13 jobs:" in printed and "batch run: 13 done" in printed  # 3 targets x 2 inits x 2 budgets + heads-only
+    results = out / "home" / "nnUNet_results"
+    for budget, snapshot in ((2, 1), (4, 2)):
+        runs = sorted(results.glob(f"Dataset97*/SegbookTrainer_tiny_*_ep{budget}__*/fold_all"))
+        assert len(runs) == 6
+        for folder in runs:
+            manifest = RunManifest.load(folder)
+            assert manifest.status == "finished" and len(manifest.data["epochs"]) == budget
+            assert [s["epoch"] for s in manifest.data["snapshots"]] == [snapshot]
+            summary = json.loads((folder / "snapshots" / f"evaluation_ep{snapshot}" / "summary.json").read_text())
+            assert summary["snapshot"]["epoch"] == snapshot and summary["training"]["complete"] is False
+    rows = {(row["configuration"].split(" [")[0], row["budget (epochs)"]): row for row in _tables(out, "budgets")}
+    assert set(rows) == {(f"tiny {init}", budget) for init in ("pretrained", "scratch") for budget in (2, 4)}
+    assert rows[("tiny pretrained", 4)]["same sign"] == 1.0  # the largest budget agrees with itself
+    points = [row["point"] for row in _tables(out, "curves")]
+    assert points.count("run") == 4 and points.count("snapshot (lr not decayed)") == 4
