@@ -28,15 +28,21 @@ class UnsafeCheckpointError(SegbookError):
 
 def read_run_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """An nnU-Net v2 training checkpoint (`checkpoint_*.pth`), read safely and checked for nnU-Net's keys."""
+    return _read_with_keys(path, map_location, _NNUNET_KEYS, "an nnU-Net training checkpoint")
+
+
+def _read_with_keys(path: str | Path, map_location: str | torch.device, keys: tuple[str, ...],
+                    what: str) -> dict[str, Any]:
+    """A file read safely (`stunet.safe_load`: weights only) that must be a dict holding `keys`."""
     from stunet import CheckpointError, safe_load
 
     try:
         content = safe_load(path, map_location)
     except CheckpointError as error:
         raise UnsafeCheckpointError(str(error)) from None
-    missing = [key for key in _NNUNET_KEYS if not isinstance(content, dict) or key not in content]
+    missing = [key for key in keys if not isinstance(content, dict) or key not in content]
     if missing:
-        raise UnsafeCheckpointError(f"{path} is not an nnU-Net training checkpoint (missing {', '.join(missing)})")
+        raise UnsafeCheckpointError(f"{path} is not {what} (missing {', '.join(missing)})")
     return content
 
 
@@ -46,15 +52,7 @@ _SNAPSHOT_KEYS = ("network_weights", "trainer_name", "segbook_snapshot")
 def read_snapshot(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A run's snapshot (`segbook.training.trainer_parts.snapshots`), read as safely as any checkpoint and checked
     for its keys: the weights, the trainer that wrote them and the snapshot's record (its epoch a positive integer)."""
-    from stunet import CheckpointError, safe_load
-
-    try:
-        content = safe_load(path, map_location)
-    except CheckpointError as error:
-        raise UnsafeCheckpointError(str(error)) from None
-    missing = [key for key in _SNAPSHOT_KEYS if not isinstance(content, dict) or key not in content]
-    if missing:
-        raise UnsafeCheckpointError(f"{path} is not a segbook snapshot (missing {', '.join(missing)})")
+    content = _read_with_keys(path, map_location, _SNAPSHOT_KEYS, "a segbook snapshot")
     record, weights = content["segbook_snapshot"], content["network_weights"]
     epoch = record.get("epoch") if isinstance(record, dict) else None
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1 or not isinstance(weights, dict) or \
