@@ -12,7 +12,9 @@ Steps (each reported; a failing one does not stop the next; the exit status is 1
    16-core node gets, next to what the fastest training step consumes;
 4. end to end: `segbook finetune --model base --pretrained` from weights written in the official format, a few
    epochs with the GPU defaults, then `segbook evaluate` on the device: prediction time per case, peak memory;
-5. with two GPUs or more: the same run on two GPUs (nnU-Net's DDP), interrupted and resumed.
+5. with two GPUs or more: the same run on two GPUs (nnU-Net's DDP), interrupted and resumed;
+6. a budget curve (issue 26): STU-Net base pretrained and from scratch at two budgets with three snapshots each,
+   evaluated, and the budgets and curves tables that answer "does the shorter budget give the same answer?".
 Every step writes `OUT/<step>.json`; `OUT/summary.txt` has one line per step.
 """
 
@@ -231,8 +233,30 @@ def two_gpus(check: Check) -> dict[str, Any]:
             "events": [e["event"] for e in manifest["events"]]}
 
 
+def budget_curve(check: Check) -> dict[str, Any]:
+    """Dice against GPU-hours for STU-Net base on the check's task: budgets of 4 and 8 epochs (toy: 2 and 4), each
+    pretrained and from scratch, snapshots at 25/50/75 % (toy: 50 %), then the tables that compare them."""
+    registry, key = _task(check)
+    model = "tiny" if check.smoke else "base"
+    budgets, snapshots = (["2", "4"], ["50"]) if check.smoke else (["4", "8"], ["25", "50", "75"])
+    iterations = ["--iters-per-epoch", "2", "--val-iters-per-epoch", "1"] if check.smoke else \
+        ["--iters-per-epoch", "50", "--val-iters-per-epoch", "10"]
+    selection = ["--registry", registry, "--task", key, "--model", model, "--budgets", *budgets]
+    for init in ("--pretrained", "--scratch"):
+        weights = ["--weights", str(_weights(check))] if init == "--pretrained" else []
+        check.segbook("finetune", *selection, init, *weights, "--snapshots", *snapshots, "--device", check.device,
+                      *iterations)
+        check.segbook("evaluate", *selection, init, "--snapshots", "--device", check.device)
+    tables = {}
+    for table in ("budgets", "curves"):
+        printed = check.segbook("results", "--registry", registry, "--no-imported", "--table", table, "--format",
+                                "json").stdout
+        tables[table] = json.loads(printed)
+    return tables
+
+
 STEPS = {"environment": environment, "training_step": training_step, "augmentation": augmentation,
-         "end_to_end": end_to_end, "two_gpus": two_gpus}
+         "end_to_end": end_to_end, "two_gpus": two_gpus, "budget_curve": budget_curve}
 
 
 def main() -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
-STEPS = ("environment", "training_step", "augmentation", "end_to_end", "two_gpus")
+STEPS = ("environment", "training_step", "augmentation", "end_to_end", "two_gpus", "budget_curve")
 
 
 @pytest.mark.slow
@@ -29,3 +29,9 @@ def test_the_device_check_runs_every_step_at_toy_size(tmp_path: Path) -> None:
     assert len(end_to_end["epoch_seconds"]) == 2 and 0.0 <= end_to_end["dice"] <= 1.0
     assert end_to_end["prediction_seconds_per_case"] > 0
     assert results["two_gpus"]["skipped"] == "fewer than two GPUs"
+    curve = results["budget_curve"]
+    assert {(row["configuration"].split(" [")[0], row["budget (epochs)"]) for row in curve["budgets"]} == {
+        (f"tiny {init}", budget) for init in ("pretrained", "scratch") for budget in (2, 4)}
+    points = [(row["budget (epochs)"], row["epochs trained"], row["point"]) for row in curve["curves"]]
+    assert sorted(set(points)) == [(2, 1, "snapshot (lr not decayed)"), (2, 2, "run"),
+                                   (4, 2, "snapshot (lr not decayed)"), (4, 4, "run")]
