@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -136,6 +137,54 @@ def test_label_map_refusals(pair_registry, tmp_path: Path, text: str, message: s
     _, registry = pair_registry
     with pytest.raises(LabelMapError, match=message):
         pair(registry.get("Task911_OrgansCT"), registry.get("Task912_OrgansMR"), read_label_map(_map(tmp_path, text)))
+
+
+def test_a_channel_map_feeds_named_channels_in_the_runs_order(pair_registry) -> None:
+    """A one-channel run on a two-channel dataset: --channels T2 (or its index) reads B's second channel, recorded;
+    the case's image files are those of the mapped channels, in the run's order."""
+    from segbook.evaluation.evaluate import TestCase
+    from segbook.evaluation.external import mapped_channels
+
+    _, registry = pair_registry
+    mr, two = registry.get("Task912_OrgansMR"), registry.get("Task914_TwoMR")
+    for channels in (["T2"], ["t2"], ["1"]):
+        pairing = pair(mr, two, channels=channels)
+        assert pairing.usable and pairing.channel_map == (1,)
+        assert pairing.record()["channel_map"] == [{"trained": "T1", "tested_index": 1, "tested": "T2"}]
+    assert "channel_map" not in pair(mr, registry.get("Task911_OrgansCT")).record()  # none given: none recorded
+    case = TestCase("c", [Path("c_0000.nii.gz"), Path("c_0001.nii.gz")], Path("c.nii.gz"))
+    assert mapped_channels([case], (1,))[0].images == [Path("c_0001.nii.gz")]
+    assert mapped_channels([case], (1, 0))[0].images == [Path("c_0001.nii.gz"), Path("c_0000.nii.gz")]
+    assert mapped_channels([case], None) == [case]
+
+
+@pytest.mark.parametrize("channels, message", [
+    (["T1", "T2"], "Task912_OrgansMR reads 1 channel(s) (T1)"),
+    (["FLAIR"], "Task914_TwoMR has no channel 'FLAIR' (its channels: 0: T1, 1: T2)"),
+    (["2"], "has no channel '2'"),
+])
+def test_channel_map_refusals(pair_registry, channels, message) -> None:
+    from segbook.structures import ChannelMapError
+
+    _, registry = pair_registry
+    with pytest.raises(ChannelMapError, match=re.escape(message)):
+        pair(registry.get("Task912_OrgansMR"), registry.get("Task914_TwoMR"), channels=channels)
+    with pytest.raises(ChannelMapError, match="channel 1 \\(T2\\) of Task914_TwoMR is named twice"):
+        pair(registry.get("Task914_TwoMR"), registry.get("Task914_TwoMR"), channels=["T2", "1"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--channels", "T2"], "go with --on TASK"),
+    (["--on", "Task914_TwoMR", "--channels", "T1", "T2"], "reads 1 channel(s)"),
+    (["--on", "Task914_TwoMR", "--channels", "PD"], "has no channel 'PD'"),
+])
+def test_evaluate_refuses_a_bad_channel_map_before_anything(pair_registry, segbook_home: Path, extra,
+                                                            message) -> None:
+    path, _ = pair_registry
+    result = run_segbook("evaluate", "--registry", str(path), "--task", "Task912_OrgansMR", "--model", "base",
+                         "--scratch", "--device", "cpu", *extra, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not any(segbook_home.rglob("external"))
 
 
 # --- evaluate --on: a tiny CT run scored on a tiny MRI dataset ----------------------------------------------------
