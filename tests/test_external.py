@@ -410,8 +410,8 @@ def test_external_table_numbers_by_hand(external_store) -> None:
     assert set(rows) == {"base scratch", "base pretrained"}
     for init in ("scratch", "pretrained"):
         row = rows[f"base {init}"]
-        assert (row["shift"], row["trained_on"], row["tested_on"], row["cases"]) == (
-            "CT -> MRI", "Task911_OrgansCT", "Task912_OrgansMR", "test")
+        assert (row["shift"], row["target"], row["scale"], row["trained_on"], row["tested_on"], row["cases"]) == (
+            "CT -> MRI", "Seen Structure", external_store.ct.scale, "Task911_OrgansCT", "Task912_OrgansMR", "test")
         assert row["internal"] == pytest.approx(100 * internal[init].mean(), abs=0.006)
         assert row["external"] == pytest.approx(100 * np.mean(EXTERNAL_DICE[init]), abs=0.006)
         assert row["gap"] == pytest.approx(row["internal"] - row["external"], abs=0.011)
@@ -427,6 +427,17 @@ def test_external_table_numbers_by_hand(external_store) -> None:
     assert pretrained["p_narrows"] == pytest.approx(mannwhitneyu(outside, inside).pvalue, rel=1e-2)
     assert pretrained["narrows"] == ("yes" if outside.mean() > inside.mean() else "no")
     assert pd.isna(rows["base scratch"]["delta_internal"])
+
+
+def test_external_rows_are_grouped_by_shift_then_target_then_scale() -> None:
+    from segbook.results.external import COLUMNS, grouped
+
+    rows = [("CT -> MRI", "Lesion", "small", "A"), ("same modality", "Unseen Structure", "large", "B"),
+            ("CT -> MRI", "Seen Structure", "large", "C"), ("CT -> MRI", "Seen Structure", "small", "D"),
+            ("MRI -> CT", "Lesion", "small", "E"), ("same modality", "Unseen Structure", "small", "F")]
+    frame = pd.DataFrame([{"shift": shift, "target": target, "scale": scale, "trained_on": task, "tested_on": "X",
+                           "cases": "test"} for shift, target, scale, task in rows], columns=COLUMNS)
+    assert list(grouped(frame)["trained_on"]) == ["F", "B", "A", "D", "C", "E"]
 
 
 def test_an_invalid_external_evaluation_is_left_out_and_internal_tables_ignore_them(external_store) -> None:
