@@ -540,3 +540,29 @@ def test_external_scores_travel_in_bundles_and_are_checked_on_import(external_st
     import_bundle(report.folder, external_store.registry)
     theirs, _ = _table(external_store)
     assert theirs.drop(columns=["configuration"]).equals(table.drop(columns=["configuration"]))
+
+
+@pytest.mark.slow
+def test_a_channel_map_scores_a_ct_run_on_a_ct_and_pet_task(external_runs, tmp_path: Path) -> None:
+    """The CT run on a two-channel CT&PET task: refused without --channels; with --channels CT scored on the CT
+    channel, the map recorded; the same map is up to date, another (the PET channel, by index) redoes it."""
+    from helpers import prepare_synthetic_task, tiny_spec
+
+    r = external_runs
+    spec = tiny_spec(name="ExtPET", modality="CT&PET", channels=("CT", "PET"), seed=5, cases=4)
+    pet_file, pet = prepare_synthetic_task(tmp_path, spec, dataset_id=998, plan=False)
+    run = r.runs["pretrained"].folder
+    base = ["evaluate", *r.registries, "--registry", str(pet_file), "--run", str(run), "--device", "cpu",
+            "--on", pet.key]
+    refused = run_segbook(*base, check=False)
+    assert refused.returncode == 2 and "input channels differ" in refused.stderr
+    folder = run / "evaluation" / "external" / pet.key
+    assert not folder.exists()
+    assert "evaluated: " in run_segbook(*base, "--channels", "CT").stdout
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["external"]["channel_map"] == [{"trained": "CT", "tested_index": 0, "tested": "CT"}]
+    assert summary["external"]["shift"] == "CT -> CT&PET" and summary["num_cases"] == pet.test_cases
+    assert "up to date: " in run_segbook(*base, "--channels", "ct").stdout
+    assert "evaluated: " in run_segbook(*base, "--channels", "1").stdout
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["external"]["channel_map"] == [{"trained": "CT", "tested_index": 1, "tested": "PET"}]
