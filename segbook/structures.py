@@ -40,6 +40,10 @@ class IncompatibleError(SegbookError):
     """Two datasets one cannot validate the other on: no shared structure, or different input channels."""
 
 
+class ChannelMapError(SegbookError):
+    """A channel map that cannot feed the run: the wrong count, a channel the tested dataset lacks, one twice."""
+
+
 def fold(name: str) -> str:
     """A label name compared without case, spaces, `_` and `-`."""
     return re.sub(r"[\s_-]+", "", name.casefold())
@@ -87,6 +91,9 @@ class Pairing:
     structures: tuple[SharedStructure, ...]
     label_map: LabelMap | None = None
     problems: tuple[str, ...] = field(default=())
+    #: The tested dataset's channel indices fed to the run as the trained one's channels, in their order (None:
+    #: channel for channel, as `channel_problems` allows)
+    channel_map: tuple[int, ...] | None = None
 
     @property
     def shift(self) -> str:
@@ -123,7 +130,13 @@ class Pairing:
                 "shift": self.shift, "channels": {"trained": list(self.trained.channels),
                                                   "tested": list(self.tested.channels)},
                 "structures": [s.record(self.trained, self.tested) for s in self.structures],
-                "label_map": self.label_map.record() if self.label_map else None}
+                "label_map": self.label_map.record() if self.label_map else None,
+                **({"channel_map": self.channel_map_record()} if self.channel_map is not None else {})}
+
+    def channel_map_record(self) -> list[dict[str, Any]]:
+        """Per channel the run reads (A's, in order): the tested dataset's channel fed to it, by index and name."""
+        return [{"trained": name, "tested_index": index, "tested": self.tested.channels[index]}
+                for name, index in zip(self.trained.channels, self.channel_map or ())]
 
 
 def scoring_entry(trained: "DatasetEntry", scored: Sequence[tuple[int, str, str]]) -> "DatasetEntry":
@@ -152,6 +165,30 @@ def channel_problems(trained: "DatasetEntry", tested: "DatasetEntry") -> list[st
         return [f"their input channels differ: {trained.key} reads {', '.join(trained.channels)}, {tested.key} has "
                 f"{', '.join(tested.channels)}"]
     return []
+
+
+def channel_map(trained: "DatasetEntry", tested: "DatasetEntry", channels: Sequence[str]) -> tuple[int, ...]:
+    """The tested dataset's channels, named by the registry's channel names (compared as label names are) or by
+    0-based index, that the run reads as the trained dataset's channels in their order: one per trained channel,
+    each a channel of `tested`, none twice."""
+    where = f"--channels {' '.join(channels)}"
+    if len(channels) != len(trained.channels):
+        raise ChannelMapError(f"{where}: {trained.key} reads {len(trained.channels)} channel(s) "
+                              f"({', '.join(trained.channels)}); name one of {tested.key}'s for each, in that order")
+    by_name = {fold(name): index for index, name in enumerate(tested.channels)}
+    indices = []
+    for name in channels:
+        index = by_name.get(fold(name))
+        if index is None and name.strip().isdigit() and int(name) < len(tested.channels):
+            index = int(name)
+        if index is None:
+            raise ChannelMapError(f"{where}: {tested.key} has no channel {name!r} (its channels: "
+                                  + ", ".join(f"{i}: {n}" for i, n in enumerate(tested.channels)) + ")")
+        if index in indices:
+            raise ChannelMapError(f"{where}: channel {index} ({tested.channels[index]}) of {tested.key} is named "
+                                  "twice; each of the run's channels needs its own")
+        indices.append(index)
+    return tuple(indices)
 
 
 def read_label_map(path: str | Path) -> LabelMap:
@@ -185,12 +222,16 @@ def read_label_map(path: str | Path) -> LabelMap:
     return LabelMap(checked, str(path), digest)
 
 
-def pair(trained: "DatasetEntry", tested: "DatasetEntry", label_map: LabelMap | None = None) -> Pairing:
+def pair(trained: "DatasetEntry", tested: "DatasetEntry", label_map: LabelMap | None = None,
+         channels: Sequence[str] | None = None) -> Pairing:
     """The structures a run on `trained` is scored on in `tested`, and the problems that forbid it.
 
     A label map naming a label neither dataset has, one label twice, or a structure with labels on one side only is
-    refused (LabelMapError); so is a name matching several labels of one dataset.
+    refused (LabelMapError); so is a name matching several labels of one dataset. `channels` (see `channel_map`)
+    says which of `tested`'s channels the run reads; given, the channels may differ (ChannelMapError if it does
+    not fit).
     """
+    mapped = channel_map(trained, tested, channels) if channels is not None else None
     claimed: dict[tuple[str, int], str] = {}
     structures = [_mapped(name, labels, trained, tested, claimed, label_map)
                   for name, labels in (label_map.groups.items() if label_map else ())]
@@ -201,7 +242,8 @@ def pair(trained: "DatasetEntry", tested: "DatasetEntry", label_map: LabelMap | 
         if label.kind == "structure" and ("trained", label.index) not in claimed and match is not None:
             structures.append(SharedStructure(label.name, (label.index,), (match.index,)))
     structures.sort(key=lambda s: s.label)
-    return Pairing(trained, tested, tuple(structures), label_map, tuple(channel_problems(trained, tested)))
+    problems = channel_problems(trained, tested) if mapped is None else []
+    return Pairing(trained, tested, tuple(structures), label_map, tuple(problems), mapped)
 
 
 def _mapped(name: str, labels: Sequence[str], trained: "DatasetEntry", tested: "DatasetEntry",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -136,6 +137,54 @@ def test_label_map_refusals(pair_registry, tmp_path: Path, text: str, message: s
     _, registry = pair_registry
     with pytest.raises(LabelMapError, match=message):
         pair(registry.get("Task911_OrgansCT"), registry.get("Task912_OrgansMR"), read_label_map(_map(tmp_path, text)))
+
+
+def test_a_channel_map_feeds_named_channels_in_the_runs_order(pair_registry) -> None:
+    """A one-channel run on a two-channel dataset: --channels T2 (or its index) reads B's second channel, recorded;
+    the case's image files are those of the mapped channels, in the run's order."""
+    from segbook.evaluation.evaluate import TestCase
+    from segbook.evaluation.external import mapped_channels
+
+    _, registry = pair_registry
+    mr, two = registry.get("Task912_OrgansMR"), registry.get("Task914_TwoMR")
+    for channels in (["T2"], ["t2"], ["1"]):
+        pairing = pair(mr, two, channels=channels)
+        assert pairing.usable and pairing.channel_map == (1,)
+        assert pairing.record()["channel_map"] == [{"trained": "T1", "tested_index": 1, "tested": "T2"}]
+    assert "channel_map" not in pair(mr, registry.get("Task911_OrgansCT")).record()  # none given: none recorded
+    case = TestCase("c", [Path("c_0000.nii.gz"), Path("c_0001.nii.gz")], Path("c.nii.gz"))
+    assert mapped_channels([case], (1,))[0].images == [Path("c_0001.nii.gz")]
+    assert mapped_channels([case], (1, 0))[0].images == [Path("c_0001.nii.gz"), Path("c_0000.nii.gz")]
+    assert mapped_channels([case], None) == [case]
+
+
+@pytest.mark.parametrize("channels, message", [
+    (["T1", "T2"], "Task912_OrgansMR reads 1 channel(s) (T1)"),
+    (["FLAIR"], "Task914_TwoMR has no channel 'FLAIR' (its channels: 0: T1, 1: T2)"),
+    (["2"], "has no channel '2'"),
+])
+def test_channel_map_refusals(pair_registry, channels, message) -> None:
+    from segbook.structures import ChannelMapError
+
+    _, registry = pair_registry
+    with pytest.raises(ChannelMapError, match=re.escape(message)):
+        pair(registry.get("Task912_OrgansMR"), registry.get("Task914_TwoMR"), channels=channels)
+    with pytest.raises(ChannelMapError, match="channel 1 \\(T2\\) of Task914_TwoMR is named twice"):
+        pair(registry.get("Task914_TwoMR"), registry.get("Task914_TwoMR"), channels=["T2", "1"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--channels", "T2"], "go with --on TASK"),
+    (["--on", "Task914_TwoMR", "--channels", "T1", "T2"], "reads 1 channel(s)"),
+    (["--on", "Task914_TwoMR", "--channels", "PD"], "has no channel 'PD'"),
+])
+def test_evaluate_refuses_a_bad_channel_map_before_anything(pair_registry, segbook_home: Path, extra,
+                                                            message) -> None:
+    path, _ = pair_registry
+    result = run_segbook("evaluate", "--registry", str(path), "--task", "Task912_OrgansMR", "--model", "base",
+                         "--scratch", "--device", "cpu", *extra, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not any(segbook_home.rglob("external"))
 
 
 # --- evaluate --on: a tiny CT run scored on a tiny MRI dataset ----------------------------------------------------
@@ -361,8 +410,8 @@ def test_external_table_numbers_by_hand(external_store) -> None:
     assert set(rows) == {"base scratch", "base pretrained"}
     for init in ("scratch", "pretrained"):
         row = rows[f"base {init}"]
-        assert (row["shift"], row["trained_on"], row["tested_on"], row["cases"]) == (
-            "CT -> MRI", "Task911_OrgansCT", "Task912_OrgansMR", "test")
+        assert (row["shift"], row["target"], row["scale"], row["trained_on"], row["tested_on"], row["cases"]) == (
+            "CT -> MRI", "Seen Structure", external_store.ct.scale, "Task911_OrgansCT", "Task912_OrgansMR", "test")
         assert row["internal"] == pytest.approx(100 * internal[init].mean(), abs=0.006)
         assert row["external"] == pytest.approx(100 * np.mean(EXTERNAL_DICE[init]), abs=0.006)
         assert row["gap"] == pytest.approx(row["internal"] - row["external"], abs=0.011)
@@ -378,6 +427,17 @@ def test_external_table_numbers_by_hand(external_store) -> None:
     assert pretrained["p_narrows"] == pytest.approx(mannwhitneyu(outside, inside).pvalue, rel=1e-2)
     assert pretrained["narrows"] == ("yes" if outside.mean() > inside.mean() else "no")
     assert pd.isna(rows["base scratch"]["delta_internal"])
+
+
+def test_external_rows_are_grouped_by_shift_then_target_then_scale() -> None:
+    from segbook.results.external import COLUMNS, grouped
+
+    rows = [("CT -> MRI", "Lesion", "small", "A"), ("same modality", "Unseen Structure", "large", "B"),
+            ("CT -> MRI", "Seen Structure", "large", "C"), ("CT -> MRI", "Seen Structure", "small", "D"),
+            ("MRI -> CT", "Lesion", "small", "E"), ("same modality", "Unseen Structure", "small", "F")]
+    frame = pd.DataFrame([{"shift": shift, "target": target, "scale": scale, "trained_on": task, "tested_on": "X",
+                           "cases": "test"} for shift, target, scale, task in rows], columns=COLUMNS)
+    assert list(grouped(frame)["trained_on"]) == ["F", "B", "A", "D", "C", "E"]
 
 
 def test_an_invalid_external_evaluation_is_left_out_and_internal_tables_ignore_them(external_store) -> None:
@@ -480,3 +540,29 @@ def test_external_scores_travel_in_bundles_and_are_checked_on_import(external_st
     import_bundle(report.folder, external_store.registry)
     theirs, _ = _table(external_store)
     assert theirs.drop(columns=["configuration"]).equals(table.drop(columns=["configuration"]))
+
+
+@pytest.mark.slow
+def test_a_channel_map_scores_a_ct_run_on_a_ct_and_pet_task(external_runs, tmp_path: Path) -> None:
+    """The CT run on a two-channel CT&PET task: refused without --channels; with --channels CT scored on the CT
+    channel, the map recorded; the same map is up to date, another (the PET channel, by index) redoes it."""
+    from helpers import prepare_synthetic_task, tiny_spec
+
+    r = external_runs
+    spec = tiny_spec(name="ExtPET", modality="CT&PET", channels=("CT", "PET"), seed=5, cases=4)
+    pet_file, pet = prepare_synthetic_task(tmp_path, spec, dataset_id=998, plan=False)
+    run = r.runs["pretrained"].folder
+    base = ["evaluate", *r.registries, "--registry", str(pet_file), "--run", str(run), "--device", "cpu",
+            "--on", pet.key]
+    refused = run_segbook(*base, check=False)
+    assert refused.returncode == 2 and "input channels differ" in refused.stderr
+    folder = run / "evaluation" / "external" / pet.key
+    assert not folder.exists()
+    assert "evaluated: " in run_segbook(*base, "--channels", "CT").stdout
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["external"]["channel_map"] == [{"trained": "CT", "tested_index": 0, "tested": "CT"}]
+    assert summary["external"]["shift"] == "CT -> CT&PET" and summary["num_cases"] == pet.test_cases
+    assert "up to date: " in run_segbook(*base, "--channels", "ct").stdout
+    assert "evaluated: " in run_segbook(*base, "--channels", "1").stdout
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["external"]["channel_map"] == [{"trained": "CT", "tested_index": 1, "tested": "PET"}]

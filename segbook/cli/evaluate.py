@@ -59,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     external.add_argument("--label-map", metavar="FILE",
                           help="with --on: YAML naming synonyms and merges, e.g. 'structures: {Kidney: [Left "
                                "kidney, Right kidney]}' (docs/results.md)")
+    external.add_argument("--channels", nargs="+", metavar="NAME",
+                          help="with --on: the tested dataset's channels (registry names, or 0-based indices) the "
+                               "run reads as its own, in its own channel order, e.g. --channels T2 for a run on T2 "
+                               "scored on a T1, T2 dataset; lets channels that differ be mapped (recorded; another "
+                               "map redoes the evaluation)")
     options = parser.add_argument_group("prediction and metrics")
     options.add_argument("--step-size", type=bounded(STEP_SIZE), default=0.5,
                          help="sliding-window step as a fraction of the patch")
@@ -93,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     registry = registry_from_args(args)
     settings = EvaluationSettings(step_size=args.step_size, gaussian=args.gaussian, mirroring=args.mirroring,
                                   nsd_tolerance_mm=args.nsd_tolerance, empty_dice=args.empty_dice)
-    if args.on or args.on_all_cases or args.label_map:
+    if args.on or args.on_all_cases or args.label_map or args.channels:
         return _run_external(args, registry, settings)
     for entry, spec, folder in _runs(args, registry):
         result = evaluate_run(entry, spec, settings=settings, device=args.device, num_processes=args.num_processes,
@@ -129,7 +134,8 @@ def _run_external(args: argparse.Namespace, registry, settings) -> int:
     from segbook.structures import pair, read_label_map
 
     if not args.on:
-        raise SegbookError("--on-all-cases and --label-map go with --on TASK (the datasets to score the run on)")
+        raise SegbookError("--on-all-cases, --label-map and --channels go with --on TASK (the datasets to score the "
+                           "run on)")
     if args.snapshots:
         raise SegbookError("--snapshots with --on: a run is scored on other datasets with its final network only")
     label_map = read_label_map(args.label_map) if args.label_map else None
@@ -140,7 +146,7 @@ def _run_external(args: argparse.Namespace, registry, settings) -> int:
             raise SegbookError(f"--on {entry.key}: that is the dataset the run trained on; plain `segbook evaluate` "
                                "scores its test split")
         for other in tested:
-            pair(entry, other, label_map).require_usable()
+            pair(entry, other, label_map, args.channels).require_usable()
     for other in tested:  # every tested dataset's data is there before the first prediction
         labelled_cases(other, Paths.from_env(), args.on_all_cases)
     for entry, spec, folder in runs:
@@ -148,7 +154,8 @@ def _run_external(args: argparse.Namespace, registry, settings) -> int:
             result = evaluate_external(entry, spec, other, settings=settings, label_map=label_map,
                                        all_cases=args.on_all_cases, device=args.device,
                                        num_processes=args.num_processes, keep_predictions=args.keep_predictions,
-                                       force=args.force, run_folder=folder, threads=args.threads)
+                                       force=args.force, run_folder=folder, threads=args.threads,
+                                       channels=args.channels)
             _print_summary(result)
     return 0
 

@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "the registry's label names (without case, spaces, '_' and '-'), derived from the registry "
                     "now. 'cases' is what `segbook evaluate --on` scores: the tested dataset's test split, or all "
                     "its labelled cases with --on-all-cases. Pairs whose input channels differ are listed with "
-                    "the reason (evaluate --on refuses them).")
+                    "the reason (evaluate --on refuses them unless --channels maps the tested dataset's channels "
+                    "onto the run's).")
     pairs.add_argument("--structure", metavar="NAME", help="only pairs sharing this structure (e.g. liver)")
     add_format_option(pairs, LIST_FORMATS)
     add_registry_option(pairs)
@@ -181,7 +182,8 @@ def run_pairs(args: argparse.Namespace) -> int:
     emit(rows, args.format)
     if args.format == "table":
         usable = sum(p.usable for p in pairs)
-        print(f"{len(pairs)} pair(s), {usable} with compatible channels")
+        mappable = " (the others: evaluate --on ... --channels NAME ... maps them)" if usable < len(pairs) else ""
+        print(f"{len(pairs)} pair(s), {usable} with compatible channels{mappable}")
     return 0
 
 

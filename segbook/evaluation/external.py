@@ -5,18 +5,20 @@ nnU-Net's predictor, which preprocesses them with A's plans (A's normalisation a
 would do with another hospital's scans); B's labels and the prediction are then both mapped onto the structures the
 two datasets share (`segbook.structures`: registry names, or a user's label map, both recorded) and scored with the
 metrics and summaries of internal evaluation, under A's label id per structure. Everything that refuses (no shared
-structure, different channels, a bad label map, an untrained run, missing data) refuses before anything is
-predicted. The scores go to their own folder (`segbook.runs.external_folder`), written as one directory rename: a
-killed evaluation leaves nothing a table reads, and nothing that reads a run's own scores ever looks there.
+structure, different channels without a channel map, a bad label map or channel map, an untrained run, missing data)
+refuses before anything is predicted. A channel map (`channels`) feeds the run the tested dataset's image files of
+the named channels, in the trained dataset's channel order. The scores go to their own folder
+(`segbook.runs.external_folder`), written as one directory rename: a killed evaluation leaves nothing a table reads,
+and nothing that reads a run's own scores ever looks there.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from segbook import claims
 from segbook.evaluation.evaluate import (EvaluationError, EvaluationResult, TestCase, _predict, _score, _write,
@@ -56,22 +58,31 @@ def labelled_cases(entry: "DatasetEntry", paths: Paths, all_cases: bool) -> list
     return sorted(cases, key=lambda c: c.case)
 
 
+def mapped_channels(cases: list[TestCase], channel_map: Sequence[int] | None) -> list[TestCase]:
+    """Each case with the image files (CASE_0000, CASE_0001, ...) of the mapped channels, in the run's order."""
+    if channel_map is None:
+        return cases
+    return [replace(case, images=[case.images[index] for index in channel_map]) for case in cases]
+
+
 def evaluate_external(trained: "DatasetEntry", spec: RunSpec, tested: "DatasetEntry", paths: Paths | None = None,
                       settings: EvaluationSettings = EvaluationSettings(), *, label_map: LabelMap | None = None,
                       all_cases: bool = False, device: str | None = None, num_processes: int = 1,
                       keep_predictions: bool = False, force: bool = False, run_folder: Path | None = None,
-                      threads: int | None = None) -> EvaluationResult:
+                      threads: int | None = None, channels: Sequence[str] | None = None) -> EvaluationResult:
     """Score the run `spec` (trained on `trained`) on `tested`; skipped when scored so already. Predictions, kept,
-    are in A's label ids (all of A's labels, the unshared ones too). `threads` as for `evaluate_run`."""
+    are in A's label ids (all of A's labels, the unshared ones too). `threads` as for `evaluate_run`; `channels`:
+    which of B's channels the run reads as A's (`segbook.structures.channel_map`), recorded with the pairing, so
+    that scores under another map (or none) are not up to date."""
     from segbook.devices import resolve_device
 
-    pairing = pair(trained, tested, label_map)
+    pairing = pair(trained, tested, label_map, channels)
     pairing.require_usable()
     paths = paths or Paths.from_env()
     paths.export()
     run_folder = Path(run_folder) if run_folder is not None else spec.folder(paths.results)
     manifest, checkpoint = trained_run(run_folder, settings)
-    cases = labelled_cases(tested, paths, all_cases)
+    cases = mapped_channels(labelled_cases(tested, paths, all_cases), pairing.channel_map)
     device = resolve_device(device)
     tolerance = settings.nsd_tolerance_mm or tested.nsd_tolerance_mm
     resolved = asdict(settings) | {"nsd_tolerance_mm": tolerance, "metrics_version": METRICS_VERSION}

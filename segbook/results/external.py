@@ -12,7 +12,8 @@ Per (trained on A, tested on B, which of B's cases) pair and configuration, from
   `--table case-tests`); `narrows`: Delta(PT) external - internal, which is the scratch gap minus the pretrained gap
   (positive: pretraining narrows it), with a two-sided Mann-Whitney U test of the per-case differences on B
   against those on A (different cases: not paired).
-Rows are grouped by modality shift (same modality, CT -> MRI, ...). External scores are read only here: they never
+Rows are grouped like the other tables: by modality shift (same modality, CT -> MRI, ...), then by the trained-on
+dataset's target and scale (the registry's, in its order). External scores are read only here: they never
 enter the internal tables.
 """
 
@@ -28,7 +29,7 @@ import pandas as pd
 
 from segbook.errors import SegbookError
 from segbook.evaluation.files import check_external, read_json
-from segbook.registry import Registry
+from segbook.registry import SCALES, TARGETS, Registry
 from segbook.results.cells import run_folders
 from segbook.results.collect import ResultsWarning, frame_registry
 from segbook.results.configs import config_label, configurations, delta_pairs, variant_profiles
@@ -41,9 +42,9 @@ from segbook.runs import METRICS, SUMMARY, FolderParts, evaluation_folder, exter
 from segbook.structures import modality_shift
 
 PAIR_KEYS = ["shift", "task", "tested", "cases"]
-COLUMNS = ["shift", "trained_on", "tested_on", "cases", "configuration", "n_internal", "internal", "n_external",
-           "external", "gap", "delta_internal", "p_internal", "delta_external", "p_external", "narrows_by",
-           "p_narrows", "narrows"]
+COLUMNS = ["shift", "target", "scale", "trained_on", "tested_on", "cases", "configuration", "n_internal", "internal",
+           "n_external", "external", "gap", "delta_internal", "p_internal", "delta_external", "p_external",
+           "narrows_by", "p_narrows", "narrows"]
 
 
 def external_case_scores(df: pd.DataFrame, metric: str = "dice", registry: Registry | None = None) -> pd.DataFrame:
@@ -111,6 +112,7 @@ def external_comparison(df: pd.DataFrame, selection: Selection | str = "dice",
     """The external table's numbers: one row per pair and configuration shown (see the module's docstring)."""
     selection = Selection.of(selection)
     metric = selection.metric
+    registry = registry or frame_registry(df)
     scores = external_case_scores(df, metric, registry)
     configs = configurations(whole_split(df), selection)
     baselines = dict(delta_pairs(configs, variant_profiles(whole_split(df))))
@@ -123,7 +125,9 @@ def external_comparison(df: pd.DataFrame, selection: Selection | str = "dice",
             internal, external = (by_key.get((*pair_key, *config, side)) for side in ("internal", "external"))
             if internal is None or external is None:
                 continue
-            row = {"shift": pair_key.shift, "trained_on": pair_key.task, "tested_on": pair_key.tested,
+            trained = registry.get(pair_key.task)
+            row = {"shift": pair_key.shift, "target": trained.target, "scale": trained.scale,
+                   "trained_on": pair_key.task, "tested_on": pair_key.tested,
                    "cases": pair_key.cases, "configuration": config_label(config),
                    "n_internal": int(internal.notna().sum()), "internal": factor * internal.mean(),
                    "n_external": int(external.notna().sum()), "external": factor * external.mean()}
@@ -132,10 +136,16 @@ def external_comparison(df: pd.DataFrame, selection: Selection | str = "dice",
             if baseline is not None:
                 row.update(_versus_scratch(by_key, tuple(pair_key), config, baseline, factor, sign))
             rows.append(row)
-    frame = pd.DataFrame(rows, columns=COLUMNS)
-    order = frame["shift"].ne("same modality")  # same modality first, then each shift by name
-    return frame.assign(_order=order).sort_values(["_order", "shift", "trained_on", "tested_on", "cases"],
-                                                  kind="stable").drop(columns="_order").reset_index(drop=True)
+    return grouped(pd.DataFrame(rows, columns=COLUMNS))
+
+
+def grouped(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows by modality shift (same modality first, then each shift by name), then the trained-on dataset's
+    target and scale in the registry's order, then the pair; configurations keep their order within a pair."""
+    order = {"_shift": frame["shift"].ne("same modality"), "_target": frame["target"].map(TARGETS.index),
+             "_scale": frame["scale"].map(SCALES.index)}
+    return frame.assign(**order).sort_values(["_shift", "shift", "_target", "_scale", "trained_on", "tested_on",
+                                              "cases"], kind="stable").drop(columns=list(order)).reset_index(drop=True)
 
 
 def _versus_scratch(by_key: dict, pair_key: tuple, config: tuple, baseline: tuple, factor: float,
