@@ -68,7 +68,8 @@ def budget_points(df: pd.DataFrame, selection: Selection) -> list[BudgetPoint]:
         mine, theirs = points[config].scores, points[baseline].scores
         points[config].deltas = {task: factor * (score - theirs[task]) for task, score in mine.items()
                                  if task in theirs and bases[(task, *config)] == bases[(task, *baseline)]}
-    return list(points.values())
+    order = {config[:3]: index for index, config in reversed(list(enumerate(configs)))}
+    return sorted(points.values(), key=lambda point: (order[point.config[:3]], point.budget))  # 5 before 10
 
 
 def mean_score(point: BudgetPoint, factor: float, tasks: set[str] | None = None) -> float:
