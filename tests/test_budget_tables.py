@@ -6,6 +6,7 @@ snapshot evaluation left out with a warning."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,22 @@ def test_a_catalogued_pretraining_cost_needs_a_positive_figure_and_its_source():
     assert Backbone("mine", "stunet", "Mine", pretraining_gpu_hours=12.5,
                     pretraining_gpu_hours_source="a paper, table 1").pretraining_gpu_hours == 12.5
     assert pretraining_cost("base") is None  # no built-in figure was verified: unknown, never zero
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda record: record["settings"].update(mirroring=False), "other evaluation settings than its run (mirroring)"),
+    (lambda record: record.update(split={"sha256": "0" * 64}), "another test split than its run"),
+])
+def test_a_snapshot_scored_otherwise_than_its_run_is_left_out_of_the_curves(store, change, says):
+    """A curve's points must differ only in how long the network trained: a snapshot evaluated without mirroring,
+    or on another test split, is no point of its run's curve."""
+    paths, registry, folders = store
+    frame = collect_results(paths, registry)
+    summary = folders[(TASKS[0], "pretrained", None)] / "snapshots" / "evaluation_ep250" / "summary.json"
+    record = json.loads(summary.read_text())
+    change(record)
+    summary.write_text(json.dumps(record))
+    with pytest.warns(ResultsWarning, match=f"evaluation_ep250.*{re.escape(says)}"):
+        rows = rows_of(build_table(frame, "curves"))
+    (row,) = [r for r in rows if r["epochs trained"] == 250 and r["configuration"].startswith("base pretrained")]
+    assert row["datasets"] == len(TASKS) - 1

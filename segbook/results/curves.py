@@ -44,8 +44,9 @@ def snapshot_scores(df: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
     for row in runs.itertuples(index=False):
         folder = Path(row.path)
         entry = registry.get(row.task)
+        run_summary = read_json(folder / "evaluation" / SUMMARY)  # collected, so checked already
         for record in _snapshot_records(folder):
-            score = _checked_score(folder, int(record["epoch"]), entry, metric)
+            score = _checked_score(folder, int(record["epoch"]), entry, metric, run_summary)
             if score is not None:
                 rows.append({**{k: getattr(row, k) for k in ("task", *CONFIG_KEYS, "seed")}, "budget": row.budget,
                              "epoch": int(record["epoch"]), "hours": _hours(record), "score": score})
@@ -68,9 +69,10 @@ def _hours(record: dict[str, Any]) -> float:
     return float(hours) if isinstance(hours, (int, float)) and not isinstance(hours, bool) and hours >= 0 else math.nan
 
 
-def _checked_score(folder: Path, epoch: int, entry: Any, metric: str) -> float | None:
+def _checked_score(folder: Path, epoch: int, entry: Any, metric: str, run_summary: dict[str, Any]) -> float | None:
     """The snapshot evaluation's score (mean over labels, as a run's), or None (warned) when its files fail the
-    checks, it does not say it is that snapshot, or it has no such score."""
+    checks, it does not say it is that snapshot, or it was scored otherwise than its run's final network (another
+    test split, other evaluation settings): a curve's points must differ only in how long the network trained."""
     evaluation = snapshot_evaluation_folder(folder, epoch)
     try:
         summary = read_json(evaluation / SUMMARY)
@@ -78,6 +80,8 @@ def _checked_score(folder: Path, epoch: int, entry: Any, metric: str) -> float |
         problem = verdict.problem
         if problem is None and (summary.get("snapshot") or {}).get("epoch") != epoch:
             problem = f"{evaluation / SUMMARY} does not say it scores the snapshot after epoch {epoch}"
+        if problem is None:
+            problem = _scored_otherwise(summary, run_summary, evaluation / SUMMARY)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SegbookError) as error:
@@ -88,6 +92,25 @@ def _checked_score(folder: Path, epoch: int, entry: Any, metric: str) -> float |
         return None
     score = label_scores(summary["labels"], entry, outdated_metrics(summary)).get(metric)
     return None if score is None else float(score)
+
+
+def _scored_otherwise(summary: dict[str, Any], run_summary: dict[str, Any], path: Path) -> str | None:
+    """Why a snapshot's evaluation does not compare with its run's (None when it does): another test split, or
+    evaluation settings other than the run's (the checkpoint and its time aside)."""
+    def sha(of: dict[str, Any]) -> Any:
+        return (of.get("split") or {}).get("sha256") if isinstance(of.get("split"), dict) else None
+
+    def settings(of: dict[str, Any]) -> dict[str, Any]:
+        given = of.get("settings") if isinstance(of.get("settings"), dict) else {}
+        return {k: v for k, v in given.items() if k not in ("checkpoint", "checkpoint_mtime")}
+
+    if sha(summary) != sha(run_summary):
+        return f"{path} was scored on another test split than its run ({sha(summary)} vs {sha(run_summary)})"
+    differing = sorted(k for k in settings(summary).keys() | settings(run_summary).keys()
+                       if settings(summary).get(k) != settings(run_summary).get(k))
+    if differing:
+        return f"{path} was scored with other evaluation settings than its run ({', '.join(differing)})"
+    return None
 
 
 def curve_points(df: pd.DataFrame, selection: Selection) -> pd.DataFrame:
